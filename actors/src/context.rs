@@ -1,0 +1,25 @@
+//! What every actor of a node shares: read-only config and cheap handles. Cloned into each
+//! actor's arguments; nothing in here is mutable state (that lives in the actors).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_core::config::ClusterConfig;
+use kiln_core::nats::Resources;
+
+#[derive(Clone)]
+pub struct NodeContext {
+    pub config: Arc<ClusterConfig>,
+    pub resources: Resources,
+    /// This node's name (unique in the cluster).
+    pub node: String,
+    /// Root of the per-slot working directories (job inputs and outputs).
+    pub work_dir: PathBuf,
+}
+
+impl NodeContext {
+    /// The folder where one slot keeps one job's files: `<work>/<slot-key>/<job_id>`.
+    pub fn job_dir(&self, slot: &str, job_id: &str) -> PathBuf {
+        self.work_dir.join(kiln_core::config::slot_key(slot)).join(job_id)
+    }
+}

@@ -1,0 +1,393 @@
+//! Dispatcher: pulls jobs from JetStream only while a slot that serves the job's model is free,
+//! and spawns one [`JobActor`](crate::job) per delivery.
+//!
+//! A busy cluster therefore leaves jobs in the durable queue, not in any node's memory: a node
+//! holds at most one delivered job per slot. For each model a puller task loops:
+//!
+//! ```text
+//! Reserve free slots for the model (RPC) ── none ──► wait for a slot to free up
+//!      ▼
+//! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count
+//!      ▼ nothing there: keep one reservation, long-poll the normal lane for 500 ms
+//! Dispatch(slot, message) for each message; Release the reservations left over
+//! ```
+//!
+//! The dispatcher supervises the job actors it spawns (overriding ractor's default, which
+//! would stop the dispatcher when a child exits) and frees their slot when they stop, however
+//! they stop. It also routes cancel notices to the job running locally.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use kiln_core::nats::Lane;
+use kiln_core::policy::Backoff;
+use kiln_core::protocol::CancelNotice;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::NodeContext;
+use crate::inference::InferenceMsg;
+use crate::job::{JobActor, JobArgs};
+use crate::registry_writer::RegistryWriterMsg;
+
+/// How long a puller long-polls a lane when nothing is waiting.
+const LONG_POLL: Duration = Duration::from_millis(500);
+/// Most messages one pull asks for (bounded by the free slots anyway).
+const MAX_PULL: usize = 256;
+
+pub struct Dispatcher;
+
+pub struct DispatcherArgs {
+    pub ctx: NodeContext,
+    pub registry: ActorRef<RegistryWriterMsg>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SlotUse {
+    Free,
+    /// Held by a puller while it fetches.
+    Reserved,
+    Busy(String),
+}
+
+struct Slot {
+    models: Vec<String>,
+    inference: Option<ActorRef<InferenceMsg>>,
+    usage: SlotUse,
+    dead: bool,
+}
+
+struct Running {
+    slot: String,
+    cancel: CancellationToken,
+}
+
+pub struct DispatcherState {
+    ctx: NodeContext,
+    registry: ActorRef<RegistryWriterMsg>,
+    slots: BTreeMap<String, Slot>,
+    running: HashMap<String, Running>,
+    job_of_actor: HashMap<ActorId, String>,
+    /// Wakes pullers waiting for a free slot.
+    wake: Arc<Notify>,
+    draining: bool,
+    drain_waiters: Vec<RpcReplyPort<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    retry_backoff: Backoff,
+}
+
+pub enum DispatcherMsg {
+    /// A slot's inference actor is (again) ready.
+    SlotUp { slot: String, inference: ActorRef<InferenceMsg> },
+    /// A slot's inference actor is gone; `dead` when quarantined for good.
+    SlotDown { slot: String, dead: bool },
+    Reserve { model: String, max: usize, reply: RpcReplyPort<Vec<String>> },
+    Release { slot: String },
+    Dispatch { slot: String, delivery: Box<jetstream::Message> },
+    Cancel { job_id: String },
+    /// Stop pulling; reply once no job runs here.
+    Drain(RpcReplyPort<()>),
+    RunningJobs(RpcReplyPort<Vec<String>>),
+}
+
+impl Actor for Dispatcher {
+    type Msg = DispatcherMsg;
+    type State = DispatcherState;
+    type Arguments = DispatcherArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let slots = ctx
+            .config
+            .node
+            .slots
+            .iter()
+            .map(|s| (s.clone(), Slot { models: ctx.config.models_for_slot(s), inference: None, usage: SlotUse::Free, dead: false }))
+            .collect();
+        Ok(DispatcherState {
+            retry_backoff: Backoff::from(&ctx.config.retry),
+            ctx,
+            registry: args.registry,
+            slots,
+            running: HashMap::new(),
+            job_of_actor: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+            draining: false,
+            drain_waiters: vec![],
+            tasks: vec![],
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let served: std::collections::BTreeSet<String> = state.slots.values().flat_map(|s| s.models.clone()).collect();
+        for model in served {
+            state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone(), state.wake.clone())));
+        }
+        state.tasks.push(tokio::spawn(cancel_listener(state.ctx.clone(), myself.clone())));
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for t in &state.tasks {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match message {
+            DispatcherMsg::SlotUp { slot, inference } => state.on_slot_up(slot, inference),
+            DispatcherMsg::SlotDown { slot, dead } => state.on_slot_down(&slot, dead),
+            DispatcherMsg::Reserve { model, max, reply } => {
+                let _ = reply.send(state.reserve(&model, max));
+            }
+            DispatcherMsg::Release { slot } => state.release(&slot),
+            DispatcherMsg::Dispatch { slot, delivery } => state.dispatch(&myself, slot, *delivery).await,
+            DispatcherMsg::Cancel { job_id } => {
+                if let Some(r) = state.running.get(&job_id) {
+                    tracing::info!(job_id = %job_id, slot = %r.slot, "cancelling running job");
+                    r.cancel.cancel();
+                }
+            }
+            DispatcherMsg::Drain(reply) => {
+                state.draining = true;
+                state.wake.notify_waiters();
+                if state.running.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    state.drain_waiters.push(reply);
+                }
+            }
+            DispatcherMsg::RunningJobs(reply) => {
+                let _ = reply.send(state.running.keys().cloned().collect());
+            }
+        }
+        Ok(())
+    }
+
+    /// Job actors end here, however they end: free their slot. Never stops the dispatcher.
+    async fn handle_supervisor_evt(&self, _myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => state.on_job_actor_end(cell.get_id(), None),
+            SupervisionEvent::ActorFailed(cell, err) => state.on_job_actor_end(cell.get_id(), Some(err.to_string())),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl DispatcherState {
+    fn on_slot_up(&mut self, slot: String, inference: ActorRef<InferenceMsg>) {
+        if let Some(s) = self.slots.get_mut(&slot) {
+            s.inference = Some(inference);
+            s.dead = false;
+            self.wake.notify_waiters();
+        }
+    }
+
+    fn on_slot_down(&mut self, slot: &str, dead: bool) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.inference = None;
+            s.dead |= dead;
+        }
+    }
+
+    fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
+        if self.draining {
+            return vec![];
+        }
+        let mut got = vec![];
+        for (name, slot) in self.slots.iter_mut() {
+            if got.len() >= max {
+                break;
+            }
+            if slot.usage == SlotUse::Free && slot.inference.is_some() && !slot.dead && slot.models.iter().any(|m| m == model) {
+                slot.usage = SlotUse::Reserved;
+                got.push(name.clone());
+            }
+        }
+        got
+    }
+
+    fn release(&mut self, slot: &str) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            if s.usage == SlotUse::Reserved {
+                s.usage = SlotUse::Free;
+                self.wake.notify_waiters();
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
+        let job_id = serde_json::from_slice::<kiln_core::nats::jobs::QueueMessage>(&delivery.payload).map(|q| q.job_id).unwrap_or_default();
+        let inference = self.slots.get(&slot).and_then(|s| s.inference.clone());
+        let Some(inference) = inference else {
+            // The slot went down between the reservation and the delivery: hand the job
+            // straight back to the queue instead of waiting out the ack wait.
+            let _ = delivery.ack_with(jetstream::AckKind::Nak(None)).await;
+            self.release(&slot);
+            return;
+        };
+        let cancel = CancellationToken::new();
+        let args = JobArgs {
+            ctx: self.ctx.clone(),
+            delivery,
+            slot: slot.clone(),
+            inference,
+            registry: self.registry.clone(),
+            cancel: cancel.clone(),
+            retry_backoff: self.retry_backoff,
+        };
+        match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                if let Some(s) = self.slots.get_mut(&slot) {
+                    s.usage = SlotUse::Busy(job_id.clone());
+                }
+                self.job_of_actor.insert(actor.get_id(), job_id.clone());
+                self.running.insert(job_id, Running { slot, cancel });
+                let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));
+            }
+            Err(e) => {
+                // The message stays unacked and is redelivered after the ack wait.
+                tracing::error!(job_id = %job_id, error = %e, "cannot spawn job actor");
+                self.release(&slot);
+            }
+        }
+    }
+
+    fn on_job_actor_end(&mut self, actor: ActorId, failure: Option<String>) {
+        let Some(job_id) = self.job_of_actor.remove(&actor) else { return };
+        if let Some(reason) = failure {
+            tracing::error!(job_id = %job_id, reason = %reason, "job actor failed; the job will be redelivered");
+        }
+        if let Some(running) = self.running.remove(&job_id) {
+            if let Some(s) = self.slots.get_mut(&running.slot) {
+                s.usage = SlotUse::Free;
+            }
+        }
+        let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));
+        self.wake.notify_waiters();
+        if self.running.is_empty() {
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+/// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
+async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>, wake: Arc<Notify>) {
+    let mut consumers = None;
+    loop {
+        if consumers.is_none() {
+            match (ctx.resources.consumer(&model, Lane::High).await, ctx.resources.consumer(&model, Lane::Normal).await) {
+                (Ok(h), Ok(n)) => consumers = Some((h, n)),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(model = %model, error = %e, "cannot open consumers; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let (high, normal) = consumers.as_ref().expect("opened above");
+        // Register for a wake-up before asking, so a release between the two is not missed.
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let slots = match dispatcher.call(|reply| DispatcherMsg::Reserve { model: model.clone(), max: MAX_PULL, reply }, None).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => s,
+            _ => return, // the dispatcher is gone
+        };
+        if slots.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            continue;
+        }
+        let mut slots = slots.into_iter();
+        let want = slots.len();
+        let mut messages = fetch_now(high, want).await;
+        if messages.len() < want {
+            messages.extend(fetch_now(normal, want - messages.len()).await);
+        }
+        if messages.is_empty() {
+            // Nothing waiting: keep one slot, give the others back, long-poll for one job.
+            let keep = slots.next().expect("want > 0");
+            for s in slots.by_ref() {
+                dispatcher.cast(DispatcherMsg::Release { slot: s }).ok();
+            }
+            slots = vec![keep].into_iter();
+            messages = long_poll(normal).await;
+        }
+        for message in messages {
+            let slot = slots.next().expect("never more messages than slots");
+            if dispatcher.cast(DispatcherMsg::Dispatch { slot, delivery: Box::new(message) }).is_err() {
+                return;
+            }
+        }
+        for slot in slots {
+            dispatcher.cast(DispatcherMsg::Release { slot }).ok();
+        }
+    }
+}
+
+async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> Vec<jetstream::Message> {
+    let mut out = vec![];
+    match consumer.fetch().max_messages(max).messages().await {
+        Ok(mut stream) => {
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetch error");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fetch failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    out
+}
+
+async fn long_poll(consumer: &jetstream::consumer::PullConsumer) -> Vec<jetstream::Message> {
+    let mut out = vec![];
+    match consumer.batch().max_messages(1).expires(LONG_POLL).messages().await {
+        Ok(mut stream) => {
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(m) => out.push(m),
+                    Err(_) => break,
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "long poll failed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    out
+}
+
+/// Routes cancel notices (broadcast to every node) to the dispatcher.
+async fn cancel_listener(ctx: NodeContext, dispatcher: ActorRef<DispatcherMsg>) {
+    let mut sub = match ctx.resources.client.subscribe(ctx.resources.names.cancel_subject()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to cancel notices");
+            return;
+        }
+    };
+    while let Some(msg) = sub.next().await {
+        if let Ok(notice) = serde_json::from_slice::<CancelNotice>(&msg.payload) {
+            if dispatcher.cast(DispatcherMsg::Cancel { job_id: notice.job_id }).is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! InferenceActor: owns one GPU slot's engines (one per model, loaded lazily and kept
+//! resident) and runs one job at a time on them.
+//!
+//! Supervised by its slot's [`GpuSupervisor`](crate::gpu_supervisor). It fails on purpose
+//! (returns an error from `handle`) when the engine's state can no longer be trusted: the
+//! worker process died, or a job ran past its timeout. The supervisor then restarts it with
+//! backoff; dropping the state kills every worker process it held. The job actor that was
+//! waiting gets the error through its reply port first, and retries the job.
+//!
+//! Its mailbox is unbounded by ractor's design, but the dispatcher sends at most one `Run`
+//! per slot at a time (a slot is reserved before a job is pulled), so it never holds more.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_core::engine::{Engine, EngineError, EngineJob, EngineOutput, ProgressSink, SlotContext};
+use kiln_core::protocol::GpuState;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::NodeContext;
+use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+
+pub struct InferenceActor;
+
+pub struct InferenceArgs {
+    pub ctx: NodeContext,
+    pub slot: String,
+    pub registry: ActorRef<RegistryWriterMsg>,
+}
+
+pub struct InferenceState {
+    ctx: NodeContext,
+    slot: SlotContext,
+    registry: ActorRef<RegistryWriterMsg>,
+    /// One engine per model this slot has run; BTreeMap for a stable warm-model list.
+    engines: BTreeMap<String, Engine>,
+}
+
+pub type RunResult = Result<Vec<EngineOutput>, EngineError>;
+
+pub enum InferenceMsg {
+    Run { job: EngineJob, progress: ProgressSink, cancel: CancellationToken, reply: RpcReplyPort<RunResult> },
+}
+
+impl Actor for InferenceActor {
+    type Msg = InferenceMsg;
+    type State = InferenceState;
+    type Arguments = InferenceArgs;
+
+    /// Infallible on purpose: a failing `pre_start` never reaches the supervisor, so models are
+    /// loaded on the first job, not here.
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        Ok(InferenceState {
+            slot: SlotContext { node: args.ctx.node.clone(), slot: args.slot },
+            ctx: args.ctx,
+            registry: args.registry,
+            engines: BTreeMap::new(),
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match message {
+            InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(job, progress, cancel, reply).await,
+        }
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for engine in state.engines.values_mut() {
+            engine.shutdown();
+        }
+        Ok(())
+    }
+}
+
+impl InferenceState {
+    fn warm_models(&self) -> Vec<String> {
+        self.engines.iter().filter(|(_, e)| e.is_loaded()).map(|(m, _)| m.clone()).collect()
+    }
+
+    fn report(&self, update: GpuUpdate) {
+        let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update });
+    }
+
+    async fn on_run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken, reply: RpcReplyPort<RunResult>) -> Result<(), ActorProcessingErr> {
+        let Some(model) = self.ctx.config.model(&job.model).cloned() else {
+            let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.model))));
+            return Ok(());
+        };
+        let timeout = Duration::from_millis(model.timeout_ms);
+        let engine = self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
+        if !engine.is_loaded() {
+            let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update: GpuUpdate::state(GpuState::Loading) });
+            let loaded = tokio::time::timeout(timeout, engine.ensure_loaded()).await;
+            let loaded = loaded.unwrap_or_else(|_| Err(EngineError::Load(format!("model did not load within {timeout:?}"))));
+            if let Err(e) = loaded {
+                // The job gets the load error (and retries, maybe elsewhere); the slot stays up
+                // for its other models, so a broken model cannot quarantine a healthy GPU.
+                tracing::warn!(slot = %self.slot.slot, model = %model.name, error = %e, "model load failed");
+                self.report(GpuUpdate { state: Some(GpuState::Busy), last_error: Some(Some(e.to_string())), ..Default::default() });
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+            let warm = self.warm_models();
+            self.report(GpuUpdate { state: Some(GpuState::Busy), warm_models: Some(warm), ..Default::default() });
+        }
+        let engine = self.engines.get_mut(&model.name).expect("inserted above");
+        let result = match tokio::time::timeout(timeout, engine.run(job, progress, cancel)).await {
+            Ok(r) => r,
+            Err(_) => {
+                engine.shutdown();
+                Err(EngineError::Timeout(model.timeout_ms))
+            }
+        };
+        let restart = result.as_ref().err().filter(|e| e.needs_restart()).map(|e| e.to_string());
+        let _ = reply.send(result);
+        if let Some(reason) = restart {
+            self.report(GpuUpdate { warm_models: Some(vec![]), last_error: Some(Some(reason.clone())), ..Default::default() });
+            return Err(reason.into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,418 @@
+//! JobActor: one per delivery of a queued job. It owns the attempt from claim to ack:
+//!
+//! ```text
+//! read record ── terminal? ──────────────────────────────► republish terminal event, ack
+//!      │        cancel requested / deadline / exhausted ─► terminal write, event, ack
+//!      ▼
+//! claim attempt n (compare-and-set) ── lost ──► re-read and decide again
+//!      ▼
+//! running event, registry busy, in_progress ticker
+//!      ▼
+//! fetch inputs ─► InferenceActor::Run (progress events stream out meanwhile)
+//!      ▼
+//! ok ─────────► store artifacts ─► terminal write `completed` ─► terminal event ─► ack
+//! user error ─► terminal write `failed` ─► event ─► ack
+//! infra error ► attempts left? write `retrying`, nak with backoff : write `failed` (dead letter), ack
+//! cancelled ──► terminal write `cancelled` ─► event ─► ack
+//! ```
+//!
+//! Every write after the claim is a compare-and-set on the revision this actor holds. When it
+//! loses, it re-reads: if another attempt owns the job now it is *fenced* and stops without
+//! acking (the newer attempt's delivery is the live one); if only a cancel request landed, it
+//! folds that in and writes again. The ack always comes after the terminal write, so a crash in
+//! between redelivers the job, which then finds the record terminal and only acks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use kiln_core::engine::{EngineError, EngineJob, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
+use kiln_core::job::{after_failure, decide_delivery, AfterFailure, DeliveryDecision, JobRecord, JobState, Owner};
+use kiln_core::metrics as m;
+use kiln_core::nats::jobs::{QueueMessage, Versioned};
+use kiln_core::nats::StoreError;
+use kiln_core::policy::Backoff;
+use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, GpuState, InputValue};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::NodeContext;
+use crate::inference::InferenceMsg;
+use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+
+pub struct JobActor;
+
+pub struct JobArgs {
+    pub ctx: NodeContext,
+    pub delivery: jetstream::Message,
+    pub slot: String,
+    pub inference: ActorRef<InferenceMsg>,
+    pub registry: ActorRef<RegistryWriterMsg>,
+    /// Cancelled by the dispatcher when a cancel notice for this job arrives.
+    pub cancel: CancellationToken,
+    pub retry_backoff: Backoff,
+}
+
+/// A job actor takes no messages: it runs its delivery in `post_start` and stops. Cancel
+/// reaches it through the token, which works while it awaits the engine.
+pub enum JobMsg {}
+
+pub struct JobActorState {
+    args: JobArgs,
+    job_id: String,
+    /// Set once the attempt is claimed: the record as last written and its revision.
+    current: Option<Versioned>,
+    attempt: u32,
+}
+
+/// How the delivery ended, for the log and the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryEnd {
+    Terminal(JobState),
+    Retrying,
+    /// Another attempt owns the job now; this one stopped without acking.
+    Fenced,
+    /// NATS failed under us; the message is left to redeliver after the ack wait.
+    Abandoned,
+}
+
+enum WriteResult {
+    Written,
+    Fenced,
+}
+
+impl Actor for JobActor {
+    type Msg = JobMsg;
+    type State = JobActorState;
+    type Arguments = JobArgs;
+
+    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        let job_id = serde_json::from_slice::<QueueMessage>(&args.delivery.payload).map(|q| q.job_id).unwrap_or_default();
+        Ok(JobActorState { args, job_id, current: None, attempt: 0 })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let end = state.run().await;
+        tracing::debug!(job_id = %state.job_id, attempt = state.attempt, end = ?end, "delivery done");
+        myself.stop(Some(format!("{end:?}")));
+        Ok(())
+    }
+}
+
+impl JobActorState {
+    fn ctx(&self) -> &NodeContext {
+        &self.args.ctx
+    }
+
+    async fn ack(&self, kind: AckKind) {
+        if let Err(e) = self.args.delivery.ack_with(kind).await {
+            tracing::warn!(job_id = %self.job_id, error = %e, "ack failed; the job will be redelivered and found terminal");
+        }
+    }
+
+    async fn event(&self, event: Event) {
+        if let Err(e) = self.ctx().resources.publish_event(&event).await {
+            tracing::warn!(job_id = %self.job_id, error = %e, "event publish failed");
+        }
+    }
+
+    /// The last event of a job, de-duplicated so a redelivery may publish it again safely.
+    async fn terminal_event(&self, record: &JobRecord) {
+        let mut event = Event::status(&record.job_id, record.attempt, record.state);
+        if let Some(e) = &record.error {
+            event = event.with_error(e.clone());
+        }
+        let id = format!("{}-terminal", record.job_id);
+        if let Err(e) = self.ctx().resources.publish_event_with_id(&event, Some(&id)).await {
+            tracing::warn!(job_id = %self.job_id, error = %e, "terminal event publish failed");
+        }
+    }
+
+    fn registry(&self, update: GpuUpdate) {
+        let _ = self.args.registry.cast(RegistryWriterMsg::Gpu { slot: self.args.slot.clone(), update });
+    }
+
+    async fn run(&mut self) -> DeliveryEnd {
+        if self.job_id.is_empty() || !kiln_core::ids::is_valid_token(&self.job_id) {
+            tracing::warn!(payload = ?String::from_utf8_lossy(&self.args.delivery.payload), "undecodable queue message; dropping it");
+            self.ack(AckKind::Term).await;
+            return DeliveryEnd::Abandoned;
+        }
+        match self.claim().await {
+            Ok(Some(end)) => end,
+            Ok(None) => self.execute().await,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot claim job; leaving it for redelivery");
+                DeliveryEnd::Abandoned
+            }
+        }
+    }
+
+    /// Reads the record and either finishes the delivery (`Some`) or claims an attempt (`None`).
+    async fn claim(&mut self) -> Result<Option<DeliveryEnd>, StoreError> {
+        for _ in 0..8 {
+            let Some(Versioned { record, revision }) = self.ctx().resources.get_job(&self.job_id).await? else {
+                tracing::warn!(job_id = %self.job_id, "queued job has no record (expired?); dropping it");
+                self.ack(AckKind::Term).await;
+                return Ok(Some(DeliveryEnd::Abandoned));
+            };
+            let mut next = record.clone();
+            next.updated_ms = kiln_core::now_ms();
+            match decide_delivery(&record, kiln_core::now_ms()) {
+                DeliveryDecision::AlreadyTerminal => {
+                    self.terminal_event(&record).await;
+                    self.ack(AckKind::Ack).await;
+                    return Ok(Some(DeliveryEnd::Terminal(record.state)));
+                }
+                DeliveryDecision::CancelBeforeRun => {
+                    next.state = JobState::Cancelled;
+                    next.finished_ms = Some(next.updated_ms);
+                    next.error = Some(ApiError::new(ErrorCode::Cancelled, "cancelled before it ran"));
+                }
+                DeliveryDecision::DeadlinePassed => {
+                    next.state = JobState::Failed;
+                    next.finished_ms = Some(next.updated_ms);
+                    next.error = Some(ApiError::new(ErrorCode::DeadlineExceeded, "the deadline passed before the job could start"));
+                }
+                DeliveryDecision::AttemptsExhausted => {
+                    next.state = JobState::Failed;
+                    next.finished_ms = Some(next.updated_ms);
+                    next.dead_letter = true;
+                    let last = record.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| "its worker was lost".into());
+                    next.error = Some(ApiError::new(ErrorCode::EngineFailed, format!("all {} attempts failed; last: {last}", record.max_attempts)));
+                }
+                DeliveryDecision::Run { attempt } => {
+                    next.state = JobState::Running;
+                    next.attempt = attempt;
+                    next.owner = Some(Owner { node: self.ctx().node.clone(), slot: self.args.slot.clone() });
+                    next.started_ms = Some(next.updated_ms);
+                    next.cancel_requested = false;
+                }
+            }
+            match self.ctx().resources.update_job(&next, revision).await {
+                Ok(rev) if next.state == JobState::Running => {
+                    self.attempt = next.attempt;
+                    self.current = Some(Versioned { record: next, revision: rev });
+                    return Ok(None);
+                }
+                Ok(_) => {
+                    self.finish_metrics(&next);
+                    self.terminal_event(&next).await;
+                    self.ack(AckKind::Ack).await;
+                    return Ok(Some(DeliveryEnd::Terminal(next.state)));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Nats("the record kept changing under the claim".into()))
+    }
+
+    /// Writes `mutate(record)` with compare-and-set, folding in a concurrent cancel request.
+    async fn write(&mut self, mutate: impl Fn(&mut JobRecord)) -> Result<WriteResult, StoreError> {
+        for _ in 0..8 {
+            let current = self.current.as_ref().expect("claimed");
+            let mut next = current.record.clone();
+            mutate(&mut next);
+            next.updated_ms = kiln_core::now_ms();
+            match self.ctx().resources.update_job(&next, current.revision).await {
+                Ok(revision) => {
+                    self.current = Some(Versioned { record: next, revision });
+                    return Ok(WriteResult::Written);
+                }
+                Err(StoreError::Conflict) => {
+                    let Some(fresh) = self.ctx().resources.get_job(&self.job_id).await? else {
+                        return Ok(WriteResult::Fenced);
+                    };
+                    let mine = fresh.record.attempt == self.attempt && fresh.record.state == JobState::Running && fresh.record.owner == current.record.owner;
+                    if !mine {
+                        return Ok(WriteResult::Fenced);
+                    }
+                    // Only a cancel request (from the API) can change our record under us.
+                    if fresh.record.cancel_requested {
+                        self.args.cancel.cancel();
+                    }
+                    self.current = Some(fresh);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Nats("the record kept changing under the write".into()))
+    }
+
+    async fn execute(&mut self) -> DeliveryEnd {
+        let record = self.current.as_ref().expect("claimed").record.clone();
+        let started = Instant::now();
+        if let Some(s) = record.started_ms {
+            metrics::histogram!(m::QUEUE_WAIT_SECONDS, "model" => record.model.clone()).record(s.saturating_sub(record.created_ms) as f64 / 1000.0);
+        }
+        self.registry(GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(self.job_id.clone())), ..Default::default() });
+        self.event(Event::status(&self.job_id, self.attempt, JobState::Running)).await;
+
+        // JetStream redelivers after ack_wait without news: tell it we are alive.
+        let ticker = {
+            let delivery = self.args.delivery.clone();
+            let period = self.ctx().resources.ack_wait() / 3;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    let _ = delivery.ack_with(AckKind::Progress).await;
+                }
+            })
+        };
+        let outcome = self.run_engine(&record).await;
+        let end = self.conclude(&record, outcome, started).await;
+        ticker.abort();
+        self.registry(GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() });
+        end
+    }
+
+    /// Fetches inputs, runs the engine through the inference actor, stores artifacts.
+    async fn run_engine(&mut self, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
+        let dir = self.ctx().job_dir(&self.args.slot, &self.job_id);
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let output_dir = dir.join("out");
+        tokio::fs::create_dir_all(&output_dir).await.map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
+        let inputs = self.resolve_inputs(record, &dir.join("in")).await?;
+        let job = EngineJob { job_id: self.job_id.clone(), attempt: self.attempt, model: record.model.clone(), inputs, params: record.params.clone(), output_dir };
+
+        let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
+        let forwarder = tokio::spawn(forward_progress(self.ctx().clone(), self.job_id.clone(), self.attempt, rx));
+        let cancel = self.args.cancel.clone();
+        let model_timeout = self.ctx().config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
+        // The inference actor enforces the model timeout itself; this outer bound only guards
+        // against a reply that never comes.
+        let call = self.args.inference.call(|reply| InferenceMsg::Run { job, progress: tx, cancel, reply }, Some(Duration::from_millis(model_timeout + 30_000))).await;
+        let _ = forwarder.await;
+        let outputs = match call {
+            Ok(ractor::rpc::CallResult::Success(result)) => result?,
+            Ok(ractor::rpc::CallResult::Timeout) => return Err(EngineError::Timeout(model_timeout)),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into())),
+        };
+        let mut artifacts = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let artifact = self
+                .ctx()
+                .resources
+                .store_artifact(&record.model, &self.job_id, &output.name, &output.path, output.content_type.as_deref())
+                .await
+                .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
+            self.event(Event::artifact(&self.job_id, self.attempt, artifact.clone())).await;
+            artifacts.push(artifact);
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        Ok(artifacts)
+    }
+
+    async fn resolve_inputs(&self, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
+        let mut resolved = BTreeMap::new();
+        for (name, value) in &record.inputs {
+            let input = match value {
+                InputValue::Inline(v) => ResolvedInput::Inline(v.clone()),
+                InputValue::Object { object } => {
+                    let base = object.rsplit('/').next().unwrap_or("input");
+                    let dest = dir.join(name).join(base);
+                    match self.ctx().resources.download_file(object, &dest).await {
+                        Ok(_) => ResolvedInput::File(dest),
+                        Err(StoreError::NotFound(_)) => return Err(EngineError::User(format!("input {name:?}: object {object:?} does not exist in the files bucket (expired?)"))),
+                        Err(e) => return Err(EngineError::Infra(format!("input {name:?}: cannot download {object:?}: {e}"))),
+                    }
+                }
+            };
+            resolved.insert(name.clone(), input);
+        }
+        Ok(resolved)
+    }
+
+    async fn conclude(&mut self, record: &JobRecord, outcome: Result<Vec<Artifact>, EngineError>, started: Instant) -> DeliveryEnd {
+        let now = kiln_core::now_ms();
+        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => if outcome.is_ok() { "completed" } else { "error" }).record(started.elapsed().as_secs_f64());
+        let (state, error, dead_letter, artifacts, retry) = match outcome {
+            Ok(artifacts) => (JobState::Completed, None, false, artifacts, false),
+            Err(EngineError::Cancelled) => (JobState::Cancelled, Some(ApiError::new(ErrorCode::Cancelled, "cancelled while running")), false, vec![], false),
+            Err(e) => {
+                let code = if matches!(e, EngineError::User(_)) { ErrorCode::BadRequest } else { ErrorCode::EngineFailed };
+                let error = ApiError::new(code, e.to_string());
+                tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "attempt failed");
+                match after_failure(e.failure_kind(), self.attempt, record.max_attempts) {
+                    AfterFailure::Retry => (JobState::Retrying, Some(error), false, vec![], true),
+                    AfterFailure::Fail { dead_letter } => (JobState::Failed, Some(error), dead_letter, vec![], false),
+                }
+            }
+        };
+        let written = self
+            .write(|r| {
+                r.state = state;
+                r.error = error.clone();
+                r.dead_letter = dead_letter;
+                r.artifacts = artifacts.clone();
+                if state.is_terminal() {
+                    r.finished_ms = Some(now);
+                }
+            })
+            .await;
+        match written {
+            Ok(WriteResult::Written) => {}
+            Ok(WriteResult::Fenced) => {
+                tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: a newer attempt owns the job; dropping this outcome");
+                return DeliveryEnd::Fenced;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot write the outcome; leaving the job for redelivery");
+                return DeliveryEnd::Abandoned;
+            }
+        }
+        let record = self.current.as_ref().expect("written").record.clone();
+        if retry {
+            metrics::counter!(m::JOB_RETRIES, "model" => record.model.clone()).increment(1);
+            let mut event = Event::status(&self.job_id, self.attempt, JobState::Retrying);
+            if let Some(e) = &record.error {
+                event = event.with_error(e.clone());
+            }
+            self.event(event).await;
+            let delay = self.args.retry_backoff.delay(self.attempt);
+            self.ack(AckKind::Nak(Some(delay))).await;
+            return DeliveryEnd::Retrying;
+        }
+        self.finish_metrics(&record);
+        self.terminal_event(&record).await;
+        self.ack(AckKind::Ack).await;
+        DeliveryEnd::Terminal(record.state)
+    }
+
+    fn finish_metrics(&self, record: &JobRecord) {
+        metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
+    }
+}
+
+/// Turns engine progress into events, in order, until the engine drops its sender.
+async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, mut rx: mpsc::Receiver<ProgressUpdate>) {
+    while let Some(update) = rx.recv().await {
+        let event = match update {
+            ProgressUpdate::Progress { stage, progress, message } => {
+                let mut e = Event::progress(&job_id, attempt, stage, progress);
+                e.message = message;
+                e
+            }
+            ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, 4096)),
+        };
+        if let Err(e) = ctx.resources.publish_event(&event).await {
+            tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed");
+        }
+    }
+}
+
+/// Event messages are bounded so one log line cannot approach the NATS payload limit.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,83 @@
+//! # kiln-actors
+//!
+//! Every actor of a Kiln node, one per module, each with its arguments, state and messages
+//! beside it (ractor's idiom: the actor is a unit struct, state is built in `pre_start`).
+//!
+//! ```text
+//! NodeSupervisor                       node_supervisor.rs  escalates: a failed child stops the node
+//! ├── RegistryWriter                   registry_writer.rs  GPU and node entries, heartbeats, TTL
+//! ├── Dispatcher                       dispatcher.rs       pulls only while a slot is free
+//! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack
+//! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
+//!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
+//! ```
+//!
+//! [`context`] holds what they share (config, NATS handles); [`NodeHandle`] is the typed handle
+//! the binary uses to start, drain and stop a node.
+
+pub mod context;
+pub mod dispatcher;
+pub mod gpu_supervisor;
+pub mod inference;
+pub mod job;
+pub mod node_supervisor;
+pub mod registry_writer;
+
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+
+pub use context::NodeContext;
+use dispatcher::DispatcherMsg;
+use node_supervisor::{NodeSupervisor, NodeSupervisorMsg};
+use registry_writer::RegistryWriterMsg;
+
+/// A running node's actor tree.
+pub struct NodeHandle {
+    supervisor: ActorRef<NodeSupervisorMsg>,
+    join: tokio::task::JoinHandle<()>,
+    dispatcher: ActorRef<DispatcherMsg>,
+    registry: ActorRef<RegistryWriterMsg>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot start the node's actors: {0}")]
+    Spawn(String),
+}
+
+impl NodeHandle {
+    pub async fn start(ctx: NodeContext) -> Result<NodeHandle, NodeError> {
+        let (supervisor, join) = Actor::spawn(Some(format!("kiln-node-{}", ctx.node)), NodeSupervisor, ctx).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let (registry, dispatcher, _) = ractor::call!(supervisor, NodeSupervisorMsg::Children).map_err(|e| NodeError::Spawn(e.to_string()))?;
+        Ok(NodeHandle { supervisor, join, dispatcher, registry })
+    }
+
+    /// Ids of the jobs running on this node now.
+    pub async fn running_jobs(&self) -> Vec<String> {
+        ractor::call!(self.dispatcher, DispatcherMsg::RunningJobs).unwrap_or_default()
+    }
+
+    /// Graceful leave: stop pulling, let running jobs finish (up to `grace`), remove this
+    /// node's registry entries, stop the actors. Jobs still running after `grace` are left
+    /// unacked and JetStream redelivers them to another node.
+    pub async fn drain_and_stop(self, grace: Duration) {
+        let drained = self.dispatcher.call(DispatcherMsg::Drain, Some(grace)).await;
+        if !matches!(drained, Ok(ractor::rpc::CallResult::Success(()))) {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "jobs still running after the drain grace; they will be redelivered");
+        }
+        let _ = self.registry.call(RegistryWriterMsg::Remove, Some(Duration::from_secs(5))).await;
+        self.stop().await;
+    }
+
+    /// Stops the actors at once (running jobs are redelivered after the ack wait).
+    pub async fn stop(self) {
+        let _ = self.supervisor.cast(NodeSupervisorMsg::Shutdown);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.join).await;
+    }
+
+    /// Resolves when the node's actor tree stops by itself (a child failed).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+}

@@ -1,0 +1,170 @@
+//! RegistryWriter: owns this node's entries in the cluster registry (one per GPU slot, one for
+//! the node) and keeps them fresh.
+//!
+//! Other actors send partial updates ([`GpuUpdate`]); the writer merges them into the entry,
+//! writes it at once, and rewrites every entry each heartbeat so the per-key TTL never lapses
+//! while the node lives. A slot marked `dead` stays dead: a late `idle` from a job actor that
+//! finished after the quarantine must not resurrect it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kiln_core::metrics as m;
+use kiln_core::protocol::{GpuEntry, GpuState, NodeEntry};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::context::NodeContext;
+
+pub struct RegistryWriter;
+
+pub struct RegistryWriterState {
+    ctx: NodeContext,
+    gpus: BTreeMap<String, GpuEntry>,
+    node: NodeEntry,
+    /// Set after a graceful leave: heartbeats stop so the entries stay gone.
+    removed: bool,
+}
+
+/// A change to one slot's entry; `None` fields are left as they are.
+#[derive(Debug, Default, Clone)]
+pub struct GpuUpdate {
+    pub state: Option<GpuState>,
+    pub current_job: Option<Option<String>>,
+    pub warm_models: Option<Vec<String>>,
+    pub restarts: Option<u32>,
+    pub last_error: Option<Option<String>>,
+}
+
+impl GpuUpdate {
+    pub fn state(state: GpuState) -> Self {
+        GpuUpdate { state: Some(state), ..Default::default() }
+    }
+}
+
+pub enum RegistryWriterMsg {
+    Gpu { slot: String, update: GpuUpdate },
+    RunningJobs(u32),
+    Heartbeat,
+    /// Removes this node's entries (graceful leave) and replies when done.
+    Remove(ractor::RpcReplyPort<()>),
+}
+
+pub struct RegistryWriterArgs {
+    pub ctx: NodeContext,
+}
+
+impl Actor for RegistryWriter {
+    type Msg = RegistryWriterMsg;
+    type State = RegistryWriterState;
+    type Arguments = RegistryWriterArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let now = kiln_core::now_ms();
+        let gpus = ctx
+            .config
+            .node
+            .slots
+            .iter()
+            .map(|slot| {
+                let entry = GpuEntry {
+                    node: ctx.node.clone(),
+                    slot: slot.clone(),
+                    state: GpuState::Idle,
+                    models: ctx.config.models_for_slot(slot),
+                    warm_models: vec![],
+                    current_job: None,
+                    restarts: 0,
+                    last_error: None,
+                    heartbeat_ms: now,
+                };
+                (slot.clone(), entry)
+            })
+            .collect();
+        let node = NodeEntry {
+            node: ctx.node.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            slots: ctx.config.node.slots.clone(),
+            started_ms: now,
+            heartbeat_ms: now,
+            running_jobs: 0,
+        };
+        myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
+        Ok(RegistryWriterState { ctx, gpus, node, removed: false })
+    }
+
+    async fn post_start(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.write_all().await;
+        Ok(())
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match message {
+            RegistryWriterMsg::Gpu { slot, update } => state.on_gpu_update(&slot, update).await,
+            RegistryWriterMsg::RunningJobs(n) => state.node.running_jobs = n,
+            RegistryWriterMsg::Heartbeat => state.write_all().await,
+            RegistryWriterMsg::Remove(reply) => {
+                let slots: Vec<String> = state.gpus.keys().cloned().collect();
+                if let Err(e) = state.ctx.resources.delete_node_entries(&state.ctx.node, &slots).await {
+                    tracing::warn!(error = %e, "cannot remove registry entries");
+                }
+                state.gpus.clear();
+                state.removed = true;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RegistryWriterState {
+    async fn on_gpu_update(&mut self, slot: &str, update: GpuUpdate) {
+        let Some(entry) = self.gpus.get_mut(slot) else { return };
+        if let Some(state) = update.state {
+            if entry.state != GpuState::Dead {
+                entry.state = state;
+            }
+        }
+        if let Some(job) = update.current_job {
+            entry.current_job = job;
+        }
+        if let Some(warm) = update.warm_models {
+            entry.warm_models = warm;
+        }
+        if let Some(r) = update.restarts {
+            entry.restarts = r;
+        }
+        if let Some(e) = update.last_error {
+            entry.last_error = e;
+        }
+        for s in [GpuState::Idle, GpuState::Loading, GpuState::Busy, GpuState::Restarting, GpuState::Draining, GpuState::Dead] {
+            metrics::gauge!(m::GPU_STATE, "slot" => slot.to_string(), "state" => s.as_str()).set(if s == entry.state { 1.0 } else { 0.0 });
+        }
+        let entry = entry.clone();
+        self.write_gpu(entry).await;
+    }
+
+    async fn write_gpu(&self, mut entry: GpuEntry) {
+        entry.heartbeat_ms = kiln_core::now_ms();
+        if let Err(e) = self.ctx.resources.put_gpu(&entry).await {
+            tracing::warn!(slot = %entry.slot, error = %e, "registry write failed");
+        }
+    }
+
+    async fn write_all(&mut self) {
+        if self.removed {
+            return;
+        }
+        let now = kiln_core::now_ms();
+        for entry in self.gpus.values_mut() {
+            entry.heartbeat_ms = now;
+        }
+        for entry in self.gpus.values() {
+            self.write_gpu(entry.clone()).await;
+        }
+        self.node.heartbeat_ms = now;
+        if let Err(e) = self.ctx.resources.put_node(&self.node).await {
+            tracing::warn!(error = %e, "node registry write failed");
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Typed configuration: `cluster.toml`, then `KILN_*` environment overrides, then CLI flags
+//! (applied by the binary), validated once by [`ClusterConfig::validate`].
+//!
+//! Every field has a documented default so the shortest useful file names only the models.
+//! Unknown keys are refused (`deny_unknown_fields`) so a typo fails at start instead of being
+//! silently ignored; validation errors name the key (`models[1].timeout_ms`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config: `{key}` {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub nats: NatsConfig,
+    pub node: NodeConfig,
+    pub limits: Limits,
+    pub storage: StorageConfig,
+    pub retry: RetryPolicy,
+    pub restart: RestartPolicy,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// `"embedded"` (default): `kiln up` starts its own nats-server; otherwise a NATS URL.
+    pub url: String,
+    /// JetStream storage of the embedded server. Empty: `$KILN_CACHE/state`.
+    pub state_dir: String,
+    /// Port of the embedded server; 0 picks a free one.
+    pub embedded_port: u16,
+    /// Prefix of every subject, stream and bucket name.
+    pub prefix: String,
+    /// How long a delivered job may go without an `in_progress` before JetStream redelivers
+    /// it. The running job sends `in_progress` every third of this.
+    pub ack_wait_ms: u64,
+    /// How long to wait for the server at start.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "embedded".into(),
+            state_dir: String::new(),
+            embedded_port: 4222,
+            prefix: "kiln".into(),
+            ack_wait_ms: 30_000,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Unique within the cluster. Empty: the host name.
+    pub name: String,
+    /// GPU slots: `cuda:0`, `cuda:1`..., or `cpu:0`... on a machine without a GPU.
+    pub slots: Vec<String>,
+    /// Prometheus endpoint (`host:port`); empty disables it.
+    pub metrics_addr: String,
+    /// Registry heartbeat period.
+    pub heartbeat_ms: u64,
+    /// A registry entry not refreshed for this long expires (the node is gone).
+    pub registry_ttl_ms: u64,
+    /// Per-slot working directories (job inputs and outputs). Empty: a temp dir.
+    pub work_dir: String,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: String::new(),
+            slots: vec!["cpu:0".into()],
+            metrics_addr: "127.0.0.1:9464".into(),
+            heartbeat_ms: 1_000,
+            registry_ttl_ms: 5_000,
+            work_dir: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted on any endpoint. Must stay under the server's
+    /// max_payload (1 MiB by default); big inputs go through the files bucket.
+    pub max_request_bytes: usize,
+    pub max_inputs: usize,
+    /// Deepest nesting of `params` and inline inputs.
+    pub max_params_depth: usize,
+    /// Admission control: jobs waiting per model before submit answers `overloaded`.
+    pub max_queued_per_model: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_request_bytes: 256 * 1024, max_inputs: 32, max_params_depth: 32, max_queued_per_model: 100_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Expiry of uploaded inputs in the files bucket (the seeds' 24 h temp-file API).
+    pub files_ttl_s: u64,
+    /// Default expiry of results, and of the event history; a model may override it.
+    pub result_ttl_s: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { files_ttl_s: 86_400, result_ttl_s: 86_400 }
+    }
+}
+
+/// Backoff between attempts of a job after an infrastructure error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub backoff_multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { backoff_initial_ms: 500, backoff_max_ms: 30_000, backoff_multiplier: 2.0 }
+    }
+}
+
+/// How a GPU supervisor restarts its inference actor: at most `max_restarts` in `window_ms`,
+/// with exponential backoff between them; past the budget the GPU is quarantined (`dead`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    pub max_restarts: u32,
+    pub window_ms: u64,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy { max_restarts: 5, window_ms: 60_000, backoff_initial_ms: 100, backoff_max_ms: 5_000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Lowercase letters, digits, `-` and `_`: it names subjects and a bucket.
+    pub name: String,
+    pub engine: EngineConfig,
+    /// Longest a single attempt may run before it is stopped (an infrastructure error).
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Expiry of this model's results; default `storage.result_ttl_s`.
+    #[serde(default)]
+    pub result_ttl_s: Option<u64>,
+    /// Slots that serve it (`cpu:0`); empty means every slot of the node.
+    #[serde(default)]
+    pub slots: Vec<String>,
+    /// Inputs a submission must name.
+    #[serde(default)]
+    pub required_inputs: Vec<String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    600_000
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+
+/// The engine that runs a model, and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EngineConfig {
+    /// One long-lived worker process per slot speaking JSON lines on stdin/stdout.
+    Process {
+        /// Program and arguments; relative paths resolve against the config file's folder.
+        command: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// How long the worker may take to print `ready` (model load).
+        #[serde(default = "default_ready_timeout_ms")]
+        ready_timeout_ms: u64,
+    },
+    /// Completes at once with a small artifact: measures Kiln's own overhead.
+    Noop {
+        #[serde(default)]
+        artifact_bytes: usize,
+    },
+}
+
+fn default_ready_timeout_ms() -> u64 {
+    120_000
+}
+
+impl EngineConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineConfig::Process { .. } => "process",
+            EngineConfig::Noop { .. } => "noop",
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Parses TOML text; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+    }
+
+    /// Reads a file, resolves relative worker paths against its folder, applies the
+    /// environment overrides, and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Makes relative program paths in process commands absolute (against `base`), so a node
+    /// started from any folder finds the worker scripts named in the file.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for model in &mut self.models {
+            if let EngineConfig::Process { command, .. } = &mut model.engine {
+                for arg in command.iter_mut() {
+                    let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
+                    if looks_like_path && base.join(&*arg).exists() {
+                        *arg = base.join(&*arg).canonicalize().unwrap_or_else(|_| base.join(&*arg)).display().to_string();
+                    }
+                }
+            }
+        }
+    }
+
+    /// `KILN_NATS_URL`, `KILN_NODE_NAME`, `KILN_SLOTS` (comma separated), `KILN_METRICS_ADDR`,
+    /// `KILN_STATE_DIR`, `KILN_ACK_WAIT_MS`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(v) = var("KILN_NATS_URL") {
+            self.nats.url = v;
+        }
+        if let Some(v) = var("KILN_NODE_NAME") {
+            self.node.name = v;
+        }
+        if let Some(v) = var("KILN_SLOTS") {
+            self.node.slots = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = var("KILN_METRICS_ADDR") {
+            self.node.metrics_addr = v;
+        }
+        if let Some(v) = var("KILN_STATE_DIR") {
+            self.nats.state_dir = v;
+        }
+        if let Some(v) = var("KILN_ACK_WAIT_MS") {
+            self.nats.ack_wait_ms = v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Checks everything serde cannot: names, ranges, references between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !ids::is_valid_token(&self.nats.prefix) {
+            return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
+        }
+        if self.nats.ack_wait_ms < 1_000 {
+            return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
+        }
+        if !self.node.name.is_empty() && !ids::is_valid_token(&self.node.name) {
+            return Err(invalid("node.name", "must be letters, digits, '-' or '_'"));
+        }
+        if self.node.slots.is_empty() {
+            return Err(invalid("node.slots", "must name at least one slot"));
+        }
+        for (i, slot) in self.node.slots.iter().enumerate() {
+            if parse_slot(slot).is_none() {
+                return Err(invalid(format!("node.slots[{i}]"), format!("{slot:?} is not `cuda:N` or `cpu:N`")));
+            }
+            if self.node.slots[..i].contains(slot) {
+                return Err(invalid(format!("node.slots[{i}]"), format!("{slot:?} is listed twice")));
+            }
+        }
+        if self.node.heartbeat_ms == 0 || self.node.registry_ttl_ms < 2 * self.node.heartbeat_ms {
+            return Err(invalid("node.registry_ttl_ms", "must be at least twice node.heartbeat_ms"));
+        }
+        if self.limits.max_request_bytes == 0 || self.limits.max_request_bytes > 1024 * 1024 {
+            return Err(invalid("limits.max_request_bytes", "must be between 1 and 1048576 (the NATS payload limit)"));
+        }
+        if self.restart.backoff_initial_ms == 0 || self.restart.backoff_max_ms < self.restart.backoff_initial_ms {
+            return Err(invalid("restart.backoff_max_ms", "must be at least restart.backoff_initial_ms, which must be above 0"));
+        }
+        if self.retry.backoff_multiplier < 1.0 {
+            return Err(invalid("retry.backoff_multiplier", "must be at least 1.0"));
+        }
+        if self.models.is_empty() {
+            return Err(invalid("models", "must configure at least one model"));
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |field: &str| format!("models[{i}].{field}");
+            if !ids::is_valid_model_name(&m.name) {
+                return Err(invalid(key("name"), format!("{:?} must be 1-32 lowercase letters, digits, '-' or '_'", m.name)));
+            }
+            if self.models[..i].iter().any(|o| o.name == m.name) {
+                return Err(invalid(key("name"), format!("{:?} is configured twice", m.name)));
+            }
+            if m.timeout_ms == 0 {
+                return Err(invalid(key("timeout_ms"), "must be above 0"));
+            }
+            if m.max_attempts == 0 || m.max_attempts > 100 {
+                return Err(invalid(key("max_attempts"), "must be between 1 and 100"));
+            }
+            if m.result_ttl_s == Some(0) {
+                return Err(invalid(key("result_ttl_s"), "must be above 0"));
+            }
+            for s in &m.slots {
+                if parse_slot(s).is_none() {
+                    return Err(invalid(key("slots"), format!("{s:?} is not `cuda:N` or `cpu:N`")));
+                }
+            }
+            if let EngineConfig::Process { command, .. } = &m.engine {
+                if command.is_empty() {
+                    return Err(invalid(key("engine.command"), "must name a program"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The models a slot of this node serves.
+    pub fn models_for_slot(&self, slot: &str) -> Vec<String> {
+        self.models.iter().filter(|m| m.slots.is_empty() || m.slots.iter().any(|s| s == slot)).map(|m| m.name.clone()).collect()
+    }
+
+    pub fn result_ttl_s(&self, model: &ModelConfig) -> u64 {
+        model.result_ttl_s.unwrap_or(self.storage.result_ttl_s)
+    }
+}
+
+/// A parsed slot name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotDevice {
+    Cuda(u32),
+    Cpu(u32),
+}
+
+pub fn parse_slot(slot: &str) -> Option<SlotDevice> {
+    let (kind, index) = slot.split_once(':')?;
+    let index: u32 = index.parse().ok()?;
+    match kind {
+        "cuda" => Some(SlotDevice::Cuda(index)),
+        "cpu" => Some(SlotDevice::Cpu(index)),
+        _ => None,
+    }
+}
+
+/// `cuda:0` -> `cuda-0`: KV keys and subjects may not contain `:`.
+pub fn slot_key(slot: &str) -> String {
+    slot.replace(':', "-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[models]]
+name = "demo"
+engine = { kind = "noop" }
+"#;
+
+    #[test]
+    fn shipped_cluster_toml_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cluster.toml");
+        let config = ClusterConfig::load(&path).expect("shipped cluster.toml must be valid");
+        assert!(!config.models.is_empty());
+        assert_eq!(config.nats.url, "embedded");
+    }
+
+    #[test]
+    fn defaults_fill_everything_but_models() {
+        let c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.nats.prefix, "kiln");
+        assert_eq!(c.models[0].max_attempts, 3);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = ClusterConfig::from_toml("[node]\nslotz = []\n", "t").unwrap_err().to_string();
+        assert!(err.contains("slotz"), "{err}");
+        let err = ClusterConfig::from_toml("[[models]]\nname='a'\nengine={kind='noop', delay=1}\n", "t").unwrap_err().to_string();
+        assert!(err.contains("delay"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.node.slots = vec!["gpu0".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("node.slots[0]"));
+        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.models[0].name = "Bad Name".into();
+        assert!(c.validate().unwrap_err().to_string().contains("models[0].name"));
+        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.models[0].max_attempts = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("models[0].max_attempts"));
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.apply_env(|k| match k {
+            "KILN_NATS_URL" => Some("nats://10.0.0.1:4222".into()),
+            "KILN_SLOTS" => Some("cpu:0, cpu:1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
+        assert_eq!(c.node.slots, vec!["cpu:0", "cpu:1"]);
+        assert!(c.apply_env(|k| (k == "KILN_ACK_WAIT_MS").then(|| "soon".into())).unwrap_err().to_string().contains("KILN_ACK_WAIT_MS"));
+    }
+}

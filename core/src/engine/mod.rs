@@ -1,0 +1,152 @@
+//! Engines run one job of one model on one GPU slot.
+//!
+//! | file         | engine    | how                                                           |
+//! |--------------|-----------|---------------------------------------------------------------|
+//! | `process.rs` | `process` | a long-lived worker process per slot and model, JSON lines    |
+//! | `noop.rs`    | `noop`    | completes at once with a small artifact (runtime overhead)    |
+//!
+//! An engine loads its model lazily on the first job ([`Engine::ensure_loaded`]), keeps it
+//! resident, and runs a job with a progress sink and a cancellation token. Engines are an enum,
+//! not a trait object: the set is closed and known to the config, and async methods stay plain.
+
+pub mod noop;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{EngineConfig, ModelConfig};
+use crate::job::FailureKind;
+
+/// One input as the engine sees it: inline JSON, or a file the node downloaded for it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolvedInput {
+    Inline(serde_json::Value),
+    File(PathBuf),
+}
+
+/// Everything an engine needs to run one attempt of one job.
+#[derive(Debug, Clone)]
+pub struct EngineJob {
+    pub job_id: String,
+    pub attempt: u32,
+    pub model: String,
+    pub inputs: BTreeMap<String, ResolvedInput>,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// Where the engine writes its outputs; owned by the inference actor, emptied per job.
+    pub output_dir: PathBuf,
+}
+
+/// A file the engine produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineOutput {
+    pub name: String,
+    pub path: PathBuf,
+    pub content_type: Option<String>,
+}
+
+/// What an engine reports while it runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProgressUpdate {
+    /// A stage name (`downloading`, `inference`) and/or a percentage, 0 to 100.
+    Progress { stage: Option<String>, progress: Option<f32>, message: Option<String> },
+    /// A line the engine logged.
+    Message(String),
+}
+
+/// Bounded: a job that logs faster than NATS takes events slows down rather than growing
+/// memory. 256 events is a few seconds of the chattiest worker we host.
+pub type ProgressSink = mpsc::Sender<ProgressUpdate>;
+pub const PROGRESS_CHANNEL_BOUND: usize = 256;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum EngineError {
+    /// The job's input is wrong (bad params, unreadable image): no retry.
+    #[error("{0}")]
+    User(String),
+    /// Something transient failed (out of memory, a worker reported a retryable error).
+    #[error("{0}")]
+    Infra(String),
+    /// The model could not be loaded (missing file, worker exits at start).
+    #[error("cannot load model: {0}")]
+    Load(String),
+    /// The worker process died or broke its protocol: the slot must restart.
+    #[error("worker died: {0}")]
+    WorkerDied(String),
+    /// The attempt ran past the model's timeout: the slot must restart.
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl EngineError {
+    pub fn failure_kind(&self) -> FailureKind {
+        match self {
+            EngineError::User(_) => FailureKind::User,
+            _ => FailureKind::Infrastructure,
+        }
+    }
+    /// True when the slot's state can no longer be trusted and its actor must be restarted.
+    pub fn needs_restart(&self) -> bool {
+        matches!(self, EngineError::WorkerDied(_) | EngineError::Timeout(_))
+    }
+}
+
+/// The engine instance of one model on one slot.
+pub enum Engine {
+    Process(process::ProcessEngine),
+    Noop(noop::NoopEngine),
+}
+
+/// Where a slot runs, handed to engines so they pick the right device.
+#[derive(Debug, Clone)]
+pub struct SlotContext {
+    pub node: String,
+    /// `cuda:0`, `cpu:1`.
+    pub slot: String,
+}
+
+impl Engine {
+    /// Builds the engine for a model; nothing is loaded until [`ensure_loaded`](Self::ensure_loaded).
+    pub fn new(model: &ModelConfig, slot: &SlotContext) -> Engine {
+        match &model.engine {
+            EngineConfig::Process { command, env, ready_timeout_ms } => {
+                Engine::Process(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot))
+            }
+            EngineConfig::Noop { artifact_bytes } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes)),
+        }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        match self {
+            Engine::Process(e) => e.is_loaded(),
+            Engine::Noop(_) => true,
+        }
+    }
+
+    /// Loads the model if it is not resident. Infallible to call again after a failure.
+    pub async fn ensure_loaded(&mut self) -> Result<(), EngineError> {
+        match self {
+            Engine::Process(e) => e.ensure_loaded().await,
+            Engine::Noop(_) => Ok(()),
+        }
+    }
+
+    pub async fn run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
+        match self {
+            Engine::Process(e) => e.run(job, progress, cancel).await,
+            Engine::Noop(e) => e.run(job).await,
+        }
+    }
+
+    /// Stops whatever the engine holds (kills a worker process group).
+    pub fn shutdown(&mut self) {
+        if let Engine::Process(e) = self {
+            e.shutdown()
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The `noop` engine: writes one small artifact and returns, so that a benchmark through it
+//! measures Kiln (queue, record, events, object store, actors) and nothing else.
+
+use super::{EngineError, EngineJob, EngineOutput};
+
+pub struct NoopEngine {
+    /// Extra bytes of payload in the artifact, to measure the artifact path at a given size.
+    artifact_bytes: usize,
+}
+
+impl NoopEngine {
+    pub fn new(artifact_bytes: usize) -> Self {
+        NoopEngine { artifact_bytes }
+    }
+
+    pub async fn run(&mut self, job: EngineJob) -> Result<Vec<EngineOutput>, EngineError> {
+        let body = serde_json::json!({
+            "job_id": job.job_id,
+            "attempt": job.attempt,
+            "params": job.params,
+            "padding": "x".repeat(self.artifact_bytes),
+        });
+        let path = job.output_dir.join("result.json");
+        tokio::fs::write(&path, serde_json::to_vec(&body).expect("json")).await.map_err(|e| EngineError::Infra(format!("cannot write output: {e}")))?;
+        Ok(vec![EngineOutput { name: "result.json".into(), path, content_type: Some("application/json".into()) }])
+    }
+}

@@ -1,0 +1,381 @@
+//! The `process` engine: hosts an existing model (usually Python) as one long-lived worker
+//! process per slot and model, loaded once and kept resident, speaking JSON lines.
+//!
+//! Kiln writes to the worker's stdin:
+//! ```text
+//! {"type":"job","job_id":"..","attempt":1,"inputs":{"prompt":"a cat","image":{"path":"/abs/in.png"}},
+//!  "params":{"steps":20},"output_dir":"/abs/dir"}
+//! {"type":"cancel","job_id":".."}
+//! ```
+//! The worker writes to its stdout (any line that is not JSON is kept as a log line):
+//! ```text
+//! {"type":"ready"}                                        once, after loading its model
+//! {"type":"progress","job_id":"..","stage":"inference","progress":40,"message":"step 8/20"}
+//! {"type":"log","job_id":"..","message":".."}
+//! {"type":"result","job_id":"..","artifacts":[{"name":"image.png","path":"image.png","content_type":"image/png"}]}
+//! {"type":"error","job_id":"..","message":"..","retryable":false}
+//! {"type":"cancelled","job_id":".."}
+//! ```
+//! The worker runs in its own process group with `CUDA_VISIBLE_DEVICES` set to its slot's GPU
+//! (empty on a `cpu:N` slot), and the whole group is killed when the engine drops, so a crashed
+//! or cancelled worker leaves no orphans.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{EngineError, EngineJob, EngineOutput, ProgressSink, ProgressUpdate, ResolvedInput, SlotContext};
+use crate::config::{parse_slot, SlotDevice};
+
+/// How long a worker gets to acknowledge a cancel before its process group is killed.
+const CANCEL_GRACE: Duration = Duration::from_secs(3);
+/// Lines of stderr kept to explain a crash.
+const STDERR_TAIL_LINES: usize = 20;
+/// Bound of the stdout line channel: the reader blocks (and so does the worker's stdout pipe)
+/// rather than buffering a runaway worker's output.
+const LINE_CHANNEL_BOUND: usize = 1024;
+/// Longest stdout line accepted; a longer one is a protocol error (and a memory bound).
+const MAX_LINE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum WorkerLine {
+    Ready,
+    Progress {
+        #[serde(default)]
+        job_id: Option<String>,
+        #[serde(default)]
+        stage: Option<String>,
+        #[serde(default)]
+        progress: Option<f32>,
+        #[serde(default)]
+        message: Option<String>,
+    },
+    Log {
+        #[serde(default)]
+        job_id: Option<String>,
+        message: String,
+    },
+    Result {
+        job_id: String,
+        #[serde(default)]
+        artifacts: Vec<WorkerArtifact>,
+    },
+    Error {
+        job_id: String,
+        message: String,
+        #[serde(default)]
+        retryable: bool,
+    },
+    Cancelled {
+        job_id: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct WorkerArtifact {
+    name: String,
+    /// Absolute, or relative to the job's output dir; must lie inside it.
+    path: String,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+/// What the stdout reader hands over: a parsed line, or raw text.
+enum Line {
+    Parsed(WorkerLine),
+    Raw(String),
+}
+
+struct Worker {
+    child: Child,
+    pid: u32,
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<Line>,
+    stderr_tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Worker {
+    fn stderr_tail(&self) -> String {
+        self.stderr_tail.lock().map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n")).unwrap_or_default()
+    }
+
+    fn kill_group(&self) {
+        // The worker leads its own process group (process_group(0)), so this reaches any
+        // helper processes it spawned too.
+        unsafe { libc::killpg(self.pid as i32, libc::SIGKILL) };
+    }
+
+    /// Why the worker is gone: its exit status and the end of its stderr.
+    async fn death_reason(&mut self) -> String {
+        let status = tokio::time::timeout(Duration::from_secs(2), self.child.wait()).await;
+        let status = match status {
+            Ok(Ok(s)) => s.to_string(),
+            _ => "did not exit".into(),
+        };
+        let tail = self.stderr_tail();
+        if tail.is_empty() {
+            format!("worker process {} exited ({status})", self.pid)
+        } else {
+            format!("worker process {} exited ({status}); stderr: {tail}", self.pid)
+        }
+    }
+
+    async fn send(&mut self, value: &serde_json::Value) -> Result<(), EngineError> {
+        let mut line = serde_json::to_vec(value).expect("json");
+        line.push(b'\n');
+        self.stdin.write_all(&line).await.map_err(|e| EngineError::WorkerDied(format!("cannot write to worker {}: {e}", self.pid)))?;
+        self.stdin.flush().await.map_err(|e| EngineError::WorkerDied(format!("cannot write to worker {}: {e}", self.pid)))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+pub struct ProcessEngine {
+    model: String,
+    command: Vec<String>,
+    env: BTreeMap<String, String>,
+    ready_timeout: Duration,
+    slot: SlotContext,
+    worker: Option<Worker>,
+}
+
+impl ProcessEngine {
+    pub fn new(model: &str, command: Vec<String>, env: BTreeMap<String, String>, ready_timeout_ms: u64, slot: &SlotContext) -> Self {
+        ProcessEngine { model: model.to_string(), command, env, ready_timeout: Duration::from_millis(ready_timeout_ms), slot: slot.clone(), worker: None }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    /// The worker's pid, when one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|w| w.pid)
+    }
+
+    pub fn shutdown(&mut self) {
+        self.worker = None;
+    }
+
+    fn spawn(&self) -> Result<Worker, EngineError> {
+        let (program, args) = self.command.split_first().ok_or_else(|| EngineError::Load("empty command".into()))?;
+        let cuda_visible = match parse_slot(&self.slot.slot) {
+            Some(SlotDevice::Cuda(i)) => i.to_string(),
+            _ => String::new(),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(&self.env)
+            .env("CUDA_VISIBLE_DEVICES", cuda_visible)
+            .env("KILN_SLOT", &self.slot.slot)
+            .env("KILN_NODE", &self.slot.node)
+            .env("KILN_MODEL", &self.model)
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        // If the node itself is SIGKILLed, its Drop never runs: have the kernel kill the
+        // worker when the node's thread that spawned it goes away, so no orphan keeps a GPU.
+        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| EngineError::Load(format!("cannot start {program:?}: {e}")))?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+
+        let (tx, lines) = mpsc::channel(LINE_CHANNEL_BOUND);
+        tokio::spawn(read_stdout(stdout, tx));
+        let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
+        tokio::spawn(read_stderr(stderr, stderr_tail.clone(), self.model.clone(), self.slot.slot.clone()));
+        tracing::info!(model = %self.model, slot = %self.slot.slot, pid, "worker process started");
+        Ok(Worker { child, pid, stdin, lines, stderr_tail })
+    }
+
+    pub async fn ensure_loaded(&mut self) -> Result<(), EngineError> {
+        if let Some(w) = self.worker.as_mut() {
+            if matches!(w.child.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            self.worker = None;
+        }
+        let mut worker = self.spawn()?;
+        let deadline = tokio::time::sleep(self.ready_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                line = worker.lines.recv() => match line {
+                    Some(Line::Parsed(WorkerLine::Ready)) => break,
+                    Some(_) => continue,
+                    None => return Err(EngineError::Load(worker.death_reason().await)),
+                },
+                _ = &mut deadline => {
+                    return Err(EngineError::Load(format!("worker did not print ready within {:?}", self.ready_timeout)));
+                }
+            }
+        }
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    pub async fn run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
+        self.ensure_loaded().await?;
+        let worker = self.worker.as_mut().expect("loaded above");
+        let inputs: serde_json::Map<String, serde_json::Value> = job
+            .inputs
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    ResolvedInput::Inline(v) => v.clone(),
+                    ResolvedInput::File(p) => serde_json::json!({ "path": p }),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let request = serde_json::json!({
+            "type": "job",
+            "job_id": job.job_id,
+            "attempt": job.attempt,
+            "model": job.model,
+            "inputs": inputs,
+            "params": job.params,
+            "output_dir": job.output_dir,
+        });
+        if let Err(e) = worker.send(&request).await {
+            self.worker = None;
+            return Err(e);
+        }
+        let mut cancelling: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let line = tokio::select! {
+                line = worker.lines.recv() => line,
+                _ = cancel.cancelled(), if cancelling.is_none() => {
+                    let _ = worker.send(&serde_json::json!({"type": "cancel", "job_id": job.job_id})).await;
+                    cancelling = Some(Box::pin(tokio::time::sleep(CANCEL_GRACE)));
+                    continue;
+                }
+                _ = async { cancelling.as_mut().expect("guarded").await }, if cancelling.is_some() => {
+                    tracing::warn!(job_id = %job.job_id, pid = worker.pid, "worker ignored cancel; killing it");
+                    self.worker = None;
+                    return Err(EngineError::Cancelled);
+                }
+            };
+            let Some(line) = line else {
+                let reason = worker.death_reason().await;
+                self.worker = None;
+                if cancelling.is_some() {
+                    return Err(EngineError::Cancelled);
+                }
+                return Err(EngineError::WorkerDied(reason));
+            };
+            let line = match line {
+                Line::Raw(text) => {
+                    let _ = progress.send(ProgressUpdate::Message(text)).await;
+                    continue;
+                }
+                Line::Parsed(l) => l,
+            };
+            let mine = |id: &Option<String>| id.as_deref().is_none_or(|i| i == job.job_id);
+            match line {
+                WorkerLine::Ready => {}
+                WorkerLine::Progress { job_id, stage, progress: pct, message } if mine(&job_id) => {
+                    let pct = pct.map(|p| p.clamp(0.0, 100.0));
+                    let _ = progress.send(ProgressUpdate::Progress { stage, progress: pct, message }).await;
+                }
+                WorkerLine::Log { job_id, message } if mine(&job_id) => {
+                    let _ = progress.send(ProgressUpdate::Message(message)).await;
+                }
+                WorkerLine::Result { job_id, artifacts } if job_id == job.job_id => {
+                    if cancelling.is_some() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    return artifacts.into_iter().map(|a| resolve_artifact(&job.output_dir, a)).collect();
+                }
+                WorkerLine::Error { job_id, message, retryable } if job_id == job.job_id => {
+                    if cancelling.is_some() {
+                        return Err(EngineError::Cancelled);
+                    }
+                    return Err(if retryable { EngineError::Infra(message) } else { EngineError::User(message) });
+                }
+                WorkerLine::Cancelled { job_id } if job_id == job.job_id => return Err(EngineError::Cancelled),
+                _ => {} // a line about another (earlier, cancelled) job
+            }
+        }
+    }
+}
+
+/// Checks an artifact the worker named: a plain file name, a path inside the output dir.
+fn resolve_artifact(output_dir: &Path, a: WorkerArtifact) -> Result<EngineOutput, EngineError> {
+    if !crate::ids::is_valid_object_name(&a.name) || a.name.contains('/') {
+        return Err(EngineError::Infra(format!("worker named an artifact {:?}: names are letters, digits, '.', '-', '_'", a.name)));
+    }
+    let path = if Path::new(&a.path).is_absolute() { PathBuf::from(&a.path) } else { output_dir.join(&a.path) };
+    let canonical = path.canonicalize().map_err(|e| EngineError::Infra(format!("artifact {:?} at {}: {e}", a.name, path.display())))?;
+    let dir = output_dir.canonicalize().map_err(|e| EngineError::Infra(format!("output dir {}: {e}", output_dir.display())))?;
+    if !canonical.starts_with(&dir) {
+        return Err(EngineError::Infra(format!("artifact {:?} lies outside the job's output dir", a.name)));
+    }
+    Ok(EngineOutput { name: a.name, path: canonical, content_type: a.content_type })
+}
+
+async fn read_stdout(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<Line>) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match (&mut reader).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if buf.len() > MAX_LINE_BYTES {
+            tracing::warn!("worker wrote a line over {MAX_LINE_BYTES} bytes; treating the worker as broken");
+            return;
+        }
+        let text = String::from_utf8_lossy(&buf).trim_end().to_string();
+        if text.is_empty() {
+            continue;
+        }
+        let line = match serde_json::from_str::<WorkerLine>(&text) {
+            Ok(l) => Line::Parsed(l),
+            Err(_) => Line::Raw(text),
+        };
+        if tx.send(line).await.is_err() {
+            return;
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt;
+
+async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeque<String>>>, model: String, slot: String) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::debug!(model = %model, slot = %slot, "worker stderr: {line}");
+        if let Ok(mut t) = tail.lock() {
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    }
+}

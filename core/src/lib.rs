@@ -1,0 +1,44 @@
+//! # kiln-core
+//!
+//! The layer every other Kiln crate stands on: configuration, the public wire protocol, the
+//! job record and its rules, every NATS resource, and the engines that run models.
+//!
+//! | module       | what                                                                   |
+//! |--------------|------------------------------------------------------------------------|
+//! | [`config`]   | `cluster.toml`, typed, env overrides, `validate()`                     |
+//! | [`protocol`] | JSON requests, replies, events and error codes on the wire             |
+//! | [`job`]      | the job record (source of truth) and the pure delivery/retry rules     |
+//! | [`policy`]   | restart budget and backoff, pure and tested with explicit time         |
+//! | [`ids`]      | syntax of client-controlled names (no wildcards, no path tricks)       |
+//! | [`nats`]     | streams, KV, object store, registry cache, the nats-server process     |
+//! | [`engine`]   | `process` and `noop` engines: lazy load, run with progress and cancel  |
+//! | [`metrics`]  | metric names and label conventions (units in names, bounded labels)   |
+
+pub mod config;
+pub mod engine;
+pub mod ids;
+pub mod job;
+pub mod metrics;
+pub mod nats;
+pub mod policy;
+pub mod protocol;
+
+use std::path::PathBuf;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Where pinned tools and the embedded server's state live: `$KILN_CACHE`, else
+/// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`. Never inside the repository.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE") {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("kiln");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache/kiln")
+}

@@ -1,0 +1,22 @@
+//! Metric names, in one place so the dashboard and the code agree. Names carry their unit;
+//! labels are few and bounded (model, outcome, slot, state), never a job id.
+
+pub const JOBS_SUBMITTED: &str = "kiln_jobs_submitted_total";
+/// Labels: model, outcome (completed, failed, cancelled).
+pub const JOBS_FINISHED: &str = "kiln_jobs_finished_total";
+/// Labels: model.
+pub const JOB_RETRIES: &str = "kiln_job_retries_total";
+/// Labels: model. From submit to the start of the attempt that ran.
+pub const QUEUE_WAIT_SECONDS: &str = "kiln_queue_wait_seconds";
+/// Labels: model, outcome.
+pub const RUN_SECONDS: &str = "kiln_run_seconds";
+/// Labels: slot, state. 1 for the slot's current state, 0 for the others.
+pub const GPU_STATE: &str = "kiln_gpu_state";
+/// Labels: slot.
+pub const ACTOR_RESTARTS: &str = "kiln_actor_restarts_total";
+/// Labels: slot.
+pub const GPU_QUARANTINED: &str = "kiln_gpu_quarantined_total";
+/// Labels: endpoint, code.
+pub const API_ERRORS: &str = "kiln_api_errors_total";
+/// Labels: endpoint.
+pub const API_REQUESTS: &str = "kiln_api_requests_total";

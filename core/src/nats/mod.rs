@@ -1,0 +1,48 @@
+//! Everything Kiln keeps in NATS, behind one cheap-to-clone handle, [`Resources`]:
+//!
+//! | file          | what                                                                  |
+//! |---------------|-----------------------------------------------------------------------|
+//! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
+//! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests)        |
+//! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
+//! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
+//! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
+//! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
+//! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
+
+pub mod events;
+pub mod jobs;
+pub mod names;
+pub mod objects;
+pub mod registry;
+pub mod resources;
+pub mod server;
+
+pub use names::{Lane, Names};
+pub use registry::RegistryCache;
+pub use resources::Resources;
+pub use server::NatsServer;
+
+/// Errors of the NATS layer. Callers branch on the kind; the text carries NATS's own message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A compare-and-set lost: somebody else wrote the record since we read it.
+    #[error("the record changed since it was read (revision conflict)")]
+    Conflict,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("cannot decode stored value: {0}")]
+    Decode(String),
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StoreError {
+    pub fn nats(e: impl std::fmt::Display) -> Self {
+        StoreError::Nats(e.to_string())
+    }
+}

@@ -1,0 +1,93 @@
+//! Every subject, stream and bucket name Kiln uses, derived from one prefix (default `kiln`),
+//! so two Kiln deployments can share a NATS account without colliding.
+
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+/// The two queue lanes of a model: `high` (priority above 0) is pulled before `normal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    High,
+    Normal,
+}
+
+impl Lane {
+    pub fn of_priority(priority: u8) -> Lane {
+        if priority > 0 {
+            Lane::High
+        } else {
+            Lane::Normal
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::High => "high",
+            Lane::Normal => "normal",
+        }
+    }
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Self {
+        Names { prefix: prefix.to_string() }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    fn upper(&self) -> String {
+        self.prefix.to_uppercase().replace('-', "_")
+    }
+    /// `kiln.api`: the group of the client service endpoints.
+    pub fn api_group(&self) -> String {
+        format!("{}.api", self.prefix)
+    }
+    pub fn api(&self, endpoint: &str) -> String {
+        format!("{}.api.{endpoint}", self.prefix)
+    }
+    /// The NATS service name shown by `$SRV.INFO`.
+    pub fn service_name(&self) -> String {
+        format!("{}-api", self.prefix)
+    }
+    pub fn jobs_stream(&self) -> String {
+        format!("{}_JOBS", self.upper())
+    }
+    pub fn jobs_subject_all(&self) -> String {
+        format!("{}.jobs.>", self.prefix)
+    }
+    pub fn job_subject(&self, model: &str, lane: Lane) -> String {
+        format!("{}.jobs.{model}.{}", self.prefix, lane.as_str())
+    }
+    pub fn consumer(&self, model: &str, lane: Lane) -> String {
+        format!("{model}-{}", lane.as_str())
+    }
+    pub fn events_stream(&self) -> String {
+        format!("{}_EVENTS", self.upper())
+    }
+    pub fn events_subject_all(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+    pub fn events_subject(&self, job_id: &str) -> String {
+        format!("{}.events.{job_id}", self.prefix)
+    }
+    pub fn jobs_bucket(&self) -> String {
+        format!("{}_jobs", self.prefix)
+    }
+    pub fn gpus_bucket(&self) -> String {
+        format!("{}_gpus", self.prefix)
+    }
+    pub fn nodes_bucket(&self) -> String {
+        format!("{}_nodes", self.prefix)
+    }
+    pub fn files_bucket(&self) -> String {
+        format!("{}_files", self.prefix)
+    }
+    pub fn results_bucket(&self, model: &str) -> String {
+        format!("{}_results_{model}", self.prefix)
+    }
+    /// Core NATS subject on which cancel notices are broadcast to every node.
+    pub fn cancel_subject(&self) -> String {
+        format!("{}.control.cancel", self.prefix)
+    }
+}

@@ -1,0 +1,114 @@
+//! Uploaded inputs (`kiln_files`) and result artifacts (`kiln_results_<model>`) in the
+//! JetStream object store. Each bucket has a TTL (default 24 h: the seeds' temp-file API), and
+//! every object Kiln stores carries its size, content type and sha256 in its metadata.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use async_nats::jetstream::object_store::{self, ObjectMetadata};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use super::{Resources, StoreError};
+use crate::protocol::Artifact;
+
+pub const META_SHA256: &str = "sha256";
+pub const META_CONTENT_TYPE: &str = "content-type";
+
+/// Guesses a content type from a file name; engines may name their own.
+pub fn content_type_for(name: &str) -> &'static str {
+    match name.rsplit('.').next().map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg") | Some("jpeg") => "image/jpeg",
+        Some("ppm") => "image/x-portable-pixmap",
+        Some("json") => "application/json",
+        Some("txt") => "text/plain",
+        Some("ply") => "application/x-ply",
+        Some("mp4") => "video/mp4",
+        Some("wav") => "audio/wav",
+        _ => "application/octet-stream",
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+async fn put_bytes(store: &object_store::ObjectStore, name: &str, data: &[u8], content_type: &str) -> Result<String, StoreError> {
+    let sha = sha256_hex(data);
+    let meta = ObjectMetadata {
+        name: name.to_string(),
+        metadata: HashMap::from([(META_SHA256.to_string(), sha.clone()), (META_CONTENT_TYPE.to_string(), content_type.to_string())]),
+        ..Default::default()
+    };
+    let mut reader = data;
+    store.put(meta, &mut reader).await.map_err(StoreError::nats)?;
+    Ok(sha)
+}
+
+impl Resources {
+    fn results_store(&self, model: &str) -> Result<object_store::ObjectStore, StoreError> {
+        self.results.get(model).map(|s| s.clone()).ok_or_else(|| StoreError::NotFound(format!("results bucket of model {model}")))
+    }
+
+    /// Stores a result file as `<job_id>/<name>` in the model's results bucket.
+    pub async fn store_artifact(&self, model: &str, job_id: &str, name: &str, path: &Path, content_type: Option<&str>) -> Result<Artifact, StoreError> {
+        let data = tokio::fs::read(path).await?;
+        self.store_artifact_bytes(model, job_id, name, &data, content_type).await
+    }
+
+    pub async fn store_artifact_bytes(&self, model: &str, job_id: &str, name: &str, data: &[u8], content_type: Option<&str>) -> Result<Artifact, StoreError> {
+        let store = self.results_store(model)?;
+        let object = format!("{job_id}/{name}");
+        let content_type = content_type.unwrap_or_else(|| content_type_for(name)).to_string();
+        let sha256 = put_bytes(&store, &object, data, &content_type).await?;
+        Ok(Artifact { name: name.to_string(), bucket: self.names.results_bucket(model), object, size: data.len() as u64, content_type, sha256 })
+    }
+
+    /// Uploads an input to the files bucket (what a client does before submitting).
+    pub async fn upload_file(&self, name: &str, data: &[u8]) -> Result<String, StoreError> {
+        put_bytes(&self.files, name, data, content_type_for(name)).await
+    }
+
+    /// Size of an uploaded input, or `NotFound` (missing, or expired).
+    pub async fn file_size(&self, name: &str) -> Result<u64, StoreError> {
+        match self.files.info(name).await {
+            Ok(info) if !info.deleted => Ok(info.size as u64),
+            Ok(_) => Err(StoreError::NotFound(format!("object {name:?}"))),
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Err(StoreError::NotFound(format!("object {name:?}"))),
+            Err(e) => Err(StoreError::nats(e)),
+        }
+    }
+
+    /// Downloads an uploaded input to `dest`.
+    pub async fn download_file(&self, name: &str, dest: &Path) -> Result<u64, StoreError> {
+        download(&self.files, name, dest).await
+    }
+
+    /// Downloads an artifact (from whichever bucket it names) and checks its sha256.
+    pub async fn download_artifact(&self, artifact: &Artifact, dest: &Path) -> Result<(), StoreError> {
+        let store = self.js.get_object_store(&artifact.bucket).await.map_err(StoreError::nats)?;
+        download(&store, &artifact.object, dest).await?;
+        let data = tokio::fs::read(dest).await?;
+        let got = sha256_hex(&data);
+        if got != artifact.sha256 {
+            return Err(StoreError::Decode(format!("sha256 of {} is {got}, the record says {}", artifact.object, artifact.sha256)));
+        }
+        Ok(())
+    }
+}
+
+async fn download(store: &object_store::ObjectStore, name: &str, dest: &Path) -> Result<u64, StoreError> {
+    let mut object = match store.get(name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Err(StoreError::NotFound(format!("object {name:?}"))),
+        Err(e) => return Err(StoreError::nats(e)),
+    };
+    if let Some(parent) = dest.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let mut file = tokio::fs::File::create(dest).await?;
+    let n = tokio::io::copy(&mut object, &mut file).await?;
+    file.flush().await?;
+    Ok(n)
+}

@@ -1,0 +1,213 @@
+//! Connecting to NATS and creating every stream, bucket and consumer Kiln needs. Creation is
+//! idempotent (`get_or_create`), so every node runs it at start and the first one wins.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use dashmap::DashMap;
+
+use super::{Lane, Names, StoreError};
+use crate::config::ClusterConfig;
+
+/// How long job records are kept, at least: far longer than any job waits in the queue.
+const JOB_RECORD_MIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The window in which JetStream drops a second publish with the same `Nats-Msg-Id` (job id).
+const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Bounds the history of one job so a chatty engine cannot fill the events stream.
+const MAX_EVENTS_PER_JOB: i64 = 10_000;
+
+/// Cheap-to-clone handle on every NATS resource of one Kiln deployment.
+#[derive(Clone)]
+pub struct Resources {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub(crate) jobs_kv: kv::Store,
+    pub(crate) gpus_kv: kv::Store,
+    pub(crate) nodes_kv: kv::Store,
+    pub(crate) files: object_store::ObjectStore,
+    /// One results bucket per model (each with the model's result TTL), opened on first use.
+    pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
+    pub(crate) ack_wait: Duration,
+    pub(crate) registry_ttl: Duration,
+}
+
+/// Connects with a name that shows up in `nats server report connections`, retrying for
+/// `timeout` so a node may start before its server.
+pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_nats::Client, StoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(None)
+            .connect(url);
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(client)) => {
+                // retry_on_initial_connect returns before the first connection; wait for it.
+                while client.connection_state() != async_nats::connection::State::Connected {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(StoreError::Nats(format!("cannot connect to {url} within {timeout:?}")));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Ok(client);
+            }
+            Ok(Err(e)) => return Err(StoreError::nats(e)),
+            Err(_) => return Err(StoreError::Nats(format!("cannot connect to {url} within {timeout:?}"))),
+        }
+    }
+}
+
+impl Resources {
+    /// Creates (or opens) every stream, bucket and consumer for `config`.
+    pub async fn ensure(client: async_nats::Client, config: &ClusterConfig) -> Result<Self, StoreError> {
+        let names = Names::new(&config.nats.prefix);
+        let js = jetstream::new(client.clone());
+        let result_ttl = Duration::from_secs(config.storage.result_ttl_s);
+
+        let jobs_stream = js
+            .get_or_create_stream(stream::Config {
+                name: names.jobs_stream(),
+                subjects: vec![names.jobs_subject_all()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: DEDUP_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .map_err(StoreError::nats)?;
+
+        js.get_or_create_stream(stream::Config {
+            name: names.events_stream(),
+            subjects: vec![names.events_subject_all()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: result_ttl,
+            max_messages_per_subject: MAX_EVENTS_PER_JOB,
+            duplicate_window: DEDUP_WINDOW,
+            ..Default::default()
+        })
+        .await
+        .map_err(StoreError::nats)?;
+
+        let jobs_kv = open_kv(&js, kv::Config {
+            bucket: names.jobs_bucket(),
+            description: "kiln job records: the source of truth".into(),
+            history: 1,
+            max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+        let registry_ttl = Duration::from_millis(config.node.registry_ttl_ms);
+        // Per-key TTL (server 2.11+): a key not refreshed within its TTL disappears and its
+        // watchers see a delete marker, so a dead node's entries vanish on their own.
+        let registry_config = |bucket: String, description: &str| kv::Config {
+            bucket,
+            description: description.into(),
+            history: 1,
+            storage: stream::StorageType::File,
+            limit_markers: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let gpus_kv = open_kv(&js, registry_config(names.gpus_bucket(), "kiln registry: one key per GPU slot")).await?;
+        let nodes_kv = open_kv(&js, registry_config(names.nodes_bucket(), "kiln registry: one key per node")).await?;
+
+        let files = open_object_store(&js, names.files_bucket(), Duration::from_secs(config.storage.files_ttl_s)).await?;
+
+        let resources = Resources {
+            client,
+            js,
+            names,
+            jobs_kv,
+            gpus_kv,
+            nodes_kv,
+            files,
+            results: Arc::new(DashMap::new()),
+            ack_wait: Duration::from_millis(config.nats.ack_wait_ms),
+            registry_ttl,
+        };
+
+        for model in &config.models {
+            let ttl = Duration::from_secs(config.result_ttl_s(model));
+            let store = open_object_store(&resources.js, resources.names.results_bucket(&model.name), ttl).await?;
+            resources.results.insert(model.name.clone(), store);
+            for lane in [Lane::High, Lane::Normal] {
+                resources.ensure_consumer(&jobs_stream, &model.name, lane).await?;
+            }
+        }
+        Ok(resources)
+    }
+
+    async fn ensure_consumer(&self, stream: &stream::Stream, model: &str, lane: Lane) -> Result<(), StoreError> {
+        let name = self.names.consumer(model, lane);
+        stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: self.names.job_subject(model, lane),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    // Attempts are counted in the job record, not here: JetStream must keep
+                    // redelivering until a node writes an outcome.
+                    max_deliver: -1,
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(StoreError::nats)?;
+        Ok(())
+    }
+
+    /// The pull consumer of one model's lane (shared by every node).
+    pub async fn consumer(&self, model: &str, lane: Lane) -> Result<consumer::PullConsumer, StoreError> {
+        let stream = self.js.get_stream(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        stream.get_consumer(&self.names.consumer(model, lane)).await.map_err(StoreError::nats)
+    }
+
+    /// Jobs waiting (not yet delivered) in a model's two lanes; feeds admission control.
+    pub async fn queued_count(&self, model: &str) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for lane in [Lane::High, Lane::Normal] {
+            let mut c = self.consumer(model, lane).await?;
+            total += c.info().await.map_err(StoreError::nats)?.num_pending;
+        }
+        Ok(total)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+    pub fn registry_ttl(&self) -> Duration {
+        self.registry_ttl
+    }
+}
+
+async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StoreError> {
+    match js.get_key_value(&config.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_key_value(config.clone()).await {
+            Ok(store) => Ok(store),
+            // Another node created it between our get and create.
+            Err(_) => js.get_key_value(&config.bucket).await.map_err(StoreError::nats),
+        },
+    }
+}
+
+async fn open_object_store(js: &jetstream::Context, bucket: String, max_age: Duration) -> Result<object_store::ObjectStore, StoreError> {
+    match js.get_object_store(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js
+            .create_object_store(object_store::Config { bucket: bucket.clone(), max_age, storage: stream::StorageType::File, ..Default::default() })
+            .await
+        {
+            Ok(store) => Ok(store),
+            Err(_) => js.get_object_store(&bucket).await.map_err(StoreError::nats),
+        },
+    }
+}

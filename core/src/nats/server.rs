@@ -1,0 +1,151 @@
+//! A real `nats-server` child process with JetStream, for `kiln up`, the benchmark and the
+//! tests. It is killed when the handle drops, so a failing test leaves no server behind.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("nats-server not found: run scripts/setup.sh, or set KILN_NATS_SERVER to its path")]
+    NotFound,
+    #[error("cannot start {bin}: {source}")]
+    Spawn { bin: PathBuf, source: std::io::Error },
+    #[error("nats-server did not accept connections on port {port} within {waited:?}; its log: {log}")]
+    NotReady { port: u16, waited: Duration, log: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Finds the pinned server: `$KILN_NATS_SERVER`, then `$KILN_CACHE/venv/bin/nats-server`
+/// (where `scripts/setup.sh` installs it), then `nats-server` on `PATH`.
+pub fn find_server_binary() -> Result<PathBuf, ServerError> {
+    if let Ok(p) = std::env::var("KILN_NATS_SERVER") {
+        if Path::new(&p).is_file() {
+            return Ok(p.into());
+        }
+    }
+    let cached = crate::cache_dir().join("venv/bin/nats-server");
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("nats-server")).find(|p| p.is_file()))
+        .ok_or(ServerError::NotFound)
+}
+
+/// Asks the OS for a free TCP port on loopback.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub struct NatsServer {
+    child: Option<Child>,
+    port: u16,
+    store_dir: PathBuf,
+    log_path: PathBuf,
+    bin: PathBuf,
+    /// Keeps a temp store dir alive for the server's life when the caller gave none.
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port with JetStream in a fresh temp dir.
+    pub fn start_temp() -> Result<Self, ServerError> {
+        let temp = tempfile::Builder::new().prefix("kiln-nats-").tempdir()?;
+        let mut server = Self::start(temp.path(), 0)?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Starts a server storing JetStream under `store_dir` on `port` (0: a free one).
+    pub fn start(store_dir: &Path, port: u16) -> Result<Self, ServerError> {
+        let bin = find_server_binary()?;
+        let port = if port == 0 { free_port()? } else { port };
+        std::fs::create_dir_all(store_dir)?;
+        let mut server = NatsServer {
+            child: None,
+            port,
+            store_dir: store_dir.to_path_buf(),
+            log_path: store_dir.join("nats-server.log"),
+            bin,
+            _temp: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(&self.bin)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|source| ServerError::Spawn { bin: self.bin.clone(), source })?;
+        self.child = Some(child);
+        self.wait_ready(Duration::from_secs(10))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), ServerError> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let tail: String = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        Err(ServerError::NotReady { port: self.port, waited: start.elapsed(), log: tail })
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts it again on the same port with the same JetStream store.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

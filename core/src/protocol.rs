@@ -1,0 +1,399 @@
+//! The public wire protocol: JSON messages that any NATS client (nats-py, nats.js, the C
+//! client) exchanges with Kiln over request/reply, plus the progress events.
+//!
+//! Every type here is part of the contract documented in `docs/PROTOCOL.md`; change both
+//! together. Replies that fail carry `{"error": {"code": "...", "message": "..."}}` with a
+//! stable [`ErrorCode`], never a Rust debug string.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobRecord, JobState};
+
+/// A stable, machine-readable error code. Clients branch on these; the message is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed or names something invalid (a field, an input, an id).
+    BadRequest,
+    /// The model named is not configured on this cluster.
+    UnknownModel,
+    /// The job or object named does not exist (or has expired).
+    NotFound,
+    /// The request or one of its parts is larger than the configured limit.
+    PayloadTooLarge,
+    /// Admission control: the queue for that model is full; retry later.
+    Overloaded,
+    /// The job's deadline passed before it could run.
+    DeadlineExceeded,
+    /// The job was cancelled.
+    Cancelled,
+    /// The model or its worker failed while running the job.
+    EngineFailed,
+    /// Something inside Kiln or NATS failed; the request may be retried.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownModel => "unknown_model",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::EngineFailed => "engine_failed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error as it travels on the wire and as it is stored in a job record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// The envelope of a failed reply: `{"error": {...}}` and nothing else. `deny_unknown_fields`
+/// matters: a failed job's `JobView` also has an `error` key, and must not read as one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    pub error: ApiError,
+}
+
+/// One named input of a job: either an inline JSON value, or a reference to an object that the
+/// client uploaded to the files bucket beforehand (the replacement for the seeds' temp-file API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InputValue {
+    /// `{"object": "name"}`: an object in the files bucket.
+    Object { object: String },
+    /// Anything else: passed to the engine as is.
+    Inline(serde_json::Value),
+}
+
+/// `kiln.api.submit`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub model: String,
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputValue>,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    /// 0 (default) is normal; anything above runs before normal jobs of the same model.
+    #[serde(default)]
+    pub priority: u8,
+    /// Two submissions with the same key (for the same model) give one job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Unix time in milliseconds after which the job must not start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Overrides the model's `max_attempts` (capped by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// Reply to submit, sent only once the job record and the queue message are durable.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubmitReply {
+    pub job_id: String,
+    pub status: JobState,
+    /// True when an idempotency key matched an earlier submission.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// `kiln.api.status`, `kiln.api.cancel` and `kiln.api.result` take a job id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    pub job_id: String,
+}
+
+/// A stored result: an object in the results bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// The file name the engine gave it (`image.png`).
+    pub name: String,
+    /// The object store bucket that holds it.
+    pub bucket: String,
+    /// The object's name in that bucket (`<job_id>/<name>`).
+    pub object: String,
+    pub size: u64,
+    pub content_type: String,
+    /// Hex sha256 of the content, computed by Kiln when it stored the object.
+    pub sha256: String,
+}
+
+/// Reply to status and cancel: the job as the client may see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobView {
+    pub job_id: String,
+    pub model: String,
+    pub status: JobState,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub priority: u8,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// True when the job failed after its last attempt (the dead-letter list).
+    #[serde(default)]
+    pub dead_letter: bool,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        JobView {
+            job_id: r.job_id.clone(),
+            model: r.model.clone(),
+            status: r.state,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            priority: r.priority,
+            created_ms: r.created_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            node: r.owner.as_ref().map(|o| o.node.clone()),
+            slot: r.owner.as_ref().map(|o| o.slot.clone()),
+            error: r.error.clone(),
+            artifacts: r.artifacts.clone(),
+            cancel_requested: r.cancel_requested,
+            dead_letter: r.dead_letter,
+        }
+    }
+}
+
+/// Reply to `kiln.api.result`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultReply {
+    pub job_id: String,
+    pub status: JobState,
+    pub artifacts: Vec<Artifact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+/// `kiln.api.jobs`: list jobs, newest first, filtered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListJobsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Only jobs that failed after their last attempt.
+    #[serde(default)]
+    pub dead_letter: bool,
+    /// At most this many (default 100, at most 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListJobsReply {
+    pub jobs: Vec<JobView>,
+}
+
+/// One configured model, as `kiln.api.models` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub engine: String,
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+    pub required_inputs: Vec<String>,
+    /// GPU slots (cluster-wide, `node/slot`) that serve it and are alive.
+    pub slots: Vec<String>,
+    /// Slots where it is loaded now.
+    pub warm_on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelsReply {
+    pub models: Vec<ModelInfo>,
+}
+
+/// State of one GPU slot in the cluster registry (replaces the seeds' `gpu_status:{id}` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuState {
+    Idle,
+    Loading,
+    Busy,
+    Restarting,
+    Draining,
+    Dead,
+}
+
+impl GpuState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuState::Idle => "idle",
+            GpuState::Loading => "loading",
+            GpuState::Busy => "busy",
+            GpuState::Restarting => "restarting",
+            GpuState::Draining => "draining",
+            GpuState::Dead => "dead",
+        }
+    }
+}
+
+/// A registry entry for one GPU slot (KV bucket `kiln_gpus`, key `<node>.<slot-key>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuEntry {
+    pub node: String,
+    /// As configured: `cuda:0`, `cpu:1`.
+    pub slot: String,
+    pub state: GpuState,
+    /// Models this slot may run.
+    pub models: Vec<String>,
+    /// Models loaded and resident now.
+    pub warm_models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_job: Option<String>,
+    /// Restarts of its inference actor since the node started.
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Unix ms of the last write; an entry older than the registry TTL is a dead node's.
+    pub heartbeat_ms: u64,
+}
+
+/// A registry entry for one node (KV bucket `kiln_nodes`, key `<node>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub node: String,
+    pub version: String,
+    pub slots: Vec<String>,
+    pub started_ms: u64,
+    pub heartbeat_ms: u64,
+    pub running_jobs: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterReply {
+    pub nodes: Vec<NodeEntry>,
+    pub gpus: Vec<GpuEntry>,
+}
+
+/// What kind of progress event this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// `status` changed: queued, running, retrying, completed, failed, cancelled.
+    Status,
+    /// The engine reported a stage and/or a percentage.
+    Progress,
+    /// A line the engine logged.
+    Message,
+    /// An artifact was stored.
+    Artifact,
+}
+
+/// One progress event on `kiln.events.<job_id>`, captured in the `KILN_EVENTS` stream so a
+/// late subscriber replays the whole history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub job_id: String,
+    /// Which attempt produced it (1-based); 0 for events written by the API (queued, cancel).
+    pub attempt: u32,
+    #[serde(rename = "type")]
+    pub kind: EventKind,
+    pub ts_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobState>,
+    /// Stage name the engine reports (`downloading`, `inference`, `encoding`...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// 0 to 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<Artifact>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Event {
+    pub fn status(job_id: &str, attempt: u32, status: JobState) -> Self {
+        Event {
+            job_id: job_id.to_string(),
+            attempt,
+            kind: EventKind::Status,
+            ts_ms: crate::now_ms(),
+            status: Some(status),
+            stage: None,
+            progress: None,
+            message: None,
+            artifact: None,
+            error: None,
+        }
+    }
+
+    pub fn progress(job_id: &str, attempt: u32, stage: Option<String>, progress: Option<f32>) -> Self {
+        Event { kind: EventKind::Progress, status: None, stage, progress, ..Event::status(job_id, attempt, JobState::Running) }
+    }
+
+    pub fn message(job_id: &str, attempt: u32, message: String) -> Self {
+        Event { kind: EventKind::Message, status: None, message: Some(message), ..Event::status(job_id, attempt, JobState::Running) }
+    }
+
+    pub fn artifact(job_id: &str, attempt: u32, artifact: Artifact) -> Self {
+        Event { kind: EventKind::Artifact, status: None, artifact: Some(artifact), ..Event::status(job_id, attempt, JobState::Running) }
+    }
+
+    pub fn with_error(mut self, error: ApiError) -> Self {
+        self.message = Some(error.message.clone());
+        self.error = Some(error);
+        self
+    }
+
+    /// True for the last status event a job will ever get.
+    pub fn is_terminal(&self) -> bool {
+        self.kind == EventKind::Status && self.status.map(JobState::is_terminal).unwrap_or(false)
+    }
+}
+
+/// Broadcast on `kiln.control.cancel` so the node running a job stops it at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelNotice {
+    pub job_id: String,
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The single entry point for checks, the same one CI runs (.ci/run):
+#   formatting, clippy with warnings as errors, then every test of the workspace.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh -- --nocapture`, or a test name).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() {
+  printf '\n==== %s ====\n' "$*"
+}
+
+step "setup: pinned nats-server and nats-py (scripts/setup.sh)"
+bash scripts/setup.sh
+# shellcheck source=scripts/env.sh
+source scripts/env.sh
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace $*"
+cargo test --workspace "$@"
+
+step "all checks passed"

@@ -1,0 +1,363 @@
+//! ApiService: the client-facing NATS service (`kiln-api`, the micro/services API, so
+//! `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` discovery work). Every node runs it in one queue
+//! group, so any node answers any request. Endpoints under `kiln.api.`: submit, status, cancel,
+//! result, jobs, models, cluster. See `docs/PROTOCOL.md`.
+//!
+//! Every reply is JSON; a failure is `{"error": {"code", "message"}}` with a stable code. No
+//! request can make the service panic or block: bodies are size-checked before parsing, nested
+//! values depth-checked, names syntax-checked, and at most [`MAX_IN_FLIGHT`] requests are
+//! handled at once (the rest are answered `overloaded`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::service::{self, ServiceExt};
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures::StreamExt;
+use kiln_core::config::ClusterConfig;
+use kiln_core::ids;
+use kiln_core::job::{JobRecord, JobState};
+use kiln_core::metrics as m;
+use kiln_core::nats::{RegistryCache, Resources, StoreError};
+use kiln_core::protocol::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+/// Requests handled concurrently by one node; beyond it, `overloaded` at once instead of
+/// queueing without bound.
+pub const MAX_IN_FLIGHT: usize = 1024;
+/// How stale the queue depth used by admission control may be.
+const QUEUE_DEPTH_TTL: Duration = Duration::from_millis(250);
+/// Namespace of job ids derived from idempotency keys (uuid v5).
+const IDEMPOTENCY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b696c6e_6964_656d_706f_74656e637921);
+
+pub const ENDPOINTS: [&str; 7] = ["submit", "status", "cancel", "result", "jobs", "models", "cluster"];
+
+#[derive(Clone)]
+pub struct ApiService {
+    resources: Resources,
+    config: Arc<ClusterConfig>,
+    registry: RegistryCache,
+    /// model -> (waiting jobs, when measured): admission control without a request per submit.
+    queue_depth: Arc<DashMap<String, (u64, Instant)>>,
+}
+
+type Reply = Result<Vec<u8>, ApiError>;
+
+impl ApiService {
+    pub fn new(resources: Resources, config: Arc<ClusterConfig>, registry: RegistryCache) -> Self {
+        ApiService { resources, config, registry, queue_depth: Arc::new(DashMap::new()) }
+    }
+
+    /// Registers the service and serves until the returned task is aborted.
+    pub async fn start(self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        let names = self.resources.names.clone();
+        let service = self
+            .resources
+            .client
+            .service_builder()
+            .description("Kiln job API: submit, status, cancel, result, jobs, models, cluster")
+            .queue_group(format!("{}-api", names.prefix()))
+            .start(names.service_name(), env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(StoreError::nats)?;
+        let group = service.group(names.api_group());
+        let mut streams = Vec::new();
+        for name in ENDPOINTS {
+            let endpoint = group.endpoint(name).await.map_err(StoreError::nats)?;
+            streams.push(endpoint.map(move |req| (name, req)).boxed());
+        }
+        let mut requests = futures::stream::select_all(streams);
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        Ok(tokio::spawn(async move {
+            let _service = service; // dropping it would unregister the endpoints
+            while let Some((endpoint, request)) = requests.next().await {
+                metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint).increment(1);
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    let err = ApiError::new(ErrorCode::Overloaded, "too many requests in flight on this node; retry later");
+                    respond(&request, endpoint, Err(err)).await;
+                    continue;
+                };
+                let api = self.clone();
+                tokio::spawn(async move {
+                    let reply = api.handle(endpoint, &request.message.payload).await;
+                    respond(&request, endpoint, reply).await;
+                    drop(permit);
+                });
+            }
+        }))
+    }
+
+    /// Dispatches one request body to its handler. Public so tests can drive it directly.
+    pub async fn handle(&self, endpoint: &str, body: &[u8]) -> Reply {
+        if body.len() > self.config.limits.max_request_bytes {
+            return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("request is {} bytes; the limit is {} (upload large inputs to the files bucket)", body.len(), self.config.limits.max_request_bytes)));
+        }
+        match endpoint {
+            "submit" => encode(self.submit(parse(body)?).await?),
+            "status" => encode(self.status(parse(body)?).await?),
+            "cancel" => encode(self.cancel(parse(body)?).await?),
+            "result" => encode(self.result(parse(body)?).await?),
+            "jobs" => encode(self.jobs(parse_or_default(body)?).await?),
+            "models" => encode(self.models()),
+            "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.registry.gpus() }),
+            other => Err(ApiError::bad_request(format!("unknown endpoint {other:?}"))),
+        }
+    }
+
+    fn validate_submit(&self, req: &SubmitRequest) -> Result<(), ApiError> {
+        let limits = &self.config.limits;
+        let Some(model) = self.config.model(&req.model) else {
+            let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(ApiError::new(ErrorCode::UnknownModel, format!("model {:?} is not configured; known models: {}", req.model, known.join(", "))));
+        };
+        if req.inputs.len() > limits.max_inputs {
+            return Err(ApiError::bad_request(format!("{} inputs; at most {} are allowed", req.inputs.len(), limits.max_inputs)));
+        }
+        for (name, value) in &req.inputs {
+            if !ids::is_valid_input_name(name) {
+                return Err(ApiError::bad_request(format!("input name {name:?} must be 1-64 letters, digits, '-' or '_'")));
+            }
+            match value {
+                InputValue::Object { object } if !ids::is_valid_object_name(object) => {
+                    return Err(ApiError::bad_request(format!("input {name:?}: object name {object:?} is invalid (letters, digits, '-', '_', '.', '/' separators; no '..' or empty segments)")));
+                }
+                InputValue::Inline(v) if ids::json_depth(v) > limits.max_params_depth => {
+                    return Err(ApiError::bad_request(format!("input {name:?} nests deeper than {} levels", limits.max_params_depth)));
+                }
+                _ => {}
+            }
+        }
+        for required in &model.required_inputs {
+            if !req.inputs.contains_key(required) {
+                return Err(ApiError::bad_request(format!("model {:?} needs input {required:?}", model.name)));
+            }
+        }
+        let depth = req.params.values().map(ids::json_depth).max().unwrap_or(0) + 1;
+        if depth > limits.max_params_depth {
+            return Err(ApiError::bad_request(format!("params nest deeper than {} levels", limits.max_params_depth)));
+        }
+        if let Some(key) = &req.idempotency_key {
+            if key.is_empty() || key.len() > 256 {
+                return Err(ApiError::bad_request("idempotency_key must be 1 to 256 characters"));
+            }
+        }
+        if req.max_attempts == Some(0) {
+            return Err(ApiError::bad_request("max_attempts must be at least 1"));
+        }
+        if req.deadline_ms.is_some_and(|d| d <= kiln_core::now_ms()) {
+            return Err(ApiError::new(ErrorCode::DeadlineExceeded, "deadline_ms is already in the past"));
+        }
+        Ok(())
+    }
+
+    async fn queue_depth(&self, model: &str) -> u64 {
+        if let Some(e) = self.queue_depth.get(model) {
+            if e.1.elapsed() < QUEUE_DEPTH_TTL {
+                return e.0;
+            }
+        }
+        // On error assume empty: admission control must not turn a NATS hiccup into refusals.
+        let depth = self.resources.queued_count(model).await.unwrap_or(0);
+        self.queue_depth.insert(model.to_string(), (depth, Instant::now()));
+        depth
+    }
+
+    async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, ApiError> {
+        self.validate_submit(&req)?;
+        let model = self.config.model(&req.model).expect("validated");
+        for (name, value) in &req.inputs {
+            if let InputValue::Object { object } = value {
+                match self.resources.file_size(object).await {
+                    Ok(_) => {}
+                    Err(StoreError::NotFound(_)) => {
+                        return Err(ApiError::not_found(format!("input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)", self.resources.names.files_bucket())))
+                    }
+                    Err(e) => return Err(internal(e)),
+                }
+            }
+        }
+        if self.queue_depth(&model.name).await >= self.config.limits.max_queued_per_model {
+            return Err(ApiError::new(ErrorCode::Overloaded, format!("model {:?} has {} or more jobs waiting; retry later", model.name, self.config.limits.max_queued_per_model)));
+        }
+        let job_id = match &req.idempotency_key {
+            Some(key) => idempotent_job_id(&model.name, key),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let now = kiln_core::now_ms();
+        let record = JobRecord {
+            job_id: job_id.clone(),
+            model: model.name.clone(),
+            inputs: req.inputs,
+            params: req.params,
+            priority: req.priority,
+            max_attempts: req.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
+            deadline_ms: req.deadline_ms,
+            idempotency_key: req.idempotency_key,
+            state: JobState::Queued,
+            attempt: 0,
+            owner: None,
+            created_ms: now,
+            updated_ms: now,
+            started_ms: None,
+            finished_ms: None,
+            error: None,
+            artifacts: vec![],
+            cancel_requested: false,
+            dead_letter: false,
+        };
+        match self.resources.create_job(&record).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists) => {
+                let existing = self.resources.get_job(&job_id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("job record vanished"))?;
+                // The first submission may have died between its record and its enqueue; the
+                // queue drops a second copy within its de-duplication window.
+                if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
+                    self.resources.enqueue(&job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
+                }
+                return Ok(SubmitReply { job_id, status: existing.record.state, duplicate: true });
+            }
+            Err(e) => return Err(internal(e)),
+        }
+        // The `queued` event goes first so that the history is ordered even for a job that
+        // starts the instant it is enqueued.
+        self.resources.publish_event(&Event::status(&job_id, 0, JobState::Queued)).await.map_err(internal)?;
+        self.resources.enqueue(&job_id, &record.model, record.priority).await.map_err(internal)?;
+        metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
+        Ok(SubmitReply { job_id, status: JobState::Queued, duplicate: false })
+    }
+
+    async fn load(&self, job_id: &str) -> Result<kiln_core::nats::jobs::Versioned, ApiError> {
+        if !ids::is_valid_token(job_id) {
+            return Err(ApiError::bad_request(format!("job_id {job_id:?} must be 1-64 letters, digits, '-' or '_'")));
+        }
+        self.resources.get_job(job_id).await.map_err(internal)?.ok_or_else(|| ApiError::not_found(format!("no job {job_id:?} (never submitted, or expired)")))
+    }
+
+    async fn status(&self, req: JobRef) -> Result<JobView, ApiError> {
+        Ok(JobView::from(&self.load(&req.job_id).await?.record))
+    }
+
+    async fn result(&self, req: JobRef) -> Result<ResultReply, ApiError> {
+        let r = self.load(&req.job_id).await?.record;
+        Ok(ResultReply { job_id: r.job_id, status: r.state, artifacts: r.artifacts, error: r.error })
+    }
+
+    /// Queued (or waiting to retry): cancelled at once, it never runs. Running: flagged in the
+    /// record and a notice broadcast; the owning node stops the worker and writes `cancelled`.
+    async fn cancel(&self, req: JobRef) -> Result<JobView, ApiError> {
+        for _ in 0..8 {
+            let current = self.load(&req.job_id).await?;
+            let mut next = current.record.clone();
+            next.updated_ms = kiln_core::now_ms();
+            match current.record.state {
+                s if s.is_terminal() => return Ok(JobView::from(&current.record)),
+                JobState::Queued | JobState::Retrying => {
+                    next.state = JobState::Cancelled;
+                    next.cancel_requested = true;
+                    next.finished_ms = Some(next.updated_ms);
+                    next.error = Some(ApiError::new(ErrorCode::Cancelled, "cancelled before it ran"));
+                }
+                _ => next.cancel_requested = true,
+            }
+            match self.resources.update_job(&next, current.revision).await {
+                Ok(_) => {
+                    if next.state == JobState::Cancelled {
+                        let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled).with_error(next.error.clone().expect("set above"));
+                        let id = format!("{}-terminal", next.job_id);
+                        self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
+                        metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
+                    } else {
+                        let notice = serde_json::to_vec(&CancelNotice { job_id: next.job_id.clone() }).expect("json");
+                        self.resources.client.publish(self.resources.names.cancel_subject(), notice.into()).await.map_err(internal)?;
+                    }
+                    return Ok(JobView::from(&next));
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Err(ApiError::internal("the job kept changing; try the cancel again"))
+    }
+
+    async fn jobs(&self, req: ListJobsRequest) -> Result<ListJobsReply, ApiError> {
+        let limit = req.limit.unwrap_or(100).min(1000);
+        let ids = self.resources.job_ids().await.map_err(internal)?;
+        let mut jobs = Vec::new();
+        for id in ids {
+            let Some(v) = self.resources.get_job(&id).await.map_err(internal)? else { continue };
+            let r = &v.record;
+            let keep = req.status.is_none_or(|s| r.state == s) && req.model.as_ref().is_none_or(|m| &r.model == m) && (!req.dead_letter || r.dead_letter);
+            if keep {
+                jobs.push(JobView::from(r));
+            }
+        }
+        jobs.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.job_id.cmp(&b.job_id)));
+        jobs.truncate(limit);
+        Ok(ListJobsReply { jobs })
+    }
+
+    fn models(&self) -> ModelsReply {
+        let gpus = self.registry.gpus();
+        let models = self
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                let serving = gpus.iter().filter(|g| g.state != GpuState::Dead && g.models.contains(&m.name));
+                ModelInfo {
+                    name: m.name.clone(),
+                    engine: m.engine.kind().to_string(),
+                    max_attempts: m.max_attempts,
+                    timeout_ms: m.timeout_ms,
+                    required_inputs: m.required_inputs.clone(),
+                    slots: serving.clone().map(|g| format!("{}/{}", g.node, g.slot)).collect(),
+                    warm_on: serving.filter(|g| g.warm_models.contains(&m.name)).map(|g| format!("{}/{}", g.node, g.slot)).collect(),
+                }
+            })
+            .collect();
+        ModelsReply { models }
+    }
+}
+
+/// The job id a submission with an idempotency key gets: the same key (for the same model)
+/// always maps to the same id, which is what makes the second submission find the first.
+pub fn idempotent_job_id(model: &str, key: &str) -> String {
+    uuid::Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{model}\0{key}").as_bytes()).to_string()
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "internal error serving a request");
+    ApiError::internal(format!("internal error: {e}"))
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde_json's recursion limit (128) bounds the parse of hostile nesting; deeper is refused.
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed request: {e}")))
+}
+
+fn parse_or_default<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    parse(body)
+}
+
+fn encode<T: Serialize>(value: T) -> Reply {
+    Ok(serde_json::to_vec(&value).expect("replies serialize"))
+}
+
+async fn respond(request: &service::Request, endpoint: &'static str, reply: Reply) {
+    let body = match reply {
+        Ok(body) => body,
+        Err(error) => {
+            metrics::counter!(m::API_ERRORS, "endpoint" => endpoint, "code" => error.code.as_str()).increment(1);
+            serde_json::to_vec(&ErrorReply { error }).expect("errors serialize")
+        }
+    };
+    if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
+        tracing::debug!(error = %e, "cannot send reply (client gone?)");
+    }
+}

@@ -1,0 +1,173 @@
+//! The Rust client: typed requests to the `kiln.api.*` endpoints, event replay, uploads and
+//! verified downloads. `kiln submit/status/...` and the benchmark are built on it; any other
+//! language speaks the same JSON (see `docs/PROTOCOL.md`, `examples/python/`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::{Stream, StreamExt};
+use kiln_core::nats::objects::{content_type_for, sha256_hex, META_CONTENT_TYPE, META_SHA256};
+use kiln_core::nats::Names;
+use kiln_core::protocol::*;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Kiln answered with a coded error.
+    #[error("{}: {}", .0.code.as_str(), .0.message)]
+    Api(ApiError),
+    #[error("no Kiln node answered {0} (is a node running on this NATS?)")]
+    NoResponders(String),
+    #[error("{0} timed out")]
+    Timeout(String),
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("cannot decode the reply: {0}")]
+    Decode(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    names: Names,
+    timeout: Duration,
+}
+
+impl Client {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Client, ClientError> {
+        let nats = async_nats::ConnectOptions::new().name("kiln-client").connect(url).await.map_err(|e| ClientError::Nats(format!("cannot connect to {url}: {e}")))?;
+        Ok(Self::from_nats(nats, prefix))
+    }
+
+    pub fn from_nats(nats: async_nats::Client, prefix: &str) -> Client {
+        Client { js: jetstream::new(nats.clone()), nats, names: Names::new(prefix), timeout: Duration::from_secs(30) }
+    }
+
+    pub fn nats(&self) -> &async_nats::Client {
+        &self.nats
+    }
+
+    /// Sends raw bytes to an endpoint and returns the raw reply (for tests of bad input).
+    pub async fn request_raw(&self, endpoint: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
+        let subject = self.names.api(endpoint);
+        let reply = tokio::time::timeout(self.timeout, self.nats.request(subject.clone(), body.into())).await.map_err(|_| ClientError::Timeout(subject.clone()))?;
+        match reply {
+            Ok(msg) => Ok(msg.payload),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(ClientError::NoResponders(subject)),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(ClientError::Timeout(subject)),
+            Err(e) => Err(ClientError::Nats(e.to_string())),
+        }
+    }
+
+    pub async fn request<T: Serialize, R: DeserializeOwned>(&self, endpoint: &str, body: &T) -> Result<R, ClientError> {
+        let payload = self.request_raw(endpoint, serde_json::to_vec(body).expect("requests serialize")).await?;
+        decode_reply(&payload)
+    }
+
+    pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitReply, ClientError> {
+        self.request("submit", req).await
+    }
+    pub async fn status(&self, job_id: &str) -> Result<JobView, ClientError> {
+        self.request("status", &JobRef { job_id: job_id.into() }).await
+    }
+    pub async fn cancel(&self, job_id: &str) -> Result<JobView, ClientError> {
+        self.request("cancel", &JobRef { job_id: job_id.into() }).await
+    }
+    pub async fn result(&self, job_id: &str) -> Result<ResultReply, ClientError> {
+        self.request("result", &JobRef { job_id: job_id.into() }).await
+    }
+    pub async fn jobs(&self, req: &ListJobsRequest) -> Result<ListJobsReply, ClientError> {
+        self.request("jobs", req).await
+    }
+    pub async fn models(&self) -> Result<ModelsReply, ClientError> {
+        self.request("models", &serde_json::json!({})).await
+    }
+    pub async fn cluster(&self) -> Result<ClusterReply, ClientError> {
+        self.request("cluster", &serde_json::json!({})).await
+    }
+
+    /// Uploads an input to the files bucket; pass `InputValue::Object { object: name }`.
+    pub async fn upload(&self, name: &str, data: &[u8]) -> Result<(), ClientError> {
+        let store = self.js.get_object_store(self.names.files_bucket()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: name.to_string(),
+            metadata: [(META_SHA256.to_string(), sha256_hex(data)), (META_CONTENT_TYPE.to_string(), content_type_for(name).to_string())].into(),
+            ..Default::default()
+        };
+        let mut reader = data;
+        store.put(meta, &mut reader).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Downloads an artifact and checks its sha256 against the one Kiln recorded.
+    pub async fn download(&self, artifact: &Artifact, dest: &Path) -> Result<(), ClientError> {
+        let store = self.js.get_object_store(&artifact.bucket).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let mut object = store.get(&artifact.object).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let mut data = Vec::with_capacity(artifact.size as usize);
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut data).await?;
+        let sha = sha256_hex(&data);
+        if sha != artifact.sha256 {
+            return Err(ClientError::Decode(format!("{}: sha256 {sha} does not match the recorded {}", artifact.object, artifact.sha256)));
+        }
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        tokio::fs::write(dest, data).await?;
+        Ok(())
+    }
+
+    /// Every event of a job from the first, then live ones, ending after the terminal event.
+    /// Works however late it is called: the history is replayed from the events stream.
+    pub async fn events(&self, job_id: &str) -> Result<impl Stream<Item = Event> + use<>, ClientError> {
+        let stream = self.js.get_stream(self.names.events_stream()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.names.events_subject(job_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClientError::Nats(e.to_string()))?;
+        let messages = consumer.messages().await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        let events = messages.filter_map(|m| async move { m.ok().and_then(|m| serde_json::from_slice::<Event>(&m.payload).ok()) }).boxed();
+        // Ends right after the terminal event, without waiting for another message.
+        let events = futures::stream::unfold((events, false), |(mut events, done)| async move {
+            if done {
+                return None;
+            }
+            let e = events.next().await?;
+            let done = e.is_terminal();
+            Some((e, (events, done)))
+        });
+        Ok(events)
+    }
+
+    /// Follows a job's events until it ends (calling `on_event` for each), then returns it.
+    pub async fn wait(&self, job_id: &str, timeout: Duration, mut on_event: impl FnMut(&Event)) -> Result<JobView, ClientError> {
+        let events = self.events(job_id).await?;
+        tokio::pin!(events);
+        let followed = tokio::time::timeout(timeout, async {
+            while let Some(e) = events.next().await {
+                on_event(&e);
+            }
+        })
+        .await;
+        if followed.is_err() {
+            return Err(ClientError::Timeout(format!("waiting for job {job_id}")));
+        }
+        self.status(job_id).await
+    }
+}
+
+/// A reply is either the expected value or `{"error": {...}}`.
+pub fn decode_reply<R: DeserializeOwned>(payload: &[u8]) -> Result<R, ClientError> {
+    if let Ok(err) = serde_json::from_slice::<ErrorReply>(payload) {
+        return Err(ClientError::Api(err.error));
+    }
+    serde_json::from_slice(payload).map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&payload[..payload.len().min(200)]))))
+}

@@ -1,0 +1,115 @@
+//! `kiln demo`, the README's main job: starts a local nats-server (in a temp dir, on a free
+//! port) and a node from `cluster.toml`, submits a batch of prompts to the `demo` model (a
+//! real Python worker process per slot, `examples/workers/demo_worker.py`), shows each job's
+//! progress live, and downloads the verified results into a folder.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use kiln_core::config::ClusterConfig;
+use kiln_core::nats::NatsServer;
+use kiln_core::protocol::{EventKind, InputValue, SubmitRequest};
+
+use crate::client::Client;
+use crate::node::RunningNode;
+
+pub struct DemoOptions {
+    pub config: ClusterConfig,
+    pub jobs: usize,
+    pub out: PathBuf,
+    pub model: String,
+}
+
+const PROMPTS: [&str; 8] = [
+    "a lighthouse at dawn",
+    "a red fox in fresh snow",
+    "a teapot shaped like a whale",
+    "neon city street in the rain",
+    "a bonsai tree on the moon",
+    "a paper boat on a still lake",
+    "an owl reading a newspaper",
+    "a glass greenhouse full of cacti",
+];
+
+pub async fn run(opts: DemoOptions) -> Result<(), String> {
+    let temp = tempfile::Builder::new().prefix("kiln-demo-").tempdir().map_err(|e| e.to_string())?;
+    let server = NatsServer::start(temp.path(), 0).map_err(|e| e.to_string())?;
+    let mut config = opts.config;
+    config.nats.url = server.url();
+    println!("kiln demo: nats-server {} (JetStream in {})", server.url(), temp.path().display());
+    let prefix = config.nats.prefix.clone();
+    let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
+    let client = Client::connect(&server.url(), &prefix).await.map_err(|e| e.to_string())?;
+
+    let cluster = client.cluster().await.map_err(|e| e.to_string())?;
+    for g in &cluster.gpus {
+        println!("  node {} slot {} serves {:?}", g.node, g.slot, g.models);
+    }
+    println!("submitting {} jobs to model {:?}", opts.jobs, opts.model);
+
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>36} [{bar:30}] {pos:>3}% {msg}").map_err(|e| e.to_string())?.progress_chars("=> ");
+    let started = Instant::now();
+    let mut tasks = vec![];
+    for i in 0..opts.jobs {
+        let prompt = PROMPTS[i % PROMPTS.len()];
+        let request = SubmitRequest {
+            model: opts.model.clone(),
+            inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
+            params: serde_json::json!({"steps": 10, "seed": i, "step_ms": 80}).as_object().cloned().unwrap_or_default(),
+            ..Default::default()
+        };
+        let reply = client.submit(&request).await.map_err(|e| e.to_string())?;
+        let bar = bars.add(ProgressBar::new(100));
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("{:.8} {prompt:.26}", reply.job_id));
+        let client = client.clone();
+        let out = opts.out.clone();
+        tasks.push(tokio::spawn(async move {
+            let events = client.events(&reply.job_id).await.map_err(|e| e.to_string())?;
+            tokio::pin!(events);
+            while let Some(e) = events.next().await {
+                match e.kind {
+                    EventKind::Status => bar.set_message(e.status.map(|s| s.as_str().to_string()).unwrap_or_default()),
+                    EventKind::Progress => {
+                        if let Some(p) = e.progress {
+                            bar.set_position(p as u64);
+                        }
+                        bar.set_message(e.stage.unwrap_or_default());
+                    }
+                    _ => {}
+                }
+            }
+            let result = client.result(&reply.job_id).await.map_err(|e| e.to_string())?;
+            let mut files = vec![];
+            for a in &result.artifacts {
+                let dest = out.join(&reply.job_id).join(&a.name);
+                client.download(a, &dest).await.map_err(|e| e.to_string())?;
+                files.push(dest);
+            }
+            bar.finish_with_message(format!("{} ({} files)", result.status.as_str(), files.len()));
+            Ok::<_, String>((reply.job_id, result.status, files))
+        }));
+    }
+    let mut completed = 0;
+    let mut lines = vec![];
+    for t in tasks {
+        let (job_id, status, files) = t.await.map_err(|e| e.to_string())??;
+        completed += usize::from(status == kiln_core::job::JobState::Completed);
+        lines.push(format!("  {job_id} {:<9} {}", status.as_str(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+    }
+    println!();
+    for l in lines {
+        println!("{l}");
+    }
+    println!("{completed}/{} jobs completed in {:.2} s; results in {}", opts.jobs, started.elapsed().as_secs_f64(), opts.out.display());
+    node.shutdown(Duration::from_secs(5)).await;
+    drop(server);
+    if completed == opts.jobs {
+        Ok(())
+    } else {
+        Err(format!("{} jobs did not complete", opts.jobs - completed))
+    }
+}

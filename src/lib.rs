@@ -1,0 +1,25 @@
+//! # kiln
+//!
+//! A cluster runtime for GPU generation jobs over NATS. This crate is the binary's library:
+//!
+//! | module      | what                                                                  |
+//! |-------------|-----------------------------------------------------------------------|
+//! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
+//! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
+//! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
+//! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor              |
+//! | [`demo`]    | `kiln demo`: the README's main job                                     |
+//! | [`metrics`] | the Prometheus endpoint                                                |
+//!
+//! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
+//! `kiln-actors` (the supervised actor tree). `docs/ARCHITECTURE.md` draws the whole.
+
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod demo;
+pub mod metrics;
+pub mod node;
+
+pub use kiln_actors as actors;
+pub use kiln_core as core;

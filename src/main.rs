@@ -1,0 +1,357 @@
+//! The `kiln` command line. See `kiln --help`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kiln::client::Client;
+use kiln::node::RunningNode;
+use kiln_core::config::ClusterConfig;
+use kiln_core::protocol::{EventKind, InputValue, ListJobsRequest, SubmitRequest};
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "A cluster runtime for GPU generation jobs over NATS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a node with an embedded nats-server (or join an existing NATS with --nats).
+    Up(NodeArgs),
+    /// Start a node that joins an existing NATS (`nats.url` or --nats).
+    Node(NodeArgs),
+    /// Submit a job.
+    Submit(SubmitArgs),
+    /// Show a job.
+    Status { job_id: String, #[command(flatten)] conn: ConnArgs },
+    /// Cancel a job (queued: it never runs; running: its worker is stopped).
+    Cancel { job_id: String, #[command(flatten)] conn: ConnArgs },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// Only jobs that failed after their last attempt.
+        #[arg(long)]
+        dead_letter: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List the configured models and where they are warm.
+    Models { #[command(flatten)] conn: ConnArgs },
+    /// Show every node and GPU slot of the cluster.
+    Cluster { #[command(flatten)] conn: ConnArgs },
+    /// Benchmark no-op jobs against the raw JetStream floor.
+    Bench {
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 8)]
+        slots: usize,
+        /// Use this NATS instead of starting a temp server.
+        #[arg(long)]
+        nats: Option<String>,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The demo: a local server and node, a batch of jobs on the demo model, results to a folder.
+    Demo {
+        #[arg(long, default_value = "cluster.toml")]
+        config: PathBuf,
+        #[arg(long, default_value_t = 6)]
+        jobs: usize,
+        #[arg(long, default_value = "demo-results")]
+        out: PathBuf,
+        #[arg(long, default_value = "demo")]
+        model: String,
+    },
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// NATS URL, or "embedded" (overrides nats.url and KILN_NATS_URL).
+    #[arg(long)]
+    nats: Option<String>,
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Comma-separated slots, e.g. cuda:0,cuda:1 or cpu:0.
+    #[arg(long)]
+    slots: Option<String>,
+    /// host:port of the Prometheus endpoint; "" disables it.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs.
+    #[arg(long, default_value_t = 30)]
+    drain_grace_s: u64,
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    #[arg(long, env = "KILN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    #[arg(long, default_value = "kiln")]
+    prefix: String,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    model: String,
+    /// An inline input: name=value (JSON if it parses, else a string).
+    #[arg(short = 'i', long = "input")]
+    inputs: Vec<String>,
+    /// A file input: name=path; uploaded to the files bucket first.
+    #[arg(short = 'f', long = "file")]
+    files: Vec<String>,
+    /// A parameter: key=value (JSON if it parses, else a string).
+    #[arg(short = 'p', long = "param")]
+    params: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    priority: u8,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Seconds from now after which the job must not start.
+    #[arg(long)]
+    deadline_s: Option<u64>,
+    /// Follow progress until the job ends, then download the results.
+    #[arg(long)]
+    wait: bool,
+    #[arg(long, default_value = "kiln-results")]
+    out: PathBuf,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+fn split_pair(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not name=value"))?;
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    Ok((k.to_string(), value))
+}
+
+fn load_config(path: &Path) -> Result<ClusterConfig, String> {
+    ClusterConfig::load(path).map_err(|e| e.to_string())
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => {
+            init_tracing("info");
+            run_node(args, true).await
+        }
+        Command::Node(args) => {
+            init_tracing("info");
+            run_node(args, false).await
+        }
+        Command::Demo { config, jobs, out, model } => {
+            init_tracing("warn");
+            match load_config(&config) {
+                Ok(mut c) => {
+                    c.node.metrics_addr = String::new();
+                    kiln::demo::run(kiln::demo::DemoOptions { config: c, jobs, out, model }).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Bench { jobs, concurrency, slots, nats, json } => {
+            init_tracing("warn");
+            let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats };
+            match kiln::bench::run(opts.clone()).await {
+                Ok(report) => {
+                    kiln::bench::print(&report, &opts);
+                    match json {
+                        Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(&report).expect("json")).map_err(|e| format!("{}: {e}", p.display())),
+                        None => Ok(()),
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        other => {
+            init_tracing("warn");
+            client_command(other).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
+    let mut config = load_config(&args.config)?;
+    if let Some(url) = args.nats {
+        config.nats.url = url;
+    }
+    if let Some(n) = args.node_name {
+        config.node.name = n;
+    }
+    if let Some(s) = args.slots {
+        config.node.slots = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+    }
+    if let Some(m) = args.metrics_addr {
+        config.node.metrics_addr = m;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    if config.nats.url == "embedded" && !allow_embedded {
+        return Err("`kiln node` joins an existing NATS: pass --nats URL (or use `kiln up` for an embedded server)".into());
+    }
+    if let Err(e) = kiln::metrics::install(&config.node.metrics_addr) {
+        tracing::warn!(error = %e, "metrics endpoint disabled");
+    }
+    let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
+    println!("kiln node {} up on {} (Ctrl-C or SIGTERM to drain and stop)", node.name, node.url);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = check.tick() => if node.failed() {
+                return Err("the node's actor tree stopped after a failure; its jobs will be redelivered".into());
+            },
+        }
+    }
+    tracing::info!("draining");
+    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+async fn client_command(command: Command) -> Result<(), String> {
+    match command {
+        Command::Submit(args) => submit(args).await,
+        Command::Status { job_id, conn } => {
+            let c = connect(&conn).await?;
+            print_json(&c.status(&job_id).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Cancel { job_id, conn } => {
+            let c = connect(&conn).await?;
+            print_json(&c.cancel(&job_id).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Jobs { status, model, dead_letter, limit, conn } => {
+            let c = connect(&conn).await?;
+            let status = match status {
+                Some(s) => Some(serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| format!("unknown status {s:?}"))?),
+                None => None,
+            };
+            let reply = c.jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit) }).await.map_err(|e| e.to_string())?;
+            println!("{:<36}  {:<12} {:<10} {:>7}  {}", "JOB", "MODEL", "STATUS", "ATTEMPT", "ERROR");
+            for j in reply.jobs {
+                let err = j.error.map(|e| format!("{}: {}", e.code.as_str(), e.message)).unwrap_or_default();
+                println!("{:<36}  {:<12} {:<10} {:>3}/{:<3}  {}", j.job_id, j.model, j.status.as_str(), j.attempt, j.max_attempts, err);
+            }
+            Ok(())
+        }
+        Command::Models { conn } => {
+            let c = connect(&conn).await?;
+            print_json(&c.models().await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Cluster { conn } => {
+            let c = connect(&conn).await?;
+            let cluster = c.cluster().await.map_err(|e| e.to_string())?;
+            println!("{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}", "NODE", "SLOT", "STATE", "RESTARTS", "WARM", "JOB");
+            for g in cluster.gpus {
+                println!("{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}", g.node, g.slot, g.state.as_str(), g.restarts, g.warm_models.join(","), g.current_job.unwrap_or_default());
+            }
+            println!();
+            for n in cluster.nodes {
+                println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
+            }
+            Ok(())
+        }
+        _ => unreachable!("node commands are handled in main"),
+    }
+}
+
+async fn connect(conn: &ConnArgs) -> Result<Client, String> {
+    Client::connect(&conn.nats, &conn.prefix).await.map_err(|e| e.to_string())
+}
+
+async fn submit(args: SubmitArgs) -> Result<(), String> {
+    let client = connect(&args.conn).await?;
+    let mut request = SubmitRequest { model: args.model, priority: args.priority, idempotency_key: args.idempotency_key, max_attempts: args.max_attempts, ..Default::default() };
+    for i in &args.inputs {
+        let (k, v) = split_pair(i)?;
+        request.inputs.insert(k, InputValue::Inline(v));
+    }
+    for f in &args.files {
+        let (k, path) = f.split_once('=').ok_or_else(|| format!("{f:?} is not name=path"))?;
+        let data = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        let base = Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or("input");
+        let base: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+        let object = format!("uploads/{}/{base}", uuid::Uuid::new_v4());
+        client.upload(&object, &data).await.map_err(|e| e.to_string())?;
+        request.inputs.insert(k.to_string(), InputValue::Object { object });
+    }
+    for p in &args.params {
+        let (k, v) = split_pair(p)?;
+        request.params.insert(k, v);
+    }
+    if let Some(s) = args.deadline_s {
+        request.deadline_ms = Some(kiln_core::now_ms() + s * 1000);
+    }
+    let reply = client.submit(&request).await.map_err(|e| e.to_string())?;
+    println!("{}", reply.job_id);
+    if !args.wait {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(100);
+    bar.set_style(indicatif::ProgressStyle::with_template("[{bar:40}] {pos:>3}% {msg}").map_err(|e| e.to_string())?.progress_chars("=> "));
+    let view = client
+        .wait(&reply.job_id, Duration::from_secs(24 * 3600), |e| match e.kind {
+            EventKind::Status => bar.set_message(e.status.map(|s| s.as_str().to_string()).unwrap_or_default()),
+            EventKind::Progress => {
+                if let Some(p) = e.progress {
+                    bar.set_position(p as u64);
+                }
+                if let Some(s) = &e.stage {
+                    bar.set_message(s.clone());
+                }
+            }
+            EventKind::Message => bar.println(e.message.clone().unwrap_or_default()),
+            EventKind::Artifact => {}
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    bar.finish_with_message(view.status.as_str().to_string());
+    if let Some(e) = &view.error {
+        eprintln!("{}: {}", e.code.as_str(), e.message);
+    }
+    for a in &view.artifacts {
+        let dest = args.out.join(&view.job_id).join(&a.name);
+        client.download(a, &dest).await.map_err(|e| e.to_string())?;
+        println!("{} ({} bytes, sha256 {})", dest.display(), a.size, &a.sha256[..12]);
+    }
+    if view.status == kiln_core::job::JobState::Completed {
+        Ok(())
+    } else {
+        Err(format!("job {} ended {}", view.job_id, view.status.as_str()))
+    }
+}

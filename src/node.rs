@@ -1,0 +1,120 @@
+//! Node bootstrap: connect to NATS (or start the embedded server), create the NATS resources,
+//! start the actor tree and the API service. Used by `kiln up`, `kiln node`, the demo, the
+//! benchmark and the tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_actors::{NodeContext, NodeHandle};
+use kiln_core::config::ClusterConfig;
+use kiln_core::nats::{resources, NatsServer, Resources};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Server(#[from] kiln_core::nats::server::ServerError),
+    #[error("{0}")]
+    Store(#[from] kiln_core::nats::StoreError),
+    #[error("{0}")]
+    Node(#[from] kiln_actors::NodeError),
+    #[error("a node named {0:?} is already alive in the registry (node names must be unique)")]
+    DuplicateName(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A node running in this process.
+pub struct RunningNode {
+    pub name: String,
+    pub resources: Resources,
+    pub url: String,
+    handle: Option<NodeHandle>,
+    api: tokio::task::JoinHandle<()>,
+    /// The embedded nats-server, when this node started one (`kiln up`).
+    pub server: Option<NatsServer>,
+    _work_dir: Option<tempfile::TempDir>,
+}
+
+/// The host name, for a node that is not given one.
+pub fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+    let cleaned: String = raw.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect();
+    if cleaned.is_empty() {
+        "node".into()
+    } else {
+        cleaned
+    }
+}
+
+/// The embedded server's JetStream folder: `nats.state_dir`, else `$KILN_CACHE/state`.
+pub fn embedded_state_dir(config: &ClusterConfig) -> PathBuf {
+    if config.nats.state_dir.is_empty() {
+        kiln_core::cache_dir().join("state")
+    } else {
+        PathBuf::from(&config.nats.state_dir)
+    }
+}
+
+impl RunningNode {
+    /// Starts a node. With `nats.url = "embedded"` it first starts a nats-server child.
+    pub async fn start(mut config: ClusterConfig) -> Result<RunningNode, StartError> {
+        let server = if config.nats.url == "embedded" {
+            let server = NatsServer::start(&embedded_state_dir(&config), config.nats.embedded_port)?;
+            tracing::info!(url = %server.url(), "embedded nats-server started");
+            config.nats.url = server.url();
+            Some(server)
+        } else {
+            None
+        };
+        if config.node.name.is_empty() {
+            config.node.name = host_name();
+        }
+        let name = config.node.name.clone();
+        let client = resources::connect(&config.nats.url, &format!("kiln-node-{name}"), Duration::from_millis(config.nats.connect_timeout_ms)).await?;
+        let resources = Resources::ensure(client, &config).await?;
+        let registry = resources.registry_cache().await?;
+        if registry.node(&name).is_some() {
+            return Err(StartError::DuplicateName(name));
+        }
+        let (work_dir, temp) = if config.node.work_dir.is_empty() {
+            let t = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        } else {
+            (PathBuf::from(&config.node.work_dir), None)
+        };
+        std::fs::create_dir_all(&work_dir)?;
+        let url = config.nats.url.clone();
+        let config = Arc::new(config);
+        let ctx = NodeContext { config: config.clone(), resources: resources.clone(), node: name.clone(), work_dir };
+        let handle = NodeHandle::start(ctx).await?;
+        let api = crate::api::ApiService::new(resources.clone(), config, registry).start().await?;
+        tracing::info!(node = %name, url = %url, "node started");
+        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, _work_dir: temp })
+    }
+
+    pub async fn running_jobs(&self) -> Vec<String> {
+        match &self.handle {
+            Some(h) => h.running_jobs().await,
+            None => vec![],
+        }
+    }
+
+    /// True once the actor tree stopped by itself (a node actor failed).
+    pub fn failed(&self) -> bool {
+        self.handle.as_ref().is_some_and(|h| h.is_finished())
+    }
+
+    /// Graceful leave: stop answering and pulling, finish running jobs (up to `grace`), remove
+    /// the registry entries, stop. The embedded server, if any, stops last.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.api.abort();
+        if let Some(h) = self.handle.take() {
+            h.drain_and_stop(grace).await;
+        }
+        let _ = self.resources.client.flush().await;
+        if let Some(mut s) = self.server.take() {
+            s.stop();
+        }
+    }
+}

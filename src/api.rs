@@ -93,7 +93,14 @@ impl ApiService {
     /// Dispatches one request body to its handler. Public so tests can drive it directly.
     pub async fn handle(&self, endpoint: &str, body: &[u8]) -> Reply {
         if body.len() > self.config.limits.max_request_bytes {
-            return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("request is {} bytes; the limit is {} (upload large inputs to the files bucket)", body.len(), self.config.limits.max_request_bytes)));
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "request is {} bytes; the limit is {} (upload large inputs to the files bucket)",
+                    body.len(),
+                    self.config.limits.max_request_bytes
+                ),
+            ));
         }
         match endpoint {
             "submit" => encode(self.submit(parse(body)?).await?),
@@ -111,7 +118,10 @@ impl ApiService {
         let limits = &self.config.limits;
         let Some(model) = self.config.model(&req.model) else {
             let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
-            return Err(ApiError::new(ErrorCode::UnknownModel, format!("model {:?} is not configured; known models: {}", req.model, known.join(", "))));
+            return Err(ApiError::new(
+                ErrorCode::UnknownModel,
+                format!("model {:?} is not configured; known models: {}", req.model, known.join(", ")),
+            ));
         };
         if req.inputs.len() > limits.max_inputs {
             return Err(ApiError::bad_request(format!("{} inputs; at most {} are allowed", req.inputs.len(), limits.max_inputs)));
@@ -173,14 +183,20 @@ impl ApiService {
                 match self.resources.file_size(object).await {
                     Ok(_) => {}
                     Err(StoreError::NotFound(_)) => {
-                        return Err(ApiError::not_found(format!("input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)", self.resources.names.files_bucket())))
+                        return Err(ApiError::not_found(format!(
+                            "input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)",
+                            self.resources.names.files_bucket()
+                        )))
                     }
                     Err(e) => return Err(internal(e)),
                 }
             }
         }
         if self.queue_depth(&model.name).await >= self.config.limits.max_queued_per_model {
-            return Err(ApiError::new(ErrorCode::Overloaded, format!("model {:?} has {} or more jobs waiting; retry later", model.name, self.config.limits.max_queued_per_model)));
+            return Err(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("model {:?} has {} or more jobs waiting; retry later", model.name, self.config.limits.max_queued_per_model),
+            ));
         }
         let job_id = match &req.idempotency_key {
             Some(key) => idempotent_job_id(&model.name, key),
@@ -211,7 +227,8 @@ impl ApiService {
         match self.resources.create_job(&record).await {
             Ok(_) => {}
             Err(StoreError::AlreadyExists) => {
-                let existing = self.resources.get_job(&job_id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("job record vanished"))?;
+                let existing =
+                    self.resources.get_job(&job_id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("job record vanished"))?;
                 // The first submission may have died between its record and its enqueue; the
                 // queue drops a second copy within its de-duplication window.
                 if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
@@ -233,7 +250,11 @@ impl ApiService {
         if !ids::is_valid_token(job_id) {
             return Err(ApiError::bad_request(format!("job_id {job_id:?} must be 1-64 letters, digits, '-' or '_'")));
         }
-        self.resources.get_job(job_id).await.map_err(internal)?.ok_or_else(|| ApiError::not_found(format!("no job {job_id:?} (never submitted, or expired)")))
+        self.resources
+            .get_job(job_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found(format!("no job {job_id:?} (never submitted, or expired)")))
     }
 
     async fn status(&self, req: JobRef) -> Result<JobView, ApiError> {
@@ -265,7 +286,8 @@ impl ApiService {
             match self.resources.update_job(&next, current.revision).await {
                 Ok(_) => {
                     if next.state == JobState::Cancelled {
-                        let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled).with_error(next.error.clone().expect("set above"));
+                        let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
+                            .with_error(next.error.clone().expect("set above"));
                         let id = format!("{}-terminal", next.job_id);
                         self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
                         metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
@@ -289,7 +311,9 @@ impl ApiService {
         for id in ids {
             let Some(v) = self.resources.get_job(&id).await.map_err(internal)? else { continue };
             let r = &v.record;
-            let keep = req.status.is_none_or(|s| r.state == s) && req.model.as_ref().is_none_or(|m| &r.model == m) && (!req.dead_letter || r.dead_letter);
+            let keep = req.status.is_none_or(|s| r.state == s)
+                && req.model.as_ref().is_none_or(|m| &r.model == m)
+                && (!req.dead_letter || r.dead_letter);
             if keep {
                 jobs.push(JobView::from(r));
             }

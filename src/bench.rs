@@ -46,14 +46,24 @@ pub struct BenchReport {
 
 fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
     samples.sort();
-    let pct = |p: f64| samples.get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1))).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0);
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or(0.0)
+    };
     Figures { count: samples.len(), p50_ms: pct(0.50), p99_ms: pct(0.99), per_second: samples.len() as f64 / wall.as_secs_f64() }
 }
 
 /// Bare JetStream: `concurrency` loops of publish (acked) -> pull one -> ack, `n` in all.
 async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<Figures, String> {
     let s = js
-        .get_or_create_stream(stream::Config { name: "BENCH_FLOOR".into(), subjects: vec!["bench.floor.>".into()], retention: stream::RetentionPolicy::WorkQueue, ..Default::default() })
+        .get_or_create_stream(stream::Config {
+            name: "BENCH_FLOOR".into(),
+            subjects: vec!["bench.floor.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
         .await
         .map_err(|e| e.to_string())?;
     let mut tasks = vec![];
@@ -62,7 +72,15 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<
         let per = n / concurrency + usize::from(w < n % concurrency);
         let name = format!("floor-{w}");
         let c = s
-            .get_or_create_consumer(&name, consumer::pull::Config { durable_name: Some(name.clone()), filter_subject: format!("bench.floor.{w}"), ack_policy: consumer::AckPolicy::Explicit, ..Default::default() })
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: format!("bench.floor.{w}"),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ..Default::default()
+                },
+            )
             .await
             .map_err(|e| e.to_string())?;
         let js = js.clone();
@@ -70,7 +88,11 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<
             let mut samples = Vec::with_capacity(per);
             for i in 0..per {
                 let t = Instant::now();
-                js.publish(format!("bench.floor.{w}"), format!("{i}").into()).await.map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+                js.publish(format!("bench.floor.{w}"), format!("{i}").into())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let mut batch = c.batch().max_messages(1).expires(Duration::from_secs(5)).messages().await.map_err(|e| e.to_string())?;
                 let m = batch.next().await.ok_or("floor: no message")?.map_err(|e| e.to_string())?;
                 m.double_ack().await.map_err(|e| e.to_string())?;
@@ -123,7 +145,10 @@ async fn kiln(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Re
                 let t = Instant::now();
                 let request = SubmitRequest { model: "noop".into(), idempotency_key: Some(key), ..Default::default() };
                 client.submit(&request).await.map_err(|e| e.to_string())?;
-                let done = tokio::time::timeout(Duration::from_secs(30), rx).await.map_err(|_| format!("job {job_id} did not finish within 30 s"))?.map_err(|e| e.to_string())?;
+                let done = tokio::time::timeout(Duration::from_secs(30), rx)
+                    .await
+                    .map_err(|_| format!("job {job_id} did not finish within 30 s"))?
+                    .map_err(|e| e.to_string())?;
                 samples.push(done - t);
             }
             Ok::<_, String>(samples)
@@ -182,7 +207,10 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
 }
 
 pub fn print(report: &BenchReport, opts: &BenchOptions) {
-    println!("kiln bench: {} no-op jobs, {} slots, concurrency {} (same nats-server for both rows)", opts.jobs, opts.slots, opts.concurrency);
+    println!(
+        "kiln bench: {} no-op jobs, {} slots, concurrency {} (same nats-server for both rows)",
+        opts.jobs, opts.slots, opts.concurrency
+    );
     println!();
     println!("sequential (1 in flight)            p50 ms    p99 ms    per s");
     let row = |name: &str, f: &Figures| println!("  {name:<32} {:>8.3}  {:>8.3}  {:>7.0}", f.p50_ms, f.p99_ms, f.per_second);

@@ -40,7 +40,11 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str, prefix: &str) -> Result<Client, ClientError> {
-        let nats = async_nats::ConnectOptions::new().name("kiln-client").connect(url).await.map_err(|e| ClientError::Nats(format!("cannot connect to {url}: {e}")))?;
+        let nats = async_nats::ConnectOptions::new()
+            .name("kiln-client")
+            .connect(url)
+            .await
+            .map_err(|e| ClientError::Nats(format!("cannot connect to {url}: {e}")))?;
         Ok(Self::from_nats(nats, prefix))
     }
 
@@ -55,7 +59,9 @@ impl Client {
     /// Sends raw bytes to an endpoint and returns the raw reply (for tests of bad input).
     pub async fn request_raw(&self, endpoint: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
         let subject = self.names.api(endpoint);
-        let reply = tokio::time::timeout(self.timeout, self.nats.request(subject.clone(), body.into())).await.map_err(|_| ClientError::Timeout(subject.clone()))?;
+        let reply = tokio::time::timeout(self.timeout, self.nats.request(subject.clone(), body.into()))
+            .await
+            .map_err(|_| ClientError::Timeout(subject.clone()))?;
         match reply {
             Ok(msg) => Ok(msg.payload),
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(ClientError::NoResponders(subject)),
@@ -96,7 +102,8 @@ impl Client {
         let store = self.js.get_object_store(self.names.files_bucket()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
         let meta = async_nats::jetstream::object_store::ObjectMetadata {
             name: name.to_string(),
-            metadata: [(META_SHA256.to_string(), sha256_hex(data)), (META_CONTENT_TYPE.to_string(), content_type_for(name).to_string())].into(),
+            metadata: [(META_SHA256.to_string(), sha256_hex(data)), (META_CONTENT_TYPE.to_string(), content_type_for(name).to_string())]
+                .into(),
             ..Default::default()
         };
         let mut reader = data;
@@ -169,5 +176,6 @@ pub fn decode_reply<R: DeserializeOwned>(payload: &[u8]) -> Result<R, ClientErro
     if let Ok(err) = serde_json::from_slice::<ErrorReply>(payload) {
         return Err(ClientError::Api(err.error));
     }
-    serde_json::from_slice(payload).map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&payload[..payload.len().min(200)]))))
+    serde_json::from_slice(payload)
+        .map_err(|e| ClientError::Decode(format!("{e}: {}", String::from_utf8_lossy(&payload[..payload.len().min(200)]))))
 }

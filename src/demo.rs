@@ -98,7 +98,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     for t in tasks {
         let (job_id, status, files) = t.await.map_err(|e| e.to_string())??;
         completed += usize::from(status == kiln_core::job::JobState::Completed);
-        lines.push(format!("  {job_id} {:<9} {}", status.as_str(), files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")));
+        lines.push(format!(
+            "  {job_id} {:<9} {}",
+            status.as_str(),
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
     }
     println!();
     for l in lines {

@@ -26,9 +26,17 @@ enum Command {
     /// Submit a job.
     Submit(SubmitArgs),
     /// Show a job.
-    Status { job_id: String, #[command(flatten)] conn: ConnArgs },
+    Status {
+        job_id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Cancel a job (queued: it never runs; running: its worker is stopped).
-    Cancel { job_id: String, #[command(flatten)] conn: ConnArgs },
+    Cancel {
+        job_id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// List jobs, newest first.
     Jobs {
         #[arg(long)]
@@ -44,9 +52,15 @@ enum Command {
         conn: ConnArgs,
     },
     /// List the configured models and where they are warm.
-    Models { #[command(flatten)] conn: ConnArgs },
+    Models {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Show every node and GPU slot of the cluster.
-    Cluster { #[command(flatten)] conn: ConnArgs },
+    Cluster {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Benchmark no-op jobs against the raw JetStream floor.
     Bench {
         #[arg(long, default_value_t = 2000)]
@@ -177,7 +191,8 @@ async fn main() -> ExitCode {
                 Ok(report) => {
                     kiln::bench::print(&report, &opts);
                     match json {
-                        Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(&report).expect("json")).map_err(|e| format!("{}: {e}", p.display())),
+                        Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(&report).expect("json"))
+                            .map_err(|e| format!("{}: {e}", p.display())),
                         None => Ok(()),
                     }
                 }
@@ -261,7 +276,7 @@ async fn client_command(command: Command) -> Result<(), String> {
                 None => None,
             };
             let reply = c.jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit) }).await.map_err(|e| e.to_string())?;
-            println!("{:<36}  {:<12} {:<10} {:>7}  {}", "JOB", "MODEL", "STATUS", "ATTEMPT", "ERROR");
+            println!("{:<36}  {:<12} {:<10} {:>7}  ERROR", "JOB", "MODEL", "STATUS", "ATTEMPT");
             for j in reply.jobs {
                 let err = j.error.map(|e| format!("{}: {}", e.code.as_str(), e.message)).unwrap_or_default();
                 println!("{:<36}  {:<12} {:<10} {:>3}/{:<3}  {}", j.job_id, j.model, j.status.as_str(), j.attempt, j.max_attempts, err);
@@ -278,7 +293,15 @@ async fn client_command(command: Command) -> Result<(), String> {
             let cluster = c.cluster().await.map_err(|e| e.to_string())?;
             println!("{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}", "NODE", "SLOT", "STATE", "RESTARTS", "WARM", "JOB");
             for g in cluster.gpus {
-                println!("{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}", g.node, g.slot, g.state.as_str(), g.restarts, g.warm_models.join(","), g.current_job.unwrap_or_default());
+                println!(
+                    "{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}",
+                    g.node,
+                    g.slot,
+                    g.state.as_str(),
+                    g.restarts,
+                    g.warm_models.join(","),
+                    g.current_job.unwrap_or_default()
+                );
             }
             println!();
             for n in cluster.nodes {
@@ -296,7 +319,13 @@ async fn connect(conn: &ConnArgs) -> Result<Client, String> {
 
 async fn submit(args: SubmitArgs) -> Result<(), String> {
     let client = connect(&args.conn).await?;
-    let mut request = SubmitRequest { model: args.model, priority: args.priority, idempotency_key: args.idempotency_key, max_attempts: args.max_attempts, ..Default::default() };
+    let mut request = SubmitRequest {
+        model: args.model,
+        priority: args.priority,
+        idempotency_key: args.idempotency_key,
+        max_attempts: args.max_attempts,
+        ..Default::default()
+    };
     for i in &args.inputs {
         let (k, v) = split_pair(i)?;
         request.inputs.insert(k, InputValue::Inline(v));

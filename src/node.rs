@@ -71,11 +71,24 @@ impl RunningNode {
             config.node.name = host_name();
         }
         let name = config.node.name.clone();
-        let client = resources::connect(&config.nats.url, &format!("kiln-node-{name}"), Duration::from_millis(config.nats.connect_timeout_ms)).await?;
+        let client =
+            resources::connect(&config.nats.url, &format!("kiln-node-{name}"), Duration::from_millis(config.nats.connect_timeout_ms))
+                .await?;
         let resources = Resources::ensure(client, &config).await?;
         let registry = resources.registry_cache().await?;
-        if registry.node(&name).is_some() {
-            return Err(StartError::DuplicateName(name));
+        // A same-named entry is either another live process (refuse) or the remains of this
+        // node's previous life, killed before it could remove them (proceed). Tell them apart
+        // by watching its heartbeat for one TTL: a live node refreshes it.
+        if let Some(seen) = registry.node(&name) {
+            let ttl = Duration::from_millis(config.node.registry_ttl_ms);
+            tracing::info!(node = %name, "a node of this name is in the registry; checking whether it is alive");
+            let deadline = tokio::time::Instant::now() + ttl;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(config.node.heartbeat_ms.min(200))).await;
+                if registry.node(&name).is_some_and(|now| now.heartbeat_ms != seen.heartbeat_ms) {
+                    return Err(StartError::DuplicateName(name));
+                }
+            }
         }
         let (work_dir, temp) = if config.node.work_dir.is_empty() {
             let t = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir()?;

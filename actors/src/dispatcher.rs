@@ -5,19 +5,21 @@
 //! holds at most one delivered job per slot. For each model a puller task loops:
 //!
 //! ```text
-//! Reserve free slots for the model (RPC) ── none ──► wait for a slot to free up
+//! Reserve free slots for the model (RPC; parked in FIFO order until a slot frees up)
 //!      ▼
 //! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count
 //!      ▼ nothing there: keep one reservation, long-poll the normal lane for 500 ms
 //! Dispatch(slot, message) for each message; Release the reservations left over
 //! ```
 //!
+//! Parked reservations are served oldest first whenever a slot frees up, so models that share
+//! a slot take turns: a puller that just gave a slot back queues behind the others.
+//!
 //! The dispatcher supervises the job actors it spawns (overriding ractor's default, which
 //! would stop the dispatcher when a child exits) and frees their slot when they stop, however
 //! they stop. It also routes cancel notices to the job running locally.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -26,7 +28,6 @@ use kiln_core::nats::Lane;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::CancelNotice;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::NodeContext;
@@ -72,8 +73,9 @@ pub struct DispatcherState {
     slots: BTreeMap<String, Slot>,
     running: HashMap<String, Running>,
     job_of_actor: HashMap<ActorId, String>,
-    /// Wakes pullers waiting for a free slot.
-    wake: Arc<Notify>,
+    /// Reservations waiting for a free slot, oldest first: (model, max, reply). At most one
+    /// per model (each puller waits for its reply), so this is bounded by the model count.
+    parked: VecDeque<(String, usize, RpcReplyPort<Vec<String>>)>,
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -82,13 +84,30 @@ pub struct DispatcherState {
 
 pub enum DispatcherMsg {
     /// A slot's inference actor is (again) ready.
-    SlotUp { slot: String, inference: ActorRef<InferenceMsg> },
+    SlotUp {
+        slot: String,
+        inference: ActorRef<InferenceMsg>,
+    },
     /// A slot's inference actor is gone; `dead` when quarantined for good.
-    SlotDown { slot: String, dead: bool },
-    Reserve { model: String, max: usize, reply: RpcReplyPort<Vec<String>> },
-    Release { slot: String },
-    Dispatch { slot: String, delivery: Box<jetstream::Message> },
-    Cancel { job_id: String },
+    SlotDown {
+        slot: String,
+        dead: bool,
+    },
+    Reserve {
+        model: String,
+        max: usize,
+        reply: RpcReplyPort<Vec<String>>,
+    },
+    Release {
+        slot: String,
+    },
+    Dispatch {
+        slot: String,
+        delivery: Box<jetstream::Message>,
+    },
+    Cancel {
+        job_id: String,
+    },
     /// Stop pulling; reply once no job runs here.
     Drain(RpcReplyPort<()>),
     RunningJobs(RpcReplyPort<Vec<String>>),
@@ -115,7 +134,7 @@ impl Actor for Dispatcher {
             slots,
             running: HashMap::new(),
             job_of_actor: HashMap::new(),
-            wake: Arc::new(Notify::new()),
+            parked: VecDeque::new(),
             draining: false,
             drain_waiters: vec![],
             tasks: vec![],
@@ -125,7 +144,7 @@ impl Actor for Dispatcher {
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let served: std::collections::BTreeSet<String> = state.slots.values().flat_map(|s| s.models.clone()).collect();
         for model in served {
-            state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone(), state.wake.clone())));
+            state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
         }
         state.tasks.push(tokio::spawn(cancel_listener(state.ctx.clone(), myself.clone())));
         Ok(())
@@ -142,9 +161,7 @@ impl Actor for Dispatcher {
         match message {
             DispatcherMsg::SlotUp { slot, inference } => state.on_slot_up(slot, inference),
             DispatcherMsg::SlotDown { slot, dead } => state.on_slot_down(&slot, dead),
-            DispatcherMsg::Reserve { model, max, reply } => {
-                let _ = reply.send(state.reserve(&model, max));
-            }
+            DispatcherMsg::Reserve { model, max, reply } => state.on_reserve(model, max, reply),
             DispatcherMsg::Release { slot } => state.release(&slot),
             DispatcherMsg::Dispatch { slot, delivery } => state.dispatch(&myself, slot, *delivery).await,
             DispatcherMsg::Cancel { job_id } => {
@@ -155,7 +172,9 @@ impl Actor for Dispatcher {
             }
             DispatcherMsg::Drain(reply) => {
                 state.draining = true;
-                state.wake.notify_waiters();
+                for (_, _, reply) in state.parked.drain(..) {
+                    let _ = reply.send(vec![]);
+                }
                 if state.running.is_empty() {
                     let _ = reply.send(());
                 } else {
@@ -170,7 +189,12 @@ impl Actor for Dispatcher {
     }
 
     /// Job actors end here, however they end: free their slot. Never stops the dispatcher.
-    async fn handle_supervisor_evt(&self, _myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => state.on_job_actor_end(cell.get_id(), None),
             SupervisionEvent::ActorFailed(cell, err) => state.on_job_actor_end(cell.get_id(), Some(err.to_string())),
@@ -185,8 +209,8 @@ impl DispatcherState {
         if let Some(s) = self.slots.get_mut(&slot) {
             s.inference = Some(inference);
             s.dead = false;
-            self.wake.notify_waiters();
         }
+        self.serve_parked();
     }
 
     fn on_slot_down(&mut self, slot: &str, dead: bool) {
@@ -196,10 +220,36 @@ impl DispatcherState {
         }
     }
 
-    fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
+    fn on_reserve(&mut self, model: String, max: usize, reply: RpcReplyPort<Vec<String>>) {
         if self.draining {
-            return vec![];
+            let _ = reply.send(vec![]);
+            return;
         }
+        // Earlier waiters first: a new request may not overtake a parked one.
+        self.parked.push_back((model, max, reply));
+        self.serve_parked();
+    }
+
+    /// Hands free slots to parked reservations, oldest first.
+    fn serve_parked(&mut self) {
+        let mut still = VecDeque::with_capacity(self.parked.len());
+        while let Some((model, max, reply)) = self.parked.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            let got = self.reserve(&model, max);
+            if got.is_empty() {
+                still.push_back((model, max, reply));
+            } else if let Err(ractor::MessagingErr::SendErr(slots)) = reply.send(got) {
+                for slot in slots {
+                    self.release_quietly(&slot);
+                }
+            }
+        }
+        self.parked = still;
+    }
+
+    fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
         let mut got = vec![];
         for (name, slot) in self.slots.iter_mut() {
             if got.len() >= max {
@@ -213,13 +263,17 @@ impl DispatcherState {
         got
     }
 
-    fn release(&mut self, slot: &str) {
+    fn release_quietly(&mut self, slot: &str) {
         if let Some(s) = self.slots.get_mut(slot) {
             if s.usage == SlotUse::Reserved {
                 s.usage = SlotUse::Free;
-                self.wake.notify_waiters();
             }
         }
+    }
+
+    fn release(&mut self, slot: &str) {
+        self.release_quietly(slot);
+        self.serve_parked();
     }
 
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
@@ -270,7 +324,7 @@ impl DispatcherState {
             }
         }
         let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));
-        self.wake.notify_waiters();
+        self.serve_parked();
         if self.running.is_empty() {
             for w in self.drain_waiters.drain(..) {
                 let _ = w.send(());
@@ -280,7 +334,7 @@ impl DispatcherState {
 }
 
 /// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
-async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>, wake: Arc<Notify>) {
+async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>) {
     let mut consumers = None;
     loop {
         if consumers.is_none() {
@@ -294,16 +348,14 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
             }
         }
         let (high, normal) = consumers.as_ref().expect("opened above");
-        // Register for a wake-up before asking, so a release between the two is not missed.
-        let notified = wake.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        // Waits (parked in the dispatcher) until at least one slot is free for this model.
         let slots = match dispatcher.call(|reply| DispatcherMsg::Reserve { model: model.clone(), max: MAX_PULL, reply }, None).await {
             Ok(ractor::rpc::CallResult::Success(s)) => s,
             _ => return, // the dispatcher is gone
         };
         if slots.is_empty() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            // Draining: the node takes no more jobs.
+            tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         let mut slots = slots.into_iter();

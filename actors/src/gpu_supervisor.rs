@@ -90,7 +90,12 @@ impl Actor for GpuSupervisor {
     }
 
     /// Overrides ractor's default, which would stop this supervisor when its child exits.
-    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let (cell, reason) = match event {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".into())),
@@ -107,14 +112,25 @@ impl Actor for GpuSupervisor {
                 state.restarts += 1;
                 metrics::counter!(m::ACTOR_RESTARTS, "slot" => state.slot.clone()).increment(1);
                 tracing::warn!(slot = %state.slot, reason = %reason, restarts_in_window, after_ms = after.as_millis() as u64, "inference actor failed; restarting");
-                state.report(GpuUpdate { state: Some(GpuState::Restarting), restarts: Some(state.restarts), current_job: Some(None), last_error: Some(Some(reason)), ..Default::default() });
+                state.report(GpuUpdate {
+                    state: Some(GpuState::Restarting),
+                    restarts: Some(state.restarts),
+                    current_job: Some(None),
+                    last_error: Some(Some(reason)),
+                    ..Default::default()
+                });
                 myself.send_after(after, || GpuSupervisorMsg::Restart);
             }
             RestartDecision::Quarantine { restarts_in_window } => {
                 state.quarantined = true;
                 metrics::counter!(m::GPU_QUARANTINED, "slot" => state.slot.clone()).increment(1);
                 tracing::error!(slot = %state.slot, reason = %reason, restarts_in_window, "restart budget spent; quarantining the slot");
-                state.report(GpuUpdate { state: Some(GpuState::Dead), current_job: Some(None), last_error: Some(Some(format!("quarantined after {restarts_in_window} restarts; last: {reason}"))), ..Default::default() });
+                state.report(GpuUpdate {
+                    state: Some(GpuState::Dead),
+                    current_job: Some(None),
+                    last_error: Some(Some(format!("quarantined after {restarts_in_window} restarts; last: {reason}"))),
+                    ..Default::default()
+                });
                 let _ = state.dispatcher.cast(DispatcherMsg::SlotDown { slot: state.slot.clone(), dead: true });
             }
         }

@@ -82,7 +82,13 @@ impl InferenceState {
         let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update });
     }
 
-    async fn on_run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken, reply: RpcReplyPort<RunResult>) -> Result<(), ActorProcessingErr> {
+    async fn on_run(
+        &mut self,
+        job: EngineJob,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+        reply: RpcReplyPort<RunResult>,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(model) = self.ctx.config.model(&job.model).cloned() else {
             let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.model))));
             return Ok(());
@@ -90,7 +96,8 @@ impl InferenceState {
         let timeout = Duration::from_millis(model.timeout_ms);
         let engine = self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
         if !engine.is_loaded() {
-            let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update: GpuUpdate::state(GpuState::Loading) });
+            let _ =
+                self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update: GpuUpdate::state(GpuState::Loading) });
             let loaded = tokio::time::timeout(timeout, engine.ensure_loaded()).await;
             let loaded = loaded.unwrap_or_else(|_| Err(EngineError::Load(format!("model did not load within {timeout:?}"))));
             if let Err(e) = loaded {

@@ -181,7 +181,8 @@ impl JobActorState {
                     next.finished_ms = Some(next.updated_ms);
                     next.dead_letter = true;
                     let last = record.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| "its worker was lost".into());
-                    next.error = Some(ApiError::new(ErrorCode::EngineFailed, format!("all {} attempts failed; last: {last}", record.max_attempts)));
+                    next.error =
+                        Some(ApiError::new(ErrorCode::EngineFailed, format!("all {} attempts failed; last: {last}", record.max_attempts)));
                 }
                 DeliveryDecision::Run { attempt } => {
                     next.state = JobState::Running;
@@ -226,7 +227,9 @@ impl JobActorState {
                     let Some(fresh) = self.ctx().resources.get_job(&self.job_id).await? else {
                         return Ok(WriteResult::Fenced);
                     };
-                    let mine = fresh.record.attempt == self.attempt && fresh.record.state == JobState::Running && fresh.record.owner == current.record.owner;
+                    let mine = fresh.record.attempt == self.attempt
+                        && fresh.record.state == JobState::Running
+                        && fresh.record.owner == current.record.owner;
                     if !mine {
                         return Ok(WriteResult::Fenced);
                     }
@@ -246,7 +249,8 @@ impl JobActorState {
         let record = self.current.as_ref().expect("claimed").record.clone();
         let started = Instant::now();
         if let Some(s) = record.started_ms {
-            metrics::histogram!(m::QUEUE_WAIT_SECONDS, "model" => record.model.clone()).record(s.saturating_sub(record.created_ms) as f64 / 1000.0);
+            metrics::histogram!(m::QUEUE_WAIT_SECONDS, "model" => record.model.clone())
+                .record(s.saturating_sub(record.created_ms) as f64 / 1000.0);
         }
         self.registry(GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(self.job_id.clone())), ..Default::default() });
         self.event(Event::status(&self.job_id, self.attempt, JobState::Running)).await;
@@ -274,9 +278,18 @@ impl JobActorState {
         let dir = self.ctx().job_dir(&self.args.slot, &self.job_id);
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let output_dir = dir.join("out");
-        tokio::fs::create_dir_all(&output_dir).await.map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
+        tokio::fs::create_dir_all(&output_dir)
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
         let inputs = self.resolve_inputs(record, &dir.join("in")).await?;
-        let job = EngineJob { job_id: self.job_id.clone(), attempt: self.attempt, model: record.model.clone(), inputs, params: record.params.clone(), output_dir };
+        let job = EngineJob {
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            model: record.model.clone(),
+            inputs,
+            params: record.params.clone(),
+            output_dir,
+        };
 
         let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
         let forwarder = tokio::spawn(forward_progress(self.ctx().clone(), self.job_id.clone(), self.attempt, rx));
@@ -284,12 +297,18 @@ impl JobActorState {
         let model_timeout = self.ctx().config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
         // against a reply that never comes.
-        let call = self.args.inference.call(|reply| InferenceMsg::Run { job, progress: tx, cancel, reply }, Some(Duration::from_millis(model_timeout + 30_000))).await;
+        let call = self
+            .args
+            .inference
+            .call(|reply| InferenceMsg::Run { job, progress: tx, cancel, reply }, Some(Duration::from_millis(model_timeout + 30_000)))
+            .await;
         let _ = forwarder.await;
         let outputs = match call {
             Ok(ractor::rpc::CallResult::Success(result)) => result?,
             Ok(ractor::rpc::CallResult::Timeout) => return Err(EngineError::Timeout(model_timeout)),
-            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into())),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
+                return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into()))
+            }
         };
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
@@ -316,7 +335,11 @@ impl JobActorState {
                     let dest = dir.join(name).join(base);
                     match self.ctx().resources.download_file(object, &dest).await {
                         Ok(_) => ResolvedInput::File(dest),
-                        Err(StoreError::NotFound(_)) => return Err(EngineError::User(format!("input {name:?}: object {object:?} does not exist in the files bucket (expired?)"))),
+                        Err(StoreError::NotFound(_)) => {
+                            return Err(EngineError::User(format!(
+                                "input {name:?}: object {object:?} does not exist in the files bucket (expired?)"
+                            )))
+                        }
                         Err(e) => return Err(EngineError::Infra(format!("input {name:?}: cannot download {object:?}: {e}"))),
                     }
                 }
@@ -331,7 +354,9 @@ impl JobActorState {
         metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => if outcome.is_ok() { "completed" } else { "error" }).record(started.elapsed().as_secs_f64());
         let (state, error, dead_letter, artifacts, retry) = match outcome {
             Ok(artifacts) => (JobState::Completed, None, false, artifacts, false),
-            Err(EngineError::Cancelled) => (JobState::Cancelled, Some(ApiError::new(ErrorCode::Cancelled, "cancelled while running")), false, vec![], false),
+            Err(EngineError::Cancelled) => {
+                (JobState::Cancelled, Some(ApiError::new(ErrorCode::Cancelled, "cancelled while running")), false, vec![], false)
+            }
             Err(e) => {
                 let code = if matches!(e, EngineError::User(_)) { ErrorCode::BadRequest } else { ErrorCode::EngineFailed };
                 let error = ApiError::new(code, e.to_string());

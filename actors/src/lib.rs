@@ -48,9 +48,11 @@ pub enum NodeError {
 
 impl NodeHandle {
     pub async fn start(ctx: NodeContext) -> Result<NodeHandle, NodeError> {
-        let (supervisor, join) = Actor::spawn(Some(format!("kiln-node-{}", ctx.node)), NodeSupervisor, ctx).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
-        let (registry, dispatcher, _) = ractor::call!(supervisor, NodeSupervisorMsg::Children).map_err(|e| NodeError::Spawn(e.to_string()))?;
-        Ok(NodeHandle { supervisor, join, dispatcher, registry })
+        let (supervisor, join) = Actor::spawn(Some(format!("kiln-node-{}", ctx.node)), NodeSupervisor, ctx)
+            .await
+            .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let children = ractor::call!(supervisor, NodeSupervisorMsg::Children).map_err(|e| NodeError::Spawn(e.to_string()))?;
+        Ok(NodeHandle { supervisor, join, dispatcher: children.dispatcher, registry: children.registry })
     }
 
     /// Ids of the jobs running on this node now.

@@ -31,9 +31,16 @@ pub struct NodeSupervisorState {
     shutting_down: bool,
 }
 
+/// The node supervisor's children, as handed to the node handle.
+pub struct Children {
+    pub registry: ActorRef<RegistryWriterMsg>,
+    pub dispatcher: ActorRef<DispatcherMsg>,
+    pub gpus: Vec<ActorRef<GpuSupervisorMsg>>,
+}
+
 pub enum NodeSupervisorMsg {
     /// Hands out the children's refs (for the node handle).
-    Children(ractor::RpcReplyPort<(ActorRef<RegistryWriterMsg>, ActorRef<DispatcherMsg>, Vec<ActorRef<GpuSupervisorMsg>>)>),
+    Children(ractor::RpcReplyPort<Children>),
     /// Graceful stop: GPU supervisors stop restarting, then everything stops.
     Shutdown,
 }
@@ -45,10 +52,13 @@ impl Actor for NodeSupervisor {
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         let (registry, _) = Actor::spawn_linked(None, RegistryWriter, RegistryWriterArgs { ctx: ctx.clone() }, myself.get_cell()).await?;
-        let (dispatcher, _) = Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell()).await?;
+        let (dispatcher, _) =
+            Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell())
+                .await?;
         let mut gpus = vec![];
         for slot in &ctx.config.node.slots {
-            let args = GpuSupervisorArgs { ctx: ctx.clone(), slot: slot.clone(), registry: registry.clone(), dispatcher: dispatcher.clone() };
+            let args =
+                GpuSupervisorArgs { ctx: ctx.clone(), slot: slot.clone(), registry: registry.clone(), dispatcher: dispatcher.clone() };
             let (gpu, _) = Actor::spawn_linked(None, GpuSupervisor, args, myself.get_cell()).await?;
             gpus.push(gpu);
         }
@@ -58,7 +68,11 @@ impl Actor for NodeSupervisor {
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
             NodeSupervisorMsg::Children(reply) => {
-                let _ = reply.send((state.registry.clone(), state.dispatcher.clone(), state.gpus.clone()));
+                let _ = reply.send(Children {
+                    registry: state.registry.clone(),
+                    dispatcher: state.dispatcher.clone(),
+                    gpus: state.gpus.clone(),
+                });
             }
             NodeSupervisorMsg::Shutdown => {
                 state.shutting_down = true;
@@ -73,7 +87,12 @@ impl Actor for NodeSupervisor {
     }
 
     /// Overrides ractor's default (stop on any child exit) with explicit escalation.
-    async fn handle_supervisor_evt(&self, myself: ActorRef<Self::Msg>, event: SupervisionEvent, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, err) if !state.shutting_down => {
                 tracing::error!(actor = ?cell.get_id(), error = %err, "node actor failed; stopping the node so its jobs are redelivered");

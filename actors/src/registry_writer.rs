@@ -42,7 +42,10 @@ impl GpuUpdate {
 }
 
 pub enum RegistryWriterMsg {
-    Gpu { slot: String, update: GpuUpdate },
+    Gpu {
+        slot: String,
+        update: GpuUpdate,
+    },
     RunningJobs(u32),
     Heartbeat,
     /// Removes this node's entries (graceful leave) and replies when done.

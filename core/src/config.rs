@@ -279,7 +279,8 @@ impl ClusterConfig {
             self.nats.state_dir = v;
         }
         if let Some(v) = var("KILN_ACK_WAIT_MS") {
-            self.nats.ack_wait_ms = v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
+            self.nats.ack_wait_ms =
+                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
         }
         Ok(())
     }

@@ -25,7 +25,11 @@ impl Backoff {
 
 impl From<&RetryPolicy> for Backoff {
     fn from(p: &RetryPolicy) -> Self {
-        Backoff { initial: Duration::from_millis(p.backoff_initial_ms), max: Duration::from_millis(p.backoff_max_ms), multiplier: p.backoff_multiplier }
+        Backoff {
+            initial: Duration::from_millis(p.backoff_initial_ms),
+            max: Duration::from_millis(p.backoff_max_ms),
+            multiplier: p.backoff_multiplier,
+        }
     }
 }
 
@@ -54,7 +58,11 @@ impl RestartBudget {
         RestartBudget {
             max_restarts: policy.max_restarts,
             window: Duration::from_millis(policy.window_ms),
-            backoff: Backoff { initial: Duration::from_millis(policy.backoff_initial_ms), max: Duration::from_millis(policy.backoff_max_ms), multiplier: 2.0 },
+            backoff: Backoff {
+                initial: Duration::from_millis(policy.backoff_initial_ms),
+                max: Duration::from_millis(policy.backoff_max_ms),
+                multiplier: 2.0,
+            },
             recent: VecDeque::new(),
         }
     }

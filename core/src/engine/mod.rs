@@ -98,7 +98,8 @@ impl EngineError {
 
 /// The engine instance of one model on one slot.
 pub enum Engine {
-    Process(process::ProcessEngine),
+    /// Boxed: it holds the worker's pipes and buffers, far larger than the other variants.
+    Process(Box<process::ProcessEngine>),
     Noop(noop::NoopEngine),
 }
 
@@ -115,7 +116,7 @@ impl Engine {
     pub fn new(model: &ModelConfig, slot: &SlotContext) -> Engine {
         match &model.engine {
             EngineConfig::Process { command, env, ready_timeout_ms } => {
-                Engine::Process(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot))
+                Engine::Process(Box::new(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot)))
             }
             EngineConfig::Noop { artifact_bytes } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes)),
         }
@@ -136,7 +137,12 @@ impl Engine {
         }
     }
 
-    pub async fn run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
+    pub async fn run(
+        &mut self,
+        job: EngineJob,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Vec<EngineOutput>, EngineError> {
         match self {
             Engine::Process(e) => e.run(job, progress, cancel).await,
             Engine::Noop(e) => e.run(job).await,

@@ -21,7 +21,9 @@ impl NoopEngine {
             "padding": "x".repeat(self.artifact_bytes),
         });
         let path = job.output_dir.join("result.json");
-        tokio::fs::write(&path, serde_json::to_vec(&body).expect("json")).await.map_err(|e| EngineError::Infra(format!("cannot write output: {e}")))?;
+        tokio::fs::write(&path, serde_json::to_vec(&body).expect("json"))
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot write output: {e}")))?;
         Ok(vec![EngineOutput { name: "result.json".into(), path, content_type: Some("application/json".into()) }])
     }
 }

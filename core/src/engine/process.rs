@@ -154,7 +154,14 @@ pub struct ProcessEngine {
 
 impl ProcessEngine {
     pub fn new(model: &str, command: Vec<String>, env: BTreeMap<String, String>, ready_timeout_ms: u64, slot: &SlotContext) -> Self {
-        ProcessEngine { model: model.to_string(), command, env, ready_timeout: Duration::from_millis(ready_timeout_ms), slot: slot.clone(), worker: None }
+        ProcessEngine {
+            model: model.to_string(),
+            command,
+            env,
+            ready_timeout: Duration::from_millis(ready_timeout_ms),
+            slot: slot.clone(),
+            worker: None,
+        }
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -238,7 +245,12 @@ impl ProcessEngine {
         Ok(())
     }
 
-    pub async fn run(&mut self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
+    pub async fn run(
+        &mut self,
+        job: EngineJob,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Result<Vec<EngineOutput>, EngineError> {
         self.ensure_loaded().await?;
         let worker = self.worker.as_mut().expect("loaded above");
         let inputs: serde_json::Map<String, serde_json::Value> = job

@@ -3,9 +3,6 @@
 //! Core NATS subscribers to that subject see them live; the stream keeps them (for the result
 //! TTL) so a subscriber that arrives late replays the whole history with an ordered consumer.
 
-use async_nats::jetstream::consumer::{self, DeliverPolicy};
-use futures::StreamExt;
-
 use super::{Resources, StoreError};
 use crate::protocol::Event;
 
@@ -30,34 +27,5 @@ impl Resources {
         };
         ack.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
         Ok(())
-    }
-
-    /// The whole stored history of a job, in order (what a late subscriber replays).
-    pub async fn event_history(&self, job_id: &str) -> Result<Vec<Event>, StoreError> {
-        let stream = self.js.get_stream(self.names.events_stream()).await.map_err(StoreError::nats)?;
-        let subject = self.names.events_subject(job_id);
-        let pending = match stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(_) => true,
-            Err(_) => false,
-        };
-        if !pending {
-            return Ok(vec![]);
-        }
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig { filter_subject: subject, deliver_policy: DeliverPolicy::All, ..Default::default() })
-            .await
-            .map_err(StoreError::nats)?;
-        let mut messages = consumer.messages().await.map_err(StoreError::nats)?;
-        let mut events = Vec::new();
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(StoreError::nats)?;
-            let info = message.info().map_err(StoreError::nats)?;
-            let pending = info.pending;
-            events.push(serde_json::from_slice(&message.payload).map_err(|e| StoreError::Decode(e.to_string()))?);
-            if pending == 0 {
-                break;
-            }
-        }
-        Ok(events)
     }
 }

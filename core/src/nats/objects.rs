@@ -52,17 +52,38 @@ impl Resources {
     }
 
     /// Stores a result file as `<job_id>/<name>` in the model's results bucket.
-    pub async fn store_artifact(&self, model: &str, job_id: &str, name: &str, path: &Path, content_type: Option<&str>) -> Result<Artifact, StoreError> {
+    pub async fn store_artifact(
+        &self,
+        model: &str,
+        job_id: &str,
+        name: &str,
+        path: &Path,
+        content_type: Option<&str>,
+    ) -> Result<Artifact, StoreError> {
         let data = tokio::fs::read(path).await?;
         self.store_artifact_bytes(model, job_id, name, &data, content_type).await
     }
 
-    pub async fn store_artifact_bytes(&self, model: &str, job_id: &str, name: &str, data: &[u8], content_type: Option<&str>) -> Result<Artifact, StoreError> {
+    pub async fn store_artifact_bytes(
+        &self,
+        model: &str,
+        job_id: &str,
+        name: &str,
+        data: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<Artifact, StoreError> {
         let store = self.results_store(model)?;
         let object = format!("{job_id}/{name}");
         let content_type = content_type.unwrap_or_else(|| content_type_for(name)).to_string();
         let sha256 = put_bytes(&store, &object, data, &content_type).await?;
-        Ok(Artifact { name: name.to_string(), bucket: self.names.results_bucket(model), object, size: data.len() as u64, content_type, sha256 })
+        Ok(Artifact {
+            name: name.to_string(),
+            bucket: self.names.results_bucket(model),
+            object,
+            size: data.len() as u64,
+            content_type,
+            sha256,
+        })
     }
 
     /// Uploads an input to the files bucket (what a client does before submitting).

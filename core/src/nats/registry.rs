@@ -59,7 +59,12 @@ impl Resources {
     /// Starts a watch-fed cache of the registry. The cache fills with the current entries
     /// before this returns, then follows every change until the returned cache is dropped.
     pub async fn registry_cache(&self) -> Result<RegistryCache, StoreError> {
-        let cache = RegistryCache { gpus: Arc::new(DashMap::new()), nodes: Arc::new(DashMap::new()), ttl: self.registry_ttl, _tasks: Arc::new(Vec::new()) };
+        let cache = RegistryCache {
+            gpus: Arc::new(DashMap::new()),
+            nodes: Arc::new(DashMap::new()),
+            ttl: self.registry_ttl,
+            _tasks: Arc::new(Vec::new()),
+        };
         let gpus = spawn_watch(self.gpus_kv.clone(), cache.gpus.clone()).await?;
         let nodes = spawn_watch(self.nodes_kv.clone(), cache.nodes.clone()).await?;
         Ok(RegistryCache { _tasks: Arc::new(vec![gpus, nodes]), ..cache })
@@ -75,7 +80,10 @@ impl Drop for AbortOnDrop {
 }
 
 /// Spawns a task that mirrors a KV bucket into `map`, returning once the initial values are in.
-async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(store: kv::Store, map: Arc<DashMap<String, T>>) -> Result<AbortOnDrop, StoreError> {
+async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
+    store: kv::Store,
+    map: Arc<DashMap<String, T>>,
+) -> Result<AbortOnDrop, StoreError> {
     let initial = store.status().await.map_err(StoreError::nats)?.values();
     let mut watch = store.watch_with_history(">").await.map_err(StoreError::nats)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

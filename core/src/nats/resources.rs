@@ -37,28 +37,22 @@ pub struct Resources {
 /// `timeout` so a node may start before its server.
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_nats::Client, StoreError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let attempt = async_nats::ConnectOptions::new()
-            .name(name)
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(2))
-            .max_reconnects(None)
-            .connect(url);
-        match tokio::time::timeout_at(deadline, attempt).await {
-            Ok(Ok(client)) => {
-                // retry_on_initial_connect returns before the first connection; wait for it.
-                while client.connection_state() != async_nats::connection::State::Connected {
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(StoreError::Nats(format!("cannot connect to {url} within {timeout:?}")));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                return Ok(client);
-            }
-            Ok(Err(e)) => return Err(StoreError::nats(e)),
-            Err(_) => return Err(StoreError::Nats(format!("cannot connect to {url} within {timeout:?}"))),
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .map_err(StoreError::nats)?;
+    // retry_on_initial_connect returns before the first connection; wait for it.
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(StoreError::Nats(format!("cannot connect to {url} within {timeout:?}")));
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(client)
 }
 
 impl Resources {
@@ -93,14 +87,17 @@ impl Resources {
         .await
         .map_err(StoreError::nats)?;
 
-        let jobs_kv = open_kv(&js, kv::Config {
-            bucket: names.jobs_bucket(),
-            description: "kiln job records: the source of truth".into(),
-            history: 1,
-            max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
+        let jobs_kv = open_kv(
+            &js,
+            kv::Config {
+                bucket: names.jobs_bucket(),
+                description: "kiln job records: the source of truth".into(),
+                history: 1,
+                max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
         .await?;
         let registry_ttl = Duration::from_millis(config.node.registry_ttl_ms);
         // Per-key TTL (server 2.11+): a key not refreshed within its TTL disappears and its
@@ -203,7 +200,12 @@ async fn open_object_store(js: &jetstream::Context, bucket: String, max_age: Dur
     match js.get_object_store(&bucket).await {
         Ok(store) => Ok(store),
         Err(_) => match js
-            .create_object_store(object_store::Config { bucket: bucket.clone(), max_age, storage: stream::StorageType::File, ..Default::default() })
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                max_age,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
             .await
         {
             Ok(store) => Ok(store),

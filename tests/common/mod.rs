@@ -1,0 +1,246 @@
+//! Test harness: a real nats-server per test (free port, JetStream in a temp dir) and real
+//! `kiln node` processes built by cargo, each killed when its handle drops.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln::client::Client;
+use kiln_core::nats::NatsServer;
+use kiln_core::protocol::{Event, EventKind, JobView};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn demo_worker() -> String {
+    repo().join("examples/workers/demo_worker.py").display().to_string()
+}
+
+/// The Python with nats-py from `scripts/setup.sh`.
+pub fn python_with_nats() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_PYTHON") {
+        return p.into();
+    }
+    let p = kiln_core::cache_dir().join("venv/bin/python");
+    assert!(p.exists(), "no python with nats-py at {}: run scripts/setup.sh (scripts/test.sh does)", p.display());
+    p
+}
+
+/// A config for test nodes: fast heartbeats and short TTLs so failures show within seconds.
+/// `extra` is appended (models and overrides).
+pub fn config_toml(url: &str, slots: &[&str], ack_wait_ms: u64, extra: &str) -> String {
+    let slots: Vec<String> = slots.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        r#"
+[nats]
+url = "{url}"
+ack_wait_ms = {ack_wait_ms}
+[node]
+slots = [{slots}]
+metrics_addr = ""
+heartbeat_ms = 300
+registry_ttl_ms = 2000
+[retry]
+backoff_initial_ms = 100
+backoff_max_ms = 1000
+[restart]
+max_restarts = 5
+window_ms = 60000
+backoff_initial_ms = 50
+backoff_max_ms = 500
+{extra}
+"#,
+        slots = slots.join(", ")
+    )
+}
+
+/// The demo model, optionally restricted to some slots.
+pub fn demo_model(name: &str, slots: &[&str], max_attempts: u32, timeout_ms: u64) -> String {
+    let slots: Vec<String> = slots.iter().map(|s| format!("{s:?}")).collect();
+    format!(
+        r#"
+[[models]]
+name = "{name}"
+engine = {{ kind = "process", command = ["python3", "{worker}"], ready_timeout_ms = 20000 }}
+timeout_ms = {timeout_ms}
+max_attempts = {max_attempts}
+slots = [{slots}]
+required_inputs = ["prompt"]
+"#,
+        worker = demo_worker(),
+        slots = slots.join(", ")
+    )
+}
+
+pub const NOOP_MODEL: &str = r#"
+[[models]]
+name = "noop"
+engine = { kind = "noop" }
+"#;
+
+pub struct NodeProcess {
+    pub name: String,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    pub fn spawn(dir: &Path, name: &str, config: &str) -> NodeProcess {
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let mut node = NodeProcess { name: name.into(), config_path, log_path: dir.join(format!("{name}.log")), child: None };
+        node.start();
+        node
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["node", "--config"])
+            .arg(&self.config_path)
+            .args(["--node-name", &self.name])
+            .env("KILN_LOG", "info,async_nats=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    self.child = None;
+                    return Some(status.code().unwrap_or(-1));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of node {} ----\n{}", self.name, self.log());
+        }
+        self.kill();
+    }
+}
+
+pub struct TestCluster {
+    pub server: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl TestCluster {
+    pub fn new() -> TestCluster {
+        TestCluster {
+            server: NatsServer::start_temp().expect("nats-server (run scripts/setup.sh)"),
+            dir: tempfile::tempdir().unwrap(),
+            nodes: vec![],
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn add_node(&mut self, name: &str, config: &str) -> usize {
+        self.nodes.push(NodeProcess::spawn(self.dir.path(), name, config));
+        self.nodes.len() - 1
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.url(), "kiln").await.unwrap()
+    }
+
+    /// Waits until every slot of `node` shows in the registry.
+    pub async fn wait_node_ready(&self, node: &str, slots: usize) {
+        let client = self.client().await;
+        let ok = eventually(Duration::from_secs(20), || async {
+            match client.cluster().await {
+                Ok(c) => c.gpus.iter().filter(|g| g.node == node).count() == slots,
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(
+            ok,
+            "node {node} did not register {slots} slots; log:\n{}",
+            self.nodes.iter().find(|n| n.name == node).map(|n| n.log()).unwrap_or_default()
+        );
+    }
+}
+
+/// Polls `check` until it is true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Waits for a job's terminal state by polling its status.
+pub async fn wait_terminal(client: &Client, job_id: &str, limit: Duration) -> JobView {
+    let start = Instant::now();
+    loop {
+        let v = client.status(job_id).await.unwrap();
+        if v.status.is_terminal() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "job {job_id} not terminal after {limit:?}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The whole stored history of a job (what a late subscriber replays).
+pub async fn history(client: &Client, job_id: &str) -> Vec<Event> {
+    use futures::StreamExt;
+    let events = client.events(job_id).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), events.collect::<Vec<_>>()).await.expect("history ends with a terminal event")
+}
+
+pub fn statuses(events: &[Event]) -> Vec<String> {
+    events.iter().filter(|e| e.kind == EventKind::Status).map(|e| e.status.unwrap().as_str().to_string()).collect()
+}
+
+pub fn params(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    v.as_object().cloned().unwrap()
+}

@@ -1,0 +1,175 @@
+//! Crashes and losses against real processes: a worker SIGKILLed mid-job, a worker that
+//! crashes on every attempt, a job past its timeout, a node SIGKILLed and restarted.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use kiln_core::job::JobState;
+use kiln_core::protocol::{EventKind, GpuState, InputValue, ListJobsRequest, SubmitRequest};
+
+fn request(model: &str, prompt: &str, p: serde_json::Value) -> SubmitRequest {
+    SubmitRequest {
+        model: model.into(),
+        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
+        params: params(p),
+        ..Default::default()
+    }
+}
+
+fn completed_events(events: &[kiln_core::protocol::Event]) -> usize {
+    events.iter().filter(|e| e.kind == EventKind::Status && e.status == Some(JobState::Completed)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_is_restarted_and_the_job_completes_once() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let reply = client.submit(&request("demo", "victim", serde_json::json!({"steps": 10, "step_ms": 100}))).await.unwrap();
+
+    // The worker announces its pid when it starts the job; kill it as soon as we see it.
+    let mut events = client.events(&reply.job_id).await.unwrap().boxed();
+    let pid = loop {
+        let e = tokio::time::timeout(Duration::from_secs(20), events.next()).await.unwrap().unwrap();
+        if let Some(pid) = e.message.as_deref().and_then(|m| m.strip_prefix("worker pid ")).and_then(|m| m.split_whitespace().next()) {
+            break pid.parse::<i32>().unwrap();
+        }
+    };
+    drop(events);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(30)).await;
+    assert_eq!(view.status, JobState::Completed, "{view:?}");
+    assert_eq!(view.attempt, 2, "the killed attempt, then the retry");
+    let events = history(&client, &reply.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "retrying", "running", "completed"]);
+    assert_eq!(completed_events(&events), 1, "completed exactly once");
+    let retry = events.iter().find(|e| e.status == Some(JobState::Retrying)).unwrap();
+    assert!(retry.message.as_deref().unwrap().contains("worker died"), "{retry:?}");
+
+    let gpu = client.cluster().await.unwrap().gpus.into_iter().find(|g| g.slot == "cpu:0").unwrap();
+    assert_eq!(gpu.restarts, 1, "the registry shows the restart: {gpu:?}");
+    assert_eq!(gpu.state, GpuState::Idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_fails_the_job_and_quarantines_only_that_gpu() {
+    let mut cluster = TestCluster::new();
+    // `crashy` runs only on cpu:0; `demo` on both. Two restarts allowed in the window.
+    let models = format!("{}{}", demo_model("crashy", &["cpu:0"], 3, 60_000), demo_model("demo", &[], 3, 60_000));
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &models).replace("max_restarts = 5", "max_restarts = 2");
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+
+    let reply = client.submit(&request("crashy", "boom", serde_json::json!({"steps": 3, "step_ms": 10, "crash": "always"}))).await.unwrap();
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(60)).await;
+    assert_eq!(view.status, JobState::Failed);
+    assert_eq!(view.attempt, 3);
+    assert!(view.dead_letter);
+    let error = view.error.unwrap();
+    assert_eq!(error.code.as_str(), "engine_failed");
+    assert!(error.message.contains("worker died") && error.message.contains("exit"), "the last error says why: {}", error.message);
+    assert_eq!(
+        statuses(&history(&client, &reply.job_id).await),
+        ["queued", "running", "retrying", "running", "retrying", "running", "failed"]
+    );
+
+    // Three crashes: two restarts, then the budget is spent and cpu:0 is dead.
+    let ok = eventually(Duration::from_secs(10), || async {
+        let gpus = client.cluster().await.unwrap().gpus;
+        gpus.iter().any(|g| g.slot == "cpu:0" && g.state == GpuState::Dead && g.restarts == 2)
+    })
+    .await;
+    assert!(ok, "{:#?}", client.cluster().await.unwrap().gpus);
+    let dead = client.jobs(&ListJobsRequest { dead_letter: true, ..Default::default() }).await.unwrap().jobs;
+    assert_eq!(dead.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), [reply.job_id.as_str()]);
+
+    // The other GPU keeps serving.
+    for i in 0..3 {
+        let r = client.submit(&request("demo", &format!("fine {i}"), serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
+        let v = wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
+        assert_eq!((v.status, v.slot.as_deref()), (JobState::Completed, Some("cpu:1")));
+    }
+    let cpu0 = client.cluster().await.unwrap().gpus.into_iter().find(|g| g.slot == "cpu:0").unwrap();
+    assert_eq!(cpu0.state, GpuState::Dead, "a quarantined slot stays dead");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_past_its_timeout_is_stopped_retried_then_failed() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 2, 1_500)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let started = Instant::now();
+    let reply = client.submit(&request("demo", "stuck", serde_json::json!({"steps": 3, "hang": true}))).await.unwrap();
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(30)).await;
+    assert_eq!((view.status, view.attempt), (JobState::Failed, 2));
+    assert!(view.error.unwrap().message.contains("timed out after 1500 ms"));
+    assert!(started.elapsed() >= Duration::from_millis(3_000), "two attempts of 1.5 s each");
+    // The hung worker was killed with its actor; the slot serves again.
+    let r = client.submit(&request("demo", "next", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
+    assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_loses_no_job() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 3_000, &demo_model("demo", &[], 5, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    let mut ids = vec![];
+    for i in 0..10 {
+        ids.push(
+            client.submit(&request("demo", &format!("job {i}"), serde_json::json!({"steps": 5, "step_ms": 100}))).await.unwrap().job_id,
+        );
+    }
+    // Kill the node while it runs jobs.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client.cluster().await.map(|c| c.gpus.iter().any(|g| g.current_job.is_some())).unwrap_or(false)
+        })
+        .await
+    );
+    cluster.nodes[0].signal(libc::SIGKILL);
+    cluster.nodes[0].wait_exit(Duration::from_secs(5));
+
+    // With the only node gone, nobody answers the API; the jobs wait in the queue.
+    let raw = client.cluster().await;
+    assert!(raw.is_err(), "with the only node gone, nobody answers the API: {raw:?}");
+    // Restarted at once under the same name: it sees its old, silent registry entry and,
+    // since that entry's heartbeat does not move, takes the name back.
+    cluster.nodes[0].start();
+    cluster.wait_node_ready("n1", 2).await;
+
+    let mut attempts = HashMap::new();
+    for id in &ids {
+        let v = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(v.status, JobState::Completed, "{v:?}");
+        assert_eq!(completed_events(&history(&client, id).await), 1, "job {id} completed once");
+        *attempts.entry(v.attempt).or_insert(0) += 1;
+    }
+    assert!(attempts.keys().any(|&a| a >= 2), "some job was retried after the kill: {attempts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_live_nodes_name_is_refused() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, NOOP_MODEL);
+    cluster.add_node("twin", &config);
+    cluster.wait_node_ready("twin", 1).await;
+    let second = cluster.add_node("twin", &config);
+    let code = cluster.nodes[second].wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(1), "the second process exits with an error");
+    assert!(cluster.nodes[second].log().contains("already alive"), "{}", cluster.nodes[second].log());
+    // The first one is untouched.
+    let client = cluster.client().await;
+    let r = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(10)).await.status, JobState::Completed);
+}

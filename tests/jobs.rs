@@ -1,0 +1,209 @@
+//! The job life cycle against a real nats-server and real `kiln node` processes: submit,
+//! progress, result (Rust and Python clients), late replay, idempotency, cancel.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use kiln_core::job::JobState;
+use kiln_core::protocol::{EventKind, InputValue, SubmitRequest};
+
+fn demo_request(prompt: &str, p: serde_json::Value) -> SubmitRequest {
+    SubmitRequest {
+        model: "demo".into(),
+        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
+        params: params(p),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_streams_progress_and_returns_verified_results() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+
+    // An uploaded input travels through the files bucket to the worker as a file.
+    client.upload("uploads/t1/ref.png", b"\x89PNG\r\n\x1a\nnot really").await.unwrap();
+    let mut request = demo_request("a lighthouse at dawn", serde_json::json!({"steps": 5, "step_ms": 20, "seed": 7}));
+    request.inputs.insert("image".into(), InputValue::Object { object: "uploads/t1/ref.png".into() });
+    let reply = client.submit(&request).await.unwrap();
+    assert_eq!(reply.status, JobState::Queued);
+
+    let events: Vec<_> =
+        tokio::time::timeout(Duration::from_secs(30), client.events(&reply.job_id).await.unwrap().collect()).await.unwrap();
+    assert_eq!(statuses(&events), ["queued", "running", "completed"], "{events:#?}");
+    let steps: Vec<f32> = events.iter().filter(|e| e.stage.as_deref() == Some("inference")).filter_map(|e| e.progress).collect();
+    assert_eq!(steps.len(), 5, "one progress event per step: {events:#?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "progress never goes back: {steps:?}");
+    let stages: Vec<&str> = events.iter().filter_map(|e| e.stage.as_deref()).collect();
+    assert!(stages.contains(&"preparing") && stages.contains(&"encoding"), "{stages:?}");
+    assert!(
+        events.iter().any(|e| e.kind == EventKind::Message && e.message.as_deref().unwrap_or("").contains("image")),
+        "the worker saw the uploaded file: {events:#?}"
+    );
+    assert_eq!(events.iter().filter(|e| e.kind == EventKind::Artifact).count(), 2);
+
+    let result = client.result(&reply.job_id).await.unwrap();
+    assert_eq!(result.status, JobState::Completed);
+    let dir = tempfile::tempdir().unwrap();
+    let mut names = vec![];
+    for a in &result.artifacts {
+        let dest = dir.path().join(&a.name);
+        client.download(a, &dest).await.unwrap();
+        let data = std::fs::read(&dest).unwrap();
+        assert_eq!(data.len() as u64, a.size);
+        names.push(a.name.clone());
+        if a.name == "image.png" {
+            assert_eq!(&data[..8], b"\x89PNG\r\n\x1a\n");
+            assert_eq!(a.content_type, "image/png");
+        }
+        if a.name == "meta.json" {
+            let meta: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            assert_eq!(meta["seed"], 7);
+            assert_eq!(meta["steps"], 5);
+            assert_eq!(meta["prompt"], "a lighthouse at dawn");
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["image.png", "meta.json"]);
+
+    // Same prompt and seed, same image: the worker is deterministic and Kiln passes params as given.
+    let again =
+        client.submit(&demo_request("a lighthouse at dawn", serde_json::json!({"steps": 5, "step_ms": 1, "seed": 7}))).await.unwrap();
+    let view = wait_terminal(&client, &again.job_id, Duration::from_secs(30)).await;
+    let sha = |v: &[kiln_core::protocol::Artifact]| v.iter().find(|a| a.name == "image.png").unwrap().sha256.clone();
+    assert_eq!(sha(&view.artifacts), sha(&result.artifacts));
+
+    // The registry saw the model loaded on the slot.
+    let models = client.models().await.unwrap();
+    let demo = models.models.iter().find(|m| m.name == "demo").unwrap();
+    assert_eq!(demo.warm_on, vec!["n1/cpu:0".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_subscriber_replays_the_whole_history() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let reply = client.submit(&demo_request("late", serde_json::json!({"steps": 4, "step_ms": 10}))).await.unwrap();
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(30)).await;
+    assert_eq!(view.status, JobState::Completed);
+
+    // Subscribing only now, after the end, still yields everything, in order.
+    let events = history(&client, &reply.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "completed"]);
+    assert_eq!(events.iter().filter(|e| e.stage.as_deref() == Some("inference")).count(), 4);
+    assert!(events.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms), "ordered by time");
+    // A second late subscriber sees the identical history.
+    assert_eq!(history(&client, &reply.job_id).await, events);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_client_submits_follows_and_downloads() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let out = tempfile::tempdir().unwrap();
+    let input = out.path().join("ref.png");
+    std::fs::write(&input, b"reference image bytes").unwrap();
+    let output = tokio::process::Command::new(python_with_nats())
+        .arg(repo().join("examples/python/kiln_client.py"))
+        .args([
+            "--nats",
+            &cluster.url(),
+            "submit",
+            "demo",
+            "--input",
+            "prompt=a cat from python",
+            "--param",
+            "steps=3",
+            "--param",
+            "step_ms=10",
+        ])
+        .arg("--file")
+        .arg(format!("image={}", input.display()))
+        .arg("--out")
+        .arg(out.path().join("results"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "completed");
+    let files: Vec<String> = last["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    assert_eq!(files.len(), 2);
+    for f in files {
+        assert!(std::fs::metadata(&f).unwrap().len() > 0, "{f}");
+    }
+    assert!(stdout.contains("inference"), "progress was printed:\n{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_gives_one_job() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let mut request = demo_request("once", serde_json::json!({"steps": 2, "step_ms": 10}));
+    request.idempotency_key = Some("order-42".into());
+    let first = client.submit(&request).await.unwrap();
+    let second = client.submit(&request).await.unwrap();
+    assert_eq!(first.job_id, second.job_id);
+    assert!(!first.duplicate && second.duplicate);
+    wait_terminal(&client, &first.job_id, Duration::from_secs(30)).await;
+    // A third, after completion, still maps to the same (completed) job and runs nothing.
+    let third = client.submit(&request).await.unwrap();
+    assert_eq!((third.job_id.as_str(), third.status), (first.job_id.as_str(), JobState::Completed));
+    let jobs = client.jobs(&Default::default()).await.unwrap().jobs;
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    let events = history(&client, &first.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "completed"]);
+    // Another key is another job.
+    let mut other = request.clone();
+    other.model = "demo".into();
+    other.idempotency_key = Some("order-43".into());
+    assert_ne!(client.submit(&other).await.unwrap().job_id, first.job_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_reaches_queued_and_running_jobs() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+
+    let running = client.submit(&demo_request("long", serde_json::json!({"steps": 200, "step_ms": 50}))).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async { client.status(&running.job_id).await.unwrap().status == JobState::Running }).await
+    );
+    // One slot, busy: this one waits in the queue.
+    let queued = client.submit(&demo_request("never", serde_json::json!({"steps": 2}))).await.unwrap();
+    let view = client.cancel(&queued.job_id).await.unwrap();
+    assert_eq!(view.status, JobState::Cancelled);
+
+    let view = client.cancel(&running.job_id).await.unwrap();
+    assert!(view.cancel_requested);
+    let view = wait_terminal(&client, &running.job_id, Duration::from_secs(10)).await;
+    assert_eq!(view.status, JobState::Cancelled);
+    let events = history(&client, &running.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "cancelled"]);
+    let steps = events.iter().filter(|e| e.stage.as_deref() == Some("inference")).count();
+    assert!(steps < 200, "the worker stopped early ({steps} steps)");
+
+    // The slot is free again and still serves; the cancelled queued job never ran.
+    let after = client.submit(&demo_request("after", serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
+    assert_eq!(wait_terminal(&client, &after.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+    let never = client.status(&queued.job_id).await.unwrap();
+    assert_eq!((never.status, never.attempt), (JobState::Cancelled, 0));
+    assert_eq!(statuses(&history(&client, &queued.job_id).await), ["queued", "cancelled"]);
+
+    // Cancelling a finished job changes nothing.
+    assert_eq!(client.cancel(&after.job_id).await.unwrap().status, JobState::Completed);
+}

@@ -118,13 +118,15 @@ impl RunningNode {
         self.handle.as_ref().is_some_and(|h| h.is_finished())
     }
 
-    /// Graceful leave: stop answering and pulling, finish running jobs (up to `grace`), remove
-    /// the registry entries, stop. The embedded server, if any, stops last.
+    /// Graceful leave: stop pulling, finish running jobs (up to `grace`), remove the registry
+    /// entries, stop the actors, then the API. The embedded server, if any, stops last.
     pub async fn shutdown(mut self, grace: Duration) {
-        self.api.abort();
+        // The API keeps answering while running jobs finish: submits still land durably in the
+        // queue (for other nodes, or this one's next start), and status stays readable.
         if let Some(h) = self.handle.take() {
             h.drain_and_stop(grace).await;
         }
+        self.api.abort();
         let _ = self.resources.client.flush().await;
         if let Some(mut s) = self.server.take() {
             s.stop();

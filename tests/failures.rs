@@ -173,3 +173,37 @@ async fn a_second_process_with_a_live_nodes_name_is_refused() {
     let r = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(10)).await.status, JobState::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_running_job_then_leaves_the_registry() {
+    let mut cluster = TestCluster::new();
+    let leaving = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    // A second node that knows the model but has no slot for it, to answer the API throughout.
+    let staying = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &["cpu:9"], 3, 60_000));
+    cluster.add_node("leaving", &leaving);
+    cluster.add_node("staying", &staying);
+    cluster.wait_node_ready("leaving", 1).await;
+    cluster.wait_node_ready("staying", 1).await;
+    let client = cluster.client().await;
+    let job = client.submit(&request("demo", "finish me", serde_json::json!({"steps": 15, "step_ms": 100}))).await.unwrap();
+    assert!(eventually(Duration::from_secs(20), || async { client.status(&job.job_id).await.unwrap().status == JobState::Running }).await);
+
+    cluster.nodes[0].signal(libc::SIGTERM);
+    let draining = eventually(Duration::from_secs(5), || async {
+        client.cluster().await.unwrap().gpus.iter().any(|g| g.node == "leaving" && g.state == GpuState::Draining)
+    })
+    .await;
+    assert!(draining, "the registry shows the slot draining");
+    // A job submitted now waits in the queue: the draining node takes no new work.
+    let later = client.submit(&request("demo", "later", serde_json::json!({"steps": 1}))).await.unwrap();
+
+    assert_eq!(cluster.nodes[0].wait_exit(Duration::from_secs(20)), Some(0), "clean exit:\n{}", cluster.nodes[0].log());
+    let view = client.status(&job.job_id).await.unwrap();
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 1), "finished where it ran, not retried");
+    let c = client.cluster().await.unwrap();
+    assert!(
+        c.nodes.iter().all(|n| n.node != "leaving") && c.gpus.iter().all(|g| g.node != "leaving"),
+        "entries removed at once, not left to expire: {c:#?}"
+    );
+    assert_eq!(client.status(&later.job_id).await.unwrap().status, JobState::Queued, "nothing ran the late job");
+}

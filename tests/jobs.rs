@@ -88,7 +88,10 @@ async fn submit_streams_progress_and_returns_verified_results() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_subscriber_replays_the_whole_history() {
     let mut cluster = TestCluster::new();
-    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    let metrics_port = kiln_core::nats::server::free_port().unwrap();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000))
+        .replace("metrics_addr = \"\"", &format!("metrics_addr = \"127.0.0.1:{metrics_port}\""));
+    cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 1).await;
     let client = cluster.client().await;
     let reply = client.submit(&demo_request("late", serde_json::json!({"steps": 4, "step_ms": 10}))).await.unwrap();
@@ -102,6 +105,27 @@ async fn a_late_subscriber_replays_the_whole_history() {
     assert!(events.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms), "ordered by time");
     // A second late subscriber sees the identical history.
     assert_eq!(history(&client, &reply.job_id).await, events);
+
+    // The node's Prometheus endpoint counted it.
+    let metrics = http_get(metrics_port, "/metrics").await;
+    assert!(metrics.contains(r#"kiln_jobs_submitted_total{model="demo"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"kiln_jobs_finished_total{model="demo",outcome="completed"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"kiln_gpu_state{slot="cpu:0",state="idle"} 1"#), "{metrics}");
+    assert!(metrics.contains("kiln_run_seconds_bucket"), "{metrics}");
+
+    // NATS service discovery finds the API.
+    let ping = client.nats().request("$SRV.PING.kiln-api", "".into()).await.unwrap();
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping["name"], "kiln-api");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,4 +230,24 @@ async fn cancel_reaches_queued_and_running_jobs() {
 
     // Cancelling a finished job changes nothing.
     assert_eq!(client.cancel(&after.job_id).await.unwrap().status, JobState::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_sharing_one_slot_take_turns() {
+    // Regression: an idle model's puller used to give its long-polled slot back and take it
+    // again before the other model's puller could, starving the other model forever.
+    let mut cluster = TestCluster::new();
+    let models = format!("{}{}", demo_model("idle", &[], 3, 60_000), demo_model("busy", &[], 3, 60_000));
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let mut ids = vec![];
+    for i in 0..4 {
+        let mut r = demo_request(&format!("turn {i}"), serde_json::json!({"steps": 1, "step_ms": 1}));
+        r.model = "busy".into();
+        ids.push(client.submit(&r).await.unwrap().job_id);
+    }
+    for id in &ids {
+        assert_eq!(wait_terminal(&client, id, Duration::from_secs(20)).await.status, JobState::Completed);
+    }
 }

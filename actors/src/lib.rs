@@ -64,6 +64,7 @@ impl NodeHandle {
     /// node's registry entries, stop the actors. Jobs still running after `grace` are left
     /// unacked and JetStream redelivers them to another node.
     pub async fn drain_and_stop(self, grace: Duration) {
+        let _ = self.registry.cast(RegistryWriterMsg::Draining);
         let drained = self.dispatcher.call(DispatcherMsg::Drain, Some(grace)).await;
         if !matches!(drained, Ok(ractor::rpc::CallResult::Success(()))) {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "jobs still running after the drain grace; they will be redelivered");

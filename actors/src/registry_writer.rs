@@ -4,7 +4,8 @@
 //! Other actors send partial updates ([`GpuUpdate`]); the writer merges them into the entry,
 //! writes it at once, and rewrites every entry each heartbeat so the per-key TTL never lapses
 //! while the node lives. A slot marked `dead` stays dead: a late `idle` from a job actor that
-//! finished after the quarantine must not resurrect it.
+//! finished after the quarantine must not resurrect it. Likewise, once the node drains, its
+//! slots stay `draining` until the entries are removed.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +22,8 @@ pub struct RegistryWriterState {
     ctx: NodeContext,
     gpus: BTreeMap<String, GpuEntry>,
     node: NodeEntry,
+    /// Set when the node starts a graceful leave: slots show `draining` from then on.
+    draining: bool,
     /// Set after a graceful leave: heartbeats stop so the entries stay gone.
     removed: bool,
 }
@@ -47,6 +50,8 @@ pub enum RegistryWriterMsg {
         update: GpuUpdate,
     },
     RunningJobs(u32),
+    /// The node is leaving: every live slot shows `draining`.
+    Draining,
     Heartbeat,
     /// Removes this node's entries (graceful leave) and replies when done.
     Remove(ractor::RpcReplyPort<()>),
@@ -93,7 +98,7 @@ impl Actor for RegistryWriter {
             running_jobs: 0,
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
-        Ok(RegistryWriterState { ctx, gpus, node, removed: false })
+        Ok(RegistryWriterState { ctx, gpus, node, draining: false, removed: false })
     }
 
     async fn post_start(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -106,6 +111,15 @@ impl Actor for RegistryWriter {
             RegistryWriterMsg::Gpu { slot, update } => state.on_gpu_update(&slot, update).await,
             RegistryWriterMsg::RunningJobs(n) => state.node.running_jobs = n,
             RegistryWriterMsg::Heartbeat => state.write_all().await,
+            RegistryWriterMsg::Draining => {
+                state.draining = true;
+                for entry in state.gpus.values_mut() {
+                    if entry.state != GpuState::Dead {
+                        entry.state = GpuState::Draining;
+                    }
+                }
+                state.write_all().await;
+            }
             RegistryWriterMsg::Remove(reply) => {
                 let slots: Vec<String> = state.gpus.keys().cloned().collect();
                 if let Err(e) = state.ctx.resources.delete_node_entries(&state.ctx.node, &slots).await {
@@ -124,7 +138,8 @@ impl RegistryWriterState {
     async fn on_gpu_update(&mut self, slot: &str, update: GpuUpdate) {
         let Some(entry) = self.gpus.get_mut(slot) else { return };
         if let Some(state) = update.state {
-            if entry.state != GpuState::Dead {
+            let sticky = entry.state == GpuState::Dead || (self.draining && state != GpuState::Dead);
+            if !sticky {
                 entry.state = state;
             }
         }

@@ -1,0 +1,120 @@
+//! The NATS layer against a real nats-server (2.11+): the record's compare-and-set fence,
+//! create-once, queue de-duplication, and registry entries that expire on their own.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kiln_core::config::ClusterConfig;
+use kiln_core::job::{JobRecord, JobState};
+use kiln_core::nats::{resources, NatsServer, Resources, StoreError};
+use kiln_core::protocol::{GpuEntry, GpuState};
+
+fn config(url: &str) -> ClusterConfig {
+    let mut c = ClusterConfig::from_toml("[[models]]\nname = \"m\"\nengine = { kind = \"noop\" }\n", "test").unwrap();
+    c.nats.url = url.into();
+    c.node.registry_ttl_ms = 1_000;
+    c.node.heartbeat_ms = 200;
+    c
+}
+
+async fn setup() -> (NatsServer, Resources) {
+    let server = NatsServer::start_temp().expect("nats-server: run scripts/setup.sh");
+    let client = resources::connect(&server.url(), "test", Duration::from_secs(5)).await.unwrap();
+    let res = Resources::ensure(client, &config(&server.url())).await.unwrap();
+    (server, res)
+}
+
+fn record(id: &str) -> JobRecord {
+    JobRecord {
+        job_id: id.into(),
+        model: "m".into(),
+        inputs: BTreeMap::new(),
+        params: Default::default(),
+        priority: 0,
+        max_attempts: 3,
+        deadline_ms: None,
+        idempotency_key: None,
+        state: JobState::Queued,
+        attempt: 0,
+        owner: None,
+        created_ms: 0,
+        updated_ms: 0,
+        started_ms: None,
+        finished_ms: None,
+        error: None,
+        artifacts: vec![],
+        cancel_requested: false,
+        dead_letter: false,
+    }
+}
+
+#[tokio::test]
+async fn a_stale_attempt_cannot_overwrite_the_record() {
+    let (_server, res) = setup().await;
+    let mut r = record("job-1");
+    let rev0 = res.create_job(&r).await.unwrap();
+    assert!(matches!(res.create_job(&r).await, Err(StoreError::AlreadyExists)), "create is once only");
+
+    // Attempt 1 claims; attempt 2 (after a redelivery) claims over it.
+    r.state = JobState::Running;
+    r.attempt = 1;
+    let rev1 = res.update_job(&r, rev0).await.unwrap();
+    r.attempt = 2;
+    let rev2 = res.update_job(&r, rev1).await.unwrap();
+
+    // Attempt 1 finishes late and tries to write its outcome with the revision it holds.
+    let mut late = r.clone();
+    late.attempt = 1;
+    late.state = JobState::Completed;
+    assert!(matches!(res.update_job(&late, rev1).await, Err(StoreError::Conflict)));
+    let stored = res.get_job("job-1").await.unwrap().unwrap();
+    assert_eq!((stored.record.attempt, stored.record.state, stored.revision), (2, JobState::Running, rev2));
+}
+
+#[tokio::test]
+async fn the_queue_drops_a_second_publish_of_the_same_job() {
+    let (_server, res) = setup().await;
+    res.enqueue("job-2", "m", 0).await.unwrap();
+    res.enqueue("job-2", "m", 0).await.unwrap();
+    res.enqueue("job-3", "m", 5).await.unwrap();
+    assert_eq!(res.queued_count("m").await.unwrap(), 2, "job-2 once, job-3 in the high lane");
+}
+
+#[tokio::test]
+async fn registry_entries_expire_on_their_own_and_the_cache_follows() {
+    let (_server, res) = setup().await;
+    let cache = res.registry_cache().await.unwrap();
+    let entry = GpuEntry {
+        node: "n1".into(),
+        slot: "cpu:0".into(),
+        state: GpuState::Idle,
+        models: vec!["m".into()],
+        warm_models: vec![],
+        current_job: None,
+        restarts: 0,
+        last_error: None,
+        heartbeat_ms: kiln_core::now_ms(),
+    };
+    res.put_gpu(&entry).await.unwrap();
+    let start = Instant::now();
+    while cache.gpu("n1", "cpu:0").is_none() {
+        assert!(start.elapsed() < Duration::from_secs(2), "the watch delivers the entry");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Nobody refreshes it: the server removes it after its 1 s TTL, and the watch sees the
+    // delete marker. (Debian's 2.9 server ignores per-key TTL; this is why 2.11+ is pinned.)
+    let cache_raw_gone = async {
+        loop {
+            // Check the KV itself, not only the cache's heartbeat filter.
+            let js = async_nats::jetstream::new(res.client.clone());
+            let kv = js.get_key_value(res.names.gpus_bucket()).await.unwrap();
+            if kv.get(Resources::gpu_key("n1", "cpu:0")).await.unwrap().is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), cache_raw_gone).await.expect("the key expired in the server");
+    assert!(cache.gpu("n1", "cpu:0").is_none());
+    assert!(cache.gpus().is_empty());
+}

@@ -207,3 +207,53 @@ async fn sigterm_drains_the_running_job_then_leaves_the_registry() {
     );
     assert_eq!(client.status(&later.job_id).await.unwrap().status, JobState::Queued, "nothing ran the late job");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_inference_actor_restarts_it_and_the_job_is_retried() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "panic_before_run@1")]);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let r = client.submit(&request("demo", "panics once", serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
+    let view = wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 2));
+    let events = history(&client, &r.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "retrying", "running", "completed"]);
+    let gpu = client.cluster().await.unwrap().gpus.remove(0);
+    assert_eq!((gpu.restarts, gpu.state), (1, GpuState::Idle), "{gpu:?}");
+    assert!(gpu.last_error.unwrap_or_default().contains("fault injected"), "the registry says why it restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_the_terminal_write_and_the_ack_runs_nothing_twice() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 2_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "abort_after_terminal_write@1")]);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let r = client.submit(&request("demo", "crash before ack", serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
+    assert!(cluster.nodes[0].wait_exit(Duration::from_secs(30)).is_some(), "the node aborted at the fault point");
+    assert!(cluster.nodes[0].log().contains("fault injected: abort_after_terminal_write"));
+
+    cluster.nodes[0].env.clear();
+    cluster.nodes[0].start();
+    cluster.wait_node_ready("n1", 1).await;
+    let view = client.status(&r.job_id).await.unwrap();
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 1), "the outcome was already durable");
+
+    // The unacked message comes back after the ack wait; the node finds the record terminal,
+    // completes the history and acks, without running the job again.
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let drained = eventually(Duration::from_secs(15), || async {
+        let mut c: async_nats::jetstream::consumer::PullConsumer =
+            js.get_stream("KILN_JOBS").await.unwrap().get_consumer("demo-normal").await.unwrap();
+        let info = c.info().await.unwrap();
+        info.num_pending == 0 && info.num_ack_pending == 0 && info.delivered.stream_sequence > 0
+    })
+    .await;
+    assert!(drained, "the redelivered message was acked");
+    let events = history(&client, &r.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "completed"], "one ending, published by the redelivery");
+    assert_eq!(client.status(&r.job_id).await.unwrap().attempt, 1, "not run again");
+}

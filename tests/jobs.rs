@@ -251,3 +251,30 @@ async fn models_sharing_one_slot_take_turns() {
         assert_eq!(wait_terminal(&client, id, Duration::from_secs(20)).await.status, JobState::Completed);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_jobs_run_before_waiting_normal_ones() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let blocker = client.submit(&demo_request("blocker", serde_json::json!({"steps": 100, "step_ms": 50}))).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async { client.status(&blocker.job_id).await.unwrap().status == JobState::Running }).await
+    );
+    let mut normal = vec![];
+    for i in 0..3 {
+        normal.push(
+            client.submit(&demo_request(&format!("normal {i}"), serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap().job_id,
+        );
+    }
+    let mut urgent = demo_request("urgent", serde_json::json!({"steps": 1, "step_ms": 1}));
+    urgent.priority = 5;
+    let urgent = client.submit(&urgent).await.unwrap().job_id;
+    client.cancel(&blocker.job_id).await.unwrap();
+    let urgent_started = wait_terminal(&client, &urgent, Duration::from_secs(30)).await.started_ms.unwrap();
+    for id in &normal {
+        let v = wait_terminal(&client, id, Duration::from_secs(30)).await;
+        assert!(v.started_ms.unwrap() > urgent_started, "the urgent job ran first");
+    }
+}

@@ -112,6 +112,7 @@ impl InferenceState {
             self.report(GpuUpdate { state: Some(GpuState::Busy), warm_models: Some(warm), ..Default::default() });
         }
         let engine = self.engines.get_mut(&model.name).expect("inserted above");
+        crate::fault::panic_at("panic_before_run");
         let result = match tokio::time::timeout(timeout, engine.run(job, progress, cancel)).await {
             Ok(r) => r,
             Err(_) => {

@@ -162,7 +162,12 @@ impl JobActorState {
             next.updated_ms = kiln_core::now_ms();
             match decide_delivery(&record, kiln_core::now_ms()) {
                 DeliveryDecision::AlreadyTerminal => {
-                    self.terminal_event(&record).await;
+                    // A crash between the terminal write and its event or ack: publish the
+                    // event only if it is missing, so the history never shows two endings.
+                    let last = self.ctx().resources.last_event(&self.job_id).await?;
+                    if !last.is_some_and(|e| e.is_terminal()) {
+                        self.terminal_event(&record).await;
+                    }
                     self.ack(AckKind::Ack).await;
                     return Ok(Some(DeliveryEnd::Terminal(record.state)));
                 }
@@ -255,14 +260,22 @@ impl JobActorState {
         self.registry(GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(self.job_id.clone())), ..Default::default() });
         self.event(Event::status(&self.job_id, self.attempt, JobState::Running)).await;
 
-        // JetStream redelivers after ack_wait without news: tell it we are alive.
+        // JetStream redelivers after ack_wait without news: tell it we are alive. Each tick
+        // also re-reads the record, so a cancel whose core-NATS notice was lost still lands.
         let ticker = {
             let delivery = self.args.delivery.clone();
             let period = self.ctx().resources.ack_wait() / 3;
+            let resources = self.ctx().resources.clone();
+            let (job_id, cancel) = (self.job_id.clone(), self.args.cancel.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(period).await;
                     let _ = delivery.ack_with(AckKind::Progress).await;
+                    if let Ok(Some(v)) = resources.get_job(&job_id).await {
+                        if v.record.cancel_requested {
+                            cancel.cancel();
+                        }
+                    }
                 }
             })
         };
@@ -401,6 +414,7 @@ impl JobActorState {
             self.ack(AckKind::Nak(Some(delay))).await;
             return DeliveryEnd::Retrying;
         }
+        crate::fault::abort_at("abort_after_terminal_write");
         self.finish_metrics(&record);
         self.terminal_event(&record).await;
         self.ack(AckKind::Ack).await;

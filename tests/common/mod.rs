@@ -83,6 +83,8 @@ engine = { kind = "noop" }
 
 pub struct NodeProcess {
     pub name: String,
+    /// Extra environment for the next start (e.g. `KILN_FAULTS`).
+    pub env: Vec<(String, String)>,
     config_path: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
@@ -90,9 +92,14 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn spawn(dir: &Path, name: &str, config: &str) -> NodeProcess {
+        Self::spawn_with_env(dir, name, config, &[])
+    }
+
+    pub fn spawn_with_env(dir: &Path, name: &str, config: &str, env: &[(&str, &str)]) -> NodeProcess {
         let config_path = dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, config).unwrap();
-        let mut node = NodeProcess { name: name.into(), config_path, log_path: dir.join(format!("{name}.log")), child: None };
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut node = NodeProcess { name: name.into(), env, config_path, log_path: dir.join(format!("{name}.log")), child: None };
         node.start();
         node
     }
@@ -104,6 +111,7 @@ impl NodeProcess {
             .arg(&self.config_path)
             .args(["--node-name", &self.name])
             .env("KILN_LOG", "info,async_nats=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -175,7 +183,11 @@ impl TestCluster {
     }
 
     pub fn add_node(&mut self, name: &str, config: &str) -> usize {
-        self.nodes.push(NodeProcess::spawn(self.dir.path(), name, config));
+        self.add_node_with_env(name, config, &[])
+    }
+
+    pub fn add_node_with_env(&mut self, name: &str, config: &str, env: &[(&str, &str)]) -> usize {
+        self.nodes.push(NodeProcess::spawn_with_env(self.dir.path(), name, config, env));
         self.nodes.len() - 1
     }
 

@@ -28,4 +28,14 @@ impl Resources {
         ack.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
         Ok(())
     }
+
+    /// The last event stored for a job (a direct get, one round trip), if any.
+    pub async fn last_event(&self, job_id: &str) -> Result<Option<Event>, StoreError> {
+        let stream = self.js.get_stream(self.names.events_stream()).await.map_err(StoreError::nats)?;
+        match stream.get_last_raw_message_by_subject(&self.names.events_subject(job_id)).await {
+            Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| StoreError::Decode(e.to_string())),
+            Err(e) if matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(StoreError::nats(e)),
+        }
+    }
 }

@@ -1,0 +1,48 @@
+//! Named fault points at the dangerous places, compiled in only with the `fault-injection`
+//! feature (which `cargo test` turns on through the root crate's dev-dependencies; release
+//! builds have none: every call compiles to nothing).
+//!
+//! `KILN_FAULTS` names the points to trigger, comma separated: `point` fires at every hit,
+//! `point@N` only at the N-th hit in this process. Points:
+//!
+//! | point                        | where                                               | effect        |
+//! |------------------------------|-----------------------------------------------------|---------------|
+//! | `panic_before_run`           | inference actor, before the engine runs a job       | panic         |
+//! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
+
+/// Whether `point` fires now.
+#[cfg(feature = "fault-injection")]
+fn fires(point: &str) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static HITS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+    let Ok(spec) = std::env::var("KILN_FAULTS") else { return false };
+    let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
+    let count = hits.get_or_insert_with(HashMap::new).entry(point.to_string()).or_insert(0);
+    *count += 1;
+    spec.split(',').map(str::trim).any(|s| match s.split_once('@') {
+        Some((name, n)) => name == point && n.parse::<u32>().ok() == Some(*count),
+        None => s == point,
+    })
+}
+
+/// Panics at `point` when it is armed.
+#[inline(always)]
+pub fn panic_at(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    if fires(point) {
+        panic!("fault injected: {point}");
+    }
+    let _ = point;
+}
+
+/// Aborts the whole process at `point` when it is armed (a crash, as SIGKILL would be).
+#[inline(always)]
+pub fn abort_at(point: &str) {
+    #[cfg(feature = "fault-injection")]
+    if fires(point) {
+        eprintln!("fault injected: {point}; aborting");
+        std::process::abort();
+    }
+    let _ = point;
+}

@@ -61,6 +61,9 @@ pub enum JobMsg {}
 
 pub struct JobActorState {
     args: JobArgs,
+    /// Acks of events published but not yet confirmed; all are awaited before the terminal
+    /// write, so the history is durable before the outcome is visible.
+    pending_events: Vec<async_nats::jetstream::context::PublishAckFuture>,
     job_id: String,
     /// Set once the attempt is claimed: the record as last written and its revision.
     current: Option<Versioned>,
@@ -90,7 +93,7 @@ impl Actor for JobActor {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let job_id = serde_json::from_slice::<QueueMessage>(&args.delivery.payload).map(|q| q.job_id).unwrap_or_default();
-        Ok(JobActorState { args, job_id, current: None, attempt: 0 })
+        Ok(JobActorState { args, pending_events: vec![], job_id, current: None, attempt: 0 })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -112,9 +115,19 @@ impl JobActorState {
         }
     }
 
-    async fn event(&self, event: Event) {
-        if let Err(e) = self.ctx().resources.publish_event(&event).await {
-            tracing::warn!(job_id = %self.job_id, error = %e, "event publish failed");
+    async fn event(&mut self, event: Event) {
+        match self.ctx().resources.publish_event_nowait(&event).await {
+            Ok(ack) => self.pending_events.push(ack),
+            Err(e) => tracing::warn!(job_id = %self.job_id, error = %e, "event publish failed"),
+        }
+    }
+
+    /// Waits until every event published so far is stored.
+    async fn flush_events(&mut self) {
+        for ack in self.pending_events.drain(..) {
+            if let Err(e) = ack.await {
+                tracing::warn!(job_id = %self.job_id, error = %e, "event not stored");
+            }
         }
     }
 
@@ -380,6 +393,7 @@ impl JobActorState {
                 }
             }
         };
+        self.flush_events().await;
         let written = self
             .write(|r| {
                 r.state = state;
@@ -426,8 +440,14 @@ impl JobActorState {
     }
 }
 
-/// Turns engine progress into events, in order, until the engine drops its sender.
+/// Most progress events whose acks may be outstanding at once: the forwarder overlaps acks
+/// for throughput but waits once this many are in flight, which bounds its memory.
+const MAX_UNACKED_PROGRESS: usize = 64;
+
+/// Turns engine progress into events, in order, until the engine drops its sender; returns
+/// once every one of them is stored.
 async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, mut rx: mpsc::Receiver<ProgressUpdate>) {
+    let mut unacked = std::collections::VecDeque::new();
     while let Some(update) = rx.recv().await {
         let event = match update {
             ProgressUpdate::Progress { stage, progress, message } => {
@@ -437,8 +457,17 @@ async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, mut rx
             }
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, 4096)),
         };
-        if let Err(e) = ctx.resources.publish_event(&event).await {
-            tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed");
+        match ctx.resources.publish_event_nowait(&event).await {
+            Ok(ack) => unacked.push_back(ack),
+            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed"),
+        }
+        if unacked.len() >= MAX_UNACKED_PROGRESS {
+            let _ = unacked.pop_front().expect("non-empty").await;
+        }
+    }
+    for ack in unacked {
+        if let Err(e) = ack.await {
+            tracing::warn!(job_id = %job_id, error = %e, "progress event not stored");
         }
     }
 }

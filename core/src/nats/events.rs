@@ -12,6 +12,14 @@ impl Resources {
         self.publish_event_with_id(event, None).await
     }
 
+    /// Publishes without waiting for the stream's ack; the caller awaits the returned future
+    /// later. Publishes on one connection are stored in the order they were sent, so a job's
+    /// events stay ordered while their acks overlap.
+    pub async fn publish_event_nowait(&self, event: &Event) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
+        let body = serde_json::to_vec(event).expect("events serialize");
+        self.js.publish(self.names.events_subject(&event.job_id), body.into()).await.map_err(StoreError::nats)
+    }
+
     /// As [`publish_event`](Self::publish_event), de-duplicated by `msg_id`: used for the
     /// terminal event, which a redelivery after a crash may publish a second time.
     pub async fn publish_event_with_id(&self, event: &Event, msg_id: Option<&str>) -> Result<(), StoreError> {

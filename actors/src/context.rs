@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use dashmap::DashMap;
+
 use kiln_core::config::ClusterConfig;
 use kiln_core::nats::Resources;
 
@@ -15,6 +17,9 @@ pub struct NodeContext {
     pub node: String,
     /// Root of the per-slot working directories (job inputs and outputs).
     pub work_dir: PathBuf,
+    /// Models resident on each slot of this node, kept by the inference actors and read by
+    /// the dispatcher to prefer a slot where the job's model is already warm.
+    pub warm: Arc<DashMap<String, Vec<String>>>,
 }
 
 impl NodeContext {

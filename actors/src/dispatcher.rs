@@ -250,14 +250,19 @@ impl DispatcherState {
     }
 
     fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
-        let mut got = vec![];
-        for (name, slot) in self.slots.iter_mut() {
-            if got.len() >= max {
-                break;
-            }
-            if slot.usage == SlotUse::Free && slot.inference.is_some() && !slot.dead && slot.models.iter().any(|m| m == model) {
-                slot.usage = SlotUse::Reserved;
-                got.push(name.clone());
+        let mut candidates: Vec<&String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.usage == SlotUse::Free && s.inference.is_some() && !s.dead && s.models.iter().any(|m| m == model))
+            .map(|(name, _)| name)
+            .collect();
+        // Slots where the model is already resident first: no load, no eviction.
+        let warm = |slot: &String| self.ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model));
+        candidates.sort_by_key(|s| !warm(s));
+        let got: Vec<String> = candidates.into_iter().take(max).cloned().collect();
+        for name in &got {
+            if let Some(s) = self.slots.get_mut(name) {
+                s.usage = SlotUse::Reserved;
             }
         }
         got

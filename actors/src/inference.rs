@@ -35,6 +35,8 @@ pub struct InferenceState {
     registry: ActorRef<RegistryWriterMsg>,
     /// One engine per model this slot has run; BTreeMap for a stable warm-model list.
     engines: BTreeMap<String, Engine>,
+    /// The warm list last reported, so the registry is written only when it changes.
+    reported_warm: Vec<String>,
 }
 
 pub type RunResult = Result<Vec<EngineOutput>, EngineError>;
@@ -52,10 +54,11 @@ impl Actor for InferenceActor {
     /// loaded on the first job, not here.
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         Ok(InferenceState {
-            slot: SlotContext { node: args.ctx.node.clone(), slot: args.slot },
+            slot: SlotContext::new(&args.ctx.node, &args.slot, args.ctx.config.node.slot_memory_bytes),
             ctx: args.ctx,
             registry: args.registry,
             engines: BTreeMap::new(),
+            reported_warm: vec![],
         })
     }
 
@@ -76,6 +79,17 @@ impl Actor for InferenceActor {
 impl InferenceState {
     fn warm_models(&self) -> Vec<String> {
         self.engines.iter().filter(|(_, e)| e.is_loaded()).map(|(m, _)| m.clone()).collect()
+    }
+
+    /// Publishes the warm models (to the registry and the dispatcher's placement) if changed:
+    /// a load adds one, an eviction by the memory budget removes one.
+    fn report_warm(&mut self) {
+        let warm = self.warm_models();
+        if warm != self.reported_warm {
+            self.ctx.warm.insert(self.slot.slot.clone(), warm.clone());
+            self.report(GpuUpdate { warm_models: Some(warm.clone()), ..Default::default() });
+            self.reported_warm = warm;
+        }
     }
 
     fn report(&self, update: GpuUpdate) {
@@ -108,11 +122,11 @@ impl InferenceState {
                 let _ = reply.send(Err(e));
                 return Ok(());
             }
-            let warm = self.warm_models();
-            self.report(GpuUpdate { state: Some(GpuState::Busy), warm_models: Some(warm), ..Default::default() });
+            self.report(GpuUpdate::state(GpuState::Busy));
+            self.report_warm();
         }
         let engine = self.engines.get_mut(&model.name).expect("inserted above");
-        crate::fault::panic_at("panic_before_run");
+        kiln_core::fault::panic_at("panic_before_run");
         let result = match tokio::time::timeout(timeout, engine.run(job, progress, cancel)).await {
             Ok(r) => r,
             Err(_) => {
@@ -122,7 +136,9 @@ impl InferenceState {
         };
         let restart = result.as_ref().err().filter(|e| e.needs_restart()).map(|e| e.to_string());
         let _ = reply.send(result);
+        self.report_warm();
         if let Some(reason) = restart {
+            self.ctx.warm.remove(&self.slot.slot);
             self.report(GpuUpdate { warm_models: Some(vec![]), last_error: Some(Some(reason.clone())), ..Default::default() });
             return Err(reason.into());
         }

@@ -428,7 +428,7 @@ impl JobActorState {
             self.ack(AckKind::Nak(Some(delay))).await;
             return DeliveryEnd::Retrying;
         }
-        crate::fault::abort_at("abort_after_terminal_write");
+        kiln_core::fault::abort_at("abort_after_terminal_write");
         self.finish_metrics(&record);
         self.terminal_event(&record).await;
         self.ack(AckKind::Ack).await;

@@ -12,12 +12,11 @@
 //!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
 //! ```
 //!
-//! [`fault`] has the named fault points (compiled in for tests only). [`context`] holds what they share (config, NATS handles); [`NodeHandle`] is the typed handle
+//! [`context`] holds what they share (config, NATS handles); [`NodeHandle`] is the typed handle
 //! the binary uses to start, drain and stop a node.
 
 pub mod context;
 pub mod dispatcher;
-pub mod fault;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;

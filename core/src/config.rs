@@ -84,6 +84,9 @@ pub struct NodeConfig {
     pub registry_ttl_ms: u64,
     /// Per-slot working directories (job inputs and outputs). Empty: a temp dir.
     pub work_dir: String,
+    /// Memory one slot may fill with resident TorchScript models (their `memory_bytes`);
+    /// the least recently used are evicted to stay under it.
+    pub slot_memory_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -95,6 +98,7 @@ impl Default for NodeConfig {
             heartbeat_ms: 1_000,
             registry_ttl_ms: 5_000,
             work_dir: String::new(),
+            slot_memory_bytes: 8 << 30,
         }
     }
 }
@@ -208,11 +212,35 @@ pub enum EngineConfig {
         #[serde(default = "default_ready_timeout_ms")]
         ready_timeout_ms: u64,
     },
+    /// A TorchScript module run in process through tch on the slot's device.
+    Torchscript {
+        /// The `.pt` file; relative paths resolve against the config file's folder.
+        path: String,
+        /// Inputs passed first, in this order (`{ name, kind = "text" | "tensor" | "image" }`).
+        #[serde(default)]
+        inputs: Vec<crate::engine::torchscript::InputSpec>,
+        /// Scalar params passed after the inputs (`{ name, kind = "int" | "float" | "bool" | "str", default }`).
+        #[serde(default)]
+        params: Vec<crate::engine::torchscript::ParamSpec>,
+        /// Codecs of named outputs (`{ name, codec = "png" | "npy" | "json" | "ply" }`); others are `.npy`.
+        #[serde(default)]
+        outputs: Vec<crate::engine::torchscript::OutputSpec>,
+        /// Resident size estimate in bytes, for the slot's memory budget; default twice the file.
+        #[serde(default)]
+        memory_bytes: Option<u64>,
+        /// `"slot"` (default): the slot's device; `"cpu"`: always the CPU.
+        #[serde(default = "default_device")]
+        device: String,
+    },
     /// Completes at once with a small artifact: measures Kiln's own overhead.
     Noop {
         #[serde(default)]
         artifact_bytes: usize,
     },
+}
+
+fn default_device() -> String {
+    "slot".into()
 }
 
 fn default_ready_timeout_ms() -> u64 {
@@ -223,6 +251,7 @@ impl EngineConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             EngineConfig::Process { .. } => "process",
+            EngineConfig::Torchscript { .. } => "torchscript",
             EngineConfig::Noop { .. } => "noop",
         }
     }
@@ -249,13 +278,19 @@ impl ClusterConfig {
     /// started from any folder finds the worker scripts named in the file.
     pub fn resolve_paths(&mut self, base: &Path) {
         for model in &mut self.models {
-            if let EngineConfig::Process { command, .. } = &mut model.engine {
-                for arg in command.iter_mut() {
-                    let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
-                    if looks_like_path && base.join(&*arg).exists() {
-                        *arg = base.join(&*arg).canonicalize().unwrap_or_else(|_| base.join(&*arg)).display().to_string();
+            match &mut model.engine {
+                EngineConfig::Process { command, .. } => {
+                    for arg in command.iter_mut() {
+                        let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
+                        if looks_like_path && base.join(&*arg).exists() {
+                            *arg = base.join(&*arg).canonicalize().unwrap_or_else(|_| base.join(&*arg)).display().to_string();
+                        }
                     }
                 }
+                // A missing model file is reported when a job needs it, not at start: the
+                // node serves its other models meanwhile.
+                EngineConfig::Torchscript { path, .. } if !path.starts_with('/') => *path = base.join(&*path).display().to_string(),
+                _ => {}
             }
         }
     }
@@ -344,10 +379,25 @@ impl ClusterConfig {
                     return Err(invalid(key("slots"), format!("{s:?} is not `cuda:N` or `cpu:N`")));
                 }
             }
-            if let EngineConfig::Process { command, .. } = &m.engine {
-                if command.is_empty() {
-                    return Err(invalid(key("engine.command"), "must name a program"));
+            match &m.engine {
+                EngineConfig::Process { command, .. } if command.is_empty() => {
+                    return Err(invalid(key("engine.command"), "must name a program"))
                 }
+                EngineConfig::Torchscript { path, device, inputs, params, .. } => {
+                    if path.is_empty() {
+                        return Err(invalid(key("engine.path"), "must name a .pt file"));
+                    }
+                    if device != "slot" && device != "cpu" {
+                        return Err(invalid(key("engine.device"), format!("{device:?} is not \"slot\" or \"cpu\"")));
+                    }
+                    let mut names: Vec<&str> =
+                        inputs.iter().map(|i| i.name.as_str()).chain(params.iter().map(|p| p.name.as_str())).collect();
+                    names.sort();
+                    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+                        return Err(invalid(key("engine"), format!("{:?} is both an input and a param, or listed twice", w[0])));
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())

@@ -158,6 +158,8 @@ pub enum FailureKind {
     User,
     /// Crash, worker death, timeout, out of memory, NATS trouble: retry with backoff.
     Infrastructure,
+    /// The model itself is unusable (missing or corrupt file): fail at once, not the user's fault.
+    Permanent,
 }
 
 /// What to do after an attempt failed.
@@ -171,7 +173,7 @@ pub enum AfterFailure {
 
 pub fn after_failure(kind: FailureKind, attempt: u32, max_attempts: u32) -> AfterFailure {
     match kind {
-        FailureKind::User => AfterFailure::Fail { dead_letter: false },
+        FailureKind::User | FailureKind::Permanent => AfterFailure::Fail { dead_letter: false },
         FailureKind::Infrastructure if attempt < max_attempts => AfterFailure::Retry,
         FailureKind::Infrastructure => AfterFailure::Fail { dead_letter: true },
     }

@@ -12,10 +12,12 @@
 //! | [`ids`]      | syntax of client-controlled names (no wildcards, no path tricks)       |
 //! | [`nats`]     | streams, KV, object store, registry cache, the nats-server process     |
 //! | [`engine`]   | `process` and `noop` engines: lazy load, run with progress and cancel  |
+//! | [`fault`]    | named fault points, compiled in only for tests                         |
 //! | [`metrics`]  | metric names and label conventions (units in names, bounded labels)   |
 
 pub mod config;
 pub mod engine;
+pub mod fault;
 pub mod ids;
 pub mod job;
 pub mod metrics;

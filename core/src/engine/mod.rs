@@ -3,14 +3,18 @@
 //! | file         | engine    | how                                                           |
 //! |--------------|-----------|---------------------------------------------------------------|
 //! | `process.rs` | `process` | a long-lived worker process per slot and model, JSON lines    |
+//! | `torchscript.rs` | `torchscript` | TorchScript via tch on a dedicated thread per slot    |
+//! | `codecs.rs`  |           | job inputs to Torch values, outputs to PNG/npy/json/ply files |
 //! | `noop.rs`    | `noop`    | completes at once with a small artifact (runtime overhead)    |
 //!
 //! An engine loads its model lazily on the first job ([`Engine::ensure_loaded`]), keeps it
 //! resident, and runs a job with a progress sink and a cancellation token. Engines are an enum,
 //! not a trait object: the set is closed and known to the config, and async methods stay plain.
 
+pub mod codecs;
 pub mod noop;
 pub mod process;
+pub mod torchscript;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -70,9 +74,13 @@ pub enum EngineError {
     /// Something transient failed (out of memory, a worker reported a retryable error).
     #[error("{0}")]
     Infra(String),
-    /// The model could not be loaded (missing file, worker exits at start).
+    /// The model could not be loaded (worker exits at start): may be transient, retried.
     #[error("cannot load model: {0}")]
     Load(String),
+    /// The model itself is unusable (missing or corrupt file, larger than the slot): retrying
+    /// cannot help, so the job fails at once; the slot stays up for its other models.
+    #[error("model unusable: {0}")]
+    ModelBroken(String),
     /// The worker process died or broke its protocol: the slot must restart.
     #[error("worker died: {0}")]
     WorkerDied(String),
@@ -87,6 +95,7 @@ impl EngineError {
     pub fn failure_kind(&self) -> FailureKind {
         match self {
             EngineError::User(_) => FailureKind::User,
+            EngineError::ModelBroken(_) => FailureKind::Permanent,
             _ => FailureKind::Infrastructure,
         }
     }
@@ -100,15 +109,51 @@ impl EngineError {
 pub enum Engine {
     /// Boxed: it holds the worker's pipes and buffers, far larger than the other variants.
     Process(Box<process::ProcessEngine>),
+    Torch(TorchEngine),
     Noop(noop::NoopEngine),
 }
 
 /// Where a slot runs, handed to engines so they pick the right device.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SlotContext {
     pub node: String,
     /// `cuda:0`, `cpu:1`.
     pub slot: String,
+    /// Budget of resident TorchScript models on this slot.
+    pub memory_bytes: u64,
+    /// The slot's torch thread, started by the first TorchScript model it runs.
+    pub torch: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<torchscript::TorchSlot>>>,
+}
+
+impl SlotContext {
+    pub fn new(node: &str, slot: &str, memory_bytes: u64) -> Self {
+        SlotContext { node: node.into(), slot: slot.into(), memory_bytes, torch: Default::default() }
+    }
+
+    /// The Torch device of this slot: `cuda:N` when CUDA has that device, else the CPU.
+    pub fn torch_device(&self) -> Result<tch::Device, EngineError> {
+        match crate::config::parse_slot(&self.slot) {
+            Some(crate::config::SlotDevice::Cuda(n)) => {
+                if tch::Cuda::is_available() && (n as usize) < tch::Cuda::device_count() as usize {
+                    Ok(tch::Device::Cuda(n as usize))
+                } else {
+                    Err(EngineError::ModelBroken(format!(
+                        "slot {} names a GPU, but CUDA has {} device(s) here",
+                        self.slot,
+                        if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 }
+                    )))
+                }
+            }
+            _ => Ok(tch::Device::Cpu),
+        }
+    }
+}
+
+/// A TorchScript model of one slot: its settings and the slot's shared torch thread.
+pub struct TorchEngine {
+    model: String,
+    spec: torchscript::TorchModel,
+    slot: SlotContext,
 }
 
 impl Engine {
@@ -118,6 +163,18 @@ impl Engine {
             EngineConfig::Process { command, env, ready_timeout_ms } => {
                 Engine::Process(Box::new(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot)))
             }
+            EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device } => {
+                let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                let spec = torchscript::TorchModel {
+                    path: path.into(),
+                    inputs: inputs.clone(),
+                    params: params.clone(),
+                    outputs: outputs.clone(),
+                    memory_bytes: memory_bytes.unwrap_or(2 * file_bytes),
+                    cpu_only: device == "cpu",
+                };
+                Engine::Torch(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() })
+            }
             EngineConfig::Noop { artifact_bytes } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes)),
         }
     }
@@ -125,6 +182,7 @@ impl Engine {
     pub fn is_loaded(&self) -> bool {
         match self {
             Engine::Process(e) => e.is_loaded(),
+            Engine::Torch(e) => e.slot.torch.get().is_some_and(|t| t.is_loaded(&e.model)),
             Engine::Noop(_) => true,
         }
     }
@@ -133,7 +191,8 @@ impl Engine {
     pub async fn ensure_loaded(&mut self) -> Result<(), EngineError> {
         match self {
             Engine::Process(e) => e.ensure_loaded().await,
-            Engine::Noop(_) => Ok(()),
+            // TorchScript models load on the slot's thread as part of their first run.
+            Engine::Torch(_) | Engine::Noop(_) => Ok(()),
         }
     }
 
@@ -145,6 +204,11 @@ impl Engine {
     ) -> Result<Vec<EngineOutput>, EngineError> {
         match self {
             Engine::Process(e) => e.run(job, progress, cancel).await,
+            Engine::Torch(e) => {
+                let device = e.slot.torch_device()?;
+                let slot = e.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&e.slot.slot, device, e.slot.memory_bytes)).clone();
+                slot.run(&e.model, &e.spec, job, progress, cancel).await
+            }
             Engine::Noop(e) => e.run(job).await,
         }
     }

@@ -8,6 +8,7 @@
 //! | point                        | where                                               | effect        |
 //! |------------------------------|-----------------------------------------------------|---------------|
 //! | `panic_before_run`           | inference actor, before the engine runs a job       | panic         |
+//! | `panic_in_engine_thread`     | the torch thread of a slot, before a job runs       | panic (caught)|
 //! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
 
 /// Whether `point` fires now.

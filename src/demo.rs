@@ -1,7 +1,8 @@
 //! `kiln demo`, the README's main job: starts a local nats-server (in a temp dir, on a free
 //! port) and a node from `cluster.toml`, submits a batch of prompts to the `demo` model (a
-//! real Python worker process per slot, `examples/workers/demo_worker.py`), shows each job's
-//! progress live, and downloads the verified results into a folder.
+//! real Python worker process per slot, `examples/workers/demo_worker.py`) and the TorchScript
+//! `tiny-sampler`, turns one generated image into 3D Gaussians (`image-to-gaussians`, a `.ply`),
+//! shows each job's progress live, and downloads the verified results into a folder.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,16 +48,19 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     for g in &cluster.gpus {
         println!("  node {} slot {} serves {:?}", g.node, g.slot, g.models);
     }
-    println!("submitting {} jobs to model {:?}", opts.jobs, opts.model);
+    println!("submitting {} jobs to {:?} and, when configured, the TorchScript tiny-sampler", opts.jobs, opts.model);
 
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>36} [{bar:30}] {pos:>3}% {msg}").map_err(|e| e.to_string())?.progress_chars("=> ");
     let started = Instant::now();
     let mut tasks = vec![];
+    let sampler = has_model(&client, "tiny-sampler").await;
     for i in 0..opts.jobs {
         let prompt = PROMPTS[i % PROMPTS.len()];
+        // Half the batch on the Python worker process, half on the TorchScript sampler.
+        let model = if sampler && i % 2 == 1 { "tiny-sampler".to_string() } else { opts.model.clone() };
         let request = SubmitRequest {
-            model: opts.model.clone(),
+            model,
             inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
             params: serde_json::json!({"steps": 10, "seed": i, "step_ms": 80}).as_object().cloned().unwrap_or_default(),
             ..Default::default()
@@ -95,25 +99,49 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     }
     let mut completed = 0;
     let mut lines = vec![];
+    let mut images = vec![];
     for t in tasks {
         let (job_id, status, files) = t.await.map_err(|e| e.to_string())??;
         completed += usize::from(status == kiln_core::job::JobState::Completed);
-        lines.push(format!(
-            "  {job_id} {:<9} {}",
-            status.as_str(),
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-        ));
+        images.extend(files.iter().filter(|f| f.extension().is_some_and(|e| e == "png")).cloned());
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        lines.push(format!("  {job_id} {:<9} {}", status.as_str(), names.join(", ")));
+    }
+    let mut total = opts.jobs;
+    // The TorchScript path: an image the sampler made becomes 3D Gaussians, saved as a .ply.
+    if let (Some(image), true) = (images.last(), has_model(&client, "image-to-gaussians").await) {
+        total += 1;
+        let object = format!("uploads/demo/{}", image.file_name().and_then(|n| n.to_str()).unwrap_or("image.png"));
+        client.upload(&object, &std::fs::read(image).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
+        let inputs = [("image".to_string(), InputValue::Object { object })].into();
+        let reply = client
+            .submit(&SubmitRequest { model: "image-to-gaussians".into(), inputs, ..Default::default() })
+            .await
+            .map_err(|e| e.to_string())?;
+        let view = client.wait(&reply.job_id, Duration::from_secs(120), |_| {}).await.map_err(|e| e.to_string())?;
+        let mut files = vec![];
+        for a in &view.artifacts {
+            let dest = opts.out.join(&reply.job_id).join(&a.name);
+            client.download(a, &dest).await.map_err(|e| e.to_string())?;
+            files.push(dest.display().to_string());
+        }
+        completed += usize::from(view.status == kiln_core::job::JobState::Completed);
+        lines.push(format!("  {} {:<9} {} (3D Gaussians of {})", reply.job_id, view.status.as_str(), files.join(", "), image.display()));
     }
     println!();
     for l in lines {
         println!("{l}");
     }
-    println!("{completed}/{} jobs completed in {:.2} s; results in {}", opts.jobs, started.elapsed().as_secs_f64(), opts.out.display());
+    println!("{completed}/{total} jobs completed in {:.2} s; results in {}", started.elapsed().as_secs_f64(), opts.out.display());
     node.shutdown(Duration::from_secs(5)).await;
     drop(server);
-    if completed == opts.jobs {
+    if completed == total {
         Ok(())
     } else {
-        Err(format!("{} jobs did not complete", opts.jobs - completed))
+        Err(format!("{} jobs did not complete", total - completed))
     }
+}
+
+async fn has_model(client: &Client, name: &str) -> bool {
+    client.models().await.map(|m| m.models.iter().any(|m| m.name == name)).unwrap_or(false)
 }

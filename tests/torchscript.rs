@@ -278,3 +278,44 @@ outputs = [{ name = "scene.ply", codec = "ply" }]"#;
     assert_eq!(body, 48 * 17 * 4, "one row of 17 floats per pixel");
     assert_eq!(view.artifacts.iter().find(|a| a.name == "scene.ply").unwrap().content_type, "application/x-ply");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_jobs_are_batched_into_fewer_forward_passes_and_split_back() {
+    let mut cluster = TestCluster::new();
+    let settings = format!("{AFFINE}\nmax_batch = 8\nmax_batch_delay_ms = 300");
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &torch_model("affine", "affine.pt", &settings, "")));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let reference = &manifest()["models"]["affine"]["reference"];
+    let w: Vec<Vec<f32>> = serde_json::from_value(reference["weight"].clone()).unwrap();
+    let b: Vec<f32> = serde_json::from_value(reference["bias"].clone()).unwrap();
+
+    // Warm the model first so the batch forms on the forward pass, not behind the load.
+    let r = client.submit(&request("affine", serde_json::json!({"x": [[0, 0, 0, 0]]}), serde_json::json!({}))).await.unwrap();
+    wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
+
+    const K: usize = 6;
+    let mut ids = vec![];
+    for i in 0..K {
+        let x = vec![vec![i as f32, 1.0, -(i as f32), 2.0]];
+        ids.push((
+            x.clone(),
+            client.submit(&request("affine", serde_json::json!({ "x": x }), serde_json::json!({}))).await.unwrap().job_id,
+        ));
+    }
+    let mut passes = std::collections::BTreeSet::new();
+    for (x, id) in &ids {
+        let view = wait_terminal(&client, id, Duration::from_secs(30)).await;
+        assert_eq!(view.status, JobState::Completed, "{view:?}");
+        let out: serde_json::Value = serde_json::from_slice(&download(&client, &view, "output.json").await).unwrap();
+        assert_eq!(out["shape"], serde_json::json!([1, 3]), "each job gets its own slice");
+        let got: Vec<f32> = serde_json::from_value(out["data"].clone()).unwrap();
+        let want: Vec<f32> = (0..3).map(|j| (0..4).map(|k| x[0][k] * w[k][j]).sum::<f32>() + b[j]).collect();
+        for (g, e) in got.iter().zip(&want) {
+            assert!((g - e).abs() < 1e-4, "job {id}: {got:?} != {want:?}");
+        }
+        let msg = history(&client, id).await.into_iter().find_map(|e| e.message.filter(|m| m.starts_with("forward pass #"))).unwrap();
+        passes.insert(msg.split(',').next().unwrap().to_string());
+    }
+    assert!(passes.len() < K, "{K} jobs ran in {} forward passes: {passes:?}", passes.len());
+}

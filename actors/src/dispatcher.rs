@@ -2,7 +2,8 @@
 //! and spawns one [`JobActor`](crate::job) per delivery.
 //!
 //! A busy cluster therefore leaves jobs in the durable queue, not in any node's memory: a node
-//! holds at most one delivered job per slot. For each model a puller task loops:
+//! holds at most one delivered job per slot, or up to `max_batch` jobs of one model on a slot
+//! whose TorchScript model batches. For each model a puller task loops:
 //!
 //! ```text
 //! Reserve free slots for the model (RPC; parked in FIFO order until a slot frees up)
@@ -33,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
 use crate::job::{JobActor, JobArgs};
-use crate::registry_writer::RegistryWriterMsg;
+use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+use kiln_core::protocol::GpuState;
 
 /// How long a puller long-polls a lane when nothing is waiting.
 const LONG_POLL: Duration = Duration::from_millis(500);
@@ -47,19 +49,34 @@ pub struct DispatcherArgs {
     pub registry: ActorRef<RegistryWriterMsg>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum SlotUse {
-    Free,
-    /// Held by a puller while it fetches.
-    Reserved,
-    Busy(String),
-}
-
 struct Slot {
     models: Vec<String>,
     inference: Option<ActorRef<InferenceMsg>>,
-    usage: SlotUse,
+    /// The model whose jobs hold the slot now (reserved or running); `None` when free. Only
+    /// one model at a time: a batch is of one model.
+    model: Option<String>,
+    /// Places held by pullers while they fetch.
+    reserved: usize,
+    /// Jobs running on the slot: 1 at most, or up to the model's `max_batch` when it batches.
+    running: usize,
     dead: bool,
+}
+
+impl Slot {
+    fn held(&self) -> usize {
+        self.reserved + self.running
+    }
+    /// How many more jobs of `model` the slot can take now.
+    fn room_for(&self, model: &str, batch_limit: usize) -> usize {
+        if self.inference.is_none() || self.dead || !self.models.iter().any(|m| m == model) {
+            return 0;
+        }
+        match &self.model {
+            None => batch_limit,
+            Some(m) if m == model => batch_limit.saturating_sub(self.held()),
+            Some(_) => 0,
+        }
+    }
 }
 
 struct Running {
@@ -125,7 +142,12 @@ impl Actor for Dispatcher {
             .node
             .slots
             .iter()
-            .map(|s| (s.clone(), Slot { models: ctx.config.models_for_slot(s), inference: None, usage: SlotUse::Free, dead: false }))
+            .map(|s| {
+                (
+                    s.clone(),
+                    Slot { models: ctx.config.models_for_slot(s), inference: None, model: None, reserved: 0, running: 0, dead: false },
+                )
+            })
             .collect();
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
@@ -250,19 +272,30 @@ impl DispatcherState {
     }
 
     fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
-        let mut candidates: Vec<&String> = self
+        let limit = self.ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1);
+        // Slots where the model is already resident first (no load, no eviction), and among
+        // them those already running it (a batch forming).
+        let warm = |slot: &String| self.ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model));
+        let mut candidates: Vec<(&String, usize, bool, bool)> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.usage == SlotUse::Free && s.inference.is_some() && !s.dead && s.models.iter().any(|m| m == model))
-            .map(|(name, _)| name)
+            .map(|(name, s)| (name, s.room_for(model, limit), warm(name), s.held() > 0))
+            .filter(|(_, room, _, _)| *room > 0)
             .collect();
-        // Slots where the model is already resident first: no load, no eviction.
-        let warm = |slot: &String| self.ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model));
-        candidates.sort_by_key(|s| !warm(s));
-        let got: Vec<String> = candidates.into_iter().take(max).cloned().collect();
+        candidates.sort_by_key(|(_, _, warm, busy)| (!*warm, !*busy));
+        let mut got = vec![];
+        for (name, room, _, _) in candidates {
+            for _ in 0..room.min(max - got.len()) {
+                got.push(name.clone());
+            }
+            if got.len() >= max {
+                break;
+            }
+        }
         for name in &got {
             if let Some(s) = self.slots.get_mut(name) {
-                s.usage = SlotUse::Reserved;
+                s.reserved += 1;
+                s.model = Some(model.to_string());
             }
         }
         got
@@ -270,8 +303,9 @@ impl DispatcherState {
 
     fn release_quietly(&mut self, slot: &str) {
         if let Some(s) = self.slots.get_mut(slot) {
-            if s.usage == SlotUse::Reserved {
-                s.usage = SlotUse::Free;
+            s.reserved = s.reserved.saturating_sub(1);
+            if s.held() == 0 {
+                s.model = None;
             }
         }
     }
@@ -297,14 +331,19 @@ impl DispatcherState {
             delivery,
             slot: slot.clone(),
             inference,
-            registry: self.registry.clone(),
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 if let Some(s) = self.slots.get_mut(&slot) {
-                    s.usage = SlotUse::Busy(job_id.clone());
+                    s.reserved = s.reserved.saturating_sub(1);
+                    s.running += 1;
+                    if s.running == 1 {
+                        let update =
+                            GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(job_id.clone())), ..Default::default() };
+                        let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.clone(), update });
+                    }
                 }
                 self.job_of_actor.insert(actor.get_id(), job_id.clone());
                 self.running.insert(job_id, Running { slot, cancel });
@@ -325,7 +364,16 @@ impl DispatcherState {
         }
         if let Some(running) = self.running.remove(&job_id) {
             if let Some(s) = self.slots.get_mut(&running.slot) {
-                s.usage = SlotUse::Free;
+                s.running = s.running.saturating_sub(1);
+                if s.held() == 0 {
+                    s.model = None;
+                }
+                if s.running == 0 {
+                    // The dispatcher, which sees every job of the slot, says when it is idle: a
+                    // job of a batch that ends first must not show the slot idle.
+                    let update = GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() };
+                    let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: running.slot.clone(), update });
+                }
             }
         }
         let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));

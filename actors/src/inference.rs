@@ -7,8 +7,11 @@
 //! backoff; dropping the state kills every worker process it held. The job actor that was
 //! waiting gets the error through its reply port first, and retries the job.
 //!
-//! Its mailbox is unbounded by ractor's design, but the dispatcher sends at most one `Run`
-//! per slot at a time (a slot is reserved before a job is pulled), so it never holds more.
+//! Process-engine jobs run inside the handler, one at a time. TorchScript jobs are handed to the
+//! slot's torch thread from a task, so several jobs of a batching model can be in flight; the
+//! task reports back (`TorchDone`) and a slot-fatal error fails the actor as above. The mailbox
+//! is unbounded by ractor's design, but the dispatcher never sends a slot more jobs than the
+//! model's `max_batch` (1 unless it batches).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -42,7 +45,16 @@ pub struct InferenceState {
 pub type RunResult = Result<Vec<EngineOutput>, EngineError>;
 
 pub enum InferenceMsg {
-    Run { job: EngineJob, progress: ProgressSink, cancel: CancellationToken, reply: RpcReplyPort<RunResult> },
+    Run {
+        job: EngineJob,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+        reply: RpcReplyPort<RunResult>,
+    },
+    /// A TorchScript run (spawned off the mailbox) ended well, or with this slot-fatal error.
+    TorchDone {
+        fatal: Option<String>,
+    },
 }
 
 impl Actor for InferenceActor {
@@ -62,9 +74,10 @@ impl Actor for InferenceActor {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
-            InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(job, progress, cancel, reply).await,
+            InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(&myself, job, progress, cancel, reply).await,
+            InferenceMsg::TorchDone { fatal } => state.on_torch_done(fatal),
         }
     }
 
@@ -96,8 +109,27 @@ impl InferenceState {
         let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update });
     }
 
+    /// A TorchScript run ended: publish what is warm now (a load adds, an eviction removes);
+    /// a slot-fatal error (the torch thread panicked, a timeout) fails the actor so that its
+    /// supervisor restarts it with a fresh thread.
+    fn on_torch_done(&mut self, fatal: Option<String>) -> Result<(), ActorProcessingErr> {
+        self.report(GpuUpdate { loading: Some(false), ..Default::default() });
+        match fatal {
+            Some(reason) => {
+                self.ctx.warm.remove(&self.slot.slot);
+                self.report(GpuUpdate { warm_models: Some(vec![]), last_error: Some(Some(reason.clone())), ..Default::default() });
+                Err(reason.into())
+            }
+            None => {
+                self.report_warm();
+                Ok(())
+            }
+        }
+    }
+
     async fn on_run(
         &mut self,
+        myself: &ActorRef<InferenceMsg>,
         job: EngineJob,
         progress: ProgressSink,
         cancel: CancellationToken,
@@ -109,6 +141,25 @@ impl InferenceState {
         };
         let timeout = Duration::from_millis(model.timeout_ms);
         let engine = self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
+        if let Some(torch) = engine.torch() {
+            // Off the mailbox: the slot's torch thread serializes the jobs (and batches those of
+            // a batching model), so the next job may arrive while this one runs.
+            if !engine.is_loaded() {
+                self.report(GpuUpdate { loading: Some(true), ..Default::default() });
+            }
+            kiln_core::fault::panic_at("panic_before_run");
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let result = match tokio::time::timeout(timeout, torch.run(job, progress, cancel)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(EngineError::Timeout(model.timeout_ms)),
+                };
+                let fatal = result.as_ref().err().filter(|e| e.needs_restart()).map(|e| e.to_string());
+                let _ = reply.send(result);
+                let _ = me.cast(InferenceMsg::TorchDone { fatal });
+            });
+            return Ok(());
+        }
         if !engine.is_loaded() {
             let _ =
                 self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update: GpuUpdate::state(GpuState::Loading) });
@@ -118,11 +169,11 @@ impl InferenceState {
                 // The job gets the load error (and retries, maybe elsewhere); the slot stays up
                 // for its other models, so a broken model cannot quarantine a healthy GPU.
                 tracing::warn!(slot = %self.slot.slot, model = %model.name, error = %e, "model load failed");
-                self.report(GpuUpdate { state: Some(GpuState::Busy), last_error: Some(Some(e.to_string())), ..Default::default() });
+                self.report(GpuUpdate { loading: Some(false), last_error: Some(Some(e.to_string())), ..Default::default() });
                 let _ = reply.send(Err(e));
                 return Ok(());
             }
-            self.report(GpuUpdate::state(GpuState::Busy));
+            self.report(GpuUpdate { loading: Some(false), ..Default::default() });
             self.report_warm();
         }
         let engine = self.engines.get_mut(&model.name).expect("inserted above");

@@ -33,14 +33,13 @@ use kiln_core::metrics as m;
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
 use kiln_core::nats::StoreError;
 use kiln_core::policy::Backoff;
-use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, GpuState, InputValue};
+use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, InputValue};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
-use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
 
 pub struct JobActor;
 
@@ -49,7 +48,6 @@ pub struct JobArgs {
     pub delivery: jetstream::Message,
     pub slot: String,
     pub inference: ActorRef<InferenceMsg>,
-    pub registry: ActorRef<RegistryWriterMsg>,
     /// Cancelled by the dispatcher when a cancel notice for this job arrives.
     pub cancel: CancellationToken,
     pub retry_backoff: Backoff,
@@ -141,10 +139,6 @@ impl JobActorState {
         if let Err(e) = self.ctx().resources.publish_event_with_id(&event, Some(&id)).await {
             tracing::warn!(job_id = %self.job_id, error = %e, "terminal event publish failed");
         }
-    }
-
-    fn registry(&self, update: GpuUpdate) {
-        let _ = self.args.registry.cast(RegistryWriterMsg::Gpu { slot: self.args.slot.clone(), update });
     }
 
     async fn run(&mut self) -> DeliveryEnd {
@@ -270,7 +264,6 @@ impl JobActorState {
             metrics::histogram!(m::QUEUE_WAIT_SECONDS, "model" => record.model.clone())
                 .record(s.saturating_sub(record.created_ms) as f64 / 1000.0);
         }
-        self.registry(GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(self.job_id.clone())), ..Default::default() });
         self.event(Event::status(&self.job_id, self.attempt, JobState::Running)).await;
 
         // JetStream redelivers after ack_wait without news: tell it we are alive. Each tick
@@ -295,7 +288,6 @@ impl JobActorState {
         let outcome = self.run_engine(&record).await;
         let end = self.conclude(&record, outcome, started).await;
         ticker.abort();
-        self.registry(GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() });
         end
     }
 

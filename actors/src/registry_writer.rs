@@ -21,6 +21,8 @@ pub struct RegistryWriter;
 pub struct RegistryWriterState {
     ctx: NodeContext,
     gpus: BTreeMap<String, GpuEntry>,
+    /// Per slot: the state without the loading overlay, and whether a model is loading.
+    base: BTreeMap<String, (GpuState, bool)>,
     node: NodeEntry,
     /// Set when the node starts a graceful leave: slots show `draining` from then on.
     draining: bool,
@@ -31,7 +33,10 @@ pub struct RegistryWriterState {
 /// A change to one slot's entry; `None` fields are left as they are.
 #[derive(Debug, Default, Clone)]
 pub struct GpuUpdate {
+    /// Idle/busy (from the dispatcher), restarting/dead (from the supervisor).
     pub state: Option<GpuState>,
+    /// Set while the inference actor loads a model: shown as `loading` over idle/busy.
+    pub loading: Option<bool>,
     pub current_job: Option<Option<String>>,
     pub warm_models: Option<Vec<String>>,
     pub restarts: Option<u32>,
@@ -98,7 +103,8 @@ impl Actor for RegistryWriter {
             running_jobs: 0,
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
-        Ok(RegistryWriterState { ctx, gpus, node, draining: false, removed: false })
+        let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();
+        Ok(RegistryWriterState { ctx, gpus, base, node, draining: false, removed: false })
     }
 
     async fn post_start(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -137,11 +143,22 @@ impl Actor for RegistryWriter {
 impl RegistryWriterState {
     async fn on_gpu_update(&mut self, slot: &str, update: GpuUpdate) {
         let Some(entry) = self.gpus.get_mut(slot) else { return };
+        let base = self.base.entry(slot.to_string()).or_insert((GpuState::Idle, false));
         if let Some(state) = update.state {
-            let sticky = entry.state == GpuState::Dead || (self.draining && state != GpuState::Dead);
-            if !sticky {
-                entry.state = state;
-            }
+            base.0 = state;
+        }
+        if let Some(loading) = update.loading {
+            base.1 = loading;
+        }
+        // Dead is final; draining holds until the entries are removed; loading shows over
+        // idle or busy while a model loads.
+        if entry.state != GpuState::Dead {
+            entry.state = match *base {
+                (GpuState::Dead, _) => GpuState::Dead,
+                _ if self.draining => GpuState::Draining,
+                (GpuState::Idle | GpuState::Busy, true) => GpuState::Loading,
+                (state, _) => state,
+            };
         }
         if let Some(job) = update.current_job {
             entry.current_job = job;

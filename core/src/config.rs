@@ -231,12 +231,23 @@ pub enum EngineConfig {
         /// `"slot"` (default): the slot's device; `"cpu"`: always the CPU.
         #[serde(default = "default_device")]
         device: String,
+        /// Dynamic batching: jobs of this model that reach a slot within `max_batch_delay_ms`
+        /// run as one forward pass of up to `max_batch` (inputs stacked on dim 0, outputs split
+        /// back per job). 1 (default) disables it. Plain models only, not step-wise ones.
+        #[serde(default = "default_max_batch")]
+        max_batch: usize,
+        #[serde(default)]
+        max_batch_delay_ms: u64,
     },
     /// Completes at once with a small artifact: measures Kiln's own overhead.
     Noop {
         #[serde(default)]
         artifact_bytes: usize,
     },
+}
+
+fn default_max_batch() -> usize {
+    1
 }
 
 fn default_device() -> String {
@@ -248,6 +259,14 @@ fn default_ready_timeout_ms() -> u64 {
 }
 
 impl EngineConfig {
+    /// Most jobs of this model one slot runs at once (as one batch).
+    pub fn max_batch(&self) -> usize {
+        match self {
+            EngineConfig::Torchscript { max_batch, .. } => (*max_batch).max(1),
+            _ => 1,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             EngineConfig::Process { .. } => "process",
@@ -383,7 +402,13 @@ impl ClusterConfig {
                 EngineConfig::Process { command, .. } if command.is_empty() => {
                     return Err(invalid(key("engine.command"), "must name a program"))
                 }
-                EngineConfig::Torchscript { path, device, inputs, params, .. } => {
+                EngineConfig::Torchscript { path, device, inputs, params, max_batch, max_batch_delay_ms, .. } => {
+                    if *max_batch == 0 || *max_batch > 1024 {
+                        return Err(invalid(key("engine.max_batch"), "must be between 1 and 1024"));
+                    }
+                    if *max_batch_delay_ms > 10_000 {
+                        return Err(invalid(key("engine.max_batch_delay_ms"), "must be at most 10000"));
+                    }
                     if path.is_empty() {
                         return Err(invalid(key("engine.path"), "must name a .pt file"));
                     }

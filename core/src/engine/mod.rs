@@ -107,9 +107,9 @@ impl EngineError {
 
 /// The engine instance of one model on one slot.
 pub enum Engine {
-    /// Boxed: it holds the worker's pipes and buffers, far larger than the other variants.
+    /// Boxed (as is `Torch`) so that the enum stays small next to `Noop`.
     Process(Box<process::ProcessEngine>),
-    Torch(TorchEngine),
+    Torch(Box<TorchEngine>),
     Noop(noop::NoopEngine),
 }
 
@@ -149,7 +149,9 @@ impl SlotContext {
     }
 }
 
-/// A TorchScript model of one slot: its settings and the slot's shared torch thread.
+/// A TorchScript model of one slot: its settings and the slot's shared torch thread. Cheap to
+/// clone: the inference actor runs it from a task so that jobs of a batch can arrive together.
+#[derive(Clone)]
 pub struct TorchEngine {
     model: String,
     spec: torchscript::TorchModel,
@@ -163,7 +165,7 @@ impl Engine {
             EngineConfig::Process { command, env, ready_timeout_ms } => {
                 Engine::Process(Box::new(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot)))
             }
-            EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device } => {
+            EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device, max_batch, max_batch_delay_ms } => {
                 let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let spec = torchscript::TorchModel {
                     path: path.into(),
@@ -172,8 +174,10 @@ impl Engine {
                     outputs: outputs.clone(),
                     memory_bytes: memory_bytes.unwrap_or(2 * file_bytes),
                     cpu_only: device == "cpu",
+                    max_batch: (*max_batch).max(1),
+                    max_batch_delay: std::time::Duration::from_millis(*max_batch_delay_ms),
                 };
-                Engine::Torch(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() })
+                Engine::Torch(Box::new(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() }))
             }
             EngineConfig::Noop { artifact_bytes } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes)),
         }
@@ -204,12 +208,17 @@ impl Engine {
     ) -> Result<Vec<EngineOutput>, EngineError> {
         match self {
             Engine::Process(e) => e.run(job, progress, cancel).await,
-            Engine::Torch(e) => {
-                let device = e.slot.torch_device()?;
-                let slot = e.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&e.slot.slot, device, e.slot.memory_bytes)).clone();
-                slot.run(&e.model, &e.spec, job, progress, cancel).await
-            }
+            Engine::Torch(e) => e.run(job, progress, cancel).await,
             Engine::Noop(e) => e.run(job).await,
+        }
+    }
+
+    /// A TorchScript engine runs without holding the inference actor (its slot thread
+    /// serializes and batches); the other engines run one job at a time inside it.
+    pub fn torch(&self) -> Option<TorchEngine> {
+        match self {
+            Engine::Torch(e) => Some((**e).clone()),
+            _ => None,
         }
     }
 
@@ -218,5 +227,13 @@ impl Engine {
         if let Engine::Process(e) = self {
             e.shutdown()
         }
+    }
+}
+
+impl TorchEngine {
+    pub async fn run(&self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
+        let device = self.slot.torch_device()?;
+        let slot = self.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&self.slot.slot, device, self.slot.memory_bytes)).clone();
+        slot.run(&self.model, &self.spec, job, progress, cancel).await
     }
 }

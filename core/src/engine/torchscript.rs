@@ -64,6 +64,10 @@ pub struct TorchModel {
     pub memory_bytes: u64,
     /// `cpu` pins the model to the CPU even on a GPU slot.
     pub cpu_only: bool,
+    /// Dynamic batching: up to this many jobs in one forward pass (1: off).
+    pub max_batch: usize,
+    /// How long the first job of a batch waits for others.
+    pub max_batch_delay: std::time::Duration,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
@@ -90,17 +94,8 @@ impl TorchSlot {
     pub fn start(slot: &str, device: Device, budget_bytes: u64) -> Arc<TorchSlot> {
         let (tx, rx) = std::sync::mpsc::channel::<Command>();
         let loaded = Arc::new(Mutex::new(BTreeSet::new()));
-        let mut worker = SlotThread { device, budget_bytes, models: HashMap::new(), clock: 0, loaded: loaded.clone() };
-        std::thread::Builder::new()
-            .name(format!("torch-{slot}"))
-            .spawn(move || {
-                // Commands come one at a time: the slot runs one job (or batch) at a time. The
-                // channel is unbounded, but the dispatcher never sends a slot more than one job.
-                while let Ok(cmd) = rx.recv() {
-                    worker.handle(cmd);
-                }
-            })
-            .expect("spawn torch thread");
+        let mut worker = SlotThread { device, budget_bytes, models: HashMap::new(), clock: 0, passes: 0, loaded: loaded.clone() };
+        std::thread::Builder::new().name(format!("torch-{slot}")).spawn(move || worker.serve(rx)).expect("spawn torch thread");
         Arc::new(TorchSlot { commands: tx, loaded })
     }
 
@@ -130,12 +125,33 @@ struct Loaded {
     stepwise: bool,
 }
 
+/// One job waiting on the torch thread.
+struct Pending {
+    model: String,
+    spec: Box<TorchModel>,
+    job: Box<EngineJob>,
+    progress: ProgressSink,
+    cancel: CancellationToken,
+    reply: Reply<Vec<EngineOutput>>,
+}
+
+/// One job of a batch being run (its reply stays with the caller).
+struct BatchJob {
+    model: String,
+    spec: Box<TorchModel>,
+    job: Box<EngineJob>,
+    progress: ProgressSink,
+    cancel: CancellationToken,
+}
+
 struct SlotThread {
     device: Device,
     budget_bytes: u64,
     models: HashMap<String, Loaded>,
     /// Logical clock for least-recently-used eviction.
     clock: u64,
+    /// Forward passes run so far (a batch is one), reported in progress messages.
+    passes: u64,
     loaded: Arc<Mutex<BTreeSet<String>>>,
 }
 
@@ -156,27 +172,189 @@ fn torch_error(context: &str, e: tch::TchError) -> EngineError {
 }
 
 impl SlotThread {
-    fn handle(&mut self, cmd: Command) {
-        match cmd {
-            Command::Run { model, spec, job, progress, cancel, reply } => {
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    crate::fault::panic_at("panic_in_engine_thread");
-                    self.run(&model, &spec, &job, &progress, &cancel)
-                }));
-                let result = result.unwrap_or_else(|panic| {
-                    let msg = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_default();
-                    // The module may be half-way through anything: drop them all.
-                    self.models.clear();
-                    self.publish_loaded();
-                    Err(EngineError::WorkerDied(format!("the engine thread panicked: {msg}")))
+    /// The thread's loop. Jobs run one at a time, except that jobs of a batching model that
+    /// arrive within its `max_batch_delay` (up to `max_batch`) run as one forward pass. The
+    /// channel is unbounded, but the dispatcher never sends a slot more jobs than that.
+    fn serve(&mut self, rx: std::sync::mpsc::Receiver<Command>) {
+        let mut waiting: std::collections::VecDeque<Pending> = Default::default();
+        let unpack = |cmd: Command| match cmd {
+            Command::Run { model, spec, job, progress, cancel, reply } => Pending { model, spec, job, progress, cancel, reply },
+        };
+        loop {
+            let first = match waiting.pop_front() {
+                Some(p) => p,
+                None => match rx.recv() {
+                    Ok(cmd) => unpack(cmd),
+                    Err(_) => return, // every engine of the slot is gone
+                },
+            };
+            let (max, delay) = (first.spec.max_batch, first.spec.max_batch_delay);
+            let mut batch = vec![first];
+            if max > 1 {
+                let mut others = std::collections::VecDeque::new();
+                for p in waiting.drain(..) {
+                    if batch.len() < max && p.model == batch[0].model {
+                        batch.push(p);
+                    } else {
+                        others.push_back(p);
+                    }
+                }
+                waiting = others;
+                let deadline = std::time::Instant::now() + delay;
+                while batch.len() < max {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(cmd) => {
+                            let p = unpack(cmd);
+                            if p.model == batch[0].model {
+                                batch.push(p);
+                            } else {
+                                waiting.push_back(p);
+                            }
+                        }
+                        Err(_) => break, // the delay passed (or the channel closed)
+                    }
+                }
+            }
+            self.handle(batch);
+        }
+    }
+
+    /// Runs a batch (often of one), catching a panic: every job of it then gets a dead-worker
+    /// error, which restarts the slot.
+    fn handle(&mut self, batch: Vec<Pending>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut jobs = Vec::with_capacity(batch.len());
+        for p in batch {
+            replies.push(p.reply);
+            jobs.push(BatchJob { model: p.model, spec: p.spec, job: p.job, progress: p.progress, cancel: p.cancel });
+        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::fault::panic_at("panic_in_engine_thread");
+            self.run_batch(&jobs)
+        }));
+        let results = outcome.unwrap_or_else(|panic| {
+            let msg =
+                panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            // The module may be half-way through anything: drop them all.
+            self.models.clear();
+            self.publish_loaded();
+            jobs.iter().map(|_| Err(EngineError::WorkerDied(format!("the engine thread panicked: {msg}")))).collect()
+        });
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// The configured inputs then params of one job, as Torch values on `device`.
+    fn arguments(spec: &TorchModel, job: &EngineJob, device: Device) -> Result<Vec<IValue>, EngineError> {
+        let mut args = Vec::with_capacity(spec.inputs.len() + spec.params.len());
+        for input in &spec.inputs {
+            let v = codecs::input_value(&input.name, input.kind, job.inputs.get(&input.name))?;
+            args.push(to_device(v, device));
+        }
+        for param in &spec.params {
+            args.push(codecs::param_value(&param.name, param.kind, job.params.get(&param.name).or(param.default.as_ref()))?);
+        }
+        Ok(args)
+    }
+
+    fn one_by_one(&mut self, jobs: &[BatchJob]) -> Vec<Result<Vec<EngineOutput>, EngineError>> {
+        jobs.iter().map(|b| self.run(&b.model, &b.spec, &b.job, &b.progress, &b.cancel)).collect()
+    }
+
+    /// Runs jobs of one model: as one forward pass when it can (a plain model, tensor inputs,
+    /// equal params, stackable shapes), else one by one. A batch that Torch rejects is re-run
+    /// one by one, so each job gets its own outcome and one bad input fails only its own job.
+    fn run_batch(&mut self, jobs: &[BatchJob]) -> Vec<Result<Vec<EngineOutput>, EngineError>> {
+        if jobs.len() == 1 {
+            return self.one_by_one(jobs);
+        }
+        let (model, spec) = (jobs[0].model.as_str(), &jobs[0].spec);
+        if !self.models.contains_key(model) {
+            for b in jobs {
+                let _ = b.progress.blocking_send(ProgressUpdate::Progress {
+                    stage: Some("loading".into()),
+                    progress: Some(0.0),
+                    message: None,
                 });
-                let _ = reply.send(result);
             }
         }
+        if let Err(e) = self.ensure_loaded(model, spec) {
+            return jobs.iter().map(|_| Err(e.clone())).collect();
+        }
+        let device = if spec.cpu_only { Device::Cpu } else { self.device };
+        let stepwise = self.models.get(model).is_some_and(|m| m.stepwise);
+        let params_of =
+            |j: &EngineJob| spec.params.iter().map(|p| j.params.get(&p.name).or(p.default.as_ref()).cloned()).collect::<Vec<_>>();
+        let args: Vec<Result<Vec<IValue>, EngineError>> = jobs.iter().map(|b| Self::arguments(spec, &b.job, device)).collect();
+        let tensors_only = |a: &Result<Vec<IValue>, EngineError>| {
+            a.as_ref().is_ok_and(|a| a[..spec.inputs.len()].iter().all(|v| matches!(v, IValue::Tensor(_))))
+        };
+        let same_params = jobs.iter().all(|b| params_of(&b.job) == params_of(&jobs[0].job));
+        if stepwise
+            || spec.inputs.is_empty()
+            || !same_params
+            || !args.iter().all(tensors_only)
+            || jobs.iter().any(|b| b.cancel.is_cancelled())
+        {
+            return self.one_by_one(jobs);
+        }
+        let args: Vec<Vec<IValue>> = args.into_iter().map(|a| a.expect("checked above")).collect();
+        let tensor = |v: &IValue| match v {
+            IValue::Tensor(t) => t.shallow_clone(),
+            _ => unreachable!("checked tensor inputs"),
+        };
+        let sizes: Vec<i64> = args.iter().map(|a| tensor(&a[0]).size().first().copied().unwrap_or(1)).collect();
+        let mut stacked = Vec::with_capacity(args[0].len());
+        for i in 0..spec.inputs.len() {
+            let parts: Vec<tch::Tensor> = args.iter().map(|a| tensor(&a[i])).collect();
+            match tch::Tensor::f_cat(&parts, 0) {
+                Ok(t) => stacked.push(IValue::Tensor(t)),
+                Err(_) => return self.one_by_one(jobs), // shapes that do not stack: no batch
+            }
+        }
+        stacked.extend(args[0][spec.inputs.len()..].iter().map(clone_ivalue));
+        self.passes += 1;
+        let pass = self.passes;
+        for b in jobs {
+            let msg = format!("forward pass #{pass}, batch of {}", jobs.len());
+            let _ = b.progress.blocking_send(ProgressUpdate::Progress {
+                stage: Some("forward".into()),
+                progress: Some(0.0),
+                message: Some(msg),
+            });
+        }
+        let loaded = self.models.get(model).expect("loaded above");
+        let output = {
+            let _guard = tch::no_grad_guard();
+            loaded.module.forward_is(&stacked)
+        };
+        let Ok(named) = output.map_err(|_| ()).and_then(|o| codecs::named_outputs(o).map_err(|_| ())) else {
+            return self.one_by_one(jobs);
+        };
+        let total: i64 = sizes.iter().sum();
+        let mut per_job: Vec<Vec<(String, tch::Tensor)>> = jobs.iter().map(|_| vec![]).collect();
+        for (name, t) in named {
+            if t.size().first() != Some(&total) {
+                return self.one_by_one(jobs); // an output without the batch dimension
+            }
+            let Ok(parts) = t.f_split_with_sizes(sizes.as_slice(), 0) else { return self.one_by_one(jobs) };
+            for (k, part) in parts.into_iter().enumerate() {
+                per_job[k].push((name.clone(), part));
+            }
+        }
+        jobs.iter()
+            .zip(per_job)
+            .map(|(b, outputs)| {
+                let _ = b.progress.blocking_send(ProgressUpdate::Progress {
+                    stage: Some("encoding".into()),
+                    progress: Some(100.0),
+                    message: None,
+                });
+                write_outputs(outputs, &b.spec, &b.job.output_dir)
+            })
+            .collect()
     }
 
     fn publish_loaded(&self) {
@@ -235,14 +413,9 @@ impl SlotThread {
         }
         self.ensure_loaded(model, spec)?;
         let device = if spec.cpu_only { Device::Cpu } else { self.device };
-        let mut args = Vec::with_capacity(spec.inputs.len() + spec.params.len());
-        for input in &spec.inputs {
-            let v = codecs::input_value(&input.name, input.kind, job.inputs.get(&input.name))?;
-            args.push(to_device(v, device));
-        }
-        for param in &spec.params {
-            args.push(codecs::param_value(&param.name, param.kind, job.params.get(&param.name).or(param.default.as_ref()))?);
-        }
+        let args = Self::arguments(spec, job, device)?;
+        self.passes += 1;
+        let pass = self.passes;
         let loaded = self.models.get(model).expect("loaded above");
         let _guard = tch::no_grad_guard();
         let output = if loaded.stepwise {
@@ -269,7 +442,9 @@ impl SlotThread {
             decode_args.extend(args.iter().map(clone_ivalue));
             loaded.module.method_is("decode", &decode_args).map_err(|e| torch_error("decode", e))?
         } else {
-            let _ = progress.blocking_send(ProgressUpdate::Progress { stage: Some("forward".into()), progress: Some(0.0), message: None });
+            let msg = format!("forward pass #{pass}, batch of 1");
+            let _ =
+                progress.blocking_send(ProgressUpdate::Progress { stage: Some("forward".into()), progress: Some(0.0), message: Some(msg) });
             loaded.module.forward_is(&args).map_err(|e| torch_error("forward", e))?
         };
         if cancel.is_cancelled() {

@@ -75,6 +75,19 @@ enum Command {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Benchmark a TorchScript model instead: Kiln around a forward pass vs. tch directly,
+        /// and throughput with and without dynamic batching.
+        #[arg(long)]
+        torchscript: bool,
+        /// The TorchScript file for --torchscript (a plain model of one [1,4] tensor).
+        #[arg(long, default_value = "examples/models/out/affine.pt")]
+        model_file: PathBuf,
+        /// The slot for --torchscript: cpu:0, or cuda:0 on a GPU machine.
+        #[arg(long, default_value = "cpu:0")]
+        slot: String,
+        /// max_batch of the batching run of --torchscript.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
     },
     /// The demo: a local server and node, a batch of jobs on the demo model, results to a folder.
     Demo {
@@ -184,17 +197,24 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Bench { jobs, concurrency, slots, nats, json } => {
+        Command::Bench { jobs, concurrency, json, torchscript: true, model_file, slot, max_batch, .. } => {
+            init_tracing("warn");
+            let opts = kiln::bench::TorchBenchOptions { model_file, slot, jobs, concurrency: concurrency.max(1), max_batch };
+            match kiln::bench::run_torchscript(opts.clone()).await {
+                Ok(report) => {
+                    kiln::bench::print_torchscript(&report, &opts);
+                    write_json(json, &report)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Bench { jobs, concurrency, slots, nats, json, .. } => {
             init_tracing("warn");
             let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats };
             match kiln::bench::run(opts.clone()).await {
                 Ok(report) => {
                     kiln::bench::print(&report, &opts);
-                    match json {
-                        Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(&report).expect("json"))
-                            .map_err(|e| format!("{}: {e}", p.display())),
-                        None => Ok(()),
-                    }
+                    write_json(json, &report)
                 }
                 Err(e) => Err(e),
             }
@@ -250,6 +270,14 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     tracing::info!("draining");
     node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
     Ok(())
+}
+
+/// Writes a benchmark report as JSON when `--json` names a file.
+fn write_json<T: serde::Serialize>(path: Option<PathBuf>, report: &T) -> Result<(), String> {
+    match path {
+        Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(report).expect("json")).map_err(|e| format!("{}: {e}", p.display())),
+        None => Ok(()),
+    }
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

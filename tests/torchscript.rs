@@ -319,3 +319,52 @@ async fn concurrent_jobs_are_batched_into_fewer_forward_passes_and_split_back() 
     }
     assert!(passes.len() < K, "{K} jobs ran in {} forward passes: {passes:?}", passes.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_memory_is_an_infrastructure_error_that_is_retried() {
+    let mut cluster = TestCluster::new();
+    let settings = r#"params = [{ name = "mb", kind = "int", default = 1 }]"#;
+    let models = torch_model("allocate", "allocate.pt", settings, "").replace("max_attempts = 3", "max_attempts = 2");
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    // 2^40 MiB cannot be allocated anywhere: Torch's allocator refuses it.
+    let r = client.submit(&request("allocate", serde_json::json!({}), serde_json::json!({"mb": 1_i64 << 40}))).await.unwrap();
+    let v = wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
+    assert_eq!((v.status, v.attempt, v.dead_letter), (JobState::Failed, 2, true), "retried, then dead-lettered: {v:?}");
+    let e = v.error.unwrap();
+    assert_eq!(e.code, ErrorCode::EngineFailed);
+    assert!(e.message.contains("out of memory"), "{}", e.message);
+    // The slot survives it.
+    let r = client.submit(&request("allocate", serde_json::json!({}), serde_json::json!({"mb": 1}))).await.unwrap();
+    assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatcher_prefers_a_slot_where_the_model_is_already_warm() {
+    let mut cluster = TestCluster::new();
+    let slow = r#"params = [{ name = "steps", kind = "int", default = 40 }]"#;
+    // The blocker model serves cpu:0 only, so its puller never holds cpu:1. (Models that share
+    // slots hold them while they long-poll; the preference is then best effort: see the notes.)
+    let models =
+        format!("{}{}", torch_model("slow", "slow_steps.pt", slow, "slots = [\"cpu:0\"]"), torch_model("affine", "affine.pt", AFFINE, ""));
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &models));
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    // Keep cpu:0 (the first slot) busy so that affine first loads on cpu:1.
+    let blocker = client.submit(&request("slow", serde_json::json!({}), serde_json::json!({"steps": 1000}))).await.unwrap();
+    assert!(eventually(Duration::from_secs(20), || async { client.status(&blocker.job_id).await.unwrap().slot.is_some() }).await);
+    let blocked_slot = client.status(&blocker.job_id).await.unwrap().slot.unwrap();
+    assert_eq!(blocked_slot, "cpu:0");
+    let x = serde_json::json!({"x": [[1, 2, 3, 4]]});
+    let first = client.submit(&request("affine", x.clone(), serde_json::json!({}))).await.unwrap();
+    let warm_slot = wait_terminal(&client, &first.job_id, Duration::from_secs(30)).await.slot.unwrap();
+    assert_eq!(warm_slot, "cpu:1", "cpu:0 was busy");
+    client.cancel(&blocker.job_id).await.unwrap();
+    wait_terminal(&client, &blocker.job_id, Duration::from_secs(30)).await;
+    // Both slots free now: affine goes to cpu:1, where it is resident, though cpu:0 comes first.
+    for _ in 0..3 {
+        let r = client.submit(&request("affine", x.clone(), serde_json::json!({}))).await.unwrap();
+        assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.slot.unwrap(), warm_slot);
+    }
+}

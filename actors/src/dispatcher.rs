@@ -315,8 +315,37 @@ impl DispatcherState {
         self.serve_parked();
     }
 
+    /// A puller may have long-polled on any free slot; if the job's model is warm on another
+    /// slot that has room now, run it there instead (no load, no eviction).
+    fn better_slot(&mut self, slot: String, model: &str) -> String {
+        let is_warm = |s: &str| self.ctx.warm.get(s).is_some_and(|w| w.iter().any(|m| m == model));
+        if is_warm(&slot) {
+            return slot;
+        }
+        let limit = self.ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1);
+        let better = self
+            .slots
+            .iter()
+            .find(|(name, s)| **name != slot && is_warm(name) && s.room_for(model, limit) > 0)
+            .map(|(name, _)| name.clone());
+        match better {
+            Some(better) => {
+                self.release_quietly(&slot);
+                if let Some(s) = self.slots.get_mut(&better) {
+                    s.reserved += 1;
+                    s.model = Some(model.to_string());
+                }
+                better
+            }
+            None => slot,
+        }
+    }
+
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
         let job_id = serde_json::from_slice::<kiln_core::nats::jobs::QueueMessage>(&delivery.payload).map(|q| q.job_id).unwrap_or_default();
+        // The subject names the model: `<prefix>.jobs.<model>.<lane>`.
+        let model = delivery.subject.split('.').rev().nth(1).unwrap_or_default().to_string();
+        let slot = self.better_slot(slot, &model);
         let inference = self.slots.get(&slot).and_then(|s| s.inference.clone());
         let Some(inference) = inference else {
             // The slot went down between the reservation and the delivery: hand the job

@@ -164,7 +164,8 @@ fn torch_error(context: &str, e: tch::TchError) -> EngineError {
     // TorchScript interpreter") and a traceback; the cause is the `...Error: ...` line.
     let cause = msg.lines().map(str::trim).rfind(|l| l.contains("Error: "));
     let first = cause.or_else(|| msg.lines().map(str::trim).find(|l| !l.is_empty())).unwrap_or(&msg).to_string();
-    if msg.contains("out of memory") || msg.contains("OutOfMemory") {
+    // CUDA says "out of memory"; the CPU allocator says "can't allocate memory".
+    if msg.contains("out of memory") || msg.contains("OutOfMemory") || msg.contains("can't allocate memory") {
         EngineError::Infra(format!("{context}: out of memory: {first}"))
     } else {
         EngineError::User(format!("{context}: {first}"))

@@ -335,6 +335,7 @@ async fn running_out_of_memory_is_an_infrastructure_error_that_is_retried() {
     let e = v.error.unwrap();
     assert_eq!(e.code, ErrorCode::EngineFailed);
     assert!(e.message.contains("out of memory"), "{}", e.message);
+    assert!(client.cluster().await.unwrap().gpus[0].warm_models.is_empty(), "the slot unloaded its models to free memory");
     // The slot survives it.
     let r = client.submit(&request("allocate", serde_json::json!({}), serde_json::json!({"mb": 1}))).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);

@@ -242,6 +242,14 @@ impl SlotThread {
             self.publish_loaded();
             jobs.iter().map(|_| Err(EngineError::WorkerDied(format!("the engine thread panicked: {msg}")))).collect()
         });
+        // Out of memory: free what the slot holds (every resident module and its buffers) so
+        // that the retry, here or elsewhere, starts from an empty device. tch 0.24 has no call
+        // to empty CUDA's caching allocator; dropping the modules is what it allows.
+        if results.iter().any(|r| matches!(r, Err(EngineError::Infra(m)) if m.contains("out of memory"))) {
+            tracing::warn!(models = self.models.len(), "out of memory: unloading every model of the slot");
+            self.models.clear();
+            self.publish_loaded();
+        }
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
         }

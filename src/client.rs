@@ -52,6 +52,14 @@ impl Client {
         Client { js: jetstream::new(nats.clone()), nats, names: Names::new(prefix), timeout: Duration::from_secs(30) }
     }
 
+    /// How long one request waits for its reply (default 30 s). A request that was in flight
+    /// to a node that died is lost and times out: retry it (submit with an idempotency key is
+    /// safe to retry).
+    pub fn with_timeout(mut self, timeout: Duration) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
     pub fn nats(&self) -> &async_nats::Client {
         &self.nats
     }
@@ -59,7 +67,8 @@ impl Client {
     /// Sends raw bytes to an endpoint and returns the raw reply (for tests of bad input).
     pub async fn request_raw(&self, endpoint: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
         let subject = self.names.api(endpoint);
-        let reply = tokio::time::timeout(self.timeout, self.nats.request(subject.clone(), body.into()))
+        let request = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
+        let reply = tokio::time::timeout(self.timeout + Duration::from_secs(1), self.nats.send_request(subject.clone(), request))
             .await
             .map_err(|_| ClientError::Timeout(subject.clone()))?;
         match reply {

@@ -99,8 +99,14 @@ impl RunningNode {
         std::fs::create_dir_all(&work_dir)?;
         let url = config.nats.url.clone();
         let config = Arc::new(config);
-        let ctx =
-            NodeContext { config: config.clone(), resources: resources.clone(), node: name.clone(), work_dir, warm: Default::default() };
+        let ctx = NodeContext {
+            config: config.clone(),
+            resources: resources.clone(),
+            node: name.clone(),
+            work_dir,
+            warm: Default::default(),
+            registry: registry.clone(),
+        };
         let handle = NodeHandle::start(ctx).await?;
         let api = crate::api::ApiService::new(resources.clone(), config, registry).start().await?;
         tracing::info!(node = %name, url = %url, "node started");

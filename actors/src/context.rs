@@ -7,7 +7,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use kiln_core::config::ClusterConfig;
-use kiln_core::nats::Resources;
+use kiln_core::nats::{RegistryCache, Resources};
 
 #[derive(Clone)]
 pub struct NodeContext {
@@ -20,6 +20,8 @@ pub struct NodeContext {
     /// Models resident on each slot of this node, kept by the inference actors and read by
     /// the dispatcher to prefer a slot where the job's model is already warm.
     pub warm: Arc<DashMap<String, Vec<String>>>,
+    /// The local, watch-fed view of the cluster registry.
+    pub registry: RegistryCache,
 }
 
 impl NodeContext {

@@ -27,7 +27,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use kiln_core::nats::Lane;
 use kiln_core::policy::Backoff;
-use kiln_core::protocol::CancelNotice;
+use kiln_core::protocol::{CancelNotice, HeldJob};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -82,6 +82,9 @@ impl Slot {
 struct Running {
     slot: String,
     cancel: CancellationToken,
+    /// The delivery's JetStream ack subject, published in the node's registry entry so that
+    /// a survivor can hand the job back at once if this node is lost.
+    ack_subject: String,
 }
 
 pub struct DispatcherState {
@@ -355,6 +358,7 @@ impl DispatcherState {
             return;
         };
         let cancel = CancellationToken::new();
+        let ack_subject = delivery.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
         let args = JobArgs {
             ctx: self.ctx.clone(),
             delivery,
@@ -375,8 +379,8 @@ impl DispatcherState {
                     }
                 }
                 self.job_of_actor.insert(actor.get_id(), job_id.clone());
-                self.running.insert(job_id, Running { slot, cancel });
-                let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));
+                self.running.insert(job_id, Running { slot, cancel, ack_subject });
+                self.publish_held();
             }
             Err(e) => {
                 // The message stays unacked and is redelivered after the ack wait.
@@ -384,6 +388,11 @@ impl DispatcherState {
                 self.release(&slot);
             }
         }
+    }
+
+    fn publish_held(&self) {
+        let held = self.running.iter().map(|(id, r)| HeldJob { job_id: id.clone(), ack_subject: r.ack_subject.clone() }).collect();
+        let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(held));
     }
 
     fn on_job_actor_end(&mut self, actor: ActorId, failure: Option<String>) {
@@ -405,7 +414,7 @@ impl DispatcherState {
                 }
             }
         }
-        let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(self.running.len() as u32));
+        self.publish_held();
         self.serve_parked();
         if self.running.is_empty() {
             for w in self.drain_waiters.drain(..) {

@@ -8,6 +8,7 @@
 //! ├── RegistryWriter                   registry_writer.rs  GPU and node entries, heartbeats, TTL
 //! ├── Dispatcher                       dispatcher.rs       pulls only while a slot is free
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack
+//! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
 //!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
 //! ```
@@ -20,6 +21,7 @@ pub mod dispatcher;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;
+pub mod loss_detector;
 pub mod node_supervisor;
 pub mod registry_writer;
 

@@ -5,6 +5,7 @@
 //! ├── RegistryWriter            this node's registry entries, heartbeats
 //! ├── Dispatcher                pulls jobs while slots are free
 //! │   └── JobActor (per job)    claim, run, write outcome, ack
+//! ├── LossDetector              declares silent nodes lost, hands their jobs back
 //! └── GpuSupervisor (per slot)  restart budget, backoff, quarantine
 //!     └── InferenceActor        engines of the slot, one job at a time
 //! ```
@@ -20,6 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use crate::context::NodeContext;
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 use crate::gpu_supervisor::{GpuSupervisor, GpuSupervisorArgs, GpuSupervisorMsg};
+use crate::loss_detector::LossDetector;
 use crate::registry_writer::{RegistryWriter, RegistryWriterArgs, RegistryWriterMsg};
 
 pub struct NodeSupervisor;
@@ -55,6 +57,7 @@ impl Actor for NodeSupervisor {
         let (dispatcher, _) =
             Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell())
                 .await?;
+        Actor::spawn_linked(None, LossDetector, ctx.clone(), myself.get_cell()).await?;
         let mut gpus = vec![];
         for slot in &ctx.config.node.slots {
             let args =

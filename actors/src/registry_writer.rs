@@ -28,6 +28,8 @@ pub struct RegistryWriterState {
     draining: bool,
     /// Set after a graceful leave: heartbeats stop so the entries stay gone.
     removed: bool,
+    /// The node entry changed since it was last written.
+    node_dirty: bool,
 }
 
 /// A change to one slot's entry; `None` fields are left as they are.
@@ -54,7 +56,10 @@ pub enum RegistryWriterMsg {
         slot: String,
         update: GpuUpdate,
     },
-    RunningJobs(u32),
+    /// The deliveries the node holds now (written within 100 ms, coalesced).
+    RunningJobs(Vec<kiln_core::protocol::HeldJob>),
+    /// Writes the node entry if it changed since the last write.
+    FlushNode,
     /// The node is leaving: every live slot shows `draining`.
     Draining,
     Heartbeat,
@@ -101,10 +106,11 @@ impl Actor for RegistryWriter {
             started_ms: now,
             heartbeat_ms: now,
             running_jobs: 0,
+            jobs: vec![],
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
         let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();
-        Ok(RegistryWriterState { ctx, gpus, base, node, draining: false, removed: false })
+        Ok(RegistryWriterState { ctx, gpus, base, node, draining: false, removed: false, node_dirty: false })
     }
 
     async fn post_start(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -112,10 +118,20 @@ impl Actor for RegistryWriter {
         Ok(())
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
             RegistryWriterMsg::Gpu { slot, update } => state.on_gpu_update(&slot, update).await,
-            RegistryWriterMsg::RunningJobs(n) => state.node.running_jobs = n,
+            RegistryWriterMsg::RunningJobs(jobs) => {
+                state.node.running_jobs = jobs.len() as u32;
+                state.node.jobs = jobs;
+                // Coalesced: at most one node write per 100 ms however many jobs start or end,
+                // so the list a survivor reads is at most that stale.
+                if !state.node_dirty {
+                    state.node_dirty = true;
+                    myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);
+                }
+            }
+            RegistryWriterMsg::FlushNode => state.flush_node().await,
             RegistryWriterMsg::Heartbeat => state.write_all().await,
             RegistryWriterMsg::Draining => {
                 state.draining = true;
@@ -183,6 +199,17 @@ impl RegistryWriterState {
         entry.heartbeat_ms = kiln_core::now_ms();
         if let Err(e) = self.ctx.resources.put_gpu(&entry).await {
             tracing::warn!(slot = %entry.slot, error = %e, "registry write failed");
+        }
+    }
+
+    async fn flush_node(&mut self) {
+        self.node_dirty = false;
+        if self.removed {
+            return;
+        }
+        self.node.heartbeat_ms = kiln_core::now_ms();
+        if let Err(e) = self.ctx.resources.put_node(&self.node).await {
+            tracing::warn!(error = %e, "node registry write failed");
         }
     }
 

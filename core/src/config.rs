@@ -82,6 +82,9 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// A registry entry not refreshed for this long expires (the node is gone).
     pub registry_ttl_ms: u64,
+    /// A node whose heartbeat is older than this is declared lost by the others: its GPUs are
+    /// marked dead and its jobs handed back to the queue at once.
+    pub loss_after_ms: u64,
     /// Per-slot working directories (job inputs and outputs). Empty: a temp dir.
     pub work_dir: String,
     /// Memory one slot may fill with resident TorchScript models (their `memory_bytes`);
@@ -97,6 +100,7 @@ impl Default for NodeConfig {
             metrics_addr: "127.0.0.1:9464".into(),
             heartbeat_ms: 1_000,
             registry_ttl_ms: 5_000,
+            loss_after_ms: 2_500,
             work_dir: String::new(),
             slot_memory_bytes: 8 << 30,
         }
@@ -363,6 +367,9 @@ impl ClusterConfig {
         }
         if self.node.heartbeat_ms == 0 || self.node.registry_ttl_ms < 2 * self.node.heartbeat_ms {
             return Err(invalid("node.registry_ttl_ms", "must be at least twice node.heartbeat_ms"));
+        }
+        if self.node.loss_after_ms < 2 * self.node.heartbeat_ms || self.node.loss_after_ms > self.node.registry_ttl_ms {
+            return Err(invalid("node.loss_after_ms", "must be at least twice node.heartbeat_ms and at most node.registry_ttl_ms"));
         }
         if self.limits.max_request_bytes == 0 || self.limits.max_request_bytes > 1024 * 1024 {
             return Err(invalid("limits.max_request_bytes", "must be between 1 and 1048576 (the NATS payload limit)"));

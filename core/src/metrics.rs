@@ -16,6 +16,8 @@ pub const GPU_STATE: &str = "kiln_gpu_state";
 pub const ACTOR_RESTARTS: &str = "kiln_actor_restarts_total";
 /// Labels: slot.
 pub const GPU_QUARANTINED: &str = "kiln_gpu_quarantined_total";
+/// Nodes this node declared lost (and whose jobs it handed back).
+pub const NODES_LOST: &str = "kiln_nodes_lost_total";
 /// Labels: endpoint, code.
 pub const API_ERRORS: &str = "kiln_api_errors_total";
 /// Labels: endpoint.

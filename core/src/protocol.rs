@@ -301,9 +301,21 @@ pub struct NodeEntry {
     pub node: String,
     pub version: String,
     pub slots: Vec<String>,
+    /// Tells two lives of one node name apart.
     pub started_ms: u64,
     pub heartbeat_ms: u64,
     pub running_jobs: u32,
+    /// The deliveries this node holds: when it is lost, a survivor NAKs them through their ack
+    /// subjects so JetStream redelivers them at once instead of after the ack wait.
+    #[serde(default)]
+    pub jobs: Vec<HeldJob>,
+}
+
+/// A job delivery a node holds, with the JetStream ack subject of that delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJob {
+    pub job_id: String,
+    pub ack_subject: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

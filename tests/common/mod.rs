@@ -43,6 +43,7 @@ slots = [{slots}]
 metrics_addr = ""
 heartbeat_ms = 300
 registry_ttl_ms = 2000
+loss_after_ms = 1000
 [retry]
 backoff_initial_ms = 100
 backoff_max_ms = 1000
@@ -163,10 +164,12 @@ impl Drop for NodeProcess {
     }
 }
 
+/// Fields drop in order: the nodes first (printing their logs if the test failed), then the
+/// folder holding those logs, then the server.
 pub struct TestCluster {
-    pub server: NatsServer,
-    pub dir: tempfile::TempDir,
     pub nodes: Vec<NodeProcess>,
+    pub dir: tempfile::TempDir,
+    pub server: NatsServer,
 }
 
 impl TestCluster {
@@ -229,13 +232,17 @@ where
     false
 }
 
-/// Waits for a job's terminal state by polling its status.
+/// Waits for a job's terminal state by polling its status. A request lost with a node that
+/// was just killed times out after 2 s and is retried, as a client would.
 pub async fn wait_terminal(client: &Client, job_id: &str, limit: Duration) -> JobView {
+    let client = client.clone().with_timeout(Duration::from_secs(2));
     let start = Instant::now();
     loop {
-        let v = client.status(job_id).await.unwrap();
-        if v.status.is_terminal() {
-            return v;
+        let v = client.status(job_id).await;
+        if let Ok(v) = &v {
+            if v.status.is_terminal() {
+                return v.clone();
+            }
         }
         assert!(start.elapsed() < limit, "job {job_id} not terminal after {limit:?}: {v:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;

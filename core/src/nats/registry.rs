@@ -48,6 +48,25 @@ impl Resources {
         self.put_with_ttl(&self.names.nodes_bucket(), &entry.node, entry).await
     }
 
+    /// Creates `key` in the nodes bucket only if absent, with the registry TTL: true for the
+    /// one caller that created it. Several survivors notice a lost node; one acts.
+    pub async fn claim_once(&self, key: &str) -> Result<bool, StoreError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, "0");
+        let ttl_s = (self.registry_ttl.as_millis().div_ceil(1000).max(1) * 10) as u64;
+        headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl_s.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(format!("$KV.{}.{key}", self.names.nodes_bucket()), headers, "claimed".into())
+            .await
+            .map_err(StoreError::nats)?;
+        Ok(ack.await.is_ok())
+    }
+
+    pub async fn delete_node_entry(&self, node: &str) -> Result<(), StoreError> {
+        self.nodes_kv.delete(node).await.map_err(StoreError::nats)
+    }
+
     pub async fn delete_node_entries(&self, node: &str, slots: &[String]) -> Result<(), StoreError> {
         for slot in slots {
             self.gpus_kv.delete(Self::gpu_key(node, slot)).await.map_err(StoreError::nats)?;
@@ -95,6 +114,11 @@ async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
         }
         while let Some(entry) = watch.next().await {
             let Ok(entry) = entry else { continue };
+            // `_`-prefixed keys are bookkeeping (claims), not entries.
+            if entry.key.starts_with('_') {
+                seen += 1;
+                continue;
+            }
             match entry.operation {
                 kv::Operation::Put => match serde_json::from_slice::<T>(&entry.value) {
                     Ok(v) => {
@@ -147,6 +171,16 @@ impl RegistryCache {
 
     pub fn gpu(&self, node: &str, slot: &str) -> Option<GpuEntry> {
         self.gpus.get(&Resources::gpu_key(node, slot)).map(|e| e.value().clone()).filter(|g| self.fresh(g.heartbeat_ms))
+    }
+
+    /// Every node entry still in the bucket, fresh or not (the loss detector's view).
+    pub fn nodes_including_stale(&self) -> Vec<NodeEntry> {
+        self.nodes.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Every GPU entry of `node` still in the bucket, fresh or not.
+    pub fn gpus_of(&self, node: &str) -> Vec<GpuEntry> {
+        self.gpus.iter().map(|e| e.value().clone()).filter(|g| g.node == node).collect()
     }
 
     pub fn node(&self, node: &str) -> Option<NodeEntry> {

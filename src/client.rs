@@ -106,6 +106,16 @@ impl Client {
         self.request("cluster", &serde_json::json!({})).await
     }
 
+    /// Asks one node to drain and leave; `NoResponders` if no node of that name is up.
+    pub async fn drain(&self, node: &str) -> Result<serde_json::Value, ClientError> {
+        let subject = self.names.drain_subject(node);
+        match self.nats.request(subject.clone(), "".into()).await {
+            Ok(msg) => serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Decode(e.to_string())),
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(ClientError::NoResponders(subject)),
+            Err(e) => Err(ClientError::Nats(e.to_string())),
+        }
+    }
+
     /// Uploads an input to the files bucket; pass `InputValue::Object { object: name }`.
     pub async fn upload(&self, name: &str, data: &[u8]) -> Result<(), ClientError> {
         let store = self.js.get_object_store(self.names.files_bucket()).await.map_err(|e| ClientError::Nats(e.to_string()))?;

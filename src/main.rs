@@ -61,6 +61,13 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Ask a node to drain: it stops pulling, finishes its running jobs, leaves the registry
+    /// and exits (as on SIGTERM). Nothing is lost or run twice.
+    Drain {
+        node: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Benchmark no-op jobs against the raw JetStream floor.
     Bench {
         #[arg(long, default_value_t = 2000)]
@@ -262,6 +269,7 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            _ = node.drain_requested() => break,
             _ = check.tick() => if node.failed() {
                 return Err("the node's actor tree stopped after a failure; its jobs will be redelivered".into());
             },
@@ -335,6 +343,11 @@ async fn client_command(command: Command) -> Result<(), String> {
             for n in cluster.nodes {
                 println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
             }
+            Ok(())
+        }
+        Command::Drain { node, conn } => {
+            let c = connect(&conn).await?;
+            print_json(&c.drain(&node).await.map_err(|e| e.to_string())?);
             Ok(())
         }
         _ => unreachable!("node commands are handled in main"),

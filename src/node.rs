@@ -33,6 +33,9 @@ pub struct RunningNode {
     api: tokio::task::JoinHandle<()>,
     /// The embedded nats-server, when this node started one (`kiln up`).
     pub server: Option<NatsServer>,
+    /// Fires when an operator asks this node to drain (`kiln drain <node>`).
+    drain_requested: Arc<tokio::sync::Notify>,
+    drain_listener: tokio::task::JoinHandle<()>,
     _work_dir: Option<tempfile::TempDir>,
 }
 
@@ -109,8 +112,25 @@ impl RunningNode {
         };
         let handle = NodeHandle::start(ctx).await?;
         let api = crate::api::ApiService::new(resources.clone(), config, registry).start().await?;
+        let drain_requested = Arc::new(tokio::sync::Notify::new());
+        let drain_listener = {
+            let mut sub =
+                resources.client.subscribe(resources.names.drain_subject(&name)).await.map_err(kiln_core::nats::StoreError::nats)?;
+            let (client, notify, node) = (resources.client.clone(), drain_requested.clone(), name.clone());
+            tokio::spawn(async move {
+                use futures::StreamExt;
+                while let Some(msg) = sub.next().await {
+                    tracing::info!(node = %node, "drain requested");
+                    if let Some(reply) = msg.reply {
+                        let body = serde_json::json!({ "node": node, "status": "draining" });
+                        let _ = client.publish(reply, serde_json::to_vec(&body).expect("json").into()).await;
+                    }
+                    notify.notify_one();
+                }
+            })
+        };
         tracing::info!(node = %name, url = %url, "node started");
-        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, _work_dir: temp })
+        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, drain_listener, _work_dir: temp })
     }
 
     pub async fn running_jobs(&self) -> Vec<String> {
@@ -118,6 +138,11 @@ impl RunningNode {
             Some(h) => h.running_jobs().await,
             None => vec![],
         }
+    }
+
+    /// Resolves when an operator asks this node to drain.
+    pub async fn drain_requested(&self) {
+        self.drain_requested.notified().await
     }
 
     /// True once the actor tree stopped by itself (a node actor failed).
@@ -134,6 +159,7 @@ impl RunningNode {
             h.drain_and_stop(grace).await;
         }
         self.api.abort();
+        self.drain_listener.abort();
         let _ = self.resources.client.flush().await;
         if let Some(mut s) = self.server.take() {
             s.stop();

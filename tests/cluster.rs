@@ -61,3 +61,72 @@ async fn a_killed_nodes_job_resumes_on_another_node_at_once_and_completes_once()
     assert!(c.gpus.iter().filter(|g| g.node == "doomed").all(|g| g.state == GpuState::Dead), "{c:#?}");
     assert!(cluster.nodes[1].log().contains("node lost; handing its jobs back"));
 }
+
+fn completed_once(events: &[kiln_core::protocol::Event]) -> bool {
+    events.iter().filter(|e| e.kind == EventKind::Status && e.status.is_some_and(|s| s.is_terminal())).count() == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_join_share_the_jobs_and_see_one_registry() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    for name in ["n1", "n2", "n3"] {
+        let joined = Instant::now();
+        cluster.add_node(name, &config);
+        cluster.wait_node_ready(name, 1).await;
+        println!("{name} visible in the registry {} ms after its process started", joined.elapsed().as_millis());
+    }
+    let client = cluster.client().await;
+    let mut ids = vec![];
+    for i in 0..9 {
+        ids.push(client.submit(&request(&format!("spread {i}"), serde_json::json!({"steps": 4, "step_ms": 100}))).await.unwrap().job_id);
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for id in &ids {
+        let v = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(v.status, JobState::Completed);
+        nodes.insert(v.node.unwrap());
+        assert!(completed_once(&history(&client, id).await));
+    }
+    assert_eq!(nodes.len(), 3, "jobs ran on every node: {nodes:?}");
+    // Any node answers `cluster` (queue group); all give the same view of the registry.
+    let views: Vec<Vec<(String, String, GpuState)>> = futures::future::join_all((0..12).map(|_| async {
+        let c = client.cluster().await.unwrap();
+        c.gpus.into_iter().map(|g| (g.node, g.slot, g.state)).collect()
+    }))
+    .await;
+    assert!(views.iter().all(|v| v == &views[0] && v.len() == 3), "{views:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("a", &config);
+    cluster.add_node("b", &config);
+    cluster.wait_node_ready("a", 2).await;
+    cluster.wait_node_ready("b", 2).await;
+    let client = cluster.client().await;
+    let mut ids = vec![];
+    for i in 0..16 {
+        ids.push(client.submit(&request(&format!("load {i}"), serde_json::json!({"steps": 5, "step_ms": 100}))).await.unwrap().job_id);
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.node == "a" && g.state == GpuState::Busy))
+        })
+        .await
+    );
+    let reply = client.drain("a").await.unwrap();
+    assert_eq!(reply["status"], "draining");
+    assert_eq!(cluster.nodes[0].wait_exit(Duration::from_secs(30)), Some(0), "clean exit:\n{}", cluster.nodes[0].log());
+    assert!(matches!(client.drain("a").await, Err(kiln::client::ClientError::NoResponders(_))), "gone");
+
+    for id in &ids {
+        let v = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!((v.status, v.attempt), (JobState::Completed, 1), "no job lost or retried: {v:?}");
+        assert!(completed_once(&history(&client, id).await), "job {id} ended once");
+    }
+    let c = client.cluster().await.unwrap();
+    assert!(c.nodes.iter().all(|n| n.node != "a") && c.gpus.iter().all(|g| g.node != "a"));
+}

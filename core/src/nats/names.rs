@@ -86,6 +86,10 @@ impl Names {
     pub fn results_bucket(&self, model: &str) -> String {
         format!("{}_results_{model}", self.prefix)
     }
+    /// Core NATS request subject that asks one node to drain and leave (`kiln drain <node>`).
+    pub fn drain_subject(&self, node: &str) -> String {
+        format!("{}.control.drain.{node}", self.prefix)
+    }
     /// Core NATS subject on which cancel notices are broadcast to every node.
     pub fn cancel_subject(&self) -> String {
         format!("{}.control.cancel", self.prefix)

@@ -130,3 +130,40 @@ async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
     let c = client.cluster().await.unwrap();
     assert!(c.nodes.iter().all(|n| n.node != "a") && c.gpus.iter().all(|g| g.node != "a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_restart_under_load_loses_no_job() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 5_000, &demo_model("demo", &[], 5, 60_000));
+    cluster.add_node("a", &config);
+    cluster.add_node("b", &config);
+    cluster.wait_node_ready("a", 2).await;
+    cluster.wait_node_ready("b", 2).await;
+    let client = cluster.client().await;
+    let mut ids = vec![];
+    for i in 0..12 {
+        ids.push(client.submit(&request(&format!("restart {i}"), serde_json::json!({"steps": 6, "step_ms": 100}))).await.unwrap().job_id);
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.state == GpuState::Busy))
+        })
+        .await
+    );
+
+    // Stop the server (JetStream on disk) for a second, then start it again on the same port.
+    cluster.server.restart().unwrap();
+    let restarted = Instant::now();
+    let client = cluster.client().await; // the test's own connection may have given up meanwhile
+    for id in &ids {
+        let v = wait_terminal(&client, id, Duration::from_secs(90)).await;
+        assert_eq!(v.status, JobState::Completed, "{v:?}");
+        assert!(completed_once(&history(&client, id).await), "job {id} ended once");
+    }
+    println!("all 12 jobs completed {} ms after the server came back", restarted.elapsed().as_millis());
+    // Both nodes are back in the registry and keep serving.
+    cluster.wait_node_ready("a", 2).await;
+    cluster.wait_node_ready("b", 2).await;
+    let r = client.submit(&request("after", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
+    assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+}

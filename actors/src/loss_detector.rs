@@ -31,6 +31,10 @@ pub struct LossDetectorState {
     last_seen: HashMap<String, NodeEntry>,
     /// Lives already declared lost: (node, started_ms).
     declared: HashSet<(String, u64)>,
+    /// Since when this node's own NATS connection is up. Others' heartbeats look stale to a
+    /// node that was cut off itself (or while the server restarted); it judges nobody until
+    /// it has been connected for a whole loss threshold.
+    connected_since: Option<u64>,
 }
 
 pub enum LossDetectorMsg {
@@ -44,7 +48,7 @@ impl Actor for LossDetector {
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(TICK, || LossDetectorMsg::Tick);
-        Ok(LossDetectorState { ctx, last_seen: HashMap::new(), declared: HashSet::new() })
+        Ok(LossDetectorState { ctx, last_seen: HashMap::new(), declared: HashSet::new(), connected_since: None })
     }
 
     async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -59,6 +63,14 @@ impl LossDetectorState {
     async fn on_tick(&mut self) {
         let now = kiln_core::now_ms();
         let loss_after = self.ctx.config.node.loss_after_ms;
+        if self.ctx.resources.client.connection_state() != async_nats::connection::State::Connected {
+            self.connected_since = None;
+            return;
+        }
+        let since = *self.connected_since.get_or_insert(now);
+        if now.saturating_sub(since) < loss_after {
+            return;
+        }
         let present: HashSet<String> = self.ctx.registry.nodes_including_stale().into_iter().map(|e| e.node).collect();
         // Gone from the registry while its heartbeat was still fresh: it left cleanly (drain,
         // SIGTERM) and removed its own entries. Forget it rather than declare it lost later.

@@ -167,3 +167,58 @@ async fn a_nats_server_restart_under_load_loses_no_job() {
     let r = client.submit(&request("after", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_is_replaced_rejoins_and_nothing_counts_twice() {
+    let mut cluster = TestCluster::new();
+    let proxy = FaultProxy::start(cluster.server.port()).await;
+    let models = demo_model("demo", &[], 5, 60_000);
+    cluster.add_node("cut", &config_toml(&proxy.url(), &["cpu:0"], 10_000, &models));
+    cluster.wait_node_ready("cut", 1).await;
+    let client = cluster.client().await;
+    let victim = client.submit(&request("cut off", serde_json::json!({"steps": 30, "step_ms": 100}))).await.unwrap().job_id;
+    assert!(
+        eventually(Duration::from_secs(20), || async { client.status(&victim).await.is_ok_and(|v| v.status == JobState::Running) }).await
+    );
+    cluster.add_node("steady", &config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &models));
+    cluster.wait_node_ready("steady", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    proxy.cut();
+    let others: Vec<String> = {
+        let mut ids = vec![];
+        for i in 0..6 {
+            ids.push(
+                client.submit(&request(&format!("during {i}"), serde_json::json!({"steps": 3, "step_ms": 100}))).await.unwrap().job_id,
+            );
+        }
+        ids
+    };
+    // The steady node declares the cut one lost and takes its job over.
+    let taken_over = eventually(Duration::from_secs(15), || async {
+        client
+            .clone()
+            .with_timeout(Duration::from_millis(500))
+            .status(&victim)
+            .await
+            .is_ok_and(|v| v.attempt >= 2 && v.node.as_deref() == Some("steady"))
+    })
+    .await;
+    assert!(taken_over, "{}", cluster.nodes[1].log());
+    // The cut node's worker ran on meanwhile; restore the link before its attempt could end.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    cluster.wait_node_ready("cut", 1).await; // it rejoins under its own name
+
+    for id in others.iter().chain([&victim]) {
+        let v = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(v.status, JobState::Completed, "{v:?}");
+        assert!(completed_once(&history(&client, id).await), "job {id} ended once");
+    }
+    // Whatever the cut node wrote for its stale attempt was fenced: the outcome is attempt 2's.
+    let v = client.status(&victim).await.unwrap();
+    assert_eq!((v.attempt, v.node.as_deref()), (2, Some("steady")), "{v:?}");
+    // And it serves again.
+    let r = client.submit(&request("after", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
+    assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+}

@@ -7,15 +7,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kiln_core::job::JobState;
-use kiln_core::protocol::{EventKind, GpuState, InputValue, SubmitRequest};
+use kiln_core::protocol::{EventKind, GpuState, SubmitRequest};
 
 fn request(prompt: &str, p: serde_json::Value) -> SubmitRequest {
-    SubmitRequest {
-        model: "demo".into(),
-        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
-        params: params(p),
-        ..Default::default()
-    }
+    prompt_request("demo", prompt, p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

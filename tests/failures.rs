@@ -9,15 +9,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use kiln_core::job::JobState;
-use kiln_core::protocol::{EventKind, GpuState, InputValue, ListJobsRequest, SubmitRequest};
+use kiln_core::protocol::{EventKind, GpuState, ListJobsRequest, SubmitRequest};
 
 fn request(model: &str, prompt: &str, p: serde_json::Value) -> SubmitRequest {
-    SubmitRequest {
-        model: model.into(),
-        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
-        params: params(p),
-        ..Default::default()
-    }
+    prompt_request(model, prompt, p)
 }
 
 fn completed_events(events: &[kiln_core::protocol::Event]) -> usize {

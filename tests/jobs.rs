@@ -11,12 +11,7 @@ use kiln_core::job::JobState;
 use kiln_core::protocol::{EventKind, InputValue, SubmitRequest};
 
 fn demo_request(prompt: &str, p: serde_json::Value) -> SubmitRequest {
-    SubmitRequest {
-        model: "demo".into(),
-        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
-        params: params(p),
-        ..Default::default()
-    }
+    prompt_request("demo", prompt, p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,6 +264,16 @@ pub fn params(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value
     v.as_object().cloned().unwrap()
 }
 
+/// A job for a demo-worker model: a prompt and params.
+pub fn prompt_request(model: &str, prompt: &str, p: serde_json::Value) -> kiln_core::protocol::SubmitRequest {
+    kiln_core::protocol::SubmitRequest {
+        model: model.into(),
+        inputs: [("prompt".to_string(), kiln_core::protocol::InputValue::Inline(prompt.into()))].into(),
+        params: params(p),
+        ..Default::default()
+    }
+}
+
 /// A TCP proxy between a node and the nats-server that can cut the link (closing every
 /// connection through it and refusing new ones) and restore it.
 pub struct FaultProxy {

@@ -72,27 +72,16 @@ pub struct TorchModel {
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
-enum Command {
-    Run {
-        model: String,
-        spec: Box<TorchModel>,
-        job: Box<EngineJob>,
-        progress: ProgressSink,
-        cancel: CancellationToken,
-        reply: Reply<Vec<EngineOutput>>,
-    },
-}
-
 /// The slot's torch thread and what it has loaded (readable without asking the thread).
 pub struct TorchSlot {
-    commands: std::sync::mpsc::Sender<Command>,
+    commands: std::sync::mpsc::Sender<Pending>,
     loaded: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl TorchSlot {
     /// Starts the slot's thread. `device` is the slot's (`Device::Cuda(n)` or `Device::Cpu`).
     pub fn start(slot: &str, device: Device, budget_bytes: u64) -> Arc<TorchSlot> {
-        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let (tx, rx) = std::sync::mpsc::channel::<Pending>();
         let loaded = Arc::new(Mutex::new(BTreeSet::new()));
         let mut worker = SlotThread { device, budget_bytes, models: HashMap::new(), clock: 0, passes: 0, loaded: loaded.clone() };
         std::thread::Builder::new().name(format!("torch-{slot}")).spawn(move || worker.serve(rx)).expect("spawn torch thread");
@@ -112,7 +101,7 @@ impl TorchSlot {
         cancel: CancellationToken,
     ) -> Result<Vec<EngineOutput>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let cmd = Command::Run { model: model.to_string(), spec: Box::new(spec.clone()), job: Box::new(job), progress, cancel, reply };
+        let cmd = Pending { model: model.to_string(), spec: Box::new(spec.clone()), job: Box::new(job), progress, cancel, reply };
         self.commands.send(cmd).map_err(|_| EngineError::WorkerDied("the torch thread is gone".into()))?;
         rx.await.map_err(|_| EngineError::WorkerDied("the torch thread dropped the job".into()))?
     }
@@ -125,7 +114,7 @@ struct Loaded {
     stepwise: bool,
 }
 
-/// One job waiting on the torch thread.
+/// One job sent to (and waiting on) the torch thread.
 struct Pending {
     model: String,
     spec: Box<TorchModel>,
@@ -176,16 +165,13 @@ impl SlotThread {
     /// The thread's loop. Jobs run one at a time, except that jobs of a batching model that
     /// arrive within its `max_batch_delay` (up to `max_batch`) run as one forward pass. The
     /// channel is unbounded, but the dispatcher never sends a slot more jobs than that.
-    fn serve(&mut self, rx: std::sync::mpsc::Receiver<Command>) {
+    fn serve(&mut self, rx: std::sync::mpsc::Receiver<Pending>) {
         let mut waiting: std::collections::VecDeque<Pending> = Default::default();
-        let unpack = |cmd: Command| match cmd {
-            Command::Run { model, spec, job, progress, cancel, reply } => Pending { model, spec, job, progress, cancel, reply },
-        };
         loop {
             let first = match waiting.pop_front() {
                 Some(p) => p,
                 None => match rx.recv() {
-                    Ok(cmd) => unpack(cmd),
+                    Ok(p) => p,
                     Err(_) => return, // every engine of the slot is gone
                 },
             };
@@ -205,8 +191,7 @@ impl SlotThread {
                 while batch.len() < max {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     match rx.recv_timeout(left) {
-                        Ok(cmd) => {
-                            let p = unpack(cmd);
+                        Ok(p) => {
                             if p.model == batch[0].model {
                                 batch.push(p);
                             } else {

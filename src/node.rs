@@ -133,13 +133,6 @@ impl RunningNode {
         Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, drain_listener, _work_dir: temp })
     }
 
-    pub async fn running_jobs(&self) -> Vec<String> {
-        match &self.handle {
-            Some(h) => h.running_jobs().await,
-            None => vec![],
-        }
-    }
-
     /// Resolves when an operator asks this node to drain.
     pub async fn drain_requested(&self) {
         self.drain_requested.notified().await

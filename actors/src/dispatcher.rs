@@ -130,7 +130,6 @@ pub enum DispatcherMsg {
     },
     /// Stop pulling; reply once no job runs here.
     Drain(RpcReplyPort<()>),
-    RunningJobs(RpcReplyPort<Vec<String>>),
 }
 
 impl Actor for Dispatcher {
@@ -205,9 +204,6 @@ impl Actor for Dispatcher {
                 } else {
                     state.drain_waiters.push(reply);
                 }
-            }
-            DispatcherMsg::RunningJobs(reply) => {
-                let _ = reply.send(state.running.keys().cloned().collect());
             }
         }
         Ok(())

@@ -57,11 +57,6 @@ impl NodeHandle {
         Ok(NodeHandle { supervisor, join, dispatcher: children.dispatcher, registry: children.registry })
     }
 
-    /// Ids of the jobs running on this node now.
-    pub async fn running_jobs(&self) -> Vec<String> {
-        ractor::call!(self.dispatcher, DispatcherMsg::RunningJobs).unwrap_or_default()
-    }
-
     /// Graceful leave: stop pulling, let running jobs finish (up to `grace`), remove this
     /// node's registry entries, stop the actors. Jobs still running after `grace` are left
     /// unacked and JetStream redelivers them to another node.

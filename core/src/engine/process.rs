@@ -168,11 +168,6 @@ impl ProcessEngine {
         self.worker.is_some()
     }
 
-    /// The worker's pid, when one runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.worker.as_ref().map(|w| w.pid)
-    }
-
     pub fn shutdown(&mut self) {
         self.worker = None;
     }

@@ -86,11 +86,6 @@ impl Resources {
         })
     }
 
-    /// Uploads an input to the files bucket (what a client does before submitting).
-    pub async fn upload_file(&self, name: &str, data: &[u8]) -> Result<String, StoreError> {
-        put_bytes(&self.files, name, data, content_type_for(name)).await
-    }
-
     /// Size of an uploaded input, or `NotFound` (missing, or expired).
     pub async fn file_size(&self, name: &str) -> Result<u64, StoreError> {
         match self.files.info(name).await {
@@ -104,18 +99,6 @@ impl Resources {
     /// Downloads an uploaded input to `dest`.
     pub async fn download_file(&self, name: &str, dest: &Path) -> Result<u64, StoreError> {
         download(&self.files, name, dest).await
-    }
-
-    /// Downloads an artifact (from whichever bucket it names) and checks its sha256.
-    pub async fn download_artifact(&self, artifact: &Artifact, dest: &Path) -> Result<(), StoreError> {
-        let store = self.js.get_object_store(&artifact.bucket).await.map_err(StoreError::nats)?;
-        download(&store, &artifact.object, dest).await?;
-        let data = tokio::fs::read(dest).await?;
-        let got = sha256_hex(&data);
-        if got != artifact.sha256 {
-            return Err(StoreError::Decode(format!("sha256 of {} is {got}, the record says {}", artifact.object, artifact.sha256)));
-        }
-        Ok(())
     }
 }
 

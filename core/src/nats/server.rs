@@ -114,9 +114,6 @@ impl NatsServer {
     pub fn port(&self) -> u16 {
         self.port
     }
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.id())
-    }
 
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.
     pub fn stop(&mut self) {

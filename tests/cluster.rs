@@ -93,25 +93,37 @@ async fn three_nodes_join_share_the_jobs_and_see_one_registry() {
     assert!(views.iter().all(|v| v == &views[0] && v.len() == 3), "{views:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
-    let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+/// Two nodes `a` and `b` with two slots each, and `n` demo jobs of `steps` x 100 ms submitted,
+/// returned once a slot is busy.
+async fn two_nodes_under_load(
+    cluster: &mut TestCluster,
+    ack_wait_ms: u64,
+    max_attempts: u32,
+    n: usize,
+    steps: u32,
+) -> (kiln::client::Client, Vec<String>) {
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], ack_wait_ms, &demo_model("demo", &[], max_attempts, 60_000));
     cluster.add_node("a", &config);
     cluster.add_node("b", &config);
     cluster.wait_node_ready("a", 2).await;
     cluster.wait_node_ready("b", 2).await;
     let client = cluster.client().await;
     let mut ids = vec![];
-    for i in 0..16 {
-        ids.push(client.submit(&request(&format!("load {i}"), serde_json::json!({"steps": 5, "step_ms": 100}))).await.unwrap().job_id);
+    for i in 0..n {
+        ids.push(client.submit(&request(&format!("load {i}"), serde_json::json!({"steps": steps, "step_ms": 100}))).await.unwrap().job_id);
     }
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.node == "a" && g.state == GpuState::Busy))
-        })
-        .await
-    );
+    let busy = eventually(Duration::from_secs(20), || async {
+        client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.state == GpuState::Busy))
+    })
+    .await;
+    assert!(busy, "jobs started");
+    (client, ids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
+    let mut cluster = TestCluster::new();
+    let (client, ids) = two_nodes_under_load(&mut cluster, 10_000, 3, 16, 5).await;
     let reply = client.drain("a").await.unwrap();
     assert_eq!(reply["status"], "draining");
     assert_eq!(cluster.nodes[0].wait_exit(Duration::from_secs(30)), Some(0), "clean exit:\n{}", cluster.nodes[0].log());
@@ -129,22 +141,7 @@ async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_restart_under_load_loses_no_job() {
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 5_000, &demo_model("demo", &[], 5, 60_000));
-    cluster.add_node("a", &config);
-    cluster.add_node("b", &config);
-    cluster.wait_node_ready("a", 2).await;
-    cluster.wait_node_ready("b", 2).await;
-    let client = cluster.client().await;
-    let mut ids = vec![];
-    for i in 0..12 {
-        ids.push(client.submit(&request(&format!("restart {i}"), serde_json::json!({"steps": 6, "step_ms": 100}))).await.unwrap().job_id);
-    }
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.state == GpuState::Busy))
-        })
-        .await
-    );
+    let (_, ids) = two_nodes_under_load(&mut cluster, 5_000, 5, 12, 6).await;
 
     // Stop the server (JetStream on disk) for a second, then start it again on the same port.
     cluster.server.restart().unwrap();
@@ -183,9 +180,7 @@ async fn a_node_cut_off_from_nats_is_replaced_rejoins_and_nothing_counts_twice()
     let others: Vec<String> = {
         let mut ids = vec![];
         for i in 0..6 {
-            ids.push(
-                client.submit(&request(&format!("during {i}"), serde_json::json!({"steps": 3, "step_ms": 100}))).await.unwrap().job_id,
-            );
+            ids.push(submit_retrying(&client, request(&format!("during {i}"), serde_json::json!({"steps": 3, "step_ms": 100}))).await);
         }
         ids
     };

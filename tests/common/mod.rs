@@ -329,3 +329,18 @@ impl Drop for FaultProxy {
         self.cut();
     }
 }
+
+/// Submits as a careful client does around failures: with an idempotency key (so a retry can
+/// never make a second job) and short timeouts, retrying a request that was lost with a node.
+pub async fn submit_retrying(client: &Client, mut request: kiln_core::protocol::SubmitRequest) -> String {
+    request.idempotency_key.get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+    let client = client.clone().with_timeout(Duration::from_secs(1));
+    for _ in 0..20 {
+        match client.submit(&request).await {
+            Ok(reply) => return reply.job_id,
+            Err(kiln::client::ClientError::Timeout(_)) => continue,
+            Err(e) => panic!("submit failed: {e}"),
+        }
+    }
+    panic!("submit kept timing out")
+}

@@ -1,7 +1,7 @@
 //! ApiService: the client-facing NATS service (`kiln-api`, the micro/services API, so
 //! `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` discovery work). Every node runs it in one queue
 //! group, so any node answers any request. Endpoints under `kiln.api.`: submit, status, cancel,
-//! result, jobs, models, cluster. See `docs/PROTOCOL.md`.
+//! result, jobs, models, cluster, control. See `docs/PROTOCOL.md`.
 //!
 //! Every reply is JSON; a failure is `{"error": {"code", "message"}}` with a stable code. No
 //! request can make the service panic or block: bodies are size-checked before parsing, nested
@@ -15,6 +15,9 @@ use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::StreamExt;
+use kiln_actors::gpu_supervisor::call_gpu;
+use kiln_actors::node_control::call_node;
+use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, NodeControlRequest};
 use kiln_core::config::ClusterConfig;
 use kiln_core::ids;
 use kiln_core::job::{JobRecord, JobState};
@@ -28,12 +31,14 @@ use tokio::sync::Semaphore;
 /// Requests handled concurrently by one node; beyond it, `overloaded` at once instead of
 /// queueing without bound.
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// How long a control call through the actor cluster may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How stale the queue depth used by admission control may be.
 const QUEUE_DEPTH_TTL: Duration = Duration::from_millis(250);
 /// Namespace of job ids derived from idempotency keys (uuid v5).
 const IDEMPOTENCY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b696c6e_6964_656d_706f_74656e637921);
 
-pub const ENDPOINTS: [&str; 7] = ["submit", "status", "cancel", "result", "jobs", "models", "cluster"];
+pub const ENDPOINTS: [&str; 8] = ["submit", "status", "cancel", "result", "jobs", "models", "cluster", "control"];
 
 #[derive(Clone)]
 pub struct ApiService {
@@ -110,6 +115,7 @@ impl ApiService {
             "jobs" => encode(self.jobs(parse_or_default(body)?).await?),
             "models" => encode(self.models()),
             "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.registry.gpus() }),
+            "control" => encode(self.control(parse(body)?).await?),
             other => Err(ApiError::bad_request(format!("unknown endpoint {other:?}"))),
         }
     }
@@ -282,9 +288,14 @@ impl ApiService {
                         let id = format!("{}-terminal", next.job_id);
                         self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
                         metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
-                    } else {
-                        let notice = serde_json::to_vec(&CancelNotice { job_id: next.job_id.clone() }).expect("json");
-                        self.resources.client.publish(self.resources.names.cancel_subject(), notice.into()).await.map_err(internal)?;
+                    } else if let Some(owner) = &next.owner {
+                        // Stop it now through the actor cluster. If the owner cannot be reached,
+                        // the flag just written still stops it: its job actor re-reads the
+                        // record with every `in_progress`.
+                        let request = NodeControlRequest::CancelJob { job_id: next.job_id.clone() };
+                        if call_node(&owner.node, request, CONTROL_TIMEOUT).await.is_none() {
+                            tracing::info!(job_id = %next.job_id, node = %owner.node, "owner unreachable; the cancel flag will stop the job");
+                        }
                     }
                     return Ok(JobView::from(&next));
                 }
@@ -293,6 +304,45 @@ impl ApiService {
             }
         }
         Err(ApiError::internal("the job kept changing; try the cancel again"))
+    }
+
+    async fn control(&self, req: ControlRequest) -> Result<ControlReply, ApiError> {
+        let node = match &req {
+            ControlRequest::Drain { node } | ControlRequest::RestartGpu { node, .. } | ControlRequest::Ping { node } => node.clone(),
+        };
+        if !ids::is_valid_token(&node) {
+            return Err(ApiError::bad_request(format!("{node:?} is not a node name")));
+        }
+        if self.registry.node(&node).is_none() {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("no live node named {node:?}")));
+        }
+        let via = self.config.node.name.clone();
+        let unreachable = || ApiError::internal(format!("no actor-cluster session with {node:?} right now; retry"));
+        let reply = match req {
+            ControlRequest::Drain { node } => match call_node(&node, NodeControlRequest::Drain, CONTROL_TIMEOUT).await {
+                Some(NodeControlReply::Draining { node }) => ControlReply { target: node, outcome: "draining".into(), via },
+                _ => return Err(unreachable()),
+            },
+            ControlRequest::Ping { node } => match call_node(&node, NodeControlRequest::Ping, CONTROL_TIMEOUT).await {
+                Some(NodeControlReply::Pong { node }) => ControlReply { target: node, outcome: "pong".into(), via },
+                _ => return Err(unreachable()),
+            },
+            ControlRequest::RestartGpu { node, slot } => {
+                if self.registry.gpu(&node, &slot).is_none() {
+                    return Err(ApiError::new(ErrorCode::NotFound, format!("node {node:?} has no slot {slot:?}")));
+                }
+                match call_gpu(&node, &slot, GpuControlRequest::Restart, CONTROL_TIMEOUT).await {
+                    Some(GpuControlReply::Restarting { node, slot }) => {
+                        ControlReply { target: format!("{node}/{slot}"), outcome: "restarting".into(), via }
+                    }
+                    Some(GpuControlReply::NotRunning { node, slot }) => {
+                        ControlReply { target: format!("{node}/{slot}"), outcome: "not_running".into(), via }
+                    }
+                    None => return Err(unreachable()),
+                }
+            }
+        };
+        Ok(reply)
     }
 
     async fn jobs(&self, req: ListJobsRequest) -> Result<ListJobsReply, ApiError> {

@@ -106,13 +106,21 @@ impl Client {
         self.request("cluster", &serde_json::json!({})).await
     }
 
-    /// Asks one node to drain and leave; `NoResponders` if no node of that name is up.
-    pub async fn drain(&self, node: &str) -> Result<serde_json::Value, ClientError> {
-        let subject = self.names.drain_subject(node);
-        match self.nats.request(subject.clone(), "".into()).await {
-            Ok(msg) => serde_json::from_slice(&msg.payload).map_err(|e| ClientError::Decode(e.to_string())),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(ClientError::NoResponders(subject)),
-            Err(e) => Err(ClientError::Nats(e.to_string())),
+    /// Operator control of any node or GPU; forwarded through the actor cluster.
+    pub async fn control(&self, req: &ControlRequest) -> Result<ControlReply, ClientError> {
+        self.request("control", req).await
+    }
+
+    /// Asks node `from` to time actor calls and NATS requests to `peer` (`kiln ping`).
+    pub async fn ping(&self, from: &str, peer: &str, count: u32) -> Result<PingReport, ClientError> {
+        let subject = self.names.node_diag(from, "ping");
+        let body = serde_json::to_vec(&PingRequest { peer: peer.into(), count }).expect("json");
+        let wait = Duration::from_secs(30) + Duration::from_millis(10 * count as u64);
+        match tokio::time::timeout(wait, self.nats.request(subject.clone(), body.into())).await {
+            Ok(Ok(msg)) => decode_reply(&msg.payload),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(ClientError::NoResponders(subject)),
+            Ok(Err(e)) => Err(ClientError::Nats(e.to_string())),
+            Err(_) => Err(ClientError::Timeout(subject)),
         }
     }
 

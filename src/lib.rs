@@ -18,6 +18,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod demo;
+pub mod diag;
 pub mod metrics;
 pub mod node;
 

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln::client::Client;
 use kiln::node::RunningNode;
 use kiln_core::config::ClusterConfig;
-use kiln_core::protocol::{EventKind, InputValue, ListJobsRequest, SubmitRequest};
+use kiln_core::protocol::{ControlRequest, EventKind, InputValue, ListJobsRequest, SubmitRequest};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "A cluster runtime for GPU generation jobs over NATS")]
@@ -65,6 +65,25 @@ enum Command {
     /// and exits (as on SIGTERM). Nothing is lost or run twice.
     Drain {
         node: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Restart one GPU slot's inference actor, on any node (its running job is retried).
+    RestartGpu {
+        node: String,
+        slot: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Time actor calls from one node to another through the actor cluster, beside plain NATS
+    /// request/reply between the same two nodes.
+    Ping {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -347,7 +366,25 @@ async fn client_command(command: Command) -> Result<(), String> {
         }
         Command::Drain { node, conn } => {
             let c = connect(&conn).await?;
-            print_json(&c.drain(&node).await.map_err(|e| e.to_string())?);
+            print_json(&c.control(&ControlRequest::Drain { node }).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::RestartGpu { node, slot, conn } => {
+            let c = connect(&conn).await?;
+            print_json(&c.control(&ControlRequest::RestartGpu { node, slot }).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::Ping { from, to, count, conn } => {
+            let c = connect(&conn).await?;
+            let r = c.ping(&from, &to, count).await.map_err(|e| e.to_string())?;
+            println!("{} -> {}, {} round trips each, interleaved:", r.from, r.peer, r.count);
+            println!("  actor call through the tunnel  p50 {:>6} us  p99 {:>6} us", r.actor_p50_us, r.actor_p99_us);
+            println!("  NATS request/reply (floor)     p50 {:>6} us  p99 {:>6} us", r.nats_p50_us, r.nats_p99_us);
+            println!(
+                "  ratio                          p50 {:>6.2}x   p99 {:>6.2}x",
+                r.actor_p50_us as f64 / r.nats_p50_us.max(1) as f64,
+                r.actor_p99_us as f64 / r.nats_p99_us.max(1) as f64
+            );
             Ok(())
         }
         _ => unreachable!("node commands are handled in main"),

@@ -33,9 +33,10 @@ pub struct RunningNode {
     api: tokio::task::JoinHandle<()>,
     /// The embedded nats-server, when this node started one (`kiln up`).
     pub server: Option<NatsServer>,
-    /// Fires when an operator asks this node to drain (`kiln drain <node>`).
+    /// Fires when the cluster asks this node to drain (`kiln drain <node>`, through its
+    /// NodeControl actor).
     drain_requested: Arc<tokio::sync::Notify>,
-    drain_listener: tokio::task::JoinHandle<()>,
+    diagnostics: tokio::task::JoinHandle<()>,
     _work_dir: Option<tempfile::TempDir>,
 }
 
@@ -102,6 +103,7 @@ impl RunningNode {
         std::fs::create_dir_all(&work_dir)?;
         let url = config.nats.url.clone();
         let config = Arc::new(config);
+        let drain_requested = Arc::new(tokio::sync::Notify::new());
         let ctx = NodeContext {
             config: config.clone(),
             resources: resources.clone(),
@@ -109,28 +111,13 @@ impl RunningNode {
             work_dir,
             warm: Default::default(),
             registry: registry.clone(),
+            drain_requested: drain_requested.clone(),
         };
         let handle = NodeHandle::start(ctx).await?;
         let api = crate::api::ApiService::new(resources.clone(), config, registry).start().await?;
-        let drain_requested = Arc::new(tokio::sync::Notify::new());
-        let drain_listener = {
-            let mut sub =
-                resources.client.subscribe(resources.names.drain_subject(&name)).await.map_err(kiln_core::nats::StoreError::nats)?;
-            let (client, notify, node) = (resources.client.clone(), drain_requested.clone(), name.clone());
-            tokio::spawn(async move {
-                use futures::StreamExt;
-                while let Some(msg) = sub.next().await {
-                    tracing::info!(node = %node, "drain requested");
-                    if let Some(reply) = msg.reply {
-                        let body = serde_json::json!({ "node": node, "status": "draining" });
-                        let _ = client.publish(reply, serde_json::to_vec(&body).expect("json").into()).await;
-                    }
-                    notify.notify_one();
-                }
-            })
-        };
+        let diagnostics = crate::diag::serve(resources.clone(), name.clone()).await?;
         tracing::info!(node = %name, url = %url, "node started");
-        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, drain_listener, _work_dir: temp })
+        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, diagnostics, _work_dir: temp })
     }
 
     /// Resolves when an operator asks this node to drain.
@@ -152,7 +139,7 @@ impl RunningNode {
             h.drain_and_stop(grace).await;
         }
         self.api.abort();
-        self.drain_listener.abort();
+        self.diagnostics.abort();
         let _ = self.resources.client.flush().await;
         if let Some(mut s) = self.server.take() {
             s.stop();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kiln_core::job::JobState;
-use kiln_core::protocol::{EventKind, GpuState, SubmitRequest};
+use kiln_core::protocol::{ControlRequest, ErrorCode, EventKind, GpuState, SubmitRequest};
 
 fn request(prompt: &str, p: serde_json::Value) -> SubmitRequest {
     prompt_request("demo", prompt, p)
@@ -70,6 +70,7 @@ async fn three_nodes_join_share_the_jobs_and_see_one_registry() {
         cluster.add_node(name, &config);
         cluster.wait_node_ready(name, 1).await;
         println!("{name} visible in the registry {} ms after its process started", joined.elapsed().as_millis());
+        assert!(joined.elapsed() < Duration::from_secs(2), "joined within 2 s: {:?}", joined.elapsed());
     }
     let client = cluster.client().await;
     let mut ids = vec![];
@@ -91,6 +92,79 @@ async fn three_nodes_join_share_the_jobs_and_see_one_registry() {
     }))
     .await;
     assert!(views.iter().all(|v| v == &views[0] && v.len() == 3), "{views:?}");
+
+    // One actor cluster: every node has a session with the other two, through NATS alone.
+    let meshed = cluster.wait_mesh(&["n1", "n2", "n3"], Duration::from_secs(10)).await;
+    println!("full mesh seen {} ms after the last join", meshed.as_millis());
+    // Control reaches any node's actors from whichever node takes the request.
+    for node in ["n1", "n2", "n3"] {
+        for _ in 0..3 {
+            let r = client.control(&ControlRequest::Ping { node: node.into() }).await.unwrap();
+            assert_eq!((r.target.as_str(), r.outcome.as_str()), (node, "pong"), "{r:?}");
+        }
+    }
+    // A remote actor call against plain NATS request/reply between the same two processes.
+    let p = client.ping("n1", "n2", 500).await.unwrap();
+    println!(
+        "n1 -> n2, 500 each: actor call p50 {} us p99 {} us; NATS request p50 {} us p99 {} us; ratio p50 {:.2}x",
+        p.actor_p50_us,
+        p.actor_p99_us,
+        p.nats_p50_us,
+        p.nats_p99_us,
+        p.actor_p50_us as f64 / p.nats_p50_us.max(1) as f64
+    );
+    assert!(p.actor_p50_us > 0 && p.nats_p50_us > 0 && p.actor_p50_us < 50_000, "{p:?}");
+
+    // Cancel a job wherever it runs: the owner's control actor stops it at once (the record's
+    // flag alone would take up to a third of the 10 s ack wait).
+    for i in 0..3 {
+        let id = client.submit(&request(&format!("long {i}"), serde_json::json!({"steps": 100, "step_ms": 100}))).await.unwrap().job_id;
+        assert!(eventually(Duration::from_secs(20), || async { client.status(&id).await.unwrap().status == JobState::Running }).await);
+        let asked = Instant::now();
+        client.cancel(&id).await.unwrap();
+        let v = wait_terminal(&client, &id, Duration::from_secs(20)).await;
+        assert_eq!(v.status, JobState::Cancelled, "{v:?}");
+        println!("cancel of a job on {} took {} ms", v.node.unwrap_or_default(), asked.elapsed().as_millis());
+        assert!(asked.elapsed() < Duration::from_millis(2500), "stopped through the actor, not the flag: {:?}", asked.elapsed());
+    }
+
+    // Restart a GPU actor on another node; its supervisor counts it and the slot serves again.
+    let r = client.control(&ControlRequest::RestartGpu { node: "n3".into(), slot: "cpu:0".into() }).await.unwrap();
+    assert_eq!((r.target.as_str(), r.outcome.as_str()), ("n3/cpu:0", "restarting"), "{r:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            client.cluster().await.is_ok_and(|c| c.gpus.iter().any(|g| g.node == "n3" && g.restarts == 1 && g.state == GpuState::Idle))
+        })
+        .await
+    );
+    let unknown = client.control(&ControlRequest::RestartGpu { node: "n3".into(), slot: "cuda:7".into() }).await;
+    assert!(matches!(&unknown, Err(kiln::client::ClientError::Api(e)) if e.code == ErrorCode::NotFound), "{unknown:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_cookie_is_refused_by_its_peers() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("a", &config);
+    cluster.add_node("b", &config);
+    cluster.add_node_with_env("c", &config, &[("KILN_CLUSTER_COOKIE", "not-the-cluster-cookie")]);
+    for n in ["a", "b", "c"] {
+        cluster.wait_node_ready(n, 1).await;
+    }
+    cluster.wait_mesh(&["a", "b"], Duration::from_secs(10)).await;
+    // a and b dial c (names sort first); c refuses both with a clear code, and keeps refusing.
+    assert!(eventually(Duration::from_secs(10), || async { cluster.nodes[2].log().matches("cookie_mismatch").count() >= 2 }).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = cluster.client().await.cluster().await.unwrap();
+    for n in &c.nodes {
+        let expected: &[&str] = match n.node.as_str() {
+            "a" => &["b"],
+            "b" => &["a"],
+            _ => &[],
+        };
+        assert_eq!(n.peers, expected, "{n:?}");
+    }
+    assert!(cluster.nodes[0].log().contains("actor-cluster session refused by peer"), "{}", cluster.nodes[0].log());
 }
 
 /// Two nodes `a` and `b` with two slots each, and `n` demo jobs of `steps` x 100 ms submitted,
@@ -124,10 +198,14 @@ async fn two_nodes_under_load(
 async fn draining_a_node_under_load_loses_and_duplicates_nothing() {
     let mut cluster = TestCluster::new();
     let (client, ids) = two_nodes_under_load(&mut cluster, 10_000, 3, 16, 5).await;
-    let reply = client.drain("a").await.unwrap();
-    assert_eq!(reply["status"], "draining");
+    // The request reaches whichever node the queue group picks; it forwards it to a's control
+    // actor through the actor cluster.
+    cluster.wait_mesh(&["a", "b"], Duration::from_secs(10)).await;
+    let reply = client.control(&ControlRequest::Drain { node: "a".into() }).await.unwrap();
+    assert_eq!((reply.target.as_str(), reply.outcome.as_str()), ("a", "draining"), "{reply:?}");
     assert_eq!(cluster.nodes[0].wait_exit(Duration::from_secs(30)), Some(0), "clean exit:\n{}", cluster.nodes[0].log());
-    assert!(matches!(client.drain("a").await, Err(kiln::client::ClientError::NoResponders(_))), "gone");
+    let gone = client.control(&ControlRequest::Drain { node: "a".into() }).await;
+    assert!(matches!(&gone, Err(kiln::client::ClientError::Api(e)) if e.code == ErrorCode::NotFound), "gone: {gone:?}");
 
     for id in &ids {
         let v = wait_terminal(&client, id, Duration::from_secs(60)).await;
@@ -153,9 +231,16 @@ async fn a_nats_server_restart_under_load_loses_no_job() {
         assert!(completed_once(&history(&client, id).await), "job {id} ended once");
     }
     println!("all 12 jobs completed {} ms after the server came back", restarted.elapsed().as_millis());
-    // Both nodes are back in the registry and keep serving.
+    // Both nodes are back in the registry, their actor-cluster session re-formed, and they keep
+    // serving.
     cluster.wait_node_ready("a", 2).await;
     cluster.wait_node_ready("b", 2).await;
+    cluster.wait_mesh(&["a", "b"], Duration::from_secs(15)).await;
+    for node in ["a", "b", "a", "b"] {
+        let r = client.control(&ControlRequest::Ping { node: node.into() }).await.unwrap();
+        assert_eq!(r.outcome, "pong", "actor calls work again: {r:?}");
+    }
+    println!("actor calls between the nodes work again {} ms after the server came back", restarted.elapsed().as_millis());
     let r = client.submit(&request("after", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
 }
@@ -199,6 +284,7 @@ async fn a_node_cut_off_from_nats_is_replaced_rejoins_and_nothing_counts_twice()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.restore();
     cluster.wait_node_ready("cut", 1).await; // it rejoins under its own name
+    cluster.wait_mesh(&["cut", "steady"], Duration::from_secs(15)).await; // and re-forms its session
 
     for id in others.iter().chain([&victim]) {
         let v = wait_terminal(&client, id, Duration::from_secs(60)).await;

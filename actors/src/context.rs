@@ -22,6 +22,9 @@ pub struct NodeContext {
     pub warm: Arc<DashMap<String, Vec<String>>>,
     /// The local, watch-fed view of the cluster registry.
     pub registry: RegistryCache,
+    /// Fired when the cluster asks this node to drain (`kiln drain <node>`, through its
+    /// [`NodeControl`](crate::node_control) actor); the binary then leaves gracefully.
+    pub drain_requested: Arc<tokio::sync::Notify>,
 }
 
 impl NodeContext {

@@ -27,7 +27,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use kiln_core::nats::Lane;
 use kiln_core::policy::Backoff;
-use kiln_core::protocol::{CancelNotice, HeldJob};
+use kiln_core::protocol::HeldJob;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -125,12 +125,17 @@ pub enum DispatcherMsg {
         slot: String,
         delivery: Box<jetstream::Message>,
     },
+    /// Stops the job if it runs here; replies whether it did.
     Cancel {
         job_id: String,
+        reply: RpcReplyPort<bool>,
     },
     /// Stop pulling; reply once no job runs here.
     Drain(RpcReplyPort<()>),
 }
+
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for DispatcherMsg {}
 
 impl Actor for Dispatcher {
     type Msg = DispatcherMsg;
@@ -170,7 +175,6 @@ impl Actor for Dispatcher {
         for model in served {
             state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
         }
-        state.tasks.push(tokio::spawn(cancel_listener(state.ctx.clone(), myself.clone())));
         Ok(())
     }
 
@@ -188,11 +192,13 @@ impl Actor for Dispatcher {
             DispatcherMsg::Reserve { model, max, reply } => state.on_reserve(model, max, reply),
             DispatcherMsg::Release { slot } => state.release(&slot),
             DispatcherMsg::Dispatch { slot, delivery } => state.dispatch(&myself, slot, *delivery).await,
-            DispatcherMsg::Cancel { job_id } => {
-                if let Some(r) = state.running.get(&job_id) {
+            DispatcherMsg::Cancel { job_id, reply } => {
+                let running = state.running.get(&job_id);
+                if let Some(r) = running {
                     tracing::info!(job_id = %job_id, slot = %r.slot, "cancelling running job");
                     r.cancel.cancel();
                 }
+                let _ = reply.send(running.is_some());
             }
             DispatcherMsg::Drain(reply) => {
                 state.draining = true;
@@ -511,22 +517,4 @@ async fn long_poll(consumer: &jetstream::consumer::PullConsumer) -> Vec<jetstrea
         }
     }
     out
-}
-
-/// Routes cancel notices (broadcast to every node) to the dispatcher.
-async fn cancel_listener(ctx: NodeContext, dispatcher: ActorRef<DispatcherMsg>) {
-    let mut sub = match ctx.resources.client.subscribe(ctx.resources.names.cancel_subject()).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe to cancel notices");
-            return;
-        }
-    };
-    while let Some(msg) = sub.next().await {
-        if let Ok(notice) = serde_json::from_slice::<CancelNotice>(&msg.payload) {
-            if dispatcher.cast(DispatcherMsg::Cancel { job_id: notice.job_id }).is_err() {
-                return;
-            }
-        }
-    }
 }

@@ -23,6 +23,7 @@ use crate::context::NodeContext;
 use crate::dispatcher::DispatcherMsg;
 use crate::inference::{InferenceActor, InferenceArgs, InferenceMsg};
 use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+use crate::wire::{groups, GpuControlReply, GpuControlRequest};
 
 pub struct GpuSupervisor;
 
@@ -51,14 +52,23 @@ pub enum GpuSupervisorMsg {
     Restart,
     /// The node is shutting down: stop restarting.
     Stopping,
+    /// From any node of the cluster, through the process groups [`groups::GPUS`] and
+    /// [`groups::gpu`]; the one variant that may cross nodes.
+    Control(GpuControlRequest, ractor::RpcReplyPort<GpuControlReply>),
 }
+
+crate::remote_call_message!(GpuSupervisorMsg, Control, GpuControlRequest, GpuControlReply);
 
 impl Actor for GpuSupervisor {
     type Msg = GpuSupervisorMsg;
     type State = GpuSupervisorState;
     type Arguments = GpuSupervisorArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        // Cluster-wide groups: every GPU, and this one by node and slot (ractor_cluster syncs
+        // them to every peer; a member leaves its groups when it stops).
+        ractor::pg::join(groups::GPUS.to_string(), vec![myself.get_cell()]);
+        ractor::pg::join(groups::gpu(&args.ctx.node, &args.slot), vec![myself.get_cell()]);
         Ok(GpuSupervisorState {
             budget: RestartBudget::new(&args.ctx.config.restart),
             ctx: args.ctx,
@@ -85,6 +95,21 @@ impl Actor for GpuSupervisor {
             }
             GpuSupervisorMsg::Restart => {}
             GpuSupervisorMsg::Stopping => state.stopping = true,
+            GpuSupervisorMsg::Control(GpuControlRequest::Restart, reply) => {
+                let (node, slot) = (state.ctx.node.clone(), state.slot.clone());
+                match &state.inference {
+                    Some(inference) if !state.stopping => {
+                        tracing::warn!(slot = %slot, "restart requested through the cluster");
+                        // Handled like a failure: counted against the budget, the running job
+                        // (if any) fails over to a retry, a fresh actor starts after the backoff.
+                        inference.stop(Some("restart requested".into()));
+                        let _ = reply.send(GpuControlReply::Restarting { node, slot });
+                    }
+                    _ => {
+                        let _ = reply.send(GpuControlReply::NotRunning { node, slot });
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -156,5 +181,16 @@ impl GpuSupervisorState {
                 myself.send_after(Duration::from_secs(1), || GpuSupervisorMsg::Restart);
             }
         }
+    }
+}
+
+/// Calls the supervisor of `slot` on `node`, wherever it runs. `None` when no session to that
+/// node is up or it did not answer in `timeout`.
+pub async fn call_gpu(node: &str, slot: &str, request: GpuControlRequest, timeout: Duration) -> Option<GpuControlReply> {
+    let member = ractor::pg::get_members(&groups::gpu(node, slot)).into_iter().next()?;
+    let actor: ActorRef<GpuSupervisorMsg> = member.into();
+    match actor.call(|r| GpuSupervisorMsg::Control(request, r), Some(timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(reply)) => Some(reply),
+        _ => None,
     }
 }

@@ -57,6 +57,9 @@ pub enum InferenceMsg {
     },
 }
 
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for InferenceMsg {}
+
 impl Actor for InferenceActor {
     type Msg = InferenceMsg;
     type State = InferenceState;

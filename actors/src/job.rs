@@ -57,6 +57,9 @@ pub struct JobArgs {
 /// reaches it through the token, which works while it awaits the engine.
 pub enum JobMsg {}
 
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for JobMsg {}
+
 pub struct JobActorState {
     args: JobArgs,
     /// Acks of events published but not yet confirmed; all are awaited before the terminal

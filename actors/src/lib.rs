@@ -9,21 +9,30 @@
 //! ├── Dispatcher                       dispatcher.rs       pulls only while a slot is free
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
+//! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
+//! ├── ClusterMesh                      cluster_mesh.rs     one actor-cluster session per peer
+//! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
 //!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
 //! ```
 //!
-//! [`context`] holds what they share (config, NATS handles); [`NodeHandle`] is the typed handle
-//! the binary uses to start, drain and stop a node.
+//! Not actors: [`context`] holds what they share (config, NATS handles); [`tunnel`] carries a
+//! ractor_cluster session over NATS; [`wire`] is every message that crosses nodes (bincode 2,
+//! versioned); [`NodeHandle`] is the typed handle the binary uses to start, drain and stop a
+//! node.
 
+pub mod cluster_mesh;
 pub mod context;
 pub mod dispatcher;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;
 pub mod loss_detector;
+pub mod node_control;
 pub mod node_supervisor;
 pub mod registry_writer;
+pub mod tunnel;
+pub mod wire;
 
 use std::time::Duration;
 

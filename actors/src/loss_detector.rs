@@ -41,6 +41,9 @@ pub enum LossDetectorMsg {
     Tick,
 }
 
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for LossDetectorMsg {}
+
 impl Actor for LossDetector {
     type Msg = LossDetectorMsg;
     type State = LossDetectorState;

@@ -6,6 +6,9 @@
 //! ├── Dispatcher                pulls jobs while slots are free
 //! │   └── JobActor (per job)    claim, run, write outcome, ack
 //! ├── LossDetector              declares silent nodes lost, hands their jobs back
+//! ├── NodeControl               this node's door for the cluster: cancel, drain, ping
+//! ├── ClusterMesh               actor-cluster sessions to every peer, through NATS tunnels
+//! │   └── NodeServer            ractor_cluster (cookie, process groups)
 //! └── GpuSupervisor (per slot)  restart budget, backoff, quarantine
 //!     └── InferenceActor        engines of the slot, one job at a time
 //! ```
@@ -18,10 +21,12 @@
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use crate::cluster_mesh::{ClusterMesh, ClusterMeshArgs};
 use crate::context::NodeContext;
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 use crate::gpu_supervisor::{GpuSupervisor, GpuSupervisorArgs, GpuSupervisorMsg};
 use crate::loss_detector::LossDetector;
+use crate::node_control::{NodeControl, NodeControlArgs};
 use crate::registry_writer::{RegistryWriter, RegistryWriterArgs, RegistryWriterMsg};
 
 pub struct NodeSupervisor;
@@ -47,6 +52,9 @@ pub enum NodeSupervisorMsg {
     Shutdown,
 }
 
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for NodeSupervisorMsg {}
+
 impl Actor for NodeSupervisor {
     type Msg = NodeSupervisorMsg;
     type State = NodeSupervisorState;
@@ -58,6 +66,9 @@ impl Actor for NodeSupervisor {
             Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell())
                 .await?;
         Actor::spawn_linked(None, LossDetector, ctx.clone(), myself.get_cell()).await?;
+        let control = NodeControlArgs { ctx: ctx.clone(), dispatcher: dispatcher.clone(), drain_requested: ctx.drain_requested.clone() };
+        Actor::spawn_linked(None, NodeControl, control, myself.get_cell()).await?;
+        Actor::spawn_linked(None, ClusterMesh, ClusterMeshArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell()).await?;
         let mut gpus = vec![];
         for slot in &ctx.config.node.slots {
             let args =

@@ -58,6 +58,8 @@ pub enum RegistryWriterMsg {
     },
     /// The deliveries the node holds now (written within 100 ms, coalesced).
     RunningJobs(Vec<kiln_core::protocol::HeldJob>),
+    /// The peers with an actor-cluster session now (written with the next coalesced write).
+    Peers(Vec<String>),
     /// Writes the node entry if it changed since the last write.
     FlushNode,
     /// The node is leaving: every live slot shows `draining`.
@@ -66,6 +68,9 @@ pub enum RegistryWriterMsg {
     /// Removes this node's entries (graceful leave) and replies when done.
     Remove(ractor::RpcReplyPort<()>),
 }
+
+// Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for RegistryWriterMsg {}
 
 pub struct RegistryWriterArgs {
     pub ctx: NodeContext,
@@ -107,6 +112,7 @@ impl Actor for RegistryWriter {
             heartbeat_ms: now,
             running_jobs: 0,
             jobs: vec![],
+            peers: vec![],
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
         let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();
@@ -126,6 +132,13 @@ impl Actor for RegistryWriter {
                 state.node.jobs = jobs;
                 // Coalesced: at most one node write per 100 ms however many jobs start or end,
                 // so the list a survivor reads is at most that stale.
+                if !state.node_dirty {
+                    state.node_dirty = true;
+                    myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);
+                }
+            }
+            RegistryWriterMsg::Peers(peers) => {
+                state.node.peers = peers;
                 if !state.node_dirty {
                     state.node_dirty = true;
                     myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);

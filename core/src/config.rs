@@ -35,7 +35,41 @@ pub struct ClusterConfig {
     pub storage: StorageConfig,
     pub retry: RetryPolicy,
     pub restart: RestartPolicy,
+    pub cluster: ClusterLink,
     pub models: Vec<ModelConfig>,
+}
+
+/// The actor cluster (ractor_cluster sessions tunnelled through NATS between every two nodes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterLink {
+    /// Shared secret of the actor cluster: a node with another cookie is refused by its peers.
+    /// Set it (or `KILN_CLUSTER_COOKIE`) on any cluster reachable by others.
+    pub cookie: String,
+    /// Each tunnel sends a heartbeat frame this often when it has nothing else to send.
+    pub heartbeat_ms: u64,
+    /// A tunnel that receives nothing for this long closes (its peer or the link is gone).
+    pub silence_ms: u64,
+    /// Bytes a tunnel may have sent and not yet seen consumed by the peer: a slow peer makes
+    /// the sender wait instead of growing memory.
+    pub window_bytes: u64,
+    /// The largest data frame, kept well under the NATS payload limit.
+    pub frame_bytes: u64,
+    /// How often a node checks for peers it has no session with, and dials them.
+    pub redial_ms: u64,
+}
+
+impl Default for ClusterLink {
+    fn default() -> Self {
+        ClusterLink {
+            cookie: "kiln-dev-cookie".into(),
+            heartbeat_ms: 500,
+            silence_ms: 2_000,
+            window_bytes: 4 << 20,
+            frame_bytes: 256 << 10,
+            redial_ms: 500,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -319,7 +353,7 @@ impl ClusterConfig {
     }
 
     /// `KILN_NATS_URL`, `KILN_NODE_NAME`, `KILN_SLOTS` (comma separated), `KILN_METRICS_ADDR`,
-    /// `KILN_STATE_DIR`, `KILN_ACK_WAIT_MS`.
+    /// `KILN_STATE_DIR`, `KILN_ACK_WAIT_MS`, `KILN_CLUSTER_COOKIE`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(v) = var("KILN_NATS_URL") {
             self.nats.url = v;
@@ -335,6 +369,9 @@ impl ClusterConfig {
         }
         if let Some(v) = var("KILN_STATE_DIR") {
             self.nats.state_dir = v;
+        }
+        if let Some(v) = var("KILN_CLUSTER_COOKIE") {
+            self.cluster.cookie = v;
         }
         if let Some(v) = var("KILN_ACK_WAIT_MS") {
             self.nats.ack_wait_ms =
@@ -370,6 +407,21 @@ impl ClusterConfig {
         }
         if self.node.loss_after_ms < 2 * self.node.heartbeat_ms || self.node.loss_after_ms > self.node.registry_ttl_ms {
             return Err(invalid("node.loss_after_ms", "must be at least twice node.heartbeat_ms and at most node.registry_ttl_ms"));
+        }
+        if self.cluster.cookie.is_empty() {
+            return Err(invalid("cluster.cookie", "must not be empty"));
+        }
+        if self.cluster.heartbeat_ms == 0 || self.cluster.silence_ms < 2 * self.cluster.heartbeat_ms {
+            return Err(invalid("cluster.silence_ms", "must be at least twice cluster.heartbeat_ms"));
+        }
+        if self.cluster.frame_bytes < 1024 || self.cluster.frame_bytes > 512 * 1024 {
+            return Err(invalid("cluster.frame_bytes", "must be between 1024 and 524288 (half the NATS payload limit)"));
+        }
+        if self.cluster.window_bytes < 2 * self.cluster.frame_bytes {
+            return Err(invalid("cluster.window_bytes", "must be at least twice cluster.frame_bytes"));
+        }
+        if self.cluster.redial_ms == 0 {
+            return Err(invalid("cluster.redial_ms", "must be positive"));
         }
         if self.limits.max_request_bytes == 0 || self.limits.max_request_bytes > 1024 * 1024 {
             return Err(invalid("limits.max_request_bytes", "must be between 1 and 1048576 (the NATS payload limit)"));
@@ -516,6 +568,18 @@ engine = { kind = "noop" }
         let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
         c.models[0].max_attempts = 0;
         assert!(c.validate().unwrap_err().to_string().contains("models[0].max_attempts"));
+    }
+
+    #[test]
+    fn the_cluster_link_is_checked() {
+        let check = |toml: &str| ClusterConfig::from_toml(toml, "t").unwrap().validate().unwrap_err().to_string();
+        assert!(check("[cluster]\ncookie = \"\"").contains("cluster.cookie"));
+        assert!(check("[cluster]\nheartbeat_ms = 500\nsilence_ms = 600").contains("cluster.silence_ms"));
+        assert!(check("[cluster]\nframe_bytes = 2000000").contains("cluster.frame_bytes"));
+        assert!(check("[cluster]\nwindow_bytes = 1000").contains("cluster.window_bytes"));
+        let mut c = ClusterConfig::default();
+        c.apply_env(|k| (k == "KILN_CLUSTER_COOKIE").then(|| "s3cret".into())).unwrap();
+        assert_eq!(c.cluster.cookie, "s3cret");
     }
 
     #[test]

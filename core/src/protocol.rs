@@ -309,6 +309,9 @@ pub struct NodeEntry {
     /// subjects so JetStream redelivers them at once instead of after the ack wait.
     #[serde(default)]
     pub jobs: Vec<HeldJob>,
+    /// Nodes this one has an authenticated actor-cluster session with.
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// A job delivery a node holds, with the JetStream ack subject of that delivery.
@@ -404,8 +407,47 @@ impl Event {
     }
 }
 
-/// Broadcast on `kiln.control.cancel` so the node running a job stops it at once.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CancelNotice {
-    pub job_id: String,
+/// `kiln.api.control`: an operator's request for one node or GPU anywhere in the cluster. The
+/// node that receives it forwards it through the actor cluster to the target's actor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlRequest {
+    /// Stop pulling, finish running jobs, leave the registry, exit.
+    Drain { node: String },
+    /// Restart one GPU slot's inference actor (its running job, if any, is retried).
+    RestartGpu { node: String, slot: String },
+    /// An actor call to the node's control actor and back.
+    Ping { node: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlReply {
+    /// The node (or `node/slot`) that acted.
+    pub target: String,
+    /// `draining`, `restarting`, `not_running`, `pong`.
+    pub outcome: String,
+    /// The node that received the request and forwarded it.
+    pub via: String,
+}
+
+/// `kiln.node.<from>.ping`: ask node `from` to time `count` round trips to `peer`, both as
+/// actor calls through the actor cluster and as plain NATS requests, interleaved.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PingRequest {
+    pub peer: String,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PingReport {
+    pub from: String,
+    pub peer: String,
+    pub count: u32,
+    /// Actor call to the peer's control actor and back, through the NATS tunnel.
+    pub actor_p50_us: u64,
+    pub actor_p99_us: u64,
+    /// Plain NATS request/reply to the peer's echo subject: the floor.
+    pub nats_p50_us: u64,
+    pub nats_p99_us: u64,
 }

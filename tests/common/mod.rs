@@ -214,6 +214,23 @@ impl TestCluster {
             self.nodes.iter().find(|n| n.name == node).map(|n| n.log()).unwrap_or_default()
         );
     }
+
+    /// Waits until every node named has an actor-cluster session with every other one (as its
+    /// registry entry says); returns how long that took.
+    pub async fn wait_mesh(&self, nodes: &[&str], limit: Duration) -> Duration {
+        let client = self.client().await;
+        let started = std::time::Instant::now();
+        let ok = eventually(limit, || async {
+            let Ok(c) = client.cluster().await else { return false };
+            nodes
+                .iter()
+                .all(|n| c.nodes.iter().any(|e| e.node == *n && nodes.iter().filter(|p| *p != n).all(|p| e.peers.iter().any(|q| q == p))))
+        })
+        .await;
+        let logs: Vec<String> = self.nodes.iter().map(|n| format!("--- {}\n{}", n.name, n.log())).collect();
+        assert!(ok, "no full mesh of {nodes:?} within {limit:?}: {:#?}\n{}", client.cluster().await.map(|c| c.nodes), logs.join("\n"));
+        started.elapsed()
+    }
 }
 
 /// Polls `check` until it is true or `limit` passes.

@@ -86,12 +86,21 @@ impl Names {
     pub fn results_bucket(&self, model: &str) -> String {
         format!("{}_results_{model}", self.prefix)
     }
-    /// Core NATS request subject that asks one node to drain and leave (`kiln drain <node>`).
-    pub fn drain_subject(&self, node: &str) -> String {
-        format!("{}.control.drain.{node}", self.prefix)
+    /// Where a node accepts the opening request of an actor-cluster tunnel from a peer.
+    pub fn tunnel_open(&self, node: &str) -> String {
+        format!("{}.tunnel.open.{node}", self.prefix)
     }
-    /// Core NATS subject on which cancel notices are broadcast to every node.
-    pub fn cancel_subject(&self) -> String {
-        format!("{}.control.cancel", self.prefix)
+    /// The frames of one tunnel session travelling towards `side` (`dialer` or `acceptor`).
+    pub fn tunnel_frames(&self, session: &str, side: &str) -> String {
+        format!("{}.tunnel.{session}.{side}", self.prefix)
+    }
+    /// Published by a node when it starts, so its peers dial it without waiting for a tick.
+    pub fn announce_subject(&self) -> String {
+        format!("{}.cluster.announce", self.prefix)
+    }
+    /// One node's diagnostics: `ping` (times actor calls and NATS requests to a peer) and
+    /// `echo` (the NATS floor of that measurement).
+    pub fn node_diag(&self, node: &str, what: &str) -> String {
+        format!("{}.node.{node}.{what}", self.prefix)
     }
 }

@@ -36,6 +36,7 @@ pub struct Resources {
 /// Connects with a name that shows up in `nats server report connections`, retrying for
 /// `timeout` so a node may start before its server.
 pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_nats::Client, StoreError> {
+    install_crypto_provider();
     let deadline = tokio::time::Instant::now() + timeout;
     let client = async_nats::ConnectOptions::new()
         .name(name)
@@ -53,6 +54,13 @@ pub async fn connect(url: &str, name: &str, timeout: Duration) -> Result<async_n
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(client)
+}
+
+/// Installs ring as rustls' process-wide crypto provider. The build holds two (async-nats
+/// brings ring, ractor_cluster's tokio-rustls brings aws-lc-rs), and with two and none
+/// installed, the first `tls://` connection panics. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl Resources {
@@ -211,5 +219,15 @@ async fn open_object_store(js: &jetstream::Context, bucket: String, max_age: Dur
             Ok(store) => Ok(store),
             Err(_) => js.get_object_store(&bucket).await.map_err(StoreError::nats),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_crypto_provider_is_installed_for_tls_connections() {
+        super::install_crypto_provider();
+        super::install_crypto_provider(); // twice is fine
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
     }
 }

@@ -1,0 +1,370 @@
+//! ClusterMesh: joins this node to the actor cluster, one ractor_cluster session per peer,
+//! each carried by a NATS [`tunnel`](crate::tunnel).
+//!
+//! ```text
+//! ClusterMesh
+//! └── NodeServer (ractor_cluster)   authenticates sessions (cookie), syncs process groups
+//!     └── NodeSession (per peer)    reads and writes its Tunnel
+//! ```
+//!
+//! - **Discovery.** Peers are the live nodes of the registry (every node writes its entry with a
+//!   heartbeat), and a node announces itself on `kiln.cluster.announce` when it starts so the
+//!   others dial it without waiting for their next tick.
+//! - **Who dials.** Of two nodes, the one whose name sorts first; so every pair has one session
+//!   and no election is needed. It re-dials every `cluster.redial_ms` while the peer is live
+//!   and no session is up: after a tunnel closed, a peer restarted, or NATS came back.
+//! - **Opening.** The dialer subscribes to its side, then asks `kiln.tunnel.open.<peer>` with a
+//!   proof of the cookie. The acceptor checks the name, the proof and that it has no live
+//!   session with that name, subscribes to its side, replies, and hands its end to its
+//!   NodeServer; the dialer hands its end to its own. ractor_cluster then runs its own
+//!   challenge with the cookie and syncs the process groups.
+//! - **Isolated mode.** ractor_cluster never dials on its own (its transitive mode would dial
+//!   the TCP addresses peers report); every session goes through a tunnel. Its TCP listener,
+//!   which cannot be turned off, binds an ephemeral loopback port that nobody is told about.
+//!
+//! The peers with an authenticated session are written into this node's registry entry.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+
+use crate::context::NodeContext;
+use crate::registry_writer::RegistryWriterMsg;
+use crate::tunnel::{self, Side, TunnelSettings};
+use crate::wire::{self, OpenReply, OpenRequest, RefusalCode};
+
+/// The host part of every ractor node name (`<node>@kiln`): sessions are keyed by the node
+/// name alone, and no address is ever dialled.
+const HOST: &str = "kiln";
+
+pub struct ClusterMesh;
+
+pub struct ClusterMeshArgs {
+    pub ctx: NodeContext,
+    pub registry: ActorRef<RegistryWriterMsg>,
+}
+
+pub struct ClusterMeshState {
+    ctx: NodeContext,
+    registry: ActorRef<RegistryWriterMsg>,
+    settings: TunnelSettings,
+    node_server: ActorRef<NodeServerMessage>,
+    /// Authenticated sessions: ractor's node id to the peer's node name.
+    sessions: HashMap<u64, String>,
+    dialing: HashSet<String>,
+    last_dial: HashMap<String, Instant>,
+    /// The last refusal logged per peer, so a misconfigured peer is reported once, not per tick.
+    refusals: HashMap<String, RefusalCode>,
+    reported: Option<Vec<String>>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub enum ClusterMeshMsg {
+    Tick,
+    Accept {
+        request: OpenRequest,
+        reply: async_nats::Subject,
+    },
+    /// A peer announced itself; dial now if this node is the dialer.
+    Announced(String),
+    Dialed {
+        peer: String,
+        refused: Option<(RefusalCode, String)>,
+        error: Option<String>,
+    },
+    SessionAuthenticated {
+        id: u64,
+        peer: String,
+    },
+    SessionClosed {
+        id: u64,
+    },
+    /// The peers with an authenticated session now.
+    Peers(ractor::RpcReplyPort<Vec<String>>),
+}
+
+// Local only: never sent to another node.
+impl ractor::Message for ClusterMeshMsg {}
+
+fn node_name_of(ses: &NodeServerSessionInformation) -> Option<String> {
+    let full = &ses.peer_name.as_ref()?.name;
+    Some(full.strip_suffix(&format!("@{HOST}")).unwrap_or(full).to_string())
+}
+
+/// Forwards ractor_cluster's session events to the mesh.
+struct Events(ActorRef<ClusterMeshMsg>);
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, _ses: NodeServerSessionInformation) {}
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let _ = self.0.cast(ClusterMeshMsg::SessionClosed { id: ses.node_id });
+    }
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        if let Some(peer) = node_name_of(&ses) {
+            let _ = self.0.cast(ClusterMeshMsg::SessionAuthenticated { id: ses.node_id, peer });
+        }
+    }
+}
+
+impl Actor for ClusterMesh {
+    type Msg = ClusterMeshMsg;
+    type State = ClusterMeshState;
+    type Arguments = ClusterMeshArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        let ctx = args.ctx;
+        let server =
+            NodeServer::new(0, ctx.config.cluster.cookie.clone(), ctx.node.clone(), HOST.into(), None, Some(NodeConnectionMode::Isolated))
+                .with_listen_addr(std::net::Ipv4Addr::LOCALHOST.into());
+        let (node_server, _) = Actor::spawn_linked(None, server, (), myself.get_cell()).await?;
+        node_server
+            .cast(NodeServerMessage::SubscribeToEvents { id: "kiln-mesh".into(), subscription: Box::new(Events(myself.clone())) })?;
+        myself.send_interval(Duration::from_millis(ctx.config.cluster.redial_ms), || ClusterMeshMsg::Tick);
+        Ok(ClusterMeshState {
+            settings: TunnelSettings::from_config(&ctx.config.cluster),
+            ctx,
+            registry: args.registry,
+            node_server,
+            sessions: HashMap::new(),
+            dialing: HashSet::new(),
+            last_dial: HashMap::new(),
+            refusals: HashMap::new(),
+            reported: None,
+            listeners: vec![],
+        })
+    }
+
+    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let client = state.ctx.resources.client.clone();
+        let names = &state.ctx.resources.names;
+        // Subscribed before announcing, so a peer that dials on the announcement finds us.
+        let mut opens = client.subscribe(names.tunnel_open(&state.ctx.node)).await?;
+        let mut announces = client.subscribe(names.announce_subject()).await?;
+        let me = myself.clone();
+        state.listeners.push(tokio::spawn(async move {
+            while let Some(msg) = opens.next().await {
+                let Some(reply) = msg.reply else { continue };
+                match wire::decode::<OpenRequest>(&msg.payload) {
+                    Ok(request) => {
+                        if me.cast(ClusterMeshMsg::Accept { request, reply }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let refusal = OpenReply::Refused { code: RefusalCode::Version, message: e.to_string() };
+                        let _ = client.publish(reply, wire::encode(&refusal).into()).await;
+                    }
+                }
+            }
+        }));
+        let me = myself.clone();
+        state.listeners.push(tokio::spawn(async move {
+            while let Some(msg) = announces.next().await {
+                let peer = String::from_utf8_lossy(&msg.payload).to_string();
+                if me.cast(ClusterMeshMsg::Announced(peer)).is_err() {
+                    return;
+                }
+            }
+        }));
+        state.ctx.resources.client.publish(names.announce_subject(), state.ctx.node.clone().into()).await?;
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        for l in &state.listeners {
+            l.abort();
+        }
+        state.node_server.stop(Some("node stopping".into()));
+        Ok(())
+    }
+
+    async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match message {
+            ClusterMeshMsg::Tick => {
+                let peers: Vec<String> = state.ctx.registry.nodes().into_iter().map(|n| n.node).collect();
+                for peer in peers {
+                    state.maybe_dial(&myself, &peer, false);
+                }
+                state.report();
+            }
+            ClusterMeshMsg::Announced(peer) => state.maybe_dial(&myself, &peer, true),
+            ClusterMeshMsg::Accept { request, reply } => state.accept(request, reply).await,
+            ClusterMeshMsg::Dialed { peer, refused, error } => {
+                state.dialing.remove(&peer);
+                match (refused, error) {
+                    (Some((code, message)), _) => {
+                        if state.refusals.insert(peer.clone(), code) != Some(code) {
+                            tracing::warn!(peer = %peer, code = code.as_str(), message = %message, "actor-cluster session refused by peer");
+                        }
+                    }
+                    (None, Some(error)) => tracing::debug!(peer = %peer, error = %error, "dial failed; will retry"),
+                    (None, None) => {
+                        state.refusals.remove(&peer);
+                    }
+                }
+            }
+            ClusterMeshMsg::SessionAuthenticated { id, peer } => {
+                tracing::info!(peer = %peer, "actor-cluster session up");
+                state.sessions.insert(id, peer);
+                state.report();
+            }
+            ClusterMeshMsg::SessionClosed { id } => {
+                if let Some(peer) = state.sessions.remove(&id) {
+                    tracing::info!(peer = %peer, "actor-cluster session down");
+                    state.report();
+                }
+            }
+            ClusterMeshMsg::Peers(reply) => {
+                let _ = reply.send(state.connected().into_iter().collect());
+            }
+        }
+        Ok(())
+    }
+
+    /// The NodeServer failing is a bug in the cluster layer; escalate (the node restarts and
+    /// its jobs are redelivered) rather than run on without a cluster.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(_, err) => myself.stop(Some(format!("node server failed: {err}"))),
+            SupervisionEvent::ActorTerminated(_, _, reason) => myself.stop(Some(format!("node server stopped: {reason:?}"))),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl ClusterMeshState {
+    fn connected(&self) -> BTreeSet<String> {
+        self.sessions.values().cloned().collect()
+    }
+
+    fn report(&mut self) {
+        let now: Vec<String> = self.connected().into_iter().collect();
+        if self.reported.as_ref() != Some(&now) {
+            self.reported = Some(now.clone());
+            let _ = self.registry.cast(RegistryWriterMsg::Peers(now));
+        }
+    }
+
+    fn maybe_dial(&mut self, myself: &ActorRef<ClusterMeshMsg>, peer: &str, now: bool) {
+        let me = &self.ctx.node;
+        if peer <= me.as_str() || self.dialing.contains(peer) || self.connected().contains(peer) {
+            return;
+        }
+        if self.ctx.resources.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let redial = Duration::from_millis(self.ctx.config.cluster.redial_ms);
+        if !now && self.last_dial.get(peer).is_some_and(|t| t.elapsed() < redial) {
+            return;
+        }
+        self.dialing.insert(peer.to_string());
+        self.last_dial.insert(peer.to_string(), Instant::now());
+        let (ctx, settings, node_server, me, peer) =
+            (self.ctx.clone(), self.settings.clone(), self.node_server.clone(), myself.clone(), peer.to_string());
+        tokio::spawn(async move {
+            let (refused, error) = match dial(&ctx, settings, &node_server, &peer).await {
+                Ok(None) => (None, None),
+                Ok(Some(refusal)) => (Some(refusal), None),
+                Err(e) => (None, Some(e)),
+            };
+            let _ = me.cast(ClusterMeshMsg::Dialed { peer, refused, error });
+        });
+    }
+
+    async fn accept(&mut self, request: OpenRequest, reply: async_nats::Subject) {
+        let cluster = &self.ctx.config.cluster;
+        let refusal = if request.acceptor != self.ctx.node || request.dialer == self.ctx.node {
+            Some((RefusalCode::WrongName, format!("this is {:?}, asked for {:?} by {:?}", self.ctx.node, request.acceptor, request.dialer)))
+        } else if request.proof != wire::cookie_proof(&cluster.cookie, &request.session, &request.dialer, &request.acceptor) {
+            Some((RefusalCode::CookieMismatch, "the cluster cookies differ".to_string()))
+        } else if self.connected().contains(&request.dialer) {
+            Some((RefusalCode::AlreadyConnected, format!("a session with {:?} is up", request.dialer)))
+        } else {
+            None
+        };
+        let client = self.ctx.resources.client.clone();
+        let answer = match refusal {
+            Some((code, message)) => {
+                if self.refusals.insert(request.dialer.clone(), code) != Some(code) {
+                    tracing::warn!(peer = %request.dialer, code = code.as_str(), message = %message, "refusing an actor-cluster session");
+                }
+                OpenReply::Refused { code, message }
+            }
+            None => {
+                self.refusals.remove(&request.dialer);
+                let started = tunnel::start(
+                    client.clone(),
+                    &self.ctx.resources.names,
+                    &request.session,
+                    Side::Acceptor,
+                    self.settings.clone(),
+                    self.ctx.node.clone(),
+                    request.dialer.clone(),
+                )
+                .await;
+                match started {
+                    Ok((tunnel, _closed)) => {
+                        let stream: Box<dyn ractor_cluster::ClusterBidiStream> = Box::new(tunnel);
+                        let _ = self.node_server.cast(NodeServerMessage::ConnectionOpenedExternal { stream, is_server: true });
+                        OpenReply::Accepted
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open a tunnel");
+                        return;
+                    }
+                }
+            }
+        };
+        let _ = client.publish(reply, wire::encode(&answer).into()).await;
+    }
+}
+
+/// Opens a session to `peer`: `Ok(None)` when the tunnel is handed to ractor_cluster,
+/// `Ok(Some(refusal))` when the peer refused, `Err` when it did not answer.
+async fn dial(
+    ctx: &NodeContext,
+    settings: TunnelSettings,
+    node_server: &ActorRef<NodeServerMessage>,
+    peer: &str,
+) -> Result<Option<(RefusalCode, String)>, String> {
+    let session = uuid::Uuid::new_v4().simple().to_string();
+    let request = OpenRequest {
+        proof: wire::cookie_proof(&ctx.config.cluster.cookie, &session, &ctx.node, peer),
+        session: session.clone(),
+        dialer: ctx.node.clone(),
+        acceptor: peer.to_string(),
+    };
+    let client = ctx.resources.client.clone();
+    let (tunnel, closed) =
+        tunnel::start(client.clone(), &ctx.resources.names, &session, Side::Dialer, settings.clone(), ctx.node.clone(), peer.to_string())
+            .await
+            .map_err(|e| e.to_string())?;
+    let asked =
+        tokio::time::timeout(settings.silence, client.request(ctx.resources.names.tunnel_open(peer), wire::encode(&request).into())).await;
+    let answer = match asked {
+        Ok(Ok(msg)) => wire::decode::<OpenReply>(&msg.payload).map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer".to_string()),
+    };
+    match answer {
+        Ok(OpenReply::Accepted) if !closed.is_closed() => {
+            closed.open();
+            ractor_cluster::client_connect_external(node_server, Box::new(tunnel)).await.map_err(|e| e.to_string())?;
+            Ok(None)
+        }
+        Ok(OpenReply::Accepted) => Err("tunnel closed while opening".into()),
+        // Dropping the unused tunnel closes it (and tells the acceptor's side, if any).
+        Ok(OpenReply::Refused { code, message }) => Ok(Some((code, message))),
+        Err(e) => Err(e),
+    }
+}

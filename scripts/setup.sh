@@ -16,6 +16,9 @@ NATS_PY_VERSION=2.16.0
 # with its CUDA libraries, which the lent GPU machines use and CPU machines simply load).
 TORCH_VERSION=2.11.0
 NUMPY_VERSION=2.4.6
+# The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
+# the node 18 and 20 that Debian ships).
+SPLAT_TRANSFORM_VERSION=2.7.1
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 venv="$cache/venv"
@@ -39,6 +42,22 @@ case "$got" in
   *"v$NATS_SERVER_VERSION"*) ;;
   *) echo "setup: expected nats-server v$NATS_SERVER_VERSION, found: $got" >&2; exit 1 ;;
 esac
+# The compressor, from npm, into the cache (node and npm come from Debian when missing).
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs and npm from Debian"
+  sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && $sudo_cmd apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+npm_dir="$cache/npm"
+splat="$npm_dir/node_modules/.bin/splat-transform"
+if [ "$(cat "$npm_dir/.stamp" 2>/dev/null)" != "$SPLAT_TRANSFORM_VERSION" ] || [ ! -x "$splat" ]; then
+  echo "setup: installing @playcanvas/splat-transform@$SPLAT_TRANSFORM_VERSION"
+  mkdir -p "$npm_dir"
+  npm install --silent --no-audit --no-fund --prefix "$npm_dir" "@playcanvas/splat-transform@$SPLAT_TRANSFORM_VERSION" >/dev/null
+  echo "$SPLAT_TRANSFORM_VERSION" > "$npm_dir/.stamp"
+fi
+"$splat" --version >/dev/null 2>&1 || { echo "setup: $splat does not run" >&2; exit 1; }
+
 # The fixture models: re-exported when the script changes (its hash is the stamp).
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 fixtures="$repo/examples/models/out"
@@ -49,4 +68,4 @@ if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$script_hash" ]; then
   echo "$script_hash" > "$fixtures/.stamp"
 fi
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION) in $cache"
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION) in $cache"

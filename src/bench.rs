@@ -188,6 +188,8 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         result_ttl_s: None,
         slots: vec![],
         required_inputs: vec![],
+        run_stage: String::new(),
+        stages: vec![],
     }];
     config
 }

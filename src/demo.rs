@@ -2,6 +2,8 @@
 //! port) and a node from `cluster.toml`, submits a batch of prompts to the `demo` model (a
 //! real Python worker process per slot, `examples/workers/demo_worker.py`) and the TorchScript
 //! `tiny-sampler`, turns one generated image into 3D Gaussians (`image-to-gaussians`, a `.ply`),
+//! runs the `image-to-splat` pipeline on it (Gaussians, camera metadata, `.sog` on the
+//! compression pool),
 //! shows each job's progress live, and downloads the verified results into a folder.
 
 use std::path::PathBuf;
@@ -108,16 +110,18 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         lines.push(format!("  {job_id} {:<9} {}", status.as_str(), names.join(", ")));
     }
     let mut total = opts.jobs;
-    // The TorchScript path: an image the sampler made becomes 3D Gaussians, saved as a .ply.
-    if let (Some(image), true) = (images.last(), has_model(&client, "image-to-gaussians").await) {
+    // The TorchScript path: an image the sampler made becomes 3D Gaussians, saved as a .ply;
+    // and the image-to-splat pipeline: Gaussians, camera metadata, then a compressed .sog.
+    for (model, what) in [("image-to-gaussians", "3D Gaussians"), ("image-to-splat", "splat pipeline")] {
+        let Some(image) = images.last() else { break };
+        if !has_model(&client, model).await {
+            continue;
+        }
         total += 1;
         let object = format!("uploads/demo/{}", image.file_name().and_then(|n| n.to_str()).unwrap_or("image.png"));
         client.upload(&object, &std::fs::read(image).map_err(|e| e.to_string())?).await.map_err(|e| e.to_string())?;
         let inputs = [("image".to_string(), InputValue::Object { object })].into();
-        let reply = client
-            .submit(&SubmitRequest { model: "image-to-gaussians".into(), inputs, ..Default::default() })
-            .await
-            .map_err(|e| e.to_string())?;
+        let reply = client.submit(&SubmitRequest { model: model.into(), inputs, ..Default::default() }).await.map_err(|e| e.to_string())?;
         let view = client.wait(&reply.job_id, Duration::from_secs(120), |_| {}).await.map_err(|e| e.to_string())?;
         let mut files = vec![];
         for a in &view.artifacts {
@@ -126,7 +130,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
             files.push(dest.display().to_string());
         }
         completed += usize::from(view.status == kiln_core::job::JobState::Completed);
-        lines.push(format!("  {} {:<9} {} (3D Gaussians of {})", reply.job_id, view.status.as_str(), files.join(", "), image.display()));
+        lines.push(format!("  {} {:<9} {} ({what} of {})", reply.job_id, view.status.as_str(), files.join(", "), image.display()));
     }
     println!();
     for l in lines {

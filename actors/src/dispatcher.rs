@@ -31,6 +31,7 @@ use kiln_core::protocol::HeldJob;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
+use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
 use crate::job::{JobActor, JobArgs};
@@ -47,6 +48,7 @@ pub struct Dispatcher;
 pub struct DispatcherArgs {
     pub ctx: NodeContext,
     pub registry: ActorRef<RegistryWriterMsg>,
+    pub compression: CompressionHandle,
 }
 
 struct Slot {
@@ -80,7 +82,8 @@ impl Slot {
 }
 
 struct Running {
-    slot: String,
+    /// `None` once the model is done and only post-processing stages remain (the slot is free).
+    slot: Option<String>,
     cancel: CancellationToken,
     /// The delivery's JetStream ack subject, published in the node's registry entry so that
     /// a survivor can hand the job back at once if this node is lost.
@@ -100,6 +103,7 @@ pub struct DispatcherState {
     drain_waiters: Vec<RpcReplyPort<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     retry_backoff: Backoff,
+    compression: CompressionHandle,
 }
 
 pub enum DispatcherMsg {
@@ -130,6 +134,10 @@ pub enum DispatcherMsg {
         job_id: String,
         reply: RpcReplyPort<bool>,
     },
+    /// The job's model is done and its post-processing stages run off the slot: free it.
+    ModelDone {
+        job_id: String,
+    },
     /// Stop pulling; reply once no job runs here.
     Drain(RpcReplyPort<()>),
 }
@@ -158,6 +166,7 @@ impl Actor for Dispatcher {
             .collect();
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
+            compression: args.compression,
             ctx,
             registry: args.registry,
             slots,
@@ -191,11 +200,17 @@ impl Actor for Dispatcher {
             DispatcherMsg::SlotDown { slot, dead } => state.on_slot_down(&slot, dead),
             DispatcherMsg::Reserve { model, max, reply } => state.on_reserve(model, max, reply),
             DispatcherMsg::Release { slot } => state.release(&slot),
+            DispatcherMsg::ModelDone { job_id } => {
+                if let Some(slot) = state.running.get_mut(&job_id).and_then(|r| r.slot.take()) {
+                    state.free_slot(&slot);
+                    state.serve_parked();
+                }
+            }
             DispatcherMsg::Dispatch { slot, delivery } => state.dispatch(&myself, slot, *delivery).await,
             DispatcherMsg::Cancel { job_id, reply } => {
                 let running = state.running.get(&job_id);
                 if let Some(r) = running {
-                    tracing::info!(job_id = %job_id, slot = %r.slot, "cancelling running job");
+                    tracing::info!(job_id = %job_id, slot = ?r.slot, "cancelling running job");
                     r.cancel.cancel();
                 }
                 let _ = reply.send(running.is_some());
@@ -368,6 +383,8 @@ impl DispatcherState {
             inference,
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
+            dispatcher: myself.clone(),
+            compression: self.compression.clone(),
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -381,13 +398,28 @@ impl DispatcherState {
                     }
                 }
                 self.job_of_actor.insert(actor.get_id(), job_id.clone());
-                self.running.insert(job_id, Running { slot, cancel, ack_subject });
+                self.running.insert(job_id, Running { slot: Some(slot), cancel, ack_subject });
                 self.publish_held();
             }
             Err(e) => {
                 // The message stays unacked and is redelivered after the ack wait.
                 tracing::error!(job_id = %job_id, error = %e, "cannot spawn job actor");
                 self.release(&slot);
+            }
+        }
+    }
+
+    fn free_slot(&mut self, slot: &str) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.running = s.running.saturating_sub(1);
+            if s.held() == 0 {
+                s.model = None;
+            }
+            if s.running == 0 {
+                // The dispatcher, which sees every job of the slot, says when it is idle: a
+                // job of a batch that ends first must not show the slot idle.
+                let update = GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() };
+                let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.to_string(), update });
             }
         }
     }
@@ -402,19 +434,8 @@ impl DispatcherState {
         if let Some(reason) = failure {
             tracing::error!(job_id = %job_id, reason = %reason, "job actor failed; the job will be redelivered");
         }
-        if let Some(running) = self.running.remove(&job_id) {
-            if let Some(s) = self.slots.get_mut(&running.slot) {
-                s.running = s.running.saturating_sub(1);
-                if s.held() == 0 {
-                    s.model = None;
-                }
-                if s.running == 0 {
-                    // The dispatcher, which sees every job of the slot, says when it is idle: a
-                    // job of a batch that ends first must not show the slot idle.
-                    let update = GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() };
-                    let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: running.slot.clone(), update });
-                }
-            }
+        if let Some(slot) = self.running.remove(&job_id).and_then(|r| r.slot) {
+            self.free_slot(&slot);
         }
         self.publish_held();
         self.serve_parked();

@@ -27,7 +27,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use kiln_core::engine::{EngineError, EngineJob, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
+use kiln_core::config::StageConfig;
+use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
 use kiln_core::job::{after_failure, decide_delivery, AfterFailure, DeliveryDecision, JobRecord, JobState, Owner};
 use kiln_core::metrics as m;
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
@@ -38,7 +39,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
+use crate::dispatcher::DispatcherMsg;
 use crate::inference::InferenceMsg;
 
 pub struct JobActor;
@@ -51,6 +54,10 @@ pub struct JobArgs {
     /// Cancelled by the dispatcher when a cancel notice for this job arrives.
     pub cancel: CancellationToken,
     pub retry_backoff: Backoff,
+    /// Told when the model is done and only post-processing stages remain, so the GPU slot
+    /// takes its next job while this one is compressed.
+    pub dispatcher: ActorRef<DispatcherMsg>,
+    pub compression: CompressionHandle,
 }
 
 /// A job actor takes no messages: it runs its delivery in `post_start` and stops. Cancel
@@ -303,6 +310,7 @@ impl JobActorState {
             .await
             .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
         let inputs = self.resolve_inputs(record, &dir.join("in")).await?;
+        let job_inputs = inputs.clone();
         let job = EngineJob {
             job_id: self.job_id.clone(),
             attempt: self.attempt,
@@ -312,8 +320,15 @@ impl JobActorState {
             output_dir,
         };
 
+        let stages = self.ctx().config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
+        let run_stage = self.ctx().config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
+        // Progress spans the whole pipeline: the model takes the first MODEL_SHARE of it.
+        let model_share = if stages.is_empty() { 1.0 } else { MODEL_SHARE };
+        if !run_stage.is_empty() {
+            self.event(Event::progress(&self.job_id, self.attempt, Some(run_stage), Some(0.0))).await;
+        }
         let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
-        let forwarder = tokio::spawn(forward_progress(self.ctx().clone(), self.job_id.clone(), self.attempt, rx));
+        let forwarder = tokio::spawn(forward_progress(self.ctx().clone(), self.job_id.clone(), self.attempt, model_share, rx));
         let cancel = self.args.cancel.clone();
         let model_timeout = self.ctx().config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
@@ -331,6 +346,12 @@ impl JobActorState {
                 return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into()))
             }
         };
+        let outputs = if stages.is_empty() {
+            outputs
+        } else {
+            let _ = self.args.dispatcher.cast(DispatcherMsg::ModelDone { job_id: self.job_id.clone() });
+            self.run_stages(record, &stages, &job_inputs, outputs, &dir).await?
+        };
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
             let artifact = self
@@ -344,6 +365,83 @@ impl JobActorState {
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
         Ok(artifacts)
+    }
+
+    /// Runs the model's post-processing stages in order, each with its own attempts; each
+    /// stage's output replaces its input among the artifacts (or joins it, `keep_input`).
+    async fn run_stages(
+        &mut self,
+        record: &JobRecord,
+        stages: &[StageConfig],
+        inputs: &BTreeMap<String, ResolvedInput>,
+        mut outputs: Vec<EngineOutput>,
+        dir: &Path,
+    ) -> Result<Vec<EngineOutput>, EngineError> {
+        let stage_dir = dir.join("stages");
+        tokio::fs::create_dir_all(&stage_dir)
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", stage_dir.display())))?;
+        for (i, stage) in stages.iter().enumerate() {
+            let base = MODEL_SHARE * 100.0;
+            let share = (1.0 - MODEL_SHARE) * 100.0 / stages.len() as f32;
+            self.event(Event::progress(&self.job_id, self.attempt, Some(stage.name().to_string()), Some(base + share * i as f32))).await;
+            let failed = |message: String| EngineError::Stage { stage: stage.name().to_string(), message };
+            match stage {
+                StageConfig::Command { name, command, input, output, keep_input, timeout_ms, max_attempts } => {
+                    let Some(at) = outputs.iter().position(|o| &o.name == input) else {
+                        return Err(failed(format!("the model produced no artifact {input:?}")));
+                    };
+                    let out_path = stage_dir.join(output);
+                    let argv = kiln_core::stage::expand(command, &outputs[at].path, &out_path);
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        let _ = tokio::fs::remove_file(&out_path).await;
+                        let ran = self.args.compression.run(argv.clone(), Duration::from_millis(*timeout_ms), &self.args.cancel).await;
+                        let error = match ran {
+                            Ok(_) if tokio::fs::metadata(&out_path).await.is_ok_and(|m| m.len() > 0) => break,
+                            Ok(_) => format!("the command succeeded but wrote no {output:?}"),
+                            Err(kiln_core::stage::StageError::Cancelled) => return Err(EngineError::Cancelled),
+                            Err(e) => e.to_string(),
+                        };
+                        if self.args.cancel.is_cancelled() {
+                            return Err(EngineError::Cancelled);
+                        }
+                        tracing::warn!(job_id = %self.job_id, stage = %name, attempt, error = %error, "stage attempt failed");
+                        if attempt >= *max_attempts {
+                            return Err(failed(format!("{error} (after {attempt} attempts)")));
+                        }
+                        let note = format!("stage {name} attempt {attempt} of {max_attempts} failed: {error}; retrying");
+                        self.event(Event::message(&self.job_id, self.attempt, truncate(note, 4096))).await;
+                    }
+                    let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
+                    if *keep_input {
+                        outputs.push(produced);
+                    } else {
+                        outputs[at] = produced;
+                    }
+                }
+                StageConfig::CameraMetadata { image_input, focal_param, default_focal, output, .. } => {
+                    let Some(ResolvedInput::File(image)) = inputs.get(image_input) else {
+                        return Err(failed(format!("input {image_input:?} is not an uploaded image")));
+                    };
+                    let image = image.clone();
+                    let (w, h) = tokio::task::spawn_blocking(move || kiln_core::stage::image_size(&image))
+                        .await
+                        .map_err(|e| failed(e.to_string()))?
+                        .map_err(|e| failed(e.to_string()))?;
+                    let focal = record.params.get(focal_param).and_then(|v| v.as_f64()).unwrap_or(*default_focal);
+                    let body = kiln_core::stage::camera_metadata(&self.job_id, w, h, focal);
+                    let path = stage_dir.join(output);
+                    tokio::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json"))
+                        .await
+                        .map_err(|e| EngineError::Infra(format!("cannot write {}: {e}", path.display())))?;
+                    outputs.push(EngineOutput { name: output.clone(), path, content_type: Some("application/json".into()) });
+                }
+            }
+        }
+        self.event(Event::progress(&self.job_id, self.attempt, None, Some(100.0))).await;
+        Ok(outputs)
     }
 
     async fn resolve_inputs(&self, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
@@ -435,18 +533,21 @@ impl JobActorState {
     }
 }
 
+/// The part of a pipeline's progress the model takes; its post-processing stages share the rest.
+const MODEL_SHARE: f32 = 0.8;
+
 /// Most progress events whose acks may be outstanding at once: the forwarder overlaps acks
 /// for throughput but waits once this many are in flight, which bounds its memory.
 const MAX_UNACKED_PROGRESS: usize = 64;
 
 /// Turns engine progress into events, in order, until the engine drops its sender; returns
 /// once every one of them is stored.
-async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, mut rx: mpsc::Receiver<ProgressUpdate>) {
+async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, share: f32, mut rx: mpsc::Receiver<ProgressUpdate>) {
     let mut unacked = std::collections::VecDeque::new();
     while let Some(update) = rx.recv().await {
         let event = match update {
             ProgressUpdate::Progress { stage, progress, message } => {
-                let mut e = Event::progress(&job_id, attempt, stage, progress);
+                let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * share));
                 e.message = message;
                 e
             }

@@ -12,6 +12,8 @@
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     one actor-cluster session per peer
 //! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
+//! ├── CompressionPool                  compression_pool.rs post-processing commands, bounded
+//! │   └── CompressionWorker (xN)       compression_worker.rs one command at a time
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
 //!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
 //! ```
@@ -22,6 +24,8 @@
 //! node.
 
 pub mod cluster_mesh;
+pub mod compression_pool;
+pub mod compression_worker;
 pub mod context;
 pub mod dispatcher;
 pub mod gpu_supervisor;

@@ -9,6 +9,8 @@
 //! ├── NodeControl               this node's door for the cluster: cancel, drain, ping
 //! ├── ClusterMesh               actor-cluster sessions to every peer, through NATS tunnels
 //! │   └── NodeServer            ractor_cluster (cookie, process groups)
+//! ├── CompressionPool           post-processing commands, at most max_workers at once
+//! │   └── CompressionWorker     one command at a time, restarted when it dies
 //! └── GpuSupervisor (per slot)  restart budget, backoff, quarantine
 //!     └── InferenceActor        engines of the slot, one job at a time
 //! ```
@@ -22,6 +24,7 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::cluster_mesh::{ClusterMesh, ClusterMeshArgs};
+use crate::compression_pool::{CompressionHandle, CompressionPool, CompressionPoolMsg};
 use crate::context::NodeContext;
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 use crate::gpu_supervisor::{GpuSupervisor, GpuSupervisorArgs, GpuSupervisorMsg};
@@ -35,6 +38,7 @@ pub struct NodeSupervisorState {
     pub registry: ActorRef<RegistryWriterMsg>,
     pub dispatcher: ActorRef<DispatcherMsg>,
     pub gpus: Vec<ActorRef<GpuSupervisorMsg>>,
+    pool: ActorRef<CompressionPoolMsg>,
     shutting_down: bool,
 }
 
@@ -62,9 +66,16 @@ impl Actor for NodeSupervisor {
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         let (registry, _) = Actor::spawn_linked(None, RegistryWriter, RegistryWriterArgs { ctx: ctx.clone() }, myself.get_cell()).await?;
-        let (dispatcher, _) =
-            Actor::spawn_linked(None, Dispatcher, DispatcherArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell())
-                .await?;
+        let workers = ctx.config.compression.workers();
+        let (pool, _) = Actor::spawn_linked(None, CompressionPool, workers, myself.get_cell()).await?;
+        let compression = CompressionHandle::new(pool.clone(), workers, ctx.config.compression.queue_limit);
+        let (dispatcher, _) = Actor::spawn_linked(
+            None,
+            Dispatcher,
+            DispatcherArgs { ctx: ctx.clone(), registry: registry.clone(), compression },
+            myself.get_cell(),
+        )
+        .await?;
         Actor::spawn_linked(None, LossDetector, ctx.clone(), myself.get_cell()).await?;
         let control = NodeControlArgs { ctx: ctx.clone(), dispatcher: dispatcher.clone(), drain_requested: ctx.drain_requested.clone() };
         Actor::spawn_linked(None, NodeControl, control, myself.get_cell()).await?;
@@ -76,7 +87,7 @@ impl Actor for NodeSupervisor {
             let (gpu, _) = Actor::spawn_linked(None, GpuSupervisor, args, myself.get_cell()).await?;
             gpus.push(gpu);
         }
-        Ok(NodeSupervisorState { registry, dispatcher, gpus, shutting_down: false })
+        Ok(NodeSupervisorState { registry, dispatcher, gpus, pool, shutting_down: false })
     }
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -93,6 +104,7 @@ impl Actor for NodeSupervisor {
                 for g in &state.gpus {
                     let _ = g.cast(GpuSupervisorMsg::Stopping);
                 }
+                let _ = state.pool.cast(CompressionPoolMsg::Stopping);
                 myself.stop_children_and_wait(None, None).await;
                 myself.stop(None);
             }

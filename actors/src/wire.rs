@@ -216,6 +216,9 @@ pub mod groups {
     pub const NODES: &str = "kiln.nodes";
     /// Every GPU supervisor of every node.
     pub const GPUS: &str = "kiln.gpus";
+    /// Every compression worker of every node (local messages only: for discovery and
+    /// counting, not remote calls).
+    pub const COMPRESSORS: &str = "kiln.compressors";
 
     /// The control actor of one node (one member).
     pub fn node(node: &str) -> String {

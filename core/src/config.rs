@@ -36,7 +36,35 @@ pub struct ClusterConfig {
     pub retry: RetryPolicy,
     pub restart: RestartPolicy,
     pub cluster: ClusterLink,
+    pub compression: CompressionConfig,
     pub models: Vec<ModelConfig>,
+}
+
+/// The node's pool of compression workers, which runs models' post-processing stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Commands running at once on this node; 0 means the CPU count.
+    pub max_workers: usize,
+    /// Stage runs that may wait for a worker; a job stage beyond it waits to be admitted
+    /// (backpressure) instead of queueing without bound.
+    pub queue_limit: usize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig { max_workers: 0, queue_limit: 64 }
+    }
+}
+
+impl CompressionConfig {
+    pub fn workers(&self) -> usize {
+        if self.max_workers > 0 {
+            self.max_workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
 }
 
 /// The actor cluster (ractor_cluster sessions tunnelled through NATS between every two nodes).
@@ -227,6 +255,60 @@ pub struct ModelConfig {
     /// Inputs a submission must name.
     #[serde(default)]
     pub required_inputs: Vec<String>,
+    /// Stage name announced when the model itself starts (`converting`); empty: none.
+    #[serde(default)]
+    pub run_stage: String,
+    /// Post-processing stages, run in order after the model on the node's compression pool.
+    #[serde(default)]
+    pub stages: Vec<StageConfig>,
+}
+
+/// One post-processing stage of a pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StageConfig {
+    /// An external command from a template: `{input}` and `{output}` become file paths. It
+    /// turns artifact `input` into artifact `output`.
+    Command {
+        /// Shown in events (`compressing`).
+        name: String,
+        command: Vec<String>,
+        input: String,
+        output: String,
+        /// Keep the input among the artifacts (`keep_ply`); otherwise the output replaces it.
+        #[serde(default)]
+        keep_input: bool,
+        #[serde(default = "default_stage_timeout_ms")]
+        timeout_ms: u64,
+        /// Attempts of this stage within one attempt of the job.
+        #[serde(default = "default_max_attempts")]
+        max_attempts: u32,
+    },
+    /// Camera metadata of an image-to-3D job, as the SHARP service's `/metadata`: a row-major
+    /// 3x3 intrinsic matrix from the focal length parameter and the input image's size, and a
+    /// 4x4 identity extrinsic matrix, written as a JSON artifact.
+    CameraMetadata {
+        name: String,
+        /// The image input whose size gives the principal point.
+        image_input: String,
+        /// The param holding the focal length in pixels.
+        focal_param: String,
+        /// Used when the job does not set the param.
+        default_focal: f64,
+        output: String,
+    },
+}
+
+impl StageConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            StageConfig::Command { name, .. } | StageConfig::CameraMetadata { name, .. } => name,
+        }
+    }
+}
+
+fn default_stage_timeout_ms() -> u64 {
+    300_000
 }
 
 fn default_timeout_ms() -> u64 {
@@ -407,6 +489,40 @@ impl ClusterConfig {
         }
         if self.node.loss_after_ms < 2 * self.node.heartbeat_ms || self.node.loss_after_ms > self.node.registry_ttl_ms {
             return Err(invalid("node.loss_after_ms", "must be at least twice node.heartbeat_ms and at most node.registry_ttl_ms"));
+        }
+        if self.compression.queue_limit == 0 {
+            return Err(invalid("compression.queue_limit", "must be positive"));
+        }
+        for (i, model) in self.models.iter().enumerate() {
+            for (j, stage) in model.stages.iter().enumerate() {
+                let key = format!("models[{i}].stages[{j}]");
+                if !ids::is_valid_token(stage.name()) {
+                    return Err(invalid(format!("{key}.name"), "must be letters, digits, '-' or '_'"));
+                }
+                match stage {
+                    StageConfig::Command { command, input, output, timeout_ms, max_attempts, .. } => {
+                        if command.is_empty() {
+                            return Err(invalid(format!("{key}.command"), "must name a program"));
+                        }
+                        for placeholder in ["{input}", "{output}"] {
+                            if !command.iter().any(|a| a.contains(placeholder)) {
+                                return Err(invalid(format!("{key}.command"), format!("must contain {placeholder}")));
+                            }
+                        }
+                        if input == output || !ids::is_valid_object_name(input) || !ids::is_valid_object_name(output) {
+                            return Err(invalid(format!("{key}.output"), "input and output must be two artifact file names"));
+                        }
+                        if *timeout_ms == 0 || *max_attempts == 0 {
+                            return Err(invalid(format!("{key}.timeout_ms"), "timeout_ms and max_attempts must be positive"));
+                        }
+                    }
+                    StageConfig::CameraMetadata { output, default_focal, .. } => {
+                        if !ids::is_valid_object_name(output) || default_focal.is_nan() || *default_focal <= 0.0 {
+                            return Err(invalid(format!("{key}.output"), "needs an artifact file name and a positive default_focal"));
+                        }
+                    }
+                }
+            }
         }
         if self.cluster.cookie.is_empty() {
             return Err(invalid("cluster.cookie", "must not be empty"));

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nats;
 pub mod policy;
 pub mod protocol;
+pub mod stage;
 
 use std::path::PathBuf;
 

@@ -89,13 +89,17 @@ pub enum EngineError {
     Timeout(u64),
     #[error("cancelled")]
     Cancelled,
+    /// A post-processing stage failed on its last attempt (each stage retries on its own, so
+    /// the job fails without running the model again).
+    #[error("stage {stage}: {message}")]
+    Stage { stage: String, message: String },
 }
 
 impl EngineError {
     pub fn failure_kind(&self) -> FailureKind {
         match self {
             EngineError::User(_) => FailureKind::User,
-            EngineError::ModelBroken(_) => FailureKind::Permanent,
+            EngineError::ModelBroken(_) | EngineError::Stage { .. } => FailureKind::Permanent,
             _ => FailureKind::Infrastructure,
         }
     }

@@ -8,6 +8,7 @@
 //! values depth-checked, names syntax-checked, and at most [`MAX_IN_FLIGHT`] requests are
 //! handled at once (the rest are answered `overloaded`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,30 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How stale the queue depth used by admission control may be.
 const QUEUE_DEPTH_TTL: Duration = Duration::from_millis(250);
+/// The content key of a request for result reuse: the model, each input (inline values as
+/// canonical JSON, uploaded files by their content digest, so a re-upload under another name
+/// still matches) and the params, hashed.
+fn reuse_key(
+    model: &str,
+    inputs: &BTreeMap<String, InputValue>,
+    digests: &BTreeMap<String, String>,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    let inputs: BTreeMap<&String, serde_json::Value> = inputs
+        .iter()
+        .map(|(name, v)| {
+            let v = match v {
+                InputValue::Inline(v) => serde_json::json!({ "inline": v }),
+                InputValue::Object { .. } => serde_json::json!({ "content": digests.get(name) }),
+            };
+            (name, v)
+        })
+        .collect();
+    // serde_json's maps are ordered by key, so this is canonical.
+    let body = serde_json::json!({ "model": model, "inputs": inputs, "params": params });
+    kiln_core::nats::objects::sha256_hex(body.to_string().as_bytes())
+}
+
 /// Namespace of job ids derived from idempotency keys (uuid v5).
 const IDEMPOTENCY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b696c6e_6964_656d_706f_74656e637921);
 
@@ -184,10 +209,13 @@ impl ApiService {
     async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, ApiError> {
         self.validate_submit(&req)?;
         let model = self.config.model(&req.model).expect("validated");
+        let mut digests = BTreeMap::new();
         for (name, value) in &req.inputs {
             if let InputValue::Object { object } = value {
-                match self.resources.file_size(object).await {
-                    Ok(_) => {}
+                match self.resources.file_info(object).await {
+                    Ok((_, digest)) => {
+                        digests.insert(name.clone(), digest);
+                    }
                     Err(StoreError::NotFound(_)) => {
                         return Err(ApiError::not_found(format!(
                             "input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)",
@@ -203,6 +231,12 @@ impl ApiService {
                 ErrorCode::Overloaded,
                 format!("model {:?} has {} or more jobs waiting; retry later", model.name, self.config.limits.max_queued_per_model),
             ));
+        }
+        let reuse_key = req.reuse.then(|| reuse_key(&model.name, &req.inputs, &digests, &req.params));
+        if let Some(key) = &reuse_key {
+            if let Some(reply) = self.reusable(key, model).await? {
+                return Ok(reply);
+            }
         }
         let job_id = match &req.idempotency_key {
             Some(key) => idempotent_job_id(&model.name, key),
@@ -231,7 +265,7 @@ impl ApiService {
                 if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
                     self.resources.enqueue(&job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
                 }
-                return Ok(SubmitReply { job_id, status: existing.record.state, duplicate: true });
+                return Ok(SubmitReply { job_id, status: existing.record.state, duplicate: true, reused: false });
             }
             Err(e) => return Err(internal(e)),
         }
@@ -240,7 +274,30 @@ impl ApiService {
         self.resources.publish_event(&Event::status(&job_id, 0, JobState::Queued)).await.map_err(internal)?;
         self.resources.enqueue(&job_id, &record.model, record.priority).await.map_err(internal)?;
         metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
-        Ok(SubmitReply { job_id, status: JobState::Queued, duplicate: false })
+        if let Some(key) = &reuse_key {
+            // Remembered at once: an identical request while this one still runs joins it.
+            self.resources.reuse_remember(key, &job_id).await.map_err(internal)?;
+        }
+        Ok(SubmitReply { job_id, status: JobState::Queued, duplicate: false, reused: false })
+    }
+
+    /// The earlier job of an identical request, if it can stand for this one: completed with
+    /// its results still inside the model's TTL, or still on its way. A failed, cancelled or
+    /// expired one is not reused (the request runs again and takes the key over).
+    async fn reusable(&self, key: &str, model: &kiln_core::config::ModelConfig) -> Result<Option<SubmitReply>, ApiError> {
+        let Some(job_id) = self.resources.reuse_lookup(key).await.map_err(internal)? else { return Ok(None) };
+        let Some(v) = self.resources.get_job(&job_id).await.map_err(internal)? else { return Ok(None) };
+        let ttl_ms = self.config.result_ttl_s(model) * 1000;
+        let usable = match v.record.state {
+            JobState::Completed => v.record.finished_ms.is_some_and(|f| f + ttl_ms > kiln_core::now_ms() + 60_000),
+            JobState::Queued | JobState::Running | JobState::Retrying => true,
+            _ => false,
+        };
+        if !usable {
+            return Ok(None);
+        }
+        metrics::counter!("kiln_results_reused_total", "model" => model.name.clone()).increment(1);
+        Ok(Some(SubmitReply { job_id, status: v.record.state, duplicate: false, reused: true }))
     }
 
     async fn load(&self, job_id: &str) -> Result<kiln_core::nats::jobs::Versioned, ApiError> {

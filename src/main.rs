@@ -177,6 +177,10 @@ struct SubmitArgs {
     /// Seconds from now after which the job must not start.
     #[arg(long)]
     deadline_s: Option<u64>,
+    /// Reuse an identical earlier job's results (same model, input contents, params) when
+    /// they are still within their TTL, instead of running again.
+    #[arg(long)]
+    reuse: bool,
     /// Follow progress until the job ends, then download the results.
     #[arg(long)]
     wait: bool,
@@ -402,6 +406,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
         priority: args.priority,
         idempotency_key: args.idempotency_key,
         max_attempts: args.max_attempts,
+        reuse: args.reuse,
         ..Default::default()
     };
     for i in &args.inputs {
@@ -425,7 +430,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
         request.deadline_ms = Some(kiln_core::now_ms() + s * 1000);
     }
     let reply = client.submit(&request).await.map_err(|e| e.to_string())?;
-    println!("{}", reply.job_id);
+    println!("{}{}", reply.job_id, if reply.reused { " (reused: an identical earlier job)" } else { "" });
     if !args.wait {
         return Ok(());
     }

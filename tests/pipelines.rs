@@ -225,3 +225,45 @@ async fn a_compression_worker_that_dies_is_restarted_and_the_stage_retried() {
     let again = client.submit(&prompt_request("staged", "after", serde_json::json!({}))).await.unwrap().job_id;
     assert_eq!(wait_terminal(&client, &again, Duration::from_secs(30)).await.status, JobState::Completed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_request_reuses_the_earlier_result_when_asked() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    // Two uploads of the same bytes under different names: one content.
+    client.upload("uploads/a/one.txt", b"same bytes").await.unwrap();
+    client.upload("uploads/b/two.txt", b"same bytes").await.unwrap();
+    client.upload("uploads/c/three.txt", b"other bytes").await.unwrap();
+    let req = |object: &str, steps: u32, reuse: bool| {
+        let mut r = prompt_request("demo", "a fox", serde_json::json!({"steps": steps, "step_ms": 1}));
+        r.inputs.insert("extra".into(), InputValue::Object { object: object.into() });
+        r.reuse = reuse;
+        r
+    };
+    let first = client.submit(&req("uploads/a/one.txt", 2, true)).await.unwrap();
+    assert!(!first.reused);
+    assert_eq!(wait_terminal(&client, &first.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+
+    // Hit: same model, same content (another object name), same params.
+    let hit = client.submit(&req("uploads/b/two.txt", 2, true)).await.unwrap();
+    assert!(hit.reused, "{hit:?}");
+    assert_eq!((hit.job_id.as_str(), hit.status), (first.job_id.as_str(), JobState::Completed));
+    // Misses: other params, other content, or reuse not asked for.
+    for (object, steps, reuse) in [("uploads/a/one.txt", 3, true), ("uploads/c/three.txt", 2, true), ("uploads/a/one.txt", 2, false)] {
+        let miss = client.submit(&req(object, steps, reuse)).await.unwrap();
+        assert!(!miss.reused && miss.job_id != first.job_id, "{object} {steps} {reuse}: {miss:?}");
+        assert_eq!(wait_terminal(&client, &miss.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+    }
+    // A failed job is not reused: the request runs again and takes the key over.
+    let failing = |reuse| {
+        let mut r = prompt_request("demo", "boom", serde_json::json!({"fail": "fatal"}));
+        r.reuse = reuse;
+        r
+    };
+    let failed = client.submit(&failing(true)).await.unwrap();
+    assert_eq!(wait_terminal(&client, &failed.job_id, Duration::from_secs(30)).await.status, JobState::Failed);
+    let again = client.submit(&failing(true)).await.unwrap();
+    assert!(!again.reused && again.job_id != failed.job_id);
+}

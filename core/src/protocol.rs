@@ -114,6 +114,11 @@ pub struct SubmitRequest {
     /// Overrides the model's `max_attempts` (capped by it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Reuse an earlier identical job (same model, same input contents by sha256, same
+    /// params) that completed within its result TTL, or that is still queued or running,
+    /// instead of running again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse: bool,
 }
 
 /// Reply to submit, sent only once the job record and the queue message are durable.
@@ -124,6 +129,9 @@ pub struct SubmitReply {
     /// True when an idempotency key matched an earlier submission.
     #[serde(default)]
     pub duplicate: bool,
+    /// True when `reuse` found an earlier identical job: `job_id` is that job.
+    #[serde(default)]
+    pub reused: bool,
 }
 
 /// `kiln.api.status`, `kiln.api.cancel` and `kiln.api.result` take a job id.

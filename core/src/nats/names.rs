@@ -80,6 +80,9 @@ impl Names {
     pub fn nodes_bucket(&self) -> String {
         format!("{}_nodes", self.prefix)
     }
+    pub fn reuse_bucket(&self) -> String {
+        format!("{}_reuse", self.prefix)
+    }
     pub fn files_bucket(&self) -> String {
         format!("{}_files", self.prefix)
     }

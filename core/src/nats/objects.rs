@@ -86,10 +86,11 @@ impl Resources {
         })
     }
 
-    /// Size of an uploaded input, or `NotFound` (missing, or expired).
-    pub async fn file_size(&self, name: &str) -> Result<u64, StoreError> {
+    /// Size and content digest (the object store's `SHA-256=...`) of an uploaded input, or
+    /// `NotFound` (missing, or expired).
+    pub async fn file_info(&self, name: &str) -> Result<(u64, String), StoreError> {
         match self.files.info(name).await {
-            Ok(info) if !info.deleted => Ok(info.size as u64),
+            Ok(info) if !info.deleted => Ok((info.size as u64, info.digest.unwrap_or_default())),
             Ok(_) => Err(StoreError::NotFound(format!("object {name:?}"))),
             Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Err(StoreError::NotFound(format!("object {name:?}"))),
             Err(e) => Err(StoreError::nats(e)),

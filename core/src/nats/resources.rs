@@ -26,6 +26,7 @@ pub struct Resources {
     pub(crate) jobs_kv: kv::Store,
     pub(crate) gpus_kv: kv::Store,
     pub(crate) nodes_kv: kv::Store,
+    pub(crate) reuse_kv: kv::Store,
     pub(crate) files: object_store::ObjectStore,
     /// One results bucket per model (each with the model's result TTL), opened on first use.
     pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
@@ -122,6 +123,21 @@ impl Resources {
         let nodes_kv = open_kv(&js, registry_config(names.nodes_bucket(), "kiln registry: one key per node")).await?;
 
         let files = open_object_store(&js, names.files_bucket(), Duration::from_secs(config.storage.files_ttl_s)).await?;
+        // Result reuse: content key -> job id, kept as long as the longest result TTL (a hit
+        // is still checked against its own model's TTL).
+        let longest_result_ttl = config.models.iter().map(|m| config.result_ttl_s(m)).max().unwrap_or(config.storage.result_ttl_s);
+        let reuse_kv = open_kv(
+            &js,
+            kv::Config {
+                bucket: names.reuse_bucket(),
+                description: "kiln result reuse: request content key to job id".into(),
+                history: 1,
+                max_age: Duration::from_secs(longest_result_ttl),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
 
         let resources = Resources {
             client,
@@ -130,6 +146,7 @@ impl Resources {
             jobs_kv,
             gpus_kv,
             nodes_kv,
+            reuse_kv,
             files,
             results: Arc::new(DashMap::new()),
             ack_wait: Duration::from_millis(config.nats.ack_wait_ms),
@@ -183,6 +200,17 @@ impl Resources {
             total += c.info().await.map_err(StoreError::nats)?.num_pending;
         }
         Ok(total)
+    }
+
+    /// The job an identical request (`key`: model, input contents and params) made.
+    pub async fn reuse_lookup(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let entry = self.reuse_kv.get(key).await.map_err(StoreError::nats)?;
+        Ok(entry.map(|b| String::from_utf8_lossy(&b).to_string()))
+    }
+
+    pub async fn reuse_remember(&self, key: &str, job_id: &str) -> Result<(), StoreError> {
+        self.reuse_kv.put(key, job_id.to_string().into()).await.map_err(StoreError::nats)?;
+        Ok(())
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use kiln_core::job::JobState;
 use kiln_core::protocol::{ErrorCode, EventKind, InputValue, SubmitRequest};
+use kiln_core::stage::live_group_members;
 
 fn splat_pipeline(name: &str, keep_ply: bool) -> String {
     format!(

@@ -63,13 +63,7 @@ pub async fn run_command(argv: &[String], timeout: Duration, cancel: &Cancellati
         .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    // If the node dies, its commands die with it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    crate::engine::process::dies_with_the_node(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| StageError::Failed(format!("cannot start {:?}: {e}", argv[0])))?;
     let pid = child.id().unwrap_or(0);
     let stdout = tokio::spawn(read_tail(child.stdout.take().expect("piped")));
@@ -133,6 +127,23 @@ pub fn image_size(path: &Path) -> Result<(u32, u32), StageError> {
     Ok((size[size.len() - 1] as u32, size[size.len() - 2] as u32))
 }
 
+/// Processes of group `pgid` that still run (zombies excluded: a killed orphan stays a zombie
+/// until whatever adopted it reaps it, and runs nothing). Linux `/proc`; for tests and checks.
+pub fn live_group_members(pgid: i32) -> Vec<i32> {
+    let mut live = vec![];
+    let Ok(entries) = std::fs::read_dir("/proc") else { return live };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // After the `(comm)` field: state, ppid, pgrp.
+        let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        if rest.len() > 2 && rest[2] == pgid.to_string() && rest[0] != "Z" {
+            live.push(pid);
+        }
+    }
+    live
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,31 +175,15 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(3));
         let pgid: i32 = std::fs::read_to_string(&pids).unwrap().trim().parse().unwrap();
         // SIGKILL is delivered asynchronously: give the kernel a moment.
-        let mut live = live_members(pgid);
+        let mut live = live_group_members(pgid);
         for _ in 0..50 {
             if live.is_empty() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
-            live = live_members(pgid);
+            live = live_group_members(pgid);
         }
         assert_eq!(live, Vec::<i32>::new(), "process group {pgid} is gone, the background sleep included");
-    }
-
-    /// Processes of group `pgid` that are not zombies (a killed orphan stays a zombie until
-    /// whatever adopted it reaps it; it runs nothing).
-    pub(crate) fn live_members(pgid: i32) -> Vec<i32> {
-        let mut live = vec![];
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            // After the `(comm)` field: state, ppid, pgrp.
-            let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-            if rest.len() > 2 && rest[2] == pgid.to_string() && rest[0] != "Z" {
-                live.push(pid);
-            }
-        }
-        live
     }
 
     #[tokio::test]

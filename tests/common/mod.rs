@@ -361,19 +361,3 @@ pub async fn submit_retrying(client: &Client, mut request: kiln_core::protocol::
     }
     panic!("submit kept timing out")
 }
-
-/// Processes of group `pgid` that are not zombies (a killed orphan stays a zombie until
-/// whatever adopted it reaps it; it runs nothing).
-pub fn live_group_members(pgid: i32) -> Vec<i32> {
-    let mut live = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // After the `(comm)` field: state, ppid, pgrp.
-        let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-        if rest.len() > 2 && rest[2] == pgid.to_string() && rest[0] != "Z" {
-            live.push(pid);
-        }
-    }
-    live
-}

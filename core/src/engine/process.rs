@@ -191,15 +191,7 @@ impl ProcessEngine {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        // If the node itself is SIGKILLed, its Drop never runs: have the kernel kill the
-        // worker when the node's thread that spawned it goes away, so no orphan keeps a GPU.
-        // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        dies_with_the_node(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| EngineError::Load(format!("cannot start {program:?}: {e}")))?;
         let pid = child.id().unwrap_or(0);
         let stdin = child.stdin.take().expect("piped");
@@ -384,5 +376,18 @@ async fn read_stderr(stderr: tokio::process::ChildStderr, tail: Arc<Mutex<VecDeq
             }
             t.push_back(line);
         }
+    }
+}
+
+/// If the node itself is SIGKILLed, its Drop never runs: have the kernel kill the child when
+/// the node's thread that spawned it goes away, so no orphan keeps a GPU or a CPU busy. Used by
+/// every process Kiln starts (model workers, pipeline commands).
+pub fn dies_with_the_node(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
     }
 }

@@ -48,6 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             EventKind::Progress => println!("progress {:>5.1}% {}", e.progress.unwrap_or(0.0), e.stage.unwrap_or_default()),
             EventKind::Message => println!("log      {}", e.message.unwrap_or_default()),
             EventKind::Artifact => println!("artifact {}", e.artifact.map(|a| a.name).unwrap_or_default()),
+            // Only a batch's own subject carries these.
+            EventKind::ItemCompleted | EventKind::ItemFailed | EventKind::BatchFinished => {}
         }
     }
 

@@ -1,7 +1,8 @@
 //! ApiService: the client-facing NATS service (`kiln-api`, the micro/services API, so
 //! `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` discovery work). Every node runs it in one queue
 //! group, so any node answers any request. Endpoints under `kiln.api.`: submit, status, cancel,
-//! result, jobs, models, cluster, control. See `docs/PROTOCOL.md`.
+//! result, jobs, models, cluster, control, and for batches submit_batch, batch, cancel_batch,
+//! retry_batch. See `docs/PROTOCOL.md`.
 //!
 //! Every reply is JSON; a failure is `{"error": {"code", "message"}}` with a stable code. No
 //! request can make the service panic or block: bodies are size-checked before parsing, nested
@@ -19,6 +20,7 @@ use futures::StreamExt;
 use kiln_actors::gpu_supervisor::call_gpu;
 use kiln_actors::node_control::call_node;
 use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, NodeControlRequest};
+use kiln_core::batch::{self, BatchRecord};
 use kiln_core::config::ClusterConfig;
 use kiln_core::ids;
 use kiln_core::job::{JobRecord, JobState};
@@ -63,7 +65,22 @@ fn reuse_key(
 /// Namespace of job ids derived from idempotency keys (uuid v5).
 const IDEMPOTENCY_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b696c6e_6964_656d_706f_74656e637921);
 
-pub const ENDPOINTS: [&str; 8] = ["submit", "status", "cancel", "result", "jobs", "models", "cluster", "control"];
+pub const ENDPOINTS: [&str; 12] = [
+    "submit",
+    "status",
+    "cancel",
+    "result",
+    "jobs",
+    "models",
+    "cluster",
+    "control",
+    "submit_batch",
+    "batch",
+    "cancel_batch",
+    "retry_batch",
+];
+/// Children of a batch created (or cancelled, or read) at once.
+const BATCH_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct ApiService {
@@ -141,6 +158,10 @@ impl ApiService {
             "models" => encode(self.models()),
             "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.registry.gpus() }),
             "control" => encode(self.control(parse(body)?).await?),
+            "submit_batch" => encode(self.submit_batch(parse(body)?).await?),
+            "batch" => encode(self.batch(parse(body)?).await?),
+            "cancel_batch" => encode(self.cancel_batch(parse(body)?).await?),
+            "retry_batch" => encode(self.retry_batch(parse(body)?).await?),
             other => Err(ApiError::bad_request(format!("unknown endpoint {other:?}"))),
         }
     }
@@ -209,29 +230,8 @@ impl ApiService {
     async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, ApiError> {
         self.validate_submit(&req)?;
         let model = self.config.model(&req.model).expect("validated");
-        let mut digests = BTreeMap::new();
-        for (name, value) in &req.inputs {
-            if let InputValue::Object { object } = value {
-                match self.resources.file_info(object).await {
-                    Ok((_, digest)) => {
-                        digests.insert(name.clone(), digest);
-                    }
-                    Err(StoreError::NotFound(_)) => {
-                        return Err(ApiError::not_found(format!(
-                            "input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)",
-                            self.resources.names.files_bucket()
-                        )))
-                    }
-                    Err(e) => return Err(internal(e)),
-                }
-            }
-        }
-        if self.queue_depth(&model.name).await >= self.config.limits.max_queued_per_model {
-            return Err(ApiError::new(
-                ErrorCode::Overloaded,
-                format!("model {:?} has {} or more jobs waiting; retry later", model.name, self.config.limits.max_queued_per_model),
-            ));
-        }
+        let digests = self.input_digests(&req.inputs).await?;
+        self.admit(&model.name, 1).await?;
         let reuse_key = req.reuse.then(|| reuse_key(&model.name, &req.inputs, &digests, &req.params));
         if let Some(key) = &reuse_key {
             if let Some(reply) = self.reusable(key, model).await? {
@@ -255,30 +255,321 @@ impl ApiService {
                 kiln_core::now_ms(),
             )
         };
-        match self.resources.create_job(&record).await {
-            Ok(_) => {}
-            Err(StoreError::AlreadyExists) => {
-                let existing =
-                    self.resources.get_job(&job_id).await.map_err(internal)?.ok_or_else(|| ApiError::internal("job record vanished"))?;
-                // The first submission may have died between its record and its enqueue; the
-                // queue drops a second copy within its de-duplication window.
-                if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
-                    self.resources.enqueue(&job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
-                }
-                return Ok(SubmitReply { job_id, status: existing.record.state, duplicate: true, reused: false });
-            }
-            Err(e) => return Err(internal(e)),
+        if let Some(state) = self.launch_job(&record).await? {
+            return Ok(SubmitReply { job_id, status: state, duplicate: true, reused: false });
         }
-        // The `queued` event goes first so that the history is ordered even for a job that
-        // starts the instant it is enqueued.
-        self.resources.publish_event(&Event::status(&job_id, 0, JobState::Queued)).await.map_err(internal)?;
-        self.resources.enqueue(&job_id, &record.model, record.priority).await.map_err(internal)?;
-        metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
         if let Some(key) = &reuse_key {
             // Remembered at once: an identical request while this one still runs joins it.
             self.resources.reuse_remember(key, &job_id).await.map_err(internal)?;
         }
         Ok(SubmitReply { job_id, status: JobState::Queued, duplicate: false, reused: false })
+    }
+
+    /// Checks that every uploaded input exists, and returns each one's content digest.
+    async fn input_digests(&self, inputs: &BTreeMap<String, InputValue>) -> Result<BTreeMap<String, String>, ApiError> {
+        let mut digests = BTreeMap::new();
+        for (name, value) in inputs {
+            if let InputValue::Object { object } = value {
+                match self.resources.file_info(object).await {
+                    Ok((_, digest)) => {
+                        digests.insert(name.clone(), digest);
+                    }
+                    Err(StoreError::NotFound(_)) => {
+                        return Err(ApiError::not_found(format!(
+                            "input {name:?}: object {object:?} is not in the files bucket {} (upload it first; uploads expire)",
+                            self.resources.names.files_bucket()
+                        )))
+                    }
+                    Err(e) => return Err(internal(e)),
+                }
+            }
+        }
+        Ok(digests)
+    }
+
+    /// Admission control: `overloaded` when `adding` more jobs would take the model's queue
+    /// past its limit.
+    async fn admit(&self, model: &str, adding: u64) -> Result<(), ApiError> {
+        let limit = self.config.limits.max_queued_per_model;
+        if self.queue_depth(model).await + adding > limit {
+            return Err(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("model {model:?} would have more than {limit} jobs waiting; retry later"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes a new job durable: its record, its `queued` event, its queue message. `Some(state)`
+    /// when the record existed already (an idempotent resubmission): it is enqueued again if
+    /// the first submission died between its record and its enqueue, which the queue's
+    /// de-duplication window makes harmless.
+    async fn launch_job(&self, record: &JobRecord) -> Result<Option<JobState>, ApiError> {
+        match self.resources.create_job(record).await {
+            Ok(_) => {}
+            Err(StoreError::AlreadyExists) => {
+                let existing = self
+                    .resources
+                    .get_job(&record.job_id)
+                    .await
+                    .map_err(internal)?
+                    .ok_or_else(|| ApiError::internal("job record vanished"))?;
+                if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
+                    self.resources.enqueue(&record.job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
+                }
+                return Ok(Some(existing.record.state));
+            }
+            Err(e) => return Err(internal(e)),
+        }
+        // The `queued` event goes first so that the history is ordered even for a job that
+        // starts the instant it is enqueued.
+        self.resources.publish_event(&Event::status(&record.job_id, 0, JobState::Queued)).await.map_err(internal)?;
+        self.resources.enqueue(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
+        metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
+        Ok(None)
+    }
+
+    /// `submit_batch`: every item is validated like a submit before anything is written, so a
+    /// bad item refuses the whole batch (with its index) and nothing runs.
+    async fn submit_batch(&self, req: BatchSubmitRequest) -> Result<BatchReply, ApiError> {
+        let limit = self.config.limits.max_batch_items;
+        if req.items.is_empty() {
+            return Err(ApiError::bad_request("a batch needs at least one item"));
+        }
+        if req.items.len() > limit {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{} items; a batch holds at most {limit} (split it)", req.items.len()),
+            ));
+        }
+        if let Some(key) = &req.idempotency_key {
+            if key.is_empty() || key.len() > 256 {
+                return Err(ApiError::bad_request("idempotency_key must be 1 to 256 characters"));
+            }
+        }
+        let batch_id = match &req.idempotency_key {
+            Some(key) => batch::idempotent_batch_id(&req.model, key),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let now = kiln_core::now_ms();
+        let mut children = Vec::with_capacity(req.items.len());
+        for (index, item) in req.items.into_iter().enumerate() {
+            let mut params = req.params.clone();
+            params.extend(item.params);
+            let single = SubmitRequest {
+                model: req.model.clone(),
+                inputs: item.inputs,
+                params,
+                priority: req.priority,
+                idempotency_key: None,
+                deadline_ms: req.deadline_ms,
+                max_attempts: req.max_attempts,
+                reuse: false,
+            };
+            let at_item = move |e: ApiError| ApiError::new(e.code, format!("item {index}: {}", e.message));
+            self.validate_submit(&single).map_err(at_item)?;
+            self.input_digests(&single.inputs).await.map_err(at_item)?;
+            let model = self.config.model(&single.model).expect("validated");
+            let index = index as u32;
+            children.push(JobRecord {
+                inputs: single.inputs,
+                params: single.params,
+                priority: single.priority,
+                deadline_ms: single.deadline_ms,
+                parent: Some(batch::ParentRef { batch_id: batch_id.clone(), index }),
+                ..JobRecord::queued(
+                    &batch::child_job_id(&batch_id, index),
+                    &model.name,
+                    single.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
+                    now,
+                )
+            });
+        }
+        self.admit(&req.model, children.len() as u64).await?;
+        let record = BatchRecord {
+            batch_id,
+            model: req.model,
+            items: children
+                .iter()
+                .map(|c| batch::BatchItem {
+                    index: c.parent.as_ref().expect("set").index,
+                    job_id: c.job_id.clone(),
+                    state: JobState::Queued,
+                })
+                .collect(),
+            created_ms: now,
+            updated_ms: now,
+            finished_ms: None,
+            idempotency_key: req.idempotency_key,
+            retry_of: None,
+            retried_by: None,
+        };
+        self.launch_batch(record, children).await
+    }
+
+    /// Makes a batch durable: the parent record first, then every child. A resubmission
+    /// (same idempotency key, or a repeated retry request) finds the parent and launches any
+    /// child the first attempt did not get to: child ids derive from the batch id.
+    async fn launch_batch(&self, record: BatchRecord, children: Vec<JobRecord>) -> Result<BatchReply, ApiError> {
+        let (record, duplicate) = match self.resources.create_batch(&record).await {
+            Ok(_) => (record, false),
+            Err(StoreError::AlreadyExists) => {
+                let existing = self.load_batch(&record.batch_id).await?.0;
+                (existing, true)
+            }
+            Err(e) => return Err(internal(e)),
+        };
+        let listed: std::collections::HashSet<&str> = record.items.iter().map(|i| i.job_id.as_str()).collect();
+        let launches: Vec<_> = children.iter().filter(|c| listed.contains(c.job_id.as_str())).map(|c| self.launch_job(c)).collect();
+        let launched: Vec<Result<Option<JobState>, ApiError>> =
+            futures::stream::iter(launches).buffer_unordered(BATCH_CONCURRENCY).collect().await;
+        launched.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(BatchReply {
+            batch_id: record.batch_id.clone(),
+            items: record.items.iter().map(|i| BatchItemRef { index: i.index, job_id: i.job_id.clone() }).collect(),
+            duplicate,
+            retry_of: record.retry_of.clone(),
+        })
+    }
+
+    async fn load_batch(&self, batch_id: &str) -> Result<(BatchRecord, u64), ApiError> {
+        if !ids::is_valid_token(batch_id) {
+            return Err(ApiError::bad_request(format!("batch_id {batch_id:?} must be 1-64 letters, digits, '-' or '_'")));
+        }
+        self.resources
+            .get_batch(batch_id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| ApiError::not_found(format!("no batch {batch_id:?} (never submitted, or expired)")))
+    }
+
+    /// `batch`: the summary counts settled items; each item shows its job as it is now.
+    async fn batch(&self, req: BatchRef) -> Result<BatchView, ApiError> {
+        let (record, _) = self.load_batch(&req.batch_id).await?;
+        let reads: Vec<_> = record
+            .items
+            .iter()
+            .map(|item| async move {
+                let job = self.resources.get_job(&item.job_id).await.map_err(internal)?;
+                Ok::<_, ApiError>(match job {
+                    Some(v) => BatchItemView {
+                        index: item.index,
+                        job_id: item.job_id.clone(),
+                        status: v.record.state,
+                        error: v.record.error,
+                        artifacts: v.record.artifacts,
+                    },
+                    // Not created yet (a submission still under way) or expired: the batch's own
+                    // record is all there is.
+                    None => {
+                        BatchItemView { index: item.index, job_id: item.job_id.clone(), status: item.state, error: None, artifacts: vec![] }
+                    }
+                })
+            })
+            .collect();
+        let items: Vec<Result<BatchItemView, ApiError>> = futures::stream::iter(reads).buffered(BATCH_CONCURRENCY).collect().await;
+        let summary = record.summary();
+        Ok(BatchView {
+            batch_id: record.batch_id,
+            model: record.model,
+            status: summary.status,
+            summary,
+            created_ms: record.created_ms,
+            finished_ms: record.finished_ms,
+            items: items.into_iter().collect::<Result<_, _>>()?,
+            retry_of: record.retry_of,
+            retried_by: record.retried_by,
+        })
+    }
+
+    /// `cancel_batch`: cancels every item that has not ended (queued ones at once, running
+    /// ones through their owners), then shows the batch.
+    async fn cancel_batch(&self, req: BatchRef) -> Result<BatchView, ApiError> {
+        let (record, _) = self.load_batch(&req.batch_id).await?;
+        let open: Vec<_> =
+            record.items.iter().filter(|i| !i.state.is_terminal()).map(|i| self.cancel(JobRef { job_id: i.job_id.clone() })).collect();
+        let cancelled: Vec<Result<JobView, ApiError>> = futures::stream::iter(open).buffer_unordered(BATCH_CONCURRENCY).collect().await;
+        for result in cancelled {
+            match result {
+                Ok(_) => {}
+                // An item whose submission never got that far has nothing to cancel.
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.batch(req).await
+    }
+
+    /// `retry_batch`: a new batch (`retry_of` this one) of this batch's failed and cancelled
+    /// items, with their original inputs, params and indices. This batch stays as it ended.
+    /// One retry per batch: asking again answers with the same retry batch (`duplicate`).
+    async fn retry_batch(&self, req: BatchRef) -> Result<BatchReply, ApiError> {
+        let (old, _) = self.load_batch(&req.batch_id).await?;
+        if !old.is_finished() {
+            let s = old.summary();
+            return Err(ApiError::bad_request(format!(
+                "batch {:?} is still running ({} of {} items ended); retry its failed items once it has finished",
+                old.batch_id,
+                s.completed + s.failed + s.cancelled,
+                s.total
+            )));
+        }
+        let failed = old.unsuccessful_items();
+        if failed.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "batch {:?} has no failed items to retry: all {} completed",
+                old.batch_id,
+                old.items.len()
+            )));
+        }
+        let retry_id = batch::retry_batch_id(&old.batch_id);
+        let now = kiln_core::now_ms();
+        let mut children = Vec::with_capacity(failed.len());
+        for item in &failed {
+            let job = self.load(&item.job_id).await?.record;
+            children.push(JobRecord {
+                inputs: job.inputs,
+                params: job.params,
+                priority: job.priority,
+                deadline_ms: job.deadline_ms,
+                parent: Some(batch::ParentRef { batch_id: retry_id.clone(), index: item.index }),
+                ..JobRecord::queued(&batch::child_job_id(&retry_id, item.index), &job.model, job.max_attempts, now)
+            });
+        }
+        self.admit(&old.model, children.len() as u64).await?;
+        let record = BatchRecord {
+            batch_id: retry_id.clone(),
+            model: old.model.clone(),
+            items: children
+                .iter()
+                .map(|c| batch::BatchItem {
+                    index: c.parent.as_ref().expect("set").index,
+                    job_id: c.job_id.clone(),
+                    state: JobState::Queued,
+                })
+                .collect(),
+            created_ms: now,
+            updated_ms: now,
+            finished_ms: None,
+            idempotency_key: None,
+            retry_of: Some(old.batch_id.clone()),
+            retried_by: None,
+        };
+        let reply = self.launch_batch(record, children).await?;
+        // Point the old batch at its retry (after the retry exists, so the link never dangles).
+        for _ in 0..16 {
+            let (mut current, revision) = self.load_batch(&old.batch_id).await?;
+            if current.retried_by.is_some() {
+                break;
+            }
+            current.retried_by = Some(retry_id.clone());
+            match self.resources.update_batch(&current, revision).await {
+                Ok(_) => break,
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        Ok(reply)
     }
 
     /// The earlier job of an identical request, if it can stand for this one: completed with
@@ -345,6 +636,11 @@ impl ApiService {
                         let id = format!("{}-terminal", next.job_id);
                         self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
                         metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
+                        // The queue message is still there: if this fails, its delivery finds
+                        // the job cancelled and settles it into its batch then.
+                        if let Err(e) = self.resources.settle_batch_item(&next).await {
+                            tracing::warn!(job_id = %next.job_id, error = %e, "cannot settle the cancelled job into its batch now");
+                        }
                     } else if let Some(owner) = &next.owner {
                         // Stop it now through the actor cluster. If the owner cannot be reached,
                         // the flag just written still stops it: its job actor re-reads the

@@ -106,6 +106,38 @@ impl Client {
         self.request("cluster", &serde_json::json!({})).await
     }
 
+    /// Submits N items as one batch: N jobs in parallel, one summary.
+    pub async fn submit_batch(&self, req: &BatchSubmitRequest) -> Result<BatchReply, ClientError> {
+        self.request("submit_batch", req).await
+    }
+    pub async fn batch(&self, batch_id: &str) -> Result<BatchView, ClientError> {
+        self.request("batch", &BatchRef { batch_id: batch_id.into() }).await
+    }
+    pub async fn cancel_batch(&self, batch_id: &str) -> Result<BatchView, ClientError> {
+        self.request("cancel_batch", &BatchRef { batch_id: batch_id.into() }).await
+    }
+    /// A new batch of the failed and cancelled items of a finished batch.
+    pub async fn retry_batch(&self, batch_id: &str) -> Result<BatchReply, ClientError> {
+        self.request("retry_batch", &BatchRef { batch_id: batch_id.into() }).await
+    }
+
+    /// Follows a batch's events (`item_completed`, `item_failed`, then `batch_finished`) until
+    /// it ends, then returns it.
+    pub async fn wait_batch(&self, batch_id: &str, timeout: Duration, mut on_event: impl FnMut(&Event)) -> Result<BatchView, ClientError> {
+        let events = self.events(batch_id).await?;
+        tokio::pin!(events);
+        let followed = tokio::time::timeout(timeout, async {
+            while let Some(e) = events.next().await {
+                on_event(&e);
+            }
+        })
+        .await;
+        if followed.is_err() {
+            return Err(ClientError::Timeout(format!("waiting for batch {batch_id}")));
+        }
+        self.batch(batch_id).await
+    }
+
     /// Operator control of any node or GPU; forwarded through the actor cluster.
     pub async fn control(&self, req: &ControlRequest) -> Result<ControlReply, ClientError> {
         self.request("control", req).await
@@ -155,7 +187,8 @@ impl Client {
         Ok(())
     }
 
-    /// Every event of a job from the first, then live ones, ending after the terminal event.
+    /// Every event of a job (or a batch) from the first, then live ones, ending after the
+    /// terminal event.
     /// Works however late it is called: the history is replayed from the events stream.
     pub async fn events(&self, job_id: &str) -> Result<impl Stream<Item = Event> + use<>, ClientError> {
         let stream = self.js.get_stream(self.names.events_stream()).await.map_err(|e| ClientError::Nats(e.to_string()))?;

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use kiln::client::Client;
 use kiln::node::RunningNode;
 use kiln_core::config::ClusterConfig;
-use kiln_core::protocol::{ControlRequest, EventKind, InputValue, ListJobsRequest, SubmitRequest};
+use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, EventKind, InputValue, ListJobsRequest, SubmitRequest};
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "A cluster runtime for GPU generation jobs over NATS")]
@@ -25,6 +25,11 @@ enum Command {
     Node(NodeArgs),
     /// Submit a job.
     Submit(SubmitArgs),
+    /// Batches: submit N items as one request, follow them, retry the failed ones.
+    Batch {
+        #[command(subcommand)]
+        action: BatchCommand,
+    },
     /// Show a job.
     Status {
         job_id: String,
@@ -154,6 +159,45 @@ struct ConnArgs {
     nats: String,
     #[arg(long, default_value = "kiln")]
     prefix: String,
+}
+
+#[derive(Subcommand)]
+enum BatchCommand {
+    /// Submit a batch: one item per line of --items (a JSON object of inline inputs, or
+    /// `{"inputs": {..}, "params": {..}}`); prints the batch id, then follows it with --wait.
+    Submit {
+        model: String,
+        /// A file (or `-` for stdin) with one item per line.
+        #[arg(long)]
+        items: PathBuf,
+        /// A param every item gets: name=value (JSON if it parses, else a string).
+        #[arg(short = 'p', long = "param")]
+        params: Vec<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show a batch: its summary and every item.
+    Status {
+        batch_id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Cancel every item of a batch that has not ended.
+    Cancel {
+        batch_id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Run the failed and cancelled items of a finished batch again, as a new batch.
+    Retry {
+        batch_id: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Args)]
@@ -318,6 +362,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
 async fn client_command(command: Command) -> Result<(), String> {
     match command {
         Command::Submit(args) => submit(args).await,
+        Command::Batch { action } => batch_command(action).await,
         Command::Status { job_id, conn } => {
             let c = connect(&conn).await?;
             print_json(&c.status(&job_id).await.map_err(|e| e.to_string())?);
@@ -395,6 +440,84 @@ async fn client_command(command: Command) -> Result<(), String> {
     }
 }
 
+async fn batch_command(action: BatchCommand) -> Result<(), String> {
+    let show = |v: &kiln_core::protocol::BatchView| {
+        let s = &v.summary;
+        println!(
+            "batch {} ({}): {}; {} items, {} completed, {} failed, {} cancelled",
+            v.batch_id,
+            v.model,
+            v.status.as_str(),
+            s.total,
+            s.completed,
+            s.failed,
+            s.cancelled
+        );
+        for i in &v.items {
+            let err = i.error.as_ref().map(|e| format!("{}: {}", e.code.as_str(), e.message)).unwrap_or_default();
+            let names: Vec<&str> = i.artifacts.iter().map(|a| a.name.as_str()).collect();
+            println!("  {:>4}  {:<36}  {:<10} {} {}", i.index, i.job_id, i.status.as_str(), names.join(","), err);
+        }
+        if let Some(r) = &v.retried_by {
+            println!("retried by batch {r}");
+        }
+    };
+    match action {
+        BatchCommand::Submit { model, items, params, idempotency_key, wait, conn } => {
+            let text = if items.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
+            } else {
+                std::fs::read_to_string(&items).map_err(|e| format!("{}: {e}", items.display()))?
+            };
+            let mut request = BatchSubmitRequest { model, idempotency_key, ..Default::default() };
+            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("items line {}: {e}", n + 1))?;
+                let item = match serde_json::from_value::<BatchItemRequest>(value.clone()) {
+                    Ok(item) if value.get("inputs").is_some() || value.get("params").is_some() => item,
+                    _ => {
+                        let inputs = serde_json::from_value(value).map_err(|e| format!("items line {}: {e}", n + 1))?;
+                        BatchItemRequest { inputs, ..Default::default() }
+                    }
+                };
+                request.items.push(item);
+            }
+            for p in &params {
+                let (k, v) = split_pair(p)?;
+                request.params.insert(k, v);
+            }
+            let c = connect(&conn).await?;
+            let reply = c.submit_batch(&request).await.map_err(|e| e.to_string())?;
+            println!("{}{}", reply.batch_id, if reply.duplicate { " (duplicate: the batch of this idempotency key)" } else { "" });
+            if wait {
+                let view = c
+                    .wait_batch(&reply.batch_id, Duration::from_secs(24 * 3600), |e| {
+                        if let Some(i) = &e.item {
+                            println!("item {:>4} {}", i.index, i.status.as_str());
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                show(&view);
+            }
+            Ok(())
+        }
+        BatchCommand::Status { batch_id, conn } => {
+            show(&connect(&conn).await?.batch(&batch_id).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        BatchCommand::Cancel { batch_id, conn } => {
+            show(&connect(&conn).await?.cancel_batch(&batch_id).await.map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        BatchCommand::Retry { batch_id, conn } => {
+            let reply = connect(&conn).await?.retry_batch(&batch_id).await.map_err(|e| e.to_string())?;
+            let indices: Vec<String> = reply.items.iter().map(|i| i.index.to_string()).collect();
+            println!("{} retries items {}", reply.batch_id, indices.join(","));
+            Ok(())
+        }
+    }
+}
+
 async fn connect(conn: &ConnArgs) -> Result<Client, String> {
     Client::connect(&conn.nats, &conn.prefix).await.map_err(|e| e.to_string())
 }
@@ -448,7 +571,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
                 }
             }
             EventKind::Message => bar.println(e.message.clone().unwrap_or_default()),
-            EventKind::Artifact => {}
+            _ => {}
         })
         .await
         .map_err(|e| e.to_string())?;

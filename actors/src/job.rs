@@ -16,6 +16,10 @@
 //! cancelled ──► terminal write `cancelled` ─► event ─► ack
 //! ```
 //!
+//! A batch item settles its end into the batch's record between its terminal event and its
+//! ack (`settle_batch`); if that fails the delivery is left unacked and its redelivery, which
+//! finds the record terminal, settles it.
+//!
 //! Every write after the claim is a compare-and-set on the revision this actor holds. When it
 //! loses, it re-reads: if another attempt owns the job now it is *fenced* and stops without
 //! acking (the newer attempt's delivery is the live one); if only a cancel request landed, it
@@ -185,6 +189,9 @@ impl JobActorState {
                     if !last.is_some_and(|e| e.is_terminal()) {
                         self.terminal_event(&record).await;
                     }
+                    if !self.settle_batch(&record).await {
+                        return Ok(Some(DeliveryEnd::Abandoned));
+                    }
                     self.ack(AckKind::Ack).await;
                     return Ok(Some(DeliveryEnd::Terminal(record.state)));
                 }
@@ -223,6 +230,9 @@ impl JobActorState {
                 Ok(_) => {
                     self.finish_metrics(&next);
                     self.terminal_event(&next).await;
+                    if !self.settle_batch(&next).await {
+                        return Ok(Some(DeliveryEnd::Abandoned));
+                    }
                     self.ack(AckKind::Ack).await;
                     return Ok(Some(DeliveryEnd::Terminal(next.state)));
                 }
@@ -524,8 +534,24 @@ impl JobActorState {
         kiln_core::fault::abort_at("abort_after_terminal_write");
         self.finish_metrics(&record);
         self.terminal_event(&record).await;
+        if !self.settle_batch(&record).await {
+            return DeliveryEnd::Abandoned;
+        }
         self.ack(AckKind::Ack).await;
         DeliveryEnd::Terminal(record.state)
+    }
+
+    /// Tells the job's batch (if it is a batch item) how it ended; must succeed before the
+    /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
+    /// and that delivery finds the job terminal and settles again.
+    async fn settle_batch(&self, record: &JobRecord) -> bool {
+        match self.ctx().resources.settle_batch_item(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot settle the job into its batch; leaving it for redelivery");
+                false
+            }
+        }
     }
 
     fn finish_metrics(&self, record: &JobRecord) {

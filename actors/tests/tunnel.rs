@@ -156,12 +156,19 @@ async fn a_peer_that_does_not_consume_stops_the_sender_at_one_window() {
     });
     let mut received = 0u64;
     let mut last_seq = 0;
-    let deadline = Instant::now() + Duration::from_millis(1500);
+    // Listen until the window is used (a loaded machine may take a while), then 500 ms more to
+    // catch anything sent beyond it.
+    let mut deadline = Instant::now() + Duration::from_secs(10);
+    let mut window_used = false;
     while let Ok(Some(msg)) = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), frames.next()).await {
         let f: Frame = wire::decode(&msg.payload).unwrap();
         last_seq = f.seq;
         if let FrameKind::Data(d) = f.kind {
             received += d.len() as u64;
+        }
+        if !window_used && received >= s.window_bytes - s.frame_bytes as u64 {
+            window_used = true;
+            deadline = Instant::now() + Duration::from_millis(500);
         }
     }
     let accepted = written.load(std::sync::atomic::Ordering::Relaxed);

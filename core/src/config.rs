@@ -180,11 +180,13 @@ pub struct Limits {
     pub max_params_depth: usize,
     /// Admission control: jobs waiting per model before submit answers `overloaded`.
     pub max_queued_per_model: u64,
+    /// Items in one batch; each becomes a job, and the parent record lists them all.
+    pub max_batch_items: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 256 * 1024, max_inputs: 32, max_params_depth: 32, max_queued_per_model: 100_000 }
+        Limits { max_request_bytes: 256 * 1024, max_inputs: 32, max_params_depth: 32, max_queued_per_model: 100_000, max_batch_items: 1000 }
     }
 }
 
@@ -538,6 +540,10 @@ impl ClusterConfig {
         }
         if self.cluster.redial_ms == 0 {
             return Err(invalid("cluster.redial_ms", "must be positive"));
+        }
+        if self.limits.max_batch_items == 0 || self.limits.max_batch_items > 5000 {
+            // The parent record lists every item and must fit one KV value (1 MiB payload).
+            return Err(invalid("limits.max_batch_items", "must be between 1 and 5000"));
         }
         if self.limits.max_request_bytes == 0 || self.limits.max_request_bytes > 1024 * 1024 {
             return Err(invalid("limits.max_request_bytes", "must be between 1 and 1048576 (the NATS payload limit)"));

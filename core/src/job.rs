@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::ParentRef;
 use crate::protocol::{ApiError, Artifact, InputValue};
 
 /// Where a job is in its life.
@@ -81,6 +82,9 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     #[serde(default)]
     pub dead_letter: bool,
+    /// Set on the children of a batch: the batch is told when this job reaches its end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
 }
 
 impl JobRecord {
@@ -106,6 +110,7 @@ impl JobRecord {
             artifacts: vec![],
             cancel_requested: false,
             dead_letter: false,
+            parent: None,
         }
     }
 

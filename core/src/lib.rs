@@ -8,6 +8,7 @@
 //! | [`config`]   | `cluster.toml`, typed, env overrides, `validate()`                     |
 //! | [`protocol`] | JSON requests, replies, events and error codes on the wire             |
 //! | [`job`]      | the job record (source of truth) and the pure delivery/retry rules     |
+//! | [`batch`]    | batches: the parent record, settling children, the summary rule        |
 //! | [`policy`]   | restart budget and backoff, pure and tested with explicit time         |
 //! | [`ids`]      | syntax of client-controlled names (no wildcards, no path tricks)       |
 //! | [`nats`]     | streams, KV, object store, registry cache, the nats-server process     |
@@ -15,6 +16,7 @@
 //! | [`fault`]    | named fault points, compiled in only for tests                         |
 //! | [`metrics`]  | metric names and label conventions (units in names, bounded labels)   |
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod fault;

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::{BatchStatus, BatchSummary, ParentRef};
 use crate::job::{JobRecord, JobState};
 
 /// A stable, machine-readable error code. Clients branch on these; the message is for people.
@@ -183,6 +184,9 @@ pub struct JobView {
     /// True when the job failed after its last attempt (the dead-letter list).
     #[serde(default)]
     pub dead_letter: bool,
+    /// The batch this job is an item of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<ParentRef>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -203,6 +207,7 @@ impl From<&JobRecord> for JobView {
             artifacts: r.artifacts.clone(),
             cancel_requested: r.cancel_requested,
             dead_letter: r.dead_letter,
+            batch: r.parent.clone(),
         }
     }
 }
@@ -347,6 +352,12 @@ pub enum EventKind {
     Message,
     /// An artifact was stored.
     Artifact,
+    /// On a batch's subject: an item completed (`item` names it and carries its artifacts).
+    ItemCompleted,
+    /// On a batch's subject: an item failed or was cancelled (`item.status`, `error`).
+    ItemFailed,
+    /// On a batch's subject, last: every item has ended; `summary` says how.
+    BatchFinished,
 }
 
 /// One progress event on `kiln.events.<job_id>`, captured in the `KILN_EVENTS` stream so a
@@ -373,6 +384,22 @@ pub struct Event {
     pub artifact: Option<Artifact>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// `item_completed` / `item_failed`: which item, and its results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<BatchItemEvent>,
+    /// `batch_finished`: the batch's final counts and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<BatchSummary>,
+}
+
+/// The item an `item_completed` / `item_failed` event is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchItemEvent {
+    pub index: u32,
+    pub job_id: String,
+    pub status: JobState,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<Artifact>,
 }
 
 impl Event {
@@ -388,6 +415,8 @@ impl Event {
             message: None,
             artifact: None,
             error: None,
+            item: None,
+            summary: None,
         }
     }
 
@@ -409,10 +438,113 @@ impl Event {
         self
     }
 
-    /// True for the last status event a job will ever get.
-    pub fn is_terminal(&self) -> bool {
-        self.kind == EventKind::Status && self.status.map(JobState::is_terminal).unwrap_or(false)
+    /// An item of batch `batch_id` ended as `record` says.
+    pub fn batch_item(batch_id: &str, index: u32, record: &JobRecord) -> Self {
+        let kind = if record.state == JobState::Completed { EventKind::ItemCompleted } else { EventKind::ItemFailed };
+        let item = BatchItemEvent { index, job_id: record.job_id.clone(), status: record.state, artifacts: record.artifacts.clone() };
+        let mut event = Event { kind, status: None, item: Some(item), ..Event::status(batch_id, 0, JobState::Running) };
+        if let Some(e) = &record.error {
+            event = event.with_error(e.clone());
+        }
+        event
     }
+
+    /// The last event of a batch.
+    pub fn batch_finished(batch_id: &str, summary: BatchSummary) -> Self {
+        Event { kind: EventKind::BatchFinished, status: None, summary: Some(summary), ..Event::status(batch_id, 0, JobState::Running) }
+    }
+
+    /// True for the last event a job (a terminal status) or a batch (`batch_finished`) will
+    /// ever get.
+    pub fn is_terminal(&self) -> bool {
+        (self.kind == EventKind::Status && self.status.map(JobState::is_terminal).unwrap_or(false)) || self.kind == EventKind::BatchFinished
+    }
+}
+
+/// One item of `kiln.api.submit_batch`: its own inputs and params (merged over the batch's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItemRequest {
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputValue>,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `kiln.api.submit_batch`: N items of one model, run as N jobs in parallel across the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSubmitRequest {
+    pub model: String,
+    pub items: Vec<BatchItemRequest>,
+    /// Params every item gets; an item's own params win over these.
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub priority: u8,
+    /// Two submissions with the same key (for the same model) give one batch; resubmitting
+    /// after a lost reply also finishes a submission that died half way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// `kiln.api.batch`, `kiln.api.cancel_batch` and `kiln.api.retry_batch` take a batch id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRef {
+    pub batch_id: String,
+}
+
+/// An item's job, as a batch reply lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchItemRef {
+    pub index: u32,
+    pub job_id: String,
+}
+
+/// Reply to submit_batch and retry_batch, sent once every item is durable in the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchReply {
+    pub batch_id: String,
+    pub items: Vec<BatchItemRef>,
+    /// True when an idempotency key (or an earlier retry request) matched an existing batch.
+    #[serde(default)]
+    pub duplicate: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
+}
+
+/// One item as `kiln.api.batch` shows it: its job's state, error and artifacts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchItemView {
+    pub index: u32,
+    pub job_id: String,
+    pub status: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// Reply to `kiln.api.batch` and `kiln.api.cancel_batch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchView {
+    pub batch_id: String,
+    pub model: String,
+    pub status: BatchStatus,
+    pub summary: BatchSummary,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    pub items: Vec<BatchItemView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retried_by: Option<String>,
 }
 
 /// `kiln.api.control`: an operator's request for one node or GPU anywhere in the cluster. The

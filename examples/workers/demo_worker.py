@@ -34,6 +34,8 @@ Fault injection, for Kiln's tests:
   "fail": "retryable"          report an error with retryable true (an infrastructure error)
   "fail": "fatal"              report an error with retryable false (a user error)
   "hang": true                 after the first step, ignore cancel and never finish
+  "require_file": "/some/path" fail with a user error unless that file exists (a dependency
+                               that appears later: the batch retry test creates it)
 
 Environment:
   KILN_DEMO_LOAD_MS   simulated model load time before "ready" (default 200)
@@ -265,6 +267,9 @@ class Settings:
         self.hang = p.get("hang", False)
         if not isinstance(self.hang, bool):
             raise UserError("param hang must be true or false")
+        self.require_file = p.get("require_file")
+        if self.require_file is not None and not isinstance(self.require_file, str):
+            raise UserError("param require_file must be a path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,6 +376,8 @@ class Worker:
             raise RetryableError("injected retryable failure (param fail=retryable)")
         if s.fail == "fatal":
             raise UserError("injected fatal failure (param fail=fatal)")
+        if s.require_file is not None and not os.path.exists(s.require_file):
+            raise UserError(f"required file {s.require_file} does not exist (param require_file)")
 
         for step in range(1, s.steps + 1):
             # Waiting on the event is the step's "work": a cancel ends it at once.

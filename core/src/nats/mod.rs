@@ -6,10 +6,12 @@
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests)        |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
+//! | `batches.rs`  | batch parent records in KV; settling a child's end into its batch     |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
 
+pub mod batches;
 pub mod events;
 pub mod jobs;
 pub mod names;

@@ -80,6 +80,9 @@ impl Names {
     pub fn nodes_bucket(&self) -> String {
         format!("{}_nodes", self.prefix)
     }
+    pub fn batches_bucket(&self) -> String {
+        format!("{}_batches", self.prefix)
+    }
     pub fn reuse_bucket(&self) -> String {
         format!("{}_reuse", self.prefix)
     }

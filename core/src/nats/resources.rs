@@ -27,6 +27,7 @@ pub struct Resources {
     pub(crate) gpus_kv: kv::Store,
     pub(crate) nodes_kv: kv::Store,
     pub(crate) reuse_kv: kv::Store,
+    pub(crate) batches_kv: kv::Store,
     pub(crate) files: object_store::ObjectStore,
     /// One results bucket per model (each with the model's result TTL), opened on first use.
     pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
@@ -139,6 +140,19 @@ impl Resources {
         )
         .await?;
 
+        let batches_kv = open_kv(
+            &js,
+            kv::Config {
+                bucket: names.batches_bucket(),
+                description: "kiln batch parent records: items and their end states".into(),
+                history: 1,
+                max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
+
         let resources = Resources {
             client,
             js,
@@ -147,6 +161,7 @@ impl Resources {
             gpus_kv,
             nodes_kv,
             reuse_kv,
+            batches_kv,
             files,
             results: Arc::new(DashMap::new()),
             ack_wait: Duration::from_millis(config.nats.ack_wait_ms),

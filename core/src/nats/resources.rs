@@ -88,6 +88,9 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
             Err(e) => e,
         };
         use async_nats::ConnectErrorKind as Kind;
+        // rustls' refusals of the server's certificate arrive as IO errors.
+        let text = error.to_string().to_lowercase();
+        let tls_refused = text.contains("certificate") || text.contains("tls") || text.contains("handshake");
         let message = match error.kind() {
             Kind::AuthorizationViolation | Kind::Authentication => {
                 let method = match nats.auth() {
@@ -99,7 +102,7 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
                 };
                 format!("authentication failed: the NATS server at {url} refused {method}: {error}")
             }
-            Kind::Tls => format!(
+            Kind::Tls | Kind::Io if error.kind() == Kind::Tls || tls_refused => format!(
                 "TLS with the NATS server at {url} failed: {error} (check nats.tls_ca_file: the CA that signed the server's \
                  certificate, and that the URL's host name is in that certificate)"
             ),

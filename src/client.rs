@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{Stream, StreamExt};
-use kiln_core::nats::objects::{content_type_for, sha256_hex, META_CONTENT_TYPE, META_SHA256};
 use kiln_core::config::NatsConfig;
+use kiln_core::nats::objects::{content_type_for, sha256_hex, META_CONTENT_TYPE, META_SHA256};
 use kiln_core::nats::{resources, Names};
 use kiln_core::protocol::*;
 use serde::de::DeserializeOwned;
@@ -48,7 +48,8 @@ impl Client {
     /// Connects as `nats` says: URL, prefix, credentials and TLS (the same connection
     /// options as a node's, see docs/SECURITY.md).
     pub async fn connect_with(nats: &NatsConfig) -> Result<Client, ClientError> {
-        let client = resources::connect(nats, "kiln-client").await.map_err(|e| ClientError::Nats(e.to_string().replacen("nats: ", "", 1)))?;
+        let client =
+            resources::connect(nats, "kiln-client").await.map_err(|e| ClientError::Nats(e.to_string().replacen("nats: ", "", 1)))?;
         Ok(Self::from_nats(client, &nats.prefix))
     }
 

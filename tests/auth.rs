@@ -137,7 +137,10 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 fn make_certs(dir: &Path) -> Certs {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    openssl(dir, &[&["req", "-x509"], &ec[..], &["-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=kiln test CA"]].concat());
+    openssl(
+        dir,
+        &[&["req", "-x509"], &ec[..], &["-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=kiln test CA"]].concat(),
+    );
     std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for who in ["server", "client"] {
@@ -145,7 +148,23 @@ fn make_certs(dir: &Path) -> Certs {
         openssl(dir, &[&["req"], &ec[..], &["-keyout", &key, "-out", &csr, "-subj", &format!("/CN=kiln test {who}")]].concat());
         openssl(
             dir,
-            &["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-out", &cert, "-days", "2", "-extfile", &ext],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-out",
+                &cert,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
         );
     }
     Certs {
@@ -188,7 +207,8 @@ async fn over_tls_a_node_with_the_ca_runs_a_job_and_one_without_it_stops() {
 async fn a_server_that_verifies_clients_accepts_the_client_certificate_only() {
     let dir = tempfile::tempdir().unwrap();
     let certs = make_certs(dir.path());
-    let conf = format!("tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n", certs.server_cert, certs.server_key, certs.ca);
+    let conf =
+        format!("tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}\n", certs.server_cert, certs.server_key, certs.ca);
     let server = server_with(dir.path(), &conf, true);
     let nats = NatsConfig {
         tls_ca_file: certs.ca.display().to_string(),

@@ -54,7 +54,9 @@ impl Watched {
     /// Waits for the server to report a violation for `what` on `subject`.
     async fn refused(&self, what: &str, subject: &str) {
         let needle = format!("Permissions Violation for {what} to \"{subject}\"").to_lowercase();
-        let seen = eventually(Duration::from_secs(5), || async { self.errors.lock().unwrap().iter().any(|e| e.to_lowercase().contains(&needle)) }).await;
+        let seen =
+            eventually(Duration::from_secs(5), || async { self.errors.lock().unwrap().iter().any(|e| e.to_lowercase().contains(&needle)) })
+                .await;
         assert!(seen, "expected a refusal {needle:?}; server errors seen: {:?}", self.errors.lock().unwrap());
     }
 
@@ -156,7 +158,9 @@ async fn the_example_config_lets_nodes_and_clients_work_and_refuses_clients_the_
 
     // The server logs each refusal with the user it refused.
     let log = cluster.server.log();
-    for l in log.lines().filter(|l| l.contains("Violation")) { eprintln!("DBG {l}"); }
+    for l in log.lines().filter(|l| l.contains("Violation")) {
+        eprintln!("DBG {l}");
+    }
     assert!(log.contains(r#""ACME/user:acme-client" - Publish Violation - Subject "$KV.acme_gpus.n1.cpu-0""#), "{log}");
     assert!(log.contains(r#""ACME/user:acme-client" - Subscription Violation - Subject "acme.tunnel.>""#), "{log}");
     let by_others: Vec<&str> = log.lines().filter(|l| l.contains("Violation") && !l.contains("ACME/user:acme-client")).collect();

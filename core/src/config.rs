@@ -262,7 +262,8 @@ impl NatsConfig {
     /// Makes relative credential and certificate paths absolute, against `base` (the config
     /// file's folder).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [&mut self.nkey_seed_file, &mut self.creds_file, &mut self.tls_ca_file, &mut self.tls_cert_file, &mut self.tls_key_file] {
+        for path in [&mut self.nkey_seed_file, &mut self.creds_file, &mut self.tls_ca_file, &mut self.tls_cert_file, &mut self.tls_key_file]
+        {
             if !path.is_empty() && !path.starts_with('/') {
                 *path = base.join(&*path).display().to_string();
             }
@@ -932,7 +933,8 @@ engine = { kind = "noop" }
         let file = dir.path().join("f.pem");
         std::fs::write(&file, "x").unwrap();
         let f = file.display().to_string();
-        let check = |toml: &str| ClusterConfig::from_toml(&format!("{toml}\n{MINIMAL}"), "t").unwrap().validate().map_err(|e| e.to_string());
+        let check =
+            |toml: &str| ClusterConfig::from_toml(&format!("{toml}\n{MINIMAL}"), "t").unwrap().validate().map_err(|e| e.to_string());
         assert!(check("[nats]\nuser = \"u\"").unwrap_err().contains("nats.password"));
         assert!(check("[nats]\npassword = \"p\"").unwrap_err().contains("nats.user"));
         let two = check(&format!("[nats]\nuser = \"u\"\npassword = \"p\"\ncreds_file = \"{f}\"")).unwrap_err();

@@ -47,10 +47,9 @@ pub async fn connect_options(nats: &NatsConfig, name: &str) -> Result<async_nats
         NatsAuth::UserPassword { user, password } => options.user_and_password(user.to_string(), password.to_string()),
         NatsAuth::Token(token) => options.token(token.to_string()),
         NatsAuth::NkeySeedFile(path) => options.nkey(read_nkey_seed(path)?),
-        NatsAuth::CredsFile(path) => options
-            .credentials_file(path)
-            .await
-            .map_err(|e| StoreError::Nats(format!("nats.creds_file {}: {e}", path.display())))?,
+        NatsAuth::CredsFile(path) => {
+            options.credentials_file(path).await.map_err(|e| StoreError::Nats(format!("nats.creds_file {}: {e}", path.display())))?
+        }
     };
     if nats.tls() {
         options = options.require_tls(true);
@@ -94,7 +93,9 @@ pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client
         let message = match error.kind() {
             Kind::AuthorizationViolation | Kind::Authentication => {
                 let method = match nats.auth() {
-                    NatsAuth::None => "no credentials (set nats.user and nats.password, nats.token, nats.nkey_seed_file or nats.creds_file)".to_string(),
+                    NatsAuth::None => {
+                        "no credentials (set nats.user and nats.password, nats.token, nats.nkey_seed_file or nats.creds_file)".to_string()
+                    }
                     NatsAuth::UserPassword { user, .. } => format!("user {user:?} (nats.user, nats.password)"),
                     NatsAuth::Token(_) => "the token (nats.token)".to_string(),
                     NatsAuth::NkeySeedFile(p) => format!("the NKey of {} (nats.nkey_seed_file)", p.display()),

@@ -121,6 +121,70 @@ async fn an_nkey_seed_file_is_accepted_and_another_key_refused() {
     assert!(err.contains("nats.nkey_seed_file") && err.contains("no user seed"), "{err}");
 }
 
+/// A NATS JWT (v2) with `claims`, issued and signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+        "iat": kiln_core::now_ms() / 1000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let signed = format!("{header}.{}", b64(claims.to_string().as_bytes()));
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_is_accepted_by_an_operator_mode_server_and_a_foreign_one_refused() {
+    // An operator, an account and a user, as `nsc` would make them, signed here offline.
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let operator_jwt = jwt(&operator, &operator.public_key(), "kiln-test-operator", serde_json::json!({"type": "operator", "version": 2}));
+    let unlimited =
+        serde_json::json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1});
+    let account_jwt =
+        jwt(&operator, &account.public_key(), "acme", serde_json::json!({"limits": unlimited, "type": "account", "version": 2}));
+    // JetStream (on in every test server) needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(&operator, &system.public_key(), "SYS", serde_json::json!({"limits": unlimited, "type": "account", "version": 2}));
+    let creds = |user: &nkeys::KeyPair, signer: &nkeys::KeyPair| {
+        let user_jwt = jwt(
+            signer,
+            &user.public_key(),
+            "acme-node",
+            serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let conf = format!(
+        "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {acc}: {account_jwt}\n  {sys}: {system_jwt}\n}}\n",
+        acc = account.public_key(),
+        sys = system.public_key()
+    );
+    let server = server_with(dir.path(), &conf, false);
+    let good = dir.path().join("acme-node.creds");
+    std::fs::write(&good, creds(&nkeys::KeyPair::new_user(), &account)).unwrap();
+    let nats = NatsConfig { creds_file: good.display().to_string(), ..NatsConfig::for_url(&server.url()) };
+    nats.validate().unwrap();
+    round_trip(&nats).await.unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log()));
+
+    // A user signed by an account the operator does not know is refused.
+    let foreign = dir.path().join("foreign.creds");
+    std::fs::write(&foreign, creds(&nkeys::KeyPair::new_user(), &nkeys::KeyPair::new_account())).unwrap();
+    let err = round_trip(&NatsConfig { creds_file: foreign.display().to_string(), ..nats }).await.unwrap_err();
+    assert!(err.contains("authentication failed") && err.contains("nats.creds_file"), "{err}");
+}
+
 /// A test CA, and a server certificate for 127.0.0.1 signed by it (openssl CLI), in `dir`.
 struct Certs {
     ca: PathBuf,

@@ -201,11 +201,16 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
     };
     let url = opts.nats.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
     let mut config = bench_config(opts.slots);
+    if opts.nats.is_some() {
+        // An existing server may want credentials or TLS: the KILN_NATS_* variables.
+        config.nats.apply_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+    }
     config.nats.url = url.clone();
     config.validate().map_err(|e| e.to_string())?;
     let prefix = config.nats.prefix.clone();
+    let nats = config.nats.clone();
     let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
-    let client = Client::connect(&url, &prefix).await.map_err(|e| e.to_string())?;
+    let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
     let js = jetstream::new(client.nats().clone());
 
     // Warm up both paths (connections, consumers, first-use allocations).

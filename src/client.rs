@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{Stream, StreamExt};
+use kiln_core::config::NatsConfig;
 use kiln_core::nats::objects::{content_type_for, sha256_hex, META_CONTENT_TYPE, META_SHA256};
-use kiln_core::nats::Names;
+use kiln_core::nats::{resources, Names};
 use kiln_core::protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -39,13 +40,17 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects to a server that needs no credentials nor TLS.
     pub async fn connect(url: &str, prefix: &str) -> Result<Client, ClientError> {
-        let nats = async_nats::ConnectOptions::new()
-            .name("kiln-client")
-            .connect(url)
-            .await
-            .map_err(|e| ClientError::Nats(format!("cannot connect to {url}: {e}")))?;
-        Ok(Self::from_nats(nats, prefix))
+        Self::connect_with(&NatsConfig { prefix: prefix.to_string(), ..NatsConfig::for_url(url) }).await
+    }
+
+    /// Connects as `nats` says: URL, prefix, credentials and TLS (the same connection
+    /// options as a node's, see docs/SECURITY.md).
+    pub async fn connect_with(nats: &NatsConfig) -> Result<Client, ClientError> {
+        let client =
+            resources::connect(nats, "kiln-client").await.map_err(|e| ClientError::Nats(e.to_string().replacen("nats: ", "", 1)))?;
+        Ok(Self::from_nats(client, &nats.prefix))
     }
 
     pub fn from_nats(nats: async_nats::Client, prefix: &str) -> Client {

@@ -42,9 +42,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     let mut config = opts.config;
     config.nats.url = server.url();
     println!("kiln demo: nats-server {} (JetStream in {})", server.url(), temp.path().display());
-    let prefix = config.nats.prefix.clone();
+    let nats = config.nats.clone();
     let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
-    let client = Client::connect(&server.url(), &prefix).await.map_err(|e| e.to_string())?;
+    let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
 
     let cluster = client.cluster().await.map_err(|e| e.to_string())?;
     for g in &cluster.gpus {

@@ -153,12 +153,21 @@ struct NodeArgs {
     drain_grace_s: u64,
 }
 
+/// How a client command reaches Kiln. Credentials and TLS come from the `[nats]` section of
+/// `--config` and from the `KILN_NATS_*` variables (`KILN_NATS_USER`, `KILN_NATS_PASSWORD`,
+/// `KILN_NATS_TOKEN`, `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`...),
+/// which win over the file; see docs/SECURITY.md.
 #[derive(Args, Clone)]
 struct ConnArgs {
-    #[arg(long, env = "KILN_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats: String,
-    #[arg(long, default_value = "kiln")]
-    prefix: String,
+    /// NATS URL [default: nats.url of --config, else nats://127.0.0.1:4222]
+    #[arg(long, env = "KILN_NATS_URL")]
+    nats: Option<String>,
+    /// Prefix of subjects and buckets [default: nats.prefix of --config, else kiln]
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Connect as the `[nats]` section of this file says (URL, prefix, credentials, TLS).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -519,7 +528,18 @@ async fn batch_command(action: BatchCommand) -> Result<(), String> {
 }
 
 async fn connect(conn: &ConnArgs) -> Result<Client, String> {
-    Client::connect(&conn.nats, &conn.prefix).await.map_err(|e| e.to_string())
+    let mut nats = ClusterConfig::load_nats(conn.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(url) = &conn.nats {
+        nats.url = url.clone();
+    }
+    if nats.url == "embedded" {
+        // The server `kiln up` starts on this machine.
+        nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
+    }
+    if let Some(prefix) = &conn.prefix {
+        nats.prefix = prefix.clone();
+    }
+    Client::connect_with(&nats).await.map_err(|e| e.to_string())
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), String> {

@@ -75,9 +75,7 @@ impl RunningNode {
             config.node.name = host_name();
         }
         let name = config.node.name.clone();
-        let client =
-            resources::connect(&config.nats.url, &format!("kiln-node-{name}"), Duration::from_millis(config.nats.connect_timeout_ms))
-                .await?;
+        let client = resources::connect(&config.nats, &format!("kiln-node-{name}")).await?;
         let resources = Resources::ensure(client, &config).await?;
         let registry = resources.registry_cache().await?;
         // A same-named entry is either another live process (refuse) or the remains of this

@@ -21,7 +21,7 @@ fn settings() -> TunnelSettings {
 }
 
 async fn connect(server: &NatsServer) -> async_nats::Client {
-    resources::connect(&server.url(), "tunnel-test", Duration::from_secs(5)).await.unwrap()
+    resources::connect(&kiln_core::config::NatsConfig::for_url(&server.url()), "tunnel-test").await.unwrap()
 }
 
 /// Both sides of session `s`, each on its own connection, as two nodes would have.

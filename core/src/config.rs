@@ -68,7 +68,7 @@ impl CompressionConfig {
 }
 
 /// The actor cluster (ractor_cluster sessions tunnelled through NATS between every two nodes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterLink {
     /// Shared secret of the actor cluster: a node with another cookie is refused by its peers.
@@ -87,6 +87,19 @@ pub struct ClusterLink {
     pub redial_ms: u64,
 }
 
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink")
+            .field("cookie", &redact(&self.cookie))
+            .field("heartbeat_ms", &self.heartbeat_ms)
+            .field("silence_ms", &self.silence_ms)
+            .field("window_bytes", &self.window_bytes)
+            .field("frame_bytes", &self.frame_bytes)
+            .field("redial_ms", &self.redial_ms)
+            .finish()
+    }
+}
+
 impl Default for ClusterLink {
     fn default() -> Self {
         ClusterLink {
@@ -100,10 +113,13 @@ impl Default for ClusterLink {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The NATS connection of every node (and, through `kiln <command> --config`, of the CLI).
+/// Credentials and TLS apply to every connection the process makes; see docs/SECURITY.md.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
-    /// `"embedded"` (default): `kiln up` starts its own nats-server; otherwise a NATS URL.
+    /// `"embedded"` (default): `kiln up` starts its own nats-server; otherwise a NATS URL
+    /// (`nats://host:4222`, or `tls://host:4222` to require TLS).
     pub url: String,
     /// JetStream storage of the embedded server. Empty: `$KILN_CACHE/state`.
     pub state_dir: String,
@@ -116,6 +132,56 @@ pub struct NatsConfig {
     pub ack_wait_ms: u64,
     /// How long to wait for the server at start.
     pub connect_timeout_ms: u64,
+    /// User name of user/password authentication (with `password`).
+    pub user: String,
+    /// Password of `user`. Better from `KILN_NATS_PASSWORD` than in the file.
+    pub password: String,
+    /// Token authentication. Better from `KILN_NATS_TOKEN` than in the file.
+    pub token: String,
+    /// A file holding an NKey user seed (`SU...`): the server knows only its public key.
+    pub nkey_seed_file: String,
+    /// A `.creds` file (user JWT and NKey seed) of an operator/JWT-mode server.
+    pub creds_file: String,
+    /// PEM CA certificate(s) the server's certificate must chain to. Setting it (or any
+    /// `tls_*` key) makes the connection require TLS.
+    pub tls_ca_file: String,
+    /// PEM client certificate, for servers that verify clients (`verify: true`); with `tls_key_file`.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Refuse to talk to the server without TLS (also implied by a `tls://` URL or a `tls_*` file).
+    pub tls_required: bool,
+}
+
+/// Secrets never appear in logs or `{:?}`: they show as `<redacted>` when set.
+fn redact(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url)
+            .field("state_dir", &self.state_dir)
+            .field("embedded_port", &self.embedded_port)
+            .field("prefix", &self.prefix)
+            .field("ack_wait_ms", &self.ack_wait_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("user", &self.user)
+            .field("password", &redact(&self.password))
+            .field("token", &redact(&self.token))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
 }
 
 impl Default for NatsConfig {
@@ -127,7 +193,149 @@ impl Default for NatsConfig {
             prefix: "kiln".into(),
             ack_wait_ms: 30_000,
             connect_timeout_ms: 10_000,
+            user: String::new(),
+            password: String::new(),
+            token: String::new(),
+            nkey_seed_file: String::new(),
+            creds_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_required: false,
         }
+    }
+}
+
+/// How a connection authenticates, from the `nats.*` keys (at most one method is set). No
+/// `Debug`: it holds secrets.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth<'a> {
+    None,
+    UserPassword { user: &'a str, password: &'a str },
+    Token(&'a str),
+    NkeySeedFile(&'a Path),
+    CredsFile(&'a Path),
+}
+
+impl NatsConfig {
+    /// The defaults, without credentials or TLS, for a server at `url`.
+    pub fn for_url(url: &str) -> NatsConfig {
+        NatsConfig { url: url.to_string(), ..Default::default() }
+    }
+
+    /// `KILN_NATS_URL`, `KILN_NATS_USER`, `KILN_NATS_PASSWORD`, `KILN_NATS_TOKEN`,
+    /// `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`,
+    /// `KILN_NATS_TLS_CERT_FILE`, `KILN_NATS_TLS_KEY_FILE`, `KILN_NATS_TLS_REQUIRED`, `KILN_STATE_DIR`,
+    /// `KILN_ACK_WAIT_MS`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let strings: [(&str, &mut String); 10] = [
+            ("KILN_NATS_URL", &mut self.url),
+            ("KILN_STATE_DIR", &mut self.state_dir),
+            ("KILN_NATS_USER", &mut self.user),
+            ("KILN_NATS_PASSWORD", &mut self.password),
+            ("KILN_NATS_TOKEN", &mut self.token),
+            ("KILN_NATS_NKEY_SEED_FILE", &mut self.nkey_seed_file),
+            ("KILN_NATS_CREDS_FILE", &mut self.creds_file),
+            ("KILN_NATS_TLS_CA_FILE", &mut self.tls_ca_file),
+            ("KILN_NATS_TLS_CERT_FILE", &mut self.tls_cert_file),
+            ("KILN_NATS_TLS_KEY_FILE", &mut self.tls_key_file),
+        ];
+        for (key, field) in strings {
+            if let Some(v) = var(key) {
+                *field = v;
+            }
+        }
+        if let Some(v) = var("KILN_NATS_TLS_REQUIRED") {
+            self.tls_required = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => return Err(invalid("KILN_NATS_TLS_REQUIRED", format!("must be true or false, got {v:?}"))),
+            };
+        }
+        if let Some(v) = var("KILN_ACK_WAIT_MS") {
+            self.ack_wait_ms =
+                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes relative credential and certificate paths absolute, against `base` (the config
+    /// file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for path in [&mut self.nkey_seed_file, &mut self.creds_file, &mut self.tls_ca_file, &mut self.tls_cert_file, &mut self.tls_key_file]
+        {
+            if !path.is_empty() && !path.starts_with('/') {
+                *path = base.join(&*path).display().to_string();
+            }
+        }
+    }
+
+    /// The authentication method configured (validated: at most one).
+    pub fn auth(&self) -> NatsAuth<'_> {
+        if !self.user.is_empty() || !self.password.is_empty() {
+            NatsAuth::UserPassword { user: &self.user, password: &self.password }
+        } else if !self.token.is_empty() {
+            NatsAuth::Token(&self.token)
+        } else if !self.nkey_seed_file.is_empty() {
+            NatsAuth::NkeySeedFile(Path::new(&self.nkey_seed_file))
+        } else if !self.creds_file.is_empty() {
+            NatsAuth::CredsFile(Path::new(&self.creds_file))
+        } else {
+            NatsAuth::None
+        }
+    }
+
+    /// Whether the connection must use TLS: `tls_required`, a `tls://` URL, or any `tls_*` file.
+    pub fn tls(&self) -> bool {
+        self.tls_required
+            || self.url.starts_with("tls://")
+            || !self.tls_ca_file.is_empty()
+            || !self.tls_cert_file.is_empty()
+            || !self.tls_key_file.is_empty()
+    }
+
+    /// The checks of the connection keys: one authentication method, files that exist, a
+    /// client certificate with its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !ids::is_valid_token(&self.prefix) {
+            return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
+        }
+        if self.ack_wait_ms < 1_000 {
+            return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
+        }
+        let methods: Vec<&str> = [
+            ("nats.user/nats.password", !self.user.is_empty() || !self.password.is_empty()),
+            ("nats.token", !self.token.is_empty()),
+            ("nats.nkey_seed_file", !self.nkey_seed_file.is_empty()),
+            ("nats.creds_file", !self.creds_file.is_empty()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if methods.len() > 1 {
+            return Err(invalid(methods[1], format!("conflicts with {}: configure one authentication method", methods[0])));
+        }
+        if self.user.is_empty() != self.password.is_empty() {
+            let key = if self.user.is_empty() { "nats.user" } else { "nats.password" };
+            return Err(invalid(key, "must be set together with nats.user and nats.password (KILN_NATS_PASSWORD)"));
+        }
+        for (key, path) in [
+            ("nats.nkey_seed_file", &self.nkey_seed_file),
+            ("nats.creds_file", &self.creds_file),
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(invalid(key, format!("{path:?} is not a readable file")));
+            }
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            let key = if self.tls_cert_file.is_empty() { "nats.tls_cert_file" } else { "nats.tls_key_file" };
+            return Err(invalid(key, "a client certificate needs both nats.tls_cert_file and nats.tls_key_file"));
+        }
+        Ok(())
     }
 }
 
@@ -415,9 +623,29 @@ impl ClusterConfig {
         Ok(config)
     }
 
+    /// Only the `[nats]` section of a file (the rest is parsed but neither needed nor
+    /// validated), with relative paths resolved and the `KILN_NATS_*` environment applied:
+    /// what a client command (`kiln submit --config cluster.toml`) connects with. `None`: the
+    /// defaults and the environment only.
+    pub fn load_nats(path: Option<&Path>) -> Result<NatsConfig, ConfigError> {
+        let mut nats = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                let mut nats = Self::from_toml(&text, &path.display().to_string())?.nats;
+                nats.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+                nats
+            }
+            None => NatsConfig::default(),
+        };
+        nats.apply_env(|k| std::env::var(k).ok())?;
+        nats.validate()?;
+        Ok(nats)
+    }
+
     /// Makes relative program paths in process commands absolute (against `base`), so a node
     /// started from any folder finds the worker scripts named in the file.
     pub fn resolve_paths(&mut self, base: &Path) {
+        self.nats.resolve_paths(base);
         for model in &mut self.models {
             match &mut model.engine {
                 EngineConfig::Process { command, .. } => {
@@ -436,12 +664,11 @@ impl ClusterConfig {
         }
     }
 
-    /// `KILN_NATS_URL`, `KILN_NODE_NAME`, `KILN_SLOTS` (comma separated), `KILN_METRICS_ADDR`,
-    /// `KILN_STATE_DIR`, `KILN_ACK_WAIT_MS`, `KILN_CLUSTER_COOKIE`.
+    /// `KILN_NODE_NAME`, `KILN_SLOTS` (comma separated), `KILN_METRICS_ADDR`,
+    /// `KILN_CLUSTER_COOKIE`, and the `KILN_NATS_*` keys of [`NatsConfig::apply_env`] (URL,
+    /// credentials, TLS files).
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(v) = var("KILN_NATS_URL") {
-            self.nats.url = v;
-        }
+        self.nats.apply_env(&var)?;
         if let Some(v) = var("KILN_NODE_NAME") {
             self.node.name = v;
         }
@@ -451,27 +678,15 @@ impl ClusterConfig {
         if let Some(v) = var("KILN_METRICS_ADDR") {
             self.node.metrics_addr = v;
         }
-        if let Some(v) = var("KILN_STATE_DIR") {
-            self.nats.state_dir = v;
-        }
         if let Some(v) = var("KILN_CLUSTER_COOKIE") {
             self.cluster.cookie = v;
-        }
-        if let Some(v) = var("KILN_ACK_WAIT_MS") {
-            self.nats.ack_wait_ms =
-                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
         }
         Ok(())
     }
 
     /// Checks everything serde cannot: names, ranges, references between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !ids::is_valid_token(&self.nats.prefix) {
-            return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
-        }
-        if self.nats.ack_wait_ms < 1_000 {
-            return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
-        }
+        self.nats.validate()?;
         if !self.node.name.is_empty() && !ids::is_valid_token(&self.node.name) {
             return Err(invalid("node.name", "must be letters, digits, '-' or '_'"));
         }
@@ -716,5 +931,59 @@ engine = { kind = "noop" }
         assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
         assert_eq!(c.node.slots, vec!["cpu:0", "cpu:1"]);
         assert!(c.apply_env(|k| (k == "KILN_ACK_WAIT_MS").then(|| "soon".into())).unwrap_err().to_string().contains("KILN_ACK_WAIT_MS"));
+    }
+
+    #[test]
+    fn nats_credentials_are_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.pem");
+        std::fs::write(&file, "x").unwrap();
+        let f = file.display().to_string();
+        let check =
+            |toml: &str| ClusterConfig::from_toml(&format!("{toml}\n{MINIMAL}"), "t").unwrap().validate().map_err(|e| e.to_string());
+        assert!(check("[nats]\nuser = \"u\"").unwrap_err().contains("nats.password"));
+        assert!(check("[nats]\npassword = \"p\"").unwrap_err().contains("nats.user"));
+        let two = check(&format!("[nats]\nuser = \"u\"\npassword = \"p\"\ncreds_file = \"{f}\"")).unwrap_err();
+        assert!(two.contains("nats.creds_file") && two.contains("one authentication method"), "{two}");
+        assert!(check("[nats]\ntoken = \"t\"\nnkey_seed_file = \"/nope\"").unwrap_err().contains("nats.nkey_seed_file"));
+        assert!(check("[nats]\ncreds_file = \"/no/such.creds\"").unwrap_err().contains("nats.creds_file"));
+        assert!(check("[nats]\ntls_ca_file = \"/no/ca.pem\"").unwrap_err().contains("nats.tls_ca_file"));
+        assert!(check(&format!("[nats]\ntls_key_file = \"{f}\"")).unwrap_err().contains("nats.tls_cert_file"));
+        assert!(check(&format!("[nats]\ntls_cert_file = \"{f}\"")).unwrap_err().contains("nats.tls_key_file"));
+        check(&format!("[nats]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntoken = \"t\"")).unwrap();
+
+        // Secrets come from the environment too, and never show in Debug output.
+        let mut c = ClusterConfig::from_toml(&format!("[nats]\nuser = \"kiln\"\n[cluster]\ncookie = \"c00kie\"\n{MINIMAL}"), "t").unwrap();
+        c.apply_env(|k| (k == "KILN_NATS_PASSWORD").then(|| "hunter2-secret".into())).unwrap();
+        c.validate().unwrap();
+        assert!(c.nats.auth() == NatsAuth::UserPassword { user: "kiln", password: "hunter2-secret" });
+        let shown = format!("{c:?} {:?}", c.nats);
+        assert!(!shown.contains("hunter2") && !shown.contains("c00kie") && shown.contains("<redacted>"), "{shown}");
+        c.nats.password.clear();
+        c.nats.user.clear();
+        c.apply_env(|k| (k == "KILN_NATS_TOKEN").then(|| "tok-secret".into())).unwrap();
+        assert!(!format!("{c:?}").contains("tok-secret"));
+        assert!(c.nats.auth() == NatsAuth::Token("tok-secret"));
+        assert!(!c.nats.tls());
+        c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "true".into())).unwrap();
+        assert!(c.nats.tls());
+        assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
+        assert!(NatsConfig::for_url("tls://h:4222").tls());
+    }
+
+    #[test]
+    fn credential_paths_resolve_against_the_config_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("node.creds"), "x").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, format!("[nats]\ncreds_file = \"node.creds\"\ntls_ca_file = \"ca.pem\"\n{MINIMAL}")).unwrap();
+        let c = ClusterConfig::load(&path).unwrap();
+        assert_eq!(c.nats.creds_file, dir.path().join("node.creds").display().to_string());
+        // A client reads only the [nats] section: no models needed.
+        std::fs::write(&path, "[nats]\nurl = \"nats://h:1\"\nprefix = \"acme\"\ntls_ca_file = \"ca.pem\"\n").unwrap();
+        let n = ClusterConfig::load_nats(Some(&path)).unwrap();
+        assert_eq!((n.url.as_str(), n.prefix.as_str()), ("nats://h:1", "acme"));
+        assert!(n.tls() && n.tls_ca_file.starts_with('/'));
     }
 }

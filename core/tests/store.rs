@@ -18,7 +18,7 @@ fn config(url: &str) -> ClusterConfig {
 
 async fn setup() -> (NatsServer, Resources) {
     let server = NatsServer::start_temp().expect("nats-server: run scripts/setup.sh");
-    let client = resources::connect(&server.url(), "test", Duration::from_secs(5)).await.unwrap();
+    let client = resources::connect(&kiln_core::config::NatsConfig::for_url(&server.url()), "test").await.unwrap();
     let res = Resources::ensure(client, &config(&server.url())).await.unwrap();
     (server, res)
 }

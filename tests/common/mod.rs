@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln::client::Client;
+use kiln_core::config::NatsConfig;
 use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{Event, EventKind, JobView};
 
@@ -170,15 +171,19 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProcess>,
     pub dir: tempfile::TempDir,
     pub server: NatsServer,
+    /// How [`TestCluster::client`] connects: the server's URL and prefix `kiln`, with the
+    /// credentials and TLS settings a test sets.
+    pub client_nats: NatsConfig,
 }
 
 impl TestCluster {
     pub fn new() -> TestCluster {
-        TestCluster {
-            server: NatsServer::start_temp().expect("nats-server (run scripts/setup.sh)"),
-            dir: tempfile::tempdir().unwrap(),
-            nodes: vec![],
-        }
+        Self::with_server(NatsServer::start_temp().expect("nats-server (run scripts/setup.sh)"))
+    }
+
+    /// A cluster on a server the test started (with a config file: accounts, TLS).
+    pub fn with_server(server: NatsServer) -> TestCluster {
+        TestCluster { client_nats: NatsConfig::for_url(&server.url()), server, dir: tempfile::tempdir().unwrap(), nodes: vec![] }
     }
 
     pub fn url(&self) -> String {
@@ -195,7 +200,7 @@ impl TestCluster {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.url(), "kiln").await.unwrap()
+        Client::connect_with(&self.client_nats).await.unwrap()
     }
 
     /// Waits until every slot of `node` shows in the registry.

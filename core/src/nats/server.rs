@@ -46,6 +46,10 @@ pub struct NatsServer {
     store_dir: PathBuf,
     log_path: PathBuf,
     bin: PathBuf,
+    /// A server config file (`-c`): accounts, users and permissions, TLS.
+    config_file: Option<PathBuf>,
+    /// `nats`, or `tls` for a server that requires TLS: the scheme of [`NatsServer::url`].
+    scheme: &'static str,
     /// Keeps a temp store dir alive for the server's life when the caller gave none.
     _temp: Option<tempfile::TempDir>,
 }
@@ -61,6 +65,24 @@ impl NatsServer {
 
     /// Starts a server storing JetStream under `store_dir` on `port` (0: a free one).
     pub fn start(store_dir: &Path, port: u16) -> Result<Self, ServerError> {
+        Self::start_inner(store_dir, port, None)
+    }
+
+    /// Like [`NatsServer::start_temp`], with a server config file (`nats-server -c`) for
+    /// authentication, permissions or TLS. The host, port, JetStream and store flags are still
+    /// given on the command line and win over the file. `tls: true` makes [`NatsServer::url`]
+    /// a `tls://` URL.
+    pub fn start_with_config(config_file: &Path, tls: bool) -> Result<Self, ServerError> {
+        let temp = tempfile::Builder::new().prefix("kiln-nats-").tempdir()?;
+        let mut server = Self::start_inner(temp.path(), 0, Some(config_file.to_path_buf()))?;
+        if tls {
+            server.scheme = "tls";
+        }
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    fn start_inner(store_dir: &Path, port: u16, config_file: Option<PathBuf>) -> Result<Self, ServerError> {
         let bin = find_server_binary()?;
         let port = if port == 0 { free_port()? } else { port };
         std::fs::create_dir_all(store_dir)?;
@@ -70,6 +92,8 @@ impl NatsServer {
             store_dir: store_dir.to_path_buf(),
             log_path: store_dir.join("nats-server.log"),
             bin,
+            config_file,
+            scheme: "nats",
             _temp: None,
         };
         server.spawn()?;
@@ -78,7 +102,11 @@ impl NatsServer {
 
     fn spawn(&mut self) -> Result<(), ServerError> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        if let Some(config) = &self.config_file {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&self.store_dir)
             .stdout(Stdio::null())
@@ -109,7 +137,12 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// The server's log (stderr), e.g. to find the permission violations it reported.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
     pub fn port(&self) -> u16 {
         self.port

@@ -247,3 +247,26 @@ async fn a_crash_between_an_items_end_and_its_batch_update_loses_nothing() {
         assert_eq!(statuses(&history(&client, &i.job_id).await), ["queued", "running", "completed"], "item {}", i.index);
     }
 }
+
+/// Regression: with several models sharing a node's slots, idle models' pullers used to hold
+/// slots while long-polling, and a batch of one model crawled (500 items at 4 jobs/s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_models_do_not_hold_the_slots_a_busy_model_needs() {
+    let mut cluster = TestCluster::new();
+    let mut models = String::from(NOOP_MODEL);
+    for i in 0..4 {
+        models.push_str(&format!("\n[[models]]\nname = \"idle{i}\"\nengine = {{ kind = \"noop\" }}\n"));
+    }
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 30_000, &models));
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    let items = (0..100).map(|i| BatchItemRequest { params: params(serde_json::json!({ "i": i })), ..Default::default() }).collect();
+    let started = std::time::Instant::now();
+    let b = client.submit_batch(&BatchSubmitRequest { model: "noop".into(), items, ..Default::default() }).await.unwrap();
+    let view = client.wait_batch(&b.batch_id, Duration::from_secs(60), |_| {}).await.unwrap();
+    let took = started.elapsed();
+    println!("100 noop items beside 4 idle models on 2 slots: {took:?}");
+    assert_eq!(view.status, BatchStatus::Succeeded);
+    // With the idle models holding slots in 500 ms polls, this did not finish within 60 s.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+}

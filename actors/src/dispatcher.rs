@@ -9,9 +9,15 @@
 //! Reserve free slots for the model (RPC; parked in FIFO order until a slot frees up)
 //!      ▼
 //! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count
-//!      ▼ nothing there: keep one reservation, long-poll the normal lane for 500 ms
+//!      ▼ nothing there: release every reservation, sleep until a job is published for the
+//!      ▼ model (a core-NATS subscription on its lanes) or 250 ms pass, and start again
 //! Dispatch(slot, message) for each message; Release the reservations left over
 //! ```
+//!
+//! An idle model holds no slot while it waits. (It used to keep one and long-poll: on a node
+//! whose slots serve several models, the idle models' pollers then held the slots the busy
+//! model needed, and a 500-job batch of one model ran at 4 jobs/s.) The 250 ms re-check
+//! catches what publishes nothing: a redelivery after the ack wait, or a retry's delayed NAK.
 //!
 //! Parked reservations are served oldest first whenever a slot frees up, so models that share
 //! a slot take turns: a puller that just gave a slot back queues behind the others.
@@ -24,7 +30,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kiln_core::nats::Lane;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
@@ -38,8 +44,8 @@ use crate::job::{JobActor, JobArgs};
 use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
 use kiln_core::protocol::GpuState;
 
-/// How long a puller long-polls a lane when nothing is waiting.
-const LONG_POLL: Duration = Duration::from_millis(500);
+/// How often an idle puller looks again without being woken (redeliveries publish nothing).
+const IDLE_RECHECK: Duration = Duration::from_millis(250);
 /// Most messages one pull asks for (bounded by the free slots anyway).
 const MAX_PULL: usize = 256;
 
@@ -335,8 +341,9 @@ impl DispatcherState {
         self.serve_parked();
     }
 
-    /// A puller may have long-polled on any free slot; if the job's model is warm on another
-    /// slot that has room now, run it there instead (no load, no eviction).
+    /// A puller reserves whichever slots are free; if the job's model is cold on the one it
+    /// got but warm on another slot that has room now, run it there instead (no load, no
+    /// eviction).
     fn better_slot(&mut self, slot: String, model: &str) -> String {
         let is_warm = |s: &str| self.ctx.warm.get(s).is_some_and(|w| w.iter().any(|m| m == model));
         if is_warm(&slot) {
@@ -450,6 +457,8 @@ impl DispatcherState {
 /// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
 async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>) {
     let mut consumers = None;
+    // Every enqueue is also a core-NATS message on the lane's subject: it wakes an idle puller.
+    let mut wake: Option<async_nats::Subscriber> = None;
     loop {
         if consumers.is_none() {
             match (ctx.resources.consumer(&model, Lane::High).await, ctx.resources.consumer(&model, Lane::Normal).await) {
@@ -459,6 +468,12 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
+            }
+        }
+        if wake.is_none() {
+            match ctx.resources.client.subscribe(ctx.resources.names.jobs_subject_model(&model)).await {
+                Ok(sub) => wake = Some(sub),
+                Err(e) => tracing::warn!(model = %model, error = %e, "cannot subscribe to the model's lanes; polling"),
             }
         }
         let (high, normal) = consumers.as_ref().expect("opened above");
@@ -472,6 +487,10 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
+        // Wake-ups from before this fetch are answered by it; only later ones must wake us.
+        if let Some(sub) = wake.as_mut() {
+            while let Some(Some(_)) = sub.next().now_or_never() {}
+        }
         let mut slots = slots.into_iter();
         let want = slots.len();
         let mut messages = fetch_now(high, want).await;
@@ -479,13 +498,17 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
             messages.extend(fetch_now(normal, want - messages.len()).await);
         }
         if messages.is_empty() {
-            // Nothing waiting: keep one slot, give the others back, long-poll for one job.
-            let keep = slots.next().expect("want > 0");
-            for s in slots.by_ref() {
-                dispatcher.cast(DispatcherMsg::Release { slot: s }).ok();
+            // Nothing waiting: hold no slot while idle (other models may need it).
+            for slot in slots {
+                dispatcher.cast(DispatcherMsg::Release { slot }).ok();
             }
-            slots = vec![keep].into_iter();
-            messages = long_poll(normal).await;
+            match wake.as_mut() {
+                Some(sub) => {
+                    let _ = tokio::time::timeout(IDLE_RECHECK, sub.next()).await;
+                }
+                None => tokio::time::sleep(IDLE_RECHECK).await,
+            }
+            continue;
         }
         for message in messages {
             let slot = slots.next().expect("never more messages than slots");
@@ -515,25 +538,6 @@ async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> 
         }
         Err(e) => {
             tracing::warn!(error = %e, "fetch failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    out
-}
-
-async fn long_poll(consumer: &jetstream::consumer::PullConsumer) -> Vec<jetstream::Message> {
-    let mut out = vec![];
-    match consumer.batch().max_messages(1).expires(LONG_POLL).messages().await {
-        Ok(mut stream) => {
-            while let Some(m) = stream.next().await {
-                match m {
-                    Ok(m) => out.push(m),
-                    Err(_) => break,
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "long poll failed");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

@@ -59,6 +59,10 @@ impl Names {
     pub fn job_subject(&self, model: &str, lane: Lane) -> String {
         format!("{}.jobs.{model}.{}", self.prefix, lane.as_str())
     }
+    /// Both lanes of one model (a core-NATS subscription here sees every enqueue).
+    pub fn jobs_subject_model(&self, model: &str) -> String {
+        format!("{}.jobs.{model}.*", self.prefix)
+    }
     pub fn consumer(&self, model: &str, lane: Lane) -> String {
         format!("{model}-{}", lane.as_str())
     }

@@ -9,6 +9,7 @@
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor              |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
+//! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |
 //! | [`metrics`] | the Prometheus endpoint                                                |
 //!
 //! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
@@ -16,6 +17,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod diag;

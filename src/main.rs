@@ -120,6 +120,38 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         max_batch: usize,
     },
+    /// Storm a local cluster (its own nats-server and node processes) with jobs while injecting
+    /// faults on a seeded schedule; check that nothing was lost; print and write a report.
+    /// Exit status 1 when an invariant fails. Inference panics need a build with
+    /// `--features fault-injection`.
+    Chaos {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// `short` (CI: 80 submissions, 10 faults) or `long` (2,000 and 200).
+        #[arg(long, default_value = "short")]
+        profile: String,
+        #[arg(long)]
+        jobs: Option<u32>,
+        #[arg(long)]
+        faults: Option<u32>,
+        #[arg(long)]
+        nodes: Option<usize>,
+        /// Submissions per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Simulated model time per step (each job runs 2 to 5 steps).
+        #[arg(long)]
+        step_ms: Option<u64>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Keep the cluster's files (node logs, configs, downloaded artifacts) here.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// The worker the chaos models run.
+        #[arg(long, default_value = "examples/workers/demo_worker.py")]
+        worker: PathBuf,
+    },
     /// The demo: a local server and node, a batch of jobs on the demo model, results to a folder.
     Demo {
         #[arg(long, default_value = "cluster.toml")]
@@ -270,6 +302,10 @@ async fn main() -> ExitCode {
             init_tracing("info");
             run_node(args, false).await
         }
+        Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker } => {
+            init_tracing("warn");
+            chaos(seed, &profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker).await
+        }
         Command::Demo { config, jobs, out, model } => {
             init_tracing("warn");
             match load_config(&config) {
@@ -354,6 +390,49 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     tracing::info!("draining");
     node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn chaos(
+    seed: u64,
+    profile: &str,
+    jobs: Option<u32>,
+    faults: Option<u32>,
+    nodes: Option<usize>,
+    rate: Option<f64>,
+    step_ms: Option<u64>,
+    report: Option<PathBuf>,
+    work_dir: Option<PathBuf>,
+    worker: PathBuf,
+) -> Result<(), String> {
+    use kiln::chaos::{ChaosOptions, Profile};
+    let mut p = match profile {
+        "short" => Profile::short(),
+        "long" => Profile::long(),
+        other => return Err(format!("unknown profile {other:?} (short or long)")),
+    };
+    p.jobs = jobs.unwrap_or(p.jobs);
+    p.faults = faults.unwrap_or(p.faults);
+    p.nodes = nodes.unwrap_or(p.nodes).max(2);
+    p.rate = rate.unwrap_or(p.rate);
+    p.step_ms = step_ms.unwrap_or(p.step_ms);
+    let worker = std::fs::canonicalize(&worker).map_err(|e| format!("worker {}: {e}", worker.display()))?;
+    let options = ChaosOptions {
+        seed,
+        profile: p,
+        node_binary: std::env::current_exe().map_err(|e| e.to_string())?,
+        fault_points: kiln_core::fault::compiled_in(),
+        python: std::env::var("KILN_PYTHON").unwrap_or_else(|_| "python3".into()),
+        worker,
+        work_dir,
+        report,
+    };
+    let report = kiln::chaos::run(options).await?;
+    if report.passed {
+        Ok(())
+    } else {
+        Err(format!("{} invariants failed", report.invariants.iter().filter(|i| !i.ok).count()))
+    }
 }
 
 /// Writes a benchmark report as JSON when `--json` names a file.

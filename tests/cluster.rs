@@ -248,7 +248,7 @@ async fn a_nats_server_restart_under_load_loses_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_is_replaced_rejoins_and_nothing_counts_twice() {
     let mut cluster = TestCluster::new();
-    let proxy = FaultProxy::start(cluster.server.port()).await;
+    let proxy = LinkProxy::start(cluster.server.port()).await.unwrap();
     let models = demo_model("demo", &[], 5, 60_000);
     cluster.add_node("cut", &config_toml(&proxy.url(), &["cpu:0"], 10_000, &models));
     cluster.wait_node_ready("cut", 1).await;

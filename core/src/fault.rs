@@ -3,7 +3,9 @@
 //! builds have none: every call compiles to nothing).
 //!
 //! `KILN_FAULTS` names the points to trigger, comma separated: `point` fires at every hit,
-//! `point@N` only at the N-th hit in this process. Points:
+//! `point@N` only at the N-th hit in this process. `KILN_FAULT_DIR` arms points while the
+//! process runs (what `kiln chaos` does): a file named after a point in that folder makes its
+//! next hit fire once (the hit removes the file). Points:
 //!
 //! | point                        | where                                               | effect        |
 //! |------------------------------|-----------------------------------------------------|---------------|
@@ -17,6 +19,12 @@ fn fires(point: &str) -> bool {
     use std::collections::HashMap;
     use std::sync::Mutex;
     static HITS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+    if let Some(dir) = std::env::var_os("KILN_FAULT_DIR") {
+        // Removing the file claims it: exactly one hit fires per file created.
+        if std::fs::remove_file(std::path::Path::new(&dir).join(point)).is_ok() {
+            return true;
+        }
+    }
     let Ok(spec) = std::env::var("KILN_FAULTS") else { return false };
     let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
     let count = hits.get_or_insert_with(HashMap::new).entry(point.to_string()).or_insert(0);
@@ -25,6 +33,11 @@ fn fires(point: &str) -> bool {
         Some((name, n)) => name == point && n.parse::<u32>().ok() == Some(*count),
         None => s == point,
     })
+}
+
+/// Whether this build has the fault points (the `fault-injection` feature).
+pub const fn compiled_in() -> bool {
+    cfg!(feature = "fault-injection")
 }
 
 /// Panics at `point` when it is armed.

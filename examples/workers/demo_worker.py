@@ -34,6 +34,7 @@ Fault injection, for Kiln's tests:
   "fail": "retryable"          report an error with retryable true (an infrastructure error)
   "fail": "fatal"              report an error with retryable false (a user error)
   "hang": true                 after the first step, ignore cancel and never finish
+  "hang_on_attempts": [1]      the same, only when the job's attempt is in the list
   "require_file": "/some/path" fail with a user error unless that file exists (a dependency
                                that appears later: the batch retry test creates it)
 
@@ -267,6 +268,10 @@ class Settings:
         self.hang = p.get("hang", False)
         if not isinstance(self.hang, bool):
             raise UserError("param hang must be true or false")
+        hang_attempts = p.get("hang_on_attempts", [])
+        if not isinstance(hang_attempts, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in hang_attempts):
+            raise UserError("param hang_on_attempts must be a list of integers")
+        self.hang = self.hang or job.attempt in hang_attempts
         self.require_file = p.get("require_file")
         if self.require_file is not None and not isinstance(self.require_file, str):
             raise UserError("param require_file must be a path")

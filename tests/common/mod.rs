@@ -296,61 +296,9 @@ pub fn prompt_request(model: &str, prompt: &str, p: serde_json::Value) -> kiln_c
     }
 }
 
-/// A TCP proxy between a node and the nats-server that can cut the link (closing every
-/// connection through it and refusing new ones) and restore it.
-pub struct FaultProxy {
-    pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl FaultProxy {
-    pub async fn start(target_port: u16) -> FaultProxy {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Default::default();
-        let (cut2, conns2) = (cut.clone(), connections.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
-                    continue; // dropped at once: the link is down
-                }
-                let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                conns2.lock().unwrap().push(task.abort_handle());
-            }
-        });
-        FaultProxy { port, cut, connections, accept }
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for c in self.connections.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
+/// The link proxy `kiln chaos` uses: cuts and restores one node's link to the nats-server.
+#[allow(unused_imports)]
+pub use kiln::chaos::LinkProxy;
 
 /// Submits as a careful client does around failures: with an idempotency key (so a retry can
 /// never make a second job) and short timeouts, retrying a request that was lost with a node.

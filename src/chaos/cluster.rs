@@ -1,0 +1,214 @@
+//! The local cluster a chaos run storms: one nats-server, N `kiln node` processes (each behind
+//! its own [`LinkProxy`]), and the actions that hurt them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_core::nats::NatsServer;
+
+use super::proxy::LinkProxy;
+use super::Profile;
+
+/// The worker model and the pipeline model every node serves. The pipeline's command hangs
+/// while `hang_marker` exists (the `compression_hang` fault) and otherwise copies its input.
+pub fn node_config(proxy_url: &str, profile: &Profile, python: &str, worker: &Path, hang_marker: &Path) -> String {
+    let slots: Vec<String> = (0..profile.slots_per_node).map(|i| format!("\"cpu:{i}\"")).collect();
+    let engine = format!(r#"{{ kind = "process", command = [{python:?}, {:?}], ready_timeout_ms = 20000 }}"#, worker.display().to_string());
+    let stage_script = format!(r#"if [ -e {} ]; then sleep 600; fi; cp "$1" "$2""#, hang_marker.display());
+    format!(
+        r#"
+[nats]
+url = "{proxy_url}"
+ack_wait_ms = 10000
+[node]
+slots = [{slots}]
+metrics_addr = ""
+heartbeat_ms = 300
+registry_ttl_ms = 2000
+loss_after_ms = 1000
+[retry]
+backoff_initial_ms = 100
+backoff_max_ms = 1000
+[restart]
+max_restarts = 100
+window_ms = 60000
+backoff_initial_ms = 50
+backoff_max_ms = 500
+[compression]
+max_workers = 2
+
+[[models]]
+name = "chaos"
+engine = {engine}
+timeout_ms = 3000
+max_attempts = 5
+required_inputs = ["prompt"]
+
+[[models]]
+name = "chaos-staged"
+engine = {engine}
+timeout_ms = 3000
+max_attempts = 5
+required_inputs = ["prompt"]
+[[models.stages]]
+kind = "command"
+name = "compressing"
+command = ["sh", "-c", {stage_script:?}, "sh", "{{input}}", "{{output}}"]
+input = "image.png"
+output = "image-post.png"
+timeout_ms = 1000
+max_attempts = 5
+"#,
+        slots = slots.join(", ")
+    )
+}
+
+pub struct NodeProcess {
+    pub name: String,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    /// `KILN_FAULT_DIR` of the node: a file named after a fault point arms it once.
+    pub fault_dir: PathBuf,
+    binary: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProcess {
+    pub fn start(&mut self) -> std::io::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let child = Command::new(&self.binary)
+            .args(["node", "--config"])
+            .arg(&self.config_path)
+            .args(["--node-name", &self.name])
+            .env("KILN_LOG", "info,async_nats=warn")
+            .env("KILN_FAULT_DIR", &self.fault_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Reaps the process if it has exited; its exit code.
+    pub fn reap(&mut self) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        match c.try_wait() {
+            Ok(Some(status)) => {
+                self.child = None;
+                Some(status.code().unwrap_or(-1))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub server: Arc<Mutex<NatsServer>>,
+    pub server_url: String,
+    pub nodes: Vec<Arc<Mutex<NodeProcess>>>,
+    pub proxies: Vec<LinkProxy>,
+    pub hang_marker: PathBuf,
+}
+
+impl LocalCluster {
+    pub async fn start(dir: &Path, profile: &Profile, binary: &Path, python: &str, worker: &Path) -> Result<LocalCluster, String> {
+        let port = kiln_core::nats::server::free_port().map_err(|e| e.to_string())?;
+        let store = dir.join("nats");
+        std::fs::create_dir_all(&store).map_err(|e| e.to_string())?;
+        let server = NatsServer::start(&store, port).map_err(|e| e.to_string())?;
+        let server_url = server.url();
+        let hang_marker = dir.join("compression-hangs");
+        let mut nodes = vec![];
+        let mut proxies = vec![];
+        for i in 0..profile.nodes {
+            let name = format!("c{}", i + 1);
+            let proxy = LinkProxy::start(port).await.map_err(|e| e.to_string())?;
+            let config_path = dir.join(format!("{name}.toml"));
+            std::fs::write(&config_path, node_config(&proxy.url(), profile, python, worker, &hang_marker)).map_err(|e| e.to_string())?;
+            let fault_dir = dir.join("faults").join(&name);
+            std::fs::create_dir_all(&fault_dir).map_err(|e| e.to_string())?;
+            let mut node = NodeProcess {
+                name: name.clone(),
+                config_path,
+                log_path: dir.join(format!("{name}.log")),
+                fault_dir,
+                binary: binary.to_path_buf(),
+                child: None,
+            };
+            node.start().map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            nodes.push(Arc::new(Mutex::new(node)));
+            proxies.push(proxy);
+        }
+        Ok(LocalCluster { dir: dir.to_path_buf(), server: Arc::new(Mutex::new(server)), server_url, nodes, proxies, hang_marker })
+    }
+
+    pub fn node_name(&self, i: usize) -> String {
+        self.nodes[i].lock().unwrap_or_else(|e| e.into_inner()).name.clone()
+    }
+
+    /// The model worker processes a node runs now (its children running the worker script).
+    pub fn worker_pids(&self, i: usize) -> Vec<u32> {
+        let Some(parent) = self.nodes[i].lock().unwrap_or_else(|e| e.into_inner()).pid() else { return vec![] };
+        let mut pids = vec![];
+        let Ok(entries) = std::fs::read_dir("/proc") else { return pids };
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            // Field 4 (after the parenthesised command) is the parent pid.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(parent) {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains("demo_worker") {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Stops the nats-server, waits `down`, starts it again (same port, same store).
+    pub async fn restart_server(&self, down: Duration) -> Result<(), String> {
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.lock().unwrap_or_else(|e| e.into_inner()).stop()).await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(down).await;
+        let server = self.server.clone();
+        tokio::task::spawn_blocking(move || server.lock().unwrap_or_else(|e| e.into_inner()).restart())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,530 @@
+//! `kiln chaos`: storms a real local cluster with jobs while injecting faults on a seeded
+//! schedule, then checks that nothing was lost and prints (and writes) a report.
+//!
+//! | file          | what                                                                  |
+//! |---------------|-----------------------------------------------------------------------|
+//! | `schedule.rs` | the seeded plan: submissions (jobs, pipelines, batches, cancels), faults |
+//! | `cluster.rs`  | the local cluster: nats-server, node processes, link proxies          |
+//! | `proxy.rs`    | a TCP proxy that cuts and restores one node's link to NATS            |
+//! | `check.rs`    | the invariants, read back from NATS after the storm                   |
+//!
+//! The run: start the cluster; submit the plan's storm from one client (idempotency keys, so
+//! a retried submit never makes a second job) while a second task injects the plan's faults
+//! and heals them; wait until every accepted job has ended; check. The exit status is
+//! non-zero when an invariant fails. docs/RELIABILITY.md has the invariants and the figures.
+
+pub mod check;
+pub mod cluster;
+pub mod proxy;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, ErrorCode, InputValue, SubmitRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, ClientError};
+use cluster::LocalCluster;
+pub use proxy::LinkProxy;
+pub use schedule::{plan, Fault, FaultKind, Plan, Profile, Submission};
+
+pub struct ChaosOptions {
+    pub seed: u64,
+    pub profile: Profile,
+    /// The `kiln` binary the nodes run (this one, normally). Inference panics need one built
+    /// with the `fault-injection` feature.
+    pub node_binary: PathBuf,
+    pub fault_points: bool,
+    pub python: String,
+    pub worker: PathBuf,
+    /// Where the cluster keeps its files; a temporary folder when `None`.
+    pub work_dir: Option<PathBuf>,
+    pub report: Option<PathBuf>,
+}
+
+/// What was accepted: a job, or a batch and its items.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub index: u32,
+    pub model: String,
+    pub job_ids: Vec<String>,
+    pub batch_id: Option<String>,
+    /// (prompt, seed) of each job: equal inputs must give equal bytes on any node or attempt.
+    pub inputs: Vec<(String, u64)>,
+    pub cancel_requested: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InjectedFault {
+    #[serde(flatten)]
+    pub fault: Fault,
+    pub target: String,
+    /// Empty when injected; otherwise why it could not be.
+    pub skipped: String,
+    /// For node kills: how long the dead node stayed visible in the registry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_visible_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Invariant {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChaosReport {
+    pub seed: u64,
+    pub profile: Profile,
+    pub passed: bool,
+    pub submissions: u32,
+    pub not_accepted: u32,
+    pub jobs_accepted: u32,
+    pub batches_accepted: u32,
+    pub completed: u32,
+    pub failed: BTreeMap<String, u32>,
+    pub cancelled: u32,
+    /// Jobs that took more than one attempt (the faults' visible cost).
+    pub retried: u32,
+    pub faults_by_kind: BTreeMap<String, u32>,
+    pub faults_skipped: u32,
+    pub faults: Vec<InjectedFault>,
+    pub invariants: Vec<Invariant>,
+    pub storm_ms: u64,
+    /// From the last fault healed to every accepted job ended.
+    pub settle_ms: u64,
+    /// From every job ended to the registry showing every node up and every slot idle.
+    pub registry_converged_ms: u64,
+    pub total_ms: u64,
+}
+
+/// A client call during faults: retried on timeouts, no responders and overload, as a careful
+/// client does (every mutating call here is idempotent).
+async fn retrying<T, F, Fut>(limit: Duration, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let start = Instant::now();
+    loop {
+        match call().await {
+            Err(ClientError::Timeout(_)) | Err(ClientError::NoResponders(_)) | Err(ClientError::Nats(_)) if start.elapsed() < limit => {}
+            Err(ClientError::Api(e)) if matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal) && start.elapsed() < limit => {}
+            other => return other,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn job_params(steps: u32, step_ms: u64, seed: u64) -> serde_json::Map<String, serde_json::Value> {
+    serde_json::json!({ "steps": steps, "step_ms": step_ms, "seed": seed }).as_object().cloned().expect("object")
+}
+
+fn prompt_of(index: u32) -> (String, u64) {
+    // Few distinct inputs, so equal inputs run on different nodes and attempts.
+    (format!("chaos frame {}", index % 13), (index % 5) as u64)
+}
+
+/// Submits one planned submission; `None` when no node accepted it within a minute.
+async fn submit(client: &Client, seed: u64, profile: &Profile, p: &schedule::Planned) -> Option<Accepted> {
+    let key = format!("chaos-{seed}-{}", p.index);
+    let limit = Duration::from_secs(60);
+    let (prompt, input_seed) = prompt_of(p.index);
+    let inputs = [("prompt".to_string(), InputValue::Inline(prompt.clone().into()))].into();
+    let (model, steps, hang) = match &p.what {
+        Submission::Job { steps, hang_first_attempt } => ("chaos", *steps, *hang_first_attempt),
+        Submission::Staged { steps } => ("chaos-staged", *steps, false),
+        Submission::Batch { items, steps } => return submit_batch(client, &key, profile, p, *items, *steps).await,
+    };
+    let mut params = job_params(steps, profile.step_ms, input_seed);
+    if hang {
+        params.insert("hang_on_attempts".into(), serde_json::json!([1]));
+    }
+    let request = SubmitRequest { model: model.into(), inputs, params, idempotency_key: Some(key), ..Default::default() };
+    let reply = retrying(limit, || client.submit(&request)).await.ok()?;
+    Some(Accepted {
+        index: p.index,
+        model: model.into(),
+        job_ids: vec![reply.job_id],
+        batch_id: None,
+        inputs: vec![(prompt, input_seed)],
+        cancel_requested: false,
+    })
+}
+
+async fn submit_batch(client: &Client, key: &str, profile: &Profile, p: &schedule::Planned, items: u32, steps: u32) -> Option<Accepted> {
+    {
+        {
+            let limit = Duration::from_secs(60);
+            let mut item_inputs = vec![];
+            let items: Vec<BatchItemRequest> = (0..items)
+                .map(|i| {
+                    let (prompt, s) = prompt_of(p.index * 7 + i);
+                    item_inputs.push((prompt.clone(), s));
+                    BatchItemRequest {
+                        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
+                        params: job_params(steps, profile.step_ms, s),
+                    }
+                })
+                .collect();
+            let request = BatchSubmitRequest { model: "chaos".into(), items, idempotency_key: Some(key.to_string()), ..Default::default() };
+            let reply = retrying(limit, || client.submit_batch(&request)).await.ok()?;
+            Some(Accepted {
+                index: p.index,
+                model: "chaos".into(),
+                job_ids: reply.items.iter().map(|i| i.job_id.clone()).collect(),
+                batch_id: Some(reply.batch_id),
+                inputs: item_inputs,
+                cancel_requested: false,
+            })
+        }
+    }
+}
+
+/// Runs the storm and the faults, waits for every job to end, checks, reports.
+pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
+    let started = Instant::now();
+    let temp = match &opts.work_dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("kiln-chaos-").tempdir().map_err(|e| e.to_string())?),
+    };
+    let dir = opts.work_dir.clone().unwrap_or_else(|| temp.as_ref().expect("temp").path().to_path_buf());
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let profile = opts.profile.clone();
+    let plan = schedule::plan(opts.seed, &profile);
+    println!(
+        "chaos: seed {} profile {}: {} nodes x {} slots, {} submissions at {}/s, {} faults",
+        opts.seed,
+        profile.name,
+        profile.nodes,
+        profile.slots_per_node,
+        profile.jobs,
+        profile.rate,
+        plan.faults.len()
+    );
+    for f in &plan.faults {
+        println!("  fault at {:>6} ms: {:?} on node {} for {} ms", f.at_ms, f.kind, f.node, f.duration_ms);
+    }
+
+    let cluster = Arc::new(LocalCluster::start(&dir, &profile, &opts.node_binary, &opts.python, &opts.worker).await?);
+    let client = Client::connect(&cluster.server_url, "kiln").await.map_err(|e| e.to_string())?.with_timeout(Duration::from_secs(3));
+    // Wait until every node's slots are registered and the nodes have meshed.
+    let ready = wait_until(Duration::from_secs(60), || async {
+        client.cluster().await.is_ok_and(|c| c.gpus.len() == profile.nodes * profile.slots_per_node && c.nodes.len() == profile.nodes)
+    })
+    .await;
+    if !ready {
+        let logs: Vec<String> = cluster.nodes.iter().map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).log()).collect();
+        return Err(format!("the cluster did not come up within 60 s:\n{}", logs.join("\n")));
+    }
+    println!("chaos: cluster up in {} ms", started.elapsed().as_millis());
+
+    // The storm: each submission at its offset, its cancel (if any) after it.
+    let storm_start = Instant::now();
+    let accepted: Arc<Mutex<Vec<Accepted>>> = Default::default();
+    let not_accepted = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut storm = tokio::task::JoinSet::new();
+    let mut planned = plan.submissions.clone();
+    // Slow-model faults are jobs of their own, submitted at the fault's moment.
+    for (index, f) in (profile.jobs..).zip(plan.faults.iter().filter(|f| f.kind == FaultKind::SlowModel)) {
+        planned.push(schedule::Planned {
+            at_ms: f.at_ms,
+            index,
+            what: Submission::Job { steps: 2, hang_first_attempt: true },
+            cancel_after_ms: None,
+        });
+    }
+    let submissions = planned.len() as u32;
+    for p in planned {
+        let (client, accepted, not_accepted, profile) = (client.clone(), accepted.clone(), not_accepted.clone(), profile.clone());
+        let seed = opts.seed;
+        storm.spawn(async move {
+            tokio::time::sleep_until((storm_start + Duration::from_millis(p.at_ms)).into()).await;
+            let Some(mut a) = submit(&client, seed, &profile, &p).await else {
+                not_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            };
+            if let Some(after) = p.cancel_after_ms {
+                tokio::time::sleep(Duration::from_millis(after)).await;
+                let limit = Duration::from_secs(60);
+                let done = match &a.batch_id {
+                    Some(b) => retrying(limit, || client.cancel_batch(b)).await.map(|_| ()),
+                    None => retrying(limit, || client.cancel(&a.job_ids[0])).await.map(|_| ()),
+                };
+                a.cancel_requested = done.is_ok();
+            }
+            accepted.lock().unwrap_or_else(|e| e.into_inner()).push(a);
+        });
+    }
+
+    // The faults, each healed by a task of its own.
+    let injected: Arc<Mutex<Vec<InjectedFault>>> = Default::default();
+    let mut heals = tokio::task::JoinSet::new();
+    for fault in plan.faults.clone() {
+        tokio::time::sleep_until((storm_start + Duration::from_millis(fault.at_ms)).into()).await;
+        let target = match fault.kind {
+            FaultKind::NatsRestart => "nats-server".to_string(),
+            FaultKind::SlowModel | FaultKind::CompressionHang => "cluster".to_string(),
+            _ => cluster.node_name(fault.node),
+        };
+        let skipped = inject(&cluster, &client, &fault, opts.fault_points, &mut heals, injected.clone()).await;
+        if !skipped.is_empty() {
+            println!("  fault {:?} on {target} skipped: {skipped}", fault.kind);
+        }
+        // Node kills record their own entry (with the detection figure) when healed.
+        if !(fault.kind == FaultKind::NodeKill && skipped.is_empty()) {
+            injected.lock().unwrap_or_else(|e| e.into_inner()).push(InjectedFault { fault, target, skipped, dead_visible_ms: None });
+        }
+    }
+    while storm.join_next().await.is_some() {}
+    let storm_ms = storm_start.elapsed().as_millis() as u64;
+    while heals.join_next().await.is_some() {}
+    let healed = Instant::now();
+    println!("chaos: storm done in {storm_ms} ms; every fault healed {} ms after it began", storm_start.elapsed().as_millis());
+
+    // Every accepted job must end.
+    let accepted: Vec<Accepted> = accepted.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let all_jobs: Vec<String> = accepted.iter().flat_map(|a| a.job_ids.clone()).collect();
+    let ended = wait_until(Duration::from_secs(180), || async {
+        let mut open = 0;
+        for id in &all_jobs {
+            if !client.status(id).await.is_ok_and(|v| v.status.is_terminal()) {
+                open += 1;
+                break;
+            }
+        }
+        open == 0
+    })
+    .await;
+    let settle_ms = healed.elapsed().as_millis() as u64;
+    println!("chaos: {} jobs accepted; all ended: {ended} ({settle_ms} ms after the last heal)", all_jobs.len());
+
+    let converge_start = Instant::now();
+    let converged = wait_until(Duration::from_secs(30), || async {
+        client.cluster().await.is_ok_and(|c| check::registry_problems(&c, &profile, &cluster_names(&cluster)).is_empty())
+    })
+    .await;
+    let registry_converged_ms = converge_start.elapsed().as_millis() as u64;
+
+    // An armed fault point that no job hit is reported as not injected.
+    let mut faults = injected.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for f in faults.iter_mut().filter(|f| f.fault.kind == FaultKind::InferencePanic && f.skipped.is_empty()) {
+        let dir = cluster.nodes[f.fault.node].lock().unwrap_or_else(|e| e.into_inner()).fault_dir.clone();
+        if dir.join("panic_before_run").exists() {
+            f.skipped = "armed, but no job reached the fault point on that node".into();
+        }
+    }
+    let mut checker = check::Checker::new(client.clone(), &dir);
+    let invariants = checker.check_all(&accepted, &faults, &profile, &cluster_names(&cluster), converged, registry_converged_ms).await;
+    let mut faults_by_kind = BTreeMap::new();
+    for f in faults.iter().filter(|f| f.skipped.is_empty()) {
+        *faults_by_kind.entry(format!("{:?}", f.fault.kind)).or_insert(0) += 1;
+    }
+    let report = ChaosReport {
+        seed: opts.seed,
+        profile: profile.clone(),
+        passed: invariants.iter().all(|i| i.ok),
+        submissions,
+        not_accepted: not_accepted.load(std::sync::atomic::Ordering::Relaxed),
+        jobs_accepted: all_jobs.len() as u32,
+        batches_accepted: accepted.iter().filter(|a| a.batch_id.is_some()).count() as u32,
+        completed: checker.outcomes.completed,
+        failed: checker.outcomes.failed.clone(),
+        cancelled: checker.outcomes.cancelled,
+        retried: checker.outcomes.retried,
+        faults_by_kind,
+        faults_skipped: faults.iter().filter(|f| !f.skipped.is_empty()).count() as u32,
+        faults,
+        invariants,
+        storm_ms,
+        settle_ms,
+        registry_converged_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+    };
+    print_report(&report);
+    if let Some(path) = &opts.report {
+        std::fs::write(path, serde_json::to_vec_pretty(&report).expect("json")).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("chaos: report written to {}", path.display());
+    }
+    if !report.passed {
+        for n in &cluster.nodes {
+            let n = n.lock().unwrap_or_else(|e| e.into_inner());
+            let log = n.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of node {} ----", n.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+    drop(temp);
+    Ok(report)
+}
+
+fn cluster_names(cluster: &LocalCluster) -> Vec<String> {
+    (0..cluster.nodes.len()).map(|i| cluster.node_name(i)).collect()
+}
+
+async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Injects one fault (healing it later from a task in `heals`); returns why it was skipped,
+/// or an empty string.
+async fn inject(
+    cluster: &Arc<LocalCluster>,
+    client: &Client,
+    fault: &Fault,
+    fault_points: bool,
+    heals: &mut tokio::task::JoinSet<()>,
+    injected: Arc<Mutex<Vec<InjectedFault>>>,
+) -> String {
+    let heal_after = Duration::from_millis(fault.duration_ms);
+    let node = cluster.nodes[fault.node.min(cluster.nodes.len() - 1)].clone();
+    let node_running = node.lock().unwrap_or_else(|e| e.into_inner()).is_running();
+    match fault.kind {
+        FaultKind::InferencePanic => {
+            if !fault_points {
+                return "this binary has no fault points (build with --features fault-injection)".into();
+            }
+            let dir = node.lock().unwrap_or_else(|e| e.into_inner()).fault_dir.clone();
+            match std::fs::write(dir.join("panic_before_run"), b"") {
+                Ok(()) => String::new(),
+                Err(e) => e.to_string(),
+            }
+        }
+        FaultKind::WorkerKill => {
+            let pids = cluster.worker_pids(fault.node);
+            match pids.first() {
+                Some(pid) => {
+                    unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                    String::new()
+                }
+                None => "no worker process running on that node".into(),
+            }
+        }
+        FaultKind::NodeKill => {
+            if !node_running {
+                return "the node is down already".into();
+            }
+            node.lock().unwrap_or_else(|e| e.into_inner()).kill();
+            let (client, cluster, fault) = (client.clone(), cluster.clone(), fault.clone());
+            heals.spawn(async move {
+                let name = cluster.node_name(fault.node);
+                let killed = Instant::now();
+                // How long the registry still shows the dead node as alive.
+                let gone = wait_until(Duration::from_secs(20), || async {
+                    client.cluster().await.is_ok_and(|c| {
+                        !c.nodes.iter().any(|n| n.node == name)
+                            && c.gpus.iter().filter(|g| g.node == name).all(|g| g.state == kiln_core::protocol::GpuState::Dead)
+                    })
+                })
+                .await;
+                let visible = killed.elapsed().as_millis() as u64;
+                tokio::time::sleep(heal_after.saturating_sub(killed.elapsed())).await;
+                let restarted = node.lock().unwrap_or_else(|e| e.into_inner()).start();
+                let skipped = match restarted {
+                    Ok(()) => String::new(),
+                    Err(e) => format!("restart failed: {e}"),
+                };
+                injected.lock().unwrap_or_else(|e| e.into_inner()).push(InjectedFault {
+                    fault,
+                    target: name,
+                    skipped,
+                    dead_visible_ms: Some(if gone { visible } else { u64::MAX }),
+                });
+            });
+            String::new()
+        }
+        FaultKind::NodeDrain => {
+            if !node_running {
+                return "the node is down already".into();
+            }
+            let name = cluster.node_name(fault.node);
+            if let Err(e) = client.control(&ControlRequest::Drain { node: name.clone() }).await {
+                return format!("drain refused: {e}");
+            }
+            heals.spawn(async move {
+                // It exits by itself once its jobs are done; then it comes back.
+                let _ = wait_until(Duration::from_secs(120), || {
+                    let node = node.clone();
+                    async move { node.lock().unwrap_or_else(|e| e.into_inner()).reap().is_some() }
+                })
+                .await;
+                tokio::time::sleep(heal_after).await;
+                let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
+                n.kill(); // in case it did not exit in time
+                let _ = n.start();
+            });
+            String::new()
+        }
+        FaultKind::NatsRestart => {
+            let cluster = cluster.clone();
+            heals.spawn(async move {
+                if let Err(e) = cluster.restart_server(heal_after).await {
+                    eprintln!("chaos: nats-server restart failed: {e}");
+                }
+            });
+            String::new()
+        }
+        FaultKind::LinkCut => {
+            cluster.proxies[fault.node].cut();
+            let cluster = cluster.clone();
+            let i = fault.node;
+            heals.spawn(async move {
+                tokio::time::sleep(heal_after).await;
+                cluster.proxies[i].restore();
+            });
+            String::new()
+        }
+        // Submitted by the storm at this moment; nothing to do here.
+        FaultKind::SlowModel => String::new(),
+        FaultKind::CompressionHang => {
+            if let Err(e) = std::fs::write(&cluster.hang_marker, b"") {
+                return e.to_string();
+            }
+            let marker = cluster.hang_marker.clone();
+            heals.spawn(async move {
+                tokio::time::sleep(heal_after).await;
+                let _ = std::fs::remove_file(&marker);
+            });
+            String::new()
+        }
+    }
+}
+
+fn print_report(r: &ChaosReport) {
+    println!();
+    println!("chaos report: seed {} profile {} -> {}", r.seed, r.profile.name, if r.passed { "PASSED" } else { "FAILED" });
+    println!(
+        "  submissions {} ({} not accepted); jobs accepted {} (in {} batches or alone)",
+        r.submissions, r.not_accepted, r.jobs_accepted, r.batches_accepted
+    );
+    println!(
+        "  completed {}, cancelled {}, failed {:?}; {} jobs needed more than one attempt",
+        r.completed, r.cancelled, r.failed, r.retried
+    );
+    println!("  faults injected {:?}, skipped {}", r.faults_by_kind, r.faults_skipped);
+    println!(
+        "  storm {} ms; all jobs ended {} ms after the last heal; registry converged in {} ms; total {} ms",
+        r.storm_ms, r.settle_ms, r.registry_converged_ms, r.total_ms
+    );
+    for i in &r.invariants {
+        println!("  [{}] {}: {}", if i.ok { "ok" } else { "FAIL" }, i.name, i.detail);
+    }
+}

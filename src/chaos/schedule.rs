@@ -1,0 +1,264 @@
+//! The storm and the fault schedule, both drawn from one seed: the same seed gives the same
+//! submissions and the same faults at the same offsets on the same targets.
+//!
+//! The generator is SplitMix64, written out here so a dependency upgrade can never change
+//! what a seed means.
+
+use serde::{Deserialize, Serialize};
+
+/// A tiny deterministic generator (SplitMix64).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x6b69_6c6e_6368_616f)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
+/// Every kind of fault the chaos run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// A panic in a node's inference actor (the fault point `panic_before_run`).
+    InferencePanic,
+    /// SIGKILL of one model worker process of a node.
+    WorkerKill,
+    /// SIGKILL of a node, restarted after `duration_ms`.
+    NodeKill,
+    /// `kiln.api.control` drain of a node; it finishes its jobs and exits, and is restarted.
+    NodeDrain,
+    /// The nats-server is stopped and started again after `duration_ms`.
+    NatsRestart,
+    /// The link between a node and NATS is cut for `duration_ms`, then restored.
+    LinkCut,
+    /// A job whose model hangs past its timeout on its first attempt.
+    SlowModel,
+    /// The compression command hangs (past its stage timeout) for `duration_ms`.
+    CompressionHang,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::InferencePanic,
+        FaultKind::WorkerKill,
+        FaultKind::NodeKill,
+        FaultKind::NodeDrain,
+        FaultKind::NatsRestart,
+        FaultKind::LinkCut,
+        FaultKind::SlowModel,
+        FaultKind::CompressionHang,
+    ];
+    /// Faults that take a node away for a while.
+    pub fn takes_node_down(self) -> bool {
+        matches!(self, FaultKind::NodeKill | FaultKind::NodeDrain | FaultKind::LinkCut)
+    }
+}
+
+/// One scheduled fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// Offset from the start of the storm.
+    pub at_ms: u64,
+    pub kind: FaultKind,
+    /// Index of the node it hits (ignored by `nats_restart`, `slow_model`, `compression_hang`).
+    pub node: usize,
+    /// How long it lasts before it heals (restart, restore), where that applies.
+    pub duration_ms: u64,
+}
+
+/// What one submission of the storm is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Submission {
+    /// A job of the worker model.
+    Job { steps: u32, hang_first_attempt: bool },
+    /// A job of the pipeline model (model, then a compression command).
+    Staged { steps: u32 },
+    /// A batch of the worker model.
+    Batch { items: u32, steps: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planned {
+    pub at_ms: u64,
+    pub index: u32,
+    pub what: Submission,
+    /// Cancel it this long after it was accepted.
+    pub cancel_after_ms: Option<u64>,
+}
+
+/// The knobs of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Profile {
+    pub name: String,
+    pub nodes: usize,
+    pub slots_per_node: usize,
+    pub jobs: u32,
+    /// Submissions per second.
+    pub rate: f64,
+    pub faults: u32,
+    /// Simulated model time per step (the demo worker's `step_ms`).
+    pub step_ms: u64,
+    pub batch_fraction: f64,
+    pub staged_fraction: f64,
+    pub cancel_fraction: f64,
+}
+
+impl Profile {
+    /// The CI profile: every fault kind at least once, about a minute in all.
+    pub fn short() -> Profile {
+        Profile {
+            name: "short".into(),
+            nodes: 3,
+            slots_per_node: 2,
+            jobs: 80,
+            rate: 4.0,
+            faults: 10,
+            step_ms: 60,
+            batch_fraction: 0.1,
+            staged_fraction: 0.15,
+            cancel_fraction: 0.08,
+        }
+    }
+    /// The long profile of docs/RELIABILITY.md.
+    pub fn long() -> Profile {
+        Profile { name: "long".into(), nodes: 4, jobs: 2000, rate: 8.0, faults: 200, step_ms: 40, ..Profile::short() }
+    }
+    pub fn storm_ms(&self) -> u64 {
+        (self.jobs as f64 / self.rate * 1000.0) as u64
+    }
+}
+
+/// The whole plan of a run: what is submitted when, and what fails when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub seed: u64,
+    pub submissions: Vec<Planned>,
+    pub faults: Vec<Fault>,
+}
+
+/// Draws the plan. Faults are spread over the storm (the first one after 10 % of it, the
+/// last before 85 %); the first `FaultKind::ALL.len()` are one of each kind, so even a short
+/// run injects every kind. A node fault only targets a node that the plan has up at that
+/// moment, and never the last one up.
+pub fn plan(seed: u64, profile: &Profile) -> Plan {
+    let mut rng = Rng::new(seed);
+    let storm = profile.storm_ms().max(1);
+    let mut submissions = Vec::with_capacity(profile.jobs as usize);
+    for index in 0..profile.jobs {
+        let at_ms = (index as f64 * 1000.0 / profile.rate) as u64;
+        let steps = 2 + rng.below(4) as u32;
+        let roll = rng.below(1000) as f64 / 1000.0;
+        let what = if roll < profile.batch_fraction {
+            Submission::Batch { items: 2 + rng.below(3) as u32, steps }
+        } else if roll < profile.batch_fraction + profile.staged_fraction {
+            Submission::Staged { steps }
+        } else {
+            Submission::Job { steps, hang_first_attempt: false }
+        };
+        let cancel_after_ms = rng.chance(profile.cancel_fraction).then(|| rng.below(400));
+        submissions.push(Planned { at_ms, index, what, cancel_after_ms });
+    }
+
+    let (start, end) = (storm / 10, storm * 85 / 100);
+    let count = profile.faults as u64;
+    let mut faults: Vec<Fault> = Vec::with_capacity(count as usize);
+    // Each node's planned down intervals, to keep at least one node up.
+    let mut down: Vec<Vec<(u64, u64)>> = vec![vec![]; profile.nodes];
+    for i in 0..count {
+        let kind = if (i as usize) < FaultKind::ALL.len() {
+            FaultKind::ALL[i as usize]
+        } else {
+            FaultKind::ALL[rng.below(FaultKind::ALL.len() as u64) as usize]
+        };
+        // Evenly spread with jitter, in drawing order (the kinds' order is shuffled by time).
+        let slot = (end - start) / count.max(1);
+        let at_ms = start + slot * ((i * 7919) % count) + rng.below(slot.max(1));
+        let duration_ms = match kind {
+            FaultKind::NodeKill => 2500 + rng.below(1500),
+            FaultKind::NodeDrain => 1000 + rng.below(1000),
+            FaultKind::LinkCut => 2000 + rng.below(1500),
+            FaultKind::NatsRestart => 500 + rng.below(1000),
+            FaultKind::CompressionHang => 1000 + rng.below(1000),
+            _ => 0,
+        };
+        let mut node = rng.below(profile.nodes as u64) as usize;
+        let mut at_ms = at_ms;
+        if kind.takes_node_down() {
+            // Detection, drains finishing their jobs and restarts take a few seconds more. If
+            // taking one more node down at `at_ms` would leave none up, try the later slots
+            // (wrapping); if none has room, it becomes a worker kill.
+            let span = (end - start).max(1);
+            let place = (0..count).map(|k| start + (at_ms - start + k * slot.max(1)) % span).find_map(|t| {
+                let busy = (t, t + duration_ms + 3_000);
+                let up: Vec<usize> = (0..profile.nodes).filter(|&n| !down[n].iter().any(|&(a, b)| a < busy.1 && busy.0 < b)).collect();
+                (up.len() >= 2).then_some((t, busy, up))
+            });
+            let Some((t, busy, up)) = place else {
+                faults.push(Fault { at_ms, kind: FaultKind::WorkerKill, node, duration_ms: 0 });
+                continue;
+            };
+            at_ms = t;
+            node = up[rng.below(up.len() as u64) as usize];
+            down[node].push(busy);
+        }
+        faults.push(Fault { at_ms, kind, node, duration_ms });
+    }
+    faults.sort_by_key(|f| f.at_ms);
+    Plan { seed, submissions, faults }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_seed_gives_the_same_plan_and_another_seed_another() {
+        let p = Profile::short();
+        assert_eq!(plan(7, &p), plan(7, &p));
+        assert_ne!(plan(7, &p).faults, plan(8, &p).faults);
+    }
+
+    #[test]
+    fn a_short_run_injects_every_kind_and_never_takes_every_node_down() {
+        for seed in 0..50 {
+            let p = Profile::short();
+            let plan = plan(seed, &p);
+            assert_eq!(plan.faults.len(), p.faults as usize);
+            assert_eq!(plan.submissions.len(), p.jobs as usize);
+            for kind in FaultKind::ALL {
+                assert!(plan.faults.iter().any(|f| f.kind == kind), "seed {seed}: no {kind:?}");
+            }
+            assert!(plan.faults.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+            let down: Vec<(u64, u64, usize)> = plan
+                .faults
+                .iter()
+                .filter(|f| f.kind.takes_node_down())
+                .map(|f| (f.at_ms, f.at_ms + f.duration_ms + 3_000, f.node))
+                .collect();
+            for &(t, _, _) in &down {
+                let mut nodes: Vec<usize> = down.iter().filter(|&&(a, b, _)| a <= t && t < b).map(|&(_, _, n)| n).collect();
+                nodes.sort_unstable();
+                nodes.dedup();
+                assert!(nodes.len() < p.nodes, "seed {seed}: every node down at {t} ms");
+            }
+            assert!(plan.faults.iter().all(|f| f.at_ms < p.storm_ms()));
+        }
+    }
+}

@@ -335,7 +335,7 @@ fn body(endpoint: &str, job_ids: &[String], batch_ids: &[String]) -> BoxedStrate
     prop_oneof![
         8 => t.clone(),
         2 => any_json().prop_map(|v| v.to_string().into_bytes()),
-        3 => (t, prop::collection::vec(mutation(), 1..3)).prop_map(|(b, ms)| ms.iter().fold(b, |b, m| mutate(b, m))),
+        3 => (t, prop::collection::vec(mutation(), 1..3)).prop_map(|(b, ms)| ms.iter().fold(b, mutate)),
         1 => prop::collection::vec(any::<u8>(), 0..256),
         1 => deep(endpoint),
     ]

@@ -34,6 +34,13 @@ use tokio::sync::Semaphore;
 /// Requests handled concurrently by one node; beyond it, `overloaded` at once instead of
 /// queueing without bound.
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// Request bytes held by the requests in flight on one node; beyond it, `overloaded` too. With
+/// [`MAX_IN_FLIGHT`] this bounds the memory that requests being served hold (1024 requests of
+/// the largest size would be 256 MiB).
+pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
+/// Longest error message in a reply: messages quote what the client sent (an unknown field,
+/// a wrong value), so a hostile request cannot make its reply larger than this.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 /// How long a control call through the actor cluster may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How stale the queue depth used by admission control may be.
@@ -118,27 +125,52 @@ impl ApiService {
         }
         let mut requests = futures::stream::select_all(streams);
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
+        let max_reply = match self.resources.client.server_info().max_payload {
+            0 => 1024 * 1024, // not announced: the server's default
+            n => n,
+        };
         Ok(tokio::spawn(async move {
             let _service = service; // dropping it would unregister the endpoints
+                                    // This loop does O(1) work per request and never waits on one being served, so it
+                                    // drains the endpoints' subscriptions (async-nats buffers 64Ki messages per
+                                    // subscription and drops what comes past that: such a request times out at its
+                                    // client instead of growing this node's memory).
             while let Some((endpoint, request)) = requests.next().await {
                 metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint).increment(1);
-                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                let size = request.message.payload.len();
+                if size > self.config.limits.max_request_bytes {
+                    // Refused before it takes a slot (handle() says why).
+                    let reply = self.handle(endpoint, &request.message.payload).await;
+                    respond(&request, endpoint, reply, max_reply).await;
+                    continue;
+                }
+                let permits = (in_flight.clone().try_acquire_owned(), in_flight_bytes.clone().try_acquire_many_owned(size.max(1) as u32));
+                let (Ok(permit), Ok(bytes_permit)) = permits else {
                     let err = ApiError::new(ErrorCode::Overloaded, "too many requests in flight on this node; retry later");
-                    respond(&request, endpoint, Err(err)).await;
+                    respond(&request, endpoint, Err(err), max_reply).await;
                     continue;
                 };
                 let api = self.clone();
                 tokio::spawn(async move {
                     let reply = api.handle(endpoint, &request.message.payload).await;
-                    respond(&request, endpoint, reply).await;
-                    drop(permit);
+                    respond(&request, endpoint, reply, max_reply).await;
+                    drop((permit, bytes_permit));
                 });
             }
         }))
     }
 
     /// Dispatches one request body to its handler. Public so tests can drive it directly.
+    /// An error's message is cut to [`MAX_ERROR_MESSAGE_BYTES`].
     pub async fn handle(&self, endpoint: &str, body: &[u8]) -> Reply {
+        self.dispatch(endpoint, body).await.map_err(|mut e| {
+            e.message = kiln_core::protocol::truncate_utf8(e.message, MAX_ERROR_MESSAGE_BYTES);
+            e
+        })
+    }
+
+    async fn dispatch(&self, endpoint: &str, body: &[u8]) -> Reply {
         if body.len() > self.config.limits.max_request_bytes {
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,
@@ -202,8 +234,8 @@ impl ApiService {
             return Err(ApiError::bad_request(format!("params nest deeper than {} levels", limits.max_params_depth)));
         }
         if let Some(key) = &req.idempotency_key {
-            if key.is_empty() || key.len() > 256 {
-                return Err(ApiError::bad_request("idempotency_key must be 1 to 256 characters"));
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(ApiError::bad_request(format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
             }
         }
         if req.max_attempts == Some(0) {
@@ -215,16 +247,28 @@ impl ApiService {
         Ok(())
     }
 
-    async fn queue_depth(&self, model: &str) -> u64 {
-        if let Some(e) = self.queue_depth.get(model) {
-            if e.1.elapsed() < QUEUE_DEPTH_TTL {
-                return e.0;
+    /// Re-measures a model's queue depth when the cached figure is older than
+    /// [`QUEUE_DEPTH_TTL`]. One request re-measures (it claims the entry first); the others go
+    /// on with the cached figure, so a burst of submits makes one JetStream call, not one each.
+    async fn refresh_queue_depth(&self, model: &str) {
+        let claimed = match self.queue_depth.get_mut(model) {
+            Some(mut e) if e.1.elapsed() >= QUEUE_DEPTH_TTL => {
+                e.1 = Instant::now();
+                true
+            }
+            Some(_) => false,
+            None => {
+                self.queue_depth.insert(model.to_string(), (0, Instant::now()));
+                true
+            }
+        };
+        if claimed {
+            // On error keep the last figure: admission control must not turn a NATS hiccup
+            // into refusals.
+            if let Ok(depth) = self.resources.queued_count(model).await {
+                self.queue_depth.insert(model.to_string(), (depth, Instant::now()));
             }
         }
-        // On error assume empty: admission control must not turn a NATS hiccup into refusals.
-        let depth = self.resources.queued_count(model).await.unwrap_or(0);
-        self.queue_depth.insert(model.to_string(), (depth, Instant::now()));
-        depth
     }
 
     async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, ApiError> {
@@ -289,14 +333,19 @@ impl ApiService {
 
     /// Admission control: `overloaded` when `adding` more jobs would take the model's queue
     /// past its limit.
+    /// The jobs admitted are added to the cached depth at once, so a burst within one
+    /// measurement cannot overshoot the limit on this node.
     async fn admit(&self, model: &str, adding: u64) -> Result<(), ApiError> {
         let limit = self.config.limits.max_queued_per_model;
-        if self.queue_depth(model).await + adding > limit {
+        self.refresh_queue_depth(model).await;
+        let mut entry = self.queue_depth.entry(model.to_string()).or_insert((0, Instant::now()));
+        if entry.0.saturating_add(adding) > limit {
             return Err(ApiError::new(
                 ErrorCode::Overloaded,
                 format!("model {model:?} would have more than {limit} jobs waiting; retry later"),
             ));
         }
+        entry.0 += adding;
         Ok(())
     }
 
@@ -343,8 +392,8 @@ impl ApiService {
             ));
         }
         if let Some(key) = &req.idempotency_key {
-            if key.is_empty() || key.len() > 256 {
-                return Err(ApiError::bad_request("idempotency_key must be 1 to 256 characters"));
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(ApiError::bad_request(format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
             }
         }
         let batch_id = match &req.idempotency_key {
@@ -767,7 +816,16 @@ fn encode<T: Serialize>(value: T) -> Reply {
     Ok(serde_json::to_vec(&value).expect("replies serialize"))
 }
 
-async fn respond(request: &service::Request, endpoint: &'static str, reply: Reply) {
+/// Sends a reply. One larger than the server's `max_payload` (a listing of many big records)
+/// could not be delivered, so the client gets `payload_too_large` instead of a timeout.
+async fn respond(request: &service::Request, endpoint: &'static str, reply: Reply, max_reply: usize) {
+    let reply = match reply {
+        Ok(body) if body.len() > max_reply => Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the reply would be {} bytes, over the server's limit of {max_reply}; ask for less (a smaller limit)", body.len()),
+        )),
+        other => other,
+    };
     let body = match reply {
         Ok(body) => body,
         Err(error) => {

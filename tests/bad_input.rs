@@ -86,3 +86,64 @@ async fn every_bad_request_gets_a_coded_error_and_the_node_keeps_serving() {
     let ok = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap();
     assert_eq!(wait_terminal(&client, &ok.job_id, Duration::from_secs(10)).await.status, JobState::Completed);
 }
+
+/// A worker that prints huge text: its stage names, progress and log messages and its error
+/// message reach events and the job record cut to their bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_text_in_events_and_records_is_bounded() {
+    use kiln_core::protocol::{EventKind, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+    let mut cluster = TestCluster::new();
+    let worker = cluster.dir.path().join("loud_worker.py");
+    std::fs::write(
+        &worker,
+        r#"
+import json, sys
+big = "é" * 50_000
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    if job.get("type") != "job":
+        continue
+    jid = job["job_id"]
+    print(json.dumps({"type": "progress", "job_id": jid, "stage": "s" + big, "progress": 50, "message": "m" + big}), flush=True)
+    print(json.dumps({"type": "log", "job_id": jid, "message": "l" + big}), flush=True)
+    print("raw " + big, flush=True)
+    print(json.dumps({"type": "error", "job_id": jid, "message": "e" + big, "retryable": False}), flush=True)
+"#,
+    )
+    .unwrap();
+    let model = format!(
+        r#"
+[[models]]
+name = "loud"
+engine = {{ kind = "process", command = ["python3", "{}"], ready_timeout_ms = 20000 }}
+max_attempts = 1
+"#,
+        worker.display()
+    );
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &model));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let job = client.submit(&SubmitRequest { model: "loud".into(), ..Default::default() }).await.unwrap();
+    let view = wait_terminal(&client, &job.job_id, Duration::from_secs(30)).await;
+    assert_eq!(view.status, JobState::Failed);
+    let error = view.error.unwrap();
+    assert!(error.message.starts_with("eé") && error.message.len() <= MAX_EVENT_MESSAGE_BYTES + 3, "{}", error.message.len());
+    let events = history(&client, &job.job_id).await;
+    let bound = |s: &Option<String>, max: usize| s.as_ref().is_none_or(|s| s.len() <= max + '…'.len_utf8());
+    let progress =
+        events.iter().find(|e| e.kind == EventKind::Progress && e.stage.as_deref().is_some_and(|s| s.starts_with("sé"))).unwrap();
+    assert!(progress.stage.as_ref().unwrap().ends_with('…'));
+    let messages = events.iter().filter(|e| e.kind == EventKind::Message).count();
+    assert!(messages >= 2, "the log line and the raw line: {events:#?}");
+    for e in &events {
+        assert!(
+            bound(&e.stage, MAX_STAGE_BYTES) && bound(&e.message, MAX_EVENT_MESSAGE_BYTES),
+            "{:?} {:?}",
+            e.kind,
+            e.message.as_ref().map(|m| m.len())
+        );
+        assert!(e.error.as_ref().is_none_or(|x| x.message.len() <= MAX_EVENT_MESSAGE_BYTES + 3));
+    }
+    println!("{} events, every text within its bound", events.len());
+}

@@ -38,7 +38,7 @@ use kiln_core::metrics as m;
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
 use kiln_core::nats::StoreError;
 use kiln_core::policy::Backoff;
-use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, InputValue};
+use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -422,7 +422,7 @@ impl JobActorState {
                             return Err(failed(format!("{error} (after {attempt} attempts)")));
                         }
                         let note = format!("stage {name} attempt {attempt} of {max_attempts} failed: {error}; retrying");
-                        self.event(Event::message(&self.job_id, self.attempt, truncate(note, 4096))).await;
+                        self.event(Event::message(&self.job_id, self.attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
                     }
                     let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
                     if *keep_input {
@@ -488,7 +488,7 @@ impl JobActorState {
             }
             Err(e) => {
                 let code = if matches!(e, EngineError::User(_)) { ErrorCode::BadRequest } else { ErrorCode::EngineFailed };
-                let error = ApiError::new(code, e.to_string());
+                let error = ApiError::new(code, truncate(e.to_string(), MAX_EVENT_MESSAGE_BYTES));
                 tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "attempt failed");
                 match after_failure(e.failure_kind(), self.attempt, record.max_attempts) {
                     AfterFailure::Retry => (JobState::Retrying, Some(error), false, vec![], true),
@@ -573,11 +573,12 @@ async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, share:
     while let Some(update) = rx.recv().await {
         let event = match update {
             ProgressUpdate::Progress { stage, progress, message } => {
+                let stage = stage.map(|s| truncate(s, MAX_STAGE_BYTES));
                 let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * share));
-                e.message = message;
+                e.message = message.map(|m| truncate(m, MAX_EVENT_MESSAGE_BYTES));
                 e
             }
-            ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, 4096)),
+            ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
         };
         match ctx.resources.publish_event_nowait(&event).await {
             Ok(ack) => unacked.push_back(ack),
@@ -594,15 +595,8 @@ async fn forward_progress(ctx: NodeContext, job_id: String, attempt: u32, share:
     }
 }
 
-/// Event messages are bounded so one log line cannot approach the NATS payload limit.
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
+/// Event messages, stage names and error messages are bounded so that what a worker prints
+/// cannot approach the NATS payload limit in an event or a job record.
+fn truncate(s: String, max: usize) -> String {
+    kiln_core::protocol::truncate_utf8(s, max)
 }

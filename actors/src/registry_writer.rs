@@ -199,7 +199,8 @@ impl RegistryWriterState {
             entry.restarts = r;
         }
         if let Some(e) = update.last_error {
-            entry.last_error = e;
+            // A worker's stderr can end up here: bounded like an event message.
+            entry.last_error = e.map(|e| kiln_core::protocol::truncate_utf8(e, kiln_core::protocol::MAX_EVENT_MESSAGE_BYTES));
         }
         for s in [GpuState::Idle, GpuState::Loading, GpuState::Busy, GpuState::Restarting, GpuState::Draining, GpuState::Dead] {
             metrics::gauge!(m::GPU_STATE, "slot" => slot.to_string(), "state" => s.as_str()).set(if s == entry.state { 1.0 } else { 0.0 });

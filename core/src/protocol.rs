@@ -12,6 +12,27 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{BatchStatus, BatchSummary, ParentRef};
 use crate::job::{JobRecord, JobState};
 
+/// Longest idempotency key of a submit or a batch, in bytes (`bad_request` beyond).
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Longest text a worker can put in an event or a job record: a log line, a progress
+/// message, an error message. Longer ones are cut (on a character boundary, with `…`).
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4096;
+/// Longest stage name a worker can report in a progress event; longer ones are cut.
+pub const MAX_STAGE_BYTES: usize = 128;
+
+/// `s` cut to at most `max` bytes (plus a trailing `…` when cut), on a character boundary.
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
 /// A stable, machine-readable error code. Clients branch on these; the message is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

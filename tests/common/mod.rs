@@ -314,3 +314,18 @@ pub async fn submit_retrying(client: &Client, mut request: kiln_core::protocol::
     }
     panic!("submit kept timing out")
 }
+
+/// Resident memory of a process in KiB (`VmRSS` in `/proc/<pid>/status`); None once it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// True while the process runs (not exited, not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}

@@ -364,6 +364,13 @@ impl ApiService {
                     .map_err(internal)?
                     .ok_or_else(|| ApiError::internal("job record vanished"))?;
                 if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
+                    // The first submission may have died before its `queued` event (found by
+                    // `kiln chaos`: a nats-server restart between the record and the event left
+                    // a history starting at `running`). The event goes before the enqueue, so
+                    // only a job never enqueued can lack it.
+                    if self.resources.last_event(&record.job_id).await.map_err(internal)?.is_none() {
+                        self.publish_queued(&record.job_id).await?;
+                    }
                     self.resources.enqueue(&record.job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
                 }
                 return Ok(Some(existing.record.state));
@@ -372,10 +379,16 @@ impl ApiService {
         }
         // The `queued` event goes first so that the history is ordered even for a job that
         // starts the instant it is enqueued.
-        self.resources.publish_event(&Event::status(&record.job_id, 0, JobState::Queued)).await.map_err(internal)?;
+        self.publish_queued(&record.job_id).await?;
         self.resources.enqueue(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
         metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
         Ok(None)
+    }
+
+    /// A job's first event, de-duplicated: a retried submission may publish it again.
+    async fn publish_queued(&self, job_id: &str) -> Result<(), ApiError> {
+        let id = format!("{job_id}-queued");
+        self.resources.publish_event_with_id(&Event::status(job_id, 0, JobState::Queued), Some(&id)).await.map_err(internal)
     }
 
     /// `submit_batch`: every item is validated like a submit before anything is written, so a

@@ -75,11 +75,20 @@ pub struct JobActorState {
     args: JobArgs,
     /// Acks of events published but not yet confirmed; all are awaited before the terminal
     /// write, so the history is durable before the outcome is visible.
-    pending_events: Vec<async_nats::jetstream::context::PublishAckFuture>,
+    pending_events: Vec<PendingEvent>,
+    /// Numbers this attempt's events for their de-duplication ids.
+    events_sent: u32,
     job_id: String,
     /// Set once the attempt is claimed: the record as last written and its revision.
     current: Option<Versioned>,
     attempt: u32,
+}
+
+/// An event published without waiting, kept until its ack is in so it can be sent again.
+struct PendingEvent {
+    event: Event,
+    msg_id: String,
+    ack: Option<async_nats::jetstream::context::PublishAckFuture>,
 }
 
 /// How the delivery ended, for the log and the dispatcher.
@@ -105,7 +114,7 @@ impl Actor for JobActor {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let job_id = serde_json::from_slice::<QueueMessage>(&args.delivery.payload).map(|q| q.job_id).unwrap_or_default();
-        Ok(JobActorState { args, pending_events: vec![], job_id, current: None, attempt: 0 })
+        Ok(JobActorState { args, pending_events: vec![], events_sent: 0, job_id, current: None, attempt: 0 })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -128,30 +137,59 @@ impl JobActorState {
     }
 
     async fn event(&mut self, event: Event) {
-        match self.ctx().resources.publish_event_nowait(&event).await {
-            Ok(ack) => self.pending_events.push(ack),
-            Err(e) => tracing::warn!(job_id = %self.job_id, error = %e, "event publish failed"),
-        }
+        self.events_sent += 1;
+        let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
+        let ack = self.ctx().resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
+        self.pending_events.push(PendingEvent { event, msg_id, ack });
     }
 
-    /// Waits until every event published so far is stored.
+    /// Waits until every event published so far is stored, publishing again (same
+    /// de-duplication id) any whose ack failed: a nats-server restart in the middle of a job
+    /// must not leave a hole in its history (`kiln chaos` found a completed job without its
+    /// `running` event). Gives up on an event after about 10 s of NATS being unreachable.
     async fn flush_events(&mut self) {
-        for ack in self.pending_events.drain(..) {
-            if let Err(e) = ack.await {
-                tracing::warn!(job_id = %self.job_id, error = %e, "event not stored");
+        for pending in std::mem::take(&mut self.pending_events) {
+            let stored = match pending.ack {
+                Some(ack) => ack.await.is_ok(),
+                None => false,
+            };
+            if stored {
+                continue;
+            }
+            let mut tries = 0;
+            loop {
+                match self.ctx().resources.publish_event_with_id(&pending.event, Some(&pending.msg_id)).await {
+                    Ok(()) => break,
+                    Err(e) if tries >= 40 => {
+                        tracing::warn!(job_id = %self.job_id, error = %e, "event not stored; its history has a gap");
+                        break;
+                    }
+                    Err(_) => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
             }
         }
     }
 
     /// The last event of a job, de-duplicated so a redelivery may publish it again safely.
-    async fn terminal_event(&self, record: &JobRecord) {
+    ///
+    /// False when it could not be stored: the caller must then not ack, so the redelivery
+    /// (which finds the record terminal) publishes it. Acking anyway left a finished job with
+    /// no ending in its history when a nats-server restart hit this moment (`kiln chaos`).
+    async fn terminal_event(&self, record: &JobRecord) -> bool {
         let mut event = Event::status(&record.job_id, record.attempt, record.state);
         if let Some(e) = &record.error {
             event = event.with_error(e.clone());
         }
         let id = format!("{}-terminal", record.job_id);
-        if let Err(e) = self.ctx().resources.publish_event_with_id(&event, Some(&id)).await {
-            tracing::warn!(job_id = %self.job_id, error = %e, "terminal event publish failed");
+        match self.ctx().resources.publish_event_with_id(&event, Some(&id)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
+                false
+            }
         }
     }
 
@@ -186,8 +224,8 @@ impl JobActorState {
                     // A crash between the terminal write and its event or ack: publish the
                     // event only if it is missing, so the history never shows two endings.
                     let last = self.ctx().resources.last_event(&self.job_id).await?;
-                    if !last.is_some_and(|e| e.is_terminal()) {
-                        self.terminal_event(&record).await;
+                    if !last.is_some_and(|e| e.is_terminal()) && !self.terminal_event(&record).await {
+                        return Ok(Some(DeliveryEnd::Abandoned));
                     }
                     if !self.settle_batch(&record).await {
                         return Ok(Some(DeliveryEnd::Abandoned));
@@ -229,8 +267,7 @@ impl JobActorState {
                 }
                 Ok(_) => {
                     self.finish_metrics(&next);
-                    self.terminal_event(&next).await;
-                    if !self.settle_batch(&next).await {
+                    if !self.terminal_event(&next).await || !self.settle_batch(&next).await {
                         return Ok(Some(DeliveryEnd::Abandoned));
                     }
                     self.ack(AckKind::Ack).await;
@@ -285,6 +322,8 @@ impl JobActorState {
                 .record(s.saturating_sub(record.created_ms) as f64 / 1000.0);
         }
         self.event(Event::status(&self.job_id, self.attempt, JobState::Running)).await;
+        // Stored before the engine's progress starts, so every attempt's history begins with it.
+        self.flush_events().await;
 
         // JetStream redelivers after ack_wait without news: tell it we are alive. Each tick
         // also re-reads the record, so a cancel whose core-NATS notice was lost still lands.
@@ -527,14 +566,14 @@ impl JobActorState {
                 event = event.with_error(e.clone());
             }
             self.event(event).await;
+            self.flush_events().await;
             let delay = self.args.retry_backoff.delay(self.attempt);
             self.ack(AckKind::Nak(Some(delay))).await;
             return DeliveryEnd::Retrying;
         }
         kiln_core::fault::abort_at("abort_after_terminal_write");
         self.finish_metrics(&record);
-        self.terminal_event(&record).await;
-        if !self.settle_batch(&record).await {
+        if !self.terminal_event(&record).await || !self.settle_batch(&record).await {
             return DeliveryEnd::Abandoned;
         }
         self.ack(AckKind::Ack).await;

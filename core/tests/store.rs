@@ -97,3 +97,49 @@ async fn registry_entries_expire_on_their_own_and_the_cache_follows() {
     assert!(cache.gpu("n1", "cpu:0").is_none());
     assert!(cache.gpus().is_empty());
 }
+
+/// nats-server 2.15 limits a stream that sets nothing to 1,000 consumers; every client that
+/// follows events or downloads an object holds one for a while. Kiln's streams set their own.
+#[tokio::test]
+async fn more_than_a_thousand_clients_can_follow_events_at_once() {
+    let (_server, res) = setup().await;
+    for stream in ["KILN_EVENTS", "OBJ_kiln_files", "OBJ_kiln_results_m"] {
+        let mut s = res.js.get_stream(stream).await.unwrap();
+        assert_eq!(s.info().await.unwrap().config.max_consumers, resources::MAX_CONSUMERS_PER_STREAM, "{stream}");
+    }
+    let stream = res.js.get_stream("KILN_EVENTS").await.unwrap();
+    let started = Instant::now();
+    for i in 0..1_100 {
+        let config = async_nats::jetstream::consumer::pull::Config {
+            filter_subject: format!("kiln.events.job-{i}"),
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        stream.create_consumer(config).await.unwrap_or_else(|e| panic!("consumer {i}: {e}"));
+    }
+    println!("1,100 consumers on KILN_EVENTS in {} ms", started.elapsed().as_millis());
+
+    // The control: a stream that sets no limit refuses consumer 1,001.
+    let control = res
+        .js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "CONTROL".into(),
+            subjects: vec!["control.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut refused_at = None;
+    for i in 0..1_100 {
+        let config = async_nats::jetstream::consumer::pull::Config {
+            filter_subject: format!("control.{i}"),
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        if control.create_consumer(config).await.is_err() {
+            refused_at = Some(i);
+            break;
+        }
+    }
+    assert_eq!(refused_at, Some(1_000), "the server's default limit, which Kiln's streams must not have");
+}

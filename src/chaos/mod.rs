@@ -456,8 +456,16 @@ async fn inject(
                 return "the node is down already".into();
             }
             let name = cluster.node_name(fault.node);
-            if let Err(e) = client.control(&ControlRequest::Drain { node: name.clone() }).await {
-                return format!("drain refused: {e}");
+            // As an operator would: a node just back from a nats-server restart may be missing
+            // from the answering node's registry cache for a moment; try for 10 s.
+            let request = ControlRequest::Drain { node: name.clone() };
+            let started = Instant::now();
+            loop {
+                match client.control(&request).await {
+                    Ok(_) => break,
+                    Err(e) if started.elapsed() > Duration::from_secs(10) => return format!("drain refused: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
             }
             heals.spawn(async move {
                 // It exits by itself once its jobs are done; then it comes back.

@@ -20,6 +20,19 @@ impl Resources {
         self.js.publish(self.names.events_subject(&event.job_id), body.into()).await.map_err(StoreError::nats)
     }
 
+    /// As [`publish_event_nowait`](Self::publish_event_nowait), with a de-duplication id, so
+    /// that publishing it again after a lost ack cannot store it twice.
+    pub async fn publish_event_nowait_with_id(
+        &self,
+        event: &Event,
+        msg_id: &str,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
+        let body = serde_json::to_vec(event).expect("events serialize");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        self.js.publish_with_headers(self.names.events_subject(&event.job_id), headers, body.into()).await.map_err(StoreError::nats)
+    }
+
     /// As [`publish_event`](Self::publish_event), de-duplicated by `msg_id`: used for the
     /// terminal event, which a redelivery after a crash may publish a second time.
     pub async fn publish_event_with_id(&self, event: &Event, msg_id: Option<&str>) -> Result<(), StoreError> {

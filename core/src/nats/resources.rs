@@ -17,6 +17,11 @@ const JOB_RECORD_MIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Bounds the history of one job so a chatty engine cannot fill the events stream.
 const MAX_EVENTS_PER_JOB: i64 = 10_000;
+/// Consumers allowed on each stream Kiln creates. nats-server 2.15 gives a stream that sets
+/// none a limit of 1,000 (and treats -1 as "its default"), and every client following a job's
+/// events or downloading an object holds an ordered consumer for a while: `kiln chaos` hit
+/// "maximum consumers limit reached" downloading 3,000 results with 16 in flight.
+pub const MAX_CONSUMERS_PER_STREAM: i32 = 100_000;
 
 /// Cheap-to-clone handle on every NATS resource of one Kiln deployment.
 #[derive(Clone)]
@@ -153,10 +158,12 @@ impl Resources {
             max_age: result_ttl,
             max_messages_per_subject: MAX_EVENTS_PER_JOB,
             duplicate_window: DEDUP_WINDOW,
+            max_consumers: MAX_CONSUMERS_PER_STREAM,
             ..Default::default()
         })
         .await
         .map_err(StoreError::nats)?;
+        raise_consumer_limit(&js, &names.events_stream()).await?;
 
         let jobs_kv = open_kv(
             &js,
@@ -308,7 +315,29 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Stor
     }
 }
 
+/// Sets a stream's consumer limit to [`MAX_CONSUMERS_PER_STREAM`] if it is not already (a
+/// stream made by an older Kiln, or an object store's, whose config async-nats does not expose).
+async fn raise_consumer_limit(js: &jetstream::Context, stream: &str) -> Result<(), StoreError> {
+    let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
+    let mut config = s.info().await.map_err(StoreError::nats)?.config.clone();
+    if config.max_consumers != MAX_CONSUMERS_PER_STREAM {
+        config.max_consumers = MAX_CONSUMERS_PER_STREAM;
+        js.update_stream(config).await.map_err(StoreError::nats)?;
+    }
+    Ok(())
+}
+
 async fn open_object_store(js: &jetstream::Context, bucket: String, max_age: Duration) -> Result<object_store::ObjectStore, StoreError> {
+    let store = open_object_store_only(js, bucket.clone(), max_age).await?;
+    raise_consumer_limit(js, &format!("OBJ_{bucket}")).await?;
+    Ok(store)
+}
+
+async fn open_object_store_only(
+    js: &jetstream::Context,
+    bucket: String,
+    max_age: Duration,
+) -> Result<object_store::ObjectStore, StoreError> {
     match js.get_object_store(&bucket).await {
         Ok(store) => Ok(store),
         Err(_) => match js

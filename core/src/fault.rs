@@ -11,6 +11,7 @@
 //! |------------------------------|-----------------------------------------------------|---------------|
 //! | `panic_before_run`           | inference actor, before the engine runs a job       | panic         |
 //! | `panic_in_engine_thread`     | the torch thread of a slot, before a job runs       | panic (caught)|
+//! | `panic_in_compression_worker`| a compression worker, before it runs a command      | panic         |
 //! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
 
 /// Whether `point` fires now.

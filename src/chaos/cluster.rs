@@ -73,10 +73,15 @@ pub struct NodeProcess {
     pub fault_dir: PathBuf,
     binary: PathBuf,
     child: Option<Child>,
+    /// Set while a fault that takes the node away (kill, drain, link cut) has not healed, so a
+    /// second one waits its turn instead of racing the first one's restart.
+    pub in_fault: bool,
 }
 
 impl NodeProcess {
     pub fn start(&mut self) -> std::io::Result<()> {
+        // Never two processes under one name from here (the second would be refused anyway).
+        self.kill();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
         let child = Command::new(&self.binary)
             .args(["node", "--config"])
@@ -167,6 +172,7 @@ impl LocalCluster {
                 fault_dir,
                 binary: binary.to_path_buf(),
                 child: None,
+                in_fault: false,
             };
             node.start().map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
             nodes.push(Arc::new(Mutex::new(node)));

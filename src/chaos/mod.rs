@@ -397,6 +397,17 @@ async fn inject(
     let heal_after = Duration::from_millis(fault.duration_ms);
     let node = cluster.nodes[fault.node.min(cluster.nodes.len() - 1)].clone();
     let node_running = node.lock().unwrap_or_else(|e| e.into_inner()).is_running();
+    if fault.kind.takes_node_down() {
+        let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
+        if n.in_fault {
+            return "an earlier fault on that node has not healed yet".into();
+        }
+        if !node_running {
+            return "the node is down already".into();
+        }
+        n.in_fault = true;
+    }
+    let healed = |node: &Arc<Mutex<cluster::NodeProcess>>| node.lock().unwrap_or_else(|e| e.into_inner()).in_fault = false;
     match fault.kind {
         FaultKind::InferencePanic => {
             if !fault_points {
@@ -419,9 +430,6 @@ async fn inject(
             }
         }
         FaultKind::NodeKill => {
-            if !node_running {
-                return "the node is down already".into();
-            }
             node.lock().unwrap_or_else(|e| e.into_inner()).kill();
             let (client, cluster, fault) = (client.clone(), cluster.clone(), fault.clone());
             heals.spawn(async move {
@@ -438,6 +446,7 @@ async fn inject(
                 let visible = killed.elapsed().as_millis() as u64;
                 tokio::time::sleep(heal_after.saturating_sub(killed.elapsed())).await;
                 let restarted = node.lock().unwrap_or_else(|e| e.into_inner()).start();
+                healed(&node);
                 let skipped = match restarted {
                     Ok(()) => String::new(),
                     Err(e) => format!("restart failed: {e}"),
@@ -452,9 +461,6 @@ async fn inject(
             String::new()
         }
         FaultKind::NodeDrain => {
-            if !node_running {
-                return "the node is down already".into();
-            }
             let name = cluster.node_name(fault.node);
             // As an operator would: a node just back from a nats-server restart may be missing
             // from the answering node's registry cache for a moment; try for 10 s.
@@ -463,21 +469,27 @@ async fn inject(
             loop {
                 match client.control(&request).await {
                     Ok(_) => break,
-                    Err(e) if started.elapsed() > Duration::from_secs(10) => return format!("drain refused: {e}"),
+                    Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                        healed(&node);
+                        return format!("drain refused: {e}");
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
                 }
             }
             heals.spawn(async move {
                 // It exits by itself once its jobs are done; then it comes back.
-                let _ = wait_until(Duration::from_secs(120), || {
+                let exited = wait_until(Duration::from_secs(120), || {
                     let node = node.clone();
-                    async move { node.lock().unwrap_or_else(|e| e.into_inner()).reap().is_some() }
+                    async move { !node.lock().unwrap_or_else(|e| e.into_inner()).is_running() }
                 })
                 .await;
+                if !exited {
+                    eprintln!("chaos: a drained node did not exit within 120 s; killing it");
+                }
                 tokio::time::sleep(heal_after).await;
                 let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
-                n.kill(); // in case it did not exit in time
                 let _ = n.start();
+                n.in_fault = false;
             });
             String::new()
         }
@@ -497,6 +509,7 @@ async fn inject(
             heals.spawn(async move {
                 tokio::time::sleep(heal_after).await;
                 cluster.proxies[i].restore();
+                healed(&cluster.nodes[i]);
             });
             String::new()
         }

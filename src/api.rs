@@ -495,9 +495,7 @@ impl ApiService {
     }
 
     async fn load_batch(&self, batch_id: &str) -> Result<(BatchRecord, u64), ApiError> {
-        if !ids::is_valid_token(batch_id) {
-            return Err(ApiError::bad_request(format!("batch_id {batch_id:?} must be 1-64 letters, digits, '-' or '_'")));
-        }
+        check_id("batch_id", batch_id)?;
         self.resources
             .get_batch(batch_id)
             .await
@@ -654,9 +652,7 @@ impl ApiService {
     }
 
     async fn load(&self, job_id: &str) -> Result<kiln_core::nats::jobs::Versioned, ApiError> {
-        if !ids::is_valid_token(job_id) {
-            return Err(ApiError::bad_request(format!("job_id {job_id:?} must be 1-64 letters, digits, '-' or '_'")));
-        }
+        check_id("job_id", job_id)?;
         self.resources
             .get_job(job_id)
             .await
@@ -806,6 +802,15 @@ impl ApiService {
 /// always maps to the same id, which is what makes the second submission find the first.
 pub fn idempotent_job_id(model: &str, key: &str) -> String {
     uuid::Uuid::new_v5(&IDEMPOTENCY_NAMESPACE, format!("{model}\0{key}").as_bytes()).to_string()
+}
+
+/// Ids end up in KV keys and subjects: a token, or `bad_request` naming the field.
+fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
+    if ids::is_valid_token(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("{field} {id:?} must be 1-64 letters, digits, '-' or '_'")))
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

@@ -128,18 +128,8 @@ impl Client {
 
     /// Follows a batch's events (`item_completed`, `item_failed`, then `batch_finished`) until
     /// it ends, then returns it.
-    pub async fn wait_batch(&self, batch_id: &str, timeout: Duration, mut on_event: impl FnMut(&Event)) -> Result<BatchView, ClientError> {
-        let events = self.events(batch_id).await?;
-        tokio::pin!(events);
-        let followed = tokio::time::timeout(timeout, async {
-            while let Some(e) = events.next().await {
-                on_event(&e);
-            }
-        })
-        .await;
-        if followed.is_err() {
-            return Err(ClientError::Timeout(format!("waiting for batch {batch_id}")));
-        }
+    pub async fn wait_batch(&self, batch_id: &str, timeout: Duration, on_event: impl FnMut(&Event)) -> Result<BatchView, ClientError> {
+        self.follow(batch_id, "batch", timeout, on_event).await?;
         self.batch(batch_id).await
     }
 
@@ -220,8 +210,14 @@ impl Client {
     }
 
     /// Follows a job's events until it ends (calling `on_event` for each), then returns it.
-    pub async fn wait(&self, job_id: &str, timeout: Duration, mut on_event: impl FnMut(&Event)) -> Result<JobView, ClientError> {
-        let events = self.events(job_id).await?;
+    pub async fn wait(&self, job_id: &str, timeout: Duration, on_event: impl FnMut(&Event)) -> Result<JobView, ClientError> {
+        self.follow(job_id, "job", timeout, on_event).await?;
+        self.status(job_id).await
+    }
+
+    /// Calls `on_event` for every event of a job or batch until its terminal one.
+    async fn follow(&self, id: &str, what: &str, timeout: Duration, mut on_event: impl FnMut(&Event)) -> Result<(), ClientError> {
+        let events = self.events(id).await?;
         tokio::pin!(events);
         let followed = tokio::time::timeout(timeout, async {
             while let Some(e) = events.next().await {
@@ -229,10 +225,7 @@ impl Client {
             }
         })
         .await;
-        if followed.is_err() {
-            return Err(ClientError::Timeout(format!("waiting for job {job_id}")));
-        }
-        self.status(job_id).await
+        followed.map_err(|_| ClientError::Timeout(format!("waiting for {what} {id}")))
     }
 }
 

@@ -369,7 +369,8 @@ fn cluster_names(cluster: &LocalCluster) -> Vec<String> {
     (0..cluster.nodes.len()).map(|i| cluster.node_name(i)).collect()
 }
 
-async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+/// Polls `check` every 50 ms until it is true (then true) or `limit` passes (then false).
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -379,7 +380,7 @@ where
         if check().await {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
 }

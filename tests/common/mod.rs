@@ -239,20 +239,7 @@ impl TestCluster {
 }
 
 /// Polls `check` until it is true or `limit` passes.
-pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
+pub use kiln::chaos::wait_until as eventually;
 
 /// Waits for a job's terminal state by polling its status. A request lost with a node that
 /// was just killed times out after 2 s and is retried, as a client would.

@@ -438,9 +438,9 @@ impl ApiService {
                 params: single.params,
                 priority: single.priority,
                 deadline_ms: single.deadline_ms,
-                parent: Some(batch::ParentRef { batch_id: batch_id.clone(), index }),
-                ..JobRecord::queued(
-                    &batch::child_job_id(&batch_id, index),
+                ..batch::child_record(
+                    &batch_id,
+                    index,
                     &model.name,
                     single.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
                     now,
@@ -448,24 +448,7 @@ impl ApiService {
             });
         }
         self.admit(&req.model, children.len() as u64).await?;
-        let record = BatchRecord {
-            batch_id,
-            model: req.model,
-            items: children
-                .iter()
-                .map(|c| batch::BatchItem {
-                    index: c.parent.as_ref().expect("set").index,
-                    job_id: c.job_id.clone(),
-                    state: JobState::Queued,
-                })
-                .collect(),
-            created_ms: now,
-            updated_ms: now,
-            finished_ms: None,
-            idempotency_key: req.idempotency_key,
-            retry_of: None,
-            retried_by: None,
-        };
+        let record = BatchRecord { idempotency_key: req.idempotency_key, ..BatchRecord::new(&batch_id, &req.model, &children, now) };
         self.launch_batch(record, children).await
     }
 
@@ -592,29 +575,11 @@ impl ApiService {
                 params: job.params,
                 priority: job.priority,
                 deadline_ms: job.deadline_ms,
-                parent: Some(batch::ParentRef { batch_id: retry_id.clone(), index: item.index }),
-                ..JobRecord::queued(&batch::child_job_id(&retry_id, item.index), &job.model, job.max_attempts, now)
+                ..batch::child_record(&retry_id, item.index, &job.model, job.max_attempts, now)
             });
         }
         self.admit(&old.model, children.len() as u64).await?;
-        let record = BatchRecord {
-            batch_id: retry_id.clone(),
-            model: old.model.clone(),
-            items: children
-                .iter()
-                .map(|c| batch::BatchItem {
-                    index: c.parent.as_ref().expect("set").index,
-                    job_id: c.job_id.clone(),
-                    state: JobState::Queued,
-                })
-                .collect(),
-            created_ms: now,
-            updated_ms: now,
-            finished_ms: None,
-            idempotency_key: None,
-            retry_of: Some(old.batch_id.clone()),
-            retried_by: None,
-        };
+        let record = BatchRecord { retry_of: Some(old.batch_id.clone()), ..BatchRecord::new(&retry_id, &old.model, &children, now) };
         let reply = self.launch_batch(record, children).await?;
         // Point the old batch at its retry (after the retry exists, so the link never dangles).
         for _ in 0..16 {

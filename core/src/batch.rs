@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::JobState;
+use crate::job::{JobRecord, JobState};
 
 /// Namespace of batch-derived ids (uuid v5), so a resubmission with the same idempotency key,
 /// a retried submission and a retry-of-failed request all land on the same ids.
@@ -23,6 +23,14 @@ const BATCH_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b696c6e_6261_7463_6
 /// retried creates the missing children under the ids the batch record already lists.
 pub fn child_job_id(batch_id: &str, index: u32) -> String {
     uuid::Uuid::new_v5(&BATCH_NAMESPACE, format!("item\0{batch_id}\0{index}").as_bytes()).to_string()
+}
+
+/// Child `index` of batch `batch_id`, queued, before its inputs and options are filled in.
+pub fn child_record(batch_id: &str, index: u32, model: &str, max_attempts: u32, now_ms: u64) -> JobRecord {
+    JobRecord {
+        parent: Some(ParentRef { batch_id: batch_id.to_string(), index }),
+        ..JobRecord::queued(&child_job_id(batch_id, index), model, max_attempts, now_ms)
+    }
 }
 
 /// The id of a batch submitted with an idempotency key.
@@ -121,6 +129,25 @@ pub enum Settle {
 }
 
 impl BatchRecord {
+    /// A new batch of `children` (made by [`child_record`]), every item queued.
+    pub fn new(batch_id: &str, model: &str, children: &[JobRecord], now_ms: u64) -> BatchRecord {
+        let items = children
+            .iter()
+            .filter_map(|c| Some(BatchItem { index: c.parent.as_ref()?.index, job_id: c.job_id.clone(), state: JobState::Queued }))
+            .collect();
+        BatchRecord {
+            batch_id: batch_id.to_string(),
+            model: model.to_string(),
+            items,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            finished_ms: None,
+            idempotency_key: None,
+            retry_of: None,
+            retried_by: None,
+        }
+    }
+
     pub fn summary(&self) -> BatchSummary {
         let count = |s: JobState| self.items.iter().filter(|i| i.state == s).count() as u32;
         let (completed, failed, cancelled) = (count(JobState::Completed), count(JobState::Failed), count(JobState::Cancelled));

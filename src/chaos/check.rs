@@ -185,8 +185,8 @@ impl Checker {
         &mut self,
         accepted: &[Accepted],
         faults: &[InjectedFault],
-        _profile: &Profile,
-        _names: &[String],
+        profile: &Profile,
+        names: &[String],
         registry_converged: bool,
         registry_converged_ms: u64,
     ) -> Vec<Invariant> {
@@ -375,7 +375,7 @@ impl Checker {
         // The registry.
         let mut registry = vec![];
         if !registry_converged {
-            let now = client.cluster().await.map(|c| registry_problems(&c, _profile, _names)).unwrap_or_else(|e| vec![e.to_string()]);
+            let now = client.cluster().await.map(|c| registry_problems(&c, profile, names)).unwrap_or_else(|e| vec![e.to_string()]);
             registry.extend(now);
         } else if registry_converged_ms > REGISTRY_BOUND_MS {
             registry.push(format!("took {registry_converged_ms} ms (bound {REGISTRY_BOUND_MS} ms)"));

@@ -48,13 +48,10 @@ pub struct ChaosOptions {
 /// What was accepted: a job, or a batch and its items.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Accepted {
-    pub index: u32,
-    pub model: String,
     pub job_ids: Vec<String>,
     pub batch_id: Option<String>,
     /// (prompt, seed) of each job: equal inputs must give equal bytes on any node or attempt.
     pub inputs: Vec<(String, u64)>,
-    pub cancel_requested: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,43 +143,23 @@ async fn submit(client: &Client, seed: u64, profile: &Profile, p: &schedule::Pla
     }
     let request = SubmitRequest { model: model.into(), inputs, params, idempotency_key: Some(key), ..Default::default() };
     let reply = retrying(limit, || client.submit(&request)).await.ok()?;
-    Some(Accepted {
-        index: p.index,
-        model: model.into(),
-        job_ids: vec![reply.job_id],
-        batch_id: None,
-        inputs: vec![(prompt, input_seed)],
-        cancel_requested: false,
-    })
+    Some(Accepted { job_ids: vec![reply.job_id], batch_id: None, inputs: vec![(prompt, input_seed)] })
 }
 
 async fn submit_batch(client: &Client, key: &str, profile: &Profile, p: &schedule::Planned, items: u32, steps: u32) -> Option<Accepted> {
-    {
-        {
-            let limit = Duration::from_secs(60);
-            let mut item_inputs = vec![];
-            let items: Vec<BatchItemRequest> = (0..items)
-                .map(|i| {
-                    let (prompt, s) = prompt_of(p.index * 7 + i);
-                    item_inputs.push((prompt.clone(), s));
-                    BatchItemRequest {
-                        inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(),
-                        params: job_params(steps, profile.step_ms, s),
-                    }
-                })
-                .collect();
-            let request = BatchSubmitRequest { model: "chaos".into(), items, idempotency_key: Some(key.to_string()), ..Default::default() };
-            let reply = retrying(limit, || client.submit_batch(&request)).await.ok()?;
-            Some(Accepted {
-                index: p.index,
-                model: "chaos".into(),
-                job_ids: reply.items.iter().map(|i| i.job_id.clone()).collect(),
-                batch_id: Some(reply.batch_id),
-                inputs: item_inputs,
-                cancel_requested: false,
-            })
-        }
-    }
+    let (inputs, items): (Vec<(String, u64)>, Vec<BatchItemRequest>) = (0..items)
+        .map(|i| {
+            let (prompt, s) = prompt_of(p.index * 7 + i);
+            let item = BatchItemRequest {
+                inputs: [("prompt".to_string(), InputValue::Inline(prompt.clone().into()))].into(),
+                params: job_params(steps, profile.step_ms, s),
+            };
+            ((prompt, s), item)
+        })
+        .unzip();
+    let request = BatchSubmitRequest { model: "chaos".into(), items, idempotency_key: Some(key.to_string()), ..Default::default() };
+    let reply = retrying(Duration::from_secs(60), || client.submit_batch(&request)).await.ok()?;
+    Some(Accepted { job_ids: reply.items.iter().map(|i| i.job_id.clone()).collect(), batch_id: Some(reply.batch_id), inputs })
 }
 
 /// Runs the storm and the faults, waits for every job to end, checks, reports.
@@ -244,18 +221,18 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
         let seed = opts.seed;
         storm.spawn(async move {
             tokio::time::sleep_until((storm_start + Duration::from_millis(p.at_ms)).into()).await;
-            let Some(mut a) = submit(&client, seed, &profile, &p).await else {
+            let Some(a) = submit(&client, seed, &profile, &p).await else {
                 not_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             };
             if let Some(after) = p.cancel_after_ms {
                 tokio::time::sleep(Duration::from_millis(after)).await;
                 let limit = Duration::from_secs(60);
-                let done = match &a.batch_id {
+                // A cancel that is refused (the job ended first) changes nothing to check.
+                let _ = match &a.batch_id {
                     Some(b) => retrying(limit, || client.cancel_batch(b)).await.map(|_| ()),
                     None => retrying(limit, || client.cancel(&a.job_ids[0])).await.map(|_| ()),
                 };
-                a.cancel_requested = done.is_ok();
             }
             accepted.lock().unwrap_or_else(|e| e.into_inner()).push(a);
         });
@@ -289,15 +266,19 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
     // Every accepted job must end.
     let accepted: Vec<Accepted> = accepted.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let all_jobs: Vec<String> = accepted.iter().flat_map(|a| a.job_ids.clone()).collect();
+    // Jobs seen terminal are not asked again (terminal is final).
+    let open = Arc::new(Mutex::new(all_jobs.clone()));
     let ended = wait_until(Duration::from_secs(180), || async {
-        let mut open = 0;
-        for id in &all_jobs {
-            if !client.status(id).await.is_ok_and(|v| v.status.is_terminal()) {
-                open += 1;
-                break;
+        let pending = open.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut still = vec![];
+        for id in pending {
+            if !client.status(&id).await.is_ok_and(|v| v.status.is_terminal()) {
+                still.push(id);
             }
         }
-        open == 0
+        let done = still.is_empty();
+        *open.lock().unwrap_or_else(|e| e.into_inner()) = still;
+        done
     })
     .await;
     let settle_ms = healed.elapsed().as_millis() as u64;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kiln_actors::gpu_supervisor::call_gpu;
 use kiln_actors::node_control::call_node;
 use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, NodeControlRequest};
@@ -96,13 +96,16 @@ pub struct ApiService {
     registry: RegistryCache,
     /// model -> (waiting jobs, when measured): admission control without a request per submit.
     queue_depth: Arc<DashMap<String, (u64, Instant)>>,
+    /// Tells the request loop that this process stood still: the requests it buffered
+    /// meanwhile are stale (see [`ApiService::start`]).
+    stall: kiln_core::stall::StallWatch,
 }
 
 type Reply = Result<Vec<u8>, ApiError>;
 
 impl ApiService {
-    pub fn new(resources: Resources, config: Arc<ClusterConfig>, registry: RegistryCache) -> Self {
-        ApiService { resources, config, registry, queue_depth: Arc::new(DashMap::new()) }
+    pub fn new(resources: Resources, config: Arc<ClusterConfig>, registry: RegistryCache, stall: kiln_core::stall::StallWatch) -> Self {
+        ApiService { resources, config, registry, queue_depth: Arc::new(DashMap::new()), stall }
     }
 
     /// Registers the service and serves until the returned task is aborted.
@@ -132,12 +135,17 @@ impl ApiService {
         };
         Ok(tokio::spawn(async move {
             let _service = service; // dropping it would unregister the endpoints
-                                    // This loop does O(1) work per request and never waits on one being served, so it
-                                    // drains the endpoints' subscriptions (async-nats buffers 64Ki messages per
-                                    // subscription and drops what comes past that: such a request times out at its
-                                    // client instead of growing this node's memory).
+            let mut stall_seen = self.stall.generation();
+            // This loop does O(1) work per request and never waits on one being served, so it
+            // drains the endpoints' subscriptions (async-nats buffers 64Ki messages per
+            // subscription and drops what comes past that: such a request times out at its
+            // client instead of growing this node's memory).
             while let Some((endpoint, request)) = requests.next().await {
                 metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint).increment(1);
+                if self.stall.generation() != stall_seen {
+                    stall_seen = self.refuse_stale_requests(&mut requests, endpoint, request, max_reply).await;
+                    continue;
+                }
                 let size = request.message.payload.len();
                 if size > self.config.limits.max_request_bytes {
                     // Refused before it takes a slot (handle() says why).
@@ -159,6 +167,40 @@ impl ApiService {
                 });
             }
         }))
+    }
+
+    /// This process stood still (SIGSTOP, a paused VM, a starved runtime) for longer than the
+    /// stall threshold: every request it buffered meanwhile was sent at least that long ago,
+    /// and its client has most likely given up and retried elsewhere. Answering them would
+    /// create jobs nobody knows of (an outside storm counted 9 to 26 per run), so each is
+    /// refused `overloaded` (retryable: a client still waiting just asks again). Which requests
+    /// were buffered: the one in hand, and every one the server sent before a PING that this
+    /// node sends now; its PONG comes after them on the connection, so once `flush` returns they
+    /// are all in the endpoints' channels. Returns the stall generation now handled.
+    async fn refuse_stale_requests(
+        &self,
+        requests: &mut (impl futures::Stream<Item = (&'static str, service::Request)> + Unpin),
+        endpoint: &'static str,
+        request: service::Request,
+        max_reply: usize,
+    ) -> u64 {
+        let generation = self.stall.generation();
+        let stalled_ms = self.stall.last_stall_ms().max(self.stall.threshold().as_millis() as u64);
+        let stale = || {
+            Err(ApiError::new(
+                ErrorCode::Overloaded,
+                format!("this node stood still for about {stalled_ms} ms and refuses the requests it held meanwhile; retry"),
+            ))
+        };
+        respond(&request, endpoint, stale(), max_reply).await;
+        let mut refused = 1;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.resources.client.flush()).await;
+        while let Some(Some((endpoint, request))) = requests.next().now_or_never() {
+            respond(&request, endpoint, stale(), max_reply).await;
+            refused += 1;
+        }
+        tracing::warn!(refused, stalled_ms, "refused the requests held while this node stood still");
+        generation
     }
 
     /// Dispatches one request body to its handler. Public so tests can drive it directly.
@@ -349,38 +391,40 @@ impl ApiService {
         Ok(())
     }
 
-    /// Makes a new job durable: its record, its `queued` event, its queue message. `Some(state)`
-    /// when the record existed already (an idempotent resubmission): it is enqueued again if
-    /// the first submission died between its record and its enqueue, which the queue's
-    /// de-duplication window makes harmless.
+    /// Makes a new job durable: its `queued` event, its queue message, then its record.
+    /// `Some(state)` when the record existed already (an idempotent resubmission).
+    ///
+    /// The record comes last so that a record never exists without its queue message: a
+    /// record written first was stranded `queued` forever when the node or nats-server died
+    /// before the enqueue (an outside storm: nats-server SIGTERMed in a flood of unkeyed
+    /// submits). Now a death between the writes leaves, at worst, a queue message without a
+    /// record: the job actor that gets it waits for the record, and drops the message once it
+    /// is older than the queue's de-duplication window (nobody can complete that submission
+    /// any more: a resubmission with the same key would be de-duplicated against it only
+    /// within the window). A resubmission with the key within the window publishes the same
+    /// event and message again (both de-duplicated) and writes the record, and the job runs.
     async fn launch_job(&self, record: &JobRecord) -> Result<Option<JobState>, ApiError> {
-        match self.resources.create_job(record).await {
-            Ok(_) => {}
-            Err(StoreError::AlreadyExists) => {
-                let existing = self
-                    .resources
-                    .get_job(&record.job_id)
-                    .await
-                    .map_err(internal)?
-                    .ok_or_else(|| ApiError::internal("job record vanished"))?;
-                if existing.record.state == JobState::Queued && existing.record.attempt == 0 {
-                    // The first submission may have died before its `queued` event (found by
-                    // `kiln chaos`: a nats-server restart between the record and the event left
-                    // a history starting at `running`). The event goes before the enqueue, so
-                    // only a job never enqueued can lack it.
-                    if self.resources.last_event(&record.job_id).await.map_err(internal)?.is_none() {
-                        self.publish_queued(&record.job_id).await?;
-                    }
-                    self.resources.enqueue(&record.job_id, &existing.record.model, existing.record.priority).await.map_err(internal)?;
-                }
+        if record.idempotency_key.is_some() || record.parent.is_some() {
+            // Ids derived from a key (or a batch) may exist already: then nothing is sent
+            // again (a second queue message after the window would run the job twice).
+            if let Some(existing) = self.resources.get_job(&record.job_id).await.map_err(internal)? {
                 return Ok(Some(existing.record.state));
             }
-            Err(e) => return Err(internal(e)),
         }
         // The `queued` event goes first so that the history is ordered even for a job that
         // starts the instant it is enqueued.
         self.publish_queued(&record.job_id).await?;
         self.resources.enqueue(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
+        kiln_core::fault::abort_at("abort_in_launch");
+        match self.resources.create_job(record).await {
+            Ok(_) => {}
+            // A concurrent identical resubmission wrote it first.
+            Err(StoreError::AlreadyExists) => {
+                let existing = self.resources.get_job(&record.job_id).await.map_err(internal)?;
+                return Ok(Some(existing.map(|v| v.record.state).unwrap_or(JobState::Queued)));
+            }
+            Err(e) => return Err(internal(e)),
+        }
         metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
         Ok(None)
     }

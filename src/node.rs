@@ -24,6 +24,12 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// How long this process must stand still (no tick of its stall watch) to count as stopped:
+/// past it, the requests it held are refused and what it knew of the cluster is re-checked.
+/// Far above any scheduling delay of a live process, well below a client's request timeout
+/// plus the time it takes to notice.
+pub const STALL_THRESHOLD: Duration = Duration::from_millis(1500);
+
 /// A node running in this process.
 pub struct RunningNode {
     pub name: String,
@@ -91,6 +97,10 @@ impl RunningNode {
                     return Err(StartError::DuplicateName(name));
                 }
             }
+            // Its previous life is dead: hand back the deliveries it held now, rather than
+            // after the ack wait (a survivor may have done it already; the claim decides).
+            let silent_ms = kiln_core::now_ms().saturating_sub(seen.heartbeat_ms);
+            kiln_actors::loss_detector::hand_back(&resources, &registry, &seen, silent_ms).await;
         }
         let (work_dir, temp) = if config.node.work_dir.is_empty() {
             let t = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir()?;
@@ -102,6 +112,7 @@ impl RunningNode {
         let url = config.nats.url.clone();
         let config = Arc::new(config);
         let drain_requested = Arc::new(tokio::sync::Notify::new());
+        let stall = kiln_core::stall::StallWatch::start(STALL_THRESHOLD);
         let ctx = NodeContext {
             config: config.clone(),
             resources: resources.clone(),
@@ -110,9 +121,10 @@ impl RunningNode {
             warm: Default::default(),
             registry: registry.clone(),
             drain_requested: drain_requested.clone(),
+            stall: stall.clone(),
         };
         let handle = NodeHandle::start(ctx).await?;
-        let api = crate::api::ApiService::new(resources.clone(), config, registry).start().await?;
+        let api = crate::api::ApiService::new(resources.clone(), config, registry, stall).start().await?;
         let diagnostics = crate::diag::serve(resources.clone(), name.clone()).await?;
         tracing::info!(node = %name, url = %url, "node started");
         Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, diagnostics, _work_dir: temp })

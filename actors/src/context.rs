@@ -25,6 +25,9 @@ pub struct NodeContext {
     /// Fired when the cluster asks this node to drain (`kiln drain <node>`, through its
     /// [`NodeControl`](crate::node_control) actor); the binary then leaves gracefully.
     pub drain_requested: Arc<tokio::sync::Notify>,
+    /// Changes when this process stood still (SIGSTOP, a paused VM): the loss detector, the
+    /// registry writer and running jobs re-check what they knew before acting on it.
+    pub stall: kiln_core::stall::StallWatch,
 }
 
 impl NodeContext {

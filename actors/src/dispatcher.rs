@@ -383,6 +383,7 @@ impl DispatcherState {
         };
         let cancel = CancellationToken::new();
         let ack_subject = delivery.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let (listed_tx, listed) = tokio::sync::oneshot::channel();
         let args = JobArgs {
             ctx: self.ctx.clone(),
             delivery,
@@ -392,6 +393,7 @@ impl DispatcherState {
             retry_backoff: self.retry_backoff,
             dispatcher: myself.clone(),
             compression: self.compression.clone(),
+            listed: Some(listed),
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -406,7 +408,8 @@ impl DispatcherState {
                 }
                 self.job_of_actor.insert(actor.get_id(), job_id.clone());
                 self.running.insert(job_id, Running { slot: Some(slot), cancel, ack_subject });
-                self.publish_held();
+                let held = self.held();
+                let _ = self.registry.cast(RegistryWriterMsg::RunningJobs { jobs: held, listed: Some(listed_tx) });
             }
             Err(e) => {
                 // The message stays unacked and is redelivered after the ack wait.
@@ -431,9 +434,12 @@ impl DispatcherState {
         }
     }
 
+    fn held(&self) -> Vec<HeldJob> {
+        self.running.iter().map(|(id, r)| HeldJob { job_id: id.clone(), ack_subject: r.ack_subject.clone() }).collect()
+    }
+
     fn publish_held(&self) {
-        let held = self.running.iter().map(|(id, r)| HeldJob { job_id: id.clone(), ack_subject: r.ack_subject.clone() }).collect();
-        let _ = self.registry.cast(RegistryWriterMsg::RunningJobs(held));
+        let _ = self.registry.cast(RegistryWriterMsg::RunningJobs { jobs: self.held(), listed: None });
     }
 
     fn on_job_actor_end(&mut self, actor: ActorId, failure: Option<String>) {

@@ -62,7 +62,26 @@ pub struct JobArgs {
     /// takes its next job while this one is compressed.
     pub dispatcher: ActorRef<DispatcherMsg>,
     pub compression: CompressionHandle,
+    /// Resolves once the node's registry entry lists this delivery (its ack subject): the
+    /// job is claimed only after that, so a survivor that finds this node lost hands back
+    /// every job that started here. `None` in tests that run a job actor alone.
+    pub listed: Option<tokio::sync::oneshot::Receiver<()>>,
 }
+
+/// Longest wait for the registry listing before claiming anyway (the registry writer is
+/// stuck: NATS is down, and the claim will tell).
+const LISTING_WAIT: Duration = Duration::from_secs(5);
+
+/// A queue message whose job record does not exist (yet): the API writes the record after
+/// the enqueue, so a fast node may see the message first. These re-reads cover that race;
+/// past them the delivery is handed back for [`NO_RECORD_RECHECK`].
+const RECORD_RACE_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+const NO_RECORD_RECHECK: Duration = Duration::from_secs(1);
+/// A message still without a record this long after it was enqueued is dropped: its
+/// submission died between the enqueue and the record, and no resubmission can write the
+/// record any more without also enqueueing a new message (the queue's de-duplication window
+/// is over). The margin covers clock differences between the server and this node.
+const ORPHAN_AFTER: Duration = Duration::from_secs(kiln_core::nats::resources::QUEUE_DEDUP_WINDOW.as_secs() + 30);
 
 /// A job actor takes no messages: it runs its delivery in `post_start` and stops. Cancel
 /// reaches it through the token, which works while it awaits the engine.
@@ -82,6 +101,9 @@ pub struct JobActorState {
     /// Set once the attempt is claimed: the record as last written and its revision.
     current: Option<Versioned>,
     attempt: u32,
+    /// Set by the ticker when, after this process stood still, the record shows that another
+    /// attempt owns the job (or it ended): nothing more is written or published.
+    fenced: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An event published without waiting, kept until its ack is in so it can be sent again.
@@ -114,7 +136,7 @@ impl Actor for JobActor {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let job_id = serde_json::from_slice::<QueueMessage>(&args.delivery.payload).map(|q| q.job_id).unwrap_or_default();
-        Ok(JobActorState { args, pending_events: vec![], events_sent: 0, job_id, current: None, attempt: 0 })
+        Ok(JobActorState { args, pending_events: vec![], events_sent: 0, job_id, current: None, attempt: 0, fenced: Default::default() })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -199,6 +221,11 @@ impl JobActorState {
             self.ack(AckKind::Term).await;
             return DeliveryEnd::Abandoned;
         }
+        if let Some(listed) = self.args.listed.take() {
+            if tokio::time::timeout(LISTING_WAIT, listed).await.is_err() {
+                tracing::warn!(job_id = %self.job_id, "the registry does not list this delivery yet; claiming anyway");
+            }
+        }
         match self.claim().await {
             Ok(Some(end)) => end,
             Ok(None) => self.execute().await,
@@ -212,10 +239,8 @@ impl JobActorState {
     /// Reads the record and either finishes the delivery (`Some`) or claims an attempt (`None`).
     async fn claim(&mut self) -> Result<Option<DeliveryEnd>, StoreError> {
         for _ in 0..8 {
-            let Some(Versioned { record, revision }) = self.ctx().resources.get_job(&self.job_id).await? else {
-                tracing::warn!(job_id = %self.job_id, "queued job has no record (expired?); dropping it");
-                self.ack(AckKind::Term).await;
-                return Ok(Some(DeliveryEnd::Abandoned));
+            let Some(Versioned { record, revision }) = self.get_job_awaiting_record().await? else {
+                return Ok(Some(self.without_record().await));
             };
             let mut next = record.clone();
             next.updated_ms = kiln_core::now_ms();
@@ -280,6 +305,41 @@ impl JobActorState {
         Err(StoreError::Nats("the record kept changing under the claim".into()))
     }
 
+    /// The job's record, re-read a few times over ~60 ms when it is missing: the API writes it
+    /// just after the enqueue, and this node may have been faster.
+    async fn get_job_awaiting_record(&self) -> Result<Option<Versioned>, StoreError> {
+        for wait_ms in RECORD_RACE_WAITS_MS {
+            if let Some(v) = self.ctx().resources.get_job(&self.job_id).await? {
+                return Ok(Some(v));
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+        self.ctx().resources.get_job(&self.job_id).await
+    }
+
+    /// A queue message with no job record: its submission is still under way (hand it back
+    /// and look again in a second), or it died between the enqueue and the record, long ago
+    /// (drop the message: nobody was told of this job).
+    async fn without_record(&self) -> DeliveryEnd {
+        let age = self
+            .args
+            .delivery
+            .info()
+            .map(|i| {
+                let published_ms = (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                Duration::from_millis(kiln_core::now_ms().saturating_sub(published_ms))
+            })
+            .unwrap_or_default();
+        if age > ORPHAN_AFTER {
+            tracing::warn!(job_id = %self.job_id, age_s = age.as_secs(), "queue message without a job record (its submission died, or the record expired); dropping it");
+            self.ack(AckKind::Term).await;
+        } else {
+            tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, "no job record yet; looking again shortly");
+            self.ack(AckKind::Nak(Some(NO_RECORD_RECHECK))).await;
+        }
+        DeliveryEnd::Abandoned
+    }
+
     /// Writes `mutate(record)` with compare-and-set, folding in a concurrent cancel request.
     async fn write(&mut self, mutate: impl Fn(&mut JobRecord)) -> Result<WriteResult, StoreError> {
         for _ in 0..8 {
@@ -327,16 +387,37 @@ impl JobActorState {
 
         // JetStream redelivers after ack_wait without news: tell it we are alive. Each tick
         // also re-reads the record, so a cancel whose core-NATS notice was lost still lands.
+        //
+        // It also watches for this process standing still (SIGSTOP, a paused VM): the job may
+        // have been handed to another node meanwhile, so it re-reads the record at once, and
+        // if another attempt owns the job (or it ended) this attempt stops without writing.
         let ticker = {
             let delivery = self.args.delivery.clone();
             let period = self.ctx().resources.ack_wait() / 3;
             let resources = self.ctx().resources.clone();
-            let (job_id, cancel) = (self.job_id.clone(), self.args.cancel.clone());
+            let (job_id, cancel, attempt) = (self.job_id.clone(), self.args.cancel.clone(), self.attempt);
+            let (stall, fenced) = (self.ctx().stall.clone(), self.fenced.clone());
             tokio::spawn(async move {
+                let mut stall_seen = stall.generation();
+                let mut next_progress = tokio::time::Instant::now() + period;
                 loop {
-                    tokio::time::sleep(period).await;
-                    let _ = delivery.ack_with(AckKind::Progress).await;
+                    tokio::time::sleep(STALL_CHECK.min(period)).await;
+                    let stalled = stall.generation() != stall_seen;
+                    if !stalled && tokio::time::Instant::now() < next_progress {
+                        continue;
+                    }
+                    stall_seen = stall.generation();
+                    if !stalled {
+                        next_progress = tokio::time::Instant::now() + period;
+                        let _ = delivery.ack_with(AckKind::Progress).await;
+                    }
                     if let Ok(Some(v)) = resources.get_job(&job_id).await {
+                        if v.record.attempt != attempt || v.record.state != JobState::Running {
+                            tracing::warn!(job_id = %job_id, attempt, "this node stood still and another attempt owns the job now; stopping this one");
+                            fenced.store(true, std::sync::atomic::Ordering::Release);
+                            cancel.cancel();
+                            return;
+                        }
                         if v.record.cancel_requested {
                             cancel.cancel();
                         }
@@ -401,15 +482,16 @@ impl JobActorState {
             let _ = self.args.dispatcher.cast(DispatcherMsg::ModelDone { job_id: self.job_id.clone() });
             self.run_stages(record, &stages, &job_inputs, outputs, &dir).await?
         };
+        // Stored under this attempt's own names; announced (and so made visible) only in
+        // `conclude`, if this attempt still owns the job.
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
             let artifact = self
                 .ctx()
                 .resources
-                .store_artifact(&record.model, &self.job_id, &output.name, &output.path, output.content_type.as_deref())
+                .store_artifact(&record.model, &self.job_id, self.attempt, &output.name, &output.path, output.content_type.as_deref())
                 .await
                 .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
-            self.event(Event::artifact(&self.job_id, self.attempt, artifact.clone())).await;
             artifacts.push(artifact);
         }
         let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -518,6 +600,12 @@ impl JobActorState {
     }
 
     async fn conclude(&mut self, record: &JobRecord, outcome: Result<Vec<Artifact>, EngineError>, started: Instant) -> DeliveryEnd {
+        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok(artifacts) = &outcome {
+                self.remove_artifacts(&record.model, artifacts).await;
+            }
+            return DeliveryEnd::Fenced;
+        }
         let now = kiln_core::now_ms();
         metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => if outcome.is_ok() { "completed" } else { "error" }).record(started.elapsed().as_secs_f64());
         let (state, error, dead_letter, artifacts, retry) = match outcome {
@@ -536,6 +624,20 @@ impl JobActorState {
             }
         };
         self.flush_events().await;
+        if !artifacts.is_empty() {
+            match self.announce_artifacts(&artifacts).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: another attempt's events follow this one's; its artifacts are withdrawn");
+                    self.remove_artifacts(&record.model, &artifacts).await;
+                    return DeliveryEnd::Fenced;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %self.job_id, error = %e, "cannot announce the artifacts; leaving the job for redelivery");
+                    return DeliveryEnd::Abandoned;
+                }
+            }
+        }
         let written = self
             .write(|r| {
                 r.state = state;
@@ -551,6 +653,7 @@ impl JobActorState {
             Ok(WriteResult::Written) => {}
             Ok(WriteResult::Fenced) => {
                 tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: a newer attempt owns the job; dropping this outcome");
+                self.remove_artifacts(&record.model, &artifacts).await;
                 return DeliveryEnd::Fenced;
             }
             Err(e) => {
@@ -580,6 +683,62 @@ impl JobActorState {
         DeliveryEnd::Terminal(record.state)
     }
 
+    /// Publishes one `artifact` event per artifact, each stored only if the job's last event is
+    /// still one this attempt may follow (`Nats-Expected-Last-Subject-Sequence`): its own, the
+    /// API's, or a late one of an older fenced attempt. A newer attempt's event or an ending
+    /// in between means this attempt is fenced: false. So a fenced attempt that resumes after
+    /// the job ended can add no artifact to its history (an outside storm saw two late
+    /// artifact events after `completed`).
+    async fn announce_artifacts(&self, artifacts: &[Artifact]) -> Result<bool, StoreError> {
+        let resources = &self.ctx().resources;
+        let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
+        let Some((mut after, last)) = resources.last_event_with_seq(&self.job_id).await? else { return Ok(false) };
+        if !may_follow(&last) {
+            return Ok(false);
+        }
+        for artifact in artifacts {
+            let event = Event::artifact(&self.job_id, self.attempt, artifact.clone());
+            let mut failures = 0;
+            loop {
+                match resources.publish_event_after(&event, after).await {
+                    Ok(Some(seq)) => {
+                        after = seq;
+                        break;
+                    }
+                    Ok(None) => {
+                        // Something was stored in between: this very event (an earlier try
+                        // whose ack was lost), a late event that may be followed, or a fence.
+                        let Some((seq, last)) = resources.last_event_with_seq(&self.job_id).await? else { return Ok(false) };
+                        if last.attempt == self.attempt && last.artifact.as_ref().is_some_and(|a| a.object == artifact.object) {
+                            after = seq;
+                            break;
+                        }
+                        if !may_follow(&last) {
+                            return Ok(false);
+                        }
+                        after = seq;
+                    }
+                    Err(e) if failures >= 40 => return Err(e),
+                    Err(_) => {
+                        failures += 1;
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Deletes the objects a fenced attempt stored under its own names (nothing refers to
+    /// them); they would expire with the bucket's TTL anyway.
+    async fn remove_artifacts(&self, model: &str, artifacts: &[Artifact]) {
+        for artifact in artifacts {
+            if let Err(e) = self.ctx().resources.delete_artifact(model, artifact).await {
+                tracing::debug!(job_id = %self.job_id, object = %artifact.object, error = %e, "cannot remove a fenced attempt's artifact");
+            }
+        }
+    }
+
     /// Tells the job's batch (if it is a batch item) how it ended; must succeed before the
     /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
     /// and that delivery finds the job terminal and settles again.
@@ -597,6 +756,9 @@ impl JobActorState {
         metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
     }
 }
+
+/// How often a running job looks whether its process stood still (then it re-reads its record).
+const STALL_CHECK: Duration = Duration::from_millis(250);
 
 /// The part of a pipeline's progress the model takes; its post-processing stages share the rest.
 const MODEL_SHARE: f32 = 0.8;

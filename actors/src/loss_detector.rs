@@ -1,8 +1,11 @@
 //! LossDetector: notices when another node goes silent and hands its jobs back at once.
 //!
-//! Every tick it reads the registry (the local, watch-fed cache), remembering the last entry of
-//! each other node. A node whose heartbeat is older than `node.loss_after_ms` is lost (SIGKILL,
-//! a cut link, a dead machine). The survivors race to create a claim key for that node's life
+//! Every tick it reads the registry (the local, watch-fed cache) and notes, on this process's
+//! own monotonic clock, when it last saw each other node's heartbeat *change*. A node whose
+//! heartbeat this detector, watching all along, has not seen change for `node.loss_after_ms`
+//! is a suspect (SIGKILL, a cut link, a dead machine). Before acting, the detector reads the
+//! suspect's entry from the server itself (not the cache): if its heartbeat moved, it is alive.
+//! Otherwise the survivors race to create a claim key for that node's life
 //! (`_lost.<node>.<started_ms>`); the one that wins:
 //! - NAKs every delivery the lost node held (from the `jobs` of its last entry), so JetStream
 //!   redelivers them now instead of after the ack wait; the next attempt's compare-and-set on
@@ -10,10 +13,18 @@
 //! - marks the lost node's GPUs `dead` in the registry (they expire with their TTL) and
 //!   removes its node entry.
 //!
+//! A detector judges nobody across its own blind spots: while its NATS connection is down,
+//! after this process stood still (the stall watch, or a gap between its own ticks), it
+//! forgets what it saw and watches again for a whole threshold before it may declare anyone.
+//! (An outside storm SIGSTOPped a node for 8 s: on SIGCONT it compared its peers' 8 s old
+//! heartbeats with its clock, declared both lost and NAKed their running jobs.) Comparing
+//! heartbeat changes, not heartbeat times, also keeps clock differences between machines out
+//! of the verdict.
+//!
 //! Without it, a lost node's jobs still come back, after `nats.ack_wait_ms`.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kiln_core::protocol::{GpuState, NodeEntry};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -27,14 +38,31 @@ pub struct LossDetector;
 
 pub struct LossDetectorState {
     ctx: NodeContext,
-    /// The last entry seen of each other node (kept after the server expires it).
-    last_seen: HashMap<String, NodeEntry>,
+    /// Each other node's last entry seen, and when (on this process's clock) its heartbeat
+    /// last changed. Kept after the server expires the entry, so an expired node is judged.
+    watched: HashMap<String, Watched>,
     /// Lives already declared lost: (node, started_ms).
     declared: HashSet<(String, u64)>,
-    /// Since when this node's own NATS connection is up. Others' heartbeats look stale to a
-    /// node that was cut off itself (or while the server restarted); it judges nobody until
-    /// it has been connected for a whole loss threshold.
-    connected_since: Option<u64>,
+    /// Since when this detector has watched without a blind spot; `None` while blind.
+    watching_since: Option<Instant>,
+    /// The last tick, to notice a tick that came far too late (this process was starved).
+    last_tick: Option<Instant>,
+    /// The stall generation seen at the last tick.
+    stall_seen: u64,
+}
+
+struct Watched {
+    entry: NodeEntry,
+    changed_at: Instant,
+    /// In the registry at the last tick, seen by a detector that was watching.
+    present: bool,
+}
+
+/// Whether a node watched since `changed_at` is a suspect at `now`: its heartbeat has not
+/// changed for longer than `loss_after`, and the watcher itself has watched without a blind
+/// spot for at least that long. Pure, so the rule is tested on its own.
+pub fn is_suspect(watching_since: Instant, changed_at: Instant, now: Instant, loss_after: Duration) -> bool {
+    now.saturating_duration_since(watching_since) > loss_after && now.saturating_duration_since(changed_at) > loss_after
 }
 
 pub enum LossDetectorMsg {
@@ -51,7 +79,8 @@ impl Actor for LossDetector {
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(TICK, || LossDetectorMsg::Tick);
-        Ok(LossDetectorState { ctx, last_seen: HashMap::new(), declared: HashSet::new(), connected_since: None })
+        let stall_seen = ctx.stall.generation();
+        Ok(LossDetectorState { ctx, watched: HashMap::new(), declared: HashSet::new(), watching_since: None, last_tick: None, stall_seen })
     }
 
     async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -63,84 +92,162 @@ impl Actor for LossDetector {
 }
 
 impl LossDetectorState {
+    /// Forgets what it saw: the next verdict needs a whole threshold of watching first.
+    fn go_blind(&mut self) {
+        self.watching_since = None;
+    }
+
     async fn on_tick(&mut self) {
-        let now = kiln_core::now_ms();
-        let loss_after = self.ctx.config.node.loss_after_ms;
+        let now = Instant::now();
+        let loss_after = Duration::from_millis(self.ctx.config.node.loss_after_ms);
+        let late_tick = self.last_tick.is_some_and(|t| now.saturating_duration_since(t) > loss_after / 2);
+        self.last_tick = Some(now);
+        let stall = self.ctx.stall.generation();
+        if late_tick || stall != self.stall_seen {
+            self.stall_seen = stall;
+            self.go_blind();
+        }
         if self.ctx.resources.client.connection_state() != async_nats::connection::State::Connected {
-            self.connected_since = None;
+            self.go_blind();
             return;
         }
-        let since = *self.connected_since.get_or_insert(now);
-        if now.saturating_sub(since) < loss_after {
-            return;
+        let watching_since = match self.watching_since {
+            Some(since) => since,
+            None => {
+                // Whatever was seen before the blind spot says nothing about now: every node
+                // starts a fresh threshold.
+                for w in self.watched.values_mut() {
+                    w.changed_at = now;
+                    // Whether it left cleanly while this detector was blind is unknown.
+                    w.present = false;
+                }
+                *self.watching_since.insert(now)
+            }
+        };
+        let entries = self.ctx.registry.nodes_including_stale();
+        let present: HashSet<String> = entries.iter().map(|e| e.node.clone()).collect();
+        // Gone from the registry between two ticks while its heartbeat still moved: it left
+        // cleanly (drain, SIGTERM) and removed its own entries. Forget it rather than declare
+        // it lost later. One that vanished unseen (expired) stays, to be judged.
+        self.watched.retain(|node, w| present.contains(node) || !w.present || now.saturating_duration_since(w.changed_at) > loss_after);
+        for (node, w) in self.watched.iter_mut() {
+            w.present = present.contains(node);
         }
-        let present: HashSet<String> = self.ctx.registry.nodes_including_stale().into_iter().map(|e| e.node).collect();
-        // Gone from the registry while its heartbeat was still fresh: it left cleanly (drain,
-        // SIGTERM) and removed its own entries. Forget it rather than declare it lost later.
-        self.last_seen.retain(|node, e| present.contains(node) || now.saturating_sub(e.heartbeat_ms) > loss_after);
-        for entry in self.ctx.registry.nodes_including_stale() {
+        for entry in entries {
             if entry.node == self.ctx.node {
                 continue;
             }
-            let newer = self
-                .last_seen
-                .get(&entry.node)
-                .is_none_or(|seen| (entry.started_ms, entry.heartbeat_ms) >= (seen.started_ms, seen.heartbeat_ms));
-            if newer {
-                self.last_seen.insert(entry.node.clone(), entry);
+            let seen = (entry.started_ms, entry.heartbeat_ms);
+            match self.watched.get_mut(&entry.node) {
+                Some(w) if (w.entry.started_ms, w.entry.heartbeat_ms) == seen => {}
+                Some(w) if seen < (w.entry.started_ms, w.entry.heartbeat_ms) => {} // an older write, late
+                _ => {
+                    self.watched.insert(entry.node.clone(), Watched { entry, changed_at: now, present: true });
+                }
             }
         }
-        let lost: Vec<NodeEntry> = self
-            .last_seen
+        let suspects: Vec<NodeEntry> = self
+            .watched
             .values()
-            .filter(|e| now.saturating_sub(e.heartbeat_ms) > loss_after && !self.declared.contains(&(e.node.clone(), e.started_ms)))
-            .cloned()
+            .filter(|w| is_suspect(watching_since, w.changed_at, now, loss_after))
+            .filter(|w| !self.declared.contains(&(w.entry.node.clone(), w.entry.started_ms)))
+            .map(|w| w.entry.clone())
             .collect();
-        for entry in lost {
-            self.declared.insert((entry.node.clone(), entry.started_ms));
-            self.on_lost(entry, now).await;
-        }
-        // Forget lost nodes once handled and gone from the registry.
-        self.last_seen.retain(|node, e| present.contains(node) || !self.declared.contains(&(node.clone(), e.started_ms)));
-    }
-
-    async fn on_lost(&mut self, entry: NodeEntry, now: u64) {
-        let silent_ms = now.saturating_sub(entry.heartbeat_ms);
-        let claim = format!("_lost.{}.{}", entry.node, entry.started_ms);
-        match self.ctx.resources.claim_once(&claim).await {
-            Ok(true) => {}
-            Ok(false) => return, // another survivor handles it
-            Err(e) => {
-                tracing::warn!(node = %entry.node, error = %e, "cannot claim the hand-back of a lost node");
+        for entry in suspects {
+            // The cache may lag (a watch that fell behind): the server's own copy decides.
+            match self.ctx.resources.node_entry_fresh(&entry.node).await {
+                Ok(Some(fresh)) if (fresh.started_ms, fresh.heartbeat_ms) != (entry.started_ms, entry.heartbeat_ms) => {
+                    self.watched.insert(entry.node.clone(), Watched { entry: fresh, changed_at: Instant::now(), present: true });
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = %entry.node, error = %e, "cannot confirm a silent node's entry; judging it later");
+                    continue;
+                }
+            }
+            // The read may have taken long, or this process stood still during it.
+            if self.ctx.stall.generation() != self.stall_seen {
+                self.go_blind();
                 return;
             }
+            let silent_ms = now.saturating_duration_since(self.watched[&entry.node].changed_at).as_millis() as u64;
+            self.declared.insert((entry.node.clone(), entry.started_ms));
+            self.on_lost(entry, silent_ms).await;
         }
-        tracing::warn!(node = %entry.node, silent_ms, jobs = entry.jobs.len(), "node lost; handing its jobs back");
-        metrics::counter!(kiln_core::metrics::NODES_LOST).increment(1);
-        let client = &self.ctx.resources.client;
-        for job in &entry.jobs {
-            if job.ack_subject.is_empty() {
-                continue;
-            }
-            // "-NAK" on the delivery's ack subject: JetStream redelivers the message now.
-            if let Err(e) = client.publish(job.ack_subject.clone(), "-NAK".into()).await {
-                tracing::warn!(job_id = %job.job_id, error = %e, "cannot hand back a lost node's job; it returns after the ack wait");
-            } else {
-                tracing::info!(job_id = %job.job_id, node = %entry.node, "handed back");
-            }
+        // Forget lost nodes once handled and gone from the registry.
+        self.watched.retain(|node, w| present.contains(node) || !self.declared.contains(&(node.clone(), w.entry.started_ms)));
+    }
+
+    async fn on_lost(&mut self, entry: NodeEntry, silent_ms: u64) {
+        hand_back(&self.ctx.resources, &self.ctx.registry, &entry, silent_ms).await;
+    }
+}
+
+/// Hands back the jobs of one lost life of a node, if this caller wins its claim
+/// (`_lost.<node>.<started_ms>`; every survivor may try, one acts): NAKs every delivery listed
+/// in `entry`, marks its GPUs dead and removes its node entry. Also used by a node that
+/// restarts under the same name and finds its previous life's entry dead: its jobs then come
+/// back at once even with no other node to notice. True when this caller handed them back.
+pub async fn hand_back(
+    resources: &kiln_core::nats::Resources,
+    registry: &kiln_core::nats::RegistryCache,
+    entry: &NodeEntry,
+    silent_ms: u64,
+) -> bool {
+    let claim = kiln_core::nats::lost_claim_key(&entry.node, entry.started_ms);
+    match resources.claim_once(&claim).await {
+        Ok(true) => {}
+        Ok(false) => return false, // another survivor handles it
+        Err(e) => {
+            tracing::warn!(node = %entry.node, error = %e, "cannot claim the hand-back of a lost node");
+            return false;
         }
-        let _ = client.flush().await;
-        for mut gpu in self.ctx.registry.gpus_of(&entry.node) {
-            gpu.state = GpuState::Dead;
-            gpu.current_job = None;
-            gpu.last_error = Some(format!("node lost: no heartbeat for {silent_ms} ms"));
-            gpu.heartbeat_ms = kiln_core::now_ms();
-            if let Err(e) = self.ctx.resources.put_gpu(&gpu).await {
-                tracing::warn!(error = %e, "cannot mark a lost node's GPU dead");
-            }
+    }
+    tracing::warn!(node = %entry.node, silent_ms, jobs = entry.jobs.len(), "node lost; handing its jobs back");
+    metrics::counter!(kiln_core::metrics::NODES_LOST).increment(1);
+    let client = &resources.client;
+    for job in &entry.jobs {
+        if job.ack_subject.is_empty() {
+            continue;
         }
-        if let Err(e) = self.ctx.resources.delete_node_entry(&entry.node).await {
-            tracing::warn!(error = %e, "cannot remove a lost node's entry");
+        // "-NAK" on the delivery's ack subject: JetStream redelivers the message now.
+        if let Err(e) = client.publish(job.ack_subject.clone(), "-NAK".into()).await {
+            tracing::warn!(job_id = %job.job_id, error = %e, "cannot hand back a lost node's job; it returns after the ack wait");
+        } else {
+            tracing::info!(job_id = %job.job_id, node = %entry.node, "handed back");
         }
+    }
+    let _ = client.flush().await;
+    for mut gpu in registry.gpus_of(&entry.node) {
+        gpu.state = GpuState::Dead;
+        gpu.current_job = None;
+        gpu.last_error = Some(format!("node lost: no heartbeat for {silent_ms} ms"));
+        gpu.heartbeat_ms = kiln_core::now_ms();
+        if let Err(e) = resources.put_gpu(&gpu).await {
+            tracing::warn!(error = %e, "cannot mark a lost node's GPU dead");
+        }
+    }
+    if let Err(e) = resources.delete_node_entry(&entry.node).await {
+        tracing::warn!(error = %e, "cannot remove a lost node's entry");
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nobody_is_a_suspect_until_the_watcher_watched_a_whole_threshold() {
+        let t0 = Instant::now();
+        let loss = Duration::from_millis(1000);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Silent since t0, but the watcher only (re)started watching at 800 ms (it stood still).
+        assert!(!is_suspect(at(800), t0, at(1500), loss));
+        assert!(is_suspect(at(800), t0, at(1801), loss));
+        // A heartbeat change resets the clock.
+        assert!(!is_suspect(t0, at(900), at(1500), loss));
+        assert!(is_suspect(t0, at(900), at(1901), loss));
     }
 }

@@ -30,6 +30,12 @@ pub struct RegistryWriterState {
     removed: bool,
     /// The node entry changed since it was last written.
     node_dirty: bool,
+    /// A `FlushNode` is queued to run at once (not after the coalescing delay).
+    flush_queued: bool,
+    /// Job actors waiting for the entry that lists their delivery to be stored.
+    listing_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The stall generation the last standing check was made at.
+    stall_checked: u64,
 }
 
 /// A change to one slot's entry; `None` fields are left as they are.
@@ -56,8 +62,12 @@ pub enum RegistryWriterMsg {
         slot: String,
         update: GpuUpdate,
     },
-    /// The deliveries the node holds now (written within 100 ms, coalesced).
-    RunningJobs(Vec<kiln_core::protocol::HeldJob>),
+    /// The deliveries the node holds now. Written within 100 ms, coalesced; at once when
+    /// `listed` waits for it (a new delivery, not claimed before it is listed).
+    RunningJobs {
+        jobs: Vec<kiln_core::protocol::HeldJob>,
+        listed: Option<tokio::sync::oneshot::Sender<()>>,
+    },
     /// The peers with an actor-cluster session now (written with the next coalesced write).
     Peers(Vec<String>),
     /// Writes the node entry if it changed since the last write.
@@ -116,7 +126,19 @@ impl Actor for RegistryWriter {
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
         let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();
-        Ok(RegistryWriterState { ctx, gpus, base, node, draining: false, removed: false, node_dirty: false })
+        let stall_checked = ctx.stall.generation();
+        Ok(RegistryWriterState {
+            ctx,
+            gpus,
+            base,
+            node,
+            draining: false,
+            removed: false,
+            node_dirty: false,
+            flush_queued: false,
+            listing_waiters: vec![],
+            stall_checked,
+        })
     }
 
     async fn post_start(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -127,14 +149,29 @@ impl Actor for RegistryWriter {
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
             RegistryWriterMsg::Gpu { slot, update } => state.on_gpu_update(&slot, update).await,
-            RegistryWriterMsg::RunningJobs(jobs) => {
+            RegistryWriterMsg::RunningJobs { jobs, listed } => {
                 state.node.running_jobs = jobs.len() as u32;
                 state.node.jobs = jobs;
-                // Coalesced: at most one node write per 100 ms however many jobs start or end,
-                // so the list a survivor reads is at most that stale.
-                if !state.node_dirty {
-                    state.node_dirty = true;
-                    myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);
+                match listed {
+                    // A job waits to be listed before it claims: write at once. Every
+                    // RunningJobs already in the mailbox is folded into that one write, so a
+                    // burst of starts costs one put. (Coalescing alone left a job started in
+                    // the last ~1 s before a SIGKILL unlisted: it waited out the ack wait.)
+                    Some(waiter) => {
+                        state.listing_waiters.push(waiter);
+                        state.node_dirty = true;
+                        if !state.flush_queued {
+                            state.flush_queued = true;
+                            let _ = myself.cast(RegistryWriterMsg::FlushNode);
+                        }
+                    }
+                    // Jobs that ended: at most one node write per 100 ms however many end; a
+                    // survivor may NAK a delivery already acked, which JetStream ignores.
+                    None if !state.node_dirty => {
+                        state.node_dirty = true;
+                        myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);
+                    }
+                    None => {}
                 }
             }
             RegistryWriterMsg::Peers(peers) => {
@@ -217,20 +254,62 @@ impl RegistryWriterState {
     }
 
     async fn flush_node(&mut self) {
+        self.flush_queued = false;
+        if !self.node_dirty && self.listing_waiters.is_empty() {
+            return; // a delayed flush whose change an immediate one wrote already
+        }
         self.node_dirty = false;
-        if self.removed {
+        if !self.removed {
+            self.check_standing().await;
+            self.node.heartbeat_ms = kiln_core::now_ms();
+            if let Err(e) = self.ctx.resources.put_node(&self.node).await {
+                tracing::warn!(error = %e, "node registry write failed");
+            }
+        }
+        // Released even when the write failed: NATS is unreachable, and the claim that
+        // follows fails the same way (the delivery then comes back after the ack wait).
+        for waiter in self.listing_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+    }
+
+    /// After this process stood still, before anything is written: was this node declared
+    /// lost meanwhile? Then a survivor has handed its jobs back (their attempts are fenced out
+    /// by the records) and holds the claim on this life (`_lost.<node>.<started_ms>`), so that
+    /// life can never be declared lost again: the node rejoins as a new life (a new
+    /// `started_ms`), which a later loss can be declared for.
+    async fn check_standing(&mut self) {
+        let generation = self.ctx.stall.generation();
+        if generation == self.stall_checked {
             return;
         }
-        self.node.heartbeat_ms = kiln_core::now_ms();
-        if let Err(e) = self.ctx.resources.put_node(&self.node).await {
-            tracing::warn!(error = %e, "node registry write failed");
+        let claim = kiln_core::nats::lost_claim_key(&self.node.node, self.node.started_ms);
+        match self.ctx.resources.claim_exists(&claim).await {
+            Ok(true) => {
+                let life = kiln_core::now_ms().max(self.node.started_ms + 1);
+                tracing::warn!(
+                    stalled_ms = self.ctx.stall.last_stall_ms(),
+                    old_life = self.node.started_ms,
+                    new_life = life,
+                    "this node was declared lost while it stood still; its jobs were handed back; rejoining as a new life"
+                );
+                self.node.started_ms = life;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Look again at the next write.
+                tracing::warn!(error = %e, "cannot check whether this node was declared lost");
+                return;
+            }
         }
+        self.stall_checked = generation;
     }
 
     async fn write_all(&mut self) {
         if self.removed {
             return;
         }
+        self.check_standing().await;
         let now = kiln_core::now_ms();
         for entry in self.gpus.values_mut() {
             entry.heartbeat_ms = now;

@@ -13,6 +13,8 @@
 //! | [`ids`]      | syntax of client-controlled names (no wildcards, no path tricks)       |
 //! | [`nats`]     | streams, KV, object store, registry cache, the nats-server process     |
 //! | [`engine`]   | `process` and `noop` engines: lazy load, run with progress and cancel  |
+//! | [`stage`]    | post-processing stages: command expansion, image size, camera metadata |
+//! | [`stall`]    | notices that this process itself stood still (SIGSTOP, pause, starved) |
 //! | [`fault`]    | named fault points, compiled in only for tests                         |
 //! | [`metrics`]  | metric names and label conventions (units in names, bounded labels)   |
 
@@ -27,6 +29,7 @@ pub mod nats;
 pub mod policy;
 pub mod protocol;
 pub mod stage;
+pub mod stall;
 
 use std::path::PathBuf;
 

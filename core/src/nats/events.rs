@@ -52,10 +52,32 @@ impl Resources {
 
     /// The last event stored for a job (a direct get, one round trip), if any.
     pub async fn last_event(&self, job_id: &str) -> Result<Option<Event>, StoreError> {
+        Ok(self.last_event_with_seq(job_id).await?.map(|(_, e)| e))
+    }
+
+    /// The last event stored for a job with its stream sequence (a direct get), if any.
+    pub async fn last_event_with_seq(&self, job_id: &str) -> Result<Option<(u64, Event)>, StoreError> {
         let stream = self.js.get_stream(self.names.events_stream()).await.map_err(StoreError::nats)?;
         match stream.get_last_raw_message_by_subject(&self.names.events_subject(job_id)).await {
-            Ok(m) => serde_json::from_slice(&m.payload).map(Some).map_err(|e| StoreError::Decode(e.to_string())),
+            Ok(m) => serde_json::from_slice(&m.payload).map(|e| Some((m.sequence, e))).map_err(|e| StoreError::Decode(e.to_string())),
             Err(e) if matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(StoreError::nats(e)),
+        }
+    }
+
+    /// Publishes `event` only if the last event stored for its job is still the one with
+    /// sequence `after` (`Nats-Expected-Last-Subject-Sequence`): `Some(seq)` once stored,
+    /// `None` when another event was stored in between (another attempt's, or this one's own
+    /// publish whose ack was lost: the caller re-reads the last event to tell which).
+    pub async fn publish_event_after(&self, event: &Event, after: u64) -> Result<Option<u64>, StoreError> {
+        let body = serde_json::to_vec(event).expect("events serialize");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, after.to_string().as_str());
+        let ack =
+            self.js.publish_with_headers(self.names.events_subject(&event.job_id), headers, body.into()).await.map_err(StoreError::nats)?;
+        match ack.await {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence => Ok(None),
             Err(e) => Err(StoreError::nats(e)),
         }
     }

@@ -21,7 +21,7 @@ pub mod resources;
 pub mod server;
 
 pub use names::{Lane, Names};
-pub use registry::RegistryCache;
+pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
 pub use server::NatsServer;
 

@@ -46,34 +46,45 @@ async fn put_bytes(store: &object_store::ObjectStore, name: &str, data: &[u8], c
     Ok(sha)
 }
 
+/// The object name of one attempt's artifact: `<job_id>/<attempt>/<name>`.
+pub fn artifact_object(job_id: &str, attempt: u32, name: &str) -> String {
+    format!("{job_id}/{attempt}/{name}")
+}
+
 impl Resources {
     fn results_store(&self, model: &str) -> Result<object_store::ObjectStore, StoreError> {
         self.results.get(model).map(|s| s.clone()).ok_or_else(|| StoreError::NotFound(format!("results bucket of model {model}")))
     }
 
-    /// Stores a result file as `<job_id>/<name>` in the model's results bucket.
+    /// Stores a result file of one attempt as `<job_id>/<attempt>/<name>` in the model's
+    /// results bucket. Each attempt writes only its own names: an older attempt fenced out
+    /// (its node stopped, the job handed to another) that resumes late can never replace the
+    /// objects the record of the finished job points to. An outside storm saw that happen
+    /// when every attempt wrote `<job_id>/<name>`.
     pub async fn store_artifact(
         &self,
         model: &str,
         job_id: &str,
+        attempt: u32,
         name: &str,
         path: &Path,
         content_type: Option<&str>,
     ) -> Result<Artifact, StoreError> {
         let data = tokio::fs::read(path).await?;
-        self.store_artifact_bytes(model, job_id, name, &data, content_type).await
+        self.store_artifact_bytes(model, job_id, attempt, name, &data, content_type).await
     }
 
     pub async fn store_artifact_bytes(
         &self,
         model: &str,
         job_id: &str,
+        attempt: u32,
         name: &str,
         data: &[u8],
         content_type: Option<&str>,
     ) -> Result<Artifact, StoreError> {
         let store = self.results_store(model)?;
-        let object = format!("{job_id}/{name}");
+        let object = artifact_object(job_id, attempt, name);
         let content_type = content_type.unwrap_or_else(|| content_type_for(name)).to_string();
         let sha256 = put_bytes(&store, &object, data, &content_type).await?;
         Ok(Artifact {
@@ -84,6 +95,11 @@ impl Resources {
             content_type,
             sha256,
         })
+    }
+
+    /// Removes an artifact a fenced attempt stored: no record or event refers to it.
+    pub async fn delete_artifact(&self, model: &str, artifact: &Artifact) -> Result<(), StoreError> {
+        self.results_store(model)?.delete(&artifact.object).await.map_err(StoreError::nats)
     }
 
     /// Size and content digest (the object store's `SHA-256=...`) of an uploaded input, or

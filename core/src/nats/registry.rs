@@ -20,6 +20,11 @@ use super::{Resources, StoreError};
 use crate::config::slot_key;
 use crate::protocol::{GpuEntry, NodeEntry};
 
+/// The key a survivor creates (once) to hand back the jobs of one life of a lost node.
+pub fn lost_claim_key(node: &str, started_ms: u64) -> String {
+    format!("_lost.{node}.{started_ms}")
+}
+
 impl Resources {
     pub fn gpu_key(node: &str, slot: &str) -> String {
         format!("{node}.{}", slot_key(slot))
@@ -61,6 +66,19 @@ impl Resources {
             .await
             .map_err(StoreError::nats)?;
         Ok(ack.await.is_ok())
+    }
+
+    /// Whether a claim made with [`claim_once`](Self::claim_once) is still there.
+    pub async fn claim_exists(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.nodes_kv.get(key).await.map_err(StoreError::nats)?.is_some())
+    }
+
+    /// A node's entry read from the server (not the watch-fed cache), if it exists.
+    pub async fn node_entry_fresh(&self, node: &str) -> Result<Option<NodeEntry>, StoreError> {
+        match self.nodes_kv.get(node).await.map_err(StoreError::nats)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Decode(e.to_string())),
+            None => Ok(None),
+        }
     }
 
     pub async fn delete_node_entry(&self, node: &str) -> Result<(), StoreError> {

@@ -14,7 +14,7 @@ use crate::config::{ClusterConfig, NatsAuth, NatsConfig};
 /// How long job records are kept, at least: far longer than any job waits in the queue.
 const JOB_RECORD_MIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The window in which JetStream drops a second publish with the same `Nats-Msg-Id` (job id).
-const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+pub const QUEUE_DEDUP_WINDOW: Duration = Duration::from_secs(120);
 /// Bounds the history of one job so a chatty engine cannot fill the events stream.
 const MAX_EVENTS_PER_JOB: i64 = 10_000;
 /// Consumers allowed on each stream Kiln creates. nats-server 2.15 gives a stream that sets
@@ -144,7 +144,7 @@ impl Resources {
                 subjects: vec![names.jobs_subject_all()],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
-                duplicate_window: DEDUP_WINDOW,
+                duplicate_window: QUEUE_DEDUP_WINDOW,
                 ..Default::default()
             })
             .await
@@ -157,7 +157,7 @@ impl Resources {
             storage: stream::StorageType::File,
             max_age: result_ttl,
             max_messages_per_subject: MAX_EVENTS_PER_JOB,
-            duplicate_window: DEDUP_WINDOW,
+            duplicate_window: QUEUE_DEDUP_WINDOW,
             max_consumers: MAX_CONSUMERS_PER_STREAM,
             ..Default::default()
         })

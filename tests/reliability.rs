@@ -1,0 +1,270 @@
+//! What an outside storm broke (issue 14), each reproduced against real `kiln node` processes
+//! and a real nats-server: a submission cut between its writes, a node stopped (SIGSTOP) for
+//! seconds, a fenced attempt that resumes after the job completed, a stop signal during
+//! start-up, and a job that starts just before its node is killed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_core::job::JobState;
+use kiln_core::protocol::{EventKind, ListJobsRequest, SubmitRequest};
+
+fn noop() -> SubmitRequest {
+    SubmitRequest { model: "noop".into(), ..Default::default() }
+}
+
+/// Every job record the API lists (up to 1,000).
+async fn all_jobs(client: &kiln::client::Client) -> Vec<kiln_core::protocol::JobView> {
+    client.jobs(&ListJobsRequest { limit: Some(1000), ..Default::default() }).await.unwrap().jobs
+}
+
+/// A node that dies between the durable writes of a submission (here: a fault point that
+/// aborts the process in the middle of `launch_job`, as the storm's SIGTERM of nats-server did
+/// to the enqueue) must not leave a record that says `queued` without a queue message behind
+/// it: PROTOCOL says `queued` means durable in the queue. Nothing may depend on the client
+/// retrying with a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_cut_between_its_writes_leaves_no_job_stuck_queued() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 30_000, NOOP_MODEL);
+    let node = cluster.add_node_with_env("api", &config, &[("KILN_FAULTS", "abort_in_launch@1")]);
+    cluster.wait_node_ready("api", 1).await;
+    let client = cluster.client().await.with_timeout(Duration::from_secs(2));
+
+    // No idempotency key, as the storm's flood: the node dies in the middle of this submit.
+    assert!(client.submit(&noop()).await.is_err(), "the node aborted before it could answer");
+    assert!(cluster.nodes[node].wait_exit(Duration::from_secs(10)).is_some(), "the fault point aborted the node");
+    cluster.nodes[node].env.clear();
+    cluster.nodes[node].start();
+    cluster.wait_node_ready("api", 1).await;
+
+    // With a key, the client's retry after the crash makes one job that runs once.
+    cluster.nodes[node].kill();
+    cluster.nodes[node].env = vec![("KILN_FAULTS".into(), "abort_in_launch@1".into())];
+    cluster.nodes[node].start();
+    cluster.wait_node_ready("api", 1).await;
+    let keyed = SubmitRequest { idempotency_key: Some("cut-once".into()), ..noop() };
+    assert!(client.submit(&keyed).await.is_err());
+    assert!(cluster.nodes[node].wait_exit(Duration::from_secs(10)).is_some());
+    cluster.nodes[node].env.clear();
+    cluster.nodes[node].start();
+    cluster.wait_node_ready("api", 1).await;
+    let id = submit_retrying(&client, keyed).await;
+    let view = wait_terminal(&client, &id, Duration::from_secs(20)).await;
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 1), "{view:?}");
+    let running = history(&client, &id).await.iter().filter(|e| e.kind == EventKind::Status && e.status == Some(JobState::Running)).count();
+    assert_eq!(running, 1, "the keyed job ran once");
+
+    // And a job submitted afterwards runs as usual.
+    let after = client.submit(&noop()).await.unwrap().job_id;
+    assert_eq!(wait_terminal(&client, &after, Duration::from_secs(20)).await.status, JobState::Completed);
+
+    // The bound: no record may stay non-terminal. Every job record the API can list ends.
+    let settled = eventually(Duration::from_secs(10), || async { all_jobs(&client).await.iter().all(|j| j.status.is_terminal()) }).await;
+    let stuck: Vec<_> = all_jobs(&client).await.into_iter().filter(|j| !j.status.is_terminal()).collect();
+    assert!(settled, "records stuck without their queue message: {stuck:#?}\n{}", cluster.nodes[node].log());
+}
+
+/// A node stopped (SIGSTOP) for longer than the loss threshold must not, on SIGCONT, declare
+/// its healthy peers lost (their running jobs would start a second attempt), nor answer the
+/// submits it buffered while stopped (jobs the clients, long gone, never learned of).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_resumes_without_judging_its_peers_or_answering_stale_requests() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 30_000, &format!("{}{}", demo_model("demo", &[], 3, 60_000), NOOP_MODEL));
+    cluster.add_node("w1", &config);
+    cluster.add_node("w2", &config);
+    cluster.wait_node_ready("w1", 2).await;
+    cluster.wait_node_ready("w2", 2).await;
+    let client = cluster.client().await;
+    let long = serde_json::json!({"steps": 12, "step_ms": 500});
+    let a = client.submit(&prompt_request("demo", "a", long.clone())).await.unwrap().job_id;
+    let b = client.submit(&prompt_request("demo", "b", long)).await.unwrap().job_id;
+    let both_running = eventually(Duration::from_secs(20), || async {
+        let (va, vb) = (client.status(&a).await.unwrap(), client.status(&b).await.unwrap());
+        va.status == JobState::Running && vb.status == JobState::Running
+    })
+    .await;
+    assert!(both_running);
+    // The node to stop joins after the long jobs started elsewhere.
+    let sleeper = cluster.add_node("sleeper", &config);
+    cluster.wait_node_ready("sleeper", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let life = client.cluster().await.unwrap().nodes.iter().find(|n| n.node == "sleeper").unwrap().started_ms;
+
+    cluster.nodes[sleeper].signal(libc::SIGSTOP);
+    // While it is stopped, submits reach it through the queue group and time out at the
+    // client; the others are answered.
+    let quick = client.clone().with_timeout(Duration::from_millis(700));
+    let mut answered = vec![];
+    let mut lost = 0;
+    let stop_started = Instant::now();
+    while stop_started.elapsed() < Duration::from_secs(4) {
+        match quick.submit(&noop()).await {
+            Ok(r) => answered.push(r.job_id),
+            Err(_) => lost += 1,
+        }
+    }
+    cluster.nodes[sleeper].signal(libc::SIGCONT);
+    println!("while stopped: {} submits answered, {lost} lost with the stopped node", answered.len());
+    assert!(lost > 0, "some submits went to the stopped node");
+
+    // The long jobs finish on their first attempt: nobody handed them back.
+    for id in [&a, &b] {
+        let v = wait_terminal(&client, id, Duration::from_secs(40)).await;
+        assert_eq!((v.status, v.attempt), (JobState::Completed, 1), "{v:?}\n{}", cluster.nodes[sleeper].log());
+    }
+    let sleeper_log = cluster.nodes[sleeper].log();
+    assert!(!sleeper_log.contains("node lost"), "the stopped node judged its peers:\n{sleeper_log}");
+
+    // Every job that exists is one a client was told of: the stopped node answered none of
+    // the requests it held while stopped.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let known: std::collections::HashSet<String> = answered.iter().cloned().chain([a.clone(), b.clone()]).collect();
+    let unknown: Vec<_> = all_jobs(&client).await.into_iter().filter(|j| !known.contains(&j.job_id)).map(|j| j.job_id).collect();
+    assert!(unknown.is_empty(), "{} jobs the client never learned of: {unknown:?}\n{sleeper_log}", unknown.len());
+
+    // The peers declared the stopped node lost (rightly: it was silent past the threshold);
+    // it comes back under a new life, so that a later loss can be declared again.
+    let client2 = client.clone();
+    let back = eventually(Duration::from_secs(10), || async {
+        client2.cluster().await.is_ok_and(|c| c.nodes.iter().any(|n| n.node == "sleeper" && n.started_ms > life))
+    })
+    .await;
+    assert!(back, "the stopped node is back in the registry:\n{}", cluster.nodes[sleeper].log());
+}
+
+/// A job's first attempt runs on a node that is then stopped; a survivor hands the job back and
+/// its second attempt completes. When the stopped node resumes, its fenced attempt must not
+/// replace the winner's result objects nor add events after the ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_attempt_that_resumes_late_never_touches_the_finished_jobs_artifacts() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 30_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("first", &config);
+    cluster.wait_node_ready("first", 1).await;
+    let client = cluster.client().await;
+    // The worker is a separate process: it goes on while its node is stopped and hands the
+    // node its result the moment the node resumes.
+    let id = client.submit(&prompt_request("demo", "fenced", serde_json::json!({"steps": 6, "step_ms": 300}))).await.unwrap().job_id;
+    assert!(eventually(Duration::from_secs(20), || async { client.status(&id).await.unwrap().status == JobState::Running }).await);
+    cluster.add_node("second", &config);
+    cluster.wait_node_ready("second", 1).await;
+    cluster.nodes[0].signal(libc::SIGSTOP);
+    let view = wait_terminal(&client, &id, Duration::from_secs(40)).await;
+    assert_eq!((view.status, view.attempt, view.node.as_deref()), (JobState::Completed, 2, Some("second")), "{view:?}");
+    let artifact = view.artifacts.iter().find(|a| a.name == "image.png").expect("an image").clone();
+    let results = async_nats::jetstream::new(client.nats().clone()).get_object_store(&artifact.bucket).await.unwrap();
+    let before = results.info(&artifact.object).await.unwrap();
+
+    // The first attempt resumes: its worker finished long ago.
+    cluster.nodes[0].signal(libc::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let after = results.info(&artifact.object).await.unwrap();
+    assert_eq!(before.nuid, after.nuid, "the winner's object was replaced:\n{}", cluster.nodes[0].log());
+    let dest = cluster.dir.path().join("image.png");
+    client.download(&artifact, &dest).await.unwrap(); // checks the sha256 against the record
+    let events = history(&client, &id).await;
+    let end = events.iter().position(|e| e.kind == EventKind::Status && e.status.is_some_and(|s| s.is_terminal())).unwrap();
+    let late: Vec<_> = events[end..].iter().filter(|e| e.kind == EventKind::Artifact).collect();
+    assert!(late.is_empty(), "artifact events after the ending: {late:#?}");
+    // No attempt-1 artifact at all: the first attempt was fenced before it stored anything.
+    let stray: Vec<_> = events.iter().filter(|e| e.kind == EventKind::Artifact && e.attempt != 2).collect();
+    assert!(stray.is_empty(), "a fenced attempt announced artifacts: {stray:#?}");
+    let final_view = client.status(&id).await.unwrap();
+    assert_eq!(final_view.artifacts, view.artifacts, "the record's artifacts never change after the ending");
+}
+
+/// Every stop signal at any stage of a node's life is a drain: SIGTERM while the node still
+/// checks whether its old registry entry is alive (the restart after a SIGKILL) exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_signal_during_start_up_is_a_clean_exit() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 30_000, NOOP_MODEL);
+    let node = cluster.add_node("phoenix", &config);
+    cluster.wait_node_ready("phoenix", 1).await;
+    cluster.nodes[node].kill();
+    for (signal, after_ms) in [(libc::SIGTERM, 600), (libc::SIGINT, 600), (libc::SIGTERM, 0)] {
+        // Its old entry is still there (TTL 2 s): the new process watches it before starting.
+        // 0: at the first line it logs (before that the dynamic loader maps libtorch, and the
+        // process runs none of its own code yet).
+        let starts = |log: String| log.lines().filter(|l| l.ends_with(" starting")).count();
+        let logged = starts(cluster.nodes[node].log());
+        cluster.nodes[node].start();
+        assert!(eventually(Duration::from_secs(10), || async { starts(cluster.nodes[node].log()) > logged }).await);
+        tokio::time::sleep(Duration::from_millis(after_ms)).await;
+        let sent = Instant::now();
+        cluster.nodes[node].signal(signal);
+        let code = cluster.nodes[node].wait_exit(Duration::from_secs(15));
+        assert_eq!(code, Some(0), "signal {signal} {after_ms} ms into start-up:\n{}", cluster.nodes[node].log());
+        println!("signal {signal} {after_ms} ms into start-up: exit 0 after {} ms", sent.elapsed().as_millis());
+    }
+    // It leaves no entry behind, and starts normally afterwards.
+    cluster.nodes[node].start();
+    cluster.wait_node_ready("phoenix", 1).await;
+}
+
+/// A job that starts just before its node is killed comes back within the loss threshold, not
+/// after the ack wait: the node's held deliveries are in its registry entry before a job is
+/// claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_just_before_its_node_dies_is_handed_back_at_once() {
+    let mut cluster = TestCluster::new();
+    // An ack wait of 30 s: only the hand-back can bring a job back within seconds.
+    let config = config_toml(&cluster.url(), &["cpu:0"], 30_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("doomed", &config);
+    cluster.add_node("survivor", &config);
+    cluster.wait_node_ready("doomed", 1).await;
+    cluster.wait_node_ready("survivor", 1).await;
+    let client = cluster.client().await;
+    let polling = client.clone().with_timeout(Duration::from_millis(500));
+    let mut delays = vec![];
+    for round in 0..3 {
+        // One job per node: the doomed node takes one of them.
+        let ids: Vec<String> = futures::future::join_all((0..2).map(|i| {
+            let client = client.clone();
+            async move {
+                client
+                    .submit(&prompt_request("demo", &format!("r{round}-{i}"), serde_json::json!({"steps": 10, "step_ms": 300})))
+                    .await
+                    .unwrap()
+                    .job_id
+            }
+        }))
+        .await;
+        // Kill the moment its job is running there.
+        let mut victim = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while victim.is_none() && Instant::now() < deadline {
+            for id in &ids {
+                if let Ok(v) = polling.status(id).await {
+                    if v.status == JobState::Running && v.node.as_deref() == Some("doomed") {
+                        victim = Some(id.clone());
+                    }
+                }
+            }
+        }
+        let victim = victim.expect("a job ran on the doomed node");
+        cluster.nodes[0].signal(libc::SIGKILL);
+        let killed = Instant::now();
+        let resumed = eventually(Duration::from_secs(25), || async {
+            polling.status(&victim).await.is_ok_and(|v| v.attempt >= 2 && v.node.as_deref() == Some("survivor"))
+        })
+        .await;
+        let delay = killed.elapsed();
+        println!("round {round}: kill to re-run {} ms", delay.as_millis());
+        assert!(resumed, "round {round}: the job came back within 25 s:\n{}", cluster.nodes[1].log());
+        delays.push(delay);
+        for id in &ids {
+            assert_eq!(wait_terminal(&client, id, Duration::from_secs(30)).await.status, JobState::Completed);
+        }
+        cluster.nodes[0].kill();
+        cluster.nodes[0].start();
+        cluster.wait_node_ready("doomed", 1).await;
+    }
+    // loss_after_ms is 1 s, the detector ticks every 250 ms.
+    assert!(delays.iter().all(|d| *d < Duration::from_secs(4)), "kill to re-run: {delays:?}");
+}

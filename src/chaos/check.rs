@@ -134,7 +134,22 @@ pub fn check_history(id: &str, view: &JobView, history: &[Event]) -> HistoryChec
     c
 }
 
-fn invariant(name: &str, problems: Vec<String>, ok_detail: String) -> Invariant {
+/// Every SIGTERM sent to a node during its start-up ended in a drain: exit 0.
+pub fn stop_signals_drained(faults: &[InjectedFault]) -> Invariant {
+    let terms: Vec<&InjectedFault> = faults.iter().filter(|f| f.fault.kind == FaultKind::StartupTerm && f.skipped.is_empty()).collect();
+    let problems = terms
+        .iter()
+        .filter(|f| f.exit_code != Some(0))
+        .map(|f| match f.exit_code {
+            Some(i32::MIN) => format!("{} did not exit within 30 s of SIGTERM {} ms into its start-up", f.target, f.fault.duration_ms),
+            Some(code) => format!("{} exited {code} after SIGTERM {} ms into its start-up", f.target, f.fault.duration_ms),
+            None => format!("{}: no exit code recorded", f.target),
+        })
+        .collect();
+    invariant("every stop signal is a drain", problems, format!("{} nodes SIGTERMed during start-up each exited 0", terms.len()))
+}
+
+pub fn invariant(name: &str, problems: Vec<String>, ok_detail: String) -> Invariant {
     let ok = problems.is_empty();
     let detail = if ok {
         ok_detail

@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, ErrorCode, InputValue, SubmitRequest};
+use kiln_core::job::JobState;
+use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, ErrorCode, InputValue, ListJobsRequest, SubmitRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{Client, ClientError};
@@ -64,6 +65,9 @@ pub struct InjectedFault {
     /// For node kills: how long the dead node stayed visible in the registry.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_visible_ms: Option<u64>,
+    /// For a SIGTERM during start-up: the node's exit code (a drain exits 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,13 +252,20 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
             FaultKind::SlowModel | FaultKind::CompressionHang => "cluster".to_string(),
             _ => cluster.node_name(fault.node),
         };
-        let skipped = inject(&cluster, &client, &fault, opts.fault_points, &mut heals, injected.clone()).await;
+        let skipped = inject(&cluster, &client, &fault, opts.fault_points, &mut heals, injected.clone(), accepted.clone()).await;
         if !skipped.is_empty() {
             println!("  fault {:?} on {target} skipped: {skipped}", fault.kind);
         }
-        // Node kills record their own entry (with the detection figure) when healed.
-        if !(fault.kind == FaultKind::NodeKill && skipped.is_empty()) {
-            injected.lock().unwrap_or_else(|e| e.into_inner()).push(InjectedFault { fault, target, skipped, dead_visible_ms: None });
+        // Node kills and start-up SIGTERMs record their own entry (with what they measured)
+        // when healed.
+        if !(matches!(fault.kind, FaultKind::NodeKill | FaultKind::StartupTerm) && skipped.is_empty()) {
+            injected.lock().unwrap_or_else(|e| e.into_inner()).push(InjectedFault {
+                fault,
+                target,
+                skipped,
+                dead_visible_ms: None,
+                exit_code: None,
+            });
         }
     }
     while storm.join_next().await.is_some() {}
@@ -300,7 +311,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
         }
     }
     let mut checker = check::Checker::new(client.clone(), &dir);
-    let invariants = checker.check_all(&accepted, &faults, &profile, &cluster_names(&cluster), converged, registry_converged_ms).await;
+    let mut invariants = checker.check_all(&accepted, &faults, &profile, &cluster_names(&cluster), converged, registry_converged_ms).await;
+    invariants.push(no_record_left_open(&client).await);
+    invariants.push(check::stop_signals_drained(&faults));
     let mut faults_by_kind = BTreeMap::new();
     for f in faults.iter().filter(|f| f.skipped.is_empty()) {
         *faults_by_kind.entry(format!("{:?}", f.fault.kind)).or_insert(0) += 1;
@@ -346,6 +359,56 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport, String> {
     Ok(report)
 }
 
+/// Every job record in NATS ended, not only those the storm was told of: a submission cut
+/// between its writes (the flood under a nats-server SIGTERM, a node killed mid-request) must
+/// not leave a record `queued` without its queue message.
+async fn no_record_left_open(client: &Client) -> Invariant {
+    let mut open = vec![];
+    for status in [JobState::Queued, JobState::Running, JobState::Retrying] {
+        let request = ListJobsRequest { status: Some(status), limit: Some(1000), ..Default::default() };
+        match retrying(Duration::from_secs(30), || client.jobs(&request)).await {
+            Ok(reply) => open.extend(reply.jobs.into_iter().map(|j| format!("{} is {}", j.job_id, j.status.as_str()))),
+            Err(e) => open.push(format!("cannot list {} jobs: {e}", status.as_str())),
+        }
+    }
+    check::invariant("no job record is left open", open, "every job record in the cluster ended, answered or not".into())
+}
+
+/// A flood of submits without idempotency keys, as a careless client sends them, with the
+/// nats-server SIGTERMed in the middle of it. The answered ones are jobs like any other.
+async fn flood_through_a_server_restart(cluster: &LocalCluster, client: &Client, down: Duration, accepted: Arc<Mutex<Vec<Accepted>>>) {
+    let quick = client.clone().with_timeout(Duration::from_secs(2));
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..FLOOD_SUBMITS {
+        let quick = quick.clone();
+        flood.spawn(async move {
+            let (prompt, seed) = prompt_of(10_000 + i);
+            let request = SubmitRequest {
+                model: "chaos".into(),
+                inputs: [("prompt".to_string(), InputValue::Inline(prompt.clone().into()))].into(),
+                params: job_params(2, 20, seed),
+                ..Default::default()
+            };
+            quick.submit(&request).await.ok().map(|r| Accepted { job_ids: vec![r.job_id], batch_id: None, inputs: vec![(prompt, seed)] })
+        });
+        if i == FLOOD_SUBMITS / 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    if let Err(e) = cluster.restart_server(down).await {
+        eprintln!("chaos: nats-server restart failed: {e}");
+    }
+    while let Some(done) = flood.join_next().await {
+        if let Ok(Some(a)) = done {
+            accepted.lock().unwrap_or_else(|e| e.into_inner()).push(a);
+        }
+    }
+}
+
+/// Submits in one `nats_term_flood`.
+const FLOOD_SUBMITS: u32 = 40;
+
 fn cluster_names(cluster: &LocalCluster) -> Vec<String> {
     (0..cluster.nodes.len()).map(|i| cluster.node_name(i)).collect()
 }
@@ -375,6 +438,7 @@ async fn inject(
     fault_points: bool,
     heals: &mut tokio::task::JoinSet<()>,
     injected: Arc<Mutex<Vec<InjectedFault>>>,
+    accepted: Arc<Mutex<Vec<Accepted>>>,
 ) -> String {
     let heal_after = Duration::from_millis(fault.duration_ms);
     let node = cluster.nodes[fault.node.min(cluster.nodes.len() - 1)].clone();
@@ -438,6 +502,7 @@ async fn inject(
                     target: name,
                     skipped,
                     dead_visible_ms: Some(if gone { visible } else { u64::MAX }),
+                    exit_code: None,
                 });
             });
             String::new()
@@ -497,6 +562,71 @@ async fn inject(
         }
         // Submitted by the storm at this moment; nothing to do here.
         FaultKind::SlowModel => String::new(),
+        FaultKind::NodeStop => {
+            let Some(pid) = node.lock().unwrap_or_else(|e| e.into_inner()).pid() else {
+                healed(&node);
+                return "the node has no process".into();
+            };
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+            heals.spawn(async move {
+                tokio::time::sleep(heal_after).await;
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                healed(&node);
+            });
+            String::new()
+        }
+        FaultKind::NatsTermFlood => {
+            let (cluster, client) = (cluster.clone(), client.clone());
+            heals.spawn(async move { flood_through_a_server_restart(&cluster, &client, heal_after, accepted).await });
+            String::new()
+        }
+        FaultKind::StartupTerm => {
+            // A restart (as after a crash: its old entry is still in the registry, so the new
+            // process first watches it for a registry TTL), then SIGTERM in the middle of that.
+            let restarted = {
+                let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
+                n.kill();
+                n.start()
+            };
+            if let Err(e) = restarted {
+                healed(&node);
+                return format!("restart failed: {e}");
+            }
+            let (cluster, fault) = (cluster.clone(), fault.clone());
+            heals.spawn(async move {
+                tokio::time::sleep(heal_after).await;
+                let pid = node.lock().unwrap_or_else(|e| e.into_inner()).pid();
+                if let Some(pid) = pid {
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+                let mut exit_code = None;
+                let limit = Instant::now() + Duration::from_secs(30);
+                while exit_code.is_none() && Instant::now() < limit {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    exit_code = node.lock().unwrap_or_else(|e| e.into_inner()).reap();
+                }
+                let skipped = {
+                    let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
+                    if exit_code.is_none() {
+                        n.kill();
+                    }
+                    match n.start() {
+                        Ok(()) => String::new(),
+                        Err(e) => format!("restart failed: {e}"),
+                    }
+                };
+                healed(&node);
+                let entry = InjectedFault {
+                    target: cluster.node_name(fault.node),
+                    fault,
+                    skipped,
+                    dead_visible_ms: None,
+                    exit_code: Some(exit_code.unwrap_or(i32::MIN)),
+                };
+                injected.lock().unwrap_or_else(|e| e.into_inner()).push(entry);
+            });
+            String::new()
+        }
         FaultKind::CompressionHang => {
             if let Err(e) = std::fs::write(&cluster.hang_marker, b"") {
                 return e.to_string();

@@ -51,10 +51,19 @@ pub enum FaultKind {
     SlowModel,
     /// The compression command hangs (past its stage timeout) for `duration_ms`.
     CompressionHang,
+    /// SIGSTOP of a node for `duration_ms`, then SIGCONT: it must neither judge its peers nor
+    /// answer the requests it held, and its fenced attempts must touch nothing.
+    NodeStop,
+    /// A flood of submits without idempotency keys, and nats-server SIGTERMed in the middle of
+    /// it (started again after `duration_ms`): no job record may be left without its queue
+    /// message.
+    NatsTermFlood,
+    /// A node restarted, then SIGTERMed `duration_ms` into its start-up: it must exit 0.
+    StartupTerm,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::InferencePanic,
         FaultKind::WorkerKill,
         FaultKind::NodeKill,
@@ -63,10 +72,13 @@ impl FaultKind {
         FaultKind::LinkCut,
         FaultKind::SlowModel,
         FaultKind::CompressionHang,
+        FaultKind::NodeStop,
+        FaultKind::NatsTermFlood,
+        FaultKind::StartupTerm,
     ];
     /// Faults that take a node away for a while.
     pub fn takes_node_down(self) -> bool {
-        matches!(self, FaultKind::NodeKill | FaultKind::NodeDrain | FaultKind::LinkCut)
+        matches!(self, FaultKind::NodeKill | FaultKind::NodeDrain | FaultKind::LinkCut | FaultKind::NodeStop | FaultKind::StartupTerm)
     }
 }
 
@@ -127,9 +139,9 @@ impl Profile {
             name: "short".into(),
             nodes: 3,
             slots_per_node: 2,
-            jobs: 80,
+            jobs: 120,
             rate: 4.0,
-            faults: 10,
+            faults: 12,
             step_ms: 60,
             batch_fraction: 0.1,
             staged_fraction: 0.15,
@@ -196,6 +208,10 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
             FaultKind::LinkCut => 2000 + rng.below(1500),
             FaultKind::NatsRestart => 500 + rng.below(1000),
             FaultKind::CompressionHang => 1000 + rng.below(1000),
+            FaultKind::NodeStop => 2000 + rng.below(2000),
+            FaultKind::NatsTermFlood => 500 + rng.below(1000),
+            // Into the start-up: a restarted node watches its old entry for one registry TTL.
+            FaultKind::StartupTerm => 200 + rng.below(1800),
             _ => 0,
         };
         let mut node = rng.below(profile.nodes as u64) as usize;

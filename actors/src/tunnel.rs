@@ -134,9 +134,10 @@ impl Closed {
     }
 }
 
-/// Starts this side of session `session`: subscribes to this side's subject (before returning,
-/// so the peer can be told to send) and spawns the pump tasks. The acceptor's side sends at
-/// once (the dialer subscribed before asking); the dialer's waits for [`Closed::open`].
+/// Starts this side of session `session`: subscribes to this side's subject (and waits until
+/// the server has the subscription, so the peer can be told to send) and spawns the pump tasks.
+/// The acceptor's side sends at once (the dialer subscribed before asking); the dialer's waits
+/// for [`Closed::open`].
 pub async fn start(
     client: async_nats::Client,
     names: &kiln_core::nats::Names,
@@ -146,7 +147,10 @@ pub async fn start(
     local: String,
     peer: String,
 ) -> Result<(Tunnel, Closed), async_nats::SubscribeError> {
-    let inbound = client.subscribe(names.tunnel_frames(session, side.as_str())).await?;
+    let subject = names.tunnel_frames(session, side.as_str());
+    let mut inbound = client.subscribe(subject.clone()).await?;
+    let early = subscription_live(&client, subject, &mut inbound, settings.silence).await?;
+    let inbound = futures::stream::iter(early).chain(inbound);
     let outbound = names.tunnel_frames(session, side.other().as_str());
     // The duplex buffer is ractor's side of the window: one frame each way.
     let (near, far) = tokio::io::duplex(settings.frame_bytes);
@@ -173,9 +177,49 @@ pub async fn start(
     Ok((Tunnel { far, local, peer }, closed))
 }
 
+/// Returns once the server has `inbound`'s subscription, with any frames that arrived first.
+///
+/// `Client::subscribe` only queues the SUB on this connection, and `Client::flush` only writes
+/// it out: neither waits for the server. The peer publishes on its own connection, so a frame
+/// it sends as soon as it is told this side listens can reach the server before the SUB does;
+/// core NATS then drops it, and the first frame that does arrive is a gap that closes the
+/// session. That is what a loaded machine did to a healthy session (issue 14): the SUB sat in
+/// this connection's queue while the peer's first frame went out. (The mesh happens to tell the
+/// peer on this same connection, after the SUB, which the server handles in order; a caller
+/// that tells it any other way, as the tests do, had no such guarantee.) A probe published to
+/// our own subject on the same connection comes back only after the server has handled the SUB
+/// (the server handles one connection's commands in order), so after it nothing the peer sends
+/// is lost. The probe is an empty message, which no frame encodes to.
+async fn subscription_live(
+    client: &async_nats::Client,
+    subject: String,
+    inbound: &mut async_nats::Subscriber,
+    limit: Duration,
+) -> Result<Vec<async_nats::Message>, async_nats::SubscribeError> {
+    use async_nats::{SubscribeError, SubscribeErrorKind};
+    let failed = |e: String| SubscribeError::with_source(SubscribeErrorKind::Other, e);
+    client.publish(subject, bytes::Bytes::new()).await.map_err(|e| failed(format!("probing the subscription: {e}")))?;
+    let mut early = Vec::new();
+    let confirmed = tokio::time::timeout(limit, async {
+        while let Some(msg) = inbound.next().await {
+            if msg.payload.is_empty() {
+                return true;
+            }
+            early.push(msg);
+        }
+        false
+    })
+    .await;
+    match confirmed {
+        Ok(true) => Ok(early),
+        Ok(false) => Err(failed("the subscription ended before the server confirmed it".into())),
+        Err(_) => Err(failed(format!("the server did not confirm the subscription within {} ms", limit.as_millis()))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn receiver(
-    mut inbound: async_nats::Subscriber,
+    mut inbound: impl futures::Stream<Item = async_nats::Message> + Unpin,
     to_ractor: WriteHalf<DuplexStream>,
     settings: TunnelSettings,
     closed: Closed,

@@ -3,6 +3,8 @@
 //! names closes the session cleanly: a gap, a duplicate, a missed heartbeat, a close frame.
 //! Flow control keeps a slow reader from growing memory.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -31,11 +33,22 @@ async fn pair(
     settings: TunnelSettings,
 ) -> (tokio::io::DuplexStream, tunnel::Closed, tokio::io::DuplexStream, tunnel::Closed) {
     let names = Names::new("kiln");
-    let (a, a_closed) =
-        tunnel::start(connect(server).await, &names, s, Side::Dialer, settings.clone(), "a".into(), "b".into()).await.unwrap();
-    let (b, b_closed) = tunnel::start(connect(server).await, &names, s, Side::Acceptor, settings, "b".into(), "a".into()).await.unwrap();
+    // Both connections first: the dialer's silence timer runs from its start, and a new
+    // connection on a loaded machine can take a good part of it.
+    let (dialer, acceptor) = (connect(server).await, connect(server).await);
+    let (a, a_closed) = tunnel::start(dialer, &names, s, Side::Dialer, settings.clone(), "a".into(), "b".into()).await.unwrap();
+    let (b, b_closed) = tunnel::start(acceptor, &names, s, Side::Acceptor, settings, "b".into(), "a".into()).await.unwrap();
     a_closed.open(); // as the dialer does once the acceptor has answered
     (a.into_stream(), a_closed, b.into_stream(), b_closed)
+}
+
+/// The close reason, if the tunnel is closed.
+async fn reason(closed: &tunnel::Closed) -> Option<String> {
+    if closed.is_closed() {
+        Some(closed.wait().await)
+    } else {
+        None
+    }
 }
 
 async fn closed_within(closed: &tunnel::Closed, limit: Duration) -> String {
@@ -51,22 +64,30 @@ async fn bytes_cross_whole_and_in_order_both_ways_and_the_session_stays_up() {
     let (pa, pb) = (payload.clone(), payload.clone());
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
-    let wa = tokio::spawn(async move { aw.write_all(&pa).await.unwrap() });
-    let wb = tokio::spawn(async move { bw.write_all(&pb).await.unwrap() });
+    let wa = tokio::spawn(async move { aw.write_all(&pa).await });
+    let wb = tokio::spawn(async move { bw.write_all(&pb).await });
     let mut got_b = vec![0u8; payload.len()];
     let mut got_a = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(30), async {
-        br.read_exact(&mut got_b).await.unwrap();
-        ar.read_exact(&mut got_a).await.unwrap();
+    let transfer = tokio::time::timeout(Duration::from_secs(30), async {
+        br.read_exact(&mut got_b).await?;
+        ar.read_exact(&mut got_a).await
     })
     .await
     .expect("transfer finished");
-    wa.await.unwrap();
-    wb.await.unwrap();
+    // A failed read or write means the tunnel closed: say why, not only `early eof`.
+    let why = format!("dialer: {:?}, acceptor: {:?}", reason(&a_closed).await, reason(&b_closed).await);
+    transfer.expect(&why);
+    wa.await.unwrap().expect(&why);
+    wb.await.unwrap().expect(&why);
     assert!(got_b == payload && got_a == payload, "bytes arrive intact and in order");
     // Idle for several silence periods: heartbeats keep it open.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!a_closed.is_closed() && !b_closed.is_closed());
+    assert!(
+        !a_closed.is_closed() && !b_closed.is_closed(),
+        "dialer: {:?}, acceptor: {:?}",
+        reason(&a_closed).await,
+        reason(&b_closed).await
+    );
     // The writer tasks dropped their halves; dropping the dialer's read half ends its stream.
     drop(ar);
     // The dialer's ractor side ending closes the session on both sides, at once.
@@ -80,6 +101,92 @@ async fn forge(server: &NatsServer, s: &str, side: Side, frame: Frame) {
     let c = connect(server).await;
     c.publish(Names::new("kiln").tunnel_frames(s, side.as_str()), wire::encode(&frame).into()).await.unwrap();
     c.flush().await.unwrap();
+}
+
+/// Waits until the server has `sub` (an empty probe on the same connection comes back).
+async fn subscription_live(c: &async_nats::Client, subject: &str, sub: &mut async_nats::Subscriber) {
+    c.publish(subject.to_string(), Default::default()).await.unwrap();
+    let probe = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert!(probe.payload.is_empty(), "nothing is sent before the probe");
+}
+
+/// A TCP proxy to `upstream` that holds what its clients send for `delay_ms` (read at each
+/// chunk) before passing it on, in order: a node whose NATS connection lags behind, as on a
+/// loaded machine, but deterministically. What the server sends passes at once.
+async fn lagging_proxy(upstream: u16, delay_ms: Arc<AtomicU64>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+            let delay_ms = delay_ms.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = from_client.read(&mut buf).await {
+                    let due = tokio::time::Instant::now() + Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(due).await;
+                    if to_server.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Issue 14: under load a healthy session closed at once with `gap: frame 1 arrived, 0
+/// expected` (the test's reads saw `early eof`, its writes `BrokenPipe`). `start` returned while
+/// the acceptor's SUB was still on its way to the server, the dialer (on its own connection)
+/// was opened and sent frame 0, and the server had nobody to deliver it to. Here the acceptor's
+/// connection lags by 300 ms, so its SUB is late every time, not only on a loaded machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_starts_cleanly_when_a_side_s_connection_lags() {
+    let server = NatsServer::start_temp().unwrap();
+    let names = Names::new("kiln");
+    let delay_ms = Arc::new(AtomicU64::new(0));
+    let port = lagging_proxy(server.port(), delay_ms.clone()).await;
+    let lagging = resources::connect(&kiln_core::config::NatsConfig::for_url(&format!("nats://127.0.0.1:{port}")), "tunnel-test-lagging")
+        .await
+        .unwrap();
+    // Lagging from now on: the handshake has its own timeout.
+    delay_ms.store(300, Ordering::Relaxed);
+    // What is tested is the subscription, not heartbeat timing: the acceptor's first frame
+    // reaches the dialer two lags (its probe, then the frame) after the dialer started.
+    let s = TunnelSettings { silence: Duration::from_secs(3), ..settings() };
+    let (a, a_closed) = tunnel::start(connect(&server).await, &names, "s7", Side::Dialer, s.clone(), "a".into(), "b".into()).await.unwrap();
+    let (b, b_closed) = tunnel::start(lagging, &names, "s7", Side::Acceptor, s, "b".into(), "a".into()).await.unwrap();
+    a_closed.open(); // at once, as a peer told by another connection may
+    let payload = vec![42u8; 256 << 10];
+    let (mut ar, mut aw) = tokio::io::split(a.into_stream());
+    let (mut br, mut bw) = tokio::io::split(b.into_stream());
+    let (pa, pb) = (payload.clone(), payload.clone());
+    let wa = tokio::spawn(async move { aw.write_all(&pa).await });
+    let wb = tokio::spawn(async move { bw.write_all(&pb).await });
+    let (mut got_a, mut got_b) = (vec![0u8; payload.len()], vec![0u8; payload.len()]);
+    let transfer = tokio::time::timeout(Duration::from_secs(30), async {
+        br.read_exact(&mut got_b).await?;
+        ar.read_exact(&mut got_a).await
+    })
+    .await
+    .expect("transfer finished");
+    let why = format!("dialer: {:?}, acceptor: {:?}", reason(&a_closed).await, reason(&b_closed).await);
+    transfer.expect(&why);
+    wa.await.unwrap().expect(&why);
+    wb.await.unwrap().expect(&why);
+    assert!(got_a == payload && got_b == payload, "bytes arrive intact and in order");
+    assert!(!a_closed.is_closed() && !b_closed.is_closed(), "{why}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,13 +244,15 @@ async fn a_peer_that_does_not_consume_stops_the_sender_at_one_window() {
     let names = Names::new("kiln");
     let s = TunnelSettings { silence: Duration::from_secs(10), ..settings() };
     let (a, a_closed) = tunnel::start(connect(&server).await, &names, "s6", Side::Dialer, s.clone(), "a".into(), "b".into()).await.unwrap();
-    a_closed.open();
     // A raw peer that receives frames, counts data bytes, and grants no credit.
     let raw = connect(&server).await;
     let mut frames = raw.subscribe(names.tunnel_frames("s6", "acceptor")).await.unwrap();
-    raw.flush().await.unwrap();
+    // `flush` does not wait for the server to have the SUB: without this, the first window of
+    // data, published on the dialer's connection, could be dropped before it and never resent.
+    subscription_live(&raw, &names.tunnel_frames("s6", "acceptor"), &mut frames).await;
+    a_closed.open();
     let (mut _ar, mut aw) = tokio::io::split(a.into_stream());
-    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let written = Arc::new(AtomicU64::new(0));
     let w = written.clone();
     let writer = tokio::spawn(async move {
         let chunk = vec![7u8; 4096];
@@ -151,7 +260,7 @@ async fn a_peer_that_does_not_consume_stops_the_sender_at_one_window() {
             if aw.write_all(&chunk).await.is_err() {
                 return;
             }
-            w.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
     });
     let mut received = 0u64;
@@ -171,7 +280,7 @@ async fn a_peer_that_does_not_consume_stops_the_sender_at_one_window() {
             deadline = Instant::now() + Duration::from_millis(500);
         }
     }
-    let accepted = written.load(std::sync::atomic::Ordering::Relaxed);
+    let accepted = written.load(Ordering::Relaxed);
     println!("without credit: {received} bytes sent, {accepted} accepted from ractor (window {})", s.window_bytes);
     assert!(received <= s.window_bytes, "the sender kept within the window: {received}");
     assert!(received >= s.window_bytes - s.frame_bytes as u64, "and used it: {received}");

@@ -49,6 +49,9 @@ pub struct LossDetectorState {
     last_tick: Option<Instant>,
     /// The stall generation seen at the last tick.
     stall_seen: u64,
+    /// The NATS connect count seen at the last tick: a reconnect between two ticks is a
+    /// blind spot too.
+    connects_seen: u64,
 }
 
 struct Watched {
@@ -80,7 +83,16 @@ impl Actor for LossDetector {
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(TICK, || LossDetectorMsg::Tick);
         let stall_seen = ctx.stall.generation();
-        Ok(LossDetectorState { ctx, watched: HashMap::new(), declared: HashSet::new(), watching_since: None, last_tick: None, stall_seen })
+        let connects_seen = ctx.resources.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(LossDetectorState {
+            ctx,
+            watched: HashMap::new(),
+            declared: HashSet::new(),
+            watching_since: None,
+            last_tick: None,
+            stall_seen,
+            connects_seen,
+        })
     }
 
     async fn handle(&self, _myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -103,8 +115,9 @@ impl LossDetectorState {
         let late_tick = self.last_tick.is_some_and(|t| now.saturating_duration_since(t) > loss_after / 2);
         self.last_tick = Some(now);
         let stall = self.ctx.stall.generation();
-        if late_tick || stall != self.stall_seen {
-            self.stall_seen = stall;
+        let connects = self.ctx.resources.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed);
+        if late_tick || stall != self.stall_seen || connects != self.connects_seen {
+            (self.stall_seen, self.connects_seen) = (stall, connects);
             self.go_blind();
         }
         if self.ctx.resources.client.connection_state() != async_nats::connection::State::Connected {

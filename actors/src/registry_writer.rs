@@ -34,8 +34,8 @@ pub struct RegistryWriterState {
     flush_queued: bool,
     /// Job actors waiting for the entry that lists their delivery to be stored.
     listing_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
-    /// The stall generation the last standing check was made at.
-    stall_checked: u64,
+    /// The stall generation and NATS connect count the last standing check was made at.
+    standing_checked: (u64, u64),
 }
 
 /// A change to one slot's entry; `None` fields are left as they are.
@@ -126,7 +126,7 @@ impl Actor for RegistryWriter {
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
         let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();
-        let stall_checked = ctx.stall.generation();
+        let standing_checked = standing_epoch(&ctx);
         Ok(RegistryWriterState {
             ctx,
             gpus,
@@ -137,7 +137,7 @@ impl Actor for RegistryWriter {
             node_dirty: false,
             flush_queued: false,
             listing_waiters: vec![],
-            stall_checked,
+            standing_checked,
         })
     }
 
@@ -273,14 +273,15 @@ impl RegistryWriterState {
         }
     }
 
-    /// After this process stood still, before anything is written: was this node declared
-    /// lost meanwhile? Then a survivor has handed its jobs back (their attempts are fenced out
+    /// After this process stood still or its NATS connection was re-made (a cut link looks
+    /// the same from outside), before anything is written: was this node declared lost
+    /// meanwhile? Then a survivor has handed its jobs back (their attempts are fenced out
     /// by the records) and holds the claim on this life (`_lost.<node>.<started_ms>`), so that
     /// life can never be declared lost again: the node rejoins as a new life (a new
     /// `started_ms`), which a later loss can be declared for.
     async fn check_standing(&mut self) {
-        let generation = self.ctx.stall.generation();
-        if generation == self.stall_checked {
+        let epoch = standing_epoch(&self.ctx);
+        if epoch == self.standing_checked {
             return;
         }
         let claim = kiln_core::nats::lost_claim_key(&self.node.node, self.node.started_ms);
@@ -302,7 +303,7 @@ impl RegistryWriterState {
                 return;
             }
         }
-        self.stall_checked = generation;
+        self.standing_checked = epoch;
     }
 
     async fn write_all(&mut self) {
@@ -322,4 +323,10 @@ impl RegistryWriterState {
             tracing::warn!(error = %e, "node registry write failed");
         }
     }
+}
+
+/// Changes when this process stood still or reconnected to NATS: then what the others think
+/// of this node may have changed without it noticing.
+fn standing_epoch(ctx: &NodeContext) -> (u64, u64) {
+    (ctx.stall.generation(), ctx.resources.client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed))
 }

@@ -221,11 +221,6 @@ impl JobActorState {
             self.ack(AckKind::Term).await;
             return DeliveryEnd::Abandoned;
         }
-        if let Some(listed) = self.args.listed.take() {
-            if tokio::time::timeout(LISTING_WAIT, listed).await.is_err() {
-                tracing::warn!(job_id = %self.job_id, "the registry does not list this delivery yet; claiming anyway");
-            }
-        }
         match self.claim().await {
             Ok(Some(end)) => end,
             Ok(None) => self.execute().await,
@@ -284,6 +279,8 @@ impl JobActorState {
                     next.cancel_requested = false;
                 }
             }
+            // The record was read while the listing was being written; the claim waits for it.
+            self.await_listing().await;
             match self.ctx().resources.update_job(&next, revision).await {
                 Ok(rev) if next.state == JobState::Running => {
                     self.attempt = next.attempt;
@@ -303,6 +300,16 @@ impl JobActorState {
             }
         }
         Err(StoreError::Nats("the record kept changing under the claim".into()))
+    }
+
+    /// Waits (once) until the node's registry entry lists this delivery: nothing is claimed or
+    /// written before a survivor could hand it back.
+    async fn await_listing(&mut self) {
+        if let Some(listed) = self.args.listed.take() {
+            if tokio::time::timeout(LISTING_WAIT, listed).await.is_err() {
+                tracing::warn!(job_id = %self.job_id, "the registry does not list this delivery yet; claiming anyway");
+            }
+        }
     }
 
     /// The job's record, re-read a few times over ~60 ms when it is missing: the API writes it

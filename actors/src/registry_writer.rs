@@ -2,7 +2,8 @@
 //! the node) and keeps them fresh.
 //!
 //! Other actors send partial updates ([`GpuUpdate`]); the writer merges them into the entry,
-//! writes it at once, and rewrites every entry each heartbeat so the per-key TTL never lapses
+//! writes it right after the updates already in its mailbox (one put per changed slot, however
+//! many changes a burst brought), and rewrites every entry each heartbeat so the per-key TTL never lapses
 //! while the node lives. A slot marked `dead` stays dead: a late `idle` from a job actor that
 //! finished after the quarantine must not resurrect it. Likewise, once the node drains, its
 //! slots stay `draining` until the entries are removed.
@@ -32,6 +33,9 @@ pub struct RegistryWriterState {
     node_dirty: bool,
     /// A `FlushNode` is queued to run at once (not after the coalescing delay).
     flush_queued: bool,
+    /// Slots whose entry changed since the last `FlushGpus`, and whether one is queued.
+    gpus_dirty: std::collections::BTreeSet<String>,
+    gpu_flush_queued: bool,
     /// Job actors waiting for the entry that lists their delivery to be stored.
     listing_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// The stall generation and NATS connect count the last standing check was made at.
@@ -72,6 +76,8 @@ pub enum RegistryWriterMsg {
     Peers(Vec<String>),
     /// Writes the node entry if it changed since the last write.
     FlushNode,
+    /// Writes the slot entries changed since the last flush.
+    FlushGpus,
     /// The node is leaving: every live slot shows `draining`.
     Draining,
     Heartbeat,
@@ -136,6 +142,8 @@ impl Actor for RegistryWriter {
             removed: false,
             node_dirty: false,
             flush_queued: false,
+            gpus_dirty: Default::default(),
+            gpu_flush_queued: false,
             listing_waiters: vec![],
             standing_checked,
         })
@@ -148,7 +156,14 @@ impl Actor for RegistryWriter {
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
-            RegistryWriterMsg::Gpu { slot, update } => state.on_gpu_update(&slot, update).await,
+            RegistryWriterMsg::Gpu { slot, update } => {
+                state.on_gpu_update(&slot, update);
+                if !state.gpu_flush_queued {
+                    state.gpu_flush_queued = true;
+                    let _ = myself.cast(RegistryWriterMsg::FlushGpus);
+                }
+            }
+            RegistryWriterMsg::FlushGpus => state.flush_gpus().await,
             RegistryWriterMsg::RunningJobs { jobs, listed } => {
                 state.node.running_jobs = jobs.len() as u32;
                 state.node.jobs = jobs;
@@ -207,7 +222,7 @@ impl Actor for RegistryWriter {
 }
 
 impl RegistryWriterState {
-    async fn on_gpu_update(&mut self, slot: &str, update: GpuUpdate) {
+    fn on_gpu_update(&mut self, slot: &str, update: GpuUpdate) {
         let Some(entry) = self.gpus.get_mut(slot) else { return };
         let base = self.base.entry(slot.to_string()).or_insert((GpuState::Idle, false));
         if let Some(state) = update.state {
@@ -242,8 +257,20 @@ impl RegistryWriterState {
         for s in [GpuState::Idle, GpuState::Loading, GpuState::Busy, GpuState::Restarting, GpuState::Draining, GpuState::Dead] {
             metrics::gauge!(m::GPU_STATE, "slot" => slot.to_string(), "state" => s.as_str()).set(if s == entry.state { 1.0 } else { 0.0 });
         }
-        let entry = entry.clone();
-        self.write_gpu(entry).await;
+        self.gpus_dirty.insert(slot.to_string());
+    }
+
+    /// Writes every slot entry changed since the last flush. Queued right behind the updates
+    /// already in the mailbox, so a burst of busy/idle changes (a job start or end each) costs
+    /// one put per slot, not one per change: with a job's claim waiting for the node entry
+    /// that this actor also writes, a backlog of single puts slowed every claim.
+    async fn flush_gpus(&mut self) {
+        self.gpu_flush_queued = false;
+        for slot in std::mem::take(&mut self.gpus_dirty) {
+            if let Some(entry) = self.gpus.get(&slot) {
+                self.write_gpu(entry.clone()).await;
+            }
+        }
     }
 
     async fn write_gpu(&self, mut entry: GpuEntry) {

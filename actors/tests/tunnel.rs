@@ -51,6 +51,40 @@ async fn reason(closed: &tunnel::Closed) -> Option<String> {
     }
 }
 
+/// Sends `payload` each way at once and checks that both sides read it whole and in order. A
+/// failed read or write means the tunnel closed: it says why (not only `early eof`). Returns
+/// the read halves (the write halves are dropped once written).
+async fn exchange_both_ways<A, B>(
+    a: A,
+    a_closed: &tunnel::Closed,
+    b: B,
+    b_closed: &tunnel::Closed,
+    payload: &[u8],
+) -> (tokio::io::ReadHalf<A>, tokio::io::ReadHalf<B>)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (pa, pb) = (payload.to_vec(), payload.to_vec());
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let wa = tokio::spawn(async move { aw.write_all(&pa).await });
+    let wb = tokio::spawn(async move { bw.write_all(&pb).await });
+    let (mut got_a, mut got_b) = (vec![0u8; payload.len()], vec![0u8; payload.len()]);
+    let transfer = tokio::time::timeout(Duration::from_secs(30), async {
+        br.read_exact(&mut got_b).await?;
+        ar.read_exact(&mut got_a).await
+    })
+    .await
+    .expect("transfer finished");
+    let why = format!("dialer: {:?}, acceptor: {:?}", reason(a_closed).await, reason(b_closed).await);
+    transfer.expect(&why);
+    wa.await.unwrap().expect(&why);
+    wb.await.unwrap().expect(&why);
+    assert!(got_a == payload && got_b == payload, "bytes arrive intact and in order");
+    (ar, br)
+}
+
 async fn closed_within(closed: &tunnel::Closed, limit: Duration) -> String {
     tokio::time::timeout(limit, closed.wait()).await.expect("the tunnel closes")
 }
@@ -61,25 +95,7 @@ async fn bytes_cross_whole_and_in_order_both_ways_and_the_session_stays_up() {
     let (a, a_closed, b, b_closed) = pair(&server, "s1", settings()).await;
     // 3 MiB each way: many windows' worth, so credit has to flow back for it to finish.
     let payload: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let (pa, pb) = (payload.clone(), payload.clone());
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let wa = tokio::spawn(async move { aw.write_all(&pa).await });
-    let wb = tokio::spawn(async move { bw.write_all(&pb).await });
-    let mut got_b = vec![0u8; payload.len()];
-    let mut got_a = vec![0u8; payload.len()];
-    let transfer = tokio::time::timeout(Duration::from_secs(30), async {
-        br.read_exact(&mut got_b).await?;
-        ar.read_exact(&mut got_a).await
-    })
-    .await
-    .expect("transfer finished");
-    // A failed read or write means the tunnel closed: say why, not only `early eof`.
-    let why = format!("dialer: {:?}, acceptor: {:?}", reason(&a_closed).await, reason(&b_closed).await);
-    transfer.expect(&why);
-    wa.await.unwrap().expect(&why);
-    wb.await.unwrap().expect(&why);
-    assert!(got_b == payload && got_a == payload, "bytes arrive intact and in order");
+    let (ar, br) = exchange_both_ways(a, &a_closed, b, &b_closed, &payload).await;
     // Idle for several silence periods: heartbeats keep it open.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
@@ -168,24 +184,8 @@ async fn a_session_starts_cleanly_when_a_side_s_connection_lags() {
     let (a, a_closed) = tunnel::start(connect(&server).await, &names, "s7", Side::Dialer, s.clone(), "a".into(), "b".into()).await.unwrap();
     let (b, b_closed) = tunnel::start(lagging, &names, "s7", Side::Acceptor, s, "b".into(), "a".into()).await.unwrap();
     a_closed.open(); // at once, as a peer told by another connection may
-    let payload = vec![42u8; 256 << 10];
-    let (mut ar, mut aw) = tokio::io::split(a.into_stream());
-    let (mut br, mut bw) = tokio::io::split(b.into_stream());
-    let (pa, pb) = (payload.clone(), payload.clone());
-    let wa = tokio::spawn(async move { aw.write_all(&pa).await });
-    let wb = tokio::spawn(async move { bw.write_all(&pb).await });
-    let (mut got_a, mut got_b) = (vec![0u8; payload.len()], vec![0u8; payload.len()]);
-    let transfer = tokio::time::timeout(Duration::from_secs(30), async {
-        br.read_exact(&mut got_b).await?;
-        ar.read_exact(&mut got_a).await
-    })
-    .await
-    .expect("transfer finished");
+    exchange_both_ways(a.into_stream(), &a_closed, b.into_stream(), &b_closed, &vec![42u8; 256 << 10]).await;
     let why = format!("dialer: {:?}, acceptor: {:?}", reason(&a_closed).await, reason(&b_closed).await);
-    transfer.expect(&why);
-    wa.await.unwrap().expect(&why);
-    wb.await.unwrap().expect(&why);
-    assert!(got_a == payload && got_b == payload, "bytes arrive intact and in order");
     assert!(!a_closed.is_closed() && !b_closed.is_closed(), "{why}");
 }
 

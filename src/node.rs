@@ -46,6 +46,36 @@ pub struct RunningNode {
     _work_dir: Option<tempfile::TempDir>,
 }
 
+/// How long start-up keeps retrying when JetStream does not answer.
+const JETSTREAM_START_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Creates (or opens) every stream, bucket and consumer and the registry cache, retrying
+/// while JetStream times out: a node (re)started while its nats-server restarts connects, then
+/// finds JetStream not answering for a moment. It used to exit then, and stay down (found by
+/// the long chaos profile once node restarts and server restarts got more frequent). Any other
+/// error, or a JetStream that stays silent for a minute, fails the start.
+async fn ensure_resources(
+    client: async_nats::Client,
+    config: &ClusterConfig,
+) -> Result<(Resources, kiln_core::nats::RegistryCache), StartError> {
+    let deadline = tokio::time::Instant::now() + JETSTREAM_START_PATIENCE;
+    loop {
+        let attempt = async {
+            let resources = Resources::ensure(client.clone(), config).await?;
+            let registry = resources.registry_cache().await?;
+            Ok::<_, kiln_core::nats::StoreError>((resources, registry))
+        };
+        match attempt.await {
+            Ok(ready) => return Ok(ready),
+            Err(kiln_core::nats::StoreError::Nats(e)) if e.contains("timed out") && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "JetStream does not answer yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The host name, for a node that is not given one.
 pub fn host_name() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
@@ -82,8 +112,7 @@ impl RunningNode {
         }
         let name = config.node.name.clone();
         let client = resources::connect(&config.nats, &format!("kiln-node-{name}")).await?;
-        let resources = Resources::ensure(client, &config).await?;
-        let registry = resources.registry_cache().await?;
+        let (resources, registry) = ensure_resources(client, &config).await?;
         // A same-named entry is either another live process (refuse) or the remains of this
         // node's previous life, killed before it could remove them (proceed). Tell them apart
         // by watching its heartbeat for one TTL: a live node refreshes it.

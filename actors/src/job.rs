@@ -699,41 +699,56 @@ impl JobActorState {
     async fn announce_artifacts(&self, artifacts: &[Artifact]) -> Result<bool, StoreError> {
         let resources = &self.ctx().resources;
         let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
-        let Some((mut after, last)) = resources.last_event_with_seq(&self.job_id).await? else { return Ok(false) };
-        if !may_follow(&last) {
-            return Ok(false);
-        }
-        for artifact in artifacts {
-            let event = Event::artifact(&self.job_id, self.attempt, artifact.clone());
-            let mut failures = 0;
-            loop {
-                match resources.publish_event_after(&event, after).await {
-                    Ok(Some(seq)) => {
-                        after = seq;
-                        break;
-                    }
-                    Ok(None) => {
-                        // Something was stored in between: this very event (an earlier try
-                        // whose ack was lost), a late event that may be followed, or a fence.
-                        let Some((seq, last)) = resources.last_event_with_seq(&self.job_id).await? else { return Ok(false) };
-                        if last.attempt == self.attempt && last.artifact.as_ref().is_some_and(|a| a.object == artifact.object) {
-                            after = seq;
-                            break;
-                        }
+        // The first artifact not known to be announced, and the sequence to chain after
+        // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
+        // and goes on where the stored history says, for about 10 s of trying.
+        let (mut next, mut after, mut failures) = (0usize, None::<u64>, 0u32);
+        loop {
+            let seq = match after {
+                Some(seq) => seq,
+                None => match resources.last_event_with_seq(&self.job_id).await {
+                    Ok(Some((seq, last))) => {
                         if !may_follow(&last) {
                             return Ok(false);
                         }
-                        after = seq;
+                        // This attempt's own artifact event last: stored, though its ack was lost.
+                        if last.attempt == self.attempt {
+                            if let Some(j) = last.artifact.as_ref().and_then(|a| artifacts.iter().position(|x| x.object == a.object)) {
+                                next = next.max(j + 1);
+                            }
+                        }
+                        seq
                     }
-                    Err(e) if failures >= 40 => return Err(e),
-                    Err(_) => {
+                    Ok(None) => return Ok(false),
+                    Err(e) => {
                         failures += 1;
+                        if failures > 40 {
+                            return Err(e);
+                        }
                         tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
                     }
+                },
+            };
+            let Some(artifact) = artifacts.get(next) else { return Ok(true) };
+            match resources.publish_event_after(&Event::artifact(&self.job_id, self.attempt, artifact.clone()), seq).await {
+                Ok(Some(stored)) => {
+                    after = Some(stored);
+                    next += 1;
+                }
+                // Something was stored in between: re-read to tell this attempt's own lost
+                // ack, a late event that may be followed, and a fence apart.
+                Ok(None) => after = None,
+                Err(e) => {
+                    failures += 1;
+                    if failures > 40 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    after = None;
                 }
             }
         }
-        Ok(true)
     }
 
     /// Deletes the objects a fenced attempt stored under its own names (nothing refers to

@@ -77,6 +77,7 @@ const LISTING_WAIT: Duration = Duration::from_secs(5);
 /// past them the delivery is handed back for [`NO_RECORD_RECHECK`].
 const RECORD_RACE_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
 const NO_RECORD_RECHECK: Duration = Duration::from_secs(1);
+const NO_RECORD_RECHECK_MAX: Duration = Duration::from_secs(10);
 /// A message still without a record this long after it was enqueued is dropped: its
 /// submission died between the enqueue and the record, and no resubmission can write the
 /// record any more without also enqueueing a new message (the queue's de-duplication window
@@ -312,10 +313,14 @@ impl JobActorState {
         }
     }
 
-    /// The job's record, re-read a few times over ~60 ms when it is missing: the API writes it
-    /// just after the enqueue, and this node may have been faster.
+    /// The job's record, re-read a few times over ~60 ms when it is missing on a first
+    /// delivery: the API writes it just after the enqueue, and this node may have been faster.
+    /// A redelivered message was already waited for once: one read (an orphan's redeliveries,
+    /// every second for 150 s, must not hold a slot for 60 ms each).
     async fn get_job_awaiting_record(&self) -> Result<Option<Versioned>, StoreError> {
-        for wait_ms in RECORD_RACE_WAITS_MS {
+        let redelivered = self.args.delivery.info().is_ok_and(|i| i.delivered > 1);
+        let waits: &[u64] = if redelivered { &[] } else { &RECORD_RACE_WAITS_MS };
+        for &wait_ms in waits {
             if let Some(v) = self.ctx().resources.get_job(&self.job_id).await? {
                 return Ok(Some(v));
             }
@@ -341,8 +346,11 @@ impl JobActorState {
             tracing::warn!(job_id = %self.job_id, age_s = age.as_secs(), "queue message without a job record (its submission died, or the record expired); dropping it");
             self.ack(AckKind::Term).await;
         } else {
-            tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, "no job record yet; looking again shortly");
-            self.ack(AckKind::Nak(Some(NO_RECORD_RECHECK))).await;
+            // Look again in 1 s, then less often: 1, 2, 4, 8, then every 10 s.
+            let delivered = self.args.delivery.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+            let delay = NO_RECORD_RECHECK.saturating_mul(1 << (delivered - 1).min(4)).min(NO_RECORD_RECHECK_MAX);
+            tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, delay_ms = delay.as_millis() as u64, "no job record yet; looking again later");
+            self.ack(AckKind::Nak(Some(delay))).await;
         }
         DeliveryEnd::Abandoned
     }

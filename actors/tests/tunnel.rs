@@ -184,7 +184,8 @@ async fn a_session_starts_cleanly_when_a_side_s_connection_lags() {
     let (a, a_closed) = tunnel::start(connect(&server).await, &names, "s7", Side::Dialer, s.clone(), "a".into(), "b".into()).await.unwrap();
     let (b, b_closed) = tunnel::start(lagging, &names, "s7", Side::Acceptor, s, "b".into(), "a".into()).await.unwrap();
     a_closed.open(); // at once, as a peer told by another connection may
-    exchange_both_ways(a.into_stream(), &a_closed, b.into_stream(), &b_closed, &vec![42u8; 256 << 10]).await;
+                     // The read halves stay alive to the end: dropping them ends the session.
+    let _read_halves = exchange_both_ways(a.into_stream(), &a_closed, b.into_stream(), &b_closed, &vec![42u8; 256 << 10]).await;
     let why = format!("dialer: {:?}, acceptor: {:?}", reason(&a_closed).await, reason(&b_closed).await);
     assert!(!a_closed.is_closed() && !b_closed.is_closed(), "{why}");
 }

@@ -116,14 +116,19 @@ impl RunningNode {
         // A same-named entry is either another live process (refuse) or the remains of this
         // node's previous life, killed before it could remove them (proceed). Tell them apart
         // by watching its heartbeat for one TTL: a live node refreshes it.
-        if let Some(seen) = registry.node(&name) {
-            let ttl = Duration::from_millis(config.node.registry_ttl_ms);
-            tracing::info!(node = %name, "a node of this name is in the registry; checking whether it is alive");
-            let deadline = tokio::time::Instant::now() + ttl;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(config.node.heartbeat_ms.min(200))).await;
-                if registry.node(&name).is_some_and(|now| now.heartbeat_ms != seen.heartbeat_ms) {
-                    return Err(StartError::DuplicateName(name));
+        // An entry whose heartbeat is already older than the TTL (the server has not removed it
+        // yet) is a dead life for sure: its deliveries are handed back at once too (a restart
+        // about one TTL after a crash used to skip them, and they waited out the ack wait).
+        if let Some(seen) = registry.nodes_including_stale().into_iter().find(|e| e.node == name) {
+            if registry.node(&name).is_some() {
+                let ttl = Duration::from_millis(config.node.registry_ttl_ms);
+                tracing::info!(node = %name, "a node of this name is in the registry; checking whether it is alive");
+                let deadline = tokio::time::Instant::now() + ttl;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(config.node.heartbeat_ms.min(200))).await;
+                    if registry.node(&name).is_some_and(|now| now.heartbeat_ms != seen.heartbeat_ms) {
+                        return Err(StartError::DuplicateName(name));
+                    }
                 }
             }
             // Its previous life is dead: hand back the deliveries it held now, rather than

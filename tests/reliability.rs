@@ -28,7 +28,10 @@ async fn all_jobs(client: &kiln::client::Client) -> Vec<kiln_core::protocol::Job
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submission_cut_between_its_writes_leaves_no_job_stuck_queued() {
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0"], 30_000, NOOP_MODEL);
+    // A short ack wait: the node may die with the orphan message already delivered to its
+    // puller but not yet listed in its registry entry (a gap ARCHITECTURE.md states), and the
+    // message then returns after the ack wait. What is tested here is the record.
+    let config = config_toml(&cluster.url(), &["cpu:0"], 3_000, NOOP_MODEL);
     let node = cluster.add_node_with_env("api", &config, &[("KILN_FAULTS", "abort_in_launch@1")]);
     cluster.wait_node_ready("api", 1).await;
     let client = cluster.client().await.with_timeout(Duration::from_secs(2));

@@ -201,20 +201,20 @@ impl LossDetectorState {
 /// (`_lost.<node>.<started_ms>`; every survivor may try, one acts): NAKs every delivery listed
 /// in `entry`, marks its GPUs dead and removes its node entry. Also used by a node that
 /// restarts under the same name and finds its previous life's entry dead: its jobs then come
-/// back at once even with no other node to notice. True when this caller handed them back.
+/// back at once even with no other node to notice.
 pub async fn hand_back(
     resources: &kiln_core::nats::Resources,
     registry: &kiln_core::nats::RegistryCache,
     entry: &NodeEntry,
     silent_ms: u64,
-) -> bool {
+) {
     let claim = kiln_core::nats::lost_claim_key(&entry.node, entry.started_ms);
     match resources.claim_once(&claim).await {
         Ok(true) => {}
-        Ok(false) => return false, // another survivor handles it
+        Ok(false) => return, // another survivor handles it
         Err(e) => {
             tracing::warn!(node = %entry.node, error = %e, "cannot claim the hand-back of a lost node");
-            return false;
+            return;
         }
     }
     tracing::warn!(node = %entry.node, silent_ms, jobs = entry.jobs.len(), "node lost; handing its jobs back");
@@ -244,7 +244,6 @@ pub async fn hand_back(
     if let Err(e) = resources.delete_node_entry(&entry.node).await {
         tracing::warn!(error = %e, "cannot remove a lost node's entry");
     }
-    true
 }
 
 #[cfg(test)]

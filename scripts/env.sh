@@ -6,6 +6,10 @@ export PATH="$KILN_CACHE/venv/bin:$KILN_CACHE/npm/node_modules/.bin:$PATH"
 # Tests and `kiln up` find the server here (they also look on PATH).
 export KILN_NATS_SERVER="$KILN_CACHE/venv/bin/nats-server"
 export KILN_PYTHON="$KILN_CACHE/venv/bin/python"
+# The browser tests: Debian's chromium (the binary itself, not the /usr/bin/chromium wrapper
+# script) driven by puppeteer-core from the npm cache (tests/browser/*.mjs load it from here).
+export KILN_CHROMIUM="${KILN_CHROMIUM:-/usr/lib/chromium/chromium}"
+export KILN_NODE_MODULES="$KILN_CACHE/npm/node_modules"
 # tch builds against the pinned torch in the venv (LIBTORCH_USE_PYTORCH: it asks that
 # python for the paths); build/torch_link.rs puts its lib/ in every binary's rpath.
 export LIBTORCH_USE_PYTORCH=1

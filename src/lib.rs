@@ -6,6 +6,7 @@
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
 //! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
+//! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor              |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
@@ -21,6 +22,7 @@ pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod diag;
+pub mod gateway;
 pub mod metrics;
 pub mod node;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kiln::client::Client;
 use kiln::node::RunningNode;
-use kiln_core::config::ClusterConfig;
+use kiln_core::config::{ClusterConfig, NatsConfig};
 use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, EventKind, InputValue, ListJobsRequest, SubmitRequest};
 
 #[derive(Parser)]
@@ -23,6 +23,9 @@ enum Command {
     Up(NodeArgs),
     /// Start a node that joins an existing NATS (`nats.url` or --nats).
     Node(NodeArgs),
+    /// Serve the HTTP + SSE gateway and the web console: the NATS API over HTTP, the seeds'
+    /// routes of `[[http.routes]]`, at `http.addr` (a NATS client like any other).
+    Gateway(GatewayArgs),
     /// Submit a job.
     Submit(SubmitArgs),
     /// Batches: submit N items as one request, follow them, retry the failed ones.
@@ -183,6 +186,25 @@ struct NodeArgs {
     /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs.
     #[arg(long, default_value_t = 30)]
     drain_grace_s: u64,
+    /// host:port of the HTTP gateway `kiln up` starts (overrides http.addr); "" disables it.
+    #[arg(long)]
+    http_addr: Option<String>,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// NATS URL (overrides nats.url and KILN_NATS_URL); "embedded" means the server `kiln up`
+    /// started on this machine.
+    #[arg(long)]
+    nats: Option<String>,
+    /// host:port to serve (overrides http.addr).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Print the sha256 of an API key (what `[[http.api_keys]] sha256` stores) and exit.
+    #[arg(long, value_name = "KEY")]
+    hash_key: Option<String>,
 }
 
 /// How a client command reaches Kiln. Credentials and TLS come from the `[nats]` section of
@@ -302,6 +324,10 @@ async fn main() -> ExitCode {
             init_tracing("info");
             run_node(args, false).await
         }
+        Command::Gateway(args) => {
+            init_tracing("info");
+            run_gateway(args).await
+        }
         Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker } => {
             init_tracing("warn");
             chaos(seed, &profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker).await
@@ -405,7 +431,12 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     if let Some(m) = args.metrics_addr {
         config.node.metrics_addr = m;
     }
+    if let Some(a) = &args.http_addr {
+        config.http.addr = a.clone();
+    }
     config.validate().map_err(|e| e.to_string())?;
+    let (http, http_addr) = (config.http.clone(), config.http.addr.clone());
+    let nats = config.nats.clone();
     if config.nats.url == "embedded" && !allow_embedded {
         return Err("`kiln node` joins an existing NATS: pass --nats URL (or use `kiln up` for an embedded server)".into());
     }
@@ -423,6 +454,37 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
         }
     };
     println!("kiln node {} up on {} (Ctrl-C or SIGTERM to drain and stop)", node.name, node.url);
+    // `kiln up` also serves HTTP (the console, the REST API, the configured seed routes), so
+    // its node answers curl and a browser with no extra step.
+    let gateway = match (allow_embedded, http_addr.is_empty()) {
+        (true, false) => {
+            let nats = NatsConfig { url: node.url.clone(), ..nats };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let started = async {
+                let gateway = kiln::gateway::Gateway::connect(http, &nats).await.map_err(|e| e.to_string())?;
+                gateway
+                    .serve(&http_addr, async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match started.await {
+                Ok(serving) => {
+                    println!(
+                        "kiln gateway on http://{} (console at /, REST API at /v1, `kiln up --http-addr \"\"` disables it)",
+                        serving.addr
+                    );
+                    Some((serving, stop_tx))
+                }
+                Err(e) => {
+                    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+                    return Err(format!("the HTTP gateway cannot start: {e}"));
+                }
+            }
+        }
+        _ => None,
+    };
     let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -437,8 +499,48 @@ async fn run_node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
         }
     }
     tracing::info!("draining");
+    // The gateway stops first: its SSE clients reconnect to another gateway with their
+    // Last-Event-ID, and it must not outlive the embedded server it talks to.
+    if let Some((serving, stop)) = gateway {
+        let _ = stop.send(());
+        serving.stopped().await;
+    }
     // A second stop signal during the drain is still a drain (the first one is under way).
     node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+    Ok(())
+}
+
+async fn run_gateway(args: GatewayArgs) -> Result<(), String> {
+    if let Some(key) = args.hash_key {
+        println!("{}", kiln::gateway::hash_key(&key));
+        return Ok(());
+    }
+    let mut stop = StopSignals::install()?;
+    let config = load_config(&args.config)?;
+    let mut nats = config.nats.clone();
+    if let Some(url) = args.nats {
+        nats.url = url;
+    }
+    if nats.url == "embedded" {
+        nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
+    }
+    let addr = args.http_addr.unwrap_or_else(|| config.http.addr.clone());
+    if addr.is_empty() {
+        return Err("no address to serve: set http.addr or pass --http-addr".into());
+    }
+    let gateway = kiln::gateway::Gateway::connect(config.http.clone(), &nats).await.map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = gateway
+        .serve(&addr, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("kiln gateway on http://{} for NATS {} (console at /, REST API at /v1)", serving.addr, nats.url);
+    let signal = stop.recv().await;
+    tracing::info!(signal, "stop signal: the gateway stops accepting and ends its streams");
+    let _ = stop_tx.send(());
+    serving.stopped().await;
     Ok(())
 }
 

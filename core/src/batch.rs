@@ -45,7 +45,7 @@ pub fn retry_batch_id(batch_id: &str) -> String {
 }
 
 /// A child job's link to its batch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ParentRef {
     pub batch_id: String,
     /// The item's index in the original request; a retry batch keeps the original indices, so
@@ -63,7 +63,7 @@ pub struct BatchItem {
 }
 
 /// Where a batch is: running until every item is terminal, then its summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BatchStatus {
     Running,
@@ -87,7 +87,7 @@ impl BatchStatus {
 }
 
 /// Counts of a batch's items, and the status they add up to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchSummary {
     pub status: BatchStatus,
     pub total: u32,

@@ -37,6 +37,8 @@ pub struct ClusterConfig {
     pub restart: RestartPolicy,
     pub cluster: ClusterLink,
     pub compression: CompressionConfig,
+    /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
+    pub http: crate::http::HttpConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -821,6 +823,7 @@ impl ClusterConfig {
                 _ => {}
             }
         }
+        self.http.validate(|m| self.model(m).is_some())?;
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use crate::batch::ParentRef;
 use crate::protocol::{ApiError, Artifact, InputValue};
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Durable in the queue, not running.

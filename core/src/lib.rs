@@ -6,6 +6,7 @@
 //! | module       | what                                                                   |
 //! |--------------|------------------------------------------------------------------------|
 //! | [`config`]   | `cluster.toml`, typed, env overrides, `validate()`                     |
+//! | [`http`]     | the `[http]` section: gateway address, limits, API keys, seed routes   |
 //! | [`protocol`] | JSON requests, replies, events and error codes on the wire             |
 //! | [`job`]      | the job record (source of truth) and the pure delivery/retry rules     |
 //! | [`batch`]    | batches: the parent record, settling children, the summary rule        |
@@ -22,6 +23,7 @@ pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod fault;
+pub mod http;
 pub mod ids;
 pub mod job;
 pub mod metrics;

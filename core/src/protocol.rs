@@ -34,7 +34,7 @@ pub fn truncate_utf8(mut s: String, max: usize) -> String {
 }
 
 /// A stable, machine-readable error code. Clients branch on these; the message is for people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request is malformed or names something invalid (a field, an input, an id).
@@ -74,7 +74,7 @@ impl ErrorCode {
 }
 
 /// An error as it travels on the wire and as it is stored in a job record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error, schemars::JsonSchema)]
 #[error("{code:?}: {message}")]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -98,7 +98,7 @@ impl ApiError {
 
 /// The envelope of a failed reply: `{"error": {...}}` and nothing else. `deny_unknown_fields`
 /// matters: a failed job's `JobView` also has an `error` key, and must not read as one.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorReply {
     pub error: ApiError,
@@ -106,7 +106,7 @@ pub struct ErrorReply {
 
 /// One named input of a job: either an inline JSON value, or a reference to an object that the
 /// client uploaded to the files bucket beforehand (the replacement for the seeds' temp-file API).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum InputValue {
     /// `{"object": "name"}`: an object in the files bucket.
@@ -116,7 +116,7 @@ pub enum InputValue {
 }
 
 /// `kiln.api.submit`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
     pub model: String,
@@ -144,7 +144,7 @@ pub struct SubmitRequest {
 }
 
 /// Reply to submit, sent only once the job record and the queue message are durable.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct SubmitReply {
     pub job_id: String,
     pub status: JobState,
@@ -157,14 +157,14 @@ pub struct SubmitReply {
 }
 
 /// `kiln.api.status`, `kiln.api.cancel` and `kiln.api.result` take a job id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobRef {
     pub job_id: String,
 }
 
 /// A stored result: an object in the results bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Artifact {
     /// The file name the engine gave it (`image.png`).
     pub name: String,
@@ -179,7 +179,7 @@ pub struct Artifact {
 }
 
 /// Reply to status and cancel: the job as the client may see it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct JobView {
     pub job_id: String,
     pub model: String,
@@ -208,6 +208,12 @@ pub struct JobView {
     /// The batch this job is an item of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<ParentRef>,
+    /// The job's inputs and params as submitted (what a console shows, and what a gateway's
+    /// route templates may echo back: a seed client's own `session_id`).
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputValue>,
+    #[serde(default)]
+    pub params: serde_json::Map<String, serde_json::Value>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -229,12 +235,14 @@ impl From<&JobRecord> for JobView {
             cancel_requested: r.cancel_requested,
             dead_letter: r.dead_letter,
             batch: r.parent.clone(),
+            inputs: r.inputs.clone(),
+            params: r.params.clone(),
         }
     }
 }
 
 /// Reply to `kiln.api.result`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResultReply {
     pub job_id: String,
     pub status: JobState,
@@ -244,7 +252,7 @@ pub struct ResultReply {
 }
 
 /// `kiln.api.jobs`: list jobs, newest first, filtered.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListJobsRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,13 +267,13 @@ pub struct ListJobsRequest {
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ListJobsReply {
     pub jobs: Vec<JobView>,
 }
 
 /// One configured model, as `kiln.api.models` lists it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub engine: String,
@@ -278,13 +286,13 @@ pub struct ModelInfo {
     pub warm_on: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ModelsReply {
     pub models: Vec<ModelInfo>,
 }
 
 /// State of one GPU slot in the cluster registry (replaces the seeds' `gpu_status:{id}` keys).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GpuState {
     Idle,
@@ -309,7 +317,7 @@ impl GpuState {
 }
 
 /// A registry entry for one GPU slot (KV bucket `kiln_gpus`, key `<node>.<slot-key>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct GpuEntry {
     pub node: String,
     /// As configured: `cuda:0`, `cpu:1`.
@@ -330,7 +338,7 @@ pub struct GpuEntry {
 }
 
 /// A registry entry for one node (KV bucket `kiln_nodes`, key `<node>`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeEntry {
     pub node: String,
     pub version: String,
@@ -349,20 +357,20 @@ pub struct NodeEntry {
 }
 
 /// A job delivery a node holds, with the JetStream ack subject of that delivery.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HeldJob {
     pub job_id: String,
     pub ack_subject: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ClusterReply {
     pub nodes: Vec<NodeEntry>,
     pub gpus: Vec<GpuEntry>,
 }
 
 /// What kind of progress event this is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// `status` changed: queued, running, retrying, completed, failed, cancelled.
@@ -383,7 +391,7 @@ pub enum EventKind {
 
 /// One progress event on `kiln.events.<job_id>`, captured in the `KILN_EVENTS` stream so a
 /// late subscriber replays the whole history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Event {
     pub job_id: String,
     /// Which attempt produced it (1-based); 0 for events written by the API (queued, cancel).
@@ -414,7 +422,7 @@ pub struct Event {
 }
 
 /// The item an `item_completed` / `item_failed` event is about.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchItemEvent {
     pub index: u32,
     pub job_id: String,
@@ -483,7 +491,7 @@ impl Event {
 }
 
 /// One item of `kiln.api.submit_batch`: its own inputs and params (merged over the batch's).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItemRequest {
     #[serde(default)]
@@ -493,7 +501,7 @@ pub struct BatchItemRequest {
 }
 
 /// `kiln.api.submit_batch`: N items of one model, run as N jobs in parallel across the cluster.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSubmitRequest {
     pub model: String,
@@ -514,21 +522,21 @@ pub struct BatchSubmitRequest {
 }
 
 /// `kiln.api.batch`, `kiln.api.cancel_batch` and `kiln.api.retry_batch` take a batch id.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRef {
     pub batch_id: String,
 }
 
 /// An item's job, as a batch reply lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchItemRef {
     pub index: u32,
     pub job_id: String,
 }
 
 /// Reply to submit_batch and retry_batch, sent once every item is durable in the queue.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchReply {
     pub batch_id: String,
     pub items: Vec<BatchItemRef>,
@@ -540,7 +548,7 @@ pub struct BatchReply {
 }
 
 /// One item as `kiln.api.batch` shows it: its job's state, error and artifacts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchItemView {
     pub index: u32,
     pub job_id: String,
@@ -552,7 +560,7 @@ pub struct BatchItemView {
 }
 
 /// Reply to `kiln.api.batch` and `kiln.api.cancel_batch`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchView {
     pub batch_id: String,
     pub model: String,
@@ -570,7 +578,7 @@ pub struct BatchView {
 
 /// `kiln.api.control`: an operator's request for one node or GPU anywhere in the cluster. The
 /// node that receives it forwards it through the actor cluster to the target's actor.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// Stop pulling, finish running jobs, leave the registry, exit.
@@ -581,7 +589,7 @@ pub enum ControlRequest {
     Ping { node: String },
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ControlReply {
     /// The node (or `node/slot`) that acted.
     pub target: String,
@@ -593,14 +601,14 @@ pub struct ControlReply {
 
 /// `kiln.node.<from>.ping`: ask node `from` to time `count` round trips to `peer`, both as
 /// actor calls through the actor cluster and as plain NATS requests, interleaved.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PingRequest {
     pub peer: String,
     pub count: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct PingReport {
     pub from: String,
     pub peer: String,

@@ -439,6 +439,8 @@ mod tests {
             cancel_requested: false,
             dead_letter: false,
             batch: None,
+            inputs: Default::default(),
+            params: Default::default(),
         }
     }
 

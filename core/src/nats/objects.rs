@@ -133,3 +133,113 @@ async fn download(store: &object_store::ObjectStore, name: &str, dest: &Path) ->
     file.flush().await?;
     Ok(n)
 }
+
+/// What [`put_stream`] stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub name: String,
+    pub size: u64,
+    /// Hex sha256 of the content (also in the object's metadata, as for every object Kiln
+    /// stores).
+    pub sha256: String,
+    pub content_type: String,
+}
+
+/// Chunk size of streamed uploads: the object store's default.
+const STREAM_CHUNK_BYTES: usize = 128 * 1024;
+/// Chunks published before their acks are awaited: a large upload streams at the link's rate
+/// instead of one round trip per chunk (the object store's own `put` waits for each ack).
+const STREAM_ACKS_IN_FLIGHT: usize = 32;
+
+/// Streams `data` into object store `bucket` as object `name`, computing its sha256 on the way,
+/// without holding it in memory. The object appears whole or not at all: the metadata that
+/// makes it visible is written last, and when anything fails first (the reader errs because
+/// its HTTP client went away or passed the size limit, NATS fails) the chunks already stored
+/// are purged. Replacing an object purges the old version's chunks after the new one is
+/// visible, as the object store's own `put` does. The layout (chunks on
+/// `$O.<bucket>.C.<nuid>`, a rolled-up `ObjectInfo` on `$O.<bucket>.M.<base64url(name)>`) is
+/// the object store's, so every NATS client reads the object as usual.
+pub async fn put_stream(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    name: &str,
+    content_type: &str,
+    data: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<StoredObject, StoreError> {
+    use base64::Engine;
+    use tokio::io::AsyncReadExt;
+    if !crate::ids::is_valid_object_name(name) {
+        return Err(StoreError::Decode(format!("object name {name:?} is invalid")));
+    }
+    let stream = js.get_stream(format!("OBJ_{bucket}")).await.map_err(StoreError::nats)?;
+    let store = js.get_object_store(bucket).await.map_err(StoreError::nats)?;
+    let previous = store.info(name).await.ok().filter(|i| !i.deleted);
+    let nuid = uuid::Uuid::new_v4().simple().to_string();
+    let chunk_subject = format!("$O.{bucket}.C.{nuid}");
+    let upload = async {
+        let mut sha = Sha256::new();
+        let (mut size, mut chunks) = (0u64, 0usize);
+        let mut acks = futures::stream::FuturesOrdered::new();
+        loop {
+            let mut chunk = bytes::BytesMut::with_capacity(STREAM_CHUNK_BYTES);
+            while chunk.len() < STREAM_CHUNK_BYTES {
+                if data.read_buf(&mut chunk).await? == 0 {
+                    break;
+                }
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            sha.update(&chunk);
+            size += chunk.len() as u64;
+            chunks += 1;
+            acks.push_back(std::future::IntoFuture::into_future(
+                js.publish(chunk_subject.clone(), chunk.freeze()).await.map_err(StoreError::nats)?,
+            ));
+            if acks.len() >= STREAM_ACKS_IN_FLIGHT {
+                futures::StreamExt::next(&mut acks).await.expect("not empty").map_err(StoreError::nats)?;
+            }
+        }
+        while let Some(ack) = futures::StreamExt::next(&mut acks).await {
+            ack.map_err(StoreError::nats)?;
+        }
+        let digest = sha.finalize();
+        let sha256 = hex::encode(digest);
+        let info = object_store::ObjectInfo {
+            name: name.to_string(),
+            description: None,
+            metadata: HashMap::from([(META_SHA256.to_string(), sha256.clone()), (META_CONTENT_TYPE.to_string(), content_type.to_string())]),
+            headers: None,
+            options: Some(object_store::ObjectOptions { link: None, max_chunk_size: Some(STREAM_CHUNK_BYTES) }),
+            bucket: bucket.to_string(),
+            nuid: nuid.clone(),
+            size: size as usize,
+            chunks,
+            modified: Some(time::OffsetDateTime::now_utc()),
+            digest: Some(format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(digest))),
+            deleted: false,
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let meta_subject = format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name));
+        let body = serde_json::to_vec(&info).map_err(|e| StoreError::Decode(e.to_string()))?;
+        js.publish_with_headers(meta_subject, headers, body.into()).await.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
+        Ok::<_, StoreError>(StoredObject { name: name.to_string(), size, sha256, content_type: content_type.to_string() })
+    };
+    match upload.await {
+        Ok(stored) => {
+            if let Some(old) = previous.filter(|p| p.nuid != nuid) {
+                let _ = stream.purge().filter(format!("$O.{bucket}.C.{}", old.nuid)).await;
+            }
+            Ok(stored)
+        }
+        Err(e) => {
+            // Nothing refers to these chunks: without the purge they would fill the bucket
+            // until its TTL.
+            if let Err(purge) = stream.purge().filter(&chunk_subject).await {
+                tracing::warn!(bucket, error = %purge, "cannot purge the chunks of a failed upload");
+            }
+            Err(e)
+        }
+    }
+}

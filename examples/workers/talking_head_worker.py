@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""An example "talking-head video" model for Kiln's `process` engine.
+
+It stands in for the EchoMimic worker service (one reference face image plus one driving audio
+file in, one lip-synced video out): the same inputs, params and stages, hosted by Kiln instead
+of a Redis queue, a Pub/Sub progress channel and a temp-file API. Kiln downloads the inputs,
+publishes the progress events and stores the video, so all that is left here is the model.
+
+Like demo_worker.py it is a long-lived worker: Kiln starts it once per slot and model, it
+"loads its model" (sleeps KILN_DEMO_LOAD_MS), prints {"type":"ready"}, then runs jobs one after
+another. It speaks the JSON-lines protocol of `core/src/engine/process.rs` (docs/PROTOCOL.md):
+
+  stdin  (from Kiln)  {"type":"job","job_id":..,"attempt":1,"inputs":{..},"params":{..},"output_dir":".."}
+                      {"type":"cancel","job_id":..}
+  stdout (to Kiln)    {"type":"ready"}
+                      {"type":"progress","job_id":..,"stage":..,"progress":0..100,"message":..}
+                      {"type":"log","job_id":..,"message":..}
+                      {"type":"result","job_id":..,"artifacts":[{"name","path","content_type"}]}
+                      {"type":"error","job_id":..,"message":..,"retryable":bool}
+                      {"type":"cancelled","job_id":..}
+
+stdout carries protocol lines only; diagnostics go to stderr (Kiln keeps its tail to explain
+a crash).
+
+Inputs (both required; a client uploads them to the files bucket and submits
+{"object": ".."}, and Kiln hands the worker a local copy as {"path": ".."}):
+  ref_image  {"path": ".."}: the reference face, a PNG or JPEG
+  audio      {"path": ".."}: the driving audio (any format; only its size is used)
+A missing, empty or unreadable input, or a ref_image that is not a PNG or JPEG, is a user
+error (retryable false) naming the input.
+
+Params (all optional; unknown ones, such as the seed service's task_id and session_id, are
+ignored):
+  steps      int 1..200 (default 25)        inference steps, one progress event each
+  cfg        number 0..20 (default 2.5)     guidance scale
+  seed       int (default 0)
+  frames_num int 1..10000 (default: one frame per 3200 bytes of audio, 1..250)
+  step_ms    number 0..60000 (default 60)   simulated time per step
+
+Stages, in order, with their progress:
+  downloading    5       both input files are there and readable
+  face_detecting 10, 15  the ref_image header is read (format and size)
+  inference      15..90  one event per step; a cancel is seen between steps
+  merging_audio  95      the outputs are written
+then the result.
+
+Environment:
+  KILN_DEMO_LOAD_MS   simulated model load time before "ready" (default 200)
+
+Outputs in the job's output_dir: video.mp4 (about 4 KiB, not playable: an MP4 `ftyp` box and
+an `mdat` box of bytes derived from sha256(ref_image bytes + audio bytes + "seed:steps"); same
+inputs, seed and steps, same bytes) and meta.json.
+
+Try it by hand (with any PNG or JPEG at /tmp/face.png and any non-empty file at /tmp/voice.wav):
+  printf '%s\n' '{"type":"job","job_id":"j1","attempt":1,"inputs":{"ref_image":{"path":"/tmp/face.png"},"audio":{"path":"/tmp/voice.wav"}},"params":{"steps":3},"output_dir":"/tmp/j1"}' \
+    | python3 examples/workers/talking_head_worker.py
+"""
+
+import hashlib
+import json
+import os
+import queue
+import struct
+import sys
+import threading
+import time
+
+DEFAULT_STEPS = 25
+MAX_STEPS = 200
+DEFAULT_CFG = 2.5
+MAX_CFG = 20
+DEFAULT_STEP_MS = 60
+MAX_STEP_MS = 60_000
+MAX_FRAMES = 10_000
+# Without a frames_num param the video is as long as the audio: one frame per this many bytes
+# of it, at most DEFAULT_MAX_FRAMES frames.
+AUDIO_BYTES_PER_FRAME = 3200
+DEFAULT_MAX_FRAMES = 250
+# video.mp4 is this long: the ftyp box, then one mdat box filling the rest.
+VIDEO_BYTES = 4096
+FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+# Longest stdin line we accept. Kiln's job lines are bounded by its request limit (256 KiB by
+# default); anything far beyond that is a broken writer, not a job.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+# Marks the end of stdin in the job queue.
+EOF = object()
+
+
+def diag(message):
+    """A diagnostic for people: stderr only, never the protocol channel."""
+    print(f"talking_head_worker[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol (as in demo_worker.py)
+
+
+class Output:
+    """Writes protocol lines to stdout. Both threads write (the reader warns about malformed
+    lines), so writes go through one lock and are flushed one whole line at a time."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, **message):
+        line = json.dumps(message, separators=(",", ":")) + "\n"
+        with self._lock:
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except BrokenPipeError:
+                # Kiln is gone (it closed our stdout): nobody is left to report to.
+                os._exit(0)
+
+
+class UserError(Exception):
+    """The job's request is wrong: retrying cannot help (retryable false)."""
+
+
+class Cancelled(Exception):
+    """Kiln asked us to stop this job."""
+
+
+class Job:
+    """One job line as received, plus the event the reader thread sets when Kiln cancels it."""
+
+    def __init__(self, line):
+        self.job_id = line["job_id"]
+        self.attempt = line.get("attempt", 1)
+        self.inputs = line.get("inputs", {})
+        self.params = line.get("params", {})
+        self.output_dir = line.get("output_dir")
+        self.cancel = threading.Event()
+
+
+class Reader(threading.Thread):
+    """Reads stdin so that a `cancel` line is seen while the main thread runs a job.
+
+    Job lines go into the job queue; cancel lines set the cancel event of the job they name.
+    Kiln sends one job at a time, so the jobs in `self.active` are the one running and at most
+    one not yet started; a cancel for any other id (a job that already finished) is ignored.
+    """
+
+    def __init__(self, stdin, out, jobs):
+        super().__init__(name="stdin-reader", daemon=True)
+        self._stdin = stdin
+        self._out = out
+        self._jobs = jobs
+        self._lock = threading.Lock()
+        self.active = {}  # job_id -> Job, from receipt until the main thread finishes it
+
+    def finished(self, job):
+        with self._lock:
+            if self.active.get(job.job_id) is job:
+                del self.active[job.job_id]
+
+    def warn(self, message, job_id=None):
+        diag(message)
+        if job_id is None:
+            self._out.send(type="log", message=f"warning: {message}")
+        else:
+            self._out.send(type="log", job_id=job_id, message=f"warning: {message}")
+
+    def run(self):
+        try:
+            while True:
+                raw = self._stdin.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    # Skip the rest of the over-long line, then carry on with the next one.
+                    while raw and not raw.endswith(b"\n"):
+                        raw = self._stdin.readline(MAX_LINE_BYTES)
+                    self.warn(f"ignored a stdin line over {MAX_LINE_BYTES} bytes")
+                    continue
+                self.handle(raw.decode("utf-8", errors="replace").strip())
+        except Exception as e:  # never let the reader die silently
+            diag(f"stdin reader failed: {e!r}")
+        self._jobs.put(EOF)
+
+    def handle(self, text):
+        if not text:
+            return
+        try:
+            line = json.loads(text)
+        except ValueError:
+            self.warn(f"ignored a stdin line that is not JSON: {text[:200]!r}")
+            return
+        if not isinstance(line, dict):
+            self.warn(f"ignored a stdin line that is not a JSON object: {text[:200]!r}")
+            return
+        kind = line.get("type")
+        job_id = line.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            self.warn(f"ignored a {kind!r} line without a job_id")
+            return
+        if kind == "job":
+            try:
+                job = Job(line)
+            except Exception as e:
+                self.warn(f"ignored a malformed job line: {e!r}", job_id)
+                return
+            with self._lock:
+                self.active[job.job_id] = job
+            self._jobs.put(job)
+        elif kind == "cancel":
+            with self._lock:
+                job = self.active.get(job_id)
+            if job is None:
+                diag(f"cancel for job {job_id}, which is not running: ignored")
+            else:
+                job.cancel.set()
+        else:
+            self.warn(f"ignored a line of unknown type {kind!r}", job_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def int_param(params, name, default, low, high):
+    value = params.get(name, default)
+    # bool is an int in Python; JSON true is not a number of steps.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"param {name} must be an integer, got {json.dumps(value)}")
+    if low is not None and value < low or high is not None and value > high:
+        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def number_param(params, name, default, low, high):
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"param {name} must be a number, got {json.dumps(value)}")
+    # Also refuses NaN (Python's json accepts it), which compares false to everything.
+    if not low <= value <= high:
+        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def file_input(inputs, name):
+    """The local path of a required file input, which Kiln passes as {"path": ".."}."""
+    value = inputs.get(name)
+    if value is None:
+        raise UserError(f'input {name} is required: a file ({{"path": ..}})')
+    if not (isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]):
+        raise UserError(f'input {name} must be a file ({{"path": ..}}), got {json.dumps(value)[:200]}')
+    return value["path"]
+
+
+class Settings:
+    """A job's inputs and params, checked before any work starts. Params not named here
+    (task_id, session_id, whatever a client passes along) are ignored."""
+
+    def __init__(self, job):
+        if not isinstance(job.inputs, dict):
+            raise UserError("inputs must be a JSON object")
+        if not isinstance(job.params, dict):
+            raise UserError("params must be a JSON object")
+        if not isinstance(job.output_dir, str) or not job.output_dir:
+            raise UserError("the job line names no output_dir")
+        p = job.params
+
+        self.ref_image_path = file_input(job.inputs, "ref_image")
+        self.audio_path = file_input(job.inputs, "audio")
+
+        self.steps = int_param(p, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
+        self.cfg = number_param(p, "cfg", DEFAULT_CFG, 0, MAX_CFG)
+        self.seed = int_param(p, "seed", 0, None, None)
+        # None: derived from the audio once its size is known.
+        self.frames_num = None
+        if "frames_num" in p:
+            self.frames_num = int_param(p, "frames_num", None, 1, MAX_FRAMES)
+        self.step_ms = number_param(p, "step_ms", DEFAULT_STEP_MS, 0, MAX_STEP_MS)
+
+
+def input_size(name, path):
+    """Checks that a downloaded input can be opened and is not empty; returns its size."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            # Opening a directory works on some systems; reading it does not.
+            f.read(1)
+    except OSError as e:
+        raise UserError(f"cannot read input {name}: {e.strerror} ({path})") from e
+    if size == 0:
+        raise UserError(f"input {name} is empty ({path})")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# The "model"
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...): they carry the image size.
+JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_size(f):
+    """(width, height) from the first start-of-frame segment of a JPEG, or None. `f` is
+    positioned just after the SOI marker."""
+    while True:
+        byte = f.read(1)
+        if byte != b"\xff":
+            return None
+        marker = f.read(1)
+        while marker == b"\xff":  # fill bytes before a marker
+            marker = f.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x01 or 0xD0 <= code <= 0xD7:  # markers without a segment
+            continue
+        if code in (0xD9, 0xDA):  # end of image, or the scan began before any frame header
+            return None
+        length = f.read(2)
+        if len(length) < 2:
+            return None
+        (length,) = struct.unpack(">H", length)
+        if code in JPEG_SOF:
+            body = f.read(5)
+            if len(body) < 5:
+                return None
+            _precision, height, width = struct.unpack(">BHH", body)
+            return width, height
+        if length < 2:
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def image_header(path):
+    """("PNG" or "JPEG", width, height), read from the file's header only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+                width, height = struct.unpack(">II", head[16:24])
+                kind = "PNG"
+            elif head[:2] == b"\xff\xd8":
+                f.seek(2)
+                size = jpeg_size(f)
+                if size is None:
+                    raise UserError(f"input ref_image is a JPEG without a readable frame header ({path})")
+                width, height = size
+                kind = "JPEG"
+            else:
+                raise UserError(f"input ref_image is not a PNG or JPEG image ({path})")
+    except OSError as e:
+        raise UserError(f"cannot read input ref_image: {e.strerror} ({path})") from e
+    if width == 0 or height == 0:
+        raise UserError(f"input ref_image has no pixels ({kind} {width}x{height}, {path})")
+    return kind, width, height
+
+
+def hash_file(h, path):
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+
+
+def render_video(ref_image_path, audio_path, seed, steps):
+    """video.mp4's bytes: an ftyp box, then an mdat box whose payload is a sha256 stream
+    seeded with sha256(ref_image bytes + audio bytes + "seed:steps")."""
+    h = hashlib.sha256()
+    hash_file(h, ref_image_path)
+    hash_file(h, audio_path)
+    h.update(f"{seed}:{steps}".encode("ascii"))
+    key = h.digest()
+    payload_len = VIDEO_BYTES - len(FTYP) - 8
+    blocks = (payload_len + 31) // 32
+    payload = b"".join(hashlib.sha256(key + struct.pack(">I", i)).digest() for i in range(blocks))
+    mdat = struct.pack(">I", 8 + payload_len) + b"mdat" + payload[:payload_len]
+    return FTYP + mdat
+
+
+class Worker:
+    def __init__(self, out, reader, jobs):
+        self.out = out
+        self.reader = reader
+        self.jobs = jobs
+
+    def serve(self):
+        """Runs jobs until stdin ends. Jobs already received still run (so piping a few lines
+        in by hand works); Kiln itself kills the process group when it is done with us."""
+        while True:
+            job = self.jobs.get()
+            if job is EOF:
+                diag("stdin closed; exiting")
+                return
+            try:
+                self.run_job(job)
+            finally:
+                self.reader.finished(job)
+
+    def progress(self, job, stage, progress, message=None):
+        line = {"type": "progress", "job_id": job.job_id, "stage": stage, "progress": progress}
+        if message is not None:
+            line["message"] = message
+        self.out.send(**line)
+
+    def log(self, job, message):
+        self.out.send(type="log", job_id=job.job_id, message=message)
+
+    def run_job(self, job):
+        try:
+            self.log(job, f"worker pid {os.getpid()} running job {job.job_id} attempt {job.attempt}")
+            artifacts = self.generate(job)
+        except Cancelled:
+            self.out.send(type="cancelled", job_id=job.job_id)
+        except UserError as e:
+            self.out.send(type="error", job_id=job.job_id, message=str(e), retryable=False)
+        except Exception as e:
+            # An unexpected failure here is ours, not the user's (a full disk, a bug, an input
+            # file gone mid-job): let Kiln retry it, and keep serving.
+            diag(f"job {job.job_id} failed unexpectedly: {e!r}")
+            self.out.send(type="error", job_id=job.job_id, message=f"worker error: {e!r}", retryable=True)
+        else:
+            self.out.send(type="result", job_id=job.job_id, artifacts=artifacts)
+
+    def check_cancel(self, job):
+        if job.cancel.is_set():
+            raise Cancelled()
+
+    def generate(self, job):
+        s = Settings(job)
+
+        # Kiln has already downloaded both files; the seed service fetched them here.
+        image_bytes = input_size("ref_image", s.ref_image_path)
+        audio_bytes = input_size("audio", s.audio_path)
+        self.progress(job, "downloading", 5, f"ref_image {image_bytes} bytes, audio {audio_bytes} bytes")
+        self.check_cancel(job)
+
+        self.progress(job, "face_detecting", 10, "reading ref_image")
+        kind, width, height = image_header(s.ref_image_path)
+        self.progress(job, "face_detecting", 15, f"face found in a {width}x{height} {kind}")
+        self.check_cancel(job)
+
+        frames_num = s.frames_num
+        if frames_num is None:
+            frames_num = min(DEFAULT_MAX_FRAMES, max(1, audio_bytes // AUDIO_BYTES_PER_FRAME))
+            self.log(job, f"frames_num {frames_num}, from the audio's {audio_bytes} bytes")
+
+        for step in range(1, s.steps + 1):
+            # Waiting on the event is the step's "work": a cancel ends it at once.
+            if job.cancel.wait(s.step_ms / 1000.0):
+                raise Cancelled()
+            self.progress(job, "inference", round(15 + 75.0 * step / s.steps, 2), f"step {step}/{s.steps}")
+        self.check_cancel(job)
+
+        self.progress(job, "merging_audio", 95, f"muxing {frames_num} frames with the audio")
+        os.makedirs(job.output_dir, exist_ok=True)
+        video = render_video(s.ref_image_path, s.audio_path, s.seed, s.steps)
+        with open(os.path.join(job.output_dir, "video.mp4"), "wb") as f:
+            f.write(video)
+        meta = {
+            "frames_num": frames_num,
+            "steps": s.steps,
+            "cfg": s.cfg,
+            "seed": s.seed,
+            "ref_image_bytes": image_bytes,
+            "ref_image_format": kind,
+            "ref_image_width": width,
+            "ref_image_height": height,
+            "audio_bytes": audio_bytes,
+        }
+        with open(os.path.join(job.output_dir, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        self.check_cancel(job)
+        return [
+            {"name": "video.mp4", "path": "video.mp4", "content_type": "video/mp4"},
+            {"name": "meta.json", "path": "meta.json", "content_type": "application/json"},
+        ]
+
+
+def env_int(name, default):
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return max(0, int(text))
+    except ValueError:
+        diag(f"{name}={text!r} is not an integer; using {default}")
+        return default
+
+
+def main():
+    # Protocol lines are text on stdout; stdin is read as bytes so a bad encoding cannot kill us.
+    out = Output(sys.stdout)
+    load_ms = env_int("KILN_DEMO_LOAD_MS", 200)
+    diag(
+        f"loading model {os.environ.get('KILN_MODEL', '?')} on slot {os.environ.get('KILN_SLOT', '?')} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, {load_ms} ms)"
+    )
+    time.sleep(load_ms / 1000.0)
+
+    # Unbounded on purpose: Kiln sends one job at a time, so it holds at most a couple.
+    jobs = queue.Queue()
+    reader = Reader(sys.stdin.buffer, out, jobs)
+    reader.start()
+    out.send(type="ready")
+    diag("ready")
+    Worker(out, reader, jobs).serve()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        pass

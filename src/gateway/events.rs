@@ -1,0 +1,195 @@
+//! Job and batch events for HTTP clients: one JetStream consumer per job however many SSE
+//! clients follow it ([`Feeds`]), and the rule that resumes a stream after a reconnect.
+//!
+//! Every event's SSE `id` is its sequence number in the events stream. That number is the same
+//! on every gateway (it is the stream's), so a client that reconnects to another gateway with
+//! `Last-Event-ID: n` gets exactly the events after `n`: no gap, no repeat.
+//!
+//! A feed replays the job's whole history into memory, then follows live; a subscriber gets
+//! the history past its `Last-Event-ID`, then the live events, and ends after the terminal
+//! one. The feed's consumer stops when its last subscriber goes (a client that disconnects
+//! leaves no consumer behind) or after the terminal event.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::{Stream, StreamExt};
+use kiln_core::nats::Names;
+use kiln_core::protocol::Event;
+use tokio::sync::broadcast;
+
+/// An event with its sequence number in the events stream (its SSE `id`).
+pub type Sequenced = (u64, Event);
+
+/// Live events buffered per feed for slow subscribers; one that falls further behind catches
+/// up from the feed's history instead (nothing is skipped).
+const LIVE_BUFFER: usize = 1024;
+/// How often a feed checks whether anyone still follows it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Parses a `Last-Event-ID` header: the sequence number of the last event the client got.
+/// `None` for no header; an error for one that is not a number Kiln sent.
+pub fn parse_last_event_id(value: Option<&str>) -> Result<Option<u64>, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| format!("Last-Event-ID {v:?} is not an event id this gateway sent (a number)")),
+    }
+}
+
+/// The events after `after` in `history`, in order. Pure: what a (re)connecting subscriber is
+/// sent before the live ones.
+pub fn events_after(history: &[Sequenced], after: Option<u64>) -> Vec<Sequenced> {
+    history.iter().filter(|(seq, _)| after.is_none_or(|a| *seq > a)).cloned().collect()
+}
+
+struct Feed {
+    history: Mutex<Vec<Sequenced>>,
+    live: broadcast::Sender<Sequenced>,
+}
+
+/// The feeds of one tenant's connection, by job (or batch) id.
+#[derive(Clone)]
+pub struct Feeds {
+    js: jetstream::Context,
+    names: Names,
+    feeds: Arc<Mutex<HashMap<String, Weak<Feed>>>>,
+}
+
+impl Feeds {
+    pub fn new(nats: async_nats::Client, names: Names) -> Feeds {
+        Feeds { js: jetstream::new(nats), names, feeds: Default::default() }
+    }
+
+    /// Number of feeds (consumers) open now.
+    pub fn open(&self) -> usize {
+        self.feeds.lock().expect("feeds lock").values().filter(|w| w.strong_count() > 0).count()
+    }
+
+    fn feed(&self, id: &str) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock().expect("feeds lock");
+        if let Some(feed) = feeds.get(id).and_then(Weak::upgrade) {
+            return feed;
+        }
+        feeds.retain(|_, w| w.strong_count() > 0);
+        let feed = Arc::new(Feed { history: Mutex::new(vec![]), live: broadcast::channel(LIVE_BUFFER).0 });
+        feeds.insert(id.to_string(), Arc::downgrade(&feed));
+        tokio::spawn(follow(self.js.clone(), self.names.events_stream(), self.names.events_subject(id), Arc::downgrade(&feed)));
+        feed
+    }
+
+    /// The events of `id` after `after` (all of them for `None`), then the live ones, ending
+    /// after the terminal event.
+    pub fn subscribe(&self, id: &str, after: Option<u64>) -> impl Stream<Item = Sequenced> + Send + 'static {
+        let feed = self.feed(id);
+        futures::stream::unfold(Subscription { feed, last: after, pending: Default::default(), live: None, done: false }, next_event)
+    }
+}
+
+struct Subscription {
+    feed: Arc<Feed>,
+    last: Option<u64>,
+    pending: std::collections::VecDeque<Sequenced>,
+    live: Option<broadcast::Receiver<Sequenced>>,
+    done: bool,
+}
+
+async fn next_event(mut sub: Subscription) -> Option<(Sequenced, Subscription)> {
+    loop {
+        if sub.done {
+            return None;
+        }
+        if let Some(e) = sub.pending.pop_front() {
+            sub.last = Some(e.0);
+            sub.done = e.1.is_terminal();
+            return Some((e, sub));
+        }
+        if sub.live.is_none() {
+            // Subscribe before reading the history, under its lock: an event the feed adds
+            // after the snapshot is in the receiver; one in both is skipped by its number.
+            let history = sub.feed.history.lock().expect("history lock");
+            sub.live = Some(sub.feed.live.subscribe());
+            sub.pending.extend(events_after(&history, sub.last));
+            continue;
+        }
+        match sub.live.as_mut().expect("subscribed").recv().await {
+            Ok(e) if sub.last.is_some_and(|l| e.0 <= l) => continue,
+            Ok(e) => sub.pending.push_back(e),
+            // Fell behind the live buffer: catch up from the history.
+            Err(broadcast::error::RecvError::Lagged(_)) => sub.live = None,
+            // The feed stopped (its consumer failed): the client reconnects with its last id.
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// Reads the events of one subject from the first, into the feed, until the terminal event or
+/// until nobody follows the feed any more.
+async fn follow(js: jetstream::Context, stream: String, subject: String, feed: Weak<Feed>) {
+    let messages = async {
+        let stream = js.get_stream(stream).await.ok()?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .ok()?;
+        consumer.messages().await.ok()
+    };
+    let Some(mut messages) = messages.await else {
+        tracing::warn!(subject, "cannot follow events");
+        return;
+    };
+    loop {
+        let next = tokio::time::timeout(IDLE_CHECK, messages.next()).await;
+        let Some(feed) = feed.upgrade() else { return };
+        let message = match next {
+            Err(_) => continue,
+            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(m))) => m,
+        };
+        let Ok(info) = message.info() else { continue };
+        let seq = info.stream_sequence;
+        let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else { continue };
+        let terminal = event.is_terminal();
+        {
+            let mut history = feed.history.lock().expect("history lock");
+            history.push((seq, event.clone()));
+            let _ = feed.live.send((seq, event));
+        }
+        if terminal {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::job::JobState;
+
+    fn ev(n: u64) -> Sequenced {
+        (n, Event::status("j", 1, JobState::Running))
+    }
+
+    #[test]
+    fn last_event_id_is_a_number_or_absent() {
+        assert_eq!(parse_last_event_id(None), Ok(None));
+        assert_eq!(parse_last_event_id(Some(" 42 ")), Ok(Some(42)));
+        assert!(parse_last_event_id(Some("abc")).is_err());
+        assert!(parse_last_event_id(Some("-1")).is_err());
+    }
+
+    #[test]
+    fn a_reconnect_gets_exactly_the_events_after_its_last_id() {
+        let history: Vec<Sequenced> = [3, 5, 9, 12].into_iter().map(ev).collect();
+        let seqs = |after| events_after(&history, after).into_iter().map(|e| e.0).collect::<Vec<_>>();
+        assert_eq!(seqs(None), vec![3, 5, 9, 12]);
+        assert_eq!(seqs(Some(5)), vec![9, 12]);
+        assert_eq!(seqs(Some(4)), vec![5, 9, 12]);
+        assert_eq!(seqs(Some(12)), Vec::<u64>::new());
+    }
+}

@@ -1,0 +1,502 @@
+//! `[[http.routes]]`: the seed services' own HTTP contracts, served from configuration. Each
+//! route is one of a few kinds (submit, status, events, artifact, upload, download, health);
+//! its table says which model, which request fields become which inputs and params, what the
+//! client calls each status and stage, and the JSON it answers with (a [`template`]).
+//! `examples/http/` holds the tables of seeds 001, 002 and 003.
+//!
+//! [`template`]: super::template
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use kiln_core::http::{JobRefKind, RouteConfig, RouteKind};
+use kiln_core::job::JobState;
+use kiln_core::protocol::{ApiError, ErrorCode, Event, EventKind, InputValue, JobView, SubmitRequest};
+use serde_json::{json, Value};
+
+use super::error::HttpError;
+use super::template::{lookup, render};
+use super::v1::{read_form, read_json, resume_point, Form};
+use super::{objects, Gateway, Tenant};
+
+/// The routes of the table, grouped by path (one path may take several methods).
+pub fn router(routes: &[RouteConfig]) -> Router<Gateway> {
+    let mut by_path: BTreeMap<&str, MethodRouter<Gateway>> = BTreeMap::new();
+    for route in routes {
+        let filter = match route.method.as_str() {
+            "GET" => MethodFilter::GET,
+            "POST" => MethodFilter::POST,
+            "PUT" => MethodFilter::PUT,
+            _ => MethodFilter::DELETE,
+        };
+        let config = Arc::new(route.clone());
+        let handler = move |State(gateway): State<Gateway>,
+                            Extension(tenant): Extension<Arc<Tenant>>,
+                            Path(ids): Path<BTreeMap<String, String>>,
+                            request: Request| {
+            let config = config.clone();
+            async move {
+                let id = ids.into_values().next();
+                serve(&config, &gateway, &tenant, id, request).await.unwrap_or_else(IntoResponse::into_response)
+            }
+        };
+        let entry = by_path.remove(route.path.as_str()).unwrap_or_default();
+        by_path.insert(&route.path, entry.on(filter, handler));
+    }
+    let mut router = Router::new();
+    for (path, methods) in by_path {
+        router = router.route(path, methods.layer(axum::extract::DefaultBodyLimit::disable()));
+    }
+    router
+}
+
+/// Without `{...}` in the path, `Path` extracts nothing: treat it as no id.
+async fn serve(
+    route: &RouteConfig,
+    gateway: &Gateway,
+    tenant: &Tenant,
+    id: Option<String>,
+    request: Request,
+) -> Result<Response, HttpError> {
+    match route.kind {
+        RouteKind::Submit => submit(route, gateway, tenant, request).await,
+        RouteKind::Status => {
+            let view = tenant.client.status(&job_id(route, id)?).await?;
+            let mut vars = job_vars(route, &view, None);
+            if !route.artifacts.is_empty() {
+                vars["artifact"] = json_artifact(route, tenant, &view).await?;
+            }
+            Ok(Json(respond_with(route, &vars, || serde_json::to_value(&view).unwrap_or_default())).into_response())
+        }
+        RouteKind::Events => events(route, gateway, tenant, id, request.headers(), request.uri().query()).await,
+        RouteKind::Artifact => artifact(route, tenant, id, request.headers()).await,
+        RouteKind::Upload => upload(route, gateway, tenant, request).await,
+        RouteKind::Download => download(tenant, id, request.headers()).await,
+        RouteKind::Health => health(route, tenant).await,
+    }
+}
+
+fn respond_with(route: &RouteConfig, vars: &Value, default: impl FnOnce() -> Value) -> Value {
+    if route.response.is_null() {
+        default()
+    } else {
+        render(&route.response, vars)
+    }
+}
+
+/// The job a path's id names: Kiln's id, or (with `job_ref = "key"`) the id derived from the
+/// client's own id and the route's model.
+fn job_id(route: &RouteConfig, id: Option<String>) -> Result<String, HttpError> {
+    let id = id.filter(|i| !i.is_empty()).ok_or_else(|| HttpError::bad_request("the path names no job"))?;
+    Ok(match route.job_ref {
+        JobRefKind::JobId => id,
+        JobRefKind::Key => crate::api::idempotent_job_id(&route.model, &id),
+    })
+}
+
+/// What the client calls a Kiln status on this route (`None`: the route leaves it out).
+pub fn client_status(route: &RouteConfig, status: JobState) -> Option<String> {
+    match route.statuses.get(status.as_str()) {
+        Some(name) if name.is_empty() => None,
+        Some(name) => Some(name.clone()),
+        None => Some(status.as_str().to_string()),
+    }
+}
+
+/// What one Kiln event is in a route's event stream: a status (and progress) the client knows,
+/// or nothing. Status events map through `statuses`; progress events whose stage is one of
+/// `stages` report that stage as the status. Pure.
+pub fn client_event(route: &RouteConfig, event: &Event) -> Option<(String, Option<f32>)> {
+    match event.kind {
+        EventKind::Status => client_status(route, event.status?).map(|s| (s, None)),
+        EventKind::Progress => {
+            let stage = event.stage.as_ref()?;
+            route.stages.contains(stage).then(|| (stage.clone(), event.progress))
+        }
+        _ => None,
+    }
+}
+
+/// The variables of a job's templates: its id, the client's status, params, inputs, error,
+/// artifacts by name (each with `object`, `size`, `sha256`, `content_type`, `url`), times.
+fn job_vars(route: &RouteConfig, view: &JobView, status: Option<&str>) -> Value {
+    let artifacts: serde_json::Map<String, Value> = view
+        .artifacts
+        .iter()
+        .map(|a| {
+            let url = format!("/v1/jobs/{}/artifacts/{}", view.job_id, a.name);
+            (a.name.clone(), json!({"object": a.object, "size": a.size, "sha256": a.sha256, "content_type": a.content_type, "url": url}))
+        })
+        .collect();
+    let status = status.map(str::to_string).or_else(|| client_status(route, view.status));
+    json!({
+        "job_id": view.job_id,
+        "model": view.model,
+        "status": status,
+        "kiln_status": view.status.as_str(),
+        "attempt": view.attempt,
+        "params": view.params,
+        "inputs": view.inputs,
+        "error": view.error.as_ref().map(|e| e.message.clone()),
+        "error_code": view.error.as_ref().map(|e| e.code.as_str()),
+        "artifacts": artifacts,
+        "created_ms": view.created_ms,
+        "created_at": format_time(view.created_ms),
+        "finished_ms": view.finished_ms,
+    })
+}
+
+/// `2025-01-08 12:34:56` (UTC), the seeds' timestamp format.
+fn format_time(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year(), t.month() as u8, t.day(), t.hour(), t.minute(), t.second())
+}
+
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
+    let multipart =
+        request.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (body, form) = if multipart {
+        let form = read_form(gateway, tenant, request).await?;
+        (Value::Object(form.fields.clone()), Some(form))
+    } else {
+        let (parts, body) = request.into_parts();
+        (read_json::<Value>(gateway, &parts.headers, body).await?, None)
+    };
+    let built = submit_request(route, &body, form.as_ref());
+    let result = match built {
+        Ok(submit) => tenant.client.submit(&submit).await.map(|reply| (submit, reply)).map_err(HttpError::from),
+        Err(e) => Err(e),
+    };
+    let (submit, reply) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(form) = &form {
+                super::v1::forget_files(tenant, form).await;
+            }
+            return Err(e);
+        }
+    };
+    let vars = json!({
+        "job_id": reply.job_id,
+        "status": client_status(route, reply.status),
+        "kiln_status": reply.status.as_str(),
+        "duplicate": reply.duplicate,
+        "request": body,
+        "params": submit.params,
+        "model": submit.model,
+    });
+    Ok(Json(respond_with(route, &vars, || json!({"task_id": reply.job_id, "status": vars["status"]}))).into_response())
+}
+
+/// The submit a route's table makes of a request body (and the files of a multipart one).
+pub fn submit_request(route: &RouteConfig, body: &Value, form: Option<&Form>) -> Result<SubmitRequest, HttpError> {
+    let model = if !route.model_field.is_empty() {
+        let named = lookup(body, &route.model_field)
+            .and_then(as_text)
+            .ok_or_else(|| HttpError::bad_request(format!("the request needs the field {:?}", route.model_field)))?;
+        match route.models.get(&named) {
+            Some(m) => m.clone(),
+            None if route.models.is_empty() => named,
+            None => {
+                let known: Vec<&str> = route.models.keys().map(String::as_str).collect();
+                return Err(ApiError::new(
+                    ErrorCode::UnknownModel,
+                    format!("model {named:?} is not served here; known: {}", known.join(", ")),
+                )
+                .into());
+            }
+        }
+    } else {
+        route.model.clone()
+    };
+    let mut submit = SubmitRequest { model, ..Default::default() };
+    for (input, field) in &route.inputs {
+        if let Some(v) = lookup(body, field).filter(|v| !v.is_null()) {
+            submit.inputs.insert(input.clone(), InputValue::Inline(v.clone()));
+        }
+    }
+    for (input, field) in &route.file_ids {
+        if let Some(v) = lookup(body, field).and_then(as_text) {
+            submit.inputs.insert(input.clone(), InputValue::Object { object: v });
+        }
+    }
+    if let Some(form) = form {
+        for (input, part) in &route.files {
+            if let Some(f) = form.files.get(part) {
+                submit.inputs.insert(input.clone(), InputValue::Object { object: f.stored.name.clone() });
+            }
+        }
+    }
+    for (input, part) in &route.files {
+        if !submit.inputs.contains_key(input) {
+            return Err(HttpError::bad_request(format!("the request needs a file part {part:?} (multipart/form-data)")));
+        }
+    }
+    for (param, field) in &route.params {
+        if let Some(v) = lookup(body, field).filter(|v| !v.is_null()) {
+            submit.params.insert(param.clone(), v.clone());
+        }
+    }
+    if !route.key_field.is_empty() {
+        submit.idempotency_key = lookup(body, &route.key_field).and_then(as_text);
+        if route.job_ref == JobRefKind::Key && submit.idempotency_key.is_none() {
+            return Err(HttpError::bad_request(format!("the request needs the field {:?}", route.key_field)));
+        }
+    }
+    Ok(submit)
+}
+
+async fn events(
+    route: &RouteConfig,
+    gateway: &Gateway,
+    tenant: &Tenant,
+    id: Option<String>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, HttpError> {
+    let after = resume_point(headers, query)?;
+    let job_id = job_id(route, id)?;
+    let first = tenant.client.status(&job_id).await?;
+    let route = Arc::new(route.clone());
+    let client = tenant.client.clone();
+    let name = if route.event.is_empty() { "message".to_string() } else { route.event.clone() };
+    let last_body: Arc<Mutex<Option<Value>>> = Default::default();
+    let first = Arc::new(first);
+    let stream = tenant
+        .feeds
+        .subscribe(&job_id, after)
+        .then(move |(seq, event)| {
+            let (route, client, first, last_body, name) = (route.clone(), client.clone(), first.clone(), last_body.clone(), name.clone());
+            async move {
+                let (status, progress) = client_event(&route, &event)?;
+                // The ending carries the artifacts and the error: read them from the record.
+                let view = if event.is_terminal() { client.status(&event.job_id).await.ok().map(Arc::new).unwrap_or(first) } else { first };
+                let mut vars = job_vars(&route, &view, Some(&status));
+                // Results belong to the ending only (seed 002's `video_file_id` "only when
+                // completed"), even for a client that subscribes after it.
+                if !event.is_terminal() {
+                    vars["artifacts"] = json!({});
+                }
+                vars["progress"] = json!(progress.or(if event.status == Some(JobState::Completed) { Some(100.0) } else { None }));
+                vars["stage"] = json!(event.stage);
+                vars["message"] = json!(event.message);
+                if let Some(e) = &event.error {
+                    vars["error"] = json!(e.message);
+                    vars["error_code"] = json!(e.code.as_str());
+                }
+                if !matches!(event.status, Some(JobState::Failed | JobState::Cancelled)) {
+                    vars["error"] = Value::Null;
+                }
+                let body = respond_with(&route, &vars, || json!({"status": status, "progress": vars["progress"]}));
+                let mut last = last_body.lock().expect("last body");
+                if last.as_ref() == Some(&body) && !event.is_terminal() {
+                    return None;
+                }
+                *last = Some(body.clone());
+                Some(SseEvent::default().id(seq.to_string()).event(name).json_data(&body).expect("json"))
+            }
+        })
+        .filter_map(|e| async move { e.map(Ok::<_, std::convert::Infallible>) })
+        .take_until(gateway.shutdown_token().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The first of the route's `artifacts` that a completed job has (`not_found` otherwise).
+fn pick_artifact<'a>(route: &RouteConfig, view: &'a JobView) -> Result<&'a kiln_core::protocol::Artifact, HttpError> {
+    if view.status != JobState::Completed {
+        return Err(HttpError::not_found(format!("task {} has no result: it is {}", view.job_id, view.status.as_str())));
+    }
+    route
+        .artifacts
+        .iter()
+        .find_map(|name| view.artifacts.iter().find(|a| &a.name == name))
+        .ok_or_else(|| HttpError::not_found(format!("task {} has none of {}", view.job_id, route.artifacts.join(", "))))
+}
+
+/// Largest JSON artifact a status route reads into its template (`$artifact.<field>`).
+const MAX_JSON_ARTIFACT_BYTES: u64 = 1 << 20;
+
+/// A status route with `artifacts`: the first one's JSON content, for the template (seed 003's
+/// `/metadata` answers from `metadata.json`).
+async fn json_artifact(route: &RouteConfig, tenant: &Tenant, view: &JobView) -> Result<Value, HttpError> {
+    let artifact = pick_artifact(route, view)?;
+    if artifact.size > MAX_JSON_ARTIFACT_BYTES {
+        return Err(HttpError::internal(format!("{} is too large to answer inline", artifact.name)));
+    }
+    let download = objects::open(tenant.client.jetstream(), &artifact.bucket, &artifact.object).await?;
+    let mut data = Vec::with_capacity(artifact.size as usize);
+    tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::AsyncReadExt::take(download.object, MAX_JSON_ARTIFACT_BYTES), &mut data)
+        .await
+        .map_err(|e| HttpError::unavailable(format!("object store: {e}")))?;
+    serde_json::from_slice(&data).map_err(|e| HttpError::internal(format!("{} is not JSON: {e}", artifact.name)))
+}
+
+async fn artifact(route: &RouteConfig, tenant: &Tenant, id: Option<String>, headers: &HeaderMap) -> Result<Response, HttpError> {
+    let view = tenant.client.status(&job_id(route, id)?).await?;
+    let artifact = pick_artifact(route, &view)?;
+    let download = objects::open(tenant.client.jetstream(), &artifact.bucket, &artifact.object).await?;
+    objects::respond(download, headers, Some(&artifact.name)).await
+}
+
+async fn upload(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
+    let form = read_form(gateway, tenant, request).await?;
+    let part = route.files.values().next().map(String::as_str).unwrap_or("file");
+    let Some(file) = form.files.get(part).or_else(|| form.files.values().next()) else {
+        return Err(HttpError::bad_request(format!("the request needs a file part {part:?} (multipart/form-data)")));
+    };
+    // The seeds' file ids are plain uuids: copy under one (the multipart reader stored it under
+    // `uploads/<uuid>/<name>`), keeping its type and digest.
+    let js = tenant.client.jetstream();
+    let bucket = tenant.names().files_bucket();
+    let file_id = uuid::Uuid::new_v4().to_string();
+    let source = objects::open(js, &bucket, &file.stored.name).await?;
+    let mut reader = source.object;
+    let stored = kiln_core::nats::objects::put_stream(js, &bucket, &file_id, &file.stored.content_type, &mut reader).await?;
+    super::v1::forget_files(tenant, &form).await;
+    let vars = json!({
+        "file_id": stored.name,
+        "file_type": objects::file_kind(&stored.content_type),
+        "original_name": file.original_name,
+        "size": stored.size,
+        "sha256": stored.sha256,
+        "content_type": stored.content_type,
+    });
+    Ok(Json(respond_with(route, &vars, || json!({"file_id": stored.name}))).into_response())
+}
+
+/// A file by id: an upload in the files bucket, or an artifact by its object name
+/// (`<job_id>/<attempt>/<name>`, what a status or event template names `$artifacts.x.object`).
+async fn download(tenant: &Tenant, id: Option<String>, headers: &HeaderMap) -> Result<Response, HttpError> {
+    let id = id.unwrap_or_default();
+    if !kiln_core::ids::is_valid_object_name(&id) {
+        return Err(HttpError::bad_request(format!("file id {id:?} is invalid")));
+    }
+    let js = tenant.client.jetstream();
+    match objects::open(js, &tenant.names().files_bucket(), &id).await {
+        Ok(d) => return objects::respond(d, headers, id.rsplit('/').next()).await,
+        Err(e) if e.status != 404 => return Err(e),
+        Err(_) => {}
+    }
+    let job = id.split('/').next().unwrap_or("");
+    let view = match tenant.client.status(job).await {
+        Ok(v) => v,
+        Err(_) => return Err(HttpError::not_found(format!("file {id:?} does not exist (or has expired)"))),
+    };
+    let artifact =
+        view.artifacts.iter().find(|a| a.object == id).ok_or_else(|| HttpError::not_found(format!("file {id:?} does not exist")))?;
+    let d = objects::open(js, &artifact.bucket, &artifact.object).await?;
+    objects::respond(d, headers, Some(&artifact.name)).await
+}
+
+async fn health(route: &RouteConfig, tenant: &Tenant) -> Result<Response, HttpError> {
+    let models = tenant.client.models().await?;
+    let model = models.models.iter().find(|m| m.name == route.model);
+    let slots = model.map(|m| m.slots.clone()).unwrap_or_default();
+    let ready = !slots.is_empty();
+    let device = slots.first().and_then(|s| s.rsplit('/').next()).and_then(|s| s.split(':').next()).unwrap_or("none").to_string();
+    let vars = json!({
+        "status": if ready { "healthy" } else { "unhealthy" },
+        "ready": ready,
+        "model": route.model,
+        "model_loaded": model.is_some_and(|m| !m.warm_on.is_empty()),
+        "device": device,
+        "slots": slots.len(),
+    });
+    let body = respond_with(route, &vars, || vars.clone());
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((status, Json(body)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(kind: RouteKind) -> RouteConfig {
+        RouteConfig {
+            method: "GET".into(),
+            path: "/x/{id}".into(),
+            kind,
+            model: "m".into(),
+            model_field: String::new(),
+            models: Default::default(),
+            inputs: Default::default(),
+            files: Default::default(),
+            file_ids: Default::default(),
+            params: Default::default(),
+            key_field: String::new(),
+            job_ref: JobRefKind::JobId,
+            statuses: Default::default(),
+            stages: vec![],
+            event: String::new(),
+            artifacts: vec![],
+            response: Value::Null,
+        }
+    }
+
+    #[test]
+    fn statuses_and_stages_come_out_under_the_clients_names() {
+        let mut r = route(RouteKind::Events);
+        r.statuses = [("running".to_string(), "processing".to_string()), ("queued".to_string(), String::new())].into();
+        r.stages = vec!["inference".into()];
+        let status = |s| Event::status("j", 1, s);
+        assert_eq!(client_event(&r, &status(JobState::Queued)), None);
+        assert_eq!(client_event(&r, &status(JobState::Running)), Some(("processing".into(), None)));
+        assert_eq!(client_event(&r, &status(JobState::Completed)), Some(("completed".into(), None)));
+        assert_eq!(
+            client_event(&r, &Event::progress("j", 1, Some("inference".into()), Some(40.0))),
+            Some(("inference".into(), Some(40.0)))
+        );
+        assert_eq!(client_event(&r, &Event::progress("j", 1, Some("warmup".into()), Some(1.0))), None);
+        assert_eq!(client_event(&r, &Event::message("j", 1, "hi".into())), None);
+    }
+
+    #[test]
+    fn a_seed_001_body_becomes_a_submit() {
+        let mut r = route(RouteKind::Submit);
+        r.model = String::new();
+        r.model_field = "model_name".into();
+        r.models = [("flux-1-dev".to_string(), "tiny-sampler".to_string())].into();
+        r.inputs = [("prompt".to_string(), "prompt".to_string())].into();
+        r.params =
+            [("width".to_string(), "image_params.width".to_string()), ("negative_prompt".to_string(), "negative_prompt".to_string())]
+                .into();
+        let body = json!({"model_name": "flux-1-dev", "prompt": "a cat", "image_params": {"width": 64}, "user_id": "u"});
+        let s = submit_request(&r, &body, None).unwrap();
+        assert_eq!(s.model, "tiny-sampler");
+        assert_eq!(s.inputs["prompt"], InputValue::Inline("a cat".into()));
+        assert_eq!(s.params["width"], 64);
+        assert!(!s.params.contains_key("negative_prompt"));
+        let unknown = submit_request(&r, &json!({"model_name": "sdxl"}), None).unwrap_err();
+        assert_eq!((unknown.status, unknown.code.as_str()), (404, "unknown_model"));
+        assert_eq!(submit_request(&r, &json!({}), None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn keyed_routes_name_jobs_by_the_clients_id() {
+        let mut r = route(RouteKind::Status);
+        assert_eq!(job_id(&r, Some("abc".into())).unwrap(), "abc");
+        r.job_ref = JobRefKind::Key;
+        assert_eq!(job_id(&r, Some("abc".into())).unwrap(), crate::api::idempotent_job_id("m", "abc"));
+        assert!(job_id(&r, None).is_err());
+    }
+
+    #[test]
+    fn times_read_like_the_seeds() {
+        assert_eq!(format_time(1_736_339_696_000), "2025-01-08 12:34:56");
+    }
+}

@@ -1,0 +1,489 @@
+//! The native REST API, `/v1/...`: one route per `kiln.api.*` endpoint with the same JSON
+//! bodies (docs/HTTP.md lists them), plus what HTTP clients need on top: multipart submits whose
+//! file parts become inputs, SSE event streams, and files and artifacts streamed both ways.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::StreamExt;
+use kiln_core::job::JobState;
+use kiln_core::nats::objects::{content_type_for, StoredObject};
+use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, SubmitRequest};
+use serde::de::DeserializeOwned;
+
+use super::error::HttpError;
+use super::events::parse_last_event_id;
+use super::objects;
+use super::{Gateway, Tenant};
+
+pub fn router() -> Router<Gateway> {
+    Router::new()
+        .route("/v1/jobs", post(submit).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/artifacts/{name}", get(get_artifact))
+        .route("/v1/files", post(upload_files))
+        .route("/v1/files/{*name}", get(get_file).put(put_file))
+        .route("/v1/batches", post(submit_batch))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/events", get(batch_events))
+        .route("/v1/batches/{id}/retry", post(retry_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
+        // Bodies are limited by each handler (JSON: http.max_body_bytes, files:
+        // http.max_upload_bytes), with coded errors, instead of axum's fixed default.
+        .layer(DefaultBodyLimit::disable())
+}
+
+type TenantOf = Extension<Arc<Tenant>>;
+
+/// Reads a JSON body of at most `http.max_body_bytes`: a `Content-Length` past it is refused
+/// before a byte is read, a body that turns out longer is cut at the limit.
+pub async fn read_json<T: DeserializeOwned>(gateway: &Gateway, headers: &HeaderMap, body: Body) -> Result<T, HttpError> {
+    let limit = gateway.config().max_body_bytes;
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large =
+        || HttpError::too_large(format!("the body is larger than {limit} bytes (http.max_body_bytes); upload files to /v1/files"));
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if e.to_string().contains("length limit") {
+            too_large()
+        } else {
+            HttpError::bad_request(format!("cannot read the body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn is_multipart(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"))
+}
+
+/// A multipart body as read: its text parts (as JSON values: numbers and booleans parsed, the
+/// rest strings) and its file parts, each already stored in the files bucket.
+pub struct Form {
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    pub files: BTreeMap<String, UploadedFile>,
+}
+
+/// A file part stored in the files bucket.
+#[derive(Debug, Clone)]
+pub struct UploadedFile {
+    pub stored: StoredObject,
+    pub original_name: String,
+}
+
+/// A text part's value: a JSON number or boolean when it reads as one (`focal_length=1000`),
+/// else the text.
+pub fn form_value(text: &str) -> serde_json::Value {
+    match serde_json::from_str::<serde_json::Value>(text.trim()) {
+        Ok(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v,
+        _ => serde_json::Value::String(text.to_string()),
+    }
+}
+
+/// Reads a multipart body: text parts of at most `http.max_body_bytes` each, file parts (those
+/// with a file name) streamed into the files bucket as `uploads/<uuid>/<name>`, each at most
+/// `http.max_upload_bytes`. On any error the files stored so far are deleted again.
+pub async fn read_form(gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Form, HttpError> {
+    let mut multipart =
+        Multipart::from_request(request, &()).await.map_err(|e| HttpError::bad_request(format!("malformed multipart body: {e}")))?;
+    let mut form = Form { fields: Default::default(), files: Default::default() };
+    let result = read_parts(gateway, tenant, &mut multipart, &mut form).await;
+    if let Err(e) = result {
+        forget_files(tenant, &form).await;
+        return Err(e);
+    }
+    Ok(form)
+}
+
+async fn read_parts(gateway: &Gateway, tenant: &Tenant, multipart: &mut Multipart, form: &mut Form) -> Result<(), HttpError> {
+    let config = gateway.config();
+    let bad = |e: axum::extract::multipart::MultipartError| HttpError::bad_request(format!("malformed multipart body: {e}"));
+    while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name.is_empty() {
+            return Err(HttpError::bad_request("a multipart part has no name"));
+        }
+        if let Some(file_name) = field.file_name().map(str::to_string) {
+            let safe = objects::safe_file_name(&file_name);
+            let object = format!("uploads/{}/{safe}", uuid::Uuid::new_v4());
+            let content_type = match field.content_type() {
+                Some(ct) if ct != "application/octet-stream" => ct.to_string(),
+                _ => content_type_for(&safe).to_string(),
+            };
+            let stored = objects::upload(
+                tenant.client.jetstream(),
+                &tenant.names().files_bucket(),
+                &object,
+                &content_type,
+                Box::pin(&mut field),
+                config.max_upload_bytes,
+            )
+            .await?;
+            form.files.insert(name, UploadedFile { stored, original_name: file_name });
+        } else {
+            let mut text = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(bad)? {
+                text.extend_from_slice(&chunk);
+                if text.len() > config.max_body_bytes {
+                    return Err(HttpError::too_large(format!(
+                        "part {name:?} is larger than {} bytes (http.max_body_bytes)",
+                        config.max_body_bytes
+                    )));
+                }
+            }
+            let text = String::from_utf8(text).map_err(|_| HttpError::bad_request(format!("part {name:?} is not UTF-8 text")))?;
+            form.fields.insert(name, form_value(&text));
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the files a failed request uploaded: nothing refers to them.
+pub async fn forget_files(tenant: &Tenant, form: &Form) {
+    if form.files.is_empty() {
+        return;
+    }
+    if let Ok(store) = tenant.client.jetstream().get_object_store(tenant.names().files_bucket()).await {
+        for f in form.files.values() {
+            let _ = store.delete(&f.stored.name).await;
+        }
+    }
+}
+
+/// A multipart submit as a [`SubmitRequest`]: `model`; `params` and `inputs` as JSON objects;
+/// `priority`, `idempotency_key`, `max_attempts`, `reuse`; every file part an object input;
+/// every other text part an inline input of that name.
+fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
+    let mut request = SubmitRequest::default();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for (name, value) in &form.fields {
+        match name.as_str() {
+            "model" => request.model = text(value),
+            "params" => {
+                request.params = serde_json::from_str(&text(value))
+                    .map_err(|e| HttpError::bad_request(format!("part `params` is not a JSON object: {e}")))?
+            }
+            "inputs" => {
+                let inputs: BTreeMap<String, InputValue> = serde_json::from_str(&text(value))
+                    .map_err(|e| HttpError::bad_request(format!("part `inputs` is not a JSON object: {e}")))?;
+                request.inputs.extend(inputs);
+            }
+            "priority" => {
+                request.priority = value
+                    .as_u64()
+                    .and_then(|p| u8::try_from(p).ok())
+                    .ok_or_else(|| HttpError::bad_request("part `priority` must be 0 to 255"))?
+            }
+            "idempotency_key" => request.idempotency_key = Some(text(value)),
+            "max_attempts" => {
+                request.max_attempts = Some(
+                    value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| HttpError::bad_request("part `max_attempts` must be a number"))?,
+                )
+            }
+            "reuse" => request.reuse = value.as_bool().unwrap_or(false),
+            _ => {
+                request.inputs.insert(name.clone(), InputValue::Inline(serde_json::Value::String(text(value))));
+            }
+        }
+    }
+    for (name, file) in &form.files {
+        request.inputs.insert(name.clone(), InputValue::Object { object: file.stored.name.clone() });
+    }
+    if request.model.is_empty() {
+        return Err(HttpError::bad_request("a multipart submit needs a `model` part"));
+    }
+    Ok(request)
+}
+
+/// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
+async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
+    let (submit, form) = if is_multipart(request.headers()) {
+        let form = read_form(&gateway, &tenant, request).await?;
+        match submit_from_form(&form) {
+            Ok(s) => (s, Some(form)),
+            Err(e) => {
+                forget_files(&tenant, &form).await;
+                return Err(e);
+            }
+        }
+    } else {
+        let (parts, body) = request.into_parts();
+        (read_json::<SubmitRequest>(&gateway, &parts.headers, body).await?, None)
+    };
+    match tenant.client.submit(&submit).await {
+        Ok(reply) => {
+            let location = format!("/v1/jobs/{}", reply.job_id);
+            Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())
+        }
+        Err(e) => {
+            if let Some(form) = form {
+                forget_files(&tenant, &form).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct JobsQuery {
+    status: Option<String>,
+    model: Option<String>,
+    limit: Option<usize>,
+    #[serde(default)]
+    dead_letter: bool,
+}
+
+/// Parses a job status named in a query (`?status=failed`).
+pub fn parse_status(s: &str) -> Result<JobState, HttpError> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| HttpError::bad_request(format!("unknown status {s:?} (queued, running, retrying, completed, failed, cancelled)")))
+}
+
+async fn list_jobs(
+    Extension(tenant): TenantOf,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(q) = query.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    let status = q.status.as_deref().filter(|s| !s.is_empty()).map(parse_status).transpose()?;
+    let request = ListJobsRequest { status, model: q.model.filter(|m| !m.is_empty()), dead_letter: q.dead_letter, limit: q.limit };
+    Ok(Json(tenant.client.jobs(&request).await?).into_response())
+}
+
+async fn get_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.status(&id).await?).into_response())
+}
+
+async fn cancel_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.cancel(&id).await?).into_response())
+}
+
+/// The SSE name of an event: its `type` (`status`, `progress`, `item_completed`...).
+pub fn event_name(e: &Event) -> String {
+    serde_json::to_value(e.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "message".into())
+}
+
+/// Where a stream resumes: `Last-Event-ID` (what `EventSource` sends on a reconnect), else a
+/// `last_event_id` query parameter.
+pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<u64>, HttpError> {
+    let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let from_query = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("last_event_id=")));
+    parse_last_event_id(header.or(from_query)).map_err(HttpError::bad_request)
+}
+
+/// An SSE response of the events of `id` after `after`: every event's JSON with its stream
+/// sequence as `id` and its type as `event`; it ends after the terminal event.
+fn event_stream(gateway: &Gateway, tenant: &Tenant, id: &str, after: Option<u64>) -> Response {
+    let events = tenant.feeds.subscribe(id, after).map(|(seq, e)| {
+        Ok::<_, std::convert::Infallible>(
+            SseEvent::default().id(seq.to_string()).event(event_name(&e)).json_data(&e).expect("events serialize"),
+        )
+    });
+    let events = events.take_until(gateway.shutdown_token().cancelled_owned());
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn job_events(
+    State(gateway): State<Gateway>,
+    Extension(tenant): TenantOf,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, HttpError> {
+    let after = resume_point(&headers, uri.query())?;
+    // A job that does not exist (or that this tenant cannot see) is a 404, not an empty stream.
+    tenant.client.status(&id).await?;
+    Ok(event_stream(&gateway, &tenant, &id, after))
+}
+
+async fn get_artifact(
+    Extension(tenant): TenantOf,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, HttpError> {
+    let view = tenant.client.status(&id).await?;
+    let Some(artifact) = view.artifacts.iter().find(|a| a.name == name) else {
+        let names: Vec<&str> = view.artifacts.iter().map(|a| a.name.as_str()).collect();
+        return Err(HttpError::not_found(format!("job {id} has no artifact {name:?} (it has: {})", names.join(", "))));
+    };
+    let download = objects::open(tenant.client.jetstream(), &artifact.bucket, &artifact.object).await?;
+    objects::respond(download, &headers, Some(&artifact.name)).await
+}
+
+/// What an upload answers: the object's name, size, sha256 and content type.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct FileView {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+    /// The name the client gave it (multipart uploads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_name: Option<String>,
+}
+
+impl FileView {
+    fn of(stored: &StoredObject, original_name: Option<String>) -> FileView {
+        FileView {
+            name: stored.name.clone(),
+            size: stored.size,
+            sha256: stored.sha256.clone(),
+            content_type: stored.content_type.clone(),
+            original_name,
+        }
+    }
+}
+
+/// `PUT /v1/files/{name}`: the body, streamed into the files bucket under that name.
+async fn put_file(
+    State(gateway): State<Gateway>,
+    Extension(tenant): TenantOf,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Response, HttpError> {
+    let limit = gateway.config().max_upload_bytes;
+    let headers = request.headers();
+    if headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > limit) {
+        return Err(HttpError::too_large(format!("the file is larger than the limit of {limit} bytes (http.max_upload_bytes)")));
+    }
+    let content_type = match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(ct) if ct != "application/octet-stream" && !ct.is_empty() => ct.to_string(),
+        _ => content_type_for(&name).to_string(),
+    };
+    let body = request.into_body().into_data_stream();
+    let stored = objects::upload(tenant.client.jetstream(), &tenant.names().files_bucket(), &name, &content_type, body, limit).await?;
+    Ok((StatusCode::CREATED, Json(FileView::of(&stored, None))).into_response())
+}
+
+/// `POST /v1/files`: every file part of a multipart body, each as `uploads/<uuid>/<name>`.
+async fn upload_files(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
+    if !is_multipart(request.headers()) {
+        return Err(HttpError::bad_request("POST /v1/files takes multipart/form-data (or PUT /v1/files/{name} with the raw body)"));
+    }
+    let form = read_form(&gateway, &tenant, request).await?;
+    if form.files.is_empty() {
+        return Err(HttpError::bad_request("the multipart body has no file part (a part with a filename)"));
+    }
+    let files: Vec<FileView> = form.files.values().map(|f| FileView::of(&f.stored, Some(f.original_name.clone()))).collect();
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "files": files }))).into_response())
+}
+
+async fn get_file(Extension(tenant): TenantOf, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, HttpError> {
+    if !kiln_core::ids::is_valid_object_name(&name) {
+        return Err(HttpError::bad_request(format!("file name {name:?} is invalid (no '..' or empty segments)")));
+    }
+    let download = objects::open(tenant.client.jetstream(), &tenant.names().files_bucket(), &name).await?;
+    let base = name.rsplit('/').next().map(str::to_string);
+    objects::respond(download, &headers, base.as_deref()).await
+}
+
+async fn submit_batch(
+    State(gateway): State<Gateway>,
+    Extension(tenant): TenantOf,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HttpError> {
+    let request: BatchSubmitRequest = read_json(&gateway, &headers, body).await?;
+    let reply = tenant.client.submit_batch(&request).await?;
+    let location = format!("/v1/batches/{}", reply.batch_id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())
+}
+
+async fn get_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.batch(&id).await?).into_response())
+}
+
+async fn batch_events(
+    State(gateway): State<Gateway>,
+    Extension(tenant): TenantOf,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Result<Response, HttpError> {
+    let after = resume_point(&headers, uri.query())?;
+    tenant.client.batch(&id).await?;
+    Ok(event_stream(&gateway, &tenant, &id, after))
+}
+
+async fn retry_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    let reply = tenant.client.retry_batch(&id).await?;
+    Ok((StatusCode::CREATED, Json(reply)).into_response())
+}
+
+async fn cancel_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.cancel_batch(&id).await?).into_response())
+}
+
+async fn models(Extension(tenant): TenantOf) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.models().await?).into_response())
+}
+
+async fn cluster(Extension(tenant): TenantOf) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.cluster().await?).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_values_keep_numbers_and_text() {
+        assert_eq!(form_value("1000"), serde_json::json!(1000));
+        assert_eq!(form_value("2.5"), serde_json::json!(2.5));
+        assert_eq!(form_value("true"), serde_json::json!(true));
+        assert_eq!(form_value("a cat"), serde_json::json!("a cat"));
+        assert_eq!(form_value("[1]"), serde_json::json!("[1]"));
+    }
+
+    #[test]
+    fn a_multipart_submit_needs_a_model_and_maps_its_parts() {
+        let mut form = Form { fields: Default::default(), files: Default::default() };
+        assert!(submit_from_form(&form).is_err());
+        form.fields.insert("model".into(), "demo".into());
+        form.fields.insert("prompt".into(), "a cat".into());
+        form.fields.insert("params".into(), r#"{"steps": 3}"#.into());
+        form.files.insert(
+            "image".into(),
+            UploadedFile {
+                stored: StoredObject { name: "uploads/u/cat.png".into(), size: 1, sha256: "x".into(), content_type: "image/png".into() },
+                original_name: "cat.png".into(),
+            },
+        );
+        let s = submit_from_form(&form).unwrap();
+        assert_eq!(s.model, "demo");
+        assert_eq!(s.params["steps"], 3);
+        assert_eq!(s.inputs["prompt"], InputValue::Inline("a cat".into()));
+        assert_eq!(s.inputs["image"], InputValue::Object { object: "uploads/u/cat.png".into() });
+        form.fields.insert("params".into(), "[1]".into());
+        assert!(submit_from_form(&form).is_err());
+    }
+
+    #[test]
+    fn resume_points_come_from_the_header_or_the_query() {
+        let mut h = HeaderMap::new();
+        assert_eq!(resume_point(&h, None).unwrap(), None);
+        assert_eq!(resume_point(&h, Some("a=1&last_event_id=7")).unwrap(), Some(7));
+        h.insert("last-event-id", "9".parse().unwrap());
+        assert_eq!(resume_point(&h, Some("last_event_id=7")).unwrap(), Some(9));
+        h.insert("last-event-id", "nine".parse().unwrap());
+        assert_eq!(resume_point(&h, None).unwrap_err().status, 400);
+    }
+}

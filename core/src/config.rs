@@ -648,6 +648,13 @@ impl ClusterConfig {
     /// started from any folder finds the worker scripts named in the file.
     pub fn resolve_paths(&mut self, base: &Path) {
         self.nats.resolve_paths(base);
+        for key in &mut self.http.api_keys {
+            for path in [&mut key.nkey_seed_file, &mut key.creds_file] {
+                if !path.is_empty() && !path.starts_with('/') {
+                    *path = base.join(&*path).display().to_string();
+                }
+            }
+        }
         for model in &mut self.models {
             match &mut model.engine {
                 EngineConfig::Process { command, .. } => {

@@ -50,14 +50,16 @@ impl Default for HttpConfig {
     }
 }
 
-/// One API key: a tenant's name, the key's sha256 (hex; `kiln gateway hash-key` prints it),
-/// and the NATS credentials the gateway uses for that tenant's requests (the same keys as
-/// `[nats]`; all empty: the gateway's own connection).
+/// One API key: a tenant's name, the key's sha256 (hex; `kiln gateway --hash-key KEY` prints
+/// it), and the NATS credentials and prefix the gateway uses for that tenant's requests (the
+/// same keys as `[nats]`; all empty: the gateway's own connection).
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiKeyConfig {
     pub name: String,
     pub sha256: String,
+    /// The tenant's subject and bucket prefix; empty: the gateway's `nats.prefix`.
+    pub prefix: String,
     pub user: String,
     pub password: String,
     pub token: String,
@@ -70,6 +72,7 @@ impl std::fmt::Debug for ApiKeyConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKeyConfig")
             .field("name", &self.name)
+            .field("prefix", &self.prefix)
             .field("user", &self.user)
             .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
             .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
@@ -82,7 +85,11 @@ impl std::fmt::Debug for ApiKeyConfig {
 impl ApiKeyConfig {
     /// True when the key has NATS credentials of its own (a tenant's connection).
     pub fn has_credentials(&self) -> bool {
-        !(self.user.is_empty() && self.token.is_empty() && self.nkey_seed_file.is_empty() && self.creds_file.is_empty())
+        !(self.user.is_empty()
+            && self.token.is_empty()
+            && self.nkey_seed_file.is_empty()
+            && self.creds_file.is_empty()
+            && self.prefix.is_empty())
     }
 }
 
@@ -185,6 +192,9 @@ impl HttpConfig {
         for (i, key) in self.api_keys.iter().enumerate() {
             if key.name.is_empty() {
                 return Err(invalid(format!("http.api_keys[{i}].name"), "must be set"));
+            }
+            if !key.prefix.is_empty() && !crate::ids::is_valid_token(&key.prefix) {
+                return Err(invalid(format!("http.api_keys[{i}].prefix"), "must be letters, digits, '-' or '_'"));
             }
             if key.sha256.len() != 64 || !key.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(invalid(format!("http.api_keys[{i}].sha256"), "must be the 64 hex digits of the key's sha256"));

@@ -45,8 +45,22 @@ pub fn events_after(history: &[Sequenced], after: Option<u64>) -> Vec<Sequenced>
 }
 
 struct Feed {
-    history: Mutex<Vec<Sequenced>>,
-    live: broadcast::Sender<Sequenced>,
+    /// Every event so far, and the sender of live ones: `None` once the feed stopped.
+    state: Mutex<FeedState>,
+}
+
+struct FeedState {
+    history: Vec<Sequenced>,
+    live: Option<broadcast::Sender<Sequenced>>,
+}
+
+impl Feed {
+    /// Stopped before the terminal event (NATS failed under it): a new subscriber needs a new
+    /// feed.
+    fn broken(&self) -> bool {
+        let state = self.state.lock().expect("feed lock");
+        state.live.is_none() && !state.history.last().is_some_and(|(_, e)| e.is_terminal())
+    }
 }
 
 /// The feeds of one tenant's connection, by job (or batch) id.
@@ -62,28 +76,30 @@ impl Feeds {
         Feeds { js: jetstream::new(nats), names, feeds: Default::default() }
     }
 
-    /// Number of feeds (consumers) open now.
+    /// Number of feeds open now.
     pub fn open(&self) -> usize {
         self.feeds.lock().expect("feeds lock").values().filter(|w| w.strong_count() > 0).count()
     }
 
     fn feed(&self, id: &str) -> Arc<Feed> {
         let mut feeds = self.feeds.lock().expect("feeds lock");
-        if let Some(feed) = feeds.get(id).and_then(Weak::upgrade) {
+        if let Some(feed) = feeds.get(id).and_then(Weak::upgrade).filter(|f| !f.broken()) {
             return feed;
         }
         feeds.retain(|_, w| w.strong_count() > 0);
-        let feed = Arc::new(Feed { history: Mutex::new(vec![]), live: broadcast::channel(LIVE_BUFFER).0 });
+        let live = broadcast::channel(LIVE_BUFFER).0;
+        let feed = Arc::new(Feed { state: Mutex::new(FeedState { history: vec![], live: Some(live) }) });
         feeds.insert(id.to_string(), Arc::downgrade(&feed));
         tokio::spawn(follow(self.js.clone(), self.names.events_stream(), self.names.events_subject(id), Arc::downgrade(&feed)));
         feed
     }
 
     /// The events of `id` after `after` (all of them for `None`), then the live ones, ending
-    /// after the terminal event.
+    /// after the terminal event (or when the feed breaks: the client reconnects).
     pub fn subscribe(&self, id: &str, after: Option<u64>) -> impl Stream<Item = Sequenced> + Send + 'static {
         let feed = self.feed(id);
-        futures::stream::unfold(Subscription { feed, last: after, pending: Default::default(), live: None, done: false }, next_event)
+        let sub = Subscription { feed, last: after, pending: Default::default(), live: None, caught_up: false, done: false };
+        futures::stream::unfold(sub, next_event)
     }
 }
 
@@ -92,6 +108,8 @@ struct Subscription {
     last: Option<u64>,
     pending: std::collections::VecDeque<Sequenced>,
     live: Option<broadcast::Receiver<Sequenced>>,
+    /// The history was read and the feed had stopped: nothing more will come.
+    caught_up: bool,
     done: bool,
 }
 
@@ -105,12 +123,18 @@ async fn next_event(mut sub: Subscription) -> Option<(Sequenced, Subscription)> 
             sub.done = e.1.is_terminal();
             return Some((e, sub));
         }
+        if sub.caught_up {
+            return None;
+        }
         if sub.live.is_none() {
-            // Subscribe before reading the history, under its lock: an event the feed adds
-            // after the snapshot is in the receiver; one in both is skipped by its number.
-            let history = sub.feed.history.lock().expect("history lock");
-            sub.live = Some(sub.feed.live.subscribe());
-            sub.pending.extend(events_after(&history, sub.last));
+            // Subscribe and read the history under one lock: an event the feed adds after
+            // the snapshot is in the receiver; one in both is skipped by its number.
+            let state = sub.feed.state.lock().expect("feed lock");
+            sub.pending.extend(events_after(&state.history, sub.last));
+            match &state.live {
+                Some(tx) => sub.live = Some(tx.subscribe()),
+                None => sub.caught_up = true,
+            }
             continue;
         }
         match sub.live.as_mut().expect("subscribed").recv().await {
@@ -118,37 +142,49 @@ async fn next_event(mut sub: Subscription) -> Option<(Sequenced, Subscription)> 
             Ok(e) => sub.pending.push_back(e),
             // Fell behind the live buffer: catch up from the history.
             Err(broadcast::error::RecvError::Lagged(_)) => sub.live = None,
-            // The feed stopped (its consumer failed): the client reconnects with its last id.
-            Err(broadcast::error::RecvError::Closed) => return None,
+            // The feed stopped: whatever it had is in the history.
+            Err(broadcast::error::RecvError::Closed) => sub.live = None,
         }
     }
 }
 
 /// Reads the events of one subject from the first, into the feed, until the terminal event or
-/// until nobody follows the feed any more.
+/// until nobody follows the feed any more; then deletes its consumer (a client that went away
+/// leaves none behind). If NATS fails it under the feed, the feed ends: its subscribers' streams
+/// end, and their clients reconnect with their `Last-Event-ID` to a new feed.
 async fn follow(js: jetstream::Context, stream: String, subject: String, feed: Weak<Feed>) {
-    let messages = async {
+    let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
+    let opened = async {
         let stream = js.get_stream(stream).await.ok()?;
         let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            .create_consumer(jetstream::consumer::pull::Config {
+                name: Some(name.clone()),
                 filter_subject: subject.clone(),
                 deliver_policy: DeliverPolicy::All,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                memory_storage: true,
+                // Should this gateway die, the server drops the consumer soon after.
+                inactive_threshold: Duration::from_secs(10),
                 ..Default::default()
             })
             .await
             .ok()?;
-        consumer.messages().await.ok()
+        let messages = consumer.messages().await.ok()?;
+        Some((stream, messages))
     };
-    let Some(mut messages) = messages.await else {
+    let Some((stream, mut messages)) = opened.await else {
         tracing::warn!(subject, "cannot follow events");
+        if let Some(feed) = feed.upgrade() {
+            feed.state.lock().expect("feed lock").live = None;
+        }
         return;
     };
     loop {
         let next = tokio::time::timeout(IDLE_CHECK, messages.next()).await;
-        let Some(feed) = feed.upgrade() else { return };
+        let Some(feed) = feed.upgrade() else { break };
         let message = match next {
             Err(_) => continue,
-            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(None) | Ok(Some(Err(_))) => break,
             Ok(Some(Ok(m))) => m,
         };
         let Ok(info) = message.info() else { continue };
@@ -156,14 +192,22 @@ async fn follow(js: jetstream::Context, stream: String, subject: String, feed: W
         let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else { continue };
         let terminal = event.is_terminal();
         {
-            let mut history = feed.history.lock().expect("history lock");
-            history.push((seq, event.clone()));
-            let _ = feed.live.send((seq, event));
+            let mut state = feed.state.lock().expect("feed lock");
+            state.history.push((seq, event.clone()));
+            if let Some(live) = &state.live {
+                let _ = live.send((seq, event));
+            }
         }
         if terminal {
-            return;
+            break;
         }
     }
+    // Stopped: subscribers finish from the history.
+    if let Some(feed) = feed.upgrade() {
+        feed.state.lock().expect("feed lock").live = None;
+    }
+    drop(messages);
+    let _ = stream.delete_consumer(&name).await;
 }
 
 #[cfg(test)]

@@ -108,6 +108,7 @@ impl Gateway {
         for key in &config.api_keys {
             let tenant = if key.has_credentials() {
                 let tenant_nats = NatsConfig {
+                    prefix: if key.prefix.is_empty() { nats.prefix.clone() } else { key.prefix.clone() },
                     user: key.user.clone(),
                     password: key.password.clone(),
                     token: key.token.clone(),

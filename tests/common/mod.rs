@@ -316,3 +316,112 @@ pub fn process_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A `kiln gateway` process on a free port of 127.0.0.1, killed when dropped.
+pub struct GatewayProcess {
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl GatewayProcess {
+    /// Starts `kiln gateway --config <dir>/<name>.toml --nats <url> --http-addr <addr>` with
+    /// `config` as the file, and waits until it serves.
+    pub fn spawn(dir: &Path, name: &str, config: &str, nats_url: &str) -> GatewayProcess {
+        Self::spawn_on(dir, name, config, nats_url, "127.0.0.1:0")
+    }
+
+    pub fn spawn_on(dir: &Path, name: &str, config: &str, nats_url: &str, addr: &str) -> GatewayProcess {
+        use std::io::BufRead;
+        let config_path = dir.join(format!("{name}.toml"));
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["gateway", "--config"])
+            .arg(&config_path)
+            .args(["--nats", nats_url, "--http-addr", addr])
+            .env("KILN_LOG", "info,async_nats=warn")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("kiln gateway on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+            }
+        });
+        let mut gateway = GatewayProcess { base: String::new(), log_path, child: Some(child) };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(base) => gateway.base = base,
+            Err(_) => panic!("gateway {name} did not start; log:\n{}", gateway.log()),
+        }
+        gateway
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- log of gateway {} ----\n{}", self.base, self.log());
+        }
+        self.kill();
+    }
+}
+
+/// The events of an SSE body read so far: (id, event name, data).
+pub fn parse_sse(text: &str) -> Vec<(Option<String>, String, String)> {
+    let mut out = vec![];
+    for block in text.split("\n\n") {
+        let (mut id, mut name, mut data) = (None, "message".to_string(), Vec::new());
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id:") {
+                id = Some(v.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("event:") {
+                name = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+            }
+        }
+        if !data.is_empty() {
+            out.push((id, name, data.join("\n")));
+        }
+    }
+    out
+}
+
+/// Reads an SSE response to its end (the gateway closes it after the terminal event), at most
+/// `limit`; the events.
+pub async fn read_sse(response: reqwest::Response, limit: Duration) -> Vec<(Option<String>, String, String)> {
+    let body = tokio::time::timeout(limit, response.text()).await.expect("the event stream did not end").expect("body");
+    parse_sse(&body)
+}
+
+/// An HTTP client with a short connect timeout.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap()
+}

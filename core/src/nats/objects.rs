@@ -176,6 +176,9 @@ pub async fn put_stream(
     let previous = store.info(name).await.ok().filter(|i| !i.deleted);
     let nuid = uuid::Uuid::new_v4().simple().to_string();
     let chunk_subject = format!("$O.{bucket}.C.{nuid}");
+    // Purges the chunks if this future is dropped before the object is whole: an HTTP server
+    // drops a request's handler when its client goes away mid-upload.
+    let mut guard = PurgeOnDrop { stream: Some(stream.clone()), subject: chunk_subject.clone() };
     let upload = async {
         let mut sha = Sha256::new();
         let (mut size, mut chunks) = (0u64, 0usize);
@@ -226,7 +229,9 @@ pub async fn put_stream(
         js.publish_with_headers(meta_subject, headers, body.into()).await.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
         Ok::<_, StoreError>(StoredObject { name: name.to_string(), size, sha256, content_type: content_type.to_string() })
     };
-    match upload.await {
+    let outcome = upload.await;
+    guard.stream = None;
+    match outcome {
         Ok(stored) => {
             if let Some(old) = previous.filter(|p| p.nuid != nuid) {
                 let _ = stream.purge().filter(format!("$O.{bucket}.C.{}", old.nuid)).await;
@@ -240,6 +245,25 @@ pub async fn put_stream(
                 tracing::warn!(bucket, error = %purge, "cannot purge the chunks of a failed upload");
             }
             Err(e)
+        }
+    }
+}
+
+/// Purges a chunk subject when dropped while still holding its stream.
+struct PurgeOnDrop {
+    stream: Option<async_nats::jetstream::stream::Stream>,
+    subject: String,
+}
+
+impl Drop for PurgeOnDrop {
+    fn drop(&mut self) {
+        if let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) {
+            let subject = std::mem::take(&mut self.subject);
+            runtime.spawn(async move {
+                if let Err(e) = stream.purge().filter(&subject).await {
+                    tracing::warn!(subject, error = %e, "cannot purge the chunks of an abandoned upload");
+                }
+            });
         }
     }
 }

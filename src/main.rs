@@ -516,7 +516,7 @@ async fn run_gateway(args: GatewayArgs) -> Result<(), String> {
         return Ok(());
     }
     let mut stop = StopSignals::install()?;
-    let config = load_config(&args.config)?;
+    let config = ClusterConfig::load_gateway(&args.config).map_err(|e| e.to_string())?;
     let mut nats = config.nats.clone();
     if let Some(url) = args.nats {
         nats.url = url;

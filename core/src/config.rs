@@ -625,6 +625,20 @@ impl ClusterConfig {
         Ok(config)
     }
 
+    /// What `kiln gateway` needs of a file: `[nats]` and `[http]`, validated. The rest may be
+    /// absent (a gateway runs no model); when models are listed, the routes' models must be
+    /// among them.
+    pub fn load_gateway(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.apply_env(|k| std::env::var(k).ok())?;
+        config.nats.validate()?;
+        let any_model = config.models.is_empty();
+        config.http.validate(|m| any_model || config.model(m).is_some())?;
+        Ok(config)
+    }
+
     /// Only the `[nats]` section of a file (the rest is parsed but neither needed nor
     /// validated), with relative paths resolved and the `KILN_NATS_*` environment applied:
     /// what a client command (`kiln submit --config cluster.toml`) connects with. `None`: the

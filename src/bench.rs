@@ -44,7 +44,7 @@ pub struct BenchReport {
     pub kiln_throughput: Figures,
 }
 
-fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
+pub fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
     samples.sort();
     let pct = |p: f64| {
         samples

@@ -9,6 +9,7 @@
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor              |
+//! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |
 //! | [`metrics`] | the Prometheus endpoint                                                |
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_http;
 pub mod chaos;
 pub mod client;
 pub mod demo;

@@ -122,6 +122,15 @@ enum Command {
         /// max_batch of the batching run of --torchscript.
         #[arg(long, default_value_t = 16)]
         max_batch: usize,
+        /// Benchmark the HTTP gateway instead: HTTP submit -> SSE terminal event against the
+        /// same over NATS, SSE fan-out to --sse-clients on one job with the gateway's RSS, and
+        /// a --file-mb file up and down against the object store directly.
+        #[arg(long)]
+        http: bool,
+        #[arg(long, default_value_t = 1000)]
+        sse_clients: usize,
+        #[arg(long, default_value_t = 200)]
+        file_mb: usize,
     },
     /// Storm a local cluster (its own nats-server and node processes) with jobs while injecting
     /// faults on a seeded schedule; check that nothing was lost; print and write a report.
@@ -348,6 +357,22 @@ async fn main() -> ExitCode {
             match kiln::bench::run_torchscript(opts.clone()).await {
                 Ok(report) => {
                     kiln::bench::print_torchscript(&report, &opts);
+                    write_json(json, &report)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Bench { jobs, slots, json, http: true, sse_clients, file_mb, .. } => {
+            init_tracing("warn");
+            let opts = kiln::bench_http::HttpBenchOptions {
+                jobs: jobs.min(2000),
+                sse_clients,
+                file_bytes: file_mb * 1_000_000,
+                slots: slots.max(1),
+            };
+            match kiln::bench_http::run(opts.clone()).await {
+                Ok(report) => {
+                    kiln::bench_http::print(&report, &opts);
                     write_json(json, &report)
                 }
                 Err(e) => Err(e),

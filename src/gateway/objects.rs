@@ -57,6 +57,9 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<ByteRange>, 
     Ok(Some(range))
 }
 
+/// Bytes read from the object store per body frame of a download.
+const DOWNLOAD_READ_BYTES: usize = 256 * 1024;
+
 /// What a download serves: the object's size, type and digest from its metadata.
 pub struct Download {
     pub object: async_nats::jetstream::object_store::Object,
@@ -115,7 +118,8 @@ pub async fn respond(mut download: Download, request: &HeaderMap, file_name: Opt
             .await
             .map_err(|e| HttpError::unavailable(format!("object store: {e}")))?;
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(download.object.take(len)));
+    // Large reads: the default 4 KiB would make a frame (and a poll) of every 4 KiB.
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(download.object.take(len), DOWNLOAD_READ_BYTES));
     let mut response = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, download.content_type.as_str())
@@ -187,7 +191,7 @@ pub async fn upload<S, B, E>(
 ) -> Result<StoredObject, HttpError>
 where
     S: Stream<Item = Result<B, E>> + Unpin + Send,
-    B: AsRef<[u8]> + Send,
+    B: AsRef<[u8]> + Into<bytes::Bytes> + Send,
     E: std::fmt::Display,
 {
     if !kiln_core::ids::is_valid_object_name(name) {
@@ -195,7 +199,7 @@ where
             "file name {name:?} is invalid (letters, digits, '-', '_', '.', '/' separators; no '..' or empty segments)"
         )));
     }
-    let limited = Limited::new(body, limit).map_ok(|b| bytes::Bytes::copy_from_slice(b.as_ref()));
+    let limited = Limited::new(body, limit).map_ok(Into::into);
     let mut reader = tokio_util::io::StreamReader::new(limited);
     match put_stream(js, bucket, name, content_type, &mut reader).await {
         Ok(stored) => Ok(stored),

@@ -309,9 +309,11 @@ async fn job_events(
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
     let after = resume_point(&headers, uri.query())?;
-    // A job that does not exist (or that this tenant cannot see) is a 404, not an empty stream.
+    // The feed's consumer is opened while the job's existence is checked (a job that does not
+    // exist, or that this tenant cannot see, is a 404, not an empty stream).
+    let stream = event_stream(&gateway, &tenant, &id, after);
     tenant.client.status(&id).await?;
-    Ok(event_stream(&gateway, &tenant, &id, after))
+    Ok(stream)
 }
 
 async fn get_artifact(

@@ -23,6 +23,8 @@ pub struct DemoOptions {
     pub jobs: usize,
     pub out: PathBuf,
     pub model: String,
+    /// After the jobs, keep the node and its gateway (the web console) up until Ctrl-C.
+    pub serve: bool,
 }
 
 const PROMPTS: [&str; 8] = [
@@ -43,8 +45,34 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
     config.nats.url = server.url();
     println!("kiln demo: nats-server {} (JetStream in {})", server.url(), temp.path().display());
     let nats = config.nats.clone();
+    let http = config.http.clone();
     let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
     let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
+    // The HTTP gateway, as `kiln up` starts it: the jobs below show live in the web console.
+    let (stop_gateway, gateway_stop) = tokio::sync::oneshot::channel::<()>();
+    let gateway = match http.addr.is_empty() {
+        true => None,
+        false => {
+            let serving = async {
+                let g = crate::gateway::Gateway::connect(http.clone(), &nats).await.map_err(|e| e.to_string())?;
+                g.serve(&http.addr, async move {
+                    let _ = gateway_stop.await;
+                })
+                .await
+                .map_err(|e| e.to_string())
+            };
+            match serving.await {
+                Ok(s) => {
+                    println!("  watch it live in the web console: http://{}/ (REST API at /v1)", s.addr);
+                    Some(s)
+                }
+                Err(e) => {
+                    println!("  (no web console: {e})");
+                    None
+                }
+            }
+        }
+    };
 
     let cluster = client.cluster().await.map_err(|e| e.to_string())?;
     for g in &cluster.gpus {
@@ -137,6 +165,14 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         println!("{l}");
     }
     println!("{completed}/{total} jobs completed in {:.2} s; results in {}", started.elapsed().as_secs_f64(), opts.out.display());
+    if let Some(g) = gateway {
+        if opts.serve {
+            println!("serving the console at http://{}/ until Ctrl-C", g.addr);
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        let _ = stop_gateway.send(());
+        g.stopped().await;
+    }
     node.shutdown(Duration::from_secs(5)).await;
     drop(server);
     if completed == total {

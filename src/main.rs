@@ -174,6 +174,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, default_value = "demo")]
         model: String,
+        /// After the jobs, keep the node and the web console (http.addr) up until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
     },
 }
 
@@ -341,12 +344,12 @@ async fn main() -> ExitCode {
             init_tracing("warn");
             chaos(seed, &profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker).await
         }
-        Command::Demo { config, jobs, out, model } => {
+        Command::Demo { config, jobs, out, model, serve } => {
             init_tracing("warn");
             match load_config(&config) {
                 Ok(mut c) => {
                     c.node.metrics_addr = String::new();
-                    kiln::demo::run(kiln::demo::DemoOptions { config: c, jobs, out, model }).await
+                    kiln::demo::run(kiln::demo::DemoOptions { config: c, jobs, out, model, serve }).await
                 }
                 Err(e) => Err(e),
             }

@@ -175,7 +175,10 @@ async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
         (Value::Object(form.fields.clone()), Some(form))
     } else {
         let (parts, body) = request.into_parts();
-        (read_json::<Value>(gateway, &parts.headers, body).await?, None)
+        // No body at all reads as `{}`: the route then says which field or part it needs.
+        let empty = parts.headers.get("content-length").is_some_and(|v| v.as_bytes() == b"0");
+        let value = if empty { json!({}) } else { read_json::<Value>(gateway, &parts.headers, body).await? };
+        (value, None)
     };
     let built = submit_request(route, &body, form.as_ref());
     let result = match built {

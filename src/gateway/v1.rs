@@ -301,6 +301,22 @@ fn event_stream(gateway: &Gateway, tenant: &Tenant, id: &str, after: Option<u64>
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// An event stream, once `exists` says the job or batch does (a 404 otherwise, not an empty
+/// stream). The feed's consumer is opened while that is checked.
+async fn events_once(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    id: &str,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    exists: impl std::future::Future<Output = Result<(), crate::client::ClientError>>,
+) -> Result<Response, HttpError> {
+    let after = resume_point(headers, query)?;
+    let stream = event_stream(gateway, tenant, id, after);
+    exists.await?;
+    Ok(stream)
+}
+
 async fn job_events(
     State(gateway): State<Gateway>,
     Extension(tenant): TenantOf,
@@ -308,12 +324,8 @@ async fn job_events(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
-    let after = resume_point(&headers, uri.query())?;
-    // The feed's consumer is opened while the job's existence is checked (a job that does not
-    // exist, or that this tenant cannot see, is a 404, not an empty stream).
-    let stream = event_stream(&gateway, &tenant, &id, after);
-    tenant.client.status(&id).await?;
-    Ok(stream)
+    let exists = async { tenant.client.status(&id).await.map(drop) };
+    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists).await
 }
 
 async fn get_artifact(
@@ -420,9 +432,8 @@ async fn batch_events(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
-    let after = resume_point(&headers, uri.query())?;
-    tenant.client.batch(&id).await?;
-    Ok(event_stream(&gateway, &tenant, &id, after))
+    let exists = async { tenant.client.batch(&id).await.map(drop) };
+    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists).await
 }
 
 async fn retry_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {

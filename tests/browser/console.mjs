@@ -4,18 +4,17 @@
 //   node tests/browser/console.mjs <gateway_base_url> <model> <prompt> <out_dir>
 //
 // Env (scripts/env.sh sets both): KILN_CHROMIUM, the browser binary (default: `chromium` on
-// PATH); KILN_NODE_MODULES, the folder holding puppeteer-core (NODE_PATH is also searched; ES
-// modules ignore it on their own, hence createRequire below).
+// PATH); KILN_NODE_MODULES, the folder holding puppeteer-core (see launch.mjs).
 //
 // Prints exactly one JSON line on stdout. Success (exit 0):
 //   {"job_id", "progress_seen": [..], "final_progress", "status": "completed",
 //    "image_natural_width", "screenshots": [..], "console_errors": [..]}
 // Failure (exit 1): {"error", "step", "html" (first 2000 chars of body.outerHTML), "url",
 //   "console_errors"}, with <out_dir>/failure.png when a screenshot could still be taken.
-import { createRequire } from 'node:module';
-import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
-import os from 'node:os';
+import { mkdirSync } from 'node:fs';
 import path from 'node:path';
+
+import { describeFailure, launch, q, withTimeout } from './launch.mjs';
 
 const WAIT_MS = 30_000; // page loads, elements, the artifact
 const JOB_MS = 60_000; // submission to completed
@@ -33,37 +32,6 @@ function emit(obj) {
   process.stdout.write(JSON.stringify(obj) + '\n');
 }
 
-function loadPuppeteer() {
-  const dirs = [process.env.KILN_NODE_MODULES, ...(process.env.NODE_PATH || '').split(path.delimiter)]
-    .filter(Boolean);
-  for (const dir of dirs) {
-    const pkg = path.join(dir, 'puppeteer-core');
-    if (existsSync(path.join(pkg, 'package.json'))) return createRequire(path.join(dir, '_'))(pkg);
-  }
-  try {
-    return createRequire(import.meta.url)('puppeteer-core');
-  } catch {
-    throw new Error(`puppeteer-core not found (KILN_NODE_MODULES=${process.env.KILN_NODE_MODULES ?? ''}, ` +
-      `NODE_PATH=${process.env.NODE_PATH ?? ''}); run scripts/setup.sh and source scripts/env.sh`);
-  }
-}
-
-// puppeteer wants an existing file, so a bare name is looked up on PATH.
-function chromiumPath() {
-  const want = process.env.KILN_CHROMIUM || 'chromium';
-  if (want.includes('/')) return want;
-  for (const dir of (process.env.PATH || '').split(path.delimiter)) {
-    const p = path.join(dir || '.', want);
-    try {
-      if (statSync(p).isFile()) return p;
-    } catch {}
-  }
-  throw new Error(`${want} not found on PATH (set KILN_CHROMIUM)`);
-}
-
-// A CSS string literal for attribute selectors.
-const q = (s) => '"' + String(s).replace(/["\\]/g, '\\$&').replace(/\n/g, '\\a ') + '"';
-
 async function main() {
   const [baseArg, model, prompt, outArg] = process.argv.slice(2);
   if (!baseArg || !model || prompt === undefined || !outArg) {
@@ -74,30 +42,10 @@ async function main() {
   mkdirSync(outDir, { recursive: true });
 
   step = 'launch';
-  const puppeteer = loadPuppeteer();
-  const profile = mkdtempSync(path.join(os.tmpdir(), 'kiln-chromium-'));
-  let browser;
   let page;
+  let close;
   try {
-    browser = await puppeteer.launch({
-      executablePath: chromiumPath(),
-      headless: true,
-      userDataDir: profile,
-      defaultViewport: { width: 1280, height: 900 },
-      args: ['--no-sandbox', '--disable-dev-shm-usage', '--no-first-run', '--no-default-browser-check',
-        '--disable-gpu', '--hide-scrollbars'],
-    });
-    page = await browser.newPage();
-    page.setDefaultTimeout(WAIT_MS);
-    page.on('console', (msg) => {
-      if (msg.type() !== 'error') return;
-      const url = msg.location()?.url;
-      consoleErrors.push(url ? `${msg.text()} (${url})` : msg.text());
-    });
-    page.on('pageerror', (err) => consoleErrors.push(`uncaught: ${err?.message ?? err}`));
-    page.on('error', (err) => consoleErrors.push(`page crashed: ${err?.message ?? err}`));
-    page.on('requestfailed', (req) =>
-      consoleErrors.push(`request failed: ${req.method()} ${req.url()}: ${req.failure()?.errorText ?? '?'}`));
+    ({ page, close } = await launch({ waitMs: WAIT_MS, consoleErrors }));
 
     // Every distinct progress value, in the order seen: a MutationObserver plus a 50 ms poll in the
     // page report to node (installed before the submit, since a short job can finish in a second;
@@ -214,18 +162,11 @@ async function main() {
     });
   } catch (e) {
     const failure = { error: String(e?.message ?? e), step, html: null, url: null, console_errors: consoleErrors };
-    if (page) {
-      failure.url = page.url();
-      failure.html = await withTimeout(page.evaluate(() => document.body?.outerHTML.slice(0, 2000) ?? null), 5000)
-        .catch(() => null);
-      await withTimeout(page.screenshot({ path: path.join(outDir, 'failure.png'), fullPage: true }), 10_000)
-        .catch(() => {});
-    }
+    if (page) Object.assign(failure, await describeFailure(page, outDir));
     emit(failure);
     process.exitCode = 1;
   } finally {
-    if (browser) await withTimeout(browser.close(), 10_000).catch(() => browser.process()?.kill('SIGKILL'));
-    rmSync(profile, { recursive: true, force: true });
+    if (close) await close();
   }
 }
 
@@ -246,14 +187,6 @@ async function fill(page, selector, value) {
       e.dispatchEvent(new Event('change', { bubbles: true }));
     }, value);
   }
-}
-
-function withTimeout(promise, ms) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms); }),
-  ]).finally(() => clearTimeout(timer));
 }
 
 setTimeout(() => {

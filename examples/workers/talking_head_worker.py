@@ -62,7 +62,6 @@ import os
 import queue
 import struct
 import sys
-import threading
 import time
 
 DEFAULT_STEPS = 25
@@ -79,12 +78,6 @@ DEFAULT_MAX_FRAMES = 250
 # video.mp4 is this long: the ftyp box, then one mdat box filling the rest.
 VIDEO_BYTES = 4096
 FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
-# Longest stdin line we accept. Kiln's job lines are bounded by its request limit (256 KiB by
-# default); anything far beyond that is a broken writer, not a job.
-MAX_LINE_BYTES = 4 * 1024 * 1024
-
-# Marks the end of stdin in the job queue.
-EOF = object()
 
 
 def diag(message):
@@ -93,151 +86,15 @@ def diag(message):
 
 
 # ---------------------------------------------------------------------------------------------
-# The protocol (as in demo_worker.py)
+# The protocol: demo_worker.py's, imported from beside this file (the Python worker SDK of
+# issue 15 will hold it for every worker).
 
-
-class Output:
-    """Writes protocol lines to stdout. Both threads write (the reader warns about malformed
-    lines), so writes go through one lock and are flushed one whole line at a time."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def send(self, **message):
-        line = json.dumps(message, separators=(",", ":")) + "\n"
-        with self._lock:
-            try:
-                self._stream.write(line)
-                self._stream.flush()
-            except BrokenPipeError:
-                # Kiln is gone (it closed our stdout): nobody is left to report to.
-                os._exit(0)
-
-
-class UserError(Exception):
-    """The job's request is wrong: retrying cannot help (retryable false)."""
-
-
-class Cancelled(Exception):
-    """Kiln asked us to stop this job."""
-
-
-class Job:
-    """One job line as received, plus the event the reader thread sets when Kiln cancels it."""
-
-    def __init__(self, line):
-        self.job_id = line["job_id"]
-        self.attempt = line.get("attempt", 1)
-        self.inputs = line.get("inputs", {})
-        self.params = line.get("params", {})
-        self.output_dir = line.get("output_dir")
-        self.cancel = threading.Event()
-
-
-class Reader(threading.Thread):
-    """Reads stdin so that a `cancel` line is seen while the main thread runs a job.
-
-    Job lines go into the job queue; cancel lines set the cancel event of the job they name.
-    Kiln sends one job at a time, so the jobs in `self.active` are the one running and at most
-    one not yet started; a cancel for any other id (a job that already finished) is ignored.
-    """
-
-    def __init__(self, stdin, out, jobs):
-        super().__init__(name="stdin-reader", daemon=True)
-        self._stdin = stdin
-        self._out = out
-        self._jobs = jobs
-        self._lock = threading.Lock()
-        self.active = {}  # job_id -> Job, from receipt until the main thread finishes it
-
-    def finished(self, job):
-        with self._lock:
-            if self.active.get(job.job_id) is job:
-                del self.active[job.job_id]
-
-    def warn(self, message, job_id=None):
-        diag(message)
-        if job_id is None:
-            self._out.send(type="log", message=f"warning: {message}")
-        else:
-            self._out.send(type="log", job_id=job_id, message=f"warning: {message}")
-
-    def run(self):
-        try:
-            while True:
-                raw = self._stdin.readline(MAX_LINE_BYTES + 1)
-                if not raw:
-                    break
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    # Skip the rest of the over-long line, then carry on with the next one.
-                    while raw and not raw.endswith(b"\n"):
-                        raw = self._stdin.readline(MAX_LINE_BYTES)
-                    self.warn(f"ignored a stdin line over {MAX_LINE_BYTES} bytes")
-                    continue
-                self.handle(raw.decode("utf-8", errors="replace").strip())
-        except Exception as e:  # never let the reader die silently
-            diag(f"stdin reader failed: {e!r}")
-        self._jobs.put(EOF)
-
-    def handle(self, text):
-        if not text:
-            return
-        try:
-            line = json.loads(text)
-        except ValueError:
-            self.warn(f"ignored a stdin line that is not JSON: {text[:200]!r}")
-            return
-        if not isinstance(line, dict):
-            self.warn(f"ignored a stdin line that is not a JSON object: {text[:200]!r}")
-            return
-        kind = line.get("type")
-        job_id = line.get("job_id")
-        if not isinstance(job_id, str) or not job_id:
-            self.warn(f"ignored a {kind!r} line without a job_id")
-            return
-        if kind == "job":
-            try:
-                job = Job(line)
-            except Exception as e:
-                self.warn(f"ignored a malformed job line: {e!r}", job_id)
-                return
-            with self._lock:
-                self.active[job.job_id] = job
-            self._jobs.put(job)
-        elif kind == "cancel":
-            with self._lock:
-                job = self.active.get(job_id)
-            if job is None:
-                diag(f"cancel for job {job_id}, which is not running: ignored")
-            else:
-                job.cancel.set()
-        else:
-            self.warn(f"ignored a line of unknown type {kind!r}", job_id)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_worker import EOF, Cancelled, Job, Output, Reader, UserError, env_int, int_param, number_param  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-
-def int_param(params, name, default, low, high):
-    value = params.get(name, default)
-    # bool is an int in Python; JSON true is not a number of steps.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"param {name} must be an integer, got {json.dumps(value)}")
-    if low is not None and value < low or high is not None and value > high:
-        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def number_param(params, name, default, low, high):
-    value = params.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"param {name} must be a number, got {json.dumps(value)}")
-    # Also refuses NaN (Python's json accepts it), which compares false to everything.
-    if not low <= value <= high:
-        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
-    return value
 
 
 def file_input(inputs, name):
@@ -471,17 +328,6 @@ class Worker:
             {"name": "video.mp4", "path": "video.mp4", "content_type": "video/mp4"},
             {"name": "meta.json", "path": "meta.json", "content_type": "application/json"},
         ]
-
-
-def env_int(name, default):
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        return max(0, int(text))
-    except ValueError:
-        diag(f"{name}={text!r} is not an integer; using {default}")
-        return default
 
 
 def main():

@@ -37,6 +37,11 @@ pub struct HttpBenchOptions {
 pub struct HttpBenchReport {
     pub nats_latency: Figures,
     pub http_latency: Figures,
+    pub http_hop: Figures,
+    pub nats_submit: Figures,
+    pub http_submit: Figures,
+    pub nats_replay: Figures,
+    pub http_replay: Figures,
     pub sse_clients: usize,
     pub sse_events_per_client: usize,
     pub sse_all_complete: bool,
@@ -157,6 +162,36 @@ async fn http_latency(http: &reqwest::Client, base: &str, n: usize) -> Result<Fi
     Ok(figures(samples, wall.elapsed()))
 }
 
+/// The two halves of a job's round trip, each path: the submit alone, and the replay of a
+/// finished job's events alone.
+async fn halves(client: &Client, http: &reqwest::Client, base: &str, n: usize) -> Result<[Figures; 4], String> {
+    let (mut nats_submit, mut http_submit, mut nats_replay, mut http_replay) = (vec![], vec![], vec![], vec![]);
+    let wall = Instant::now();
+    let mut done = vec![];
+    for _ in 0..n {
+        let t = Instant::now();
+        let reply = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.map_err(|e| e.to_string())?;
+        nats_submit.push(t.elapsed());
+        done.push(reply.job_id);
+        let t = Instant::now();
+        let r = http.post(format!("{base}/v1/jobs")).json(&serde_json::json!({"model": "noop"})).send().await.map_err(|e| e.to_string())?;
+        let _ = r.bytes().await.map_err(|e| e.to_string())?;
+        http_submit.push(t.elapsed());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &done {
+        let t = Instant::now();
+        let events = client.events(id).await.map_err(|e| e.to_string())?;
+        let _ = events.count().await;
+        nats_replay.push(t.elapsed());
+        let t = Instant::now();
+        let _ = http.get(format!("{base}/v1/jobs/{id}/events")).send().await.map_err(|e| e.to_string())?.text().await;
+        http_replay.push(t.elapsed());
+    }
+    let w = wall.elapsed();
+    Ok([figures(nats_submit, w), figures(http_submit, w), figures(nats_replay, w), figures(http_replay, w)])
+}
+
 fn mb_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
 }
@@ -203,6 +238,16 @@ pub async fn run(opts: HttpBenchOptions) -> Result<HttpBenchReport, String> {
     };
     let nats_latency = merge(&nats_samples);
     let http_latency = merge(&http_samples);
+    let [nats_submit, http_submit, nats_replay, http_replay] = halves(&client, &http, &base, opts.jobs.clamp(20, 300)).await?;
+    // The HTTP hop alone: a request the gateway answers without NATS.
+    let mut hop = vec![];
+    let t0 = Instant::now();
+    for _ in 0..opts.jobs.clamp(20, 1000) {
+        let t = Instant::now();
+        http.get(format!("{base}/healthz")).send().await.map_err(|e| e.to_string())?.bytes().await.map_err(|e| e.to_string())?;
+        hop.push(t.elapsed());
+    }
+    let http_hop = figures(hop, t0.elapsed());
 
     // Fan-out: N clients on one slow job.
     let rss_idle = rss_kib(pid);
@@ -276,6 +321,11 @@ pub async fn run(opts: HttpBenchOptions) -> Result<HttpBenchReport, String> {
     Ok(HttpBenchReport {
         nats_latency,
         http_latency,
+        http_hop,
+        nats_submit,
+        http_submit,
+        nats_replay,
+        http_replay,
         sse_clients: opts.sse_clients,
         sse_events_per_client: expected,
         sse_all_complete: all_complete,
@@ -311,6 +361,9 @@ pub fn print(r: &HttpBenchReport, opts: &HttpBenchOptions) {
     println!("  HTTP: POST /v1/jobs, then SSE events       {:>8.3}  {:>8.3}", r.http_latency.p50_ms, r.http_latency.p99_ms);
     let added = r.http_latency.p50_ms - r.nats_latency.p50_ms;
     println!("  the gateway adds {added:.3} ms at p50 (goal: at most 0.5 ms): {}", if added <= 0.5 { "met" } else { "NOT met" });
+    println!("  the halves:  submit alone, NATS / HTTP        {:>8.3}  {:>8.3}", r.nats_submit.p50_ms, r.http_submit.p50_ms);
+    println!("               a finished job's replay, NATS / SSE {:>6.3}  {:>8.3}", r.nats_replay.p50_ms, r.http_replay.p50_ms);
+    println!("  one HTTP round trip to the gateway (GET /healthz, no NATS): {:.3} ms at p50", r.http_hop.p50_ms);
     println!();
     println!("SSE fan-out: {} clients on one job", r.sse_clients);
     println!(

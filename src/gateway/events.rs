@@ -69,11 +69,15 @@ pub struct Feeds {
     js: jetstream::Context,
     names: Names,
     feeds: Arc<Mutex<HashMap<String, Weak<Feed>>>>,
+    /// The events stream's handle, looked up once: every feed creates its consumer on it, and
+    /// a lookup per feed would put one more JetStream round trip before each client's first
+    /// event.
+    stream: Arc<tokio::sync::OnceCell<jetstream::stream::Stream>>,
 }
 
 impl Feeds {
     pub fn new(nats: async_nats::Client, names: Names) -> Feeds {
-        Feeds { js: jetstream::new(nats), names, feeds: Default::default() }
+        Feeds { js: jetstream::new(nats), names, feeds: Default::default(), stream: Default::default() }
     }
 
     /// Number of feeds open now.
@@ -90,7 +94,9 @@ impl Feeds {
         let live = broadcast::channel(LIVE_BUFFER).0;
         let feed = Arc::new(Feed { state: Mutex::new(FeedState { history: vec![], live: Some(live) }) });
         feeds.insert(id.to_string(), Arc::downgrade(&feed));
-        tokio::spawn(follow(self.js.clone(), self.names.events_stream(), self.names.events_subject(id), Arc::downgrade(&feed)));
+        let (js, stream, name) = (self.js.clone(), self.stream.clone(), self.names.events_stream());
+        let events = async move { stream.get_or_try_init(|| js.get_stream(name)).await.cloned().ok() };
+        tokio::spawn(follow(events, self.names.events_subject(id), Arc::downgrade(&feed)));
         feed
     }
 
@@ -152,10 +158,10 @@ async fn next_event(mut sub: Subscription) -> Option<(Sequenced, Subscription)> 
 /// until nobody follows the feed any more; then deletes its consumer (a client that went away
 /// leaves none behind). If NATS fails it under the feed, the feed ends: its subscribers' streams
 /// end, and their clients reconnect with their `Last-Event-ID` to a new feed.
-async fn follow(js: jetstream::Context, stream: String, subject: String, feed: Weak<Feed>) {
+async fn follow(stream: impl std::future::Future<Output = Option<jetstream::stream::Stream>>, subject: String, feed: Weak<Feed>) {
     let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
     let opened = async {
-        let stream = js.get_stream(stream).await.ok()?;
+        let stream = stream.await?;
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::Config {
                 name: Some(name.clone()),
@@ -225,6 +231,22 @@ mod tests {
         assert_eq!(parse_last_event_id(Some(" 42 ")), Ok(Some(42)));
         assert!(parse_last_event_id(Some("abc")).is_err());
         assert!(parse_last_event_id(Some("-1")).is_err());
+    }
+
+    proptest::proptest! {
+        /// A client that got any prefix of the history and reconnects with the last id it got
+        /// receives exactly the rest: together, the whole history once.
+        #[test]
+        fn a_resume_after_any_prefix_completes_the_history(gaps in proptest::collection::vec(1u64..5, 0..40), cut in 0usize..41) {
+            let mut seq = 0;
+            let history: Vec<Sequenced> = gaps.iter().map(|g| { seq += g; ev(seq) }).collect();
+            let cut = cut.min(history.len());
+            let got = &history[..cut];
+            let last = got.last().map(|e| e.0);
+            let mut all: Vec<u64> = got.iter().map(|e| e.0).collect();
+            all.extend(events_after(&history, last).iter().map(|e| e.0));
+            proptest::prop_assert_eq!(all, history.iter().map(|e| e.0).collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -289,10 +289,10 @@ pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<u
     parse_last_event_id(header.or(from_query)).map_err(HttpError::bad_request)
 }
 
-/// An SSE response of the events of `id` after `after`: every event's JSON with its stream
-/// sequence as `id` and its type as `event`; it ends after the terminal event.
-fn event_stream(gateway: &Gateway, tenant: &Tenant, id: &str, after: Option<u64>) -> Response {
-    let events = tenant.feeds.subscribe(id, after).map(|(seq, e)| {
+/// An SSE response of `events`: every event's JSON with its stream sequence as `id` and its
+/// type as `event`; it ends after the terminal event, or when the gateway stops.
+fn event_stream(gateway: &Gateway, events: impl futures::Stream<Item = super::events::Sequenced> + Send + 'static) -> Response {
+    let events = events.map(|(seq, e)| {
         Ok::<_, std::convert::Infallible>(
             SseEvent::default().id(seq.to_string()).event(event_name(&e)).json_data(&e).expect("events serialize"),
         )
@@ -301,8 +301,10 @@ fn event_stream(gateway: &Gateway, tenant: &Tenant, id: &str, after: Option<u64>
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// An event stream, once `exists` says the job or batch does (a 404 otherwise, not an empty
-/// stream). The feed's consumer is opened while that is checked.
+/// The event stream of a job or batch that exists (a 404 otherwise, not an empty stream).
+/// Its first event proves it exists as well as `exists` (the record) does, and comes as soon:
+/// whichever answers first decides, so a client's first event waits for one of the two, not
+/// both. A stream with nothing to send (resumed after its end) waits for `exists`.
 async fn events_once(
     gateway: &Gateway,
     tenant: &Tenant,
@@ -312,9 +314,17 @@ async fn events_once(
     exists: impl std::future::Future<Output = Result<(), crate::client::ClientError>>,
 ) -> Result<Response, HttpError> {
     let after = resume_point(headers, query)?;
-    let stream = event_stream(gateway, tenant, id, after);
-    exists.await?;
-    Ok(stream)
+    let mut events = Box::pin(tenant.feeds.subscribe(id, after).peekable());
+    tokio::pin!(exists);
+    tokio::select! {
+        first = events.as_mut().peek() => {
+            if first.is_none() {
+                exists.await?;
+            }
+        }
+        found = &mut exists => found?,
+    }
+    Ok(event_stream(gateway, events))
 }
 
 async fn job_events(

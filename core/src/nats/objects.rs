@@ -176,13 +176,12 @@ pub async fn put_stream(
     let previous = store.info(name).await.ok().filter(|i| !i.deleted);
     let nuid = uuid::Uuid::new_v4().simple().to_string();
     let chunk_subject = format!("$O.{bucket}.C.{nuid}");
-    // Purges the chunks if this future is dropped before the object is whole: an HTTP server
-    // drops a request's handler when its client goes away mid-upload.
-    let mut guard = PurgeOnDrop { stream: Some(stream.clone()), subject: chunk_subject.clone() };
+    // Cleans up if this future is dropped before the object is whole (an HTTP server drops a
+    // request's handler when its client goes away mid-upload); holds the acks in flight.
+    let mut guard = Abandoned { stream: Some(stream.clone()), subject: chunk_subject.clone(), acks: Default::default() };
     let upload = async {
         let mut sha = Sha256::new();
         let (mut size, mut chunks) = (0u64, 0usize);
-        let mut acks = futures::stream::FuturesOrdered::new();
         loop {
             let mut chunk = bytes::BytesMut::with_capacity(STREAM_CHUNK_BYTES);
             while chunk.len() < STREAM_CHUNK_BYTES {
@@ -196,14 +195,13 @@ pub async fn put_stream(
             sha.update(&chunk);
             size += chunk.len() as u64;
             chunks += 1;
-            acks.push_back(std::future::IntoFuture::into_future(
-                js.publish(chunk_subject.clone(), chunk.freeze()).await.map_err(StoreError::nats)?,
-            ));
-            if acks.len() >= STREAM_ACKS_IN_FLIGHT {
-                futures::StreamExt::next(&mut acks).await.expect("not empty").map_err(StoreError::nats)?;
+            let ack = js.publish(chunk_subject.clone(), chunk.freeze()).await.map_err(StoreError::nats)?;
+            guard.acks.push_back(Box::pin(std::future::IntoFuture::into_future(ack)));
+            if guard.acks.len() >= STREAM_ACKS_IN_FLIGHT {
+                futures::StreamExt::next(&mut guard.acks).await.expect("not empty").map_err(StoreError::nats)?;
             }
         }
-        while let Some(ack) = futures::StreamExt::next(&mut acks).await {
+        while let Some(ack) = futures::StreamExt::next(&mut guard.acks).await {
             ack.map_err(StoreError::nats)?;
         }
         let digest = sha.finalize();
@@ -229,10 +227,9 @@ pub async fn put_stream(
         js.publish_with_headers(meta_subject, headers, body.into()).await.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
         Ok::<_, StoreError>(StoredObject { name: name.to_string(), size, sha256, content_type: content_type.to_string() })
     };
-    let outcome = upload.await;
-    guard.stream = None;
-    match outcome {
+    match upload.await {
         Ok(stored) => {
+            guard.stream = None;
             if let Some(old) = previous.filter(|p| p.nuid != nuid) {
                 let _ = stream.purge().filter(format!("$O.{bucket}.C.{}", old.nuid)).await;
             }
@@ -241,29 +238,43 @@ pub async fn put_stream(
         Err(e) => {
             // Nothing refers to these chunks: without the purge they would fill the bucket
             // until its TTL.
-            if let Err(purge) = stream.purge().filter(&chunk_subject).await {
-                tracing::warn!(bucket, error = %purge, "cannot purge the chunks of a failed upload");
-            }
+            guard.stream = None;
+            purge_chunks(stream, chunk_subject, std::mem::take(&mut guard.acks)).await;
             Err(e)
         }
     }
 }
 
-/// Purges a chunk subject when dropped while still holding its stream.
-struct PurgeOnDrop {
-    stream: Option<async_nats::jetstream::stream::Stream>,
-    subject: String,
+/// A chunk publish whose ack has not come back yet.
+type ChunkAck = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<async_nats::jetstream::publish::PublishAck, async_nats::jetstream::context::PublishError>>
+            + Send,
+    >,
+>;
+
+/// Purges an abandoned upload's chunks, once the publishes still in flight are stored: a purge
+/// that overtook them would leave them behind (the server stores a publish and serves a purge
+/// request on separate paths).
+async fn purge_chunks(stream: async_nats::jetstream::stream::Stream, subject: String, mut acks: futures::stream::FuturesOrdered<ChunkAck>) {
+    while futures::StreamExt::next(&mut acks).await.is_some() {}
+    if let Err(e) = stream.purge().filter(&subject).await {
+        tracing::warn!(subject, error = %e, "cannot purge the chunks of an abandoned upload");
+    }
 }
 
-impl Drop for PurgeOnDrop {
+/// An upload in progress: if dropped while it still holds the stream, its chunks are purged
+/// (after the acks in flight), by a task of its own.
+struct Abandoned {
+    stream: Option<async_nats::jetstream::stream::Stream>,
+    subject: String,
+    acks: futures::stream::FuturesOrdered<ChunkAck>,
+}
+
+impl Drop for Abandoned {
     fn drop(&mut self) {
         if let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) {
-            let subject = std::mem::take(&mut self.subject);
-            runtime.spawn(async move {
-                if let Err(e) = stream.purge().filter(&subject).await {
-                    tracing::warn!(subject, error = %e, "cannot purge the chunks of an abandoned upload");
-                }
-            });
+            runtime.spawn(purge_chunks(stream, std::mem::take(&mut self.subject), std::mem::take(&mut self.acks)));
         }
     }
 }

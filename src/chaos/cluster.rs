@@ -131,6 +131,13 @@ impl NodeProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// Start-ups this node's processes have logged (their first line, `starting`): before it
+    /// a new process is still being loaded (the dynamic loader maps libtorch) and runs none of
+    /// its own code, so a signal then kills it the way it kills any process.
+    pub fn startups_logged(&self) -> usize {
+        self.log().lines().filter(|l| l.ends_with(" starting")).count()
+    }
 }
 
 impl Drop for NodeProcess {

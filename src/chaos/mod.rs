@@ -586,10 +586,11 @@ async fn inject(
         FaultKind::StartupTerm => {
             // A restart (as after a crash: its old entry is still in the registry, so the new
             // process first watches it for a registry TTL), then SIGTERM in the middle of that.
-            let restarted = {
+            let (restarted, startups) = {
                 let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
                 n.kill();
-                n.start()
+                let startups = n.startups_logged();
+                (n.start(), startups)
             };
             if let Err(e) = restarted {
                 healed(&node);
@@ -597,6 +598,13 @@ async fn inject(
             }
             let (cluster, fault) = (cluster.clone(), fault.clone());
             heals.spawn(async move {
+                // The delay counts from the process's first line of its own: a loaded machine
+                // takes up to a second or more to map libtorch before it (a SIGTERM then is
+                // the default kill of a process that has not started anything).
+                let logged = Instant::now() + Duration::from_secs(30);
+                while node.lock().unwrap_or_else(|e| e.into_inner()).startups_logged() <= startups && Instant::now() < logged {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 tokio::time::sleep(heal_after).await;
                 let pid = node.lock().unwrap_or_else(|e| e.into_inner()).pid();
                 if let Some(pid) = pid {

@@ -301,6 +301,9 @@ fn event_stream(gateway: &Gateway, events: impl futures::Stream<Item = super::ev
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
+/// How long an event stream waits for its first event before it reads the record instead.
+const RECORD_CHECK_AFTER: std::time::Duration = std::time::Duration::from_millis(3);
+
 /// The event stream of a job or batch that exists (a 404 otherwise, not an empty stream).
 /// Its first event proves it exists as well as `exists` (the record) does, and comes as soon:
 /// whichever answers first decides, so a client's first event waits for one of the two, not
@@ -315,11 +318,17 @@ async fn events_once(
 ) -> Result<Response, HttpError> {
     let after = resume_point(headers, query)?;
     let mut events = Box::pin(tenant.feeds.subscribe(id, after).peekable());
+    // The record is read only if no event came first within a few milliseconds: for a job
+    // with events (nearly every one) that request, and the node's work for it, are saved.
+    let exists = async {
+        tokio::time::sleep(RECORD_CHECK_AFTER).await;
+        exists.await
+    };
     tokio::pin!(exists);
     tokio::select! {
         first = events.as_mut().peek() => {
             if first.is_none() {
-                exists.await?;
+                exists.as_mut().await?;
             }
         }
         found = &mut exists => found?,

@@ -373,10 +373,15 @@ impl DispatcherState {
         // The subject names the model: `<prefix>.jobs.<model>.<lane>`.
         let model = delivery.subject.split('.').rev().nth(1).unwrap_or_default().to_string();
         let slot = self.better_slot(slot, &model);
-        let inference = self.slots.get(&slot).and_then(|s| s.inference.clone());
+        // A delivery fetched before the drain began and handed in after it: the node takes no
+        // new job, so it goes straight back to the queue. Claimed here, it was abandoned when
+        // the node exited and came back only after the ack wait, as attempt 2 (seen by
+        // `draining_a_node_under_load_loses_and_duplicates_nothing` on a loaded machine).
+        let inference = if self.draining { None } else { self.slots.get(&slot).and_then(|s| s.inference.clone()) };
         let Some(inference) = inference else {
-            // The slot went down between the reservation and the delivery: hand the job
-            // straight back to the queue instead of waiting out the ack wait.
+            // The slot went down (or the node began draining) between the reservation and the
+            // delivery: hand the job straight back to the queue instead of waiting out the ack
+            // wait.
             let _ = delivery.ack_with(jetstream::AckKind::Nak(None)).await;
             self.release(&slot);
             return;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{Stream, StreamExt};
 use kiln_core::config::NatsConfig;
-use kiln_core::nats::objects::{content_type_for, sha256_hex, META_CONTENT_TYPE, META_SHA256};
+use kiln_core::nats::objects::{content_type_for, put_stream, sha256_hex};
 use kiln_core::nats::{resources, Names};
 use kiln_core::protocol::*;
 use serde::de::DeserializeOwned;
@@ -163,16 +163,12 @@ impl Client {
 
     /// Uploads an input to the files bucket; pass `InputValue::Object { object: name }`.
     pub async fn upload(&self, name: &str, data: &[u8]) -> Result<(), ClientError> {
-        let store = self.js.get_object_store(self.names.files_bucket()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
-        let meta = async_nats::jetstream::object_store::ObjectMetadata {
-            name: name.to_string(),
-            metadata: [(META_SHA256.to_string(), sha256_hex(data)), (META_CONTENT_TYPE.to_string(), content_type_for(name).to_string())]
-                .into(),
-            ..Default::default()
-        };
         let mut reader = data;
-        store.put(meta, &mut reader).await.map_err(|e| ClientError::Nats(e.to_string()))?;
-        Ok(())
+        match put_stream(&self.js, &self.names.files_bucket(), name, content_type_for(name), &mut reader).await {
+            Ok(_) => Ok(()),
+            Err(kiln_core::nats::StoreError::Decode(m)) => Err(ClientError::Api(ApiError::bad_request(m))),
+            Err(e) => Err(ClientError::Nats(e.to_string().replacen("nats: ", "", 1))),
+        }
     }
 
     /// Downloads an artifact and checks its sha256 against the one Kiln recorded.

@@ -90,7 +90,8 @@ def diag(message):
 # issue 15 will hold it for every worker).
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_worker import EOF, Cancelled, Job, Output, Reader, UserError, env_int, int_param, number_param  # noqa: E402
+from demo_worker import Cancelled, Output, Reader, UserError, env_int, int_param, number_param  # noqa: E402
+from demo_worker import Worker as ProtocolWorker  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,53 +232,8 @@ def render_video(ref_image_path, audio_path, seed, steps):
     return FTYP + mdat
 
 
-class Worker:
-    def __init__(self, out, reader, jobs):
-        self.out = out
-        self.reader = reader
-        self.jobs = jobs
-
-    def serve(self):
-        """Runs jobs until stdin ends. Jobs already received still run (so piping a few lines
-        in by hand works); Kiln itself kills the process group when it is done with us."""
-        while True:
-            job = self.jobs.get()
-            if job is EOF:
-                diag("stdin closed; exiting")
-                return
-            try:
-                self.run_job(job)
-            finally:
-                self.reader.finished(job)
-
-    def progress(self, job, stage, progress, message=None):
-        line = {"type": "progress", "job_id": job.job_id, "stage": stage, "progress": progress}
-        if message is not None:
-            line["message"] = message
-        self.out.send(**line)
-
-    def log(self, job, message):
-        self.out.send(type="log", job_id=job.job_id, message=message)
-
-    def run_job(self, job):
-        try:
-            self.log(job, f"worker pid {os.getpid()} running job {job.job_id} attempt {job.attempt}")
-            artifacts = self.generate(job)
-        except Cancelled:
-            self.out.send(type="cancelled", job_id=job.job_id)
-        except UserError as e:
-            self.out.send(type="error", job_id=job.job_id, message=str(e), retryable=False)
-        except Exception as e:
-            # An unexpected failure here is ours, not the user's (a full disk, a bug, an input
-            # file gone mid-job): let Kiln retry it, and keep serving.
-            diag(f"job {job.job_id} failed unexpectedly: {e!r}")
-            self.out.send(type="error", job_id=job.job_id, message=f"worker error: {e!r}", retryable=True)
-        else:
-            self.out.send(type="result", job_id=job.job_id, artifacts=artifacts)
-
-    def check_cancel(self, job):
-        if job.cancel.is_set():
-            raise Cancelled()
+class Worker(ProtocolWorker):
+    """demo_worker's job loop (serve, progress, log, errors, cancel); only the model differs."""
 
     def generate(self, job):
         s = Settings(job)

@@ -80,11 +80,6 @@ impl Feeds {
         Feeds { js: jetstream::new(nats), names, feeds: Default::default(), stream: Default::default() }
     }
 
-    /// Number of feeds open now.
-    pub fn open(&self) -> usize {
-        self.feeds.lock().expect("feeds lock").values().filter(|w| w.strong_count() > 0).count()
-    }
-
     fn feed(&self, id: &str) -> Arc<Feed> {
         let mut feeds = self.feeds.lock().expect("feeds lock");
         if let Some(feed) = feeds.get(id).and_then(Weak::upgrade).filter(|f| !f.broken()) {

@@ -38,7 +38,6 @@ use axum::Router;
 use kiln_core::config::NatsConfig;
 use kiln_core::http::HttpConfig;
 use kiln_core::nats::Names;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
@@ -80,7 +79,7 @@ pub struct Gateway {
 
 /// The sha256 (hex) of an API key, as `[[http.api_keys]] sha256` stores it.
 pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    kiln_core::nats::objects::sha256_hex(key.as_bytes())
 }
 
 /// True for an address only this machine can reach.
@@ -176,11 +175,6 @@ impl Gateway {
         let task = tokio::spawn(accept_loop(listener, router, header_timeout, shutdown, stop));
         Ok(ServingGateway { addr: local, task })
     }
-
-    /// The tenant of the default connection.
-    pub fn default_tenant(&self) -> Arc<Tenant> {
-        self.shared.default.clone()
-    }
 }
 
 /// A gateway serving in the background.
@@ -193,9 +187,6 @@ impl ServingGateway {
     /// Waits until the gateway has stopped (after its stop future resolved).
     pub async fn stopped(self) {
         let _ = self.task.await;
-    }
-    pub fn abort(&self) {
-        self.task.abort();
     }
 }
 
@@ -269,12 +260,8 @@ async fn authenticate(State(gateway): State<Gateway>, mut request: Request, next
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
             .map(|k| k.trim().to_string());
-        let from_query = || {
-            request
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token=")).map(|k| percent_decode(k).trim().to_string()))
-        };
+        let from_query =
+            || request.uri().query().and_then(|_| query_param(request.uri().query(), "access_token").map(|k| k.trim().to_string()));
         bearer.or_else(from_query).and_then(|key| shared.keys.get(&hash_key(&key)).cloned())
     };
     match tenant {
@@ -286,23 +273,9 @@ async fn authenticate(State(gateway): State<Gateway>, mut request: Request, next
     }
 }
 
-/// Decodes `%XX` escapes of a query value (an API key may hold `+` or `/`).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The value of `name` in a query string, decoded (an API key may hold `+` or `/`, escaped).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// `GET /healthz`: the process is up.
@@ -347,9 +320,10 @@ mod tests {
 
     #[test]
     fn query_keys_are_percent_decoded() {
-        assert_eq!(percent_decode("a%2Bb%2Fc"), "a+b/c");
-        assert_eq!(percent_decode("plain"), "plain");
-        assert_eq!(percent_decode("bad%zz%"), "bad%zz%");
+        assert_eq!(query_param(Some("x=1&access_token=a%2Bb%2Fc"), "access_token").as_deref(), Some("a+b/c"));
+        assert_eq!(query_param(Some("access_token=plain"), "access_token").as_deref(), Some("plain"));
+        assert_eq!(query_param(Some("access_token=bad%zz%"), "access_token").as_deref(), Some("bad%zz%"));
+        assert_eq!(query_param(None, "access_token"), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::error::HttpError;
 use super::template::{lookup, render};
-use super::v1::{read_form, read_json, resume_point, Form};
+use super::v1::{read_form, read_form_as, read_json, resume_point, Form};
 use super::{objects, Gateway, Tenant};
 
 /// The routes of the table, grouped by path (one path may take several methods).
@@ -357,20 +357,14 @@ async fn artifact(route: &RouteConfig, tenant: &Tenant, id: Option<String>, head
 }
 
 async fn upload(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
-    let form = read_form(gateway, tenant, request).await?;
+    // The seeds' file ids are plain uuids: the file part is stored under one.
+    let form = read_form_as(gateway, tenant, request, |_| uuid::Uuid::new_v4().to_string()).await?;
     let part = route.files.values().next().map(String::as_str).unwrap_or("file");
     let Some(file) = form.files.get(part).or_else(|| form.files.values().next()) else {
+        super::v1::forget_files(tenant, &form).await;
         return Err(HttpError::bad_request(format!("the request needs a file part {part:?} (multipart/form-data)")));
     };
-    // The seeds' file ids are plain uuids: copy under one (the multipart reader stored it under
-    // `uploads/<uuid>/<name>`), keeping its type and digest.
-    let js = tenant.client.jetstream();
-    let bucket = tenant.names().files_bucket();
-    let file_id = uuid::Uuid::new_v4().to_string();
-    let source = objects::open(js, &bucket, &file.stored.name).await?;
-    let mut reader = source.object;
-    let stored = kiln_core::nats::objects::put_stream(js, &bucket, &file_id, &file.stored.content_type, &mut reader).await?;
-    super::v1::forget_files(tenant, &form).await;
+    let stored = &file.stored;
     let vars = json!({
         "file_id": stored.name,
         "file_type": objects::file_kind(&stored.content_type),

@@ -97,10 +97,20 @@ pub fn form_value(text: &str) -> serde_json::Value {
 /// with a file name) streamed into the files bucket as `uploads/<uuid>/<name>`, each at most
 /// `http.max_upload_bytes`. On any error the files stored so far are deleted again.
 pub async fn read_form(gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Form, HttpError> {
+    read_form_as(gateway, tenant, request, upload_name).await
+}
+
+/// The object name of an uploaded file part: `uploads/<uuid>/<name>`.
+pub fn upload_name(file_name: &str) -> String {
+    format!("uploads/{}/{}", uuid::Uuid::new_v4(), objects::safe_file_name(file_name))
+}
+
+/// [`read_form`], with file parts stored under the names `name_file` gives their file names.
+pub async fn read_form_as(gateway: &Gateway, tenant: &Tenant, request: Request, name_file: fn(&str) -> String) -> Result<Form, HttpError> {
     let mut multipart =
         Multipart::from_request(request, &()).await.map_err(|e| HttpError::bad_request(format!("malformed multipart body: {e}")))?;
     let mut form = Form { fields: Default::default(), files: Default::default() };
-    let result = read_parts(gateway, tenant, &mut multipart, &mut form).await;
+    let result = read_parts(gateway, tenant, &mut multipart, &mut form, name_file).await;
     if let Err(e) = result {
         forget_files(tenant, &form).await;
         return Err(e);
@@ -108,7 +118,13 @@ pub async fn read_form(gateway: &Gateway, tenant: &Tenant, request: Request) -> 
     Ok(form)
 }
 
-async fn read_parts(gateway: &Gateway, tenant: &Tenant, multipart: &mut Multipart, form: &mut Form) -> Result<(), HttpError> {
+async fn read_parts(
+    gateway: &Gateway,
+    tenant: &Tenant,
+    multipart: &mut Multipart,
+    form: &mut Form,
+    name_file: fn(&str) -> String,
+) -> Result<(), HttpError> {
     let config = gateway.config();
     let bad = |e: axum::extract::multipart::MultipartError| HttpError::bad_request(format!("malformed multipart body: {e}"));
     while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
@@ -117,11 +133,10 @@ async fn read_parts(gateway: &Gateway, tenant: &Tenant, multipart: &mut Multipar
             return Err(HttpError::bad_request("a multipart part has no name"));
         }
         if let Some(file_name) = field.file_name().map(str::to_string) {
-            let safe = objects::safe_file_name(&file_name);
-            let object = format!("uploads/{}/{safe}", uuid::Uuid::new_v4());
+            let object = name_file(&file_name);
             let content_type = match field.content_type() {
                 Some(ct) if ct != "application/octet-stream" => ct.to_string(),
-                _ => content_type_for(&safe).to_string(),
+                _ => content_type_for(&objects::safe_file_name(&file_name)).to_string(),
             };
             let stored = objects::upload(
                 tenant.client.jetstream(),
@@ -285,8 +300,8 @@ pub fn event_name(e: &Event) -> String {
 /// `last_event_id` query parameter.
 pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<u64>, HttpError> {
     let header = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("\u{fffd}"));
-    let from_query = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("last_event_id=")));
-    parse_last_event_id(header.or(from_query)).map_err(HttpError::bad_request)
+    let from_query = super::query_param(query, "last_event_id");
+    parse_last_event_id(header.or(from_query.as_deref())).map_err(HttpError::bad_request)
 }
 
 /// An SSE response of `events`: every event's JSON with its stream sequence as `id` and its

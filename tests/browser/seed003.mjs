@@ -18,10 +18,10 @@
 //    "console": [{"type", "text", "url"}], "result_url", "result": {"status", "content_type", "size",
 //    "magic": [4 bytes]}, "page_errors": [..]}
 // Failure (exit 1): {"error", "step", "console", "page_errors"}.
-import { createRequire } from 'node:module';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { chromiumPath, loadPuppeteer } from './launch.mjs';
 
 const WAIT_MS = 30_000; // page load, the console lines
 const JOB_MS = 60_000; // submission to the download
@@ -39,28 +39,6 @@ function emit(obj) {
   if (printed) return;
   printed = true;
   process.stdout.write(JSON.stringify(obj) + '\n');
-}
-
-function loadPuppeteer() {
-  const dirs = [process.env.KILN_NODE_MODULES, ...(process.env.NODE_PATH || '').split(path.delimiter)].filter(Boolean);
-  for (const dir of dirs) {
-    const pkg = path.join(dir, 'puppeteer-core');
-    if (existsSync(path.join(pkg, 'package.json'))) return createRequire(path.join(dir, '_'))(pkg);
-  }
-  throw new Error(`puppeteer-core not found (KILN_NODE_MODULES=${process.env.KILN_NODE_MODULES ?? ''}); ` +
-    'run scripts/setup.sh and source scripts/env.sh');
-}
-
-function chromiumPath() {
-  const want = process.env.KILN_CHROMIUM || 'chromium';
-  if (want.includes('/')) return want;
-  for (const dir of (process.env.PATH || '').split(path.delimiter)) {
-    const p = path.join(dir || '.', want);
-    try {
-      if (statSync(p).isFile()) return p;
-    } catch {}
-  }
-  throw new Error(`${want} not found on PATH (set KILN_CHROMIUM)`);
 }
 
 async function main() {

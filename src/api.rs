@@ -23,9 +23,10 @@ use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, No
 use kiln_core::batch::{self, BatchRecord};
 use kiln_core::config::ClusterConfig;
 use kiln_core::ids;
-use kiln_core::job::{JobRecord, JobState};
+use kiln_core::job::{self, CancelChange, JobRecord, JobState};
 use kiln_core::metrics as m;
-use kiln_core::nats::{RegistryCache, Resources, StoreError};
+use kiln_core::nats::cas::{Step, Updated};
+use kiln_core::nats::{CasError, RegistryCache, Resources, StoreError};
 use kiln_core::protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -411,10 +412,15 @@ impl ApiService {
                 return Ok(Some(existing.record.state));
             }
         }
-        // The `queued` event goes first so that the history is ordered even for a job that
-        // starts the instant it is enqueued.
-        self.publish_queued(&record.job_id).await?;
-        self.resources.enqueue(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
+        // The `queued` event is published before the queue message so that the history is
+        // ordered even for a job that starts the instant it is enqueued; both acks are awaited
+        // together (one round trip, not two). No node can publish an event for the job before
+        // both are stored: it claims only once the record exists, written below.
+        let queued = self.publish_queued_nowait(&record.job_id).await?;
+        let enqueued = self.resources.enqueue_nowait(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
+        let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
+        queued.map_err(internal)?;
+        enqueued.map_err(internal)?;
         kiln_core::fault::abort_at("abort_in_launch");
         match self.resources.create_job(record).await {
             Ok(_) => {}
@@ -429,10 +435,11 @@ impl ApiService {
         Ok(None)
     }
 
-    /// A job's first event, de-duplicated: a retried submission may publish it again.
-    async fn publish_queued(&self, job_id: &str) -> Result<(), ApiError> {
+    /// A job's first event, de-duplicated (a retried submission may publish it again),
+    /// without waiting for its ack.
+    async fn publish_queued_nowait(&self, job_id: &str) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
         let id = format!("{job_id}-queued");
-        self.resources.publish_event_with_id(&Event::status(job_id, 0, JobState::Queued), Some(&id)).await.map_err(internal)
+        self.resources.publish_event_nowait_with_id(&Event::status(job_id, 0, JobState::Queued), &id).await.map_err(internal)
     }
 
     /// `submit_batch`: every item is validated like a submit before anything is written, so a
@@ -523,11 +530,7 @@ impl ApiService {
 
     async fn load_batch(&self, batch_id: &str) -> Result<(BatchRecord, u64), ApiError> {
         check_id("batch_id", batch_id)?;
-        self.resources
-            .get_batch(batch_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| ApiError::not_found(format!("no batch {batch_id:?} (never submitted, or expired)")))
+        self.resources.get_batch(batch_id).await.map_err(internal)?.ok_or_else(|| batch_not_found(batch_id))
     }
 
     /// `batch`: the summary counts settled items; each item shows its job as it is now.
@@ -626,17 +629,19 @@ impl ApiService {
         let record = BatchRecord { retry_of: Some(old.batch_id.clone()), ..BatchRecord::new(&retry_id, &old.model, &children, now) };
         let reply = self.launch_batch(record, children).await?;
         // Point the old batch at its retry (after the retry exists, so the link never dangles).
-        for _ in 0..16 {
-            let (mut current, revision) = self.load_batch(&old.batch_id).await?;
-            if current.retried_by.is_some() {
-                break;
+        let linked = self.resources.update_batch_with(&old.batch_id, |current| match current.retried_by {
+            Some(_) => Step::Stop(()),
+            None => Step::Write(BatchRecord { retried_by: Some(retry_id.clone()), ..current.clone() }),
+        });
+        match linked.await {
+            Ok(_) => {}
+            Err(CasError::Missing { .. }) => return Err(batch_not_found(&old.batch_id)),
+            // The retry exists and answers for itself; only the old batch's pointer to it is
+            // missing (a repeated retry_batch still finds it by its derived id).
+            Err(e @ CasError::Contended { .. }) => {
+                tracing::warn!(batch_id = %old.batch_id, error = %e, "cannot link the batch to its retry");
             }
-            current.retried_by = Some(retry_id.clone());
-            match self.resources.update_batch(&current, revision).await {
-                Ok(_) => break,
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(internal(e)),
-            }
+            Err(CasError::Store(e)) => return Err(internal(e)),
         }
         Ok(reply)
     }
@@ -662,11 +667,7 @@ impl ApiService {
 
     async fn load(&self, job_id: &str) -> Result<kiln_core::nats::jobs::Versioned, ApiError> {
         check_id("job_id", job_id)?;
-        self.resources
-            .get_job(job_id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| ApiError::not_found(format!("no job {job_id:?} (never submitted, or expired)")))
+        self.resources.get_job(job_id).await.map_err(internal)?.ok_or_else(|| job_not_found(job_id))
     }
 
     async fn status(&self, req: JobRef) -> Result<JobView, ApiError> {
@@ -681,49 +682,43 @@ impl ApiService {
     /// Queued (or waiting to retry): cancelled at once, it never runs. Running: flagged in the
     /// record and a notice broadcast; the owning node stops the worker and writes `cancelled`.
     async fn cancel(&self, req: JobRef) -> Result<JobView, ApiError> {
-        for _ in 0..8 {
-            let current = self.load(&req.job_id).await?;
-            let mut next = current.record.clone();
-            next.updated_ms = kiln_core::now_ms();
-            match current.record.state {
-                s if s.is_terminal() => return Ok(JobView::from(&current.record)),
-                JobState::Queued | JobState::Retrying => {
-                    next.state = JobState::Cancelled;
-                    next.cancel_requested = true;
-                    next.finished_ms = Some(next.updated_ms);
-                    next.error = Some(ApiError::new(ErrorCode::Cancelled, "cancelled before it ran"));
-                }
-                _ => next.cancel_requested = true,
+        check_id("job_id", &req.job_id)?;
+        let changed = self
+            .resources
+            .update_job_with(&req.job_id, None, |record| match job::request_cancel(record, kiln_core::now_ms()) {
+                CancelChange::Unchanged => Step::Stop(JobView::from(record)),
+                CancelChange::Cancelled(next) | CancelChange::Requested(next) => Step::Write(next),
+            })
+            .await;
+        let next = match changed {
+            Ok(Updated::Written { value, .. }) => value,
+            // It has ended: the reply shows how.
+            Ok(Updated::Stopped(view)) => return Ok(view),
+            Err(CasError::Missing { .. }) => return Err(job_not_found(&req.job_id)),
+            Err(CasError::Contended { .. }) => return Err(ApiError::internal("the job kept changing; try the cancel again")),
+            Err(CasError::Store(e)) => return Err(internal(e)),
+        };
+        if next.state == JobState::Cancelled {
+            let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
+                .with_error(next.error.clone().unwrap_or_else(job::cancelled_before_run_error));
+            let id = format!("{}-terminal", next.job_id);
+            self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
+            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
+            // The queue message is still there: if this fails, its delivery finds the job
+            // cancelled and settles it into its batch then.
+            if let Err(e) = self.resources.settle_batch_item(&next).await {
+                tracing::warn!(job_id = %next.job_id, error = %e, "cannot settle the cancelled job into its batch now");
             }
-            match self.resources.update_job(&next, current.revision).await {
-                Ok(_) => {
-                    if next.state == JobState::Cancelled {
-                        let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
-                            .with_error(next.error.clone().expect("set above"));
-                        let id = format!("{}-terminal", next.job_id);
-                        self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
-                        metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
-                        // The queue message is still there: if this fails, its delivery finds
-                        // the job cancelled and settles it into its batch then.
-                        if let Err(e) = self.resources.settle_batch_item(&next).await {
-                            tracing::warn!(job_id = %next.job_id, error = %e, "cannot settle the cancelled job into its batch now");
-                        }
-                    } else if let Some(owner) = &next.owner {
-                        // Stop it now through the actor cluster. If the owner cannot be reached,
-                        // the flag just written still stops it: its job actor re-reads the
-                        // record with every `in_progress`.
-                        let request = NodeControlRequest::CancelJob { job_id: next.job_id.clone() };
-                        if call_node(&owner.node, request, CONTROL_TIMEOUT).await.is_none() {
-                            tracing::info!(job_id = %next.job_id, node = %owner.node, "owner unreachable; the cancel flag will stop the job");
-                        }
-                    }
-                    return Ok(JobView::from(&next));
-                }
-                Err(StoreError::Conflict) => continue,
-                Err(e) => return Err(internal(e)),
+        } else if let Some(owner) = &next.owner {
+            // Stop it now through the actor cluster. If the owner cannot be reached, the flag
+            // just written still stops it: its job actor re-reads the record with every
+            // `in_progress`.
+            let request = NodeControlRequest::CancelJob { job_id: next.job_id.clone() };
+            if call_node(&owner.node, request, CONTROL_TIMEOUT).await.is_none() {
+                tracing::info!(job_id = %next.job_id, node = %owner.node, "owner unreachable; the cancel flag will stop the job");
             }
         }
-        Err(ApiError::internal("the job kept changing; try the cancel again"))
+        Ok(JobView::from(&next))
     }
 
     async fn control(&self, req: ControlRequest) -> Result<ControlReply, ApiError> {
@@ -820,6 +815,14 @@ fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::bad_request(format!("{field} {id:?} must be 1-64 letters, digits, '-' or '_'")))
     }
+}
+
+fn job_not_found(job_id: &str) -> ApiError {
+    ApiError::not_found(format!("no job {job_id:?} (never submitted, or expired)"))
+}
+
+fn batch_not_found(batch_id: &str) -> ApiError {
+    ApiError::not_found(format!("no batch {batch_id:?} (never submitted, or expired)"))
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {

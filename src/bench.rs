@@ -26,6 +26,8 @@ pub struct BenchOptions {
     pub slots: usize,
     /// An existing NATS to use instead of a temp server.
     pub nats: Option<String>,
+    /// The duty-cycle run's no-op holds its one slot this long (0: no such run).
+    pub work_ms: u64,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,6 +44,13 @@ pub struct BenchReport {
     pub floor_throughput: Figures,
     pub kiln_latency: Figures,
     pub kiln_throughput: Figures,
+    pub cpu_sequential: CpuPerJob,
+    pub cpu_concurrent: CpuPerJob,
+    /// The floor's CPU: the bench process (publisher, puller, acker) and nats-server.
+    pub cpu_floor: CpuPerJob,
+    pub duty_cycle: Option<Figures>,
+    pub work_ms: u64,
+    pub ops: OpsPerJob,
 }
 
 pub fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
@@ -113,7 +122,14 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<
 /// Kiln: `concurrency` loops of submit -> wait for the terminal event, `n` jobs in all, each
 /// job `make(i)` (its model must be `model`).
 async fn kiln(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
-    kiln_jobs(client, prefix, n, concurrency, "noop", |_| SubmitRequest { model: "noop".into(), ..Default::default() }).await
+    kiln_jobs(client, prefix, n, concurrency, |_| SubmitRequest { model: "noop".into(), ..Default::default() }).await
+}
+
+/// Terminal events seen by the benchmark: waiters by job id, and events that came first.
+#[derive(Default)]
+struct Arrivals {
+    waiting: HashMap<String, oneshot::Sender<Instant>>,
+    early: HashMap<String, Instant>,
 }
 
 async fn kiln_jobs(
@@ -121,18 +137,26 @@ async fn kiln_jobs(
     prefix: &str,
     n: usize,
     concurrency: usize,
-    model: &'static str,
     make: impl Fn(usize) -> SubmitRequest + Send + Sync + Copy + 'static,
 ) -> Result<Figures, String> {
-    let waiters: Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>> = Arc::default();
+    // Terminal events by job id: a waiter registered after its submit's reply, or the time the
+    // event came if it overtook the reply.
+    let waiters: Arc<Mutex<Arrivals>> = Arc::default();
     let mut sub = client.nats().subscribe(format!("{prefix}.events.*")).await.map_err(|e| e.to_string())?;
     let w = waiters.clone();
     let listener = tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             if let Ok(e) = serde_json::from_slice::<Event>(&m.payload) {
                 if e.is_terminal() {
-                    if let Some(tx) = w.lock().expect("lock").remove(&e.job_id) {
-                        let _ = tx.send(Instant::now());
+                    let now = Instant::now();
+                    let mut arrivals = w.lock().expect("lock");
+                    match arrivals.waiting.remove(&e.job_id) {
+                        Some(tx) => {
+                            let _ = tx.send(now);
+                        }
+                        None => {
+                            arrivals.early.insert(e.job_id, now);
+                        }
                     }
                 }
             }
@@ -148,18 +172,24 @@ async fn kiln_jobs(
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(per);
             for i in 0..per {
-                // The id is derived from the idempotency key, so the waiter is registered
-                // before the submit and a terminal event cannot race past it.
-                let key = uuid::Uuid::new_v4().to_string();
-                let job_id = crate::api::idempotent_job_id(model, &key);
-                let (tx, rx) = oneshot::channel();
-                waiters.lock().expect("lock").insert(job_id.clone(), tx);
+                // A plain submit (no idempotency key): the common case, and no record read.
                 let t = Instant::now();
-                let request = SubmitRequest { idempotency_key: Some(key), ..make(i) };
-                client.submit(&request).await.map_err(|e| e.to_string())?;
+                let reply = client.submit(&make(i)).await.map_err(|e| e.to_string())?;
+                let (tx, rx) = oneshot::channel();
+                {
+                    let mut arrivals = waiters.lock().expect("lock");
+                    match arrivals.early.remove(&reply.job_id) {
+                        Some(at) => {
+                            let _ = tx.send(at);
+                        }
+                        None => {
+                            arrivals.waiting.insert(reply.job_id.clone(), tx);
+                        }
+                    }
+                }
                 let done = tokio::time::timeout(Duration::from_secs(30), rx)
                     .await
-                    .map_err(|_| format!("job {job_id} did not finish within 30 s"))?
+                    .map_err(|_| format!("job {} did not finish within 30 s", reply.job_id))?
                     .map_err(|e| e.to_string())?;
                 samples.push(done - t);
             }
@@ -182,7 +212,7 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
     config.node.metrics_addr = String::new();
     config.models = vec![ModelConfig {
         name: "noop".into(),
-        engine: EngineConfig::Noop { artifact_bytes: 0 },
+        engine: EngineConfig::Noop { artifact_bytes: 0, work_ms: 0 },
         timeout_ms: 10_000,
         max_attempts: 3,
         result_ttl_s: None,
@@ -194,40 +224,392 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
     config
 }
 
+/// The bench node's config: `slots` slots for `noop`, and with `work_ms` one more slot of its
+/// own for `hold` (a no-op that holds its slot `work_ms`), so the duty-cycle run has exactly
+/// one slot.
+fn node_toml(url: &str, slots: usize, work_ms: u64, work_dir: &std::path::Path) -> String {
+    let noop_slots: Vec<String> = (0..slots).map(|i| format!("\"cpu:{i}\"")).collect();
+    let mut all = noop_slots.clone();
+    if work_ms > 0 {
+        all.push(format!("\"cpu:{slots}\""));
+    }
+    let mut text = format!(
+        "[nats]\nurl = \"{url}\"\n\n[node]\nname = \"bench\"\nslots = [{}]\nmetrics_addr = \"\"\nwork_dir = {:?}\nslot_prefetch = 1\n\n\
+         [[models]]\nname = \"noop\"\nslots = [{}]\nmax_attempts = 3\ntimeout_ms = 10000\nengine = {{ kind = \"noop\" }}\n",
+        all.join(", "),
+        work_dir.display().to_string(),
+        noop_slots.join(", ")
+    );
+    if work_ms > 0 {
+        text.push_str(&format!(
+            "\n[[models]]\nname = \"hold\"\nslots = [\"cpu:{slots}\"]\nmax_attempts = 3\ntimeout_ms = 10000\n\
+             engine = {{ kind = \"noop\", work_ms = {work_ms} }}\n"
+        ));
+    }
+    text
+}
+
+/// `kiln node` as a child process of the benchmark, so its CPU time is its own in `/proc`.
+struct NodeChild {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl NodeChild {
+    async fn start(url: &str, slots: usize, work_ms: u64, client: &Client) -> Result<NodeChild, String> {
+        let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir().map_err(|e| e.to_string())?;
+        let config = dir.path().join("node.toml");
+        std::fs::write(&config, node_toml(url, slots, work_ms, &dir.path().join("work"))).map_err(|e| e.to_string())?;
+        let child = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args(["node", "--config"])
+            .arg(&config)
+            .env("KILN_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the bench node: {e}"))?;
+        let node = NodeChild { child, _dir: dir };
+        let want = slots + usize::from(work_ms > 0);
+        let started = Instant::now();
+        loop {
+            if let Ok(c) = client.cluster().await {
+                if c.gpus.iter().filter(|g| g.node == "bench").count() == want {
+                    return Ok(node);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err("the bench node did not register its slots within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NodeChild {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// User plus system CPU time of a process so far, from `/proc/PID/stat` (fields 14 and 15, in
+/// clock ticks).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_time_of_stat(&stat)
+}
+
+fn cpu_time_of_stat(stat: &str) -> Option<Duration> {
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(ticks * 1_000_000 / hz))
+}
+
+/// CPU spent by the node and by nats-server during one run, per job.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct CpuPerJob {
+    pub node_us: f64,
+    /// `None` when the server is not ours (`--nats`).
+    pub server_us: Option<f64>,
+}
+
+struct CpuMeter {
+    node: u32,
+    server: Option<u32>,
+    at: (Duration, Option<Duration>),
+}
+
+impl CpuMeter {
+    fn start(node: u32, server: Option<u32>) -> CpuMeter {
+        let at = (cpu_time(node).unwrap_or_default(), server.and_then(cpu_time));
+        CpuMeter { node, server, at }
+    }
+    fn per_job(&self, jobs: usize) -> CpuPerJob {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / jobs.max(1) as f64;
+        let node = cpu_time(self.node).unwrap_or_default().saturating_sub(self.at.0);
+        let server = match (self.server.and_then(cpu_time), self.at.1) {
+            (Some(now), Some(then)) => Some(per(now.saturating_sub(then))),
+            _ => None,
+        };
+        CpuPerJob { node_us: per(node), server_us: server }
+    }
+}
+
+/// What one no-op job costs in NATS operations, by kind, as nats-server routed them: a
+/// wiretap subscription on `>` sees every message of the account (client publishes, requests,
+/// the server's replies and deliveries), classified by subject.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OpsPerJob {
+    pub jobs: usize,
+    /// (kind, messages per job), in the order of [`OP_KINDS`].
+    pub by_kind: Vec<(String, f64)>,
+    /// From the monitoring endpoint, before and after: every message the server received
+    /// (`/varz` in_msgs) and sent (out_msgs, less the wiretap's own copies), JetStream API
+    /// requests (`/jsz` api.total), and the messages stored per stream (`last_seq`).
+    pub server_in_msgs: f64,
+    pub server_out_msgs: f64,
+    pub js_api_requests: f64,
+    pub stored_by_stream: Vec<(String, f64)>,
+}
+
+/// The kinds of [`classify`], in the order the table prints them.
+pub const OP_KINDS: [&str; 18] = [
+    "kiln API requests (kiln.api.*)",
+    "events published (KILN_EVENTS)",
+    "queue publishes (KILN_JOBS)",
+    "queue pull requests",
+    "queue acks (+ACK)",
+    "queue in-progress / nak / term",
+    "job record reads (KV get)",
+    "job record writes (KV put/CAS)",
+    "registry writes (KV)",
+    "registry and other KV reads",
+    "other KV writes",
+    "event stream reads (last event)",
+    "object-store chunk/meta publishes",
+    "other JetStream API requests",
+    "replies to requests (_INBOX.*)",
+    "other core messages",
+    "JetStream deliveries (queue, KV watches)",
+    "API advisories (sent only for this wiretap)",
+];
+
+/// The kinds that are not the job's own traffic: advisories exist only because the wiretap
+/// listens on `>`.
+const NOT_COUNTED: usize = 17;
+
+/// Which [`OP_KINDS`] entry a message is, by its subject (and, for acks, its body). A
+/// JetStream delivery keeps the subject it was published on and carries a `$JS.ACK.` reply
+/// subject: that tells it from the publish.
+pub fn classify(prefix: &str, subject: &str, reply: Option<&str>, payload: &[u8]) -> usize {
+    let under = |p: &str| subject.strip_prefix(p);
+    if reply.is_some_and(|r| r.starts_with("$JS.ACK.")) {
+        return 16;
+    }
+    if under("$JS.EVENT.ADVISORY.").is_some() {
+        return NOT_COUNTED;
+    }
+    if let Some(rest) = under(&format!("{prefix}.")) {
+        return match rest.split('.').next() {
+            Some("api") => 0,
+            Some("events") => 1,
+            Some("jobs") => 2,
+            _ => 15,
+        };
+    }
+    if under("$JS.API.CONSUMER.MSG.NEXT.").is_some() {
+        return 3;
+    }
+    if under("$JS.ACK.").is_some() {
+        let body = payload.trim_ascii();
+        return if body.is_empty() || body == b"+ACK" || body.starts_with(b"+ACK ") { 4 } else { 5 };
+    }
+    if let Some(rest) = under("$JS.API.DIRECT.GET.") {
+        let stream = rest.split('.').next().unwrap_or_default();
+        let upper = prefix.to_uppercase().replace('-', "_");
+        return if stream == format!("KV_{prefix}_jobs") {
+            6
+        } else if stream.starts_with("KV_") {
+            9
+        } else if stream == format!("{upper}_EVENTS") {
+            11
+        } else {
+            13
+        };
+    }
+    if let Some(rest) = under("$KV.") {
+        let bucket = rest.split('.').next().unwrap_or_default();
+        return if bucket == format!("{prefix}_jobs") {
+            7
+        } else if bucket == format!("{prefix}_gpus") || bucket == format!("{prefix}_nodes") {
+            8
+        } else {
+            10
+        };
+    }
+    if under("$O.").is_some() {
+        return 12;
+    }
+    if under("$JS.").is_some() {
+        return 13;
+    }
+    if under("_INBOX.").is_some() {
+        return 14;
+    }
+    15
+}
+
+/// The monitoring endpoint's counters at one moment.
+#[derive(Debug, Clone, Default)]
+struct ServerCounters {
+    in_msgs: u64,
+    out_msgs: u64,
+    api_total: u64,
+    last_seq: std::collections::BTreeMap<String, u64>,
+}
+
+async fn server_counters(http: &reqwest::Client, monitor: &str) -> Result<ServerCounters, String> {
+    let get = |path: &'static str| async move {
+        http.get(format!("{monitor}{path}"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json::<serde_json::Value>()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let varz = get("/varz").await?;
+    let jsz = get("/jsz?streams=true").await?;
+    let num = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mut last_seq = std::collections::BTreeMap::new();
+    for account in jsz["account_details"].as_array().into_iter().flatten() {
+        for stream in account["stream_detail"].as_array().into_iter().flatten() {
+            last_seq.insert(stream["name"].as_str().unwrap_or_default().to_string(), num(&stream["state"]["last_seq"]));
+        }
+    }
+    Ok(ServerCounters { in_msgs: num(&varz["in_msgs"]), out_msgs: num(&varz["out_msgs"]), api_total: num(&jsz["api"]["total"]), last_seq })
+}
+
+/// Runs `n` sequential no-op jobs with the wiretap on and the monitoring endpoint read
+/// before and after.
+async fn count_ops(client: &Client, nats: &kiln_core::config::NatsConfig, monitor: Option<&str>, n: usize) -> Result<OpsPerJob, String> {
+    let prefix = nats.prefix.as_str();
+    let tap_conn = kiln_core::nats::resources::connect(nats, "kiln-bench-wiretap").await.map_err(|e| e.to_string())?;
+    let mut tap = tap_conn.subscribe(">").await.map_err(|e| e.to_string())?;
+    tap_conn.flush().await.map_err(|e| e.to_string())?;
+    let counts = Arc::new(Mutex::new([0u64; OP_KINDS.len()]));
+    let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (c, s, p) = (counts.clone(), seen.clone(), prefix.to_string());
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let on = counting.clone();
+    let tapper = tokio::spawn(async move {
+        while let Some(m) = tap.next().await {
+            if on.load(std::sync::atomic::Ordering::Acquire) {
+                let kind = classify(&p, &m.subject, m.reply.as_deref(), &m.payload);
+                if kind != NOT_COUNTED {
+                    s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                c.lock().expect("lock")[kind] += 1;
+            }
+        }
+    });
+    let http = reqwest::Client::new();
+    // Let the previous run's tail (acks, registry writes) pass before counting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = match monitor {
+        Some(m) => Some(server_counters(&http, m).await?),
+        None => None,
+    };
+    counting.store(true, std::sync::atomic::Ordering::Release);
+    kiln(client, prefix, n, 1).await?;
+    // The last job's ack and registry writes come after its terminal event.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tap_conn.flush().await.map_err(|e| e.to_string())?;
+    counting.store(false, std::sync::atomic::Ordering::Release);
+    let after = match monitor {
+        Some(m) => Some(server_counters(&http, m).await?),
+        None => None,
+    };
+    tapper.abort();
+    let per = |x: u64| x as f64 / n as f64;
+    let counts = *counts.lock().expect("lock");
+    let mut ops =
+        OpsPerJob { jobs: n, by_kind: OP_KINDS.iter().zip(counts).map(|(k, c)| (k.to_string(), per(c))).collect(), ..Default::default() };
+    if let (Some(b), Some(a)) = (before, after) {
+        ops.server_in_msgs = per(a.in_msgs - b.in_msgs);
+        // Every message the wiretap got is one more the server sent (and each advisory too).
+        let tapped = seen.load(std::sync::atomic::Ordering::Relaxed) + counts[NOT_COUNTED];
+        ops.server_out_msgs = per((a.out_msgs - b.out_msgs).saturating_sub(tapped));
+        ops.js_api_requests = per(a.api_total - b.api_total);
+        ops.stored_by_stream = a
+            .last_seq
+            .iter()
+            .map(|(name, seq)| (name.clone(), per(seq - b.last_seq.get(name).copied().unwrap_or(0))))
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+    }
+    Ok(ops)
+}
+
+/// Jobs of `model` at `concurrency` in flight, to read a slot's duty cycle.
+async fn duty_cycle(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
+    kiln_jobs(client, prefix, n, concurrency, |_| SubmitRequest { model: "hold".into(), ..Default::default() }).await
+}
+
 pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
     let server = match &opts.nats {
         Some(_) => None,
-        None => Some(NatsServer::start_temp().map_err(|e| e.to_string())?),
+        None => Some(NatsServer::start_temp_monitored().map_err(|e| e.to_string())?),
     };
     let url = opts.nats.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
-    let mut config = bench_config(opts.slots);
+    let mut nats = kiln_core::config::NatsConfig::default();
     if opts.nats.is_some() {
         // An existing server may want credentials or TLS: the KILN_NATS_* variables.
-        config.nats.apply_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        nats.apply_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
     }
-    config.nats.url = url.clone();
-    config.validate().map_err(|e| e.to_string())?;
-    let prefix = config.nats.prefix.clone();
-    let nats = config.nats.clone();
-    let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
+    nats.url = url.clone();
+    let prefix = nats.prefix.clone();
     let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
+    let node = NodeChild::start(&url, opts.slots, opts.work_ms, &client).await?;
     let js = jetstream::new(client.nats().clone());
+    let server_pid = server.as_ref().and_then(|s| s.pid());
+    let monitor = server.as_ref().and_then(|s| s.monitor_url());
 
     // Warm up both paths (connections, consumers, first-use allocations).
     floor(&js, 50, 1).await?;
     kiln(&client, &prefix, 20, 1).await?;
 
     let floor_latency = floor(&js, opts.jobs.min(2000), 1).await?;
+    let meter = CpuMeter::start(node.pid(), server_pid);
     let kiln_latency = kiln(&client, &prefix, opts.jobs.min(2000), 1).await?;
+    let cpu_sequential = meter.per_job(kiln_latency.count);
+    let meter = CpuMeter::start(std::process::id(), server_pid);
     let floor_throughput = floor(&js, opts.jobs, opts.concurrency).await?;
+    let cpu_floor = meter.per_job(floor_throughput.count);
+    let meter = CpuMeter::start(node.pid(), server_pid);
     let kiln_throughput = kiln(&client, &prefix, opts.jobs, opts.concurrency).await?;
-    node.shutdown(Duration::from_secs(5)).await;
-    Ok(BenchReport { floor_latency, floor_throughput, kiln_latency, kiln_throughput })
+    let cpu_concurrent = meter.per_job(kiln_throughput.count);
+    let duty = if opts.work_ms > 0 {
+        let n = ((2000 / opts.work_ms.max(1)) as usize).clamp(50, 1000);
+        duty_cycle(&client, &prefix, 10, 4).await?;
+        Some(duty_cycle(&client, &prefix, n, 4).await?)
+    } else {
+        None
+    };
+    let ops = count_ops(&client, &nats, monitor.as_deref(), opts.jobs.clamp(20, 200)).await?;
+    drop(node);
+    Ok(BenchReport {
+        floor_latency,
+        floor_throughput,
+        kiln_latency,
+        kiln_throughput,
+        cpu_sequential,
+        cpu_concurrent,
+        cpu_floor,
+        duty_cycle: duty,
+        work_ms: opts.work_ms,
+        ops,
+    })
 }
 
 pub fn print(report: &BenchReport, opts: &BenchOptions) {
     println!(
-        "kiln bench: {} no-op jobs, {} slots, concurrency {} (same nats-server for both rows)",
+        "kiln bench: {} no-op jobs, {} slots (slot_prefetch 1), concurrency {} (same nats-server for both rows; the node is its own process)",
         opts.jobs, opts.slots, opts.concurrency
     );
     println!();
@@ -235,12 +617,64 @@ pub fn print(report: &BenchReport, opts: &BenchOptions) {
     let row = |name: &str, f: &Figures| println!("  {name:<32} {:>8.3}  {:>8.3}  {:>7.0}", f.p50_ms, f.p99_ms, f.per_second);
     row("raw JetStream pub/pull/ack", &report.floor_latency);
     row("kiln submit -> terminal event", &report.kiln_latency);
-    println!("  ratio kiln/floor p50: {:.2}x", report.kiln_latency.p50_ms / report.floor_latency.p50_ms.max(1e-9));
+    println!(
+        "  ratio kiln/floor p50: {:.2}x (goal <= 2.5x); p99 {:.2} ms (goal <= 5 ms)",
+        report.kiln_latency.p50_ms / report.floor_latency.p50_ms.max(1e-9),
+        report.kiln_latency.p99_ms
+    );
     println!();
     println!("concurrent ({} in flight)            p50 ms    p99 ms    per s", opts.concurrency);
     row("raw JetStream pub/pull/ack", &report.floor_throughput);
     row("kiln submit -> terminal event", &report.kiln_throughput);
-    println!("  ratio kiln/floor throughput: {:.3}x", report.kiln_throughput.per_second / report.floor_throughput.per_second.max(1e-9));
+    println!(
+        "  ratio kiln/floor throughput: {:.3}x (goal >= 0.5x)",
+        report.kiln_throughput.per_second / report.floor_throughput.per_second.max(1e-9)
+    );
+    println!();
+    let server = |c: &CpuPerJob| c.server_us.map(|s| format!("{s:.0}")).unwrap_or_else(|| "n/a (--nats)".into());
+    let total = |c: &CpuPerJob| c.node_us + c.server_us.unwrap_or(0.0);
+    println!("CPU per job, from /proc (user + system)      node us   nats-server us   total us");
+    for (name, c) in [("kiln, sequential", &report.cpu_sequential), ("kiln, concurrent", &report.cpu_concurrent)] {
+        println!("  {name:<40} {:>8.0}  {:>15}  {:>9.0}", c.node_us, server(c), total(c));
+    }
+    println!(
+        "  {:<40} {:>8.0}  {:>15}  {:>9.0}",
+        "raw JetStream, concurrent (bench process)",
+        report.cpu_floor.node_us,
+        server(&report.cpu_floor),
+        total(&report.cpu_floor)
+    );
+    println!("  goal: kiln total <= 150 us per job");
+    if let Some(duty) = &report.duty_cycle {
+        let ideal = 1000.0 / report.work_ms as f64;
+        println!();
+        println!("GPU slot duty cycle: one slot, each job holds it {} ms, 4 in flight", report.work_ms);
+        row("kiln jobs", duty);
+        println!(
+            "  {:.0} jobs/s of an ideal {ideal:.0}: duty cycle {:.1} % (goal >= 90 %)",
+            duty.per_second,
+            100.0 * duty.per_second / ideal
+        );
+    }
+    let ops = &report.ops;
+    println!();
+    println!("NATS messages per no-op job ({} sequential jobs; wiretap on '>', by subject)", ops.jobs);
+    for (kind, per) in &ops.by_kind {
+        if *per > 0.0 {
+            println!("  {kind:<44} {per:>6.2}");
+        }
+    }
+    let all: f64 = ops.by_kind.iter().enumerate().filter(|(i, _)| *i != NOT_COUNTED).map(|(_, (_, p))| p).sum();
+    println!("  {:<44} {all:>6.2}", "all (less the advisories)");
+    if ops.server_in_msgs > 0.0 {
+        println!("nats-server monitoring endpoint, per job (before/after)");
+        println!("  {:<44} {:>6.2}", "messages received (/varz in_msgs)", ops.server_in_msgs);
+        println!("  {:<44} {:>6.2}", "messages sent, less the wiretap (out_msgs)", ops.server_out_msgs);
+        println!("  {:<44} {:>6.2}", "JetStream API requests (/jsz api.total)", ops.js_api_requests);
+        for (stream, per) in &ops.stored_by_stream {
+            println!("  {:<44} {per:>6.2}", format!("stored in {stream}"));
+        }
+    }
 }
 
 /// `kiln bench --torchscript`: Kiln's per-job overhead around a forward pass of a fixture
@@ -290,7 +724,7 @@ fn affine_job(i: usize) -> SubmitRequest {
 }
 
 async fn kiln_torch(client: &Client, n: usize, concurrency: usize) -> Result<Figures, String> {
-    kiln_jobs(client, "kiln", n, concurrency, "affine", affine_job).await
+    kiln_jobs(client, "kiln", n, concurrency, affine_job).await
 }
 
 pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, String> {
@@ -363,4 +797,42 @@ pub fn print_torchscript(report: &TorchReport, opts: &TorchBenchOptions) {
     row("kiln, no batching (max_batch 1)", &report.kiln_unbatched);
     row(&format!("kiln, batching (max_batch {})", opts.max_batch.max(2)), &report.kiln_batched);
     println!("  batched/unbatched throughput: {:.2}x", report.kiln_batched.per_second / report.kiln_unbatched.per_second.max(1e-9));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_classified_by_subject() {
+        let kind = |subject: &str, body: &[u8]| OP_KINDS[classify("kiln", subject, None, body)];
+        assert_eq!(kind("kiln.api.submit", b""), "kiln API requests (kiln.api.*)");
+        assert_eq!(kind("kiln.events.j1", b""), "events published (KILN_EVENTS)");
+        assert_eq!(kind("kiln.jobs.noop.normal", b""), "queue publishes (KILN_JOBS)");
+        assert_eq!(kind("$JS.API.CONSUMER.MSG.NEXT.KILN_JOBS.noop-normal", b""), "queue pull requests");
+        assert_eq!(kind("$JS.ACK.KILN_JOBS.c.1.2.3.4.5", b"+ACK"), "queue acks (+ACK)");
+        assert_eq!(kind("$JS.ACK.KILN_JOBS.c.1.2.3.4.5", b""), "queue acks (+ACK)");
+        assert_eq!(kind("$JS.ACK.KILN_JOBS.c.1.2.3.4.5", b"+WPI"), "queue in-progress / nak / term");
+        assert_eq!(kind("$JS.API.DIRECT.GET.KV_kiln_jobs.$KV.kiln_jobs.j1", b""), "job record reads (KV get)");
+        assert_eq!(kind("$KV.kiln_jobs.j1", b""), "job record writes (KV put/CAS)");
+        assert_eq!(kind("$KV.kiln_gpus.n.cpu_0", b""), "registry writes (KV)");
+        assert_eq!(kind("$KV.kiln_batches.b", b""), "other KV writes");
+        assert_eq!(kind("$JS.API.DIRECT.GET.KILN_EVENTS", b""), "event stream reads (last event)");
+        assert_eq!(kind("$O.kiln_results_noop.C.x", b""), "object-store chunk/meta publishes");
+        assert_eq!(kind("$JS.API.STREAM.INFO.KILN_JOBS", b""), "other JetStream API requests");
+        assert_eq!(kind("_INBOX.abc.def", b""), "replies to requests (_INBOX.*)");
+        assert_eq!(kind("elsewhere", b""), "other core messages");
+        assert_eq!(kind("$JS.EVENT.ADVISORY.API", b""), "API advisories (sent only for this wiretap)");
+        let delivered = classify("kiln", "kiln.jobs.noop.normal", Some("$JS.ACK.KILN_JOBS.noop-normal.1.2.3.4.0"), b"{}");
+        assert_eq!(OP_KINDS[delivered], "JetStream deliveries (queue, KV watches)");
+    }
+
+    #[test]
+    fn cpu_time_reads_utime_and_stime_after_the_command_name() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        let stat = "42 (a (weird) name) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        assert_eq!(cpu_time_of_stat(stat), Some(Duration::from_micros(300 * 1_000_000 / hz)));
+        assert_eq!(cpu_time_of_stat("garbage"), None);
+    }
 }

@@ -131,6 +131,10 @@ enum Command {
         sse_clients: usize,
         #[arg(long, default_value_t = 200)]
         file_mb: usize,
+        /// The duty-cycle run: a no-op that holds its one slot this many ms, as a forward pass
+        /// would; jobs/s against 1000/N. 0 skips it.
+        #[arg(long, default_value_t = 5)]
+        work_ms: u64,
     },
     /// Storm a local cluster (its own nats-server and node processes) with jobs while injecting
     /// faults on a seeded schedule; check that nothing was lost; print and write a report.
@@ -381,9 +385,9 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Bench { jobs, concurrency, slots, nats, json, .. } => {
+        Command::Bench { jobs, concurrency, slots, nats, json, work_ms, .. } => {
             init_tracing("warn");
-            let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats };
+            let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats, work_ms };
             match kiln::bench::run(opts.clone()).await {
                 Ok(report) => {
                     kiln::bench::print(&report, &opts);

@@ -47,7 +47,7 @@ async fn a_worker_killed_mid_job_is_restarted_and_the_job_completes_once() {
     let retry = events.iter().find(|e| e.status == Some(JobState::Retrying)).unwrap();
     assert!(retry.message.as_deref().unwrap().contains("worker died"), "{retry:?}");
 
-    let gpu = client.cluster().await.unwrap().gpus.into_iter().find(|g| g.slot == "cpu:0").unwrap();
+    let gpu = settled_gpu(&client, "cpu:0").await;
     assert_eq!(gpu.restarts, 1, "the registry shows the restart: {gpu:?}");
     assert_eq!(gpu.state, GpuState::Idle);
 }
@@ -215,7 +215,7 @@ async fn a_panic_in_the_inference_actor_restarts_it_and_the_job_is_retried() {
     assert_eq!((view.status, view.attempt), (JobState::Completed, 2));
     let events = history(&client, &r.job_id).await;
     assert_eq!(statuses(&events), ["queued", "running", "retrying", "running", "completed"]);
-    let gpu = client.cluster().await.unwrap().gpus.remove(0);
+    let gpu = settled_gpu(&client, "cpu:0").await;
     assert_eq!((gpu.restarts, gpu.state), (1, GpuState::Idle), "{gpu:?}");
     assert!(gpu.last_error.unwrap_or_default().contains("fault injected"), "the registry says why it restarted");
 }

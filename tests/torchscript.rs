@@ -225,7 +225,7 @@ async fn missing_corrupt_and_misfed_models_fail_clearly_and_the_slot_stays_healt
 
     let r = client.submit(&request("affine", x, serde_json::json!({}))).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
-    let gpu = client.cluster().await.unwrap().gpus.remove(0);
+    let gpu = settled_gpu(&client, "cpu:0").await;
     assert_eq!((gpu.state, gpu.restarts), (GpuState::Idle, 0), "{gpu:?}");
 }
 

@@ -8,10 +8,12 @@
 //! ```text
 //! Reserve free slots for the model (RPC; parked in FIFO order until a slot frees up)
 //!      ▼
-//! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count
-//!      ▼ nothing there: release every reservation, sleep until a job is published for the
-//!      ▼ model (a core-NATS subscription on its lanes) or 250 ms pass, and start again
+//! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count,
+//!      ▼ each only if it may hold a job (`LaneHints`: a lane that came back short is
+//!      ▼ not asked again until a publish on it wakes the puller)
 //! Dispatch(slot, message) for each message; Release the reservations left over
+//!      ▼ no lane may hold a job: sleep until one is published for the model (a core-NATS
+//!        subscription on its lanes) or 250 ms pass, then ask both lanes
 //! ```
 //!
 //! An idle model holds no slot while it waits. (It used to keep one and long-poll: on a node
@@ -22,16 +24,22 @@
 //! Parked reservations are served oldest first whenever a slot frees up, so models that share
 //! a slot take turns: a puller that just gave a slot back queues behind the others.
 //!
+//! Which slot takes how many jobs (warm slots first, one model per slot at a time, the batch
+//! limit) is decided by [`SlotTable`], pure code in `kiln-core` with its invariants
+//! property-tested; this actor keeps the table in step with the slots' inference actors and
+//! the jobs it spawns, and talks to the registry and the pullers.
+//!
 //! The dispatcher supervises the job actors it spawns (overriding ractor's default, which
 //! would stop the dispatcher when a child exits) and frees their slot when they stop, however
 //! they stop. It also routes cancel notices to the job running locally.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::{FutureExt, StreamExt};
 use kiln_core::nats::Lane;
+use kiln_core::placement::SlotTable;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -57,39 +65,10 @@ pub struct DispatcherArgs {
     pub compression: CompressionHandle,
 }
 
-struct Slot {
-    models: Vec<String>,
-    inference: Option<ActorRef<InferenceMsg>>,
-    /// The model whose jobs hold the slot now (reserved or running); `None` when free. Only
-    /// one model at a time: a batch is of one model.
-    model: Option<String>,
-    /// Places held by pullers while they fetch.
-    reserved: usize,
-    /// Jobs running on the slot: 1 at most, or up to the model's `max_batch` when it batches.
-    running: usize,
-    dead: bool,
-}
-
-impl Slot {
-    fn held(&self) -> usize {
-        self.reserved + self.running
-    }
-    /// How many more jobs of `model` the slot can take now.
-    fn room_for(&self, model: &str, batch_limit: usize) -> usize {
-        if self.inference.is_none() || self.dead || !self.models.iter().any(|m| m == model) {
-            return 0;
-        }
-        match &self.model {
-            None => batch_limit,
-            Some(m) if m == model => batch_limit.saturating_sub(self.held()),
-            Some(_) => 0,
-        }
-    }
-}
-
 struct Running {
-    /// `None` once the model is done and only post-processing stages remain (the slot is free).
-    slot: Option<String>,
+    slot: String,
+    /// Still holds its slot lease (its model is not done yet).
+    leased: bool,
     cancel: CancellationToken,
     /// The delivery's JetStream ack subject, published in the node's registry entry so that
     /// a survivor can hand the job back at once if this node is lost.
@@ -99,7 +78,11 @@ struct Running {
 pub struct DispatcherState {
     ctx: NodeContext,
     registry: ActorRef<RegistryWriterMsg>,
-    slots: BTreeMap<String, Slot>,
+    /// Placement and accounting: which slots are up, what each holds (reserved or running).
+    slots: SlotTable,
+    /// Each up slot's inference actor, handed to the job actors it runs; in step with
+    /// `slots`' up flags (set and cleared by `SlotUp` / `SlotDown` together).
+    inference: HashMap<String, ActorRef<InferenceMsg>>,
     running: HashMap<String, Running>,
     job_of_actor: HashMap<ActorId, String>,
     /// Reservations waiting for a free slot, oldest first: (model, max, reply). At most one
@@ -140,8 +123,9 @@ pub enum DispatcherMsg {
         job_id: String,
         reply: RpcReplyPort<bool>,
     },
-    /// The job's model is done and its post-processing stages run off the slot: free it.
-    ModelDone {
+    /// A job's [`SlotLease`] came back (its model is done, or it ended): the place is free.
+    LeaseReturned {
+        slot: String,
         job_id: String,
     },
     /// Stop pulling; reply once no job runs here.
@@ -151,6 +135,36 @@ pub enum DispatcherMsg {
 // Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
 impl ractor::Message for DispatcherMsg {}
 
+/// A job's place on a slot, from its dispatch until its model is done. Handed back by drop,
+/// exactly once however the job goes (its model done, an early end, a panic that drops the
+/// job actor's state), so the dispatcher frees a slot from one event only; the delivery's own
+/// end is heard separately, through supervision.
+pub struct SlotLease {
+    slot: String,
+    job_id: String,
+    dispatcher: Option<ActorRef<DispatcherMsg>>,
+}
+
+impl SlotLease {
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    /// A lease that tells nobody when it is handed back: for a job actor run alone in a test.
+    pub fn detached(slot: &str) -> SlotLease {
+        SlotLease { slot: slot.to_string(), job_id: String::new(), dispatcher: None }
+    }
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let (slot, job_id) = (std::mem::take(&mut self.slot), std::mem::take(&mut self.job_id));
+            let _ = dispatcher.cast(DispatcherMsg::LeaseReturned { slot, job_id });
+        }
+    }
+}
+
 impl Actor for Dispatcher {
     type Msg = DispatcherMsg;
     type State = DispatcherState;
@@ -158,24 +172,16 @@ impl Actor for Dispatcher {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let ctx = args.ctx;
-        let slots = ctx
-            .config
-            .node
-            .slots
-            .iter()
-            .map(|s| {
-                (
-                    s.clone(),
-                    Slot { models: ctx.config.models_for_slot(s), inference: None, model: None, reserved: 0, running: 0, dead: false },
-                )
-            })
-            .collect();
+        // Every slot starts down: it takes jobs once its GPU supervisor reports it up.
+        let slots = SlotTable::new(ctx.config.node.slots.iter().map(|s| (s.clone(), ctx.config.models_for_slot(s))))
+            .with_prefetch(ctx.config.node.slot_prefetch);
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
             compression: args.compression,
             ctx,
             registry: args.registry,
             slots,
+            inference: HashMap::new(),
             running: HashMap::new(),
             job_of_actor: HashMap::new(),
             parked: VecDeque::new(),
@@ -186,8 +192,7 @@ impl Actor for Dispatcher {
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        let served: std::collections::BTreeSet<String> = state.slots.values().flat_map(|s| s.models.clone()).collect();
-        for model in served {
+        for model in state.slots.served_models() {
             state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
         }
         Ok(())
@@ -206,17 +211,18 @@ impl Actor for Dispatcher {
             DispatcherMsg::SlotDown { slot, dead } => state.on_slot_down(&slot, dead),
             DispatcherMsg::Reserve { model, max, reply } => state.on_reserve(model, max, reply),
             DispatcherMsg::Release { slot } => state.release(&slot),
-            DispatcherMsg::ModelDone { job_id } => {
-                if let Some(slot) = state.running.get_mut(&job_id).and_then(|r| r.slot.take()) {
-                    state.free_slot(&slot);
-                    state.serve_parked();
+            DispatcherMsg::LeaseReturned { slot, job_id } => {
+                if let Some(r) = state.running.get_mut(&job_id) {
+                    r.leased = false;
                 }
+                state.free_slot(&slot);
+                state.serve_parked();
             }
             DispatcherMsg::Dispatch { slot, delivery } => state.dispatch(&myself, slot, *delivery).await,
             DispatcherMsg::Cancel { job_id, reply } => {
                 let running = state.running.get(&job_id);
                 if let Some(r) = running {
-                    tracing::info!(job_id = %job_id, slot = ?r.slot, "cancelling running job");
+                    tracing::info!(job_id = %job_id, slot = %r.slot, "cancelling running job");
                     r.cancel.cancel();
                 }
                 let _ = reply.send(running.is_some());
@@ -236,7 +242,8 @@ impl Actor for Dispatcher {
         Ok(())
     }
 
-    /// Job actors end here, however they end: free their slot. Never stops the dispatcher.
+    /// Job actors end here, however they end: their delivery is no longer held (their slot
+    /// came back through their lease). Never stops the dispatcher.
     async fn handle_supervisor_evt(
         &self,
         _myself: ActorRef<Self::Msg>,
@@ -254,18 +261,18 @@ impl Actor for Dispatcher {
 
 impl DispatcherState {
     fn on_slot_up(&mut self, slot: String, inference: ActorRef<InferenceMsg>) {
-        if let Some(s) = self.slots.get_mut(&slot) {
-            s.inference = Some(inference);
-            s.dead = false;
+        if self.slots.set_up(&slot, true) {
+            self.inference.insert(slot, inference);
         }
         self.serve_parked();
     }
 
     fn on_slot_down(&mut self, slot: &str, dead: bool) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.inference = None;
-            s.dead |= dead;
+        self.slots.set_up(slot, false);
+        if dead {
+            self.slots.mark_dead(slot);
         }
+        self.inference.remove(slot);
     }
 
     fn on_reserve(&mut self, model: String, max: usize, reply: RpcReplyPort<Vec<String>>) {
@@ -289,8 +296,10 @@ impl DispatcherState {
             if got.is_empty() {
                 still.push_back((model, max, reply));
             } else if let Err(ractor::MessagingErr::SendErr(slots)) = reply.send(got) {
+                // The puller is gone: its places go back. Not through `release`, which would
+                // re-enter this loop; the reservations still to serve here may take them.
                 for slot in slots {
-                    self.release_quietly(&slot);
+                    self.slots.release(&slot);
                 }
             }
         }
@@ -298,46 +307,12 @@ impl DispatcherState {
     }
 
     fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
-        let limit = self.ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1);
-        // Slots where the model is already resident first (no load, no eviction), and among
-        // them those already running it (a batch forming).
-        let warm = |slot: &String| self.ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model));
-        let mut candidates: Vec<(&String, usize, bool, bool)> = self
-            .slots
-            .iter()
-            .map(|(name, s)| (name, s.room_for(model, limit), warm(name), s.held() > 0))
-            .filter(|(_, room, _, _)| *room > 0)
-            .collect();
-        candidates.sort_by_key(|(_, _, warm, busy)| (!*warm, !*busy));
-        let mut got = vec![];
-        for (name, room, _, _) in candidates {
-            for _ in 0..room.min(max - got.len()) {
-                got.push(name.clone());
-            }
-            if got.len() >= max {
-                break;
-            }
-        }
-        for name in &got {
-            if let Some(s) = self.slots.get_mut(name) {
-                s.reserved += 1;
-                s.model = Some(model.to_string());
-            }
-        }
-        got
-    }
-
-    fn release_quietly(&mut self, slot: &str) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.reserved = s.reserved.saturating_sub(1);
-            if s.held() == 0 {
-                s.model = None;
-            }
-        }
+        let limit = batch_limit(&self.ctx, model);
+        self.slots.reserve(model, max, limit, warm_on(&self.ctx, model))
     }
 
     fn release(&mut self, slot: &str) {
-        self.release_quietly(slot);
+        self.slots.release(slot);
         self.serve_parked();
     }
 
@@ -345,27 +320,8 @@ impl DispatcherState {
     /// got but warm on another slot that has room now, run it there instead (no load, no
     /// eviction).
     fn better_slot(&mut self, slot: String, model: &str) -> String {
-        let is_warm = |s: &str| self.ctx.warm.get(s).is_some_and(|w| w.iter().any(|m| m == model));
-        if is_warm(&slot) {
-            return slot;
-        }
-        let limit = self.ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1);
-        let better = self
-            .slots
-            .iter()
-            .find(|(name, s)| **name != slot && is_warm(name) && s.room_for(model, limit) > 0)
-            .map(|(name, _)| name.clone());
-        match better {
-            Some(better) => {
-                self.release_quietly(&slot);
-                if let Some(s) = self.slots.get_mut(&better) {
-                    s.reserved += 1;
-                    s.model = Some(model.to_string());
-                }
-                better
-            }
-            None => slot,
-        }
+        let limit = batch_limit(&self.ctx, model);
+        self.slots.better_slot(&slot, model, limit, warm_on(&self.ctx, model))
     }
 
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
@@ -377,7 +333,7 @@ impl DispatcherState {
         // new job, so it goes straight back to the queue. Claimed here, it was abandoned when
         // the node exited and came back only after the ack wait, as attempt 2 (seen by
         // `draining_a_node_under_load_loses_and_duplicates_nothing` on a loaded machine).
-        let inference = if self.draining { None } else { self.slots.get(&slot).and_then(|s| s.inference.clone()) };
+        let inference = if self.draining { None } else { self.inference.get(&slot).cloned() };
         let Some(inference) = inference else {
             // The slot went down (or the node began draining) between the reservation and the
             // delivery: hand the job straight back to the queue instead of waiting out the ack
@@ -389,54 +345,48 @@ impl DispatcherState {
         let cancel = CancellationToken::new();
         let ack_subject = delivery.reply.as_ref().map(|r| r.to_string()).unwrap_or_default();
         let (listed_tx, listed) = tokio::sync::oneshot::channel();
+        // The reservation becomes the job's lease (the puller reserved `slot`, or
+        // `better_slot` moved its reservation there); the lease hands it back, once.
+        if self.slots.start(&slot) {
+            let update = GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(job_id.clone())), ..Default::default() };
+            let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.clone(), update });
+        }
         let args = JobArgs {
             ctx: self.ctx.clone(),
             delivery,
-            slot: slot.clone(),
+            lease: SlotLease { slot: slot.clone(), job_id: job_id.clone(), dispatcher: Some(myself.clone()) },
             inference,
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
-            dispatcher: myself.clone(),
             compression: self.compression.clone(),
             listed: Some(listed),
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
-                if let Some(s) = self.slots.get_mut(&slot) {
-                    s.reserved = s.reserved.saturating_sub(1);
-                    s.running += 1;
-                    if s.running == 1 {
-                        let update =
-                            GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(job_id.clone())), ..Default::default() };
-                        let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.clone(), update });
-                    }
-                }
                 self.job_of_actor.insert(actor.get_id(), job_id.clone());
-                self.running.insert(job_id, Running { slot: Some(slot), cancel, ack_subject });
+                self.running.insert(job_id, Running { slot, leased: true, cancel, ack_subject });
                 let held = self.held();
                 let _ = self.registry.cast(RegistryWriterMsg::RunningJobs { jobs: held, listed: Some(listed_tx) });
             }
             Err(e) => {
-                // The message stays unacked and is redelivered after the ack wait.
+                // The message stays unacked and is redelivered after the ack wait; the lease,
+                // dropped with the arguments, hands the place back.
                 tracing::error!(job_id = %job_id, error = %e, "cannot spawn job actor");
-                self.release(&slot);
             }
         }
     }
 
     fn free_slot(&mut self, slot: &str) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.running = s.running.saturating_sub(1);
-            if s.held() == 0 {
-                s.model = None;
-            }
-            if s.running == 0 {
-                // The dispatcher, which sees every job of the slot, says when it is idle: a
-                // job of a batch that ends first must not show the slot idle.
-                let update = GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() };
-                let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.to_string(), update });
-            }
-        }
+        // The dispatcher, which sees every job of the slot, says what it does: idle when its
+        // last job's lease came back (a job of a batch that ends first must not show it idle),
+        // else busy with a job that still holds it (one claimed ahead takes over).
+        let update = if self.slots.finish(slot) {
+            GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() }
+        } else {
+            let next = self.running.iter().find(|(_, r)| r.leased && r.slot == slot).map(|(id, _)| id.clone());
+            GpuUpdate { state: Some(GpuState::Busy), current_job: Some(next), ..Default::default() }
+        };
+        let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.to_string(), update });
     }
 
     fn held(&self) -> Vec<HeldJob> {
@@ -452,9 +402,8 @@ impl DispatcherState {
         if let Some(reason) = failure {
             tracing::error!(job_id = %job_id, reason = %reason, "job actor failed; the job will be redelivered");
         }
-        if let Some(slot) = self.running.remove(&job_id).and_then(|r| r.slot) {
-            self.free_slot(&slot);
-        }
+        // Its slot came back through its lease; this is the delivery's end.
+        self.running.remove(&job_id);
         self.publish_held();
         self.serve_parked();
         if self.running.is_empty() {
@@ -465,11 +414,69 @@ impl DispatcherState {
     }
 }
 
+/// Most jobs of `model` one slot runs at once: its `max_batch` when it batches, else 1.
+fn batch_limit(ctx: &NodeContext, model: &str) -> usize {
+    ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1)
+}
+
+/// Whether `model` is resident on a slot (loaded by an earlier job, not evicted since).
+fn warm_on<'a>(ctx: &'a NodeContext, model: &'a str) -> impl Fn(&str) -> bool + 'a {
+    move |slot| ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model))
+}
+
+/// Which lanes of a model may hold a job: a fetch is a round trip to the server, so a lane
+/// found short is not asked again until a publish on it wakes the puller (or the idle re-check
+/// comes round, for what publishes nothing: redeliveries and delayed NAKs). Asking both lanes
+/// on every turn cost four pull requests per job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaneHints {
+    high: bool,
+    normal: bool,
+}
+
+impl LaneHints {
+    /// Both lanes: at start, and when the idle re-check comes round.
+    fn both() -> Self {
+        LaneHints { high: true, normal: true }
+    }
+    /// A wake-up on a lane's subject (the enqueue's own publish): that lane has a job.
+    fn woken(&mut self, lane: Option<Lane>) {
+        match lane {
+            Some(Lane::High) => self.high = true,
+            Some(Lane::Normal) => self.normal = true,
+            None => *self = LaneHints::both(),
+        }
+    }
+    /// A fetch asked a lane for `asked` and got `got`: fewer means it is empty now.
+    fn fetched(&mut self, lane: Lane, asked: usize, got: usize) {
+        let hint = got >= asked;
+        match lane {
+            Lane::High => self.high = hint,
+            Lane::Normal => self.normal = hint,
+        }
+    }
+    fn any(self) -> bool {
+        self.high || self.normal
+    }
+}
+
+/// The lane a wake-up subject (`<prefix>.jobs.<model>.<lane>`) names.
+fn lane_of_subject(subject: &str) -> Option<Lane> {
+    match subject.rsplit('.').next() {
+        Some("high") => Some(Lane::High),
+        Some("normal") => Some(Lane::Normal),
+        _ => None,
+    }
+}
+
 /// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
 async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>) {
     let mut consumers = None;
     // Every enqueue is also a core-NATS message on the lane's subject: it wakes an idle puller.
     let mut wake: Option<async_nats::Subscriber> = None;
+    let mut hints = LaneHints::both();
+    // Empty fetches in a row right after a wake-up (see below).
+    let mut overtaken = 0u32;
     loop {
         if consumers.is_none() {
             match (ctx.resources.consumer(&model, Lane::High).await, ctx.resources.consumer(&model, Lane::Normal).await) {
@@ -484,8 +491,29 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
         if wake.is_none() {
             match ctx.resources.client.subscribe(ctx.resources.names.jobs_subject_model(&model)).await {
                 Ok(sub) => wake = Some(sub),
-                Err(e) => tracing::warn!(model = %model, error = %e, "cannot subscribe to the model's lanes; polling"),
+                Err(e) => {
+                    tracing::warn!(model = %model, error = %e, "cannot subscribe to the model's lanes; polling");
+                    hints = LaneHints::both();
+                }
             }
+        }
+        if !hints.any() {
+            // Nothing known to wait: sleep until a job is published for the model, or the
+            // re-check comes round. Holds no slot meanwhile (other models may need it).
+            match wake.as_mut() {
+                Some(sub) => match tokio::time::timeout(IDLE_RECHECK, sub.next()).await {
+                    Ok(Some(m)) => {
+                        hints.woken(lane_of_subject(&m.subject));
+                        overtaken = 0;
+                    }
+                    _ => hints = LaneHints::both(),
+                },
+                None => {
+                    tokio::time::sleep(IDLE_RECHECK).await;
+                    hints = LaneHints::both();
+                }
+            }
+            continue;
         }
         let (high, normal) = consumers.as_ref().expect("opened above");
         // Waits (parked in the dispatcher) until at least one slot is free for this model.
@@ -500,26 +528,39 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
         }
         // Wake-ups from before this fetch are answered by it; only later ones must wake us.
         if let Some(sub) = wake.as_mut() {
-            while let Some(Some(_)) = sub.next().now_or_never() {}
+            while let Some(Some(m)) = sub.next().now_or_never() {
+                hints.woken(lane_of_subject(&m.subject));
+            }
         }
         let mut slots = slots.into_iter();
         let want = slots.len();
-        let mut messages = fetch_now(high, want).await;
-        if messages.len() < want {
-            messages.extend(fetch_now(normal, want - messages.len()).await);
+        let before = hints;
+        let mut messages = vec![];
+        if hints.high {
+            messages = fetch_now(high, want).await;
+            hints.fetched(Lane::High, want, messages.len());
         }
-        if messages.is_empty() {
-            // Nothing waiting: hold no slot while idle (other models may need it).
+        if messages.len() < want && hints.normal {
+            let asked = want - messages.len();
+            let got = fetch_now(normal, asked).await;
+            hints.fetched(Lane::Normal, asked, got.len());
+            messages.extend(got);
+        }
+        // The server hands a publish to core subscribers (the wake-up) before its stream has
+        // stored it, so a fetch right after a wake-up can come back empty: look again after
+        // 1, 2, 4, 8 ms before waiting for the next wake-up (else the job waited for the 250 ms
+        // re-check, which showed as the sequential p99).
+        if messages.is_empty() && overtaken < 4 {
+            overtaken += 1;
+            hints = before;
             for slot in slots {
                 dispatcher.cast(DispatcherMsg::Release { slot }).ok();
             }
-            match wake.as_mut() {
-                Some(sub) => {
-                    let _ = tokio::time::timeout(IDLE_RECHECK, sub.next()).await;
-                }
-                None => tokio::time::sleep(IDLE_RECHECK).await,
-            }
+            tokio::time::sleep(Duration::from_millis(1 << (overtaken - 1))).await;
             continue;
+        }
+        if !messages.is_empty() {
+            overtaken = 0;
         }
         for message in messages {
             let slot = slots.next().expect("never more messages than slots");
@@ -527,6 +568,7 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
                 return;
             }
         }
+        // Places left over go back at once (other models may need them).
         for slot in slots {
             dispatcher.cast(DispatcherMsg::Release { slot }).ok();
         }
@@ -553,4 +595,28 @@ async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_found_short_is_not_asked_again_until_woken() {
+        let mut hints = LaneHints::both();
+        hints.fetched(Lane::High, 8, 0);
+        hints.fetched(Lane::Normal, 8, 3);
+        assert!(!hints.any());
+        hints.woken(lane_of_subject("kiln.jobs.noop.normal"));
+        assert_eq!(hints, LaneHints { high: false, normal: true });
+        // A full fetch may have left more behind: ask again.
+        hints.fetched(Lane::Normal, 2, 2);
+        assert!(hints.normal);
+        hints.woken(lane_of_subject("kiln.jobs.noop.high"));
+        assert!(hints.high);
+        hints.fetched(Lane::High, 1, 0);
+        hints.fetched(Lane::Normal, 1, 0);
+        hints.woken(lane_of_subject("kiln.jobs.noop.bogus"));
+        assert_eq!(hints, LaneHints::both());
+    }
 }

@@ -11,13 +11,13 @@
 //! slot's torch thread from a task, so several jobs of a batching model can be in flight; the
 //! task reports back (`TorchDone`) and a slot-fatal error fails the actor as above. The mailbox
 //! is unbounded by ractor's design, but the dispatcher never sends a slot more jobs than the
-//! model's `max_batch` (1 unless it batches).
+//! model's `max_batch` (1 unless it batches) plus the node's `slot_prefetch` claimed ahead,
+//! which wait here for the current one.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_core::engine::{Engine, EngineError, EngineJob, EngineOutput, ProgressSink, SlotContext};
-use kiln_core::protocol::GpuState;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
@@ -138,6 +138,12 @@ impl InferenceState {
         cancel: CancellationToken,
         reply: RpcReplyPort<RunResult>,
     ) -> Result<(), ActorProcessingErr> {
+        // A job claimed ahead of the slot's current one waited in this mailbox: it may have
+        // been cancelled meanwhile.
+        if cancel.is_cancelled() {
+            let _ = reply.send(Err(EngineError::Cancelled));
+            return Ok(());
+        }
         let Some(model) = self.ctx.config.model(&job.model).cloned() else {
             let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.model))));
             return Ok(());
@@ -164,8 +170,9 @@ impl InferenceState {
             return Ok(());
         }
         if !engine.is_loaded() {
-            let _ =
-                self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update: GpuUpdate::state(GpuState::Loading) });
+            // An overlay on busy, not a state: once loaded the slot shows busy again.
+            let update = GpuUpdate { loading: Some(true), ..Default::default() };
+            let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: self.slot.slot.clone(), update });
             let loaded = tokio::time::timeout(timeout, engine.ensure_loaded()).await;
             let loaded = loaded.unwrap_or_else(|_| Err(EngineError::Load(format!("model did not load within {timeout:?}"))));
             if let Err(e) = loaded {

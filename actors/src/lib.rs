@@ -6,8 +6,10 @@
 //! ```text
 //! NodeSupervisor                       node_supervisor.rs  escalates: a failed child stops the node
 //! ├── RegistryWriter                   registry_writer.rs  GPU and node entries, heartbeats, TTL
-//! ├── Dispatcher                       dispatcher.rs       pulls only while a slot is free
-//! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack
+//! ├── Dispatcher                       dispatcher.rs       pulls only while a slot has room (core's placement)
+//! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack:
+//! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack)
+//! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     one actor-cluster session per peer
@@ -15,18 +17,21 @@
 //! ├── CompressionPool                  compression_pool.rs post-processing commands, bounded
 //! │   └── CompressionWorker (xN)       compression_worker.rs one command at a time
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
-//!     └── InferenceActor               inference.rs        the slot's engines, one job at a time
+//!     └── InferenceActor               inference.rs        the slot's engines; one job, or one TorchScript batch
 //! ```
 //!
-//! Not actors: [`context`] holds what they share (config, NATS handles); [`tunnel`] carries a
-//! ractor_cluster session over NATS; [`wire`] is every message that crosses nodes (bincode 2,
-//! versioned); [`NodeHandle`] is the typed handle the binary uses to start, drain and stop a
-//! node.
+//! Not actors: [`context`] holds what they share (config, NATS handles, which models are warm
+//! on which slot); [`tunnel`] carries a ractor_cluster session over NATS; [`wire`] is every
+//! message that crosses nodes (bincode 2, versioned); [`NodeHandle`] is the typed handle the
+//! binary uses to start, drain and stop a node. The decisions the actors act on are pure code
+//! in `kiln-core`: slot placement ([`kiln_core::placement`]), job delivery and retry
+//! ([`kiln_core::job`]), restart budget and backoff ([`kiln_core::policy`]).
 
 pub mod cluster_mesh;
 pub mod compression_pool;
 pub mod compression_worker;
 pub mod context;
+pub(crate) mod delivery;
 pub mod dispatcher;
 pub mod gpu_supervisor;
 pub mod inference;
@@ -34,6 +39,7 @@ pub mod job;
 pub mod loss_detector;
 pub mod node_control;
 pub mod node_supervisor;
+pub(crate) mod pipeline;
 pub mod registry_writer;
 pub mod tunnel;
 pub mod wire;

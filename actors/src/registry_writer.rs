@@ -3,7 +3,8 @@
 //!
 //! Other actors send partial updates ([`GpuUpdate`]); the writer merges them into the entry,
 //! writes it right after the updates already in its mailbox (one put per changed slot, however
-//! many changes a burst brought), and rewrites every entry each heartbeat so the per-key TTL never lapses
+//! many changes a burst brought; a mere busy/idle flip within 100 ms, so back-to-back jobs cost
+//! no put each), and rewrites every entry each heartbeat so the per-key TTL never lapses
 //! while the node lives. A slot marked `dead` stays dead: a late `idle` from a job actor that
 //! finished after the quarantine must not resurrect it. Likewise, once the node drains, its
 //! slots stay `draining` until the entries are removed.
@@ -33,9 +34,11 @@ pub struct RegistryWriterState {
     node_dirty: bool,
     /// A `FlushNode` is queued to run at once (not after the coalescing delay).
     flush_queued: bool,
-    /// Slots whose entry changed since the last `FlushGpus`, and whether one is queued.
+    /// Slots whose entry changed since the last `FlushGpus`, and whether one is queued at
+    /// once or after [`BUSY_IDLE_COALESCE`].
     gpus_dirty: std::collections::BTreeSet<String>,
     gpu_flush_queued: bool,
+    gpu_flush_delayed: bool,
     /// Job actors waiting for the entry that lists their delivery to be stored.
     listing_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// The stall generation and NATS connect count the last standing check was made at.
@@ -59,7 +62,23 @@ impl GpuUpdate {
     pub fn state(state: GpuState) -> Self {
         GpuUpdate { state: Some(state), ..Default::default() }
     }
+
+    /// Only the busy/idle flip of a job starting or ending (and its current job): written
+    /// within [`BUSY_IDLE_COALESCE`], not at once.
+    fn is_busy_or_idle_only(&self) -> bool {
+        matches!(self.state, Some(GpuState::Busy | GpuState::Idle))
+            && self.loading.is_none()
+            && self.warm_models.is_none()
+            && self.restarts.is_none()
+            && self.last_error.is_none()
+    }
 }
+
+/// How long a slot's busy/idle change may wait to be written. A slot running short jobs back
+/// to back flips busy and idle twice per job: written at once, that was two registry puts per
+/// job (the busiest writes a node made). The entry only informs people (`kiln cluster`, the
+/// console); placement reads the node's own state, and a lost node is found by its TTL.
+const BUSY_IDLE_COALESCE: Duration = Duration::from_millis(100);
 
 pub enum RegistryWriterMsg {
     Gpu {
@@ -144,6 +163,7 @@ impl Actor for RegistryWriter {
             flush_queued: false,
             gpus_dirty: Default::default(),
             gpu_flush_queued: false,
+            gpu_flush_delayed: false,
             listing_waiters: vec![],
             standing_checked,
         })
@@ -157,8 +177,14 @@ impl Actor for RegistryWriter {
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
             RegistryWriterMsg::Gpu { slot, update } => {
+                let busy_or_idle_only = update.is_busy_or_idle_only();
                 state.on_gpu_update(&slot, update);
-                if !state.gpu_flush_queued {
+                if busy_or_idle_only {
+                    if !state.gpu_flush_delayed && !state.gpu_flush_queued {
+                        state.gpu_flush_delayed = true;
+                        myself.send_after(BUSY_IDLE_COALESCE, || RegistryWriterMsg::FlushGpus);
+                    }
+                } else if !state.gpu_flush_queued {
                     state.gpu_flush_queued = true;
                     let _ = myself.cast(RegistryWriterMsg::FlushGpus);
                 }
@@ -266,6 +292,7 @@ impl RegistryWriterState {
     /// that this actor also writes, a backlog of single puts slowed every claim.
     async fn flush_gpus(&mut self) {
         self.gpu_flush_queued = false;
+        self.gpu_flush_delayed = false;
         for slot in std::mem::take(&mut self.gpus_dirty) {
             if let Some(entry) = self.gpus.get(&slot) {
                 self.write_gpu(entry.clone()).await;

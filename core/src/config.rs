@@ -362,6 +362,12 @@ pub struct NodeConfig {
     /// Memory one slot may fill with resident TorchScript models (their `memory_bytes`);
     /// the least recently used are evicted to stay under it.
     pub slot_memory_bytes: u64,
+    /// Jobs a slot claims ahead of the one it runs (each up to its batch), so that the next
+    /// job's claim and inputs are ready when the current one's model is done: the slot never
+    /// waits on the control plane. 0 (default): a job is fetched only once its slot is free,
+    /// so priority order holds for every job not yet running; with 1, a job claimed ahead is
+    /// not overtaken by a more urgent one submitted after it.
+    pub slot_prefetch: usize,
 }
 
 impl Default for NodeConfig {
@@ -375,6 +381,7 @@ impl Default for NodeConfig {
             loss_after_ms: 2_500,
             work_dir: String::new(),
             slot_memory_bytes: 8 << 30,
+            slot_prefetch: 0,
         }
     }
 }
@@ -571,10 +578,14 @@ pub enum EngineConfig {
         #[serde(default)]
         max_batch_delay_ms: u64,
     },
-    /// Completes at once with a small artifact: measures Kiln's own overhead.
+    /// Completes with a small artifact: measures Kiln's own overhead. `work_ms` holds the slot
+    /// that long first, as a GPU forward pass would (`kiln bench --work-ms`: the slot's duty
+    /// cycle).
     Noop {
         #[serde(default)]
         artifact_bytes: usize,
+        #[serde(default)]
+        work_ms: u64,
     },
 }
 

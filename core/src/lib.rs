@@ -1,23 +1,28 @@
 //! # kiln-core
 //!
 //! The layer every other Kiln crate stands on: configuration, the public wire protocol, the
-//! job record and its rules, every NATS resource, and the engines that run models.
+//! job record and its rules, slot placement, every NATS resource, and the engines that run
+//! models. Nothing here is an actor: the rules that decide (job delivery and retry, placement,
+//! restart budget and backoff) are pure functions, tested without a server.
 //!
-//! | module       | what                                                                   |
-//! |--------------|------------------------------------------------------------------------|
-//! | [`config`]   | `cluster.toml`, typed, env overrides, `validate()`                     |
-//! | [`http`]     | the `[http]` section: gateway address, limits, API keys, seed routes   |
-//! | [`protocol`] | JSON requests, replies, events and error codes on the wire             |
-//! | [`job`]      | the job record (source of truth) and the pure delivery/retry rules     |
-//! | [`batch`]    | batches: the parent record, settling children, the summary rule        |
-//! | [`policy`]   | restart budget and backoff, pure and tested with explicit time         |
-//! | [`ids`]      | syntax of client-controlled names (no wildcards, no path tricks)       |
-//! | [`nats`]     | streams, KV, object store, registry cache, the nats-server process     |
-//! | [`engine`]   | `process` and `noop` engines: lazy load, run with progress and cancel  |
-//! | [`stage`]    | post-processing stages: command expansion, image size, camera metadata |
-//! | [`stall`]    | notices that this process itself stood still (SIGSTOP, pause, starved) |
-//! | [`fault`]    | named fault points, compiled in only for tests                         |
-//! | [`metrics`]  | metric names and label conventions (units in names, bounded labels)   |
+//! | module        | what                                                                        |
+//! |---------------|-----------------------------------------------------------------------------|
+//! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
+//! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
+//! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
+//! | [`job`]       | the job record (source of truth) and the pure delivery/retry rules          |
+//! | [`batch`]     | batches: the parent record, settling children, the summary rule             |
+//! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
+//! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
+//! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |
+//! | [`nats`]      | streams, KV, object store, registry, subject names, the nats-server process |
+//! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
+//! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
+//! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
+//! | [`fault`]     | named fault points, compiled in only for tests                              |
+//! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
+//!
+//! [`nats`] and [`engine`] open with a table of their own files.
 
 pub mod batch;
 pub mod config;
@@ -28,6 +33,7 @@ pub mod ids;
 pub mod job;
 pub mod metrics;
 pub mod nats;
+pub mod placement;
 pub mod policy;
 pub mod protocol;
 pub mod stage;

@@ -259,6 +259,20 @@ pub async fn wait_terminal(client: &Client, job_id: &str, limit: Duration) -> Jo
 }
 
 /// The whole stored history of a job (what a late subscriber replays).
+/// A slot's registry entry once it has settled after a job (neither busy nor loading): the
+/// busy/idle flip of a job is written within 100 ms of it, not at once.
+pub async fn settled_gpu(client: &Client, slot: &str) -> kiln_core::protocol::GpuEntry {
+    use kiln_core::protocol::GpuState;
+    let started = std::time::Instant::now();
+    loop {
+        let gpu = client.cluster().await.unwrap().gpus.into_iter().find(|g| g.slot == slot).expect("the slot is registered");
+        if !matches!(gpu.state, GpuState::Busy | GpuState::Loading) || started.elapsed() > Duration::from_secs(5) {
+            return gpu;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn history(client: &Client, job_id: &str) -> Vec<Event> {
     use futures::StreamExt;
     let events = client.events(job_id).await.unwrap();

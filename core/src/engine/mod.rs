@@ -183,7 +183,7 @@ impl Engine {
                 };
                 Engine::Torch(Box::new(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() }))
             }
-            EngineConfig::Noop { artifact_bytes } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes)),
+            EngineConfig::Noop { artifact_bytes, work_ms } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes, *work_ms)),
         }
     }
 

@@ -1,19 +1,25 @@
 //! The `noop` engine: writes one small artifact and returns, so that a benchmark through it
-//! measures Kiln (queue, record, events, object store, actors) and nothing else.
+//! measures Kiln (queue, record, events, object store, actors) and nothing else; with
+//! `work_ms` it first holds its slot that long, standing in for a forward pass.
 
 use super::{EngineError, EngineJob, EngineOutput};
 
 pub struct NoopEngine {
     /// Extra bytes of payload in the artifact, to measure the artifact path at a given size.
     artifact_bytes: usize,
+    /// How long each run holds the slot before it writes its artifact.
+    work: std::time::Duration,
 }
 
 impl NoopEngine {
-    pub fn new(artifact_bytes: usize) -> Self {
-        NoopEngine { artifact_bytes }
+    pub fn new(artifact_bytes: usize, work_ms: u64) -> Self {
+        NoopEngine { artifact_bytes, work: std::time::Duration::from_millis(work_ms) }
     }
 
     pub async fn run(&mut self, job: EngineJob) -> Result<Vec<EngineOutput>, EngineError> {
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
         let body = serde_json::json!({
             "job_id": job.job_id,
             "attempt": job.attempt,

@@ -5,20 +5,26 @@
 //! whose write finishes the batch publishes `batch_finished` *after* it. The finishing write
 //! can only happen once every item's write has, so every item event is stored before the
 //! batch's last one. Events carry de-duplication ids, so a settle repeated after a crash
-//! does not show an item twice.
+//! does not show an item twice. A settle that gives up (its batch kept changing, or NATS
+//! failed) leaves the child's delivery unacked, and the redelivery settles it.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_nats::jetstream::kv;
 
+use super::cas::{self, CasError, Step, Updated};
 use super::{Resources, StoreError};
 use crate::batch::{BatchRecord, Settle};
 use crate::job::JobRecord;
 use crate::protocol::Event;
 
-/// Compare-and-set rounds before settling gives up (and the child's delivery is left unacked,
-/// to be settled by its redelivery). Items of one batch finish on many slots at once.
-const SETTLE_ROUNDS: usize = 64;
+/// Why settling wrote nothing.
+enum NotSettled {
+    /// The item was settled before (a redelivery settling again): the batch as it is.
+    Already(BatchRecord),
+    /// The batch has no such item (a stale or forged parent reference).
+    UnknownItem,
+}
 
 fn encode(record: &BatchRecord) -> bytes::Bytes {
     serde_json::to_vec(record).expect("a batch record always serializes").into()
@@ -51,58 +57,76 @@ impl Resources {
         }
     }
 
+    /// Changes the batch's record by `decide` with compare-and-set, reading and deciding again
+    /// when another writer got in between.
+    pub async fn update_batch_with<R>(
+        &self,
+        batch_id: &str,
+        decide: impl FnMut(&BatchRecord) -> Step<BatchRecord, R>,
+    ) -> Result<Updated<BatchRecord, R>, CasError> {
+        cas::update_with(
+            batch_id,
+            None,
+            || self.get_batch(batch_id),
+            |next, revision| async move { self.update_batch(&next, revision).await },
+            decide,
+        )
+        .await
+    }
+
     /// Records a child job's terminal state in its batch, publishing the item's event and, when
     /// it was the last item, the batch's. Idempotent; a no-op for a job that is not a batch
     /// item or not terminal. Callers settle *before* acking the child's delivery and leave it
     /// unacked when this fails, so the redelivery settles again.
-    pub async fn settle_batch_item(&self, child: &JobRecord) -> Result<(), StoreError> {
+    pub async fn settle_batch_item(&self, child: &JobRecord) -> Result<(), CasError> {
         let Some(parent) = &child.parent else { return Ok(()) };
         if !child.is_terminal() {
             return Ok(());
         }
-        let mut item_event_published = false;
-        for round in 0..SETTLE_ROUNDS {
-            let Some((mut batch, revision)) = self.get_batch(&parent.batch_id).await? else {
-                tracing::warn!(job_id = %child.job_id, batch_id = %parent.batch_id, "the job's batch is gone (expired?); nothing to settle");
-                return Ok(());
-            };
-            match batch.settle(parent.index, &child.job_id, child.state, crate::now_ms()) {
-                Settle::UnknownItem => {
-                    tracing::warn!(job_id = %child.job_id, batch_id = %parent.batch_id, index = parent.index, "the batch lists no such item");
-                    return Ok(());
+        let item_event_published = AtomicBool::new(false);
+        let item_event_published = &item_event_published;
+        let settled = cas::update_with(
+            &parent.batch_id,
+            None,
+            || self.get_batch(&parent.batch_id),
+            // The item's event goes out before the write that counts the item (see the module
+            // docs), once however many rounds the write takes.
+            |batch, revision| async move {
+                if !item_event_published.load(Ordering::Relaxed) {
+                    let event = Event::batch_item(&batch.batch_id, parent.index, child);
+                    let id = format!("{}-item-{}", batch.batch_id, parent.index);
+                    self.publish_event_with_id(&event, Some(&id)).await?;
+                    item_event_published.store(true, Ordering::Relaxed);
                 }
-                Settle::Already { finished } => {
-                    if finished {
-                        self.publish_batch_finished(&batch).await?;
-                    }
-                    return Ok(());
+                self.update_batch(&batch, revision).await
+            },
+            |batch| {
+                let mut next = batch.clone();
+                match next.settle(parent.index, &child.job_id, child.state, crate::now_ms()) {
+                    Settle::Settled { .. } => Step::Write(next),
+                    Settle::Already { .. } => Step::Stop(NotSettled::Already(next)),
+                    Settle::UnknownItem => Step::Stop(NotSettled::UnknownItem),
                 }
-                Settle::Settled { finished } => {
-                    if !item_event_published {
-                        let event = Event::batch_item(&batch.batch_id, parent.index, child);
-                        let id = format!("{}-item-{}", batch.batch_id, parent.index);
-                        self.publish_event_with_id(&event, Some(&id)).await?;
-                        item_event_published = true;
-                    }
-                    match self.update_batch(&batch, revision).await {
-                        Ok(_) => {
-                            if finished {
-                                self.publish_batch_finished(&batch).await?;
-                            }
-                            return Ok(());
-                        }
-                        Err(StoreError::Conflict) => {
-                            // Another item settled at the same moment: re-read and try again,
-                            // after a short pause that grows and is spread by the round.
-                            let pause = 1 + (round as u64 % 8) + (crate::now_ms() % 5);
-                            tokio::time::sleep(Duration::from_millis(pause)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
+            },
+        )
+        .await;
+        match settled {
+            // The settle that finished the batch, or a repeat of it after a crash, ends the
+            // batch's history.
+            Ok(Updated::Written { value: batch, .. } | Updated::Stopped(NotSettled::Already(batch))) => {
+                if batch.is_finished() {
+                    self.publish_batch_finished(&batch).await?;
                 }
             }
+            Ok(Updated::Stopped(NotSettled::UnknownItem)) => {
+                tracing::warn!(job_id = %child.job_id, batch_id = %parent.batch_id, index = parent.index, "the batch lists no such item");
+            }
+            Err(CasError::Missing { .. }) => {
+                tracing::warn!(job_id = %child.job_id, batch_id = %parent.batch_id, "the job's batch is gone (expired?); nothing to settle");
+            }
+            Err(e) => return Err(e),
         }
-        Err(StoreError::Nats(format!("batch {} kept changing while settling an item", parent.batch_id)))
+        Ok(())
     }
 
     /// The `batch_finished` event, de-duplicated, and published only if it is not already

@@ -36,6 +36,12 @@ impl Resources {
     /// As [`publish_event`](Self::publish_event), de-duplicated by `msg_id`: used for the
     /// terminal event, which a redelivery after a crash may publish a second time.
     pub async fn publish_event_with_id(&self, event: &Event, msg_id: Option<&str>) -> Result<(), StoreError> {
+        self.publish_event_stored(event, msg_id).await.map(|_| ())
+    }
+
+    /// As [`publish_event_with_id`](Self::publish_event_with_id); returns the event's stream
+    /// sequence (the first one's, when the de-duplication id was stored before).
+    pub async fn publish_event_stored(&self, event: &Event, msg_id: Option<&str>) -> Result<u64, StoreError> {
         let body = serde_json::to_vec(event).expect("events serialize");
         let subject = self.names.events_subject(&event.job_id);
         let ack = match msg_id {
@@ -46,19 +52,17 @@ impl Resources {
             }
             None => self.js.publish(subject, body.into()).await,
         };
-        ack.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
-        Ok(())
+        Ok(ack.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?.sequence)
     }
 
-    /// The last event stored for a job (a direct get, one round trip), if any.
+    /// The last event stored for a job (one request to the stream's leader), if any.
     pub async fn last_event(&self, job_id: &str) -> Result<Option<Event>, StoreError> {
         Ok(self.last_event_with_seq(job_id).await?.map(|(_, e)| e))
     }
 
-    /// The last event stored for a job with its stream sequence (a direct get), if any.
+    /// The last event stored for a job with its stream sequence, if any.
     pub async fn last_event_with_seq(&self, job_id: &str) -> Result<Option<(u64, Event)>, StoreError> {
-        let stream = self.js.get_stream(self.names.events_stream()).await.map_err(StoreError::nats)?;
-        match stream.get_last_raw_message_by_subject(&self.names.events_subject(job_id)).await {
+        match self.events.get_last_raw_message_by_subject(&self.names.events_subject(job_id)).await {
             Ok(m) => serde_json::from_slice(&m.payload).map(|e| Some((m.sequence, e))).map_err(|e| StoreError::Decode(e.to_string())),
             Err(e) if matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound) => Ok(None),
             Err(e) => Err(StoreError::nats(e)),

@@ -2,10 +2,13 @@
 //!
 //! The record is the source of truth. After creation every write is a compare-and-set on the
 //! revision the writer read, which is how a stale attempt is fenced: its revision is old, its
-//! write is refused, and it stops without acking.
+//! write is refused, and it stops without acking. Writers change a record with
+//! [`Resources::update_job_with`] (or [`super::cas::update_with`] directly when the read or
+//! the write needs more), deciding by the pure changes of [`crate::job`].
 
 use async_nats::jetstream::kv;
 
+use super::cas::{self, CasError, Step, Updated};
 use super::{Lane, Resources, StoreError};
 use crate::job::JobRecord;
 
@@ -14,6 +17,13 @@ use crate::job::JobRecord;
 pub struct Versioned {
     pub record: JobRecord,
     pub revision: u64,
+}
+
+impl Versioned {
+    /// The record and its revision, as [`cas::update_with`] takes and reads them.
+    pub fn into_pair(self) -> (JobRecord, u64) {
+        (self.record, self.revision)
+    }
 }
 
 /// The queue message: only the id. The record holds the rest, so a retry never runs a stale copy.
@@ -56,6 +66,25 @@ impl Resources {
         }
     }
 
+    /// Changes the job's record by `decide` (a pure change of [`crate::job`]) with
+    /// compare-and-set, reading and deciding again when another writer got in between.
+    /// `held`: the record and revision the caller already has, decided on without a read.
+    pub async fn update_job_with<R>(
+        &self,
+        job_id: &str,
+        held: Option<Versioned>,
+        decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
+    ) -> Result<Updated<JobRecord, R>, CasError> {
+        cas::update_with(
+            job_id,
+            held.map(Versioned::into_pair),
+            || async { Ok(self.get_job(job_id).await?.map(Versioned::into_pair)) },
+            |next, revision| async move { self.update_job(&next, revision).await },
+            decide,
+        )
+        .await
+    }
+
     /// Every job id in the bucket (for listing; O(jobs), bounded by the record TTL).
     pub async fn job_ids(&self) -> Result<Vec<String>, StoreError> {
         use futures::TryStreamExt;
@@ -67,15 +96,24 @@ impl Resources {
     /// durable when this returns. `Nats-Msg-Id` = job id: a second publish within the
     /// de-duplication window is dropped by the server.
     pub async fn enqueue(&self, job_id: &str, model: &str, priority: u8) -> Result<(), StoreError> {
+        self.enqueue_nowait(job_id, model, priority).await?.await.map_err(StoreError::nats)?;
+        Ok(())
+    }
+
+    /// As [`enqueue`](Self::enqueue), without waiting for the ack: the job is durable once the
+    /// returned future resolves.
+    pub async fn enqueue_nowait(
+        &self,
+        job_id: &str,
+        model: &str,
+        priority: u8,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, job_id);
         let body = serde_json::to_vec(&QueueMessage { job_id: job_id.to_string() }).expect("serializes");
         self.js
             .publish_with_headers(self.names.job_subject(model, Lane::of_priority(priority)), headers, body.into())
             .await
-            .map_err(StoreError::nats)?
-            .await
-            .map_err(StoreError::nats)?;
-        Ok(())
+            .map_err(StoreError::nats)
     }
 }

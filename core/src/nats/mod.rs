@@ -5,6 +5,7 @@
 //! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests)        |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
+//! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
 //! | `batches.rs`  | batch parent records in KV; settling a child's end into its batch     |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
@@ -12,6 +13,7 @@
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
 
 pub mod batches;
+pub mod cas;
 pub mod events;
 pub mod jobs;
 pub mod names;
@@ -20,6 +22,7 @@ pub mod registry;
 pub mod resources;
 pub mod server;
 
+pub use cas::CasError;
 pub use names::{Lane, Names};
 pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
@@ -28,7 +31,8 @@ pub use server::NatsServer;
 /// Errors of the NATS layer. Callers branch on the kind; the text carries NATS's own message.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// A compare-and-set lost: somebody else wrote the record since we read it.
+    /// A compare-and-set lost: somebody else wrote the record since we read it. Writers do
+    /// not retry this themselves: [`cas::update_with`] reads and decides again.
     #[error("the record changed since it was read (revision conflict)")]
     Conflict,
     #[error("{0} not found")]

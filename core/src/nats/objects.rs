@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use async_nats::jetstream::object_store::{self, ObjectMetadata};
+use async_nats::jetstream::object_store;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -34,18 +34,6 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-async fn put_bytes(store: &object_store::ObjectStore, name: &str, data: &[u8], content_type: &str) -> Result<String, StoreError> {
-    let sha = sha256_hex(data);
-    let meta = ObjectMetadata {
-        name: name.to_string(),
-        metadata: HashMap::from([(META_SHA256.to_string(), sha.clone()), (META_CONTENT_TYPE.to_string(), content_type.to_string())]),
-        ..Default::default()
-    };
-    let mut reader = data;
-    store.put(meta, &mut reader).await.map_err(StoreError::nats)?;
-    Ok(sha)
-}
-
 /// The object name of one attempt's artifact: `<job_id>/<attempt>/<name>`.
 pub fn artifact_object(job_id: &str, attempt: u32, name: &str) -> String {
     format!("{job_id}/{attempt}/{name}")
@@ -70,31 +58,19 @@ impl Resources {
         path: &Path,
         content_type: Option<&str>,
     ) -> Result<Artifact, StoreError> {
-        let data = tokio::fs::read(path).await?;
-        self.store_artifact_bytes(model, job_id, attempt, name, &data, content_type).await
-    }
-
-    pub async fn store_artifact_bytes(
-        &self,
-        model: &str,
-        job_id: &str,
-        attempt: u32,
-        name: &str,
-        data: &[u8],
-        content_type: Option<&str>,
-    ) -> Result<Artifact, StoreError> {
-        let store = self.results_store(model)?;
+        let content_type = content_type.unwrap_or_else(|| content_type_for(name));
+        let bucket = self.names.results_bucket(model);
         let object = artifact_object(job_id, attempt, name);
-        let content_type = content_type.unwrap_or_else(|| content_type_for(name)).to_string();
-        let sha256 = put_bytes(&store, &object, data, &content_type).await?;
-        Ok(Artifact {
-            name: name.to_string(),
-            bucket: self.names.results_bucket(model),
-            object,
-            size: data.len() as u64,
-            content_type,
-            sha256,
-        })
+        let size = tokio::fs::metadata(path).await?.len();
+        let stored = if size <= ONE_SHOT_MAX_BYTES {
+            let data = tokio::fs::read(path).await?;
+            put_new(&self.js, &bucket, &object, content_type, &data).await?
+        } else {
+            // Large outputs stream from the file, never whole in memory.
+            let mut file = tokio::fs::File::open(path).await?;
+            put_stream(&self.js, &bucket, &object, content_type, &mut file).await?
+        };
+        Ok(Artifact { name: name.to_string(), bucket, object, size: stored.size, content_type: stored.content_type, sha256: stored.sha256 })
     }
 
     /// Removes an artifact a fenced attempt stored: no record or event refers to it.
@@ -147,6 +123,107 @@ pub struct StoredObject {
 
 /// Chunk size of streamed uploads: the object store's default.
 const STREAM_CHUNK_BYTES: usize = 128 * 1024;
+/// Objects up to this size are stored by [`put_new`] (one round trip); larger ones stream.
+const ONE_SHOT_MAX_BYTES: u64 = 4 * STREAM_CHUNK_BYTES as u64;
+
+/// Stores `data` as object `name`, a name nothing else writes (an attempt's artifact: the
+/// attempt is in the name), in one round trip: every chunk and then the metadata are
+/// published at once and their acks awaited together. The object store's own `put` reads the
+/// old version's info, then waits for each chunk's ack and the metadata's, one after another:
+/// three round trips for a small artifact, on every job's critical path.
+///
+/// Chunks and metadata go to the same stream on one connection, so the server stores them in
+/// the order sent: the metadata that makes the object visible lands after its chunks. If any
+/// publish fails, both the chunks and the metadata are purged: nothing refers to the name yet.
+pub async fn put_new(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    name: &str,
+    content_type: &str,
+    data: &[u8],
+) -> Result<StoredObject, StoreError> {
+    if !crate::ids::is_valid_object_name(name) {
+        return Err(StoreError::Decode(format!("object name {name:?} is invalid")));
+    }
+    let nuid = uuid::Uuid::new_v4().simple().to_string();
+    let chunk_subject = format!("$O.{bucket}.C.{nuid}");
+    let digest = Sha256::digest(data);
+    let chunks = data.chunks(STREAM_CHUNK_BYTES);
+    let count = chunks.len();
+    let mut acks = Vec::with_capacity(count + 1);
+    let published = async {
+        for chunk in chunks {
+            acks.push(js.publish(chunk_subject.clone(), bytes::Bytes::copy_from_slice(chunk)).await.map_err(StoreError::nats)?);
+        }
+        let (meta_subject, headers, body) = object_meta(bucket, name, content_type, &nuid, data.len() as u64, count, &digest)?;
+        acks.push(js.publish_with_headers(meta_subject, headers, body).await.map_err(StoreError::nats)?);
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    let mut outcome = published;
+    for ack in acks {
+        let stored = ack.await.map_err(StoreError::nats);
+        if outcome.is_ok() {
+            outcome = stored.map(|_| ());
+        }
+    }
+    if let Err(e) = outcome {
+        if let Ok(stream) = js.get_stream(format!("OBJ_{bucket}")).await {
+            let _ = stream.purge().filter(&chunk_subject).await;
+            let _ = stream.purge().filter(meta_subject_of(bucket, name)).await;
+        }
+        return Err(e);
+    }
+    Ok(StoredObject {
+        name: name.to_string(),
+        size: data.len() as u64,
+        sha256: hex::encode(digest),
+        content_type: content_type.to_string(),
+    })
+}
+
+/// The subject of an object's metadata: `$O.<bucket>.M.<base64url(name)>`.
+fn meta_subject_of(bucket: &str, name: &str) -> String {
+    use base64::Engine;
+    format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name))
+}
+
+/// The metadata message that makes an object visible, in the object store's own format (so
+/// every NATS client reads it): its subject, the rollup header (it replaces an older
+/// version's metadata) and the `ObjectInfo` body, carrying Kiln's sha256 and content type.
+fn object_meta(
+    bucket: &str,
+    name: &str,
+    content_type: &str,
+    nuid: &str,
+    size: u64,
+    chunks: usize,
+    digest: &[u8],
+) -> Result<(String, async_nats::HeaderMap, bytes::Bytes), StoreError> {
+    use base64::Engine;
+    let info = object_store::ObjectInfo {
+        name: name.to_string(),
+        description: None,
+        metadata: HashMap::from([
+            (META_SHA256.to_string(), hex::encode(digest)),
+            (META_CONTENT_TYPE.to_string(), content_type.to_string()),
+        ]),
+        headers: None,
+        options: Some(object_store::ObjectOptions { link: None, max_chunk_size: Some(STREAM_CHUNK_BYTES) }),
+        bucket: bucket.to_string(),
+        nuid: nuid.to_string(),
+        size: size as usize,
+        chunks,
+        modified: Some(time::OffsetDateTime::now_utc()),
+        digest: Some(format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(digest))),
+        deleted: false,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Rollup", "sub");
+    let body = serde_json::to_vec(&info).map_err(|e| StoreError::Decode(e.to_string()))?;
+    Ok((meta_subject_of(bucket, name), headers, body.into()))
+}
+
 /// Chunks published before their acks are awaited: a large upload streams at the link's rate
 /// instead of one round trip per chunk (the object store's own `put` waits for each ack).
 const STREAM_ACKS_IN_FLIGHT: usize = 32;
@@ -166,7 +243,6 @@ pub async fn put_stream(
     content_type: &str,
     data: &mut (impl tokio::io::AsyncRead + Unpin),
 ) -> Result<StoredObject, StoreError> {
-    use base64::Engine;
     use tokio::io::AsyncReadExt;
     if !crate::ids::is_valid_object_name(name) {
         return Err(StoreError::Decode(format!("object name {name:?} is invalid")));
@@ -206,25 +282,8 @@ pub async fn put_stream(
         }
         let digest = sha.finalize();
         let sha256 = hex::encode(digest);
-        let info = object_store::ObjectInfo {
-            name: name.to_string(),
-            description: None,
-            metadata: HashMap::from([(META_SHA256.to_string(), sha256.clone()), (META_CONTENT_TYPE.to_string(), content_type.to_string())]),
-            headers: None,
-            options: Some(object_store::ObjectOptions { link: None, max_chunk_size: Some(STREAM_CHUNK_BYTES) }),
-            bucket: bucket.to_string(),
-            nuid: nuid.clone(),
-            size: size as usize,
-            chunks,
-            modified: Some(time::OffsetDateTime::now_utc()),
-            digest: Some(format!("SHA-256={}", base64::engine::general_purpose::URL_SAFE.encode(digest))),
-            deleted: false,
-        };
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Rollup", "sub");
-        let meta_subject = format!("$O.{bucket}.M.{}", base64::engine::general_purpose::URL_SAFE.encode(name));
-        let body = serde_json::to_vec(&info).map_err(|e| StoreError::Decode(e.to_string()))?;
-        js.publish_with_headers(meta_subject, headers, body.into()).await.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
+        let (meta_subject, headers, body) = object_meta(bucket, name, content_type, &nuid, size, chunks, &digest)?;
+        js.publish_with_headers(meta_subject, headers, body).await.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?;
         Ok::<_, StoreError>(StoredObject { name: name.to_string(), size, sha256, content_type: content_type.to_string() })
     };
     match upload.await {

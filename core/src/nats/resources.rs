@@ -35,6 +35,10 @@ pub struct Resources {
     pub(crate) reuse_kv: kv::Store,
     pub(crate) batches_kv: kv::Store,
     pub(crate) files: object_store::ObjectStore,
+    /// The events stream, held so that reading a job's last event is one request to the
+    /// stream's leader (opening the stream each time cost a stream info request too). Not a
+    /// direct get: that may answer from a replica that lags, and the readers fence on it.
+    pub(crate) events: stream::Stream,
     /// One results bucket per model (each with the model's result TTL), opened on first use.
     pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
     pub(crate) ack_wait: Duration,
@@ -164,6 +168,7 @@ impl Resources {
         .await
         .map_err(StoreError::nats)?;
         raise_consumer_limit(&js, &names.events_stream()).await?;
+        let events = js.get_stream(names.events_stream()).await.map_err(StoreError::nats)?;
 
         let jobs_kv = open_kv(
             &js,
@@ -231,6 +236,7 @@ impl Resources {
             reuse_kv,
             batches_kv,
             files,
+            events,
             results: Arc::new(DashMap::new()),
             ack_wait: Duration::from_millis(config.nats.ack_wait_ms),
             registry_ttl,

@@ -50,6 +50,8 @@ pub struct NatsServer {
     config_file: Option<PathBuf>,
     /// `nats`, or `tls` for a server that requires TLS: the scheme of [`NatsServer::url`].
     scheme: &'static str,
+    /// The HTTP monitoring port (`-m`: `/varz`, `/jsz`, `/connz`), when asked for.
+    monitor_port: Option<u16>,
     /// Keeps a temp store dir alive for the server's life when the caller gave none.
     _temp: Option<tempfile::TempDir>,
 }
@@ -60,6 +62,26 @@ impl NatsServer {
         let temp = tempfile::Builder::new().prefix("kiln-nats-").tempdir()?;
         let mut server = Self::start(temp.path(), 0)?;
         server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Like [`NatsServer::start_temp`], with the HTTP monitoring endpoint on a free port
+    /// (`kiln bench` reads its counters before and after each run).
+    pub fn start_temp_monitored() -> Result<Self, ServerError> {
+        let temp = tempfile::Builder::new().prefix("kiln-nats-").tempdir()?;
+        let bin = find_server_binary()?;
+        let mut server = NatsServer {
+            child: None,
+            port: free_port()?,
+            store_dir: temp.path().to_path_buf(),
+            log_path: temp.path().join("nats-server.log"),
+            bin,
+            config_file: None,
+            scheme: "nats",
+            monitor_port: Some(free_port()?),
+            _temp: Some(temp),
+        };
+        server.spawn()?;
         Ok(server)
     }
 
@@ -94,6 +116,7 @@ impl NatsServer {
             bin,
             config_file,
             scheme: "nats",
+            monitor_port: None,
             _temp: None,
         };
         server.spawn()?;
@@ -105,6 +128,9 @@ impl NatsServer {
         let mut command = Command::new(&self.bin);
         if let Some(config) = &self.config_file {
             command.arg("-c").arg(config);
+        }
+        if let Some(port) = self.monitor_port {
+            command.args(["-m", &port.to_string()]);
         }
         let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
@@ -146,6 +172,16 @@ impl NatsServer {
     }
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `http://127.0.0.1:PORT` of the monitoring endpoint, if the server has one.
+    pub fn monitor_url(&self) -> Option<String> {
+        self.monitor_port.map(|p| format!("http://127.0.0.1:{p}"))
+    }
+
+    /// The server process's id while it runs (to read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.

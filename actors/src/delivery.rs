@@ -1,0 +1,626 @@
+//! The delivery protocol of one queued job: claim, fence, write, ack. The
+//! [`JobActor`](crate::job) drives it around the [`pipeline`](crate::pipeline) that runs the
+//! job; this file owns everything that touches the job's record, its events and its queue
+//! message.
+//!
+//! ```text
+//! read record ── terminal? ──────────────────────────────► republish terminal event, ack
+//!      │        cancel requested / deadline / exhausted ─► terminal write, event, ack
+//!      ▼
+//! claim attempt n (compare-and-set) ── lost ──► re-read and decide again
+//!      ▼
+//! `running` event (its ack awaited before any later event, not before the engine starts),
+//! in_progress ticker
+//!      ▼ ... the pipeline runs ...
+//! ok ─────────► artifact events (fenced on the last event) ─► terminal write `completed` ─► event ─► ack
+//! user error ─► terminal write `failed` ─► event ─► ack
+//! infra error ► attempts left? write `retrying`, nak with backoff : write `failed` (dead letter), ack
+//! cancelled ──► terminal write `cancelled` ─► event ─► ack
+//! ```
+//!
+//! Every record change is a pure function of `kiln_core::job`, written through the one
+//! compare-and-set helper (`kiln_core::nats::cas`). When a write loses, it re-reads: if another
+//! attempt owns the job now this one is *fenced* and stops without acking (the newer attempt's
+//! delivery is the live one); if only a cancel request landed, the change applies on top of it.
+//! The ack always comes after the terminal write and its event, so a crash in between
+//! redelivers the job, which then finds the record terminal and only acks.
+//!
+//! A batch item settles its end into the batch's record between its terminal event and its
+//! ack (`settle_batch`); if that fails the delivery is left unacked and its redelivery, which
+//! finds the record terminal, settles it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use kiln_core::engine::EngineError;
+use kiln_core::job::{self, JobRecord, JobState, Outcome, Owner, Refused};
+use kiln_core::metrics as m;
+use kiln_core::nats::cas::{self, Step, Updated};
+use kiln_core::nats::jobs::{QueueMessage, Versioned};
+use kiln_core::nats::{CasError, Resources, StoreError};
+use kiln_core::policy::Backoff;
+use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::NodeContext;
+
+/// Longest wait for the registry listing before claiming anyway (the registry writer is
+/// stuck: NATS is down, and the claim will tell).
+const LISTING_WAIT: Duration = Duration::from_secs(5);
+
+/// A queue message whose job record does not exist (yet): the API writes the record after
+/// the enqueue, so a fast node may see the message first. These re-reads cover that race;
+/// past them the delivery is handed back for [`NO_RECORD_RECHECK`].
+const RECORD_RACE_WAITS_MS: [u64; 6] = [1, 2, 4, 8, 16, 32];
+const NO_RECORD_RECHECK: Duration = Duration::from_secs(1);
+const NO_RECORD_RECHECK_MAX: Duration = Duration::from_secs(10);
+/// A message still without a record this long after it was enqueued is dropped: its
+/// submission died between the enqueue and the record, and no resubmission can write the
+/// record any more without also enqueueing a new message (the queue's de-duplication window
+/// is over). The margin covers clock differences between the server and this node.
+const ORPHAN_AFTER: Duration = Duration::from_secs(kiln_core::nats::resources::QUEUE_DEDUP_WINDOW.as_secs() + 30);
+
+/// How often a running job looks whether its process stood still (then it re-reads its record).
+const STALL_CHECK: Duration = Duration::from_millis(250);
+
+/// One delivery of a queued job and the attempt it claims.
+pub(crate) struct Delivery {
+    pub(crate) ctx: NodeContext,
+    message: jetstream::Message,
+    /// The slot the attempt runs on (written into the record as its owner).
+    slot: String,
+    /// Cancelled by the dispatcher when a cancel notice for this job arrives, or by this
+    /// delivery when the record asks for it.
+    pub(crate) cancel: CancellationToken,
+    retry_backoff: Backoff,
+    /// Resolves once the node's registry entry lists this delivery (its ack subject): the
+    /// job is claimed only after that, so a survivor that finds this node lost hands back
+    /// every job that started here. `None` in tests that run a job actor alone.
+    listed: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// Acks of events published but not yet confirmed; all are awaited before the terminal
+    /// write, so the history is durable before the outcome is visible.
+    pending_events: Vec<PendingEvent>,
+    /// Resolves once the `running` event is stored: every later event of the attempt waits
+    /// for it (so the history begins with it even when its first publish failed), but the
+    /// engine does not.
+    running_stored: Option<Shared<BoxFuture<'static, ()>>>,
+    /// Numbers this attempt's events for their de-duplication ids.
+    events_sent: u32,
+    pub(crate) job_id: String,
+    /// Set once the attempt is claimed: the record as last written and its revision.
+    current: Option<Versioned>,
+    pub(crate) attempt: u32,
+    /// Set by the ticker when, after this process stood still, the record shows that another
+    /// attempt owns the job (or it ended): nothing more is written or published.
+    fenced: Arc<AtomicBool>,
+    /// The stream sequence of this attempt's newest stored event (0: none yet). The artifact
+    /// events chain onto it without reading the job's last event first.
+    last_seq: Arc<AtomicU64>,
+}
+
+/// An event published without waiting, kept until its ack is in so it can be sent again.
+struct PendingEvent {
+    event: Event,
+    msg_id: String,
+    ack: Option<async_nats::jetstream::context::PublishAckFuture>,
+}
+
+/// How the delivery ended, for the log and the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryEnd {
+    Terminal(JobState),
+    Retrying,
+    /// Another attempt owns the job now; this one stopped without acking.
+    Fenced,
+    /// NATS failed under us; the message is left to redeliver after the ack wait.
+    Abandoned,
+}
+
+enum WriteResult {
+    Written,
+    Fenced,
+}
+
+/// Waits until `pending` is stored, publishing it again (same de-duplication id) if its ack
+/// failed: a nats-server restart in the middle of a job must not leave a hole in its history
+/// (`kiln chaos` found a completed job without its `running` event). Gives up after about
+/// 10 s of NATS being unreachable. Records the event's sequence in `last_seq`.
+async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent, last_seq: &AtomicU64) {
+    if let Some(ack) = pending.ack {
+        if let Ok(ack) = ack.await {
+            last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            return;
+        }
+    }
+    let mut tries = 0;
+    loop {
+        match resources.publish_event_stored(&pending.event, Some(&pending.msg_id)).await {
+            Ok(seq) => {
+                last_seq.fetch_max(seq, Ordering::AcqRel);
+                return;
+            }
+            Err(e) if tries >= 40 => {
+                tracing::warn!(job_id = %job_id, error = %e, "event not stored; its history has a gap");
+                return;
+            }
+            Err(_) => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+impl Delivery {
+    pub(crate) fn new(
+        ctx: NodeContext,
+        message: jetstream::Message,
+        slot: String,
+        cancel: CancellationToken,
+        retry_backoff: Backoff,
+        listed: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> Delivery {
+        let job_id = serde_json::from_slice::<QueueMessage>(&message.payload).map(|q| q.job_id).unwrap_or_default();
+        Delivery {
+            ctx,
+            message,
+            slot,
+            cancel,
+            retry_backoff,
+            listed,
+            pending_events: vec![],
+            running_stored: None,
+            events_sent: 0,
+            job_id,
+            current: None,
+            attempt: 0,
+            fenced: Default::default(),
+            last_seq: Default::default(),
+        }
+    }
+
+    /// The claimed record (after [`claim`](Self::claim) returned `None`).
+    pub(crate) fn record(&self) -> &JobRecord {
+        &self.current.as_ref().expect("claimed").record
+    }
+
+    /// The newest stored event's sequence, shared with the progress forwarder.
+    pub(crate) fn last_seq(&self) -> Arc<AtomicU64> {
+        self.last_seq.clone()
+    }
+
+    /// Resolves once the attempt's `running` event is stored (at once before it is published).
+    pub(crate) fn running_stored(&self) -> Shared<BoxFuture<'static, ()>> {
+        self.running_stored.clone().unwrap_or_else(|| futures::future::ready(()).boxed().shared())
+    }
+
+    /// Whether the queue message names a job at all; an undecodable one is dropped.
+    pub(crate) async fn drop_if_undecodable(&self) -> bool {
+        if !self.job_id.is_empty() && kiln_core::ids::is_valid_token(&self.job_id) {
+            return false;
+        }
+        tracing::warn!(payload = ?String::from_utf8_lossy(&self.message.payload), "undecodable queue message; dropping it");
+        self.ack(AckKind::Term).await;
+        true
+    }
+
+    pub(crate) async fn ack(&self, kind: AckKind) {
+        if let Err(e) = self.message.ack_with(kind).await {
+            tracing::warn!(job_id = %self.job_id, error = %e, "ack failed; the job will be redelivered and found terminal");
+        }
+    }
+
+    pub(crate) async fn event(&mut self, event: Event) {
+        // Stored after the `running` event, whatever happened to its first publish.
+        if let Some(running) = &self.running_stored {
+            running.clone().await;
+        }
+        self.events_sent += 1;
+        let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
+        let ack = self.ctx.resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
+        self.pending_events.push(PendingEvent { event, msg_id, ack });
+    }
+
+    /// Publishes the attempt's `running` event without waiting for it: the engine starts at
+    /// once (that wait was a round trip on every job's critical path), while every later event
+    /// of the attempt, its own or the engine's progress, waits until it is stored
+    /// ([`running_stored`](Self::running_stored)), so the history still begins with it.
+    pub(crate) async fn publish_running(&mut self) {
+        self.events_sent += 1;
+        let event = Event::status(&self.job_id, self.attempt, JobState::Running);
+        let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
+        let ack = self.ctx.resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
+        let pending = PendingEvent { event, msg_id, ack };
+        let (resources, job_id, last_seq) = (self.ctx.resources.clone(), self.job_id.clone(), self.last_seq.clone());
+        self.running_stored = Some(async move { ensure_stored(resources, &job_id, pending, &last_seq).await }.boxed().shared());
+    }
+
+    /// Waits until every event published so far is stored (see [`ensure_stored`]).
+    pub(crate) async fn flush_events(&mut self) {
+        if let Some(running) = &self.running_stored {
+            running.clone().await;
+        }
+        for pending in std::mem::take(&mut self.pending_events) {
+            ensure_stored(self.ctx.resources.clone(), &self.job_id, pending, &self.last_seq).await;
+        }
+    }
+
+    /// The last event of a job, de-duplicated so a redelivery may publish it again safely.
+    ///
+    /// False when it could not be stored: the caller must then not ack, so the redelivery
+    /// (which finds the record terminal) publishes it. Acking anyway left a finished job with
+    /// no ending in its history when a nats-server restart hit this moment (`kiln chaos`).
+    async fn terminal_event(&self, record: &JobRecord) -> bool {
+        let mut event = Event::status(&record.job_id, record.attempt, record.state);
+        if let Some(e) = &record.error {
+            event = event.with_error(e.clone());
+        }
+        let id = format!("{}-terminal", record.job_id);
+        match self.ctx.resources.publish_event_with_id(&event, Some(&id)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
+                false
+            }
+        }
+    }
+
+    /// Reads the record and either finishes the delivery (`Some`) or claims an attempt (`None`).
+    pub(crate) async fn claim(&mut self) -> Result<Option<DeliveryEnd>, CasError> {
+        let Some(first) = self.get_job_awaiting_record().await? else {
+            return Ok(Some(self.without_record().await));
+        };
+        // The record was read while the listing was being written; anything this delivery
+        // writes waits for it (a redelivery that finds the job ended writes nothing).
+        if !first.record.is_terminal() {
+            self.await_listing().await;
+        }
+        let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
+        let this = &*self;
+        let delivered = cas::update_with(
+            &this.job_id,
+            Some(first.into_pair()),
+            || async { Ok(this.get_job_awaiting_record().await?.map(Versioned::into_pair)) },
+            |next, revision| async move { this.ctx.resources.update_job(&next, revision).await },
+            |record| match job::apply_delivery(record, &owner, kiln_core::now_ms()) {
+                Ok(next) => Step::Write(next),
+                // Only an ended record is refused: a crash came between its terminal write and
+                // its event or ack.
+                Err(_) => Step::Stop(record.clone()),
+            },
+        )
+        .await;
+        let (next, revision) = match delivered {
+            Ok(Updated::Written { value, revision }) => (value, revision),
+            Ok(Updated::Stopped(record)) => {
+                // Publish the event only if it is missing, so the history never shows two endings.
+                let last = self.ctx.resources.last_event(&self.job_id).await?;
+                if !last.is_some_and(|e| e.is_terminal()) && !self.terminal_event(&record).await {
+                    return Ok(Some(DeliveryEnd::Abandoned));
+                }
+                if !self.settle_batch(&record).await {
+                    return Ok(Some(DeliveryEnd::Abandoned));
+                }
+                self.ack(AckKind::Ack).await;
+                return Ok(Some(DeliveryEnd::Terminal(record.state)));
+            }
+            Err(CasError::Missing { .. }) => return Ok(Some(self.without_record().await)),
+            Err(e) => return Err(e),
+        };
+        if next.state == JobState::Running {
+            self.attempt = next.attempt;
+            self.current = Some(Versioned { record: next, revision });
+            return Ok(None);
+        }
+        // Ended before it ran: cancelled, past its deadline, or out of attempts.
+        self.finish_metrics(&next);
+        if !self.terminal_event(&next).await || !self.settle_batch(&next).await {
+            return Ok(Some(DeliveryEnd::Abandoned));
+        }
+        self.ack(AckKind::Ack).await;
+        Ok(Some(DeliveryEnd::Terminal(next.state)))
+    }
+
+    /// Waits (once) until the node's registry entry lists this delivery: nothing is claimed or
+    /// written before a survivor could hand it back.
+    async fn await_listing(&mut self) {
+        if let Some(listed) = self.listed.take() {
+            if tokio::time::timeout(LISTING_WAIT, listed).await.is_err() {
+                tracing::warn!(job_id = %self.job_id, "the registry does not list this delivery yet; claiming anyway");
+            }
+        }
+    }
+
+    /// The job's record, re-read a few times over ~60 ms when it is missing on a first
+    /// delivery: the API writes it just after the enqueue, and this node may have been faster.
+    /// A redelivered message was already waited for once: one read (an orphan's redeliveries,
+    /// every second for 150 s, must not hold a slot for 60 ms each).
+    async fn get_job_awaiting_record(&self) -> Result<Option<Versioned>, StoreError> {
+        let redelivered = self.message.info().is_ok_and(|i| i.delivered > 1);
+        let waits: &[u64] = if redelivered { &[] } else { &RECORD_RACE_WAITS_MS };
+        for &wait_ms in waits {
+            if let Some(v) = self.ctx.resources.get_job(&self.job_id).await? {
+                return Ok(Some(v));
+            }
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+        self.ctx.resources.get_job(&self.job_id).await
+    }
+
+    /// A queue message with no job record: its submission is still under way (hand it back
+    /// and look again in a second), or it died between the enqueue and the record, long ago
+    /// (drop the message: nobody was told of this job).
+    async fn without_record(&self) -> DeliveryEnd {
+        let age = self
+            .message
+            .info()
+            .map(|i| {
+                let published_ms = (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                Duration::from_millis(kiln_core::now_ms().saturating_sub(published_ms))
+            })
+            .unwrap_or_default();
+        if age > ORPHAN_AFTER {
+            tracing::warn!(job_id = %self.job_id, age_s = age.as_secs(), "queue message without a job record (its submission died, or the record expired); dropping it");
+            self.ack(AckKind::Term).await;
+        } else {
+            // Look again in 1 s, then less often: 1, 2, 4, 8, then every 10 s.
+            let delivered = self.message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+            let delay = NO_RECORD_RECHECK.saturating_mul(1 << (delivered - 1).min(4)).min(NO_RECORD_RECHECK_MAX);
+            tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, delay_ms = delay.as_millis() as u64, "no job record yet; looking again later");
+            self.ack(AckKind::Nak(Some(delay))).await;
+        }
+        DeliveryEnd::Abandoned
+    }
+
+    /// Writes `change(record)` with compare-and-set, starting from the record this attempt
+    /// holds. When it loses, it re-reads: if this attempt no longer owns the job it is fenced
+    /// and writes nothing; if only a cancel request landed (the only change the API makes to a
+    /// running job), the change applies on top of it and the cancel reaches the engine's token.
+    async fn write(&mut self, change: impl Fn(&JobRecord) -> Result<JobRecord, Refused>) -> Result<WriteResult, CasError> {
+        let held = self.current.clone().expect("claimed");
+        let Some(owner) = held.record.owner.clone() else { return Ok(WriteResult::Fenced) };
+        let attempt = self.attempt;
+        let written = self
+            .ctx
+            .resources
+            .update_job_with(&self.job_id, Some(held), |record| {
+                if !job::owned_by(record, attempt, &owner) {
+                    return Step::Stop(());
+                }
+                change(record).map_or(Step::Stop(()), Step::Write)
+            })
+            .await;
+        match written {
+            Ok(Updated::Written { value, revision }) => {
+                if value.cancel_requested {
+                    self.cancel.cancel();
+                }
+                self.current = Some(Versioned { record: value, revision });
+                Ok(WriteResult::Written)
+            }
+            Ok(Updated::Stopped(())) | Err(CasError::Missing { .. }) => Ok(WriteResult::Fenced),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps the delivery alive while the attempt runs, and watches for this process having
+    /// stood still. JetStream redelivers after ack_wait without news: this tells it we are
+    /// alive. Each tick also re-reads the record, so a cancel whose core-NATS notice was lost
+    /// still lands.
+    ///
+    /// After this process stood still (SIGSTOP, a paused VM) the job may have been handed to
+    /// another node meanwhile: it re-reads the record at once, and if another attempt owns
+    /// the job (or it ended) this attempt is fenced and stops without writing.
+    pub(crate) fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+        let delivery = self.message.clone();
+        let period = self.ctx.resources.ack_wait() / 3;
+        let resources = self.ctx.resources.clone();
+        let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
+        let (stall, fenced) = (self.ctx.stall.clone(), self.fenced.clone());
+        tokio::spawn(async move {
+            let mut stall_seen = stall.generation();
+            let mut next_progress = tokio::time::Instant::now() + period;
+            loop {
+                tokio::time::sleep(STALL_CHECK.min(period)).await;
+                let stalled = stall.generation() != stall_seen;
+                if !stalled && tokio::time::Instant::now() < next_progress {
+                    continue;
+                }
+                stall_seen = stall.generation();
+                if !stalled {
+                    next_progress = tokio::time::Instant::now() + period;
+                    let _ = delivery.ack_with(AckKind::Progress).await;
+                }
+                if let Ok(Some(v)) = resources.get_job(&job_id).await {
+                    if v.record.attempt != attempt || v.record.state != JobState::Running {
+                        tracing::warn!(job_id = %job_id, attempt, "this node stood still and another attempt owns the job now; stopping this one");
+                        fenced.store(true, std::sync::atomic::Ordering::Release);
+                        cancel.cancel();
+                        return;
+                    }
+                    if v.record.cancel_requested {
+                        cancel.cancel();
+                    }
+                }
+            }
+        })
+    }
+
+    pub(crate) async fn conclude(
+        &mut self,
+        record: &JobRecord,
+        outcome: Result<Vec<Artifact>, EngineError>,
+        started: Instant,
+    ) -> DeliveryEnd {
+        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok(artifacts) = &outcome {
+                self.remove_artifacts(&record.model, artifacts).await;
+            }
+            return DeliveryEnd::Fenced;
+        }
+        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => if outcome.is_ok() { "completed" } else { "error" }).record(started.elapsed().as_secs_f64());
+        let outcome = match outcome {
+            Ok(artifacts) => Outcome::Completed { artifacts },
+            Err(EngineError::Cancelled) => Outcome::Cancelled,
+            Err(e) => {
+                let code = if matches!(e, EngineError::User(_)) { ErrorCode::BadRequest } else { ErrorCode::EngineFailed };
+                let error = ApiError::new(code, truncate(e.to_string(), MAX_EVENT_MESSAGE_BYTES));
+                tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "attempt failed");
+                Outcome::Failed { error, kind: e.failure_kind() }
+            }
+        };
+        let artifacts = match &outcome {
+            Outcome::Completed { artifacts } => artifacts.clone(),
+            _ => vec![],
+        };
+        self.flush_events().await;
+        if !artifacts.is_empty() {
+            match self.announce_artifacts(&artifacts).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: another attempt's events follow this one's; its artifacts are withdrawn");
+                    self.remove_artifacts(&record.model, &artifacts).await;
+                    return DeliveryEnd::Fenced;
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %self.job_id, error = %e, "cannot announce the artifacts; leaving the job for redelivery");
+                    return DeliveryEnd::Abandoned;
+                }
+            }
+        }
+        let (attempt, owner) = (self.attempt, Owner { node: self.ctx.node.clone(), slot: self.slot.clone() });
+        let written = self.write(|r| job::conclude(r, attempt, &owner, &outcome, kiln_core::now_ms())).await;
+        match written {
+            Ok(WriteResult::Written) => {}
+            Ok(WriteResult::Fenced) => {
+                tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: a newer attempt owns the job; dropping this outcome");
+                self.remove_artifacts(&record.model, &artifacts).await;
+                return DeliveryEnd::Fenced;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot write the outcome; leaving the job for redelivery");
+                return DeliveryEnd::Abandoned;
+            }
+        }
+        let record = self.current.as_ref().expect("written").record.clone();
+        if record.state == JobState::Retrying {
+            metrics::counter!(m::JOB_RETRIES, "model" => record.model.clone()).increment(1);
+            let mut event = Event::status(&self.job_id, self.attempt, JobState::Retrying);
+            if let Some(e) = &record.error {
+                event = event.with_error(e.clone());
+            }
+            self.event(event).await;
+            self.flush_events().await;
+            let delay = self.retry_backoff.delay(self.attempt);
+            self.ack(AckKind::Nak(Some(delay))).await;
+            return DeliveryEnd::Retrying;
+        }
+        kiln_core::fault::abort_at("abort_after_terminal_write");
+        self.finish_metrics(&record);
+        if !self.terminal_event(&record).await || !self.settle_batch(&record).await {
+            return DeliveryEnd::Abandoned;
+        }
+        self.ack(AckKind::Ack).await;
+        DeliveryEnd::Terminal(record.state)
+    }
+
+    /// Publishes one `artifact` event per artifact, each stored only if the job's last event is
+    /// still one this attempt may follow (`Nats-Expected-Last-Subject-Sequence`): its own, the
+    /// API's, or a late one of an older fenced attempt. A newer attempt's event or an ending
+    /// in between means this attempt is fenced: false. So a fenced attempt that resumes after
+    /// the job ended can add no artifact to its history (an outside storm saw two late
+    /// artifact events after `completed`).
+    async fn announce_artifacts(&self, artifacts: &[Artifact]) -> Result<bool, StoreError> {
+        let resources = &self.ctx.resources;
+        let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
+        // The first artifact not known to be announced, and the sequence to chain after
+        // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
+        // and goes on where the stored history says, for about 10 s of trying.
+        // Chained onto this attempt's own newest event when its sequence is known (every event
+        // is flushed by now): no read on the critical path. A mismatch re-reads as below.
+        let own = self.last_seq.load(Ordering::Acquire);
+        let (mut next, mut after, mut failures) = (0usize, (own > 0).then_some(own), 0u32);
+        loop {
+            let seq = match after {
+                Some(seq) => seq,
+                None => match resources.last_event_with_seq(&self.job_id).await {
+                    Ok(Some((seq, last))) => {
+                        if !may_follow(&last) {
+                            return Ok(false);
+                        }
+                        // This attempt's own artifact event last: stored, though its ack was lost.
+                        if last.attempt == self.attempt {
+                            if let Some(j) = last.artifact.as_ref().and_then(|a| artifacts.iter().position(|x| x.object == a.object)) {
+                                next = next.max(j + 1);
+                            }
+                        }
+                        seq
+                    }
+                    Ok(None) => return Ok(false),
+                    Err(e) => {
+                        failures += 1;
+                        if failures > 40 {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue;
+                    }
+                },
+            };
+            let Some(artifact) = artifacts.get(next) else { return Ok(true) };
+            match resources.publish_event_after(&Event::artifact(&self.job_id, self.attempt, artifact.clone()), seq).await {
+                Ok(Some(stored)) => {
+                    after = Some(stored);
+                    next += 1;
+                }
+                // Something was stored in between: re-read to tell this attempt's own lost
+                // ack, a late event that may be followed, and a fence apart.
+                Ok(None) => after = None,
+                Err(e) => {
+                    failures += 1;
+                    if failures > 40 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    after = None;
+                }
+            }
+        }
+    }
+
+    /// Deletes the objects a fenced attempt stored under its own names (nothing refers to
+    /// them); they would expire with the bucket's TTL anyway.
+    async fn remove_artifacts(&self, model: &str, artifacts: &[Artifact]) {
+        for artifact in artifacts {
+            if let Err(e) = self.ctx.resources.delete_artifact(model, artifact).await {
+                tracing::debug!(job_id = %self.job_id, object = %artifact.object, error = %e, "cannot remove a fenced attempt's artifact");
+            }
+        }
+    }
+
+    /// Tells the job's batch (if it is a batch item) how it ended; must succeed before the
+    /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
+    /// and that delivery finds the job terminal and settles again.
+    async fn settle_batch(&self, record: &JobRecord) -> bool {
+        match self.ctx.resources.settle_batch_item(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "cannot settle the job into its batch; leaving it for redelivery");
+                false
+            }
+        }
+    }
+
+    fn finish_metrics(&self, record: &JobRecord) {
+        metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
+    }
+}
+
+/// Event messages and error messages are bounded so that what a worker prints cannot
+/// approach the NATS payload limit in an event or a job record.
+pub(crate) fn truncate(s: String, max: usize) -> String {
+    kiln_core::protocol::truncate_utf8(s, max)
+}

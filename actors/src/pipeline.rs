@@ -1,0 +1,272 @@
+//! The pipeline runner of one claimed attempt: inputs, inference, post-processing stages,
+//! artifacts. The [`JobActor`](crate::job) runs it between the
+//! [`delivery`](crate::delivery)'s claim and conclusion; everything here reports through the
+//! delivery's events.
+//!
+//! ```text
+//! fetch inputs ─► InferenceActor::Run (progress events stream out meanwhile)
+//!      ▼ the model is done: hand the slot lease back (the slot takes its next job)
+//! stages (compression pool, each with its own attempts) ─► store artifacts under this
+//! attempt's own names (announced, and so made visible, only by the delivery's conclusion)
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use kiln_core::config::StageConfig;
+use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
+use kiln_core::job::JobRecord;
+use kiln_core::nats::StoreError;
+use kiln_core::protocol::{Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+use ractor::ActorRef;
+use tokio::sync::mpsc;
+
+use crate::compression_pool::CompressionHandle;
+use crate::context::NodeContext;
+use crate::delivery::{truncate, Delivery};
+use crate::dispatcher::SlotLease;
+use crate::inference::InferenceMsg;
+
+/// Runs one attempt's work on its slot.
+pub(crate) struct Pipeline {
+    /// The slot the model runs on (its work directory is per slot).
+    pub(crate) slot: String,
+    pub(crate) inference: ActorRef<InferenceMsg>,
+    /// The job's place on the slot, handed back as soon as the model is done; dropped (and so
+    /// handed back) however the attempt ends before that.
+    pub(crate) lease: Option<SlotLease>,
+    pub(crate) compression: CompressionHandle,
+}
+
+impl Pipeline {
+    /// Fetches inputs, runs the engine through the inference actor, stores artifacts.
+    pub(crate) async fn run(&mut self, d: &mut Delivery, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
+        let dir = d.ctx.job_dir(&self.slot, &d.job_id);
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let output_dir = dir.join("out");
+        tokio::fs::create_dir_all(&output_dir)
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
+        let inputs = resolve_inputs(d, record, &dir.join("in")).await?;
+        let job_inputs = inputs.clone();
+        let job = EngineJob {
+            job_id: d.job_id.clone(),
+            attempt: d.attempt,
+            model: record.model.clone(),
+            inputs,
+            params: record.params.clone(),
+            output_dir,
+        };
+
+        let stages = d.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
+        let run_stage = d.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
+        // Progress spans the whole pipeline: the model takes the first MODEL_SHARE of it.
+        let model_share = if stages.is_empty() { 1.0 } else { MODEL_SHARE };
+        if !run_stage.is_empty() {
+            d.event(Event::progress(&d.job_id, d.attempt, Some(run_stage), Some(0.0))).await;
+        }
+        let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
+        let forwarder =
+            tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, model_share, rx, d.running_stored(), d.last_seq()));
+        let cancel = d.cancel.clone();
+        let model_timeout = d.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
+        // The inference actor enforces the model timeout itself; this outer bound only guards
+        // against a reply that never comes. A job claimed ahead waits for the slot's current
+        // one first, which may take a whole timeout too.
+        let call = self
+            .inference
+            .call(|reply| InferenceMsg::Run { job, progress: tx, cancel, reply }, Some(Duration::from_millis(2 * model_timeout + 30_000)))
+            .await;
+        let _ = forwarder.await;
+        let outputs = match call {
+            Ok(ractor::rpc::CallResult::Success(result)) => result?,
+            Ok(ractor::rpc::CallResult::Timeout) => return Err(EngineError::Timeout(model_timeout)),
+            Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
+                return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into()))
+            }
+        };
+        // The model is done: the slot takes its next job while this one's stages run (and,
+        // with jobs claimed ahead, while its artifacts are stored and its outcome written).
+        // Without prefetch the lease is kept to the end when there are no stages, so the next
+        // job is not claimed before this one is settled: a crash in between then takes one
+        // job's attempt, not two.
+        if !stages.is_empty() || d.ctx.config.node.slot_prefetch > 0 {
+            drop(self.lease.take());
+        }
+        let outputs = if stages.is_empty() { outputs } else { self.run_stages(d, record, &stages, &job_inputs, outputs, &dir).await? };
+        // Stored under this attempt's own names; announced (and so made visible) only in
+        // `conclude`, if this attempt still owns the job.
+        let mut artifacts = Vec::with_capacity(outputs.len());
+        for output in outputs {
+            let artifact = d
+                .ctx
+                .resources
+                .store_artifact(&record.model, &d.job_id, d.attempt, &output.name, &output.path, output.content_type.as_deref())
+                .await
+                .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
+            artifacts.push(artifact);
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        Ok(artifacts)
+    }
+
+    /// Runs the model's post-processing stages in order, each with its own attempts; each
+    /// stage's output replaces its input among the artifacts (or joins it, `keep_input`).
+    async fn run_stages(
+        &mut self,
+        d: &mut Delivery,
+        record: &JobRecord,
+        stages: &[StageConfig],
+        inputs: &BTreeMap<String, ResolvedInput>,
+        mut outputs: Vec<EngineOutput>,
+        dir: &Path,
+    ) -> Result<Vec<EngineOutput>, EngineError> {
+        let stage_dir = dir.join("stages");
+        tokio::fs::create_dir_all(&stage_dir)
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", stage_dir.display())))?;
+        for (i, stage) in stages.iter().enumerate() {
+            let base = MODEL_SHARE * 100.0;
+            let share = (1.0 - MODEL_SHARE) * 100.0 / stages.len() as f32;
+            d.event(Event::progress(&d.job_id, d.attempt, Some(stage.name().to_string()), Some(base + share * i as f32))).await;
+            let failed = |message: String| EngineError::Stage { stage: stage.name().to_string(), message };
+            match stage {
+                StageConfig::Command { name, command, input, output, keep_input, timeout_ms, max_attempts } => {
+                    let Some(at) = outputs.iter().position(|o| &o.name == input) else {
+                        return Err(failed(format!("the model produced no artifact {input:?}")));
+                    };
+                    let out_path = stage_dir.join(output);
+                    let argv = kiln_core::stage::expand(command, &outputs[at].path, &out_path);
+                    let mut attempt = 0;
+                    loop {
+                        attempt += 1;
+                        let _ = tokio::fs::remove_file(&out_path).await;
+                        let ran = self.compression.run(argv.clone(), Duration::from_millis(*timeout_ms), &d.cancel).await;
+                        let error = match ran {
+                            Ok(_) if tokio::fs::metadata(&out_path).await.is_ok_and(|m| m.len() > 0) => break,
+                            Ok(_) => format!("the command succeeded but wrote no {output:?}"),
+                            Err(kiln_core::stage::StageError::Cancelled) => return Err(EngineError::Cancelled),
+                            Err(e) => e.to_string(),
+                        };
+                        if d.cancel.is_cancelled() {
+                            return Err(EngineError::Cancelled);
+                        }
+                        tracing::warn!(job_id = %d.job_id, stage = %name, attempt, error = %error, "stage attempt failed");
+                        if attempt >= *max_attempts {
+                            return Err(failed(format!("{error} (after {attempt} attempts)")));
+                        }
+                        let note = format!("stage {name} attempt {attempt} of {max_attempts} failed: {error}; retrying");
+                        d.event(Event::message(&d.job_id, d.attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
+                    }
+                    let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
+                    if *keep_input {
+                        outputs.push(produced);
+                    } else {
+                        outputs[at] = produced;
+                    }
+                }
+                StageConfig::CameraMetadata { image_input, focal_param, default_focal, output, .. } => {
+                    let Some(ResolvedInput::File(image)) = inputs.get(image_input) else {
+                        return Err(failed(format!("input {image_input:?} is not an uploaded image")));
+                    };
+                    let image = image.clone();
+                    let (w, h) = tokio::task::spawn_blocking(move || kiln_core::stage::image_size(&image))
+                        .await
+                        .map_err(|e| failed(e.to_string()))?
+                        .map_err(|e| failed(e.to_string()))?;
+                    let focal = record.params.get(focal_param).and_then(|v| v.as_f64()).unwrap_or(*default_focal);
+                    let body = kiln_core::stage::camera_metadata(&d.job_id, w, h, focal);
+                    let path = stage_dir.join(output);
+                    tokio::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json"))
+                        .await
+                        .map_err(|e| EngineError::Infra(format!("cannot write {}: {e}", path.display())))?;
+                    outputs.push(EngineOutput { name: output.clone(), path, content_type: Some("application/json".into()) });
+                }
+            }
+        }
+        d.event(Event::progress(&d.job_id, d.attempt, None, Some(100.0))).await;
+        Ok(outputs)
+    }
+}
+
+async fn resolve_inputs(d: &Delivery, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
+    let mut resolved = BTreeMap::new();
+    for (name, value) in &record.inputs {
+        let input = match value {
+            InputValue::Inline(v) => ResolvedInput::Inline(v.clone()),
+            InputValue::Object { object } => {
+                let base = object.rsplit('/').next().unwrap_or("input");
+                let dest = dir.join(name).join(base);
+                match d.ctx.resources.download_file(object, &dest).await {
+                    Ok(_) => ResolvedInput::File(dest),
+                    Err(StoreError::NotFound(_)) => {
+                        return Err(EngineError::User(format!(
+                            "input {name:?}: object {object:?} does not exist in the files bucket (expired?)"
+                        )))
+                    }
+                    Err(e) => return Err(EngineError::Infra(format!("input {name:?}: cannot download {object:?}: {e}"))),
+                }
+            }
+        };
+        resolved.insert(name.clone(), input);
+    }
+    Ok(resolved)
+}
+
+/// The part of a pipeline's progress the model takes; its post-processing stages share the rest.
+const MODEL_SHARE: f32 = 0.8;
+
+/// Most progress events whose acks may be outstanding at once: the forwarder overlaps acks
+/// for throughput but waits once this many are in flight, which bounds its memory.
+const MAX_UNACKED_PROGRESS: usize = 64;
+
+/// Turns engine progress into events, in order, until the engine drops its sender; returns
+/// once every one of them is stored.
+async fn forward_progress(
+    ctx: NodeContext,
+    job_id: String,
+    attempt: u32,
+    share: f32,
+    mut rx: mpsc::Receiver<ProgressUpdate>,
+    running_stored: Shared<BoxFuture<'static, ()>>,
+    last_seq: Arc<AtomicU64>,
+) {
+    let mut unacked = std::collections::VecDeque::new();
+    let mut running_stored = Some(running_stored);
+    while let Some(update) = rx.recv().await {
+        // Not before the attempt's `running` event is stored: its history begins with it.
+        if let Some(running) = running_stored.take() {
+            running.await;
+        }
+        let event = match update {
+            ProgressUpdate::Progress { stage, progress, message } => {
+                let stage = stage.map(|s| truncate(s, MAX_STAGE_BYTES));
+                let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * share));
+                e.message = message.map(|m| truncate(m, MAX_EVENT_MESSAGE_BYTES));
+                e
+            }
+            ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
+        };
+        match ctx.resources.publish_event_nowait(&event).await {
+            Ok(ack) => unacked.push_back(ack),
+            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed"),
+        }
+        if unacked.len() >= MAX_UNACKED_PROGRESS {
+            if let Ok(ack) = unacked.pop_front().expect("non-empty").await {
+                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            }
+        }
+    }
+    for ack in unacked {
+        match ack.await {
+            Ok(ack) => {
+                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            }
+            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event not stored"),
+        }
+    }
+}

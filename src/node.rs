@@ -152,6 +152,7 @@ impl RunningNode {
             resources: resources.clone(),
             node: name.clone(),
             work_dir,
+            workspaces: Default::default(),
             warm: Default::default(),
             registry: registry.clone(),
             drain_requested: drain_requested.clone(),

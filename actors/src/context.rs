@@ -17,6 +17,8 @@ pub struct NodeContext {
     pub node: String,
     /// Root of the per-slot working directories (job inputs and outputs).
     pub work_dir: PathBuf,
+    /// Job folders free for reuse, per slot (see [`NodeContext::take_workspace`]).
+    pub workspaces: Arc<DashMap<String, Vec<PathBuf>>>,
     /// Models resident on each slot of this node, kept by the inference actors and read by
     /// the dispatcher to prefer a slot where the job's model is already warm.
     pub warm: Arc<DashMap<String, Vec<String>>>,
@@ -30,9 +32,59 @@ pub struct NodeContext {
     pub stall: kiln_core::stall::StallWatch,
 }
 
+/// Names new job folders; unique within the process.
+static WORKSPACES_MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl NodeContext {
-    /// The folder where one slot keeps one job's files: `<work>/<slot-key>/<job_id>`.
-    pub fn job_dir(&self, slot: &str, job_id: &str) -> PathBuf {
-        self.work_dir.join(kiln_core::config::slot_key(slot)).join(job_id)
+    /// A folder for one job's files on `slot` (`in/`, `out/` made, `out/` empty), taken from
+    /// the slot's free folders or made anew: `<work>/<slot-key>/w<n>`. Blocking: call it from
+    /// the blocking pool.
+    ///
+    /// Folders are reused rather than made and removed per job: on ext4 that churn (inode
+    /// allocation skipping recently deleted inodes, a discard per removal) was the largest
+    /// part of a no-op job's CPU in the node (`perf`, `kiln bench`).
+    pub fn take_workspace(&self, slot: &str) -> std::io::Result<PathBuf> {
+        let reused = self.workspaces.get_mut(slot).and_then(|mut free| free.pop());
+        let dir = reused.unwrap_or_else(|| {
+            let n = WORKSPACES_MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.work_dir.join(kiln_core::config::slot_key(slot)).join(format!("w{n}"))
+        });
+        std::fs::create_dir_all(dir.join("out"))?;
+        Ok(dir)
     }
+
+    /// Empties a job's folder (keeping `out/` itself) and makes it free for the slot's next
+    /// job. A folder that cannot be emptied is removed instead and not reused. Blocking.
+    pub fn return_workspace(&self, slot: &str, dir: PathBuf) {
+        match empty_workspace(&dir) {
+            Ok(()) => self.workspaces.entry(slot.to_string()).or_default().push(dir),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot empty a job folder; removing it");
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+}
+
+/// Removes everything in a job folder but the `out/` folder, and everything in `out/`.
+fn empty_workspace(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name() == "out" && entry.file_type()?.is_dir() {
+            for inner in std::fs::read_dir(&path)? {
+                let inner = inner?;
+                if inner.file_type()?.is_dir() {
+                    std::fs::remove_dir_all(inner.path())?;
+                } else {
+                    std::fs::remove_file(inner.path())?;
+                }
+            }
+        } else if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }

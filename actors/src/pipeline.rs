@@ -31,6 +31,32 @@ use crate::delivery::{truncate, Delivery};
 use crate::dispatcher::SlotLease;
 use crate::inference::InferenceMsg;
 
+/// A job's folder while the attempt uses it, cleaned up when dropped (in the blocking pool:
+/// nobody waits for it). Handed back to its slot's free folders only after an attempt whose
+/// engine and stages all finished: after a timeout, a cancel or a failure something may still
+/// write into it late, so it is removed instead, never given to the next job.
+struct Workspace {
+    ctx: NodeContext,
+    slot: String,
+    dir: Option<std::path::PathBuf>,
+    reusable: bool,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        if let (Some(dir), Ok(runtime)) = (self.dir.take(), tokio::runtime::Handle::try_current()) {
+            let (ctx, slot, reusable) = (self.ctx.clone(), std::mem::take(&mut self.slot), self.reusable);
+            runtime.spawn_blocking(move || {
+                if reusable {
+                    ctx.return_workspace(&slot, dir);
+                } else {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            });
+        }
+    }
+}
+
 /// Runs one attempt's work on its slot.
 pub(crate) struct Pipeline {
     /// The slot the model runs on (its work directory is per slot).
@@ -45,12 +71,15 @@ pub(crate) struct Pipeline {
 impl Pipeline {
     /// Fetches inputs, runs the engine through the inference actor, stores artifacts.
     pub(crate) async fn run(&mut self, d: &mut Delivery, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
-        let dir = d.ctx.job_dir(&self.slot, &d.job_id);
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let dir = {
+            let (ctx, slot) = (d.ctx.clone(), self.slot.clone());
+            tokio::task::spawn_blocking(move || ctx.take_workspace(&slot))
+                .await
+                .map_err(|e| EngineError::Infra(e.to_string()))?
+                .map_err(|e| EngineError::Infra(format!("cannot make a job folder: {e}")))?
+        };
+        let mut workspace = Workspace { ctx: d.ctx.clone(), slot: self.slot.clone(), dir: Some(dir.clone()), reusable: false };
         let output_dir = dir.join("out");
-        tokio::fs::create_dir_all(&output_dir)
-            .await
-            .map_err(|e| EngineError::Infra(format!("cannot create {}: {e}", output_dir.display())))?;
         let inputs = resolve_inputs(d, record, &dir.join("in")).await?;
         let job_inputs = inputs.clone();
         let job = EngineJob {
@@ -110,7 +139,8 @@ impl Pipeline {
                 .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
             artifacts.push(artifact);
         }
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        workspace.reusable = true;
+        drop(workspace);
         Ok(artifacts)
     }
 

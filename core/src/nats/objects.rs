@@ -61,14 +61,23 @@ impl Resources {
         let content_type = content_type.unwrap_or_else(|| content_type_for(name));
         let bucket = self.names.results_bucket(model);
         let object = artifact_object(job_id, attempt, name);
-        let size = tokio::fs::metadata(path).await?.len();
-        let stored = if size <= ONE_SHOT_MAX_BYTES {
-            let data = tokio::fs::read(path).await?;
-            put_new(&self.js, &bucket, &object, content_type, &data).await?
-        } else {
+        // A small file is read whole in one trip to the blocking pool; a large one streams.
+        let small = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
+                if std::fs::metadata(&path)?.len() <= ONE_SHOT_MAX_BYTES {
+                    Ok(Some(std::fs::read(&path)?))
+                } else {
+                    Ok(None)
+                }
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))??
+        };
+        let stored = match small {
+            Some(data) => put_new(&self.js, &bucket, &object, content_type, &data).await?,
             // Large outputs stream from the file, never whole in memory.
-            let mut file = tokio::fs::File::open(path).await?;
-            put_stream(&self.js, &bucket, &object, content_type, &mut file).await?
+            None => put_stream(&self.js, &bucket, &object, content_type, &mut tokio::fs::File::open(path).await?).await?,
         };
         Ok(Artifact { name: name.to_string(), bucket, object, size: stored.size, content_type: stored.content_type, sha256: stored.sha256 })
     }

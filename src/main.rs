@@ -167,6 +167,9 @@ enum Command {
         /// The worker the chaos models run.
         #[arg(long, default_value = "examples/workers/demo_worker.py")]
         worker: PathBuf,
+        /// The nodes' `node.slot_prefetch` (jobs claimed ahead per slot); the profile's 0 if unset.
+        #[arg(long)]
+        slot_prefetch: Option<usize>,
     },
     /// The demo: a local server and node, a batch of jobs on the demo model, results to a folder.
     Demo {
@@ -344,9 +347,10 @@ async fn main() -> ExitCode {
             init_tracing("info");
             run_gateway(args).await
         }
-        Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker } => {
+        Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker, slot_prefetch } => {
             init_tracing("warn");
-            chaos(seed, &profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker).await
+            let overrides = ChaosOverrides { jobs, faults, nodes, rate, step_ms, slot_prefetch };
+            chaos(seed, &profile, overrides, report, work_dir, worker).await
         }
         Command::Demo { config, jobs, out, model, serve } => {
             init_tracing("warn");
@@ -577,14 +581,20 @@ async fn run_gateway(args: GatewayArgs) -> Result<(), String> {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn chaos(
-    seed: u64,
-    profile: &str,
+/// What `kiln chaos` changes in its profile.
+struct ChaosOverrides {
     jobs: Option<u32>,
     faults: Option<u32>,
     nodes: Option<usize>,
     rate: Option<f64>,
     step_ms: Option<u64>,
+    slot_prefetch: Option<usize>,
+}
+
+async fn chaos(
+    seed: u64,
+    profile: &str,
+    o: ChaosOverrides,
     report: Option<PathBuf>,
     work_dir: Option<PathBuf>,
     worker: PathBuf,
@@ -595,11 +605,12 @@ async fn chaos(
         "long" => Profile::long(),
         other => return Err(format!("unknown profile {other:?} (short or long)")),
     };
-    p.jobs = jobs.unwrap_or(p.jobs);
-    p.faults = faults.unwrap_or(p.faults);
-    p.nodes = nodes.unwrap_or(p.nodes).max(2);
-    p.rate = rate.unwrap_or(p.rate);
-    p.step_ms = step_ms.unwrap_or(p.step_ms);
+    p.jobs = o.jobs.unwrap_or(p.jobs);
+    p.faults = o.faults.unwrap_or(p.faults);
+    p.nodes = o.nodes.unwrap_or(p.nodes).max(2);
+    p.rate = o.rate.unwrap_or(p.rate);
+    p.step_ms = o.step_ms.unwrap_or(p.step_ms);
+    p.slot_prefetch = o.slot_prefetch.unwrap_or(p.slot_prefetch);
     let worker = std::fs::canonicalize(&worker).map_err(|e| format!("worker {}: {e}", worker.display()))?;
     let options = ChaosOptions {
         seed,

@@ -547,16 +547,18 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
             messages.extend(got);
         }
         // The server hands a publish to core subscribers (the wake-up) before its stream has
-        // stored it, so a fetch right after a wake-up can come back empty: look again after
-        // 1, 2, 4, 8 ms before waiting for the next wake-up (else the job waited for the 250 ms
-        // re-check, which showed as the sequential p99).
+        // stored it, so a fetch right after a wake-up can come back empty: look again at once,
+        // then after 1, 2, 4 ms, before waiting for the next wake-up (else the job waited for
+        // the 250 ms re-check, which showed as the sequential p99).
         if messages.is_empty() && overtaken < 4 {
             overtaken += 1;
             hints = before;
             for slot in slots {
                 dispatcher.cast(DispatcherMsg::Release { slot }).ok();
             }
-            tokio::time::sleep(Duration::from_millis(1 << (overtaken - 1))).await;
+            if overtaken > 1 {
+                tokio::time::sleep(Duration::from_millis(1 << (overtaken - 2))).await;
+            }
             continue;
         }
         if !messages.is_empty() {

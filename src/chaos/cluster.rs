@@ -24,6 +24,7 @@ url = "{proxy_url}"
 ack_wait_ms = 10000
 [node]
 slots = [{slots}]
+slot_prefetch = {prefetch}
 metrics_addr = ""
 heartbeat_ms = 300
 registry_ttl_ms = 2000
@@ -61,7 +62,8 @@ output = "image-post.png"
 timeout_ms = 1000
 max_attempts = 5
 "#,
-        slots = slots.join(", ")
+        slots = slots.join(", "),
+        prefetch = profile.slot_prefetch
     )
 }
 

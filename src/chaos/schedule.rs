@@ -130,6 +130,9 @@ pub struct Profile {
     pub batch_fraction: f64,
     pub staged_fraction: f64,
     pub cancel_fraction: f64,
+    /// The nodes' `node.slot_prefetch`: jobs each slot claims ahead of the one it runs.
+    #[serde(default)]
+    pub slot_prefetch: usize,
 }
 
 impl Profile {
@@ -146,6 +149,7 @@ impl Profile {
             batch_fraction: 0.1,
             staged_fraction: 0.15,
             cancel_fraction: 0.08,
+            slot_prefetch: 0,
         }
     }
     /// The long profile of docs/RELIABILITY.md.

@@ -8,7 +8,8 @@
 //! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
-//! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor              |
+//! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
+//! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |

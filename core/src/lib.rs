@@ -10,12 +10,12 @@
 //! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
-//! | [`job`]       | the job record (source of truth) and the pure delivery/retry rules          |
+//! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`batch`]     | batches: the parent record, settling children, the summary rule             |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
 //! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |
-//! | [`nats`]      | streams, KV, object store, registry, subject names, the nats-server process |
+//! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |

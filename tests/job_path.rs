@@ -26,15 +26,20 @@ fn prefetching_node(url: &str, work_ms: u64) -> String {
     config_toml(url, &["cpu:0"], 10_000, &hold_model(work_ms)).replacen("metrics_addr = \"\"", "metrics_addr = \"\"\nslot_prefetch = 1", 1)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_claims_its_next_job_while_the_current_one_runs() {
-    let mut cluster = TestCluster::new();
+/// A one-slot node that claims one job ahead, running a 1.5 s job: the client and that job.
+async fn one_slot_running_a_job(cluster: &mut TestCluster) -> (kiln::client::Client, String) {
     cluster.add_node("n1", &prefetching_node(&cluster.url(), 1_500));
     cluster.wait_node_ready("n1", 1).await;
     let client = cluster.client().await;
-
     let first = client.submit(&hold()).await.unwrap().job_id;
     assert!(eventually(Duration::from_secs(10), || async { client.status(&first).await.unwrap().status == JobState::Running }).await);
+    (client, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_claims_its_next_job_while_the_current_one_runs() {
+    let mut cluster = TestCluster::new();
+    let (client, first) = one_slot_running_a_job(&mut cluster).await;
     let second = client.submit(&hold()).await.unwrap().job_id;
     let third = client.submit(&hold()).await.unwrap().job_id;
     // While the first holds the slot, the second is claimed ahead (running, waiting for the
@@ -65,12 +70,7 @@ async fn a_slot_claims_its_next_job_while_the_current_one_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_while_claimed_ahead_never_runs() {
     let mut cluster = TestCluster::new();
-    cluster.add_node("n1", &prefetching_node(&cluster.url(), 1_500));
-    cluster.wait_node_ready("n1", 1).await;
-    let client = cluster.client().await;
-
-    let first = client.submit(&hold()).await.unwrap().job_id;
-    assert!(eventually(Duration::from_secs(10), || async { client.status(&first).await.unwrap().status == JobState::Running }).await);
+    let (client, first) = one_slot_running_a_job(&mut cluster).await;
     let ahead = client.submit(&hold()).await.unwrap().job_id;
     assert!(eventually(Duration::from_secs(1), || async { client.status(&ahead).await.unwrap().status == JobState::Running }).await);
     client.cancel(&ahead).await.unwrap();

@@ -121,8 +121,12 @@ impl Default for ClusterLink {
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// `"embedded"` (default): `kiln up` starts its own nats-server; otherwise a NATS URL
-    /// (`nats://host:4222`, or `tls://host:4222` to require TLS).
+    /// (`nats://host:4222`, or `tls://host:4222` to require TLS), or a comma-separated list of
+    /// a cluster's servers: the connection starts on any and fails over between them.
     pub url: String,
+    /// Replicas of every stream, KV bucket and object store Kiln creates: 1 (default), or 3 or
+    /// 5 on a NATS cluster of at least that many JetStream servers.
+    pub replicas: usize,
     /// JetStream storage of the embedded server. Empty: `$KILN_CACHE/state`.
     pub state_dir: String,
     /// Port of the embedded server; 0 picks a free one.
@@ -168,6 +172,7 @@ impl std::fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsConfig")
             .field("url", &self.url)
+            .field("replicas", &self.replicas)
             .field("state_dir", &self.state_dir)
             .field("embedded_port", &self.embedded_port)
             .field("prefix", &self.prefix)
@@ -190,6 +195,7 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: "embedded".into(),
+            replicas: 1,
             state_dir: String::new(),
             embedded_port: 4222,
             prefix: "kiln".into(),
@@ -228,7 +234,7 @@ impl NatsConfig {
     /// `KILN_NATS_URL`, `KILN_NATS_USER`, `KILN_NATS_PASSWORD`, `KILN_NATS_TOKEN`,
     /// `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`,
     /// `KILN_NATS_TLS_CERT_FILE`, `KILN_NATS_TLS_KEY_FILE`, `KILN_NATS_TLS_REQUIRED`, `KILN_STATE_DIR`,
-    /// `KILN_ACK_WAIT_MS`.
+    /// `KILN_ACK_WAIT_MS`, `KILN_NATS_REPLICAS`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let strings: [(&str, &mut String); 10] = [
             ("KILN_NATS_URL", &mut self.url),
@@ -258,7 +264,15 @@ impl NatsConfig {
             self.ack_wait_ms =
                 v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
         }
+        if let Some(v) = var("KILN_NATS_REPLICAS") {
+            self.replicas = v.parse().map_err(|_| invalid("KILN_NATS_REPLICAS", format!("must be 1, 3 or 5, got {v:?}")))?;
+        }
         Ok(())
+    }
+
+    /// The server URLs of `url`: one, or a cluster's comma-separated seeds.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
     }
 
     /// Makes relative credential and certificate paths absolute, against `base` (the config
@@ -290,7 +304,7 @@ impl NatsConfig {
     /// Whether the connection must use TLS: `tls_required`, a `tls://` URL, or any `tls_*` file.
     pub fn tls(&self) -> bool {
         self.tls_required
-            || self.url.starts_with("tls://")
+            || self.urls().iter().any(|u| u.starts_with("tls://"))
             || !self.tls_ca_file.is_empty()
             || !self.tls_cert_file.is_empty()
             || !self.tls_key_file.is_empty()
@@ -304,6 +318,12 @@ impl NatsConfig {
         }
         if self.ack_wait_ms < 1_000 {
             return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(invalid("nats.replicas", format!("must be 1, 3 or 5 (a RAFT group of that many servers), got {}", self.replicas)));
+        }
+        if self.url == "embedded" && self.replicas != 1 {
+            return Err(invalid("nats.replicas", "must be 1 with the embedded server (one nats-server); point nats.url at a cluster"));
         }
         let methods: Vec<&str> = [
             ("nats.user/nats.password", !self.user.is_empty() || !self.password.is_empty()),
@@ -940,6 +960,25 @@ engine = { kind = "noop" }
         let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
         c.models[0].max_attempts = 0;
         assert!(c.validate().unwrap_err().to_string().contains("models[0].max_attempts"));
+    }
+
+    #[test]
+    fn a_nats_cluster_is_a_list_of_seeds_with_replicas_checked() {
+        let n = NatsConfig::for_url("nats://a:4222, nats://b:4222,tls://c:4222");
+        assert_eq!(n.urls(), ["nats://a:4222", "nats://b:4222", "tls://c:4222"]);
+        assert!(n.tls(), "one tls:// seed asks for TLS");
+        let check = |nats: &str| {
+            let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+            c.nats = ClusterConfig::from_toml(nats, "t").unwrap().nats;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(check("[nats]\nurl = \"nats://a:1,nats://b:1,nats://c:1\"\nreplicas = 3"), Ok(()));
+        assert!(check("[nats]\nurl = \"nats://a:1\"\nreplicas = 2").unwrap_err().contains("nats.replicas"));
+        assert!(check("[nats]\nreplicas = 3").unwrap_err().contains("embedded"), "the embedded server is one server");
+        let mut n = NatsConfig::for_url("nats://a:1");
+        n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "5".into())).unwrap();
+        assert_eq!(n.replicas, 5);
+        assert!(n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "three".into())).is_err());
     }
 
     #[test]

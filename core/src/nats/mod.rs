@@ -3,7 +3,7 @@
 //! | file          | what                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
 //! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
-//! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests)        |
+//! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
@@ -26,7 +26,7 @@ pub use cas::CasError;
 pub use names::{Lane, Names};
 pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
-pub use server::NatsServer;
+pub use server::{NatsCluster, NatsServer};
 
 /// Errors of the NATS layer. Callers branch on the kind; the text carries NATS's own message.
 #[derive(Debug, thiserror::Error)]

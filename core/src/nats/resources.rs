@@ -100,11 +100,19 @@ fn read_nkey_seed(path: &Path) -> Result<String, StoreError> {
 /// failed TLS handshake is final at once, with an error that says which.
 pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client, StoreError> {
     let url = nats.url.as_str();
+    // Every seed of a cluster: the client starts on one and fails over to the others (and to
+    // those the servers announce).
+    let mut addrs = Vec::new();
+    for seed in nats.urls() {
+        addrs.push(
+            seed.parse::<async_nats::ServerAddr>().map_err(|e| StoreError::Nats(format!("nats.url {seed:?} is not a NATS URL: {e}")))?,
+        );
+    }
     let timeout = Duration::from_millis(nats.connect_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let options = connect_options(nats, name).await?;
-        let error = match options.connect(url).await {
+        let error = match options.connect(addrs.clone()).await {
             Ok(client) => return Ok(client),
             Err(e) => e,
         };
@@ -152,6 +160,9 @@ impl Resources {
     pub async fn ensure(client: async_nats::Client, config: &ClusterConfig) -> Result<Self, StoreError> {
         let names = Names::new(&config.nats.prefix);
         let js = jetstream::new(client.clone());
+        // Every stream, bucket and object store below has this many replicas (RAFT on a
+        // NATS cluster); an existing one is brought to it.
+        let replicas = config.nats.replicas;
         let result_ttl = Duration::from_secs(config.storage.result_ttl_s);
 
         let jobs_stream = js
@@ -161,10 +172,12 @@ impl Resources {
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: QUEUE_DEDUP_WINDOW,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
-            .map_err(StoreError::nats)?;
+            .map_err(|e| creation_error(&names.jobs_stream(), replicas, e))?;
+        settle_stream(&js, &names.jobs_stream(), replicas, false).await?;
 
         js.get_or_create_stream(stream::Config {
             name: names.events_stream(),
@@ -175,11 +188,12 @@ impl Resources {
             max_messages_per_subject: MAX_EVENTS_PER_JOB,
             duplicate_window: QUEUE_DEDUP_WINDOW,
             max_consumers: MAX_CONSUMERS_PER_STREAM,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
-        .map_err(StoreError::nats)?;
-        raise_consumer_limit(&js, &names.events_stream()).await?;
+        .map_err(|e| creation_error(&names.events_stream(), replicas, e))?;
+        raise_consumer_limit(&js, &names.events_stream(), replicas).await?;
         let events = js.get_stream(names.events_stream()).await.map_err(StoreError::nats)?;
 
         let jobs_kv = open_kv(
@@ -190,6 +204,7 @@ impl Resources {
                 history: 1,
                 max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             },
         )
@@ -203,12 +218,13 @@ impl Resources {
             history: 1,
             storage: stream::StorageType::File,
             limit_markers: Some(Duration::from_secs(1)),
+            num_replicas: replicas,
             ..Default::default()
         };
         let gpus_kv = open_kv(&js, registry_config(names.gpus_bucket(), "kiln registry: one key per GPU slot")).await?;
         let nodes_kv = open_kv(&js, registry_config(names.nodes_bucket(), "kiln registry: one key per node")).await?;
 
-        let files = open_object_store(&js, names.files_bucket(), Duration::from_secs(config.storage.files_ttl_s)).await?;
+        let files = open_object_store(&js, names.files_bucket(), Duration::from_secs(config.storage.files_ttl_s), replicas).await?;
         // Result reuse: content key -> job id, kept as long as the longest result TTL (a hit
         // is still checked against its own model's TTL).
         let longest_result_ttl = config.models.iter().map(|m| config.result_ttl_s(m)).max().unwrap_or(config.storage.result_ttl_s);
@@ -220,6 +236,7 @@ impl Resources {
                 history: 1,
                 max_age: Duration::from_secs(longest_result_ttl),
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             },
         )
@@ -233,6 +250,7 @@ impl Resources {
                 history: 1,
                 max_age: JOB_RECORD_MIN_TTL.max(result_ttl),
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             },
         )
@@ -256,7 +274,7 @@ impl Resources {
 
         for model in &config.models {
             let ttl = Duration::from_secs(config.result_ttl_s(model));
-            let store = open_object_store(&resources.js, resources.names.results_bucket(&model.name), ttl).await?;
+            let store = open_object_store(&resources.js, resources.names.results_bucket(&model.name), ttl, replicas).await?;
             resources.results.insert(model.name.clone(), store);
             for lane in [Lane::High, Lane::Normal] {
                 resources.ensure_consumer(&jobs_stream, &model.name, lane).await?;
@@ -322,32 +340,78 @@ impl Resources {
     }
 }
 
-async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StoreError> {
-    match js.get_key_value(&config.bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => match js.create_key_value(config.clone()).await {
-            Ok(store) => Ok(store),
-            // Another node created it between our get and create.
-            Err(_) => js.get_key_value(&config.bucket).await.map_err(StoreError::nats),
-        },
+/// A stream, bucket or object store could not be made: when the cluster has fewer JetStream
+/// servers than `nats.replicas`, say so (the server's own words are "insufficient resources").
+fn creation_error(what: &str, replicas: usize, error: impl std::fmt::Display) -> StoreError {
+    let text = error.to_string();
+    if replicas > 1 && text.to_lowercase().contains("insufficient resources") {
+        return StoreError::Nats(format!(
+            "cannot create {what} with nats.replicas = {replicas}: the NATS cluster has fewer than {replicas} JetStream servers up \
+             (run at least {replicas}, or lower nats.replicas): {text}"
+        ));
     }
+    StoreError::Nats(format!("cannot create {what}: {text}"))
+}
+
+async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StoreError> {
+    let store = match js.get_key_value(&config.bucket).await {
+        Ok(store) => store,
+        Err(_) => match js.create_key_value(config.clone()).await {
+            Ok(store) => store,
+            // Another node created it between our get and create.
+            Err(e) => js.get_key_value(&config.bucket).await.map_err(|_| creation_error(&config.bucket, config.num_replicas, e))?,
+        },
+    };
+    settle_stream(js, &format!("KV_{}", config.bucket), config.num_replicas, false).await?;
+    Ok(store)
 }
 
 /// Sets a stream's consumer limit to [`MAX_CONSUMERS_PER_STREAM`] if it is not already (a
 /// stream made by an older Kiln, or an object store's, whose config async-nats does not expose).
-async fn raise_consumer_limit(js: &jetstream::Context, stream: &str) -> Result<(), StoreError> {
+async fn raise_consumer_limit(js: &jetstream::Context, stream: &str, replicas: usize) -> Result<(), StoreError> {
+    settle_stream(js, stream, replicas, true).await
+}
+
+/// Brings an existing stream up to `replicas` (and, with `raise_consumers`, to the consumer
+/// limit): a deployment made with one replica moves to three when a node starts with
+/// `nats.replicas = 3`. The server scales a stream in place (new peers catch up from the
+/// leader, its consumers follow), so no job is lost on the way: `tests/nats_cluster.rs`.
+async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, raise_consumers: bool) -> Result<(), StoreError> {
     let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
     let mut config = s.info().await.map_err(StoreError::nats)?.config.clone();
-    if config.max_consumers != MAX_CONSUMERS_PER_STREAM {
+    let mut changed = false;
+    if raise_consumers && config.max_consumers != MAX_CONSUMERS_PER_STREAM {
         config.max_consumers = MAX_CONSUMERS_PER_STREAM;
-        js.update_stream(config).await.map_err(StoreError::nats)?;
+        changed = true;
+    }
+    // Only ever up: a node started without `nats.replicas` must not shrink a replicated
+    // deployment (scaling down is the operator's call: `nats stream edit --replicas`).
+    if config.num_replicas < replicas {
+        tracing::info!(stream, from = config.num_replicas, to = replicas, "raising the stream's replicas (nats.replicas)");
+        config.num_replicas = replicas;
+        changed = true;
+    } else if config.num_replicas > replicas {
+        tracing::warn!(
+            stream,
+            has = config.num_replicas,
+            configured = replicas,
+            "the stream has more replicas than nats.replicas; leaving it"
+        );
+    }
+    if changed {
+        js.update_stream(config).await.map_err(|e| creation_error(stream, replicas, e))?;
     }
     Ok(())
 }
 
-async fn open_object_store(js: &jetstream::Context, bucket: String, max_age: Duration) -> Result<object_store::ObjectStore, StoreError> {
-    let store = open_object_store_only(js, bucket.clone(), max_age).await?;
-    raise_consumer_limit(js, &format!("OBJ_{bucket}")).await?;
+async fn open_object_store(
+    js: &jetstream::Context,
+    bucket: String,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<object_store::ObjectStore, StoreError> {
+    let store = open_object_store_only(js, bucket.clone(), max_age, replicas).await?;
+    raise_consumer_limit(js, &format!("OBJ_{bucket}"), replicas).await?;
     Ok(store)
 }
 
@@ -355,6 +419,7 @@ async fn open_object_store_only(
     js: &jetstream::Context,
     bucket: String,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<object_store::ObjectStore, StoreError> {
     match js.get_object_store(&bucket).await {
         Ok(store) => Ok(store),
@@ -363,12 +428,13 @@ async fn open_object_store_only(
                 bucket: bucket.clone(),
                 max_age,
                 storage: stream::StorageType::File,
+                num_replicas: replicas,
                 ..Default::default()
             })
             .await
         {
             Ok(store) => Ok(store),
-            Err(_) => js.get_object_store(&bucket).await.map_err(StoreError::nats),
+            Err(e) => js.get_object_store(&bucket).await.map_err(|_| creation_error(&bucket, replicas, e)),
         },
     }
 }

@@ -52,6 +52,8 @@ pub struct NatsServer {
     scheme: &'static str,
     /// The HTTP monitoring port (`-m`: `/varz`, `/jsz`, `/connz`), when asked for.
     monitor_port: Option<u16>,
+    /// More command-line arguments: a cluster member's name, cluster port and routes.
+    extra_args: Vec<String>,
     /// Keeps a temp store dir alive for the server's life when the caller gave none.
     _temp: Option<tempfile::TempDir>,
 }
@@ -79,6 +81,7 @@ impl NatsServer {
             config_file: None,
             scheme: "nats",
             monitor_port: Some(free_port()?),
+            extra_args: vec![],
             _temp: Some(temp),
         };
         server.spawn()?;
@@ -117,6 +120,7 @@ impl NatsServer {
             config_file,
             scheme: "nats",
             monitor_port: None,
+            extra_args: vec![],
             _temp: None,
         };
         server.spawn()?;
@@ -132,6 +136,7 @@ impl NatsServer {
         if let Some(port) = self.monitor_port {
             command.args(["-m", &port.to_string()]);
         }
+        command.args(&self.extra_args);
         let child = command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&self.store_dir)
@@ -184,6 +189,19 @@ impl NatsServer {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Kills the server at once (SIGKILL: no flush, no goodbye to its peers) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the server process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -213,5 +231,58 @@ impl Drop for NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A real NATS cluster on loopback: `n` servers, each with JetStream and its own store dir,
+/// routed to each other, for tests of replicated streams and fail-over. Killed on drop.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+    _temp: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers named `n0`, `n1`... in cluster `kiln-test`, each listing every other
+    /// server's cluster port as a route, and waits until each accepts connections.
+    pub fn start(n: usize) -> Result<NatsCluster, ServerError> {
+        let temp = tempfile::Builder::new().prefix("kiln-nats-cluster-").tempdir()?;
+        let bin = find_server_binary()?;
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| Ok((free_port()?, free_port()?))).collect::<std::io::Result<_>>()?;
+        let mut servers = Vec::with_capacity(n);
+        for (i, (port, cluster_port)) in ports.iter().enumerate() {
+            let routes: Vec<String> =
+                ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, (_, c))| format!("nats://127.0.0.1:{c}")).collect();
+            let store_dir = temp.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&store_dir)?;
+            let mut server = NatsServer {
+                child: None,
+                port: *port,
+                log_path: store_dir.join("nats-server.log"),
+                store_dir,
+                bin: bin.clone(),
+                config_file: None,
+                scheme: "nats",
+                monitor_port: None,
+                extra_args: vec![
+                    "-n".into(),
+                    format!("n{i}"),
+                    "--cluster_name".into(),
+                    "kiln-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{cluster_port}"),
+                    "--routes".into(),
+                    routes.join(","),
+                ],
+                _temp: None,
+            };
+            server.spawn()?;
+            servers.push(server);
+        }
+        Ok(NatsCluster { servers, _temp: temp })
+    }
+
+    /// Every server's URL, comma-separated: `nats.url` for a client of the whole cluster.
+    pub fn url(&self) -> String {
+        self.servers.iter().map(|s| s.url()).collect::<Vec<_>>().join(",")
     }
 }

@@ -143,3 +143,13 @@ async fn more_than_a_thousand_clients_can_follow_events_at_once() {
     }
     assert_eq!(refused_at, Some(1_000), "the server's default limit, which Kiln's streams must not have");
 }
+
+#[tokio::test]
+async fn more_replicas_than_servers_is_refused_with_a_clear_error() {
+    let server = NatsServer::start_temp().expect("nats-server: run scripts/setup.sh");
+    let client = resources::connect(&kiln_core::config::NatsConfig::for_url(&server.url()), "test").await.unwrap();
+    let mut c = config(&server.url());
+    c.nats.replicas = 3;
+    let error = Resources::ensure(client, &c).await.err().expect("one server cannot hold three replicas").to_string();
+    assert!(error.contains("nats.replicas = 3") && error.contains("JetStream servers"), "{error}");
+}

@@ -340,14 +340,16 @@ impl Resources {
     }
 }
 
-/// A stream, bucket or object store could not be made: when the cluster has fewer JetStream
-/// servers than `nats.replicas`, say so (the server's own words are "insufficient resources").
+/// A stream, bucket or object store could not be made: when the server is not a cluster, or
+/// the cluster has fewer JetStream servers than `nats.replicas`, say so (the server's own words
+/// are "replicas > 1 not supported in non-clustered mode" and "insufficient resources").
 fn creation_error(what: &str, replicas: usize, error: impl std::fmt::Display) -> StoreError {
     let text = error.to_string();
-    if replicas > 1 && text.to_lowercase().contains("insufficient resources") {
+    let lower = text.to_lowercase();
+    if replicas > 1 && (lower.contains("insufficient resources") || lower.contains("non-clustered")) {
         return StoreError::Nats(format!(
-            "cannot create {what} with nats.replicas = {replicas}: the NATS cluster has fewer than {replicas} JetStream servers up \
-             (run at least {replicas}, or lower nats.replicas): {text}"
+            "cannot create {what} with nats.replicas = {replicas}: that needs a NATS cluster with at least {replicas} \
+             JetStream servers up (run them, or lower nats.replicas): {text}"
         ));
     }
     StoreError::Nats(format!("cannot create {what}: {text}"))

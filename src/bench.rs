@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub nats: Option<String>,
     /// The duty-cycle run's no-op holds its one slot this long (0: no such run).
     pub work_ms: u64,
+    /// Replicas of every stream (Kiln's and the floor's); `nats.replicas` otherwise.
+    pub replicas: Option<usize>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -51,6 +53,8 @@ pub struct BenchReport {
     pub duty_cycle: Option<Figures>,
     pub work_ms: u64,
     pub ops: OpsPerJob,
+    /// Replicas of Kiln's streams and of the floor's (`nats.replicas`).
+    pub replicas: usize,
 }
 
 pub fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
@@ -64,21 +68,23 @@ pub fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
     Figures { count: samples.len(), p50_ms: pct(0.50), p99_ms: pct(0.99), per_second: samples.len() as f64 / wall.as_secs_f64() }
 }
 
-/// Bare JetStream: `concurrency` loops of publish (acked) -> pull one -> ack, `n` in all.
-async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<Figures, String> {
+/// Bare JetStream: `concurrency` loops of publish (acked) -> pull one -> ack, `n` in all, on a
+/// stream with as many replicas as Kiln's (`nats.replicas`, `KILN_NATS_REPLICAS`).
+async fn floor(js: &jetstream::Context, n: usize, concurrency: usize, replicas: usize) -> Result<Figures, String> {
     let s = js
         .get_or_create_stream(stream::Config {
             name: "BENCH_FLOOR".into(),
             subjects: vec!["bench.floor.>".into()],
             retention: stream::RetentionPolicy::WorkQueue,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
         .map_err(|e| e.to_string())?;
-    let mut tasks = vec![];
-    let wall = Instant::now();
+    // Consumers first, outside the clock: on a cluster each is a replicated group whose
+    // creation took longer than the run itself.
+    let mut consumers = Vec::with_capacity(concurrency);
     for w in 0..concurrency {
-        let per = n / concurrency + usize::from(w < n % concurrency);
         let name = format!("floor-{w}");
         let c = s
             .get_or_create_consumer(
@@ -92,6 +98,12 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize) -> Result<
             )
             .await
             .map_err(|e| e.to_string())?;
+        consumers.push(c);
+    }
+    let mut tasks = vec![];
+    let wall = Instant::now();
+    for (w, c) in consumers.into_iter().enumerate() {
+        let per = n / concurrency + usize::from(w < n % concurrency);
         let js = js.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(per);
@@ -227,14 +239,14 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
 /// The bench node's config: `slots` slots for `noop`, and with `work_ms` one more slot of its
 /// own for `hold` (a no-op that holds its slot `work_ms`), so the duty-cycle run has exactly
 /// one slot.
-fn node_toml(url: &str, slots: usize, work_ms: u64, work_dir: &std::path::Path) -> String {
+fn node_toml(url: &str, replicas: usize, slots: usize, work_ms: u64, work_dir: &std::path::Path) -> String {
     let noop_slots: Vec<String> = (0..slots).map(|i| format!("\"cpu:{i}\"")).collect();
     let mut all = noop_slots.clone();
     if work_ms > 0 {
         all.push(format!("\"cpu:{slots}\""));
     }
     let mut text = format!(
-        "[nats]\nurl = \"{url}\"\n\n[node]\nname = \"bench\"\nslots = [{}]\nmetrics_addr = \"\"\nwork_dir = {:?}\nslot_prefetch = 1\n\n\
+        "[nats]\nurl = \"{url}\"\nreplicas = {replicas}\n\n[node]\nname = \"bench\"\nslots = [{}]\nmetrics_addr = \"\"\nwork_dir = {:?}\nslot_prefetch = 1\n\n\
          [[models]]\nname = \"noop\"\nslots = [{}]\nmax_attempts = 3\ntimeout_ms = 10000\nengine = {{ kind = \"noop\" }}\n",
         all.join(", "),
         work_dir.display().to_string(),
@@ -256,10 +268,10 @@ struct NodeChild {
 }
 
 impl NodeChild {
-    async fn start(url: &str, slots: usize, work_ms: u64, client: &Client) -> Result<NodeChild, String> {
+    async fn start(url: &str, replicas: usize, slots: usize, work_ms: u64, client: &Client) -> Result<NodeChild, String> {
         let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir().map_err(|e| e.to_string())?;
         let config = dir.path().join("node.toml");
-        std::fs::write(&config, node_toml(url, slots, work_ms, &dir.path().join("work"))).map_err(|e| e.to_string())?;
+        std::fs::write(&config, node_toml(url, replicas, slots, work_ms, &dir.path().join("work"))).map_err(|e| e.to_string())?;
         let child = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .args(["node", "--config"])
             .arg(&config)
@@ -563,23 +575,27 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         nats.apply_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
     }
     nats.url = url.clone();
+    if let Some(replicas) = opts.replicas {
+        nats.replicas = replicas;
+    }
+    nats.validate().map_err(|e| e.to_string())?;
     let prefix = nats.prefix.clone();
     let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
-    let node = NodeChild::start(&url, opts.slots, opts.work_ms, &client).await?;
+    let node = NodeChild::start(&url, nats.replicas, opts.slots, opts.work_ms, &client).await?;
     let js = jetstream::new(client.nats().clone());
     let server_pid = server.as_ref().and_then(|s| s.pid());
     let monitor = server.as_ref().and_then(|s| s.monitor_url());
 
     // Warm up both paths (connections, consumers, first-use allocations).
-    floor(&js, 50, 1).await?;
+    floor(&js, 50, 1, nats.replicas).await?;
     kiln(&client, &prefix, 20, 1).await?;
 
-    let floor_latency = floor(&js, opts.jobs.min(2000), 1).await?;
+    let floor_latency = floor(&js, opts.jobs.min(2000), 1, nats.replicas).await?;
     let meter = CpuMeter::start(node.pid(), server_pid);
     let kiln_latency = kiln(&client, &prefix, opts.jobs.min(2000), 1).await?;
     let cpu_sequential = meter.per_job(kiln_latency.count);
     let meter = CpuMeter::start(std::process::id(), server_pid);
-    let floor_throughput = floor(&js, opts.jobs, opts.concurrency).await?;
+    let floor_throughput = floor(&js, opts.jobs, opts.concurrency, nats.replicas).await?;
     let cpu_floor = meter.per_job(floor_throughput.count);
     let meter = CpuMeter::start(node.pid(), server_pid);
     let kiln_throughput = kiln(&client, &prefix, opts.jobs, opts.concurrency).await?;
@@ -604,13 +620,14 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         duty_cycle: duty,
         work_ms: opts.work_ms,
         ops,
+        replicas: nats.replicas,
     })
 }
 
 pub fn print(report: &BenchReport, opts: &BenchOptions) {
     println!(
-        "kiln bench: {} no-op jobs, {} slots (slot_prefetch 1), concurrency {} (same nats-server for both rows; the node is its own process)",
-        opts.jobs, opts.slots, opts.concurrency
+        "kiln bench: {} no-op jobs, {} slots (slot_prefetch 1), concurrency {}, {} replica(s) (the same NATS for both rows; the node is its own process)",
+        opts.jobs, opts.slots, opts.concurrency, report.replicas
     );
     println!();
     println!("sequential (1 in flight)            p50 ms    p99 ms    per s");

@@ -135,6 +135,9 @@ enum Command {
         /// would; jobs/s against 1000/N. 0 skips it.
         #[arg(long, default_value_t = 5)]
         work_ms: u64,
+        /// Replicas of every stream, Kiln's and the floor's (with --nats on a NATS cluster: 3).
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// Storm a local cluster (its own nats-server and node processes) with jobs while injecting
     /// faults on a seeded schedule; check that nothing was lost; print and write a report.
@@ -389,9 +392,9 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Bench { jobs, concurrency, slots, nats, json, work_ms, .. } => {
+        Command::Bench { jobs, concurrency, slots, nats, json, work_ms, replicas, .. } => {
             init_tracing("warn");
-            let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats, work_ms };
+            let opts = kiln::bench::BenchOptions { jobs, concurrency: concurrency.max(1), slots: slots.max(1), nats, work_ms, replicas };
             match kiln::bench::run(opts.clone()).await {
                 Ok(report) => {
                     kiln::bench::print(&report, &opts);

@@ -173,10 +173,24 @@ impl Client {
 
     /// Downloads an artifact and checks its sha256 against the one Kiln recorded.
     pub async fn download(&self, artifact: &Artifact, dest: &Path) -> Result<(), ClientError> {
-        let store = self.js.get_object_store(&artifact.bucket).await.map_err(|e| ClientError::Nats(e.to_string()))?;
-        let mut object = store.get(&artifact.object).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        // Bounded by the client's timeout without data, not overall (a large result may take
+        // long): an object whose chunks never come (lost with a server's disk, purged) used to
+        // hang its caller for ever.
+        let stalled = || ClientError::Timeout(format!("download of {} (no data for {:?})", artifact.object, self.timeout));
+        let opened = async {
+            let store = self.js.get_object_store(&artifact.bucket).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+            store.get(&artifact.object).await.map_err(|e| ClientError::Nats(e.to_string()))
+        };
+        let mut object = tokio::time::timeout(self.timeout, opened).await.map_err(|_| stalled())??;
         let mut data = Vec::with_capacity(artifact.size as usize);
-        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut data).await?;
+        loop {
+            let read = tokio::time::timeout(self.timeout, tokio::io::AsyncReadExt::read_buf(&mut object, &mut data));
+            match read.await.map_err(|_| stalled())? {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         let sha = sha256_hex(&data);
         if sha != artifact.sha256 {
             return Err(ClientError::Decode(format!("{}: sha256 {sha} does not match the recorded {}", artifact.object, artifact.sha256)));

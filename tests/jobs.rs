@@ -273,3 +273,27 @@ async fn high_priority_jobs_run_before_waiting_normal_ones() {
         assert!(v.started_ms.unwrap() > urgent_started, "the urgent job ran first");
     }
 }
+
+/// A download whose object's chunks never come (lost with a server's disk, purged) ends with a
+/// timeout error after the client's timeout without data, instead of hanging its caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_whose_chunks_never_come_times_out() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, NOOP_MODEL));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await.with_timeout(Duration::from_secs(1));
+    let job = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap();
+    let view = wait_terminal(&client, &job.job_id, Duration::from_secs(20)).await;
+    let artifact = view.artifacts[0].clone();
+    let store = client.jetstream().get_object_store(&artifact.bucket).await.unwrap();
+    let nuid = store.info(&artifact.object).await.unwrap().nuid;
+    let stream = client.jetstream().get_stream(format!("OBJ_{}", artifact.bucket)).await.unwrap();
+    stream.purge().filter(format!("$O.{}.C.{nuid}", artifact.bucket)).await.unwrap();
+
+    let dest = cluster.dir.path().join("lost.json");
+    let started = std::time::Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), client.download(&artifact, &dest)).await;
+    let got = got.expect("the download ends on its own");
+    assert!(matches!(got, Err(kiln::client::ClientError::Timeout(_))), "{got:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "after about the client's timeout: {:?}", started.elapsed());
+}

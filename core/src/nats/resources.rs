@@ -193,7 +193,7 @@ impl Resources {
         })
         .await
         .map_err(|e| creation_error(&names.events_stream(), replicas, e))?;
-        raise_consumer_limit(&js, &names.events_stream(), replicas).await?;
+        settle_stream(&js, &names.events_stream(), replicas, true).await?;
         let events = js.get_stream(names.events_stream()).await.map_err(StoreError::nats)?;
 
         let jobs_kv = open_kv(
@@ -368,15 +368,10 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Stor
     Ok(store)
 }
 
-/// Sets a stream's consumer limit to [`MAX_CONSUMERS_PER_STREAM`] if it is not already (a
-/// stream made by an older Kiln, or an object store's, whose config async-nats does not expose).
-async fn raise_consumer_limit(js: &jetstream::Context, stream: &str, replicas: usize) -> Result<(), StoreError> {
-    settle_stream(js, stream, replicas, true).await
-}
-
-/// Brings an existing stream up to `replicas` (and, with `raise_consumers`, to the consumer
-/// limit): a deployment made with one replica moves to three when a node starts with
-/// `nats.replicas = 3`. The server scales a stream in place (new peers catch up from the
+/// Brings an existing stream up to `replicas`, and with `raise_consumers` to the consumer
+/// limit [`MAX_CONSUMERS_PER_STREAM`] (a stream made by an older Kiln, or an object store's,
+/// whose config async-nats does not expose). A deployment made with one replica moves to three
+/// when a node starts with `nats.replicas = 3`. The server scales a stream in place (new peers catch up from the
 /// leader, its consumers follow), so no job is lost on the way: `tests/nats_cluster.rs`.
 async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, raise_consumers: bool) -> Result<(), StoreError> {
     let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
@@ -406,39 +401,33 @@ async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, r
     Ok(())
 }
 
+/// Opens (or creates) an object store, then settles its stream: `replicas`, and the consumer
+/// limit (an object store's config does not expose it).
 async fn open_object_store(
     js: &jetstream::Context,
     bucket: String,
     max_age: Duration,
     replicas: usize,
 ) -> Result<object_store::ObjectStore, StoreError> {
-    let store = open_object_store_only(js, bucket.clone(), max_age, replicas).await?;
-    raise_consumer_limit(js, &format!("OBJ_{bucket}"), replicas).await?;
-    Ok(store)
-}
-
-async fn open_object_store_only(
-    js: &jetstream::Context,
-    bucket: String,
-    max_age: Duration,
-    replicas: usize,
-) -> Result<object_store::ObjectStore, StoreError> {
-    match js.get_object_store(&bucket).await {
-        Ok(store) => Ok(store),
-        Err(_) => match js
-            .create_object_store(object_store::Config {
+    let store = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            let config = object_store::Config {
                 bucket: bucket.clone(),
                 max_age,
                 storage: stream::StorageType::File,
                 num_replicas: replicas,
                 ..Default::default()
-            })
-            .await
-        {
-            Ok(store) => Ok(store),
-            Err(e) => js.get_object_store(&bucket).await.map_err(|_| creation_error(&bucket, replicas, e)),
-        },
-    }
+            };
+            match js.create_object_store(config).await {
+                Ok(store) => store,
+                // Another node created it between our get and create.
+                Err(e) => js.get_object_store(&bucket).await.map_err(|_| creation_error(&bucket, replicas, e))?,
+            }
+        }
+    };
+    settle_stream(js, &format!("OBJ_{bucket}"), replicas, true).await?;
+    Ok(store)
 }
 
 #[cfg(test)]

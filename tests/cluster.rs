@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -93,9 +94,10 @@ async fn three_nodes_join_share_the_jobs_and_see_one_registry() {
     .await;
     assert!(views.iter().all(|v| v == &views[0] && v.len() == 3), "{views:?}");
 
-    // One actor cluster: every node has a session with the other two, through NATS alone.
+    // One actor cluster: any node opens a session with any other when it needs one, through
+    // NATS alone.
     let meshed = cluster.wait_mesh(&["n1", "n2", "n3"], Duration::from_secs(10)).await;
-    println!("full mesh seen {} ms after the last join", meshed.as_millis());
+    println!("sessions between all three opened in {} ms", meshed.as_millis());
     // Control reaches any node's actors from whichever node takes the request.
     for node in ["n1", "n2", "n3"] {
         for _ in 0..3 {
@@ -152,7 +154,12 @@ async fn a_node_with_the_wrong_cookie_is_refused_by_its_peers() {
         cluster.wait_node_ready(n, 1).await;
     }
     cluster.wait_mesh(&["a", "b"], Duration::from_secs(10)).await;
-    // a and b dial c (names sort first); c refuses both with a clear code, and keeps refusing.
+    // a and b dial c when they need it (names sort first); c refuses both with a clear code,
+    // and keeps refusing: the calls fail.
+    let client = cluster.client().await;
+    for from in ["a", "b"] {
+        assert!(client.ping(from, "c", 1).await.is_err(), "{from} reached c's actors with another cookie");
+    }
     assert!(eventually(Duration::from_secs(10), || async { cluster.nodes[2].log().matches("cookie_mismatch").count() >= 2 }).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = cluster.client().await.cluster().await.unwrap();
@@ -297,4 +304,53 @@ async fn a_node_cut_off_from_nats_is_replaced_rejoins_and_nothing_counts_twice()
     // And it serves again.
     let r = client.submit(&request("after", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap();
     assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+}
+
+/// Sessions open when a node needs one and close when idle, so a node's sessions follow what
+/// it does, not the cluster's size (issue 12: a full mesh is n(n-1)/2 sessions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actor_sessions_open_on_demand_and_close_when_idle() {
+    let mut cluster = TestCluster::new();
+    let config = format!(
+        "[cluster]\nidle_session_ms = 1500\nredial_ms = 200\n{}",
+        config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000))
+    );
+    for n in ["a", "b", "c"] {
+        cluster.add_node(n, &config);
+    }
+    for n in ["a", "b", "c"] {
+        cluster.wait_node_ready(n, 1).await;
+    }
+    let client = cluster.client().await;
+    let sessions = || async {
+        let c = client.cluster().await.unwrap();
+        c.nodes.into_iter().map(|n| (n.node, n.peers)).collect::<BTreeMap<String, Vec<String>>>()
+    };
+    // Nobody has called anybody: no session, whatever the registry lists.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(sessions().await.values().all(|p| p.is_empty()), "{:?}", sessions().await);
+
+    // c calls a (c sorts after a: it asks a to dial), and only that pair gets a session.
+    let opened = Instant::now();
+    let p = client.ping("c", "a", 1).await.expect("the call opens a session");
+    println!("first call c -> a, session included, took {} ms (actor call p50 {} us)", opened.elapsed().as_millis(), p.actor_p50_us);
+    let pair = |a: &str, b: &str, s: &BTreeMap<String, Vec<String>>| {
+        s.get(a).is_some_and(|p| p == &[b.to_string()]) && s.get(b).is_some_and(|p| p == &[a.to_string()])
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async { pair("a", "c", &sessions().await) && sessions().await["b"].is_empty() }).await,
+        "{:?}",
+        sessions().await
+    );
+    // Idle for idle_session_ms: both ends close it.
+    let idle_from = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(10), || async { sessions().await.values().all(|p| p.is_empty()) }).await,
+        "{:?}",
+        sessions().await
+    );
+    println!("idle session closed {} ms after its last call", idle_from.elapsed().as_millis());
+    // The next call opens a new one.
+    client.ping("a", "c", 3).await.expect("a new session");
+    assert!(eventually(Duration::from_secs(5), || async { pair("a", "c", &sessions().await) }).await, "{:?}", sessions().await);
 }

@@ -75,8 +75,8 @@ async fn the_example_config_lets_nodes_and_clients_work_and_refuses_clients_the_
     let mut cluster = TestCluster::with_server(server);
     cluster.client_nats = acme_client.clone();
 
-    // Two acme nodes with the node user: they create every stream and bucket, register, form
-    // the actor-cluster mesh through the tunnel subjects, and run jobs.
+    // Two acme nodes with the node user: they create every stream and bucket, register, open
+    // an actor-cluster session through the tunnel subjects, and run jobs.
     let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000))
         .replace("[nats]\n", "[nats]\nprefix = \"acme\"\nuser = \"acme-node\"\n");
     let env = [("KILN_NATS_PASSWORD", acme_node.password.as_str())];
@@ -84,7 +84,10 @@ async fn the_example_config_lets_nodes_and_clients_work_and_refuses_clients_the_
     cluster.add_node_with_env("n2", &config, &env);
     cluster.wait_node_ready("n1", 1).await;
     cluster.wait_node_ready("n2", 1).await;
+    // The operator (node user) makes n1 call n2: the session opens through the tunnel subjects.
+    cluster.client_nats = acme_node.clone();
     cluster.wait_mesh(&["n1", "n2"], Duration::from_secs(20)).await;
+    cluster.client_nats = acme_client.clone();
 
     // The client: upload an input, submit, follow the events, read the result, download it.
     let client = cluster.client().await;
@@ -111,7 +114,7 @@ async fn the_example_config_lets_nodes_and_clients_work_and_refuses_clients_the_
         assert!(js.publish(subject.clone(), "{}".into()).await.unwrap().await.is_err(), "{subject} must not be written");
         w.refused("Publish", &subject).await;
     }
-    for subject in ["acme.tunnel.open.n1", "acme.jobs.demo.high", "acme.events.forged", "acme.api.control", "acme.cluster.announce"] {
+    for subject in ["acme.tunnel.open.n1", "acme.jobs.demo.high", "acme.events.forged", "acme.api.control", "acme.tunnel.want.n1"] {
         w.client.publish(subject, "x".into()).await.unwrap();
         w.client.flush().await.unwrap();
         w.refused("Publish", subject).await;

@@ -1,5 +1,5 @@
-//! ClusterMesh: joins this node to the actor cluster, one ractor_cluster session per peer,
-//! each carried by a NATS [`tunnel`](crate::tunnel).
+//! ClusterMesh: joins this node to the actor cluster, one ractor_cluster session per peer it
+//! talks to, each carried by a NATS [`tunnel`](crate::tunnel).
 //!
 //! ```text
 //! ClusterMesh
@@ -7,12 +7,17 @@
 //!     └── NodeSession (per peer)    reads and writes its Tunnel
 //! ```
 //!
-//! - **Discovery.** Peers are the live nodes of the registry (every node writes its entry with a
-//!   heartbeat), and a node announces itself on `kiln.cluster.announce` when it starts so the
-//!   others dial it without waiting for their next tick.
-//! - **Who dials.** Of two nodes, the one whose name sorts first; so every pair has one session
-//!   and no election is needed. It re-dials every `cluster.redial_ms` while the peer is live
-//!   and no session is up: after a tunnel closed, a peer restarted, or NATS came back.
+//! - **Sessions on demand.** A node opens a session only with a peer it needs to call (a
+//!   cancel, a drain, a GPU restart, a ping: [`reach`]), and closes a session that carried no
+//!   actor message for `cluster.idle_session_ms`. A full mesh would cost every node a session
+//!   and its heartbeats per peer (n(n-1)/2 sessions: 4,950 at 100 nodes); on demand, a node's
+//!   sessions follow what it does, not the cluster's size (docs/ARCHITECTURE.md, "Scaling").
+//! - **Who dials.** Of two nodes, the one whose name sorts first; so a pair never opens two
+//!   sessions at once and no election is needed. A node that needs a session with a peer that
+//!   sorts first asks it to dial (`kiln.tunnel.want.<peer>`). Both then *want* the session
+//!   until it idles out, and the dialer re-dials every `cluster.redial_ms` while it is wanted,
+//!   the peer is live in the registry, and no session is up: after a tunnel closed, a peer
+//!   restarted, or NATS came back.
 //! - **Opening.** The dialer subscribes to its side, then asks `kiln.tunnel.open.<peer>` with a
 //!   proof of the cookie. The acceptor checks the name, the proof and that it has no live
 //!   session with that name, subscribes to its side, replies, and hands its end to its
@@ -34,12 +39,39 @@ use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
 use crate::context::NodeContext;
 use crate::registry_writer::RegistryWriterMsg;
-use crate::tunnel::{self, Side, TunnelSettings};
+use crate::tunnel::{self, Closed, Side, TunnelSettings};
 use crate::wire::{self, OpenReply, OpenRequest, RefusalCode};
 
 /// The host part of every ractor node name (`<node>@kiln`): sessions are keyed by the node
 /// name alone, and no address is ever dialled.
 const HOST: &str = "kiln";
+
+/// The name the mesh is registered under in this process, so [`reach`] can ask it to dial.
+pub const MESH_NAME: &str = "kiln-cluster-mesh";
+
+/// The first member of `group`, a process group of `peer`'s actors, asking the mesh for a
+/// session with `peer` first when none is up; `None` if no member appears within `timeout`
+/// (the peer is gone, refuses the session, or the cluster layer is down).
+pub async fn reach(group: &str, peer: &str, timeout: Duration) -> Option<ractor::ActorCell> {
+    let deadline = Instant::now() + timeout;
+    let mut asked = false;
+    loop {
+        if let Some(member) = ractor::pg::get_members(&group.to_string()).into_iter().next() {
+            return Some(member);
+        }
+        if !asked {
+            let mesh: ActorRef<ClusterMeshMsg> = ractor::registry::where_is(MESH_NAME)?.into();
+            mesh.cast(ClusterMeshMsg::Want(peer.to_string())).ok()?;
+            asked = true;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // The session opens (two NATS round trips), authenticates and syncs the process
+        // groups: a few milliseconds on a healthy cluster.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 pub struct ClusterMesh;
 
@@ -55,8 +87,15 @@ pub struct ClusterMeshState {
     node_server: ActorRef<NodeServerMessage>,
     /// Authenticated sessions: ractor's node id to the peer's node name.
     sessions: HashMap<u64, String>,
+    /// The newest tunnel opened with each peer, to find idle ones and close them.
+    tunnels: HashMap<String, Closed>,
+    /// Peers this node keeps a session with, and when it last needed one: a call, a peer's
+    /// request to dial, or data through the session. Forgotten `idle_session_ms` after that.
+    wanted: HashMap<String, Instant>,
     dialing: HashSet<String>,
     last_dial: HashMap<String, Instant>,
+    /// When this node last asked each peer (that dials it) for a session.
+    last_asked: HashMap<String, Instant>,
     /// The last refusal logged per peer, so a misconfigured peer is reported once, not per tick.
     refusals: HashMap<String, RefusalCode>,
     reported: Option<Vec<String>>,
@@ -69,10 +108,13 @@ pub enum ClusterMeshMsg {
         request: OpenRequest,
         reply: async_nats::Subject,
     },
-    /// A peer announced itself; dial now if this node is the dialer.
-    Announced(String),
+    /// A caller on this node needs a session with this peer ([`reach`]).
+    Want(String),
+    /// This peer asked this node (which sorts first) to dial it.
+    WantedBy(String),
     Dialed {
         peer: String,
+        tunnel: Option<Closed>,
         refused: Option<(RefusalCode, String)>,
         error: Option<String>,
     },
@@ -130,8 +172,11 @@ impl Actor for ClusterMesh {
             registry: args.registry,
             node_server,
             sessions: HashMap::new(),
+            tunnels: HashMap::new(),
+            wanted: HashMap::new(),
             dialing: HashSet::new(),
             last_dial: HashMap::new(),
+            last_asked: HashMap::new(),
             refusals: HashMap::new(),
             reported: None,
             listeners: vec![],
@@ -141,9 +186,8 @@ impl Actor for ClusterMesh {
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let client = state.ctx.resources.client.clone();
         let names = &state.ctx.resources.names;
-        // Subscribed before announcing, so a peer that dials on the announcement finds us.
         let mut opens = client.subscribe(names.tunnel_open(&state.ctx.node)).await?;
-        let mut announces = client.subscribe(names.announce_subject()).await?;
+        let mut wants = client.subscribe(names.tunnel_want(&state.ctx.node)).await?;
         let me = myself.clone();
         state.listeners.push(tokio::spawn(async move {
             while let Some(msg) = opens.next().await {
@@ -163,14 +207,16 @@ impl Actor for ClusterMesh {
         }));
         let me = myself.clone();
         state.listeners.push(tokio::spawn(async move {
-            while let Some(msg) = announces.next().await {
+            while let Some(msg) = wants.next().await {
                 let peer = String::from_utf8_lossy(&msg.payload).to_string();
-                if me.cast(ClusterMeshMsg::Announced(peer)).is_err() {
+                if !kiln_core::ids::is_valid_token(&peer) {
+                    continue;
+                }
+                if me.cast(ClusterMeshMsg::WantedBy(peer)).is_err() {
                     return;
                 }
             }
         }));
-        state.ctx.resources.client.publish(names.announce_subject(), state.ctx.node.clone().into()).await?;
         Ok(())
     }
 
@@ -185,16 +231,23 @@ impl Actor for ClusterMesh {
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
             ClusterMeshMsg::Tick => {
-                let peers: Vec<String> = state.ctx.registry.nodes().into_iter().map(|n| n.node).collect();
-                for peer in peers {
-                    state.maybe_dial(&myself, &peer, false);
+                state.close_idle_sessions();
+                let live: Vec<String> = state.wanted.keys().filter(|p| state.ctx.registry.node(p).is_some()).cloned().collect();
+                for peer in live {
+                    state.want(&myself, &peer, false).await;
                 }
                 state.report();
             }
-            ClusterMeshMsg::Announced(peer) => state.maybe_dial(&myself, &peer, true),
+            ClusterMeshMsg::Want(peer) | ClusterMeshMsg::WantedBy(peer) => {
+                state.wanted.insert(peer.clone(), Instant::now());
+                state.want(&myself, &peer, true).await;
+            }
             ClusterMeshMsg::Accept { request, reply } => state.accept(request, reply).await,
-            ClusterMeshMsg::Dialed { peer, refused, error } => {
+            ClusterMeshMsg::Dialed { peer, tunnel, refused, error } => {
                 state.dialing.remove(&peer);
+                if let Some(tunnel) = tunnel {
+                    state.tunnels.insert(peer.clone(), tunnel);
+                }
                 match (refused, error) {
                     (Some((code, message)), _) => {
                         if state.refusals.insert(peer.clone(), code) != Some(code) {
@@ -255,9 +308,51 @@ impl ClusterMeshState {
         }
     }
 
+    /// Gets a session with `peer` going, if none is up: dials it if this node sorts first,
+    /// else asks it to dial (at most once per `redial_ms` unless `now`).
+    async fn want(&mut self, myself: &ActorRef<ClusterMeshMsg>, peer: &str, now: bool) {
+        if peer == self.ctx.node || self.connected().contains(peer) {
+            return;
+        }
+        if self.ctx.node.as_str() < peer {
+            self.maybe_dial(myself, peer, now);
+            return;
+        }
+        let redial = Duration::from_millis(self.ctx.config.cluster.redial_ms);
+        if !now && self.last_asked.get(peer).is_some_and(|t| t.elapsed() < redial) {
+            return;
+        }
+        self.last_asked.insert(peer.to_string(), Instant::now());
+        let subject = self.ctx.resources.names.tunnel_want(peer);
+        if let Err(e) = self.ctx.resources.client.publish(subject, self.ctx.node.clone().into()).await {
+            tracing::debug!(peer = %peer, error = %e, "cannot ask a peer for a session; will retry");
+        }
+    }
+
+    /// Closes the sessions nobody used for `idle_session_ms` and forgets peers not wanted for
+    /// that long. Data through a session counts as use on both ends, so both close together.
+    fn close_idle_sessions(&mut self) {
+        self.tunnels.retain(|_, t| !t.is_closed());
+        let idle_ms = self.ctx.config.cluster.idle_session_ms;
+        if idle_ms == 0 {
+            return;
+        }
+        let idle = Duration::from_millis(idle_ms);
+        for (peer, tunnel) in &self.tunnels {
+            let last_data = Instant::now().checked_sub(tunnel.idle_for()).unwrap_or_else(Instant::now);
+            let wanted = self.wanted.entry(peer.clone()).or_insert(last_data);
+            *wanted = (*wanted).max(last_data);
+            if wanted.elapsed() >= idle {
+                tunnel.close(format!("idle for {idle_ms} ms"));
+            }
+        }
+        self.wanted.retain(|_, at| at.elapsed() < idle);
+        self.last_asked.retain(|_, at| at.elapsed() < idle);
+        self.last_dial.retain(|_, at| at.elapsed() < idle);
+    }
+
     fn maybe_dial(&mut self, myself: &ActorRef<ClusterMeshMsg>, peer: &str, now: bool) {
-        let me = &self.ctx.node;
-        if peer <= me.as_str() || self.dialing.contains(peer) || self.connected().contains(peer) {
+        if self.dialing.contains(peer) || self.connected().contains(peer) {
             return;
         }
         if self.ctx.resources.client.connection_state() != async_nats::connection::State::Connected {
@@ -272,12 +367,12 @@ impl ClusterMeshState {
         let (ctx, settings, node_server, me, peer) =
             (self.ctx.clone(), self.settings.clone(), self.node_server.clone(), myself.clone(), peer.to_string());
         tokio::spawn(async move {
-            let (refused, error) = match dial(&ctx, settings, &node_server, &peer).await {
-                Ok(None) => (None, None),
-                Ok(Some(refusal)) => (Some(refusal), None),
-                Err(e) => (None, Some(e)),
+            let (tunnel, refused, error) = match dial(&ctx, settings, &node_server, &peer).await {
+                Ok(Ok(tunnel)) => (Some(tunnel), None, None),
+                Ok(Err(refusal)) => (None, Some(refusal), None),
+                Err(e) => (None, None, Some(e)),
             };
-            let _ = me.cast(ClusterMeshMsg::Dialed { peer, refused, error });
+            let _ = me.cast(ClusterMeshMsg::Dialed { peer, tunnel, refused, error });
         });
     }
 
@@ -313,7 +408,9 @@ impl ClusterMeshState {
                 )
                 .await;
                 match started {
-                    Ok((tunnel, _closed)) => {
+                    Ok((tunnel, closed)) => {
+                        self.tunnels.insert(request.dialer.clone(), closed);
+                        self.wanted.insert(request.dialer.clone(), Instant::now());
                         let stream: Box<dyn ractor_cluster::ClusterBidiStream> = Box::new(tunnel);
                         let _ = self.node_server.cast(NodeServerMessage::ConnectionOpenedExternal { stream, is_server: true });
                         OpenReply::Accepted
@@ -329,14 +426,14 @@ impl ClusterMeshState {
     }
 }
 
-/// Opens a session to `peer`: `Ok(None)` when the tunnel is handed to ractor_cluster,
-/// `Ok(Some(refusal))` when the peer refused, `Err` when it did not answer.
+/// Opens a session to `peer`: `Ok(Ok(tunnel))` when the tunnel is handed to ractor_cluster,
+/// `Ok(Err(refusal))` when the peer refused, `Err` when it did not answer.
 async fn dial(
     ctx: &NodeContext,
     settings: TunnelSettings,
     node_server: &ActorRef<NodeServerMessage>,
     peer: &str,
-) -> Result<Option<(RefusalCode, String)>, String> {
+) -> Result<Result<Closed, (RefusalCode, String)>, String> {
     let session = uuid::Uuid::new_v4().simple().to_string();
     let request = OpenRequest {
         proof: wire::cookie_proof(&ctx.config.cluster.cookie, &session, &ctx.node, peer),
@@ -360,11 +457,11 @@ async fn dial(
         Ok(OpenReply::Accepted) if !closed.is_closed() => {
             closed.open();
             ractor_cluster::client_connect_external(node_server, Box::new(tunnel)).await.map_err(|e| e.to_string())?;
-            Ok(None)
+            Ok(Ok(closed))
         }
         Ok(OpenReply::Accepted) => Err("tunnel closed while opening".into()),
         // Dropping the unused tunnel closes it (and tells the acceptor's side, if any).
-        Ok(OpenReply::Refused { code, message }) => Ok(Some((code, message))),
+        Ok(OpenReply::Refused { code, message }) => Ok(Err((code, message))),
         Err(e) => Err(e),
     }
 }

@@ -184,10 +184,10 @@ impl GpuSupervisorState {
     }
 }
 
-/// Calls the supervisor of `slot` on `node`, wherever it runs. `None` when no session to that
-/// node is up or it did not answer in `timeout`.
+/// Calls the supervisor of `slot` on `node`, wherever it runs. A session with `node` is opened
+/// if none is up. `None` when none could be or it did not answer in `timeout`.
 pub async fn call_gpu(node: &str, slot: &str, request: GpuControlRequest, timeout: Duration) -> Option<GpuControlReply> {
-    let member = ractor::pg::get_members(&groups::gpu(node, slot)).into_iter().next()?;
+    let member = crate::cluster_mesh::reach(&groups::gpu(node, slot), node, timeout).await?;
     let actor: ActorRef<GpuSupervisorMsg> = member.into();
     match actor.call(|r| GpuSupervisorMsg::Control(request, r), Some(timeout)).await {
         Ok(ractor::rpc::CallResult::Success(reply)) => Some(reply),

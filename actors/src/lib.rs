@@ -12,7 +12,7 @@
 //! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
-//! ├── ClusterMesh                      cluster_mesh.rs     one actor-cluster session per peer
+//! ├── ClusterMesh                      cluster_mesh.rs     a session per peer it talks to
 //! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
 //! ├── CompressionPool                  compression_pool.rs post-processing commands, bounded
 //! │   └── CompressionWorker (xN)       compression_worker.rs one command at a time

@@ -76,10 +76,11 @@ impl Actor for NodeControl {
     }
 }
 
-/// Calls the control actor of `node`, wherever it runs. `None` when no session to that node
-/// is up (the process group has no member for it) or it did not answer in `timeout`.
+/// Calls the control actor of `node`, wherever it runs, opening a session with `node` if none
+/// is up. `None` when none could be (the process group has no member for it) or it did not
+/// answer in `timeout`.
 pub async fn call_node(node: &str, request: NodeControlRequest, timeout: Duration) -> Option<NodeControlReply> {
-    let member = ractor::pg::get_members(&groups::node(node)).into_iter().next()?;
+    let member = crate::cluster_mesh::reach(&groups::node(node), node, timeout).await?;
     let actor: ActorRef<NodeControlMsg> = member.into();
     match actor.call(|r| NodeControlMsg::Call(request, r), Some(timeout)).await {
         Ok(ractor::rpc::CallResult::Success(reply)) => Some(reply),

@@ -7,7 +7,7 @@
 //! │   └── JobActor (per job)    claim, run, write outcome, ack
 //! ├── LossDetector              declares silent nodes lost, hands their jobs back
 //! ├── NodeControl               this node's door for the cluster: cancel, drain, ping
-//! ├── ClusterMesh               actor-cluster sessions to every peer, through NATS tunnels
+//! ├── ClusterMesh               actor-cluster sessions to the peers it talks to, through NATS tunnels
 //! │   └── NodeServer            ractor_cluster (cookie, process groups)
 //! ├── CompressionPool           post-processing commands, at most max_workers at once
 //! │   └── CompressionWorker     one command at a time, restarted when it dies
@@ -79,7 +79,13 @@ impl Actor for NodeSupervisor {
         Actor::spawn_linked(None, LossDetector, ctx.clone(), myself.get_cell()).await?;
         let control = NodeControlArgs { ctx: ctx.clone(), dispatcher: dispatcher.clone(), drain_requested: ctx.drain_requested.clone() };
         Actor::spawn_linked(None, NodeControl, control, myself.get_cell()).await?;
-        Actor::spawn_linked(None, ClusterMesh, ClusterMeshArgs { ctx: ctx.clone(), registry: registry.clone() }, myself.get_cell()).await?;
+        Actor::spawn_linked(
+            Some(crate::cluster_mesh::MESH_NAME.into()),
+            ClusterMesh,
+            ClusterMeshArgs { ctx: ctx.clone(), registry: registry.clone() },
+            myself.get_cell(),
+        )
+        .await?;
         let mut gpus = vec![];
         for slot in &ctx.config.node.slots {
             let args =

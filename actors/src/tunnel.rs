@@ -103,12 +103,29 @@ impl Tunnel {
 }
 
 /// Why and whether a tunnel closed; shared by its tasks and the caller. The dialer also opens
-/// its tunnel with it, once the acceptor has said it listens.
-#[derive(Clone, Default)]
+/// its tunnel with it, once the acceptor has said it listens. It also knows when the tunnel last
+/// carried data either way (heartbeats aside), which is how the mesh finds idle sessions: both
+/// ends see the same data, so they agree on it.
+#[derive(Clone)]
 pub struct Closed {
     token: CancellationToken,
     reason: Arc<Mutex<Option<String>>>,
     opened: Arc<Notify>,
+    started: std::time::Instant,
+    /// Milliseconds after `started` of the last data frame sent or received.
+    last_data_ms: Arc<AtomicU64>,
+}
+
+impl Default for Closed {
+    fn default() -> Self {
+        Closed {
+            token: CancellationToken::new(),
+            reason: Arc::default(),
+            opened: Arc::default(),
+            started: std::time::Instant::now(),
+            last_data_ms: Arc::default(),
+        }
+    }
 }
 
 impl Closed {
@@ -117,7 +134,8 @@ impl Closed {
     pub fn open(&self) {
         self.opened.notify_one();
     }
-    fn close(&self, reason: impl Into<String>) {
+    /// Closes the tunnel (both halves; ractor's session ends and the peer is told).
+    pub fn close(&self, reason: impl Into<String>) {
         let mut r = self.reason.lock().expect("lock");
         if r.is_none() {
             *r = Some(reason.into());
@@ -131,6 +149,13 @@ impl Closed {
     }
     pub fn is_closed(&self) -> bool {
         self.token.is_cancelled()
+    }
+    fn carried_data(&self) {
+        self.last_data_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// How long since the tunnel last carried data (since it started, if never).
+    pub fn idle_for(&self) -> Duration {
+        self.started.elapsed().saturating_sub(Duration::from_millis(self.last_data_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -280,6 +305,7 @@ async fn receiver(
                 break;
             }
             FrameKind::Data(bytes) => {
+                closed.carried_data();
                 received += bytes.len() as u64;
                 if received - consumed.load(Ordering::Acquire) > settings.window_bytes {
                     closed.close("the peer sent beyond its window");
@@ -371,6 +397,7 @@ async fn sender(
                     break;
                 }
                 Ok(n) => {
+                    closed.carried_data();
                     sent += n as u64;
                     if send(FrameKind::Data(buf[..n].to_vec())).await.is_err() {
                         closed.close("publish failed");

@@ -85,8 +85,13 @@ pub struct ClusterLink {
     pub window_bytes: u64,
     /// The largest data frame, kept well under the NATS payload limit.
     pub frame_bytes: u64,
-    /// How often a node checks for peers it has no session with, and dials them.
+    /// How often a node re-dials a peer it wants a session with (one it called, or that called
+    /// it) while that session is down, and closes sessions idle past `idle_session_ms`.
     pub redial_ms: u64,
+    /// A session that carried no actor message for this long is closed, so a node holds
+    /// sessions only with the peers it talks to, not with every node of the cluster; the next
+    /// call dials again. 0 keeps sessions open for ever.
+    pub idle_session_ms: u64,
 }
 
 impl std::fmt::Debug for ClusterLink {
@@ -98,6 +103,7 @@ impl std::fmt::Debug for ClusterLink {
             .field("window_bytes", &self.window_bytes)
             .field("frame_bytes", &self.frame_bytes)
             .field("redial_ms", &self.redial_ms)
+            .field("idle_session_ms", &self.idle_session_ms)
             .finish()
     }
 }
@@ -111,6 +117,7 @@ impl Default for ClusterLink {
             window_bytes: 4 << 20,
             frame_bytes: 256 << 10,
             redial_ms: 500,
+            idle_session_ms: 60_000,
         }
     }
 }

@@ -220,11 +220,20 @@ impl TestCluster {
         );
     }
 
-    /// Waits until every node named has an actor-cluster session with every other one (as its
-    /// registry entry says); returns how long that took.
+    /// Opens an actor-cluster session between every two nodes named (sessions open on demand:
+    /// each pair is made to call, through `kiln.node.<a>.ping`) and waits until every node's
+    /// registry entry lists every other; returns how long that took.
     pub async fn wait_mesh(&self, nodes: &[&str], limit: Duration) -> Duration {
         let client = self.client().await;
         let started = std::time::Instant::now();
+        for (i, a) in nodes.iter().enumerate() {
+            for b in &nodes[i + 1..] {
+                let pinged = eventually(limit, || async { client.ping(a, b, 1).await.is_ok() }).await;
+                if !pinged {
+                    break;
+                }
+            }
+        }
         let ok = eventually(limit, || async {
             let Ok(c) = client.cluster().await else { return false };
             nodes

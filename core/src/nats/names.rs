@@ -63,6 +63,10 @@ impl Names {
     pub fn jobs_subject_model(&self, model: &str) -> String {
         format!("{}.jobs.{model}.*", self.prefix)
     }
+    /// The queue group of the nodes' pullers of one model: an enqueue wakes one of them.
+    pub fn pullers_queue(&self, model: &str) -> String {
+        format!("{}-pullers-{model}", self.prefix)
+    }
     pub fn consumer(&self, model: &str, lane: Lane) -> String {
         format!("{model}-{}", lane.as_str())
     }
@@ -84,6 +88,9 @@ impl Names {
     pub fn nodes_bucket(&self) -> String {
         format!("{}_nodes", self.prefix)
     }
+    pub fn held_bucket(&self) -> String {
+        format!("{}_held", self.prefix)
+    }
     pub fn batches_bucket(&self) -> String {
         format!("{}_batches", self.prefix)
     }
@@ -104,9 +111,10 @@ impl Names {
     pub fn tunnel_frames(&self, session: &str, side: &str) -> String {
         format!("{}.tunnel.{session}.{side}", self.prefix)
     }
-    /// Published by a node when it starts, so its peers dial it without waiting for a tick.
-    pub fn announce_subject(&self) -> String {
-        format!("{}.cluster.announce", self.prefix)
+    /// Where a node is asked to dial the asker: of two nodes only the one whose name sorts first
+    /// dials, so the other asks it here when it needs a session.
+    pub fn tunnel_want(&self, node: &str) -> String {
+        format!("{}.tunnel.want.{node}", self.prefix)
     }
     /// One node's diagnostics: `ping` (times actor calls and NATS requests to a peer) and
     /// `echo` (the NATS floor of that measurement).

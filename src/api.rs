@@ -230,8 +230,8 @@ impl ApiService {
             "cancel" => encode(self.cancel(parse(body)?).await?),
             "result" => encode(self.result(parse(body)?).await?),
             "jobs" => encode(self.jobs(parse_or_default(body)?).await?),
-            "models" => encode(self.models()),
-            "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.registry.gpus() }),
+            "models" => encode(self.models().await?),
+            "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.live_gpus().await? }),
             "control" => encode(self.control(parse(body)?).await?),
             "submit_batch" => encode(self.submit_batch(parse(body)?).await?),
             "batch" => encode(self.batch(parse(body)?).await?),
@@ -743,7 +743,7 @@ impl ApiService {
                 _ => return Err(unreachable()),
             },
             ControlRequest::RestartGpu { node, slot } => {
-                if self.registry.gpu(&node, &slot).is_none() {
+                if !self.live_gpus_of(&node).await?.iter().any(|g| g.slot == slot) {
                     return Err(ApiError::new(ErrorCode::NotFound, format!("node {node:?} has no slot {slot:?}")));
                 }
                 match call_gpu(&node, &slot, GpuControlRequest::Restart, CONTROL_TIMEOUT).await {
@@ -779,8 +779,17 @@ impl ApiService {
         Ok(ListJobsReply { jobs })
     }
 
-    fn models(&self) -> ModelsReply {
-        let gpus = self.registry.gpus();
+    /// The live GPU entries, read from the registry's server (nodes do not watch them).
+    async fn live_gpus(&self) -> Result<Vec<GpuEntry>, ApiError> {
+        self.resources.gpu_entries(None, false).await.map_err(internal)
+    }
+
+    async fn live_gpus_of(&self, node: &str) -> Result<Vec<GpuEntry>, ApiError> {
+        self.resources.gpu_entries(Some(node), false).await.map_err(internal)
+    }
+
+    async fn models(&self) -> Result<ModelsReply, ApiError> {
+        let gpus = self.live_gpus().await?;
         let models = self
             .config
             .models
@@ -798,7 +807,7 @@ impl ApiService {
                 }
             })
             .collect();
-        ModelsReply { models }
+        Ok(ModelsReply { models })
     }
 }
 

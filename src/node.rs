@@ -134,7 +134,7 @@ impl RunningNode {
             // Its previous life is dead: hand back the deliveries it held now, rather than
             // after the ack wait (a survivor may have done it already; the claim decides).
             let silent_ms = kiln_core::now_ms().saturating_sub(seen.heartbeat_ms);
-            kiln_actors::loss_detector::hand_back(&resources, &registry, &seen, silent_ms).await;
+            kiln_actors::loss_detector::hand_back(&resources, &seen, silent_ms).await;
         }
         let (work_dir, temp) = if config.node.work_dir.is_empty() {
             let t = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir()?;

@@ -7,7 +7,7 @@
 //! suspect's entry from the server itself (not the cache): if its heartbeat moved, it is alive.
 //! Otherwise the survivors race to create a claim key for that node's life
 //! (`_lost.<node>.<started_ms>`); the one that wins:
-//! - NAKs every delivery the lost node held (from the `jobs` of its last entry), so JetStream
+//! - NAKs every delivery the lost node held (its `kiln_held` entry, if of that life), so JetStream
 //!   redelivers them now instead of after the ack wait; the next attempt's compare-and-set on
 //!   the job record fences out anything the lost node still writes;
 //! - marks the lost node's GPUs `dead` in the registry (they expire with their TTL) and
@@ -193,21 +193,16 @@ impl LossDetectorState {
     }
 
     async fn on_lost(&mut self, entry: NodeEntry, silent_ms: u64) {
-        hand_back(&self.ctx.resources, &self.ctx.registry, &entry, silent_ms).await;
+        hand_back(&self.ctx.resources, &entry, silent_ms).await;
     }
 }
 
 /// Hands back the jobs of one lost life of a node, if this caller wins its claim
-/// (`_lost.<node>.<started_ms>`; every survivor may try, one acts): NAKs every delivery listed
-/// in `entry`, marks its GPUs dead and removes its node entry. Also used by a node that
+/// (`_lost.<node>.<started_ms>`; every survivor may try, one acts): NAKs every delivery that life
+/// holds (`kiln_held`), marks its GPUs dead and removes its node entry. Also used by a node that
 /// restarts under the same name and finds its previous life's entry dead: its jobs then come
 /// back at once even with no other node to notice.
-pub async fn hand_back(
-    resources: &kiln_core::nats::Resources,
-    registry: &kiln_core::nats::RegistryCache,
-    entry: &NodeEntry,
-    silent_ms: u64,
-) {
+pub async fn hand_back(resources: &kiln_core::nats::Resources, entry: &NodeEntry, silent_ms: u64) {
     let claim = kiln_core::nats::lost_claim_key(&entry.node, entry.started_ms);
     match resources.claim_once(&claim).await {
         Ok(true) => {}
@@ -217,10 +212,20 @@ pub async fn hand_back(
             return;
         }
     }
-    tracing::warn!(node = %entry.node, silent_ms, jobs = entry.jobs.len(), "node lost; handing its jobs back");
+    // The deliveries of this life only: a new life of the same name (restarted meanwhile)
+    // holds its own, which must not be handed back under it.
+    let held = match resources.held_jobs(&entry.node).await {
+        Ok(Some(held)) if held.started_ms == entry.started_ms => held.jobs,
+        Ok(_) => vec![],
+        Err(e) => {
+            tracing::warn!(node = %entry.node, error = %e, "cannot read a lost node's deliveries; they return after the ack wait");
+            vec![]
+        }
+    };
+    tracing::warn!(node = %entry.node, silent_ms, jobs = held.len(), "node lost; handing its jobs back");
     metrics::counter!(kiln_core::metrics::NODES_LOST).increment(1);
     let client = &resources.client;
-    for job in &entry.jobs {
+    for job in &held {
         if job.ack_subject.is_empty() {
             continue;
         }
@@ -232,7 +237,14 @@ pub async fn hand_back(
         }
     }
     let _ = client.flush().await;
-    for mut gpu in registry.gpus_of(&entry.node) {
+    let gpus = match resources.gpu_entries(Some(&entry.node), true).await {
+        Ok(gpus) => gpus,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read a lost node's GPU entries; they expire with their TTL");
+            vec![]
+        }
+    };
+    for mut gpu in gpus {
         gpu.state = GpuState::Dead;
         gpu.current_job = None;
         gpu.last_error = Some(format!("node lost: no heartbeat for {silent_ms} ms"));

@@ -1,5 +1,10 @@
 //! RegistryWriter: owns this node's entries in the cluster registry (one per GPU slot, one for
-//! the node) and keeps them fresh.
+//! the node, and the deliveries it holds in `kiln_held`) and keeps them fresh.
+//!
+//! The node entry, which every node watches, is written with each heartbeat and when the
+//! node's sessions change, never per job: a write per job would reach every node of the
+//! cluster. The held deliveries, which change with every job, go to their own bucket that
+//! nobody watches.
 //!
 //! Other actors send partial updates ([`GpuUpdate`]); the writer merges them into the entry,
 //! writes it right after the updates already in its mailbox (one put per changed slot, however
@@ -13,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_core::metrics as m;
-use kiln_core::protocol::{GpuEntry, GpuState, NodeEntry};
+use kiln_core::protocol::{GpuEntry, GpuState, HeldJobs, NodeEntry};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::context::NodeContext;
@@ -26,20 +31,23 @@ pub struct RegistryWriterState {
     /// Per slot: the state without the loading overlay, and whether a model is loading.
     base: BTreeMap<String, (GpuState, bool)>,
     node: NodeEntry,
+    /// The deliveries this node holds now, and whether that changed since the last write.
+    held: Vec<kiln_core::protocol::HeldJob>,
+    held_dirty: bool,
+    /// A `FlushHeld` is queued to run at once (not after the coalescing delay).
+    held_flush_queued: bool,
     /// Set when the node starts a graceful leave: slots show `draining` from then on.
     draining: bool,
     /// Set after a graceful leave: heartbeats stop so the entries stay gone.
     removed: bool,
     /// The node entry changed since it was last written.
     node_dirty: bool,
-    /// A `FlushNode` is queued to run at once (not after the coalescing delay).
-    flush_queued: bool,
     /// Slots whose entry changed since the last `FlushGpus`, and whether one is queued at
     /// once or after [`BUSY_IDLE_COALESCE`].
     gpus_dirty: std::collections::BTreeSet<String>,
     gpu_flush_queued: bool,
     gpu_flush_delayed: bool,
-    /// Job actors waiting for the entry that lists their delivery to be stored.
+    /// Job actors waiting for the held entry that lists their delivery to be stored.
     listing_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
     /// The stall generation and NATS connect count the last standing check was made at.
     standing_checked: (u64, u64),
@@ -95,6 +103,8 @@ pub enum RegistryWriterMsg {
     Peers(Vec<String>),
     /// Writes the node entry if it changed since the last write.
     FlushNode,
+    /// Writes the held deliveries if they changed since the last write.
+    FlushHeld,
     /// Writes the slot entries changed since the last flush.
     FlushGpus,
     /// The node is leaving: every live slot shows `draining`.
@@ -146,7 +156,6 @@ impl Actor for RegistryWriter {
             started_ms: now,
             heartbeat_ms: now,
             running_jobs: 0,
-            jobs: vec![],
             peers: vec![],
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
@@ -157,10 +166,12 @@ impl Actor for RegistryWriter {
             gpus,
             base,
             node,
+            held: vec![],
+            held_dirty: false,
+            held_flush_queued: false,
             draining: false,
             removed: false,
             node_dirty: false,
-            flush_queued: false,
             gpus_dirty: Default::default(),
             gpu_flush_queued: false,
             gpu_flush_delayed: false,
@@ -191,8 +202,9 @@ impl Actor for RegistryWriter {
             }
             RegistryWriterMsg::FlushGpus => state.flush_gpus().await,
             RegistryWriterMsg::RunningJobs { jobs, listed } => {
+                // Shown in the node entry from the next heartbeat on.
                 state.node.running_jobs = jobs.len() as u32;
-                state.node.jobs = jobs;
+                state.held = jobs;
                 match listed {
                     // A job waits to be listed before it claims: write at once. Every
                     // RunningJobs already in the mailbox is folded into that one write, so a
@@ -200,17 +212,17 @@ impl Actor for RegistryWriter {
                     // the last ~1 s before a SIGKILL unlisted: it waited out the ack wait.)
                     Some(waiter) => {
                         state.listing_waiters.push(waiter);
-                        state.node_dirty = true;
-                        if !state.flush_queued {
-                            state.flush_queued = true;
-                            let _ = myself.cast(RegistryWriterMsg::FlushNode);
+                        state.held_dirty = true;
+                        if !state.held_flush_queued {
+                            state.held_flush_queued = true;
+                            let _ = myself.cast(RegistryWriterMsg::FlushHeld);
                         }
                     }
-                    // Jobs that ended: at most one node write per 100 ms however many end; a
+                    // Jobs that ended: at most one write per 100 ms however many end; a
                     // survivor may NAK a delivery already acked, which JetStream ignores.
-                    None if !state.node_dirty => {
-                        state.node_dirty = true;
-                        myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushNode);
+                    None if !state.held_dirty => {
+                        state.held_dirty = true;
+                        myself.send_after(Duration::from_millis(100), || RegistryWriterMsg::FlushHeld);
                     }
                     None => {}
                 }
@@ -223,6 +235,7 @@ impl Actor for RegistryWriter {
                 }
             }
             RegistryWriterMsg::FlushNode => state.flush_node().await,
+            RegistryWriterMsg::FlushHeld => state.flush_held().await,
             RegistryWriterMsg::Heartbeat => state.write_all().await,
             RegistryWriterMsg::Draining => {
                 state.draining = true;
@@ -308,9 +321,8 @@ impl RegistryWriterState {
     }
 
     async fn flush_node(&mut self) {
-        self.flush_queued = false;
-        if !self.node_dirty && self.listing_waiters.is_empty() {
-            return; // a delayed flush whose change an immediate one wrote already
+        if !self.node_dirty {
+            return; // a heartbeat wrote the change already
         }
         self.node_dirty = false;
         if !self.removed {
@@ -320,10 +332,29 @@ impl RegistryWriterState {
                 tracing::warn!(error = %e, "node registry write failed");
             }
         }
+    }
+
+    async fn flush_held(&mut self) {
+        self.held_flush_queued = false;
+        if !self.held_dirty && self.listing_waiters.is_empty() {
+            return; // a delayed flush whose change an immediate one wrote already
+        }
+        self.held_dirty = false;
+        if !self.removed {
+            self.check_standing().await;
+            self.write_held().await;
+        }
         // Released even when the write failed: NATS is unreachable, and the claim that
         // follows fails the same way (the delivery then comes back after the ack wait).
         for waiter in self.listing_waiters.drain(..) {
             let _ = waiter.send(());
+        }
+    }
+
+    async fn write_held(&self) {
+        let held = HeldJobs { node: self.node.node.clone(), started_ms: self.node.started_ms, jobs: self.held.clone() };
+        if let Err(e) = self.ctx.resources.put_held(&held).await {
+            tracing::warn!(error = %e, "held-jobs registry write failed");
         }
     }
 
@@ -373,8 +404,13 @@ impl RegistryWriterState {
             self.write_gpu(entry.clone()).await;
         }
         self.node.heartbeat_ms = now;
+        self.node_dirty = false;
         if let Err(e) = self.ctx.resources.put_node(&self.node).await {
             tracing::warn!(error = %e, "node registry write failed");
+        }
+        // Refreshed while any are held, so they expire with the node entry, not before it.
+        if !self.held.is_empty() {
+            self.write_held().await;
         }
     }
 }

@@ -346,14 +346,23 @@ pub struct NodeEntry {
     /// Tells two lives of one node name apart.
     pub started_ms: u64,
     pub heartbeat_ms: u64,
+    /// Jobs running here, as of the last heartbeat.
     pub running_jobs: u32,
-    /// The deliveries this node holds: when it is lost, a survivor NAKs them through their ack
-    /// subjects so JetStream redelivers them at once instead of after the ack wait.
-    #[serde(default)]
-    pub jobs: Vec<HeldJob>,
     /// Nodes this one has an authenticated actor-cluster session with.
     #[serde(default)]
     pub peers: Vec<String>,
+}
+
+/// The deliveries one life of a node holds (KV bucket `kiln_held`, key `<node>`): when the
+/// node is lost, a survivor NAKs them through their ack subjects so JetStream redelivers them
+/// at once instead of after the ack wait. Kept out of the node entry, which every node watches:
+/// this changes with every job, and nobody reads it but the one survivor that hands back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct HeldJobs {
+    pub node: String,
+    /// The node entry's `started_ms`: the life these deliveries belong to.
+    pub started_ms: u64,
+    pub jobs: Vec<HeldJob>,
 }
 
 /// A job delivery a node holds, with the JetStream ack subject of that delivery.

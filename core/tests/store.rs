@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use kiln_core::config::ClusterConfig;
 use kiln_core::job::{JobRecord, JobState};
 use kiln_core::nats::{resources, NatsServer, Resources, StoreError};
-use kiln_core::protocol::{GpuEntry, GpuState};
+use kiln_core::protocol::{GpuEntry, GpuState, NodeEntry};
 
 fn config(url: &str) -> ClusterConfig {
     let mut c = ClusterConfig::from_toml("[[models]]\nname = \"m\"\nengine = { kind = \"noop\" }\n", "test").unwrap();
@@ -60,12 +60,12 @@ async fn the_queue_drops_a_second_publish_of_the_same_job() {
 }
 
 #[tokio::test]
-async fn registry_entries_expire_on_their_own_and_the_cache_follows() {
+async fn registry_entries_expire_on_their_own_and_the_readers_follow() {
     let (_server, res) = setup().await;
     let cache = res.registry_cache().await.unwrap();
-    let entry = GpuEntry {
-        node: "n1".into(),
-        slot: "cpu:0".into(),
+    let gpu = |node: &str, slot: &str| GpuEntry {
+        node: node.into(),
+        slot: slot.into(),
         state: GpuState::Idle,
         models: vec!["m".into()],
         warm_models: vec![],
@@ -74,28 +74,49 @@ async fn registry_entries_expire_on_their_own_and_the_cache_follows() {
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
     };
-    res.put_gpu(&entry).await.unwrap();
+    let node = NodeEntry {
+        node: "n1".into(),
+        version: "test".into(),
+        slots: vec!["cpu:0".into()],
+        started_ms: 1,
+        heartbeat_ms: kiln_core::now_ms(),
+        running_jobs: 0,
+        peers: vec![],
+    };
+    res.put_node(&node).await.unwrap();
+    for (n, s) in [("n1", "cpu:0"), ("n1", "cpu:1"), ("n10", "cpu:0"), ("n2", "cpu:0")] {
+        res.put_gpu(&gpu(n, s)).await.unwrap();
+    }
+    // GPU entries are read from the server, all of them or one node's (not `n10`'s for `n1`).
+    let all: Vec<(String, String)> = res.gpu_entries(None, false).await.unwrap().into_iter().map(|g| (g.node, g.slot)).collect();
+    assert_eq!(all.len(), 4, "{all:?}");
+    let of_n1: Vec<String> = res.gpu_entries(Some("n1"), false).await.unwrap().into_iter().map(|g| g.slot).collect();
+    assert_eq!(of_n1, ["cpu:0", "cpu:1"]);
+    assert!(res.gpu_entries(Some("n3"), true).await.unwrap().is_empty(), "a node with no entries reads as none, at once");
     let start = Instant::now();
-    while cache.gpu("n1", "cpu:0").is_none() {
-        assert!(start.elapsed() < Duration::from_secs(2), "the watch delivers the entry");
+    while cache.node("n1").is_none() {
+        assert!(start.elapsed() < Duration::from_secs(2), "the watch delivers the node entry");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Nobody refreshes it: the server removes it after its 1 s TTL, and the watch sees the
-    // delete marker. (Debian's 2.9 server ignores per-key TTL; this is why 2.11+ is pinned.)
-    let cache_raw_gone = async {
+    // Nobody refreshes them: the server removes them after their 1 s TTL, and the watch sees
+    // the delete marker. (Debian's 2.9 server ignores per-key TTL; this is why 2.11+ is pinned.)
+    let raw_gone = async {
         loop {
-            // Check the KV itself, not only the cache's heartbeat filter.
+            // Check the KV itself, not only the readers' heartbeat filter.
             let js = async_nats::jetstream::new(res.client.clone());
-            let kv = js.get_key_value(res.names.gpus_bucket()).await.unwrap();
-            if kv.get(Resources::gpu_key("n1", "cpu:0")).await.unwrap().is_none() {
+            let kv = js.get_key_value(res.names.nodes_bucket()).await.unwrap();
+            if kv.get("n1").await.unwrap().is_none() && res.gpu_entries(None, true).await.unwrap().is_empty() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), cache_raw_gone).await.expect("the key expired in the server");
-    assert!(cache.gpu("n1", "cpu:0").is_none());
-    assert!(cache.gpus().is_empty());
+    tokio::time::timeout(Duration::from_secs(5), raw_gone).await.expect("the keys expired in the server");
+    let start = Instant::now();
+    while !cache.nodes_including_stale().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(2), "the watch sees the delete marker");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// nats-server 2.15 limits a stream that sets nothing to 1,000 consumers; every client that

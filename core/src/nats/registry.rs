@@ -3,9 +3,15 @@
 //!
 //! Writers put each key with a per-message TTL (`Nats-TTL`, server 2.11+) and refresh it on
 //! every heartbeat; a node that stops refreshing has its keys removed by the server, which
-//! leaves a delete marker that every watcher sees. Readers keep a local [`RegistryCache`] (a
-//! dashmap fed by a KV watch) and also drop entries whose heartbeat is older than the TTL, so a
-//! reader never shows a dead node as alive even between the expiry and the marker.
+//! leaves a delete marker that every watcher sees. Readers drop entries whose heartbeat is older
+//! than the TTL, so a reader never shows a dead node as alive even between the expiry and the
+//! marker.
+//!
+//! Every node keeps a local [`RegistryCache`] of the *node* entries (a dashmap fed by a KV
+//! watch): the loss detector needs every heartbeat. It does not watch the GPU entries: those
+//! change with every job on every slot, so a watch on each node would cost the cluster
+//! (slot changes) × (nodes) messages, growing with the square of its size. A node reads them
+//! from the server when a request needs them ([`Resources::gpu_entries`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +24,7 @@ use serde::Serialize;
 
 use super::{Resources, StoreError};
 use crate::config::slot_key;
-use crate::protocol::{GpuEntry, NodeEntry};
+use crate::protocol::{GpuEntry, HeldJobs, NodeEntry};
 
 /// The key a survivor creates (once) to hand back the jobs of one life of a lost node.
 pub fn lost_claim_key(node: &str, started_ms: u64) -> String {
@@ -51,6 +57,20 @@ impl Resources {
 
     pub async fn put_node(&self, entry: &NodeEntry) -> Result<(), StoreError> {
         self.put_with_ttl(&self.names.nodes_bucket(), &entry.node, entry).await
+    }
+
+    /// Writes the deliveries a node holds, with the registry TTL like its node entry: refreshed
+    /// with every heartbeat while it holds any, so they outlive the node by the same margin.
+    pub async fn put_held(&self, held: &HeldJobs) -> Result<(), StoreError> {
+        self.put_with_ttl(&self.names.held_bucket(), &held.node, held).await
+    }
+
+    /// The deliveries `node` holds, as it last wrote them (read from the server).
+    pub async fn held_jobs(&self, node: &str) -> Result<Option<HeldJobs>, StoreError> {
+        match self.held_kv.get(node).await.map_err(StoreError::nats)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::Decode(e.to_string())),
+            None => Ok(None),
+        }
     }
 
     /// Creates `key` in the nodes bucket only if absent, with the registry TTL: true for the
@@ -89,22 +109,71 @@ impl Resources {
         for slot in slots {
             self.gpus_kv.delete(Self::gpu_key(node, slot)).await.map_err(StoreError::nats)?;
         }
+        self.held_kv.delete(node).await.map_err(StoreError::nats)?;
         self.nodes_kv.delete(node).await.map_err(StoreError::nats)?;
         Ok(())
     }
 
-    /// Starts a watch-fed cache of the registry. The cache fills with the current entries
+    /// Starts a watch-fed cache of the node entries. The cache fills with the current entries
     /// before this returns, then follows every change until the returned cache is dropped.
     pub async fn registry_cache(&self) -> Result<RegistryCache, StoreError> {
-        let cache = RegistryCache {
-            gpus: Arc::new(DashMap::new()),
-            nodes: Arc::new(DashMap::new()),
-            ttl: self.registry_ttl,
-            _tasks: Arc::new(Vec::new()),
+        let nodes = Arc::new(DashMap::new());
+        let task = spawn_watch(self.nodes_kv.clone(), nodes.clone()).await?;
+        Ok(RegistryCache { nodes, ttl: self.registry_ttl, _task: Arc::new(task) })
+    }
+
+    /// The GPU entries in the registry now, of one node or of all, sorted by node then slot,
+    /// read from the server: one ordered consumer over the last value of each key, as many
+    /// messages as there are slots. Entries whose heartbeat is older than the TTL (a dead
+    /// node's, not yet removed) are left out unless `include_stale`.
+    pub async fn gpu_entries(&self, node: Option<&str>, include_stale: bool) -> Result<Vec<GpuEntry>, StoreError> {
+        use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+        let filter = match node {
+            Some(node) => format!("{}{node}.>", self.gpus_kv.prefix),
+            None => format!("{}>", self.gpus_kv.prefix),
         };
-        let gpus = spawn_watch(self.gpus_kv.clone(), cache.gpus.clone()).await?;
-        let nodes = spawn_watch(self.nodes_kv.clone(), cache.nodes.clone()).await?;
-        Ok(RegistryCache { _tasks: Arc::new(vec![gpus, nodes]), ..cache })
+        let consumer = self
+            .gpus_kv
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("kiln registry read".into()),
+                filter_subject: filter,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(StoreError::nats)?;
+        let mut entries = Vec::new();
+        if consumer.cached_info().num_pending > 0 {
+            let mut messages = consumer.messages().await.map_err(StoreError::nats)?;
+            let read = async {
+                while let Some(message) = messages.next().await {
+                    let message = message.map_err(StoreError::nats)?;
+                    let info = message.info().map_err(StoreError::nats)?;
+                    let pending = info.pending;
+                    let deleted = message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT");
+                    if !deleted {
+                        match serde_json::from_slice::<GpuEntry>(&message.payload) {
+                            Ok(entry) => entries.push(entry),
+                            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "undecodable registry entry"),
+                        }
+                    }
+                    if pending == 0 {
+                        break;
+                    }
+                }
+                Ok::<(), StoreError>(())
+            };
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .map_err(|_| StoreError::Nats("reading the GPU registry took over 10 s".into()))??;
+        }
+        let fresh = |g: &GpuEntry| crate::now_ms().saturating_sub(g.heartbeat_ms) <= self.registry_ttl.as_millis() as u64;
+        entries.retain(|g| include_stale || fresh(g));
+        entries.sort_by(|a, b| (&a.node, &a.slot).cmp(&(&b.node, &b.slot)));
+        Ok(entries)
     }
 }
 
@@ -160,25 +229,17 @@ async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
     Ok(AbortOnDrop(task))
 }
 
-/// A local, always-fresh view of the registry.
+/// A local, always-fresh view of the registry's node entries.
 #[derive(Clone)]
 pub struct RegistryCache {
-    gpus: Arc<DashMap<String, GpuEntry>>,
     nodes: Arc<DashMap<String, NodeEntry>>,
     ttl: Duration,
-    _tasks: Arc<Vec<AbortOnDrop>>,
+    _task: Arc<AbortOnDrop>,
 }
 
 impl RegistryCache {
     fn fresh(&self, heartbeat_ms: u64) -> bool {
         crate::now_ms().saturating_sub(heartbeat_ms) <= self.ttl.as_millis() as u64
-    }
-
-    /// Live GPU entries, sorted by node then slot.
-    pub fn gpus(&self) -> Vec<GpuEntry> {
-        let mut v: Vec<GpuEntry> = self.gpus.iter().map(|e| e.value().clone()).filter(|g| self.fresh(g.heartbeat_ms)).collect();
-        v.sort_by(|a, b| (&a.node, &a.slot).cmp(&(&b.node, &b.slot)));
-        v
     }
 
     pub fn nodes(&self) -> Vec<NodeEntry> {
@@ -187,18 +248,9 @@ impl RegistryCache {
         v
     }
 
-    pub fn gpu(&self, node: &str, slot: &str) -> Option<GpuEntry> {
-        self.gpus.get(&Resources::gpu_key(node, slot)).map(|e| e.value().clone()).filter(|g| self.fresh(g.heartbeat_ms))
-    }
-
     /// Every node entry still in the bucket, fresh or not (the loss detector's view).
     pub fn nodes_including_stale(&self) -> Vec<NodeEntry> {
         self.nodes.iter().map(|e| e.value().clone()).collect()
-    }
-
-    /// Every GPU entry of `node` still in the bucket, fresh or not.
-    pub fn gpus_of(&self, node: &str) -> Vec<GpuEntry> {
-        self.gpus.iter().map(|e| e.value().clone()).filter(|g| g.node == node).collect()
     }
 
     pub fn node(&self, node: &str) -> Option<NodeEntry> {

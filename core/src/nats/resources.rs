@@ -44,6 +44,7 @@ pub struct ResourceHandles {
     pub(crate) jobs_kv: kv::Store,
     pub(crate) gpus_kv: kv::Store,
     pub(crate) nodes_kv: kv::Store,
+    pub(crate) held_kv: kv::Store,
     pub(crate) reuse_kv: kv::Store,
     pub(crate) batches_kv: kv::Store,
     pub(crate) files: object_store::ObjectStore,
@@ -223,6 +224,7 @@ impl Resources {
         };
         let gpus_kv = open_kv(&js, registry_config(names.gpus_bucket(), "kiln registry: one key per GPU slot")).await?;
         let nodes_kv = open_kv(&js, registry_config(names.nodes_bucket(), "kiln registry: one key per node")).await?;
+        let held_kv = open_kv(&js, registry_config(names.held_bucket(), "kiln registry: the deliveries each node holds")).await?;
 
         let files = open_object_store(&js, names.files_bucket(), Duration::from_secs(config.storage.files_ttl_s), replicas).await?;
         // Result reuse: content key -> job id, kept as long as the longest result TTL (a hit
@@ -263,6 +265,7 @@ impl Resources {
             jobs_kv,
             gpus_kv,
             nodes_kv,
+            held_kv,
             reuse_kv,
             batches_kv,
             files,

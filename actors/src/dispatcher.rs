@@ -13,7 +13,8 @@
 //!      ▼ not asked again until a publish on it wakes the puller)
 //! Dispatch(slot, message) for each message; Release the reservations left over
 //!      ▼ no lane may hold a job: sleep until one is published for the model (a core-NATS
-//!        subscription on its lanes) or 250 ms pass, then ask both lanes
+//!        queue subscription on its lanes: each publish wakes one node's puller) or 250 ms
+//!        pass, then ask both lanes
 //! ```
 //!
 //! An idle model holds no slot while it waits. (It used to keep one and long-poll: on a node
@@ -56,6 +57,13 @@ use kiln_core::protocol::GpuState;
 const IDLE_RECHECK: Duration = Duration::from_millis(250);
 /// Most messages one pull asks for (bounded by the free slots anyway).
 const MAX_PULL: usize = 256;
+/// Longest wait for a fetch's answer. A live server answers a no-wait fetch at once; a fetch
+/// whose pull request died with its server (SIGKILLed holding it, or lost in a reconnect) is
+/// never answered, and async-nats gives a fetch without `expires` no deadline of its own: the
+/// model's puller on this node then never pulled again, and its jobs stayed queued for ever
+/// (`tests/nats_cluster.rs`, a consumer's leader SIGKILLed under load). A message the server
+/// hands over after the deadline goes unacked and comes back after the ack wait.
+const FETCH_DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct Dispatcher;
 
@@ -472,7 +480,12 @@ fn lane_of_subject(subject: &str) -> Option<Lane> {
 /// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
 async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>) {
     let mut consumers = None;
-    // Every enqueue is also a core-NATS message on the lane's subject: it wakes an idle puller.
+    // Every enqueue is also a core-NATS message on the lane's subject: it wakes an idle puller,
+    // one per enqueue, of one node (a queue group). Waking every node's puller made each of
+    // them fetch for every job, one of them getting it: n pull requests per job, which took a
+    // 100-node cluster down to 82 jobs/s (`kiln scale`). A wake that lands on a node whose
+    // slots are all busy waits there until one frees up (the puller then fetches); the other
+    // nodes' pullers re-check every 250 ms meanwhile.
     let mut wake: Option<async_nats::Subscriber> = None;
     let mut hints = LaneHints::both();
     // Empty fetches in a row right after a wake-up (see below).
@@ -489,7 +502,8 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
             }
         }
         if wake.is_none() {
-            match ctx.resources.client.subscribe(ctx.resources.names.jobs_subject_model(&model)).await {
+            let names = &ctx.resources.names;
+            match ctx.resources.client.queue_subscribe(names.jobs_subject_model(&model), names.pullers_queue(&model)).await {
                 Ok(sub) => wake = Some(sub),
                 Err(e) => {
                     tracing::warn!(model = %model, error = %e, "cannot subscribe to the model's lanes; polling");
@@ -578,23 +592,28 @@ async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<Dispatc
 }
 
 async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> Vec<jetstream::Message> {
+    let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
     let mut out = vec![];
-    match consumer.fetch().max_messages(max).messages().await {
-        Ok(mut stream) => {
-            while let Some(m) = stream.next().await {
-                match m {
-                    Ok(m) => out.push(m),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fetch error");
-                        break;
-                    }
+    match tokio::time::timeout_at(deadline, consumer.fetch().max_messages(max).messages()).await {
+        Ok(Ok(mut stream)) => loop {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(m))) => out.push(m),
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "fetch error");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(got = out.len(), "a fetch got no answer in time (its server died with it?); pulling again");
+                    break;
                 }
             }
-        }
-        Err(e) => {
+        },
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "fetch failed");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Err(_) => tracing::warn!("a fetch could not be sent in time; pulling again"),
     }
     out
 }

@@ -146,7 +146,8 @@ enum Command {
     Chaos {
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// `short` (CI: 80 submissions, 10 faults) or `long` (2,000 and 200).
+        /// `short` (CI: 120 submissions, 12 faults), `long` (2,000 and 200) or `cluster` (240
+        /// and 20 on a three-server NATS cluster).
         #[arg(long, default_value = "short")]
         profile: String,
         #[arg(long)]
@@ -173,6 +174,11 @@ enum Command {
         /// The nodes' `node.slot_prefetch` (jobs claimed ahead per slot); the profile's 0 if unset.
         #[arg(long)]
         slot_prefetch: Option<usize>,
+        /// Run on a cluster of this many nats-servers (3), every stream replicated on each, with
+        /// the cluster's fault kinds too: a server SIGKILLed, the queue's leader SIGKILLed, a
+        /// server partitioned off.
+        #[arg(long)]
+        nats_cluster: Option<usize>,
     },
     /// The demo: a local server and node, a batch of jobs on the demo model, results to a folder.
     Demo {
@@ -350,9 +356,9 @@ async fn main() -> ExitCode {
             init_tracing("info");
             run_gateway(args).await
         }
-        Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker, slot_prefetch } => {
+        Command::Chaos { seed, profile, jobs, faults, nodes, rate, step_ms, report, work_dir, worker, slot_prefetch, nats_cluster } => {
             init_tracing("warn");
-            let overrides = ChaosOverrides { jobs, faults, nodes, rate, step_ms, slot_prefetch };
+            let overrides = ChaosOverrides { jobs, faults, nodes, rate, step_ms, slot_prefetch, nats_cluster };
             chaos(seed, &profile, overrides, report, work_dir, worker).await
         }
         Command::Demo { config, jobs, out, model, serve } => {
@@ -592,6 +598,7 @@ struct ChaosOverrides {
     rate: Option<f64>,
     step_ms: Option<u64>,
     slot_prefetch: Option<usize>,
+    nats_cluster: Option<usize>,
 }
 
 async fn chaos(
@@ -606,8 +613,19 @@ async fn chaos(
     let mut p = match profile {
         "short" => Profile::short(),
         "long" => Profile::long(),
-        other => return Err(format!("unknown profile {other:?} (short or long)")),
+        "cluster" => Profile::cluster(),
+        other => return Err(format!("unknown profile {other:?} (short, long or cluster)")),
     };
+    match o.nats_cluster {
+        None => {}
+        Some(n) if n >= 3 && n % 2 == 1 => {
+            p.nats_servers = n;
+            // Room for one fault of every kind, the cluster's three included.
+            p.faults = p.faults.max(kiln::chaos::FaultKind::CLUSTER.len() as u32);
+        }
+        Some(1) => p.nats_servers = 1,
+        Some(n) => return Err(format!("--nats-cluster {n}: a NATS cluster needs an odd number of servers, 3 or more (or 1)")),
+    }
     p.jobs = o.jobs.unwrap_or(p.jobs);
     p.faults = o.faults.unwrap_or(p.faults);
     p.nodes = o.nodes.unwrap_or(p.nodes).max(2);

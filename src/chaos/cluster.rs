@@ -1,18 +1,23 @@
-//! The local cluster a chaos run storms: one nats-server, N `kiln node` processes (each behind
-//! its own [`LinkProxy`]), and the actions that hurt them.
+//! The local cluster a chaos run storms: one nats-server (or a cluster of them), N `kiln node`
+//! processes (each behind its own [`LinkProxy`], one per server), and the actions that hurt
+//! them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_core::nats::NatsServer;
 
+use super::nats_cluster::ChaosNatsCluster;
 use super::proxy::LinkProxy;
 use super::Profile;
 
 /// The worker model and the pipeline model every node serves. The pipeline's command hangs
 /// while `hang_marker` exists (the `compression_hang` fault) and otherwise copies its input.
+/// `proxy_url` may list one proxy per server of a NATS cluster; every stream then has as many
+/// replicas as the cluster has servers.
 pub fn node_config(proxy_url: &str, profile: &Profile, python: &str, worker: &Path, hang_marker: &Path) -> String {
     let slots: Vec<String> = (0..profile.slots_per_node).map(|i| format!("\"cpu:{i}\"")).collect();
     let engine = format!(r#"{{ kind = "process", command = [{python:?}, {:?}], ready_timeout_ms = 20000 }}"#, worker.display().to_string());
@@ -21,6 +26,7 @@ pub fn node_config(proxy_url: &str, profile: &Profile, python: &str, worker: &Pa
         r#"
 [nats]
 url = "{proxy_url}"
+replicas = {replicas}
 ack_wait_ms = 10000
 [node]
 slots = [{slots}]
@@ -63,7 +69,8 @@ timeout_ms = 1000
 max_attempts = 5
 "#,
         slots = slots.join(", "),
-        prefetch = profile.slot_prefetch
+        prefetch = profile.slot_prefetch,
+        replicas = profile.nats_servers.max(1)
     )
 }
 
@@ -148,30 +155,72 @@ impl Drop for NodeProcess {
     }
 }
 
+/// The NATS side of the local cluster.
+pub enum Nats {
+    /// One nats-server, single-replica streams.
+    One(Arc<Mutex<NatsServer>>),
+    /// A partitionable cluster (`--nats-cluster N`), every stream with N replicas.
+    Cluster(ChaosNatsCluster),
+}
+
+/// One node's links to NATS: a proxy per server, all cut and restored together.
+pub struct NodeLink {
+    pub proxies: Vec<LinkProxy>,
+}
+
+impl NodeLink {
+    /// The node's `nats.url`: every proxy.
+    pub fn url(&self) -> String {
+        self.proxies.iter().map(LinkProxy::url).collect::<Vec<_>>().join(",")
+    }
+    pub fn cut(&self) {
+        self.proxies.iter().for_each(LinkProxy::cut);
+    }
+    pub fn restore(&self) {
+        self.proxies.iter().for_each(LinkProxy::restore);
+    }
+}
+
 pub struct LocalCluster {
     pub dir: PathBuf,
-    pub server: Arc<Mutex<NatsServer>>,
+    pub nats: Nats,
+    /// Every server's own URL (not through a proxy): the storm's client and the checker.
     pub server_url: String,
     pub nodes: Vec<Arc<Mutex<NodeProcess>>>,
-    pub proxies: Vec<LinkProxy>,
+    pub links: Vec<NodeLink>,
     pub hang_marker: PathBuf,
+    /// Set while a fault has a NATS server of the cluster away: the next one waits its turn
+    /// (skipped) rather than leave two of three away, which no stream survives.
+    pub nats_in_fault: AtomicBool,
 }
 
 impl LocalCluster {
     pub async fn start(dir: &Path, profile: &Profile, binary: &Path, python: &str, worker: &Path) -> Result<LocalCluster, String> {
-        let port = kiln_core::nats::server::free_port().map_err(|e| e.to_string())?;
         let store = dir.join("nats");
         std::fs::create_dir_all(&store).map_err(|e| e.to_string())?;
-        let server = NatsServer::start(&store, port).map_err(|e| e.to_string())?;
-        let server_url = server.url();
+        let (nats, ports) = if profile.nats_servers > 1 {
+            let cluster = ChaosNatsCluster::start(profile.nats_servers, Some(&store), true).await?;
+            cluster.wait_ready(Duration::from_secs(60)).await?;
+            let ports = (0..cluster.len()).map(|i| cluster.port(i)).collect::<Vec<_>>();
+            (Nats::Cluster(cluster), ports)
+        } else {
+            let port = kiln_core::nats::server::free_port().map_err(|e| e.to_string())?;
+            let server = NatsServer::start(&store, port).map_err(|e| e.to_string())?;
+            (Nats::One(Arc::new(Mutex::new(server))), vec![port])
+        };
+        let server_url = ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let hang_marker = dir.join("compression-hangs");
         let mut nodes = vec![];
-        let mut proxies = vec![];
+        let mut links = vec![];
         for i in 0..profile.nodes {
             let name = format!("c{}", i + 1);
-            let proxy = LinkProxy::start(port).await.map_err(|e| e.to_string())?;
+            let mut proxies = vec![];
+            for &port in &ports {
+                proxies.push(LinkProxy::start(port).await.map_err(|e| e.to_string())?);
+            }
+            let link = NodeLink { proxies };
             let config_path = dir.join(format!("{name}.toml"));
-            std::fs::write(&config_path, node_config(&proxy.url(), profile, python, worker, &hang_marker)).map_err(|e| e.to_string())?;
+            std::fs::write(&config_path, node_config(&link.url(), profile, python, worker, &hang_marker)).map_err(|e| e.to_string())?;
             let fault_dir = dir.join("faults").join(&name);
             std::fs::create_dir_all(&fault_dir).map_err(|e| e.to_string())?;
             let mut node = NodeProcess {
@@ -185,9 +234,25 @@ impl LocalCluster {
             };
             node.start().map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
             nodes.push(Arc::new(Mutex::new(node)));
-            proxies.push(proxy);
+            links.push(link);
         }
-        Ok(LocalCluster { dir: dir.to_path_buf(), server: Arc::new(Mutex::new(server)), server_url, nodes, proxies, hang_marker })
+        Ok(LocalCluster { dir: dir.to_path_buf(), nats, server_url, nodes, links, hang_marker, nats_in_fault: AtomicBool::new(false) })
+    }
+
+    /// The NATS cluster, when the run has one.
+    pub fn nats_cluster(&self) -> Option<&ChaosNatsCluster> {
+        match &self.nats {
+            Nats::Cluster(c) => Some(c),
+            Nats::One(_) => None,
+        }
+    }
+
+    /// The server a NATS fault on `node` hits: `nats-server`, or a cluster server's name.
+    pub fn nats_target(&self, node: usize) -> String {
+        match &self.nats {
+            Nats::One(_) => "nats-server".into(),
+            Nats::Cluster(c) => c.name(node % c.len()).to_string(),
+        }
     }
 
     pub fn node_name(&self, i: usize) -> String {
@@ -215,15 +280,40 @@ impl LocalCluster {
         pids
     }
 
-    /// Stops the nats-server, waits `down`, starts it again (same port, same store).
-    pub async fn restart_server(&self, down: Duration) -> Result<(), String> {
-        let server = self.server.clone();
-        tokio::task::spawn_blocking(move || server.lock().unwrap_or_else(|e| e.into_inner()).stop()).await.map_err(|e| e.to_string())?;
-        tokio::time::sleep(down).await;
-        let server = self.server.clone();
-        tokio::task::spawn_blocking(move || server.lock().unwrap_or_else(|e| e.into_inner()).restart())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+    /// Stops the nats-server (SIGTERM; on a cluster, server `target`), waits `down`, starts it
+    /// again (same port, same store); on a cluster, returns once it is current again.
+    pub async fn restart_server(&self, target: &str, down: Duration) -> Result<(), String> {
+        match &self.nats {
+            Nats::One(server) => {
+                let stopping = server.clone();
+                tokio::task::spawn_blocking(move || stopping.lock().unwrap_or_else(|e| e.into_inner()).stop())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(down).await;
+                let starting = server.clone();
+                tokio::task::spawn_blocking(move || starting.lock().unwrap_or_else(|e| e.into_inner()).restart())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
+            }
+            Nats::Cluster(c) => {
+                let i = c.index_of(target).ok_or_else(|| format!("no server {target}"))?;
+                c.stop(i).await;
+                tokio::time::sleep(down).await;
+                c.restart(i).await?;
+                self.wait_server_current(i).await
+            }
+        }
+    }
+
+    /// Waits until cluster server `i` is healthy again (its `/healthz`: current with the meta
+    /// leader and every stream and consumer it holds), at most 60 s.
+    pub async fn wait_server_current(&self, i: usize) -> Result<(), String> {
+        let Some(c) = self.nats_cluster() else { return Ok(()) };
+        if super::wait_until(Duration::from_secs(60), || c.healthy(i)).await {
+            Ok(())
+        } else {
+            Err(format!("{} was not healthy 60 s after it came back", c.name(i)))
+        }
     }
 }

@@ -60,6 +60,15 @@ pub enum FaultKind {
     NatsTermFlood,
     /// A node restarted, then SIGTERMed `duration_ms` into its start-up: it must exit 0.
     StartupTerm,
+    /// On a NATS cluster: SIGKILL of one server, started again (same store) after
+    /// `duration_ms`.
+    NatsServerKill,
+    /// On a NATS cluster: SIGKILL of the server leading the jobs queue (`KILN_JOBS`), started
+    /// again after `duration_ms`: its streams elect new leaders.
+    NatsLeaderKill,
+    /// On a NATS cluster: every route of one server cut for `duration_ms` (its clients stay
+    /// connected to it, in the minority), then restored.
+    NatsPartition,
 }
 
 impl FaultKind {
@@ -76,9 +85,39 @@ impl FaultKind {
         FaultKind::NatsTermFlood,
         FaultKind::StartupTerm,
     ];
+    /// Every kind on a NATS cluster: the single server's kinds, then the cluster's own.
+    pub const CLUSTER: [FaultKind; 14] = [
+        FaultKind::InferencePanic,
+        FaultKind::WorkerKill,
+        FaultKind::NodeKill,
+        FaultKind::NodeDrain,
+        FaultKind::NatsRestart,
+        FaultKind::LinkCut,
+        FaultKind::SlowModel,
+        FaultKind::CompressionHang,
+        FaultKind::NodeStop,
+        FaultKind::NatsTermFlood,
+        FaultKind::StartupTerm,
+        FaultKind::NatsServerKill,
+        FaultKind::NatsLeaderKill,
+        FaultKind::NatsPartition,
+    ];
     /// Faults that take a node away for a while.
     pub fn takes_node_down(self) -> bool {
         matches!(self, FaultKind::NodeKill | FaultKind::NodeDrain | FaultKind::LinkCut | FaultKind::NodeStop | FaultKind::StartupTerm)
+    }
+    /// Faults that take a NATS server away (stopped, killed or cut off). On a cluster, one at
+    /// a time: with two of three servers away nothing has a quorum, which is an outage, not a
+    /// fault to ride out.
+    pub fn takes_nats_server_down(self) -> bool {
+        matches!(
+            self,
+            FaultKind::NatsRestart
+                | FaultKind::NatsTermFlood
+                | FaultKind::NatsServerKill
+                | FaultKind::NatsLeaderKill
+                | FaultKind::NatsPartition
+        )
     }
 }
 
@@ -88,7 +127,9 @@ pub struct Fault {
     /// Offset from the start of the storm.
     pub at_ms: u64,
     pub kind: FaultKind,
-    /// Index of the node it hits (ignored by `nats_restart`, `slow_model`, `compression_hang`).
+    /// Index of the node it hits (ignored by `slow_model` and `compression_hang`; on a NATS
+    /// cluster, the server a NATS fault hits is this modulo the servers, and
+    /// `nats_leader_kill` hits whichever server leads the queue then).
     pub node: usize,
     /// How long it lasts before it heals (restart, restore), where that applies.
     pub duration_ms: u64,
@@ -133,6 +174,14 @@ pub struct Profile {
     /// The nodes' `node.slot_prefetch`: jobs each slot claims ahead of the one it runs.
     #[serde(default)]
     pub slot_prefetch: usize,
+    /// NATS servers: 1 (one server, single-replica streams) or a cluster (3: every stream
+    /// replicated three ways, and the cluster's own fault kinds).
+    #[serde(default = "one_server")]
+    pub nats_servers: usize,
+}
+
+fn one_server() -> usize {
+    1
 }
 
 impl Profile {
@@ -150,16 +199,34 @@ impl Profile {
             staged_fraction: 0.15,
             cancel_fraction: 0.08,
             slot_prefetch: 0,
+            nats_servers: 1,
         }
     }
     /// The long profile of docs/RELIABILITY.md.
     pub fn long() -> Profile {
         Profile { name: "long".into(), nodes: 4, jobs: 2000, rate: 8.0, faults: 200, step_ms: 40, ..Profile::short() }
     }
+    /// The short profile on a three-server NATS cluster, twice as long: its five NATS faults
+    /// each take a server away for seconds and go one at a time.
+    pub fn cluster() -> Profile {
+        Profile { name: "cluster".into(), jobs: 240, faults: 20, nats_servers: 3, ..Profile::short() }
+    }
+    /// The fault kinds a run draws from.
+    pub fn fault_kinds(&self) -> &'static [FaultKind] {
+        if self.nats_servers > 1 {
+            &FaultKind::CLUSTER
+        } else {
+            &FaultKind::ALL
+        }
+    }
     pub fn storm_ms(&self) -> u64 {
         (self.jobs as f64 / self.rate * 1000.0) as u64
     }
 }
+
+/// Room left after a NATS server comes back before the next NATS fault: its restart and
+/// catching up (about 2 s on loopback), with a margin.
+pub const NATS_SETTLE_MS: u64 = 4_000;
 
 /// The whole plan of a run: what is submitted when, and what fails when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,9 +237,11 @@ pub struct Plan {
 }
 
 /// Draws the plan. Faults are spread over the storm (the first one after 10 % of it, the
-/// last before 85 %); the first `FaultKind::ALL.len()` are one of each kind, so even a short
-/// run injects every kind. A node fault only targets a node that the plan has up at that
-/// moment, and never the last one up.
+/// last before 85 %); the first `profile.fault_kinds().len()` are one of each kind, so even a
+/// short run injects every kind. A node fault only targets a node that the plan has up at that
+/// moment, and never the last one up. On a NATS cluster, faults that take a server away do not
+/// overlap (each with [`NATS_SETTLE_MS`] after it); one that finds no room becomes a worker
+/// kill. One server's plans draw exactly as before the cluster kinds existed.
 pub fn plan(seed: u64, profile: &Profile) -> Plan {
     let mut rng = Rng::new(seed);
     let storm = profile.storm_ms().max(1);
@@ -197,12 +266,11 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
     let mut faults: Vec<Fault> = Vec::with_capacity(count as usize);
     // Each node's planned down intervals, to keep at least one node up.
     let mut down: Vec<Vec<(u64, u64)>> = vec![vec![]; profile.nodes];
+    // When a NATS server is away (cluster only).
+    let mut nats_down: Vec<(u64, u64)> = vec![];
+    let kinds = profile.fault_kinds();
     for i in 0..count {
-        let kind = if (i as usize) < FaultKind::ALL.len() {
-            FaultKind::ALL[i as usize]
-        } else {
-            FaultKind::ALL[rng.below(FaultKind::ALL.len() as u64) as usize]
-        };
+        let kind = if (i as usize) < kinds.len() { kinds[i as usize] } else { kinds[rng.below(kinds.len() as u64) as usize] };
         // Evenly spread with jitter, in drawing order (the kinds' order is shuffled by time).
         let slot = (end - start) / count.max(1);
         let at_ms = start + slot * ((i * 7919) % count) + rng.below(slot.max(1));
@@ -216,6 +284,8 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
             FaultKind::NatsTermFlood => 500 + rng.below(1000),
             // Into the start-up: a restarted node watches its old entry for one registry TTL.
             FaultKind::StartupTerm => 200 + rng.below(1800),
+            FaultKind::NatsServerKill | FaultKind::NatsLeaderKill => 2000 + rng.below(2000),
+            FaultKind::NatsPartition => 3000 + rng.below(3000),
             _ => 0,
         };
         let mut node = rng.below(profile.nodes as u64) as usize;
@@ -237,6 +307,20 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
             at_ms = t;
             node = up[rng.below(up.len() as u64) as usize];
             down[node].push(busy);
+        }
+        if profile.nats_servers > 1 && kind.takes_nats_server_down() {
+            // The same search on the cluster's one "server away" lane.
+            let span = (end - start).max(1);
+            let place = (0..count)
+                .map(|k| start + (at_ms - start + k * slot.max(1)) % span)
+                .map(|t| (t, (t, t + duration_ms + NATS_SETTLE_MS)))
+                .find(|(_, busy)| !nats_down.iter().any(|&(a, b)| a < busy.1 && busy.0 < b));
+            let Some((t, busy)) = place else {
+                faults.push(Fault { at_ms, kind: FaultKind::WorkerKill, node, duration_ms: 0 });
+                continue;
+            };
+            at_ms = t;
+            nats_down.push(busy);
         }
         faults.push(Fault { at_ms, kind, node, duration_ms });
     }
@@ -279,6 +363,26 @@ mod tests {
                 assert!(nodes.len() < p.nodes, "seed {seed}: every node down at {t} ms");
             }
             assert!(plan.faults.iter().all(|f| f.at_ms < p.storm_ms()));
+            assert!(plan.faults.iter().all(|f| FaultKind::ALL.contains(&f.kind)), "seed {seed}: a cluster kind on one server");
+        }
+    }
+
+    #[test]
+    fn a_cluster_run_injects_every_kind_and_takes_one_nats_server_away_at_a_time() {
+        for seed in 0..50 {
+            let p = Profile::cluster();
+            let plan = plan(seed, &p);
+            for kind in FaultKind::CLUSTER {
+                assert!(plan.faults.iter().any(|f| f.kind == kind), "seed {seed}: no {kind:?}");
+            }
+            let mut away: Vec<(u64, u64)> = plan
+                .faults
+                .iter()
+                .filter(|f| f.kind.takes_nats_server_down())
+                .map(|f| (f.at_ms, f.at_ms + f.duration_ms + NATS_SETTLE_MS))
+                .collect();
+            away.sort_unstable();
+            assert!(away.windows(2).all(|w| w[0].1 <= w[1].0), "seed {seed}: two NATS servers away at once: {away:?}");
         }
     }
 }

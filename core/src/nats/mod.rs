@@ -26,7 +26,7 @@ pub use cas::CasError;
 pub use names::{Lane, Names};
 pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
-pub use server::{NatsCluster, NatsServer};
+pub use server::{ClusterMember, NatsCluster, NatsServer};
 
 /// Errors of the NATS layer. Callers branch on the kind; the text carries NATS's own message.
 #[derive(Debug, thiserror::Error)]

@@ -179,6 +179,12 @@ impl NatsServer {
         self.port
     }
 
+    /// The folder given to `-sd`: JetStream keeps its data in `jetstream/` below it (the log
+    /// lives beside it).
+    pub fn store_dir(&self) -> &Path {
+        &self.store_dir
+    }
+
     /// `http://127.0.0.1:PORT` of the monitoring endpoint, if the server has one.
     pub fn monitor_url(&self) -> Option<String> {
         self.monitor_port.map(|p| format!("http://127.0.0.1:{p}"))
@@ -234,6 +240,87 @@ impl Drop for NatsServer {
     }
 }
 
+/// One member of a NATS cluster: where it listens and which routes it solicits.
+#[derive(Debug, Clone)]
+pub struct ClusterMember {
+    /// The server's name (`-n`): JetStream's RAFT groups know a peer by it.
+    pub name: String,
+    pub store_dir: PathBuf,
+    /// The client port.
+    pub port: u16,
+    /// The route (cluster) port.
+    pub cluster_port: u16,
+    /// The HTTP monitoring port (`/jsz`, `/healthz`, `/routez`).
+    pub monitor_port: u16,
+    /// The route URLs it solicits (`--routes`).
+    pub routes: Vec<String>,
+    /// The route URL it tells its peers to gossip (`--cluster_advertise`); its listen address
+    /// when `None`.
+    pub advertise: Option<String>,
+    /// Tell clients nothing of the other servers (`--no_advertise`): a client that reaches
+    /// the server through a proxy would otherwise fail over straight to the others' ports.
+    pub no_advertise: bool,
+}
+
+impl ClusterMember {
+    /// Free loopback ports for `n` members named `n0`, `n1`... storing under `dir/<name>`, with
+    /// no routes yet.
+    pub fn allocate(dir: &Path, n: usize) -> std::io::Result<Vec<ClusterMember>> {
+        (0..n)
+            .map(|i| {
+                Ok(ClusterMember {
+                    name: format!("n{i}"),
+                    store_dir: dir.join(format!("n{i}")),
+                    port: free_port()?,
+                    cluster_port: free_port()?,
+                    monitor_port: free_port()?,
+                    routes: vec![],
+                    advertise: None,
+                    no_advertise: false,
+                })
+            })
+            .collect()
+    }
+}
+
+impl NatsServer {
+    /// Starts one member of cluster `cluster_name` and waits until it accepts client
+    /// connections (not until it has found its peers).
+    pub fn start_member(member: &ClusterMember, cluster_name: &str) -> Result<NatsServer, ServerError> {
+        std::fs::create_dir_all(&member.store_dir)?;
+        let mut extra_args = vec![
+            "-n".into(),
+            member.name.clone(),
+            "--cluster_name".into(),
+            cluster_name.into(),
+            "--cluster".into(),
+            format!("nats://127.0.0.1:{}", member.cluster_port),
+            "--routes".into(),
+            member.routes.join(","),
+        ];
+        if let Some(advertise) = &member.advertise {
+            extra_args.extend(["--cluster_advertise".into(), advertise.clone()]);
+        }
+        if member.no_advertise {
+            extra_args.push("--no_advertise=true".into());
+        }
+        let mut server = NatsServer {
+            child: None,
+            port: member.port,
+            log_path: member.store_dir.join("nats-server.log"),
+            store_dir: member.store_dir.clone(),
+            bin: find_server_binary()?,
+            config_file: None,
+            scheme: "nats",
+            monitor_port: Some(member.monitor_port),
+            extra_args,
+            _temp: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+}
+
 /// A real NATS cluster on loopback: `n` servers, each with JetStream and its own store dir,
 /// routed to each other, for tests of replicated streams and fail-over. Killed on drop.
 pub struct NatsCluster {
@@ -243,41 +330,17 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts `n` servers named `n0`, `n1`... in cluster `kiln-test`, each listing every other
-    /// server's cluster port as a route, and waits until each accepts connections.
+    /// server's cluster port as a route and serving monitoring, and waits until each accepts
+    /// connections.
     pub fn start(n: usize) -> Result<NatsCluster, ServerError> {
         let temp = tempfile::Builder::new().prefix("kiln-nats-cluster-").tempdir()?;
-        let bin = find_server_binary()?;
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| Ok((free_port()?, free_port()?))).collect::<std::io::Result<_>>()?;
-        let mut servers = Vec::with_capacity(n);
-        for (i, (port, cluster_port)) in ports.iter().enumerate() {
-            let routes: Vec<String> =
-                ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, (_, c))| format!("nats://127.0.0.1:{c}")).collect();
-            let store_dir = temp.path().join(format!("n{i}"));
-            std::fs::create_dir_all(&store_dir)?;
-            let mut server = NatsServer {
-                child: None,
-                port: *port,
-                log_path: store_dir.join("nats-server.log"),
-                store_dir,
-                bin: bin.clone(),
-                config_file: None,
-                scheme: "nats",
-                monitor_port: None,
-                extra_args: vec![
-                    "-n".into(),
-                    format!("n{i}"),
-                    "--cluster_name".into(),
-                    "kiln-test".into(),
-                    "--cluster".into(),
-                    format!("nats://127.0.0.1:{cluster_port}"),
-                    "--routes".into(),
-                    routes.join(","),
-                ],
-                _temp: None,
-            };
-            server.spawn()?;
-            servers.push(server);
+        let mut members = ClusterMember::allocate(temp.path(), n)?;
+        let cluster_ports: Vec<u16> = members.iter().map(|m| m.cluster_port).collect();
+        for (i, member) in members.iter_mut().enumerate() {
+            member.routes =
+                cluster_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
         }
+        let servers = members.iter().map(|m| NatsServer::start_member(m, "kiln-test")).collect::<Result<_, _>>()?;
         Ok(NatsCluster { servers, _temp: temp })
     }
 

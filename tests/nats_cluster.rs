@@ -478,6 +478,45 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
 /// SIGKILLed under load: 105 jobs queued, no pull request waiting, for minutes). Here the
 /// single server is SIGSTOPped, so the idle puller's next fetch (within its 250 ms re-check)
 /// is never read, then SIGKILLed and started again on its port and store.
+/// While the results stream has no leader (its leader SIGKILLed; the others elect a new one
+/// after nats-server's 4 to 9 s election timeout), a job's artifact cannot be stored. That is
+/// NATS trouble, not the job's: it must not use up the job's attempts. (Found by the partition
+/// test: a no-op job failed all three attempts within a second, `cannot store artifact
+/// result.json: nats: no stream found for given subject`, and was dead-lettered.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_finishing_while_the_results_stream_elects_a_leader_wait_for_it_instead_of_failing() {
+    let nats = ChaosNatsCluster::start(3, None, false).await.expect("nats-server (run scripts/setup.sh)");
+    nats.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let (victim, others) = (2, nats.urls_of(&[0, 1]));
+    let dir = tempfile::tempdir().unwrap();
+    let _node = NodeProcess::spawn(dir.path(), "a", &node_config(&others, NOOP_MODEL));
+    let client = Client::connect_with(&NatsConfig::for_url(&others)).await.unwrap().with_timeout(Duration::from_secs(3));
+    wait_slots(&client, 2).await;
+    let first = submit_retrying(&client, SubmitRequest { model: "noop".into(), ..Default::default() }).await;
+    assert_eq!(wait_terminal(&client, &first, Duration::from_secs(20)).await.status, JobState::Completed);
+
+    // Only the results stream is led by the victim: the queue, the records and the events
+    // keep their leaders, so what the kill takes away is storing artifacts alone.
+    let js = client.jetstream().clone();
+    for stream in stream_names(&js).await.unwrap() {
+        let leader = if stream == "OBJ_kiln_results_noop" { nats.name(victim) } else { nats.name(0) };
+        assert!(move_stream_leader(&js, client.nats(), &stream, leader).await, "{stream} did not move to {leader}");
+    }
+    nats.kill(victim).await;
+    let killed = Instant::now();
+    let mut ids = vec![];
+    for i in 0..3 {
+        let request = SubmitRequest { model: "noop".into(), idempotency_key: Some(format!("leaderless-{i}")), ..Default::default() };
+        ids.push(submit_retrying(&client, request).await);
+    }
+    for id in &ids {
+        let view = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(view.status, JobState::Completed, "{view:?}");
+        assert_eq!(view.attempt, 1, "waiting for the store is not a failed attempt: {view:?}");
+    }
+    println!("3 jobs submitted right after the results leader's SIGKILL completed, at attempt 1, {:?} after it", killed.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_request_lost_with_its_server_does_not_stop_the_node_pulling() {
     let mut cluster = TestCluster::new();

@@ -131,12 +131,19 @@ impl Pipeline {
         // `conclude`, if this attempt still owns the job.
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
-            let artifact = d
-                .ctx
-                .resources
-                .store_artifact(&record.model, &d.job_id, d.attempt, &output.name, &output.path, output.content_type.as_deref())
-                .await
-                .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
+            let what = format!("storing artifact {}", output.name);
+            let artifact = through_nats_trouble(&d.job_id, &what, || {
+                d.ctx.resources.store_artifact(
+                    &record.model,
+                    &d.job_id,
+                    d.attempt,
+                    &output.name,
+                    &output.path,
+                    output.content_type.as_deref(),
+                )
+            })
+            .await
+            .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
             artifacts.push(artifact);
         }
         workspace.reusable = true;
@@ -231,7 +238,8 @@ async fn resolve_inputs(d: &Delivery, record: &JobRecord, dir: &Path) -> Result<
             InputValue::Object { object } => {
                 let base = object.rsplit('/').next().unwrap_or("input");
                 let dest = dir.join(name).join(base);
-                match d.ctx.resources.download_file(object, &dest).await {
+                let what = format!("downloading input {name:?}");
+                match through_nats_trouble(&d.job_id, &what, || d.ctx.resources.download_file(object, &dest)).await {
                     Ok(_) => ResolvedInput::File(dest),
                     Err(StoreError::NotFound(_)) => {
                         return Err(EngineError::User(format!(
@@ -245,6 +253,35 @@ async fn resolve_inputs(d: &Delivery, record: &JobRecord, dir: &Path) -> Result<
         resolved.insert(name.clone(), input);
     }
     Ok(resolved)
+}
+
+/// How long an attempt keeps retrying a store operation that failed for NATS reasons before
+/// that counts as the attempt's failure. A stream without a leader (its leader's server died;
+/// nats-server elects another after its 4 to 9 s election timeout) or a server restarting
+/// refuses every write for seconds: that is not the job's failure, and charged to the job it
+/// used up a no-op job's three attempts within a second (`tests/nats_cluster.rs`). The delivery
+/// stays ours meanwhile: its `in_progress` keeps being sent.
+const NATS_TROUBLE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Runs `op` until it succeeds, fails for a reason other than NATS (a missing object, a local
+/// file), or [`NATS_TROUBLE_PATIENCE`] has passed, backing off from 100 ms to 2 s.
+async fn through_nats_trouble<T, F, Fut>(job_id: &str, what: &str, mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Err(StoreError::Nats(e)) if started.elapsed() + delay < NATS_TROUBLE_PATIENCE => {
+                tracing::warn!(job_id = %job_id, error = %e, "{what} failed; retrying in {} ms", delay.as_millis());
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The part of a pipeline's progress the model takes; its post-processing stages share the rest.

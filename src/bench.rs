@@ -133,7 +133,8 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize, replicas: 
 
 /// Kiln: `concurrency` loops of submit -> wait for the terminal event, `n` jobs in all, each
 /// job `make(i)` (its model must be `model`).
-async fn kiln(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
+/// `n` plain no-op jobs, `concurrency` in flight, each timed from submit to its terminal event.
+pub async fn kiln(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
     kiln_jobs(client, prefix, n, concurrency, |_| SubmitRequest { model: "noop".into(), ..Default::default() }).await
 }
 

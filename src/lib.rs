@@ -11,6 +11,7 @@
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
 //! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store |
+//! | [`scale`]   | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes          |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |
 //! | [`metrics`] | the Prometheus endpoint                                                |
@@ -28,6 +29,7 @@ pub mod diag;
 pub mod gateway;
 pub mod metrics;
 pub mod node;
+pub mod scale;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;

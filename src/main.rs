@@ -95,6 +95,34 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Measure how a cluster's costs grow with its size: for each size, a fresh nats-server and
+    /// that many light node processes of no-op slots on this machine (docs/ARCHITECTURE.md,
+    /// "Scaling", keeps the table).
+    Scale {
+        /// Cluster sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,30,100")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 8)]
+        slots: usize,
+        /// Seconds the idle cluster is watched for its steady-state rates.
+        #[arg(long, default_value_t = 10)]
+        window_s: u64,
+        /// No-op jobs of the throughput run, and how many are kept in flight.
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Control pings through the API after the idle window (each may open a session).
+        #[arg(long, default_value_t = 20)]
+        calls: usize,
+        /// Measure the full mesh Kiln had before sessions opened on demand: every pair of
+        /// nodes opens a session at the start and keeps it.
+        #[arg(long)]
+        full_mesh: bool,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Benchmark no-op jobs against the raw JetStream floor.
     Bench {
         #[arg(long, default_value_t = 2000)]
@@ -406,6 +434,28 @@ async fn main() -> ExitCode {
                     kiln::bench::print(&report, &opts);
                     write_json(json, &report)
                 }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Scale { nodes, slots, window_s, jobs, concurrency, calls, full_mesh, json } => {
+            init_tracing("warn");
+            let opts = kiln::scale::ScaleOptions {
+                sizes: nodes,
+                slots: slots.max(1),
+                window: Duration::from_secs(window_s.max(1)),
+                jobs,
+                concurrency: concurrency.max(1),
+                calls,
+                full_mesh,
+            };
+            match std::env::current_exe().map_err(|e| e.to_string()) {
+                Ok(binary) => match kiln::scale::run(opts, binary).await {
+                    Ok(reports) => {
+                        kiln::scale::print(&reports);
+                        write_json(json, &reports)
+                    }
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             }
         }

@@ -85,23 +85,18 @@ impl FaultKind {
         FaultKind::NatsTermFlood,
         FaultKind::StartupTerm,
     ];
+    /// The kinds that need a NATS cluster.
+    pub const CLUSTER_ONLY: [FaultKind; 3] = [FaultKind::NatsServerKill, FaultKind::NatsLeaderKill, FaultKind::NatsPartition];
     /// Every kind on a NATS cluster: the single server's kinds, then the cluster's own.
-    pub const CLUSTER: [FaultKind; 14] = [
-        FaultKind::InferencePanic,
-        FaultKind::WorkerKill,
-        FaultKind::NodeKill,
-        FaultKind::NodeDrain,
-        FaultKind::NatsRestart,
-        FaultKind::LinkCut,
-        FaultKind::SlowModel,
-        FaultKind::CompressionHang,
-        FaultKind::NodeStop,
-        FaultKind::NatsTermFlood,
-        FaultKind::StartupTerm,
-        FaultKind::NatsServerKill,
-        FaultKind::NatsLeaderKill,
-        FaultKind::NatsPartition,
-    ];
+    pub const CLUSTER: [FaultKind; 14] = {
+        let mut all = [FaultKind::NatsPartition; 14];
+        let mut i = 0;
+        while i < all.len() {
+            all[i] = if i < Self::ALL.len() { Self::ALL[i] } else { Self::CLUSTER_ONLY[i - Self::ALL.len()] };
+            i += 1;
+        }
+        all
+    };
     /// Faults that take a node away for a while.
     pub fn takes_node_down(self) -> bool {
         matches!(self, FaultKind::NodeKill | FaultKind::NodeDrain | FaultKind::LinkCut | FaultKind::NodeStop | FaultKind::StartupTerm)

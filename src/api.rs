@@ -116,7 +116,7 @@ impl ApiService {
             .resources
             .client
             .service_builder()
-            .description("Kiln job API: submit, status, cancel, result, jobs, models, cluster")
+            .description("Kiln job API: submit, status, cancel, result, jobs, models, cluster, control, submit_batch, batch, cancel_batch, retry_batch")
             .queue_group(format!("{}-api", names.prefix()))
             .start(names.service_name(), env!("CARGO_PKG_VERSION"))
             .await
@@ -230,8 +230,14 @@ impl ApiService {
             "cancel" => encode(self.cancel(parse(body)?).await?),
             "result" => encode(self.result(parse(body)?).await?),
             "jobs" => encode(self.jobs(parse_or_default(body)?).await?),
-            "models" => encode(self.models().await?),
-            "cluster" => encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.live_gpus().await? }),
+            "models" => {
+                parse_or_default::<NoFields>(body)?;
+                encode(self.models().await?)
+            }
+            "cluster" => {
+                parse_or_default::<NoFields>(body)?;
+                encode(ClusterReply { nodes: self.registry.nodes(), gpus: self.live_gpus().await? })
+            }
             "control" => encode(self.control(parse(body)?).await?),
             "submit_batch" => encode(self.submit_batch(parse(body)?).await?),
             "batch" => encode(self.batch(parse(body)?).await?),

@@ -74,6 +74,16 @@ async fn every_bad_request_gets_a_coded_error_and_the_node_keeps_serving() {
     }
     expect_code(&client, "status", br#"{"job_id": "no-such-job"}"#.to_vec(), ErrorCode::NotFound).await;
     expect_code(&client, "jobs", br#"{"status": "sleeping"}"#.to_vec(), ErrorCode::BadRequest).await;
+    // Every request type refuses unknown fields, the bodiless ones too (issue 15: `models` and
+    // `cluster` answered `{"x": 1}` as if it were `{}`).
+    for endpoint in ["models", "cluster", "jobs"] {
+        let msg = expect_code(&client, endpoint, br#"{"x": 1}"#.to_vec(), ErrorCode::BadRequest).await;
+        assert!(msg.contains('x'), "{endpoint}: names the field: {msg}");
+    }
+    for body in [&b""[..], b"{}"] {
+        let raw = client.request_raw("models", body.to_vec()).await.unwrap();
+        assert!(serde_json::from_slice::<kiln_core::protocol::ModelsReply>(&raw).is_ok(), "{}", String::from_utf8_lossy(&raw));
+    }
 
     // The typed client surfaces the same codes.
     match client.submit(&SubmitRequest { model: "nope".into(), ..Default::default() }).await {
@@ -85,6 +95,22 @@ async fn every_bad_request_gets_a_coded_error_and_the_node_keeps_serving() {
     assert!(client.jobs(&Default::default()).await.unwrap().jobs.is_empty());
     let ok = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap();
     assert_eq!(wait_terminal(&client, &ok.job_id, Duration::from_secs(10)).await.status, JobState::Completed);
+
+    // An upload reference has exactly the one key `object`: with any other key the value is an
+    // inline input like any other JSON (issue 15: it was taken for a reference and refused).
+    let inline = client
+        .request_raw("submit", br#"{"model": "noop", "inputs": {"x": {"object": "uploads/nope.png", "other": 1}}}"#.to_vec())
+        .await
+        .unwrap();
+    let reply: kiln_core::protocol::SubmitReply =
+        serde_json::from_slice(&inline).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&inline)));
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(10)).await;
+    assert_eq!(view.status, JobState::Completed, "{view:?}");
+    assert_eq!(
+        serde_json::to_value(&view.inputs["x"]).unwrap(),
+        serde_json::json!({"object": "uploads/nope.png", "other": 1}),
+        "kept as the inline value it is"
+    );
 }
 
 /// A worker that prints huge text: its stage names, progress and log messages and its error

@@ -106,14 +106,35 @@ pub struct ErrorReply {
 
 /// One named input of a job: either an inline JSON value, or a reference to an object that the
 /// client uploaded to the files bucket beforehand (the replacement for the seeds' temp-file API).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum InputValue {
-    /// `{"object": "name"}`: an object in the files bucket.
+    /// `{"object": "name"}`, exactly that one key with a string: an object in the files bucket.
     Object { object: String },
-    /// Anything else: passed to the engine as is.
+    /// Anything else (`{"object": "x", "other": 1}` included): passed to the engine as is.
     Inline(serde_json::Value),
 }
+
+impl<'de> Deserialize<'de> for InputValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // An untagged derive would take any object with an `object` string for a reference,
+        // whatever else it holds; PROTOCOL says a reference has exactly the one key.
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Ok(match value {
+            serde_json::Value::Object(ref map) if map.len() == 1 => match map.get("object") {
+                Some(serde_json::Value::String(object)) => InputValue::Object { object: object.clone() },
+                _ => InputValue::Inline(value),
+            },
+            other => InputValue::Inline(other),
+        })
+    }
+}
+
+/// The body of the requests that take no field (`kiln.api.models`, `kiln.api.cluster`): empty
+/// or `{}`; any field is refused, as for every other request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
 
 /// `kiln.api.submit`
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
@@ -628,4 +649,22 @@ pub struct PingReport {
     /// Plain NATS request/reply to the peer's echo subject: the floor.
     pub nats_p50_us: u64,
     pub nats_p99_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_reference_is_exactly_one_object_key_with_a_string() {
+        let parse = |s: &str| serde_json::from_str::<InputValue>(s).unwrap();
+        assert_eq!(parse(r#"{"object": "uploads/x.png"}"#), InputValue::Object { object: "uploads/x.png".into() });
+        for inline in [r#"{"object": "uploads/x.png", "other": 1}"#, r#"{"object": 7}"#, r#"{"objects": "x"}"#, r#""uploads/x.png""#, "[1]"] {
+            assert_eq!(parse(inline), InputValue::Inline(serde_json::from_str(inline).unwrap()), "{inline}");
+        }
+        // What serializes comes back the same.
+        for v in [InputValue::Object { object: "a/b".into() }, InputValue::Inline(serde_json::json!({"object": "a", "k": 1}))] {
+            assert_eq!(parse(&serde_json::to_string(&v).unwrap()), v);
+        }
+    }
 }

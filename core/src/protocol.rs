@@ -20,15 +20,21 @@ pub const MAX_EVENT_MESSAGE_BYTES: usize = 4096;
 /// Longest stage name a worker can report in a progress event; longer ones are cut.
 pub const MAX_STAGE_BYTES: usize = 128;
 
-/// `s` cut to at most `max` bytes (plus a trailing `…` when cut), on a character boundary.
+/// `s` cut to at most `max` bytes, a trailing `…` included when cut, on a character boundary.
 pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    const MARK: char = '…';
     if s.len() > max {
-        let mut cut = max;
+        // The mark counts against the bound: "cut to 1 KiB" is at most 1,024 bytes, mark
+        // included (it used to come on top: 1,027). Below the mark's own 3 bytes, no mark.
+        let marked = max >= MARK.len_utf8();
+        let mut cut = if marked { max - MARK.len_utf8() } else { max };
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
-        s.push('…');
+        if marked {
+            s.push(MARK);
+        }
     }
     s
 }

@@ -665,7 +665,8 @@ mod tests {
     fn an_upload_reference_is_exactly_one_object_key_with_a_string() {
         let parse = |s: &str| serde_json::from_str::<InputValue>(s).unwrap();
         assert_eq!(parse(r#"{"object": "uploads/x.png"}"#), InputValue::Object { object: "uploads/x.png".into() });
-        for inline in [r#"{"object": "uploads/x.png", "other": 1}"#, r#"{"object": 7}"#, r#"{"objects": "x"}"#, r#""uploads/x.png""#, "[1]"] {
+        for inline in [r#"{"object": "uploads/x.png", "other": 1}"#, r#"{"object": 7}"#, r#"{"objects": "x"}"#, r#""uploads/x.png""#, "[1]"]
+        {
             assert_eq!(parse(inline), InputValue::Inline(serde_json::from_str(inline).unwrap()), "{inline}");
         }
         // What serializes comes back the same.

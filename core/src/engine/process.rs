@@ -93,6 +93,14 @@ struct WorkerArtifact {
 enum Line {
     Parsed(WorkerLine),
     Raw(String),
+    /// The worker wrote a line over [`MAX_LINE_BYTES`]; nothing more is read from it.
+    TooLong,
+}
+
+/// Why a worker that broke the line limit is stopped. (It used to read as "worker process N
+/// exited (did not exit)": the reader stopped and the worker, still alive, was asked why.)
+fn too_long(pid: u32) -> String {
+    format!("worker process {pid} wrote a line over {MAX_LINE_BYTES} bytes, the worker protocol's limit (put big data in a file and name it in an artifact); it was stopped")
 }
 
 struct Worker {
@@ -220,6 +228,10 @@ impl ProcessEngine {
             tokio::select! {
                 line = worker.lines.recv() => match line {
                     Some(Line::Parsed(WorkerLine::Ready)) => break,
+                    Some(Line::TooLong) => {
+                        worker.kill_group();
+                        return Err(EngineError::Load(too_long(worker.pid)));
+                    }
                     Some(_) => continue,
                     None => return Err(EngineError::Load(worker.death_reason().await)),
                 },
@@ -292,6 +304,12 @@ impl ProcessEngine {
                     let _ = progress.send(ProgressUpdate::Message(text)).await;
                     continue;
                 }
+                Line::TooLong => {
+                    let reason = too_long(worker.pid);
+                    worker.kill_group();
+                    self.worker = None;
+                    return Err(EngineError::WorkerDied(reason));
+                }
                 Line::Parsed(l) => l,
             };
             let mine = |id: &Option<String>| id.as_deref().is_none_or(|i| i == job.job_id);
@@ -348,6 +366,7 @@ async fn read_stdout(stdout: tokio::process::ChildStdout, tx: mpsc::Sender<Line>
         }
         if buf.len() > MAX_LINE_BYTES {
             tracing::warn!("worker wrote a line over {MAX_LINE_BYTES} bytes; treating the worker as broken");
+            let _ = tx.send(Line::TooLong).await;
             return;
         }
         let text = String::from_utf8_lossy(&buf).trim_end().to_string();
@@ -389,5 +408,39 @@ pub fn dies_with_the_node(cmd: &mut tokio::process::Command) {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::PROGRESS_CHANNEL_BOUND;
+
+    /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.
+    #[tokio::test]
+    async fn a_worker_line_over_the_limit_is_named_as_such_and_the_worker_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = r#"echo '{"type":"ready"}'; read job; head -c 2097152 /dev/zero | tr '\0' x; echo; sleep 600"#;
+        let command = vec!["sh".into(), "-c".into(), script.into()];
+        let mut engine = ProcessEngine::new("long-lines", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
+        let job = EngineJob {
+            job_id: "j".into(),
+            attempt: 1,
+            model: "long-lines".into(),
+            inputs: BTreeMap::new(),
+            params: serde_json::Map::new(),
+            output_dir: dir.path().to_path_buf(),
+        };
+        let (tx, _rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
+        let started = std::time::Instant::now();
+        let result = engine.run(job, tx, CancellationToken::new()).await;
+        match result {
+            Err(EngineError::WorkerDied(reason)) => {
+                assert!(reason.contains("a line over 1048576 bytes") && !reason.contains("did not exit"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!engine.is_loaded(), "the worker is gone");
+        assert!(started.elapsed() < Duration::from_secs(2), "no wait for a worker that would not exit: {:?}", started.elapsed());
     }
 }

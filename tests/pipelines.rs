@@ -267,4 +267,11 @@ async fn an_identical_request_reuses_the_earlier_result_when_asked() {
     assert_eq!(wait_terminal(&client, &failed.job_id, Duration::from_secs(30)).await.status, JobState::Failed);
     let again = client.submit(&failing(true)).await.unwrap();
     assert!(!again.reused && again.job_id != failed.job_id);
+
+    // Only submissions that asked for reuse record their content key (PROTOCOL): an earlier
+    // identical job submitted without it is not found, and this one runs.
+    let plain = client.submit(&req("uploads/c/three.txt", 5, false)).await.unwrap();
+    assert_eq!(wait_terminal(&client, &plain.job_id, Duration::from_secs(30)).await.status, JobState::Completed);
+    let asks = client.submit(&req("uploads/c/three.txt", 5, true)).await.unwrap();
+    assert!(!asks.reused && asks.job_id != plain.job_id, "{asks:?}");
 }

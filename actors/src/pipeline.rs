@@ -96,11 +96,12 @@ impl Pipeline {
         // Progress spans the whole pipeline: the model takes the first MODEL_SHARE of it.
         let model_share = if stages.is_empty() { 1.0 } else { MODEL_SHARE };
         if !run_stage.is_empty() {
-            d.event(Event::progress(&d.job_id, d.attempt, Some(run_stage), Some(0.0))).await;
+            d.event(Event::progress(&d.job_id, d.attempt, Some(run_stage.clone()), Some(0.0))).await;
         }
         let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
+        let shown = StageShown { share: model_share, run_stage: (!run_stage.is_empty()).then_some(run_stage) };
         let forwarder =
-            tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, model_share, rx, d.running_stored(), d.last_seq()));
+            tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
         let cancel = d.cancel.clone();
         let model_timeout = d.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
@@ -293,11 +294,20 @@ const MAX_UNACKED_PROGRESS: usize = 64;
 
 /// Turns engine progress into events, in order, until the engine drops its sender; returns
 /// once every one of them is stored.
+/// How the model's own progress shows in the job's events: scaled to its share of the
+/// pipeline, and, for a model with a `run_stage`, under that stage name whatever the engine
+/// calls its steps (a TorchScript model's `loading`, `forward`, `encoding` are the engine's,
+/// not the stages a client of the pipeline was told about).
+struct StageShown {
+    share: f32,
+    run_stage: Option<String>,
+}
+
 async fn forward_progress(
     ctx: NodeContext,
     job_id: String,
     attempt: u32,
-    share: f32,
+    shown: StageShown,
     mut rx: mpsc::Receiver<ProgressUpdate>,
     running_stored: Shared<BoxFuture<'static, ()>>,
     last_seq: Arc<AtomicU64>,
@@ -311,8 +321,11 @@ async fn forward_progress(
         }
         let event = match update {
             ProgressUpdate::Progress { stage, progress, message } => {
-                let stage = stage.map(|s| truncate(s, MAX_STAGE_BYTES));
-                let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * share));
+                let stage = match &shown.run_stage {
+                    Some(run_stage) => Some(run_stage.clone()),
+                    None => stage.map(|s| truncate(s, MAX_STAGE_BYTES)),
+                };
+                let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * shown.share));
                 e.message = message.map(|m| truncate(m, MAX_EVENT_MESSAGE_BYTES));
                 e
             }

@@ -501,7 +501,9 @@ pub struct ModelConfig {
     /// Inputs a submission must name.
     #[serde(default)]
     pub required_inputs: Vec<String>,
-    /// Stage name announced when the model itself starts (`converting`); empty: none.
+    /// Stage name announced when the model itself starts (`converting`), and shown on every
+    /// progress event of the model in place of the engine's own step names; empty: none (the
+    /// engine's names show).
     #[serde(default)]
     pub run_stage: String,
     /// Post-processing stages, run in order after the model on the node's compression pool.

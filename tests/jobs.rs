@@ -300,3 +300,31 @@ async fn a_download_whose_chunks_never_come_times_out() {
     assert!(matches!(got, Err(kiln::client::ClientError::Timeout(_))), "{got:?}");
     assert!(started.elapsed() < Duration::from_secs(5), "after about the client's timeout: {:?}", started.elapsed());
 }
+
+/// A cold process slot shows `loading` while its worker starts, then `busy` with the job for
+/// the rest of the run (issue 15: an outside client saw `loading` for the whole job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_process_slot_shows_loading_then_busy_with_its_job() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let job = client.submit(&demo_request("cold", serde_json::json!({"steps": 30, "step_ms": 100}))).await.unwrap().job_id;
+    let mut seen: Vec<String> = vec![];
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let c = client.cluster().await.unwrap();
+        let slot = c.gpus.iter().find(|g| g.node == "n1").expect("the slot").clone();
+        let shown = format!("{} {}", slot.state.as_str(), slot.current_job.as_deref() == Some(job.as_str()));
+        if seen.last() != Some(&shown) {
+            seen.push(shown);
+        }
+        if client.status(&job).await.unwrap().status == JobState::Completed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.iter().any(|s| s == "busy true"), "the running job showed as busy at some point: {seen:?}");
+    let last_running = seen.iter().rposition(|s| s.ends_with("true")).expect("the job showed");
+    assert_eq!(seen[last_running], "busy true", "once loaded, the slot stays busy with the job: {seen:?}");
+}

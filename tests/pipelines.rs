@@ -118,15 +118,12 @@ async fn an_image_becomes_a_compressed_sog_with_camera_metadata() {
     // stages are the documented ones only: while the model runs its events say `converting`,
     // not the engine's own steps (issue 15: `loading`, `forward`, `encoding` showed in between).
     let events = history(&client, &kept).await;
-    let stages: Vec<String> = events
-        .iter()
-        .filter_map(|e| e.stage.clone())
-        .fold(vec![], |mut v, s| {
-            if v.last() != Some(&s) {
-                v.push(s);
-            }
-            v
-        });
+    let stages: Vec<String> = events.iter().filter_map(|e| e.stage.clone()).fold(vec![], |mut v, s| {
+        if v.last() != Some(&s) {
+            v.push(s);
+        }
+        v
+    });
     assert_eq!(stages, ["converting", "metadata", "compressing"]);
     let progress: Vec<f32> = events.iter().filter(|e| e.kind == EventKind::Progress).filter_map(|e| e.progress).collect();
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");

@@ -142,8 +142,9 @@ impl Drop for Node {
     }
 }
 
-/// Stops every node and waits a little for each (the next size starts on a quiet machine).
-fn stop_all(nodes: &mut Vec<Node>) {
+/// Stops every node and waits a little for each (the next size starts on a quiet machine),
+/// sleeping on the runtime's timer, not blocking its thread.
+async fn stop_all(nodes: &mut Vec<Node>) {
     for n in nodes.iter() {
         unsafe { libc::kill(n.child.id() as i32, libc::SIGTERM) };
     }
@@ -153,7 +154,7 @@ fn stop_all(nodes: &mut Vec<Node>) {
             if let Ok(Some(_)) = n.child.try_wait() {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = n.child.kill();
         let _ = n.child.wait();
@@ -287,7 +288,7 @@ async fn run_size(opts: &ScaleOptions, binary: &Path, n: usize) -> Result<SizeRe
     .await;
     if !registered {
         let c = client.cluster().await.map_err(|e| e.to_string())?;
-        stop_all(&mut nodes);
+        stop_all(&mut nodes).await;
         return Err(format!("{n} nodes did not register within the limit: {} nodes, {} slots", c.nodes.len(), c.gpus.len()));
     }
     let start_s = started.elapsed().as_secs_f64();
@@ -359,7 +360,7 @@ async fn run_size(opts: &ScaleOptions, binary: &Path, n: usize) -> Result<SizeRe
     }
     let owners = running_owners(&client, &hold_ids, Duration::from_secs(60)).await;
     let Some(owners) = owners else {
-        stop_all(&mut nodes);
+        stop_all(&mut nodes).await;
         return Err(format!("{holds} hold jobs did not all start within 60 s"));
     };
     let (victim, victim_jobs) = owners.iter().max_by_key(|(_, jobs)| jobs.len()).map(|(n, j)| (n.clone(), j.clone())).expect("owners");
@@ -382,7 +383,7 @@ async fn run_size(opts: &ScaleOptions, binary: &Path, n: usize) -> Result<SizeRe
     .await;
     let detect_and_hand_back_ms = killed_at.elapsed().as_millis() as u64;
     if !handed_back {
-        stop_all(&mut nodes);
+        stop_all(&mut nodes).await;
         return Err(format!("the jobs of SIGKILLed {victim} did not run again elsewhere within 60 s"));
     }
     eprintln!("    SIGKILLed {victim}: its {} jobs ran again elsewhere after {detect_and_hand_back_ms} ms", victim_jobs.len());
@@ -395,11 +396,11 @@ async fn run_size(opts: &ScaleOptions, binary: &Path, n: usize) -> Result<SizeRe
         until(Duration::from_secs(60), || async { client.status(&late).await.is_ok_and(|v| v.status == JobState::Completed) }).await;
     let join_to_first_job_ms = join_started.elapsed().as_millis() as u64;
     if !joined {
-        stop_all(&mut nodes);
+        stop_all(&mut nodes).await;
         return Err("the new node did not complete its first job within 60 s".into());
     }
     eprintln!("    a new node joined and completed its first job in {join_to_first_job_ms} ms");
-    stop_all(&mut nodes);
+    stop_all(&mut nodes).await;
     drop(server);
 
     let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };

@@ -68,11 +68,7 @@ impl ChaosNatsCluster {
             }
             gossip_sink = Some(sink);
         } else {
-            let cluster_ports: Vec<u16> = members.iter().map(|m| m.cluster_port).collect();
-            for (i, member) in members.iter_mut().enumerate() {
-                member.routes =
-                    cluster_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
-            }
+            ClusterMember::route_to_each_other(&mut members);
         }
         let to_start = members.clone();
         let servers = tokio::task::spawn_blocking(move || {

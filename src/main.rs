@@ -39,6 +39,18 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Download a job's results into a folder (each artifact checked against its sha256);
+    /// exits non-zero unless the job completed.
+    Result {
+        job_id: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Wait for the job to end first (otherwise a job still running is an error).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Cancel a job (queued: it never runs; running: its worker is stopped).
     Cancel {
         job_id: String,
@@ -54,6 +66,9 @@ enum Command {
         /// Only jobs that failed after their last attempt.
         #[arg(long)]
         dead_letter: bool,
+        /// Only jobs with this label: name=value (repeat for several, all must match).
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         #[command(flatten)]
@@ -294,8 +309,15 @@ enum BatchCommand {
         params: Vec<String>,
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// A label every item gets: name=value.
+        #[arg(short = 'l', long = "label")]
+        labels: Vec<String>,
+        /// Follow the batch to its end, download every item's results into --out/<batch
+        /// id>/<index>/, and exit non-zero unless every item completed.
         #[arg(long)]
         wait: bool,
+        #[arg(long, default_value = "kiln-results")]
+        out: PathBuf,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -337,6 +359,9 @@ struct SubmitArgs {
     idempotency_key: Option<String>,
     #[arg(long)]
     max_attempts: Option<u32>,
+    /// A label for the job: name=value (a user id, a session id, your own job id).
+    #[arg(short = 'l', long = "label")]
+    labels: Vec<String>,
     /// Seconds from now after which the job must not start.
     #[arg(long)]
     deadline_s: Option<u64>,
@@ -351,6 +376,24 @@ struct SubmitArgs {
     out: PathBuf,
     #[command(flatten)]
     conn: ConnArgs,
+}
+
+/// `name=value` pairs as labels (values kept as written).
+fn parse_labels(pairs: &[String]) -> Result<kiln_core::protocol::Labels, String> {
+    pairs
+        .iter()
+        .map(|s| s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not name=value")))
+        .collect()
+}
+
+/// Downloads `artifacts` into `dir` (each checked against its sha256) and prints each path.
+async fn download_all(client: &kiln::client::Client, artifacts: &[kiln_core::protocol::Artifact], dir: &Path) -> Result<(), String> {
+    for a in artifacts {
+        let dest = dir.join(&a.name);
+        client.download(a, &dest).await.map_err(|e| format!("{}: {e}", a.name))?;
+        println!("{} ({} bytes, sha256 {})", dest.display(), a.size, &a.sha256[..12.min(a.sha256.len())]);
+    }
+    Ok(())
 }
 
 fn split_pair(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -722,18 +765,38 @@ async fn client_command(command: Command) -> Result<(), String> {
             print_json(&c.status(&job_id).await.map_err(|e| e.to_string())?);
             Ok(())
         }
+        Command::Result { job_id, out, wait, conn } => {
+            let c = connect(&conn).await?;
+            let view = if wait {
+                c.wait(&job_id, Duration::from_secs(24 * 3600), |_| {}).await.map_err(|e| e.to_string())?
+            } else {
+                c.status(&job_id).await.map_err(|e| e.to_string())?
+            };
+            if !view.status.is_terminal() {
+                return Err(format!("job {job_id} is {}; nothing to download yet (--wait waits for its end)", view.status.as_str()));
+            }
+            download_all(&c, &view.artifacts, &out).await?;
+            match (&view.status, &view.error) {
+                (kiln_core::job::JobState::Completed, _) => Ok(()),
+                (status, Some(e)) => Err(format!("job {job_id} ended {}: {}: {}", status.as_str(), e.code.as_str(), e.message)),
+                (status, None) => Err(format!("job {job_id} ended {}", status.as_str())),
+            }
+        }
         Command::Cancel { job_id, conn } => {
             let c = connect(&conn).await?;
             print_json(&c.cancel(&job_id).await.map_err(|e| e.to_string())?);
             Ok(())
         }
-        Command::Jobs { status, model, dead_letter, limit, conn } => {
+        Command::Jobs { status, model, dead_letter, labels, limit, conn } => {
             let c = connect(&conn).await?;
             let status = match status {
                 Some(s) => Some(serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| format!("unknown status {s:?}"))?),
                 None => None,
             };
-            let reply = c.jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit) }).await.map_err(|e| e.to_string())?;
+            let reply = c
+                .jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit), labels: parse_labels(&labels)? })
+                .await
+                .map_err(|e| e.to_string())?;
             println!("{:<36}  {:<12} {:<10} {:>7}  ERROR", "JOB", "MODEL", "STATUS", "ATTEMPT");
             for j in reply.jobs {
                 let err = j.error.map(|e| format!("{}: {}", e.code.as_str(), e.message)).unwrap_or_default();
@@ -817,13 +880,13 @@ async fn batch_command(action: BatchCommand) -> Result<(), String> {
         }
     };
     match action {
-        BatchCommand::Submit { model, items, params, idempotency_key, wait, conn } => {
+        BatchCommand::Submit { model, items, params, idempotency_key, labels, wait, out, conn } => {
             let text = if items.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
             } else {
                 std::fs::read_to_string(&items).map_err(|e| format!("{}: {e}", items.display()))?
             };
-            let mut request = BatchSubmitRequest { model, idempotency_key, ..Default::default() };
+            let mut request = BatchSubmitRequest { model, idempotency_key, labels: parse_labels(&labels)?, ..Default::default() };
             for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("items line {}: {e}", n + 1))?;
                 let item = match serde_json::from_value::<BatchItemRequest>(value.clone()) {
@@ -852,6 +915,13 @@ async fn batch_command(action: BatchCommand) -> Result<(), String> {
                     .await
                     .map_err(|e| e.to_string())?;
                 show(&view);
+                for item in &view.items {
+                    download_all(&c, &item.artifacts, &out.join(&view.batch_id).join(item.index.to_string())).await?;
+                }
+                let s = &view.summary;
+                if s.completed < s.total {
+                    return Err(format!("batch {} is partial: {} of {} items completed", view.batch_id, s.completed, s.total));
+                }
             }
             Ok(())
         }
@@ -895,6 +965,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
         idempotency_key: args.idempotency_key,
         max_attempts: args.max_attempts,
         reuse: args.reuse,
+        labels: parse_labels(&args.labels)?,
         ..Default::default()
     };
     for i in &args.inputs {
@@ -944,11 +1015,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
     if let Some(e) = &view.error {
         eprintln!("{}: {}", e.code.as_str(), e.message);
     }
-    for a in &view.artifacts {
-        let dest = args.out.join(&view.job_id).join(&a.name);
-        client.download(a, &dest).await.map_err(|e| e.to_string())?;
-        println!("{} ({} bytes, sha256 {})", dest.display(), a.size, &a.sha256[..12]);
-    }
+    download_all(&client, &view.artifacts, &args.out.join(&view.job_id)).await?;
     if view.status == kiln_core::job::JobState::Completed {
         Ok(())
     } else {

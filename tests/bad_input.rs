@@ -173,3 +173,43 @@ max_attempts = 1
     }
     println!("{} events, every text within its bound", events.len());
 }
+
+/// Error replies follow the NATS services convention while keeping the JSON body: the
+/// `Nats-Service-Error` and `Nats-Service-Error-Code` headers, and a count in `$SRV.STATS`
+/// (issue 15: services tooling saw 0 errors after about 40 error replies, and no headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_replies_carry_the_service_error_headers_and_count_in_stats() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, NOOP_MODEL));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let nats = client.nats();
+
+    for _ in 0..5 {
+        let reply = nats.request("kiln.api.submit", br#"{"model": "sdxl"}"#.to_vec().into()).await.unwrap();
+        let headers = reply.headers.as_ref().expect("an error reply has headers");
+        assert_eq!(headers.get("Nats-Service-Error-Code").map(|v| v.as_str()), Some("404"), "{headers:?}");
+        let description = headers.get("Nats-Service-Error").map(|v| v.as_str().to_string()).unwrap_or_default();
+        assert!(description.contains("sdxl"), "the message: {description:?}");
+        let body: ErrorReply = serde_json::from_slice(&reply.payload).expect("the JSON body is kept");
+        assert_eq!(body.error.code, ErrorCode::UnknownModel);
+    }
+    let fine = nats.request("kiln.api.models", "".into()).await.unwrap();
+    assert!(fine.headers.as_ref().is_none_or(|h| h.get("Nats-Service-Error").is_none()), "no error headers on success");
+
+    let stats = nats.request("$SRV.STATS.kiln-api", "".into()).await.unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response", "{stats}");
+    let endpoint = |name: &str| stats["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned().unwrap();
+    assert_eq!(endpoint("submit")["num_errors"], 5, "{stats}");
+    assert_eq!(endpoint("submit")["num_requests"], 5, "{stats}");
+    assert!(endpoint("submit")["last_error"].as_str().unwrap().contains("sdxl"), "{stats}");
+    assert_eq!(endpoint("models")["num_errors"], 0, "{stats}");
+    assert_eq!(endpoint("models")["num_requests"], 1, "{stats}");
+
+    let info = nats.request("$SRV.INFO.kiln-api", "".into()).await.unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let subjects: Vec<&str> = info["endpoints"].as_array().unwrap().iter().map(|e| e["subject"].as_str().unwrap()).collect();
+    assert_eq!(subjects.len(), kiln::api::ENDPOINTS.len(), "{info}");
+    assert!(subjects.contains(&"kiln.api.submit") && subjects.contains(&"kiln.api.retry_batch"), "{info}");
+}

@@ -13,7 +13,7 @@ use kiln_core::job::JobState;
 use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ErrorCode, Event, EventKind, InputValue};
 
 fn item(prompt: &str, p: serde_json::Value) -> BatchItemRequest {
-    BatchItemRequest { inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(), params: params(p) }
+    BatchItemRequest { inputs: [("prompt".to_string(), InputValue::Inline(prompt.into()))].into(), params: params(p), ..Default::default() }
 }
 
 fn api_error(r: Result<impl std::fmt::Debug, kiln::client::ClientError>) -> kiln_core::protocol::ApiError {

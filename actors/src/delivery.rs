@@ -215,7 +215,14 @@ impl Delivery {
         }
     }
 
-    pub(crate) async fn event(&mut self, event: Event) {
+    pub(crate) async fn event(&mut self, mut event: Event) {
+        if let Some(current) = &self.current {
+            event.labels = current.record.labels.clone();
+            // A stage shows under the name the model's clients know (`stage_names`).
+            if let Some(model) = self.ctx.config.model(&current.record.model) {
+                event.stage = event.stage.take().and_then(|stage| model.stage_shown(&stage));
+            }
+        }
         // Stored after the `running` event, whatever happened to its first publish.
         if let Some(running) = &self.running_stored {
             running.clone().await;
@@ -232,7 +239,8 @@ impl Delivery {
     /// ([`running_stored`](Self::running_stored)), so the history still begins with it.
     pub(crate) async fn publish_running(&mut self) {
         self.events_sent += 1;
-        let event = Event::status(&self.job_id, self.attempt, JobState::Running);
+        let labels = self.current.as_ref().map(|c| c.record.labels.clone()).unwrap_or_default();
+        let event = Event::status(&self.job_id, self.attempt, JobState::Running).labelled(&labels);
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
         let ack = self.ctx.resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
         let pending = PendingEvent { event, msg_id, ack };
@@ -256,12 +264,11 @@ impl Delivery {
     /// (which finds the record terminal) publishes it. Acking anyway left a finished job with
     /// no ending in its history when a nats-server restart hit this moment (`kiln chaos`).
     async fn terminal_event(&self, record: &JobRecord) -> bool {
-        let mut event = Event::status(&record.job_id, record.attempt, record.state);
+        let mut event = Event::status(&record.job_id, record.attempt, record.state).labelled(&record.labels);
         if let Some(e) = &record.error {
             event = event.with_error(e.clone());
         }
-        let id = format!("{}-terminal", record.job_id);
-        match self.ctx.resources.publish_event_with_id(&event, Some(&id)).await {
+        match self.ctx.resources.publish_end(&event, record).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
@@ -575,7 +582,9 @@ impl Delivery {
                 },
             };
             let Some(artifact) = artifacts.get(next) else { return Ok(true) };
-            match resources.publish_event_after(&Event::artifact(&self.job_id, self.attempt, artifact.clone()), seq).await {
+            let labels = self.current.as_ref().map(|c| &c.record.labels).cloned().unwrap_or_default();
+            let event = Event::artifact(&self.job_id, self.attempt, artifact.clone()).labelled(&labels);
+            match resources.publish_event_after(&event, seq).await {
                 Ok(Some(stored)) => {
                     after = Some(stored);
                     next += 1;

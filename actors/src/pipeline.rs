@@ -99,7 +99,13 @@ impl Pipeline {
             d.event(Event::progress(&d.job_id, d.attempt, Some(run_stage.clone()), Some(0.0))).await;
         }
         let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
-        let shown = StageShown { share: model_share, run_stage: (!run_stage.is_empty()).then_some(run_stage) };
+        let model_config = d.ctx.config.model(&record.model).cloned();
+        let shown = StageShown {
+            share: model_share,
+            run_stage: (!run_stage.is_empty()).then_some(run_stage),
+            model: model_config,
+            labels: record.labels.clone(),
+        };
         let forwarder =
             tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
         let cancel = d.cancel.clone();
@@ -231,8 +237,13 @@ impl Pipeline {
     }
 }
 
-async fn resolve_inputs(d: &Delivery, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
+async fn resolve_inputs(d: &mut Delivery, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
     let mut resolved = BTreeMap::new();
+    // Seed 002's clients see `downloading` while their files come in (mapped by the model's
+    // `stage_names` like any stage).
+    if record.inputs.values().any(|v| matches!(v, InputValue::Object { .. })) {
+        d.event(Event::progress(&d.job_id, d.attempt, Some("downloading".into()), Some(0.0))).await;
+    }
     for (name, value) in &record.inputs {
         let input = match value {
             InputValue::Inline(v) => ResolvedInput::Inline(v.clone()),
@@ -301,6 +312,10 @@ const MAX_UNACKED_PROGRESS: usize = 64;
 struct StageShown {
     share: f32,
     run_stage: Option<String>,
+    /// Maps the engine's stage names to the ones its clients know (`stage_names`).
+    model: Option<kiln_core::config::ModelConfig>,
+    /// The job's labels, carried by every event.
+    labels: kiln_core::protocol::Labels,
 }
 
 async fn forward_progress(
@@ -321,16 +336,18 @@ async fn forward_progress(
         }
         let event = match update {
             ProgressUpdate::Progress { stage, progress, message } => {
-                let stage = match &shown.run_stage {
-                    Some(run_stage) => Some(run_stage.clone()),
-                    None => stage.map(|s| truncate(s, MAX_STAGE_BYTES)),
+                let stage = match (&shown.run_stage, &shown.model) {
+                    (Some(run_stage), _) => Some(run_stage.clone()),
+                    (None, Some(model)) => stage.and_then(|s| model.stage_shown(&truncate(s, MAX_STAGE_BYTES))),
+                    (None, None) => stage.map(|s| truncate(s, MAX_STAGE_BYTES)),
                 };
                 let mut e = Event::progress(&job_id, attempt, stage, progress.map(|p| p * shown.share));
                 e.message = message.map(|m| truncate(m, MAX_EVENT_MESSAGE_BYTES));
                 e
             }
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
-        };
+        }
+        .labelled(&shown.labels);
         match ctx.resources.publish_event_nowait(&event).await {
             Ok(ack) => unacked.push_back(ack),
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed"),

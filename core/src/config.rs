@@ -509,6 +509,19 @@ pub struct ModelConfig {
     /// Post-processing stages, run in order after the model on the node's compression pool.
     #[serde(default)]
     pub stages: Vec<StageConfig>,
+    /// The params this model takes (`[{ name = "steps", kind = "int", min = 1, max = 100,
+    /// default = 20 }]`): when any are declared, a submission's params are checked at submit
+    /// (an unknown name, a wrong type, a value out of range: `bad_request`) and defaults are
+    /// filled in. Empty (default): any params pass unchecked.
+    #[serde(default)]
+    pub params: Vec<crate::params::ParamDecl>,
+    /// The names clients see for the stages the engine or worker reports (`{ inference =
+    /// "processing", downloading = "downloading" }`): when set, a progress event shows the
+    /// mapped name, and a stage not in the map is left out of the event (its percentage still
+    /// shows), so engine-internal steps do not leak to clients that know only their own
+    /// statuses. Empty (default): stages show as reported. A `run_stage` wins over both.
+    #[serde(default)]
+    pub stage_names: BTreeMap<String, String>,
 }
 
 /// One post-processing stage of a pipeline.
@@ -547,6 +560,17 @@ pub enum StageConfig {
     },
 }
 
+impl ModelConfig {
+    /// The stage name a client sees for a `reported` one: as reported without `stage_names`
+    /// (or for the `run_stage` itself), else its mapping, or `None` (left out) when unmapped.
+    pub fn stage_shown(&self, reported: &str) -> Option<String> {
+        if self.stage_names.is_empty() || reported == self.run_stage {
+            return Some(reported.to_string());
+        }
+        self.stage_names.get(reported).cloned()
+    }
+}
+
 impl StageConfig {
     pub fn name(&self) -> &str {
         match self {
@@ -579,6 +603,10 @@ pub enum EngineConfig {
         /// How long the worker may take to print `ready` (model load).
         #[serde(default = "default_ready_timeout_ms")]
         ready_timeout_ms: u64,
+        /// The worker's working directory (relative: to the config file's folder); default:
+        /// the node's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
     },
     /// A TorchScript module run in process through tch on the slot's device.
     Torchscript {
@@ -711,7 +739,10 @@ impl ClusterConfig {
         }
         for model in &mut self.models {
             match &mut model.engine {
-                EngineConfig::Process { command, .. } => {
+                EngineConfig::Process { command, cwd, .. } => {
+                    if let Some(dir) = cwd.as_mut().filter(|d| !d.starts_with('/')) {
+                        *dir = base.join(&*dir).display().to_string();
+                    }
                     for arg in command.iter_mut() {
                         let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
                         if looks_like_path && base.join(&*arg).exists() {
@@ -852,6 +883,14 @@ impl ClusterConfig {
             if m.result_ttl_s == Some(0) {
                 return Err(invalid(key("result_ttl_s"), "must be above 0"));
             }
+            for (j, decl) in m.params.iter().enumerate() {
+                if let Some(why) = decl.invalid() {
+                    return Err(invalid(key(&format!("params[{j}]")), why));
+                }
+                if m.params[..j].iter().any(|o| o.name == decl.name) {
+                    return Err(invalid(key(&format!("params[{j}]")), format!("{:?} is declared twice", decl.name)));
+                }
+            }
             for s in &m.slots {
                 if parse_slot(s).is_none() {
                     return Err(invalid(key("slots"), format!("{s:?} is not `cuda:N` or `cpu:N`")));
@@ -860,6 +899,9 @@ impl ClusterConfig {
             match &m.engine {
                 EngineConfig::Process { command, .. } if command.is_empty() => {
                     return Err(invalid(key("engine.command"), "must name a program"))
+                }
+                EngineConfig::Process { cwd: Some(dir), .. } if !Path::new(dir).is_dir() => {
+                    return Err(invalid(key("engine.cwd"), format!("{dir:?} is not a folder")))
                 }
                 EngineConfig::Torchscript { path, device, inputs, params, max_batch, max_batch_delay_ms, .. } => {
                     if *max_batch == 0 || *max_batch > 1024 {

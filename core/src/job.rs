@@ -106,6 +106,9 @@ pub struct JobRecord {
     /// Set on the children of a batch: the batch is told when this job reaches its end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// The client's labels, echoed on the view and on every event.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: crate::protocol::Labels,
 }
 
 impl JobRecord {
@@ -132,6 +135,7 @@ impl JobRecord {
             cancel_requested: false,
             dead_letter: false,
             parent: None,
+            labels: Default::default(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
+//! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
 //! | [`batch`]     | batches: the parent record, settling children, the summary rule             |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
@@ -33,6 +34,7 @@ pub mod ids;
 pub mod job;
 pub mod metrics;
 pub mod nats;
+pub mod params;
 pub mod placement;
 pub mod policy;
 pub mod protocol;

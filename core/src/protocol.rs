@@ -19,6 +19,36 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 pub const MAX_EVENT_MESSAGE_BYTES: usize = 4096;
 /// Longest stage name a worker can report in a progress event; longer ones are cut.
 pub const MAX_STAGE_BYTES: usize = 128;
+/// Most labels one job may carry (`bad_request` beyond).
+pub const MAX_LABELS: usize = 16;
+/// Longest label name, in bytes: 1 to 64 letters, digits, `-`, `_` or `.`.
+pub const MAX_LABEL_NAME_BYTES: usize = 64;
+/// Longest label value, in bytes (any UTF-8).
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+
+/// A client's own names for a job (`user_id`, `session_id`, its own job id): echoed in the
+/// job view, on every event of the job and in batch items, and filterable in `jobs`.
+pub type Labels = BTreeMap<String, String>;
+
+/// Why `labels` break the bounds of [`MAX_LABELS`], [`MAX_LABEL_NAME_BYTES`] and
+/// [`MAX_LABEL_VALUE_BYTES`], if they do.
+pub fn invalid_labels(labels: &Labels) -> Option<String> {
+    if labels.len() > MAX_LABELS {
+        return Some(format!("{} labels; at most {MAX_LABELS} are allowed", labels.len()));
+    }
+    for (name, value) in labels {
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_LABEL_NAME_BYTES
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok {
+            return Some(format!("label name {name:?} must be 1-{MAX_LABEL_NAME_BYTES} letters, digits, '-', '_' or '.'"));
+        }
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            return Some(format!("label {name:?} is {} bytes; at most {MAX_LABEL_VALUE_BYTES}", value.len()));
+        }
+    }
+    None
+}
 
 /// `s` cut to at most `max` bytes, a trailing `…` included when cut, on a character boundary.
 pub fn truncate_utf8(mut s: String, max: usize) -> String {
@@ -168,6 +198,9 @@ pub struct SubmitRequest {
     /// instead of running again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reuse: bool,
+    /// The client's own names for the job, echoed back (see [`Labels`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// Reply to submit, sent only once the job record and the queue message are durable.
@@ -241,6 +274,9 @@ pub struct JobView {
     pub inputs: BTreeMap<String, InputValue>,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,
+    /// The labels it was submitted with (always sent, empty or not, like every list).
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 impl From<&JobRecord> for JobView {
@@ -264,6 +300,7 @@ impl From<&JobRecord> for JobView {
             batch: r.parent.clone(),
             inputs: r.inputs.clone(),
             params: r.params.clone(),
+            labels: r.labels.clone(),
         }
     }
 }
@@ -292,6 +329,9 @@ pub struct ListJobsRequest {
     /// At most this many (default 100, at most 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// Only jobs carrying every one of these labels with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -455,6 +495,9 @@ pub struct Event {
     /// `batch_finished`: the batch's final counts and status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<BatchSummary>,
+    /// The job's labels, on every event of a labelled job (left out when it has none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// The item an `item_completed` / `item_failed` event is about.
@@ -465,6 +508,8 @@ pub struct BatchItemEvent {
     pub status: JobState,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<Artifact>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 impl Event {
@@ -482,7 +527,14 @@ impl Event {
             error: None,
             item: None,
             summary: None,
+            labels: Labels::new(),
         }
+    }
+
+    /// This event, carrying `labels` (the job's).
+    pub fn labelled(mut self, labels: &Labels) -> Self {
+        self.labels = labels.clone();
+        self
     }
 
     pub fn progress(job_id: &str, attempt: u32, stage: Option<String>, progress: Option<f32>) -> Self {
@@ -506,7 +558,13 @@ impl Event {
     /// An item of batch `batch_id` ended as `record` says.
     pub fn batch_item(batch_id: &str, index: u32, record: &JobRecord) -> Self {
         let kind = if record.state == JobState::Completed { EventKind::ItemCompleted } else { EventKind::ItemFailed };
-        let item = BatchItemEvent { index, job_id: record.job_id.clone(), status: record.state, artifacts: record.artifacts.clone() };
+        let item = BatchItemEvent {
+            index,
+            job_id: record.job_id.clone(),
+            status: record.state,
+            artifacts: record.artifacts.clone(),
+            labels: record.labels.clone(),
+        };
         let mut event = Event { kind, status: None, item: Some(item), ..Event::status(batch_id, 0, JobState::Running) };
         if let Some(e) = &record.error {
             event = event.with_error(e.clone());
@@ -534,6 +592,9 @@ pub struct BatchItemRequest {
     pub inputs: BTreeMap<String, InputValue>,
     #[serde(default)]
     pub params: serde_json::Map<String, serde_json::Value>,
+    /// This item's labels, merged over the batch's (an item's own value wins).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// `kiln.api.submit_batch`: N items of one model, run as N jobs in parallel across the cluster.
@@ -555,6 +616,9 @@ pub struct BatchSubmitRequest {
     pub deadline_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Labels every item gets (`storyboard_id`); an item's own labels win over these.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
 }
 
 /// `kiln.api.batch`, `kiln.api.cancel_batch` and `kiln.api.retry_batch` take a batch id.
@@ -593,6 +657,8 @@ pub struct BatchItemView {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub artifacts: Vec<Artifact>,
+    #[serde(default)]
+    pub labels: Labels,
 }
 
 /// Reply to `kiln.api.batch` and `kiln.api.cancel_batch`.

@@ -438,6 +438,7 @@ mod tests {
             artifacts,
             cancel_requested: false,
             dead_letter: false,
+            labels: Default::default(),
             batch: None,
             inputs: Default::default(),
             params: Default::default(),

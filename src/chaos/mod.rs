@@ -160,6 +160,7 @@ async fn submit_batch(client: &Client, key: &str, profile: &Profile, p: &schedul
             let item = BatchItemRequest {
                 inputs: [("prompt".to_string(), InputValue::Inline(prompt.clone().into()))].into(),
                 params: job_params(steps, profile.step_ms, s),
+                ..Default::default()
             };
             ((prompt, s), item)
         })

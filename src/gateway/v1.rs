@@ -279,7 +279,13 @@ async fn list_jobs(
 ) -> Result<Response, HttpError> {
     let Query(q) = query.map_err(|e| HttpError::bad_request(e.body_text()))?;
     let status = q.status.as_deref().filter(|s| !s.is_empty()).map(parse_status).transpose()?;
-    let request = ListJobsRequest { status, model: q.model.filter(|m| !m.is_empty()), dead_letter: q.dead_letter, limit: q.limit };
+    let request = ListJobsRequest {
+        status,
+        model: q.model.filter(|m| !m.is_empty()),
+        dead_letter: q.dead_letter,
+        limit: q.limit,
+        ..Default::default()
+    };
     Ok(Json(tenant.client.jobs(&request).await?).into_response())
 }
 

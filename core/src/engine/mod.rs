@@ -166,9 +166,9 @@ impl Engine {
     /// Builds the engine for a model; nothing is loaded until [`ensure_loaded`](Self::ensure_loaded).
     pub fn new(model: &ModelConfig, slot: &SlotContext) -> Engine {
         match &model.engine {
-            EngineConfig::Process { command, env, ready_timeout_ms } => {
-                Engine::Process(Box::new(process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot)))
-            }
+            EngineConfig::Process { command, env, ready_timeout_ms, cwd } => Engine::Process(Box::new(
+                process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot).in_dir(cwd.clone()),
+            )),
             EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device, max_batch, max_batch_delay_ms } => {
                 let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 let spec = torchscript::TorchModel {

@@ -157,6 +157,8 @@ pub struct ProcessEngine {
     env: BTreeMap<String, String>,
     ready_timeout: Duration,
     slot: SlotContext,
+    /// The worker's working directory (`cwd` of the model's engine); `None`: the node's.
+    cwd: Option<String>,
     worker: Option<Worker>,
 }
 
@@ -168,8 +170,15 @@ impl ProcessEngine {
             env,
             ready_timeout: Duration::from_millis(ready_timeout_ms),
             slot: slot.clone(),
+            cwd: None,
             worker: None,
         }
+    }
+
+    /// The same engine, starting its worker in `cwd` (when set).
+    pub fn in_dir(mut self, cwd: Option<String>) -> Self {
+        self.cwd = cwd;
+        self
     }
 
     pub fn is_loaded(&self) -> bool {
@@ -199,6 +208,9 @@ impl ProcessEngine {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
         dies_with_the_node(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| EngineError::Load(format!("cannot start {program:?}: {e}")))?;
         let pid = child.id().unwrap_or(0);

@@ -55,6 +55,25 @@ impl Resources {
         Ok(ack.map_err(StoreError::nats)?.await.map_err(StoreError::nats)?.sequence)
     }
 
+    /// Publishes a job's end on the results feed (`kiln.finished.<model>`) and its terminal
+    /// `event` on the job's subject, both de-duplicated (a redelivery publishes them again),
+    /// and waits for both acks at once: one round trip on the job's path, not two.
+    pub async fn publish_end(&self, event: &Event, record: &crate::job::JobRecord) -> Result<(), StoreError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}-finished", record.job_id).as_str());
+        let feed = serde_json::to_vec(&crate::protocol::JobView::from(record)).expect("views serialize");
+        let finished = self
+            .js
+            .publish_with_headers(self.names.finished_subject(&record.model), headers, feed.into())
+            .await
+            .map_err(StoreError::nats)?;
+        let terminal_id = format!("{}-terminal", record.job_id);
+        let terminal = self.publish_event_stored(event, Some(&terminal_id));
+        let (finished, terminal) = tokio::join!(std::future::IntoFuture::into_future(finished), terminal);
+        finished.map_err(StoreError::nats)?;
+        terminal.map(|_| ())
+    }
+
     /// The last event stored for a job (one request to the stream's leader), if any.
     pub async fn last_event(&self, job_id: &str) -> Result<Option<Event>, StoreError> {
         Ok(self.last_event_with_seq(job_id).await?.map(|(_, e)| e))

@@ -79,6 +79,16 @@ impl Names {
     pub fn events_subject(&self, job_id: &str) -> String {
         format!("{}.events.{job_id}", self.prefix)
     }
+    /// The results feed: every job's end, one message each, for consumers that start late.
+    pub fn finished_stream(&self) -> String {
+        format!("{}_FINISHED", self.upper())
+    }
+    pub fn finished_subject_all(&self) -> String {
+        format!("{}.finished.>", self.prefix)
+    }
+    pub fn finished_subject(&self, model: &str) -> String {
+        format!("{}.finished.{model}", self.prefix)
+    }
     pub fn jobs_bucket(&self) -> String {
         format!("{}_jobs", self.prefix)
     }

@@ -197,6 +197,23 @@ impl Resources {
         settle_stream(&js, &names.events_stream(), replicas, true).await?;
         let events = js.get_stream(names.events_stream()).await.map_err(StoreError::nats)?;
 
+        // The results feed (seed 000's backend consumer): each job's end once, kept as long as
+        // results are, read by durable consumers that clients create and resume.
+        js.get_or_create_stream(stream::Config {
+            name: names.finished_stream(),
+            subjects: vec![names.finished_subject_all()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: result_ttl,
+            duplicate_window: QUEUE_DEDUP_WINDOW,
+            max_consumers: MAX_CONSUMERS_PER_STREAM,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| creation_error(&names.finished_stream(), replicas, e))?;
+        settle_stream(&js, &names.finished_stream(), replicas, true).await?;
+
         let jobs_kv = open_kv(
             &js,
             kv::Config {

@@ -328,3 +328,45 @@ async fn a_cold_process_slot_shows_loading_then_busy_with_its_job() {
     let last_running = seen.iter().rposition(|s| s.ends_with("true")).expect("the job showed");
     assert_eq!(seen[last_running], "busy true", "once loaded, the slot stays busy with the job: {seen:?}");
 }
+
+/// `restart_gpu` on a busy slot restarts it now, and the job it was running is retried, as
+/// PROTOCOL says (issue 15: the job completed on attempt 1 and the slot restarted only after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_gpu_on_a_busy_slot_retries_its_running_job() {
+    use kiln_core::protocol::{ControlRequest, GpuState};
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+
+    let job = client.submit(&prompt_request("demo", "long", serde_json::json!({"steps": 40, "step_ms": 100}))).await.unwrap().job_id;
+    // Once its steps run (history() would wait for the end: it reads to the terminal event).
+    let mut events = Box::pin(client.events(&job).await.unwrap());
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = events.next().await {
+            if e.kind == EventKind::Progress && e.stage.as_deref() == Some("inference") {
+                return;
+            }
+        }
+    });
+    started.await.expect("the job never started its steps");
+    let reply = client.control(&ControlRequest::RestartGpu { node: "n1".into(), slot: "cpu:0".into() }).await.unwrap();
+    assert_eq!(reply.outcome, "restarting");
+    // The slot goes down at once, not after the job.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let gpu = client.cluster().await.unwrap().gpus.into_iter().find(|g| g.slot == "cpu:0").unwrap();
+        if gpu.restarts == 1 {
+            assert_ne!(gpu.state, GpuState::Dead);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the busy slot did not restart at once: {gpu:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let view = wait_terminal(&client, &job, Duration::from_secs(60)).await;
+    assert_eq!(view.status, JobState::Completed, "{view:?}");
+    assert_eq!(view.attempt, 2, "the running job was retried: {view:?}");
+    let statuses = statuses(&history(&client, &job).await);
+    assert!(statuses.contains(&"retrying".to_string()), "{statuses:?}");
+}

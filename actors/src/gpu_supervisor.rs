@@ -42,6 +42,8 @@ pub struct GpuSupervisorState {
     budget: RestartBudget,
     inference: Option<ActorRef<InferenceMsg>>,
     restarts: u32,
+    /// An operator asked for a restart: the actor was killed, and its end says so.
+    restart_requested: bool,
     quarantined: bool,
     /// Set while the node shuts down: a child that stops then is not restarted.
     stopping: bool,
@@ -77,6 +79,7 @@ impl Actor for GpuSupervisor {
             dispatcher: args.dispatcher,
             inference: None,
             restarts: 0,
+            restart_requested: false,
             quarantined: false,
             stopping: false,
         })
@@ -102,7 +105,12 @@ impl Actor for GpuSupervisor {
                         tracing::warn!(slot = %slot, "restart requested through the cluster");
                         // Handled like a failure: counted against the budget, the running job
                         // (if any) fails over to a retry, a fresh actor starts after the backoff.
-                        inference.stop(Some("restart requested".into()));
+                        // Killed, not stopped: a stop waits for the handler, which runs a
+                        // process job to its end (issue 15: the job completed on attempt 1 and
+                        // the slot restarted after it). Dropping its state kills the workers;
+                        // the job actor's call fails and the job is retried.
+                        state.restart_requested = true;
+                        inference.kill();
                         let _ = reply.send(GpuControlReply::Restarting { node, slot });
                     }
                     _ => {
@@ -121,7 +129,7 @@ impl Actor for GpuSupervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, reason) = match event {
+        let (cell, mut reason) = match event {
             SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
             SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.unwrap_or_else(|| "stopped".into())),
             _ => return Ok(()),
@@ -129,6 +137,9 @@ impl Actor for GpuSupervisor {
         let is_current = state.inference.as_ref().is_some_and(|a| a.get_id() == cell.get_id());
         if !is_current || state.stopping {
             return Ok(());
+        }
+        if std::mem::take(&mut state.restart_requested) {
+            reason = "restart requested".into();
         }
         state.inference = None;
         let _ = state.dispatcher.cast(DispatcherMsg::SlotDown { slot: state.slot.clone(), dead: false });

@@ -35,7 +35,20 @@ fn check_batch_history(events: &[Event], expected_indices: &[u32]) -> BTreeMap<u
     assert_eq!(last.kind, EventKind::BatchFinished, "batch_finished is last: {events:#?}");
     assert_eq!(events.iter().filter(|e| e.kind == EventKind::BatchFinished).count(), 1, "one batch_finished");
     let mut by_index = BTreeMap::new();
-    for e in items {
+    // `batch_progress` (issue 15, seed 004): the counts after items end, never past the total,
+    // each after at least that many item events.
+    let total = expected_indices.len() as u32;
+    let mut items_so_far = 0;
+    for e in items.iter().filter(|e| e.kind == EventKind::BatchProgress || e.item.is_some()) {
+        if let Some(s) = e.summary.as_ref().filter(|_| e.kind == EventKind::BatchProgress) {
+            let done = s.completed + s.failed + s.cancelled;
+            assert!(s.total == total && done >= 1 && done <= items_so_far, "{e:?} after {items_so_far} item events");
+        } else {
+            items_so_far += 1;
+        }
+    }
+    assert!(items.iter().any(|e| e.kind == EventKind::BatchProgress), "progress is reported: {events:#?}");
+    for e in items.iter().filter(|e| e.kind != EventKind::BatchProgress) {
         assert!(matches!(e.kind, EventKind::ItemCompleted | EventKind::ItemFailed), "only item events before the end: {e:?}");
         let i = e.item.as_ref().expect("item events name their item");
         assert!(by_index.insert(i.index, e.clone()).is_none(), "item {} reported twice", i.index);

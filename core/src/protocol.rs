@@ -461,6 +461,9 @@ pub enum EventKind {
     ItemCompleted,
     /// On a batch's subject: an item failed or was cancelled (`item.status`, `error`).
     ItemFailed,
+    /// On a batch's subject, after an item's end is counted: `summary` holds the counts so
+    /// far (done = completed + failed + cancelled, of `total`).
+    BatchProgress,
     /// On a batch's subject, last: every item has ended; `summary` says how.
     BatchFinished,
 }
@@ -570,6 +573,11 @@ impl Event {
             event = event.with_error(e.clone());
         }
         event
+    }
+
+    /// A batch's counts after one more item ended.
+    pub fn batch_progress(batch_id: &str, summary: BatchSummary) -> Self {
+        Event { kind: EventKind::BatchProgress, status: None, summary: Some(summary), ..Event::status(batch_id, 0, JobState::Running) }
     }
 
     /// The last event of a batch.

@@ -16,7 +16,7 @@ use super::cas::{self, CasError, Step, Updated};
 use super::{Resources, StoreError};
 use crate::batch::{BatchRecord, Settle};
 use crate::job::JobRecord;
-use crate::protocol::Event;
+use crate::protocol::{Event, EventKind};
 
 /// Why settling wrote nothing.
 enum NotSettled {
@@ -113,7 +113,13 @@ impl Resources {
         match settled {
             // The settle that finished the batch, or a repeat of it after a crash, ends the
             // batch's history.
-            Ok(Updated::Written { value: batch, .. } | Updated::Stopped(NotSettled::Already(batch))) => {
+            Ok(Updated::Written { value: batch, .. }) => {
+                self.publish_batch_progress(&batch, parent.index).await?;
+                if batch.is_finished() {
+                    self.publish_batch_finished(&batch).await?;
+                }
+            }
+            Ok(Updated::Stopped(NotSettled::Already(batch))) => {
                 if batch.is_finished() {
                     self.publish_batch_finished(&batch).await?;
                 }
@@ -126,6 +132,27 @@ impl Resources {
             }
             Err(e) => return Err(e),
         }
+        Ok(())
+    }
+
+    /// A `batch_progress` event with the counts `batch` was written with, stored only while
+    /// the batch's history has not ended (`Nats-Expected-Last-Subject-Sequence` on the last
+    /// event read): a settle racing the one that finished the batch must not add anything after
+    /// `batch_finished`. Two concurrent settles may store their counts out of order (a client
+    /// keeps the largest); a settle repeated after a crash may be missing one (the next item's
+    /// or `batch_finished` has the counts).
+    async fn publish_batch_progress(&self, batch: &BatchRecord, index: u32) -> Result<(), StoreError> {
+        let event = Event::batch_progress(&batch.batch_id, batch.summary());
+        for _ in 0..5 {
+            let Some((seq, last)) = self.last_event_with_seq(&batch.batch_id).await? else { return Ok(()) };
+            if last.is_terminal() || (last.kind == EventKind::BatchProgress && last.summary == event.summary) {
+                return Ok(());
+            }
+            if self.publish_event_after(&event, seq).await?.is_some() {
+                return Ok(());
+            }
+        }
+        tracing::debug!(batch_id = %batch.batch_id, index, "batch_progress not stored: the batch's history kept moving");
         Ok(())
     }
 

@@ -370,3 +370,63 @@ async fn restart_gpu_on_a_busy_slot_retries_its_running_job() {
     let statuses = statuses(&history(&client, &job).await);
     assert!(statuses.contains(&"retrying".to_string()), "{statuses:?}");
 }
+
+/// Process models share a slot's memory budget the way TorchScript models do (issue 15): each
+/// declares `memory_bytes`, the least recently used workers are stopped to make room, the
+/// registry's warm list shows what is resident, and a model larger than the slot fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_workers_share_the_slot_memory_budget_least_recently_used_first() {
+    let mut cluster = TestCluster::new();
+    let model = |name: &str, bytes: u64| {
+        format!(
+            r#"
+[[models]]
+name = "{name}"
+engine = {{ kind = "process", command = ["python3", "{worker}"], ready_timeout_ms = 20000, memory_bytes = {bytes} }}
+max_attempts = 2
+required_inputs = ["prompt"]
+"#,
+            worker = demo_worker()
+        )
+    };
+    let models = [model("a", 1000), model("b", 1000), model("c", 1000), model("huge", 5000)].concat();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &models).replace("[node]\n", "[node]\nslot_memory_bytes = 2500\n");
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+
+    let run = |model: &'static str| {
+        let client = &client;
+        async move {
+            let job = client.submit(&prompt_request(model, "x", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap().job_id;
+            wait_terminal(client, &job, Duration::from_secs(60)).await
+        }
+    };
+    // The registry follows a moment after the job's end.
+    let warm_becomes = |expected: &'static [&'static str]| {
+        let client = &client;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let warm = settled_gpu(client, "cpu:0").await.warm_models;
+                if warm == expected || std::time::Instant::now() > deadline {
+                    return warm;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(run("a").await.status, JobState::Completed);
+    assert_eq!(run("b").await.status, JobState::Completed);
+    assert_eq!(warm_becomes(&["a", "b"]).await, ["a", "b"], "both fit in 2500 bytes");
+    assert_eq!(run("a").await.status, JobState::Completed); // b is now the least recently used
+    assert_eq!(run("c").await.status, JobState::Completed);
+    assert_eq!(warm_becomes(&["a", "c"]).await, ["a", "c"], "b's worker was stopped to make room for c");
+    assert!(cluster.nodes[0].log().contains("stopping the least recently used worker"), "{}", cluster.nodes[0].log());
+
+    let huge = run("huge").await;
+    assert_eq!(huge.status, JobState::Failed, "{huge:?}");
+    assert_eq!(huge.attempt, 1, "retrying cannot make it fit: {huge:?}");
+    assert!(huge.error.as_ref().unwrap().message.contains("budget"), "{huge:?}");
+    assert_eq!(warm_becomes(&["a", "c"]).await, ["a", "c"], "nothing was stopped for a model that cannot fit");
+}

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kiln_core::engine::{Engine, EngineError, EngineJob, EngineOutput, ProgressSink, SlotContext};
+use kiln_core::engine::{workers_to_stop, Engine, EngineError, EngineJob, EngineOutput, ProgressSink, ResidentWorker, SlotContext};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +40,10 @@ pub struct InferenceState {
     engines: BTreeMap<String, Engine>,
     /// The warm list last reported, so the registry is written only when it changes.
     reported_warm: Vec<String>,
+    /// When each model last ran here (a logical clock), for stopping the least recently used
+    /// process workers to make room in the slot's memory budget.
+    last_used: BTreeMap<String, u64>,
+    clock: u64,
 }
 
 pub type RunResult = Result<Vec<EngineOutput>, EngineError>;
@@ -74,6 +78,8 @@ impl Actor for InferenceActor {
             registry: args.registry,
             engines: BTreeMap::new(),
             reported_warm: vec![],
+            last_used: BTreeMap::new(),
+            clock: 0,
         })
     }
 
@@ -95,6 +101,60 @@ impl Actor for InferenceActor {
 impl InferenceState {
     fn warm_models(&self) -> Vec<String> {
         self.engines.iter().filter(|(_, e)| e.is_loaded()).map(|(m, _)| m.clone()).collect()
+    }
+
+    /// Counts what the resident process workers hold, for the torch thread's share.
+    fn count_process_bytes(&self) {
+        let held = self
+            .engines
+            .iter()
+            .filter(|(_, e)| e.torch().is_none() && e.is_loaded())
+            .filter_map(|(m, e)| self.ctx.config.model(m).map(|c| e.resident_bytes(c)))
+            .sum();
+        self.slot.process_bytes.store(held, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Makes room in the slot's memory budget for `model`, about to load: stops the least
+    /// recently used process workers that must go (TorchScript modules give way on the torch
+    /// thread, which fits them in what the workers leave). An error when the model cannot fit
+    /// beside what cannot be stopped here.
+    fn make_room(&mut self, model: &kiln_core::config::ModelConfig) -> Result<(), EngineError> {
+        let Some(engine) = self.engines.get(&model.name) else { return Ok(()) };
+        let need = engine.resident_bytes(model);
+        if need == 0 || engine.is_loaded() {
+            return Ok(());
+        }
+        let budget = self.slot.memory_bytes;
+        if need > budget {
+            return Err(EngineError::ModelBroken(format!("model needs {need} bytes; the slot's budget is {budget}")));
+        }
+        let resident: Vec<ResidentWorker> = self
+            .engines
+            .iter()
+            .filter(|(m, e)| *m != &model.name && e.torch().is_none() && e.is_loaded())
+            .filter_map(|(m, e)| {
+                let config = self.ctx.config.model(m)?;
+                let bytes = e.resident_bytes(config);
+                (bytes > 0).then(|| ResidentWorker { model: m.clone(), bytes, last_used: self.last_used.get(m).copied().unwrap_or(0) })
+            })
+            .collect();
+        // A process model must also fit beside the modules; a TorchScript model makes its own
+        // room among them.
+        let fixed = if engine.torch().is_some() { 0 } else { self.slot.torch_bytes.load(std::sync::atomic::Ordering::Acquire) };
+        let stop = workers_to_stop(&resident, fixed, need, budget).map_err(|missing| {
+            EngineError::Load(format!(
+                "model needs {need} bytes of the slot's {budget}; {missing} more are held by TorchScript models and workers that cannot be stopped now"
+            ))
+        })?;
+        for victim in stop {
+            tracing::info!(slot = %self.slot.slot, model = %victim, to_fit = %model.name, "stopping the least recently used worker to fit the slot's memory budget");
+            if let Some(e) = self.engines.get_mut(&victim) {
+                e.shutdown();
+            }
+        }
+        self.count_process_bytes();
+        self.report_warm();
+        Ok(())
     }
 
     /// Publishes the warm models (to the registry and the dispatcher's placement) if changed:
@@ -149,7 +209,16 @@ impl InferenceState {
             return Ok(());
         };
         let timeout = Duration::from_millis(model.timeout_ms);
-        let engine = self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
+        self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
+        self.clock += 1;
+        self.last_used.insert(model.name.clone(), self.clock);
+        if let Err(e) = self.make_room(&model) {
+            tracing::warn!(slot = %self.slot.slot, model = %model.name, error = %e, "model does not fit the slot's memory budget");
+            self.report(GpuUpdate { last_error: Some(Some(e.to_string())), ..Default::default() });
+            let _ = reply.send(Err(e));
+            return Ok(());
+        }
+        let engine = self.engines.get_mut(&model.name).expect("inserted above");
         if let Some(torch) = engine.torch() {
             // Off the mailbox: the slot's torch thread serializes the jobs (and batches those of
             // a batching model), so the next job may arrive while this one runs.
@@ -184,6 +253,7 @@ impl InferenceState {
                 return Ok(());
             }
             self.report(GpuUpdate { loading: Some(false), ..Default::default() });
+            self.count_process_bytes();
             self.report_warm();
         }
         let engine = self.engines.get_mut(&model.name).expect("inserted above");
@@ -197,6 +267,7 @@ impl InferenceState {
         };
         let restart = result.as_ref().err().filter(|e| e.needs_restart()).map(|e| e.to_string());
         let _ = reply.send(result);
+        self.count_process_bytes();
         self.report_warm();
         if let Some(reason) = restart {
             self.ctx.warm.remove(&self.slot.slot);

@@ -607,6 +607,11 @@ pub enum EngineConfig {
         /// the node's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cwd: Option<String>,
+        /// What a resident worker holds of its slot (GPU memory), counted against the slot's
+        /// `node.slot_memory_bytes` with the TorchScript models: least recently used workers
+        /// are stopped to make room. None (default): not counted.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        memory_bytes: Option<u64>,
     },
     /// A TorchScript module run in process through tch on the slot's device.
     Torchscript {

@@ -123,15 +123,29 @@ pub struct SlotContext {
     pub node: String,
     /// `cuda:0`, `cpu:1`.
     pub slot: String,
-    /// Budget of resident TorchScript models on this slot.
+    /// Budget of resident models on this slot: TorchScript modules and process workers that
+    /// declare `memory_bytes` share it.
     pub memory_bytes: u64,
     /// The slot's torch thread, started by the first TorchScript model it runs.
     pub torch: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<torchscript::TorchSlot>>>,
+    /// Bytes its resident process workers are counted for (set by the inference actor): the
+    /// torch thread fits its modules in what they leave.
+    pub process_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes its resident TorchScript modules are counted for (set by the torch thread): a
+    /// process worker starts only where they leave room.
+    pub torch_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl SlotContext {
     pub fn new(node: &str, slot: &str, memory_bytes: u64) -> Self {
-        SlotContext { node: node.into(), slot: slot.into(), memory_bytes, torch: Default::default() }
+        SlotContext {
+            node: node.into(),
+            slot: slot.into(),
+            memory_bytes,
+            torch: Default::default(),
+            process_bytes: Default::default(),
+            torch_bytes: Default::default(),
+        }
     }
 
     /// The Torch device of this slot: `cuda:N` when CUDA has that device, else the CPU.
@@ -166,7 +180,7 @@ impl Engine {
     /// Builds the engine for a model; nothing is loaded until [`ensure_loaded`](Self::ensure_loaded).
     pub fn new(model: &ModelConfig, slot: &SlotContext) -> Engine {
         match &model.engine {
-            EngineConfig::Process { command, env, ready_timeout_ms, cwd } => Engine::Process(Box::new(
+            EngineConfig::Process { command, env, ready_timeout_ms, cwd, .. } => Engine::Process(Box::new(
                 process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot).in_dir(cwd.clone()),
             )),
             EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device, max_batch, max_batch_delay_ms } => {
@@ -184,6 +198,16 @@ impl Engine {
                 Engine::Torch(Box::new(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() }))
             }
             EngineConfig::Noop { artifact_bytes, work_ms } => Engine::Noop(noop::NoopEngine::new(*artifact_bytes, *work_ms)),
+        }
+    }
+
+    /// Bytes the slot's budget counts for this model once resident: a process model's
+    /// `memory_bytes` (0 when it declares none: it is not counted), a TorchScript model's.
+    pub fn resident_bytes(&self, model: &ModelConfig) -> u64 {
+        match (self, &model.engine) {
+            (Engine::Process(_), EngineConfig::Process { memory_bytes, .. }) => memory_bytes.unwrap_or(0),
+            (Engine::Torch(e), _) => e.spec.memory_bytes,
+            _ => 0,
         }
     }
 
@@ -234,10 +258,91 @@ impl Engine {
     }
 }
 
+/// A resident process worker, as the slot's memory budget counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResidentWorker {
+    pub model: String,
+    /// Its model's `memory_bytes`.
+    pub bytes: u64,
+    /// When it last ran a job (a logical clock: larger is more recent).
+    pub last_used: u64,
+}
+
+/// The workers to stop, least recently used first and no more than needed, so that a model of
+/// `need` bytes fits in the slot's `budget` beside `fixed` bytes that cannot be freed this way
+/// (the TorchScript modules). `Err` with the bytes that would still be missing when stopping
+/// every one of them is not enough.
+pub fn workers_to_stop(resident: &[ResidentWorker], fixed: u64, need: u64, budget: u64) -> Result<Vec<String>, u64> {
+    let mut held: u64 = resident.iter().map(|w| w.bytes).sum();
+    let mut by_age: Vec<&ResidentWorker> = resident.iter().collect();
+    by_age.sort_by_key(|w| (w.last_used, w.model.clone()));
+    let mut stop = Vec::new();
+    for worker in by_age {
+        if held + fixed + need <= budget {
+            break;
+        }
+        held -= worker.bytes;
+        stop.push(worker.model.clone());
+    }
+    match held + fixed + need {
+        total if total <= budget => Ok(stop),
+        total => Err(total - budget),
+    }
+}
+
 impl TorchEngine {
     pub async fn run(&self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
         let device = self.slot.torch_device()?;
-        let slot = self.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&self.slot.slot, device, self.slot.memory_bytes)).clone();
+        let slot = self.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&self.slot, device)).clone();
         slot.run(&self.model, &self.spec, job, progress, cancel).await
+    }
+}
+
+#[cfg(test)]
+mod residency_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn worker(model: &str, bytes: u64, last_used: u64) -> ResidentWorker {
+        ResidentWorker { model: model.into(), bytes, last_used }
+    }
+
+    #[test]
+    fn the_least_recently_used_workers_go_first_and_no_more_than_needed() {
+        let resident = [worker("a", 4, 3), worker("b", 4, 1), worker("c", 4, 2)];
+        assert_eq!(workers_to_stop(&resident, 0, 4, 16), Ok(vec![]));
+        assert_eq!(workers_to_stop(&resident, 0, 4, 12), Ok(vec!["b".to_string()]));
+        assert_eq!(workers_to_stop(&resident, 2, 4, 12), Ok(vec!["b".to_string(), "c".to_string()]));
+        assert_eq!(workers_to_stop(&resident, 10, 4, 12), Err(2), "TorchScript modules are not stopped here");
+    }
+
+    proptest! {
+        /// Whatever is resident, a plan fits the budget, stops the oldest first, and stops none
+        /// that was not needed; a refusal means even stopping all would not fit.
+        #[test]
+        fn a_plan_fits_and_is_minimal(
+            sizes in proptest::collection::vec((1u64..100, 0u64..50), 0..6),
+            fixed in 0u64..100,
+            need in 0u64..100,
+            budget in 0u64..400,
+        ) {
+            let resident: Vec<ResidentWorker> = sizes.iter().enumerate().map(|(i, (b, t))| worker(&format!("m{i}"), *b, *t)).collect();
+            match workers_to_stop(&resident, fixed, need, budget) {
+                Ok(stop) => {
+                    let kept: u64 = resident.iter().filter(|w| !stop.contains(&w.model)).map(|w| w.bytes).sum();
+                    prop_assert!(kept + fixed + need <= budget);
+                    if let Some(last) = stop.last() {
+                        let last = resident.iter().find(|w| &w.model == last).unwrap();
+                        prop_assert!(kept + last.bytes + fixed + need > budget, "the last one stopped was needed");
+                        let oldest_kept = resident.iter().filter(|w| !stop.contains(&w.model)).map(|w| w.last_used).min();
+                        prop_assert!(oldest_kept.is_none_or(|t| t >= last.last_used), "older workers go first");
+                    }
+                }
+                Err(missing) => {
+                    prop_assert!(fixed + need > budget, "refused only when nothing but the model itself fits");
+                    prop_assert_eq!(missing, fixed + need - budget);
+                }
+            }
+        }
     }
 }

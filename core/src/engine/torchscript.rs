@@ -80,11 +80,20 @@ pub struct TorchSlot {
 
 impl TorchSlot {
     /// Starts the slot's thread. `device` is the slot's (`Device::Cuda(n)` or `Device::Cpu`).
-    pub fn start(slot: &str, device: Device, budget_bytes: u64) -> Arc<TorchSlot> {
+    pub fn start(slot: &super::SlotContext, device: Device) -> Arc<TorchSlot> {
         let (tx, rx) = std::sync::mpsc::channel::<Pending>();
         let loaded = Arc::new(Mutex::new(BTreeSet::new()));
-        let mut worker = SlotThread { device, budget_bytes, models: HashMap::new(), clock: 0, passes: 0, loaded: loaded.clone() };
-        std::thread::Builder::new().name(format!("torch-{slot}")).spawn(move || worker.serve(rx)).expect("spawn torch thread");
+        let mut worker = SlotThread {
+            device,
+            budget_bytes: slot.memory_bytes,
+            process_bytes: slot.process_bytes.clone(),
+            torch_bytes: slot.torch_bytes.clone(),
+            models: HashMap::new(),
+            clock: 0,
+            passes: 0,
+            loaded: loaded.clone(),
+        };
+        std::thread::Builder::new().name(format!("torch-{}", slot.slot)).spawn(move || worker.serve(rx)).expect("spawn torch thread");
         Arc::new(TorchSlot { commands: tx, loaded })
     }
 
@@ -136,6 +145,10 @@ struct BatchJob {
 struct SlotThread {
     device: Device,
     budget_bytes: u64,
+    /// What the slot's process workers hold: the modules fit in the rest of the budget.
+    process_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// What the modules hold, published for the process side.
+    torch_bytes: Arc<std::sync::atomic::AtomicU64>,
     models: HashMap<String, Loaded>,
     /// Logical clock for least-recently-used eviction.
     clock: u64,
@@ -355,6 +368,7 @@ impl SlotThread {
         if let Ok(mut l) = self.loaded.lock() {
             *l = self.models.keys().cloned().collect();
         }
+        self.torch_bytes.store(self.models.values().map(|m| m.bytes).sum(), std::sync::atomic::Ordering::Release);
     }
 
     fn ensure_loaded(&mut self, model: &str, spec: &TorchModel) -> Result<(), EngineError> {
@@ -369,11 +383,19 @@ impl SlotThread {
                 spec.memory_bytes, self.budget_bytes
             )));
         }
-        while self.models.values().map(|m| m.bytes).sum::<u64>() + spec.memory_bytes > self.budget_bytes {
-            let lru =
-                self.models.iter().min_by_key(|(_, m)| m.last_used).map(|(k, _)| k.clone()).expect("over budget means something is loaded");
+        // Process workers' share is freed by the inference actor before a job of a model that
+        // is not resident comes here; what they still hold is not ours to take.
+        let budget = self.budget_bytes.saturating_sub(self.process_bytes.load(std::sync::atomic::Ordering::Acquire));
+        while self.models.values().map(|m| m.bytes).sum::<u64>() + spec.memory_bytes > budget {
+            let Some(lru) = self.models.iter().min_by_key(|(_, m)| m.last_used).map(|(k, _)| k.clone()) else {
+                return Err(EngineError::Load(format!(
+                    "model needs {} bytes; the slot's process workers leave {budget} of its {}",
+                    spec.memory_bytes, self.budget_bytes
+                )));
+            };
             tracing::info!(model = %lru, "evicting least recently used model to fit {model}");
             self.models.remove(&lru);
+            self.publish_loaded();
         }
         let device = if spec.cpu_only { Device::Cpu } else { self.device };
         if !spec.path.is_file() {

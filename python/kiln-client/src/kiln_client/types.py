@@ -1,0 +1,298 @@
+"""The wire types of docs/PROTOCOL.md as Python types.
+
+Replies are returned as the JSON objects Kiln sent (plain `dict`s), typed with `TypedDict`s
+so an editor and a type checker know their fields; fields Kiln adds later simply show up in
+the dict. Events are the one exception: each is an `Event` dataclass, because it also carries
+its stream sequence (`seq`, the handle to resume from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Mapping, Optional, TypedDict, Union
+
+JSON = Any
+"""Any JSON value (what `json.loads` returns)."""
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+"""Job statuses after which nothing changes (docs/PROTOCOL.md, "Job statuses")."""
+
+JOB_STATUSES = ("queued", "running", "retrying", "completed", "failed", "cancelled")
+
+InputValue = JSON
+"""An input: `{"object": "<name in kiln_files>"}` for an uploaded file, anything else inline."""
+
+
+class ApiErrorBody(TypedDict):
+    """`{code, message}`: a reply's error, or a job's (`JobView.error`, `Event.error`)."""
+
+    code: str
+    message: str
+
+
+class Artifact(TypedDict):
+    """A stored result (docs/PROTOCOL.md, "Artifacts")."""
+
+    name: str
+    bucket: str
+    object: str
+    size: int
+    content_type: str
+    sha256: str
+
+
+class SubmitReply(TypedDict):
+    job_id: str
+    status: str
+    duplicate: bool
+    reused: bool
+
+
+class ParentRef(TypedDict):
+    """A batch item's job points at its batch."""
+
+    batch_id: str
+    index: int
+
+
+class _JobViewRequired(TypedDict):
+    job_id: str
+    model: str
+    status: str
+    attempt: int
+    max_attempts: int
+    priority: int
+    created_ms: int
+    artifacts: List[Artifact]
+    cancel_requested: bool
+    dead_letter: bool
+
+
+class JobView(_JobViewRequired, total=False):
+    """The reply of `status`, `cancel`, and each entry of `jobs`."""
+
+    started_ms: int
+    finished_ms: int
+    node: str
+    slot: str
+    error: ApiErrorBody
+    batch: ParentRef
+    inputs: Dict[str, InputValue]
+    params: Dict[str, JSON]
+    labels: Dict[str, str]
+
+
+class _ResultReplyRequired(TypedDict):
+    job_id: str
+    status: str
+    artifacts: List[Artifact]
+
+
+class ResultReply(_ResultReplyRequired, total=False):
+    error: ApiErrorBody
+
+
+class _ModelInfoRequired(TypedDict):
+    name: str
+    engine: str
+    max_attempts: int
+    timeout_ms: int
+    required_inputs: List[str]
+    slots: List[str]
+    warm_on: List[str]
+
+
+class ModelInfo(_ModelInfoRequired, total=False):
+    pass
+
+
+class _GpuEntryRequired(TypedDict):
+    node: str
+    slot: str
+    state: str
+    models: List[str]
+    warm_models: List[str]
+    restarts: int
+    heartbeat_ms: int
+
+
+class GpuEntry(_GpuEntryRequired, total=False):
+    current_job: str
+    last_error: str
+
+
+class _NodeEntryRequired(TypedDict):
+    node: str
+    version: str
+    slots: List[str]
+    started_ms: int
+    heartbeat_ms: int
+    running_jobs: int
+
+
+class NodeEntry(_NodeEntryRequired, total=False):
+    peers: List[str]
+
+
+class ClusterReply(TypedDict):
+    nodes: List[NodeEntry]
+    gpus: List[GpuEntry]
+
+
+class BatchItem(TypedDict, total=False):
+    """One item of `submit_batch`: its inputs, and its own params and labels (each over the
+    batch's)."""
+
+    inputs: Dict[str, InputValue]
+    params: Dict[str, JSON]
+    labels: Dict[str, str]
+
+
+class BatchItemRef(TypedDict):
+    index: int
+    job_id: str
+
+
+class _BatchReplyRequired(TypedDict):
+    batch_id: str
+    items: List[BatchItemRef]
+    duplicate: bool
+
+
+class BatchReply(_BatchReplyRequired, total=False):
+    retry_of: str
+
+
+class BatchSummary(TypedDict):
+    status: str
+    total: int
+    completed: int
+    failed: int
+    cancelled: int
+
+
+class _BatchItemViewRequired(TypedDict):
+    index: int
+    job_id: str
+    status: str
+    artifacts: List[Artifact]
+
+
+class BatchItemView(_BatchItemViewRequired, total=False):
+    error: ApiErrorBody
+    labels: Dict[str, str]
+
+
+class _BatchViewRequired(TypedDict):
+    batch_id: str
+    model: str
+    status: str
+    summary: BatchSummary
+    created_ms: int
+    items: List[BatchItemView]
+
+
+class BatchView(_BatchViewRequired, total=False):
+    finished_ms: int
+    retry_of: str
+    retried_by: str
+
+
+class _BatchItemEventRequired(TypedDict):
+    index: int
+    job_id: str
+    status: str
+
+
+class BatchItemEvent(_BatchItemEventRequired, total=False):
+    artifacts: List[Artifact]
+    labels: Dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One event of a job (`kiln.events.<job_id>`) or a batch (`kiln.events.<batch_id>`).
+
+    `seq` is its sequence in the events stream (`KILN_EVENTS`): pass the last one seen as
+    `after_seq` to `events()` to continue exactly after it. The other fields are the event's
+    JSON fields (docs/PROTOCOL.md, "Progress events"); `raw` is the whole object.
+    """
+
+    seq: int
+    job_id: str
+    attempt: int
+    type: str
+    ts_ms: int
+    status: Optional[str] = None
+    stage: Optional[str] = None
+    progress: Optional[float] = None
+    message: Optional[str] = None
+    artifact: Optional[Artifact] = None
+    error: Optional[ApiErrorBody] = None
+    item: Optional[BatchItemEvent] = None
+    summary: Optional[BatchSummary] = None
+    labels: Optional[Dict[str, str]] = None
+    raw: Mapping[str, JSON] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        """True for the event that ends a history: a job's terminal status, a batch's
+        `batch_finished`. Nothing follows it."""
+        if self.type == "status":
+            return self.status in TERMINAL_STATUSES
+        return self.type == "batch_finished"
+
+    @classmethod
+    def from_json(cls, seq: int, obj: Mapping[str, JSON]) -> "Event":
+        def opt(key: str) -> Any:
+            return obj.get(key)
+
+        progress = opt("progress")
+        return cls(
+            seq=seq,
+            job_id=str(obj.get("job_id", "")),
+            attempt=int(obj.get("attempt", 0)),
+            type=str(obj.get("type", "")),
+            ts_ms=int(obj.get("ts_ms", 0)),
+            status=opt("status"),
+            stage=opt("stage"),
+            progress=float(progress) if isinstance(progress, (int, float)) else None,
+            message=opt("message"),
+            artifact=opt("artifact"),
+            error=opt("error"),
+            item=opt("item"),
+            summary=opt("summary"),
+            labels=opt("labels"),
+            raw=dict(obj),
+        )
+
+
+StrPath = Union[str, "os.PathLike[str]"]
+"""A file system path: a `str` or a `pathlib.Path`."""
+
+__all__ = [
+    "JSON",
+    "TERMINAL_STATUSES",
+    "JOB_STATUSES",
+    "InputValue",
+    "ApiErrorBody",
+    "Artifact",
+    "SubmitReply",
+    "ParentRef",
+    "JobView",
+    "ResultReply",
+    "ModelInfo",
+    "GpuEntry",
+    "NodeEntry",
+    "ClusterReply",
+    "BatchItem",
+    "BatchItemRef",
+    "BatchReply",
+    "BatchSummary",
+    "BatchItemView",
+    "BatchView",
+    "BatchItemEvent",
+    "Event",
+    "StrPath",
+]

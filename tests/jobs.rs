@@ -339,7 +339,10 @@ async fn restart_gpu_on_a_busy_slot_retries_its_running_job() {
     cluster.wait_node_ready("n1", 1).await;
     let client = cluster.client().await;
 
-    let job = client.submit(&prompt_request("demo", "long", serde_json::json!({"steps": 40, "step_ms": 100}))).await.unwrap().job_id;
+    // Attempt 1 hangs after its first step (so the restart cannot come after its end however
+    // loaded the machine is); attempt 2 runs through.
+    let p = serde_json::json!({"steps": 3, "step_ms": 10, "hang_on_attempts": [1]});
+    let job = client.submit(&prompt_request("demo", "long", p)).await.unwrap().job_id;
     // Once its steps run (history() would wait for the end: it reads to the terminal event).
     let mut events = Box::pin(client.events(&job).await.unwrap());
     let started = tokio::time::timeout(Duration::from_secs(20), async {

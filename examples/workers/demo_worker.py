@@ -3,17 +3,10 @@
 
 It is a real long-lived worker: Kiln starts it once per slot and model, it "loads its model"
 (sleeps KILN_DEMO_LOAD_MS), prints {"type":"ready"}, then runs jobs one after another for as
-long as Kiln keeps it. It speaks the JSON-lines protocol of `core/src/engine/process.rs`
-(also in docs/PROTOCOL.md):
-
-  stdin  (from Kiln)  {"type":"job","job_id":..,"attempt":1,"inputs":{..},"params":{..},"output_dir":".."}
-                      {"type":"cancel","job_id":..}
-  stdout (to Kiln)    {"type":"ready"}
-                      {"type":"progress","job_id":..,"stage":..,"progress":0..100,"message":..}
-                      {"type":"log","job_id":..,"message":..}
-                      {"type":"result","job_id":..,"artifacts":[{"name","path","content_type"}]}
-                      {"type":"error","job_id":..,"message":..,"retryable":bool}
-                      {"type":"cancelled","job_id":..}
+long as Kiln keeps it. It is written on the kiln_worker SDK (python/kiln-worker), which speaks
+the JSON-lines protocol of `core/src/engine/process.rs` (docs/PROTOCOL.md): `load()` and
+`run(job)` below are the whole model; the SDK reads stdin on a thread of its own (so a cancel
+is seen between steps), reports progress and turns exceptions into error lines.
 
 stdout carries protocol lines only; diagnostics go to stderr (Kiln keeps its tail to explain
 a crash).
@@ -53,12 +46,17 @@ Try it by hand:
 import hashlib
 import json
 import os
-import queue
 import struct
 import sys
-import threading
 import time
 import zlib
+from pathlib import Path
+
+try:
+    from kiln_worker import Job, RetryableError, UserError, Worker
+except ImportError:  # run from a checkout without the SDK installed: use its source, beside us
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "kiln-worker" / "src"))
+    from kiln_worker import Job, RetryableError, UserError, Worker
 
 DEFAULT_STEPS = 5
 MAX_STEPS = 1000
@@ -66,212 +64,59 @@ DEFAULT_STEP_MS = 100
 MAX_STEP_MS = 60_000
 DEFAULT_SIZE = 64
 MAX_SIZE = 1024
-# Longest stdin line we accept. Kiln's job lines are bounded by its request limit (256 KiB by
-# default); anything far beyond that is a broken writer, not a job.
-MAX_LINE_BYTES = 4 * 1024 * 1024
 
-# Marks the end of stdin in the job queue.
-EOF = object()
+NAME = "demo_worker"
 
 
 def diag(message):
     """A diagnostic for people: stderr only, never the protocol channel."""
-    print(f"demo_worker[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
-
-
-class Output:
-    """Writes protocol lines to stdout. Both threads write (the reader warns about malformed
-    lines), so writes go through one lock and are flushed one whole line at a time."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._lock = threading.Lock()
-
-    def send(self, **message):
-        line = json.dumps(message, separators=(",", ":")) + "\n"
-        with self._lock:
-            try:
-                self._stream.write(line)
-                self._stream.flush()
-            except BrokenPipeError:
-                # Kiln is gone (it closed our stdout): nobody is left to report to.
-                os._exit(0)
-
-
-class UserError(Exception):
-    """The job's request is wrong: retrying cannot help (retryable false)."""
-
-
-class RetryableError(Exception):
-    """A transient failure: Kiln may retry the job (retryable true)."""
-
-
-class Cancelled(Exception):
-    """Kiln asked us to stop this job."""
-
-
-class Job:
-    """One job line as received, plus the event the reader thread sets when Kiln cancels it."""
-
-    def __init__(self, line):
-        self.job_id = line["job_id"]
-        self.attempt = line.get("attempt", 1)
-        self.inputs = line.get("inputs", {})
-        self.params = line.get("params", {})
-        self.output_dir = line.get("output_dir")
-        self.cancel = threading.Event()
-
-
-class Reader(threading.Thread):
-    """Reads stdin so that a `cancel` line is seen while the main thread runs a job.
-
-    Job lines go into the job queue; cancel lines set the cancel event of the job they name.
-    Kiln sends one job at a time, so the jobs in `self.active` are the one running and at most
-    one not yet started; a cancel for any other id (a job that already finished) is ignored.
-    """
-
-    def __init__(self, stdin, out, jobs):
-        super().__init__(name="stdin-reader", daemon=True)
-        self._stdin = stdin
-        self._out = out
-        self._jobs = jobs
-        self._lock = threading.Lock()
-        self.active = {}  # job_id -> Job, from receipt until the main thread finishes it
-
-    def finished(self, job):
-        with self._lock:
-            if self.active.get(job.job_id) is job:
-                del self.active[job.job_id]
-
-    def warn(self, message, job_id=None):
-        diag(message)
-        if job_id is None:
-            self._out.send(type="log", message=f"warning: {message}")
-        else:
-            self._out.send(type="log", job_id=job_id, message=f"warning: {message}")
-
-    def run(self):
-        try:
-            while True:
-                raw = self._stdin.readline(MAX_LINE_BYTES + 1)
-                if not raw:
-                    break
-                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    # Skip the rest of the over-long line, then carry on with the next one.
-                    while raw and not raw.endswith(b"\n"):
-                        raw = self._stdin.readline(MAX_LINE_BYTES)
-                    self.warn(f"ignored a stdin line over {MAX_LINE_BYTES} bytes")
-                    continue
-                self.handle(raw.decode("utf-8", errors="replace").strip())
-        except Exception as e:  # never let the reader die silently
-            diag(f"stdin reader failed: {e!r}")
-        self._jobs.put(EOF)
-
-    def handle(self, text):
-        if not text:
-            return
-        try:
-            line = json.loads(text)
-        except ValueError:
-            self.warn(f"ignored a stdin line that is not JSON: {text[:200]!r}")
-            return
-        if not isinstance(line, dict):
-            self.warn(f"ignored a stdin line that is not a JSON object: {text[:200]!r}")
-            return
-        kind = line.get("type")
-        job_id = line.get("job_id")
-        if not isinstance(job_id, str) or not job_id:
-            self.warn(f"ignored a {kind!r} line without a job_id")
-            return
-        if kind == "job":
-            try:
-                job = Job(line)
-            except Exception as e:
-                self.warn(f"ignored a malformed job line: {e!r}", job_id)
-                return
-            with self._lock:
-                self.active[job.job_id] = job
-            self._jobs.put(job)
-        elif kind == "cancel":
-            with self._lock:
-                job = self.active.get(job_id)
-            if job is None:
-                diag(f"cancel for job {job_id}, which is not running: ignored")
-            else:
-                job.cancel.set()
-        else:
-            self.warn(f"ignored a line of unknown type {kind!r}", job_id)
+    print(f"{NAME}[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 
 
-def int_param(params, name, default, low, high):
-    value = params.get(name, default)
-    # bool is an int in Python; JSON true is not a number of steps.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"param {name} must be an integer, got {json.dumps(value)}")
-    if low is not None and value < low or high is not None and value > high:
-        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def number_param(params, name, default, low, high):
-    value = params.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"param {name} must be a number, got {json.dumps(value)}")
-    if not low <= value <= high:
-        raise UserError(f"param {name} must be between {low} and {high}, got {value}")
+def attempt_list(params, name):
+    value = params.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in value):
+        raise UserError(f"param {name} must be a list of integers")
     return value
 
 
 class Settings:
     """A job's inputs and params, checked before any work starts."""
 
-    def __init__(self, job):
-        if not isinstance(job.inputs, dict):
-            raise UserError("inputs must be a JSON object")
-        if not isinstance(job.params, dict):
-            raise UserError("params must be a JSON object")
-        if not isinstance(job.output_dir, str) or not job.output_dir:
-            raise UserError("the job line names no output_dir")
-        p = job.params
+    def __init__(self, job: Job):
+        # Read in this order so that a malformed job line names its first fault.
+        inputs, p, _ = job.inputs, job.params, job.output_dir
 
-        prompt = job.inputs.get("prompt")
+        prompt = inputs.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise UserError("input prompt is required and must be a non-empty string")
         self.prompt = prompt
 
-        image = job.inputs.get("image")
+        image = inputs.get("image")
         if image is not None and not (isinstance(image, dict) and isinstance(image.get("path"), str)):
             raise UserError('input image must be a file ({"path": ..})')
         self.image_path = image["path"] if image is not None else None
 
-        self.steps = int_param(p, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
-        self.step_ms = number_param(p, "step_ms", DEFAULT_STEP_MS, 0, MAX_STEP_MS)
-        self.seed = int_param(p, "seed", 0, None, None)
-        self.width = int_param(p, "width", DEFAULT_SIZE, 1, MAX_SIZE)
-        self.height = int_param(p, "height", DEFAULT_SIZE, 1, MAX_SIZE)
+        self.steps = job.int_param("steps", DEFAULT_STEPS, 1, MAX_STEPS)
+        self.step_ms = job.number_param("step_ms", DEFAULT_STEP_MS, 0, MAX_STEP_MS)
+        self.seed = job.int_param("seed", 0)
+        self.width = job.int_param("width", DEFAULT_SIZE, 1, MAX_SIZE)
+        self.height = job.int_param("height", DEFAULT_SIZE, 1, MAX_SIZE)
 
         # Fault injection.
         crash = p.get("crash")
         if crash not in (None, "always"):
             raise UserError(f'param crash must be "always", got {json.dumps(crash)}')
-        attempts = p.get("crash_on_attempts", [])
-        if not isinstance(attempts, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attempts):
-            raise UserError("param crash_on_attempts must be a list of integers")
-        self.crash = crash == "always" or job.attempt in attempts
+        self.crash = crash == "always" or job.attempt in attempt_list(p, "crash_on_attempts")
         self.fail = p.get("fail")
         if self.fail not in (None, "retryable", "fatal"):
             raise UserError(f'param fail must be "retryable" or "fatal", got {json.dumps(self.fail)}')
-        self.hang = p.get("hang", False)
-        if not isinstance(self.hang, bool):
-            raise UserError("param hang must be true or false")
-        hang_attempts = p.get("hang_on_attempts", [])
-        if not isinstance(hang_attempts, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in hang_attempts):
-            raise UserError("param hang_on_attempts must be a list of integers")
-        self.hang = self.hang or job.attempt in hang_attempts
+        self.hang = job.bool_param("hang", False)
+        self.hang = self.hang or job.attempt in attempt_list(p, "hang_on_attempts")
         self.require_file = p.get("require_file")
         if self.require_file is not None and not isinstance(self.require_file, str):
             raise UserError("param require_file must be a path")
@@ -316,58 +161,24 @@ def render(prompt, seed, width, height):
     return png_bytes(width, height, rows)
 
 
-class Worker:
-    def __init__(self, out, reader, jobs):
-        self.out = out
-        self.reader = reader
-        self.jobs = jobs
+class DemoWorker(Worker):
+    name = NAME
 
-    def serve(self):
-        """Runs jobs until stdin ends. Jobs already received still run (so piping a few lines
-        in by hand works); Kiln itself kills the process group when it is done with us."""
-        while True:
-            job = self.jobs.get()
-            if job is EOF:
-                diag("stdin closed; exiting")
-                return
-            try:
-                self.run_job(job)
-            finally:
-                self.reader.finished(job)
+    def load(self):
+        load_ms = env_int("KILN_DEMO_LOAD_MS", 200)
+        diag(
+            f"loading model {os.environ.get('KILN_MODEL', '?')} on slot {os.environ.get('KILN_SLOT', '?')} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, {load_ms} ms)"
+        )
+        time.sleep(load_ms / 1000.0)
+        if os.environ.get("KILN_DEMO_LOAD_FAIL", "0") not in ("", "0"):
+            diag("injected load failure (KILN_DEMO_LOAD_FAIL)")
+            sys.exit(1)
 
-    def progress(self, job, stage, progress, message=None):
-        line = {"type": "progress", "job_id": job.job_id, "stage": stage, "progress": progress}
-        if message is not None:
-            line["message"] = message
-        self.out.send(**line)
-
-    def log(self, job, message):
-        self.out.send(type="log", job_id=job.job_id, message=message)
-
-    def run_job(self, job):
-        try:
-            self.log(job, f"worker pid {os.getpid()} running job {job.job_id} attempt {job.attempt}")
-            artifacts = self.generate(job)
-        except Cancelled:
-            self.out.send(type="cancelled", job_id=job.job_id)
-        except UserError as e:
-            self.out.send(type="error", job_id=job.job_id, message=str(e), retryable=False)
-        except RetryableError as e:
-            self.out.send(type="error", job_id=job.job_id, message=str(e), retryable=True)
-        except Exception as e:
-            # An unexpected failure here is ours, not the user's (a full disk, a bug): let
-            # Kiln retry it, and keep serving.
-            diag(f"job {job.job_id} failed unexpectedly: {e!r}")
-            self.out.send(type="error", job_id=job.job_id, message=f"worker error: {e!r}", retryable=True)
-        else:
-            self.out.send(type="result", job_id=job.job_id, artifacts=artifacts)
-
-    def check_cancel(self, job):
-        if job.cancel.is_set():
-            raise Cancelled()
-
-    def generate(self, job):
-        self.progress(job, "preparing", 0)
+    def run(self, job: Job):
+        # Kiln's tests find the worker's pid here (to kill it mid-job).
+        job.log(f"worker pid {os.getpid()} running job {job.job_id} attempt {job.attempt}")
+        job.progress(0, stage="preparing")
         s = Settings(job)
         if s.image_path is not None:
             try:
@@ -375,8 +186,8 @@ class Worker:
                     size = len(f.read())
             except OSError as e:
                 raise UserError(f"cannot read input image: {e.strerror} ({s.image_path})") from e
-            self.log(job, f"input image {os.path.basename(s.image_path)}: {size} bytes")
-        self.check_cancel(job)
+            job.log(f"input image {os.path.basename(s.image_path)}: {size} bytes")
+        job.check_cancelled()
         if s.fail == "retryable":
             raise RetryableError("injected retryable failure (param fail=retryable)")
         if s.fail == "fatal":
@@ -385,10 +196,9 @@ class Worker:
             raise UserError(f"required file {s.require_file} does not exist (param require_file)")
 
         for step in range(1, s.steps + 1):
-            # Waiting on the event is the step's "work": a cancel ends it at once.
-            if job.cancel.wait(s.step_ms / 1000.0):
-                raise Cancelled()
-            self.progress(job, "inference", round(100.0 * step / s.steps, 2), f"step {step}/{s.steps}")
+            # Sleeping is the step's "work": a cancel ends it at once (raising Cancelled).
+            job.sleep(s.step_ms / 1000.0)
+            job.progress(round(100.0 * step / s.steps, 2), stage="inference", message=f"step {step}/{s.steps}")
             if step == 1 and s.crash:
                 diag(f"injected crash in job {job.job_id} attempt {job.attempt}")
                 os._exit(3)
@@ -396,21 +206,15 @@ class Worker:
                 diag(f"injected hang in job {job.job_id}: ignoring cancel, never finishing")
                 while True:
                     time.sleep(3600)
-        self.check_cancel(job)
+        job.check_cancelled()
 
-        self.progress(job, "encoding", 100)
-        os.makedirs(job.output_dir, exist_ok=True)
-        image = render(s.prompt, s.seed, s.width, s.height)
-        with open(os.path.join(job.output_dir, "image.png"), "wb") as f:
-            f.write(image)
+        job.progress(100, stage="encoding")
+        job.write_bytes("image.png", render(s.prompt, s.seed, s.width, s.height), content_type="image/png")
         meta = {"prompt": s.prompt, "seed": s.seed, "steps": s.steps, "width": s.width, "height": s.height}
-        with open(os.path.join(job.output_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        self.check_cancel(job)
-        return [
-            {"name": "image.png", "path": "image.png", "content_type": "image/png"},
-            {"name": "meta.json", "path": "meta.json", "content_type": "application/json"},
-        ]
+        job.write_json("meta.json", meta, content_type="application/json")
+        job.check_cancelled()
+        # None: the result names the files written above, image.png then meta.json.
+        return None
 
 
 def env_int(name, default):
@@ -424,30 +228,5 @@ def env_int(name, default):
         return default
 
 
-def main():
-    # Protocol lines are text on stdout; stdin is read as bytes so a bad encoding cannot kill us.
-    out = Output(sys.stdout)
-    load_ms = env_int("KILN_DEMO_LOAD_MS", 200)
-    diag(
-        f"loading model {os.environ.get('KILN_MODEL', '?')} on slot {os.environ.get('KILN_SLOT', '?')} "
-        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, {load_ms} ms)"
-    )
-    time.sleep(load_ms / 1000.0)
-    if os.environ.get("KILN_DEMO_LOAD_FAIL", "0") not in ("", "0"):
-        diag("injected load failure (KILN_DEMO_LOAD_FAIL)")
-        sys.exit(1)
-
-    # Unbounded on purpose: Kiln sends one job at a time, so it holds at most a couple.
-    jobs = queue.Queue()
-    reader = Reader(sys.stdin.buffer, out, jobs)
-    reader.start()
-    out.send(type="ready")
-    diag("ready")
-    Worker(out, reader, jobs).serve()
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        pass
+    DemoWorker().serve()

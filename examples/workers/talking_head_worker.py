@@ -8,16 +8,9 @@ publishes the progress events and stores the video, so all that is left here is 
 
 Like demo_worker.py it is a long-lived worker: Kiln starts it once per slot and model, it
 "loads its model" (sleeps KILN_DEMO_LOAD_MS), prints {"type":"ready"}, then runs jobs one after
-another. It speaks the JSON-lines protocol of `core/src/engine/process.rs` (docs/PROTOCOL.md):
-
-  stdin  (from Kiln)  {"type":"job","job_id":..,"attempt":1,"inputs":{..},"params":{..},"output_dir":".."}
-                      {"type":"cancel","job_id":..}
-  stdout (to Kiln)    {"type":"ready"}
-                      {"type":"progress","job_id":..,"stage":..,"progress":0..100,"message":..}
-                      {"type":"log","job_id":..,"message":..}
-                      {"type":"result","job_id":..,"artifacts":[{"name","path","content_type"}]}
-                      {"type":"error","job_id":..,"message":..,"retryable":bool}
-                      {"type":"cancelled","job_id":..}
+another. It is written on the kiln_worker SDK (python/kiln-worker), which speaks the JSON-lines
+protocol of `core/src/engine/process.rs` (docs/PROTOCOL.md): `load()` and `run(job)` below
+are the whole model.
 
 stdout carries protocol lines only; diagnostics go to stderr (Kiln keeps its tail to explain
 a crash).
@@ -57,12 +50,17 @@ Try it by hand (with any PNG or JPEG at /tmp/face.png and any non-empty file at 
 """
 
 import hashlib
-import json
 import os
-import queue
 import struct
 import sys
 import time
+from pathlib import Path
+
+try:
+    from kiln_worker import Job, UserError, Worker
+except ImportError:  # run from a checkout without the SDK installed: use its source, beside us
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python" / "kiln-worker" / "src"))
+    from kiln_worker import Job, UserError, Worker
 
 DEFAULT_STEPS = 25
 MAX_STEPS = 200
@@ -80,58 +78,38 @@ VIDEO_BYTES = 4096
 FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
 
 
+NAME = "talking_head_worker"
+
+
 def diag(message):
     """A diagnostic for people: stderr only, never the protocol channel."""
-    print(f"talking_head_worker[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# The protocol: demo_worker.py's, imported from beside this file (the Python worker SDK of
-# issue 15 will hold it for every worker).
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_worker import Cancelled, Output, Reader, UserError, env_int, int_param, number_param  # noqa: E402
-from demo_worker import Worker as ProtocolWorker  # noqa: E402
+    print(f"{NAME}[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation
 
 
-def file_input(inputs, name):
-    """The local path of a required file input, which Kiln passes as {"path": ".."}."""
-    value = inputs.get(name)
-    if value is None:
-        raise UserError(f'input {name} is required: a file ({{"path": ..}})')
-    if not (isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]):
-        raise UserError(f'input {name} must be a file ({{"path": ..}}), got {json.dumps(value)[:200]}')
-    return value["path"]
-
-
 class Settings:
     """A job's inputs and params, checked before any work starts. Params not named here
     (task_id, session_id, whatever a client passes along) are ignored."""
 
-    def __init__(self, job):
-        if not isinstance(job.inputs, dict):
-            raise UserError("inputs must be a JSON object")
-        if not isinstance(job.params, dict):
-            raise UserError("params must be a JSON object")
-        if not isinstance(job.output_dir, str) or not job.output_dir:
-            raise UserError("the job line names no output_dir")
-        p = job.params
+    def __init__(self, job: Job):
+        # Read in this order so that a malformed job line names its first fault.
+        _, p, _ = job.inputs, job.params, job.output_dir
 
-        self.ref_image_path = file_input(job.inputs, "ref_image")
-        self.audio_path = file_input(job.inputs, "audio")
+        # Kiln passes each uploaded file as {"path": ..}; a missing or inline one is a user error.
+        self.ref_image_path = str(job.input_path("ref_image"))
+        self.audio_path = str(job.input_path("audio"))
 
-        self.steps = int_param(p, "steps", DEFAULT_STEPS, 1, MAX_STEPS)
-        self.cfg = number_param(p, "cfg", DEFAULT_CFG, 0, MAX_CFG)
-        self.seed = int_param(p, "seed", 0, None, None)
+        self.steps = job.int_param("steps", DEFAULT_STEPS, 1, MAX_STEPS)
+        self.cfg = job.number_param("cfg", DEFAULT_CFG, 0, MAX_CFG)
+        self.seed = job.int_param("seed", 0)
         # None: derived from the audio once its size is known.
         self.frames_num = None
         if "frames_num" in p:
-            self.frames_num = int_param(p, "frames_num", None, 1, MAX_FRAMES)
-        self.step_ms = number_param(p, "step_ms", DEFAULT_STEP_MS, 0, MAX_STEP_MS)
+            self.frames_num = job.int_param("frames_num", None, 1, MAX_FRAMES)
+        self.step_ms = job.number_param("step_ms", DEFAULT_STEP_MS, 0, MAX_STEP_MS)
 
 
 def input_size(name, path):
@@ -232,40 +210,46 @@ def render_video(ref_image_path, audio_path, seed, steps):
     return FTYP + mdat
 
 
-class Worker(ProtocolWorker):
-    """demo_worker's job loop (serve, progress, log, errors, cancel); only the model differs."""
+class TalkingHeadWorker(Worker):
+    name = NAME
 
-    def generate(self, job):
+    def load(self):
+        load_ms = env_int("KILN_DEMO_LOAD_MS", 200)
+        diag(
+            f"loading model {os.environ.get('KILN_MODEL', '?')} on slot {os.environ.get('KILN_SLOT', '?')} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, {load_ms} ms)"
+        )
+        time.sleep(load_ms / 1000.0)
+
+    def run(self, job: Job):
+        job.log(f"worker pid {os.getpid()} running job {job.job_id} attempt {job.attempt}")
         s = Settings(job)
 
         # Kiln has already downloaded both files; the seed service fetched them here.
         image_bytes = input_size("ref_image", s.ref_image_path)
         audio_bytes = input_size("audio", s.audio_path)
-        self.progress(job, "downloading", 5, f"ref_image {image_bytes} bytes, audio {audio_bytes} bytes")
-        self.check_cancel(job)
+        job.progress(5, stage="downloading", message=f"ref_image {image_bytes} bytes, audio {audio_bytes} bytes")
+        job.check_cancelled()
 
-        self.progress(job, "face_detecting", 10, "reading ref_image")
+        job.progress(10, stage="face_detecting", message="reading ref_image")
         kind, width, height = image_header(s.ref_image_path)
-        self.progress(job, "face_detecting", 15, f"face found in a {width}x{height} {kind}")
-        self.check_cancel(job)
+        job.progress(15, stage="face_detecting", message=f"face found in a {width}x{height} {kind}")
+        job.check_cancelled()
 
         frames_num = s.frames_num
         if frames_num is None:
             frames_num = min(DEFAULT_MAX_FRAMES, max(1, audio_bytes // AUDIO_BYTES_PER_FRAME))
-            self.log(job, f"frames_num {frames_num}, from the audio's {audio_bytes} bytes")
+            job.log(f"frames_num {frames_num}, from the audio's {audio_bytes} bytes")
 
         for step in range(1, s.steps + 1):
-            # Waiting on the event is the step's "work": a cancel ends it at once.
-            if job.cancel.wait(s.step_ms / 1000.0):
-                raise Cancelled()
-            self.progress(job, "inference", round(15 + 75.0 * step / s.steps, 2), f"step {step}/{s.steps}")
-        self.check_cancel(job)
+            # Sleeping is the step's "work": a cancel ends it at once (raising Cancelled).
+            job.sleep(s.step_ms / 1000.0)
+            job.progress(round(15 + 75.0 * step / s.steps, 2), stage="inference", message=f"step {step}/{s.steps}")
+        job.check_cancelled()
 
-        self.progress(job, "merging_audio", 95, f"muxing {frames_num} frames with the audio")
-        os.makedirs(job.output_dir, exist_ok=True)
+        job.progress(95, stage="merging_audio", message=f"muxing {frames_num} frames with the audio")
         video = render_video(s.ref_image_path, s.audio_path, s.seed, s.steps)
-        with open(os.path.join(job.output_dir, "video.mp4"), "wb") as f:
-            f.write(video)
+        job.write_bytes("video.mp4", video, content_type="video/mp4")
         meta = {
             "frames_num": frames_num,
             "steps": s.steps,
@@ -277,36 +261,22 @@ class Worker(ProtocolWorker):
             "ref_image_height": height,
             "audio_bytes": audio_bytes,
         }
-        with open(os.path.join(job.output_dir, "meta.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        self.check_cancel(job)
-        return [
-            {"name": "video.mp4", "path": "video.mp4", "content_type": "video/mp4"},
-            {"name": "meta.json", "path": "meta.json", "content_type": "application/json"},
-        ]
+        job.write_json("meta.json", meta, content_type="application/json")
+        job.check_cancelled()
+        # None: the result names the files written above, video.mp4 then meta.json.
+        return None
 
 
-def main():
-    # Protocol lines are text on stdout; stdin is read as bytes so a bad encoding cannot kill us.
-    out = Output(sys.stdout)
-    load_ms = env_int("KILN_DEMO_LOAD_MS", 200)
-    diag(
-        f"loading model {os.environ.get('KILN_MODEL', '?')} on slot {os.environ.get('KILN_SLOT', '?')} "
-        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}, {load_ms} ms)"
-    )
-    time.sleep(load_ms / 1000.0)
-
-    # Unbounded on purpose: Kiln sends one job at a time, so it holds at most a couple.
-    jobs = queue.Queue()
-    reader = Reader(sys.stdin.buffer, out, jobs)
-    reader.start()
-    out.send(type="ready")
-    diag("ready")
-    Worker(out, reader, jobs).serve()
+def env_int(name, default):
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return max(0, int(text))
+    except ValueError:
+        diag(f"{name}={text!r} is not an integer; using {default}")
+        return default
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        pass
+    TalkingHeadWorker().serve()

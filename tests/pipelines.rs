@@ -117,6 +117,7 @@ async fn an_image_becomes_a_compressed_sog_with_camera_metadata() {
     // Events name each stage in order, and progress spans the pipeline without going back. The
     // stages are the documented ones only: while the model runs its events say `converting`,
     // not the engine's own steps (issue 15: `loading`, `forward`, `encoding` showed in between).
+    // Its input image is an upload: `downloading` comes first.
     let events = history(&client, &kept).await;
     let stages: Vec<String> = events.iter().filter_map(|e| e.stage.clone()).fold(vec![], |mut v, s| {
         if v.last() != Some(&s) {
@@ -124,7 +125,7 @@ async fn an_image_becomes_a_compressed_sog_with_camera_metadata() {
         }
         v
     });
-    assert_eq!(stages, ["converting", "metadata", "compressing"]);
+    assert_eq!(stages, ["downloading", "converting", "metadata", "compressing"]);
     let progress: Vec<f32> = events.iter().filter(|e| e.kind == EventKind::Progress).filter_map(|e| e.progress).collect();
     assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
     assert_eq!(progress.last(), Some(&100.0));

@@ -70,7 +70,12 @@ async fn the_rest_api_mirrors_the_nats_api() {
     let (_cluster, gw, _) = start("").await;
     let h = http();
 
-    let id = submit(&h, &gw, json!({"model": "demo", "inputs": {"prompt": "a cat"}, "params": {"steps": 3, "step_ms": 50}})).await;
+    let id = submit(
+        &h,
+        &gw,
+        json!({"model": "demo", "inputs": {"prompt": "a cat"}, "params": {"steps": 3, "step_ms": 50}, "labels": {"user_id": "u-1"}}),
+    )
+    .await;
     // The event stream: the whole history, each event with its id and type, ending (the
     // server closes it) after the terminal status.
     let events = read_sse(h.get(gw.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap(), Duration::from_secs(60)).await;
@@ -117,6 +122,13 @@ async fn the_rest_api_mirrors_the_nats_api() {
     assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["job_id"] == id.as_str()), "{list}");
     let (_, none) = json_of(h.get(gw.url("/v1/jobs?status=failed")).send().await.unwrap()).await;
     assert!(none["jobs"].as_array().unwrap().is_empty());
+    // By label (`label=name:value`, repeated: all must match).
+    let (_, mine) = json_of(h.get(gw.url("/v1/jobs?label=user_id:u-1")).send().await.unwrap()).await;
+    assert_eq!(mine["jobs"].as_array().unwrap().iter().map(|j| j["job_id"].clone()).collect::<Vec<_>>(), [json!(id)], "{mine}");
+    assert_eq!(mine["jobs"][0]["labels"], json!({"user_id": "u-1"}));
+    let (_, other) = json_of(h.get(gw.url("/v1/jobs?label=user_id:u-1&label=session_id:s")).send().await.unwrap()).await;
+    assert!(other["jobs"].as_array().unwrap().is_empty(), "{other}");
+    expect_error(h.get(gw.url("/v1/jobs?label=no-separator")).send().await.unwrap(), 400, "bad_request").await;
     expect_error(h.get(gw.url("/v1/jobs?status=bogus")).send().await.unwrap(), 400, "bad_request").await;
     expect_error(h.get(gw.url("/v1/jobs/no-such-job")).send().await.unwrap(), 404, "not_found").await;
 

@@ -15,7 +15,7 @@ use super::v1::FileView;
 /// whether the reply is an event stream.
 pub const NATIVE_ROUTES: [(&str, &str, &str); 18] = [
     ("post", "/v1/jobs", "Submit a job (JSON SubmitRequest, or multipart: `model`, `params`, file and text parts as inputs)"),
-    ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=)"),
+    ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=&label=name:value, label repeatable)"),
     ("get", "/v1/jobs/{id}", "A job"),
     ("post", "/v1/jobs/{id}/cancel", "Cancel a job"),
     ("get", "/v1/jobs/{id}/events", "The job's events as SSE: history, then live; resumes after Last-Event-ID"),

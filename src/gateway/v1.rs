@@ -273,19 +273,27 @@ pub fn parse_status(s: &str) -> Result<JobState, HttpError> {
         .map_err(|_| HttpError::bad_request(format!("unknown status {s:?} (queued, running, retrying, completed, failed, cancelled)")))
 }
 
+/// The `label=name:value` pairs of a query (repeatable, so not a field of [`JobsQuery`]).
+fn labels_of(raw: Option<&str>) -> Result<kiln_core::protocol::Labels, HttpError> {
+    let pairs = form_urlencoded::parse(raw.unwrap_or("").as_bytes()).filter(|(key, _)| key == "label");
+    pairs
+        .map(|(_, pair)| {
+            pair.split_once(':')
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .ok_or_else(|| HttpError::bad_request(format!("label {pair:?} is not name:value")))
+        })
+        .collect()
+}
+
 async fn list_jobs(
     Extension(tenant): TenantOf,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
     query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, HttpError> {
     let Query(q) = query.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    let labels = labels_of(raw.as_deref())?;
     let status = q.status.as_deref().filter(|s| !s.is_empty()).map(parse_status).transpose()?;
-    let request = ListJobsRequest {
-        status,
-        model: q.model.filter(|m| !m.is_empty()),
-        dead_letter: q.dead_letter,
-        limit: q.limit,
-        ..Default::default()
-    };
+    let request = ListJobsRequest { status, model: q.model.filter(|m| !m.is_empty()), dead_letter: q.dead_letter, limit: q.limit, labels };
     Ok(Json(tenant.client.jobs(&request).await?).into_response())
 }
 

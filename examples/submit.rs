@@ -49,7 +49,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             EventKind::Message => println!("log      {}", e.message.unwrap_or_default()),
             EventKind::Artifact => println!("artifact {}", e.artifact.map(|a| a.name).unwrap_or_default()),
             // Only a batch's own subject carries these.
-            EventKind::ItemCompleted | EventKind::ItemFailed | EventKind::BatchFinished => {}
+            EventKind::ItemCompleted | EventKind::ItemFailed | EventKind::BatchProgress | EventKind::BatchFinished => {}
         }
     }
 

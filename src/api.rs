@@ -20,7 +20,7 @@ use futures::{FutureExt, StreamExt};
 use kiln_actors::gpu_supervisor::call_gpu;
 use kiln_actors::node_control::call_node;
 use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, NodeControlRequest};
-use kiln_core::batch::{self, BatchRecord};
+use kiln_core::batch::{self, BatchPlan, BatchRecord, Launch, PlanItem, PlanModel};
 use kiln_core::config::ClusterConfig;
 use kiln_core::ids;
 use kiln_core::job::{self, CancelChange, JobRecord, JobState};
@@ -68,6 +68,26 @@ fn reuse_key(
     // serde_json's maps are ordered by key, so this is canonical.
     let body = serde_json::json!({ "model": model, "inputs": inputs, "params": params });
     kiln_core::nats::objects::sha256_hex(body.to_string().as_bytes())
+}
+
+/// The content keys of a batch's items for `reuse` within the batch: each item's inputs
+/// (uploaded files by content, `digests[i]` for item `i` of the plan) and its params for every
+/// model it may run, so two items share a job only if they would be the same job on each.
+fn batch_reuse_keys(plan: &BatchPlan, digests: &[BTreeMap<String, String>]) -> Vec<String> {
+    let models: Vec<&str> = plan.models.iter().map(|m| m.name.as_str()).collect();
+    plan.items
+        .iter()
+        .zip(digests)
+        .map(|(item, digests)| {
+            let params: serde_json::Map<String, serde_json::Value> = (0..plan.models.len())
+                .map(|pos| {
+                    let params = plan.params_for(item, pos).map(serde_json::Value::Object).unwrap_or_default();
+                    (pos.to_string(), params)
+                })
+                .collect();
+            reuse_key(&models.join(","), &item.inputs, digests, &params)
+        })
+        .collect()
 }
 
 /// Namespace of job ids derived from idempotency keys (uuid v5).
@@ -397,59 +417,15 @@ impl ApiService {
         Ok(())
     }
 
-    /// Makes a new job durable: its `queued` event, its queue message, then its record.
-    /// `Some(state)` when the record existed already (an idempotent resubmission).
-    ///
-    /// The record comes last so that a record never exists without its queue message: a
-    /// record written first was stranded `queued` forever when the node or nats-server died
-    /// before the enqueue (an outside storm: nats-server SIGTERMed in a flood of unkeyed
-    /// submits). Now a death between the writes leaves, at worst, a queue message without a
-    /// record: the job actor that gets it waits for the record, and drops the message once it
-    /// is older than the queue's de-duplication window (nobody can complete that submission
-    /// any more: a resubmission with the same key would be de-duplicated against it only
-    /// within the window). A resubmission with the key within the window publishes the same
-    /// event and message again (both de-duplicated) and writes the record, and the job runs.
+    /// Makes a new job durable (see `Resources::launch_job`: event, queue message, then the
+    /// record, never a record without its message). `Some(state)` when it existed already.
     async fn launch_job(&self, record: &JobRecord) -> Result<Option<JobState>, ApiError> {
-        if record.idempotency_key.is_some() || record.parent.is_some() {
-            // Ids derived from a key (or a batch) may exist already: then nothing is sent
-            // again (a second queue message after the window would run the job twice).
-            if let Some(existing) = self.resources.get_job(&record.job_id).await.map_err(internal)? {
-                return Ok(Some(existing.record.state));
-            }
-        }
-        // The `queued` event is published before the queue message so that the history is
-        // ordered even for a job that starts the instant it is enqueued; both acks are awaited
-        // together (one round trip, not two). No node can publish an event for the job before
-        // both are stored: it claims only once the record exists, written below.
-        let queued = self.publish_queued_nowait(record).await?;
-        let enqueued = self.resources.enqueue_nowait(&record.job_id, &record.model, record.priority).await.map_err(internal)?;
-        let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
-        queued.map_err(internal)?;
-        enqueued.map_err(internal)?;
-        kiln_core::fault::abort_at("abort_in_launch");
-        match self.resources.create_job(record).await {
-            Ok(_) => {}
-            // A concurrent identical resubmission wrote it first.
-            Err(StoreError::AlreadyExists) => {
-                let existing = self.resources.get_job(&record.job_id).await.map_err(internal)?;
-                return Ok(Some(existing.map(|v| v.record.state).unwrap_or(JobState::Queued)));
-            }
-            Err(e) => return Err(internal(e)),
-        }
-        metrics::counter!(m::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
-        Ok(None)
+        self.resources.launch_job(record).await.map_err(internal)
     }
 
-    /// A job's first event, de-duplicated (a retried submission may publish it again),
-    /// without waiting for its ack.
-    async fn publish_queued_nowait(&self, record: &JobRecord) -> Result<async_nats::jetstream::context::PublishAckFuture, ApiError> {
-        let id = format!("{}-queued", record.job_id);
-        let event = Event::status(&record.job_id, 0, JobState::Queued).labelled(&record.labels);
-        self.resources.publish_event_nowait_with_id(&event, &id).await.map_err(internal)
-    }
-
-    /// `submit_batch`: every item is validated like a submit before anything is written, so a
-    /// bad item refuses the whole batch (with its index) and nothing runs.
+    /// `submit_batch`: every item is validated like a submit, against every model it may run
+    /// (`model`, then `fallback_models`), before anything is written, so a bad item refuses
+    /// the whole batch (with its index) and nothing runs.
     async fn submit_batch(&self, req: BatchSubmitRequest) -> Result<BatchReply, ApiError> {
         let limit = self.config.limits.max_batch_items;
         if req.items.is_empty() {
@@ -466,20 +442,31 @@ impl ApiService {
                 return Err(ApiError::bad_request(format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes")));
             }
         }
+        if req.max_concurrency == Some(0) {
+            return Err(ApiError::bad_request("max_concurrency must be at least 1"));
+        }
+        if let Some(why) = invalid_labels(&req.labels) {
+            return Err(ApiError::bad_request(why));
+        }
+        let models = self.batch_models(&req.model, &req.fallback_models, req.max_attempts)?;
         let batch_id = match &req.idempotency_key {
             Some(key) => batch::idempotent_batch_id(&req.model, key),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let now = kiln_core::now_ms();
-        let mut children = Vec::with_capacity(req.items.len());
-        if let Some(why) = invalid_labels(&req.labels) {
-            return Err(ApiError::bad_request(why));
-        }
+        let mut plan = BatchPlan {
+            models,
+            params: req.params.clone(),
+            labels: req.labels.clone(),
+            priority: req.priority,
+            deadline_ms: req.deadline_ms,
+            items: Vec::with_capacity(req.items.len()),
+        };
+        let mut digests = Vec::with_capacity(req.items.len());
         for (index, item) in req.items.into_iter().enumerate() {
             let mut params = req.params.clone();
-            params.extend(item.params);
+            params.extend(item.params.clone());
             let mut labels = req.labels.clone();
-            labels.extend(item.labels);
+            labels.extend(item.labels.clone());
             let mut single = SubmitRequest {
                 model: req.model.clone(),
                 inputs: item.inputs,
@@ -492,34 +479,73 @@ impl ApiService {
                 labels,
             };
             let at_item = move |e: ApiError| ApiError::new(e.code, format!("item {index}: {}", e.message));
-            single.params = self.validate_submit(&single).map_err(at_item)?;
-            self.input_digests(&single.inputs).await.map_err(at_item)?;
-            let model = self.config.model(&single.model).expect("validated");
-            let index = index as u32;
-            children.push(JobRecord {
-                inputs: single.inputs,
-                params: single.params,
-                priority: single.priority,
-                deadline_ms: single.deadline_ms,
-                labels: single.labels,
-                ..batch::child_record(
-                    &batch_id,
-                    index,
-                    &model.name,
-                    single.max_attempts.map(|a| a.min(model.max_attempts)).unwrap_or(model.max_attempts),
-                    now,
-                )
-            });
+            for model in &plan.models {
+                single.model = model.name.clone();
+                self.validate_submit(&single).map_err(at_item)?;
+            }
+            digests.push(self.input_digests(&single.inputs).await.map_err(at_item)?);
+            plan.items.push(PlanItem { index: index as u32, inputs: single.inputs, params: item.params, labels: item.labels });
         }
-        self.admit(&req.model, children.len() as u64).await?;
-        let record = BatchRecord { idempotency_key: req.idempotency_key, ..BatchRecord::new(&batch_id, &req.model, &children, now) };
-        self.launch_batch(record, children).await
+        let keys = req.reuse.then(|| batch_reuse_keys(&plan, &digests));
+        let start = self.first_live_model(&plan).await?;
+        let now = kiln_core::now_ms();
+        let record = BatchRecord {
+            idempotency_key: req.idempotency_key,
+            ..BatchRecord::from_plan(&batch_id, &plan, start, req.max_concurrency, keys.as_deref(), now)
+        };
+        self.admit(record.model_at(start), record.launches().len() as u64).await?;
+        self.launch_batch(record, plan).await
     }
 
-    /// Makes a batch durable: the parent record first, then every child. A resubmission
-    /// (same idempotency key, or a repeated retry request) finds the parent and launches any
-    /// child the first attempt did not get to: child ids derive from the batch id.
-    async fn launch_batch(&self, record: BatchRecord, children: Vec<JobRecord>) -> Result<BatchReply, ApiError> {
+    /// The models a batch's items may run, in order, each configured (else `unknown_model`)
+    /// and named once, with the batch's `max_attempts` capped by each model's.
+    fn batch_models(&self, model: &str, fallbacks: &[String], max_attempts: Option<u32>) -> Result<Vec<PlanModel>, ApiError> {
+        let mut models: Vec<PlanModel> = Vec::with_capacity(1 + fallbacks.len());
+        for (pos, name) in std::iter::once(model).chain(fallbacks.iter().map(String::as_str)).enumerate() {
+            let Some(config) = self.config.model(name) else {
+                let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
+                let what = if pos == 0 { "model".to_string() } else { format!("fallback_models[{}]", pos - 1) };
+                return Err(ApiError::new(
+                    ErrorCode::UnknownModel,
+                    format!("{what}: model {name:?} is not configured; known models: {}", known.join(", ")),
+                ));
+            };
+            if models.iter().any(|m| m.name == name) {
+                return Err(ApiError::bad_request(format!("model {name:?} is listed twice in model and fallback_models")));
+            }
+            models.push(PlanModel {
+                name: config.name.clone(),
+                max_attempts: max_attempts.map(|a| a.min(config.max_attempts)).unwrap_or(config.max_attempts),
+                params: config.params.clone(),
+            });
+        }
+        Ok(models)
+    }
+
+    /// Where a batch's items start: the first of its models that a live slot serves right now
+    /// (a model without one falls back at submit). With none served, or one model, the first.
+    async fn first_live_model(&self, plan: &BatchPlan) -> Result<u32, ApiError> {
+        if plan.models.len() < 2 {
+            return Ok(0);
+        }
+        let gpus = self.live_gpus().await?;
+        let served = |model: &str| gpus.iter().any(|g| g.state != GpuState::Dead && g.models.iter().any(|m| m == model));
+        Ok(plan.models.iter().position(|m| served(&m.name)).unwrap_or(0) as u32)
+    }
+
+    /// Makes a batch durable: its plan (if it keeps one), the parent record, then every job it
+    /// launches now. A resubmission (same idempotency key, or a repeated retry request) finds
+    /// the parent and launches any job the first attempt did not get to, from the stored plan:
+    /// job ids derive from the batch id, so they are the same jobs.
+    async fn launch_batch(&self, record: BatchRecord, plan: BatchPlan) -> Result<BatchReply, ApiError> {
+        if record.has_plan() {
+            self.check_storable("the batch's plan (its items' inputs and params)", &plan)?;
+        }
+        // Room for what settling adds to the record (a longer state, a `launched_by` per item).
+        self.check_storable_with("the batch's record", &record, record.items.len() * 64)?;
+        if record.has_plan() {
+            self.resources.create_batch_plan(&record.batch_id, &plan).await.map_err(internal)?;
+        }
         let (record, duplicate) = match self.resources.create_batch(&record).await {
             Ok(_) => (record, false),
             Err(StoreError::AlreadyExists) => {
@@ -528,8 +554,14 @@ impl ApiService {
             }
             Err(e) => return Err(internal(e)),
         };
-        let listed: std::collections::HashSet<&str> = record.items.iter().map(|i| i.job_id.as_str()).collect();
-        let launches: Vec<_> = children.iter().filter(|c| listed.contains(c.job_id.as_str())).map(|c| self.launch_job(c)).collect();
+        let plan = match duplicate && record.has_plan() {
+            true => self.resources.get_batch_plan(&record.batch_id).await.map_err(internal)?.unwrap_or(plan),
+            false => plan,
+        };
+        let now = kiln_core::now_ms();
+        let children: Vec<JobRecord> =
+            record.launches().iter().filter_map(|l| plan.child_record(&record.batch_id, l.index, l.model, now)).collect();
+        let launches: Vec<_> = children.iter().map(|c| self.launch_job(c)).collect();
         let launched: Vec<Result<Option<JobState>, ApiError>> =
             futures::stream::iter(launches).buffer_unordered(BATCH_CONCURRENCY).collect().await;
         launched.into_iter().collect::<Result<Vec<_>, _>>()?;
@@ -541,42 +573,87 @@ impl ApiService {
         })
     }
 
+    /// `payload_too_large` when `value` would not fit in one KV value (the server's
+    /// `max_payload`): a batch whose items share large params or labels (copied into each
+    /// item's own) could outgrow it.
+    fn check_storable(&self, what: &str, value: &impl Serialize) -> Result<(), ApiError> {
+        self.check_storable_with(what, value, 0)
+    }
+
+    fn check_storable_with(&self, what: &str, value: &impl Serialize, room: usize) -> Result<(), ApiError> {
+        let max = match self.resources.client.server_info().max_payload {
+            0 => 1024 * 1024,
+            n => n,
+        };
+        let size = serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX).saturating_add(room);
+        if size > max {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} would take {size} bytes, over the server's limit of {max} for one stored value; split the batch"),
+            ));
+        }
+        Ok(())
+    }
+
     async fn load_batch(&self, batch_id: &str) -> Result<(BatchRecord, u64), ApiError> {
         check_id("batch_id", batch_id)?;
         self.resources.get_batch(batch_id).await.map_err(internal)?.ok_or_else(|| batch_not_found(batch_id))
     }
 
-    /// `batch`: the summary counts settled items; each item shows its job as it is now.
+    /// `batch`: the summary counts settled items; each item shows its job as it is now (items
+    /// sharing a job read it once); an item without a job yet (held) shows the record's state.
     async fn batch(&self, req: BatchRef) -> Result<BatchView, ApiError> {
         let (record, _) = self.load_batch(&req.batch_id).await?;
-        let reads: Vec<_> = record
-            .items
-            .iter()
-            .map(|item| async move {
-                let job = self.resources.get_job(&item.job_id).await.map_err(internal)?;
-                Ok::<_, ApiError>(match job {
-                    Some(v) => BatchItemView {
-                        index: item.index,
-                        job_id: item.job_id.clone(),
-                        status: v.record.state,
-                        error: v.record.error,
-                        artifacts: v.record.artifacts,
-                        labels: v.record.labels,
-                    },
-                    // Not created yet (a submission still under way) or expired: the batch's own
-                    // record is all there is.
-                    None => BatchItemView {
-                        index: item.index,
-                        job_id: item.job_id.clone(),
-                        status: item.state,
-                        error: None,
-                        artifacts: vec![],
-                        labels: Default::default(),
-                    },
-                })
+        let mut job_ids: Vec<&str> = record.items.iter().filter(|i| !i.held).map(|i| i.job_id.as_str()).collect();
+        job_ids.sort_unstable();
+        job_ids.dedup();
+        let reads: Vec<_> = job_ids
+            .into_iter()
+            .map(|job_id| async move {
+                let job = self.resources.get_job(job_id).await.map_err(internal)?;
+                Ok::<_, ApiError>((job_id, job.map(|v| v.record)))
             })
             .collect();
-        let items: Vec<Result<BatchItemView, ApiError>> = futures::stream::iter(reads).buffered(BATCH_CONCURRENCY).collect().await;
+        let jobs: Vec<Result<(&str, Option<JobRecord>), ApiError>> =
+            futures::stream::iter(reads).buffered(BATCH_CONCURRENCY).collect().await;
+        let jobs: std::collections::HashMap<&str, Option<JobRecord>> = jobs.into_iter().collect::<Result<_, _>>()?;
+        // Items without a job take their labels from the plan.
+        let without_job = record.items.iter().any(|i| jobs.get(i.job_id.as_str()).is_none_or(Option::is_none));
+        let plan = match without_job && record.has_plan() {
+            true => self.resources.get_batch_plan(&record.batch_id).await.map_err(internal)?,
+            false => None,
+        };
+        let items = record
+            .items
+            .iter()
+            .map(|item| {
+                let model = record.model_at(item.model).to_string();
+                match jobs.get(item.job_id.as_str()) {
+                    Some(Some(job)) => BatchItemView {
+                        index: item.index,
+                        job_id: item.job_id.clone(),
+                        model,
+                        held: item.held,
+                        status: job.state,
+                        error: job.error.clone(),
+                        artifacts: job.artifacts.clone(),
+                        labels: item.labels.clone().unwrap_or_else(|| job.labels.clone()),
+                    },
+                    // Held, not created yet (a submission or launch still under way), or
+                    // expired: the batch's own record is all there is.
+                    _ => BatchItemView {
+                        index: item.index,
+                        job_id: item.job_id.clone(),
+                        model,
+                        held: item.held,
+                        status: item.state,
+                        error: (item.state == JobState::Cancelled).then(job::cancelled_before_run_error),
+                        artifacts: vec![],
+                        labels: plan.as_ref().and_then(|p| Some(p.labels_of(p.item(item.index)?))).unwrap_or_default(),
+                    },
+                }
+            })
+            .collect();
         let summary = record.summary();
         Ok(BatchView {
             batch_id: record.batch_id,
@@ -585,33 +662,76 @@ impl ApiService {
             summary,
             created_ms: record.created_ms,
             finished_ms: record.finished_ms,
-            items: items.into_iter().collect::<Result<_, _>>()?,
+            items,
             retry_of: record.retry_of,
             retried_by: record.retried_by,
+            fallback_models: record.fallback_models,
+            max_concurrency: record.max_concurrency,
+            reuse: record.reuse,
         })
     }
 
-    /// `cancel_batch`: cancels every item that has not ended (queued ones at once, running
-    /// ones through their owners), then shows the batch.
+    /// `cancel_batch`: stops every launch (held items, fallbacks) and ends the held items
+    /// cancelled, then cancels every job that has not ended (queued ones at once, running ones
+    /// through their owners), then shows the batch.
     async fn cancel_batch(&self, req: BatchRef) -> Result<BatchView, ApiError> {
         let (record, _) = self.load_batch(&req.batch_id).await?;
-        let open: Vec<_> =
-            record.items.iter().filter(|i| !i.state.is_terminal()).map(|i| self.cancel(JobRef { job_id: i.job_id.clone() })).collect();
-        let cancelled: Vec<Result<JobView, ApiError>> = futures::stream::iter(open).buffer_unordered(BATCH_CONCURRENCY).collect().await;
-        for result in cancelled {
-            match result {
-                Ok(_) => {}
-                // An item whose submission never got that far has nothing to cancel.
-                Err(e) if e.code == ErrorCode::NotFound => {}
-                Err(e) => return Err(e),
-            }
+        if record.is_finished() {
+            return self.batch(req).await;
         }
+        match self.resources.cancel_batch_launches(&record.batch_id).await {
+            Ok(()) => {}
+            Err(CasError::Missing { .. }) => return Err(batch_not_found(&record.batch_id)),
+            Err(CasError::Contended { .. }) => return Err(ApiError::internal("the batch kept changing; try the cancel again")),
+            Err(CasError::Store(e)) => return Err(internal(e)),
+        }
+        // Nothing is launched any more: the jobs open now are all there will be.
+        let (record, _) = self.load_batch(&req.batch_id).await?;
+        let launches = record.launches();
+        let plan = match record.has_plan() && !launches.is_empty() {
+            true => self.resources.get_batch_plan(&record.batch_id).await.map_err(internal)?,
+            false => None,
+        };
+        let open: Vec<_> = launches.iter().map(|l| self.cancel_batch_job(&record, l, plan.as_ref())).collect();
+        let cancelled: Vec<Result<(), ApiError>> = futures::stream::iter(open).buffer_unordered(BATCH_CONCURRENCY).collect().await;
+        cancelled.into_iter().collect::<Result<Vec<_>, _>>()?;
         self.batch(req).await
     }
 
+    /// Cancels one open job of a batch being cancelled. A job its launcher has listed but not
+    /// made yet (a settle between its write and the launch, or one that crashed there) is made
+    /// now, already cancelled, with its queue message (whose delivery settles it again, as for
+    /// any cancelled job): the launcher's own launch then finds it and does nothing, so it never
+    /// runs.
+    async fn cancel_batch_job(&self, record: &BatchRecord, launch: &Launch, plan: Option<&BatchPlan>) -> Result<(), ApiError> {
+        match self.cancel(JobRef { job_id: launch.job_id.clone() }).await {
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            other => return other.map(|_| ()),
+        }
+        // Without a plan (a plain batch) such an item is one its submission never got to:
+        // resubmitting with the idempotency key makes it.
+        let Some(child) = plan.and_then(|p| p.child_record(&record.batch_id, launch.index, launch.model, kiln_core::now_ms())) else {
+            return Ok(());
+        };
+        let CancelChange::Cancelled(cancelled) = job::request_cancel(&child, kiln_core::now_ms()) else { return Ok(()) };
+        if self.launch_job(&cancelled).await?.is_some() {
+            // Its launcher made it meanwhile: cancel that one.
+            return self.cancel(JobRef { job_id: launch.job_id.clone() }).await.map(|_| ());
+        }
+        let event = Event::status(&cancelled.job_id, 0, JobState::Cancelled)
+            .labelled(&cancelled.labels)
+            .with_error(cancelled.error.clone().unwrap_or_else(job::cancelled_before_run_error));
+        self.resources.publish_end(&event, &cancelled).await.map_err(internal)?;
+        if let Err(e) = self.resources.settle_batch_item(&cancelled).await {
+            tracing::warn!(job_id = %cancelled.job_id, error = %e, "cannot settle the cancelled job into its batch now");
+        }
+        Ok(())
+    }
+
     /// `retry_batch`: a new batch (`retry_of` this one) of this batch's failed and cancelled
-    /// items, with their original inputs, params and indices. This batch stays as it ended.
-    /// One retry per batch: asking again answers with the same retry batch (`duplicate`).
+    /// items, with their original inputs, params, labels and indices, and its options (the
+    /// models in order from the first, `max_concurrency`, `reuse`). This batch stays as it
+    /// ended. One retry per batch: asking again answers with the same retry batch (`duplicate`).
     async fn retry_batch(&self, req: BatchRef) -> Result<BatchReply, ApiError> {
         let (old, _) = self.load_batch(&req.batch_id).await?;
         if !old.is_finished() {
@@ -623,7 +743,7 @@ impl ApiService {
                 s.total
             )));
         }
-        let failed = old.unsuccessful_items();
+        let failed: Vec<u32> = old.unsuccessful_items().iter().map(|i| i.index).collect();
         if failed.is_empty() {
             return Err(ApiError::bad_request(format!(
                 "batch {:?} has no failed items to retry: all {} completed",
@@ -631,22 +751,39 @@ impl ApiService {
                 old.items.len()
             )));
         }
+        let plan = match old.has_plan() {
+            true => self
+                .resources
+                .get_batch_plan(&old.batch_id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ApiError::internal(format!("batch {:?} has lost its plan; submit its items again", old.batch_id)))?
+                .subset(&failed),
+            false => self.plan_from_jobs(&old, &failed).await?,
+        };
+        let keys = match old.reuse {
+            true => {
+                let mut digests = Vec::with_capacity(plan.items.len());
+                for item in &plan.items {
+                    let index = item.index;
+                    digests.push(
+                        self.input_digests(&item.inputs)
+                            .await
+                            .map_err(|e| ApiError::new(e.code, format!("item {index}: {}", e.message)))?,
+                    );
+                }
+                Some(batch_reuse_keys(&plan, &digests))
+            }
+            false => None,
+        };
         let retry_id = batch::retry_batch_id(&old.batch_id);
-        let now = kiln_core::now_ms();
-        let mut children = Vec::with_capacity(failed.len());
-        for item in &failed {
-            let job = self.load(&item.job_id).await?.record;
-            children.push(JobRecord {
-                inputs: job.inputs,
-                params: job.params,
-                priority: job.priority,
-                deadline_ms: job.deadline_ms,
-                ..batch::child_record(&retry_id, item.index, &job.model, job.max_attempts, now)
-            });
-        }
-        self.admit(&old.model, children.len() as u64).await?;
-        let record = BatchRecord { retry_of: Some(old.batch_id.clone()), ..BatchRecord::new(&retry_id, &old.model, &children, now) };
-        let reply = self.launch_batch(record, children).await?;
+        let start = self.first_live_model(&plan).await?;
+        let record = BatchRecord {
+            retry_of: Some(old.batch_id.clone()),
+            ..BatchRecord::from_plan(&retry_id, &plan, start, old.max_concurrency, keys.as_deref(), kiln_core::now_ms())
+        };
+        self.admit(record.model_at(start), record.launches().len() as u64).await?;
+        let reply = self.launch_batch(record, plan).await?;
         // Point the old batch at its retry (after the retry exists, so the link never dangles).
         let linked = self.resources.update_batch_with(&old.batch_id, |current| match current.retried_by {
             Some(_) => Step::Stop(()),
@@ -663,6 +800,28 @@ impl ApiService {
             Err(CasError::Store(e)) => return Err(internal(e)),
         }
         Ok(reply)
+    }
+
+    /// The plan of a batch that keeps none (one model, no options): its items as their jobs
+    /// ran them (params already checked, defaults filled in).
+    async fn plan_from_jobs(&self, old: &BatchRecord, indices: &[u32]) -> Result<BatchPlan, ApiError> {
+        let mut plan = BatchPlan {
+            models: vec![],
+            params: Default::default(),
+            labels: Default::default(),
+            priority: 0,
+            deadline_ms: None,
+            items: Vec::with_capacity(indices.len()),
+        };
+        for item in old.items.iter().filter(|i| indices.contains(&i.index)) {
+            let job = self.load(&item.job_id).await?.record;
+            if plan.models.is_empty() {
+                plan.models.push(PlanModel { name: job.model.clone(), max_attempts: job.max_attempts, params: vec![] });
+                (plan.priority, plan.deadline_ms) = (job.priority, job.deadline_ms);
+            }
+            plan.items.push(PlanItem { index: item.index, inputs: job.inputs, params: job.params, labels: job.labels });
+        }
+        Ok(plan)
     }
 
     /// The earlier job of an identical request, if it can stand for this one: completed with

@@ -312,6 +312,16 @@ enum BatchCommand {
         /// A label every item gets: name=value.
         #[arg(short = 'l', long = "label")]
         labels: Vec<String>,
+        /// Identical items run once and share their results.
+        #[arg(long)]
+        reuse: bool,
+        /// At most this many of the batch's jobs queued or running at once.
+        #[arg(long)]
+        max_concurrency: Option<u32>,
+        /// A model to fall back to, in order, when an item fails on Kiln's side or its model
+        /// has no live slot (repeat for several).
+        #[arg(long = "fallback")]
+        fallback_models: Vec<String>,
         /// Follow the batch to its end, download every item's results into --out/<batch
         /// id>/<index>/, and exit non-zero unless every item completed.
         #[arg(long)]
@@ -880,13 +890,33 @@ async fn batch_command(action: BatchCommand) -> Result<(), String> {
         }
     };
     match action {
-        BatchCommand::Submit { model, items, params, idempotency_key, labels, wait, out, conn } => {
+        BatchCommand::Submit {
+            model,
+            items,
+            params,
+            idempotency_key,
+            labels,
+            reuse,
+            max_concurrency,
+            fallback_models,
+            wait,
+            out,
+            conn,
+        } => {
             let text = if items.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin()).map_err(|e| format!("stdin: {e}"))?
             } else {
                 std::fs::read_to_string(&items).map_err(|e| format!("{}: {e}", items.display()))?
             };
-            let mut request = BatchSubmitRequest { model, idempotency_key, labels: parse_labels(&labels)?, ..Default::default() };
+            let mut request = BatchSubmitRequest {
+                model,
+                idempotency_key,
+                labels: parse_labels(&labels)?,
+                reuse,
+                max_concurrency,
+                fallback_models,
+                ..Default::default()
+            };
             for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
                 let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("items line {}: {e}", n + 1))?;
                 let item = match serde_json::from_value::<BatchItemRequest>(value.clone()) {

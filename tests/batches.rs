@@ -1,6 +1,8 @@
 //! Batches, with real `kiln node` processes and the demo worker: a batch that succeeds in part,
 //! its per-item events and summary, retrying only the failed items, cancel, limits and bad
-//! items, and a node crash between an item's end and its batch's update.
+//! items, a node crash between an item's end and its batch's update; and the options seed 004
+//! needs: `reuse` within a batch, `max_concurrency` (and a crash between the settle that
+//! launches a held item and its launch), `fallback_models`.
 
 mod common;
 
@@ -282,4 +284,357 @@ async fn idle_models_do_not_hold_the_slots_a_busy_model_needs() {
     assert_eq!(view.status, BatchStatus::Succeeded);
     // With the idle models holding slots in 500 ms polls, this did not finish within 60 s.
     assert!(took < Duration::from_secs(8), "took {took:?}");
+}
+
+/// `reuse` within a batch (seed 004: a storyboard repeats a frame): identical items (same
+/// inputs, uploaded files by content; same params) run once, the later ones share the first's
+/// job; its end settles every one of them, each with its own item event, labels and count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_items_of_a_batch_run_once_with_reuse() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 30_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    // Two uploads of the same bytes under different names, and one of other bytes.
+    client.upload("uploads/a/ref.png", b"the same reference image").await.unwrap();
+    client.upload("uploads/b/copy-of-ref.png", b"the same reference image").await.unwrap();
+    client.upload("uploads/c/other.png", b"another image").await.unwrap();
+    let with_file = |object: &str| {
+        let mut i = item("a harbour", serde_json::json!({}));
+        i.inputs.insert("image".into(), InputValue::Object { object: object.into() });
+        i
+    };
+    let mut items = vec![
+        item("a harbour", serde_json::json!({})),
+        item("the boats leave", serde_json::json!({})),
+        item("a harbour", serde_json::json!({})),          // = item 0
+        item("a harbour", serde_json::json!({"seed": 7})), // other params
+        with_file("uploads/a/ref.png"),
+        with_file("uploads/b/copy-of-ref.png"), // = item 4, by content
+        with_file("uploads/c/other.png"),
+        item("a harbour", serde_json::json!({"steps": 2})), // = item 0: the batch's params are merged first
+    ];
+    for (i, it) in items.iter_mut().enumerate() {
+        it.labels.insert("frame".into(), i.to_string());
+    }
+    let request = BatchSubmitRequest {
+        model: "demo".into(),
+        items,
+        params: params(serde_json::json!({"steps": 2, "step_ms": 50})),
+        labels: [("storyboard_id".to_string(), "sb-reuse".to_string())].into(),
+        reuse: true,
+        ..Default::default()
+    };
+    let reply = client.submit_batch(&request).await.unwrap();
+    let job = |i: usize| reply.items[i].job_id.clone();
+    assert_eq!((job(2), job(7)), (job(0), job(0)), "identical items share the first one's job: {reply:#?}");
+    assert_eq!(job(5), job(4), "an upload of the same content is the same input");
+    let distinct: std::collections::BTreeSet<String> = reply.items.iter().map(|i| i.job_id.clone()).collect();
+    assert_eq!(distinct.len(), 5, "{reply:#?}");
+
+    let mut item_events = vec![];
+    let view = client.wait_batch(&reply.batch_id, Duration::from_secs(60), |e| item_events.extend(e.item.clone())).await.unwrap();
+    assert_eq!(view.status, BatchStatus::Succeeded, "{view:#?}");
+    assert!(view.reuse);
+    let s = view.summary;
+    assert_eq!((s.total, s.completed), (8, 8), "the summary counts every item, shared or not");
+    let by_index = check_batch_history(&batch_history(&client, &reply.batch_id).await, &(0..8).collect::<Vec<_>>());
+    for (index, e) in &by_index {
+        let i = e.item.as_ref().unwrap();
+        assert_eq!((e.kind, i.job_id.as_str()), (EventKind::ItemCompleted, reply.items[*index as usize].job_id.as_str()));
+        assert!(i.artifacts.iter().any(|a| a.name == "image.png"), "item {index} carries the shared job's artifacts");
+        assert_eq!(i.labels.get("frame"), Some(&index.to_string()), "item {index} keeps its own labels: {e:?}");
+        assert_eq!(i.labels.get("storyboard_id").map(String::as_str), Some("sb-reuse"));
+    }
+    for v in &view.items {
+        assert_eq!(v.labels.get("frame"), Some(&v.index.to_string()), "{v:?}");
+        assert_eq!(
+            (v.status, v.job_id.as_str(), v.model.as_str()),
+            (JobState::Completed, reply.items[v.index as usize].job_id.as_str(), "demo")
+        );
+    }
+    assert_eq!(view.items[2].artifacts, view.items[0].artifacts, "the same results");
+    // Five jobs ran, each once; the shared one names the first of its items.
+    let jobs = client.jobs(&Default::default()).await.unwrap().jobs;
+    assert_eq!(jobs.len(), 5, "{jobs:#?}");
+    let shared = client.status(&job(0)).await.unwrap();
+    assert_eq!((shared.attempt, shared.batch.as_ref().map(|b| b.index)), (1, Some(0)));
+    assert_eq!(statuses(&history(&client, &job(0)).await), ["queued", "running", "completed"]);
+
+    // Reuse is within the batch: the same batch again runs again.
+    let again = client.submit_batch(&BatchSubmitRequest { items: request.items[..1].to_vec(), ..request.clone() }).await.unwrap();
+    assert_ne!(again.items[0].job_id, job(0));
+    client.wait_batch(&again.batch_id, Duration::from_secs(30), |_| {}).await.unwrap();
+}
+
+/// `max_concurrency` (seed 004: a storyboard of 200 frames must not take every GPU): at most
+/// that many of the batch's jobs exist unfinished at once, on a node with more slots; the rest
+/// are held and launched as earlier items end, and all complete. Cancelling a batch ends its
+/// held items without ever running them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_concurrency_bounds_the_jobs_a_batch_runs_at_once() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1", "cpu:2"], 30_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 3).await;
+    let client = cluster.client().await;
+    // Warm every slot, so that the batch's jobs take about as long wherever they run.
+    let warm = (0..3).map(|i| item(&format!("warm {i}"), serde_json::json!({"steps": 1, "step_ms": 300}))).collect();
+    let w = client.submit_batch(&BatchSubmitRequest { model: "demo".into(), items: warm, ..Default::default() }).await.unwrap();
+    client.wait_batch(&w.batch_id, Duration::from_secs(30), |_| {}).await.unwrap();
+
+    let items = (0..6).map(|i| item(&format!("frame {i}"), serde_json::json!({"steps": 8, "step_ms": 100}))).collect();
+    let request = BatchSubmitRequest { model: "demo".into(), items, max_concurrency: Some(2), ..Default::default() };
+    let reply = client.submit_batch(&request).await.unwrap();
+    let ids: Vec<String> = reply.items.iter().map(|i| i.job_id.clone()).collect();
+    let first = client.batch(&reply.batch_id).await.unwrap();
+    assert_eq!(first.max_concurrency, Some(2));
+    assert_eq!(first.items.iter().filter(|i| i.held).count(), 4, "four wait for room: {first:#?}");
+    for held in first.items.iter().filter(|i| i.held) {
+        assert_eq!(held.status, JobState::Queued);
+        assert_eq!(api_error(client.status(&held.job_id).await).code, ErrorCode::NotFound, "a held item has no job yet");
+    }
+
+    // While it runs, never more than two of its jobs run at once (the cluster has three slots).
+    let mut most_running = 0;
+    let started = std::time::Instant::now();
+    loop {
+        let view = client.batch(&reply.batch_id).await.unwrap();
+        let running = view.items.iter().filter(|i| i.status == JobState::Running).count();
+        assert!(running <= 2, "{running} items run at once: {view:#?}");
+        most_running = most_running.max(running);
+        if view.summary.status != BatchStatus::Running {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the batch did not finish: {view:#?}");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let view = client.wait_batch(&reply.batch_id, Duration::from_secs(10), |_| {}).await.unwrap();
+    assert_eq!((view.status, view.summary.completed), (BatchStatus::Succeeded, 6), "{view:#?}");
+    check_batch_history(&batch_history(&client, &reply.batch_id).await, &(0..6).collect::<Vec<_>>());
+    // Exactly: a job exists from its record's creation to its end; at no moment did three of
+    // them overlap, and two did (the limit is used).
+    let mut spans = vec![];
+    for id in &ids {
+        let job = client.status(id).await.unwrap();
+        assert_eq!((job.status, job.attempt), (JobState::Completed, 1));
+        spans.push((job.created_ms, job.finished_ms.unwrap()));
+    }
+    let overlap = |t: u64| spans.iter().filter(|(from, to)| *from <= t && t < *to).count();
+    let most_open = spans.iter().map(|(from, _)| overlap(*from)).max().unwrap();
+    assert_eq!(most_open, 2, "jobs open at once (created to finished): {spans:?}");
+    assert_eq!(most_running, 2, "two ran at once");
+
+    // Cancel: one item runs, two are held; all end cancelled, the held ones without a job.
+    let slow = (0..3).map(|i| item(&format!("slow {i}"), serde_json::json!({"steps": 100, "step_ms": 100}))).collect();
+    let b = client
+        .submit_batch(&BatchSubmitRequest { model: "demo".into(), items: slow, max_concurrency: Some(1), ..Default::default() })
+        .await
+        .unwrap();
+    let running = eventually(Duration::from_secs(20), || async {
+        client.status(&b.items[0].job_id).await.is_ok_and(|j| j.status == JobState::Running)
+    })
+    .await;
+    assert!(running, "the first item started");
+    client.cancel_batch(&b.batch_id).await.unwrap();
+    let view = client.wait_batch(&b.batch_id, Duration::from_secs(20), |_| {}).await.unwrap();
+    assert_eq!((view.status, view.summary.cancelled), (BatchStatus::Failed, 3), "{view:#?}");
+    assert!(view.items[1..].iter().all(|i| i.held && i.status == JobState::Cancelled), "{view:#?}");
+    let events = check_batch_history(&batch_history(&client, &b.batch_id).await, &[0, 1, 2]);
+    assert!(events.values().all(|e| e.item.as_ref().unwrap().status == JobState::Cancelled));
+    for held in &view.items[1..] {
+        assert_eq!(api_error(client.status(&held.job_id).await).code, ErrorCode::NotFound, "a held item never ran");
+    }
+}
+
+/// `fallback_models` (seed 004): an item whose job fails on Kiln's side (a model whose worker
+/// cannot load; a retryable failure on its last attempt) runs again on the next model, as a new
+/// job the batch follows instead; a model no live slot serves is skipped at submit; a user
+/// error does not fall back; a retry starts again from the first model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_items_fall_back_to_the_next_model() {
+    let mut cluster = TestCluster::new();
+    let broken = format!(
+        r#"
+[[models]]
+name = "broken"
+engine = {{ kind = "process", command = ["python3", "{worker}"], ready_timeout_ms = 20000, env = {{ KILN_DEMO_LOAD_FAIL = "1" }} }}
+max_attempts = 1
+required_inputs = ["prompt"]
+
+[[models]]
+name = "ghost"
+engine = {{ kind = "noop" }}
+slots = ["cpu:7"]
+"#,
+        worker = demo_worker()
+    );
+    let models = format!("{broken}{}{NOOP_MODEL}", demo_model("demo", &[], 1, 60_000));
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 30_000, &models));
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    let frames = |n: usize| (0..n).map(|i| item(&format!("frame {i}"), serde_json::json!({"steps": 1}))).collect::<Vec<_>>();
+
+    // A model whose worker never loads: every item ends on noop.
+    let request =
+        BatchSubmitRequest { model: "broken".into(), items: frames(3), fallback_models: vec!["noop".into()], ..Default::default() };
+    let reply = client.submit_batch(&request).await.unwrap();
+    let mut item_events = vec![];
+    let view = client.wait_batch(&reply.batch_id, Duration::from_secs(60), |e| item_events.extend(e.item.clone())).await.unwrap();
+    assert_eq!((view.status, view.summary.completed), (BatchStatus::Succeeded, 3), "{view:#?}");
+    assert_eq!(view.fallback_models, ["noop"]);
+    check_batch_history(&batch_history(&client, &reply.batch_id).await, &[0, 1, 2]);
+    for (i, v) in view.items.iter().enumerate() {
+        assert_eq!((v.model.as_str(), v.status), ("noop", JobState::Completed), "{v:?}");
+        assert_ne!(v.job_id, reply.items[i].job_id, "a new job replaced the first");
+        let job = client.status(&v.job_id).await.unwrap();
+        assert_eq!(
+            (job.model.as_str(), job.batch.as_ref().map(|b| (b.batch_id.as_str(), b.index))),
+            ("noop", Some((reply.batch_id.as_str(), i as u32)))
+        );
+        let first = client.status(&reply.items[i].job_id).await.unwrap();
+        assert_eq!(
+            (first.model.as_str(), first.status, first.error.map(|e| e.code)),
+            ("broken", JobState::Failed, Some(ErrorCode::EngineFailed))
+        );
+        assert!(item_events.iter().any(|e| e.index == i as u32 && e.job_id == v.job_id), "the item event names the job it ended with");
+    }
+
+    // A model that no live slot serves: the items start on the next one.
+    let request =
+        BatchSubmitRequest { model: "ghost".into(), items: frames(2), fallback_models: vec!["noop".into()], ..Default::default() };
+    let reply = client.submit_batch(&request).await.unwrap();
+    for i in &reply.items {
+        assert_eq!(client.status(&i.job_id).await.unwrap().model, "noop", "fell back at submit");
+    }
+    let view = client.wait_batch(&reply.batch_id, Duration::from_secs(30), |_| {}).await.unwrap();
+    assert_eq!(view.status, BatchStatus::Succeeded, "{view:#?}");
+    assert!(view.items.iter().all(|i| i.model == "noop"));
+
+    // A user error stays; a retryable failure on the last attempt falls back.
+    let mut items = frames(3);
+    items[0].params.insert("fail".into(), "fatal".into());
+    items[1].params.insert("fail".into(), "retryable".into());
+    let request = BatchSubmitRequest { model: "demo".into(), items, fallback_models: vec!["noop".into()], ..Default::default() };
+    let reply = client.submit_batch(&request).await.unwrap();
+    let view = client.wait_batch(&reply.batch_id, Duration::from_secs(60), |_| {}).await.unwrap();
+    assert_eq!((view.status, view.summary.completed, view.summary.failed), (BatchStatus::Partial, 2, 1), "{view:#?}");
+    let shown: Vec<(&str, JobState)> = view.items.iter().map(|i| (i.model.as_str(), i.status)).collect();
+    assert_eq!(shown, [("demo", JobState::Failed), ("noop", JobState::Completed), ("demo", JobState::Completed)]);
+    assert_eq!(view.items[0].error.as_ref().unwrap().code, ErrorCode::BadRequest);
+    check_batch_history(&batch_history(&client, &reply.batch_id).await, &[0, 1, 2]);
+    // The retry runs the failed item from the first model again, with the same list.
+    let retry = client.retry_batch(&reply.batch_id).await.unwrap();
+    let retried = client.wait_batch(&retry.batch_id, Duration::from_secs(30), |_| {}).await.unwrap();
+    assert_eq!(retried.fallback_models, ["noop"]);
+    assert_eq!((retried.items[0].index, retried.items[0].model.as_str(), retried.items[0].status), (0, "demo", JobState::Failed));
+
+    // Every model must be configured, once, and fit every item.
+    let bad = |model: &str, fallback: &[&str], items: Vec<BatchItemRequest>| BatchSubmitRequest {
+        model: model.into(),
+        items,
+        fallback_models: fallback.iter().map(|m| m.to_string()).collect(),
+        ..Default::default()
+    };
+    let e = api_error(client.submit_batch(&bad("demo", &["nope"], frames(1))).await);
+    assert_eq!(e.code, ErrorCode::UnknownModel, "{e:?}");
+    assert!(e.message.contains("fallback_models[0]"), "{}", e.message);
+    assert_eq!(api_error(client.submit_batch(&bad("demo", &["noop", "demo"], frames(1))).await).code, ErrorCode::BadRequest);
+    let no_prompt = vec![BatchItemRequest::default()];
+    let e = api_error(client.submit_batch(&bad("noop", &["demo"], no_prompt)).await);
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.starts_with("item 0:") && e.message.contains("\"demo\" needs input \"prompt\""), "{}", e.message);
+    let e = api_error(client.submit_batch(&BatchSubmitRequest { max_concurrency: Some(0), ..bad("demo", &[], frames(1)) }).await);
+    assert_eq!(e.code, ErrorCode::BadRequest);
+}
+
+/// A node that dies between a settle's write (which launched the next held item) and making
+/// that item's job: the ended item's redelivery settles again, finds its end recorded and makes
+/// the job; nothing is lost or run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_a_settle_and_the_launch_it_wrote_loses_nothing() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 2_000, &demo_model("demo", &[], 3, 60_000));
+    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "abort_before_batch_launch@1")]);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let items = (0..3).map(|i| item(&format!("held {i}"), serde_json::json!({"steps": 1, "step_ms": 10}))).collect();
+    let request = BatchSubmitRequest { model: "demo".into(), items, max_concurrency: Some(1), ..Default::default() };
+    let b = client.submit_batch(&request).await.unwrap();
+    assert!(cluster.nodes[0].wait_exit(Duration::from_secs(30)).is_some(), "the node aborted at the fault point");
+    assert!(cluster.nodes[0].log().contains("fault injected: abort_before_batch_launch"));
+    // The record says item 1 is launched; its job was never made.
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let kv = js.get_key_value("kiln_batches").await.unwrap();
+    let mid: kiln_core::batch::BatchRecord = serde_json::from_slice(&kv.get(&b.batch_id).await.unwrap().unwrap()).unwrap();
+    let held: Vec<(JobState, bool)> = mid.items.iter().map(|i| (i.state, i.held)).collect();
+    assert_eq!(held, [(JobState::Completed, false), (JobState::Queued, false), (JobState::Queued, true)], "{mid:#?}");
+    let jobs = js.get_key_value("kiln_jobs").await.unwrap();
+    assert!(jobs.get(&b.items[1].job_id).await.unwrap().is_none(), "item 1's job does not exist yet");
+
+    cluster.nodes[0].env.clear();
+    cluster.nodes[0].start();
+    cluster.wait_node_ready("n1", 1).await;
+    let view = client.wait_batch(&b.batch_id, Duration::from_secs(30), |_| {}).await.unwrap();
+    assert_eq!((view.status, view.summary.completed), (BatchStatus::Succeeded, 3), "{view:#?}");
+    check_batch_history(&batch_history(&client, &b.batch_id).await, &[0, 1, 2]);
+    for i in &view.items {
+        let job = client.status(&i.job_id).await.unwrap();
+        assert_eq!(job.attempt, 1, "item {} ran once", i.index);
+        assert_eq!(statuses(&history(&client, &i.job_id).await), ["queued", "running", "completed"], "item {}", i.index);
+    }
+}
+
+/// `cancel_batch` while a held item's launch was cut short (its node died between the settle's
+/// write and making the job): the item is made already cancelled, so it never runs, even when
+/// the ended item's redelivery launches it again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_catching_a_launch_half_done_ends_the_item_unrun() {
+    let mut cluster = TestCluster::new();
+    // n1 runs the model; n2 only answers the API (its slot does not serve the model).
+    let model = demo_model("demo", &["cpu:0"], 3, 60_000);
+    cluster.add_node_with_env(
+        "n1",
+        &config_toml(&cluster.url(), &["cpu:0"], 2_000, &model),
+        &[("KILN_FAULTS", "abort_before_batch_launch@1")],
+    );
+    cluster.add_node("n2", &config_toml(&cluster.url(), &["cpu:1"], 2_000, &model));
+    cluster.wait_node_ready("n1", 1).await;
+    cluster.wait_node_ready("n2", 1).await;
+    let client = cluster.client().await;
+    let items = (0..3).map(|i| item(&format!("cut {i}"), serde_json::json!({"steps": 1, "step_ms": 10}))).collect();
+    let request = BatchSubmitRequest { model: "demo".into(), items, max_concurrency: Some(1), ..Default::default() };
+    let b = client.submit_batch(&request).await.unwrap();
+    assert!(cluster.nodes[0].wait_exit(Duration::from_secs(30)).is_some(), "n1 aborted at the fault point");
+    assert_eq!(api_error(client.status(&b.items[1].job_id).await).code, ErrorCode::NotFound, "item 1 is listed, not made");
+
+    let view = client.cancel_batch(&b.batch_id).await.unwrap();
+    let states: Vec<JobState> = view.items.iter().map(|i| i.status).collect();
+    assert_eq!(states, [JobState::Completed, JobState::Cancelled, JobState::Cancelled], "{view:#?}");
+    let view = client.wait_batch(&b.batch_id, Duration::from_secs(20), |_| {}).await.unwrap();
+    assert_eq!((view.status, view.summary.completed, view.summary.cancelled), (BatchStatus::Partial, 1, 2), "{view:#?}");
+    assert!(!view.items[1].held && view.items[2].held, "item 1 got its job, cancelled; item 2 never did");
+
+    // n1 comes back: item 0's redelivery settles again and launches item 1 again, which exists.
+    let js = async_nats::jetstream::new(client.nats().clone());
+    let queued = js.get_stream("KILN_JOBS").await.unwrap().info().await.unwrap().state.messages;
+    assert_eq!(queued, 2, "item 0's unacked message and cancelled item 1's");
+    cluster.nodes[0].env.clear();
+    cluster.nodes[0].start();
+    cluster.wait_node_ready("n1", 1).await;
+    // Done once the queue is empty: item 0's message is acked only after its settle (which
+    // launched item 1 again, finding it made), item 1's once its delivery found it cancelled.
+    let drained = eventually(Duration::from_secs(30), || async {
+        let mut stream = js.get_stream("KILN_JOBS").await.unwrap();
+        stream.info().await.is_ok_and(|i| i.state.messages == 0)
+    })
+    .await;
+    assert!(drained, "the queue drained: item 0 was redelivered and settled again");
+    let one = client.status(&b.items[1].job_id).await.unwrap();
+    assert_eq!((one.status, one.attempt), (JobState::Cancelled, 0), "it never ran");
+    assert_eq!(statuses(&history(&client, &b.items[1].job_id).await), ["queued", "cancelled"]);
+    let after = client.batch(&b.batch_id).await.unwrap();
+    assert_eq!((after.status, after.summary), (view.status, view.summary), "the batch's end stands");
+    check_batch_history(&batch_history(&client, &b.batch_id).await, &[0, 1, 2]);
 }

@@ -12,7 +12,7 @@
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
-//! | [`batch`]     | batches: the parent record, settling children, the summary rule             |
+//! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
 //! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |

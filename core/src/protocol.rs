@@ -627,6 +627,19 @@ pub struct BatchSubmitRequest {
     /// Labels every item gets (`storyboard_id`); an item's own labels win over these.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// Identical items (same inputs, uploaded files by content; same params) run once: the
+    /// later ones share the first one's job and end with it. Within this batch only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reuse: bool,
+    /// At most this many of the batch's jobs queued or running at once; the other items wait
+    /// (held, no job yet) and start as earlier ones end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    /// Models tried in order after `model`: an item whose job failed on Kiln's side
+    /// (`engine_failed`, or out of attempts on infrastructure errors) runs again on the next
+    /// one, and items start on the first model that has a live slot at submit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_models: Vec<String>,
 }
 
 /// `kiln.api.batch`, `kiln.api.cancel_batch` and `kiln.api.retry_batch` take a batch id.
@@ -659,7 +672,14 @@ pub struct BatchReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchItemView {
     pub index: u32,
+    /// The item's job: its own, the one it shares with an identical item (`reuse`), or the
+    /// last model's it moved to (`fallback_models`).
     pub job_id: String,
+    /// The model of that job.
+    pub model: String,
+    /// No job yet: waiting for the batch's `max_concurrency` (or, ended, cancelled before it got one).
+    #[serde(default)]
+    pub held: bool,
     pub status: JobState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
@@ -684,6 +704,13 @@ pub struct BatchView {
     pub retry_of: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retried_by: Option<String>,
+    /// As submitted (a retry batch keeps its original's).
+    #[serde(default)]
+    pub fallback_models: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 /// `kiln.api.control`: an operator's request for one node or GPU anywhere in the cluster. The

@@ -10,7 +10,8 @@ use async_nats::jetstream::kv;
 
 use super::cas::{self, CasError, Step, Updated};
 use super::{Lane, Resources, StoreError};
-use crate::job::JobRecord;
+use crate::job::{JobRecord, JobState};
+use crate::protocol::Event;
 
 /// A record and the KV revision it was read at (the token for the next compare-and-set).
 #[derive(Debug, Clone)]
@@ -83,6 +84,53 @@ impl Resources {
             decide,
         )
         .await
+    }
+
+    /// Makes a new job durable: its `queued` event, its queue message, then its record.
+    /// `Some(state)` when the record existed already (an idempotent resubmission). The API's
+    /// submissions and a batch's later jobs (a held item's, a fallback's, made on the settle
+    /// path) all come through here.
+    ///
+    /// The record comes last so that a record never exists without its queue message: a
+    /// record written first was stranded `queued` forever when the node or nats-server died
+    /// before the enqueue (an outside storm: nats-server SIGTERMed in a flood of unkeyed
+    /// submits). Now a death between the writes leaves, at worst, a queue message without a
+    /// record: the job actor that gets it waits for the record, and drops the message once it
+    /// is older than the queue's de-duplication window (nobody can complete that submission
+    /// any more: a resubmission with the same key would be de-duplicated against it only
+    /// within the window). A resubmission with the key within the window publishes the same
+    /// event and message again (both de-duplicated) and writes the record, and the job runs.
+    pub async fn launch_job(&self, record: &JobRecord) -> Result<Option<JobState>, StoreError> {
+        if record.idempotency_key.is_some() || record.parent.is_some() {
+            // Ids derived from a key (or a batch) may exist already: then nothing is sent
+            // again (a second queue message after the window would run the job twice).
+            if let Some(existing) = self.get_job(&record.job_id).await? {
+                return Ok(Some(existing.record.state));
+            }
+        }
+        // The `queued` event is published before the queue message so that the history is
+        // ordered even for a job that starts the instant it is enqueued; both acks are awaited
+        // together (one round trip, not two). No node can publish an event for the job before
+        // both are stored: it claims only once the record exists, written below. The event is
+        // de-duplicated: a retried submission may publish it again.
+        let event = Event::status(&record.job_id, 0, JobState::Queued).labelled(&record.labels);
+        let queued = self.publish_event_nowait_with_id(&event, &format!("{}-queued", record.job_id)).await?;
+        let enqueued = self.enqueue_nowait(&record.job_id, &record.model, record.priority).await?;
+        let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
+        queued.map_err(StoreError::nats)?;
+        enqueued.map_err(StoreError::nats)?;
+        crate::fault::abort_at("abort_in_launch");
+        match self.create_job(record).await {
+            Ok(_) => {}
+            // A concurrent identical resubmission wrote it first.
+            Err(StoreError::AlreadyExists) => {
+                let existing = self.get_job(&record.job_id).await?;
+                return Ok(Some(existing.map(|v| v.record.state).unwrap_or(JobState::Queued)));
+            }
+            Err(e) => return Err(e),
+        }
+        metrics::counter!(crate::metrics::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
+        Ok(None)
     }
 
     /// Every job id in the bucket (for listing; O(jobs), bounded by the record TTL).

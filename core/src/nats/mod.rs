@@ -7,7 +7,7 @@
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
-//! | `batches.rs`  | batch parent records in KV; settling a child's end into its batch     |
+//! | `batches.rs`  | batch records and plans in KV; settling a child's end; its launches   |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |

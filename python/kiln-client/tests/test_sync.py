@@ -249,3 +249,14 @@ def test_the_results_feed_resumes_where_its_consumer_stopped(client: Client) -> 
     assert rest == ids[1:], "resumed at the one not acknowledged, then the rest, once each"
     view = client.status(ids[0])
     assert view["status"] == "completed" and view["labels"] == {"run": mark, "n": "0"}
+
+
+def test_a_batch_with_reuse_and_a_concurrency_limit(client: Client) -> None:
+    # Seed 004's storyboard: repeated prompts run once, and the batch takes at most one slot.
+    items = [{"inputs": {"prompt": p}} for p in ["dawn", "dusk", "dawn", "noon"]]
+    reply = client.submit_batch("demo", items, {"steps": 1, "step_ms": 1}, reuse=True, max_concurrency=1)
+    jobs = [i["job_id"] for i in reply["items"]]
+    assert jobs[0] == jobs[2] and len(set(jobs)) == 3, reply
+    view = client.wait_batch(reply["batch_id"], timeout=60)
+    assert view["status"] == "succeeded" and view["max_concurrency"] == 1 and view["reuse"], view
+    assert [i["status"] for i in view["items"]] == ["completed"] * 4

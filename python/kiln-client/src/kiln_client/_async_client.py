@@ -612,11 +612,17 @@ class AsyncClient:
         deadline_ms: Optional[int] = None,
         max_attempts: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
+        reuse: Optional[bool] = None,
+        max_concurrency: Optional[int] = None,
+        fallback_models: Optional[Sequence[str]] = None,
         extra: Optional[Mapping[str, JSON]] = None,
     ) -> BatchReply:
         """Submits N items of one model as one batch (`kiln.api.submit_batch`). Each item is
-        `{"inputs": {..}, "params": {..}}`; `params` applies to every item (an item's own
-        win). Returns `{batch_id, items: [{index, job_id}], duplicate}`."""
+        `{"inputs": {..}, "params": {..}, "labels": {..}}`; `params` and `labels` apply to
+        every item (an item's own win). `reuse` runs identical items once, `max_concurrency`
+        bounds the batch's jobs queued or running at once, `fallback_models` are tried in order
+        when an item fails on Kiln's side. Returns `{batch_id, items: [{index, job_id}],
+        duplicate}`."""
         body: Dict[str, Any] = {"model": model, "items": [dict(item) for item in items]}
         if params is not None:
             body["params"] = dict(params)
@@ -627,6 +633,9 @@ class AsyncClient:
             deadline_ms=deadline_ms,
             max_attempts=max_attempts,
             labels=dict(labels) if labels is not None else None,
+            reuse=reuse,
+            max_concurrency=max_concurrency,
+            fallback_models=list(fallback_models) if fallback_models is not None else None,
         )
         body.update(extra or {})
         return cast(BatchReply, await self.request("submit_batch", body))

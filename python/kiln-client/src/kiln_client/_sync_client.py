@@ -279,6 +279,9 @@ class Client:
         deadline_ms: Optional[int] = None,
         max_attempts: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
+        reuse: Optional[bool] = None,
+        max_concurrency: Optional[int] = None,
+        fallback_models: Optional[Sequence[str]] = None,
         extra: Optional[Mapping[str, JSON]] = None,
     ) -> BatchReply:
         """See `AsyncClient.submit_batch`."""
@@ -292,6 +295,9 @@ class Client:
                 deadline_ms=deadline_ms,
                 max_attempts=max_attempts,
                 labels=labels,
+                reuse=reuse,
+                max_concurrency=max_concurrency,
+                fallback_models=fallback_models,
                 extra=extra,
             )
         )

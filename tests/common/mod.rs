@@ -448,3 +448,119 @@ pub async fn read_sse(response: reqwest::Response, limit: Duration) -> Vec<(Opti
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap()
 }
+
+// ---- Client programs in other languages (nats-py, nats.js) and the docs that show them ----
+// Used by tests/security.rs and tests/protocol_sessions.rs.
+
+/// The fenced code blocks of a Markdown text whose info string is `lang` (```` ```python ````),
+/// in order, without their fences.
+pub fn fenced_blocks(markdown: &str, lang: &str) -> Vec<String> {
+    let mut blocks = vec![];
+    let mut current: Option<(bool, Vec<&str>)> = None;
+    for line in markdown.lines() {
+        let trimmed = line.trim_start();
+        match &mut current {
+            None if trimmed.starts_with("```") => current = Some((trimmed[3..].trim() == lang, vec![])),
+            Some((wanted, lines)) if trimmed.starts_with("```") => {
+                if *wanted {
+                    blocks.push(lines.join("\n"));
+                }
+                current = None;
+            }
+            Some((_, lines)) => lines.push(line),
+            None => {}
+        }
+    }
+    blocks
+}
+
+/// The text of a Markdown section: from its heading line (`## A worked nats-py session`) to the
+/// next heading of the same or a higher level (a `#` line inside a code block is no heading).
+/// Panics, naming it, when the doc has no such heading.
+pub fn doc_section<'a>(markdown: &'a str, heading: &str) -> &'a str {
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let (mut start, mut in_code) = (None, false);
+    let mut offset = 0;
+    for line in markdown.split_inclusive('\n') {
+        let text = line.trim_end();
+        if text.trim_start().starts_with("```") {
+            in_code = !in_code;
+        } else if !in_code {
+            let hashes = text.chars().take_while(|c| *c == '#').count();
+            let is_heading = hashes > 0 && text[hashes..].starts_with(' ');
+            match start {
+                None if text == heading => start = Some(offset),
+                Some(from) if is_heading && hashes <= level => return &markdown[from..offset],
+                _ => {}
+            }
+        }
+        offset += line.len();
+    }
+    let from = start.unwrap_or_else(|| panic!("the doc has no section {heading:?}"));
+    &markdown[from..]
+}
+
+/// `KILN_NODE_MODULES` (from `scripts/env.sh`), checked to hold the `nats` package (nats.js,
+/// pinned by `scripts/setup.sh`). Panics naming the fix: the tests that need it never skip.
+pub fn node_modules_with_nats() -> PathBuf {
+    const FIX: &str = "run scripts/setup.sh (it installs nats@2.29.3 into the npm cache), then `source scripts/env.sh`";
+    let modules = std::env::var("KILN_NODE_MODULES").unwrap_or_else(|_| panic!("KILN_NODE_MODULES is not set: {FIX}"));
+    let package = Path::new(&modules).join("nats/package.json");
+    assert!(package.is_file(), "no nats.js in KILN_NODE_MODULES={modules} ({} is missing): {FIX}", package.display());
+    let node = Command::new("node").arg("--version").output();
+    assert!(node.as_ref().is_ok_and(|o| o.status.success()), "`node --version` failed ({node:?}): {FIX}");
+    modules.into()
+}
+
+/// What a client program run by [`run_program`] did.
+pub struct ProgramRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ProgramRun {
+    /// Panics with both outputs unless the program exited 0.
+    pub fn assert_success(&self, what: &str) {
+        assert!(self.status.success(), "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}", self.status, self.stdout, self.stderr);
+    }
+}
+
+/// Runs a client program (`python script.py`, `node session.js`) to its end, with `input` on its
+/// stdin. One that runs past `limit` is killed with its process group, and fails the test with
+/// what it printed so far.
+pub async fn run_program(mut command: tokio::process::Command, input: &str, limit: Duration) -> ProgramRun {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let read = |mut from: Box<dyn tokio::io::AsyncRead + Send + Unpin>| {
+        tokio::spawn(async move {
+            let mut text = vec![];
+            let _ = from.read_to_end(&mut text).await;
+            String::from_utf8_lossy(&text).into_owned()
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let waited = tokio::time::timeout(limit, child.wait()).await;
+    if waited.is_err() {
+        if let Some(pid) = child.id() {
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+        let _ = child.wait().await;
+    }
+    let (stdout, stderr) = (stdout.await.unwrap(), stderr.await.unwrap());
+    let Ok(status) = waited else {
+        panic!("{command:?} did not finish within {limit:?}:\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    };
+    ProgramRun { status: status.unwrap(), stdout, stderr }
+}

@@ -105,14 +105,15 @@ impl Drop for Service {
     }
 }
 
-#[derive(Serialize)]
-struct PingReply<'a> {
+/// What every discovery reply starts with (`type` says which reply it is).
+#[derive(Serialize, Clone, Copy)]
+struct Identity<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
     name: &'a str,
     id: &'a str,
     version: &'a str,
-    metadata: BTreeMap<String, String>,
+    metadata: &'a BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -124,12 +125,8 @@ struct InfoEndpoint<'a> {
 
 #[derive(Serialize)]
 struct InfoReply<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
-    version: &'a str,
-    metadata: BTreeMap<String, String>,
+    #[serde(flatten)]
+    identity: Identity<'a>,
     description: &'a str,
     endpoints: Vec<InfoEndpoint<'a>>,
 }
@@ -149,12 +146,8 @@ struct StatsEndpoint<'a> {
 
 #[derive(Serialize)]
 struct StatsReply<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    name: &'a str,
-    id: &'a str,
-    version: &'a str,
-    metadata: BTreeMap<String, String>,
+    #[serde(flatten)]
+    identity: Identity<'a>,
     started: &'a str,
     endpoints: Vec<StatsEndpoint<'a>>,
 }
@@ -195,22 +188,14 @@ pub async fn start(
     let mut discovery_requests = futures::stream::select_all(discovery_subs);
     let (client, answer_stats) = (client.clone(), stats.clone());
     let discovery = tokio::spawn(async move {
+        let metadata = BTreeMap::new();
+        let identity = |kind| Identity { kind, name: &spec.name, id: &id, version: &spec.version, metadata: &metadata };
         while let Some((verb, message)) = discovery_requests.next().await {
             let Some(reply) = message.reply else { continue };
             let body = match verb {
-                "PING" => serde_json::to_vec(&PingReply {
-                    kind: "io.nats.micro.v1.ping_response",
-                    name: &spec.name,
-                    id: &id,
-                    version: &spec.version,
-                    metadata: BTreeMap::new(),
-                }),
+                "PING" => serde_json::to_vec(&identity("io.nats.micro.v1.ping_response")),
                 "INFO" => serde_json::to_vec(&InfoReply {
-                    kind: "io.nats.micro.v1.info_response",
-                    name: &spec.name,
-                    id: &id,
-                    version: &spec.version,
-                    metadata: BTreeMap::new(),
+                    identity: identity("io.nats.micro.v1.info_response"),
                     description: &spec.description,
                     endpoints: spec
                         .endpoints
@@ -221,11 +206,7 @@ pub async fn start(
                 _ => {
                     let stats = answer_stats.lock().expect("stats lock").clone();
                     serde_json::to_vec(&StatsReply {
-                        kind: "io.nats.micro.v1.stats_response",
-                        name: &spec.name,
-                        id: &id,
-                        version: &spec.version,
-                        metadata: BTreeMap::new(),
+                        identity: identity("io.nats.micro.v1.stats_response"),
                         started: &started,
                         endpoints: spec
                             .endpoints

@@ -983,6 +983,7 @@ impl ApiService {
                     required_inputs: m.required_inputs.clone(),
                     slots: serving.clone().map(|g| format!("{}/{}", g.node, g.slot)).collect(),
                     warm_on: serving.filter(|g| g.warm_models.contains(&m.name)).map(|g| format!("{}/{}", g.node, g.slot)).collect(),
+                    params: m.params.clone(),
                 }
             })
             .collect();

@@ -106,6 +106,12 @@ async fn declared_params_are_checked_at_submit_and_defaults_filled_in() {
     cluster.wait_node_ready("n1", 1).await;
     let client = cluster.client().await;
 
+    // A client finds what the model takes in kiln.api.models, as configured.
+    let models = client.models().await.unwrap().models;
+    let declared = serde_json::to_value(&models.iter().find(|m| m.name == "demo").unwrap().params).unwrap();
+    assert_eq!(declared[0], serde_json::json!({"name": "steps", "kind": "int", "min": 1.0, "max": 50.0, "choices": [], "default": 2}));
+    assert_eq!(declared[2]["choices"], serde_json::json!(["photo", "sketch"]), "{declared}");
+
     let submit = |params: serde_json::Value| serde_json::json!({"model": "demo", "inputs": {"prompt": "x"}, "params": params});
     let msg = expect_bad_request(&client, "submit", submit(serde_json::json!({"stpes": 10}))).await;
     assert!(msg.contains("stpes") && msg.contains("steps"), "{msg}");

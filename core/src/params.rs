@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The JSON type a declared param must have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeclaredKind {
     /// A whole number (`5`, not `5.5` or `"5"`).
@@ -36,7 +36,7 @@ impl DeclaredKind {
 }
 
 /// One param a model declares.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ParamDecl {
     pub name: String,
@@ -48,7 +48,7 @@ pub struct ParamDecl {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
     /// The only values allowed (strings), when not empty.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub choices: Vec<String>,
     /// Filled in when a submission leaves the param out. Without one the param is optional
     /// and stays absent, unless `required`.

@@ -351,6 +351,10 @@ pub struct ModelInfo {
     pub slots: Vec<String>,
     /// Slots where it is loaded now.
     pub warm_on: Vec<String>,
+    /// The params it declares (type, range, default), checked at submit; empty when it
+    /// declares none and takes any.
+    #[serde(default)]
+    pub params: Vec<crate::params::ParamDecl>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -509,7 +513,7 @@ pub struct BatchItemEvent {
     pub index: u32,
     pub job_id: String,
     pub status: JobState,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub artifacts: Vec<Artifact>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
@@ -774,5 +778,18 @@ mod tests {
         for v in [InputValue::Object { object: "a/b".into() }, InputValue::Inline(serde_json::json!({"object": "a", "k": 1}))] {
             assert_eq!(parse(&serde_json::to_string(&v).unwrap()), v);
         }
+    }
+
+    /// PROTOCOL: lists are always sent, empty or not (maps and options are left out when
+    /// empty or absent).
+    #[test]
+    fn lists_in_replies_and_events_are_sent_when_empty() {
+        let mut failed = JobRecord::queued("j1", "m", 3, 1);
+        failed.state = JobState::Failed;
+        let event = serde_json::to_value(Event::batch_item("b1", 0, &failed)).unwrap();
+        assert_eq!(event["item"]["artifacts"], serde_json::json!([]), "{event}");
+        let decl: crate::params::ParamDecl = toml::from_str("name = \"steps\"\nkind = \"int\"").unwrap();
+        let decl = serde_json::to_value(decl).unwrap();
+        assert_eq!(decl["choices"], serde_json::json!([]), "{decl}");
     }
 }

@@ -101,6 +101,7 @@ class _ModelInfoRequired(TypedDict):
     required_inputs: List[str]
     slots: List[str]
     warm_on: List[str]
+    params: List[Dict[str, Any]]
 
 
 class ModelInfo(_ModelInfoRequired, total=False):

@@ -35,8 +35,32 @@ pub fn find_server_binary() -> Result<PathBuf, ServerError> {
         .ok_or(ServerError::NotFound)
 }
 
-/// Asks the OS for a free TCP port on loopback.
+/// A free TCP port on loopback, for a server that binds it soon after. Taken below the
+/// kernel's ephemeral range: a port the OS hands out for `bind(0)` lies in that range, where
+/// any outgoing connection (a node's, a client's, a route's) may take it as its source port
+/// before the server binds it, and the server then dies with "address already in use" (seen
+/// in the suite: a cluster member's route port). Below the range a port is bound only by
+/// whoever asked for it, and this process never hands the same one out twice.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let floor = 10_000u16.min(ephemeral_low / 2);
+    let span = ephemeral_low.saturating_sub(floor).max(1);
+    // A random start, so that processes asking at once (a test and the `kiln` it runs) do not
+    // walk the same ports in the same order.
+    let start = std::collections::hash_map::RandomState::new().build_hasher().finish() % u64::from(span);
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for step in 0..u64::from(span) {
+        let port = floor + ((start + step) % u64::from(span)) as u16;
+        if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -352,5 +376,25 @@ impl NatsCluster {
     /// Every server's URL, comma-separated: `nats.url` for a client of the whole cluster.
     pub fn url(&self) -> String {
         self.servers.iter().map(|s| s.url()).collect::<Vec<_>>().join(",")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        for port in ports {
+            assert!(port < low, "{port} is in the ephemeral range (from {low})");
+            TcpListener::bind(("127.0.0.1", port)).expect("free");
+        }
     }
 }

@@ -134,6 +134,26 @@ fn longest_gap(accepted: &[(Instant, String)], from: Instant, to: Instant) -> Du
     times.windows(2).filter(|w| w[1] > from && w[0] < to).map(|w| w[1].min(to) - w[0]).max().unwrap_or_default()
 }
 
+/// What the cluster says of an artifact that did not download: its metadata read from the
+/// stream's leader (a download's metadata read is a direct get, which any replica may answer),
+/// the stream's replicas, and whether downloads succeed over the next 20 s. Once seen after a
+/// partition healed ("object not found" for a completed job's result), not reproduced since.
+async fn why_not_downloadable(client: &Client, artifact: &kiln_core::protocol::Artifact, dest: &std::path::Path) -> String {
+    use base64::Engine;
+    let Ok(mut stream) = client.jetstream().get_stream(format!("OBJ_{}", artifact.bucket)).await else {
+        return "its stream cannot be opened".into();
+    };
+    let key = base64::engine::general_purpose::URL_SAFE.encode(artifact.object.as_bytes());
+    let meta = stream.get_last_raw_message_by_subject(&format!("$O.{}.M.{key}", artifact.bucket)).await.map(|m| m.sequence);
+    let replicas = stream.info().await.map(|i| format!("{:?}", i.cluster)).unwrap_or_default();
+    let mut later = vec![];
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        later.push(client.download(artifact, dest).await.is_ok());
+    }
+    format!("metadata from the leader: {meta:?}; replicas: {replicas}; downloads every 2 s after: {later:?}")
+}
+
 /// Every job completed exactly once (one `completed` event), and every artifact of it
 /// downloads with its recorded sha256. Returns the jobs by attempt.
 async fn assert_completed_once(client: &Client, ids: &[String], out: &std::path::Path) -> BTreeMap<u32, usize> {
@@ -148,7 +168,8 @@ async fn assert_completed_once(client: &Client, ids: &[String], out: &std::path:
             assert!(!view.artifacts.is_empty(), "job {id} has its artifact");
             for artifact in &view.artifacts {
                 if let Err(e) = client.download(artifact, &out.join(&artifact.object)).await {
-                    panic!("job {id}: artifact {} does not download: {e}", artifact.object);
+                    let why = why_not_downloadable(&client, artifact, &out.join(&artifact.object)).await;
+                    panic!("job {id} ({view:?}): artifact {} does not download: {e}; {why}", artifact.object);
                 }
             }
             view.attempt
@@ -311,6 +332,11 @@ async fn a_server_restarted_with_an_empty_disk_catches_up_and_then_holds_everyth
     // Another server is lost: the rejoined one and the third must now hold everything.
     let second = (0..3).find(|&i| i != wiped && i != other).unwrap();
     nats.kill(second).await;
+    // Following a job's events makes a consumer, which the meta leader places: if the server
+    // killed led the meta group, nothing can follow until the two left elect one (4 to 9 s, a
+    // second round after a split vote; once longer than the reads' 10 s timeout in the suite).
+    let meta = eventually(Duration::from_secs(60), || async { nats.meta_leader().await.is_some_and(|l| l != nats.name(second)) }).await;
+    assert!(meta, "no meta leader within 60 s of killing {}", nats.name(second));
     // Reads come from the streams' leaders: make the rejoined server lead every data stream,
     // so that what follows is served from what it caught up.
     for stream in data_streams {
@@ -399,6 +425,12 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
         routes_during.push((name.clone(), nats.routes(nats.index_of(&name).unwrap()).await));
     }
     assert!(isolated, "{} still has routes after the cut: {routes_during:?}", nats.name(cut));
+    // The cut lasts 10 s, and longer if the majority has not yet been served ten times since it
+    // began (at most 40 s): the majority is served once the queue's leader is re-elected on it,
+    // one RAFT election of 4 to 9 s, or a second round after a split vote. Run alone that took
+    // 6.2 to 8.4 s; in a fresh-clone CI run, with the suite's other tests beside it, longer than
+    // a fixed 10 s cut, and the test failed on the cut's length, not on Kiln.
+    let majority_served = eventually(Duration::from_secs(40), || async { load.accepted_since(cut_at) >= 10 }).await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
     let heal_at = Instant::now();
     nats.heal(cut);
@@ -453,8 +485,9 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
         "a submit to the cut-off server was accepted during the cut: {kinds:?}"
     );
     assert!(back, "the lone client was not served after the heal");
-    assert!(served_during >= 10, "the majority was not served during the cut ({served_during} accepted)");
-    assert!(gap < Duration::from_secs(15), "the majority's submits stopped for {gap:?}");
+    assert!(majority_served && served_during >= 10, "the majority was not served during the cut ({served_during} accepted)");
+    // Two election rounds (9 s each) and a submit's JetStream timeout in the API (5 s).
+    assert!(gap < Duration::from_secs(25), "the majority's submits stopped for {gap:?}");
 
     // Nothing doubled, nothing lost: every job a client was told was accepted completed once,
     // and no other job exists (a submit that was not accepted left no record behind).

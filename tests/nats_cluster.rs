@@ -64,9 +64,20 @@ engine = { kind = "noop", artifact_bytes = 300000 }
 /// The stream holding the no-op model's results (the object store `kiln_results_noop`).
 const RESULTS: &str = "OBJ_kiln_results_noop";
 
-async fn wait_slots(client: &Client, slots: usize) {
+/// Waits until `nodes` have registered `slots` slots; if they do not, says what each node logged.
+async fn wait_slots(client: &Client, nodes: &[NodeProcess], slots: usize) {
     let ok = eventually(Duration::from_secs(30), || async { client.cluster().await.is_ok_and(|c| c.gpus.len() == slots) }).await;
-    assert!(ok, "the nodes did not register {slots} slots");
+    if !ok {
+        let logs: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                format!("--- {}:\n{}", n.name, tail.join("\n"))
+            })
+            .collect();
+        panic!("the nodes did not register {slots} slots within 30 s; their logs:\n{}", logs.join("\n"));
+    }
 }
 
 /// (when it was accepted, job id), in acceptance order across every client.
@@ -224,9 +235,9 @@ async fn three_servers_killed_in_turn_under_load_lose_and_double_no_job() {
     nats.wait_ready(Duration::from_secs(30)).await.unwrap();
     let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
-    let _nodes: Vec<NodeProcess> = ["a", "b"].iter().map(|n| NodeProcess::spawn(dir.path(), n, &node_config(&url, NOOP_MODEL))).collect();
+    let nodes: Vec<NodeProcess> = ["a", "b"].iter().map(|n| NodeProcess::spawn(dir.path(), n, &node_config(&url, NOOP_MODEL))).collect();
     let client = Client::connect_with(&NatsConfig::for_url(&url)).await.unwrap();
-    wait_slots(&client, 4).await;
+    wait_slots(&client, &nodes, 4).await;
     let js = client.jetstream().clone();
     for stream in ["KILN_JOBS", "KV_kiln_jobs", RESULTS] {
         assert_eq!(js.get_stream(stream).await.unwrap().info().await.unwrap().config.num_replicas, 3, "{stream} has three replicas");
@@ -288,10 +299,10 @@ async fn a_server_restarted_with_an_empty_disk_catches_up_and_then_holds_everyth
     nats.wait_ready(Duration::from_secs(30)).await.unwrap();
     let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
-    let _nodes: Vec<NodeProcess> =
+    let nodes: Vec<NodeProcess> =
         ["a", "b"].iter().map(|n| NodeProcess::spawn(dir.path(), n, &node_config(&url, BIG_NOOP_MODEL))).collect();
     let client = Client::connect_with(&NatsConfig::for_url(&url)).await.unwrap();
-    wait_slots(&client, 4).await;
+    wait_slots(&client, &nodes, 4).await;
     let js = client.jetstream().clone();
 
     // Results spread over many chunks: 20 jobs of three chunks each.
@@ -372,13 +383,13 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
     let minority = nats.urls_of(&[cut]);
     let dir = tempfile::tempdir().unwrap();
     // Nodes a and b on the majority's servers, node m on the server to be cut.
-    let _nodes = [
+    let nodes = [
         NodeProcess::spawn(dir.path(), "a", &node_config(&majority, NOOP_MODEL)),
         NodeProcess::spawn(dir.path(), "b", &node_config(&majority, NOOP_MODEL)),
         NodeProcess::spawn(dir.path(), "m", &node_config(&minority, NOOP_MODEL)),
     ];
     let client = Client::connect_with(&NatsConfig::for_url(&majority)).await.unwrap();
-    wait_slots(&client, 6).await;
+    wait_slots(&client, &nodes, 6).await;
     let js = client.jetstream().clone();
     let streams = stream_names(&js).await.unwrap();
     // The hardest case: the queue's leader is the server cut off, with a node of its own.
@@ -522,9 +533,9 @@ async fn jobs_finishing_while_the_results_stream_elects_a_leader_wait_for_it_ins
     nats.wait_ready(Duration::from_secs(30)).await.unwrap();
     let (victim, others) = (2, nats.urls_of(&[0, 1]));
     let dir = tempfile::tempdir().unwrap();
-    let _node = NodeProcess::spawn(dir.path(), "a", &node_config(&others, NOOP_MODEL));
+    let node = NodeProcess::spawn(dir.path(), "a", &node_config(&others, NOOP_MODEL));
     let client = Client::connect_with(&NatsConfig::for_url(&others)).await.unwrap().with_timeout(Duration::from_secs(3));
-    wait_slots(&client, 2).await;
+    wait_slots(&client, std::slice::from_ref(&node), 2).await;
     let first = submit_retrying(&client, SubmitRequest { model: "noop".into(), ..Default::default() }).await;
     assert_eq!(wait_terminal(&client, &first, Duration::from_secs(20)).await.status, JobState::Completed);
 
@@ -596,8 +607,8 @@ async fn a_single_replica_deployment_moves_to_three_replicas_with_nothing_lost()
     // 3 s and five waiting in the queue behind it.
     let hold = "[[models]]\nname = \"hold\"\nengine = { kind = \"noop\", work_ms = 3000 }\n";
     let one_replica = config_toml(&url, &["cpu:0"], 10_000, &format!("{NOOP_MODEL}{hold}"));
-    let _old = NodeProcess::spawn(dir.path(), "old", &one_replica);
-    wait_slots(&client, 1).await;
+    let old = NodeProcess::spawn(dir.path(), "old", &one_replica);
+    wait_slots(&client, std::slice::from_ref(&old), 1).await;
     let mut done = vec![];
     for _ in 0..5 {
         done.push(client.submit(&noop()).await.unwrap().job_id);

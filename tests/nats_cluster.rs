@@ -68,14 +68,7 @@ const RESULTS: &str = "OBJ_kiln_results_noop";
 async fn wait_slots(client: &Client, nodes: &[NodeProcess], slots: usize) {
     let ok = eventually(Duration::from_secs(30), || async { client.cluster().await.is_ok_and(|c| c.gpus.len() == slots) }).await;
     if !ok {
-        let logs: Vec<String> = nodes
-            .iter()
-            .map(|n| {
-                let log = n.log();
-                let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-                format!("--- {}:\n{}", n.name, tail.join("\n"))
-            })
-            .collect();
+        let logs: Vec<String> = nodes.iter().map(|n| format!("--- {}:\n{}", n.name, n.log_tail(15))).collect();
         panic!("the nodes did not register {slots} slots within 30 s; their logs:\n{}", logs.join("\n"));
     }
 }
@@ -441,7 +434,8 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
     // one RAFT election of 4 to 9 s, or a second round after a split vote. Run alone that took
     // 6.2 to 8.4 s; in a fresh-clone CI run, with the suite's other tests beside it, longer than
     // a fixed 10 s cut, and the test failed on the cut's length, not on Kiln.
-    let majority_served = eventually(Duration::from_secs(40), || async { load.accepted_since(cut_at) >= 10 }).await;
+    // (Whether it was is asserted below, from what the clients were told.)
+    eventually(Duration::from_secs(40), || async { load.accepted_since(cut_at) >= 10 }).await;
     tokio::time::sleep(Duration::from_secs(10).saturating_sub(cut_at.elapsed())).await;
     let heal_at = Instant::now();
     nats.heal(cut);
@@ -496,7 +490,7 @@ async fn a_partitioned_server_refuses_its_clients_while_the_majority_serves_and_
         "a submit to the cut-off server was accepted during the cut: {kinds:?}"
     );
     assert!(back, "the lone client was not served after the heal");
-    assert!(majority_served && served_during >= 10, "the majority was not served during the cut ({served_during} accepted)");
+    assert!(served_during >= 10, "the majority was not served during the cut ({served_during} accepted)");
     // Two election rounds (9 s each) and a submit's JetStream timeout in the API (5 s).
     assert!(gap < Duration::from_secs(25), "the majority's submits stopped for {gap:?}");
 

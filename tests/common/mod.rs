@@ -129,6 +129,13 @@ impl NodeProcess {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The last `lines` lines of its log, for a failure message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
     pub fn signal(&self, sig: i32) {
         unsafe { libc::kill(self.pid() as i32, sig) };
     }

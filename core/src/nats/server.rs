@@ -44,10 +44,7 @@ pub fn find_server_binary() -> Result<PathBuf, ServerError> {
 pub fn free_port() -> std::io::Result<u16> {
     use std::hash::{BuildHasher, Hasher};
     static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_low = ephemeral_range_start();
     let floor = 10_000u16.min(ephemeral_low / 2);
     let span = ephemeral_low.saturating_sub(floor).max(1);
     // A random start, so that processes asking at once (a test and the `kiln` it runs) do not
@@ -62,6 +59,15 @@ pub fn free_port() -> std::io::Result<u16> {
         }
     }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The lowest port the kernel picks for `bind(0)` and outgoing connections (Linux's default
+/// where it cannot be read).
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
 }
 
 pub struct NatsServer {
@@ -385,10 +391,7 @@ mod tests {
 
     #[test]
     fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-            .unwrap_or(32_768);
+        let low = ephemeral_range_start();
         let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
         let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port handed out twice");

@@ -33,7 +33,7 @@ SPLAT_TRANSFORM_VERSION=2.7.1
 # The headless browser of the console tests: Debian bookworm's chromium (from bookworm-security;
 # `apt-cache policy chromium` shows the candidate). Security updates replace it on the mirror,
 # so when this exact version is gone the candidate is installed with a warning; bump it then.
-CHROMIUM_VERSION=156.0.8078.114-1~deb12u1
+CHROMIUM_VERSION=156.0.8078.129-1~deb12u1
 # Drives that chromium from node; puppeteer-core downloads no browser (24.x runs on node >= 18).
 PUPPETEER_CORE_VERSION=24.43.1
 # nats.js (v2, the `nats` package), for the nats.js session of docs/PROTOCOL.md that

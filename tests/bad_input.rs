@@ -194,6 +194,15 @@ async fn error_replies_carry_the_service_error_headers_and_count_in_stats() {
         let body: ErrorReply = serde_json::from_slice(&reply.payload).expect("the JSON body is kept");
         assert_eq!(body.error.code, ErrorCode::UnknownModel);
     }
+    // A long message is the same in the header as in the body (PROTOCOL: "the message, on one
+    // line"); issue 23 item 2: the header was cut at 512 bytes, the body at 1,024.
+    let long_name = "m".repeat(1500);
+    let reply =
+        nats.request("kiln.api.submit", serde_json::to_vec(&serde_json::json!({"model": long_name})).unwrap().into()).await.unwrap();
+    let body: ErrorReply = serde_json::from_slice(&reply.payload).expect("the JSON body is kept");
+    assert!(body.error.message.len() > 512, "the message quotes the long name: {}", body.error.message);
+    let description = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")).map(|v| v.as_str().to_string()).unwrap_or_default();
+    assert_eq!(description, body.error.message.replace(['\r', '\n'], " "), "header and body carry the same message");
     let fine = nats.request("kiln.api.models", "".into()).await.unwrap();
     assert!(fine.headers.as_ref().is_none_or(|h| h.get("Nats-Service-Error").is_none()), "no error headers on success");
 
@@ -201,9 +210,9 @@ async fn error_replies_carry_the_service_error_headers_and_count_in_stats() {
     let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
     assert_eq!(stats["type"], "io.nats.micro.v1.stats_response", "{stats}");
     let endpoint = |name: &str| stats["endpoints"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned().unwrap();
-    assert_eq!(endpoint("submit")["num_errors"], 5, "{stats}");
-    assert_eq!(endpoint("submit")["num_requests"], 5, "{stats}");
-    assert!(endpoint("submit")["last_error"].as_str().unwrap().contains("sdxl"), "{stats}");
+    assert_eq!(endpoint("submit")["num_errors"], 6, "{stats}");
+    assert_eq!(endpoint("submit")["num_requests"], 6, "{stats}");
+    assert!(endpoint("submit")["last_error"].as_str().unwrap().contains("mmmm"), "{stats}");
     assert_eq!(endpoint("models")["num_errors"], 0, "{stats}");
     assert_eq!(endpoint("models")["num_requests"], 1, "{stats}");
 

@@ -98,7 +98,8 @@ pub struct JobRecord {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub artifacts: Vec<Artifact>,
-    /// Set by cancel while the job runs; the owner sees it at its next write and stops.
+    /// Set by cancel while the job runs; the owner sees it at its next write and stops. Cleared
+    /// by every ending: it means a cancel is pending, not that the job was cancelled.
     #[serde(default)]
     pub cancel_requested: bool,
     #[serde(default)]
@@ -239,13 +240,15 @@ fn touch(record: &JobRecord, now_ms: u64) -> Result<JobRecord, Refused> {
     Ok(JobRecord { updated_ms: now_ms, ..record.clone() })
 }
 
-/// The record ended at `now_ms` in `state` with `error`.
+/// The record ended at `now_ms` in `state` with `error`. A pending cancel request is settled by
+/// the ending (`cancel_requested` means "asked for and not stopped yet", PROTOCOL's job view).
 fn end(record: &JobRecord, state: JobState, error: ApiError, now_ms: u64) -> Result<JobRecord, Refused> {
     debug_assert!(state.is_terminal());
     let mut next = touch(record, now_ms)?;
     next.state = state;
     next.error = Some(error);
     next.finished_ms = Some(now_ms);
+    next.cancel_requested = false;
     Ok(next)
 }
 
@@ -284,9 +287,7 @@ pub fn claim(record: &JobRecord, owner: &Owner, now_ms: u64) -> Result<JobRecord
 /// A cancel landed before any attempt ran the job (or while its last owner was gone): it ends
 /// `cancelled` and never runs.
 pub fn cancel_before_run(record: &JobRecord, now_ms: u64) -> Result<JobRecord, Refused> {
-    let mut next = end(record, JobState::Cancelled, cancelled_before_run_error(), now_ms)?;
-    next.cancel_requested = true;
-    Ok(next)
+    end(record, JobState::Cancelled, cancelled_before_run_error(), now_ms)
 }
 
 /// The deadline passed before the job could start: a user error, so no retry.
@@ -346,6 +347,8 @@ pub fn conclude(record: &JobRecord, attempt: u32, owner: &Owner, outcome: &Outco
     next.artifacts = artifacts;
     if state.is_terminal() {
         next.finished_ms = Some(now_ms);
+        // The request, if any, is settled by this ending (see `end`).
+        next.cancel_requested = false;
     }
     Ok(next)
 }
@@ -490,7 +493,7 @@ mod tests {
         let CancelChange::Cancelled(c) = request_cancel(&record(JobState::Retrying, 1), 4) else { panic!("not cancelled") };
         assert_eq!(
             (c.state, c.cancel_requested, c.finished_ms, c.error),
-            (JobState::Cancelled, true, Some(4), Some(cancelled_before_run_error()))
+            (JobState::Cancelled, false, Some(4), Some(cancelled_before_run_error()))
         );
         let CancelChange::Requested(r) = request_cancel(&record(JobState::Running, 1), 4) else { panic!("not requested") };
         assert_eq!((r.state, r.cancel_requested, r.finished_ms), (JobState::Running, true, None));
@@ -645,6 +648,8 @@ mod tests {
                     prop_assert_eq!(next.updated_ms, now_ms);
                     if next.is_terminal() {
                         prop_assert_eq!(next.finished_ms, Some(now_ms));
+                        // PROTOCOL: `cancel_requested` is "asked for and not stopped yet".
+                        prop_assert!(!next.cancel_requested, "an ended job still shows a pending cancel");
                         prop_assert!(next.error.is_some() || next.state == JobState::Completed);
                     }
                     record = next;

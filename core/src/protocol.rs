@@ -260,6 +260,7 @@ pub struct JobView {
     pub error: Option<ApiError>,
     #[serde(default)]
     pub artifacts: Vec<Artifact>,
+    /// A cancel was asked for and the job has not stopped yet (false once it has ended).
     #[serde(default)]
     pub cancel_requested: bool,
     /// True when the job failed after its last attempt (the dead-letter list).
@@ -295,7 +296,8 @@ impl From<&JobRecord> for JobView {
             slot: r.owner.as_ref().map(|o| o.slot.clone()),
             error: r.error.clone(),
             artifacts: r.artifacts.clone(),
-            cancel_requested: r.cancel_requested,
+            // Records written before the ending settled the request could still carry it.
+            cancel_requested: r.cancel_requested && !r.is_terminal(),
             dead_letter: r.dead_letter,
             batch: r.parent.clone(),
             inputs: r.inputs.clone(),

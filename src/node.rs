@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_actors::loss_detector::{hand_back, HandBackScope};
 use kiln_actors::{NodeContext, NodeHandle};
 use kiln_core::config::ClusterConfig;
 use kiln_core::nats::{resources, NatsServer, Resources};
@@ -115,26 +116,45 @@ impl RunningNode {
         let (resources, registry) = ensure_resources(client, &config).await?;
         // A same-named entry is either another live process (refuse) or the remains of this
         // node's previous life, killed before it could remove them (proceed). Tell them apart
-        // by watching its heartbeat for one TTL: a live node refreshes it.
+        // by watching its heartbeat for one loss threshold, the silence every detector of the
+        // cluster declares a node lost by (a live node writes several heartbeats within it).
+        // It used to watch for a whole registry TTL, after which the entry listing the old
+        // life's deliveries had expired: nothing was handed back, and the job waited out the
+        // ack wait (25 to 30 s instead of about one threshold; issue 23 item 4).
         // An entry whose heartbeat is already older than the TTL (the server has not removed it
-        // yet) is a dead life for sure: its deliveries are handed back at once too (a restart
-        // about one TTL after a crash used to skip them, and they waited out the ack wait).
-        if let Some(seen) = registry.nodes_including_stale().into_iter().find(|e| e.node == name) {
+        // yet) is a dead life for sure.
+        let previous = registry.nodes_including_stale().into_iter().find(|e| e.node == name);
+        if let Some(seen) = &previous {
             if registry.node(&name).is_some() {
-                let ttl = Duration::from_millis(config.node.registry_ttl_ms);
+                let loss_after = Duration::from_millis(config.node.loss_after_ms);
                 tracing::info!(node = %name, "a node of this name is in the registry; checking whether it is alive");
-                let deadline = tokio::time::Instant::now() + ttl;
+                let deadline = tokio::time::Instant::now() + loss_after;
+                let moved =
+                    |now: &kiln_core::protocol::NodeEntry| (now.started_ms, now.heartbeat_ms) != (seen.started_ms, seen.heartbeat_ms);
                 while tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(config.node.heartbeat_ms.min(200))).await;
-                    if registry.node(&name).is_some_and(|now| now.heartbeat_ms != seen.heartbeat_ms) {
+                    tokio::time::sleep(Duration::from_millis(config.node.heartbeat_ms.min(100))).await;
+                    if registry.node(&name).is_some_and(|now| moved(&now)) {
                         return Err(StartError::DuplicateName(name));
                     }
+                }
+                // The watch may lag: the server's copy decides, as for the loss detector.
+                if resources.node_entry_fresh(&name).await.ok().flatten().is_some_and(|now| moved(&now)) {
+                    return Err(StartError::DuplicateName(name));
                 }
             }
             // Its previous life is dead: hand back the deliveries it held now, rather than
             // after the ack wait (a survivor may have done it already; the claim decides).
             let silent_ms = kiln_core::now_ms().saturating_sub(seen.heartbeat_ms);
-            kiln_actors::loss_detector::hand_back(&resources, &seen, silent_ms).await;
+            let _ = hand_back(&resources, &name, seen.started_ms, Some(silent_ms), HandBackScope::Node).await;
+        }
+        // A previous life whose node entry expired already (a restart more than a registry TTL
+        // after the crash) may still list deliveries: they are kept for the ack wait.
+        match resources.held_jobs(&name).await {
+            Ok(Some(held)) if !held.jobs.is_empty() && previous.as_ref().is_none_or(|p| p.started_ms != held.started_ms) => {
+                let _ = hand_back(&resources, &name, held.started_ms, None, HandBackScope::Deliveries).await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the deliveries of this node's previous life; they return after the ack wait"),
         }
         let (work_dir, temp) = if config.node.work_dir.is_empty() {
             let t = tempfile::Builder::new().prefix(&format!("kiln-{name}-")).tempdir()?;

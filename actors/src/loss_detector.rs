@@ -21,6 +21,19 @@
 //! heartbeat changes, not heartbeat times, also keeps clock differences between machines out
 //! of the verdict.
 //!
+//! Nor across the registry's blind spots: the `kiln_nodes` stream can stand still while this
+//! process and its connection are fine (its leader SIGSTOPped: writes wait, the watch delivers
+//! nothing, a follower answers reads with what it had). A peer's silence counts only as far as
+//! the registry is seen to move: a peer is a suspect once this node's *own* heartbeat, written
+//! more than a threshold after the peer's last one, has come back through the watch. The stream
+//! is one ordered log, so a heartbeat the peer wrote before that one would have come back
+//! first. (Issue 23 item 6: right after SIGCONT of the server leading `kiln_nodes`, two live
+//! nodes declared each other lost.)
+//!
+//! A new life of a node (a restart under the same name: a newer `started_ms`) says the old
+//! life is dead, whatever the clock: its deliveries are handed back at once, even when the
+//! restarted node came back before this detector judged the old life.
+//!
 //! Without it, a lost node's jobs still come back, after `nats.ack_wait_ms`.
 
 use std::collections::{HashMap, HashSet};
@@ -43,6 +56,8 @@ pub struct LossDetectorState {
     watched: HashMap<String, Watched>,
     /// Lives already declared lost: (node, started_ms).
     declared: HashSet<(String, u64)>,
+    /// Earlier lives of restarted nodes whose hand-back could not be claimed yet.
+    pending_lives: Vec<NodeEntry>,
     /// Since when this detector has watched without a blind spot; `None` while blind.
     watching_since: Option<Instant>,
     /// The last tick, to notice a tick that came far too late (this process was starved).
@@ -52,6 +67,10 @@ pub struct LossDetectorState {
     /// The NATS connect count seen at the last tick: a reconnect between two ticks is a
     /// blind spot too.
     connects_seen: u64,
+    /// This node's own newest heartbeat seen through the watch (`heartbeat_ms`), and when it
+    /// was written, on this process's monotonic clock: how far the registry is known to have
+    /// moved. `None` until the first one comes back, and after a blind spot.
+    own_heartbeat: Option<(u64, Instant)>,
 }
 
 struct Watched {
@@ -61,11 +80,26 @@ struct Watched {
     present: bool,
 }
 
-/// Whether a node watched since `changed_at` is a suspect at `now`: its heartbeat has not
-/// changed for longer than `loss_after`, and the watcher itself has watched without a blind
-/// spot for at least that long. Pure, so the rule is tested on its own.
-pub fn is_suspect(watching_since: Instant, changed_at: Instant, now: Instant, loss_after: Duration) -> bool {
-    now.saturating_duration_since(watching_since) > loss_after && now.saturating_duration_since(changed_at) > loss_after
+/// Whether a node whose heartbeat last changed at `changed_at` is a suspect at `now`:
+/// - its heartbeat has not changed for longer than `loss_after`;
+/// - the watcher itself has watched without a blind spot for at least that long;
+/// - the registry moved past the node's deadline: `own_written`, when the newest heartbeat of
+///   the watcher's own that came back through the watch was written, is more than
+///   `loss_after` after `changed_at`. While the registry stands still (no own heartbeat comes
+///   back), nobody is judged, however long the silence.
+///
+/// Pure, so the rule is tested on its own.
+pub fn is_suspect(watching_since: Instant, changed_at: Instant, own_written: Option<Instant>, now: Instant, loss_after: Duration) -> bool {
+    let registry_moved_past_deadline = own_written.is_some_and(|own| own.saturating_duration_since(changed_at) > loss_after);
+    now.saturating_duration_since(watching_since) > loss_after
+        && now.saturating_duration_since(changed_at) > loss_after
+        && registry_moved_past_deadline
+}
+
+/// Whether `seen` is a newer life of the node than `watched` (a restart under the same
+/// name): then the watched life is dead, whatever any clock says.
+pub fn is_new_life(watched_started_ms: u64, seen_started_ms: u64) -> bool {
+    seen_started_ms > watched_started_ms
 }
 
 pub enum LossDetectorMsg {
@@ -88,10 +122,12 @@ impl Actor for LossDetector {
             ctx,
             watched: HashMap::new(),
             declared: HashSet::new(),
+            pending_lives: vec![],
             watching_since: None,
             last_tick: None,
             stall_seen,
             connects_seen,
+            own_heartbeat: None,
         })
     }
 
@@ -107,6 +143,19 @@ impl LossDetectorState {
     /// Forgets what it saw: the next verdict needs a whole threshold of watching first.
     fn go_blind(&mut self) {
         self.watching_since = None;
+        self.own_heartbeat = None;
+    }
+
+    /// Notes this node's own entry as the watch delivered it: when its heartbeat changed, the
+    /// registry moved up to the moment that heartbeat was written (stamped on this process's
+    /// wall clock, turned into this process's monotonic clock).
+    fn note_own(&mut self, entry: &NodeEntry, now: Instant) {
+        if self.own_heartbeat.is_some_and(|(seen, _)| seen >= entry.heartbeat_ms) {
+            return;
+        }
+        let age = Duration::from_millis(kiln_core::now_ms().saturating_sub(entry.heartbeat_ms));
+        let written = now.checked_sub(age).unwrap_or(now);
+        self.own_heartbeat = Some((entry.heartbeat_ms, written));
     }
 
     async fn on_tick(&mut self) {
@@ -138,6 +187,8 @@ impl LossDetectorState {
             }
         };
         let entries = self.ctx.registry.nodes_including_stale();
+        // Earlier lives of nodes restarted under the same name, to hand back now.
+        let mut previous_lives: Vec<(NodeEntry, u64)> = vec![];
         let present: HashSet<String> = entries.iter().map(|e| e.node.clone()).collect();
         // Gone from the registry between two ticks while its heartbeat still moved: it left
         // cleanly (drain, SIGTERM) and removed its own entries. Forget it rather than declare
@@ -148,21 +199,43 @@ impl LossDetectorState {
         }
         for entry in entries {
             if entry.node == self.ctx.node {
+                self.note_own(&entry, now);
                 continue;
             }
             let seen = (entry.started_ms, entry.heartbeat_ms);
             match self.watched.get_mut(&entry.node) {
                 Some(w) if (w.entry.started_ms, w.entry.heartbeat_ms) == seen => {}
                 Some(w) if seen < (w.entry.started_ms, w.entry.heartbeat_ms) => {} // an older write, late
-                _ => {
+                Some(w) => {
+                    if is_new_life(w.entry.started_ms, entry.started_ms)
+                        && !self.declared.contains(&(w.entry.node.clone(), w.entry.started_ms))
+                    {
+                        previous_lives.push((w.entry.clone(), now.saturating_duration_since(w.changed_at).as_millis() as u64));
+                    }
+                    *w = Watched { entry, changed_at: now, present: true };
+                }
+                None => {
                     self.watched.insert(entry.node.clone(), Watched { entry, changed_at: now, present: true });
                 }
             }
         }
+        self.retry_pending_lives().await;
+        for (old, silent_ms) in previous_lives {
+            // Only its deliveries: the new life owns the node's entries now.
+            let life = (old.node.clone(), old.started_ms);
+            self.declared.insert(life.clone());
+            if hand_back(&self.ctx.resources, &old.node, old.started_ms, Some(silent_ms), HandBackScope::Deliveries).await.is_err() {
+                // Tried again when the claim can be written: the new life stays watched, so
+                // the old one is remembered here.
+                self.declared.remove(&life);
+                self.pending_lives.push(old);
+            }
+        }
+        let own_written = self.own_heartbeat.map(|(_, written)| written);
         let suspects: Vec<NodeEntry> = self
             .watched
             .values()
-            .filter(|w| is_suspect(watching_since, w.changed_at, now, loss_after))
+            .filter(|w| is_suspect(watching_since, w.changed_at, own_written, now, loss_after))
             .filter(|w| !self.declared.contains(&(w.entry.node.clone(), w.entry.started_ms)))
             .map(|w| w.entry.clone())
             .collect();
@@ -185,44 +258,83 @@ impl LossDetectorState {
                 return;
             }
             let silent_ms = now.saturating_duration_since(self.watched[&entry.node].changed_at).as_millis() as u64;
-            self.declared.insert((entry.node.clone(), entry.started_ms));
-            self.on_lost(entry, silent_ms).await;
+            let life = (entry.node.clone(), entry.started_ms);
+            self.declared.insert(life.clone());
+            if self.on_lost(entry, silent_ms).await.is_err() {
+                // The claim could not be written (the registry's stream without a leader, say):
+                // judged again at the next tick, not left in the registry until its TTL.
+                self.declared.remove(&life);
+            }
         }
         // Forget lost nodes once handled and gone from the registry.
         self.watched.retain(|node, w| present.contains(node) || !self.declared.contains(&(node.clone(), w.entry.started_ms)));
     }
 
-    async fn on_lost(&mut self, entry: NodeEntry, silent_ms: u64) {
-        hand_back(&self.ctx.resources, &entry, silent_ms).await;
+    async fn on_lost(&mut self, entry: NodeEntry, silent_ms: u64) -> Result<(), kiln_core::nats::StoreError> {
+        hand_back(&self.ctx.resources, &entry.node, entry.started_ms, Some(silent_ms), HandBackScope::Node).await.map(|_| ())
+    }
+
+    /// Earlier lives whose hand-back could not be claimed yet: tried again each tick.
+    async fn retry_pending_lives(&mut self) {
+        for old in std::mem::take(&mut self.pending_lives) {
+            let life = (old.node.clone(), old.started_ms);
+            if self.declared.contains(&life) {
+                continue;
+            }
+            self.declared.insert(life.clone());
+            if hand_back(&self.ctx.resources, &old.node, old.started_ms, None, HandBackScope::Deliveries).await.is_err() {
+                self.declared.remove(&life);
+                self.pending_lives.push(old);
+            }
+        }
     }
 }
 
-/// Hands back the jobs of one lost life of a node, if this caller wins its claim
+/// What a hand-back covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandBackScope {
+    /// The life's deliveries only: a newer life of the node is alive and owns its entries.
+    Deliveries,
+    /// Also the node's entries: its GPUs are marked dead and its node entry removed.
+    Node,
+}
+
+/// Hands back the jobs of one lost life of a node (`started_ms`), if this caller wins its claim
 /// (`_lost.<node>.<started_ms>`; every survivor may try, one acts): NAKs every delivery that life
-/// holds (`kiln_held`), marks its GPUs dead and removes its node entry. Also used by a node that
-/// restarts under the same name and finds its previous life's entry dead: its jobs then come
+/// holds (`kiln_held`: the ack subjects stay valid after the process died, the consumer being
+/// durable), and with [`HandBackScope::Node`] marks its GPUs dead and removes its node entry.
+/// Also used by a node that restarts under the same name: its previous life's jobs then come
 /// back at once even with no other node to notice.
-pub async fn hand_back(resources: &kiln_core::nats::Resources, entry: &NodeEntry, silent_ms: u64) {
-    let claim = kiln_core::nats::lost_claim_key(&entry.node, entry.started_ms);
+///
+/// `Ok(true)`: handed back by this caller; `Ok(false)`: another caller holds the claim; `Err`:
+/// the claim could not be written, try again later.
+pub async fn hand_back(
+    resources: &kiln_core::nats::Resources,
+    node: &str,
+    started_ms: u64,
+    silent_ms: Option<u64>,
+    scope: HandBackScope,
+) -> Result<bool, kiln_core::nats::StoreError> {
+    let claim = kiln_core::nats::lost_claim_key(node, started_ms);
     match resources.claim_once(&claim).await {
         Ok(true) => {}
-        Ok(false) => return, // another survivor handles it
+        Ok(false) => return Ok(false), // another survivor handles it
         Err(e) => {
-            tracing::warn!(node = %entry.node, error = %e, "cannot claim the hand-back of a lost node");
-            return;
+            tracing::warn!(node = %node, error = %e, "cannot claim the hand-back of a lost node");
+            return Err(e);
         }
     }
     // The deliveries of this life only: a new life of the same name (restarted meanwhile)
     // holds its own, which must not be handed back under it.
-    let held = match resources.held_jobs(&entry.node).await {
-        Ok(Some(held)) if held.started_ms == entry.started_ms => held.jobs,
+    let held = match resources.held_jobs(node).await {
+        Ok(Some(held)) if held.started_ms == started_ms => held.jobs,
         Ok(_) => vec![],
         Err(e) => {
-            tracing::warn!(node = %entry.node, error = %e, "cannot read a lost node's deliveries; they return after the ack wait");
+            tracing::warn!(node = %node, error = %e, "cannot read a lost node's deliveries; they return after the ack wait");
             vec![]
         }
     };
-    tracing::warn!(node = %entry.node, silent_ms, jobs = held.len(), "node lost; handing its jobs back");
+    tracing::warn!(node = %node, life = started_ms, silent_ms, jobs = held.len(), "node lost; handing its jobs back");
     metrics::counter!(kiln_core::metrics::NODES_LOST).increment(1);
     let client = &resources.client;
     for job in &held {
@@ -233,11 +345,14 @@ pub async fn hand_back(resources: &kiln_core::nats::Resources, entry: &NodeEntry
         if let Err(e) = client.publish(job.ack_subject.clone(), "-NAK".into()).await {
             tracing::warn!(job_id = %job.job_id, error = %e, "cannot hand back a lost node's job; it returns after the ack wait");
         } else {
-            tracing::info!(job_id = %job.job_id, node = %entry.node, "handed back");
+            tracing::info!(job_id = %job.job_id, node = %node, "handed back");
         }
     }
     let _ = client.flush().await;
-    let gpus = match resources.gpu_entries(Some(&entry.node), true).await {
+    if scope == HandBackScope::Deliveries {
+        return Ok(true);
+    }
+    let gpus = match resources.gpu_entries(Some(node), true).await {
         Ok(gpus) => gpus,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read a lost node's GPU entries; they expire with their TTL");
@@ -247,31 +362,108 @@ pub async fn hand_back(resources: &kiln_core::nats::Resources, entry: &NodeEntry
     for mut gpu in gpus {
         gpu.state = GpuState::Dead;
         gpu.current_job = None;
-        gpu.last_error = Some(format!("node lost: no heartbeat for {silent_ms} ms"));
+        gpu.last_error = Some(match silent_ms {
+            Some(ms) => format!("node lost: no heartbeat for {ms} ms"),
+            None => "node lost".to_string(),
+        });
         gpu.heartbeat_ms = kiln_core::now_ms();
         if let Err(e) = resources.put_gpu(&gpu).await {
             tracing::warn!(error = %e, "cannot mark a lost node's GPU dead");
         }
     }
-    if let Err(e) = resources.delete_node_entry(&entry.node).await {
+    if let Err(e) = resources.delete_node_entry(node).await {
         tracing::warn!(error = %e, "cannot remove a lost node's entry");
     }
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn nobody_is_a_suspect_until_the_watcher_watched_a_whole_threshold() {
         let t0 = Instant::now();
         let loss = Duration::from_millis(1000);
         let at = |ms| t0 + Duration::from_millis(ms);
+        // The registry moves: this node's own heartbeats come back as they are written.
+        let own = |now_ms| Some(at(now_ms));
         // Silent since t0, but the watcher only (re)started watching at 800 ms (it stood still).
-        assert!(!is_suspect(at(800), t0, at(1500), loss));
-        assert!(is_suspect(at(800), t0, at(1801), loss));
+        assert!(!is_suspect(at(800), t0, own(1500), at(1500), loss));
+        assert!(is_suspect(at(800), t0, own(1801), at(1801), loss));
         // A heartbeat change resets the clock.
-        assert!(!is_suspect(t0, at(900), at(1500), loss));
-        assert!(is_suspect(t0, at(900), at(1901), loss));
+        assert!(!is_suspect(t0, at(900), own(1500), at(1500), loss));
+        assert!(is_suspect(t0, at(900), own(1901), at(1901), loss));
+    }
+
+    /// Issue 23 item 6: the registry's stream stood still (its leader SIGSTOPped) while this
+    /// process ran on. The last own heartbeat that came back was written before the peer's
+    /// deadline: the peer is not judged however long the silence, and it is, at once, when an
+    /// own heartbeat written past its deadline comes back.
+    #[test]
+    fn a_registry_that_stands_still_judges_nobody() {
+        let t0 = Instant::now();
+        let loss = Duration::from_millis(1000);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Peer last seen at 100 ms, own heartbeat last back written at 300 ms; 8 s later.
+        assert!(!is_suspect(t0, at(100), Some(at(300)), at(8_000), loss));
+        assert!(!is_suspect(t0, at(100), None, at(8_000), loss));
+        // The stream moves again: an own heartbeat written at 8 s comes back.
+        assert!(is_suspect(t0, at(100), Some(at(8_000)), at(8_050), loss));
+    }
+
+    #[test]
+    fn a_newer_life_is_a_verdict_on_the_older() {
+        assert!(is_new_life(1_000, 2_000));
+        assert!(!is_new_life(2_000, 2_000));
+        assert!(!is_new_life(2_000, 1_000), "a late write of an older life says nothing");
+    }
+
+    proptest! {
+        /// For every history: a node is never a suspect unless an own heartbeat written more
+        /// than the threshold after the node's last change came back through the registry,
+        /// and the watcher watched a whole threshold, and the node was silent that long.
+        #[test]
+        fn no_verdict_across_a_registry_blind_spot(
+            loss_ms in 1u64..10_000,
+            watching_ms in 0u64..60_000,
+            changed_ms in 0u64..60_000,
+            own_ms in proptest::option::of(0u64..60_000),
+            now_ms in 0u64..120_000,
+        ) {
+            let t0 = Instant::now();
+            let at = |ms| t0 + Duration::from_millis(ms);
+            let loss = Duration::from_millis(loss_ms);
+            let suspect = is_suspect(at(watching_ms), at(changed_ms), own_ms.map(at), at(now_ms), loss);
+            let registry_moved_past_deadline = own_ms.is_some_and(|own| own > changed_ms + loss_ms);
+            prop_assert!(!suspect || registry_moved_past_deadline, "judged while the registry stood still");
+            prop_assert!(!suspect || now_ms > changed_ms + loss_ms);
+            prop_assert!(!suspect || now_ms > watching_ms + loss_ms);
+            // And it is judged once all three hold: a killed node is declared as soon as the
+            // registry moves again.
+            if registry_moved_past_deadline && now_ms > changed_ms + loss_ms && now_ms > watching_ms + loss_ms {
+                prop_assert!(suspect);
+            }
+        }
+
+        /// The stream stands still from `still_ms` on (nothing written after it comes back):
+        /// however long the silence, a node heard within the threshold before it is not judged.
+        #[test]
+        fn a_node_heard_before_the_registry_stood_still_is_never_judged_during_it(
+            loss_ms in 1u64..10_000,
+            heard_before_ms in 0u64..10_000,
+            still_ms in 10_000u64..60_000,
+            stood_still_for_ms in 0u64..600_000,
+        ) {
+            prop_assume!(heard_before_ms < loss_ms);
+            let t0 = Instant::now();
+            let at = |ms| t0 + Duration::from_millis(ms);
+            let changed = at(still_ms - heard_before_ms);
+            // Own heartbeats came back up to the moment the stream stood still.
+            let own = Some(at(still_ms));
+            let now = at(still_ms + stood_still_for_ms);
+            prop_assert!(!is_suspect(t0, changed, own, now, Duration::from_millis(loss_ms)));
+        }
     }
 }

@@ -36,10 +36,10 @@ impl Resources {
         format!("{node}.{}", slot_key(slot))
     }
 
-    async fn put_with_ttl<T: Serialize>(&self, bucket: &str, key: &str, value: &T) -> Result<(), StoreError> {
+    async fn put_with_ttl<T: Serialize>(&self, bucket: &str, key: &str, value: &T, ttl: Duration) -> Result<(), StoreError> {
         let mut headers = async_nats::HeaderMap::new();
         // The server reads whole seconds; round up so a short TTL is never zero (= forever).
-        let ttl_s = self.registry_ttl.as_millis().div_ceil(1000).max(1) as u64;
+        let ttl_s = ttl.as_millis().div_ceil(1000).max(1) as u64;
         headers.insert(async_nats::header::NATS_MESSAGE_TTL, ttl_s.to_string().as_str());
         let body = serde_json::to_vec(value).expect("registry entries serialize");
         self.js
@@ -52,17 +52,21 @@ impl Resources {
     }
 
     pub async fn put_gpu(&self, entry: &GpuEntry) -> Result<(), StoreError> {
-        self.put_with_ttl(&self.names.gpus_bucket(), &Self::gpu_key(&entry.node, &entry.slot), entry).await
+        self.put_with_ttl(&self.names.gpus_bucket(), &Self::gpu_key(&entry.node, &entry.slot), entry, self.registry_ttl).await
     }
 
     pub async fn put_node(&self, entry: &NodeEntry) -> Result<(), StoreError> {
-        self.put_with_ttl(&self.names.nodes_bucket(), &entry.node, entry).await
+        self.put_with_ttl(&self.names.nodes_bucket(), &entry.node, entry, self.registry_ttl).await
     }
 
-    /// Writes the deliveries a node holds, with the registry TTL like its node entry: refreshed
-    /// with every heartbeat while it holds any, so they outlive the node by the same margin.
+    /// Writes the deliveries a node holds, refreshed with every heartbeat while it holds any.
+    /// They outlive the node entry: kept for the ack wait (JetStream redelivers them by itself
+    /// after it), so that a node restarted under the same name, however long after the crash
+    /// within the ack wait, still finds its previous life's deliveries and hands them back.
+    /// (With the registry TTL, a restart that watched its old entry for one TTL found them
+    /// expired, `jobs=0`, and the job waited out the ack wait: issue 23 item 4.)
     pub async fn put_held(&self, held: &HeldJobs) -> Result<(), StoreError> {
-        self.put_with_ttl(&self.names.held_bucket(), &held.node, held).await
+        self.put_with_ttl(&self.names.held_bucket(), &held.node, held, self.registry_ttl.max(self.ack_wait)).await
     }
 
     /// The deliveries `node` holds, as it last wrote them (read from the server).

@@ -19,6 +19,7 @@
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
+//! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
@@ -26,6 +27,7 @@
 //! [`nats`] and [`engine`] open with a table of their own files.
 
 pub mod batch;
+pub mod child;
 pub mod config;
 pub mod engine;
 pub mod fault;

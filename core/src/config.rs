@@ -947,6 +947,24 @@ impl ClusterConfig {
     pub fn result_ttl_s(&self, model: &ModelConfig) -> u64 {
         model.result_ttl_s.unwrap_or(self.storage.result_ttl_s)
     }
+
+    /// What this node publishes of each model it serves (see [`crate::protocol::ModelDecl`]):
+    /// those at least one of its slots serves.
+    pub fn model_decls(&self) -> Vec<crate::protocol::ModelDecl> {
+        self.models
+            .iter()
+            .filter(|m| m.slots.is_empty() || m.slots.iter().any(|s| self.node.slots.contains(s)))
+            .map(|m| crate::protocol::ModelDecl {
+                name: m.name.clone(),
+                engine: m.engine.kind().to_string(),
+                max_attempts: m.max_attempts,
+                timeout_ms: m.timeout_ms,
+                result_ttl_s: self.result_ttl_s(m),
+                required_inputs: m.required_inputs.clone(),
+                params: m.params.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A parsed slot name.

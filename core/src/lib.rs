@@ -12,6 +12,7 @@
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
+//! | [`models`]    | the cluster's models from the registry's node entries; the conflict rule    |
 //! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
@@ -35,6 +36,7 @@ pub mod http;
 pub mod ids;
 pub mod job;
 pub mod metrics;
+pub mod models;
 pub mod nats;
 pub mod params;
 pub mod placement;

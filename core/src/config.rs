@@ -748,9 +748,12 @@ impl ClusterConfig {
                     if let Some(dir) = cwd.as_mut().filter(|d| !d.starts_with('/')) {
                         *dir = base.join(&*dir).display().to_string();
                     }
-                    for arg in command.iter_mut() {
-                        let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
-                        if looks_like_path && base.join(&*arg).exists() {
+                    for (i, arg) in command.iter_mut().enumerate() {
+                        // The program without a '/' is looked up on PATH (`python3`), as a shell
+                        // would; any other relative word that names a file or folder beside the
+                        // config is that file (`worker.py`), whatever folder the node runs in.
+                        let looks_like_path = (i > 0 || arg.contains('/')) && !arg.starts_with('/') && !arg.starts_with('-');
+                        if looks_like_path && !arg.is_empty() && base.join(&*arg).exists() {
                             *arg = base.join(&*arg).canonicalize().unwrap_or_else(|_| base.join(&*arg)).display().to_string();
                         }
                     }
@@ -1133,5 +1136,30 @@ engine = { kind = "noop" }
         let n = ClusterConfig::load_nats(Some(&path)).unwrap();
         assert_eq!((n.url.as_str(), n.prefix.as_str()), ("nats://h:1", "acme"));
         assert!(n.tls() && n.tls_ca_file.starts_with('/'));
+    }
+
+    /// PROTOCOL: "Relative paths in `command` resolve against the config file's folder": a bare
+    /// `worker.py` beside the config too, not only `./worker.py` (issue 23: it ran against the
+    /// node's folder). The program word without a '/' stays a PATH lookup.
+    #[test]
+    fn worker_paths_in_a_command_resolve_against_the_config_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("worker.py"), "x").unwrap();
+        std::fs::create_dir(dir.path().join("weights")).unwrap();
+        let path = dir.path().join("cluster.toml");
+        let model = r#"
+[[models]]
+name = "w"
+engine = { kind = "process", command = ["python3", "worker.py", "--weights", "weights", "--mode", "fast", "./worker.py"] }
+"#;
+        std::fs::write(&path, model).unwrap();
+        let c = ClusterConfig::load(&path).unwrap();
+        let EngineConfig::Process { command, .. } = &c.models[0].engine else { panic!() };
+        let folder = dir.path().canonicalize().unwrap();
+        let at = |name: &str| folder.join(name).display().to_string();
+        assert_eq!(
+            command,
+            &["python3".to_string(), at("worker.py"), "--weights".into(), at("weights"), "--mode".into(), "fast".into(), at("worker.py")]
+        );
     }
 }

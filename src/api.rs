@@ -25,6 +25,7 @@ use kiln_core::config::ClusterConfig;
 use kiln_core::ids;
 use kiln_core::job::{self, CancelChange, JobRecord, JobState};
 use kiln_core::metrics as m;
+use kiln_core::models::ClusterModel;
 use kiln_core::nats::cas::{Step, Updated};
 use kiln_core::nats::{CasError, RegistryCache, Resources, StoreError};
 use kiln_core::protocol::*;
@@ -261,15 +262,16 @@ impl ApiService {
 
     /// Checks a submission; returns its params checked against the model's declared ones,
     /// defaults filled in (see `kiln_core::params`).
-    fn validate_submit(&self, req: &SubmitRequest) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    /// The model's definition is the cluster's (see [`ApiService::cluster_model`]), so every
+    /// node checks a submit the same way, whether it serves the model or not.
+    fn validate_submit(&self, req: &SubmitRequest) -> Result<(ModelDecl, serde_json::Map<String, serde_json::Value>), ApiError> {
+        let model = self.cluster_model(&req.model, "model")?;
+        let params = self.validate_submit_with(req, &model)?;
+        Ok((model, params))
+    }
+
+    fn validate_submit_with(&self, req: &SubmitRequest, model: &ModelDecl) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
         let limits = &self.config.limits;
-        let Some(model) = self.config.model(&req.model) else {
-            let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
-            return Err(ApiError::new(
-                ErrorCode::UnknownModel,
-                format!("model {:?} is not configured; known models: {}", req.model, known.join(", ")),
-            ));
-        };
         if req.inputs.len() > limits.max_inputs {
             return Err(ApiError::bad_request(format!("{} inputs; at most {} are allowed", req.inputs.len(), limits.max_inputs)));
         }
@@ -339,8 +341,9 @@ impl ApiService {
     }
 
     async fn submit(&self, mut req: SubmitRequest) -> Result<SubmitReply, ApiError> {
-        req.params = self.validate_submit(&req)?;
-        let model = self.config.model(&req.model).expect("validated");
+        let (model, params) = self.validate_submit(&req)?;
+        req.params = params;
+        let model = &model;
         let digests = self.input_digests(&req.inputs).await?;
         self.admit(&model.name, 1).await?;
         let reuse_key = req.reuse.then(|| reuse_key(&model.name, &req.inputs, &digests, &req.params));
@@ -448,7 +451,7 @@ impl ApiService {
         if let Some(why) = invalid_labels(&req.labels) {
             return Err(ApiError::bad_request(why));
         }
-        let models = self.batch_models(&req.model, &req.fallback_models, req.max_attempts)?;
+        let (models, decls) = self.batch_models(&req.model, &req.fallback_models, req.max_attempts)?;
         let batch_id = match &req.idempotency_key {
             Some(key) => batch::idempotent_batch_id(&req.model, key),
             None => uuid::Uuid::new_v4().to_string(),
@@ -479,9 +482,9 @@ impl ApiService {
                 labels,
             };
             let at_item = move |e: ApiError| ApiError::new(e.code, format!("item {index}: {}", e.message));
-            for model in &plan.models {
+            for model in &decls {
                 single.model = model.name.clone();
-                self.validate_submit(&single).map_err(at_item)?;
+                self.validate_submit_with(&single, model).map_err(at_item)?;
             }
             digests.push(self.input_digests(&single.inputs).await.map_err(at_item)?);
             plan.items.push(PlanItem { index: index as u32, inputs: single.inputs, params: item.params, labels: item.labels });
@@ -497,19 +500,20 @@ impl ApiService {
         self.launch_batch(record, plan).await
     }
 
-    /// The models a batch's items may run, in order, each configured (else `unknown_model`)
-    /// and named once, with the batch's `max_attempts` capped by each model's.
-    fn batch_models(&self, model: &str, fallbacks: &[String], max_attempts: Option<u32>) -> Result<Vec<PlanModel>, ApiError> {
+    /// The models a batch's items may run, in order, each the cluster's (else
+    /// `unknown_model`) and named once, with the batch's `max_attempts` capped by each model's;
+    /// and their definitions, to validate the items with.
+    fn batch_models(
+        &self,
+        model: &str,
+        fallbacks: &[String],
+        max_attempts: Option<u32>,
+    ) -> Result<(Vec<PlanModel>, Vec<ModelDecl>), ApiError> {
         let mut models: Vec<PlanModel> = Vec::with_capacity(1 + fallbacks.len());
+        let mut decls = Vec::with_capacity(1 + fallbacks.len());
         for (pos, name) in std::iter::once(model).chain(fallbacks.iter().map(String::as_str)).enumerate() {
-            let Some(config) = self.config.model(name) else {
-                let known: Vec<&str> = self.config.models.iter().map(|m| m.name.as_str()).collect();
-                let what = if pos == 0 { "model".to_string() } else { format!("fallback_models[{}]", pos - 1) };
-                return Err(ApiError::new(
-                    ErrorCode::UnknownModel,
-                    format!("{what}: model {name:?} is not configured; known models: {}", known.join(", ")),
-                ));
-            };
+            let what = if pos == 0 { "model".to_string() } else { format!("fallback_models[{}]: model", pos - 1) };
+            let config = self.cluster_model(name, &what)?;
             if models.iter().any(|m| m.name == name) {
                 return Err(ApiError::bad_request(format!("model {name:?} is listed twice in model and fallback_models")));
             }
@@ -518,8 +522,9 @@ impl ApiService {
                 max_attempts: max_attempts.map(|a| a.min(config.max_attempts)).unwrap_or(config.max_attempts),
                 params: config.params.clone(),
             });
+            decls.push(config);
         }
-        Ok(models)
+        Ok((models, decls))
     }
 
     /// Where a batch's items start: the first of its models that a live slot serves right now
@@ -827,10 +832,10 @@ impl ApiService {
     /// The earlier job of an identical request, if it can stand for this one: completed with
     /// its results still inside the model's TTL, or still on its way. A failed, cancelled or
     /// expired one is not reused (the request runs again and takes the key over).
-    async fn reusable(&self, key: &str, model: &kiln_core::config::ModelConfig) -> Result<Option<SubmitReply>, ApiError> {
+    async fn reusable(&self, key: &str, model: &ModelDecl) -> Result<Option<SubmitReply>, ApiError> {
         let Some(job_id) = self.resources.reuse_lookup(key).await.map_err(internal)? else { return Ok(None) };
         let Some(v) = self.resources.get_job(&job_id).await.map_err(internal)? else { return Ok(None) };
-        let ttl_ms = self.config.result_ttl_s(model) * 1000;
+        let ttl_ms = model.result_ttl_s * 1000;
         let usable = match v.record.state {
             JobState::Completed => v.record.finished_ms.is_some_and(|f| f + ttl_ms > kiln_core::now_ms() + 60_000),
             JobState::Queued | JobState::Running | JobState::Retrying => true,
@@ -967,23 +972,60 @@ impl ApiService {
         self.resources.gpu_entries(Some(node), false).await.map_err(internal)
     }
 
+    /// The cluster's models (see [`kiln_core::models`]): those the live nodes of the registry
+    /// declare. This node's own config stands in for its entry until that entry is in the
+    /// cache (right after start), so a node always accepts the models it serves itself.
+    fn cluster_models(&self) -> BTreeMap<String, ClusterModel> {
+        let mut nodes = self.registry.nodes();
+        let me = &self.config.node.name;
+        if !nodes.iter().any(|n| &n.node == me) {
+            nodes.push(NodeEntry {
+                node: me.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                slots: self.config.node.slots.clone(),
+                // Youngest: it does not decide a conflict before its entry is written.
+                started_ms: u64::MAX,
+                heartbeat_ms: kiln_core::now_ms(),
+                running_jobs: 0,
+                peers: vec![],
+                models: self.config.model_decls(),
+            });
+        }
+        kiln_core::models::cluster_models(&nodes)
+    }
+
+    /// The definition of one of the cluster's models; `unknown_model` naming `what` (the
+    /// request's field) and listing the cluster's models when no live node declares it.
+    fn cluster_model(&self, name: &str, what: &str) -> Result<ModelDecl, ApiError> {
+        let mut models = self.cluster_models();
+        if let Some(model) = models.remove(name) {
+            return Ok(model.decl);
+        }
+        let known: Vec<&str> = models.keys().map(String::as_str).collect();
+        Err(ApiError::new(
+            ErrorCode::UnknownModel,
+            format!("{what} {name:?} is served by no live node of the cluster; known models: {}", known.join(", ")),
+        ))
+    }
+
     async fn models(&self) -> Result<ModelsReply, ApiError> {
         let gpus = self.live_gpus().await?;
         let models = self
-            .config
-            .models
-            .iter()
-            .map(|m| {
+            .cluster_models()
+            .into_values()
+            .map(|ClusterModel { decl: m, nodes, conflict }| {
                 let serving = gpus.iter().filter(|g| g.state != GpuState::Dead && g.models.contains(&m.name));
                 ModelInfo {
-                    name: m.name.clone(),
-                    engine: m.engine.kind().to_string(),
-                    max_attempts: m.max_attempts,
-                    timeout_ms: m.timeout_ms,
-                    required_inputs: m.required_inputs.clone(),
                     slots: serving.clone().map(|g| format!("{}/{}", g.node, g.slot)).collect(),
                     warm_on: serving.filter(|g| g.warm_models.contains(&m.name)).map(|g| format!("{}/{}", g.node, g.slot)).collect(),
-                    params: m.params.clone(),
+                    name: m.name,
+                    engine: m.engine,
+                    max_attempts: m.max_attempts,
+                    timeout_ms: m.timeout_ms,
+                    required_inputs: m.required_inputs,
+                    nodes,
+                    conflict,
+                    params: m.params,
                 }
             })
             .collect();

@@ -63,7 +63,11 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
             };
             match serving.await {
                 Ok(s) => {
-                    println!("  watch it live in the web console: http://{}/ (REST API at /v1)", s.addr);
+                    println!(
+                        "  watch it live in the web console: http://{}/ (REST API at /v1; {})",
+                        s.addr,
+                        if opts.serve { "up until Ctrl-C" } else { "it stops with the demo; --serve keeps it up" }
+                    );
                     Some(s)
                 }
                 Err(e) => {
@@ -169,6 +173,9 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         if opts.serve {
             println!("serving the console at http://{}/ until Ctrl-C", g.addr);
             let _ = tokio::signal::ctrl_c().await;
+        } else {
+            // The console's URL was printed above; say that it goes now, and how to keep it.
+            println!("the console at http://{}/ stops now with the demo: `kiln demo --serve` keeps it up until Ctrl-C", g.addr);
         }
         let _ = stop_gateway.send(());
         g.stopped().await;

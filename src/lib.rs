@@ -16,6 +16,7 @@
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |
 //! | [`metrics`] | the Prometheus endpoint                                                |
+//! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
 //! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
 //! `kiln-actors` (the supervised actor tree). `docs/ARCHITECTURE.md` draws the whole.
@@ -32,6 +33,7 @@ pub mod metrics;
 pub mod node;
 pub mod scale;
 pub mod service;
+pub mod table;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;

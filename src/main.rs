@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use kiln::client::Client;
 use kiln::node::RunningNode;
+use kiln::table::{Align, Table};
 use kiln_core::config::{ClusterConfig, NatsConfig};
 use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, EventKind, InputValue, ListJobsRequest, SubmitRequest};
 
@@ -71,16 +72,25 @@ enum Command {
         labels: Vec<String>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print the reply as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// List the configured models and where they are warm.
+    /// List the cluster's models: which nodes and slots serve each, where it is warm.
     Models {
+        /// Print the reply as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Show every node and GPU slot of the cluster.
     Cluster {
+        /// Print the reply as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -406,6 +416,21 @@ async fn download_all(client: &kiln::client::Client, artifacts: &[kiln_core::pro
     Ok(())
 }
 
+/// One event of a job as a plain progress line (`submit --wait` when stderr is not a
+/// terminal); `None` for the events a person need not see (artifacts are listed at the end).
+fn progress_line(e: &kiln_core::protocol::Event) -> Option<String> {
+    match e.kind {
+        EventKind::Status => Some(format!("job {}: {}", e.job_id, e.status.map(|s| s.as_str()).unwrap_or("?"))),
+        EventKind::Progress => {
+            let percent = e.progress.map(|p| format!(" {p:.0}%")).unwrap_or_default();
+            let stage = e.stage.as_deref().map(|s| format!(" {s}")).unwrap_or_default();
+            Some(format!("job {}: progress{percent}{stage}", e.job_id))
+        }
+        EventKind::Message => Some(format!("job {}: {}", e.job_id, e.message.as_deref().unwrap_or(""))),
+        _ => None,
+    }
+}
+
 fn split_pair(s: &str) -> Result<(String, serde_json::Value), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not name=value"))?;
     let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
@@ -418,7 +443,9 @@ fn load_config(path: &Path) -> Result<ClusterConfig, String> {
 
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_writer(std::io::stderr).init();
+    // Colours only for a person at a terminal: a log file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 #[tokio::main]
@@ -797,7 +824,7 @@ async fn client_command(command: Command) -> Result<(), String> {
             print_json(&c.cancel(&job_id).await.map_err(|e| e.to_string())?);
             Ok(())
         }
-        Command::Jobs { status, model, dead_letter, labels, limit, conn } => {
+        Command::Jobs { status, model, dead_letter, labels, limit, json, conn } => {
             let c = connect(&conn).await?;
             let status = match status {
                 Some(s) => Some(serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| format!("unknown status {s:?}"))?),
@@ -807,33 +834,88 @@ async fn client_command(command: Command) -> Result<(), String> {
                 .jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit), labels: parse_labels(&labels)? })
                 .await
                 .map_err(|e| e.to_string())?;
-            println!("{:<36}  {:<12} {:<10} {:>7}  ERROR", "JOB", "MODEL", "STATUS", "ATTEMPT");
+            if json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let mut table = Table::new(&[
+                ("JOB", Align::Left),
+                ("MODEL", Align::Left),
+                ("STATUS", Align::Left),
+                ("ATTEMPT", Align::Right),
+                ("ERROR", Align::Left),
+            ]);
             for j in reply.jobs {
                 let err = j.error.map(|e| format!("{}: {}", e.code.as_str(), e.message)).unwrap_or_default();
-                println!("{:<36}  {:<12} {:<10} {:>3}/{:<3}  {}", j.job_id, j.model, j.status.as_str(), j.attempt, j.max_attempts, err);
+                table.row(vec![j.job_id, j.model, j.status.as_str().into(), format!("{}/{}", j.attempt, j.max_attempts), err]);
+            }
+            println!("{}", table.render());
+            Ok(())
+        }
+        Command::Models { json, conn } => {
+            let c = connect(&conn).await?;
+            let reply = c.models().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&reply);
+                return Ok(());
+            }
+            let mut table = Table::new(&[
+                ("MODEL", Align::Left),
+                ("ENGINE", Align::Left),
+                ("NODES", Align::Left),
+                ("SLOTS", Align::Right),
+                ("WARM", Align::Right),
+                ("ATTEMPTS", Align::Right),
+                ("TIMEOUT", Align::Right),
+                ("INPUTS", Align::Left),
+                ("PARAMS", Align::Left),
+            ]);
+            for m in &reply.models {
+                let params: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();
+                table.row(vec![
+                    if m.conflict { format!("{} (!)", m.name) } else { m.name.clone() },
+                    m.engine.clone(),
+                    m.nodes.join(","),
+                    m.slots.len().to_string(),
+                    m.warm_on.len().to_string(),
+                    m.max_attempts.to_string(),
+                    format!("{} s", m.timeout_ms.div_ceil(1000)),
+                    m.required_inputs.join(","),
+                    params.join(","),
+                ]);
+            }
+            println!("{}", table.render());
+            if reply.models.iter().any(|m| m.conflict) {
+                println!("(!) nodes declare this model differently; the definition of the node up longest holds (--json shows it)");
             }
             Ok(())
         }
-        Command::Models { conn } => {
-            let c = connect(&conn).await?;
-            print_json(&c.models().await.map_err(|e| e.to_string())?);
-            Ok(())
-        }
-        Command::Cluster { conn } => {
+        Command::Cluster { json, conn } => {
             let c = connect(&conn).await?;
             let cluster = c.cluster().await.map_err(|e| e.to_string())?;
-            println!("{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}", "NODE", "SLOT", "STATE", "RESTARTS", "WARM", "JOB");
+            if json {
+                print_json(&cluster);
+                return Ok(());
+            }
+            let mut table = Table::new(&[
+                ("NODE", Align::Left),
+                ("SLOT", Align::Left),
+                ("STATE", Align::Left),
+                ("RESTARTS", Align::Right),
+                ("WARM", Align::Left),
+                ("JOB", Align::Left),
+            ]);
             for g in cluster.gpus {
-                println!(
-                    "{:<16} {:<8} {:<11} {:>8}  {:<24} {:<36}",
+                table.row(vec![
                     g.node,
                     g.slot,
-                    g.state.as_str(),
-                    g.restarts,
+                    g.state.as_str().into(),
+                    g.restarts.to_string(),
                     g.warm_models.join(","),
-                    g.current_job.unwrap_or_default()
-                );
+                    g.current_job.unwrap_or_default(),
+                ]);
             }
+            println!("{}", table.render());
             println!();
             for n in cluster.nodes {
                 println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
@@ -984,7 +1066,26 @@ async fn connect(conn: &ConnArgs) -> Result<Client, String> {
     if let Some(prefix) = &conn.prefix {
         nats.prefix = prefix.clone();
     }
-    Client::connect_with(&nats).await.map_err(|e| e.to_string())
+    // A client command is interactive: a server that does not answer within this is not
+    // coming (a node waits `nats.connect_timeout_ms`, 10 s, as it may start before its server).
+    nats.connect_timeout_ms = nats.connect_timeout_ms.min(CLIENT_CONNECT_TIMEOUT_MS);
+    Client::connect_with(&nats).await.map_err(|e| unreachable_hint(&nats.url, &e))
+}
+
+/// How long a client command tries to reach its NATS server.
+const CLIENT_CONNECT_TIMEOUT_MS: u64 = 2000;
+
+/// The error of a client command that cannot reach its server (or finds no node there), with
+/// what a newcomer most likely needs: a cluster to talk to.
+fn unreachable_hint(url: &str, error: &kiln::client::ClientError) -> String {
+    let text = error.to_string();
+    match error {
+        kiln::client::ClientError::Nats(m) if m.contains("cannot connect") => format!(
+            "no NATS server answers at {url} ({text}).\nStart a local cluster with `kiln up` (in another terminal), \
+             or point at yours with --nats URL (or KILN_NATS_URL, or nats.url in --config FILE)."
+        ),
+        _ => text,
+    }
 }
 
 async fn submit(args: SubmitArgs) -> Result<(), String> {
@@ -1023,25 +1124,39 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
     if !args.wait {
         return Ok(());
     }
+    // A bar for a person at a terminal (indicatif draws on stderr, and nothing at all when it
+    // is not a terminal); otherwise one line per event on stderr, so a log or a CI run still
+    // shows the job moving, and stdout keeps the job id alone.
+    let at_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new(100);
     bar.set_style(indicatif::ProgressStyle::with_template("[{bar:40}] {pos:>3}% {msg}").map_err(|e| e.to_string())?.progress_chars("=> "));
     let view = client
-        .wait(&reply.job_id, Duration::from_secs(24 * 3600), |e| match e.kind {
-            EventKind::Status => bar.set_message(e.status.map(|s| s.as_str().to_string()).unwrap_or_default()),
-            EventKind::Progress => {
-                if let Some(p) = e.progress {
-                    bar.set_position(p as u64);
+        .wait(&reply.job_id, Duration::from_secs(24 * 3600), |e| {
+            if !at_terminal {
+                if let Some(line) = progress_line(e) {
+                    eprintln!("{line}");
                 }
-                if let Some(s) = &e.stage {
-                    bar.set_message(s.clone());
-                }
+                return;
             }
-            EventKind::Message => bar.println(e.message.clone().unwrap_or_default()),
-            _ => {}
+            match e.kind {
+                EventKind::Status => bar.set_message(e.status.map(|s| s.as_str().to_string()).unwrap_or_default()),
+                EventKind::Progress => {
+                    if let Some(p) = e.progress {
+                        bar.set_position(p as u64);
+                    }
+                    if let Some(s) = &e.stage {
+                        bar.set_message(s.clone());
+                    }
+                }
+                EventKind::Message => bar.println(e.message.clone().unwrap_or_default()),
+                _ => {}
+            }
         })
         .await
         .map_err(|e| e.to_string())?;
-    bar.finish_with_message(view.status.as_str().to_string());
+    if at_terminal {
+        bar.finish_with_message(view.status.as_str().to_string());
+    }
     if let Some(e) = &view.error {
         eprintln!("{}: {}", e.code.as_str(), e.message);
     }

@@ -157,6 +157,7 @@ impl Actor for RegistryWriter {
             heartbeat_ms: now,
             running_jobs: 0,
             peers: vec![],
+            models: ctx.config.model_decls(),
         };
         myself.send_interval(Duration::from_millis(ctx.config.node.heartbeat_ms), || RegistryWriterMsg::Heartbeat);
         let base = ctx.config.node.slots.iter().map(|s| (s.clone(), (GpuState::Idle, false))).collect();

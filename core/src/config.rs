@@ -748,9 +748,12 @@ impl ClusterConfig {
                     if let Some(dir) = cwd.as_mut().filter(|d| !d.starts_with('/')) {
                         *dir = base.join(&*dir).display().to_string();
                     }
-                    for arg in command.iter_mut() {
-                        let looks_like_path = arg.contains('/') && !arg.starts_with('/') && !arg.starts_with('-');
-                        if looks_like_path && base.join(&*arg).exists() {
+                    for (i, arg) in command.iter_mut().enumerate() {
+                        // The program without a '/' is looked up on PATH (`python3`), as a shell
+                        // would; any other relative word that names a file or folder beside the
+                        // config is that file (`worker.py`), whatever folder the node runs in.
+                        let looks_like_path = (i > 0 || arg.contains('/')) && !arg.starts_with('/') && !arg.starts_with('-');
+                        if looks_like_path && !arg.is_empty() && base.join(&*arg).exists() {
                             *arg = base.join(&*arg).canonicalize().unwrap_or_else(|_| base.join(&*arg)).display().to_string();
                         }
                     }
@@ -947,6 +950,24 @@ impl ClusterConfig {
     pub fn result_ttl_s(&self, model: &ModelConfig) -> u64 {
         model.result_ttl_s.unwrap_or(self.storage.result_ttl_s)
     }
+
+    /// What this node publishes of each model it serves (see [`crate::protocol::ModelDecl`]):
+    /// those at least one of its slots serves.
+    pub fn model_decls(&self) -> Vec<crate::protocol::ModelDecl> {
+        self.models
+            .iter()
+            .filter(|m| m.slots.is_empty() || m.slots.iter().any(|s| self.node.slots.contains(s)))
+            .map(|m| crate::protocol::ModelDecl {
+                name: m.name.clone(),
+                engine: m.engine.kind().to_string(),
+                max_attempts: m.max_attempts,
+                timeout_ms: m.timeout_ms,
+                result_ttl_s: self.result_ttl_s(m),
+                required_inputs: m.required_inputs.clone(),
+                params: m.params.clone(),
+            })
+            .collect()
+    }
 }
 
 /// A parsed slot name.
@@ -1115,5 +1136,30 @@ engine = { kind = "noop" }
         let n = ClusterConfig::load_nats(Some(&path)).unwrap();
         assert_eq!((n.url.as_str(), n.prefix.as_str()), ("nats://h:1", "acme"));
         assert!(n.tls() && n.tls_ca_file.starts_with('/'));
+    }
+
+    /// PROTOCOL: "Relative paths in `command` resolve against the config file's folder": a bare
+    /// `worker.py` beside the config too, not only `./worker.py` (issue 23: it ran against the
+    /// node's folder). The program word without a '/' stays a PATH lookup.
+    #[test]
+    fn worker_paths_in_a_command_resolve_against_the_config_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("worker.py"), "x").unwrap();
+        std::fs::create_dir(dir.path().join("weights")).unwrap();
+        let path = dir.path().join("cluster.toml");
+        let model = r#"
+[[models]]
+name = "w"
+engine = { kind = "process", command = ["python3", "worker.py", "--weights", "weights", "--mode", "fast", "./worker.py"] }
+"#;
+        std::fs::write(&path, model).unwrap();
+        let c = ClusterConfig::load(&path).unwrap();
+        let EngineConfig::Process { command, .. } = &c.models[0].engine else { panic!() };
+        let folder = dir.path().canonicalize().unwrap();
+        let at = |name: &str| folder.join(name).display().to_string();
+        assert_eq!(
+            command,
+            &["python3".to_string(), at("worker.py"), "--weights".into(), at("weights"), "--mode".into(), "fast".into(), at("worker.py")]
+        );
     }
 }

@@ -12,6 +12,7 @@
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
+//! | [`models`]    | the cluster's models from the registry's node entries; the conflict rule    |
 //! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
@@ -19,6 +20,7 @@
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
+//! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
@@ -26,6 +28,7 @@
 //! [`nats`] and [`engine`] open with a table of their own files.
 
 pub mod batch;
+pub mod child;
 pub mod config;
 pub mod engine;
 pub mod fault;
@@ -33,6 +36,7 @@ pub mod http;
 pub mod ids;
 pub mod job;
 pub mod metrics;
+pub mod models;
 pub mod nats;
 pub mod params;
 pub mod placement;

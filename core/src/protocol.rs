@@ -341,7 +341,8 @@ pub struct ListJobsReply {
     pub jobs: Vec<JobView>,
 }
 
-/// One configured model, as `kiln.api.models` lists it.
+/// One model of the cluster, as `kiln.api.models` lists it: the definition the API validates
+/// submits with (see [`crate::models`] for which one when nodes disagree) and where it runs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ModelInfo {
     pub name: String,
@@ -349,6 +350,13 @@ pub struct ModelInfo {
     pub max_attempts: u32,
     pub timeout_ms: u64,
     pub required_inputs: Vec<String>,
+    /// Live nodes that declare it, sorted: a submit of it is accepted while this is not empty.
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Two of those nodes declare it differently; the definition shown (and used) is that of
+    /// the node that has been up longest.
+    #[serde(default)]
+    pub conflict: bool,
     /// GPU slots (cluster-wide, `node/slot`) that serve it and are alive.
     pub slots: Vec<String>,
     /// Slots where it is loaded now.
@@ -424,6 +432,28 @@ pub struct NodeEntry {
     /// Nodes this one has an authenticated actor-cluster session with.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The models this node serves, as the API needs them to validate and list a submit of
+    /// them on any node (the cluster's models are the union over live nodes).
+    #[serde(default)]
+    pub models: Vec<ModelDecl>,
+}
+
+/// What a node publishes of one model it serves: the part of its `[[models]]` entry that the
+/// API of any node needs to list the model and validate a submit of it. Two nodes declare a
+/// model the same way when these are equal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ModelDecl {
+    pub name: String,
+    /// The engine kind (`process`, `torchscript`, `noop`).
+    pub engine: String,
+    pub max_attempts: u32,
+    pub timeout_ms: u64,
+    /// Expiry of its results, resolved (the model's own, else `storage.result_ttl_s`).
+    pub result_ttl_s: u64,
+    #[serde(default)]
+    pub required_inputs: Vec<String>,
+    #[serde(default)]
+    pub params: Vec<crate::params::ParamDecl>,
 }
 
 /// The deliveries one life of a node holds (KV bucket `kiln_held`, key `<node>`): when the

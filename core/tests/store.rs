@@ -82,6 +82,7 @@ async fn registry_entries_expire_on_their_own_and_the_readers_follow() {
         heartbeat_ms: kiln_core::now_ms(),
         running_jobs: 0,
         peers: vec![],
+        models: vec![],
     };
     res.put_node(&node).await.unwrap();
     for (n, s) in [("n1", "cpu:0"), ("n1", "cpu:1"), ("n10", "cpu:0"), ("n2", "cpu:0")] {

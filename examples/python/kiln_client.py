@@ -85,7 +85,7 @@ def follow_and_fetch(kiln, job_id, out):
     final = {"job_id": job_id, "status": view["status"], "files": []}
     code = 0 if view["status"] == "completed" else 1
     try:
-        final["files"] = [str(p) for p in kiln.download(view, out or os.path.join("kiln-results", job_id))]
+        final["files"] = [str(p) for p in kiln.download(view, out or "kiln-results", per_job=out is None, overwrite=out is not None)]
     except (kiln_client.KilnError, OSError) as e:
         print(f"cannot download the artifacts: {e}", file=sys.stderr)
         code = 3
@@ -117,7 +117,7 @@ def command(kiln, args):
         print(json.dumps(getattr(kiln, args.command)(args.job_id), indent=2))
     elif args.command == "jobs":
         jobs = kiln.jobs(status=args.status, model=args.model, dead_letter=args.dead_letter or None, limit=args.limit)
-        for job in jobs:
+        for job in jobs["jobs"]:
             error = job.get("error")
             print(
                 f"{job['job_id']}  {job['model']:<16} {job['status']:<10} attempt {job['attempt']}/{job['max_attempts']}"

@@ -532,6 +532,7 @@ mod tests {
             heartbeat_ms: 0,
             running_jobs: 0,
             peers: vec![],
+            models: vec![],
         };
         let fine =
             ClusterReply { nodes: vec![node("a"), node("b")], gpus: vec![gpu("a", GpuState::Idle, None), gpu("b", GpuState::Idle, None)] };

@@ -92,7 +92,8 @@ impl NodeProcess {
         // Never two processes under one name from here (the second would be refused anyway).
         self.kill();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(["node", "--config"])
             .arg(&self.config_path)
             .args(["--node-name", &self.name])
@@ -100,8 +101,9 @@ impl NodeProcess {
             .env("KILN_FAULT_DIR", &self.fault_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+            .stderr(log);
+        // Tied: a chaos run killed by a signal must not leave its nodes running.
+        let child = kiln_core::child::spawn_tied(command)?;
         self.child = Some(child);
         Ok(())
     }

@@ -167,14 +167,15 @@ impl NatsServer {
             command.args(["-m", &port.to_string()]);
         }
         command.args(&self.extra_args);
-        let child = command
+        command
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&self.store_dir)
             .stdout(Stdio::null())
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .map_err(|source| ServerError::Spawn { bin: self.bin.clone(), source })?;
+            .stdin(Stdio::null());
+        // Tied: a server this process started must not outlive it (a SIGKILLed `kiln chaos`
+        // left its server running).
+        let child = crate::child::spawn_tied(command).map_err(|source| ServerError::Spawn { bin: self.bin.clone(), source })?;
         self.child = Some(child);
         self.wait_ready(Duration::from_secs(10))
     }

@@ -49,7 +49,7 @@ def tail(path: pathlib.Path, lines: int = 60) -> str:
         return ""
 
 
-def stop(proc: Optional[subprocess.Popen], grace_s: float) -> None:
+def stop(proc: Optional["subprocess.Popen[bytes]"], grace_s: float) -> None:
     """SIGTERM, then SIGKILL after `grace_s`; waits for the process."""
     if proc is None or proc.poll() is not None:
         return
@@ -101,8 +101,8 @@ class KilnCluster:
         self.url = f"nats://127.0.0.1:{self.port}"
         self.nats_log = root / "nats-server.log"
         self.node_log = root / f"{NODE}.log"
-        self.nats: Optional[subprocess.Popen] = None
-        self.node: Optional[subprocess.Popen] = None
+        self.nats: Optional["subprocess.Popen[bytes]"] = None
+        self.node: Optional["subprocess.Popen[bytes]"] = None
         self.kiln_bin = kiln_bin
         self.nats_server = nats_server
 

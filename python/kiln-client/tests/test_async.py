@@ -144,7 +144,7 @@ def test_batch(url: str, tmp_path: pathlib.Path) -> None:
         items_now = await kiln.batch_items(reply["batch_id"])
         assert [i["labels"] for i in items_now] == [{"storyboard_id": "sb-3"}] * 3 + [{"view": "back", "storyboard_id": "sb-own"}]
         tagged = await kiln.jobs(labels={"storyboard_id": "sb-3"})
-        assert sorted(j["job_id"] for j in tagged) == sorted(i["job_id"] for i in items_now[:3])
+        assert sorted(j["job_id"] for j in tagged["jobs"]) == sorted(i["job_id"] for i in items_now[:3])
         for item in items_now:
             paths = await kiln.download(item, tmp_path / str(item["index"]))
             assert len(paths) == 2
@@ -170,7 +170,7 @@ def test_cluster_and_models(url: str) -> None:
         cluster = await kiln.cluster()
         assert cluster["nodes"][0]["slots"] == ["cpu:0", "cpu:1"]
         assert sorted(g["slot"] for g in cluster["gpus"]) == ["cpu:0", "cpu:1"]
-        names = sorted(m["name"] for m in await kiln.models())
+        names = sorted(m["name"] for m in (await kiln.models())["models"])
         assert names == ["demo", "noop"]
         assert len(await kiln.ping(wait=0.3)) == 1
 

@@ -34,10 +34,11 @@ def test_submit_wait_download_checks_sha256(client: Client, tmp_path: pathlib.Pa
 
     paths = client.download(view, tmp_path / "out")
     assert [p.name for p in paths] == ["image.png", "meta.json"]
+    assert all(p.parent == tmp_path / "out" / reply["job_id"] for p in paths), paths
     for path, artifact in zip(paths, view["artifacts"]):
         assert path.stat().st_size == artifact["size"] > 0
         assert sha256_of(path) == artifact["sha256"]
-    assert not list((tmp_path / "out").glob("*.part"))
+    assert not list((tmp_path / "out").glob("**/*.part"))
     # The same by job id (the result endpoint names the artifacts).
     again = client.download(reply["job_id"], tmp_path / "again")
     assert [sha256_of(p) for p in again] == [sha256_of(p) for p in paths]
@@ -52,12 +53,37 @@ def test_labels_are_echoed_and_select_jobs(client: Client) -> None:
     view = client.wait(job_id, timeout=30)
     assert view["labels"] == labels
     assert all(e.labels == labels for e in client.events(job_id))
-    assert [j["job_id"] for j in client.jobs(labels={"user_id": user})] == [job_id]
-    assert [j["job_id"] for j in client.jobs(labels={"user_id": user, "session_id": "s-1"})] == []
-    assert other in [j["job_id"] for j in client.jobs(model="noop", labels={"user_id": "someone-else"})]
+    assert [j["job_id"] for j in client.jobs(labels={"user_id": user})["jobs"]] == [job_id]
+    assert [j["job_id"] for j in client.jobs(labels={"user_id": user, "session_id": "s-1"})["jobs"]] == []
+    assert other in [j["job_id"] for j in client.jobs(model="noop", labels={"user_id": "someone-else"})["jobs"]]
     with pytest.raises(KilnError) as e:
         client.submit("noop", labels={"bad name!": "x"})
     assert e.value.code == "bad_request"
+
+
+def test_two_jobs_downloaded_into_one_folder_keep_their_own_files(client: Client, tmp_path: pathlib.Path) -> None:
+    one = client.wait(client.submit("demo", {"prompt": "the first"}, FAST)["job_id"], timeout=60)
+    two = client.wait(client.submit("demo", {"prompt": "the second"}, FAST)["job_id"], timeout=60)
+    assert one["status"] == two["status"] == "completed"
+    assert [a["name"] for a in one["artifacts"]] == [a["name"] for a in two["artifacts"]]
+    # By default each job gets its own subfolder: the second does not overwrite the first.
+    first = client.download(one, tmp_path)
+    second = client.download(two["job_id"], tmp_path)
+    assert [p.parent for p in first] == [tmp_path / one["job_id"]] * 2
+    assert [p.parent for p in second] == [tmp_path / two["job_id"]] * 2
+    assert [sha256_of(p) for p in first] == [a["sha256"] for a in one["artifacts"]]
+    assert [sha256_of(p) for p in second] == [a["sha256"] for a in two["artifacts"]]
+    # Straight into the folder: the same content again is fine; other content under a name
+    # already there is refused before anything is written, unless overwrite=True.
+    flat = tmp_path / "flat"
+    assert [p.parent for p in client.download(one, flat, per_job=False)] == [flat] * 2
+    client.download(one, flat, per_job=False)
+    with pytest.raises(KilnError) as e:
+        client.download(two, flat, per_job=False)
+    assert e.value.code == "file_exists" and "image.png" in e.value.message
+    assert [sha256_of(flat / a["name"]) for a in one["artifacts"]] == [a["sha256"] for a in one["artifacts"]]
+    client.download(two, flat, per_job=False, overwrite=True)
+    assert [sha256_of(flat / a["name"]) for a in two["artifacts"]] == [a["sha256"] for a in two["artifacts"]]
 
 
 def test_a_wrong_sha256_is_refused_and_nothing_is_written(client: Client, tmp_path: pathlib.Path) -> None:
@@ -201,16 +227,17 @@ def test_cluster_models_jobs_and_ping(client: Client, kiln_cluster) -> None:  # 
     cluster = client.cluster()
     assert [n["node"] for n in cluster["nodes"]] == ["py1"]
     assert sorted(g["slot"] for g in cluster["gpus"]) == ["cpu:0", "cpu:1"]
-    models = {m["name"]: m for m in client.models()}
+    models = {m["name"]: m for m in client.models()["models"]}
     assert models["demo"]["engine"] == "process" and models["demo"]["required_inputs"] == ["prompt"]
     assert models["noop"]["engine"] == "noop"
     assert sorted(models["noop"]["slots"]) == ["py1/cpu:0", "py1/cpu:1"]
     job_id = client.submit("noop")["job_id"]
     client.wait(job_id, timeout=30)
-    listed = client.jobs(model="noop", status="completed", limit=1000)
+    assert models["noop"]["nodes"] == ["py1"] and models["noop"]["conflict"] is False
+    listed = client.jobs(model="noop", status="completed", limit=1000)["jobs"]
     assert job_id in [j["job_id"] for j in listed] and all(j["model"] == "noop" for j in listed)
-    assert len(client.jobs(limit=1)) == 1
-    assert client.jobs(dead_letter=True) == []
+    assert len(client.jobs(limit=1)["jobs"]) == 1
+    assert client.jobs(dead_letter=True) == {"jobs": []}
     instances = client.ping(wait=0.5)
     assert [i["name"] for i in instances] == ["kiln-api"]
 

@@ -65,7 +65,8 @@ from .types import (
     ClusterReply,
     Event,
     JobView,
-    ModelInfo,
+    ListJobsReply,
+    ModelsReply,
     ResultReply,
     StrPath,
     SubmitReply,
@@ -290,8 +291,9 @@ class AsyncClient:
         limit: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
         extra: Optional[Mapping[str, JSON]] = None,
-    ) -> List[JobView]:
-        """Jobs newest first (`kiln.api.jobs`), filtered by what is given."""
+    ) -> ListJobsReply:
+        """Jobs newest first (`kiln.api.jobs`), filtered by what is given: the reply object,
+        `{"jobs": [JobView, ...]}`."""
         body: Dict[str, Any] = {}
         _put_optional(
             body,
@@ -303,12 +305,12 @@ class AsyncClient:
         )
         body.update(extra or {})
         reply = await self.request("jobs", body)
-        return cast(List[JobView], reply.get("jobs", []))
+        return cast(ListJobsReply, reply)
 
-    async def models(self) -> List[ModelInfo]:
-        """The configured models, with the live slots serving each (`kiln.api.models`)."""
-        reply = await self.request("models", {})
-        return cast(List[ModelInfo], reply.get("models", []))
+    async def models(self) -> ModelsReply:
+        """The cluster's models, with the live nodes and slots serving each (`kiln.api.models`):
+        the reply object, `{"models": [ModelInfo, ...]}`."""
+        return cast(ModelsReply, await self.request("models", {}))
 
     async def cluster(self) -> ClusterReply:
         """The live nodes and GPU slots (`kiln.api.cluster`)."""
@@ -390,11 +392,24 @@ class AsyncClient:
             raise
         return dest_path
 
-    async def download(self, job: Union[str, Mapping[str, Any], Sequence[Artifact]], directory: StrPath) -> List[pathlib.Path]:
-        """Downloads every artifact of a job into `directory` (created if needed), each under
-        its artifact name, sha256 checked. `job` is a job id (its result is fetched), a job
-        view, result or batch item (anything with `artifacts`), or a list of artifacts.
-        Returns the paths written, in the artifacts' order."""
+    async def download(
+        self,
+        job: Union[str, Mapping[str, Any], Sequence[Artifact]],
+        directory: StrPath,
+        *,
+        per_job: bool = True,
+        overwrite: bool = False,
+    ) -> List[pathlib.Path]:
+        """Downloads every artifact of a job, each under its artifact name, sha256 checked.
+        `job` is a job id (its result is fetched), a job view, result or batch item (anything
+        with `artifacts`), or a list of artifacts. Returns the paths written, in the
+        artifacts' order.
+
+        The files go to `directory/<job_id>/` (created if needed), so the jobs downloaded into
+        one folder keep their own files (every job of a model names its artifacts alike);
+        `per_job=False` puts them in `directory` itself. A file already there with other
+        content is never replaced silently: `KilnError("file_exists")` is raised before anything
+        is written, unless `overwrite=True` (the same content again is fine)."""
         if isinstance(job, str):
             artifacts: Sequence[Artifact] = (await self.result(job))["artifacts"]
         elif isinstance(job, Mapping):
@@ -402,9 +417,19 @@ class AsyncClient:
         else:
             artifacts = job
         out = pathlib.Path(directory)
+        if per_job and artifacts:
+            out = out / _file_name(_job_id_of(job, artifacts))
+        dests = [out / _file_name(artifact["name"]) for artifact in artifacts]
+        if not overwrite:
+            for artifact, dest in zip(artifacts, dests):
+                if dest.exists() and _sha256_of_file(dest) != artifact["sha256"]:
+                    raise KilnError(
+                        ErrorCode.FILE_EXISTS,
+                        f"{dest} exists with other content (download per job, or pass overwrite=True)",
+                    )
         paths = []
-        for artifact in artifacts:
-            paths.append(await self.download_artifact(artifact, out / _file_name(artifact["name"])))
+        for artifact, dest in zip(artifacts, dests):
+            paths.append(await self.download_artifact(artifact, dest))
         return paths
 
     async def _store(self, bucket: str) -> ObjectStore:
@@ -742,6 +767,24 @@ def _object_segment(name: str) -> str:
     name readable and replace anything else."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".") or "file"
     return cleaned[:128]
+
+
+def _job_id_of(job: Union[str, Mapping[str, Any], Sequence[Artifact]], artifacts: Sequence[Artifact]) -> str:
+    """The id of the job whose artifacts these are: given, or the first segment of an
+    artifact's object name (`<job_id>/<attempt>/<name>`)."""
+    if isinstance(job, str):
+        return job
+    if isinstance(job, Mapping) and isinstance(job.get("job_id"), str) and job["job_id"]:
+        return str(job["job_id"])
+    return artifacts[0]["object"].split("/", 1)[0]
+
+
+def _sha256_of_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _file_name(name: str) -> str:

@@ -28,7 +28,8 @@ from .types import (
     ClusterReply,
     Event,
     JobView,
-    ModelInfo,
+    ListJobsReply,
+    ModelsReply,
     ResultReply,
     StrPath,
     SubmitReply,
@@ -207,11 +208,11 @@ class Client:
         limit: Optional[int] = None,
         labels: Optional[Mapping[str, str]] = None,
         extra: Optional[Mapping[str, JSON]] = None,
-    ) -> List[JobView]:
+    ) -> ListJobsReply:
         """See `AsyncClient.jobs`."""
         return self._call(self._aio.jobs(status=status, model=model, dead_letter=dead_letter, limit=limit, labels=labels, extra=extra))
 
-    def models(self) -> List[ModelInfo]:
+    def models(self) -> ModelsReply:
         """See `AsyncClient.models`."""
         return self._call(self._aio.models())
 
@@ -233,9 +234,17 @@ class Client:
         """See `AsyncClient.download_artifact`."""
         return self._call(self._aio.download_artifact(artifact, dest))
 
-    def download(self, job: Union[str, Mapping[str, Any], Sequence[Artifact]], directory: StrPath) -> List[pathlib.Path]:
-        """See `AsyncClient.download`."""
-        return self._call(self._aio.download(job, directory))
+    def download(
+        self,
+        job: Union[str, Mapping[str, Any], Sequence[Artifact]],
+        directory: StrPath,
+        *,
+        per_job: bool = True,
+        overwrite: bool = False,
+    ) -> List[pathlib.Path]:
+        """See `AsyncClient.download`: into `directory/<job_id>/` unless `per_job=False`;
+        other content under a name already there only with `overwrite=True`."""
+        return self._call(self._aio.download(job, directory, per_job=per_job, overwrite=overwrite))
 
     # -- events -----------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ class ErrorCode:
     """A reply that is not Kiln's JSON (something else answers on the subject)."""
     SHA256_MISMATCH = "sha256_mismatch"
     """A downloaded artifact's content does not have the sha256 Kiln recorded."""
+    FILE_EXISTS = "file_exists"
+    """A download would replace a file of other content (pass `overwrite=True` to allow it)."""
 
 
 class KilnError(Exception):

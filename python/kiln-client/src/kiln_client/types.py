@@ -105,7 +105,22 @@ class _ModelInfoRequired(TypedDict):
 
 
 class ModelInfo(_ModelInfoRequired, total=False):
-    pass
+    nodes: List[str]
+    """The live nodes that serve it (any node accepts its submits)."""
+    conflict: bool
+    """Two of those nodes declare it differently (the longest-running node's definition holds)."""
+
+
+class ModelsReply(TypedDict):
+    """`models()`: the cluster's models, sorted by name."""
+
+    models: List[ModelInfo]
+
+
+class ListJobsReply(TypedDict):
+    """`jobs()`: the jobs, newest first."""
+
+    jobs: List["JobView"]
 
 
 class _GpuEntryRequired(TypedDict):
@@ -134,6 +149,7 @@ class _NodeEntryRequired(TypedDict):
 
 class NodeEntry(_NodeEntryRequired, total=False):
     peers: List[str]
+    models: List[Dict[str, Any]]
 
 
 class ClusterReply(TypedDict):
@@ -198,6 +214,9 @@ class BatchView(_BatchViewRequired, total=False):
     finished_ms: int
     retry_of: str
     retried_by: str
+    fallback_models: List[str]
+    max_concurrency: int
+    reuse: bool
 
 
 class _BatchItemEventRequired(TypedDict):

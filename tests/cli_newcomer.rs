@@ -1,0 +1,102 @@
+//! The command line as a newcomer found it (issue 23 item 15), against a real nats-server and
+//! real `kiln` processes: an unreachable NATS, progress without a terminal, `kiln models` as a
+//! table that keeps its columns with long names, logs without colours, and a worker named
+//! relative to the config file.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kiln_core::job::JobState;
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn an_unreachable_nats_fails_fast_and_names_kiln_up() {
+    let port = kiln_core::nats::server::free_port().unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    let started = Instant::now();
+    let out = kiln(&["models", "--nats", &url]);
+    let took = started.elapsed();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&url) && stderr.contains("kiln up") && stderr.contains("--nats"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+}
+
+/// A model name longer than any fixed column, on two nodes: `kiln models` is a table whose
+/// columns line up, `--json` the reply; `kiln submit --wait` with stdout and stderr piped
+/// prints the job id on stdout and its progress on stderr; the nodes' log files (stderr to a
+/// file) hold no ANSI colours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_is_a_table_submit_shows_progress_without_a_terminal_and_logs_have_no_colours() {
+    let mut cluster = TestCluster::new();
+    let long = "a-model-name-that-is-longer-than-any-fixed-column-of-the-old-table";
+    let models = format!("{}{}", demo_model("demo", &[], 1, 60_000), NOOP_MODEL.replace("\"noop\"", &format!("{long:?}")));
+    cluster.add_node("node-with-a-rather-long-name-1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
+    cluster.wait_node_ready("node-with-a-rather-long-name-1", 1).await;
+    let url = cluster.url();
+
+    let out = kiln(&["models", "--nats", &url]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("MODEL") && lines.len() == 3, "{stdout}");
+    // Every column starts at the same character on every line: the ENGINE column, for one.
+    let engine_at = lines[0].find("ENGINE").unwrap();
+    for line in &lines[1..] {
+        let engine = &line[engine_at..];
+        assert!(engine.starts_with("process") || engine.starts_with("noop"), "misaligned:\n{stdout}");
+        assert!(line.contains("node-with-a-rather-long-name-1"), "{stdout}");
+    }
+    let json = kiln(&["models", "--json", "--nats", &url]);
+    let reply: kiln_core::protocol::ModelsReply = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(reply.models.len(), 2);
+    let jobs = kiln(&["jobs", "--json", "--nats", &url]);
+    assert!(serde_json::from_slice::<kiln_core::protocol::ListJobsReply>(&jobs.stdout).is_ok(), "{:?}", text(&jobs));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let out =
+        kiln(&["submit", "demo", "-i", "prompt=a fox", "-p", "steps=4", "-p", "step_ms=50", "--wait", "--out", out_dir, "--nats", &url]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().count(), 1, "stdout keeps the job id alone: {stdout}");
+    let job_id = stdout.trim();
+    assert!(stderr.contains(&format!("job {job_id}: running")), "{stderr}");
+    assert!(stderr.contains(&format!("job {job_id}: progress")), "{stderr}");
+    assert!(stderr.contains(&format!("job {job_id}: completed")), "{stderr}");
+
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file:\n{log}");
+}
+
+/// PROTOCOL: relative paths in a process engine's `command` resolve against the config file's
+/// folder. The node runs in another folder (the test's), the worker sits beside the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_named_relative_to_the_config_runs_whatever_folder_the_node_runs_in() {
+    let mut cluster = TestCluster::new();
+    std::fs::copy(demo_worker(), cluster.dir.path().join("my_worker.py")).unwrap();
+    let model = r#"
+[[models]]
+name = "beside"
+engine = { kind = "process", command = ["python3", "my_worker.py"], ready_timeout_ms = 20000 }
+max_attempts = 1
+"#;
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, model));
+    assert_ne!(std::env::current_dir().unwrap(), cluster.dir.path(), "the node runs elsewhere than its config");
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let job = client.submit(&prompt_request("beside", "x", serde_json::json!({"steps": 1, "step_ms": 1}))).await.unwrap().job_id;
+    let view = wait_terminal(&client, &job, Duration::from_secs(60)).await;
+    assert_eq!(view.status, JobState::Completed, "{view:?}\n{}", cluster.nodes[0].log_tail(30));
+}

@@ -390,7 +390,9 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
     let _one_browser = BROWSER.lock().await;
     let mut cluster = TestCluster::new();
     // One slot: the long job runs while the later ones queue behind it.
-    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &declared_demo("demo"));
+    // "studio" is the same worker taking an image too: its form has a file field.
+    let studio = declared_demo("studio").replace(r#"required_inputs = ["prompt"]"#, r#"required_inputs = ["prompt", "image"]"#);
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &format!("{}{studio}", declared_demo("demo")));
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 1).await;
     let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
@@ -429,7 +431,7 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
     assert!(running, "the long job never ran");
 
     let started = Instant::now();
-    let driver = Driver::start("history.mjs", &[&gateway.base, &retried, "demo", out_dir.to_str().unwrap()]);
+    let driver = Driver::start("history.mjs", &[&gateway.base, &retried, "studio", out_dir.to_str().unwrap()]);
     let (result, status, stderr) = driver.finish().await;
     let r = expect_success("history.mjs", &out_dir, &result, status, &stderr);
     println!("history.mjs took {:?}: {r}", started.elapsed());
@@ -502,6 +504,12 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
     assert_eq!(job["params"]["steps"], 3, "{job:#}");
     assert_eq!(job["params"]["sampler"], "euler", "{job:#}");
     assert_eq!(job["labels"], serde_json::json!({"user": "ada", "session": "s-7"}), "{job:#}");
+    // The file was uploaded and the job names it; the page links it and previews it.
+    let object = job["inputs"]["image"]["object"].as_str().unwrap_or_else(|| panic!("no uploaded image input: {job:#}"));
+    let image = &r["form"]["submitted_image"];
+    assert_eq!(image["object"], object, "{r}");
+    assert_eq!(image["width"], 1, "the 1x1 PNG previewed: {r}");
+    assert!(image["link"].as_str().is_some_and(|l| l.starts_with("/v1/files/uploads/")), "{r}");
     for shot in r["screenshots"].as_array().expect("screenshots") {
         let shot = Path::new(shot.as_str().expect("a path"));
         let (w, h) = png_size(shot);

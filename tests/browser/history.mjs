@@ -5,9 +5,10 @@
 //   b. the overview: the jobs list's progress cells, labels, paging ("Show more") and page
 //      height, and the queued count beside each model;
 //   c. the submit form of a model that declares params: one typed field per param, filled with
-//      its default; submits with a changed field and labels, and reads the new job's labels.
+//      its default; submits with a changed field, labels and a file for its `image` input, and
+//      reads the new job's labels and the uploaded input's link and preview.
 //
-//   node tests/browser/history.mjs <gateway_base_url> <retried_job_id> <model> <out_dir>
+//   node tests/browser/history.mjs <gateway_base_url> <retried_job_id> <form_model> <out_dir>
 //
 // Env: as console.mjs (KILN_CHROMIUM, KILN_NODE_MODULES; see launch.mjs).
 //
@@ -16,16 +17,19 @@
 //    stage, reason, ticks}], "inputs": [{name, object, value, preview}], "job_labels": [..],
 //    "list": {"rows", "more_visible", "rows_after_more", "page_height", "progress": [{job_id,
 //    stage, progress}], "labels": [..], "queued": {model: n}},
-//    "form": {"fields": [{name, type, kind, value}], "submitted_job_id", "submitted_labels": [..]},
+//    "form": {"fields": [{name, type, kind, value}], "submitted_job_id", "submitted_labels": [..],
+//             "submitted_image": {object, link, width}},
 //    "screenshots": [..], "console_errors": [..]}
 // Failure (exit 1): {"error", "step", "html", "url", "console_errors"}, with
 // <out_dir>/failure.png when a screenshot could still be taken.
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 
 import { describeFailure, launch, q } from './launch.mjs';
 
-const WAIT_MS = 30_000; // the page load, one view's data
+const WAIT_MS = 30_000;
+// A 1x1 PNG, for the file input.
+const TINY_PNG = 'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=='; // the page load, one view's data
 const WATCHDOG_MS = 150_000; // the whole run, so a hang still ends in a JSON line
 
 let step = 'args';
@@ -136,6 +140,10 @@ async function main() {
     await page.screenshot({ path: shots.at(-1), fullPage: true });
     step = 'fill and submit the form';
     await fill(page, 'input[name="input.prompt"]', 'a lighthouse at dusk');
+    // The image input as a file: uploaded to /v1/files by the page, then named in the job.
+    const png = path.join(outDir, 'tiny.png');
+    writeFileSync(png, Buffer.from(TINY_PNG, 'base64'));
+    await (await page.$('input[name="file.image"]')).uploadFile(png);
     await fill(page, 'input[name="param.steps"]', '3');
     await fill(page, 'input#labels', 'user=ada, session=s-7');
     await page.click('button#submit-button');
@@ -147,11 +155,19 @@ async function main() {
     step = 'wait for the new job\'s labels';
     await page.waitForSelector('#job-labels .label-chip');
     const submittedLabels = await page.$$eval('#job-labels .label-chip', (cs) => cs.map((c) => c.textContent));
+    step = 'wait for the uploaded input\'s preview';
+    const submittedImage = await page.waitForFunction(() => {
+      const row = document.querySelector('#job-inputs .input[data-name="image"]');
+      const img = row?.querySelector('img.input-preview');
+      return img && img.complete && img.naturalWidth > 0
+        ? { object: row.getAttribute('data-object'), link: row.querySelector('a.input-link')?.getAttribute('href'), width: img.naturalWidth }
+        : false;
+    }, { polling: 100, timeout: WAIT_MS }).then((h) => h.jsonValue());
 
     emit({
       ...job,
       list,
-      form: { fields, submitted_job_id: submitted, submitted_labels: submittedLabels },
+      form: { fields, submitted_job_id: submitted, submitted_labels: submittedLabels, submitted_image: submittedImage },
       screenshots: shots,
       console_errors: consoleErrors,
     });

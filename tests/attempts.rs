@@ -105,3 +105,32 @@ async fn a_job_past_its_timeout_leaves_a_timeout_reason_before_the_next_attempt(
     // The first attempt has no reason to give.
     assert!(!events.iter().any(|e| e.kind == EventKind::Retrying && e.attempt == 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_and_restarted_under_its_name_gives_node_lost_for_its_job() {
+    let mut cluster = TestCluster::new();
+    // A short ack wait: whether the restarted node hands its old deliveries back at once or
+    // they return after the ack wait, the reason is the same.
+    let node = cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 3_000, &demo_model("demo", &[], 3, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let reply = client.submit(&prompt_request("demo", "victim", serde_json::json!({"steps": 20, "step_ms": 100}))).await.unwrap();
+    let mut events = client.events(&reply.job_id).await.unwrap().boxed();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.next()).await.expect("progress within 30 s").unwrap();
+        if e.kind == EventKind::Progress && e.attempt == 1 && e.progress.is_some_and(|p| p > 0.0) {
+            break;
+        }
+    }
+    drop(events);
+    cluster.nodes[node].signal(libc::SIGKILL);
+    cluster.nodes[node].wait_exit(Duration::from_secs(5));
+    cluster.nodes[node].start();
+    cluster.wait_node_ready("n1", 1).await;
+
+    let view = wait_terminal(&client, &reply.job_id, Duration::from_secs(60)).await;
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 2), "{view:?}");
+    let events = history(&client, &reply.job_id).await;
+    let retrying = retrying_before(&events, 2);
+    assert_eq!(retrying.reason, Some(RetryReason::NodeLost), "{retrying:?}\n{}", cluster.nodes[node].log());
+}

@@ -45,6 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(e) = tokio::time::timeout(Duration::from_secs(600), events.next()).await? {
         match e.kind {
             EventKind::Status => println!("status   {}", e.status.map(|s| s.as_str()).unwrap_or("?")),
+            EventKind::Retrying => println!("retrying attempt {}: {}", e.attempt, e.message.unwrap_or_default()),
             EventKind::Progress => println!("progress {:>5.1}% {}", e.progress.unwrap_or(0.0), e.stage.unwrap_or_default()),
             EventKind::Message => println!("log      {}", e.message.unwrap_or_default()),
             EventKind::Artifact => println!("artifact {}", e.artifact.map(|a| a.name).unwrap_or_default()),

@@ -960,6 +960,12 @@ impl ApiService {
         }
         jobs.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.job_id.cmp(&b.job_id)));
         jobs.truncate(limit);
+        // Where each running job is: one read of its newest event (running jobs are few, at
+        // most the cluster's slots). A failed read only leaves the stage out.
+        for view in jobs.iter_mut().filter(|v| v.status == JobState::Running) {
+            let last = self.resources.last_event(&view.job_id).await.ok().flatten();
+            view.show_progress(last.as_ref());
+        }
         Ok(ListJobsReply { jobs })
     }
 

@@ -4,7 +4,8 @@
 //! (KILN_CHROMIUM, KILN_NODE_MODULES); without them the tests fail, saying so.
 //!
 //! `KILN_CONSOLE_SCREENSHOTS=<dir>` copies the job page and overview screenshots of a passing
-//! run there (docs/console-job.png and docs/console-overview.png come from such a run).
+//! run there (docs/console-job.png and docs/console-overview.png come from such a run; the
+//! attempts, jobs list and submit form ones from `console_shows_attempts_...`).
 
 mod common;
 
@@ -360,4 +361,158 @@ fn assert_badges_match(v: &Value) {
 
 fn own((node, slot, state): (&str, &str, &str)) -> (String, String, String) {
     (node.into(), slot.into(), state.into())
+}
+
+/// A model that declares its params (the demo worker's own), so the submit form offers them.
+fn declared_demo(name: &str) -> String {
+    format!(
+        r#"{}params = [
+  {{ name = "steps", kind = "int", min = 1, max = 1000, default = 5 }},
+  {{ name = "step_ms", kind = "float", min = 0, max = 60000, default = 100 }},
+  {{ name = "seed", kind = "int", default = 0 }},
+  {{ name = "sampler", kind = "str", choices = ["euler", "ddim"], default = "euler" }},
+  {{ name = "preview", kind = "bool", default = false }},
+  {{ name = "crash_on_attempts", kind = "any" }},
+]
+"#,
+        demo_model(name, &[], 3, 60_000)
+    )
+}
+
+/// Issue 23 items 7 and 16: the job page shows each attempt (its time and how it ended, with
+/// the reason of the retry), the whole job's time, a timeline whose progress ticks collapse,
+/// the job's inputs and labels; the jobs list shows stage and progress, labels, a bounded
+/// page with "Show more", and the queued count per model; the submit form offers the model's
+/// declared params as typed fields and sets labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_attempts_progress_paging_labels_and_params() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    let mut cluster = TestCluster::new();
+    // One slot: the long job runs while the later ones queue behind it.
+    // "studio" is the same worker taking an image too: its form has a file field.
+    let studio = declared_demo("studio").replace(r#"required_inputs = ["prompt"]"#, r#"required_inputs = ["prompt", "image"]"#);
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &format!("{}{studio}", declared_demo("demo")));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+    let http = http();
+    let submit = |body: Value| {
+        let (http, url) = (http.clone(), gateway.url("/v1/jobs"));
+        async move {
+            let reply: Value = http.post(url).json(&body).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+            reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}")).to_string()
+        }
+    };
+    let status_of = |id: String| {
+        let (http, url) = (http.clone(), gateway.url(&format!("/v1/jobs/{id}")));
+        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
+    };
+
+    // A job whose worker crashes on attempt 1: attempt 2 completes it.
+    let retried = submit(serde_json::json!({"model": "demo", "inputs": {"prompt": "a red fox"}, "labels": {"user": "bo"},
+        "params": {"steps": 12, "step_ms": 30, "crash_on_attempts": [1]}}))
+    .await;
+    let done =
+        eventually(Duration::from_secs(60), || async { status_of(retried.clone()).await.is_some_and(|j| j["status"] == "completed") })
+            .await;
+    assert!(done, "job {retried} did not complete: {:?}", status_of(retried.clone()).await);
+    // More jobs than a page, then a long one that runs and three queued behind it.
+    for i in 0..24 {
+        submit(serde_json::json!({"model": "demo", "inputs": {"prompt": format!("p{i}")}, "labels": {"run": "fill"}, "params": {"steps": 1, "step_ms": 0}})).await;
+    }
+    let long = submit(serde_json::json!({"model": "demo", "inputs": {"prompt": "long"}, "params": {"steps": 400, "step_ms": 250}})).await;
+    for i in 0..3 {
+        submit(serde_json::json!({"model": "demo", "inputs": {"prompt": format!("q{i}")}, "params": {"steps": 1, "step_ms": 0}})).await;
+    }
+    let running =
+        eventually(Duration::from_secs(60), || async { status_of(long.clone()).await.is_some_and(|j| j["status"] == "running") }).await;
+    assert!(running, "the long job never ran");
+
+    let started = Instant::now();
+    let driver = Driver::start("history.mjs", &[&gateway.base, &retried, "studio", out_dir.to_str().unwrap()]);
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("history.mjs", &out_dir, &result, status, &stderr);
+    println!("history.mjs took {:?}: {r}", started.elapsed());
+    let shots: Vec<PathBuf> =
+        r["screenshots"].as_array().expect("screenshots").iter().map(|v| PathBuf::from(v.as_str().unwrap())).collect();
+    keep_screenshots(&[(&shots[0], "console-attempts.png"), (&shots[1], "console-jobs.png"), (&shots[2], "console-submit.png")]);
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+
+    // a. Each attempt, how it ended and why the next one ran; the whole job's time.
+    let attempts = r["attempts"].as_array().expect("attempts");
+    let summary: Vec<(u64, &str, &str)> = attempts
+        .iter()
+        .map(|a| (a["attempt"].as_u64().unwrap(), a["outcome"].as_str().unwrap(), a["reason"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(summary, [(1, "failed", "worker_crashed"), (2, "completed", "")], "{r}");
+    assert!(attempts.iter().all(|a| !a["time"].as_str().unwrap_or("").is_empty()), "every attempt shows its time: {r}");
+    let view = status_of(retried.clone()).await.expect("the job's view");
+    let total = view["finished_ms"].as_u64().unwrap() - view["created_ms"].as_u64().unwrap();
+    assert_eq!(r["total_ms"].as_u64(), Some(total), "the whole job's time, from submission to end: {r}");
+    let timeline = r["timeline"].as_array().expect("timeline");
+    let retrying: Vec<&Value> = timeline.iter().filter(|e| e["type"] == "retrying").collect();
+    assert_eq!(retrying.len(), 1, "{r}");
+    assert_eq!(retrying[0]["reason"], "worker_crashed", "{r}");
+    assert_eq!(retrying[0]["attempt"], "2", "{r}");
+    // 12 inference ticks in attempt 2 (and at most 1 in attempt 1) fold into a few rows.
+    let progress_rows: Vec<&Value> = timeline.iter().filter(|e| e["type"] == "progress").collect();
+    let ticks: u64 = progress_rows.iter().map(|e| e["ticks"].as_u64().unwrap()).sum();
+    assert!(ticks >= 12, "every tick is counted: {r}");
+    assert!(progress_rows.len() <= 6, "consecutive progress ticks collapse (stages preparing, inference, encoding per attempt): {r}");
+    let same_row = |a: &Value, b: &Value| {
+        a["type"] == "progress" && b["type"] == "progress" && a["attempt"] == b["attempt"] && a["stage"] == b["stage"]
+    };
+    assert!(!timeline.windows(2).any(|w| same_row(&w[0], &w[1])), "two rows for one run of ticks: {r}");
+    let inputs = r["inputs"].as_array().expect("inputs");
+    assert_eq!(inputs.len(), 1, "{r}");
+    assert_eq!((inputs[0]["name"].as_str(), inputs[0]["value"].as_str()), (Some("prompt"), Some("a red fox")), "{r}");
+    assert_eq!(r["job_labels"], serde_json::json!(["user=bo"]), "{r}");
+
+    // b. The list: a bounded page with more, progress of the running job, labels, queued count.
+    let list = &r["list"];
+    assert_eq!(list["rows"], 20, "one page of 20 jobs: {r}");
+    assert_eq!(list["more_visible"], true, "{r}");
+    assert!(list["rows_after_more"].as_u64().unwrap() > 20, "{r}");
+    // One line per job: 20 rows, the cluster and the models fit in well under 2,000 px (the
+    // list without paging was 3,100 px after 60 jobs).
+    assert!(list["page_height"].as_u64().unwrap() < 1_800, "the page stays bounded: {r}");
+    let progress = list["progress"].as_array().expect("progress");
+    assert!(
+        progress.iter().any(|p| p["job_id"] == long.as_str() && p["stage"] == "inference" && p["progress"].as_f64().unwrap() > 0.0),
+        "{r}"
+    );
+    assert!(list["labels"].as_array().unwrap().iter().any(|l| l == "run=fill"), "{r}");
+    assert!(list["queued"]["demo"].as_u64().unwrap() >= 1, "{r}");
+
+    // c. The form: typed fields with defaults; the submitted job has them and the labels.
+    let fields: Vec<(String, String, Value)> = r["form"]["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_string(), f["type"].as_str().unwrap().to_string(), f["value"].clone()))
+        .collect();
+    let field = |name: &str| fields.iter().find(|f| f.0 == name).unwrap_or_else(|| panic!("no field {name}: {r}")).clone();
+    assert_eq!(field("steps"), ("steps".into(), "number".into(), Value::from("5")), "{r}");
+    assert_eq!(field("sampler"), ("sampler".into(), "select".into(), Value::from("euler")), "{r}");
+    assert_eq!(field("preview"), ("preview".into(), "checkbox".into(), Value::from(false)), "{r}");
+    assert_eq!(field("crash_on_attempts").1, "text", "{r}");
+    let submitted = r["form"]["submitted_job_id"].as_str().expect("submitted job").to_string();
+    assert_eq!(r["form"]["submitted_labels"], serde_json::json!(["session=s-7", "user=ada"]), "{r}");
+    let job = status_of(submitted.clone()).await.expect("the submitted job");
+    assert_eq!(job["params"]["steps"], 3, "{job:#}");
+    assert_eq!(job["params"]["sampler"], "euler", "{job:#}");
+    assert_eq!(job["labels"], serde_json::json!({"user": "ada", "session": "s-7"}), "{job:#}");
+    // The file was uploaded and the job names it; the page links it and previews it.
+    let object = job["inputs"]["image"]["object"].as_str().unwrap_or_else(|| panic!("no uploaded image input: {job:#}"));
+    let image = &r["form"]["submitted_image"];
+    assert_eq!(image["object"], object, "{r}");
+    assert_eq!(image["width"], 1, "the 1x1 PNG previewed: {r}");
+    assert!(image["link"].as_str().is_some_and(|l| l.starts_with("/v1/files/uploads/")), "{r}");
+    for shot in r["screenshots"].as_array().expect("screenshots") {
+        let shot = Path::new(shot.as_str().expect("a path"));
+        let (w, h) = png_size(shot);
+        println!("screenshot: {} ({w}x{h})", shot.display());
+    }
 }

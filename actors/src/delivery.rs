@@ -9,6 +9,8 @@
 //!      ▼
 //! claim attempt n (compare-and-set) ── lost ──► re-read and decide again
 //!      ▼
+//! n > 1: `retrying` event (its reason from the record the claim replaced), stored first
+//!      ▼
 //! `running` event (its ack awaited before any later event, not before the engine starts),
 //! in_progress ticker
 //!      ▼ ... the pipeline runs ...
@@ -43,6 +45,7 @@ use kiln_core::nats::jobs::{QueueMessage, Versioned};
 use kiln_core::nats::{CasError, Resources, StoreError};
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
+use kiln_core::retry_reason::{self, OwnerLife};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::NodeContext;
@@ -288,6 +291,9 @@ impl Delivery {
             self.await_listing().await;
         }
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
+        // The record the winning claim replaced: what it says about the previous attempt is
+        // the reason of this one (its `retrying` event).
+        let replaced = std::sync::Mutex::new(None::<JobRecord>);
         let this = &*self;
         let delivered = cas::update_with(
             &this.job_id,
@@ -295,7 +301,10 @@ impl Delivery {
             || async { Ok(this.get_job_awaiting_record().await?.map(Versioned::into_pair)) },
             |next, revision| async move { this.ctx.resources.update_job(&next, revision).await },
             |record| match job::apply_delivery(record, &owner, kiln_core::now_ms()) {
-                Ok(next) => Step::Write(next),
+                Ok(next) => {
+                    *replaced.lock().expect("not poisoned") = Some(record.clone());
+                    Step::Write(next)
+                }
                 // Only an ended record is refused: a crash came between its terminal write and
                 // its event or ack.
                 Err(_) => Step::Stop(record.clone()),
@@ -322,6 +331,9 @@ impl Delivery {
         if next.state == JobState::Running {
             self.attempt = next.attempt;
             self.current = Some(Versioned { record: next, revision });
+            if let Some(previous) = replaced.into_inner().expect("not poisoned") {
+                self.announce_retry(&previous).await;
+            }
             return Ok(None);
         }
         // Ended before it ran: cancelled, past its deadline, or out of attempts.
@@ -331,6 +343,38 @@ impl Delivery {
         }
         self.ack(AckKind::Ack).await;
         Ok(Some(DeliveryEnd::Terminal(next.state)))
+    }
+
+    /// Publishes this attempt's `retrying` event (when it is not the first) and waits until it
+    /// is stored, so the history says why the attempt runs before its `running` does. Only
+    /// retried attempts pay the round trip. Where the previous attempt was still `running`,
+    /// its owner's registry entry tells a lost node from a live one that went silent.
+    async fn announce_retry(&mut self, previous: &JobRecord) {
+        let life = match (&previous.state, &previous.owner) {
+            (JobState::Running, Some(owner)) => self.owner_life(previous, &owner.node).await,
+            _ => OwnerLife::Unknown,
+        };
+        let Some((reason, message)) = retry_reason::why_next_attempt(previous, life) else { return };
+        tracing::info!(job_id = %self.job_id, attempt = self.attempt, reason = reason.as_str(), %message, "retrying");
+        let error = if previous.state == JobState::Retrying { previous.error.clone() } else { None };
+        let event = Event::retrying(&self.job_id, self.attempt, reason, message, error).labelled(&previous.labels);
+        self.events_sent += 1;
+        let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
+        ensure_stored(self.ctx.resources.clone(), &self.job_id, PendingEvent { event, msg_id, ack: None }, &self.last_seq).await;
+    }
+
+    /// What the registry (read from the server, not the cache) says about the life of `node`,
+    /// which owned the `previous` attempt.
+    async fn owner_life(&self, previous: &JobRecord, node: &str) -> OwnerLife {
+        let entry = match self.ctx.resources.node_entry_fresh(node).await {
+            Ok(entry) => entry,
+            Err(_) => return OwnerLife::Unknown,
+        };
+        let handed_back = match &entry {
+            Some(e) => self.ctx.resources.claim_exists(&kiln_core::nats::lost_claim_key(node, e.started_ms)).await.unwrap_or(false),
+            None => false,
+        };
+        retry_reason::owner_life(previous.started_ms, entry.map(|e| e.started_ms), handed_back)
     }
 
     /// Waits (once) until the node's registry entry lists this delivery: nothing is claimed or

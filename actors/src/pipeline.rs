@@ -122,7 +122,7 @@ impl Pipeline {
             Ok(ractor::rpc::CallResult::Success(result)) => result?,
             Ok(ractor::rpc::CallResult::Timeout) => return Err(EngineError::Timeout(model_timeout)),
             Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
-                return Err(EngineError::WorkerDied("the inference actor stopped while running the job".into()))
+                return Err(EngineError::WorkerDied(kiln_core::retry_reason::SLOT_STOPPED.into()))
             }
         };
         // The model is done: the slot takes its next job while this one's stages run (and,

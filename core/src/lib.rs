@@ -11,6 +11,7 @@
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
+//! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
 //! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
 //! | [`models`]    | the cluster's models from the registry's node entries; the conflict rule    |
 //! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
@@ -42,6 +43,7 @@ pub mod params;
 pub mod placement;
 pub mod policy;
 pub mod protocol;
+pub mod retry_reason;
 pub mod stage;
 pub mod stall;
 

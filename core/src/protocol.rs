@@ -278,6 +278,12 @@ pub struct JobView {
     /// The labels it was submitted with (always sent, empty or not, like every list).
     #[serde(default)]
     pub labels: Labels,
+    /// While it runs: the stage and percentage of its newest event, when that is a
+    /// `progress` event (a list shows where each running job is without following them all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f32>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -303,6 +309,19 @@ impl From<&JobRecord> for JobView {
             inputs: r.inputs.clone(),
             params: r.params.clone(),
             labels: r.labels.clone(),
+            stage: None,
+            progress: None,
+        }
+    }
+}
+
+impl JobView {
+    /// Shows where the running attempt is by the job's newest event (`last`),
+    /// when that is a progress event of the current attempt. Pure.
+    pub fn show_progress(&mut self, last: Option<&Event>) {
+        if let Some(e) = last.filter(|e| self.status == JobState::Running && e.kind == EventKind::Progress && e.attempt == self.attempt) {
+            self.stage = e.stage.clone();
+            self.progress = e.progress;
         }
     }
 }
@@ -487,6 +506,9 @@ pub struct ClusterReply {
 pub enum EventKind {
     /// `status` changed: queued, running, retrying, completed, failed, cancelled.
     Status,
+    /// Attempt `attempt` is about to start (just before its `running`): `reason` says why the
+    /// previous attempt did not finish the job, `message` says it for people.
+    Retrying,
     /// The engine reported a stage and/or a percentage.
     Progress,
     /// A line the engine logged.
@@ -537,6 +559,9 @@ pub struct Event {
     /// The job's labels, on every event of a labelled job (left out when it has none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// `retrying`: why the previous attempt did not finish the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<crate::retry_reason::RetryReason>,
 }
 
 /// The item an `item_completed` / `item_failed` event is about.
@@ -567,6 +592,26 @@ impl Event {
             item: None,
             summary: None,
             labels: Labels::new(),
+            reason: None,
+        }
+    }
+
+    /// Attempt `attempt` starts for `reason` (see [`crate::retry_reason`]); `error` is the
+    /// previous attempt's, when it wrote one.
+    pub fn retrying(
+        job_id: &str,
+        attempt: u32,
+        reason: crate::retry_reason::RetryReason,
+        message: String,
+        error: Option<ApiError>,
+    ) -> Self {
+        Event {
+            kind: EventKind::Retrying,
+            status: None,
+            reason: Some(reason),
+            message: Some(message),
+            error,
+            ..Event::status(job_id, attempt, JobState::Running)
         }
     }
 
@@ -797,6 +842,24 @@ pub struct PingReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_view_shows_the_stage_of_its_attempts_newest_progress_only() {
+        let mut record = JobRecord::queued("j", "m", 3, 0);
+        (record.state, record.attempt) = (JobState::Running, 2);
+        let tick = |attempt| Event::progress("j", attempt, Some("inference".into()), Some(44.0));
+        let shown = |last: Option<&Event>, state| {
+            let mut view = JobView { status: state, ..JobView::from(&record) };
+            view.show_progress(last);
+            (view.stage, view.progress)
+        };
+        assert_eq!(shown(Some(&tick(2)), JobState::Running), (Some("inference".into()), Some(44.0)));
+        // An older, fenced attempt's tick, another kind of event, or a job that is not running.
+        assert_eq!(shown(Some(&tick(1)), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&Event::message("j", 2, "hi".into())), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&tick(2)), JobState::Completed), (None, None));
+        assert_eq!(shown(None, JobState::Running), (None, None));
+    }
 
     #[test]
     fn an_upload_reference_is_exactly_one_object_key_with_a_string() {

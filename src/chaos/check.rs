@@ -113,7 +113,8 @@ pub fn check_history(id: &str, view: &JobView, history: &[Event]) -> HistoryChec
         newest = newest.max(e.attempt);
     }
     if end.attempt > 0 {
-        let own: Vec<&Event> = history.iter().filter(|e| e.attempt == end.attempt).collect();
+        // Its `retrying` event (why it runs) comes just before its `running`.
+        let own: Vec<&Event> = history.iter().filter(|e| e.attempt == end.attempt && e.kind != EventKind::Retrying).collect();
         if own.first().is_some_and(|e| !(e.kind == EventKind::Status && e.status == Some(JobState::Running))) {
             c.order.push(format!("{id}: attempt {} does not begin with its running event", end.attempt));
         }
@@ -422,6 +423,7 @@ impl Checker {
 mod tests {
     use super::*;
     use kiln_core::protocol::{Artifact, GpuEntry, NodeEntry};
+    use kiln_core::retry_reason::RetryReason;
 
     fn view(status: JobState, attempt: u32, artifacts: Vec<Artifact>) -> JobView {
         JobView {
@@ -441,6 +443,8 @@ mod tests {
             cancel_requested: false,
             dead_letter: false,
             labels: Default::default(),
+            stage: None,
+            progress: None,
             batch: None,
             inputs: Default::default(),
             params: Default::default(),
@@ -463,6 +467,8 @@ mod tests {
             Event::status("j", 0, JobState::Queued),
             Event::status("j", 1, JobState::Running),
             Event::status("j", 1, JobState::Retrying),
+            // Why attempt 2 runs, just before its `running` (issue 23 item 7).
+            Event::retrying("j", 2, RetryReason::WorkerCrashed, "attempt 1 failed".into(), None),
             Event::status("j", 2, JobState::Running),
             Event::artifact("j", 2, artifact("aa")),
             Event::status("j", 2, JobState::Completed),
@@ -486,7 +492,7 @@ mod tests {
         let mut two_ends = good_history();
         two_ends.push(Event::status("j", 2, JobState::Failed));
         assert_eq!(check_history("j", &v, &two_ends).endings.len(), 1, "two terminal events");
-        let no_end: Vec<Event> = good_history().into_iter().take(5).collect();
+        let no_end: Vec<Event> = good_history().into_iter().take(6).collect();
         assert_eq!(check_history("j", &v, &no_end).endings.len(), 1, "no terminal event");
         let disagrees = view(JobState::Failed, 2, vec![]);
         assert_eq!(check_history("j", &disagrees, &good_history()).endings.len(), 1, "the record says otherwise");
@@ -498,14 +504,14 @@ mod tests {
         let other_sha = view(JobState::Completed, 2, vec![artifact("bb")]);
         assert_eq!(check_history("j", &other_sha, &good_history()).order.len(), 1, "an artifact never announced");
         let mut late_old = good_history();
-        late_old.insert(4, Event::message("j", 1, "fenced attempt 1, late".into()));
+        late_old.insert(5, Event::message("j", 1, "fenced attempt 1, late".into()));
         let c = check_history("j", &v, &late_old);
         assert!(c.order.is_empty() && c.interleaved == 1, "a fenced attempt's late event is counted, not an error: {c:?}");
         let mut no_running: Vec<Event> = good_history();
-        no_running.remove(3);
+        no_running.remove(4);
         assert!(!check_history("j", &v, &no_running).order.is_empty(), "the ending attempt without its running event");
         let mut progress_first = good_history();
-        progress_first.insert(3, Event::progress("j", 2, None, Some(10.0)));
+        progress_first.insert(4, Event::progress("j", 2, None, Some(10.0)));
         assert_eq!(check_history("j", &v, &progress_first).order.len(), 1, "attempt 2 progressed before it ran");
     }
 

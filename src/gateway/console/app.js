@@ -58,6 +58,14 @@ function fmtDateTime(ms) {
   return ms ? new Date(ms).toLocaleString() : '';
 }
 
+// A time of today as HH:MM:SS, of another day with its date.
+function fmtShortTime(ms) {
+  if (!ms) return '';
+  const d = new Date(ms);
+  const today = new Date().toDateString() === d.toDateString();
+  return today ? d.toLocaleTimeString() : d.toLocaleString();
+}
+
 // HH:MM:SS.mmm: the timeline needs sub-second resolution to show ordering.
 function fmtClock(ms) {
   if (!ms) return '';
@@ -79,6 +87,35 @@ function fmtDuration(ms) {
 function fmtAge(ms) {
   if (!ms) return '';
   return `${fmtDuration(Math.max(0, Date.now() - ms))} ago`;
+}
+
+// name=value chips for a job's labels (sorted, as the server keeps them).
+function labelChips(labels) {
+  const entries = Object.entries(labels || {});
+  if (!entries.length) return null;
+  return h('span', { class: 'labels' }, entries.map(([k, v]) => h('span', { class: 'label-chip', 'data-label': k, title: `${k}=${v}`, text: `${k}=${v}` })));
+}
+
+// Media kinds the browser can show inline, by content type or, for inputs (which carry
+// none), by the file name's extension.
+function mediaKind(contentType, name) {
+  const type = (contentType || '').toLowerCase();
+  if (/^image\/(png|jpeg|gif|webp)\b/.test(type)) return 'image';
+  if (/^video\//.test(type)) return 'video';
+  if (/^audio\//.test(type)) return 'audio';
+  if (type) return null;
+  const ext = (String(name || '').match(/\.([a-z0-9]+)$/i) || [])[1]?.toLowerCase();
+  if (['png', 'jpg', 'jpeg', 'gif', 'webp'].includes(ext)) return 'image';
+  if (['mp4', 'webm', 'mov', 'm4v'].includes(ext)) return 'video';
+  if (['mp3', 'wav', 'ogg', 'flac', 'm4a'].includes(ext)) return 'audio';
+  return null;
+}
+
+function mediaPreview(kind, url, name, cls = 'artifact-preview') {
+  if (kind === 'image') return h('img', { class: cls, src: withToken(url), alt: name, loading: 'lazy' });
+  if (kind === 'video') return h('video', { class: cls, src: withToken(url), controls: true, preload: 'metadata' });
+  if (kind === 'audio') return h('audio', { class: `${cls} audio`, src: withToken(url), controls: true, preload: 'metadata' });
+  return null;
 }
 
 function fmtError(err) {
@@ -252,7 +289,9 @@ function notFound(view, what) {
 // ---------------------------------------------------------------- overview
 
 // Filters survive navigating to a job and back.
-const jobFilters = { status: '', model: '' };
+// The list shows `limit` jobs, newest first; "Show more" raises it by a page.
+const JOBS_PAGE = 20;
+const jobFilters = { status: '', model: '', limit: JOBS_PAGE };
 
 function renderOverview(ctx, view) {
   const nodeSummary = h('ul', { class: 'node-summary' });
@@ -261,6 +300,8 @@ function renderOverview(ctx, view) {
   const modelsList = h('ul', { id: 'models' });
   const jobsBody = h('tbody');
   const jobsErr = h('span', { class: 'hint' });
+  const jobsCount = h('span', { id: 'jobs-count', class: 'muted' });
+  const jobsMore = h('button', { id: 'jobs-more', type: 'button', class: 'secondary', text: `Show ${JOBS_PAGE} more`, hidden: true });
 
   const statusSelect = h('select', { id: 'filter-status', 'aria-label': 'Filter by status' },
     h('option', { value: '', text: 'all statuses' }),
@@ -296,9 +337,9 @@ function renderOverview(ctx, view) {
         h('div', { class: 'panel-head' }, h('h3', { text: 'Jobs' }), statusSelect, modelSelect,
           h('span', { class: 'spacer' }), jobsErr),
         h('table', { id: 'jobs' },
-          h('thead', {}, h('tr', {}, ['Job', 'Model', 'Status', 'Attempt', 'Created', 'Duration', 'Placement', 'Batch']
-            .map((t) => h('th', { text: t })))),
-          jobsBody))));
+          h('thead', {}, h('tr', {}, JOB_COLUMNS.map((t) => h('th', { text: t })))),
+          jobsBody),
+        h('div', { class: 'list-foot' }, jobsCount, jobsMore))));
 
   const refreshCluster = serial(async () => {
     try {
@@ -312,21 +353,47 @@ function renderOverview(ctx, view) {
   });
 
   const refreshJobs = serial(async () => {
-    const query = new URLSearchParams({ limit: '50' });
+    // One more than shown tells whether there are more.
+    const query = new URLSearchParams({ limit: String(jobFilters.limit + 1) });
     if (jobFilters.status) query.set('status', jobFilters.status);
     if (jobFilters.model) query.set('model', jobFilters.model);
     try {
       const data = await api(`/v1/jobs?${query}`);
       if (!ctx.alive) return;
-      renderJobRows(data.jobs || [], jobsBody);
+      const jobs = data.jobs || [];
+      const more = jobs.length > jobFilters.limit;
+      const shown = jobs.slice(0, jobFilters.limit);
+      renderJobRows(shown, jobsBody);
+      jobsCount.textContent = shown.length ? `newest ${shown.length}${more ? '' : ' (all)'}` : '';
+      jobsMore.hidden = !more;
       jobsErr.textContent = '';
     } catch (err) {
       jobsErr.textContent = `update failed: ${err}`;
     }
   });
 
-  statusSelect.addEventListener('change', () => { jobFilters.status = statusSelect.value; refreshJobs(); });
-  modelSelect.addEventListener('change', () => { jobFilters.model = modelSelect.value; refreshJobs(); });
+  // How many jobs wait in the queue, per model (shown beside each model).
+  const refreshQueued = serial(async () => {
+    try {
+      const data = await api('/v1/jobs?status=queued&limit=1000');
+      if (!ctx.alive) return;
+      const counts = new Map();
+      for (const j of data.jobs || []) counts.set(j.model, (counts.get(j.model) || 0) + 1);
+      for (const el of modelsList.querySelectorAll('.queued-count')) {
+        const n = counts.get(el.getAttribute('data-model')) || 0;
+        el.setAttribute('data-count', n);
+        el.textContent = `${n} queued`;
+        el.classList.toggle('zero', n === 0);
+      }
+    } catch (err) {
+      console.warn(err);
+    }
+  });
+
+  const resetPage = () => { jobFilters.limit = JOBS_PAGE; };
+  statusSelect.addEventListener('change', () => { jobFilters.status = statusSelect.value; resetPage(); refreshJobs(); });
+  modelSelect.addEventListener('change', () => { jobFilters.model = modelSelect.value; resetPage(); refreshJobs(); });
+  jobsMore.addEventListener('click', () => { jobFilters.limit += JOBS_PAGE; refreshJobs(); });
 
   // Models change only with the config, so one fetch (retried until it works) is enough.
   ctx.every(5000, async () => {
@@ -336,12 +403,14 @@ function renderOverview(ctx, view) {
       if (!ctx.alive) return;
       renderModels(data.models || [], modelsList, modelSelect);
       modelsList.dataset.loaded = '1';
+      refreshQueued();
     } catch (err) {
       modelsList.replaceChildren(h('li', { class: 'muted', text: `Could not load models: ${err}` }));
     }
   });
   ctx.every(1000, refreshCluster);
   ctx.every(2000, refreshJobs);
+  ctx.every(3000, refreshQueued);
 }
 
 function renderCluster(data, summary, body) {
@@ -370,6 +439,7 @@ function renderModels(models, list, select) {
   list.replaceChildren(...models.map((m) => h('li', {},
     h('div', { class: 'model-head' },
       h('strong', { text: m.name }),
+      h('span', { class: 'queued-count zero', 'data-model': m.name, text: '' }),
       h('a', { class: 'submit-link', 'data-model': m.name, href: `#/submit/${encodeURIComponent(m.name)}`, text: 'submit' })),
     h('div', { class: 'model-meta', text: [
       m.engine && `engine ${m.engine}`,
@@ -386,16 +456,36 @@ function renderModels(models, list, select) {
   select.value = jobFilters.model;
 }
 
+const JOB_COLUMNS = ['Job', 'Model', 'Status', 'Progress', 'Attempt', 'Labels', 'Created', 'Duration', 'Placement', 'Batch'];
+
+// Where a running job is: its stage and a small bar (the list's view carries both).
+function progressCell(j) {
+  const td = h('td', { class: 'job-progress' });
+  if (j.status !== 'running') return td;
+  if (j.stage) td.setAttribute('data-stage', j.stage);
+  if (j.progress != null) {
+    const p = Math.max(0, Math.min(100, Number(j.progress)));
+    td.setAttribute('data-progress', p);
+    td.append(h('progress', { max: 100, value: p }), h('span', { class: 'pct', text: `${Math.round(p)}%` }));
+  }
+  td.append(h('span', { class: 'stage muted', text: j.stage || (j.progress == null ? 'starting' : '') }));
+  return td;
+}
+
 function renderJobRows(jobs, body) {
   const rows = jobs.map((j) => {
-    const end = j.finished_ms || (j.started_ms ? Date.now() : null);
-    const row = h('tr', { class: 'job-row', 'data-job-id': j.job_id },
-      h('td', {}, jobLink(j.job_id)),
+    // The whole job's time: from its submission to its end (or now).
+    const end = j.finished_ms || Date.now();
+    const row = h('tr', { class: 'job-row', 'data-job-id': j.job_id, 'data-status': j.status },
+      // The id's first 8 characters keep a row on one line; the whole id is its title.
+      h('td', { class: 'job-id' }, h('a', { href: `#/jobs/${encodeURIComponent(j.job_id)}`, class: 'mono', title: j.job_id, text: String(j.job_id).slice(0, 8) })),
       h('td', { text: j.model }),
       h('td', {}, badge(j.status)),
+      progressCell(j),
       h('td', { text: `${j.attempt ?? 0}/${j.max_attempts ?? '?'}` }),
-      h('td', { class: 'muted', text: fmtDateTime(j.created_ms) }),
-      h('td', { class: 'muted', text: j.started_ms ? fmtDuration(end - j.started_ms) : '' }),
+      h('td', { class: 'job-labels' }, labelChips(j.labels)),
+      h('td', { class: 'muted nowrap', title: fmtDateTime(j.created_ms), text: fmtShortTime(j.created_ms) }),
+      h('td', { class: 'muted nowrap', title: 'since it was submitted', text: j.created_ms ? fmtDuration(end - j.created_ms) : '' }),
       h('td', { text: j.node ? `${j.node}/${j.slot ?? '?'}` : '' }),
       h('td', {}, j.batch ? batchLink(j.batch.batch_id, `${j.batch.batch_id}#${j.batch.index}`) : ''));
     // The whole row is clickable; clicks on the inner links keep their own target.
@@ -404,7 +494,7 @@ function renderJobRows(jobs, body) {
     });
     return row;
   });
-  body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: 8, class: 'empty', text: 'No jobs match.' }))]));
+  body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: JOB_COLUMNS.length, class: 'empty', text: 'No jobs match.' }))]));
 }
 
 // ---------------------------------------------------------------- job page
@@ -430,6 +520,9 @@ async function renderJob(ctx, view, jobId) {
   const placementEl = h('dd', { id: 'job-placement' });
   const timesEl = h('dd', { id: 'job-times' });
   const flagsEl = h('dd', { id: 'job-flags' });
+  const labelsEl = h('dd', { id: 'job-labels' });
+  const inputsEl = h('div', { id: 'job-inputs' });
+  const attemptsBody = h('tbody');
   const progress = h('progress', { id: 'job-progress', max: 100, value: 0 });
   const progressLabel = h('span', { class: 'muted', text: '0%' });
   const liveEl = h('span', { class: 'live muted' });
@@ -452,11 +545,17 @@ async function renderJob(ctx, view, jobId) {
         h('dt', { text: 'Node / slot' }), placementEl,
         h('dt', { text: 'Priority' }), h('dd', { text: job.priority ?? '' }),
         h('dt', { text: 'Times' }), timesEl,
+        h('dt', { text: 'Labels' }), labelsEl,
         job.batch && h('dt', { text: 'Batch' }),
         job.batch && h('dd', {}, batchLink(job.batch.batch_id), ` item ${job.batch.index}`),
         h('dt', { text: 'Flags' }), flagsEl),
       h('div', { class: 'progress-line' }, progress, progressLabel),
       errorEl),
+    h('section', { class: 'panel' }, h('h3', { text: 'Attempts' }),
+      h('table', { id: 'job-attempts' },
+        h('thead', {}, h('tr', {}, ['#', 'Node / slot', 'Started', 'Ended', 'Time', 'Outcome'].map((t) => h('th', { text: t })))),
+        attemptsBody)),
+    h('section', { class: 'panel' }, h('h3', { text: 'Inputs' }), inputsEl),
     h('section', { class: 'panel' }, h('h3', { text: 'Artifacts' }), artifactsEmpty, artifactsEl),
     h('section', { class: 'panel' }, h('h3', { text: 'Timeline' }), timeline),
     h('section', { class: 'panel' }, h('details', {}, h('summary', { text: 'Params and inputs' }), detailsPre)));
@@ -466,6 +565,25 @@ async function renderJob(ctx, view, jobId) {
   const errors = new Map();
   let status = null;
   let terminalSeen = false;
+  // Every event seen, in stream order: the attempts table is derived from them.
+  const events = [];
+  let lastView = job;
+
+  function showAttempts() {
+    const rows = attemptsOf(events, lastView);
+    attemptsBody.replaceChildren(...(rows.length ? rows.map((a) => h('tr', {
+      class: 'attempt-row', 'data-attempt': a.attempt, 'data-outcome': a.outcome, 'data-reason': a.reason || '',
+    },
+    h('td', { text: a.attempt }),
+    h('td', { text: a.placement || '' }),
+    h('td', { class: 'muted', text: fmtClock(a.started) }),
+    h('td', { class: 'muted', text: fmtClock(a.ended) }),
+    h('td', { class: 'attempt-time', text: a.started ? fmtDuration((a.ended || Date.now()) - a.started) : '' }),
+    h('td', { class: 'attempt-outcome', title: a.detail || '' }, badge(a.outcome),
+      a.reason ? h('span', { class: 'reason mono', text: ` ${a.reason}` }) : '',
+      a.detail ? h('span', { class: 'muted', text: ` ${String(a.detail).split('\n')[0]}` }) : ''),
+    )) : [h('tr', {}, h('td', { colspan: 6, class: 'empty', text: 'No attempt has started yet.' }))]));
+  }
 
   function showErrors() {
     const lines = [...errors.entries()].sort((a, b) => a[0] - b[0])
@@ -521,12 +639,19 @@ async function renderJob(ctx, view, jobId) {
     setStatus(v.status);
     attemptEl.textContent = `${v.attempt ?? 0} / ${v.max_attempts ?? '?'}`;
     placementEl.textContent = v.node ? `${v.node} / ${v.slot ?? '?'}` : '—';
-    timesEl.textContent = [
-      `created ${fmtDateTime(v.created_ms)}`,
-      v.started_ms && `started ${fmtDateTime(v.started_ms)}`,
-      v.finished_ms && `finished ${fmtDateTime(v.finished_ms)}`,
-      v.started_ms && v.finished_ms && `(${fmtDuration(v.finished_ms - v.started_ms)})`,
-    ].filter(Boolean).join(' · ');
+    lastView = v;
+    // The whole job's time (submission to end), not only its last attempt's.
+    const total = v.created_ms ? (v.finished_ms || Date.now()) - v.created_ms : null;
+    timesEl.replaceChildren(
+      h('span', { id: 'job-total', 'data-ms': total ?? '', text: total != null ? `${fmtDuration(total)} in all` : '' }),
+      h('span', { class: 'muted', text: ' · ' + [
+        `created ${fmtDateTime(v.created_ms)}`,
+        v.started_ms && `attempt ${v.attempt} started ${fmtDateTime(v.started_ms)}`,
+        v.finished_ms && `finished ${fmtDateTime(v.finished_ms)}`,
+      ].filter(Boolean).join(' · ') }));
+    labelsEl.replaceChildren(labelChips(v.labels) || '—');
+    renderInputs(v.inputs || {}, inputsEl);
+    showAttempts();
     flagsEl.textContent = [v.cancel_requested && 'cancel requested', v.dead_letter && 'dead letter']
       .filter(Boolean).join(', ') || '—';
     if (v.error) { errors.set(Number(v.attempt) || 0, v.error); showErrors(); }
@@ -558,8 +683,11 @@ async function renderJob(ctx, view, jobId) {
     let ev;
     try { ev = JSON.parse(e.data); } catch { return; }
     const type = ev.type || e.type;
-    timeline.append(timelineItem(type, ev));
-    if (ev.error) { errors.set(Number(ev.attempt) || 0, ev.error); showErrors(); }
+    events.push(ev);
+    addToTimeline(timeline, type, ev);
+    showAttempts();
+    // A `retrying` event carries the previous attempt's error, already shown under that attempt.
+    if (ev.error && type !== 'retrying') { errors.set(Number(ev.attempt) || 0, ev.error); showErrors(); }
     // A job already ended shows its ending: the replayed history must not move the bar back.
     if (type === 'progress' && ev.progress != null && !terminalSeen) setProgress(ev.progress);
     if (ev.attempt != null && !terminalSeen) attemptEl.textContent = `${ev.attempt} / ${job.max_attempts ?? '?'}`;
@@ -574,7 +702,7 @@ async function renderJob(ctx, view, jobId) {
       refetch();
     }
   };
-  for (const type of ['status', 'progress', 'message', 'artifact']) es.addEventListener(type, onEvent);
+  for (const type of ['status', 'retrying', 'progress', 'message', 'artifact']) es.addEventListener(type, onEvent);
   es.onmessage = onEvent; // events without an `event:` line
   es.onopen = () => { liveEl.textContent = 'live'; };
   es.onerror = () => {
@@ -600,15 +728,101 @@ function closeWhenEnded(ctx, es) {
   ctx.timers.add(timer);
 }
 
+// Each attempt of a job from its events (and its view, for the current one): when it ran,
+// where, and how it ended: its terminal status, `failed` (then retried) with its error, or
+// `lost` (its node died or went silent); the next attempt's `retrying` event gives the reason.
+const LOST_REASONS = new Set(['node_lost', 'ack_wait_expired']);
+
+function attemptsOf(events, view) {
+  const byAttempt = new Map();
+  const get = (n) => {
+    if (!byAttempt.has(n)) byAttempt.set(n, { attempt: n, outcome: 'running' });
+    return byAttempt.get(n);
+  };
+  for (const ev of events) {
+    const n = Number(ev.attempt) || 0;
+    if (n < 1) continue;
+    if (ev.type === 'retrying') {
+      // Attempt n runs because attempt n-1 did not finish: that is n-1's ending.
+      const prev = get(n - 1);
+      prev.reason = ev.reason;
+      if (!TERMINAL.has(prev.outcome)) prev.outcome = LOST_REASONS.has(ev.reason) ? 'lost' : 'failed';
+      prev.detail = ev.message || '';
+      if (!prev.ended) prev.ended = ev.ts_ms;
+      get(n).queuedAt = ev.ts_ms;
+      continue;
+    }
+    const a = get(n);
+    if (ev.type === 'status' && ev.status === 'running' && !a.started) a.started = ev.ts_ms;
+    if (ev.type === 'status' && ev.status === 'retrying') {
+      a.outcome = 'failed';
+      a.ended = ev.ts_ms;
+      if (!a.detail && ev.error) a.detail = fmtError(ev.error);
+    }
+    if (ev.type === 'status' && TERMINAL.has(ev.status)) {
+      a.outcome = ev.status;
+      a.ended = ev.ts_ms;
+      if (ev.error) a.detail = fmtError(ev.error);
+    }
+  }
+  const current = Number(view?.attempt) || 0;
+  if (current >= 1) {
+    const a = get(current);
+    if (view.node) a.placement = `${view.node} / ${view.slot ?? '?'}`;
+    if (!a.started && view.started_ms) a.started = view.started_ms;
+    if (TERMINAL.has(view.status)) {
+      a.outcome = view.status;
+      a.ended = a.ended || view.finished_ms;
+    }
+  }
+  // The attempt 0 placeholder a `retrying` event of attempt 1 could make is no attempt.
+  byAttempt.delete(0);
+  return [...byAttempt.values()].sort((x, y) => x.attempt - y.attempt);
+}
+
+// Consecutive progress events of one attempt and stage collapse into one row that shows the
+// newest values and how many ticks it stands for; any other event starts a new row.
+function addToTimeline(timeline, type, ev) {
+  const last = timeline.lastElementChild;
+  if (type === 'progress' && last && last.getAttribute('data-type') === 'progress'
+      && last.getAttribute('data-attempt') === String(ev.attempt ?? '')
+      && last.getAttribute('data-stage') === String(ev.stage ?? '')) {
+    const ticks = Number(last.getAttribute('data-ticks')) + 1;
+    const first = last.getAttribute('data-first-progress');
+    const item = timelineItem(type, ev);
+    item.setAttribute('data-ticks', ticks);
+    if (first !== '') item.setAttribute('data-first-progress', first);
+    const detail = $('.detail', item);
+    if (first !== '' && ev.progress != null) {
+      detail.textContent = [`stage ${ev.stage ?? ''}`.trim(), `${Number(first).toFixed(1)}% → ${Number(ev.progress).toFixed(1)}%`, ev.message]
+        .filter(Boolean).join(' · ');
+    }
+    detail.append(h('span', { class: 'ticks muted', text: ` (${ticks} updates)` }));
+    last.replaceWith(item);
+    return;
+  }
+  const item = timelineItem(type, ev);
+  if (type === 'progress') {
+    item.setAttribute('data-ticks', 1);
+    item.setAttribute('data-first-progress', ev.progress ?? '');
+  }
+  timeline.append(item);
+}
+
 function timelineItem(type, ev) {
   const parts = [];
+  if (ev.reason) parts.push(`reason ${ev.reason}`);
   if (ev.status) parts.push(`status ${ev.status}`);
   if (ev.stage) parts.push(`stage ${ev.stage}`);
   if (ev.progress != null) parts.push(`${Number(ev.progress).toFixed(1)}%`);
   if (ev.message) parts.push(ev.message);
   if (ev.artifact) parts.push(`artifact ${ev.artifact.name || ''} (${fmtBytes(ev.artifact.size)})`);
-  if (ev.error) parts.push(`error ${fmtError(ev.error)}`);
-  return h('li', { class: `event event-${type}${ev.error ? ' has-error' : ''}`, 'data-type': type },
+  // The error is left out where the message already says it (a failure's `retrying`).
+  if (ev.error && !(ev.message || '').includes(ev.error.message || '\u0000')) parts.push(`error ${fmtError(ev.error)}`);
+  return h('li', {
+    class: `event event-${type}${ev.error ? ' has-error' : ''}`, 'data-type': type,
+    'data-attempt': ev.attempt ?? '', 'data-stage': ev.stage ?? '', 'data-reason': ev.reason || null,
+  },
     h('span', { class: 'time', text: fmtClock(ev.ts_ms) }),
     h('span', { class: 'type', text: type }),
     h('span', { class: 'attempt muted', title: 'attempt', text: ev.attempt != null ? `#${ev.attempt}` : '' }),
@@ -638,8 +852,9 @@ function artifactCard(ctx, jobId, a) {
     h('div', { class: 'name', text: a.name }),
     h('div', { class: 'muted', text: `${a.content_type || 'unknown type'} · ${fmtBytes(a.size)}` }));
 
-  if (/^image\/(png|jpeg)\b/.test(type)) {
-    card.append(h('img', { class: 'artifact-preview', src: withToken(url), alt: a.name, loading: 'lazy' }));
+  const media = mediaKind(type, a.name);
+  if (media) {
+    card.append(mediaPreview(media, url, a.name));
   } else if (isJsonArtifact(a)) {
     const pre = h('pre', { class: 'artifact-json', text: 'loading…' });
     card.append(pre);
@@ -669,6 +884,31 @@ async function loadJsonArtifact(ctx, url, a, pre) {
   }
 }
 
+// A job's inputs: an uploaded file as a link to it (and a preview when the browser can show
+// it), an inline value as its text. Rebuilt only when they change (they never do).
+function renderInputs(inputs, container) {
+  const key = JSON.stringify(inputs);
+  if (container.getAttribute('data-key') === key) return;
+  container.setAttribute('data-key', key);
+  const entries = Object.entries(inputs);
+  container.replaceChildren(...(entries.length ? entries.map(([name, value]) => {
+    const object = value && typeof value === 'object' && Object.keys(value).length === 1 && typeof value.object === 'string'
+      ? value.object : null;
+    const row = h('div', { class: 'input', 'data-name': name }, h('div', { class: 'name', text: name }));
+    if (object) {
+      const url = `/v1/files/${object.split('/').map(encodeURIComponent).join('/')}`;
+      const base = object.split('/').pop();
+      row.setAttribute('data-object', object);
+      row.append(h('a', { class: 'input-link', href: withToken(url), download: base, text: base, title: object }));
+      const preview = mediaPreview(mediaKind('', base), url, name, 'input-preview');
+      if (preview) row.append(preview);
+    } else {
+      row.append(h('div', { class: 'input-value', text: typeof value === 'string' ? value : JSON.stringify(value) }));
+    }
+    return row;
+  }) : [h('p', { class: 'muted', text: 'No inputs.' })]));
+}
+
 // ---------------------------------------------------------------- submit page
 
 async function renderSubmit(ctx, view, model) {
@@ -684,8 +924,12 @@ async function renderSubmit(ctx, view, model) {
   if (!spec) return notFound(view, `Model ${model}`);
 
   const inputs = spec.required_inputs || [];
-  const params = h('textarea', { id: 'params', name: 'params', spellcheck: 'false', rows: 6 });
+  const declared = spec.params || [];
+  const params = h('textarea', { id: 'params', name: 'params', spellcheck: 'false', rows: declared.length ? 3 : 6,
+    class: declared.length ? 'short' : null });
   params.value = '{}';
+  const labelsInput = h('input', { type: 'text', id: 'labels', name: 'labels', spellcheck: 'false',
+    placeholder: 'user_id=u-1, session_id=s-7' });
   const errorEl = h('div', { id: 'submit-error', class: 'error-box', hidden: true });
   const button = h('button', { id: 'submit-button', type: 'submit', text: 'Submit job' });
 
@@ -701,8 +945,12 @@ async function renderSubmit(ctx, view, model) {
         h('input', { type: 'file', name: `file.${name}`, 'aria-label': `${name} file` })),
       h('div', { class: 'hint', text: 'Type a value or pick a file; a chosen file wins.' }))),
     inputs.length ? null : h('p', { class: 'muted', text: 'This model needs no inputs.' }),
+    declared.length ? h('div', { class: 'param-grid', id: 'param-fields' }, declared.map(paramField)) : null,
     h('div', { class: 'field' },
-      h('label', { for: 'params', text: 'Params (JSON object)' }), params),
+      h('label', { for: 'params', text: declared.length ? 'More params (JSON object; wins over the fields)' : 'Params (JSON object)' }), params),
+    h('div', { class: 'field' },
+      h('label', { for: 'labels', text: 'Labels' }), labelsInput,
+      h('div', { class: 'hint', text: 'name=value pairs, separated by commas: shown with the job, on its events, and filterable.' })),
     errorEl,
     button);
   view.append(form);
@@ -721,23 +969,32 @@ async function renderSubmit(ctx, view, model) {
       showError('Params must be a JSON object, e.g. {"steps": 30}.');
       return;
     }
-
-    // Multipart: file parts become file inputs, other text parts inline inputs.
-    // Empty inputs are left out so the server reports them as missing.
-    const body = new FormData();
-    body.append('model', spec.name);
-    body.append('params', JSON.stringify(parsed));
-    for (const name of inputs) {
-      const file = form.elements[`file.${name}`].files[0];
-      const text = form.elements[`input.${name}`].value;
-      if (file) body.append(name, file, file.name);
-      else if (text !== '') body.append(name, text);
-    }
+    let fields;
+    try { fields = paramValues(form, declared); } catch (err) { showError(err.message); return; }
+    let labels;
+    try { labels = parseLabels(labelsInput.value); } catch (err) { showError(err.message); return; }
 
     button.disabled = true;
     button.textContent = 'Submitting…';
     try {
-      const reply = await api('/v1/jobs', { method: 'POST', body });
+      // Files are uploaded first (POST /v1/files), then the job is submitted as JSON naming
+      // them: a JSON submit carries labels, which a multipart one would take for an input.
+      // Empty inputs are left out so the server reports them as missing.
+      const request = { model: spec.name, inputs: {}, params: { ...fields, ...parsed } };
+      if (Object.keys(labels).length) request.labels = labels;
+      for (const name of inputs) {
+        const file = form.elements[`file.${name}`].files[0];
+        const text = form.elements[`input.${name}`].value;
+        if (file) {
+          const upload = new FormData();
+          upload.append('file', file, file.name);
+          const stored = await api('/v1/files', { method: 'POST', body: upload });
+          request.inputs[name] = { object: stored.files[0].name };
+        } else if (text !== '') {
+          request.inputs[name] = text;
+        }
+      }
+      const reply = await api('/v1/jobs', { method: 'POST', json: request });
       if (ctx.alive) location.hash = `#/jobs/${encodeURIComponent(reply.job_id)}`;
     } catch (err) {
       showError(`${err.code}: ${err.message}`);
@@ -746,6 +1003,70 @@ async function renderSubmit(ctx, view, model) {
       button.textContent = 'Submit job';
     }
   });
+}
+
+// One typed field per declared param: a number (with its range), a checkbox, a list of its
+// choices, or text; filled with its default.
+function paramField(p) {
+  const id = `param-${p.name}`;
+  const name = `param.${p.name}`;
+  const hint = [p.kind, p.min != null && `min ${p.min}`, p.max != null && `max ${p.max}`, p.required && 'required']
+    .filter(Boolean).join(' · ');
+  let input;
+  if (p.kind === 'bool') {
+    input = h('input', { type: 'checkbox', id, name, 'data-kind': p.kind });
+    input.checked = p.default === true;
+  } else if ((p.choices || []).length) {
+    input = h('select', { id, name, 'data-kind': p.kind },
+      p.required || p.default != null ? null : h('option', { value: '', text: '(not set)' }),
+      p.choices.map((c) => h('option', { value: c, text: c })));
+    input.value = p.default != null ? String(p.default) : '';
+  } else if (p.kind === 'int' || p.kind === 'float') {
+    input = h('input', { type: 'number', id, name, 'data-kind': p.kind, min: p.min, max: p.max, step: p.kind === 'int' ? 1 : 'any' });
+    if (p.default != null) input.value = String(p.default);
+  } else {
+    input = h('input', { type: 'text', id, name, 'data-kind': p.kind, spellcheck: 'false',
+      placeholder: p.kind === 'any' ? 'JSON value' : '' });
+    if (p.default != null) input.value = p.kind === 'any' ? JSON.stringify(p.default) : String(p.default);
+  }
+  return h('div', { class: 'field', 'data-param': p.name },
+    h('label', { for: id, text: p.name }), input, h('div', { class: 'hint', text: hint }));
+}
+
+// The declared params' fields as values of their kinds; an empty field is left out (the
+// server fills in its default or says it is required).
+function paramValues(form, declared) {
+  const values = {};
+  for (const p of declared) {
+    const el = form.elements[`param.${p.name}`];
+    if (!el) continue;
+    if (p.kind === 'bool') { values[p.name] = el.checked; continue; }
+    const raw = el.value.trim();
+    if (raw === '') continue;
+    if (p.kind === 'int' || p.kind === 'float') {
+      const n = Number(raw);
+      if (!Number.isFinite(n) || (p.kind === 'int' && !Number.isInteger(n))) {
+        throw new Error(`Param ${p.name} must be ${p.kind === 'int' ? 'a whole number' : 'a number'}.`);
+      }
+      values[p.name] = n;
+    } else if (p.kind === 'any') {
+      try { values[p.name] = JSON.parse(raw); } catch { values[p.name] = raw; }
+    } else {
+      values[p.name] = raw;
+    }
+  }
+  return values;
+}
+
+// `a=1, b=2` as {a: "1", b: "2"}.
+function parseLabels(text) {
+  const labels = {};
+  for (const part of text.split(',').map((x) => x.trim()).filter(Boolean)) {
+    const at = part.indexOf('=');
+    if (at <= 0) throw new Error(`Label "${part}" is not name=value.`);
+    labels[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return labels;
 }
 
 // ---------------------------------------------------------------- batch page

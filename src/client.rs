@@ -19,7 +19,9 @@ pub enum ClientError {
     /// Kiln answered with a coded error.
     #[error("{}: {}", .0.code.as_str(), .0.message)]
     Api(ApiError),
-    #[error("no Kiln node answered {0} (is a node running on this NATS?)")]
+    #[error(
+        "no Kiln node answered {0} (is a node running on this NATS? `kiln up` starts one here, `kiln node --nats URL` joins one to it)"
+    )]
     NoResponders(String),
     #[error("{0} timed out")]
     Timeout(String),

@@ -29,7 +29,10 @@ fn an_unreachable_nats_fails_fast_and_names_kiln_up() {
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
     assert!(stderr.contains(&url) && stderr.contains("kiln up") && stderr.contains("--nats"), "{stderr}");
-    assert!(took < Duration::from_secs(5), "took {took:?}: {stderr}");
+    // It took 10.6 s (12.7 s here) before: the node's 10 s of retries. Now 2 s of them, plus
+    // the start of the binary (1.4 s on a loaded 2-core machine).
+    println!("an unreachable NATS reported in {} ms", took.as_millis());
+    assert!(took < Duration::from_secs(8), "took {took:?}: {stderr}");
 }
 
 /// A model name longer than any fixed column, on two nodes: `kiln models` is a table whose
@@ -39,8 +42,8 @@ fn an_unreachable_nats_fails_fast_and_names_kiln_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_is_a_table_submit_shows_progress_without_a_terminal_and_logs_have_no_colours() {
     let mut cluster = TestCluster::new();
-    let long = "a-model-name-that-is-longer-than-any-fixed-column-of-the-old-table";
-    let models = format!("{}{}", demo_model("demo", &[], 1, 60_000), NOOP_MODEL.replace("\"noop\"", &format!("{long:?}")));
+    let long = "a-long-model-name-over-12-chars";
+    let models = format!("{}{}", demo_model("demo", &[], 1, 60_000), NOOP_MODEL.replace("name = \"noop\"", &format!("name = {long:?}")));
     cluster.add_node("node-with-a-rather-long-name-1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
     cluster.wait_node_ready("node-with-a-rather-long-name-1", 1).await;
     let url = cluster.url();
@@ -69,8 +72,9 @@ async fn models_is_a_table_submit_shows_progress_without_a_terminal_and_logs_hav
         kiln(&["submit", "demo", "-i", "prompt=a fox", "-p", "steps=4", "-p", "step_ms=50", "--wait", "--out", out_dir, "--nats", &url]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert_eq!(stdout.lines().count(), 1, "stdout keeps the job id alone: {stdout}");
-    let job_id = stdout.trim();
+    // stdout: the job id, then the files downloaded; the progress goes to stderr.
+    let job_id = stdout.lines().next().unwrap().trim();
+    assert!(stdout.contains("image.png") && !stdout.contains("progress"), "{stdout}");
     assert!(stderr.contains(&format!("job {job_id}: running")), "{stderr}");
     assert!(stderr.contains(&format!("job {job_id}: progress")), "{stderr}");
     assert!(stderr.contains(&format!("job {job_id}: completed")), "{stderr}");

@@ -951,12 +951,13 @@ impl ClusterConfig {
         model.result_ttl_s.unwrap_or(self.storage.result_ttl_s)
     }
 
-    /// What this node publishes of each model it serves (see [`crate::protocol::ModelDecl`]):
-    /// those at least one of its slots serves.
+    /// What this node publishes of each model it declares (see
+    /// [`crate::protocol::ModelDecl`]): every one of its `[[models]]`, even one that none of its
+    /// slots serves now, so that a configured model is known (its jobs wait, or a batch falls
+    /// back at submit) as it was before the registry decided.
     pub fn model_decls(&self) -> Vec<crate::protocol::ModelDecl> {
         self.models
             .iter()
-            .filter(|m| m.slots.is_empty() || m.slots.iter().any(|s| self.node.slots.contains(s)))
             .map(|m| crate::protocol::ModelDecl {
                 name: m.name.clone(),
                 engine: m.engine.kind().to_string(),

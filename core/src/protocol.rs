@@ -451,8 +451,8 @@ pub struct NodeEntry {
     /// Nodes this one has an authenticated actor-cluster session with.
     #[serde(default)]
     pub peers: Vec<String>,
-    /// The models this node serves, as the API needs them to validate and list a submit of
-    /// them on any node (the cluster's models are the union over live nodes).
+    /// The models this node declares (its `[[models]]`), as the API needs them to validate and
+    /// list a submit of them on any node (the cluster's models are the union over live nodes).
     #[serde(default)]
     pub models: Vec<ModelDecl>,
 }

@@ -40,8 +40,9 @@ use kiln_core::job::{self, JobRecord, JobState, Outcome, Owner, Refused};
 use kiln_core::metrics as m;
 use kiln_core::nats::cas::{self, Step, Updated};
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
+use kiln_core::nats::{ride_out, Transient};
 use kiln_core::nats::{CasError, Resources, StoreError};
-use kiln_core::policy::Backoff;
+use kiln_core::policy::{Backoff, Patience};
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
 use tokio_util::sync::CancellationToken;
 
@@ -128,8 +129,8 @@ enum WriteResult {
 
 /// Waits until `pending` is stored, publishing it again (same de-duplication id) if its ack
 /// failed: a nats-server restart in the middle of a job must not leave a hole in its history
-/// (`kiln chaos` found a completed job without its `running` event). Gives up after about
-/// 10 s of NATS being unreachable. Records the event's sequence in `last_seq`.
+/// (`kiln chaos` found a completed job without its `running` event). Gives up when NATS
+/// trouble outlasts [`Patience::NATS_TROUBLE`]. Records the event's sequence in `last_seq`.
 async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent, last_seq: &AtomicU64) {
     if let Some(ack) = pending.ack {
         if let Ok(ack) = ack.await {
@@ -137,22 +138,12 @@ async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent
             return;
         }
     }
-    let mut tries = 0;
-    loop {
-        match resources.publish_event_stored(&pending.event, Some(&pending.msg_id)).await {
-            Ok(seq) => {
-                last_seq.fetch_max(seq, Ordering::AcqRel);
-                return;
-            }
-            Err(e) if tries >= 40 => {
-                tracing::warn!(job_id = %job_id, error = %e, "event not stored; its history has a gap");
-                return;
-            }
-            Err(_) => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+    let (event, msg_id) = (&pending.event, pending.msg_id.as_str());
+    match ride_out(Patience::NATS_TROUBLE, job_id, "storing an event", || resources.publish_event_stored(event, Some(msg_id))).await {
+        Ok(seq) => {
+            last_seq.fetch_max(seq, Ordering::AcqRel);
         }
+        Err(e) => tracing::warn!(job_id = %job_id, error = %e, "event not stored; its history has a gap"),
     }
 }
 
@@ -268,7 +259,11 @@ impl Delivery {
         if let Some(e) = &record.error {
             event = event.with_error(e.clone());
         }
-        match self.ctx.resources.publish_end(&event, record).await {
+        // De-duplicated by its ids, so a try whose ack was lost may be repeated.
+        let resources = &self.ctx.resources;
+        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "publishing the terminal event", || resources.publish_end(&event, record))
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
@@ -394,10 +389,12 @@ impl Delivery {
         let held = self.current.clone().expect("claimed");
         let Some(owner) = held.record.owner.clone() else { return Ok(WriteResult::Fenced) };
         let attempt = self.attempt;
+        // Rides out a leaderless `KV_kiln_jobs`: giving up left the job for redelivery, and its
+        // model ran again (an outside storm). Each retry decides again on the record as it is.
         let written = self
             .ctx
             .resources
-            .update_job_with(&self.job_id, Some(held), |record| {
+            .update_job_patiently(&self.job_id, Some(held), Patience::NATS_TROUBLE, |record| {
                 if !job::owned_by(record, attempt, &owner) {
                     return Step::Stop(());
                 }
@@ -549,11 +546,13 @@ impl Delivery {
         let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
         // The first artifact not known to be announced, and the sequence to chain after
         // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
-        // and goes on where the stored history says, for about 10 s of trying.
+        // and goes on where the stored history says, as long as `Patience::NATS_TROUBLE` allows.
         // Chained onto this attempt's own newest event when its sequence is known (every event
         // is flushed by now): no read on the critical path. A mismatch re-reads as below.
         let own = self.last_seq.load(Ordering::Acquire);
         let (mut next, mut after, mut failures) = (0usize, (own > 0).then_some(own), 0u32);
+        let started = tokio::time::Instant::now();
+        let patience = Patience::NATS_TROUBLE;
         loop {
             let seq = match after {
                 Some(seq) => seq,
@@ -573,10 +572,10 @@ impl Delivery {
                     Ok(None) => return Ok(false),
                     Err(e) => {
                         failures += 1;
-                        if failures > 40 {
-                            return Err(e);
+                        match patience.pause(failures, started.elapsed()) {
+                            Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                            _ => return Err(e),
                         }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
                         continue;
                     }
                 },
@@ -594,10 +593,10 @@ impl Delivery {
                 Ok(None) => after = None,
                 Err(e) => {
                     failures += 1;
-                    if failures > 40 {
-                        return Err(e);
+                    match patience.pause(failures, started.elapsed()) {
+                        Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                        _ => return Err(e),
                     }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
                     after = None;
                 }
             }
@@ -618,7 +617,9 @@ impl Delivery {
     /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
     /// and that delivery finds the job terminal and settles again.
     async fn settle_batch(&self, record: &JobRecord) -> bool {
-        match self.ctx.resources.settle_batch_item(record).await {
+        // Idempotent: a try that landed unseen is found settled by the next.
+        let resources = &self.ctx.resources;
+        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "settling into the batch", || resources.settle_batch_item(record)).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "cannot settle the job into its batch; leaving it for redelivery");

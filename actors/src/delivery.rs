@@ -96,9 +96,12 @@ pub(crate) struct Delivery {
     /// Set once the attempt is claimed: the record as last written and its revision.
     current: Option<Versioned>,
     pub(crate) attempt: u32,
-    /// Set by the ticker when, after this process stood still, the record shows that another
-    /// attempt owns the job (or it ended): nothing more is written or published.
+    /// Set by the ticker when the record shows that another attempt owns the job (or it ended
+    /// without this attempt): nothing more is written or published.
     fenced: Arc<AtomicBool>,
+    /// Set once [`conclude`](Self::conclude) begins: from then on the record may show this
+    /// attempt's own outcome, which the ticker must not take for a takeover.
+    concluding: Arc<AtomicBool>,
     /// The stream sequence of this attempt's newest stored event (0: none yet). The artifact
     /// events chain onto it without reading the job's last event first.
     last_seq: Arc<AtomicU64>,
@@ -171,6 +174,7 @@ impl Delivery {
             current: None,
             attempt: 0,
             fenced: Default::default(),
+            concluding: Default::default(),
             last_seq: Default::default(),
         }
     }
@@ -421,13 +425,17 @@ impl Delivery {
     ///
     /// After this process stood still (SIGSTOP, a paused VM) the job may have been handed to
     /// another node meanwhile: it re-reads the record at once, and if another attempt owns
-    /// the job (or it ended) this attempt is fenced and stops without writing.
+    /// the job (or it ended without this one) this attempt is fenced and stops without
+    /// writing. It runs until the delivery is acked, through the conclusion (whose writes may
+    /// ride out an election for seconds), where the record may show this attempt's own
+    /// outcome: [`job::watch`] tells the two apart.
     pub(crate) fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
         let resources = self.ctx.resources.clone();
         let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
-        let (stall, fenced) = (self.ctx.stall.clone(), self.fenced.clone());
+        let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
+        let (stall, fenced, concluding) = (self.ctx.stall.clone(), self.fenced.clone(), self.concluding.clone());
         tokio::spawn(async move {
             let mut stall_seen = stall.generation();
             let mut next_progress = tokio::time::Instant::now() + period;
@@ -442,15 +450,27 @@ impl Delivery {
                     next_progress = tokio::time::Instant::now() + period;
                     let _ = delivery.ack_with(AckKind::Progress).await;
                 }
-                if let Ok(Some(v)) = resources.get_job(&job_id).await {
-                    if v.record.attempt != attempt || v.record.state != JobState::Running {
-                        tracing::warn!(job_id = %job_id, attempt, "this node stood still and another attempt owns the job now; stopping this one");
-                        fenced.store(true, std::sync::atomic::Ordering::Release);
+                let Ok(Some(v)) = resources.get_job(&job_id).await else { continue };
+                // Read after the record: an outcome this attempt wrote is seen with the flag set.
+                match job::watch(&v.record, attempt, &owner, concluding.load(Ordering::Acquire)) {
+                    job::Watched::Owned { cancel_requested } => {
+                        if cancel_requested {
+                            cancel.cancel();
+                        }
+                    }
+                    job::Watched::OwnOutcome => {}
+                    job::Watched::Superseded => {
+                        tracing::warn!(
+                            job_id = %job_id,
+                            attempt,
+                            stalled,
+                            record_attempt = v.record.attempt,
+                            record_state = v.record.state.as_str(),
+                            "the job's record moved on without this attempt (another attempt owns it, or it ended); stopping this one"
+                        );
+                        fenced.store(true, Ordering::Release);
                         cancel.cancel();
                         return;
-                    }
-                    if v.record.cancel_requested {
-                        cancel.cancel();
                     }
                 }
             }
@@ -463,7 +483,10 @@ impl Delivery {
         outcome: Result<Vec<Artifact>, EngineError>,
         started: Instant,
     ) -> DeliveryEnd {
-        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+        // Set before the fence is checked: a ticker that reads the record after this sees
+        // either this attempt still running or its own outcome, never a takeover that is not.
+        self.concluding.store(true, Ordering::Release);
+        if self.fenced.load(Ordering::Acquire) {
             if let Ok(artifacts) = &outcome {
                 self.remove_artifacts(&record.model, artifacts).await;
             }

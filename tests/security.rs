@@ -281,7 +281,15 @@ async fn the_documented_permissions_let_nodes_and_clients_work_and_refuse_client
         assert!(js.publish(subject.clone(), "{}".into()).await.unwrap().await.is_err(), "{subject} must not be written");
         w.refused("Publish", &subject).await;
     }
-    for subject in ["acme.tunnel.open.n1", "acme.jobs.demo.high", "acme.events.forged", "acme.api.control", "acme.tunnel.want.n1"] {
+    // (A node's cancel notices too: a client cancels through the API, which checks the record.)
+    for subject in [
+        "acme.tunnel.open.n1",
+        "acme.jobs.demo.high",
+        "acme.events.forged",
+        "acme.api.control",
+        "acme.tunnel.want.n1",
+        "acme.node.n1.cancel",
+    ] {
         w.client.publish(subject, "x".into()).await.unwrap();
         w.client.flush().await.unwrap();
         w.refused("Publish", subject).await;

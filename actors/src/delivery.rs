@@ -42,8 +42,9 @@ use kiln_core::job::{self, JobRecord, JobState, Outcome, Owner, Refused};
 use kiln_core::metrics as m;
 use kiln_core::nats::cas::{self, Step, Updated};
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
+use kiln_core::nats::{ride_out, Transient};
 use kiln_core::nats::{CasError, Resources, StoreError};
-use kiln_core::policy::Backoff;
+use kiln_core::policy::{Backoff, Patience};
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
 use kiln_core::retry_reason::{self, OwnerLife};
 use tokio_util::sync::CancellationToken;
@@ -98,9 +99,12 @@ pub(crate) struct Delivery {
     /// Set once the attempt is claimed: the record as last written and its revision.
     current: Option<Versioned>,
     pub(crate) attempt: u32,
-    /// Set by the ticker when, after this process stood still, the record shows that another
-    /// attempt owns the job (or it ended): nothing more is written or published.
+    /// Set by the ticker when the record shows that another attempt owns the job (or it ended
+    /// without this attempt): nothing more is written or published.
     fenced: Arc<AtomicBool>,
+    /// Set once [`conclude`](Self::conclude) begins: from then on the record may show this
+    /// attempt's own outcome, which the ticker must not take for a takeover.
+    concluding: Arc<AtomicBool>,
     /// The stream sequence of this attempt's newest stored event (0: none yet). The artifact
     /// events chain onto it without reading the job's last event first.
     last_seq: Arc<AtomicU64>,
@@ -131,8 +135,8 @@ enum WriteResult {
 
 /// Waits until `pending` is stored, publishing it again (same de-duplication id) if its ack
 /// failed: a nats-server restart in the middle of a job must not leave a hole in its history
-/// (`kiln chaos` found a completed job without its `running` event). Gives up after about
-/// 10 s of NATS being unreachable. Records the event's sequence in `last_seq`.
+/// (`kiln chaos` found a completed job without its `running` event). Gives up when NATS
+/// trouble outlasts [`Patience::NATS_TROUBLE`]. Records the event's sequence in `last_seq`.
 async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent, last_seq: &AtomicU64) {
     if let Some(ack) = pending.ack {
         if let Ok(ack) = ack.await {
@@ -140,22 +144,12 @@ async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent
             return;
         }
     }
-    let mut tries = 0;
-    loop {
-        match resources.publish_event_stored(&pending.event, Some(&pending.msg_id)).await {
-            Ok(seq) => {
-                last_seq.fetch_max(seq, Ordering::AcqRel);
-                return;
-            }
-            Err(e) if tries >= 40 => {
-                tracing::warn!(job_id = %job_id, error = %e, "event not stored; its history has a gap");
-                return;
-            }
-            Err(_) => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
+    let (event, msg_id) = (&pending.event, pending.msg_id.as_str());
+    match ride_out(Patience::NATS_TROUBLE, job_id, "storing an event", || resources.publish_event_stored(event, Some(msg_id))).await {
+        Ok(seq) => {
+            last_seq.fetch_max(seq, Ordering::AcqRel);
         }
+        Err(e) => tracing::warn!(job_id = %job_id, error = %e, "event not stored; its history has a gap"),
     }
 }
 
@@ -183,6 +177,7 @@ impl Delivery {
             current: None,
             attempt: 0,
             fenced: Default::default(),
+            concluding: Default::default(),
             last_seq: Default::default(),
         }
     }
@@ -271,7 +266,11 @@ impl Delivery {
         if let Some(e) = &record.error {
             event = event.with_error(e.clone());
         }
-        match self.ctx.resources.publish_end(&event, record).await {
+        // De-duplicated by its ids, so a try whose ack was lost may be repeated.
+        let resources = &self.ctx.resources;
+        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "publishing the terminal event", || resources.publish_end(&event, record))
+            .await
+        {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
@@ -438,10 +437,12 @@ impl Delivery {
         let held = self.current.clone().expect("claimed");
         let Some(owner) = held.record.owner.clone() else { return Ok(WriteResult::Fenced) };
         let attempt = self.attempt;
+        // Rides out a leaderless `KV_kiln_jobs`: giving up left the job for redelivery, and its
+        // model ran again (an outside storm). Each retry decides again on the record as it is.
         let written = self
             .ctx
             .resources
-            .update_job_with(&self.job_id, Some(held), |record| {
+            .update_job_patiently(&self.job_id, Some(held), Patience::NATS_TROUBLE, |record| {
                 if !job::owned_by(record, attempt, &owner) {
                     return Step::Stop(());
                 }
@@ -468,13 +469,17 @@ impl Delivery {
     ///
     /// After this process stood still (SIGSTOP, a paused VM) the job may have been handed to
     /// another node meanwhile: it re-reads the record at once, and if another attempt owns
-    /// the job (or it ended) this attempt is fenced and stops without writing.
+    /// the job (or it ended without this one) this attempt is fenced and stops without
+    /// writing. It runs until the delivery is acked, through the conclusion (whose writes may
+    /// ride out an election for seconds), where the record may show this attempt's own
+    /// outcome: [`job::watch`] tells the two apart.
     pub(crate) fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
         let resources = self.ctx.resources.clone();
         let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
-        let (stall, fenced) = (self.ctx.stall.clone(), self.fenced.clone());
+        let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
+        let (stall, fenced, concluding) = (self.ctx.stall.clone(), self.fenced.clone(), self.concluding.clone());
         tokio::spawn(async move {
             let mut stall_seen = stall.generation();
             let mut next_progress = tokio::time::Instant::now() + period;
@@ -489,15 +494,27 @@ impl Delivery {
                     next_progress = tokio::time::Instant::now() + period;
                     let _ = delivery.ack_with(AckKind::Progress).await;
                 }
-                if let Ok(Some(v)) = resources.get_job(&job_id).await {
-                    if v.record.attempt != attempt || v.record.state != JobState::Running {
-                        tracing::warn!(job_id = %job_id, attempt, "this node stood still and another attempt owns the job now; stopping this one");
-                        fenced.store(true, std::sync::atomic::Ordering::Release);
+                let Ok(Some(v)) = resources.get_job(&job_id).await else { continue };
+                // Read after the record: an outcome this attempt wrote is seen with the flag set.
+                match job::watch(&v.record, attempt, &owner, concluding.load(Ordering::Acquire)) {
+                    job::Watched::Owned { cancel_requested } => {
+                        if cancel_requested {
+                            cancel.cancel();
+                        }
+                    }
+                    job::Watched::OwnOutcome => {}
+                    job::Watched::Superseded => {
+                        tracing::warn!(
+                            job_id = %job_id,
+                            attempt,
+                            stalled,
+                            record_attempt = v.record.attempt,
+                            record_state = v.record.state.as_str(),
+                            "the job's record moved on without this attempt (another attempt owns it, or it ended); stopping this one"
+                        );
+                        fenced.store(true, Ordering::Release);
                         cancel.cancel();
                         return;
-                    }
-                    if v.record.cancel_requested {
-                        cancel.cancel();
                     }
                 }
             }
@@ -510,7 +527,10 @@ impl Delivery {
         outcome: Result<Vec<Artifact>, EngineError>,
         started: Instant,
     ) -> DeliveryEnd {
-        if self.fenced.load(std::sync::atomic::Ordering::Acquire) {
+        // Set before the fence is checked: a ticker that reads the record after this sees
+        // either this attempt still running or its own outcome, never a takeover that is not.
+        self.concluding.store(true, Ordering::Release);
+        if self.fenced.load(Ordering::Acquire) {
             if let Ok(artifacts) = &outcome {
                 self.remove_artifacts(&record.model, artifacts).await;
             }
@@ -593,11 +613,13 @@ impl Delivery {
         let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
         // The first artifact not known to be announced, and the sequence to chain after
         // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
-        // and goes on where the stored history says, for about 10 s of trying.
+        // and goes on where the stored history says, as long as `Patience::NATS_TROUBLE` allows.
         // Chained onto this attempt's own newest event when its sequence is known (every event
         // is flushed by now): no read on the critical path. A mismatch re-reads as below.
         let own = self.last_seq.load(Ordering::Acquire);
         let (mut next, mut after, mut failures) = (0usize, (own > 0).then_some(own), 0u32);
+        let started = tokio::time::Instant::now();
+        let patience = Patience::NATS_TROUBLE;
         loop {
             let seq = match after {
                 Some(seq) => seq,
@@ -617,10 +639,10 @@ impl Delivery {
                     Ok(None) => return Ok(false),
                     Err(e) => {
                         failures += 1;
-                        if failures > 40 {
-                            return Err(e);
+                        match patience.pause(failures, started.elapsed()) {
+                            Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                            _ => return Err(e),
                         }
-                        tokio::time::sleep(Duration::from_millis(250)).await;
                         continue;
                     }
                 },
@@ -638,10 +660,10 @@ impl Delivery {
                 Ok(None) => after = None,
                 Err(e) => {
                     failures += 1;
-                    if failures > 40 {
-                        return Err(e);
+                    match patience.pause(failures, started.elapsed()) {
+                        Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                        _ => return Err(e),
                     }
-                    tokio::time::sleep(Duration::from_millis(250)).await;
                     after = None;
                 }
             }
@@ -662,7 +684,9 @@ impl Delivery {
     /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
     /// and that delivery finds the job terminal and settles again.
     async fn settle_batch(&self, record: &JobRecord) -> bool {
-        match self.ctx.resources.settle_batch_item(record).await {
+        // Idempotent: a try that landed unseen is found settled by the next.
+        let resources = &self.ctx.resources;
+        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "settling into the batch", || resources.settle_batch_item(record)).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "cannot settle the job into its batch; leaving it for redelivery");

@@ -32,7 +32,9 @@
 //!
 //! The dispatcher supervises the job actors it spawns (overriding ractor's default, which
 //! would stop the dispatcher when a child exits) and frees their slot when they stop, however
-//! they stop. It also routes cancel notices to the job running locally.
+//! they stop. It also routes cancel notices to the job running locally: those the API sends on
+//! core NATS to `<prefix>.node.<node>.cancel` (served here, so a cancel reaches a running job
+//! within milliseconds whatever the actor cluster's state), and the control actor's.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -52,6 +54,36 @@ use crate::inference::InferenceMsg;
 use crate::job::{JobActor, JobArgs};
 use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
 use kiln_core::protocol::GpuState;
+
+/// Longest wait for the dispatcher to say whether a cancelled job runs here.
+const CANCEL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves this node's cancel notices (`<prefix>.node.<node>.cancel`, body `{"job_id": ..}`):
+/// cancels the job's token if it runs here and replies `{"node", "was_running"}`. The API
+/// flags the record first, so a notice that is lost (or comes before the job's delivery) only
+/// makes the cancel wait for the flag. Before this, the notice went only through the actor
+/// cluster, and with no session to the owner (it had just restarted) the API waited 5 s for
+/// one and then left the job to the flag, re-read every third of the ack wait: a 3 s job
+/// completed instead of being cancelled (issue 23 item 9).
+async fn serve_cancel_notices(ctx: NodeContext, mut notices: async_nats::Subscriber, dispatcher: ActorRef<DispatcherMsg>) {
+    while let Some(notice) = notices.next().await {
+        let job_id = match serde_json::from_slice::<kiln_core::protocol::JobRef>(&notice.payload) {
+            Ok(r) if kiln_core::ids::is_valid_token(&r.job_id) => r.job_id,
+            _ => {
+                tracing::warn!(payload = ?String::from_utf8_lossy(&notice.payload), "undecodable cancel notice; ignored");
+                continue;
+            }
+        };
+        let was_running = matches!(
+            dispatcher.call(|reply| DispatcherMsg::Cancel { job_id, reply }, Some(CANCEL_CALL_TIMEOUT)).await,
+            Ok(ractor::rpc::CallResult::Success(true))
+        );
+        if let Some(reply) = notice.reply {
+            let body = serde_json::json!({ "node": ctx.node, "was_running": was_running }).to_string();
+            let _ = ctx.resources.client.publish(reply, body.into()).await;
+        }
+    }
+}
 
 /// How often an idle puller looks again without being woken (redeliveries publish nothing).
 const IDLE_RECHECK: Duration = Duration::from_millis(250);
@@ -202,6 +234,12 @@ impl Actor for Dispatcher {
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         for model in state.slots.served_models() {
             state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
+        }
+        let subject = state.ctx.resources.names.node_cancel(&state.ctx.node);
+        match state.ctx.resources.client.subscribe(subject.clone()).await {
+            Ok(notices) => state.tasks.push(tokio::spawn(serve_cancel_notices(state.ctx.clone(), notices, myself.clone()))),
+            // The record's flag still stops the job, at the keep-alive's next read.
+            Err(e) => tracing::warn!(subject = %subject, error = %e, "cannot take cancel notices; cancels wait for the record's flag"),
         }
         Ok(())
     }

@@ -20,7 +20,8 @@ use futures::future::{BoxFuture, Shared};
 use kiln_core::config::StageConfig;
 use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
 use kiln_core::job::JobRecord;
-use kiln_core::nats::StoreError;
+use kiln_core::nats::{ride_out, StoreError};
+use kiln_core::policy::Patience;
 use kiln_core::protocol::{Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
@@ -139,7 +140,9 @@ impl Pipeline {
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
             let what = format!("storing artifact {}", output.name);
-            let artifact = through_nats_trouble(&d.job_id, &what, || {
+            // A stream without a leader refuses every write for seconds: not the job's failure
+            // (charged to the job, it used up a no-op job's three attempts within a second).
+            let artifact = ride_out(Patience::NATS_TROUBLE, &d.job_id, &what, || {
                 d.ctx.resources.store_artifact(
                     &record.model,
                     &d.job_id,
@@ -251,7 +254,7 @@ async fn resolve_inputs(d: &mut Delivery, record: &JobRecord, dir: &Path) -> Res
                 let base = object.rsplit('/').next().unwrap_or("input");
                 let dest = dir.join(name).join(base);
                 let what = format!("downloading input {name:?}");
-                match through_nats_trouble(&d.job_id, &what, || d.ctx.resources.download_file(object, &dest)).await {
+                match ride_out(Patience::NATS_TROUBLE, &d.job_id, &what, || d.ctx.resources.download_file(object, &dest)).await {
                     Ok(_) => ResolvedInput::File(dest),
                     Err(StoreError::NotFound(_)) => {
                         return Err(EngineError::User(format!(
@@ -265,35 +268,6 @@ async fn resolve_inputs(d: &mut Delivery, record: &JobRecord, dir: &Path) -> Res
         resolved.insert(name.clone(), input);
     }
     Ok(resolved)
-}
-
-/// How long an attempt keeps retrying a store operation that failed for NATS reasons before
-/// that counts as the attempt's failure. A stream without a leader (its leader's server died;
-/// nats-server elects another after its 4 to 9 s election timeout) or a server restarting
-/// refuses every write for seconds: that is not the job's failure, and charged to the job it
-/// used up a no-op job's three attempts within a second (`tests/nats_cluster.rs`). The delivery
-/// stays ours meanwhile: its `in_progress` keeps being sent.
-const NATS_TROUBLE_PATIENCE: Duration = Duration::from_secs(30);
-
-/// Runs `op` until it succeeds, fails for a reason other than NATS (a missing object, a local
-/// file), or [`NATS_TROUBLE_PATIENCE`] has passed, backing off from 100 ms to 2 s.
-async fn through_nats_trouble<T, F, Fut>(job_id: &str, what: &str, mut op: F) -> Result<T, StoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, StoreError>>,
-{
-    let started = tokio::time::Instant::now();
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match op().await {
-            Err(StoreError::Nats(e)) if started.elapsed() + delay < NATS_TROUBLE_PATIENCE => {
-                tracing::warn!(job_id = %job_id, error = %e, "{what} failed; retrying in {} ms", delay.as_millis());
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
-        }
-    }
 }
 
 /// The part of a pipeline's progress the model takes; its post-processing stages share the rest.

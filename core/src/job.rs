@@ -311,6 +311,42 @@ pub fn owned_by(record: &JobRecord, attempt: u32, owner: &Owner) -> bool {
     record.state == JobState::Running && record.attempt == attempt && record.owner.as_ref() == Some(owner)
 }
 
+/// What a running attempt makes of its record when its keep-alive re-reads it (every third of
+/// the ack wait, and at once after this process stood still).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watched {
+    /// The attempt still owns the job; `cancel_requested`: a client asked to stop it.
+    Owned { cancel_requested: bool },
+    /// The record shows this attempt's own outcome: its conclusion wrote it while the
+    /// keep-alive still runs (it runs until the delivery is acked, so that the ack wait does
+    /// not expire while the outcome write rides out NATS trouble). Nothing to stop.
+    OwnOutcome,
+    /// Another attempt owns the job, or it ended without this attempt's conclusion (another
+    /// delivery found every attempt used): this attempt is fenced.
+    Superseded,
+}
+
+/// [`Watched`] for attempt `attempt` of `owner`, reading `record`; `concluding`: the attempt's
+/// conclusion has begun (it may have written its outcome), read *after* the record was.
+/// Before this rule the keep-alive took any record that was not `running` for another
+/// attempt's, and warned "another attempt owns the job now" 3 ms after a job's only attempt
+/// completed it (issue 23 item 8; harmless, since the conclusion had checked the fence
+/// before its write, but it named a takeover that never was).
+pub fn watch(record: &JobRecord, attempt: u32, owner: &Owner, concluding: bool) -> Watched {
+    if owned_by(record, attempt, owner) {
+        return Watched::Owned { cancel_requested: record.cancel_requested };
+    }
+    // The same attempt number and owner: no claim came after this attempt's. Ended, then by
+    // this attempt's own write once its conclusion has begun (an ending of the same attempt
+    // by anyone else, attempts exhausted by another delivery, comes while it still runs).
+    let same_attempt = record.attempt == attempt && record.owner.as_ref() == Some(owner);
+    if same_attempt && concluding {
+        Watched::OwnOutcome
+    } else {
+        Watched::Superseded
+    }
+}
+
 /// How an attempt that ran ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -434,6 +470,24 @@ mod tests {
 
     fn owner(node: &str) -> Owner {
         Owner { node: node.into(), slot: "gpu0".into() }
+    }
+
+    #[test]
+    fn the_keep_alive_of_a_job_its_only_attempt_completed_stops_nothing() {
+        // The run of issue 23 item 8: one attempt, completed; its keep-alive ticked 3 ms later.
+        let me = owner("n1");
+        let running = claim(&record(JobState::Queued, 0), &me, 1).unwrap();
+        let mut asked = running.clone();
+        asked.cancel_requested = true;
+        assert_eq!(watch(&asked, 1, &me, false), Watched::Owned { cancel_requested: true });
+        let completed = conclude(&running, 1, &me, &Outcome::Completed { artifacts: vec![] }, 2).unwrap();
+        assert_eq!(watch(&completed, 1, &me, true), Watched::OwnOutcome);
+        // The record as the old rule read it (not running, or another attempt: fenced).
+        assert!(completed.state != JobState::Running, "the old rule fenced this attempt");
+        // Read before the conclusion began, the same record is not this attempt's doing.
+        assert_eq!(watch(&completed, 1, &me, false), Watched::Superseded);
+        let taken = claim(&running, &owner("n2"), 3).unwrap();
+        assert_eq!(watch(&taken, 1, &me, false), Watched::Superseded);
     }
 
     #[test]
@@ -663,6 +717,29 @@ mod tests {
                     prop_assert!(owned_by(&next, next.attempt, &o));
                     prop_assert!(next.attempt >= 1 && next.attempt <= next.max_attempts);
                     prop_assert_eq!(decide_delivery(&r, now_ms), DeliveryDecision::Run { attempt: next.attempt });
+                }
+            }
+
+            /// The keep-alive never takes an attempt's own outcome for a takeover, and always
+            /// sees a later claim as one (issue 23 item 8).
+            #[test]
+            fn the_keep_alive_tells_its_own_outcome_from_a_takeover(
+                r in any_record(), me in any_owner(), other in any_owner(), outcome in any_outcome(), now_ms in 0u64..200,
+            ) {
+                let Ok(mine) = claim(&r, &me, now_ms) else { return Ok(()) };
+                prop_assert_eq!(watch(&mine, mine.attempt, &me, false), Watched::Owned { cancel_requested: false });
+                let concluded = conclude(&mine, mine.attempt, &me, &outcome, now_ms).expect("the owner concludes");
+                prop_assert_eq!(watch(&concluded, mine.attempt, &me, true), Watched::OwnOutcome);
+                // A retry's next claim, by whichever node: the old attempt is superseded.
+                if let Ok(theirs) = claim(&concluded, &other, now_ms) {
+                    prop_assert_eq!(watch(&theirs, mine.attempt, &me, true), Watched::Superseded);
+                }
+                if let Ok(theirs) = claim(&mine, &other, now_ms) {
+                    prop_assert_eq!(watch(&theirs, mine.attempt, &me, false), Watched::Superseded);
+                }
+                // Ended by another delivery while it still ran: fenced.
+                if let Ok(ended) = attempts_exhausted(&mine, now_ms) {
+                    prop_assert_eq!(watch(&ended, mine.attempt, &me, false), Watched::Superseded);
                 }
             }
 

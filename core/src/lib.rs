@@ -16,7 +16,7 @@
 //! | [`models`]    | the cluster's models from the registry's node entries; the conflict rule    |
 //! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
-//! | [`policy`]    | restart budget and backoff, pure and tested with explicit time              |
+//! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |

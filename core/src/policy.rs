@@ -1,5 +1,7 @@
 //! Restart and retry policy as data, decided by pure functions that take the time as an
-//! argument, so that tests drive them with explicit instants instead of sleeping.
+//! argument, so that tests drive them with explicit instants instead of sleeping: the backoff
+//! of a job's retries, the restart budget of a slot, and the patience with NATS trouble of
+//! every store operation on a job's path.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -30,6 +32,44 @@ impl From<&RetryPolicy> for Backoff {
             max: Duration::from_millis(p.backoff_max_ms),
             multiplier: p.backoff_multiplier,
         }
+    }
+}
+
+/// How long an operation rides out NATS trouble before that counts as a failure: a stream
+/// without a leader (its leader's server died; nats-server elects another after its 4 to 9 s
+/// election timeout, longer on a loaded machine), a server restarting, a request timing out.
+/// That is not the job's failure, and a write on a job's path that gave up at once left the job
+/// for redelivery after the ack wait, so its model ran a second time (an outside storm on three
+/// nats-servers: 2 of 93 jobs when the `KV_kiln_jobs` leader died). Only trouble is retried
+/// (`kiln_core::nats::Transient`); an answer (a compare-and-set conflict, a missing object)
+/// is final.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Patience {
+    /// The pauses between tries.
+    pub backoff: Backoff,
+    /// No try starts later than this after the first one began.
+    pub within: Duration,
+}
+
+impl Patience {
+    /// Every store operation on a job's path (inputs, artifacts, events, the outcome, the
+    /// terminal event and results feed, the batch settle): 30 s, several elections' worth,
+    /// pauses from 100 ms doubling to 2 s. The delivery stays this node's meanwhile: its
+    /// `in_progress` keeps being sent.
+    pub const NATS_TROUBLE: Patience = Patience {
+        backoff: Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(2), multiplier: 2.0 },
+        within: Duration::from_secs(30),
+    };
+
+    /// One try: trouble is the caller's to handle (an API request, whose client retries).
+    pub const ONCE: Patience =
+        Patience { backoff: Backoff { initial: Duration::ZERO, max: Duration::ZERO, multiplier: 1.0 }, within: Duration::ZERO };
+
+    /// The pause before the next try, after `failures` tries failed (1-based) and `elapsed`
+    /// since the first began; `None`: give up (the next try would start too late).
+    pub fn pause(&self, failures: u32, elapsed: Duration) -> Option<Duration> {
+        let pause = self.backoff.delay(failures);
+        (elapsed + pause < self.within).then_some(pause)
     }
 }
 
@@ -96,6 +136,30 @@ mod tests {
         let delays: Vec<u64> = (1..=6).map(|n| b.delay(n).as_millis() as u64).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 1000]);
         assert_eq!(b.delay(u32::MAX), Duration::from_millis(1_000));
+    }
+
+    #[test]
+    fn nats_trouble_is_ridden_out_past_an_election_and_no_longer() {
+        let p = Patience::NATS_TROUBLE;
+        // Tries as a leaderless stream sees them, each failing at once: the pauses add up to
+        // more than nats-server's 9 s election timeout and stop short of 30 s.
+        let (mut elapsed, mut failures, mut pauses) = (Duration::ZERO, 0, vec![]);
+        while let Some(pause) = p.pause(failures + 1, elapsed) {
+            failures += 1;
+            pauses.push(pause.as_millis() as u64);
+            elapsed += pause;
+        }
+        assert_eq!(&pauses[..6], &[100, 200, 400, 800, 1600, 2000]);
+        assert!(elapsed > Duration::from_secs(9) && elapsed < Duration::from_secs(30), "{elapsed:?}");
+        // Tries that take long themselves (a 5 s request timeout each) use the same window.
+        assert_eq!(p.pause(6, Duration::from_secs(25)), Some(Duration::from_secs(2)));
+        assert_eq!(p.pause(6, Duration::from_secs(28)), None);
+        assert_eq!(p.pause(1, Duration::from_millis(29_950)), None);
+    }
+
+    #[test]
+    fn once_never_pauses() {
+        assert_eq!(Patience::ONCE.pause(1, Duration::ZERO), None);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //!      ▲                                         │
 //!      │                                       write (compare-and-set on the revision read)
 //!      │                                         ├── ok ──────► Written { value, revision }
-//!      └── pause (grows, jittered) ◄── conflict ─┘   other error ► CasError::Store
+//!      └── pause (grows, jittered) ◄── conflict ─┘   NATS trouble ► CasError::Store, or with
+//!      ▲                                                            patience (`update_patiently`):
+//!      └─────────── pause (backoff, up to 30 s in all) ◄────────────┘ read and decide again
 //! ```
 //!
 //! `decide` is pure and may run several times for one update, once per round, each time on
@@ -18,7 +20,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::StoreError;
+use super::{StoreError, Transient};
+use crate::policy::Patience;
 
 /// Compare-and-set rounds before an update gives up ([`CasError::Contended`]). One bound for
 /// every writer, sized for the most contended key: a batch record, which every item of the
@@ -62,6 +65,7 @@ pub enum CasError {
 /// Reads the record stored under `key`, lets `decide` say what it becomes, and writes that
 /// only if the record is still at the revision read; when another writer got in between
 /// ([`StoreError::Conflict`]) it reads and decides again, at most [`MAX_CAS_ROUNDS`] times.
+/// NATS trouble ends the update at once ([`update_patiently`] rides it out).
 ///
 /// `held` is a value and revision the caller already has (the job actor holds its record from
 /// the claim): the first round decides on it without reading. `read` answers `None` for a
@@ -72,35 +76,108 @@ pub enum CasError {
 pub async fn update_with<T, R, ReadFut, WriteFut>(
     key: &str,
     held: Option<(T, u64)>,
-    mut read: impl FnMut() -> ReadFut,
-    mut write: impl FnMut(T, u64) -> WriteFut,
-    mut decide: impl FnMut(&T) -> Step<T, R>,
+    read: impl FnMut() -> ReadFut,
+    write: impl FnMut(T, u64) -> WriteFut,
+    decide: impl FnMut(&T) -> Step<T, R>,
 ) -> Result<Updated<T, R>, CasError>
 where
     T: Clone,
     ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
     WriteFut: Future<Output = Result<u64, StoreError>>,
 {
-    let mut held = held;
-    for round in 0..MAX_CAS_ROUNDS {
-        if round > 0 {
-            tokio::time::sleep(pause(round)).await;
+    run(key, held, Patience::ONCE, read, write, decide, |_, _| false).await
+}
+
+/// [`update_with`] that rides out NATS trouble ([`Transient`]) for as long as `patience`
+/// allows: a stream without a leader refuses reads and writes for seconds, and a write on a
+/// job's path that gave up then made the job run again. Each retry reads and decides again,
+/// so it keeps every fence: a retried write that another writer overtook meanwhile loses its
+/// compare-and-set, and `decide` sees the record as it is now.
+///
+/// A write that failed with trouble may have landed all the same (its reply was lost): when a
+/// later read finds exactly a value this update sent, that write landed and the update ends
+/// `Written` with it. (Deciding again on it would take this writer's own write for another
+/// writer's.)
+pub async fn update_patiently<T, R, ReadFut, WriteFut>(
+    key: &str,
+    held: Option<(T, u64)>,
+    patience: Patience,
+    read: impl FnMut() -> ReadFut,
+    write: impl FnMut(T, u64) -> WriteFut,
+    decide: impl FnMut(&T) -> Step<T, R>,
+) -> Result<Updated<T, R>, CasError>
+where
+    T: Clone + PartialEq,
+    ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
+    WriteFut: Future<Output = Result<u64, StoreError>>,
+{
+    run(key, held, patience, read, write, decide, T::eq).await
+}
+
+/// The loop of both: `same` tells a value read from one this update sent.
+async fn run<T, R, ReadFut, WriteFut>(
+    key: &str,
+    mut held: Option<(T, u64)>,
+    patience: Patience,
+    mut read: impl FnMut() -> ReadFut,
+    mut write: impl FnMut(T, u64) -> WriteFut,
+    mut decide: impl FnMut(&T) -> Step<T, R>,
+    same: impl Fn(&T, &T) -> bool,
+) -> Result<Updated<T, R>, CasError>
+where
+    T: Clone,
+    ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
+    WriteFut: Future<Output = Result<u64, StoreError>>,
+{
+    let started = tokio::time::Instant::now();
+    let (mut conflicts, mut troubles) = (0, 0);
+    // Values written with an unknown result (the write failed with trouble).
+    let mut unsure: Vec<T> = vec![];
+    // Waits out one more failure with trouble, or ends the update with it.
+    let ride = |troubles: u32, e: StoreError| match patience.pause(troubles, started.elapsed()) {
+        Some(pause) if e.is_transient() => {
+            tracing::warn!(key, error = %e, failures = troubles, pause_ms = pause.as_millis() as u64, "compare-and-set failed (nats trouble); retrying");
+            Ok(pause)
         }
+        _ => Err(CasError::Store(e)),
+    };
+    loop {
         let (current, revision) = match held.take() {
             Some(value) => value,
-            None => read().await?.ok_or_else(|| CasError::Missing { key: key.to_string() })?,
+            None => match read().await {
+                Ok(Some(value)) => value,
+                Ok(None) => return Err(CasError::Missing { key: key.to_string() }),
+                Err(e) => {
+                    troubles += 1;
+                    tokio::time::sleep(ride(troubles, e)?).await;
+                    continue;
+                }
+            },
         };
+        if unsure.iter().any(|sent| same(sent, &current)) {
+            return Ok(Updated::Written { value: current, revision });
+        }
         let next = match decide(&current) {
             Step::Stop(result) => return Ok(Updated::Stopped(result)),
             Step::Write(next) => next,
         };
         match write(next.clone(), revision).await {
             Ok(revision) => return Ok(Updated::Written { value: next, revision }),
-            Err(StoreError::Conflict) => continue,
-            Err(e) => return Err(e.into()),
+            Err(StoreError::Conflict) => {
+                conflicts += 1;
+                if conflicts >= MAX_CAS_ROUNDS {
+                    return Err(CasError::Contended { key: key.to_string(), rounds: MAX_CAS_ROUNDS });
+                }
+                tokio::time::sleep(pause(conflicts)).await;
+            }
+            Err(e) => {
+                troubles += 1;
+                let wait = ride(troubles, e)?;
+                unsure.push(next);
+                tokio::time::sleep(wait).await;
+            }
         }
     }
-    Err(CasError::Contended { key: key.to_string(), rounds: MAX_CAS_ROUNDS })
 }
 
 /// The pause before round `round` (from 1): 2 to 13 ms, growing with the round and spread by
@@ -206,5 +283,106 @@ mod tests {
         .await;
         assert!(matches!(failed, Err(CasError::Store(StoreError::Nats(_)))));
         assert_eq!(store.reads.get(), 1);
+    }
+
+    /// A record that meets NATS trouble as a script says, one entry per operation (read or
+    /// write), then none: what a stream whose leader died does to a writer.
+    #[derive(Clone, Copy)]
+    enum Trouble {
+        /// The write is applied, but its reply is lost (a timeout).
+        LostReply,
+        /// The write is refused (no responders): nothing applied.
+        Refused,
+        /// Another writer stores this value, then this write is refused.
+        TakenOverWith(u32),
+        /// A read fails (no leader yet).
+        ReadFails,
+    }
+
+    struct Flaky {
+        value: RefCell<(u32, u64)>,
+        script: RefCell<std::collections::VecDeque<Trouble>>,
+        writes: Cell<usize>,
+    }
+
+    impl Flaky {
+        fn new(value: u32, script: &[Trouble]) -> Flaky {
+            Flaky { value: RefCell::new((value, 1)), script: RefCell::new(script.iter().copied().collect()), writes: Cell::new(0) }
+        }
+
+        async fn read(&self) -> Result<Option<(u32, u64)>, StoreError> {
+            if matches!(self.script.borrow().front(), Some(Trouble::ReadFails)) {
+                self.script.borrow_mut().pop_front();
+                return Err(StoreError::Nats("no stream found for given subject".into()));
+            }
+            Ok(Some(*self.value.borrow()))
+        }
+
+        async fn write(&self, next: u32, revision: u64) -> Result<u64, StoreError> {
+            self.writes.set(self.writes.get() + 1);
+            let trouble = self.script.borrow_mut().pop_front();
+            let mut stored = self.value.borrow_mut();
+            match trouble {
+                Some(Trouble::Refused) => return Err(StoreError::Nats("no responders".into())),
+                Some(Trouble::TakenOverWith(v)) => {
+                    *stored = (v, stored.1 + 1);
+                    return Err(StoreError::Nats("timed out".into()));
+                }
+                _ => {}
+            }
+            if stored.1 != revision {
+                return Err(StoreError::Conflict);
+            }
+            *stored = (next, revision + 1);
+            match trouble {
+                Some(Trouble::LostReply) => Err(StoreError::Nats("timed out".into())),
+                _ => Ok(revision + 1),
+            }
+        }
+
+        /// What an attempt's conclusion does: from 5 (running, owned) to 6 (its outcome);
+        /// anything else means another writer owns the record now (fenced).
+        async fn conclude(&self, patience: Patience) -> Result<Updated<u32, &'static str>, CasError> {
+            let decide = |v: &u32| if *v == 5 { Step::Write(6) } else { Step::Stop("fenced") };
+            update_patiently("k", Some((5, 1)), patience, || self.read(), |v, rev| self.write(v, rev), decide).await
+        }
+    }
+
+    /// [`Patience::NATS_TROUBLE`]'s shape at a thousandth of its scale.
+    const QUICK: Patience = Patience {
+        backoff: crate::policy::Backoff { initial: Duration::from_micros(100), max: Duration::from_millis(2), multiplier: 2.0 },
+        within: Duration::from_millis(30),
+    };
+
+    #[tokio::test]
+    async fn trouble_is_ridden_out_until_the_write_lands() {
+        let store = Flaky::new(5, &[Trouble::Refused, Trouble::ReadFails, Trouble::ReadFails, Trouble::Refused]);
+        assert_eq!(store.conclude(QUICK).await.unwrap(), Updated::Written { value: 6, revision: 2 });
+        assert_eq!(store.writes.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_landed_while_its_reply_was_lost_counts_as_written_not_as_fenced() {
+        let store = Flaky::new(5, &[Trouble::LostReply, Trouble::ReadFails]);
+        // The re-read finds 6: this update's own write, not another writer's.
+        assert_eq!(store.conclude(QUICK).await.unwrap(), Updated::Written { value: 6, revision: 2 });
+        assert_eq!(store.writes.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_retried_after_another_writer_took_over_is_fenced_and_overwrites_nothing() {
+        let store = Flaky::new(5, &[Trouble::TakenOverWith(50), Trouble::Refused]);
+        assert_eq!(store.conclude(QUICK).await.unwrap(), Updated::Stopped("fenced"));
+        assert_eq!(*store.value.borrow(), (50, 2));
+    }
+
+    #[tokio::test]
+    async fn trouble_past_the_patience_ends_the_update_and_once_means_once() {
+        let endless = Flaky::new(5, &[Trouble::Refused; 1000]);
+        assert!(matches!(endless.conclude(QUICK).await, Err(CasError::Store(StoreError::Nats(_)))));
+        assert!(endless.writes.get() > 3, "{}", endless.writes.get());
+        let once = Flaky::new(5, &[Trouble::Refused]);
+        assert!(matches!(once.conclude(Patience::ONCE).await, Err(CasError::Store(StoreError::Nats(_)))));
+        assert_eq!(once.writes.get(), 1);
     }
 }

@@ -11,6 +11,7 @@ use async_nats::jetstream::kv;
 use super::cas::{self, CasError, Step, Updated};
 use super::{Lane, Resources, StoreError};
 use crate::job::{JobRecord, JobState};
+use crate::policy::Patience;
 use crate::protocol::Event;
 
 /// A record and the KV revision it was read at (the token for the next compare-and-set).
@@ -76,9 +77,23 @@ impl Resources {
         held: Option<Versioned>,
         decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
     ) -> Result<Updated<JobRecord, R>, CasError> {
-        cas::update_with(
+        self.update_job_patiently(job_id, held, Patience::ONCE, decide).await
+    }
+
+    /// [`Self::update_job_with`], riding out NATS trouble (a leaderless `KV_kiln_jobs`) for
+    /// as long as `patience` allows ([`cas::update_patiently`]): what an attempt's outcome
+    /// write does, since giving up made the job run again.
+    pub async fn update_job_patiently<R>(
+        &self,
+        job_id: &str,
+        held: Option<Versioned>,
+        patience: Patience,
+        decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
+    ) -> Result<Updated<JobRecord, R>, CasError> {
+        cas::update_patiently(
             job_id,
             held.map(Versioned::into_pair),
+            patience,
             || async { Ok(self.get_job(job_id).await?.map(Versioned::into_pair)) },
             |next, revision| async move { self.update_job(&next, revision).await },
             decide,

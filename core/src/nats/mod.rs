@@ -6,6 +6,7 @@
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
+//! | `patience.rs` | riding out NATS trouble (a leaderless stream): the one retry loop      |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
 //! | `batches.rs`  | batch records and plans in KV; settling a child's end; its launches   |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
@@ -18,12 +19,14 @@ pub mod events;
 pub mod jobs;
 pub mod names;
 pub mod objects;
+pub mod patience;
 pub mod registry;
 pub mod resources;
 pub mod server;
 
 pub use cas::CasError;
 pub use names::{Lane, Names};
+pub use patience::{ride_out, Transient};
 pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
 pub use server::{ClusterMember, NatsCluster, NatsServer};

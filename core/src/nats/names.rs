@@ -126,6 +126,12 @@ impl Names {
     pub fn tunnel_want(&self, node: &str) -> String {
         format!("{}.tunnel.want.{node}", self.prefix)
     }
+    /// Where a node takes cancel notices for the jobs it runs (core NATS request/reply, body
+    /// `{"job_id": ..}`): the API sends one to the owner after flagging a running job, so a
+    /// cancel reaches the job whatever the state of the actor cluster.
+    pub fn node_cancel(&self, node: &str) -> String {
+        format!("{}.node.{node}.cancel", self.prefix)
+    }
     /// One node's diagnostics: `ping` (times actor calls and NATS requests to a peer) and
     /// `echo` (the NATS floor of that measurement).
     pub fn node_diag(&self, node: &str, what: &str) -> String {

@@ -709,9 +709,13 @@ async fn jobs_ending_while_a_stream_elects(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_ending_while_the_job_records_elect_a_leader_run_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (_nats, node, client, ids, killed_ms) = jobs_ending_while_a_stream_elects("KV_kiln_jobs", 10_000, dir.path()).await;
+    let (nats, node, client, ids, killed_ms) = jobs_ending_while_a_stream_elects("KV_kiln_jobs", 10_000, dir.path()).await;
     for id in &ids {
         let view = wait_terminal(&client, id, Duration::from_secs(90)).await;
+        // Reading the history makes a consumer, which the meta leader places: the victim may
+        // have led the meta group too.
+        let meta = eventually(Duration::from_secs(60), || async { nats.meta_leader().await.is_some_and(|l| l != nats.name(2)) }).await;
+        assert!(meta, "no meta leader within 60 s of the kill");
         let events = history(&client, id).await;
         assert_eq!(
             (view.status, view.attempt, statuses(&events)),

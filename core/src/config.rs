@@ -743,7 +743,7 @@ impl ClusterConfig {
             let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
             let mut table = Self::from_toml(&text, &path.display().to_string())?;
             if !table.http.include.is_empty() {
-                return Err(invalid(&format!("http.include[{i}]"), format!("{name:?} includes other files itself; include them here")));
+                return Err(invalid(format!("http.include[{i}]"), format!("{name:?} includes other files itself; include them here")));
             }
             table.resolve_paths(path.parent().unwrap_or(Path::new(".")));
             self.models.append(&mut table.models);

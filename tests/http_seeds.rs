@@ -25,13 +25,19 @@ impl Seed {
     /// The example table appended to the test timings, its `../workers/` and `../models/`
     /// made absolute; one node with one cpu slot, and a gateway.
     async fn start(example: &str) -> Seed {
-        let mut cluster = TestCluster::new();
         let examples = repo().join("examples");
         let table = std::fs::read_to_string(examples.join("http").join(example))
             .unwrap()
             .replace("\"../workers/", &format!("\"{}/workers/", examples.display()))
             .replace("\"../models/", &format!("\"{}/models/", examples.display()));
-        let config = format!("{}{table}", config_toml(&cluster.url(), &["cpu:0"], 10_000, ""));
+        Seed::with(&table).await
+    }
+
+    /// A node and a gateway from the test timings followed by `tail` (a table, or an
+    /// `[http] include` of tables).
+    async fn with(tail: &str) -> Seed {
+        let mut cluster = TestCluster::new();
+        let config = format!("{}{tail}", config_toml(&cluster.url(), &["cpu:0"], 10_000, ""));
         cluster.add_node("n1", &config);
         let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
         cluster.wait_node_ready("n1", 1).await;
@@ -595,7 +601,7 @@ async fn seed_002_talking_head_readme_python_client() {
     );
     // Cancelled by an operator (Kiln's API: the seed had no cancel): `failed`, with an error.
     let (_, jobs) = seed.get("/v1/jobs?model=echomimic").await;
-    let job = jobs["jobs"].as_array().unwrap().iter().find(|j| j["params"]["task_id"] == slow.as_str()).unwrap()["job_id"].clone();
+    let job = jobs["jobs"].as_array().unwrap().iter().find(|j| j["labels"]["task_id"] == slow.as_str()).unwrap()["job_id"].clone();
     let r = seed.http.post(seed.url(&format!("/v1/jobs/{}/cancel", job.as_str().unwrap()))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     read_sse_until(&mut stream, &mut text, |_| false).await;
@@ -621,6 +627,9 @@ async fn seed_002_talking_head_readme_python_client() {
     let last = messages.last().unwrap();
     assert_eq!(last["status"], "failed", "{messages:#?}");
     assert!(last["error"].as_str().is_some_and(|e| e.contains("ref_image")), "{last}");
+    // Issue 23 item 12: the worker's message named the file by the node's path; the client
+    // sees the input's name, never a folder of the node's.
+    assert!(!last["error"].as_str().unwrap().contains('/'), "no node path in a task's error: {last}");
     let (code, latest) = seed.get(&format!("/api/tasks/{bad}")).await;
     assert_eq!(code, 200);
     assert_eq!(keys(&latest), ["error", "session_id", "status", "task_id"], "{latest}");
@@ -630,7 +639,7 @@ async fn seed_002_talking_head_readme_python_client() {
     let (code, jobs) = seed.get("/v1/jobs?model=echomimic").await;
     assert_eq!(code, 200, "{jobs}");
     let jobs = jobs["jobs"].as_array().unwrap();
-    let mut ids: Vec<&str> = jobs.iter().map(|j| j["params"]["task_id"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> = jobs.iter().map(|j| j["labels"]["task_id"].as_str().unwrap()).collect();
     ids.sort();
     let mut want = [task_id, slow.as_str(), bad.as_str()];
     want.sort();
@@ -877,4 +886,280 @@ async fn seed_003_sharp_readme_clients() {
         assert_eq!(r.status(), 404, "{path}");
     }
     println!("seed 003: python client {python_s:.1} s, browser client {browser_s:.1} s; {:.1} s in all", started.elapsed().as_secs_f64());
+}
+
+// ------------------------------------------------------------------------------------------
+// What the seed tables refuse, and where they are served from (issue 23, items 10 to 14).
+
+/// A multipart body with one file part.
+fn one_file(part: &str, file_name: &str, bytes: Vec<u8>) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new().part(part.to_string(), reqwest::multipart::Part::bytes(bytes).file_name(file_name.to_string()))
+}
+
+impl Seed {
+    async fn post_form(&self, path: &str, form: reqwest::multipart::Form) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).multipart(form).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {status} {text:?} is not JSON: {e}")))
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(self.url(path)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("POST {path}: {status} {text:?} is not JSON: {e}")))
+    }
+
+    /// The jobs of `model` Kiln holds (at most 100).
+    async fn jobs(&self, query: &str) -> Vec<Value> {
+        let (code, jobs) = self.get(&format!("/v1/jobs?{query}")).await;
+        assert_eq!(code, 200, "{jobs}");
+        jobs["jobs"].as_array().unwrap().clone()
+    }
+}
+
+/// A refusal in seed 002's shape: 400, `success: false`, the error naming `field`.
+fn check_seed_002_refusal(code: u16, body: &Value, field: &str, says: &str) {
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(keys(body), ["code", "error", "field", "success"], "{body}");
+    assert_eq!((&body["success"], &body["code"], &body["field"]), (&json!(false), &json!("bad_request"), &json!(field)), "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains(&format!("{field:?}")) && error.contains(says), "the error names the seed's field {field:?}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_002_refuses_what_it_cannot_run_naming_its_fields() {
+    let seed = Seed::start("seed-002-talking-head.toml").await;
+
+    // Item 10: a file under another part name, and an empty file, are refused (they were
+    // stored, `success: true`).
+    let (code, body) = seed.post_form("/api/tempfile/upload", one_file("upload", "face.png", png(8, 8))).await;
+    check_seed_002_refusal(code, &body, "file", "needs a file part");
+    let (code, body) = seed.post_form("/api/tempfile/upload", one_file("file", "face.png", vec![])).await;
+    check_seed_002_refusal(code, &body, "file", "empty");
+
+    let upload = |bytes: Vec<u8>, name: &'static str| {
+        let seed = &seed;
+        async move {
+            let (code, body) = seed.post_form("/api/tempfile/upload", one_file("file", name, bytes)).await;
+            assert_eq!((code, &body["success"]), (200, &json!(true)), "{body}");
+            body["file_id"].as_str().unwrap().to_string()
+        }
+    };
+    let face = upload(png(40, 48), "face.png").await;
+    let voice = upload(wav(16_000), "voice.wav").await;
+
+    // Item 12: a task without its audio names the seed's field, `audio_id`, not Kiln's input.
+    let task_id = uuid::Uuid::new_v4().to_string();
+    let mut task = json!({"task_id": task_id, "session_id": "s-23", "ref_image_id": face, "steps": 2, "cfg": 3.0, "seed": 42});
+    let (code, body) = seed.post_json("/api/tasks", &task).await;
+    check_seed_002_refusal(code, &body, "audio_id", "needs");
+    assert!(!body["error"].as_str().unwrap().contains("input \"audio\""), "{body}");
+
+    // Item 13: the model declares its params; a `cfg` that is no number is refused at submit,
+    // naming `cfg`. (task_id and session_id were params, refused by the declaration.)
+    task["audio_id"] = json!(voice);
+    task["cfg"] = json!("high");
+    let (code, body) = seed.post_json("/api/tasks", &task).await;
+    check_seed_002_refusal(code, &body, "cfg", "must be a number");
+    assert!(seed.jobs("model=echomimic").await.is_empty(), "a refused request queues nothing");
+
+    // Item 14 (d): the seed's dashboard, every task on one channel: one stream for every job
+    // of the model, here only session s-23's (the multipart job below is s-24's).
+    let mut dashboard = seed.http.get(seed.url("/api/task_progress?label=session_id:s-23")).send().await.unwrap();
+    assert_eq!(dashboard.status(), 200, "{}", dashboard.text().await.unwrap());
+
+    // The task as the README sends it runs; its task_id and session_id are the job's labels.
+    task["cfg"] = json!(3.0);
+    let (code, body) = seed.post_json("/api/tasks", &task).await;
+    assert_eq!((code, &body), (200, &json!({"success": true, "task_id": task_id, "status": "processing"})), "{}", seed.logs());
+    let jobs = seed.jobs("label=session_id:s-23").await;
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    assert_eq!(jobs[0]["labels"], json!({"task_id": task_id, "session_id": "s-23"}), "{:#}", jobs[0]);
+    assert_eq!(keys(&jobs[0]["params"]), ["cfg", "seed", "steps"], "{:#}", jobs[0]);
+    let stream = seed.http.get(seed.url(&format!("/api/tasks/{task_id}/progress"))).send().await.unwrap();
+    let messages: Vec<Value> = read_sse(stream, JOB).await.iter().map(|(_, _, data)| serde_json::from_str(data).unwrap()).collect();
+    for m in &messages {
+        check_seed_002_message(m, &task_id, "s-23");
+    }
+    assert_eq!(messages.last().map(|m| &m["status"]), Some(&json!("completed")), "{messages:#?}\n{}", seed.logs());
+
+    // Item 13: a multipart `labels` part on /v1/jobs is the job's labels, not an input.
+    let form = reqwest::multipart::Form::new()
+        .text("model", "echomimic")
+        .text("labels", r#"{"session_id": "s-24"}"#)
+        .text("params", r#"{"steps": 1}"#)
+        .part("ref_image", reqwest::multipart::Part::bytes(png(40, 48)).file_name("face.png"))
+        .part("audio", reqwest::multipart::Part::bytes(wav(16_000)).file_name("voice.wav"));
+    let r = seed.http.post(seed.url("/v1/jobs")).multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let job_id = r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_string();
+    let (_, job) = seed.get(&format!("/v1/jobs/{job_id}")).await;
+    assert_eq!(job["labels"], json!({"session_id": "s-24"}), "{job:#}");
+    assert_eq!(keys(&job["inputs"]), ["audio", "ref_image"], "{job:#}");
+    let done = eventually(JOB, || async {
+        let (_, job) = seed.get(&format!("/v1/jobs/{job_id}")).await;
+        job["status"] == "completed"
+    })
+    .await;
+    assert!(done, "{}", seed.logs());
+
+    // A second task of the session, then the dashboard: both tasks' messages, each in the
+    // order its own stream has them, and none of session s-24's job.
+    let second = uuid::Uuid::new_v4().to_string();
+    task["task_id"] = json!(second);
+    let (code, body) = seed.post_json("/api/tasks", &task).await;
+    assert_eq!(code, 200, "{body}");
+    let mut text = String::new();
+    let completed = |id: &str, events: &[(Option<String>, String, String)]| {
+        events.iter().any(|(_, _, data)| data.contains(id) && data.contains("\"completed\""))
+    };
+    let both = read_sse_until(&mut dashboard, &mut text, |e| completed(&task_id, e) && completed(&second, e)).await;
+    assert!(both, "{text}\n{}", seed.logs());
+    let seen: Vec<Value> = parse_sse(&text)
+        .iter()
+        .map(|(_, name, data)| {
+            assert_eq!(name, "message", "{data}");
+            serde_json::from_str(data).unwrap()
+        })
+        .collect();
+    for id in [&task_id, &second] {
+        let of_task: Vec<&Value> = seen.iter().filter(|m| m["task_id"] == id.as_str()).collect();
+        for m in &of_task {
+            check_seed_002_message(m, id, "s-23");
+        }
+        let statuses: Vec<&str> = of_task.iter().map(|m| m["status"].as_str().unwrap()).fold(vec![], |mut v, s| {
+            if v.last() != Some(&s) {
+                v.push(s);
+            }
+            v
+        });
+        assert_eq!(statuses, ["processing", "downloading", "face_detecting", "inference", "merging_audio", "completed"], "{seen:#?}");
+    }
+    assert!(seen.iter().all(|m| m["session_id"] == "s-23"), "{seen:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_002_failed_task_names_no_node_path() {
+    // Item 12: the worker names the file it could not read by its path on the node; the
+    // task's `error` must say which input, not where the node keeps it.
+    let seed = Seed::start("seed-002-talking-head.toml").await;
+    let mut ids = vec![];
+    for (bytes, name) in [(wav(16_000), "voice.wav"), (wav(16_000), "voice2.wav")] {
+        let (code, body) = seed.post_form("/api/tempfile/upload", one_file("file", name, bytes)).await;
+        assert_eq!(code, 200, "{body}");
+        ids.push(body["file_id"].as_str().unwrap().to_string());
+    }
+    let task_id = uuid::Uuid::new_v4().to_string();
+    let task = json!({"task_id": task_id, "session_id": "s-1", "ref_image_id": ids[0], "audio_id": ids[1], "steps": 2});
+    let (code, body) = seed.post_json("/api/tasks", &task).await;
+    assert_eq!(code, 200, "{body}");
+    let stream = seed.http.get(seed.url(&format!("/api/tasks/{task_id}/progress"))).send().await.unwrap();
+    let messages: Vec<Value> = read_sse(stream, JOB).await.iter().map(|(_, _, data)| serde_json::from_str(data).unwrap()).collect();
+    let last = messages.last().unwrap();
+    assert_eq!(last["status"], "failed", "{messages:#?}");
+    let error = last["error"].as_str().unwrap();
+    assert!(error.contains("ref_image"), "{last}");
+    assert!(!error.contains('/'), "no node path in a task's error: {error}");
+    let (_, latest) = seed.get(&format!("/api/tasks/{task_id}")).await;
+    assert_eq!(latest["error"], error, "{latest}");
+}
+
+/// A refusal in seed 003's (FastAPI's) shape: 400, `detail` naming `field`.
+fn check_seed_003_refusal(code: u16, body: &Value, field: &str, says: &str) {
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(keys(body), ["code", "detail", "field"], "{body}");
+    assert_eq!((&body["code"], &body["field"]), (&json!("bad_request"), &json!(field)), "{body}");
+    let detail = body["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("{field:?}")) && detail.contains(says), "the error names the seed's field {field:?}: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_003_checks_its_inputs_and_params_at_submit() {
+    let seed = Seed::start("seed-003-sharp.toml").await;
+    let image = || reqwest::multipart::Part::bytes(png(32, 24)).file_name("image.png");
+
+    // Item 11: an empty file was queued and failed later ("unknown image type").
+    let (code, body) = seed.post_form("/predict", one_file("file", "image.png", vec![])).await;
+    check_seed_003_refusal(code, &body, "file", "empty");
+    // A focal length that is no number, or negative, failed the job later too.
+    for (focal, says) in [("abc", "must be a number"), ("-5", "allowed: at least 1")] {
+        let form = reqwest::multipart::Form::new().part("file", image()).text("focal_length", focal);
+        let (code, body) = seed.post_form("/predict", form).await;
+        check_seed_003_refusal(code, &body, "focal_length", says);
+    }
+    // A URL-encoded form (an HTML form's default) without the file: the file is what is
+    // missing, not "malformed JSON".
+    let r = seed.http.post(seed.url("/predict")).form(&[("focal_length", "1000")]).send().await.unwrap();
+    let code = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    check_seed_003_refusal(code, &body, "file", "needs a file part");
+    assert!(seed.jobs("model=sharp").await.is_empty(), "a refused request queues nothing");
+
+    // The README's request still queues.
+    let form = reqwest::multipart::Form::new().part("file", image()).text("focal_length", "1000");
+    let (code, body) = seed.post_form("/predict", form).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(keys(&body), ["message", "status", "task_id"], "{body}");
+
+    // Item 14 (c): /openapi.json lists the table's routes, with the fields they read.
+    let (code, doc) = seed.get("/openapi.json").await;
+    assert_eq!(code, 200);
+    let predict = &doc["paths"]["/predict"]["post"];
+    let form = &predict["requestBody"]["content"]["multipart/form-data"]["schema"];
+    assert_eq!((&form["properties"]["file"]["format"], &form["required"]), (&json!("binary"), &json!(["file"])), "{predict:#}");
+    assert!(form["properties"]["focal_length"].is_object(), "{predict:#}");
+    for path in ["/stream/{task_id}", "/status/{task_id}", "/result/{task_id}", "/metadata/{task_id}", "/health"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path} is listed");
+    }
+}
+
+/// Copies `examples/http/<table>` to `dir/http/`, beside links to the examples' workers and
+/// models: a table somewhere else than in the repository, with its `../` paths.
+fn copy_table(dir: &Path, table: &str) -> std::path::PathBuf {
+    let examples = repo().join("examples");
+    std::fs::create_dir_all(dir.join("http")).unwrap();
+    for folder in ["workers", "models"] {
+        if !dir.join(folder).exists() {
+            std::os::unix::fs::symlink(examples.join(folder), dir.join(folder)).unwrap();
+        }
+    }
+    let to = dir.join("http").join(table);
+    std::fs::copy(examples.join("http").join(table), &to).unwrap();
+    to
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gateway_serves_several_seed_tables_from_their_own_folders() {
+    // Item 14 (a, b): the tables of seeds 001 and 003, copied out of the repository, included
+    // by a config in another folder: their relative model paths resolve against each table.
+    let tables = tempfile::tempdir().unwrap();
+    let seed_001 = copy_table(tables.path(), "seed-001-image-gen.toml");
+    let seed_003 = copy_table(tables.path(), "seed-003-sharp.toml");
+    let seed = Seed::with(&format!("[http]\ninclude = [{:?}, {:?}]\n", seed_001.display(), seed_003.display())).await;
+
+    // Seed 001's TorchScript model and its Python worker, by the table's `../` paths.
+    for model in ["flux-1-dev", "stable-diffusion-v1-5"] {
+        let (code, reply) = seed.post_json("/generate_image", &seed_001_body(model)).await;
+        assert_eq!(code, 200, "{reply}");
+        let task_id = reply["task_id"].as_str().unwrap().to_string();
+        let last = seed_001_wait(&seed, &task_id, model).await;
+        assert_eq!(last["status"], "completed", "{last}\n{}", seed.logs());
+        assert_eq!(png_size(&seed_001_image(&seed, &task_id).await), (64, 64));
+    }
+
+    // Seed 003's, from the same gateway and node.
+    let (code, health) = seed.get("/health").await;
+    assert_eq!((code, &health["status"]), (200, &json!("healthy")), "{health}");
+    let form = reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(png(32, 24)).file_name("image.png"));
+    let (code, reply) = seed.post_form("/predict", form).await;
+    assert_eq!(code, 200, "{reply}");
+    let task_id = reply["task_id"].as_str().unwrap().to_string();
+    let stream = seed.http.get(seed.url(&format!("/stream/{task_id}"))).send().await.unwrap();
+    let events: Vec<(String, String)> = read_sse(stream, JOB).await.into_iter().map(|(_, name, data)| (name, data)).collect();
+    assert_eq!(seed_003_statuses(&events), SEED_003_STATUSES, "{events:?}\n{}", seed.logs());
+    let r = seed.http.get(seed.url(&format!("/result/{task_id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    check_sog(&r.bytes().await.unwrap());
 }

@@ -53,6 +53,18 @@ impl NodeContext {
         Ok(dir)
     }
 
+    /// `message` (an engine's error, for the job's record) with every path under this node's
+    /// work folder cut to its file name: a worker that says `cannot read
+    /// /tmp/kiln-n1-x/cpu0/w3/in/ref_image` tells the client `cannot read ref_image`, and no
+    /// client learns the node's folders.
+    pub fn without_node_paths(&self, message: &str) -> String {
+        let mut out = strip_paths_under(message, &self.work_dir.display().to_string());
+        if let Ok(real) = self.work_dir.canonicalize() {
+            out = strip_paths_under(&out, &real.display().to_string());
+        }
+        out
+    }
+
     /// Empties a job's folder (keeping `out/` itself) and makes it free for the slot's next
     /// job. A folder that cannot be emptied is removed instead and not reused. Blocking.
     pub fn return_workspace(&self, slot: &str, dir: PathBuf) {
@@ -87,4 +99,47 @@ fn empty_workspace(dir: &std::path::Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `message` with each path that starts with `root` replaced by its last segment (a path ends
+/// at whitespace, a quote, a bracket, `,` or `;`). Pure.
+pub fn strip_paths_under(message: &str, root: &str) -> String {
+    let root = root.trim_end_matches('/');
+    if root.len() < 2 {
+        return message.to_string();
+    }
+    let ends = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';' | '<' | '>');
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find(root) {
+        out.push_str(&rest[..at]);
+        let path_len = rest[at..].find(ends).unwrap_or(rest.len() - at);
+        let path = rest[at..at + path_len].trim_end_matches(['.', ':']);
+        let name = path.trim_end_matches('/').rsplit('/').next().filter(|n| !n.is_empty() && path.len() > root.len());
+        out.push_str(name.unwrap_or("<work folder>"));
+        rest = &rest[at + path.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_paths_under;
+
+    #[test]
+    fn node_paths_become_file_names() {
+        let root = "/tmp/kiln-n1-ab12";
+        assert_eq!(
+            strip_paths_under("input ref_image is not a PNG or JPEG image (/tmp/kiln-n1-ab12/cpu0/w3/in/ref_image.wav)", root),
+            "input ref_image is not a PNG or JPEG image (ref_image.wav)"
+        );
+        assert_eq!(
+            strip_paths_under("cannot read /tmp/kiln-n1-ab12/cpu0/w3/in/a: gone; and /tmp/kiln-n1-ab12/x.", root),
+            "cannot read a: gone; and x."
+        );
+        assert_eq!(strip_paths_under("failed in /tmp/kiln-n1-ab12", root), "failed in <work folder>");
+        assert_eq!(strip_paths_under("no path here /tmp/other/file", root), "no path here /tmp/other/file");
+        assert_eq!(strip_paths_under("x", ""), "x");
+    }
 }

@@ -542,7 +542,7 @@ impl Delivery {
             Err(EngineError::Cancelled) => Outcome::Cancelled,
             Err(e) => {
                 let code = if matches!(e, EngineError::User(_)) { ErrorCode::BadRequest } else { ErrorCode::EngineFailed };
-                let error = ApiError::new(code, truncate(e.to_string(), MAX_EVENT_MESSAGE_BYTES));
+                let error = ApiError::new(code, truncate(self.ctx.without_node_paths(&e.to_string()), MAX_EVENT_MESSAGE_BYTES));
                 tracing::info!(job_id = %self.job_id, attempt = self.attempt, error = %e, "attempt failed");
                 Outcome::Failed { error, kind: e.failure_kind() }
             }

@@ -693,6 +693,7 @@ impl ClusterConfig {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config = Self::from_toml(&text, &path.display().to_string())?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.include_tables(path.parent().unwrap_or(Path::new(".")))?;
         config.apply_env(|k| std::env::var(k).ok())?;
         config.validate()?;
         Ok(config)
@@ -705,6 +706,7 @@ impl ClusterConfig {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let mut config = Self::from_toml(&text, &path.display().to_string())?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        config.include_tables(path.parent().unwrap_or(Path::new(".")))?;
         config.apply_env(|k| std::env::var(k).ok())?;
         config.nats.validate()?;
         let any_model = config.models.is_empty();
@@ -729,6 +731,25 @@ impl ClusterConfig {
         nats.apply_env(|k| std::env::var(k).ok())?;
         nats.validate()?;
         Ok(nats)
+    }
+
+    /// Adds the `[[models]]` and `[[http.routes]]` of each `http.include` file (relative to
+    /// `base`, this file's folder), their relative paths resolved against their own folder:
+    /// a seed's table serves from wherever it lives, beside other tables. An included file
+    /// includes nothing further, and its other sections are ignored.
+    pub fn include_tables(&mut self, base: &Path) -> Result<(), ConfigError> {
+        for (i, name) in std::mem::take(&mut self.http.include).into_iter().enumerate() {
+            let path = base.join(&name);
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let mut table = Self::from_toml(&text, &path.display().to_string())?;
+            if !table.http.include.is_empty() {
+                return Err(invalid(format!("http.include[{i}]"), format!("{name:?} includes other files itself; include them here")));
+            }
+            table.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+            self.models.append(&mut table.models);
+            self.http.routes.append(&mut table.http.routes);
+        }
+        Ok(())
     }
 
     /// Makes relative program paths in process commands absolute (against `base`), so a node
@@ -1121,6 +1142,46 @@ engine = { kind = "noop" }
         assert!(c.nats.tls());
         assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
         assert!(NatsConfig::for_url("tls://h:4222").tls());
+    }
+
+    #[test]
+    fn included_tables_add_their_models_and_routes_with_paths_of_their_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("seeds/http")).unwrap();
+        std::fs::create_dir_all(dir.path().join("seeds/workers")).unwrap();
+        std::fs::write(dir.path().join("seeds/workers/w.py"), "").unwrap();
+        let table = r#"
+[compression]
+max_workers = 7
+[[models]]
+name = "talker"
+engine = { kind = "process", command = ["python3", "../workers/w.py"] }
+[[http.routes]]
+method = "POST"
+path = "/api/tasks"
+kind = "submit"
+model = "talker"
+"#;
+        std::fs::write(dir.path().join("seeds/http/t.toml"), table).unwrap();
+        let path = dir.path().join("cluster.toml");
+        std::fs::write(&path, format!("[http]\ninclude = [\"seeds/http/t.toml\"]\n{MINIMAL}")).unwrap();
+        let c = ClusterConfig::load(&path).unwrap();
+        assert_eq!(c.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["demo", "talker"]);
+        let EngineConfig::Process { command, .. } = &c.model("talker").unwrap().engine else { panic!("a process engine") };
+        let worker = dir.path().join("seeds/workers/w.py").canonicalize().unwrap();
+        assert_eq!(command[1], worker.display().to_string(), "relative to the table, not to the including file");
+        assert_eq!((c.http.routes.len(), c.compression.max_workers), (1, 0), "routes come, other sections do not");
+        assert!(ClusterConfig::load_gateway(&path).is_ok());
+
+        // Twice the same table: its model is configured twice.
+        std::fs::write(&path, format!("[http]\ninclude = [\"seeds/http/t.toml\", \"seeds/http/t.toml\"]\n{MINIMAL}")).unwrap();
+        assert!(ClusterConfig::load(&path).unwrap_err().to_string().contains("configured twice"));
+        // An included file includes nothing further; a missing one is named.
+        std::fs::write(dir.path().join("seeds/http/nested.toml"), "[http]\ninclude = [\"t.toml\"]\n").unwrap();
+        std::fs::write(&path, format!("[http]\ninclude = [\"seeds/http/nested.toml\"]\n{MINIMAL}")).unwrap();
+        assert!(ClusterConfig::load(&path).unwrap_err().to_string().contains("http.include[0]"));
+        std::fs::write(&path, format!("[http]\ninclude = [\"nope.toml\"]\n{MINIMAL}")).unwrap();
+        assert!(ClusterConfig::load(&path).unwrap_err().to_string().contains("nope.toml"));
     }
 
     #[test]

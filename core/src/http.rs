@@ -34,6 +34,10 @@ pub struct HttpConfig {
     pub api_keys: Vec<ApiKeyConfig>,
     /// The seeds' HTTP contracts (and any other team's), as configuration.
     pub routes: Vec<RouteConfig>,
+    /// Other files whose `[[models]]` and `[[http.routes]]` this one serves too (each seed's
+    /// table in `examples/http/` is one): one gateway for several tables. Relative paths in an
+    /// included file resolve against that file's folder; its other sections are ignored.
+    pub include: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -46,6 +50,7 @@ impl Default for HttpConfig {
             cors_origins: vec![],
             api_keys: vec![],
             routes: vec![],
+            include: vec![],
         }
     }
 }
@@ -157,6 +162,11 @@ pub struct RouteConfig {
     /// Kiln param -> the request field it comes from. Missing fields are left out.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Job label -> the request field it comes from (seed 002's `session_id`): what the client
+    /// names its job by, kept beside the job instead of passed to the model as a param (a
+    /// model that declares its params refuses unknown ones). Missing fields are left out.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// The request field that becomes the idempotency key (the client's own task id).
     #[serde(default)]
     pub key_field: String,
@@ -180,6 +190,11 @@ pub struct RouteConfig {
     /// is left out. See docs/HTTP.md for the names.
     #[serde(default)]
     pub response: serde_json::Value,
+    /// The JSON body of an error, as a template of `$code`, `$message`, `$field` (the request
+    /// field it is about, when one is) and `$status` (the HTTP status): the client's own error
+    /// shape. Default: Kiln's `{"code", "message"}`.
+    #[serde(default)]
+    pub error: serde_json::Value,
 }
 
 fn invalid(key: String, reason: impl Into<String>) -> ConfigError {
@@ -221,12 +236,20 @@ impl HttpConfig {
             let takes_id = r.path.contains('{');
             match r.kind {
                 RouteKind::Submit if !names_model => return Err(invalid(at("model"), "a submit route needs `model` or `model_field`")),
-                RouteKind::Status | RouteKind::Events | RouteKind::Artifact | RouteKind::Download if !takes_id => {
+                RouteKind::Status | RouteKind::Artifact | RouteKind::Download if !takes_id => {
                     return Err(invalid(at("path"), "needs a `{id}` segment naming the job (or the file)"))
+                }
+                RouteKind::Events if !takes_id && r.model.is_empty() => {
+                    return Err(invalid(at("model"), "an events route without a `{id}` follows every job of `model`, which must be set"))
                 }
                 RouteKind::Artifact if r.artifacts.is_empty() => return Err(invalid(at("artifacts"), "must name at least one artifact")),
                 RouteKind::Health if r.model.is_empty() => return Err(invalid(at("model"), "a health route needs `model`")),
                 _ => {}
+            }
+            // The names are checked now; the values (the request's) at submit.
+            let names: crate::protocol::Labels = r.labels.keys().map(|n| (n.clone(), String::new())).collect();
+            if let Some(why) = crate::protocol::invalid_labels(&names) {
+                return Err(invalid(at("labels"), why));
             }
             if r.job_ref == JobRefKind::Key && r.model.is_empty() {
                 return Err(invalid(at("job_ref"), "`key` derives the job id from the key and `model`, which must be set"));

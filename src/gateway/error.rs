@@ -21,6 +21,10 @@ pub struct HttpError {
     /// Not in the body: seconds for `Retry-After`.
     #[serde(skip)]
     pub retry_after_s: Option<u32>,
+    /// Not in Kiln's body: the request field the error is about, for a configured route's
+    /// own error shape (`$field`, see `[[http.routes]] error`).
+    #[serde(skip)]
+    pub field: Option<String>,
 }
 
 /// The HTTP status of a NATS API error code.
@@ -41,10 +45,14 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
 
 impl HttpError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> HttpError {
-        HttpError { code: code.to_string(), message: message.into(), status: status.as_u16(), retry_after_s: None }
+        HttpError { code: code.to_string(), message: message.into(), status: status.as_u16(), retry_after_s: None, field: None }
     }
     pub fn bad_request(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    /// A `bad_request` about one request field (or multipart part).
+    pub fn bad_field(field: &str, message: impl Into<String>) -> HttpError {
+        HttpError { field: Some(field.to_string()), ..HttpError::bad_request(message) }
     }
     pub fn not_found(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -67,7 +75,13 @@ impl HttpError {
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> HttpError {
         let retry_after_s = (e.code == ErrorCode::Overloaded).then_some(1);
-        HttpError { code: e.code.as_str().to_string(), message: e.message, status: http_status(e.code).as_u16(), retry_after_s }
+        HttpError {
+            code: e.code.as_str().to_string(),
+            message: e.message,
+            status: http_status(e.code).as_u16(),
+            retry_after_s,
+            field: None,
+        }
     }
 }
 

@@ -1,15 +1,19 @@
 //! `GET /openapi.json`: the gateway's OpenAPI 3 document. Its schemas are generated from the
 //! same Rust types the NATS API serializes (`kiln_core::protocol`, via schemars), so the
 //! document cannot drift from the wire; only the list of paths is written here, and a test
-//! checks it against the router's.
+//! checks it against the router's. The configured `[[http.routes]]` (the seeds' contracts) are
+//! added from their tables: the fields each reads, and its templates as examples.
 
+use axum::extract::State;
 use axum::Json;
+use kiln_core::http::{RouteConfig, RouteKind};
 use kiln_core::protocol::*;
 use schemars::generate::SchemaSettings;
 use serde_json::{json, Value};
 
 use super::error::HttpError;
 use super::v1::FileView;
+use super::Gateway;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
@@ -34,7 +38,98 @@ pub const NATIVE_ROUTES: [(&str, &str, &str); 18] = [
     ("get", "/readyz", "NATS connected and at least one node serving"),
 ];
 
-/// The OpenAPI document.
+/// The OpenAPI document of the native API and of the configured `[[http.routes]]`.
+pub fn document_with(routes: &[RouteConfig]) -> Value {
+    let mut doc = document();
+    for route in routes {
+        let path = openapi_path(&route.path);
+        let method = route.method.to_ascii_lowercase();
+        doc["paths"].as_object_mut().expect("paths").entry(path).or_insert_with(|| json!({}))[method] = route_operation(route);
+    }
+    doc
+}
+
+/// An axum path as OpenAPI writes it: `{*file_id}` (which takes slashes) is `{file_id}`.
+fn openapi_path(path: &str) -> String {
+    path.replace("{*", "{")
+}
+
+/// One configured route as an OpenAPI operation: what it does, the request fields its table
+/// reads (JSON or multipart; file parts as binary), and its answer's template as the example.
+/// Pure.
+pub fn route_operation(route: &RouteConfig) -> Value {
+    let model = if route.model.is_empty() { format!("the model named by `{}`", route.model_field) } else { route.model.clone() };
+    let summary = match route.kind {
+        RouteKind::Submit => format!("Submit a job to {model} (a seed's own contract, from [[http.routes]])"),
+        RouteKind::Status => "The job's state, in the route's shape".to_string(),
+        RouteKind::Events => "The job's events as SSE, in the route's shape".to_string(),
+        RouteKind::Artifact => format!("The job's result: the first of {}", route.artifacts.join(", ")),
+        RouteKind::Upload => "Upload a file (multipart `file`); answers its id".to_string(),
+        RouteKind::Download => "An uploaded file, or a result by its object name".to_string(),
+        RouteKind::Health => format!("Whether {} is served", route.model),
+    };
+    let error_example = if route.error.is_null() { json!({"code": "$code", "message": "$message"}) } else { route.error.clone() };
+    let ok = match route.kind {
+        RouteKind::Events => {
+            json!({"description": "text/event-stream; each `data:` is the template", "content": {"text/event-stream": {"example": route.response}}})
+        }
+        RouteKind::Artifact | RouteKind::Download => json!({"description": "the file's bytes (ETag = sha256, Range)"}),
+        _ if route.response.is_null() => json!({"description": "OK (Kiln's own body)"}),
+        _ => {
+            json!({"description": "OK: the template, `$name` replaced (docs/HTTP.md)", "content": {"application/json": {"example": route.response}}})
+        }
+    };
+    let mut op = json!({
+        "summary": summary,
+        "tags": ["configured routes"],
+        "responses": {
+            "200": ok,
+            "default": {"description": "An error", "content": {"application/json": {"example": error_example}}},
+        },
+    });
+    let params: Vec<Value> = openapi_path(&route.path)
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .collect();
+    if !params.is_empty() {
+        op["parameters"] = Value::Array(params);
+    }
+    let mut fields = serde_json::Map::new();
+    let mut files = serde_json::Map::new();
+    for field in route.inputs.values().chain(route.file_ids.values()).chain(route.params.values()).chain(route.labels.values()) {
+        fields.insert(field.clone(), json!({}));
+    }
+    if !route.key_field.is_empty() {
+        fields.insert(route.key_field.clone(), json!({"type": "string"}));
+    }
+    if !route.model_field.is_empty() {
+        let names: Vec<&String> = route.models.keys().collect();
+        let schema = if names.is_empty() { json!({"type": "string"}) } else { json!({"type": "string", "enum": names}) };
+        fields.insert(route.model_field.clone(), schema);
+    }
+    let parts: Vec<String> = match route.kind {
+        RouteKind::Upload => vec![route.files.values().next().cloned().unwrap_or_else(|| "file".to_string())],
+        _ => route.files.values().cloned().collect(),
+    };
+    for part in &parts {
+        files.insert(part.clone(), json!({"type": "string", "format": "binary"}));
+    }
+    if route.kind == RouteKind::Submit || route.kind == RouteKind::Upload {
+        let mut content = serde_json::Map::new();
+        if files.is_empty() {
+            content.insert("application/json".into(), json!({"schema": {"type": "object", "properties": fields}}));
+        } else {
+            let mut all = fields.clone();
+            all.extend(files);
+            content.insert("multipart/form-data".into(), json!({"schema": {"type": "object", "properties": all, "required": parts}}));
+        }
+        op["requestBody"] = json!({"required": true, "content": content});
+    }
+    op
+}
+
+/// The OpenAPI document of the native API.
 pub fn document() -> Value {
     let mut generator = SchemaSettings::openapi3().into_generator();
     let mut schema = |name: &str| -> Value {
@@ -114,8 +209,8 @@ pub fn document() -> Value {
     })
 }
 
-pub async fn serve() -> Json<Value> {
-    Json(document())
+pub async fn serve(State(gateway): State<Gateway>) -> Json<Value> {
+    Json(document_with(&gateway.config().routes))
 }
 
 #[cfg(test)]
@@ -135,5 +230,22 @@ mod tests {
             assert!(schemas.contains_key(name), "unresolved $ref {name}");
         }
         assert!(schemas.contains_key("JobView") && schemas.contains_key("SubmitRequest"));
+    }
+
+    #[test]
+    fn configured_routes_are_listed_with_the_fields_they_read() {
+        let table = kiln_core::config::ClusterConfig::from_toml(include_str!("../../examples/http/seed-003-sharp.toml"), "seed 003")
+            .expect("table");
+        let doc = document_with(&table.http.routes);
+        let predict = &doc["paths"]["/predict"]["post"];
+        let form = &predict["requestBody"]["content"]["multipart/form-data"]["schema"];
+        assert_eq!(form["properties"]["file"]["format"], "binary", "{predict:#}");
+        assert!(form["properties"]["focal_length"].is_object(), "{predict:#}");
+        assert_eq!(predict["responses"]["200"]["content"]["application/json"]["example"]["task_id"], "$job_id");
+        assert_eq!(doc["paths"]["/stream/{task_id}"]["get"]["parameters"][0]["name"], "task_id");
+        assert!(doc["paths"]["/v1/jobs"]["post"].is_object(), "the native API stays");
+        let download = RouteConfig { path: "/api/tempfile/download/{*file_id}".into(), ..table.http.routes[3].clone() };
+        let doc = document_with(&[download]);
+        assert!(doc["paths"]["/api/tempfile/download/{file_id}"]["get"].is_object());
     }
 }

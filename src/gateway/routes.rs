@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 
 use super::error::HttpError;
 use super::template::{lookup, render};
-use super::v1::{read_form, read_form_as, read_json, resume_point, Form};
+use super::v1::{form_value, read_form, read_form_as, read_json, read_limited, resume_point, Form};
 use super::{objects, Gateway, Tenant};
 
 /// The routes of the table, grouped by path (one path may take several methods).
@@ -44,7 +44,7 @@ pub fn router(routes: &[RouteConfig]) -> Router<Gateway> {
             let config = config.clone();
             async move {
                 let id = ids.into_values().next();
-                serve(&config, &gateway, &tenant, id, request).await.unwrap_or_else(IntoResponse::into_response)
+                serve(&config, &gateway, &tenant, id, request).await.unwrap_or_else(|e| error_response(&config, e))
             }
         };
         let entry = by_path.remove(route.path.as_str()).unwrap_or_default();
@@ -81,6 +81,24 @@ async fn serve(
         RouteKind::Download => download(tenant, id, request.headers()).await,
         RouteKind::Health => health(route, tenant).await,
     }
+}
+
+/// An error in the route's own shape (`error`, a template of `$code`, `$message`, `$field`,
+/// `$status`), with the status and headers Kiln's `{code, message}` would have had.
+fn error_response(route: &RouteConfig, e: HttpError) -> Response {
+    if route.error.is_null() {
+        return e.into_response();
+    }
+    let vars = json!({"code": e.code, "message": e.message, "field": e.field, "status": e.status});
+    let body = render(&route.error, &vars);
+    let kiln = e.into_response();
+    let mut response = (kiln.status(), Json(body)).into_response();
+    for name in [axum::http::header::RETRY_AFTER, axum::http::header::WWW_AUTHENTICATE] {
+        if let Some(v) = kiln.headers().get(&name) {
+            response.headers_mut().insert(name, v.clone());
+        }
+    }
+    response
 }
 
 fn respond_with(route: &RouteConfig, vars: &Value, default: impl FnOnce() -> Value) -> Value {
@@ -143,6 +161,7 @@ fn job_vars(route: &RouteConfig, view: &JobView, status: Option<&str>) -> Value 
         "kiln_status": view.status.as_str(),
         "attempt": view.attempt,
         "params": view.params,
+        "labels": view.labels,
         "inputs": view.inputs,
         "error": view.error.as_ref().map(|e| e.message.clone()),
         "error_code": view.error.as_ref().map(|e| e.code.as_str()),
@@ -170,9 +189,21 @@ fn as_text(v: &Value) -> Option<String> {
 async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
     let multipart =
         request.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
+    let urlencoded = request
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     let (body, form) = if multipart {
         let form = read_form(gateway, tenant, request).await?;
         (Value::Object(form.fields.clone()), Some(form))
+    } else if urlencoded {
+        // An HTML form's default encoding (or `curl -d`): its fields, as a multipart body's
+        // text parts; a route that needs a file then says which part is missing.
+        let (parts, body) = request.into_parts();
+        let bytes = read_limited(gateway, &parts.headers, body).await?;
+        let fields = form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), form_value(&v))).collect();
+        (Value::Object(fields), None)
     } else {
         let (parts, body) = request.into_parts();
         // No body at all reads as `{}`: the route then says which field or part it needs.
@@ -182,7 +213,7 @@ async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
     };
     let built = submit_request(route, &body, form.as_ref());
     let result = match built {
-        Ok(submit) => tenant.client.submit(&submit).await.map(|reply| (submit, reply)).map_err(HttpError::from),
+        Ok(submit) => tenant.client.submit(&submit).await.map(|reply| (submit, reply)).map_err(|e| in_route_terms(route, e.into())),
         Err(e) => Err(e),
     };
     let (submit, reply) = match result {
@@ -201,6 +232,7 @@ async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
         "duplicate": reply.duplicate,
         "request": body,
         "params": submit.params,
+        "labels": submit.labels,
         "model": submit.model,
     });
     Ok(Json(respond_with(route, &vars, || json!({"task_id": reply.job_id, "status": vars["status"]}))).into_response())
@@ -211,7 +243,7 @@ pub fn submit_request(route: &RouteConfig, body: &Value, form: Option<&Form>) ->
     let model = if !route.model_field.is_empty() {
         let named = lookup(body, &route.model_field)
             .and_then(as_text)
-            .ok_or_else(|| HttpError::bad_request(format!("the request needs the field {:?}", route.model_field)))?;
+            .ok_or_else(|| HttpError::bad_field(&route.model_field, format!("the request needs the field {:?}", route.model_field)))?;
         match route.models.get(&named) {
             Some(m) => m.clone(),
             None if route.models.is_empty() => named,
@@ -241,13 +273,18 @@ pub fn submit_request(route: &RouteConfig, body: &Value, form: Option<&Form>) ->
     if let Some(form) = form {
         for (input, part) in &route.files {
             if let Some(f) = form.files.get(part) {
+                // An empty file is no image or audio: refused here rather than failing the
+                // job later with the engine's own words.
+                if f.stored.size == 0 {
+                    return Err(HttpError::bad_field(part, format!("file part {part:?} is empty")));
+                }
                 submit.inputs.insert(input.clone(), InputValue::Object { object: f.stored.name.clone() });
             }
         }
     }
     for (input, part) in &route.files {
         if !submit.inputs.contains_key(input) {
-            return Err(HttpError::bad_request(format!("the request needs a file part {part:?} (multipart/form-data)")));
+            return Err(HttpError::bad_field(part, format!("the request needs a file part {part:?} (multipart/form-data)")));
         }
     }
     for (param, field) in &route.params {
@@ -255,13 +292,56 @@ pub fn submit_request(route: &RouteConfig, body: &Value, form: Option<&Form>) ->
             submit.params.insert(param.clone(), v.clone());
         }
     }
+    for (label, field) in &route.labels {
+        if let Some(v) = lookup(body, field).filter(|v| !v.is_null()) {
+            let text = as_text(v).ok_or_else(|| HttpError::bad_field(field, format!("field {field:?} must be a string or a number")))?;
+            submit.labels.insert(label.clone(), text);
+        }
+    }
     if !route.key_field.is_empty() {
         submit.idempotency_key = lookup(body, &route.key_field).and_then(as_text);
         if route.job_ref == JobRefKind::Key && submit.idempotency_key.is_none() {
-            return Err(HttpError::bad_request(format!("the request needs the field {:?}", route.key_field)));
+            return Err(HttpError::bad_field(&route.key_field, format!("the request needs the field {:?}", route.key_field)));
         }
     }
     Ok(submit)
+}
+
+/// A submit's error in the words of the route's client: Kiln's names of inputs, params and
+/// labels (`needs input "audio"`) become the request fields they come from (`needs field
+/// "audio_id"`), and the first such field is the error's `field`. Pure.
+pub fn in_route_terms(route: &RouteConfig, mut e: HttpError) -> HttpError {
+    if e.code != "bad_request" {
+        return e;
+    }
+    let mut renames: Vec<(String, String, &str)> = vec![];
+    for (input, field) in route.inputs.iter().chain(&route.file_ids) {
+        renames.push((format!("input {input:?}"), format!("field {field:?}"), field));
+    }
+    for (input, part) in &route.files {
+        renames.push((format!("input {input:?}"), format!("file part {part:?}"), part));
+    }
+    for (param, field) in &route.params {
+        renames.push((format!("param {param:?}"), format!("field {field:?}"), field));
+    }
+    for (label, field) in &route.labels {
+        renames.push((format!("label {label:?}"), format!("field {field:?}"), field));
+    }
+    // The field the message names first (in Kiln's words) is the one it is about.
+    let original = e.message.clone();
+    let mut first: Option<(usize, &str)> = None;
+    for (kiln, client, field) in &renames {
+        if let Some(at) = original.find(kiln.as_str()) {
+            if first.is_none_or(|(f, _)| at < f) {
+                first = Some((at, *field));
+            }
+            e.message = e.message.replace(kiln.as_str(), client);
+        }
+    }
+    if e.field.is_none() {
+        e.field = first.map(|(_, f)| f.to_string());
+    }
+    e
 }
 
 async fn events(
@@ -272,12 +352,15 @@ async fn events(
     headers: &HeaderMap,
     query: Option<&str>,
 ) -> Result<Response, HttpError> {
+    if id.is_none() {
+        return model_events(route, gateway, tenant, headers, query).await;
+    }
     let after = resume_point(headers, query)?;
     let job_id = job_id(route, id)?;
     let first = tenant.client.status(&job_id).await?;
     let route = Arc::new(route.clone());
     let client = tenant.client.clone();
-    let name = if route.event.is_empty() { "message".to_string() } else { route.event.clone() };
+    let name = event_name(&route);
     let last_body: Arc<Mutex<Option<Value>>> = Default::default();
     let first = Arc::new(first);
     let stream = tenant
@@ -289,23 +372,7 @@ async fn events(
                 let (status, progress) = client_event(&route, &event)?;
                 // The ending carries the artifacts and the error: read them from the record.
                 let view = if event.is_terminal() { client.status(&event.job_id).await.ok().map(Arc::new).unwrap_or(first) } else { first };
-                let mut vars = job_vars(&route, &view, Some(&status));
-                // Results belong to the ending only (seed 002's `video_file_id` "only when
-                // completed"), even for a client that subscribes after it.
-                if !event.is_terminal() {
-                    vars["artifacts"] = json!({});
-                }
-                vars["progress"] = json!(progress.or(if event.status == Some(JobState::Completed) { Some(100.0) } else { None }));
-                vars["stage"] = json!(event.stage);
-                vars["message"] = json!(event.message);
-                if let Some(e) = &event.error {
-                    vars["error"] = json!(e.message);
-                    vars["error_code"] = json!(e.code.as_str());
-                }
-                if !matches!(event.status, Some(JobState::Failed | JobState::Cancelled)) {
-                    vars["error"] = Value::Null;
-                }
-                let body = respond_with(&route, &vars, || json!({"status": status, "progress": vars["progress"]}));
+                let body = event_body(&route, &view, &event, &status, progress);
                 let mut last = last_body.lock().expect("last body");
                 if last.as_ref() == Some(&body) && !event.is_terminal() {
                     return None;
@@ -317,6 +384,171 @@ async fn events(
         .filter_map(|e| async move { e.map(Ok::<_, std::convert::Infallible>) })
         .take_until(gateway.shutdown_token().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+/// The SSE event name of a route (`message` unless the table says, so `onmessage` works).
+fn event_name(route: &RouteConfig) -> String {
+    if route.event.is_empty() {
+        "message".to_string()
+    } else {
+        route.event.clone()
+    }
+}
+
+/// One event of a job, through the route's template: the job's variables, with the event's
+/// status (the client's name), progress, stage and message. Pure.
+fn event_body(route: &RouteConfig, view: &JobView, event: &Event, status: &str, progress: Option<f32>) -> Value {
+    let mut vars = job_vars(route, view, Some(status));
+    // Results belong to the ending only (seed 002's `video_file_id` "only when completed"),
+    // even for a client that subscribes after it.
+    if !event.is_terminal() {
+        vars["artifacts"] = json!({});
+    }
+    vars["progress"] = json!(progress.or(if event.status == Some(JobState::Completed) { Some(100.0) } else { None }));
+    vars["stage"] = json!(event.stage);
+    vars["message"] = json!(event.message);
+    if let Some(e) = &event.error {
+        vars["error"] = json!(e.message);
+        vars["error_code"] = json!(e.code.as_str());
+    }
+    if !matches!(event.status, Some(JobState::Failed | JobState::Cancelled)) {
+        vars["error"] = Value::Null;
+    }
+    respond_with(route, &vars, || json!({"status": status, "progress": vars["progress"]}))
+}
+
+/// Jobs whose view a model-wide stream keeps (to know each one's model, params and labels
+/// without a lookup per event). Past it the map starts again: a job seen before is looked up
+/// once more, nothing is lost.
+const MODEL_STREAM_JOBS: usize = 4096;
+
+/// Deletes a model-wide stream's consumer when its client goes (the server would drop it after
+/// its inactive threshold anyway; this frees it at once).
+struct ConsumerGuard {
+    stream: async_nats::jetstream::stream::Stream,
+    name: String,
+}
+
+impl Drop for ConsumerGuard {
+    fn drop(&mut self) {
+        let (stream, name) = (self.stream.clone(), std::mem::take(&mut self.name));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = stream.delete_consumer(&name).await;
+            });
+        }
+    }
+}
+
+/// What a model-wide stream knows while it runs.
+struct ModelStream {
+    route: Arc<RouteConfig>,
+    client: crate::client::Client,
+    /// `?label=name:value` filters: every one must match the event's labels.
+    wanted: kiln_core::protocol::Labels,
+    /// Job id -> its view, `None` for a job of another model (or a batch).
+    views: std::collections::HashMap<String, Option<Arc<JobView>>>,
+    /// Job id -> the body last sent for it: an identical one is skipped, as per job.
+    last_bodies: std::collections::HashMap<String, Value>,
+    _consumer: ConsumerGuard,
+}
+
+impl ModelStream {
+    async fn render(&mut self, seq: u64, event: Event) -> Option<SseEvent> {
+        if !self.wanted.iter().all(|(k, v)| event.labels.get(k) == Some(v)) {
+            return None;
+        }
+        let (status, progress) = client_event(&self.route, &event)?;
+        let known = match self.views.get(&event.job_id) {
+            Some(v) => v.clone(),
+            None => {
+                let model = &self.route.model;
+                let v = self.client.status(&event.job_id).await.ok().filter(|v| &v.model == model).map(Arc::new);
+                if self.views.len() >= MODEL_STREAM_JOBS {
+                    self.views.clear();
+                    self.last_bodies.clear();
+                }
+                self.views.insert(event.job_id.clone(), v.clone());
+                v
+            }
+        }?;
+        let terminal = event.is_terminal();
+        let view = if terminal { self.client.status(&event.job_id).await.ok().map(Arc::new).unwrap_or(known) } else { known };
+        let body = event_body(&self.route, &view, &event, &status, progress);
+        if !terminal && self.last_bodies.get(&event.job_id) == Some(&body) {
+            return None;
+        }
+        if terminal {
+            self.last_bodies.remove(&event.job_id);
+        } else {
+            self.last_bodies.insert(event.job_id.clone(), body.clone());
+        }
+        Some(SseEvent::default().id(seq.to_string()).event(event_name(&self.route)).json_data(&body).expect("json"))
+    }
+}
+
+/// An events route without an id in its path: every job of the route's `model` from now on,
+/// in one stream that never ends by itself (seed 002's dashboard on its `task_progress`
+/// channel), only the jobs carrying every `?label=name:value` given. `Last-Event-ID` resumes
+/// after that event, as per job. One consumer per client: a dashboard is one per operator,
+/// not one per task.
+async fn model_events(
+    route: &RouteConfig,
+    gateway: &Gateway,
+    tenant: &Tenant,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, HttpError> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let after = resume_point(headers, query)?;
+    let wanted = super::v1::labels_of(query)?;
+    let js = tenant.client.jetstream();
+    let stream =
+        js.get_stream(tenant.names().events_stream()).await.map_err(|e| HttpError::unavailable(format!("the events stream: {e}")))?;
+    let name = format!("gw-{}", uuid::Uuid::new_v4().simple());
+    let consumer = stream
+        .create_consumer(pull::Config {
+            name: Some(name.clone()),
+            filter_subject: tenant.names().events_subject_all(),
+            deliver_policy: match after {
+                Some(seq) => DeliverPolicy::ByStartSequence { start_sequence: seq + 1 },
+                None => DeliverPolicy::New,
+            },
+            ack_policy: AckPolicy::None,
+            memory_storage: true,
+            // Should this gateway die, the server drops the consumer soon after.
+            inactive_threshold: std::time::Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| HttpError::unavailable(format!("cannot follow the events: {e}")))?;
+    let messages = consumer.messages().await.map_err(|e| HttpError::unavailable(format!("cannot follow the events: {e}")))?;
+    let state = ModelStream {
+        route: Arc::new(route.clone()),
+        client: tenant.client.clone(),
+        wanted,
+        views: Default::default(),
+        last_bodies: Default::default(),
+        _consumer: ConsumerGuard { stream, name },
+    };
+    let events = futures::stream::unfold((messages, state), |(mut messages, mut state)| async move {
+        loop {
+            let message = match messages.next().await {
+                Some(Ok(m)) => m,
+                // NATS failed under the stream: it ends, and the client resumes with its
+                // Last-Event-ID.
+                _ => return None,
+            };
+            let Ok(info) = message.info() else { continue };
+            let seq = info.stream_sequence;
+            let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else { continue };
+            if let Some(sse) = state.render(seq, event).await {
+                return Some((Ok::<_, std::convert::Infallible>(sse), (messages, state)));
+            }
+        }
+    })
+    .take_until(gateway.shutdown_token().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// The first of the route's `artifacts` that a completed job has (`not_found` otherwise).
@@ -360,10 +592,18 @@ async fn upload(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
     // The seeds' file ids are plain uuids: the file part is stored under one.
     let form = read_form_as(gateway, tenant, request, |_| uuid::Uuid::new_v4().to_string()).await?;
     let part = route.files.values().next().map(String::as_str).unwrap_or("file");
-    let Some(file) = form.files.get(part).or_else(|| form.files.values().next()) else {
-        super::v1::forget_files(tenant, &form).await;
-        return Err(HttpError::bad_request(format!("the request needs a file part {part:?} (multipart/form-data)")));
+    // Only the part the route names: a file under another name is the client's mistake (the
+    // seed's API read `file`), as on a submit route; so is an empty file.
+    let refused = match form.files.get(part) {
+        None => Some(format!("the request needs a file part {part:?} (multipart/form-data)")),
+        Some(f) if f.stored.size == 0 => Some(format!("file part {part:?} is empty")),
+        Some(_) => None,
     };
+    if let Some(why) = refused {
+        super::v1::forget_files(tenant, &form).await;
+        return Err(HttpError::bad_field(part, why));
+    }
+    let file = &form.files[part];
     let stored = &file.stored;
     let vars = json!({
         "file_id": stored.name,
@@ -442,6 +682,8 @@ mod tests {
             event: String::new(),
             artifacts: vec![],
             response: Value::Null,
+            labels: Default::default(),
+            error: Value::Null,
         }
     }
 
@@ -481,6 +723,28 @@ mod tests {
         let unknown = submit_request(&r, &json!({"model_name": "sdxl"}), None).unwrap_err();
         assert_eq!((unknown.status, unknown.code.as_str()), (404, "unknown_model"));
         assert_eq!(submit_request(&r, &json!({}), None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn errors_name_the_routes_fields_not_kilns_inputs() {
+        let mut r = route(RouteKind::Submit);
+        r.file_ids = [("audio".to_string(), "audio_id".to_string()), ("ref_image".to_string(), "ref_image_id".to_string())].into();
+        r.files = [("image".to_string(), "file".to_string())].into();
+        r.params = [("focal_length".to_string(), "focal_length".to_string()), ("cfg".to_string(), "guidance".to_string())].into();
+        let terms = |m: &str| in_route_terms(&r, HttpError::bad_request(m));
+        let e = terms(r#"model "echomimic" needs input "audio""#);
+        assert_eq!((e.message.as_str(), e.field.as_deref()), (r#"model "echomimic" needs field "audio_id""#, Some("audio_id")));
+        let e = terms(r#"model "sharp" needs input "image""#);
+        assert_eq!((e.message.as_str(), e.field.as_deref()), (r#"model "sharp" needs file part "file""#, Some("file")));
+        let e = terms(r#"model "m": param "cfg" must be a number, not "high""#);
+        assert_eq!(
+            (e.message.as_str(), e.field.as_deref()),
+            (r#"model "m": field "guidance" must be a number, not "high""#, Some("guidance"))
+        );
+        let e = terms(r#"unknown param "x"; this model takes: cfg, focal_length"#);
+        assert_eq!(e.field, None, "a name the route does not map stays");
+        let other = in_route_terms(&r, HttpError::not_found(r#"input "audio""#));
+        assert_eq!(other.message, r#"input "audio""#, "only bad requests are about fields");
     }
 
     #[test]

@@ -49,6 +49,12 @@ type TenantOf = Extension<Arc<Tenant>>;
 /// Reads a JSON body of at most `http.max_body_bytes`: a `Content-Length` past it is refused
 /// before a byte is read, a body that turns out longer is cut at the limit.
 pub async fn read_json<T: DeserializeOwned>(gateway: &Gateway, headers: &HeaderMap, body: Body) -> Result<T, HttpError> {
+    let bytes = read_limited(gateway, headers, body).await?;
+    serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+/// Reads a body of at most `http.max_body_bytes` (see [`read_json`]).
+pub async fn read_limited(gateway: &Gateway, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, HttpError> {
     let limit = gateway.config().max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large =
@@ -56,14 +62,13 @@ pub async fn read_json<T: DeserializeOwned>(gateway: &Gateway, headers: &HeaderM
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
         if e.to_string().contains("length limit") {
             too_large()
         } else {
             HttpError::bad_request(format!("cannot read the body: {e}"))
         }
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
+    })
 }
 
 fn is_multipart(headers: &HeaderMap) -> bool {
@@ -178,7 +183,7 @@ pub async fn forget_files(tenant: &Tenant, form: &Form) {
     }
 }
 
-/// A multipart submit as a [`SubmitRequest`]: `model`; `params` and `inputs` as JSON objects;
+/// A multipart submit as a [`SubmitRequest`]: `model`; `params`, `inputs` and `labels` as JSON objects;
 /// `priority`, `idempotency_key`, `max_attempts`, `reuse`; every file part an object input;
 /// every other text part an inline input of that name.
 fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
@@ -204,6 +209,12 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
                     .as_u64()
                     .and_then(|p| u8::try_from(p).ok())
                     .ok_or_else(|| HttpError::bad_request("part `priority` must be 0 to 255"))?
+            }
+            // The job's labels, as a JSON object of strings (as in a JSON submit), not an
+            // input named `labels`.
+            "labels" => {
+                request.labels = serde_json::from_str(&text(value))
+                    .map_err(|e| HttpError::bad_request(format!("part `labels` is not a JSON object of strings: {e}")))?
             }
             "idempotency_key" => request.idempotency_key = Some(text(value)),
             "max_attempts" => {
@@ -274,7 +285,7 @@ pub fn parse_status(s: &str) -> Result<JobState, HttpError> {
 }
 
 /// The `label=name:value` pairs of a query (repeatable, so not a field of [`JobsQuery`]).
-fn labels_of(raw: Option<&str>) -> Result<kiln_core::protocol::Labels, HttpError> {
+pub fn labels_of(raw: Option<&str>) -> Result<kiln_core::protocol::Labels, HttpError> {
     let pairs = form_urlencoded::parse(raw.unwrap_or("").as_bytes()).filter(|(key, _)| key == "label");
     pairs
         .map(|(_, pair)| {

@@ -201,7 +201,8 @@ async fn a_stop_signal_during_start_up_is_a_clean_exit() {
     cluster.wait_node_ready("phoenix", 1).await;
     cluster.nodes[node].kill();
     for (signal, after_ms) in [(libc::SIGTERM, 600), (libc::SIGINT, 600), (libc::SIGTERM, 0)] {
-        // Its old entry is still there (TTL 2 s): the new process watches it before starting.
+        // Its old entry is still there (TTL 2 s): the new process watches it for one loss
+        // threshold (1 s) before starting.
         // 0: at the first line it logs (before that the dynamic loader maps libtorch, and the
         // process runs none of its own code yet).
         let starts = |log: String| log.lines().filter(|l| l.ends_with(" starting")).count();
@@ -402,7 +403,7 @@ async fn a_node_back_before_its_peer_judged_it_still_gets_its_old_jobs_handed_ba
 /// right after the SIGCONT), and the killed node must be declared soon after the registry
 /// moves again (the storm saw one stay 7.5 s with a 1 s threshold). This run did not bring
 /// back the storm's false verdicts on the old code (it passed there, with the killed node
-/// declared 1.1 s after the SIGCONT); it guards the rule that replaced the old one (the pure
+/// declared 20 ms after the SIGCONT); it guards the rule that replaced the old one (the pure
 /// rule's own tests are in `actors/src/loss_detector.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_stands_still_makes_no_live_node_lost_and_a_killed_one_is_declared_after() {

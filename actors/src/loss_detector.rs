@@ -27,8 +27,11 @@
 //! the registry is seen to move: a peer is a suspect once this node's *own* heartbeat, written
 //! more than a threshold after the peer's last one, has come back through the watch. The stream
 //! is one ordered log, so a heartbeat the peer wrote before that one would have come back
-//! first. (Issue 23 item 6: right after SIGCONT of the server leading `kiln_nodes`, two live
-//! nodes declared each other lost.)
+//! first. When the registry stood still (no own heartbeat came back for half a threshold),
+//! only an own heartbeat written after it was seen moving again counts: what waited in a
+//! stopped server's sockets is stored in no particular order when it resumes. (Issue 23 item
+//! 6: right after SIGCONT of the server leading `kiln_nodes`, two live nodes declared each
+//! other lost.)
 //!
 //! A new life of a node (a restart under the same name: a newer `started_ms`) says the old
 //! life is dead, whatever the clock: its deliveries are handed back at once, even when the
@@ -71,6 +74,11 @@ pub struct LossDetectorState {
     /// was written, on this process's monotonic clock: how far the registry is known to have
     /// moved. `None` until the first one comes back, and after a blind spot.
     own_heartbeat: Option<(u64, Instant)>,
+    /// When this node's own heartbeat last came back (this process's clock).
+    own_seen_at: Option<Instant>,
+    /// When the registry was last seen moving again after it stood still (or first seen):
+    /// only an own heartbeat written after it is evidence that the registry moves.
+    registry_resumed_at: Option<Instant>,
 }
 
 struct Watched {
@@ -94,6 +102,23 @@ pub fn is_suspect(watching_since: Instant, changed_at: Instant, own_written: Opt
     now.saturating_duration_since(watching_since) > loss_after
         && now.saturating_duration_since(changed_at) > loss_after
         && registry_moved_past_deadline
+}
+
+/// Whether the registry stood still: this node's own heartbeat, written every
+/// `node.heartbeat_ms` (at most half the threshold), came back `now` after more than half the
+/// threshold without one.
+pub fn registry_stood_still(own_last_seen: Instant, now: Instant, loss_after: Duration) -> bool {
+    now.saturating_duration_since(own_last_seen) > loss_after / 2
+}
+
+/// The newest own heartbeat's write time, if it counts as evidence that the registry moves:
+/// written after the registry was seen moving again (`resumed_at`). The heartbeats that
+/// come back when a stopped server resumes were written while it stood still, and so were
+/// other nodes' writes waiting in that server's sockets, which it may store after ours (seen
+/// on three servers: a live node declared lost 73 ms after the SIGCONT). A heartbeat written
+/// after the resume was seen is stored after everything that waited.
+pub fn registry_evidence(own_written: Option<Instant>, resumed_at: Option<Instant>) -> Option<Instant> {
+    own_written.filter(|written| resumed_at.is_none_or(|resumed| *written > resumed))
 }
 
 /// Whether `seen` is a newer life of the node than `watched` (a restart under the same
@@ -128,6 +153,8 @@ impl Actor for LossDetector {
             stall_seen,
             connects_seen,
             own_heartbeat: None,
+            own_seen_at: None,
+            registry_resumed_at: None,
         })
     }
 
@@ -144,15 +171,20 @@ impl LossDetectorState {
     fn go_blind(&mut self) {
         self.watching_since = None;
         self.own_heartbeat = None;
+        self.own_seen_at = None;
     }
 
     /// Notes this node's own entry as the watch delivered it: when its heartbeat changed, the
     /// registry moved up to the moment that heartbeat was written (stamped on this process's
     /// wall clock, turned into this process's monotonic clock).
-    fn note_own(&mut self, entry: &NodeEntry, now: Instant) {
+    fn note_own(&mut self, entry: &NodeEntry, now: Instant, loss_after: Duration) {
         if self.own_heartbeat.is_some_and(|(seen, _)| seen >= entry.heartbeat_ms) {
             return;
         }
+        if self.own_seen_at.is_none_or(|last| registry_stood_still(last, now, loss_after)) {
+            self.registry_resumed_at = Some(now);
+        }
+        self.own_seen_at = Some(now);
         let age = Duration::from_millis(kiln_core::now_ms().saturating_sub(entry.heartbeat_ms));
         let written = now.checked_sub(age).unwrap_or(now);
         self.own_heartbeat = Some((entry.heartbeat_ms, written));
@@ -199,7 +231,7 @@ impl LossDetectorState {
         }
         for entry in entries {
             if entry.node == self.ctx.node {
-                self.note_own(&entry, now);
+                self.note_own(&entry, now, loss_after);
                 continue;
             }
             let seen = (entry.started_ms, entry.heartbeat_ms);
@@ -231,7 +263,7 @@ impl LossDetectorState {
                 self.pending_lives.push(old);
             }
         }
-        let own_written = self.own_heartbeat.map(|(_, written)| written);
+        let own_written = registry_evidence(self.own_heartbeat.map(|(_, written)| written), self.registry_resumed_at);
         let suspects: Vec<NodeEntry> = self
             .watched
             .values()
@@ -414,6 +446,20 @@ mod tests {
     }
 
     #[test]
+    fn what_came_back_when_the_registry_resumed_is_no_evidence() {
+        let t0 = Instant::now();
+        let loss = Duration::from_millis(1000);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Own heartbeats came back at 0 and 300 ms: moving. Then nothing until 6 s.
+        assert!(!registry_stood_still(at(0), at(300), loss));
+        assert!(registry_stood_still(at(300), at(6_000), loss));
+        // What came back at 6 s was written at 5.8 s, before the resume was seen: no evidence.
+        assert_eq!(registry_evidence(Some(at(5_800)), Some(at(6_000))), None);
+        // The next one, written after: evidence.
+        assert_eq!(registry_evidence(Some(at(6_100)), Some(at(6_000))), Some(at(6_100)));
+    }
+
+    #[test]
     fn a_newer_life_is_a_verdict_on_the_older() {
         assert!(is_new_life(1_000, 2_000));
         assert!(!is_new_life(2_000, 2_000));
@@ -444,6 +490,25 @@ mod tests {
             // registry moves again.
             if registry_moved_past_deadline && now_ms > changed_ms + loss_ms && now_ms > watching_ms + loss_ms {
                 prop_assert!(suspect);
+            }
+        }
+
+        /// Only an own heartbeat written after the registry resumed is evidence, and a silent
+        /// node is never judged on one written before.
+        #[test]
+        fn nothing_written_before_the_resume_judges_anyone(
+            loss_ms in 2u64..10_000,
+            changed_ms in 0u64..60_000,
+            written_ms in 0u64..120_000,
+            resumed_ms in 0u64..120_000,
+            now_ms in 0u64..180_000,
+        ) {
+            let t0 = Instant::now();
+            let at = |ms| t0 + Duration::from_millis(ms);
+            let evidence = registry_evidence(Some(at(written_ms)), Some(at(resumed_ms)));
+            prop_assert_eq!(evidence.is_some(), written_ms > resumed_ms);
+            if written_ms <= resumed_ms {
+                prop_assert!(!is_suspect(t0, at(changed_ms), evidence, at(now_ms), Duration::from_millis(loss_ms)));
             }
         }
 

@@ -277,7 +277,7 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
             FaultKind::CompressionHang => 1000 + rng.below(1000),
             FaultKind::NodeStop => 2000 + rng.below(2000),
             FaultKind::NatsTermFlood => 500 + rng.below(1000),
-            // Into the start-up: a restarted node watches its old entry for one registry TTL.
+            // Into the start-up: a restarted node watches its old entry for one loss threshold.
             FaultKind::StartupTerm => 200 + rng.below(1800),
             FaultKind::NatsServerKill | FaultKind::NatsLeaderKill => 2000 + rng.below(2000),
             FaultKind::NatsPartition => 3000 + rng.below(3000),

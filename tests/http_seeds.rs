@@ -1,7 +1,7 @@
 //! The seeds' own clients against Kiln: each seed README's requests (its curl lines, its Python,
 //! its JavaScript in a real chromium), sent to a real `kiln gateway` serving the seed's route
 //! table from `examples/http/`, in front of a real `kiln node` and a real nats-server. Every
-//! response is checked field by field against the README (../shared/seeds/00{1,2,3}_*.txt).
+//! response is checked field by field against the README (../shared/seeds/00{1,2,3,4}_*.txt).
 
 mod common;
 
@@ -1162,4 +1162,88 @@ async fn one_gateway_serves_several_seed_tables_from_their_own_folders() {
     let r = seed.http.get(seed.url(&format!("/result/{task_id}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     check_sog(&r.bytes().await.unwrap());
+}
+
+/// Seed 004's stream events, in order: each `data:`'s JSON.
+fn seed_004_events(events: &[(Option<String>, String, String)]) -> Vec<Value> {
+    events.iter().map(|(_, _, data)| serde_json::from_str(data).unwrap_or_else(|e| panic!("{data:?} is not JSON: {e}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_004_text2image_stream_in_its_own_events() {
+    // Item 14: seed 004's users follow its stage's generation by its own event names and
+    // fields (README "事件类型说明"); Kiln runs the storyboards as one batch.
+    let seed = Seed::start("seed-004-text2image.toml").await;
+    let storyboard =
+        |id: &str, prompt: &str, width: u32| json!({"id": id, "image_prompt": prompt, "custom_params": {"width": width, "height": 48}});
+    // The demo worker refuses a width over 1024: sb-2 fails, with the engine's own reason.
+    let body = json!({
+        "project_id": "p-1",
+        "steps": 2,
+        "storyboards": [storyboard("sb-1", "a red fox", 64), storyboard("sb-2", "a blue whale", 5000), storyboard("sb-3", "a green owl", 32)],
+    });
+    let (code, reply) = seed.post_json("/api/text2image", &body).await;
+    assert_eq!(code, 200, "{reply}\n{}", seed.logs());
+    assert_eq!(reply["total"], 3, "{reply}");
+    let stage_id = reply["stage_id"].as_str().unwrap().to_string();
+
+    let stream = seed.http.get(seed.url(&format!("/api/text2image/{stage_id}/stream"))).send().await.unwrap();
+    assert_eq!(stream.status().as_u16(), 200);
+    let raw = read_sse(stream, JOB).await;
+    let events = seed_004_events(&raw);
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types.first(), Some(&"stage_update"), "{events:#?}");
+    assert_eq!(types.last(), Some(&"done"), "{events:#?}");
+    let stage = &events[0]["stage"];
+    assert_eq!((stage["id"].as_str(), stage["status"].as_str()), (Some(stage_id.as_str()), Some("processing")), "{stage}");
+    assert_eq!(stage["stage_type"], "image_generation");
+    assert!(is_seed_time(&stage["started_at"]), "{stage}");
+
+    let progress: Vec<&Value> = events.iter().filter(|e| e["type"] == "progress").collect();
+    let counts: Vec<(u64, u64)> = progress.iter().map(|e| (e["current"].as_u64().unwrap(), e["total"].as_u64().unwrap())).collect();
+    assert_eq!(counts, vec![(1, 3), (2, 3), (3, 3)], "{events:#?}");
+    assert!(progress.iter().all(|e| e["message"].is_string() && e["storyboard"].is_string()), "{progress:#?}");
+
+    let mut images: Vec<&Value> = events.iter().filter(|e| e["type"] == "image_generated").collect();
+    images.sort_by_key(|e| e["storyboard_id"].as_str().unwrap().to_string());
+    assert_eq!(images.len(), 2, "{events:#?}");
+    for (image, (storyboard_id, width)) in images.iter().zip([("sb-1", 64), ("sb-3", 32)]) {
+        assert_eq!(image["storyboard_id"], storyboard_id, "{image}");
+        let i = &image["image"];
+        assert_eq!((i["width"].as_u64(), i["height"].as_u64()), (Some(width), Some(48)), "{image}");
+        assert!(i["id"].is_string(), "{image}");
+        let url = i["url"].as_str().unwrap();
+        let bytes = seed.http.get(seed.url(url)).send().await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
+        assert_eq!(png_size(&bytes), (width as u32, 48), "{url}");
+    }
+    let errors: Vec<&Value> = events.iter().filter(|e| e["type"] == "error").collect();
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    assert_eq!(errors[0]["storyboard_id"], "sb-2", "{errors:#?}");
+    assert!(errors[0]["error"].as_str().unwrap().contains("width"), "{errors:#?}");
+    assert_eq!(types.len(), 1 + 3 + 2 + 1 + 1, "nothing else: {types:?}");
+
+    let done = events.last().unwrap();
+    assert!(done["message"].is_string(), "{done}");
+    assert_eq!(done["data"]["total_storyboards"], 3, "{done}");
+    assert_eq!((done["data"]["success_count"].as_u64(), done["data"]["failed_count"].as_u64()), (Some(2), Some(1)), "{done}");
+    let mut generated: Vec<&str> = done["data"]["generated_image_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let mut image_ids: Vec<&str> = images.iter().map(|e| e["image"]["id"].as_str().unwrap()).collect();
+    generated.sort();
+    image_ids.sort();
+    assert_eq!(generated, image_ids, "{done}");
+    assert_eq!((done["stage"]["id"].as_str(), done["stage"]["status"].as_str()), (Some(stage_id.as_str()), Some("partial")), "{done}");
+
+    // A client that reconnects with the id of the first progress gets what followed it only.
+    let first_progress = raw.iter().position(|(_, _, d)| d.contains("\"progress\"")).unwrap();
+    let last_id = raw[first_progress].0.clone().expect("events carry ids");
+    let resumed =
+        seed.http.get(seed.url(&format!("/api/text2image/{stage_id}/stream"))).header("last-event-id", last_id).send().await.unwrap();
+    let rest = seed_004_events(&read_sse(resumed, JOB).await);
+    let after: Vec<&Value> = events[first_progress + 1..].iter().collect();
+    assert_eq!(rest.iter().collect::<Vec<_>>(), after, "the rest, counted as before");
+
+    // A request without storyboards is refused naming the field, in the seed's error shape.
+    let (code, refused) = seed.post_json("/api/text2image", &json!({"project_id": "p-1", "storyboards": []})).await;
+    assert_eq!((code, refused["type"].as_str(), refused["code"].as_str()), (400, Some("error"), Some("bad_request")), "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("storyboards"), "{refused}");
 }

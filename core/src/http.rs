@@ -3,7 +3,7 @@
 //! (`[[http.routes]]`, see `docs/HTTP.md` and `examples/http/`).
 //!
 //! A route is data, not code: a method and a path, what kind of thing it does (submit, status,
-//! events, artifact, upload, download, health), which model it runs, how the request's fields
+//! events, artifact, upload, download, health, batch, batch_events), which model it runs, how the request's fields
 //! become the job's inputs and params, how Kiln's statuses and stages are named for that client,
 //! and a JSON template of the body it answers with.
 
@@ -116,6 +116,13 @@ pub enum RouteKind {
     Download,
     /// The model's readiness, through `response`.
     Health,
+    /// Submits a batch: one item per element of the request's `items_field` list, each built
+    /// by the route's `inputs`/`params`/`labels` from the body with the element as `item`.
+    Batch,
+    /// Server-Sent Events of a batch, each of its events rendered through the template that
+    /// `response` holds under the event's name (`started`, `item_completed`, `item_failed`,
+    /// `progress`, `finished`); a name without a template sends nothing.
+    BatchEvents,
 }
 
 /// How the `{...}` id in a route's path names the job.
@@ -167,6 +174,9 @@ pub struct RouteConfig {
     /// model that declares its params refuses unknown ones). Missing fields are left out.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A batch route: the request field holding the list of items (seed 004's `storyboards`).
+    #[serde(default)]
+    pub items_field: String,
     /// The request field that becomes the idempotency key (the client's own task id).
     #[serde(default)]
     pub key_field: String,
@@ -235,8 +245,16 @@ impl HttpConfig {
             }
             let takes_id = r.path.contains('{');
             match r.kind {
-                RouteKind::Submit if !names_model => return Err(invalid(at("model"), "a submit route needs `model` or `model_field`")),
-                RouteKind::Status | RouteKind::Artifact | RouteKind::Download if !takes_id => {
+                RouteKind::Submit | RouteKind::Batch if !names_model => {
+                    return Err(invalid(at("model"), "a submit or batch route needs `model` or `model_field`"))
+                }
+                RouteKind::Batch if r.items_field.is_empty() => {
+                    return Err(invalid(at("items_field"), "a batch route needs the request field that lists its items"))
+                }
+                RouteKind::BatchEvents if !r.response.is_object() => {
+                    return Err(invalid(at("response"), "a batch_events route needs a template per event name"))
+                }
+                RouteKind::Status | RouteKind::Artifact | RouteKind::Download | RouteKind::BatchEvents if !takes_id => {
                     return Err(invalid(at("path"), "needs a `{id}` segment naming the job (or the file)"))
                 }
                 RouteKind::Events if !takes_id && r.model.is_empty() => {
@@ -256,5 +274,47 @@ impl HttpConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routes(toml_text: &str) -> HttpConfig {
+        #[derive(Deserialize)]
+        struct Doc {
+            http: HttpConfig,
+        }
+        toml::from_str::<Doc>(toml_text).unwrap().http
+    }
+
+    #[test]
+    fn batch_routes_need_their_list_and_their_templates() {
+        let ok = routes(
+            r#"
+            [[http.routes]]
+            method = "POST"
+            path = "/api/text2image"
+            kind = "batch"
+            model = "m"
+            items_field = "storyboards"
+            [[http.routes]]
+            method = "GET"
+            path = "/api/text2image/{id}/stream"
+            kind = "batch_events"
+            response = { progress = { type = "progress", current = "$done" } }
+            "#,
+        );
+        ok.validate(|m| m == "m").unwrap();
+        let mut no_list = ok.clone();
+        no_list.routes[0].items_field = String::new();
+        assert!(no_list.validate(|_| true).unwrap_err().to_string().contains("items_field"));
+        let mut no_templates = ok.clone();
+        no_templates.routes[1].response = serde_json::Value::Null;
+        assert!(no_templates.validate(|_| true).unwrap_err().to_string().contains("response"));
+        let mut no_id = ok;
+        no_id.routes[1].path = "/api/text2image/stream".into();
+        assert!(no_id.validate(|_| true).unwrap_err().to_string().contains("path"));
     }
 }

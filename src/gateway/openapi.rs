@@ -67,10 +67,12 @@ pub fn route_operation(route: &RouteConfig) -> Value {
         RouteKind::Upload => "Upload a file (multipart `file`); answers its id".to_string(),
         RouteKind::Download => "An uploaded file, or a result by its object name".to_string(),
         RouteKind::Health => format!("Whether {} is served", route.model),
+        RouteKind::Batch => format!("Submit a batch to {model}: one job per element of `{}`", route.items_field),
+        RouteKind::BatchEvents => "The batch's events as SSE: each `data:` is the template of its name".to_string(),
     };
     let error_example = if route.error.is_null() { json!({"code": "$code", "message": "$message"}) } else { route.error.clone() };
     let ok = match route.kind {
-        RouteKind::Events => {
+        RouteKind::Events | RouteKind::BatchEvents => {
             json!({"description": "text/event-stream; each `data:` is the template", "content": {"text/event-stream": {"example": route.response}}})
         }
         RouteKind::Artifact | RouteKind::Download => json!({"description": "the file's bytes (ETag = sha256, Range)"}),
@@ -115,7 +117,10 @@ pub fn route_operation(route: &RouteConfig) -> Value {
     for part in &parts {
         files.insert(part.clone(), json!({"type": "string", "format": "binary"}));
     }
-    if route.kind == RouteKind::Submit || route.kind == RouteKind::Upload {
+    if !route.items_field.is_empty() {
+        fields.insert(route.items_field.clone(), json!({"type": "array"}));
+    }
+    if matches!(route.kind, RouteKind::Submit | RouteKind::Upload | RouteKind::Batch) {
         let mut content = serde_json::Map::new();
         if files.is_empty() {
             content.insert("application/json".into(), json!({"schema": {"type": "object", "properties": fields}}));

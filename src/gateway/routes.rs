@@ -1,8 +1,9 @@
 //! `[[http.routes]]`: the seed services' own HTTP contracts, served from configuration. Each
-//! route is one of a few kinds (submit, status, events, artifact, upload, download, health);
+//! route is one of a few kinds (submit, status, events, artifact, upload, download, health,
+//! batch, batch_events);
 //! its table says which model, which request fields become which inputs and params, what the
 //! client calls each status and stage, and the JSON it answers with (a [`template`]).
-//! `examples/http/` holds the tables of seeds 001, 002 and 003.
+//! `examples/http/` holds the tables of seeds 001 to 004.
 //!
 //! [`template`]: super::template
 
@@ -16,9 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
+use kiln_core::batch::{BatchStatus, BatchSummary};
 use kiln_core::http::{JobRefKind, RouteConfig, RouteKind};
 use kiln_core::job::JobState;
-use kiln_core::protocol::{ApiError, ErrorCode, Event, EventKind, InputValue, JobView, SubmitRequest};
+use kiln_core::protocol::{
+    ApiError, BatchItemEvent, BatchItemRequest, BatchSubmitRequest, BatchView, ErrorCode, Event, EventKind, InputValue, JobView,
+    SubmitRequest,
+};
 use serde_json::{json, Value};
 
 use super::error::HttpError;
@@ -80,6 +85,8 @@ async fn serve(
         RouteKind::Upload => upload(route, gateway, tenant, request).await,
         RouteKind::Download => download(tenant, id, request.headers()).await,
         RouteKind::Health => health(route, tenant).await,
+        RouteKind::Batch => batch(route, gateway, tenant, request).await,
+        RouteKind::BatchEvents => batch_events(route, gateway, tenant, id, request.headers(), request.uri().query()).await,
     }
 }
 
@@ -121,10 +128,16 @@ fn job_id(route: &RouteConfig, id: Option<String>) -> Result<String, HttpError> 
 
 /// What the client calls a Kiln status on this route (`None`: the route leaves it out).
 pub fn client_status(route: &RouteConfig, status: JobState) -> Option<String> {
-    match route.statuses.get(status.as_str()) {
+    client_name(route, status.as_str())
+}
+
+/// What the client calls a Kiln status (a job's or a batch's) on this route, through
+/// `statuses`; `None` for one mapped to `""`.
+fn client_name(route: &RouteConfig, kiln: &str) -> Option<String> {
+    match route.statuses.get(kiln) {
         Some(name) if name.is_empty() => None,
         Some(name) => Some(name.clone()),
-        None => Some(status.as_str().to_string()),
+        None => Some(kiln.to_string()),
     }
 }
 
@@ -551,6 +564,193 @@ async fn model_events(
     Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
 }
 
+/// A batch route: one item per element of the body's `items_field` list, each made by the
+/// route's `inputs`, `params` and `labels` (as a submit route's) from the body with the element
+/// as its `item` field (`item.image_prompt`, `item` itself for a list of ids). Pure.
+pub fn batch_request(route: &RouteConfig, body: &Value) -> Result<BatchSubmitRequest, HttpError> {
+    let field = &route.items_field;
+    let elements = lookup(body, field)
+        .and_then(Value::as_array)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| HttpError::bad_field(field, format!("the request needs the field {field:?}, a non-empty list")))?;
+    let mut scoped = if body.is_object() { body.clone() } else { json!({}) };
+    let mut batch = BatchSubmitRequest::default();
+    for element in elements {
+        scoped["item"] = element.clone();
+        let one = submit_request(route, &scoped, None)?;
+        batch.model = one.model;
+        batch.idempotency_key = one.idempotency_key;
+        batch.items.push(BatchItemRequest { inputs: one.inputs, params: one.params, labels: one.labels });
+    }
+    Ok(batch)
+}
+
+async fn batch(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
+    let (parts, body) = request.into_parts();
+    let empty = parts.headers.get("content-length").is_some_and(|v| v.as_bytes() == b"0");
+    let body = if empty { json!({}) } else { read_json::<Value>(gateway, &parts.headers, body).await? };
+    let request = batch_request(route, &body)?;
+    let reply = tenant.client.submit_batch(&request).await.map_err(|e| in_route_terms(route, e.into()))?;
+    let vars = json!({
+        "batch_id": reply.batch_id,
+        "status": client_name(route, BatchStatus::Running.as_str()),
+        "kiln_status": BatchStatus::Running.as_str(),
+        "total": reply.items.len(),
+        "job_ids": reply.items.iter().map(|i| i.job_id.as_str()).collect::<Vec<_>>(),
+        "duplicate": reply.duplicate,
+        "request": body,
+        "model": request.model,
+    });
+    Ok(Json(respond_with(route, &vars, || json!({"batch_id": reply.batch_id, "total": vars["total"]}))).into_response())
+}
+
+/// The variables of every template of a batch's event stream: the batch's id, model, status
+/// (the client's name), creation time, counts (`total`, `done`, `completed`, `failed`,
+/// `cancelled`) and the ids of the jobs that completed. Pure.
+fn batch_vars(route: &RouteConfig, view: &BatchView, summary: &BatchSummary, completed_jobs: &[String]) -> Value {
+    json!({
+        "batch_id": view.batch_id,
+        "model": view.model,
+        "status": client_name(route, summary.status.as_str()),
+        "kiln_status": summary.status.as_str(),
+        "created_ms": view.created_ms,
+        "created_at": format_time(view.created_ms),
+        "total": summary.total,
+        "done": summary.completed + summary.failed + summary.cancelled,
+        "completed": summary.completed,
+        "failed": summary.failed,
+        "cancelled": summary.cancelled,
+        "job_ids": completed_jobs,
+    })
+}
+
+/// An item's variables (`$item.…`): its index, job id, status (the client's name), labels,
+/// error, and from its job (when read) its params and artifacts, `artifact` being the first of
+/// the route's `artifacts` it has, each with the gateway's `url`. Pure.
+fn item_vars(route: &RouteConfig, item: &BatchItemEvent, error: Option<&ApiError>, job: Option<&JobView>) -> Value {
+    let mut vars = match job {
+        Some(view) => job_vars(route, view, None),
+        None => json!({"job_id": item.job_id, "labels": item.labels}),
+    };
+    let artifact = route.artifacts.iter().find_map(|name| vars["artifacts"].get(name).cloned());
+    vars["artifact"] = json!(artifact);
+    vars["index"] = json!(item.index);
+    vars["status"] = json!(client_status(route, item.status));
+    vars["labels"] = json!(item.labels);
+    vars["error"] = json!(error.map(|e| e.message.clone()));
+    vars["error_code"] = json!(error.map(|e| e.code.as_str()));
+    vars
+}
+
+/// What a batch's event stream has seen: its counts are its own (one per item's end, in the
+/// order the items ended), so `progress` counts 1, 2, … whatever Kiln's `batch_progress`
+/// events coalesce.
+struct BatchStream {
+    route: Arc<RouteConfig>,
+    client: crate::client::Client,
+    view: BatchView,
+    /// Items whose end was seen (a repeated item event is not counted twice).
+    ended: std::collections::BTreeSet<u32>,
+    summary: BatchSummary,
+    completed_jobs: Vec<String>,
+    /// `Last-Event-ID`: the history is read from the start (to count), sent after it.
+    after: Option<u64>,
+}
+
+impl BatchStream {
+    fn sse(&self, seq: Option<u64>, template: &str, vars: &Value) -> Option<SseEvent> {
+        let template = self.route.response.get(template)?;
+        let event = SseEvent::default().event(event_name(&self.route)).json_data(render(template, vars)).expect("json");
+        Some(match seq {
+            Some(seq) => event.id(seq.to_string()),
+            None => event,
+        })
+    }
+
+    /// The client's events for one of the batch's: an item's end gives its own event and a
+    /// `progress`; the batch's end `finished`. Kiln's `batch_progress` gives nothing (the
+    /// stream counts item ends itself).
+    async fn render(&mut self, seq: u64, event: Event) -> Vec<SseEvent> {
+        let mut out = vec![];
+        let send = self.after.is_none_or(|after| seq > after);
+        match (event.kind, &event.item) {
+            (EventKind::ItemCompleted | EventKind::ItemFailed, Some(item)) => {
+                if !self.ended.insert(item.index) {
+                    return out;
+                }
+                match item.status {
+                    JobState::Completed => {
+                        self.summary.completed += 1;
+                        self.completed_jobs.push(item.job_id.clone());
+                    }
+                    JobState::Cancelled => self.summary.cancelled += 1,
+                    _ => self.summary.failed += 1,
+                }
+                if !send {
+                    return out;
+                }
+                let job = self.client.status(&item.job_id).await.ok();
+                let mut vars = batch_vars(&self.route, &self.view, &self.summary, &self.completed_jobs);
+                vars["item"] = item_vars(&self.route, item, event.error.as_ref(), job.as_ref());
+                let name = if item.status == JobState::Completed { "item_completed" } else { "item_failed" };
+                out.extend(self.sse(Some(seq), name, &vars));
+                let (done, total) = (vars["done"].clone(), vars["total"].clone());
+                vars["message"] = json!(format!("{done}/{total}"));
+                out.extend(self.sse(Some(seq), "progress", &vars));
+            }
+            (EventKind::BatchFinished, _) if send => {
+                let summary = event.summary.unwrap_or(self.summary);
+                let mut vars = batch_vars(&self.route, &self.view, &summary, &self.completed_jobs);
+                vars["finished_at"] = json!(format_time(event.ts_ms));
+                vars["message"] = json!(format!("{} of {} completed", summary.completed, summary.total));
+                out.extend(self.sse(Some(seq), "finished", &vars));
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
+/// A batch's events in the client's shapes: `started` first (unless resuming), then per item
+/// `item_completed` or `item_failed` followed by `progress`, and `finished` last; each through
+/// the template `response` holds under that name. The stream ends after `finished`.
+async fn batch_events(
+    route: &RouteConfig,
+    gateway: &Gateway,
+    tenant: &Tenant,
+    id: Option<String>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Response, HttpError> {
+    let after = resume_point(headers, query)?;
+    let batch_id = id.filter(|i| !i.is_empty()).ok_or_else(|| HttpError::bad_request("the path names no batch"))?;
+    let view = tenant.client.batch(&batch_id).await?;
+    let summary = BatchSummary { status: BatchStatus::Running, total: view.summary.total, completed: 0, failed: 0, cancelled: 0 };
+    let state = BatchStream {
+        route: Arc::new(route.clone()),
+        client: tenant.client.clone(),
+        view,
+        ended: Default::default(),
+        summary,
+        completed_jobs: vec![],
+        after,
+    };
+    let started =
+        if after.is_none() { state.sse(None, "started", &batch_vars(&state.route, &state.view, &state.summary, &[])) } else { None };
+    let feed = tenant.feeds.subscribe(&batch_id, None);
+    let events = futures::stream::unfold((Box::pin(feed), state), |(mut feed, mut state)| async move {
+        let (seq, event) = feed.next().await?;
+        let out = state.render(seq, event).await;
+        Some((futures::stream::iter(out), (feed, state)))
+    })
+    .flatten();
+    let events = futures::stream::iter(started)
+        .chain(events)
+        .map(Ok::<_, std::convert::Infallible>)
+        .take_until(gateway.shutdown_token().cancelled_owned());
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
 /// The first of the route's `artifacts` that a completed job has (`not_found` otherwise).
 fn pick_artifact<'a>(route: &RouteConfig, view: &'a JobView) -> Result<&'a kiln_core::protocol::Artifact, HttpError> {
     if view.status != JobState::Completed {
@@ -676,6 +876,7 @@ mod tests {
             file_ids: Default::default(),
             params: Default::default(),
             key_field: String::new(),
+            items_field: String::new(),
             job_ref: JobRefKind::JobId,
             statuses: Default::default(),
             stages: vec![],
@@ -723,6 +924,73 @@ mod tests {
         let unknown = submit_request(&r, &json!({"model_name": "sdxl"}), None).unwrap_err();
         assert_eq!((unknown.status, unknown.code.as_str()), (404, "unknown_model"));
         assert_eq!(submit_request(&r, &json!({}), None).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn a_seed_004_body_becomes_one_item_per_storyboard() {
+        let mut r = route(RouteKind::Batch);
+        r.items_field = "storyboards".into();
+        r.inputs = [("prompt".to_string(), "item.image_prompt".to_string())].into();
+        r.params = [("width".to_string(), "item.custom_params.width".to_string()), ("steps".to_string(), "steps".to_string())].into();
+        r.labels = [("storyboard_id".to_string(), "item.id".to_string()), ("project_id".to_string(), "project_id".to_string())].into();
+        let body = json!({
+            "project_id": "p1",
+            "steps": 4,
+            "storyboards": [{"id": "sb-1", "image_prompt": "a fox", "custom_params": {"width": 32}}, {"id": "sb-2", "image_prompt": "an owl"}],
+        });
+        let b = batch_request(&r, &body).unwrap();
+        assert_eq!(b.model, "m");
+        assert_eq!(b.items.len(), 2);
+        assert_eq!(b.items[0].inputs["prompt"], InputValue::Inline("a fox".into()));
+        assert_eq!((b.items[0].params["width"].clone(), b.items[0].params["steps"].clone()), (json!(32), json!(4)));
+        assert!(!b.items[1].params.contains_key("width"), "a storyboard without its own size has none");
+        assert_eq!(b.items[1].labels["storyboard_id"], "sb-2");
+        assert_eq!(b.items[1].labels["project_id"], "p1");
+        // A list of ids: `item` is the element itself.
+        r.labels = [("storyboard_id".to_string(), "item".to_string())].into();
+        let ids = batch_request(&r, &json!({"storyboards": ["a", "b", "c"]})).unwrap();
+        assert_eq!(ids.items.iter().map(|i| i.labels["storyboard_id"].as_str()).collect::<Vec<_>>(), ["a", "b", "c"]);
+        for bad in [json!({}), json!({"storyboards": []}), json!({"storyboards": "sb-1"})] {
+            let e = batch_request(&r, &bad).unwrap_err();
+            assert_eq!((e.status, e.field.as_deref()), (400, Some("storyboards")), "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_event_variables_count_and_name_the_item() {
+        let mut r = route(RouteKind::BatchEvents);
+        r.statuses = [("running".to_string(), "processing".to_string())].into();
+        r.artifacts = vec!["image.png".into()];
+        let summary = BatchSummary { status: BatchStatus::Running, total: 3, completed: 1, failed: 1, cancelled: 0 };
+        let view = BatchView {
+            batch_id: "b".into(),
+            model: "m".into(),
+            status: BatchStatus::Running,
+            summary,
+            created_ms: 1_736_339_696_000,
+            finished_ms: None,
+            items: vec![],
+            retry_of: None,
+            retried_by: None,
+            fallback_models: vec![],
+            max_concurrency: None,
+            reuse: false,
+        };
+        let vars = batch_vars(&r, &view, &summary, &["j1".to_string()]);
+        assert_eq!((vars["status"].as_str(), vars["done"].as_u64(), vars["total"].as_u64()), (Some("processing"), Some(2), Some(3)));
+        assert_eq!(vars["created_at"], "2025-01-08 12:34:56");
+        let item = BatchItemEvent {
+            index: 1,
+            job_id: "j2".into(),
+            status: JobState::Failed,
+            artifacts: vec![],
+            labels: [("storyboard_id".to_string(), "sb-2".to_string())].into(),
+        };
+        let error = ApiError::new(ErrorCode::EngineFailed, "param width must be at most 1024");
+        let vars = item_vars(&r, &item, Some(&error), None);
+        assert_eq!(vars["labels"]["storyboard_id"], "sb-2");
+        assert_eq!((vars["job_id"].as_str(), vars["error"].as_str()), (Some("j2"), Some("param width must be at most 1024")));
+        assert!(vars["artifact"].is_null(), "a failed item has no image");
     }
 
     #[test]

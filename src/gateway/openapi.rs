@@ -100,6 +100,10 @@ pub fn route_operation(route: &RouteConfig) -> Value {
     let mut fields = serde_json::Map::new();
     let mut files = serde_json::Map::new();
     for field in route.inputs.values().chain(route.file_ids.values()).chain(route.params.values()).chain(route.labels.values()) {
+        // A batch route's `item...` fields are read from each element of its list, not the body.
+        if route.kind == RouteKind::Batch && (field == "item" || field.starts_with("item.")) {
+            continue;
+        }
         fields.insert(field.clone(), json!({}));
     }
     if !route.key_field.is_empty() {
@@ -252,5 +256,19 @@ mod tests {
         let download = RouteConfig { path: "/api/tempfile/download/{*file_id}".into(), ..table.http.routes[3].clone() };
         let doc = document_with(&[download]);
         assert!(doc["paths"]["/api/tempfile/download/{file_id}"]["get"].is_object());
+    }
+
+    #[test]
+    fn a_batch_route_lists_its_list_not_its_items_fields() {
+        let table = kiln_core::config::ClusterConfig::from_toml(include_str!("../../examples/http/seed-004-text2image.toml"), "seed 004")
+            .expect("table");
+        let doc = document_with(&table.http.routes);
+        let batch = &doc["paths"]["/api/text2image"]["post"];
+        let properties = &batch["requestBody"]["content"]["application/json"]["schema"]["properties"];
+        assert_eq!(properties["storyboards"]["type"], "array", "{batch:#}");
+        assert!(properties["steps"].is_object() && properties["project_id"].is_object(), "{batch:#}");
+        assert!(properties.as_object().unwrap().keys().all(|k| !k.starts_with("item")), "{batch:#}");
+        let stream = &doc["paths"]["/api/text2image/{stage_id}/stream"]["get"];
+        assert_eq!(stream["responses"]["200"]["content"]["text/event-stream"]["example"]["progress"]["type"], "progress", "{stream:#}");
     }
 }

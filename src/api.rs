@@ -40,9 +40,9 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// [`MAX_IN_FLIGHT`] this bounds the memory that requests being served hold (1024 requests of
 /// the largest size would be 256 MiB).
 pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
-/// Longest error message in a reply: messages quote what the client sent (an unknown field,
-/// a wrong value), so a hostile request cannot make its reply larger than this.
-pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// Longest error message in a reply (defined with the wire types: the service's error headers
+/// use it too).
+pub use kiln_core::protocol::MAX_ERROR_MESSAGE_BYTES;
 /// How long a control call through the actor cluster may take.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the owner of a running job to take its cancel notice: it answers at once

@@ -88,11 +88,11 @@ impl ServiceRequest {
 }
 
 /// A header value holds no line breaks. The message keeps the body's bound
-/// ([`crate::api::MAX_ERROR_MESSAGE_BYTES`]), so header and body say the same (issue 23: the
+/// ([`kiln_core::protocol::MAX_ERROR_MESSAGE_BYTES`]), so header and body say the same (issue 23: the
 /// header was cut at 512 bytes while the body went to 1,024).
 fn header_safe(message: &str) -> String {
     let one_line: String = message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-    kiln_core::protocol::truncate_utf8(one_line, crate::api::MAX_ERROR_MESSAGE_BYTES)
+    kiln_core::protocol::truncate_utf8(one_line, kiln_core::protocol::MAX_ERROR_MESSAGE_BYTES)
 }
 
 /// A running service instance: dropping it stops answering discovery (the endpoint
@@ -262,7 +262,7 @@ mod tests {
     #[test]
     fn header_values_are_one_line_and_bounded() {
         let v = header_safe(&format!("a\r\nb{}", "x".repeat(2000)));
-        assert!(!v.contains('\r') && !v.contains('\n') && v.len() <= crate::api::MAX_ERROR_MESSAGE_BYTES);
+        assert!(!v.contains('\r') && !v.contains('\n') && v.len() <= kiln_core::protocol::MAX_ERROR_MESSAGE_BYTES);
         assert!(v.len() > 512, "cut to the body's bound, not shorter");
     }
 }

@@ -68,7 +68,8 @@ mod tests {
         // The third column starts at the same character in every line.
         let starts: Vec<usize> = lines.iter().map(|l| l.rfind("  ").unwrap() + 2).collect();
         assert!(starts.windows(2).all(|w| w[0] == w[1]), "{text}");
-        assert_eq!(lines[2], format!("x{}  12  n1,n2", " ".repeat(47)));
+        // The first column is as wide as the 47-character name.
+        assert_eq!(lines[2], format!("x{}  12  n1,n2", " ".repeat(46)));
         assert!(lines.iter().all(|l| !l.ends_with(' ')));
     }
 

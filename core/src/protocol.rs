@@ -14,6 +14,10 @@ use crate::job::{JobRecord, JobState};
 
 /// Longest idempotency key of a submit or a batch, in bytes (`bad_request` beyond).
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// Longest error message in a reply, body and `Nats-Service-Error` header alike: messages
+/// quote what the client sent (an unknown field, a wrong value), so a hostile request cannot
+/// make its reply larger than this.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
 /// Longest text a worker can put in an event or a job record: a log line, a progress
 /// message, an error message. Longer ones are cut (on a character boundary, with `…`).
 pub const MAX_EVENT_MESSAGE_BYTES: usize = 4096;
@@ -561,7 +565,7 @@ pub struct Event {
     pub labels: Labels,
     /// `retrying`: why the previous attempt did not finish the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<crate::retry_reason::RetryReason>,
+    pub reason: Option<RetryReason>,
 }
 
 /// The item an `item_completed` / `item_failed` event is about.
@@ -596,15 +600,9 @@ impl Event {
         }
     }
 
-    /// Attempt `attempt` starts for `reason` (see [`crate::retry_reason`]); `error` is the
+    /// Attempt `attempt` starts for `reason` (the rules are in the `retry_reason` module); `error` is the
     /// previous attempt's, when it wrote one.
-    pub fn retrying(
-        job_id: &str,
-        attempt: u32,
-        reason: crate::retry_reason::RetryReason,
-        message: String,
-        error: Option<ApiError>,
-    ) -> Self {
+    pub fn retrying(job_id: &str, attempt: u32, reason: RetryReason, message: String, error: Option<ApiError>) -> Self {
         Event {
             kind: EventKind::Retrying,
             status: None,
@@ -837,6 +835,43 @@ pub struct PingReport {
     /// Plain NATS request/reply to the peer's echo subject: the floor.
     pub nats_p50_us: u64,
     pub nats_p99_us: u64,
+}
+
+/// Why the previous attempt did not finish the job: a stable code on the wire
+/// (`retrying` events' `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryReason {
+    /// The node running it died or left (SIGKILL, a lost machine, a drain past its grace):
+    /// its registry entry is gone, it restarted since, or a survivor handed its jobs back.
+    NodeLost,
+    /// Its node is still alive but stopped reporting on this job for longer than the ack wait
+    /// (it stood still, lost its link to NATS): JetStream redelivered it.
+    AckWaitExpired,
+    /// The worker process died or broke its protocol.
+    WorkerCrashed,
+    /// The slot's inference actor stopped under the job (the slot restarted).
+    SlotRestarted,
+    /// The attempt ran past the model's `timeout_ms`.
+    Timeout,
+    /// The model could not be loaded.
+    LoadFailed,
+    /// The engine reported a retryable error (out of memory, `"retryable": true`, storage).
+    EngineFailed,
+}
+
+impl RetryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryReason::NodeLost => "node_lost",
+            RetryReason::AckWaitExpired => "ack_wait_expired",
+            RetryReason::WorkerCrashed => "worker_crashed",
+            RetryReason::SlotRestarted => "slot_restarted",
+            RetryReason::Timeout => "timeout",
+            RetryReason::LoadFailed => "load_failed",
+            RetryReason::EngineFailed => "engine_failed",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,47 +10,10 @@
 //! its owner never concluded, and what the registry says about that owner's life tells a lost
 //! node from a live one that went silent on this job. Everything here is pure.
 
-use serde::{Deserialize, Serialize};
-
 use crate::job::{JobRecord, JobState};
 use crate::protocol::ApiError;
-
-/// Why the previous attempt did not finish the job: a stable code on the wire
-/// (`retrying` events' `reason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum RetryReason {
-    /// The node running it died or left (SIGKILL, a lost machine, a drain past its grace):
-    /// its registry entry is gone, it restarted since, or a survivor handed its jobs back.
-    NodeLost,
-    /// Its node is still alive but stopped reporting on this job for longer than the ack wait
-    /// (it stood still, lost its link to NATS): JetStream redelivered it.
-    AckWaitExpired,
-    /// The worker process died or broke its protocol.
-    WorkerCrashed,
-    /// The slot's inference actor stopped under the job (the slot restarted).
-    SlotRestarted,
-    /// The attempt ran past the model's `timeout_ms`.
-    Timeout,
-    /// The model could not be loaded.
-    LoadFailed,
-    /// The engine reported a retryable error (out of memory, `"retryable": true`, storage).
-    EngineFailed,
-}
-
-impl RetryReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RetryReason::NodeLost => "node_lost",
-            RetryReason::AckWaitExpired => "ack_wait_expired",
-            RetryReason::WorkerCrashed => "worker_crashed",
-            RetryReason::SlotRestarted => "slot_restarted",
-            RetryReason::Timeout => "timeout",
-            RetryReason::LoadFailed => "load_failed",
-            RetryReason::EngineFailed => "engine_failed",
-        }
-    }
-}
+// The reason is a wire type (in `protocol`, which must not import this module's rules).
+pub use crate::protocol::RetryReason;
 
 /// The message of the error a job gets when its slot's inference actor stops under it; one
 /// definition, so [`failure_reason`] recognises it.

@@ -271,9 +271,12 @@ def test_the_results_feed_resumes_where_its_consumer_stopped(client: Client) -> 
         first.append(job["job_id"])
         if len(first) == 2:
             break  # the second was being handled, not finished with: it comes again
-    assert first == ids[:2]
+    # The feed is in the order the jobs ended, which on two slots need not be the order
+    # they were submitted in.
+    assert len(first) == 2 and set(first) <= set(ids), (first, ids)
     rest = [job["job_id"] for job in ours(client.finished(consumer, model="noop", idle_timeout=3))]
-    assert rest == ids[1:], "resumed at the one not acknowledged, then the rest, once each"
+    unread = [i for i in ids if i not in first]
+    assert rest == [first[1], *unread], "resumed at the one not acknowledged, then the rest, once each"
     view = client.status(ids[0])
     assert view["status"] == "completed" and view["labels"] == {"run": mark, "n": "0"}
 

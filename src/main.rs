@@ -427,8 +427,16 @@ fn progress_line(e: &kiln_core::protocol::Event) -> Option<String> {
             Some(format!("job {}: progress{percent}{stage}", e.job_id))
         }
         EventKind::Message => Some(format!("job {}: {}", e.job_id, e.message.as_deref().unwrap_or(""))),
+        EventKind::Retrying => Some(retrying_line(e)),
         _ => None,
     }
+}
+
+/// A `retrying` event as a line: the new attempt, its reason's code and what happened.
+fn retrying_line(e: &kiln_core::protocol::Event) -> String {
+    let reason = e.reason.map(|r| r.as_str()).unwrap_or("unknown");
+    let message = e.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    format!("job {}: retrying, attempt {} ({reason}){message}", e.job_id, e.attempt)
 }
 
 fn split_pair(s: &str) -> Result<(String, serde_json::Value), String> {
@@ -1149,6 +1157,7 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
                     }
                 }
                 EventKind::Message => bar.println(e.message.clone().unwrap_or_default()),
+                EventKind::Retrying => bar.println(retrying_line(e)),
                 _ => {}
             }
         })
@@ -1165,5 +1174,21 @@ async fn submit(args: SubmitArgs) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("job {} ended {}", view.job_id, view.status.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::protocol::Event;
+    use kiln_core::retry_reason::RetryReason;
+
+    #[test]
+    fn a_retrying_event_prints_a_line_with_its_attempt_and_reason() {
+        let e = Event::retrying("j1", 2, RetryReason::WorkerCrashed, "attempt 1 failed on n1 (cpu:0): worker died".into(), None);
+        assert_eq!(
+            progress_line(&e).as_deref(),
+            Some("job j1: retrying, attempt 2 (worker_crashed): attempt 1 failed on n1 (cpu:0): worker died")
+        );
     }
 }

@@ -104,3 +104,21 @@ max_attempts = 1
     let view = wait_terminal(&client, &job, Duration::from_secs(60)).await;
     assert_eq!(view.status, JobState::Completed, "{view:?}\n{}", cluster.nodes[0].log_tail(30));
 }
+
+/// `kiln submit --wait` without a terminal prints a line for a `retrying` event, with the new
+/// attempt and its reason (a worker that reports a retryable error: `engine_failed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_prints_why_an_attempt_is_retried() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 2, 60_000)));
+    cluster.wait_node_ready("n1", 1).await;
+    let url = cluster.url();
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["submit", "demo", "-i", "prompt=a fox", "-p", "steps=1", "-p", "fail=retryable", "--wait", "--nats", &url];
+    let out = kiln(&[&args[..], &["--out", dir.path().to_str().unwrap()]].concat());
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "both attempts fail: {stdout}\n{stderr}");
+    let job_id = stdout.lines().next().unwrap().trim();
+    assert!(stderr.contains(&format!("job {job_id}: retrying, attempt 2 (engine_failed): ")), "{stderr}");
+    assert!(stderr.contains(&format!("job {job_id}: failed")), "{stderr}");
+}

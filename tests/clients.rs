@@ -252,6 +252,55 @@ async fn the_results_feed_keeps_every_end_for_a_consumer_that_starts_late_and_re
     assert!(seen.iter().any(|v| v.labels.get("n").is_some_and(|n| n == "1")));
 }
 
+/// A job's end whose feed entry could not be stored while its terminal event was (the
+/// `KILN_FINISHED` stream out of reach for longer than the job path's patience) still reaches
+/// the results feed: the redelivery, which finds the job ended and its ending in the history,
+/// publishes the feed entry again (de-duplicated by `<job>-finished`) before it acks.
+/// Here the stream stops capturing `kiln.finished.>` for longer than `Patience::NATS_TROUBLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_entry_that_could_not_be_stored_with_its_ending_is_published_by_the_redelivery() {
+    let mut cluster = TestCluster::new();
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 3_000, NOOP_MODEL));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let js = client.jetstream();
+
+    // The feed's stream captures nothing of kiln.finished.> for now.
+    let mut stream = js.get_stream("KILN_FINISHED").await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    let subjects = config.subjects.clone();
+    config.subjects = vec!["kiln.finished_elsewhere.>".into()];
+    js.update_stream(&config).await.unwrap();
+
+    let job = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap().job_id;
+    assert_eq!(wait_terminal(&client, &job, Duration::from_secs(60)).await.status, JobState::Completed);
+    assert!(history(&client, &job).await.last().is_some_and(|e| e.is_terminal()), "the ending is in the history");
+    // The node gives up on the feed after its patience (30 s) and leaves the delivery unacked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !cluster.nodes[0].log().contains("terminal event not stored") {
+        assert!(std::time::Instant::now() < deadline, "the node never gave up on the feed: {}", cluster.nodes[0].log_tail(30));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    config.subjects = subjects;
+    js.update_stream(&config).await.unwrap();
+
+    // The redelivery (after the 3 s ack wait) finds the job ended and puts it on the feed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = stream.info().await.unwrap();
+        if info.state.messages > 0 {
+            let m = stream.get_last_raw_message_by_subject("kiln.finished.noop").await.unwrap();
+            let view: JobView = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!((view.job_id.as_str(), view.status), (job.as_str(), JobState::Completed));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the job's end never reached the results feed: {}", cluster.nodes[0].log_tail(30));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let endings = history(&client, &job).await.iter().filter(|e| e.is_terminal()).count();
+    assert_eq!(endings, 1, "one ending in the history");
+}
+
 /// `kiln result <job> --out DIR` downloads a job's results; `kiln batch submit --wait`
 /// downloads every item's and exits non-zero on a partial batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

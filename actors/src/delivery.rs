@@ -4,7 +4,7 @@
 //! message.
 //!
 //! ```text
-//! read record ── terminal? ──────────────────────────────► republish terminal event, ack
+//! read record ── terminal? ──► republish the ending if the history lacks it, the feed entry, ack
 //!      │        cancel requested / deadline / exhausted ─► terminal write, event, ack
 //!      ▼
 //! claim attempt n (compare-and-set) ── lost ──► re-read and decide again
@@ -50,6 +50,27 @@ use kiln_core::retry_reason::{self, OwnerLife};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::NodeContext;
+
+/// What a delivery that finds its job ended publishes again before it acks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndToRepublish {
+    /// The ending is missing from the history: it and the feed entry (`publish_end`).
+    EndingAndFeed,
+    /// The ending is stored: only the feed entry, which may not have been (its stream had no
+    /// leader for longer than the patience of the write that stored the ending).
+    FeedOnly,
+}
+
+/// Decides from the job's last stored event. The ending is published only if it is missing,
+/// so the history never shows two (its de-duplication id holds only for the stream's
+/// duplicate window); the feed entry always, since nothing tells whether it was stored, and
+/// the feed is at least once, de-duplicated by its id and by its readers per job.
+fn end_to_republish(last: Option<&Event>) -> EndToRepublish {
+    match last {
+        Some(e) if e.is_terminal() => EndToRepublish::FeedOnly,
+        _ => EndToRepublish::EndingAndFeed,
+    }
+}
 
 /// Longest wait for the registry listing before claiming anyway (the registry writer is
 /// stuck: NATS is down, and the claim will tell).
@@ -279,6 +300,22 @@ impl Delivery {
         }
     }
 
+    /// The job's end on the results feed alone (its ending is in the history already),
+    /// de-duplicated like [`terminal_event`](Self::terminal_event)'s. False when it could not
+    /// be stored: the caller must not ack, or the feed would never see the job.
+    async fn feed_entry(&self, record: &JobRecord) -> bool {
+        let resources = &self.ctx.resources;
+        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "publishing the results feed entry", || resources.publish_finished(record))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(job_id = %self.job_id, error = %e, "results feed entry not stored; leaving the delivery for redelivery");
+                false
+            }
+        }
+    }
+
     /// Reads the record and either finishes the delivery (`Some`) or claims an attempt (`None`).
     pub(crate) async fn claim(&mut self) -> Result<Option<DeliveryEnd>, CasError> {
         let Some(first) = self.get_job_awaiting_record().await? else {
@@ -313,9 +350,12 @@ impl Delivery {
         let (next, revision) = match delivered {
             Ok(Updated::Written { value, revision }) => (value, revision),
             Ok(Updated::Stopped(record)) => {
-                // Publish the event only if it is missing, so the history never shows two endings.
                 let last = self.ctx.resources.last_event(&self.job_id).await?;
-                if !last.is_some_and(|e| e.is_terminal()) && !self.terminal_event(&record).await {
+                let published = match end_to_republish(last.as_ref()) {
+                    EndToRepublish::EndingAndFeed => self.terminal_event(&record).await,
+                    EndToRepublish::FeedOnly => self.feed_entry(&record).await,
+                };
+                if !published {
                     return Ok(Some(DeliveryEnd::Abandoned));
                 }
                 if !self.settle_batch(&record).await {
@@ -704,4 +744,22 @@ impl Delivery {
 /// approach the NATS payload limit in an event or a job record.
 pub(crate) fn truncate(s: String, max: usize) -> String {
     kiln_core::protocol::truncate_utf8(s, max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ended_job_found_again_republishes_its_feed_entry_and_its_ending_only_if_missing() {
+        let ending = Event::status("j", 1, JobState::Completed);
+        assert_eq!(end_to_republish(Some(&ending)), EndToRepublish::FeedOnly);
+        for state in [JobState::Failed, JobState::Cancelled] {
+            assert_eq!(end_to_republish(Some(&Event::status("j", 1, state))), EndToRepublish::FeedOnly);
+        }
+        // The crash came before the ending was stored: both go out.
+        assert_eq!(end_to_republish(Some(&Event::status("j", 1, JobState::Running))), EndToRepublish::EndingAndFeed);
+        assert_eq!(end_to_republish(Some(&Event::progress("j", 1, None, Some(0.5)))), EndToRepublish::EndingAndFeed);
+        assert_eq!(end_to_republish(None), EndToRepublish::EndingAndFeed);
+    }
 }

@@ -53,22 +53,64 @@ pub async fn read_json<T: DeserializeOwned>(gateway: &Gateway, headers: &HeaderM
     serde_json::from_slice(&bytes).map_err(|e| HttpError::bad_request(format!("malformed JSON body: {e}")))
 }
 
-/// Reads a body of at most `http.max_body_bytes` (see [`read_json`]).
+/// Reads a body of at most `http.max_body_bytes` (see [`read_json`]). A body refused for its
+/// size is still read to its end and dropped when that end is near
+/// ([`drains_refused_body`]) before the 413 goes out.
 pub async fn read_limited(gateway: &Gateway, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, HttpError> {
     let limit = gateway.config().max_body_bytes;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large =
         || HttpError::too_large(format!("the body is larger than {limit} bytes (http.max_body_bytes); upload files to /v1/files"));
+    let mut data = body.into_data_stream();
     if declared.is_some_and(|n| n > limit as u64) {
+        if drains_refused_body(declared, 0) {
+            drain(&mut data, 0).await;
+        }
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if e.to_string().contains("length limit") {
-            too_large()
-        } else {
-            HttpError::bad_request(format!("cannot read the body: {e}"))
+    let mut bytes = bytes::BytesMut::new();
+    while let Some(chunk) = data.next().await {
+        let chunk = chunk.map_err(|e| HttpError::bad_request(format!("cannot read the body: {e}")))?;
+        if bytes.len() + chunk.len() > limit {
+            drain(&mut data, (bytes.len() + chunk.len()) as u64).await;
+            return Err(too_large());
         }
-    })
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes.freeze())
+}
+
+/// How much more of a refused body the gateway reads and drops, and for how long at most,
+/// before it answers. A server that answers and closes while the client still sends leaves
+/// unread bytes in its socket, so its kernel resets the connection, and the client, still
+/// writing, sees a connection error instead of the 413 (a chunked upload under load did).
+/// Read to its end, the body costs neither the answer nor the connection.
+const REFUSED_BODY_DRAIN_BYTES: u64 = 4 << 20;
+const REFUSED_BODY_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a refused body, `declared` long (`None`: chunked) with `read` bytes of it read, is
+/// worth reading to its end: not when the end is known to be further than
+/// [`REFUSED_BODY_DRAIN_BYTES`] (a declared gigabyte is answered before it is sent).
+fn drains_refused_body(declared: Option<u64>, read: u64) -> bool {
+    declared.is_none_or(|n| n.saturating_sub(read) <= REFUSED_BODY_DRAIN_BYTES)
+}
+
+/// Reads and drops the rest of a refused body, at most [`REFUSED_BODY_DRAIN_BYTES`] more in
+/// at most [`REFUSED_BODY_DRAIN_TIME`]; a client that sends more or stalls gets its answer
+/// anyway (and, past a limit, a closed connection).
+async fn drain(data: &mut axum::body::BodyDataStream, already: u64) {
+    let mut dropped = 0u64;
+    let reading = async {
+        while let Some(Ok(chunk)) = data.next().await {
+            dropped += chunk.len() as u64;
+            if dropped > REFUSED_BODY_DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(REFUSED_BODY_DRAIN_TIME, reading).await.is_err() {
+        tracing::debug!(read = already, "a refused body was not sent to its end in time; answering anyway");
+    }
 }
 
 fn is_multipart(headers: &HeaderMap) -> bool {
@@ -515,6 +557,15 @@ async fn cluster(Extension(tenant): TenantOf) -> Result<Response, HttpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_body_is_read_to_its_end_only_when_the_end_is_near() {
+        assert!(drains_refused_body(None, 70_000), "chunked: read on, up to the drain limit");
+        assert!(drains_refused_body(Some(200_000), 0));
+        assert!(drains_refused_body(Some(REFUSED_BODY_DRAIN_BYTES + 100), 100));
+        assert!(!drains_refused_body(Some(REFUSED_BODY_DRAIN_BYTES + 1), 0));
+        assert!(!drains_refused_body(Some(1_000_000_000), 0), "a declared gigabyte is answered before it is sent");
+    }
 
     #[test]
     fn form_values_keep_numbers_and_text() {

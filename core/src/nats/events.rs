@@ -59,19 +59,30 @@ impl Resources {
     /// `event` on the job's subject, both de-duplicated (a redelivery publishes them again),
     /// and waits for both acks at once: one round trip on the job's path, not two.
     pub async fn publish_end(&self, event: &Event, record: &crate::job::JobRecord) -> Result<(), StoreError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}-finished", record.job_id).as_str());
-        let feed = serde_json::to_vec(&crate::protocol::JobView::from(record)).expect("views serialize");
-        let finished = self
-            .js
-            .publish_with_headers(self.names.finished_subject(&record.model), headers, feed.into())
-            .await
-            .map_err(StoreError::nats)?;
+        let finished = self.publish_finished_nowait(record).await?;
         let terminal_id = format!("{}-terminal", record.job_id);
         let terminal = self.publish_event_stored(event, Some(&terminal_id));
         let (finished, terminal) = tokio::join!(std::future::IntoFuture::into_future(finished), terminal);
         finished.map_err(StoreError::nats)?;
         terminal.map(|_| ())
+    }
+
+    /// Publishes a job's end on the results feed only, de-duplicated by the same id as
+    /// [`publish_end`](Self::publish_end)'s, and waits for its ack: for a redelivery that finds
+    /// the job's ending already in its history but cannot know whether the feed entry was
+    /// stored with it.
+    pub async fn publish_finished(&self, record: &crate::job::JobRecord) -> Result<(), StoreError> {
+        self.publish_finished_nowait(record).await?.await.map(|_| ()).map_err(StoreError::nats)
+    }
+
+    async fn publish_finished_nowait(
+        &self,
+        record: &crate::job::JobRecord,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("{}-finished", record.job_id).as_str());
+        let feed = serde_json::to_vec(&crate::protocol::JobView::from(record)).expect("views serialize");
+        self.js.publish_with_headers(self.names.finished_subject(&record.model), headers, feed.into()).await.map_err(StoreError::nats)
     }
 
     /// The last event stored for a job (one request to the stream's leader), if any.

@@ -23,6 +23,7 @@ from ._async_client import AsyncClient, connect
 from ._sync_client import Client
 from .errors import ChecksumError, ErrorCode, KilnError
 from .types import (
+    RETRY_REASONS,
     TERMINAL_STATUSES,
     ApiErrorBody,
     Artifact,
@@ -39,6 +40,7 @@ from .types import (
     ModelsReply,
     NodeEntry,
     ResultReply,
+    RetryReason,
     SubmitReply,
 )
 
@@ -53,6 +55,8 @@ __all__ = [
     "ErrorCode",
     "Event",
     "TERMINAL_STATUSES",
+    "RETRY_REASONS",
+    "RetryReason",
     "ApiErrorBody",
     "Artifact",
     "BatchItem",

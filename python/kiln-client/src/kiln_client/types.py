@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Optional, TypedDict, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, TypedDict, Union, cast
 
 JSON = Any
 """Any JSON value (what `json.loads` returns)."""
@@ -19,6 +19,23 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 """Job statuses after which nothing changes (docs/PROTOCOL.md, "Job statuses")."""
 
 JOB_STATUSES = ("queued", "running", "retrying", "completed", "failed", "cancelled")
+
+RetryReason = Literal[
+    "node_lost", "ack_wait_expired", "worker_crashed", "slot_restarted", "timeout", "load_failed", "engine_failed"
+]
+"""Why a job's attempt after the first runs: a `retrying` event's `reason` (docs/PROTOCOL.md,
+"Job statuses")."""
+
+RETRY_REASONS: Tuple[RetryReason, ...] = (
+    "node_lost",
+    "ack_wait_expired",
+    "worker_crashed",
+    "slot_restarted",
+    "timeout",
+    "load_failed",
+    "engine_failed",
+)
+"""Every `RetryReason`, in the order docs/PROTOCOL.md lists them."""
 
 InputValue = JSON
 """An input: `{"object": "<name in kiln_files>"}` for an uploaded file, anything else inline."""
@@ -253,6 +270,9 @@ class Event:
     item: Optional[BatchItemEvent] = None
     summary: Optional[BatchSummary] = None
     labels: Optional[Dict[str, str]] = None
+    reason: Optional[RetryReason] = None
+    """`type == "retrying"` only: why attempt `attempt` runs (`message` says it in words). A
+    code this client does not know (a newer cluster's) is kept as sent."""
     raw: Mapping[str, JSON] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -284,6 +304,7 @@ class Event:
             item=opt("item"),
             summary=opt("summary"),
             labels=opt("labels"),
+            reason=cast(Optional[RetryReason], opt("reason")),
             raw=dict(obj),
         )
 
@@ -295,6 +316,8 @@ __all__ = [
     "JSON",
     "TERMINAL_STATUSES",
     "JOB_STATUSES",
+    "RetryReason",
+    "RETRY_REASONS",
     "InputValue",
     "ApiErrorBody",
     "Artifact",

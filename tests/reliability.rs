@@ -401,10 +401,12 @@ async fn a_node_back_before_its_peer_judged_it_still_gets_its_old_jobs_handed_ba
 /// while it is. The live nodes, whose connections to the other servers stay up, must not
 /// declare each other lost because the registry stood still (a storm saw two live nodes do so
 /// right after the SIGCONT), and the killed node must be declared soon after the registry
-/// moves again (the storm saw one stay 7.5 s with a 1 s threshold). This run did not bring
-/// back the storm's false verdicts on the old code (it passed there, with the killed node
-/// declared 20 ms after the SIGCONT); it guards the rule that replaced the old one (the pure
-/// rule's own tests are in `actors/src/loss_detector.rs`).
+/// moves again (the storm saw one stay 7.5 s with a 1 s threshold). It passed on the code
+/// before issue 23 in its first runs, then caught the false verdict in a full suite run: `b`
+/// declared the live `a` lost 46 ms after the SIGCONT, `a`'s one heartbeat of the stall lost
+/// and its writer still awaiting the 5 s ack timeout. Fixed on both sides: after a resume every
+/// peer gets a whole threshold (`loss_detector::silence_start`), and a heartbeat awaits each
+/// put for one interval (`registry_writer::write_all`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_stands_still_makes_no_live_node_lost_and_a_killed_one_is_declared_after() {
     use kiln::chaos::nats_cluster::{move_stream_leader, ChaosNatsCluster};

@@ -121,6 +121,16 @@ pub fn registry_evidence(own_written: Option<Instant>, resumed_at: Option<Instan
     own_written.filter(|written| resumed_at.is_none_or(|resumed| *written > resumed))
 }
 
+/// When a peer's silence counts from: its last heartbeat change, or the moment the registry
+/// was seen moving again after it stood still, whichever is later. A live peer's heartbeat
+/// written while the stream had no leader is not always waiting to be stored: it can be
+/// dropped (its put times out), so after a resume every peer gets a whole threshold to be
+/// heard again (seen on three servers: a live node declared lost 46 ms after the SIGCONT of
+/// the registry's leader, its one write of the stall lost and the next not yet made).
+pub fn silence_start(changed_at: Instant, resumed_at: Option<Instant>) -> Instant {
+    resumed_at.map_or(changed_at, |resumed| changed_at.max(resumed))
+}
+
 /// Whether `seen` is a newer life of the node than `watched` (a restart under the same
 /// name): then the watched life is dead, whatever any clock says.
 pub fn is_new_life(watched_started_ms: u64, seen_started_ms: u64) -> bool {
@@ -267,7 +277,7 @@ impl LossDetectorState {
         let suspects: Vec<NodeEntry> = self
             .watched
             .values()
-            .filter(|w| is_suspect(watching_since, w.changed_at, own_written, now, loss_after))
+            .filter(|w| is_suspect(watching_since, silence_start(w.changed_at, self.registry_resumed_at), own_written, now, loss_after))
             .filter(|w| !self.declared.contains(&(w.entry.node.clone(), w.entry.started_ms)))
             .map(|w| w.entry.clone())
             .collect();
@@ -457,6 +467,21 @@ mod tests {
         assert_eq!(registry_evidence(Some(at(5_800)), Some(at(6_000))), None);
         // The next one, written after: evidence.
         assert_eq!(registry_evidence(Some(at(6_100)), Some(at(6_000))), Some(at(6_100)));
+    }
+
+    #[test]
+    fn after_the_registry_resumes_every_peer_gets_a_whole_threshold() {
+        let loss = Duration::from_millis(1_000);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Heard last at 0, the registry stood still until 6,000, own evidence written at 6,050.
+        let start = silence_start(at(0), Some(at(6_000)));
+        assert!(!is_suspect(at(0), start, Some(at(6_050)), at(6_100), loss), "judged 100 ms after the resume");
+        assert!(!is_suspect(at(0), start, Some(at(6_900)), at(6_950), loss));
+        assert!(is_suspect(at(0), start, Some(at(7_100)), at(7_150), loss), "silent a whole threshold after the resume");
+        // Without a stall, silence counts from the last change.
+        assert_eq!(silence_start(at(10), None), at(10));
+        assert_eq!(silence_start(at(7_000), Some(at(6_000))), at(7_000));
     }
 
     #[test]

@@ -392,6 +392,11 @@ impl RegistryWriterState {
         self.standing_checked = epoch;
     }
 
+    /// A heartbeat: every entry rewritten with the time. Each put is awaited for at most one
+    /// heartbeat interval: a put the stream never acknowledges (sent while it had no leader)
+    /// would otherwise hold this actor for the client's 5 s ack timeout, twice, and a live
+    /// node would look silent to its peers for that long after the stream is back (issue 23,
+    /// seen on three servers). A put given up on is still sent; the next heartbeat follows it.
     async fn write_all(&mut self) {
         if self.removed {
             return;
@@ -401,19 +406,31 @@ impl RegistryWriterState {
         for entry in self.gpus.values_mut() {
             entry.heartbeat_ms = now;
         }
+        let patience = heartbeat_write_patience(self.ctx.config.node.heartbeat_ms);
         for entry in self.gpus.values() {
-            self.write_gpu(entry.clone()).await;
+            if tokio::time::timeout(patience, self.write_gpu(entry.clone())).await.is_err() {
+                tracing::warn!(slot = %entry.slot, waited_ms = patience.as_millis() as u64, "registry write not acknowledged in a heartbeat");
+            }
         }
         self.node.heartbeat_ms = now;
         self.node_dirty = false;
-        if let Err(e) = self.ctx.resources.put_node(&self.node).await {
-            tracing::warn!(error = %e, "node registry write failed");
+        match tokio::time::timeout(patience, self.ctx.resources.put_node(&self.node)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "node registry write failed"),
+            Err(_) => tracing::warn!(waited_ms = patience.as_millis() as u64, "node registry write not acknowledged in a heartbeat"),
         }
         // Refreshed while any are held, so they expire with the node entry, not before it.
-        if !self.held.is_empty() {
-            self.write_held().await;
+        // (The write a claim waits for is `flush_held`'s, awaited in full.)
+        if !self.held.is_empty() && tokio::time::timeout(patience, self.write_held()).await.is_err() {
+            tracing::warn!(waited_ms = patience.as_millis() as u64, "held-jobs registry write not acknowledged in a heartbeat");
         }
     }
+}
+
+/// How long a heartbeat awaits each of its puts: one heartbeat interval (the next heartbeat
+/// is due then anyway), never under 100 ms.
+fn heartbeat_write_patience(heartbeat_ms: u64) -> Duration {
+    Duration::from_millis(heartbeat_ms.max(100))
 }
 
 /// Changes when this process stood still or reconnected to NATS: then what the others think

@@ -79,6 +79,9 @@ pub struct LossDetectorState {
     /// When the registry was last seen moving again after it stood still (or first seen):
     /// only an own heartbeat written after it is evidence that the registry moves.
     registry_resumed_at: Option<Instant>,
+    /// When the registry was last seen moving again after standing still for a whole
+    /// threshold or more (`stood_still_long`): every peer's silence counts from then.
+    peers_reheard_from: Option<Instant>,
 }
 
 struct Watched {
@@ -121,8 +124,18 @@ pub fn registry_evidence(own_written: Option<Instant>, resumed_at: Option<Instan
     own_written.filter(|written| resumed_at.is_none_or(|resumed| *written > resumed))
 }
 
+/// Whether the registry stood still long enough that a live peer's writes may have been
+/// dropped rather than held: no own heartbeat came back for a whole threshold (a leader
+/// election takes seconds). Shorter gaps are a loaded machine's (a heartbeat of five slots'
+/// puts can take over half a threshold): resetting every peer's silence on those delayed a
+/// real verdict to 7.5 s.
+pub fn stood_still_long(own_last_seen: Instant, now: Instant, loss_after: Duration) -> bool {
+    now.saturating_duration_since(own_last_seen) > loss_after
+}
+
 /// When a peer's silence counts from: its last heartbeat change, or the moment the registry
-/// was seen moving again after it stood still, whichever is later. A live peer's heartbeat
+/// was seen moving again after it stood still for a whole threshold ([`stood_still_long`]),
+/// whichever is later. A live peer's heartbeat
 /// written while the stream had no leader is not always waiting to be stored: it can be
 /// dropped (its put times out), so after a resume every peer gets a whole threshold to be
 /// heard again (seen on three servers: a live node declared lost 46 ms after the SIGCONT of
@@ -165,6 +178,7 @@ impl Actor for LossDetector {
             own_heartbeat: None,
             own_seen_at: None,
             registry_resumed_at: None,
+            peers_reheard_from: None,
         })
     }
 
@@ -193,6 +207,9 @@ impl LossDetectorState {
         }
         if self.own_seen_at.is_none_or(|last| registry_stood_still(last, now, loss_after)) {
             self.registry_resumed_at = Some(now);
+        }
+        if self.own_seen_at.is_some_and(|last| stood_still_long(last, now, loss_after)) {
+            self.peers_reheard_from = Some(now);
         }
         self.own_seen_at = Some(now);
         let age = Duration::from_millis(kiln_core::now_ms().saturating_sub(entry.heartbeat_ms));
@@ -277,7 +294,7 @@ impl LossDetectorState {
         let suspects: Vec<NodeEntry> = self
             .watched
             .values()
-            .filter(|w| is_suspect(watching_since, silence_start(w.changed_at, self.registry_resumed_at), own_written, now, loss_after))
+            .filter(|w| is_suspect(watching_since, silence_start(w.changed_at, self.peers_reheard_from), own_written, now, loss_after))
             .filter(|w| !self.declared.contains(&(w.entry.node.clone(), w.entry.started_ms)))
             .map(|w| w.entry.clone())
             .collect();
@@ -479,6 +496,9 @@ mod tests {
         assert!(!is_suspect(at(0), start, Some(at(6_050)), at(6_100), loss), "judged 100 ms after the resume");
         assert!(!is_suspect(at(0), start, Some(at(6_900)), at(6_950), loss));
         assert!(is_suspect(at(0), start, Some(at(7_100)), at(7_150), loss), "silent a whole threshold after the resume");
+        // Only a stall of a whole threshold resets the peers; a loaded machine's late heartbeat does not.
+        assert!(!stood_still_long(at(0), at(900), loss));
+        assert!(stood_still_long(at(0), at(6_000), loss));
         // Without a stall, silence counts from the last change.
         assert_eq!(silence_start(at(10), None), at(10));
         assert_eq!(silence_start(at(7_000), Some(at(6_000))), at(7_000));

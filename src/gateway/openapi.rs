@@ -89,14 +89,7 @@ pub fn route_operation(route: &RouteConfig) -> Value {
             "default": {"description": "An error", "content": {"application/json": {"example": error_example}}},
         },
     });
-    let params: Vec<Value> = openapi_path(&route.path)
-        .split('/')
-        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
-        .collect();
-    if !params.is_empty() {
-        op["parameters"] = Value::Array(params);
-    }
+    set_path_parameters(&mut op, &openapi_path(&route.path));
     let mut fields = serde_json::Map::new();
     let mut files = serde_json::Map::new();
     for field in route.inputs.values().chain(route.file_ids.values()).chain(route.params.values()).chain(route.labels.values()) {
@@ -195,14 +188,7 @@ pub fn document() -> Value {
                 "default": {"description": "An error: {code, message}", "content": {"application/json": {"schema": error.clone()}}},
             },
         });
-        let params: Vec<Value> = path
-            .split('/')
-            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
-            .collect();
-        if !params.is_empty() {
-            op["parameters"] = Value::Array(params);
-        }
+        set_path_parameters(&mut op, path);
         if let Some(r) = request {
             op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema(r)}}});
         }
@@ -220,6 +206,19 @@ pub fn document() -> Value {
 
 pub async fn serve(State(gateway): State<Gateway>) -> Json<Value> {
     Json(document_with(&gateway.config().routes))
+}
+
+/// Lists the `{name}` segments of an OpenAPI `path` as the operation's required string path
+/// parameters (none: no `parameters` key). One definition for the API's and the seed routes'.
+fn set_path_parameters(op: &mut Value, path: &str) {
+    let params: Vec<Value> = path
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .collect();
+    if !params.is_empty() {
+        op["parameters"] = Value::Array(params);
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use kiln_core::protocol::{Event, SubmitRequest};
 use tokio::sync::oneshot;
 
 use crate::client::Client;
+#[cfg(feature = "engines")]
 use crate::node::RunningNode;
 
 #[derive(Debug, Clone)]
@@ -721,6 +722,7 @@ pub struct TorchReport {
     pub kiln_batched: Figures,
 }
 
+#[cfg(feature = "engines")]
 fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> ClusterConfig {
     let mut config = bench_config(1);
     config.nats.url = url.to_string();
@@ -734,6 +736,7 @@ fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> Cluste
     config
 }
 
+#[cfg(feature = "engines")]
 fn affine_job(i: usize) -> SubmitRequest {
     let x = serde_json::json!([[i as f32, 1.0, 2.0, 3.0]]);
     SubmitRequest {
@@ -743,10 +746,18 @@ fn affine_job(i: usize) -> SubmitRequest {
     }
 }
 
+#[cfg(feature = "engines")]
 async fn kiln_torch(client: &Client, n: usize, concurrency: usize) -> Result<Figures, String> {
     kiln_jobs(client, "kiln", n, concurrency, affine_job).await
 }
 
+/// A build without the engines has no TorchScript to measure.
+#[cfg(not(feature = "engines"))]
+pub async fn run_torchscript(_opts: TorchBenchOptions) -> Result<TorchReport, String> {
+    Err(kiln_core::engine::NO_TORCH.to_string())
+}
+
+#[cfg(feature = "engines")]
 pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, String> {
     let device = match kiln_core::config::parse_slot(&opts.slot) {
         Some(kiln_core::config::SlotDevice::Cuda(n)) if tch::Cuda::is_available() => tch::Device::Cuda(n as usize),

@@ -204,8 +204,8 @@ impl InferenceState {
             let _ = reply.send(Err(EngineError::Cancelled));
             return Ok(());
         }
-        let Some(model) = self.ctx.config.model(&job.model).cloned() else {
-            let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.model))));
+        let Some(model) = self.ctx.config.model(&job.record.model).cloned() else {
+            let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.record.model))));
             return Ok(());
         };
         let timeout = Duration::from_millis(model.timeout_ms);

@@ -619,13 +619,13 @@ pub enum EngineConfig {
         path: String,
         /// Inputs passed first, in this order (`{ name, kind = "text" | "tensor" | "image" }`).
         #[serde(default)]
-        inputs: Vec<crate::engine::torchscript::InputSpec>,
+        inputs: Vec<crate::engine::torch_spec::InputSpec>,
         /// Scalar params passed after the inputs (`{ name, kind = "int" | "float" | "bool" | "str", default }`).
         #[serde(default)]
-        params: Vec<crate::engine::torchscript::ParamSpec>,
+        params: Vec<crate::engine::torch_spec::ParamSpec>,
         /// Codecs of named outputs (`{ name, codec = "png" | "npy" | "json" | "ply" }`); others are `.npy`.
         #[serde(default)]
-        outputs: Vec<crate::engine::torchscript::OutputSpec>,
+        outputs: Vec<crate::engine::torch_spec::OutputSpec>,
         /// Resident size estimate in bytes, for the slot's memory budget; default twice the file.
         #[serde(default)]
         memory_bytes: Option<u64>,
@@ -931,6 +931,9 @@ impl ClusterConfig {
                 }
                 EngineConfig::Process { cwd: Some(dir), .. } if !Path::new(dir).is_dir() => {
                     return Err(invalid(key("engine.cwd"), format!("{dir:?} is not a folder")))
+                }
+                EngineConfig::Torchscript { .. } if !cfg!(feature = "torch") => {
+                    return Err(invalid(key("engine.kind"), crate::engine::NO_TORCH))
                 }
                 EngineConfig::Torchscript { path, device, inputs, params, max_batch, max_batch_delay_ms, .. } => {
                     if *max_batch == 0 || *max_batch > 1024 {

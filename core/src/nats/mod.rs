@@ -2,7 +2,7 @@
 //!
 //! | file          | what                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
+//! | `names`       | every subject, stream and bucket name, from one prefix (in kiln-contract) |
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
@@ -17,7 +17,7 @@ pub mod batches;
 pub mod cas;
 pub mod events;
 pub mod jobs;
-pub mod names;
+pub use kiln_contract::names;
 pub mod objects;
 pub mod patience;
 pub mod registry;

@@ -30,9 +30,7 @@ pub fn content_type_for(name: &str) -> &'static str {
     }
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
+pub use crate::keys::sha256_hex;
 
 /// The object name of one attempt's artifact: `<job_id>/<attempt>/<name>`.
 pub fn artifact_object(job_id: &str, attempt: u32, name: &str) -> String {

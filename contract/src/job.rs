@@ -27,39 +27,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::ParentRef;
-use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue};
-
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    /// Durable in the queue, not running.
-    Queued,
-    /// An attempt owns it and runs it.
-    Running,
-    /// The last attempt failed for an infrastructure reason; it waits in the queue for the next.
-    Retrying,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Retrying => "retrying",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-}
+pub use crate::protocol::JobState;
+use crate::protocol::ParentRef;
+use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue, JobView};
 
 /// Which node and slot own the current attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,9 +386,58 @@ pub fn request_cancel(record: &JobRecord, now_ms: u64) -> CancelChange {
     }
 }
 
+/// The view of a record that clients read (`kiln.api.status`, `jobs`, events).
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        JobView {
+            job_id: r.job_id.clone(),
+            model: r.model.clone(),
+            status: r.state,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            priority: r.priority,
+            created_ms: r.created_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            node: r.owner.as_ref().map(|o| o.node.clone()),
+            slot: r.owner.as_ref().map(|o| o.slot.clone()),
+            error: r.error.clone(),
+            artifacts: r.artifacts.clone(),
+            // Records written before the ending settled the request could still carry it.
+            cancel_requested: r.cancel_requested && !r.is_terminal(),
+            dead_letter: r.dead_letter,
+            batch: r.parent.clone(),
+            inputs: r.inputs.clone(),
+            params: r.params.clone(),
+            labels: r.labels.clone(),
+            stage: None,
+            progress: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Event;
+
+    #[test]
+    fn a_running_view_shows_the_stage_of_its_attempts_newest_progress_only() {
+        let mut record = JobRecord::queued("j", "m", 3, 0);
+        (record.state, record.attempt) = (JobState::Running, 2);
+        let tick = |attempt| Event::progress("j", attempt, Some("inference".into()), Some(44.0));
+        let shown = |last: Option<&Event>, state| {
+            let mut view = JobView { status: state, ..JobView::from(&record) };
+            view.show_progress(last);
+            (view.stage, view.progress)
+        };
+        assert_eq!(shown(Some(&tick(2)), JobState::Running), (Some("inference".into()), Some(44.0)));
+        // An older, fenced attempt's tick, another kind of event, or a job that is not running.
+        assert_eq!(shown(Some(&tick(1)), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&Event::message("j", 2, "hi".into())), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&tick(2)), JobState::Completed), (None, None));
+        assert_eq!(shown(None, JobState::Running), (None, None));
+    }
 
     fn record(state: JobState, attempt: u32) -> JobRecord {
         JobRecord { state, attempt, ..JobRecord::queued("j", "m", 3, 0) }

@@ -7,8 +7,8 @@
 //!
 //! | module        | what                                                                        |
 //! |---------------|-----------------------------------------------------------------------------|
-//! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
-//! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
+//! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`; a folder, see its table  |
+//! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes (in `config/`) |
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
@@ -33,7 +33,7 @@ pub mod child;
 pub mod config;
 pub mod engine;
 pub mod fault;
-pub mod http;
+pub use config::http;
 pub mod ids;
 pub mod job;
 pub mod metrics;

@@ -23,35 +23,11 @@ use tch::{CModule, Device, IValue};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::codecs::{self, InputKind, OutputCodec, ParamKind};
+use super::codecs::{self, OutputCodec};
 use super::{EngineError, EngineJob, EngineOutput, ProgressSink, ProgressUpdate};
 
-/// One input of a TorchScript model, as configured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputSpec {
-    pub name: String,
-    pub kind: InputKind,
-}
-
-/// One scalar param of a TorchScript model, as configured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParamSpec {
-    pub name: String,
-    pub kind: ParamKind,
-    #[serde(default)]
-    pub default: Option<serde_json::Value>,
-}
-
-/// How one named output becomes a file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputSpec {
-    /// The output's name (a dict key, `output`, or `output_N`); for `ply`, the file name.
-    pub name: String,
-    pub codec: OutputCodec,
-}
+// The specs are configuration (`[[models]]` names them), defined beside the rest of it.
+pub use crate::config::{InputSpec, OutputSpec, ParamSpec};
 
 /// A TorchScript model's settings (`engine = { kind = "torchscript", ... }`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

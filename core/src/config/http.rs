@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use super::error::{invalid, ConfigError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -205,10 +205,6 @@ pub struct RouteConfig {
     /// shape. Default: Kiln's `{"code", "message"}`.
     #[serde(default)]
     pub error: serde_json::Value,
-}
-
-fn invalid(key: String, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
 }
 
 impl HttpConfig {

@@ -7,8 +7,8 @@
 //!
 //! | module        | what                                                                        |
 //! |---------------|-----------------------------------------------------------------------------|
-//! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`; a folder, see its table  |
-//! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes (in `config/`) |
+//! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
+//! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
 //! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
 //! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |

@@ -107,7 +107,7 @@ pub struct NatsConfig {
 }
 
 /// Secrets never appear in logs or `{:?}`: they show as `<redacted>` when set.
-fn redact(secret: &str) -> &'static str {
+pub(super) fn redact(secret: &str) -> &'static str {
     if secret.is_empty() {
         ""
     } else {

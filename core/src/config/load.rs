@@ -35,14 +35,22 @@ impl ClusterConfig {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
     }
 
+    /// A file parsed, its relative paths resolved against its folder, its included tables
+    /// added, and the environment applied: what [`Self::load`] and [`Self::load_gateway`]
+    /// then validate, each as much as it needs.
+    fn read_with_env(path: &Path) -> Result<Self, ConfigError> {
+        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(folder);
+        config.include_tables(folder)?;
+        config.apply_env(|k| std::env::var(k).ok())?;
+        Ok(config)
+    }
+
     /// Reads a file, resolves relative worker paths against its folder, applies the
     /// environment overrides, and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut config = Self::from_toml(&text, &path.display().to_string())?;
-        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        config.include_tables(path.parent().unwrap_or(Path::new(".")))?;
-        config.apply_env(|k| std::env::var(k).ok())?;
+        let config = Self::read_with_env(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -51,11 +59,7 @@ impl ClusterConfig {
     /// absent (a gateway runs no model); when models are listed, the routes' models must be
     /// among them.
     pub fn load_gateway(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut config = Self::from_toml(&text, &path.display().to_string())?;
-        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        config.include_tables(path.parent().unwrap_or(Path::new(".")))?;
-        config.apply_env(|k| std::env::var(k).ok())?;
+        let config = Self::read_with_env(path)?;
         config.nats.validate()?;
         let any_model = config.models.is_empty();
         config.http.validate(|m| any_model || config.model(m).is_some())?;
@@ -69,7 +73,7 @@ impl ClusterConfig {
     pub fn load_nats(path: Option<&Path>) -> Result<NatsConfig, ConfigError> {
         let mut nats = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+                let text = read(path)?;
                 let mut nats = Self::from_toml(&text, &path.display().to_string())?.nats;
                 nats.resolve_paths(path.parent().unwrap_or(Path::new(".")));
                 nats
@@ -88,7 +92,7 @@ impl ClusterConfig {
     pub fn include_tables(&mut self, base: &Path) -> Result<(), ConfigError> {
         for (i, name) in std::mem::take(&mut self.http.include).into_iter().enumerate() {
             let path = base.join(&name);
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+            let text = read(&path)?;
             let mut table = Self::from_toml(&text, &path.display().to_string())?;
             if !table.http.include.is_empty() {
                 return Err(invalid(format!("http.include[{i}]"), format!("{name:?} includes other files itself; include them here")));
@@ -338,6 +342,10 @@ impl ClusterConfig {
             })
             .collect()
     }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })
 }
 
 /// The shortest valid file: one model, every other key at its default.

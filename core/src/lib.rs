@@ -36,7 +36,7 @@ pub mod child;
 pub mod config;
 pub mod engine;
 pub mod fault;
-pub mod http;
+pub use config::http;
 pub mod metrics;
 pub mod nats;
 pub mod placement;

@@ -15,7 +15,8 @@ use tch::{IValue, Kind, Tensor};
 
 use super::{EngineError, ResolvedInput};
 
-pub use super::torch_spec::{InputKind, OutputCodec, ParamKind};
+// The kinds are configuration (`[[models]]` names them), defined beside the rest of it.
+pub use crate::config::{InputKind, OutputCodec, ParamKind};
 
 fn user(msg: impl Into<String>) -> EngineError {
     EngineError::User(msg.into())

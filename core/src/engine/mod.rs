@@ -334,9 +334,7 @@ impl TorchEngine {
     }
 }
 
-/// Why a TorchScript model cannot run in this build.
-pub const NO_TORCH: &str =
-    "this kiln was built without the TorchScript engine (cargo feature `engines`, on by default; the slim image leaves it out)";
+pub use crate::config::NO_TORCH;
 
 #[cfg(test)]
 mod residency_tests {

@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 use super::codecs::{self, OutputCodec};
 use super::{EngineError, EngineJob, EngineOutput, ProgressSink, ProgressUpdate};
 
-pub use super::torch_spec::{InputSpec, OutputSpec, ParamSpec, TorchModel};
+// The specs are configuration (`[[models]]` names them), defined beside the rest of it.
+pub use super::torch_spec::TorchModel;
+pub use crate::config::{InputSpec, OutputSpec, ParamSpec};
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 

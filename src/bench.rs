@@ -573,6 +573,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         None => Some(NatsServer::start_temp_monitored().map_err(|e| e.to_string())?),
     };
     let url = opts.nats.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
+    use kiln_core::config::NatsRules;
     let mut nats = kiln_core::config::NatsConfig::default();
     if opts.nats.is_some() {
         // An existing server may want credentials or TLS: the KILN_NATS_* variables.

@@ -6,6 +6,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use kiln_client::connect::redact;
+pub use kiln_client::connect::{NatsAuth, NatsConfig};
+
 use super::error::{invalid, ConfigError};
 use crate::ids;
 
@@ -59,252 +62,6 @@ impl Default for ClusterLink {
             redial_ms: 500,
             idle_session_ms: 60_000,
         }
-    }
-}
-
-/// The NATS connection of every node (and, through `kiln <command> --config`, of the CLI).
-/// Credentials and TLS apply to every connection the process makes; see docs/SECURITY.md.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NatsConfig {
-    /// `"embedded"` (default): `kiln up` starts its own nats-server; otherwise a NATS URL
-    /// (`nats://host:4222`, or `tls://host:4222` to require TLS), or a comma-separated list of
-    /// a cluster's servers: the connection starts on any and fails over between them.
-    pub url: String,
-    /// Replicas of every stream, KV bucket and object store Kiln creates: 1 (default), or 3 or
-    /// 5 on a NATS cluster of at least that many JetStream servers.
-    pub replicas: usize,
-    /// JetStream storage of the embedded server. Empty: `$KILN_CACHE/state`.
-    pub state_dir: String,
-    /// Port of the embedded server; 0 picks a free one.
-    pub embedded_port: u16,
-    /// Prefix of every subject, stream and bucket name.
-    pub prefix: String,
-    /// How long a delivered job may go without an `in_progress` before JetStream redelivers
-    /// it. The running job sends `in_progress` every third of this.
-    pub ack_wait_ms: u64,
-    /// How long to wait for the server at start.
-    pub connect_timeout_ms: u64,
-    /// User name of user/password authentication (with `password`).
-    pub user: String,
-    /// Password of `user`. Better from `KILN_NATS_PASSWORD` than in the file.
-    pub password: String,
-    /// Token authentication. Better from `KILN_NATS_TOKEN` than in the file.
-    pub token: String,
-    /// A file holding an NKey user seed (`SU...`): the server knows only its public key.
-    pub nkey_seed_file: String,
-    /// A `.creds` file (user JWT and NKey seed) of an operator/JWT-mode server.
-    pub creds_file: String,
-    /// PEM CA certificate(s) the server's certificate must chain to. Setting it (or any
-    /// `tls_*` key) makes the connection require TLS.
-    pub tls_ca_file: String,
-    /// PEM client certificate, for servers that verify clients (`verify: true`); with `tls_key_file`.
-    pub tls_cert_file: String,
-    /// PEM private key of `tls_cert_file`.
-    pub tls_key_file: String,
-    /// Refuse to talk to the server without TLS (also implied by a `tls://` URL or a `tls_*` file).
-    pub tls_required: bool,
-}
-
-/// Secrets never appear in logs or `{:?}`: they show as `<redacted>` when set.
-pub(super) fn redact(secret: &str) -> &'static str {
-    if secret.is_empty() {
-        ""
-    } else {
-        "<redacted>"
-    }
-}
-
-impl std::fmt::Debug for NatsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NatsConfig")
-            .field("url", &self.url)
-            .field("replicas", &self.replicas)
-            .field("state_dir", &self.state_dir)
-            .field("embedded_port", &self.embedded_port)
-            .field("prefix", &self.prefix)
-            .field("ack_wait_ms", &self.ack_wait_ms)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
-            .field("user", &self.user)
-            .field("password", &redact(&self.password))
-            .field("token", &redact(&self.token))
-            .field("nkey_seed_file", &self.nkey_seed_file)
-            .field("creds_file", &self.creds_file)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
-            .field("tls_required", &self.tls_required)
-            .finish()
-    }
-}
-
-impl Default for NatsConfig {
-    fn default() -> Self {
-        NatsConfig {
-            url: "embedded".into(),
-            replicas: 1,
-            state_dir: String::new(),
-            embedded_port: 4222,
-            prefix: "kiln".into(),
-            ack_wait_ms: 30_000,
-            connect_timeout_ms: 10_000,
-            user: String::new(),
-            password: String::new(),
-            token: String::new(),
-            nkey_seed_file: String::new(),
-            creds_file: String::new(),
-            tls_ca_file: String::new(),
-            tls_cert_file: String::new(),
-            tls_key_file: String::new(),
-            tls_required: false,
-        }
-    }
-}
-
-/// How a connection authenticates, from the `nats.*` keys (at most one method is set). No
-/// `Debug`: it holds secrets.
-#[derive(Clone, PartialEq, Eq)]
-pub enum NatsAuth<'a> {
-    None,
-    UserPassword { user: &'a str, password: &'a str },
-    Token(&'a str),
-    NkeySeedFile(&'a Path),
-    CredsFile(&'a Path),
-}
-
-impl NatsConfig {
-    /// The defaults, without credentials or TLS, for a server at `url`.
-    pub fn for_url(url: &str) -> NatsConfig {
-        NatsConfig { url: url.to_string(), ..Default::default() }
-    }
-
-    /// `KILN_NATS_URL`, `KILN_NATS_USER`, `KILN_NATS_PASSWORD`, `KILN_NATS_TOKEN`,
-    /// `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`,
-    /// `KILN_NATS_TLS_CERT_FILE`, `KILN_NATS_TLS_KEY_FILE`, `KILN_NATS_TLS_REQUIRED`, `KILN_STATE_DIR`,
-    /// `KILN_ACK_WAIT_MS`, `KILN_NATS_REPLICAS`.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let strings: [(&str, &mut String); 10] = [
-            ("KILN_NATS_URL", &mut self.url),
-            ("KILN_STATE_DIR", &mut self.state_dir),
-            ("KILN_NATS_USER", &mut self.user),
-            ("KILN_NATS_PASSWORD", &mut self.password),
-            ("KILN_NATS_TOKEN", &mut self.token),
-            ("KILN_NATS_NKEY_SEED_FILE", &mut self.nkey_seed_file),
-            ("KILN_NATS_CREDS_FILE", &mut self.creds_file),
-            ("KILN_NATS_TLS_CA_FILE", &mut self.tls_ca_file),
-            ("KILN_NATS_TLS_CERT_FILE", &mut self.tls_cert_file),
-            ("KILN_NATS_TLS_KEY_FILE", &mut self.tls_key_file),
-        ];
-        for (key, field) in strings {
-            if let Some(v) = var(key) {
-                *field = v;
-            }
-        }
-        if let Some(v) = var("KILN_NATS_TLS_REQUIRED") {
-            self.tls_required = match v.as_str() {
-                "1" | "true" | "yes" => true,
-                "0" | "false" | "no" | "" => false,
-                _ => return Err(invalid("KILN_NATS_TLS_REQUIRED", format!("must be true or false, got {v:?}"))),
-            };
-        }
-        if let Some(v) = var("KILN_ACK_WAIT_MS") {
-            self.ack_wait_ms =
-                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
-        }
-        if let Some(v) = var("KILN_NATS_REPLICAS") {
-            self.replicas = v.parse().map_err(|_| invalid("KILN_NATS_REPLICAS", format!("must be 1, 3 or 5, got {v:?}")))?;
-        }
-        Ok(())
-    }
-
-    /// The server URLs of `url`: one, or a cluster's comma-separated seeds.
-    pub fn urls(&self) -> Vec<&str> {
-        self.url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
-    }
-
-    /// Makes relative credential and certificate paths absolute, against `base` (the config
-    /// file's folder).
-    pub fn resolve_paths(&mut self, base: &Path) {
-        for path in [&mut self.nkey_seed_file, &mut self.creds_file, &mut self.tls_ca_file, &mut self.tls_cert_file, &mut self.tls_key_file]
-        {
-            if !path.is_empty() && !path.starts_with('/') {
-                *path = base.join(&*path).display().to_string();
-            }
-        }
-    }
-
-    /// The authentication method configured (validated: at most one).
-    pub fn auth(&self) -> NatsAuth<'_> {
-        if !self.user.is_empty() || !self.password.is_empty() {
-            NatsAuth::UserPassword { user: &self.user, password: &self.password }
-        } else if !self.token.is_empty() {
-            NatsAuth::Token(&self.token)
-        } else if !self.nkey_seed_file.is_empty() {
-            NatsAuth::NkeySeedFile(Path::new(&self.nkey_seed_file))
-        } else if !self.creds_file.is_empty() {
-            NatsAuth::CredsFile(Path::new(&self.creds_file))
-        } else {
-            NatsAuth::None
-        }
-    }
-
-    /// Whether the connection must use TLS: `tls_required`, a `tls://` URL, or any `tls_*` file.
-    pub fn tls(&self) -> bool {
-        self.tls_required
-            || self.urls().iter().any(|u| u.starts_with("tls://"))
-            || !self.tls_ca_file.is_empty()
-            || !self.tls_cert_file.is_empty()
-            || !self.tls_key_file.is_empty()
-    }
-
-    /// The checks of the connection keys: one authentication method, files that exist, a
-    /// client certificate with its key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if !ids::is_valid_token(&self.prefix) {
-            return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
-        }
-        if self.ack_wait_ms < 1_000 {
-            return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
-        }
-        if ![1, 3, 5].contains(&self.replicas) {
-            return Err(invalid("nats.replicas", format!("must be 1, 3 or 5 (a RAFT group of that many servers), got {}", self.replicas)));
-        }
-        if self.url == "embedded" && self.replicas != 1 {
-            return Err(invalid("nats.replicas", "must be 1 with the embedded server (one nats-server); point nats.url at a cluster"));
-        }
-        let methods: Vec<&str> = [
-            ("nats.user/nats.password", !self.user.is_empty() || !self.password.is_empty()),
-            ("nats.token", !self.token.is_empty()),
-            ("nats.nkey_seed_file", !self.nkey_seed_file.is_empty()),
-            ("nats.creds_file", !self.creds_file.is_empty()),
-        ]
-        .into_iter()
-        .filter(|(_, set)| *set)
-        .map(|(name, _)| name)
-        .collect();
-        if methods.len() > 1 {
-            return Err(invalid(methods[1], format!("conflicts with {}: configure one authentication method", methods[0])));
-        }
-        if self.user.is_empty() != self.password.is_empty() {
-            let key = if self.user.is_empty() { "nats.user" } else { "nats.password" };
-            return Err(invalid(key, "must be set together with nats.user and nats.password (KILN_NATS_PASSWORD)"));
-        }
-        for (key, path) in [
-            ("nats.nkey_seed_file", &self.nkey_seed_file),
-            ("nats.creds_file", &self.creds_file),
-            ("nats.tls_ca_file", &self.tls_ca_file),
-            ("nats.tls_cert_file", &self.tls_cert_file),
-            ("nats.tls_key_file", &self.tls_key_file),
-        ] {
-            if !path.is_empty() && !Path::new(path).is_file() {
-                return Err(invalid(key, format!("{path:?} is not a readable file")));
-            }
-        }
-        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
-            let key = if self.tls_cert_file.is_empty() { "nats.tls_cert_file" } else { "nats.tls_key_file" };
-            return Err(invalid(key, "a client certificate needs both nats.tls_cert_file and nats.tls_key_file"));
-        }
-        Ok(())
     }
 }
 
@@ -368,5 +125,103 @@ mod tests {
         assert!(c.nats.tls());
         assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
         assert!(NatsConfig::for_url("tls://h:4222").tls());
+    }
+}
+
+/// The config file's rules for the `[nats]` settings (the type itself is the client's,
+/// `kiln_client::NatsConfig`: programs that only connect need no more).
+pub trait NatsRules {
+    /// `KILN_NATS_URL`, `KILN_NATS_USER`, `KILN_NATS_PASSWORD`, `KILN_NATS_TOKEN`,
+    /// `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`,
+    /// `KILN_NATS_TLS_CERT_FILE`, `KILN_NATS_TLS_KEY_FILE`, `KILN_NATS_TLS_REQUIRED`, `KILN_STATE_DIR`,
+    /// `KILN_ACK_WAIT_MS`, `KILN_NATS_REPLICAS`.
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError>;
+    /// The checks of the connection keys: one authentication method, files that exist, a
+    /// client certificate with its key.
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+impl NatsRules for NatsConfig {
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let strings: [(&str, &mut String); 10] = [
+            ("KILN_NATS_URL", &mut self.url),
+            ("KILN_STATE_DIR", &mut self.state_dir),
+            ("KILN_NATS_USER", &mut self.user),
+            ("KILN_NATS_PASSWORD", &mut self.password),
+            ("KILN_NATS_TOKEN", &mut self.token),
+            ("KILN_NATS_NKEY_SEED_FILE", &mut self.nkey_seed_file),
+            ("KILN_NATS_CREDS_FILE", &mut self.creds_file),
+            ("KILN_NATS_TLS_CA_FILE", &mut self.tls_ca_file),
+            ("KILN_NATS_TLS_CERT_FILE", &mut self.tls_cert_file),
+            ("KILN_NATS_TLS_KEY_FILE", &mut self.tls_key_file),
+        ];
+        for (key, field) in strings {
+            if let Some(v) = var(key) {
+                *field = v;
+            }
+        }
+        if let Some(v) = var("KILN_NATS_TLS_REQUIRED") {
+            self.tls_required = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                _ => return Err(invalid("KILN_NATS_TLS_REQUIRED", format!("must be true or false, got {v:?}"))),
+            };
+        }
+        if let Some(v) = var("KILN_ACK_WAIT_MS") {
+            self.ack_wait_ms =
+                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
+        }
+        if let Some(v) = var("KILN_NATS_REPLICAS") {
+            self.replicas = v.parse().map_err(|_| invalid("KILN_NATS_REPLICAS", format!("must be 1, 3 or 5, got {v:?}")))?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !ids::is_valid_token(&self.prefix) {
+            return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
+        }
+        if self.ack_wait_ms < 1_000 {
+            return Err(invalid("nats.ack_wait_ms", "must be at least 1000"));
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(invalid("nats.replicas", format!("must be 1, 3 or 5 (a RAFT group of that many servers), got {}", self.replicas)));
+        }
+        if self.url == "embedded" && self.replicas != 1 {
+            return Err(invalid("nats.replicas", "must be 1 with the embedded server (one nats-server); point nats.url at a cluster"));
+        }
+        let methods: Vec<&str> = [
+            ("nats.user/nats.password", !self.user.is_empty() || !self.password.is_empty()),
+            ("nats.token", !self.token.is_empty()),
+            ("nats.nkey_seed_file", !self.nkey_seed_file.is_empty()),
+            ("nats.creds_file", !self.creds_file.is_empty()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(name, _)| name)
+        .collect();
+        if methods.len() > 1 {
+            return Err(invalid(methods[1], format!("conflicts with {}: configure one authentication method", methods[0])));
+        }
+        if self.user.is_empty() != self.password.is_empty() {
+            let key = if self.user.is_empty() { "nats.user" } else { "nats.password" };
+            return Err(invalid(key, "must be set together with nats.user and nats.password (KILN_NATS_PASSWORD)"));
+        }
+        for (key, path) in [
+            ("nats.nkey_seed_file", &self.nkey_seed_file),
+            ("nats.creds_file", &self.creds_file),
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return Err(invalid(key, format!("{path:?} is not a readable file")));
+            }
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            let key = if self.tls_cert_file.is_empty() { "nats.tls_cert_file" } else { "nats.tls_key_file" };
+            return Err(invalid(key, "a client certificate needs both nats.tls_cert_file and nats.tls_key_file"));
+        }
+        Ok(())
     }
 }

@@ -26,7 +26,7 @@ mod load;
 mod models;
 mod node;
 
-pub use connection::{ClusterLink, NatsAuth, NatsConfig};
+pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
 pub use error::ConfigError;
 pub use load::ClusterConfig;
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};

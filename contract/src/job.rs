@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::protocol::JobState;
 use crate::protocol::ParentRef;
-use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue, JobView};
+use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue, JobView, SubmitRequest};
 
 /// Which node and slot own the current attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +107,38 @@ impl JobRecord {
             dead_letter: false,
             parent: None,
             labels: Default::default(),
+        }
+    }
+
+    /// The record of a job submitted as `req` (its params already checked, defaults filled
+    /// in), queued. Every field the client set is taken here by one destructuring without
+    /// `..`, and the record is one literal without `..`: a field added to [`SubmitRequest`]
+    /// or to the record makes the compiler point at this function, the one place that decides
+    /// whether the record keeps it. `max_attempts` is the request's, capped by the model's.
+    pub fn submitted(job_id: String, req: SubmitRequest, model_max_attempts: u32, now_ms: u64) -> JobRecord {
+        let SubmitRequest { model, inputs, params, priority, idempotency_key, deadline_ms, max_attempts, reuse: _, labels } = req;
+        JobRecord {
+            job_id,
+            model,
+            inputs,
+            params,
+            priority,
+            max_attempts: max_attempts.map(|a| a.min(model_max_attempts)).unwrap_or(model_max_attempts),
+            deadline_ms,
+            idempotency_key,
+            state: JobState::Queued,
+            attempt: 0,
+            owner: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            error: None,
+            artifacts: vec![],
+            cancel_requested: false,
+            dead_letter: false,
+            parent: None,
+            labels,
         }
     }
 
@@ -420,6 +452,28 @@ impl From<&JobRecord> for JobView {
 mod tests {
     use super::*;
     use crate::protocol::Event;
+
+    #[test]
+    fn a_submitted_record_keeps_what_the_client_set_and_caps_its_attempts() {
+        let req = SubmitRequest {
+            model: "m".into(),
+            params: serde_json::json!({"steps": 4}).as_object().cloned().unwrap(),
+            priority: 3,
+            idempotency_key: Some("k".into()),
+            deadline_ms: Some(99),
+            max_attempts: Some(9),
+            labels: [("user_id".to_string(), "u1".to_string())].into(),
+            ..Default::default()
+        };
+        let r = JobRecord::submitted("j".into(), req.clone(), 5, 7);
+        assert_eq!((r.model.as_str(), r.priority, r.deadline_ms, r.max_attempts), ("m", 3, Some(99), 5));
+        assert_eq!((r.idempotency_key.as_deref(), r.labels.get("user_id").map(String::as_str)), (Some("k"), Some("u1")));
+        assert_eq!((r.state, r.attempt, r.created_ms, r.params["steps"].as_i64()), (JobState::Queued, 0, 7, Some(4)));
+        let fewer = JobRecord::submitted("j".into(), SubmitRequest { max_attempts: Some(2), ..req.clone() }, 5, 7);
+        assert_eq!(fewer.max_attempts, 2);
+        let default = JobRecord::submitted("j".into(), SubmitRequest { max_attempts: None, ..req }, 5, 7);
+        assert_eq!(default.max_attempts, 5);
+    }
 
     #[test]
     fn a_running_view_shows_the_stage_of_its_attempts_newest_progress_only() {

@@ -6,7 +6,7 @@
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
 //! | [`service`] | the NATS services protocol for it: `$SRV` discovery, error headers, stats |
-//! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
+//! | [`client`]  | the Rust client: re-exports the `kiln-client` crate                   |
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
@@ -18,8 +18,9 @@
 //! | [`metrics`] | the Prometheus endpoint                                                |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
-//! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
-//! `kiln-actors` (the supervised actor tree). `docs/ARCHITECTURE.md` draws the whole.
+//! The layers below: `kiln-actors` (the supervised actor tree), `kiln-core` (config, NATS
+//! resources, placement, engines), `kiln-client` (the Rust client) and `kiln-contract` (the wire
+//! contract and the job rules). `docs/ARCHITECTURE.md` draws the whole.
 
 pub mod api;
 pub mod bench;

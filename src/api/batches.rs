@@ -41,7 +41,12 @@ impl ApiService {
             let mut single = validation::batch_item_submission(&req, item);
             validation::validate_batch_item(&mut single, index, &decls, &self.config.limits, kiln_core::now_ms())?;
             digests.push(self.input_digests(&single.inputs).await.map_err(|e| validation::at_item(index, e))?);
-            plan.items.push(PlanItem { index: index as u32, inputs: single.inputs, params: item.params.clone(), labels: item.labels.clone() });
+            plan.items.push(PlanItem {
+                index: index as u32,
+                inputs: single.inputs,
+                params: item.params.clone(),
+                labels: item.labels.clone(),
+            });
         }
         let keys = req.reuse.then(|| batch_reuse_keys(&plan, &digests));
         let start = self.first_live_model(&plan).await?;

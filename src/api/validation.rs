@@ -21,10 +21,7 @@ pub fn check_request_size(len: usize, limits: &Limits) -> Result<(), ApiError> {
     if len > limits.max_request_bytes {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
-            format!(
-                "request is {len} bytes; the limit is {} (upload large inputs to the files bucket)",
-                limits.max_request_bytes
-            ),
+            format!("request is {len} bytes; the limit is {} (upload large inputs to the files bucket)", limits.max_request_bytes),
         ));
     }
     Ok(())
@@ -102,7 +99,8 @@ pub fn validate_submit(req: &SubmitRequest, model: &ModelDecl, limits: &Limits, 
     if req.deadline_ms.is_some_and(|d| d <= now_ms) {
         return Err(ApiError::new(ErrorCode::DeadlineExceeded, "deadline_ms is already in the past"));
     }
-    kiln_core::params::check_params(&model.params, &req.params).map_err(|why| ApiError::bad_request(format!("model {:?}: {why}", model.name)))
+    kiln_core::params::check_params(&model.params, &req.params)
+        .map_err(|why| ApiError::bad_request(format!("model {:?}: {why}", model.name)))
 }
 
 /// The checks of a batch that do not look at its items or models: at least one item and at
@@ -113,7 +111,10 @@ pub fn check_batch(req: &BatchSubmitRequest, limits: &Limits) -> Result<(), ApiE
         return Err(ApiError::bad_request("a batch needs at least one item"));
     }
     if req.items.len() > limit {
-        return Err(ApiError::new(ErrorCode::PayloadTooLarge, format!("{} items; a batch holds at most {limit} (split it)", req.items.len())));
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("{} items; a batch holds at most {limit} (split it)", req.items.len()),
+        ));
     }
     check_idempotency_key(req.idempotency_key.as_deref())?;
     if req.max_concurrency == Some(0) {

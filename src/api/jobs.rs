@@ -123,13 +123,7 @@ impl ApiService {
     async fn reusable(&self, key: &str, model: &ModelDecl) -> Result<Option<SubmitReply>, ApiError> {
         let Some(job_id) = self.resources.reuse_lookup(key).await.map_err(internal)? else { return Ok(None) };
         let Some(v) = self.resources.get_job(&job_id).await.map_err(internal)? else { return Ok(None) };
-        let ttl_ms = model.result_ttl_s * 1000;
-        let usable = match v.record.state {
-            JobState::Completed => v.record.finished_ms.is_some_and(|f| f + ttl_ms > kiln_core::now_ms() + 60_000),
-            JobState::Queued | JobState::Running | JobState::Retrying => true,
-            _ => false,
-        };
-        if !usable {
+        if !can_stand_for_a_new_request(&v.record, model.result_ttl_s, kiln_core::now_ms()) {
             return Ok(None);
         }
         metrics::counter!("kiln_results_reused_total", "model" => model.name.clone()).increment(1);
@@ -204,13 +198,8 @@ impl ApiService {
         let mut jobs = Vec::new();
         for id in ids {
             let Some(v) = self.resources.get_job(&id).await.map_err(internal)? else { continue };
-            let r = &v.record;
-            let keep = req.status.is_none_or(|s| r.state == s)
-                && req.model.as_ref().is_none_or(|m| &r.model == m)
-                && (!req.dead_letter || r.dead_letter)
-                && req.labels.iter().all(|(name, value)| r.labels.get(name) == Some(value));
-            if keep {
-                jobs.push(JobView::from(r));
+            if is_listed(&req, &v.record) {
+                jobs.push(JobView::from(&v.record));
             }
         }
         jobs.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.job_id.cmp(&b.job_id)));
@@ -222,5 +211,67 @@ impl ApiService {
             view.show_progress(last.as_ref());
         }
         Ok(ListJobsReply { jobs })
+    }
+}
+
+/// Whether the earlier job `record` of an identical request can stand for a new one at
+/// `now_ms`: still on its way, or completed with its results more than a minute inside the
+/// model's result TTL (`result_ttl_s`), so they are still there when the client downloads them.
+pub fn can_stand_for_a_new_request(record: &JobRecord, result_ttl_s: u64, now_ms: u64) -> bool {
+    match record.state {
+        JobState::Completed => record.finished_ms.is_some_and(|f| f + result_ttl_s * 1000 > now_ms + 60_000),
+        JobState::Queued | JobState::Running | JobState::Retrying => true,
+        _ => false,
+    }
+}
+
+/// Whether `jobs` lists `record` for the request `req`: each filter given must match.
+pub fn is_listed(req: &ListJobsRequest, record: &JobRecord) -> bool {
+    req.status.is_none_or(|s| record.state == s)
+        && req.model.as_ref().is_none_or(|m| &record.model == m)
+        && (!req.dead_letter || record.dead_letter)
+        && req.labels.iter().all(|(name, value)| record.labels.get(name) == Some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn job(state: JobState, finished_ms: Option<u64>) -> JobRecord {
+        JobRecord { state, finished_ms, ..JobRecord::queued("j", "demo", 3, NOW - 10_000) }
+    }
+
+    #[test]
+    fn a_job_stands_for_a_new_request_while_its_results_will_last() {
+        for state in [JobState::Queued, JobState::Running, JobState::Retrying] {
+            assert!(can_stand_for_a_new_request(&job(state, None), 60, NOW), "{state:?}");
+        }
+        for state in [JobState::Failed, JobState::Cancelled] {
+            assert!(!can_stand_for_a_new_request(&job(state, Some(NOW)), 3600, NOW), "{state:?} runs again");
+        }
+        // Completed: its results must outlast the next minute.
+        let ttl_s = 3600;
+        let edge = NOW + 60_000 - ttl_s * 1000;
+        assert!(can_stand_for_a_new_request(&job(JobState::Completed, Some(edge + 1)), ttl_s, NOW));
+        assert!(!can_stand_for_a_new_request(&job(JobState::Completed, Some(edge)), ttl_s, NOW));
+        assert!(!can_stand_for_a_new_request(&job(JobState::Completed, None), ttl_s, NOW), "no end time: not trusted");
+    }
+
+    #[test]
+    fn every_filter_of_a_listing_must_match() {
+        let mut record = job(JobState::Failed, Some(NOW));
+        record.dead_letter = true;
+        record.labels = [("user".to_string(), "u1".to_string()), ("run".to_string(), "7".to_string())].into();
+        let listed = |json: serde_json::Value| is_listed(&serde_json::from_value(json).expect("a request"), &record);
+        assert!(listed(serde_json::json!({})));
+        assert!(listed(serde_json::json!({"status": "failed", "model": "demo", "dead_letter": true, "labels": {"user": "u1"}})));
+        assert!(!listed(serde_json::json!({"status": "completed"})));
+        assert!(!listed(serde_json::json!({"model": "other"})));
+        assert!(!listed(serde_json::json!({"labels": {"user": "u2"}})));
+        assert!(!listed(serde_json::json!({"labels": {"user": "u1", "team": "x"}})), "every label");
+        record.dead_letter = false;
+        assert!(!is_listed(&serde_json::from_value(serde_json::json!({"dead_letter": true})).unwrap(), &record));
     }
 }

@@ -1,6 +1,7 @@
 //! The NATS services protocol (micro, ADR-32) for `kiln-api`, answered by Kiln itself:
 //! discovery on `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (each also `.<name>` and
-//! `.<name>.<id>`), and one queue subscription per endpoint.
+//! `.<name>.<id>`), and one queue subscription per endpoint. The endpoints are the caller's
+//! (`kiln-api`'s: every `crate::api::Endpoint`), and each request comes tagged with its own.
 //!
 //! Why not async-nats's `service` module: its error reply has an empty body (the error lives
 //! in the `Nats-Service-Error` headers only), and its stats count an error only through that

@@ -122,7 +122,18 @@ mod tests {
         /// Admitted exactly when the jobs fit under the limit, the new depth counting them;
         /// refused `overloaded` otherwise, never an overflow.
         #[test]
-        fn admission_is_the_limit_and_nothing_else(waiting in any::<u64>(), adding in any::<u64>(), limit in any::<u64>()) {
+        fn admission_is_the_limit_and_nothing_else(
+            waiting in prop_oneof![any::<u64>(), 0u64..1000],
+            adding in prop_oneof![any::<u64>(), 0u64..1000],
+            // Mostly a limit right around the depth the jobs would make: the boundary.
+            slack in prop_oneof![1 => any::<u64>().prop_map(|l| (l, false)), 3 => (0u64..3).prop_map(|d| (d, true))],
+            above in any::<bool>(),
+        ) {
+            let limit = match slack {
+                (limit, false) => limit,
+                (d, true) if above => waiting.saturating_add(adding).saturating_add(d),
+                (d, true) => waiting.saturating_add(adding).saturating_sub(d),
+            };
             let fits = (waiting as u128) + (adding as u128) <= limit as u128;
             match admit_jobs("m", waiting, adding, limit) {
                 Ok(after) => {
@@ -155,6 +166,17 @@ mod tests {
             prop_assert_eq!(depths.depth("m"), Some(measured + admitted));
             prop_assert!(admitted == 0 || measured + admitted <= limit);
         }
+    }
+
+    #[test]
+    fn the_limit_itself_is_admitted() {
+        assert_eq!(admit_jobs("m", 5, 5, 10), Ok(10));
+        assert_eq!(admit_jobs("m", 10, 0, 10), Ok(10), "adding nothing to a full queue");
+        assert_eq!(admit_jobs("m", 5, 6, 10).expect_err("one over").code, ErrorCode::Overloaded);
+        assert_eq!(admit_jobs("m", 11, 0, 10).expect_err("already over").code, ErrorCode::Overloaded);
+        assert!(admit_jobs("m", u64::MAX, 1, u64::MAX).is_err(), "no overflow");
+        let e = admit_jobs("sdxl", 0, 2, 1).expect_err("over");
+        assert_eq!(e.message, "model \"sdxl\" would have more than 1 jobs waiting; retry later");
     }
 
     #[test]

@@ -302,7 +302,11 @@ mod tests {
             assert!(e.message.contains(says), "{req:?}: {:?} does not say {says:?}", e.message);
         }
         // The bounds themselves are allowed.
+        let inputs: serde_json::Map<String, serde_json::Value> =
+            (1..limits.max_inputs).map(|i| (format!("in{i}"), json!(i))).chain([("prompt".to_string(), json!("x"))]).collect();
+        let labels: serde_json::Map<String, serde_json::Value> = (0..MAX_LABELS).map(|i| (format!("l{i}"), json!("v"))).collect();
         for fine in [
+            submit(json!({"inputs": inputs, "labels": labels})),
             submit(json!({"idempotency_key": "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES)})),
             submit(json!({"deadline_ms": NOW + 1, "max_attempts": 1})),
             submit(json!({"inputs": {"prompt": nested(32)}})),

@@ -4,8 +4,8 @@
 //!
 //! | module      | what                                                                  |
 //! |-------------|-----------------------------------------------------------------------|
-//! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
-//! | [`service`] | the NATS services protocol for it: `$SRV` discovery, error headers, stats |
+//! | [`api`]     | the `kiln-api` NATS service: one [`api::Endpoint`] enum, one file per endpoint family (jobs, batches, control), admission and validation as pure functions |
+//! | [`service`] | the NATS services protocol for it: `$SRV` discovery, error headers, stats, for the endpoints it is given |
 //! | [`client`]  | the Rust client: re-exports the `kiln-client` crate                   |
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |

@@ -1,6 +1,7 @@
 //! The NATS services protocol (micro, ADR-32) for `kiln-api`, answered by Kiln itself:
 //! discovery on `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (each also `.<name>` and
-//! `.<name>.<id>`), and one queue subscription per endpoint.
+//! `.<name>.<id>`), and one queue subscription per endpoint. The endpoints are the caller's
+//! (`kiln-api`'s: every `crate::api::Endpoint`), and each request comes tagged with its own.
 //!
 //! Why not async-nats's `service` module: its error reply has an empty body (the error lives
 //! in the `Nats-Service-Error` headers only), and its stats count an error only through that
@@ -29,15 +30,21 @@ pub fn status_code(code: ErrorCode) -> u16 {
     crate::gateway::error::http_status(code).as_u16()
 }
 
+/// An endpoint of a service, as the requests to it are tagged (`kiln-api`'s is
+/// `crate::api::Endpoint`): its name in `$SRV.INFO` and `$SRV.STATS`.
+pub trait EndpointName: Copy + Send + Sync + 'static {
+    fn name(self) -> &'static str;
+}
+
 /// What `$SRV.INFO` and `$SRV.PING` say about this instance.
 #[derive(Debug, Clone)]
-pub struct ServiceSpec {
+pub struct ServiceSpec<E> {
     pub name: String,
     pub version: String,
     pub description: String,
     pub queue_group: String,
-    /// (endpoint name, subject), in the order INFO lists them.
-    pub endpoints: Vec<(&'static str, String)>,
+    /// (endpoint, subject), in the order INFO lists them.
+    pub endpoints: Vec<(E, String)>,
 }
 
 /// Counters of one endpoint, as `$SRV.STATS` reports them.
@@ -52,15 +59,15 @@ struct EndpointStats {
 type Stats = Arc<Mutex<BTreeMap<&'static str, EndpointStats>>>;
 
 /// One request to an endpoint; answer it with [`respond`](Self::respond).
-pub struct ServiceRequest {
-    pub endpoint: &'static str,
+pub struct ServiceRequest<E> {
+    pub endpoint: E,
     pub message: Message,
     issued: Instant,
     client: Client,
     stats: Stats,
 }
 
-impl ServiceRequest {
+impl<E: EndpointName> ServiceRequest<E> {
     /// Sends `body`; an `error` adds the services error headers and counts in `$SRV.STATS`.
     pub async fn respond(&self, body: Bytes, error: Option<&ApiError>) -> Result<(), async_nats::PublishError> {
         let result = match &self.message.reply {
@@ -76,7 +83,7 @@ impl ServiceRequest {
             },
         };
         let mut stats = self.stats.lock().expect("stats lock");
-        let entry = stats.entry(self.endpoint).or_default();
+        let entry = stats.entry(self.endpoint.name()).or_default();
         entry.requests += 1;
         entry.processing_ns += self.issued.elapsed().as_nanos();
         if let Some(error) = error {
@@ -156,18 +163,18 @@ struct StatsReply<'a> {
 
 /// Subscribes the endpoints (in `spec.queue_group`) and the discovery subjects, and returns
 /// the instance with the stream of endpoint requests.
-pub async fn start(
+pub async fn start<E: EndpointName>(
     client: &Client,
-    spec: ServiceSpec,
-) -> Result<(Service, futures::stream::BoxStream<'static, ServiceRequest>), async_nats::SubscribeError> {
+    spec: ServiceSpec<E>,
+) -> Result<(Service, futures::stream::BoxStream<'static, ServiceRequest<E>>), async_nats::SubscribeError> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let started = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    let stats: Stats = Arc::new(Mutex::new(spec.endpoints.iter().map(|(name, _)| (*name, EndpointStats::default())).collect()));
+    let stats: Stats = Arc::new(Mutex::new(spec.endpoints.iter().map(|(e, _)| (e.name(), EndpointStats::default())).collect()));
 
     let mut endpoint_streams = Vec::new();
-    for (name, subject) in &spec.endpoints {
+    for (endpoint, subject) in &spec.endpoints {
         let subscription = client.queue_subscribe(subject.clone(), spec.queue_group.clone()).await?;
-        let (endpoint, client, stats) = (*name, client.clone(), stats.clone());
+        let (endpoint, client, stats) = (*endpoint, client.clone(), stats.clone());
         endpoint_streams.push(
             subscription
                 .map(move |message| ServiceRequest {
@@ -202,7 +209,7 @@ pub async fn start(
                     endpoints: spec
                         .endpoints
                         .iter()
-                        .map(|(name, subject)| InfoEndpoint { name, subject, queue_group: &spec.queue_group })
+                        .map(|(e, subject)| InfoEndpoint { name: e.name(), subject, queue_group: &spec.queue_group })
                         .collect(),
                 }),
                 _ => {
@@ -213,10 +220,10 @@ pub async fn start(
                         endpoints: spec
                             .endpoints
                             .iter()
-                            .map(|(name, subject)| {
-                                let s = stats.get(name).cloned().unwrap_or_default();
+                            .map(|(e, subject)| {
+                                let s = stats.get(e.name()).cloned().unwrap_or_default();
                                 StatsEndpoint {
-                                    name,
+                                    name: e.name(),
                                     subject,
                                     queue_group: &spec.queue_group,
                                     num_requests: s.requests,

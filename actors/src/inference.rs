@@ -57,9 +57,7 @@ pub enum InferenceMsg {
         reply: RpcReplyPort<RunResult>,
     },
     /// A TorchScript run (spawned off the mailbox) ended well, or with this slot-fatal error.
-    TorchDone {
-        fatal: Option<String>,
-    },
+    TorchDone { fatal: Option<String> },
 }
 
 // Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).

@@ -109,7 +109,10 @@ impl Pipeline {
         // one first, which may take a whole timeout too.
         let call = self
             .inference
-            .call(|reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel, reply }, Some(Duration::from_millis(2 * model_timeout + 30_000)))
+            .call(
+                |reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel, reply },
+                Some(Duration::from_millis(2 * model_timeout + 30_000)),
+            )
             .await;
         let _ = forwarder.await;
         let outputs = match call {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{Stream, StreamExt};
+use kiln_contract::endpoint::Endpoint;
 use kiln_contract::keys::sha256_hex;
 use kiln_contract::names::Names;
 use kiln_contract::protocol::*;
@@ -103,40 +104,40 @@ impl Client {
     }
 
     pub async fn submit(&self, req: &SubmitRequest) -> Result<SubmitReply, ClientError> {
-        self.request("submit", req).await
+        self.request(Endpoint::Submit.name(), req).await
     }
     pub async fn status(&self, job_id: &str) -> Result<JobView, ClientError> {
-        self.request("status", &JobRef { job_id: job_id.into() }).await
+        self.request(Endpoint::Status.name(), &JobRef { job_id: job_id.into() }).await
     }
     pub async fn cancel(&self, job_id: &str) -> Result<JobView, ClientError> {
-        self.request("cancel", &JobRef { job_id: job_id.into() }).await
+        self.request(Endpoint::Cancel.name(), &JobRef { job_id: job_id.into() }).await
     }
     pub async fn result(&self, job_id: &str) -> Result<ResultReply, ClientError> {
-        self.request("result", &JobRef { job_id: job_id.into() }).await
+        self.request(Endpoint::Result.name(), &JobRef { job_id: job_id.into() }).await
     }
     pub async fn jobs(&self, req: &ListJobsRequest) -> Result<ListJobsReply, ClientError> {
-        self.request("jobs", req).await
+        self.request(Endpoint::Jobs.name(), req).await
     }
     pub async fn models(&self) -> Result<ModelsReply, ClientError> {
-        self.request("models", &serde_json::json!({})).await
+        self.request(Endpoint::Models.name(), &serde_json::json!({})).await
     }
     pub async fn cluster(&self) -> Result<ClusterReply, ClientError> {
-        self.request("cluster", &serde_json::json!({})).await
+        self.request(Endpoint::Cluster.name(), &serde_json::json!({})).await
     }
 
     /// Submits N items as one batch: N jobs in parallel, one summary.
     pub async fn submit_batch(&self, req: &BatchSubmitRequest) -> Result<BatchReply, ClientError> {
-        self.request("submit_batch", req).await
+        self.request(Endpoint::SubmitBatch.name(), req).await
     }
     pub async fn batch(&self, batch_id: &str) -> Result<BatchView, ClientError> {
-        self.request("batch", &BatchRef { batch_id: batch_id.into() }).await
+        self.request(Endpoint::Batch.name(), &BatchRef { batch_id: batch_id.into() }).await
     }
     pub async fn cancel_batch(&self, batch_id: &str) -> Result<BatchView, ClientError> {
-        self.request("cancel_batch", &BatchRef { batch_id: batch_id.into() }).await
+        self.request(Endpoint::CancelBatch.name(), &BatchRef { batch_id: batch_id.into() }).await
     }
     /// A new batch of the failed and cancelled items of a finished batch.
     pub async fn retry_batch(&self, batch_id: &str) -> Result<BatchReply, ClientError> {
-        self.request("retry_batch", &BatchRef { batch_id: batch_id.into() }).await
+        self.request(Endpoint::RetryBatch.name(), &BatchRef { batch_id: batch_id.into() }).await
     }
 
     /// Follows a batch's events (`item_completed`, `item_failed`, then `batch_finished`) until
@@ -148,7 +149,7 @@ impl Client {
 
     /// Operator control of any node or GPU; forwarded through the actor cluster.
     pub async fn control(&self, req: &ControlRequest) -> Result<ControlReply, ClientError> {
-        self.request("control", req).await
+        self.request(Endpoint::Control.name(), req).await
     }
 
     /// Asks node `from` to time actor calls and NATS requests to `peer` (`kiln ping`).

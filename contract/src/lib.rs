@@ -10,6 +10,7 @@
 //! | [`protocol`]     | JSON requests, replies, events, job states and error codes on the wire |
 //! | [`job`]          | the job record (source of truth) and every change to it, as pure functions |
 //! | [`batch`]        | batches: record and plan, settling (reuse, held items, fallbacks), summary |
+//! | [`endpoint`]     | every `kiln.api.*` endpoint once: name, family, request and reply types |
 //! | [`keys`]         | ids derived from client keys: idempotent job ids, reuse keys          |
 //! | [`worker`]       | the worker protocol's lines (stdin/stdout JSON of a `process` engine)  |
 //! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
@@ -19,9 +20,10 @@
 //! | [`names`]        | every subject, stream and bucket name, from one prefix                |
 //!
 //! The files depend one way: `ids`, `names`, `params` <- `protocol` <- `job` <- `batch`,
-//! `retry_reason`, `keys`, `worker`; `models` reads `protocol` only.
+//! `retry_reason`, `keys`, `worker`; `models` and `endpoint` read `protocol` only.
 
 pub mod batch;
+pub mod endpoint;
 pub mod ids;
 pub mod job;
 pub mod keys;

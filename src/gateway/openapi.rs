@@ -1,8 +1,10 @@
 //! `GET /openapi.json`: the gateway's OpenAPI 3 document. Its schemas are generated from the
-//! same Rust types the NATS API serializes (`kiln_core::protocol`, via schemars), so the
+//! same Rust types the NATS API serializes (`kiln_core::protocol`, via schemars): a route that
+//! forwards to a `kiln.api` endpoint takes that [`Endpoint`]'s request and reply types, so the
 //! document cannot drift from the wire; only the list of paths is written here, and a test
-//! checks it against the router's. The configured `[[http.routes]]` (the seeds' contracts) are
-//! added from their tables: the fields each reads, and its templates as examples.
+//! checks that every endpoint but the NATS-only ones has a route. The configured
+//! `[[http.routes]]` (the seeds' contracts) are added from their tables: the fields each reads,
+//! and its templates as examples.
 
 use axum::extract::State;
 use axum::Json;
@@ -14,6 +16,7 @@ use serde_json::{json, Value};
 use super::error::HttpError;
 use super::v1::FileView;
 use super::Gateway;
+use kiln_core::endpoint::Endpoint;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
@@ -37,6 +40,28 @@ pub const NATIVE_ROUTES: [(&str, &str, &str); 18] = [
     ("get", "/healthz", "The process is up"),
     ("get", "/readyz", "NATS connected and at least one node serving"),
 ];
+
+/// The `kiln.api` endpoint a native route forwards to, and whether the route's JSON body is
+/// that endpoint's request (otherwise the route's path names the job or batch).
+pub fn forwards_to(method: &str, path: &str) -> Option<(Endpoint, bool)> {
+    Some(match (method, path) {
+        ("post", "/v1/jobs") => (Endpoint::Submit, true),
+        ("get", "/v1/jobs") => (Endpoint::Jobs, false),
+        ("get", "/v1/jobs/{id}") => (Endpoint::Status, false),
+        ("post", "/v1/jobs/{id}/cancel") => (Endpoint::Cancel, false),
+        ("post", "/v1/batches") => (Endpoint::SubmitBatch, true),
+        ("get", "/v1/batches/{id}") => (Endpoint::Batch, false),
+        ("post", "/v1/batches/{id}/retry") => (Endpoint::RetryBatch, false),
+        ("post", "/v1/batches/{id}/cancel") => (Endpoint::CancelBatch, false),
+        ("get", "/v1/models") => (Endpoint::Models, false),
+        ("get", "/v1/cluster") => (Endpoint::Cluster, false),
+        _ => return None,
+    })
+}
+
+/// The endpoints that no native route forwards to: a job's result is its view's `artifacts`
+/// (`GET /v1/jobs/{id}`), and `control` is for operators, over NATS only.
+pub const NATS_ONLY: [Endpoint; 2] = [Endpoint::Result, Endpoint::Control];
 
 /// The OpenAPI document of the native API and of the configured `[[http.routes]]`.
 pub fn document_with(routes: &[RouteConfig]) -> Value {
@@ -134,43 +159,22 @@ pub fn route_operation(route: &RouteConfig) -> Value {
 /// The OpenAPI document of the native API.
 pub fn document() -> Value {
     let mut generator = SchemaSettings::openapi3().into_generator();
-    let mut schema = |name: &str| -> Value {
-        let s = match name {
-            "SubmitRequest" => generator.subschema_for::<SubmitRequest>(),
-            "SubmitReply" => generator.subschema_for::<SubmitReply>(),
-            "JobView" => generator.subschema_for::<JobView>(),
-            "ListJobsReply" => generator.subschema_for::<ListJobsReply>(),
-            "Event" => generator.subschema_for::<Event>(),
-            "FileView" => generator.subschema_for::<FileView>(),
-            "BatchSubmitRequest" => generator.subschema_for::<BatchSubmitRequest>(),
-            "BatchReply" => generator.subschema_for::<BatchReply>(),
-            "BatchView" => generator.subschema_for::<BatchView>(),
-            "ModelsReply" => generator.subschema_for::<ModelsReply>(),
-            "ClusterReply" => generator.subschema_for::<ClusterReply>(),
-            "Error" => generator.subschema_for::<HttpError>(),
-            other => unreachable!("no schema {other}"),
-        };
-        serde_json::to_value(s).expect("schemas serialize")
-    };
-    let error = schema("Error");
+    let value = |s: schemars::Schema| serde_json::to_value(s).expect("schemas serialize");
+    let error = value(generator.subschema_for::<HttpError>());
     let mut paths = serde_json::Map::new();
     for (method, path, summary) in NATIVE_ROUTES {
-        let (request, reply): (Option<&str>, Option<&str>) = match (method, path) {
-            ("post", "/v1/jobs") => (Some("SubmitRequest"), Some("SubmitReply")),
-            ("get", "/v1/jobs") => (None, Some("ListJobsReply")),
-            ("get", "/v1/jobs/{id}") | ("post", "/v1/jobs/{id}/cancel") => (None, Some("JobView")),
-            ("post", "/v1/batches") => (Some("BatchSubmitRequest"), Some("BatchReply")),
-            ("post", "/v1/batches/{id}/retry") => (None, Some("BatchReply")),
-            ("get", "/v1/batches/{id}") | ("post", "/v1/batches/{id}/cancel") => (None, Some("BatchView")),
-            ("put", "/v1/files/{name}") => (None, Some("FileView")),
-            ("get", "/v1/models") => (None, Some("ModelsReply")),
-            ("get", "/v1/cluster") => (None, Some("ClusterReply")),
-            _ => (None, None),
+        let forwards = forwards_to(method, path);
+        let request = forwards.filter(|(_, body)| *body).map(|(endpoint, _)| value(endpoint.request_schema(&mut generator)));
+        let reply = match forwards {
+            Some((endpoint, _)) => Some(value(endpoint.reply_schema(&mut generator))),
+            None if (method, path) == ("put", "/v1/files/{name}") => Some(value(generator.subschema_for::<FileView>())),
+            None => None,
         };
         let ok = if path.ends_with("/events") {
-            json!({"description": "text/event-stream; each `data:` is an Event", "content": {"text/event-stream": {"schema": schema("Event")}}})
+            let event = value(generator.subschema_for::<Event>());
+            json!({"description": "text/event-stream; each `data:` is an Event", "content": {"text/event-stream": {"schema": event}}})
         } else if let Some(r) = reply {
-            json!({"description": "OK", "content": {"application/json": {"schema": schema(r)}}})
+            json!({"description": "OK", "content": {"application/json": {"schema": r}}})
         } else {
             json!({"description": "OK"})
         };
@@ -190,7 +194,7 @@ pub fn document() -> Value {
         });
         set_path_parameters(&mut op, path);
         if let Some(r) = request {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema(r)}}});
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": r}}});
         }
         paths.entry(path.to_string()).or_insert_with(|| json!({}))[method] = op;
     }
@@ -238,6 +242,25 @@ mod tests {
             assert!(schemas.contains_key(name), "unresolved $ref {name}");
         }
         assert!(schemas.contains_key("JobView") && schemas.contains_key("SubmitRequest"));
+    }
+
+    /// Every `kiln.api` endpoint is reached over HTTP by a native route, or is one of the few
+    /// that are NATS-only: an endpoint added without its route (or its place in `NATS_ONLY`)
+    /// fails here. And a route's reply is its endpoint's.
+    #[test]
+    fn every_nats_endpoint_has_a_native_route_or_is_nats_only() {
+        let routed: Vec<Endpoint> =
+            NATIVE_ROUTES.iter().filter_map(|(method, path, _)| forwards_to(method, path)).map(|(e, _)| e).collect();
+        for endpoint in Endpoint::ALL {
+            let reached = routed.contains(&endpoint);
+            assert!(reached != NATS_ONLY.contains(&endpoint), "{endpoint}: routed {reached}, NATS-only {}", !reached);
+        }
+        let doc = document();
+        let reply = &doc["paths"]["/v1/batches/{id}/retry"]["post"]["responses"]["201"]["content"]["application/json"]["schema"];
+        assert_eq!(reply["$ref"], "#/components/schemas/BatchReply", "{reply}");
+        let body = &doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"];
+        assert_eq!(body["$ref"], "#/components/schemas/SubmitRequest", "{body}");
+        assert!(doc["paths"]["/v1/jobs/{id}/cancel"]["post"].get("requestBody").is_none());
     }
 
     #[test]

@@ -25,8 +25,8 @@ use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::delivery::Delivery;
 pub use crate::delivery::DeliveryEnd;
-use crate::dispatcher::SlotLease;
 use crate::inference::InferenceMsg;
+use crate::lease::SlotLease;
 use crate::pipeline::Pipeline;
 
 pub struct JobActor;

@@ -7,6 +7,8 @@
 //! NodeSupervisor                       node_supervisor.rs  escalates: a failed child stops the node
 //! ├── RegistryWriter                   registry_writer.rs  GPU and node entries, heartbeats, TTL
 //! ├── Dispatcher                       dispatcher.rs       pulls only while a slot has room (core's placement)
+//! │                                    puller.rs           one task per model: reserve slots, fetch, hand over
+//! │                                    lease.rs            a job's place on its slot, handed back by drop
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack:
 //! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack)
 //! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
@@ -36,10 +38,12 @@ pub mod dispatcher;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;
+pub mod lease;
 pub mod loss_detector;
 pub mod node_control;
 pub mod node_supervisor;
 pub(crate) mod pipeline;
+pub(crate) mod puller;
 pub mod registry_writer;
 pub mod tunnel;
 pub mod wire;

@@ -29,8 +29,8 @@ use tokio::sync::mpsc;
 use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::delivery::{truncate, Delivery};
-use crate::dispatcher::SlotLease;
 use crate::inference::InferenceMsg;
+use crate::lease::SlotLease;
 
 /// A job's folder while the attempt uses it, cleaned up when dropped (in the blocking pool:
 /// nobody waits for it). Handed back to its slot's free folders only after an attempt whose

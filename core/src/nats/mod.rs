@@ -2,7 +2,7 @@
 //!
 //! | file          | what                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
+//! | `names.rs`    | every subject, stream and bucket name, from one prefix; and back      |
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |

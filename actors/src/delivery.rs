@@ -49,6 +49,7 @@ use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAG
 use kiln_core::retry_reason::{self, OwnerLife};
 use tokio_util::sync::CancellationToken;
 
+use crate::attempt_events::{AttemptEvents, ProgressOrder};
 use crate::context::NodeContext;
 
 /// What a delivery that finds its job ended publishes again before it acks.
@@ -737,6 +738,17 @@ impl Delivery {
 
     fn finish_metrics(&self, record: &JobRecord) {
         metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
+    }
+}
+
+/// The pipeline's events go into the attempt's history like the delivery's own.
+impl AttemptEvents for Delivery {
+    async fn event(&mut self, event: Event) {
+        Delivery::event(self, event).await
+    }
+
+    fn progress_order(&self) -> ProgressOrder {
+        ProgressOrder { running_stored: self.running_stored(), last_seq: self.last_seq() }
     }
 }
 

@@ -67,8 +67,14 @@ impl Actor for JobActor {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let slot = args.lease.slot().to_string();
-        let delivery = Delivery::new(args.ctx, args.delivery, slot.clone(), args.cancel, args.retry_backoff, args.listed);
-        let pipeline = Pipeline { slot, inference: args.inference, lease: Some(args.lease), compression: args.compression };
+        let pipeline = Pipeline {
+            ctx: args.ctx.clone(),
+            slot: slot.clone(),
+            inference: args.inference,
+            lease: Some(args.lease),
+            compression: args.compression,
+        };
+        let delivery = Delivery::new(args.ctx, args.delivery, slot, args.cancel, args.retry_backoff, args.listed);
         Ok(JobActorState { delivery, pipeline })
     }
 
@@ -104,7 +110,8 @@ impl JobActorState {
         }
         self.delivery.publish_running().await;
         let keep_alive = self.delivery.keep_alive();
-        let outcome = self.pipeline.run(&mut self.delivery, &record).await;
+        let cancel = self.delivery.cancel.clone();
+        let outcome = self.pipeline.run(&mut self.delivery, &record, &cancel).await;
         if self.delivery.ctx.config.node.slot_prefetch > 0 {
             // However the pipeline ended, the slot takes its next job before this one's outcome
             // is written (a no-op if the model's end handed the lease back already).

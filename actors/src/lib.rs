@@ -12,6 +12,7 @@
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack:
 //! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack)
 //! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
+//! │                                    attempt_events.rs   the sink the pipeline reports into (the delivery implements it)
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     a session per peer it talks to
@@ -29,6 +30,7 @@
 //! in `kiln-core`: slot placement ([`kiln_core::placement`]), job delivery and retry
 //! ([`kiln_core::job`]), restart budget and backoff ([`kiln_core::policy`]).
 
+pub(crate) mod attempt_events;
 pub mod cluster_mesh;
 pub mod compression_pool;
 pub mod compression_worker;

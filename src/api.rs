@@ -17,6 +17,7 @@ use crate::service::{self, ServiceRequest, ServiceSpec};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures::{FutureExt, StreamExt};
+use kiln_actors::finish::{finish_job, FinishError, Publish};
 use kiln_actors::gpu_supervisor::call_gpu;
 use kiln_actors::node_control::call_node;
 use kiln_actors::wire::{GpuControlReply, GpuControlRequest, NodeControlReply, NodeControlRequest};
@@ -28,6 +29,7 @@ use kiln_core::metrics as m;
 use kiln_core::models::ClusterModel;
 use kiln_core::nats::cas::{Step, Updated};
 use kiln_core::nats::{CasError, RegistryCache, Resources, StoreError};
+use kiln_core::policy::Patience;
 use kiln_core::protocol::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -726,13 +728,10 @@ impl ApiService {
             // Its launcher made it meanwhile: cancel that one.
             return self.cancel(JobRef { job_id: launch.job_id.clone() }).await.map(|_| ());
         }
-        let event = Event::status(&cancelled.job_id, 0, JobState::Cancelled)
-            .labelled(&cancelled.labels)
-            .with_error(cancelled.error.clone().unwrap_or_else(job::cancelled_before_run_error));
-        self.resources.publish_end(&event, &cancelled).await.map_err(internal)?;
-        if let Err(e) = self.resources.settle_batch_item(&cancelled).await {
-            tracing::warn!(job_id = %cancelled.job_id, error = %e, "cannot settle the cancelled job into its batch now");
-        }
+        finish_job(&self.resources, &cancelled, Publish::EndingAndFeed, Patience::ONCE)
+            .await
+            .or_else(FinishError::unless_settle)
+            .map_err(internal)?;
         Ok(())
     }
 
@@ -886,16 +885,13 @@ impl ApiService {
             Err(CasError::Store(e)) => return Err(internal(e)),
         };
         if next.state == JobState::Cancelled {
-            let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
-                .labelled(&next.labels)
-                .with_error(next.error.clone().unwrap_or_else(job::cancelled_before_run_error));
-            self.resources.publish_end(&event, &next).await.map_err(internal)?;
-            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
-            // The queue message is still there: if this fails, its delivery finds the job
+            // The queue message is still there: if the settle fails, its delivery finds the job
             // cancelled and settles it into its batch then.
-            if let Err(e) = self.resources.settle_batch_item(&next).await {
-                tracing::warn!(job_id = %next.job_id, error = %e, "cannot settle the cancelled job into its batch now");
-            }
+            finish_job(&self.resources, &next, Publish::EndingAndFeed, Patience::ONCE)
+                .await
+                .or_else(FinishError::unless_settle)
+                .map_err(internal)?;
+            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
         } else if let Some(owner) = &next.owner {
             // Stop it now: a notice on core NATS, which the owner's dispatcher serves whatever
             // the actor cluster's state. (Through the actor cluster, a cancel to an owner this

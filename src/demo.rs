@@ -3,7 +3,7 @@
 //! real Python worker process per slot, `examples/workers/demo_worker.py`) and the TorchScript
 //! `tiny-sampler`, turns one generated image into 3D Gaussians (`image-to-gaussians`, a `.ply`),
 //! runs the `image-to-splat` pipeline on it (Gaussians, camera metadata, `.sog` on the
-//! compression pool),
+//! stage pool),
 //! shows each job's progress live, and downloads the verified results into a folder.
 
 use std::path::PathBuf;

@@ -36,13 +36,13 @@ use kiln_core::protocol::HeldJob;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
 use crate::job::{JobActor, JobArgs};
 use crate::lease::{LeaseReturn, SlotLease};
 use crate::puller::{pull_loop, Placer};
 use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+use crate::stage_pool::StagePoolHandle;
 use kiln_core::protocol::GpuState;
 
 /// Longest wait for the dispatcher to say whether a cancelled job runs here.
@@ -80,7 +80,7 @@ pub struct Dispatcher;
 pub struct DispatcherArgs {
     pub ctx: NodeContext,
     pub registry: ActorRef<RegistryWriterMsg>,
-    pub compression: CompressionHandle,
+    pub stage_pool: StagePoolHandle,
 }
 
 struct Running {
@@ -110,7 +110,7 @@ pub struct DispatcherState {
     drain_waiters: Vec<RpcReplyPort<()>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     retry_backoff: Backoff,
-    compression: CompressionHandle,
+    stage_pool: StagePoolHandle,
 }
 
 pub enum DispatcherMsg {
@@ -186,7 +186,7 @@ impl Actor for Dispatcher {
             .with_prefetch(ctx.config.node.slot_prefetch);
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
-            compression: args.compression,
+            stage_pool: args.stage_pool,
             ctx,
             registry: args.registry,
             slots,
@@ -372,7 +372,7 @@ impl DispatcherState {
             inference,
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
-            compression: self.compression.clone(),
+            stage_pool: self.stage_pool.clone(),
             listed: Some(listed),
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {

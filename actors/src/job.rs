@@ -21,13 +21,13 @@ use kiln_core::policy::Backoff;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::delivery::Delivery;
 pub use crate::delivery::DeliveryEnd;
 use crate::inference::InferenceMsg;
 use crate::lease::SlotLease;
 use crate::pipeline::Pipeline;
+use crate::stage_pool::StagePoolHandle;
 
 pub struct JobActor;
 
@@ -41,7 +41,7 @@ pub struct JobArgs {
     /// Cancelled by the dispatcher when a cancel notice for this job arrives.
     pub cancel: CancellationToken,
     pub retry_backoff: Backoff,
-    pub compression: CompressionHandle,
+    pub stage_pool: StagePoolHandle,
     /// Resolves once the node's registry entry lists this delivery (its ack subject): the
     /// job is claimed only after that, so a survivor that finds this node lost hands back
     /// every job that started here. `None` in tests that run a job actor alone.
@@ -72,7 +72,7 @@ impl Actor for JobActor {
             slot: slot.clone(),
             inference: args.inference,
             lease: Some(args.lease),
-            compression: args.compression,
+            stage_pool: args.stage_pool,
         };
         let delivery = Delivery::new(args.ctx, args.delivery, slot, args.cancel, args.retry_backoff, args.listed);
         Ok(JobActorState { delivery, pipeline })

@@ -17,13 +17,14 @@
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     a session per peer it talks to
 //! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
-//! ├── CompressionPool                  compression_pool.rs post-processing commands, bounded
-//! │   └── CompressionWorker (xN)       compression_worker.rs one command at a time
+//! ├── StagePool                        stage_pool.rs       pipelines' stage commands (any command), bounded
+//! │   └── StageWorker (xN)             stage_worker.rs     one command at a time
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
 //!     └── InferenceActor               inference.rs        the slot's engines; one job, or one TorchScript batch
 //! ```
 //!
-//! Not actors: [`context`] holds what they share (config, NATS handles, which models are warm
+//! Not actors: [`finish`] writes out the end of a job (terminal event, results feed, batch
+//! settle) for the job actors and the API's cancel alike; [`context`] holds what they share (config, NATS handles, which models are warm
 //! on which slot); [`tunnel`] carries a ractor_cluster session over NATS; [`wire`] is every
 //! message that crosses nodes (bincode 2, versioned); [`NodeHandle`] is the typed handle the
 //! binary uses to start, drain and stop a node. The decisions the actors act on are pure code
@@ -32,11 +33,10 @@
 
 pub(crate) mod attempt_events;
 pub mod cluster_mesh;
-pub mod compression_pool;
-pub mod compression_worker;
 pub mod context;
 pub(crate) mod delivery;
 pub mod dispatcher;
+pub mod finish;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;
@@ -47,6 +47,8 @@ pub mod node_supervisor;
 pub(crate) mod pipeline;
 pub(crate) mod puller;
 pub mod registry_writer;
+pub mod stage_pool;
+pub mod stage_worker;
 pub mod tunnel;
 pub mod wire;
 

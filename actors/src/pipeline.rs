@@ -6,7 +6,7 @@
 //! ```text
 //! fetch inputs ─► InferenceActor::Run (progress events stream out meanwhile)
 //!      ▼ the model is done: hand the slot lease back (the slot takes its next job)
-//! stages (compression pool, each with its own attempts) ─► store artifacts under this
+//! stages (stage pool, each with its own attempts) ─► store artifacts under this
 //! attempt's own names (announced, and so made visible, only by the delivery's conclusion)
 //! ```
 
@@ -27,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::attempt_events::{AttemptEvents, ProgressOrder};
 
-use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
 use crate::lease::SlotLease;
+use crate::stage_pool::StagePoolHandle;
 
 /// A job's folder while the attempt uses it, cleaned up when dropped (in the blocking pool:
 /// nobody waits for it). Handed back to its slot's free folders only after an attempt whose
@@ -67,7 +67,8 @@ pub(crate) struct Pipeline {
     /// The job's place on the slot, handed back as soon as the model is done; dropped (and so
     /// handed back) however the attempt ends before that.
     pub(crate) lease: Option<SlotLease>,
-    pub(crate) compression: CompressionHandle,
+    /// Runs the stages' commands, off the slot.
+    pub(crate) stage_pool: StagePoolHandle,
 }
 
 impl Pipeline {
@@ -199,7 +200,7 @@ impl Pipeline {
                     loop {
                         stage_attempt += 1;
                         let _ = tokio::fs::remove_file(&out_path).await;
-                        let ran = self.compression.run(argv.clone(), Duration::from_millis(*timeout_ms), cancel).await;
+                        let ran = self.stage_pool.run(argv.clone(), Duration::from_millis(*timeout_ms), cancel).await;
                         let error = match ran {
                             Ok(_) if tokio::fs::metadata(&out_path).await.is_ok_and(|m| m.len() > 0) => break,
                             Ok(_) => format!("the command succeeded but wrote no {output:?}"),

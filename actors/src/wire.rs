@@ -216,7 +216,7 @@ pub mod groups {
     pub const NODES: &str = "kiln.nodes";
     /// Every GPU supervisor of every node.
     pub const GPUS: &str = "kiln.gpus";
-    /// Every compression worker of every node (local messages only: for discovery and
+    /// Every stage worker of every node (local messages only: for discovery and
     /// counting, not remote calls).
     pub const COMPRESSORS: &str = "kiln.compressors";
 

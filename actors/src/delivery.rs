@@ -47,6 +47,7 @@ use kiln_core::nats::{CasError, Resources, StoreError};
 use kiln_core::policy::{Backoff, Patience};
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
 use kiln_core::retry_reason::{self, OwnerLife};
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::attempt_events::{AttemptEvents, ProgressOrder};
@@ -498,14 +499,14 @@ impl Delivery {
     /// writing. It runs until the delivery is acked, through the conclusion (whose writes may
     /// ride out an election for seconds), where the record may show this attempt's own
     /// outcome: [`job::watch`] tells the two apart.
-    pub(crate) fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn keep_alive(&self) -> TaskGuard<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
         let resources = self.ctx.resources.clone();
         let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
         let (stall, fenced, concluding) = (self.ctx.stall.clone(), self.fenced.clone(), self.concluding.clone());
-        tokio::spawn(async move {
+        task::spawn(TaskKind::JobKeepAlive, "keep-alive", async move {
             let mut stall_seen = stall.generation();
             let mut next_progress = tokio::time::Instant::now() + period;
             loop {

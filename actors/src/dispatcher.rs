@@ -33,6 +33,7 @@ use kiln_core::nats::names::model_of_job_subject;
 use kiln_core::placement::SlotTable;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
@@ -108,7 +109,8 @@ pub struct DispatcherState {
     parked: VecDeque<(String, usize, RpcReplyPort<Vec<String>>)>,
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The pullers and the cancel-notice server: loops of this actor's, stopped with it.
+    tasks: Vec<TaskGuard<()>>,
     retry_backoff: Backoff,
     stage_pool: StagePoolHandle,
 }
@@ -202,11 +204,15 @@ impl Actor for Dispatcher {
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         for model in state.slots.served_models() {
-            state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
+            state.tasks.push(task::spawn(TaskKind::OwnerLoop, "puller", pull_loop(state.ctx.clone(), model, myself.clone())));
         }
         let subject = state.ctx.resources.names.node_cancel(&state.ctx.node);
         match state.ctx.resources.client.subscribe(subject.clone()).await {
-            Ok(notices) => state.tasks.push(tokio::spawn(serve_cancel_notices(state.ctx.clone(), notices, myself.clone()))),
+            Ok(notices) => state.tasks.push(task::spawn(
+                TaskKind::OwnerLoop,
+                "cancel notices",
+                serve_cancel_notices(state.ctx.clone(), notices, myself.clone()),
+            )),
             // The record's flag still stops the job, at the keep-alive's next read.
             Err(e) => tracing::warn!(subject = %subject, error = %e, "cannot take cancel notices; cancels wait for the record's flag"),
         }
@@ -214,9 +220,8 @@ impl Actor for Dispatcher {
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        for t in &state.tasks {
-            t.abort();
-        }
+        // Owner loops: dropping their guards stops them.
+        state.tasks.clear();
         Ok(())
     }
 

@@ -118,7 +118,8 @@ impl JobActorState {
             drop(self.pipeline.lease.take());
         }
         let end = self.delivery.conclude(&record, outcome, started).await;
-        keep_alive.abort();
+        // A `JobKeepAlive`: stopped here, or with this actor however it ends.
+        drop(keep_alive);
         // Otherwise the lease goes back here, once the outcome is settled.
         drop(self.pipeline.lease.take());
         end

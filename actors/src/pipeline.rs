@@ -21,6 +21,7 @@ use kiln_core::job::JobRecord;
 use kiln_core::nats::{ride_out, StoreError};
 use kiln_core::policy::Patience;
 use kiln_core::protocol::{truncate_utf8 as truncate, Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+use kiln_core::task::{self, TaskKind};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -110,7 +111,11 @@ impl Pipeline {
             model: model_config,
             labels: record.labels.clone(),
         };
-        let forwarder = tokio::spawn(forward_progress(self.ctx.clone(), job_id.clone(), attempt, shown, rx, events.progress_order()));
+        let forwarder = task::spawn(
+            TaskKind::JobPart,
+            "progress forwarder",
+            forward_progress(self.ctx.clone(), job_id.clone(), attempt, shown, rx, events.progress_order()),
+        );
         let engine_cancel = cancel.clone();
         let model_timeout = self.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards

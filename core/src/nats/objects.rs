@@ -342,7 +342,8 @@ struct Abandoned {
 impl Drop for Abandoned {
     fn drop(&mut self) {
         if let (Some(stream), Ok(runtime)) = (self.stream.take(), tokio::runtime::Handle::try_current()) {
-            runtime.spawn(purge_chunks(stream, std::mem::take(&mut self.subject), std::mem::take(&mut self.acks)));
+            let purge = purge_chunks(stream, std::mem::take(&mut self.subject), std::mem::take(&mut self.acks));
+            crate::task::spawn_on(&runtime, crate::task::TaskKind::Cleanup, "purge abandoned chunks", purge);
         }
     }
 }

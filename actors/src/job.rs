@@ -4,7 +4,9 @@
 //! - [`delivery`](crate::delivery): the delivery protocol. Claim (a compare-and-set on the
 //!   record), fence, write, events, ack; the keep-alive while it runs.
 //! - [`pipeline`](crate::pipeline): the work. Inputs, inference on the slot (holding the
-//!   slot's lease only that long), post-processing stages, artifacts.
+//!   slot's lease only that long), post-processing stages, artifacts. It is given the slot
+//!   lease, the cancel token and, for each run, the delivery as its
+//!   [`AttemptEvents`](crate::attempt_events) sink: it calls nothing above it.
 //!
 //! ```text
 //! claim ── ended before it ran / found ended ──► (the delivery wrote, published, acked)
@@ -73,6 +75,7 @@ impl Actor for JobActor {
             inference: args.inference,
             lease: Some(args.lease),
             stage_pool: args.stage_pool,
+            cancel: args.cancel.clone(),
         };
         let delivery = Delivery::new(args.ctx, args.delivery, slot, args.cancel, args.retry_backoff, args.listed);
         Ok(JobActorState { delivery, pipeline })
@@ -110,8 +113,7 @@ impl JobActorState {
         }
         self.delivery.publish_running().await;
         let keep_alive = self.delivery.keep_alive();
-        let cancel = self.delivery.cancel.clone();
-        let outcome = self.pipeline.run(&mut self.delivery, &record, &cancel).await;
+        let outcome = self.pipeline.run(&mut self.delivery, &record).await;
         if self.delivery.ctx.config.node.slot_prefetch > 0 {
             // However the pipeline ended, the slot takes its next job before this one's outcome
             // is written (a no-op if the model's end handed the lease back already).

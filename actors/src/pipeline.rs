@@ -70,17 +70,15 @@ pub(crate) struct Pipeline {
     pub(crate) lease: Option<SlotLease>,
     /// Runs the stages' commands, off the slot.
     pub(crate) stage_pool: StagePoolHandle,
+    /// Stops the attempt's work: cancelled by a cancel notice, or by the delivery when the
+    /// record asks for it or another attempt took the job over.
+    pub(crate) cancel: CancellationToken,
 }
 
 impl Pipeline {
     /// Fetches inputs, runs the engine through the inference actor, stores artifacts, for
-    /// the attempt `record` (as claimed) reports its events into `events`; `cancel` stops it.
-    pub(crate) async fn run(
-        &mut self,
-        events: &mut impl AttemptEvents,
-        record: &JobRecord,
-        cancel: &CancellationToken,
-    ) -> Result<Vec<Artifact>, EngineError> {
+    /// the attempt `record` (as claimed) reports its events into `events`.
+    pub(crate) async fn run(&mut self, events: &mut impl AttemptEvents, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
         let (job_id, attempt) = (&record.job_id, record.attempt);
         let dir = {
             let (ctx, slot) = (self.ctx.clone(), self.slot.clone());
@@ -116,7 +114,7 @@ impl Pipeline {
             "progress forwarder",
             forward_progress(self.ctx.clone(), job_id.clone(), attempt, shown, rx, events.progress_order()),
         );
-        let engine_cancel = cancel.clone();
+        let engine_cancel = self.cancel.clone();
         let model_timeout = self.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
         // against a reply that never comes. A job claimed ahead waits for the slot's current
@@ -145,7 +143,7 @@ impl Pipeline {
             drop(self.lease.take());
         }
         let outputs =
-            if stages.is_empty() { outputs } else { self.run_stages(events, record, cancel, &stages, &job_inputs, outputs, &dir).await? };
+            if stages.is_empty() { outputs } else { self.run_stages(events, record, &stages, &job_inputs, outputs, &dir).await? };
         // Stored under this attempt's own names; announced (and so made visible) only in
         // `conclude`, if this attempt still owns the job.
         let mut artifacts = Vec::with_capacity(outputs.len());
@@ -178,13 +176,12 @@ impl Pipeline {
         &mut self,
         events: &mut impl AttemptEvents,
         record: &JobRecord,
-        cancel: &CancellationToken,
         stages: &[StageConfig],
         inputs: &BTreeMap<String, ResolvedInput>,
         mut outputs: Vec<EngineOutput>,
         dir: &Path,
     ) -> Result<Vec<EngineOutput>, EngineError> {
-        let (job_id, attempt) = (&record.job_id, record.attempt);
+        let (job_id, attempt, cancel) = (&record.job_id, record.attempt, &self.cancel);
         let stage_dir = dir.join("stages");
         tokio::fs::create_dir_all(&stage_dir)
             .await

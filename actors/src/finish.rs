@@ -79,10 +79,34 @@ pub async fn finish_job(resources: &Resources, record: &JobRecord, publish: Publ
 
 #[cfg(test)]
 mod tests {
+    use kiln_core::config::ClusterConfig;
     use kiln_core::job::{self, JobState};
+    use kiln_core::nats::NatsServer;
     use kiln_core::protocol::ErrorCode;
 
     use super::*;
+
+    /// Against a real nats-server: finishing a job again (a redelivery does) stores nothing
+    /// twice, and a feed-only finish adds nothing to the history.
+    #[tokio::test]
+    async fn a_job_finished_again_has_one_ending_and_one_feed_entry() {
+        let server = NatsServer::start_temp().expect("nats-server");
+        let config = ClusterConfig::from_toml(&format!("[nats]\nurl = \"{}\"\n", server.url()), "test").expect("config");
+        let client = kiln_core::nats::resources::connect(&config.nats, "finish-test").await.expect("connect");
+        let resources = Resources::ensure(client, &config).await.expect("resources");
+        let cancelled = job::cancel_before_run(&JobRecord::queued("j1", "m", 3, 0), 5).expect("cancellable");
+        for publish in [Publish::EndingAndFeed, Publish::EndingAndFeed, Publish::FeedOnly] {
+            finish_job(&resources, &cancelled, publish, Patience::ONCE).await.expect("finished");
+        }
+        let last = resources.last_event("j1").await.expect("read").expect("an ending");
+        assert_eq!((last.status, last.attempt), (Some(JobState::Cancelled), 0));
+        let stored = |stream: String| {
+            let js = resources.js.clone();
+            async move { js.get_stream(stream).await.expect("stream").info().await.expect("info").state.messages }
+        };
+        assert_eq!(stored(resources.names.events_stream()).await, 1);
+        assert_eq!(stored(resources.names.finished_stream()).await, 1);
+    }
 
     #[test]
     fn the_ending_carries_the_records_state_attempt_labels_and_error() {

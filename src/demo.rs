@@ -3,7 +3,7 @@
 //! real Python worker process per slot, `examples/workers/demo_worker.py`) and the TorchScript
 //! `tiny-sampler`, turns one generated image into 3D Gaussians (`image-to-gaussians`, a `.ply`),
 //! runs the `image-to-splat` pipeline on it (Gaussians, camera metadata, `.sog` on the
-//! compression pool),
+//! stage pool),
 //! shows each job's progress live, and downloads the verified results into a folder.
 
 use std::path::PathBuf;
@@ -14,6 +14,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use kiln_core::config::ClusterConfig;
 use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{EventKind, InputValue, SubmitRequest};
+use kiln_core::task::{self, TaskKind};
 
 use crate::client::Client;
 use crate::node::RunningNode;
@@ -105,7 +106,7 @@ pub async fn run(opts: DemoOptions) -> Result<(), String> {
         bar.set_prefix(format!("{:.8} {prompt:.26}", reply.job_id));
         let client = client.clone();
         let out = opts.out.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(task::spawn(TaskKind::ClientWork, "follow a demo job", async move {
             let events = client.events(&reply.job_id).await.map_err(|e| e.to_string())?;
             tokio::pin!(events);
             while let Some(e) = events.next().await {

@@ -12,16 +12,17 @@ use kiln_actors::node_control::call_node;
 use kiln_actors::wire::NodeControlRequest;
 use kiln_core::nats::{Resources, StoreError};
 use kiln_core::protocol::{ApiError, PingReport, PingRequest};
+use kiln_core::task::{self, TaskGuard, TaskKind};
 
 const MAX_PINGS: u32 = 100_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves this node's diagnostic subjects until the returned task is aborted.
-pub async fn serve(resources: Resources, node: String) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+/// Serves this node's diagnostic subjects until the returned task is aborted or dropped.
+pub async fn serve(resources: Resources, node: String) -> Result<TaskGuard<()>, StoreError> {
     let client = resources.client.clone();
     let mut echo = client.subscribe(resources.names.node_diag(&node, "echo")).await.map_err(StoreError::nats)?;
     let mut ping = client.subscribe(resources.names.node_diag(&node, "ping")).await.map_err(StoreError::nats)?;
-    Ok(tokio::spawn(async move {
+    Ok(task::spawn(TaskKind::OwnerLoop, "diagnostics", async move {
         loop {
             tokio::select! {
                 Some(msg) = echo.next() => {
@@ -32,7 +33,7 @@ pub async fn serve(resources: Resources, node: String) -> Result<tokio::task::Jo
                 Some(msg) = ping.next() => {
                     let Some(reply) = msg.reply else { continue };
                     let (resources, node, client) = (resources.clone(), node.clone(), client.clone());
-                    tokio::spawn(async move {
+                    task::spawn(TaskKind::Reply, "ping", async move {
                         let body = match serde_json::from_slice::<PingRequest>(&msg.payload) {
                             Ok(req) => match measure(&resources, &node, req).await {
                                 Ok(report) => serde_json::to_vec(&report),

@@ -43,7 +43,7 @@ pub struct RunningNode {
     /// Fires when the cluster asks this node to drain (`kiln drain <node>`, through its
     /// NodeControl actor).
     drain_requested: Arc<tokio::sync::Notify>,
-    diagnostics: tokio::task::JoinHandle<()>,
+    diagnostics: kiln_core::task::TaskGuard<()>,
     _work_dir: Option<tempfile::TempDir>,
 }
 

@@ -33,6 +33,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use ractor_cluster::node::{NodeConnectionMode, NodeServerSessionInformation};
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
@@ -99,7 +100,7 @@ pub struct ClusterMeshState {
     /// The last refusal logged per peer, so a misconfigured peer is reported once, not per tick.
     refusals: HashMap<String, RefusalCode>,
     reported: Option<Vec<String>>,
-    listeners: Vec<tokio::task::JoinHandle<()>>,
+    listeners: Vec<TaskGuard<()>>,
 }
 
 pub enum ClusterMeshMsg {
@@ -189,7 +190,7 @@ impl Actor for ClusterMesh {
         let mut opens = client.subscribe(names.tunnel_open(&state.ctx.node)).await?;
         let mut wants = client.subscribe(names.tunnel_want(&state.ctx.node)).await?;
         let me = myself.clone();
-        state.listeners.push(tokio::spawn(async move {
+        state.listeners.push(task::spawn(TaskKind::OwnerLoop, "tunnel opens", async move {
             while let Some(msg) = opens.next().await {
                 let Some(reply) = msg.reply else { continue };
                 match wire::decode::<OpenRequest>(&msg.payload) {
@@ -206,7 +207,7 @@ impl Actor for ClusterMesh {
             }
         }));
         let me = myself.clone();
-        state.listeners.push(tokio::spawn(async move {
+        state.listeners.push(task::spawn(TaskKind::OwnerLoop, "tunnel wants", async move {
             while let Some(msg) = wants.next().await {
                 let peer = String::from_utf8_lossy(&msg.payload).to_string();
                 if !kiln_core::ids::is_valid_token(&peer) {
@@ -221,9 +222,8 @@ impl Actor for ClusterMesh {
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        for l in &state.listeners {
-            l.abort();
-        }
+        // Owner loops: dropping their guards stops them.
+        state.listeners.clear();
         state.node_server.stop(Some("node stopping".into()));
         Ok(())
     }
@@ -366,7 +366,7 @@ impl ClusterMeshState {
         self.last_dial.insert(peer.to_string(), Instant::now());
         let (ctx, settings, node_server, me, peer) =
             (self.ctx.clone(), self.settings.clone(), self.node_server.clone(), myself.clone(), peer.to_string());
-        tokio::spawn(async move {
+        task::spawn(TaskKind::Reply, "dial", async move {
             let (tunnel, refused, error) = match dial(&ctx, settings, &node_server, &peer).await {
                 Ok(Ok(tunnel)) => (Some(tunnel), None, None),
                 Ok(Err(refusal)) => (None, Some(refusal), None),

@@ -1,5 +1,18 @@
-//! What every actor of a node shares: read-only config and cheap handles. Cloned into each
-//! actor's arguments; nothing in here is mutable state (that lives in the actors).
+//! What every actor of a node shares, cloned into each actor's arguments: the read-only
+//! config and name, and handles onto state that several actors and tasks change underneath.
+//!
+//! Shared and changing (each `Arc`ed, so every clone sees the same):
+//! - `warm`: which models each slot holds, written by the slots' inference actors, read by the
+//!   dispatcher;
+//! - `workspaces`: free job folders per slot, taken and given back by the job pipelines;
+//! - `registry`: the cluster registry's cache, kept by its own watch task;
+//! - `drain_requested`: fired by the control actor, awaited by the binary;
+//! - `stall`: moved on by the stall watch's thread, read by whoever must re-check after a
+//!   standstill;
+//! - `resources`: the NATS connection and its handles (its per-model results buckets are
+//!   opened and cached on first use).
+//!
+//! Everything else an actor knows is its own state.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -28,7 +28,7 @@
 //! redelivers the job, which then finds the record terminal and only acks.
 //!
 //! A batch item settles its end into the batch's record between its terminal event and its
-//! ack (`settle_batch`); if that fails the delivery is left unacked and its redelivery, which
+//! ack ([`finish_job`], shared with the API's cancel); if that fails the delivery is left unacked and its redelivery, which
 //! finds the record terminal, settles it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,14 +47,17 @@ use kiln_core::nats::{CasError, Resources, StoreError};
 use kiln_core::policy::{Backoff, Patience};
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
 use kiln_core::retry_reason::{self, OwnerLife};
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::attempt_events::{AttemptEvents, ProgressOrder};
 use crate::context::NodeContext;
+use crate::finish::{finish_job, FinishError, Publish};
 
 /// What a delivery that finds its job ended publishes again before it acks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EndToRepublish {
-    /// The ending is missing from the history: it and the feed entry (`publish_end`).
+    /// The ending is missing from the history: it and the feed entry ([`Publish::EndingAndFeed`]).
     EndingAndFeed,
     /// The ending is stored: only the feed entry, which may not have been (its stream had no
     /// leader for longer than the patience of the write that stored the ending).
@@ -277,40 +280,26 @@ impl Delivery {
         }
     }
 
-    /// The last event of a job, de-duplicated so a redelivery may publish it again safely.
+    /// Finishes the ended job `record` ([`finish_job`]: its ending or feed entry as `publish`
+    /// says, then its batch settle), riding out NATS trouble.
     ///
-    /// False when it could not be stored: the caller must then not ack, so the redelivery
-    /// (which finds the record terminal) publishes it. Acking anyway left a finished job with
-    /// no ending in its history when a nats-server restart hit this moment (`kiln chaos`).
-    async fn terminal_event(&self, record: &JobRecord) -> bool {
-        let mut event = Event::status(&record.job_id, record.attempt, record.state).labelled(&record.labels);
-        if let Some(e) = &record.error {
-            event = event.with_error(e.clone());
-        }
-        // De-duplicated by its ids, so a try whose ack was lost may be repeated.
-        let resources = &self.ctx.resources;
-        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "publishing the terminal event", || resources.publish_end(&event, record))
-            .await
-        {
+    /// False when a step failed: the caller must then not ack, so the redelivery (which finds
+    /// the record terminal) does it again. Acking anyway left a finished job with no ending in
+    /// its history when a nats-server restart hit this moment (`kiln chaos`), or the feed
+    /// without the job, or its batch never settled.
+    async fn finish(&self, record: &JobRecord, publish: Publish) -> bool {
+        match finish_job(&self.ctx.resources, record, publish, Patience::NATS_TROUBLE).await {
             Ok(()) => true,
-            Err(e) => {
+            Err(FinishError::Publish(e)) if publish == Publish::EndingAndFeed => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
                 false
             }
-        }
-    }
-
-    /// The job's end on the results feed alone (its ending is in the history already),
-    /// de-duplicated like [`terminal_event`](Self::terminal_event)'s. False when it could not
-    /// be stored: the caller must not ack, or the feed would never see the job.
-    async fn feed_entry(&self, record: &JobRecord) -> bool {
-        let resources = &self.ctx.resources;
-        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "publishing the results feed entry", || resources.publish_finished(record))
-            .await
-        {
-            Ok(()) => true,
-            Err(e) => {
+            Err(FinishError::Publish(e)) => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "results feed entry not stored; leaving the delivery for redelivery");
+                false
+            }
+            Err(FinishError::Settle { error, .. }) => {
+                tracing::warn!(job_id = %self.job_id, error = %error, "cannot settle the job into its batch; leaving it for redelivery");
                 false
             }
         }
@@ -351,14 +340,11 @@ impl Delivery {
             Ok(Updated::Written { value, revision }) => (value, revision),
             Ok(Updated::Stopped(record)) => {
                 let last = self.ctx.resources.last_event(&self.job_id).await?;
-                let published = match end_to_republish(last.as_ref()) {
-                    EndToRepublish::EndingAndFeed => self.terminal_event(&record).await,
-                    EndToRepublish::FeedOnly => self.feed_entry(&record).await,
+                let publish = match end_to_republish(last.as_ref()) {
+                    EndToRepublish::EndingAndFeed => Publish::EndingAndFeed,
+                    EndToRepublish::FeedOnly => Publish::FeedOnly,
                 };
-                if !published {
-                    return Ok(Some(DeliveryEnd::Abandoned));
-                }
-                if !self.settle_batch(&record).await {
+                if !self.finish(&record, publish).await {
                     return Ok(Some(DeliveryEnd::Abandoned));
                 }
                 self.ack(AckKind::Ack).await;
@@ -377,7 +363,7 @@ impl Delivery {
         }
         // Ended before it ran: cancelled, past its deadline, or out of attempts.
         self.finish_metrics(&next);
-        if !self.terminal_event(&next).await || !self.settle_batch(&next).await {
+        if !self.finish(&next, Publish::EndingAndFeed).await {
             return Ok(Some(DeliveryEnd::Abandoned));
         }
         self.ack(AckKind::Ack).await;
@@ -513,14 +499,14 @@ impl Delivery {
     /// writing. It runs until the delivery is acked, through the conclusion (whose writes may
     /// ride out an election for seconds), where the record may show this attempt's own
     /// outcome: [`job::watch`] tells the two apart.
-    pub(crate) fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+    pub(crate) fn keep_alive(&self) -> TaskGuard<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
         let resources = self.ctx.resources.clone();
         let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
         let (stall, fenced, concluding) = (self.ctx.stall.clone(), self.fenced.clone(), self.concluding.clone());
-        tokio::spawn(async move {
+        task::spawn(TaskKind::JobKeepAlive, "keep-alive", async move {
             let mut stall_seen = stall.generation();
             let mut next_progress = tokio::time::Instant::now() + period;
             loop {
@@ -635,7 +621,7 @@ impl Delivery {
         }
         kiln_core::fault::abort_at("abort_after_terminal_write");
         self.finish_metrics(&record);
-        if !self.terminal_event(&record).await || !self.settle_batch(&record).await {
+        if !self.finish(&record, Publish::EndingAndFeed).await {
             return DeliveryEnd::Abandoned;
         }
         self.ack(AckKind::Ack).await;
@@ -720,23 +706,19 @@ impl Delivery {
         }
     }
 
-    /// Tells the job's batch (if it is a batch item) how it ended; must succeed before the
-    /// ack. On failure the delivery stays unacked: JetStream redelivers it after the ack wait,
-    /// and that delivery finds the job terminal and settles again.
-    async fn settle_batch(&self, record: &JobRecord) -> bool {
-        // Idempotent: a try that landed unseen is found settled by the next.
-        let resources = &self.ctx.resources;
-        match ride_out(Patience::NATS_TROUBLE, &self.job_id, "settling into the batch", || resources.settle_batch_item(record)).await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(job_id = %self.job_id, error = %e, "cannot settle the job into its batch; leaving it for redelivery");
-                false
-            }
-        }
-    }
-
     fn finish_metrics(&self, record: &JobRecord) {
         metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
+    }
+}
+
+/// The pipeline's events go into the attempt's history like the delivery's own.
+impl AttemptEvents for Delivery {
+    async fn event(&mut self, event: Event) {
+        Delivery::event(self, event).await
+    }
+
+    fn progress_order(&self) -> ProgressOrder {
+        ProgressOrder { running_stored: self.running_stored(), last_seq: self.last_seq() }
     }
 }
 

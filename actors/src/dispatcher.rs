@@ -1,26 +1,12 @@
-//! Dispatcher: pulls jobs from JetStream only while a slot that serves the job's model is free,
-//! and spawns one [`JobActor`](crate::job) per delivery.
+//! Dispatcher: hands each model's [`puller`](crate::puller) free slots, and spawns one
+//! [`JobActor`](crate::job) per delivery it fetched.
 //!
 //! A busy cluster therefore leaves jobs in the durable queue, not in any node's memory: a node
 //! holds at most one delivered job per slot, or up to `max_batch` jobs of one model on a slot
-//! whose TorchScript model batches. For each model a puller task loops:
-//!
-//! ```text
-//! Reserve free slots for the model (RPC; parked in FIFO order until a slot frees up)
-//!      ▼
-//! fetch (no wait) from the `high` lane, then the `normal` lane, up to the reserved count,
-//!      ▼ each only if it may hold a job (`LaneHints`: a lane that came back short is
-//!      ▼ not asked again until a publish on it wakes the puller)
-//! Dispatch(slot, message) for each message; Release the reservations left over
-//!      ▼ no lane may hold a job: sleep until one is published for the model (a core-NATS
-//!        queue subscription on its lanes: each publish wakes one node's puller) or 250 ms
-//!        pass, then ask both lanes
-//! ```
-//!
-//! An idle model holds no slot while it waits. (It used to keep one and long-poll: on a node
-//! whose slots serve several models, the idle models' pollers then held the slots the busy
-//! model needed, and a 500-job batch of one model ran at 4 jobs/s.) The 250 ms re-check
-//! catches what publishes nothing: a redelivery after the ack wait, or a retry's delayed NAK.
+//! whose TorchScript model batches. A puller reserves free slots for its model (an RPC, parked
+//! here in FIFO order until a slot frees up), fetches up to that many jobs, and hands each to
+//! the dispatcher with the slot it goes to (`Dispatch`), giving back the places left over
+//! (`Release`). An idle model holds no slot while it waits.
 //!
 //! Parked reservations are served oldest first whenever a slot frees up, so models that share
 //! a slot take turns: a puller that just gave a slot back queues behind the others.
@@ -30,7 +16,9 @@
 //! property-tested; this actor keeps the table in step with the slots' inference actors and
 //! the jobs it spawns, and talks to the registry and the pullers.
 //!
-//! The dispatcher supervises the job actors it spawns (overriding ractor's default, which
+//! A job's place on its slot is a [`SlotLease`], which comes back here by drop (through
+//! [`LeaseReturn`], a message to this actor) as soon as the job's model is done. The
+//! dispatcher supervises the job actors it spawns (overriding ractor's default, which
 //! would stop the dispatcher when a child exits) and frees their slot when they stop, however
 //! they stop. It also routes cancel notices to the job running locally: those the API sends on
 //! core NATS to `<prefix>.node.<node>.cancel` (served here, so a cancel reaches a running job
@@ -40,19 +28,22 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::{FutureExt, StreamExt};
-use kiln_core::nats::Lane;
+use futures::StreamExt;
+use kiln_core::nats::names::model_of_job_subject;
 use kiln_core::placement::SlotTable;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::inference::InferenceMsg;
 use crate::job::{JobActor, JobArgs};
+use crate::lease::{LeaseReturn, SlotLease};
+use crate::puller::{pull_loop, Placer};
 use crate::registry_writer::{GpuUpdate, RegistryWriterMsg};
+use crate::stage_pool::StagePoolHandle;
 use kiln_core::protocol::GpuState;
 
 /// Longest wait for the dispatcher to say whether a cancelled job runs here.
@@ -85,24 +76,12 @@ async fn serve_cancel_notices(ctx: NodeContext, mut notices: async_nats::Subscri
     }
 }
 
-/// How often an idle puller looks again without being woken (redeliveries publish nothing).
-const IDLE_RECHECK: Duration = Duration::from_millis(250);
-/// Most messages one pull asks for (bounded by the free slots anyway).
-const MAX_PULL: usize = 256;
-/// Longest wait for a fetch's answer. A live server answers a no-wait fetch at once; a fetch
-/// whose pull request died with its server (SIGKILLed holding it, or lost in a reconnect) is
-/// never answered, and async-nats gives a fetch without `expires` no deadline of its own: the
-/// model's puller on this node then never pulled again, and its jobs stayed queued for ever
-/// (`tests/nats_cluster.rs`, a consumer's leader SIGKILLed under load). A message the server
-/// hands over after the deadline goes unacked and comes back after the ack wait.
-const FETCH_DEADLINE: Duration = Duration::from_secs(5);
-
 pub struct Dispatcher;
 
 pub struct DispatcherArgs {
     pub ctx: NodeContext,
     pub registry: ActorRef<RegistryWriterMsg>,
-    pub compression: CompressionHandle,
+    pub stage_pool: StagePoolHandle,
 }
 
 struct Running {
@@ -130,9 +109,10 @@ pub struct DispatcherState {
     parked: VecDeque<(String, usize, RpcReplyPort<Vec<String>>)>,
     draining: bool,
     drain_waiters: Vec<RpcReplyPort<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The pullers and the cancel-notice server: loops of this actor's, stopped with it.
+    tasks: Vec<TaskGuard<()>>,
     retry_backoff: Backoff,
-    compression: CompressionHandle,
+    stage_pool: StagePoolHandle,
 }
 
 pub enum DispatcherMsg {
@@ -175,33 +155,24 @@ pub enum DispatcherMsg {
 // Local only: never sent to another node (ractor's `cluster` feature needs the impl spelled out).
 impl ractor::Message for DispatcherMsg {}
 
-/// A job's place on a slot, from its dispatch until its model is done. Handed back by drop,
-/// exactly once however the job goes (its model done, an early end, a panic that drops the
-/// job actor's state), so the dispatcher frees a slot from one event only; the delivery's own
-/// end is heard separately, through supervision.
-pub struct SlotLease {
-    slot: String,
-    job_id: String,
-    dispatcher: Option<ActorRef<DispatcherMsg>>,
-}
-
-impl SlotLease {
-    pub fn slot(&self) -> &str {
-        &self.slot
-    }
-
-    /// A lease that tells nobody when it is handed back: for a job actor run alone in a test.
-    pub fn detached(slot: &str) -> SlotLease {
-        SlotLease { slot: slot.to_string(), job_id: String::new(), dispatcher: None }
+impl LeaseReturn for ActorRef<DispatcherMsg> {
+    fn lease_returned(&self, slot: String, job_id: String) {
+        let _ = self.cast(DispatcherMsg::LeaseReturned { slot, job_id });
     }
 }
 
-impl Drop for SlotLease {
-    fn drop(&mut self) {
-        if let Some(dispatcher) = self.dispatcher.take() {
-            let (slot, job_id) = (std::mem::take(&mut self.slot), std::mem::take(&mut self.job_id));
-            let _ = dispatcher.cast(DispatcherMsg::LeaseReturned { slot, job_id });
+impl Placer for ActorRef<DispatcherMsg> {
+    async fn reserve(&self, model: &str, max: usize) -> Option<Vec<String>> {
+        match self.call(|reply| DispatcherMsg::Reserve { model: model.to_string(), max, reply }, None).await {
+            Ok(ractor::rpc::CallResult::Success(slots)) => Some(slots),
+            _ => None,
         }
+    }
+    fn release(&self, slot: String) {
+        self.cast(DispatcherMsg::Release { slot }).ok();
+    }
+    fn dispatch(&self, slot: String, message: jetstream::Message) -> bool {
+        self.cast(DispatcherMsg::Dispatch { slot, delivery: Box::new(message) }).is_ok()
     }
 }
 
@@ -217,7 +188,7 @@ impl Actor for Dispatcher {
             .with_prefetch(ctx.config.node.slot_prefetch);
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
-            compression: args.compression,
+            stage_pool: args.stage_pool,
             ctx,
             registry: args.registry,
             slots,
@@ -233,11 +204,15 @@ impl Actor for Dispatcher {
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         for model in state.slots.served_models() {
-            state.tasks.push(tokio::spawn(pull_loop(state.ctx.clone(), model, myself.clone())));
+            state.tasks.push(task::spawn(TaskKind::OwnerLoop, "puller", pull_loop(state.ctx.clone(), model, myself.clone())));
         }
         let subject = state.ctx.resources.names.node_cancel(&state.ctx.node);
         match state.ctx.resources.client.subscribe(subject.clone()).await {
-            Ok(notices) => state.tasks.push(tokio::spawn(serve_cancel_notices(state.ctx.clone(), notices, myself.clone()))),
+            Ok(notices) => state.tasks.push(task::spawn(
+                TaskKind::OwnerLoop,
+                "cancel notices",
+                serve_cancel_notices(state.ctx.clone(), notices, myself.clone()),
+            )),
             // The record's flag still stops the job, at the keep-alive's next read.
             Err(e) => tracing::warn!(subject = %subject, error = %e, "cannot take cancel notices; cancels wait for the record's flag"),
         }
@@ -245,9 +220,8 @@ impl Actor for Dispatcher {
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        for t in &state.tasks {
-            t.abort();
-        }
+        // Owner loops: dropping their guards stops them.
+        state.tasks.clear();
         Ok(())
     }
 
@@ -372,8 +346,7 @@ impl DispatcherState {
 
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
         let job_id = serde_json::from_slice::<kiln_core::nats::jobs::QueueMessage>(&delivery.payload).map(|q| q.job_id).unwrap_or_default();
-        // The subject names the model: `<prefix>.jobs.<model>.<lane>`.
-        let model = delivery.subject.split('.').rev().nth(1).unwrap_or_default().to_string();
+        let model = model_of_job_subject(&delivery.subject).to_string();
         let slot = self.better_slot(slot, &model);
         // A delivery fetched before the drain began and handed in after it: the node takes no
         // new job, so it goes straight back to the queue. Claimed here, it was abandoned when
@@ -400,11 +373,11 @@ impl DispatcherState {
         let args = JobArgs {
             ctx: self.ctx.clone(),
             delivery,
-            lease: SlotLease { slot: slot.clone(), job_id: job_id.clone(), dispatcher: Some(myself.clone()) },
+            lease: SlotLease::new(slot.clone(), job_id.clone(), myself.clone()),
             inference,
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
-            compression: self.compression.clone(),
+            stage_pool: self.stage_pool.clone(),
             listed: Some(listed),
         };
         match Actor::spawn_linked(None, JobActor, args, myself.get_cell()).await {
@@ -468,214 +441,4 @@ fn batch_limit(ctx: &NodeContext, model: &str) -> usize {
 /// Whether `model` is resident on a slot (loaded by an earlier job, not evicted since).
 fn warm_on<'a>(ctx: &'a NodeContext, model: &'a str) -> impl Fn(&str) -> bool + 'a {
     move |slot| ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model))
-}
-
-/// Which lanes of a model may hold a job: a fetch is a round trip to the server, so a lane
-/// found short is not asked again until a publish on it wakes the puller (or the idle re-check
-/// comes round, for what publishes nothing: redeliveries and delayed NAKs). Asking both lanes
-/// on every turn cost four pull requests per job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LaneHints {
-    high: bool,
-    normal: bool,
-}
-
-impl LaneHints {
-    /// Both lanes: at start, and when the idle re-check comes round.
-    fn both() -> Self {
-        LaneHints { high: true, normal: true }
-    }
-    /// A wake-up on a lane's subject (the enqueue's own publish): that lane has a job.
-    fn woken(&mut self, lane: Option<Lane>) {
-        match lane {
-            Some(Lane::High) => self.high = true,
-            Some(Lane::Normal) => self.normal = true,
-            None => *self = LaneHints::both(),
-        }
-    }
-    /// A fetch asked a lane for `asked` and got `got`: fewer means it is empty now.
-    fn fetched(&mut self, lane: Lane, asked: usize, got: usize) {
-        let hint = got >= asked;
-        match lane {
-            Lane::High => self.high = hint,
-            Lane::Normal => self.normal = hint,
-        }
-    }
-    fn any(self) -> bool {
-        self.high || self.normal
-    }
-}
-
-/// The lane a wake-up subject (`<prefix>.jobs.<model>.<lane>`) names.
-fn lane_of_subject(subject: &str) -> Option<Lane> {
-    match subject.rsplit('.').next() {
-        Some("high") => Some(Lane::High),
-        Some("normal") => Some(Lane::Normal),
-        _ => None,
-    }
-}
-
-/// One model's puller: reserve free slots, fetch that many jobs, hand them to the dispatcher.
-async fn pull_loop(ctx: NodeContext, model: String, dispatcher: ActorRef<DispatcherMsg>) {
-    let mut consumers = None;
-    // Every enqueue is also a core-NATS message on the lane's subject: it wakes an idle puller,
-    // one per enqueue, of one node (a queue group). Waking every node's puller made each of
-    // them fetch for every job, one of them getting it: n pull requests per job, which took a
-    // 100-node cluster down to 82 jobs/s (`kiln scale`). A wake that lands on a node whose
-    // slots are all busy waits there until one frees up (the puller then fetches); the other
-    // nodes' pullers re-check every 250 ms meanwhile.
-    let mut wake: Option<async_nats::Subscriber> = None;
-    let mut hints = LaneHints::both();
-    // Empty fetches in a row right after a wake-up (see below).
-    let mut overtaken = 0u32;
-    loop {
-        if consumers.is_none() {
-            match (ctx.resources.consumer(&model, Lane::High).await, ctx.resources.consumer(&model, Lane::Normal).await) {
-                (Ok(h), Ok(n)) => consumers = Some((h, n)),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(model = %model, error = %e, "cannot open consumers; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            }
-        }
-        if wake.is_none() {
-            let names = &ctx.resources.names;
-            match ctx.resources.client.queue_subscribe(names.jobs_subject_model(&model), names.pullers_queue(&model)).await {
-                Ok(sub) => wake = Some(sub),
-                Err(e) => {
-                    tracing::warn!(model = %model, error = %e, "cannot subscribe to the model's lanes; polling");
-                    hints = LaneHints::both();
-                }
-            }
-        }
-        if !hints.any() {
-            // Nothing known to wait: sleep until a job is published for the model, or the
-            // re-check comes round. Holds no slot meanwhile (other models may need it).
-            match wake.as_mut() {
-                Some(sub) => match tokio::time::timeout(IDLE_RECHECK, sub.next()).await {
-                    Ok(Some(m)) => {
-                        hints.woken(lane_of_subject(&m.subject));
-                        overtaken = 0;
-                    }
-                    _ => hints = LaneHints::both(),
-                },
-                None => {
-                    tokio::time::sleep(IDLE_RECHECK).await;
-                    hints = LaneHints::both();
-                }
-            }
-            continue;
-        }
-        let (high, normal) = consumers.as_ref().expect("opened above");
-        // Waits (parked in the dispatcher) until at least one slot is free for this model.
-        let slots = match dispatcher.call(|reply| DispatcherMsg::Reserve { model: model.clone(), max: MAX_PULL, reply }, None).await {
-            Ok(ractor::rpc::CallResult::Success(s)) => s,
-            _ => return, // the dispatcher is gone
-        };
-        if slots.is_empty() {
-            // Draining: the node takes no more jobs.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        // Wake-ups from before this fetch are answered by it; only later ones must wake us.
-        if let Some(sub) = wake.as_mut() {
-            while let Some(Some(m)) = sub.next().now_or_never() {
-                hints.woken(lane_of_subject(&m.subject));
-            }
-        }
-        let mut slots = slots.into_iter();
-        let want = slots.len();
-        let before = hints;
-        let mut messages = vec![];
-        if hints.high {
-            messages = fetch_now(high, want).await;
-            hints.fetched(Lane::High, want, messages.len());
-        }
-        if messages.len() < want && hints.normal {
-            let asked = want - messages.len();
-            let got = fetch_now(normal, asked).await;
-            hints.fetched(Lane::Normal, asked, got.len());
-            messages.extend(got);
-        }
-        // The server hands a publish to core subscribers (the wake-up) before its stream has
-        // stored it, so a fetch right after a wake-up can come back empty: look again at once,
-        // then after 1, 2, 4 ms, before waiting for the next wake-up (else the job waited for
-        // the 250 ms re-check, which showed as the sequential p99).
-        if messages.is_empty() && overtaken < 4 {
-            overtaken += 1;
-            hints = before;
-            for slot in slots {
-                dispatcher.cast(DispatcherMsg::Release { slot }).ok();
-            }
-            if overtaken > 1 {
-                tokio::time::sleep(Duration::from_millis(1 << (overtaken - 2))).await;
-            }
-            continue;
-        }
-        if !messages.is_empty() {
-            overtaken = 0;
-        }
-        for message in messages {
-            let slot = slots.next().expect("never more messages than slots");
-            if dispatcher.cast(DispatcherMsg::Dispatch { slot, delivery: Box::new(message) }).is_err() {
-                return;
-            }
-        }
-        // Places left over go back at once (other models may need them).
-        for slot in slots {
-            dispatcher.cast(DispatcherMsg::Release { slot }).ok();
-        }
-    }
-}
-
-async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> Vec<jetstream::Message> {
-    let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
-    let mut out = vec![];
-    match tokio::time::timeout_at(deadline, consumer.fetch().max_messages(max).messages()).await {
-        Ok(Ok(mut stream)) => loop {
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(Ok(m))) => out.push(m),
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "fetch error");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(got = out.len(), "a fetch got no answer in time (its server died with it?); pulling again");
-                    break;
-                }
-            }
-        },
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "fetch failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Err(_) => tracing::warn!("a fetch could not be sent in time; pulling again"),
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lane_found_short_is_not_asked_again_until_woken() {
-        let mut hints = LaneHints::both();
-        hints.fetched(Lane::High, 8, 0);
-        hints.fetched(Lane::Normal, 8, 3);
-        assert!(!hints.any());
-        hints.woken(lane_of_subject("kiln.jobs.noop.normal"));
-        assert_eq!(hints, LaneHints { high: false, normal: true });
-        // A full fetch may have left more behind: ask again.
-        hints.fetched(Lane::Normal, 2, 2);
-        assert!(hints.normal);
-        hints.woken(lane_of_subject("kiln.jobs.noop.high"));
-        assert!(hints.high);
-        hints.fetched(Lane::High, 1, 0);
-        hints.fetched(Lane::Normal, 1, 0);
-        hints.woken(lane_of_subject("kiln.jobs.noop.bogus"));
-        assert_eq!(hints, LaneHints::both());
-    }
 }

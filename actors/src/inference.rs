@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kiln_core::engine::{workers_to_stop, Engine, EngineError, EngineJob, EngineOutput, ProgressSink, ResidentWorker, SlotContext};
+use kiln_core::task::{self, TaskKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
@@ -226,7 +227,7 @@ impl InferenceState {
             }
             kiln_core::fault::panic_at("panic_before_run");
             let me = myself.clone();
-            tokio::spawn(async move {
+            task::spawn(TaskKind::Reply, "torchscript run", async move {
                 let result = match tokio::time::timeout(timeout, torch.run(job, progress, cancel)).await {
                     Ok(r) => r,
                     Err(_) => Err(EngineError::Timeout(model.timeout_ms)),

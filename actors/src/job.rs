@@ -4,7 +4,9 @@
 //! - [`delivery`](crate::delivery): the delivery protocol. Claim (a compare-and-set on the
 //!   record), fence, write, events, ack; the keep-alive while it runs.
 //! - [`pipeline`](crate::pipeline): the work. Inputs, inference on the slot (holding the
-//!   slot's lease only that long), post-processing stages, artifacts.
+//!   slot's lease only that long), post-processing stages, artifacts. It is given the slot
+//!   lease, the cancel token and, for each run, the delivery as its
+//!   [`AttemptEvents`](crate::attempt_events) sink: it calls nothing above it.
 //!
 //! ```text
 //! claim ── ended before it ran / found ended ──► (the delivery wrote, published, acked)
@@ -21,13 +23,13 @@ use kiln_core::policy::Backoff;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionHandle;
 use crate::context::NodeContext;
 use crate::delivery::Delivery;
 pub use crate::delivery::DeliveryEnd;
-use crate::dispatcher::SlotLease;
 use crate::inference::InferenceMsg;
+use crate::lease::SlotLease;
 use crate::pipeline::Pipeline;
+use crate::stage_pool::StagePoolHandle;
 
 pub struct JobActor;
 
@@ -41,7 +43,7 @@ pub struct JobArgs {
     /// Cancelled by the dispatcher when a cancel notice for this job arrives.
     pub cancel: CancellationToken,
     pub retry_backoff: Backoff,
-    pub compression: CompressionHandle,
+    pub stage_pool: StagePoolHandle,
     /// Resolves once the node's registry entry lists this delivery (its ack subject): the
     /// job is claimed only after that, so a survivor that finds this node lost hands back
     /// every job that started here. `None` in tests that run a job actor alone.
@@ -67,8 +69,15 @@ impl Actor for JobActor {
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         let slot = args.lease.slot().to_string();
-        let delivery = Delivery::new(args.ctx, args.delivery, slot.clone(), args.cancel, args.retry_backoff, args.listed);
-        let pipeline = Pipeline { slot, inference: args.inference, lease: Some(args.lease), compression: args.compression };
+        let pipeline = Pipeline {
+            ctx: args.ctx.clone(),
+            slot: slot.clone(),
+            inference: args.inference,
+            lease: Some(args.lease),
+            stage_pool: args.stage_pool,
+            cancel: args.cancel.clone(),
+        };
+        let delivery = Delivery::new(args.ctx, args.delivery, slot, args.cancel, args.retry_backoff, args.listed);
         Ok(JobActorState { delivery, pipeline })
     }
 
@@ -111,7 +120,8 @@ impl JobActorState {
             drop(self.pipeline.lease.take());
         }
         let end = self.delivery.conclude(&record, outcome, started).await;
-        keep_alive.abort();
+        // A `JobKeepAlive`: stopped here, or with this actor however it ends.
+        drop(keep_alive);
         // Otherwise the lease goes back here, once the outcome is settled.
         drop(self.pipeline.lease.take());
         end

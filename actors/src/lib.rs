@@ -7,40 +7,48 @@
 //! NodeSupervisor                       node_supervisor.rs  escalates: a failed child stops the node
 //! ├── RegistryWriter                   registry_writer.rs  GPU and node entries, heartbeats, TTL
 //! ├── Dispatcher                       dispatcher.rs       pulls only while a slot has room (core's placement)
+//! │                                    puller.rs           one task per model: reserve slots, fetch, hand over
+//! │                                    lease.rs            a job's place on its slot, handed back by drop
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack:
 //! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack)
 //! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
+//! │                                    attempt_events.rs   the sink the pipeline reports into (the delivery implements it)
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     a session per peer it talks to
 //! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
-//! ├── CompressionPool                  compression_pool.rs post-processing commands, bounded
-//! │   └── CompressionWorker (xN)       compression_worker.rs one command at a time
+//! ├── StagePool                        stage_pool.rs       pipelines' stage commands (any command), bounded
+//! │   └── StageWorker (xN)             stage_worker.rs     one command at a time
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
 //!     └── InferenceActor               inference.rs        the slot's engines; one job, or one TorchScript batch
 //! ```
 //!
-//! Not actors: [`context`] holds what they share (config, NATS handles, which models are warm
-//! on which slot); [`tunnel`] carries a ractor_cluster session over NATS; [`wire`] is every
+//! Not actors: [`finish`] writes out the end of a job (terminal event, results feed, batch
+//! settle) for the job actors and the API's cancel alike; [`context`] holds what they share
+//! (config, NATS handles, which models are warm on which slot); [`tunnel`] carries a ractor_cluster session over NATS; [`wire`] is every
 //! message that crosses nodes (bincode 2, versioned); [`NodeHandle`] is the typed handle the
 //! binary uses to start, drain and stop a node. The decisions the actors act on are pure code
 //! in `kiln-core`: slot placement ([`kiln_core::placement`]), job delivery and retry
 //! ([`kiln_core::job`]), restart budget and backoff ([`kiln_core::policy`]).
 
+pub(crate) mod attempt_events;
 pub mod cluster_mesh;
-pub mod compression_pool;
-pub mod compression_worker;
 pub mod context;
 pub(crate) mod delivery;
 pub mod dispatcher;
+pub mod finish;
 pub mod gpu_supervisor;
 pub mod inference;
 pub mod job;
+pub mod lease;
 pub mod loss_detector;
 pub mod node_control;
 pub mod node_supervisor;
 pub(crate) mod pipeline;
+pub(crate) mod puller;
 pub mod registry_writer;
+pub mod stage_pool;
+pub mod stage_worker;
 pub mod tunnel;
 pub mod wire;
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kiln_core::task::{self, TaskKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::context::NodeContext;
@@ -58,7 +59,7 @@ impl Actor for NodeControl {
                 // Answered from a task: the dispatcher may be busy, and a control actor that
                 // waits on it would delay every other node's calls.
                 let dispatcher = state.dispatcher.clone();
-                tokio::spawn(async move {
+                task::spawn(TaskKind::Reply, "cancel answer", async move {
                     let was_running = matches!(
                         dispatcher.call(|r| DispatcherMsg::Cancel { job_id, reply: r }, Some(Duration::from_secs(5))).await,
                         Ok(ractor::rpc::CallResult::Success(true))

@@ -9,8 +9,8 @@
 //! ├── NodeControl               this node's door for the cluster: cancel, drain, ping
 //! ├── ClusterMesh               actor-cluster sessions to the peers it talks to, through NATS tunnels
 //! │   └── NodeServer            ractor_cluster (cookie, process groups)
-//! ├── CompressionPool           post-processing commands, at most max_workers at once
-//! │   └── CompressionWorker     one command at a time, restarted when it dies
+//! ├── StagePool                 pipelines' stage commands, at most max_workers at once
+//! │   └── StageWorker           one command at a time, restarted when it dies
 //! └── GpuSupervisor (per slot)  restart budget, backoff, quarantine
 //!     └── InferenceActor        engines of the slot, one job at a time
 //! ```
@@ -24,13 +24,13 @@
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::cluster_mesh::{ClusterMesh, ClusterMeshArgs};
-use crate::compression_pool::{CompressionHandle, CompressionPool, CompressionPoolMsg};
 use crate::context::NodeContext;
 use crate::dispatcher::{Dispatcher, DispatcherArgs, DispatcherMsg};
 use crate::gpu_supervisor::{GpuSupervisor, GpuSupervisorArgs, GpuSupervisorMsg};
 use crate::loss_detector::LossDetector;
 use crate::node_control::{NodeControl, NodeControlArgs};
 use crate::registry_writer::{RegistryWriter, RegistryWriterArgs, RegistryWriterMsg};
+use crate::stage_pool::{StagePool, StagePoolHandle, StagePoolMsg};
 
 pub struct NodeSupervisor;
 
@@ -38,7 +38,7 @@ pub struct NodeSupervisorState {
     pub registry: ActorRef<RegistryWriterMsg>,
     pub dispatcher: ActorRef<DispatcherMsg>,
     pub gpus: Vec<ActorRef<GpuSupervisorMsg>>,
-    pool: ActorRef<CompressionPoolMsg>,
+    pool: ActorRef<StagePoolMsg>,
     shutting_down: bool,
 }
 
@@ -67,12 +67,12 @@ impl Actor for NodeSupervisor {
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         let (registry, _) = Actor::spawn_linked(None, RegistryWriter, RegistryWriterArgs { ctx: ctx.clone() }, myself.get_cell()).await?;
         let workers = ctx.config.compression.workers();
-        let (pool, _) = Actor::spawn_linked(None, CompressionPool, workers, myself.get_cell()).await?;
-        let compression = CompressionHandle::new(pool.clone(), workers, ctx.config.compression.queue_limit);
+        let (pool, _) = Actor::spawn_linked(None, StagePool, workers, myself.get_cell()).await?;
+        let stage_pool = StagePoolHandle::new(pool.clone(), workers, ctx.config.compression.queue_limit);
         let (dispatcher, _) = Actor::spawn_linked(
             None,
             Dispatcher,
-            DispatcherArgs { ctx: ctx.clone(), registry: registry.clone(), compression },
+            DispatcherArgs { ctx: ctx.clone(), registry: registry.clone(), stage_pool },
             myself.get_cell(),
         )
         .await?;
@@ -110,7 +110,7 @@ impl Actor for NodeSupervisor {
                 for g in &state.gpus {
                     let _ = g.cast(GpuSupervisorMsg::Stopping);
                 }
-                let _ = state.pool.cast(CompressionPoolMsg::Stopping);
+                let _ = state.pool.cast(StagePoolMsg::Stopping);
                 myself.stop_children_and_wait(None, None).await;
                 myself.stop(None);
             }

@@ -1,36 +1,37 @@
 //! The pipeline runner of one claimed attempt: inputs, inference, post-processing stages,
 //! artifacts. The [`JobActor`](crate::job) runs it between the
-//! [`delivery`](crate::delivery)'s claim and conclusion; everything here reports through the
-//! delivery's events.
+//! [`delivery`](crate::delivery)'s claim and conclusion, and gives it the attempt's
+//! [`AttemptEvents`] to report through; the pipeline calls nothing above it.
 //!
 //! ```text
 //! fetch inputs ─► InferenceActor::Run (progress events stream out meanwhile)
 //!      ▼ the model is done: hand the slot lease back (the slot takes its next job)
-//! stages (compression pool, each with its own attempts) ─► store artifacts under this
+//! stages (stage pool, each with its own attempts) ─► store artifacts under this
 //! attempt's own names (announced, and so made visible, only by the delivery's conclusion)
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, Shared};
 use kiln_core::config::StageConfig;
 use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
 use kiln_core::job::JobRecord;
 use kiln_core::nats::{ride_out, StoreError};
 use kiln_core::policy::Patience;
-use kiln_core::protocol::{Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+use kiln_core::protocol::{truncate_utf8 as truncate, Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+use kiln_core::task::{self, TaskKind};
 use ractor::ActorRef;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionHandle;
+use crate::attempt_events::{AttemptEvents, ProgressOrder};
+
 use crate::context::NodeContext;
-use crate::delivery::{truncate, Delivery};
-use crate::dispatcher::SlotLease;
 use crate::inference::InferenceMsg;
+use crate::lease::SlotLease;
+use crate::stage_pool::StagePoolHandle;
 
 /// A job's folder while the attempt uses it, cleaned up when dropped (in the blocking pool:
 /// nobody waits for it). Handed back to its slot's free folders only after an attempt whose
@@ -60,57 +61,67 @@ impl Drop for Workspace {
 
 /// Runs one attempt's work on its slot.
 pub(crate) struct Pipeline {
+    pub(crate) ctx: NodeContext,
     /// The slot the model runs on (its work directory is per slot).
     pub(crate) slot: String,
     pub(crate) inference: ActorRef<InferenceMsg>,
     /// The job's place on the slot, handed back as soon as the model is done; dropped (and so
     /// handed back) however the attempt ends before that.
     pub(crate) lease: Option<SlotLease>,
-    pub(crate) compression: CompressionHandle,
+    /// Runs the stages' commands, off the slot.
+    pub(crate) stage_pool: StagePoolHandle,
+    /// Stops the attempt's work: cancelled by a cancel notice, or by the delivery when the
+    /// record asks for it or another attempt took the job over.
+    pub(crate) cancel: CancellationToken,
 }
 
 impl Pipeline {
-    /// Fetches inputs, runs the engine through the inference actor, stores artifacts.
-    pub(crate) async fn run(&mut self, d: &mut Delivery, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
+    /// Fetches inputs, runs the engine through the inference actor, stores artifacts, for
+    /// the attempt `record` (as claimed) reports its events into `events`.
+    pub(crate) async fn run(&mut self, events: &mut impl AttemptEvents, record: &JobRecord) -> Result<Vec<Artifact>, EngineError> {
+        let (job_id, attempt) = (&record.job_id, record.attempt);
         let dir = {
-            let (ctx, slot) = (d.ctx.clone(), self.slot.clone());
+            let (ctx, slot) = (self.ctx.clone(), self.slot.clone());
             tokio::task::spawn_blocking(move || ctx.take_workspace(&slot))
                 .await
                 .map_err(|e| EngineError::Infra(e.to_string()))?
                 .map_err(|e| EngineError::Infra(format!("cannot make a job folder: {e}")))?
         };
-        let mut workspace = Workspace { ctx: d.ctx.clone(), slot: self.slot.clone(), dir: Some(dir.clone()), reusable: false };
+        let mut workspace = Workspace { ctx: self.ctx.clone(), slot: self.slot.clone(), dir: Some(dir.clone()), reusable: false };
         let output_dir = dir.join("out");
-        let inputs = resolve_inputs(d, record, &dir.join("in")).await?;
+        let inputs = resolve_inputs(&self.ctx, events, record, &dir.join("in")).await?;
         let job_inputs = inputs.clone();
-        let job = EngineJob { record: JobRecord { attempt: d.attempt, ..record.clone() }, inputs, output_dir };
+        let job = EngineJob { record: JobRecord { attempt, ..record.clone() }, inputs, output_dir };
 
-        let stages = d.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
-        let run_stage = d.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
+        let stages = self.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
+        let run_stage = self.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
         // Progress spans the whole pipeline: the model takes the first MODEL_SHARE of it.
         let model_share = if stages.is_empty() { 1.0 } else { MODEL_SHARE };
         if !run_stage.is_empty() {
-            d.event(Event::progress(&d.job_id, d.attempt, Some(run_stage.clone()), Some(0.0))).await;
+            events.event(Event::progress(job_id, attempt, Some(run_stage.clone()), Some(0.0))).await;
         }
         let (tx, rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
-        let model_config = d.ctx.config.model(&record.model).cloned();
+        let model_config = self.ctx.config.model(&record.model).cloned();
         let shown = StageShown {
             share: model_share,
             run_stage: (!run_stage.is_empty()).then_some(run_stage),
             model: model_config,
             labels: record.labels.clone(),
         };
-        let forwarder =
-            tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
-        let cancel = d.cancel.clone();
-        let model_timeout = d.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
+        let forwarder = task::spawn(
+            TaskKind::JobPart,
+            "progress forwarder",
+            forward_progress(self.ctx.clone(), job_id.clone(), attempt, shown, rx, events.progress_order()),
+        );
+        let engine_cancel = self.cancel.clone();
+        let model_timeout = self.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
         // against a reply that never comes. A job claimed ahead waits for the slot's current
         // one first, which may take a whole timeout too.
         let call = self
             .inference
             .call(
-                |reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel, reply },
+                |reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel: engine_cancel, reply },
                 Some(Duration::from_millis(2 * model_timeout + 30_000)),
             )
             .await;
@@ -127,10 +138,11 @@ impl Pipeline {
         // Without prefetch the lease is kept to the end when there are no stages, so the next
         // job is not claimed before this one is settled: a crash in between then takes one
         // job's attempt, not two.
-        if !stages.is_empty() || d.ctx.config.node.slot_prefetch > 0 {
+        if !stages.is_empty() || self.ctx.config.node.slot_prefetch > 0 {
             drop(self.lease.take());
         }
-        let outputs = if stages.is_empty() { outputs } else { self.run_stages(d, record, &stages, &job_inputs, outputs, &dir).await? };
+        let outputs =
+            if stages.is_empty() { outputs } else { self.run_stages(events, record, &stages, &job_inputs, outputs, &dir).await? };
         // Stored under this attempt's own names; announced (and so made visible) only in
         // `conclude`, if this attempt still owns the job.
         let mut artifacts = Vec::with_capacity(outputs.len());
@@ -138,11 +150,11 @@ impl Pipeline {
             let what = format!("storing artifact {}", output.name);
             // A stream without a leader refuses every write for seconds: not the job's failure
             // (charged to the job, it used up a no-op job's three attempts within a second).
-            let artifact = ride_out(Patience::NATS_TROUBLE, &d.job_id, &what, || {
-                d.ctx.resources.store_artifact(
+            let artifact = ride_out(Patience::NATS_TROUBLE, job_id, &what, || {
+                self.ctx.resources.store_artifact(
                     &record.model,
-                    &d.job_id,
-                    d.attempt,
+                    job_id,
+                    attempt,
                     &output.name,
                     &output.path,
                     output.content_type.as_deref(),
@@ -161,13 +173,14 @@ impl Pipeline {
     /// stage's output replaces its input among the artifacts (or joins it, `keep_input`).
     async fn run_stages(
         &mut self,
-        d: &mut Delivery,
+        events: &mut impl AttemptEvents,
         record: &JobRecord,
         stages: &[StageConfig],
         inputs: &BTreeMap<String, ResolvedInput>,
         mut outputs: Vec<EngineOutput>,
         dir: &Path,
     ) -> Result<Vec<EngineOutput>, EngineError> {
+        let (job_id, attempt, cancel) = (&record.job_id, record.attempt, &self.cancel);
         let stage_dir = dir.join("stages");
         tokio::fs::create_dir_all(&stage_dir)
             .await
@@ -175,7 +188,7 @@ impl Pipeline {
         for (i, stage) in stages.iter().enumerate() {
             let base = MODEL_SHARE * 100.0;
             let share = (1.0 - MODEL_SHARE) * 100.0 / stages.len() as f32;
-            d.event(Event::progress(&d.job_id, d.attempt, Some(stage.name().to_string()), Some(base + share * i as f32))).await;
+            events.event(Event::progress(job_id, attempt, Some(stage.name().to_string()), Some(base + share * i as f32))).await;
             let failed = |message: String| EngineError::Stage { stage: stage.name().to_string(), message };
             match stage {
                 StageConfig::Command { name, command, input, output, keep_input, timeout_ms, max_attempts } => {
@@ -184,26 +197,26 @@ impl Pipeline {
                     };
                     let out_path = stage_dir.join(output);
                     let argv = kiln_core::stage::expand(command, &outputs[at].path, &out_path);
-                    let mut attempt = 0;
+                    let mut stage_attempt = 0;
                     loop {
-                        attempt += 1;
+                        stage_attempt += 1;
                         let _ = tokio::fs::remove_file(&out_path).await;
-                        let ran = self.compression.run(argv.clone(), Duration::from_millis(*timeout_ms), &d.cancel).await;
+                        let ran = self.stage_pool.run(argv.clone(), Duration::from_millis(*timeout_ms), cancel).await;
                         let error = match ran {
                             Ok(_) if tokio::fs::metadata(&out_path).await.is_ok_and(|m| m.len() > 0) => break,
                             Ok(_) => format!("the command succeeded but wrote no {output:?}"),
                             Err(kiln_core::stage::StageError::Cancelled) => return Err(EngineError::Cancelled),
                             Err(e) => e.to_string(),
                         };
-                        if d.cancel.is_cancelled() {
+                        if cancel.is_cancelled() {
                             return Err(EngineError::Cancelled);
                         }
-                        tracing::warn!(job_id = %d.job_id, stage = %name, attempt, error = %error, "stage attempt failed");
-                        if attempt >= *max_attempts {
-                            return Err(failed(format!("{error} (after {attempt} attempts)")));
+                        tracing::warn!(job_id = %job_id, stage = %name, attempt = stage_attempt, error = %error, "stage attempt failed");
+                        if stage_attempt >= *max_attempts {
+                            return Err(failed(format!("{error} (after {stage_attempt} attempts)")));
                         }
-                        let note = format!("stage {name} attempt {attempt} of {max_attempts} failed: {error}; retrying");
-                        d.event(Event::message(&d.job_id, d.attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
+                        let note = format!("stage {name} attempt {stage_attempt} of {max_attempts} failed: {error}; retrying");
+                        events.event(Event::message(job_id, attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
                     }
                     let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
                     if *keep_input {
@@ -222,7 +235,7 @@ impl Pipeline {
                         .map_err(|e| failed(e.to_string()))?
                         .map_err(|e| failed(e.to_string()))?;
                     let focal = record.params.get(focal_param).and_then(|v| v.as_f64()).unwrap_or(*default_focal);
-                    let body = kiln_core::stage::camera_metadata(&d.job_id, w, h, focal);
+                    let body = kiln_core::stage::camera_metadata(job_id, w, h, focal);
                     let path = stage_dir.join(output);
                     tokio::fs::write(&path, serde_json::to_vec_pretty(&body).expect("json"))
                         .await
@@ -231,17 +244,22 @@ impl Pipeline {
                 }
             }
         }
-        d.event(Event::progress(&d.job_id, d.attempt, None, Some(100.0))).await;
+        events.event(Event::progress(job_id, attempt, None, Some(100.0))).await;
         Ok(outputs)
     }
 }
 
-async fn resolve_inputs(d: &mut Delivery, record: &JobRecord, dir: &Path) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
+async fn resolve_inputs(
+    ctx: &NodeContext,
+    events: &mut impl AttemptEvents,
+    record: &JobRecord,
+    dir: &Path,
+) -> Result<BTreeMap<String, ResolvedInput>, EngineError> {
     let mut resolved = BTreeMap::new();
     // Seed 002's clients see `downloading` while their files come in (mapped by the model's
     // `stage_names` like any stage).
     if record.inputs.values().any(|v| matches!(v, InputValue::Object { .. })) {
-        d.event(Event::progress(&d.job_id, d.attempt, Some("downloading".into()), Some(0.0))).await;
+        events.event(Event::progress(&record.job_id, record.attempt, Some("downloading".into()), Some(0.0))).await;
     }
     for (name, value) in &record.inputs {
         let input = match value {
@@ -250,7 +268,7 @@ async fn resolve_inputs(d: &mut Delivery, record: &JobRecord, dir: &Path) -> Res
                 let base = object.rsplit('/').next().unwrap_or("input");
                 let dest = dir.join(name).join(base);
                 let what = format!("downloading input {name:?}");
-                match ride_out(Patience::NATS_TROUBLE, &d.job_id, &what, || d.ctx.resources.download_file(object, &dest)).await {
+                match ride_out(Patience::NATS_TROUBLE, &record.job_id, &what, || ctx.resources.download_file(object, &dest)).await {
                     Ok(_) => ResolvedInput::File(dest),
                     Err(StoreError::NotFound(_)) => {
                         return Err(EngineError::User(format!(
@@ -294,9 +312,9 @@ async fn forward_progress(
     attempt: u32,
     shown: StageShown,
     mut rx: mpsc::Receiver<ProgressUpdate>,
-    running_stored: Shared<BoxFuture<'static, ()>>,
-    last_seq: Arc<AtomicU64>,
+    order: ProgressOrder,
 ) {
+    let ProgressOrder { running_stored, last_seq } = order;
     let mut unacked = std::collections::VecDeque::new();
     let mut running_stored = Some(running_stored);
     while let Some(update) = rx.recv().await {

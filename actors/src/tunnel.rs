@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use async_nats::connection::State;
 use futures::StreamExt;
+use kiln_core::task::{self, TaskKind};
 use ractor_cluster::{BoxRead, BoxWrite, ClusterBidiStream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::{watch, Notify};
@@ -188,17 +189,25 @@ pub async fn start(
     if side == Side::Acceptor {
         closed.open();
     }
-    tokio::spawn(receiver(
-        inbound,
-        near_write,
-        settings.clone(),
-        closed.clone(),
-        peer_consumed_tx,
-        consumed.clone(),
-        credit_due.clone(),
-        label.clone(),
-    ));
-    tokio::spawn(sender(client, outbound, near_read, settings, closed.clone(), peer_consumed_rx, consumed, credit_due, label));
+    task::spawn(
+        TaskKind::TunnelPump,
+        "tunnel receiver",
+        receiver(
+            inbound,
+            near_write,
+            settings.clone(),
+            closed.clone(),
+            peer_consumed_tx,
+            consumed.clone(),
+            credit_due.clone(),
+            label.clone(),
+        ),
+    );
+    task::spawn(
+        TaskKind::TunnelPump,
+        "tunnel sender",
+        sender(client, outbound, near_read, settings, closed.clone(), peer_consumed_rx, consumed, credit_due, label),
+    );
     Ok((Tunnel { far, local, peer }, closed))
 }
 
@@ -258,7 +267,11 @@ async fn receiver(
     // sending to each other could each wait on the other's full buffer). The queue is bounded
     // by the peer's window, which it must respect.
     let (data_tx, data_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let delivery = tokio::spawn(deliver(data_rx, to_ractor, settings.window_bytes, closed.clone(), consumed.clone(), credit_due));
+    let delivery = task::spawn(
+        TaskKind::TunnelPump,
+        "tunnel delivery",
+        deliver(data_rx, to_ractor, settings.window_bytes, closed.clone(), consumed.clone(), credit_due),
+    );
     let mut expected = 0u64;
     let mut received = 0u64;
     loop {

@@ -216,7 +216,7 @@ pub mod groups {
     pub const NODES: &str = "kiln.nodes";
     /// Every GPU supervisor of every node.
     pub const GPUS: &str = "kiln.gpus";
-    /// Every compression worker of every node (local messages only: for discovery and
+    /// Every stage worker of every node (local messages only: for discovery and
     /// counting, not remote calls).
     pub const COMPRESSORS: &str = "kiln.compressors";
 
@@ -248,7 +248,7 @@ macro_rules! remote_call_message {
                         let timeout = reply.get_timeout();
                         let (tx, rx) = ractor::concurrency::oneshot::<Vec<u8>>();
                         // The reply comes back as bytes; decode it for the typed port.
-                        tokio::spawn(async move {
+                        ::kiln_core::task::spawn(::kiln_core::task::TaskKind::Reply, "remote reply decoding", async move {
                             let bytes = match timeout {
                                 Some(t) => tokio::time::timeout(t, rx).await.ok().and_then(|r| r.ok()),
                                 None => rx.await.ok(),
@@ -286,7 +286,7 @@ macro_rules! remote_call_message {
                         })?;
                         let timeout = reply.get_timeout();
                         let (tx, rx) = ractor::concurrency::oneshot::<$reply>();
-                        tokio::spawn(async move {
+                        ::kiln_core::task::spawn(::kiln_core::task::TaskKind::Reply, "remote reply encoding", async move {
                             let typed = match timeout {
                                 Some(t) => tokio::time::timeout(t, rx).await.ok().and_then(|r| r.ok()),
                                 None => rx.await.ok(),

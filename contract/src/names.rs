@@ -27,6 +27,26 @@ impl Lane {
             Lane::Normal => "normal",
         }
     }
+    /// The lane [`as_str`](Self::as_str) names.
+    pub fn parse(name: &str) -> Option<Lane> {
+        match name {
+            "high" => Some(Lane::High),
+            "normal" => Some(Lane::Normal),
+            _ => None,
+        }
+    }
+}
+
+/// The model a job subject ([`Names::job_subject`], `<prefix>.jobs.<model>.<lane>`) names: its
+/// last segment but one ("" if it has a single one). Read from the end, so it holds whatever
+/// the prefix.
+pub fn model_of_job_subject(subject: &str) -> &str {
+    subject.rsplit('.').nth(1).unwrap_or_default()
+}
+
+/// The lane a job subject ([`Names::job_subject`]) names: its last segment, if it is one.
+pub fn lane_of_job_subject(subject: &str) -> Option<Lane> {
+    subject.rsplit('.').next().and_then(Lane::parse)
 }
 
 impl Names {
@@ -136,5 +156,24 @@ impl Names {
     /// `echo` (the NATS floor of that measurement).
     pub fn node_diag(&self, node: &str, what: &str) -> String {
         format!("{}.node.{node}.{what}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_subject_is_parsed_back_into_its_model_and_lane() {
+        for prefix in ["kiln", "a-b", "x.y"] {
+            let names = Names::new(prefix);
+            for lane in [Lane::High, Lane::Normal] {
+                let subject = names.job_subject("image-to-splat", lane);
+                assert_eq!(model_of_job_subject(&subject), "image-to-splat");
+                assert_eq!(lane_of_job_subject(&subject), Some(lane));
+            }
+        }
+        assert_eq!(lane_of_job_subject("kiln.jobs.noop.bogus"), None);
+        assert_eq!(model_of_job_subject("single"), "");
     }
 }

@@ -15,6 +15,7 @@
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
 //! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
+//! | [`task`]      | every spawned task under a named kind: what stops it, what its panic does   |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
 //!
@@ -43,6 +44,7 @@ pub mod placement;
 pub mod policy;
 pub mod stage;
 pub mod stall;
+pub mod task;
 
 use std::path::PathBuf;
 

@@ -66,8 +66,8 @@ pub async fn run_command(argv: &[String], timeout: Duration, cancel: &Cancellati
     crate::engine::process::dies_with_the_node(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| StageError::Failed(format!("cannot start {:?}: {e}", argv[0])))?;
     let pid = child.id().unwrap_or(0);
-    let stdout = tokio::spawn(read_tail(child.stdout.take().expect("piped")));
-    let stderr = tokio::spawn(read_tail(child.stderr.take().expect("piped")));
+    let stdout = crate::task::spawn(crate::task::TaskKind::ChildOutput, "stage stdout", read_tail(child.stdout.take().expect("piped")));
+    let stderr = crate::task::spawn(crate::task::TaskKind::ChildOutput, "stage stderr", read_tail(child.stderr.take().expect("piped")));
     let kill_group = || {
         if pid > 0 {
             // SAFETY: plain syscall; the group is the command's own (process_group(0)).

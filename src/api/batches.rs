@@ -2,6 +2,8 @@
 //! parent record and N ordinary jobs (see `kiln_core::batch` for its rules).
 
 use futures::StreamExt;
+use kiln_actors::finish::{finish_job, FinishError, Publish};
+use kiln_core::policy::Patience;
 use serde::Serialize;
 
 use crate::api::reply::{batch_not_found, internal, max_payload};
@@ -246,13 +248,10 @@ impl ApiService {
             // Its launcher made it meanwhile: cancel that one.
             return self.cancel(JobRef { job_id: launch.job_id.clone() }).await.map(|_| ());
         }
-        let event = Event::status(&cancelled.job_id, 0, JobState::Cancelled)
-            .labelled(&cancelled.labels)
-            .with_error(cancelled.error.clone().unwrap_or_else(job::cancelled_before_run_error));
-        self.resources.publish_end(&event, &cancelled).await.map_err(internal)?;
-        if let Err(e) = self.resources.settle_batch_item(&cancelled).await {
-            tracing::warn!(job_id = %cancelled.job_id, error = %e, "cannot settle the cancelled job into its batch now");
-        }
+        finish_job(&self.resources, &cancelled, Publish::EndingAndFeed, Patience::ONCE)
+            .await
+            .or_else(FinishError::unless_settle)
+            .map_err(internal)?;
         Ok(())
     }
 

@@ -1,6 +1,8 @@
 //! The job endpoints: `submit`, `status`, `cancel`, `result`, `jobs`; and what submitting shares
 //! with batches (a model's admission, an input's digest, making a job durable).
 
+use kiln_actors::finish::{finish_job, FinishError, Publish};
+use kiln_core::policy::Patience;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -157,16 +159,13 @@ impl ApiService {
             Err(CasError::Store(e)) => return Err(internal(e)),
         };
         if next.state == JobState::Cancelled {
-            let event = Event::status(&next.job_id, next.attempt, JobState::Cancelled)
-                .labelled(&next.labels)
-                .with_error(next.error.clone().unwrap_or_else(job::cancelled_before_run_error));
-            self.resources.publish_end(&event, &next).await.map_err(internal)?;
-            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
-            // The queue message is still there: if this fails, its delivery finds the job
+            // The queue message is still there: if the settle fails, its delivery finds the job
             // cancelled and settles it into its batch then.
-            if let Err(e) = self.resources.settle_batch_item(&next).await {
-                tracing::warn!(job_id = %next.job_id, error = %e, "cannot settle the cancelled job into its batch now");
-            }
+            finish_job(&self.resources, &next, Publish::EndingAndFeed, Patience::ONCE)
+                .await
+                .or_else(FinishError::unless_settle)
+                .map_err(internal)?;
+            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
         } else if let Some(owner) = &next.owner {
             // Stop it now: a notice on core NATS, which the owner's dispatcher serves whatever
             // the actor cluster's state. (Through the actor cluster, a cancel to an owner this

@@ -178,9 +178,10 @@ impl ProcessEngine {
         let stderr = child.stderr.take().expect("piped");
 
         let (tx, lines) = mpsc::channel(LINE_CHANNEL_BOUND);
-        tokio::spawn(read_stdout(stdout, tx));
+        crate::task::spawn(crate::task::TaskKind::ChildOutput, "worker stdout", read_stdout(stdout, tx));
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
-        tokio::spawn(read_stderr(stderr, stderr_tail.clone(), self.model.clone(), self.slot.slot.clone()));
+        let read = read_stderr(stderr, stderr_tail.clone(), self.model.clone(), self.slot.slot.clone());
+        crate::task::spawn(crate::task::TaskKind::ChildOutput, "worker stderr", read);
         tracing::info!(model = %self.model, slot = %self.slot.slot, pid, "worker process started");
         Ok(Worker { child, pid, stdin, lines, stderr_tail })
     }

@@ -2,7 +2,7 @@
 //!
 //! | file          | what                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | `names`       | every subject, stream and bucket name, from one prefix (in kiln-contract) |
+//! | `names`       | every subject, stream and bucket name, from one prefix, and back (in kiln-contract) |
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |

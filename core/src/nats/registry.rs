@@ -25,6 +25,7 @@ use serde::Serialize;
 use super::{Resources, StoreError};
 use crate::config::slot_key;
 use crate::protocol::{GpuEntry, HeldJobs, NodeEntry};
+use crate::task::{self, TaskGuard, TaskKind};
 
 /// The key a survivor creates (once) to hand back the jobs of one life of a lost node.
 pub fn lost_claim_key(node: &str, started_ms: u64) -> String {
@@ -181,23 +182,16 @@ impl Resources {
     }
 }
 
-/// Aborts its watch tasks when the last clone drops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Spawns a task that mirrors a KV bucket into `map`, returning once the initial values are in.
+/// Spawns a task that mirrors a KV bucket into `map`, returning once the initial values are in;
+/// the task stops when its guard drops (with the last clone of the cache).
 async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
     store: kv::Store,
     map: Arc<DashMap<String, T>>,
-) -> Result<AbortOnDrop, StoreError> {
+) -> Result<TaskGuard<()>, StoreError> {
     let initial = store.status().await.map_err(StoreError::nats)?.values();
     let mut watch = store.watch_with_history(">").await.map_err(StoreError::nats)?;
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
+    let task = task::spawn(TaskKind::OwnerLoop, "registry watch", async move {
         let mut ready_tx = Some(ready_tx);
         let mut seen = 0u64;
         if initial == 0 {
@@ -230,7 +224,7 @@ async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
         }
     });
     let _ = tokio::time::timeout(Duration::from_secs(5), ready_rx).await;
-    Ok(AbortOnDrop(task))
+    Ok(task)
 }
 
 /// A local, always-fresh view of the registry's node entries.
@@ -238,7 +232,7 @@ async fn spawn_watch<T: DeserializeOwned + Send + Sync + 'static>(
 pub struct RegistryCache {
     nodes: Arc<DashMap<String, NodeEntry>>,
     ttl: Duration,
-    _task: Arc<AbortOnDrop>,
+    _task: Arc<TaskGuard<()>>,
 }
 
 impl RegistryCache {

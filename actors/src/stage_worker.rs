@@ -1,5 +1,6 @@
-//! CompressionWorker: runs one post-processing command at a time for the
-//! [`CompressionPool`](crate::compression_pool), and tells the pool when it is free again.
+//! StageWorker: runs one stage command at a time for the [`StagePool`](crate::stage_pool), and
+//! tells the pool when it is free again, through [`WorkerFree`] (the pool's mailbox), so this
+//! file does not import its parent.
 //!
 //! The command runs in its own process group and is killed whole on timeout or cancel
 //! ([`kiln_core::stage::run_command`]); its reply goes straight to the job actor that asked.
@@ -10,12 +11,15 @@
 use std::time::Duration;
 
 use kiln_core::stage::{run_command, CommandOutput, StageError};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_pool::CompressionPoolMsg;
+pub struct StageWorker;
 
-pub struct CompressionWorker;
+/// Where a worker says it is free again (the pool implements it with a message to itself).
+pub trait WorkerFree: Send + Sync + 'static {
+    fn worker_free(&self, worker: ActorId);
+}
 
 /// One command to run.
 pub struct CommandRun {
@@ -25,30 +29,30 @@ pub struct CommandRun {
     pub reply: RpcReplyPort<Result<CommandOutput, StageError>>,
 }
 
-pub enum CompressionWorkerMsg {
+pub enum StageWorkerMsg {
     Run(CommandRun),
 }
 
 // Local only: never sent to another node.
-impl ractor::Message for CompressionWorkerMsg {}
+impl ractor::Message for StageWorkerMsg {}
 
-impl Actor for CompressionWorker {
-    type Msg = CompressionWorkerMsg;
-    type State = ActorRef<CompressionPoolMsg>;
-    type Arguments = ActorRef<CompressionPoolMsg>;
+impl Actor for StageWorker {
+    type Msg = StageWorkerMsg;
+    type State = Box<dyn WorkerFree>;
+    type Arguments = Box<dyn WorkerFree>;
 
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, pool: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
-        // Cluster-wide group of every compression worker (ractor_cluster syncs it to peers).
+        // Cluster-wide group of every stage worker (ractor_cluster syncs it to peers).
         ractor::pg::join(crate::wire::groups::COMPRESSORS.to_string(), vec![myself.get_cell()]);
         Ok(pool)
     }
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, pool: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        let CompressionWorkerMsg::Run(run) = message;
+        let StageWorkerMsg::Run(run) = message;
         kiln_core::fault::panic_at("panic_in_compression_worker");
         let result = run_command(&run.argv, run.timeout, &run.cancel).await;
         let _ = run.reply.send(result);
-        let _ = pool.cast(CompressionPoolMsg::Idle(myself.get_id()));
+        pool.worker_free(myself.get_id());
         Ok(())
     }
 }

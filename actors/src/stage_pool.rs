@@ -1,12 +1,17 @@
-//! CompressionPool: a bounded pool of [`CompressionWorker`]s that runs pipelines'
-//! post-processing commands (`.ply` to `.sog`, ...), off the GPU slots.
+//! StagePool: a bounded pool of [`StageWorker`]s that runs pipelines' stage commands, whatever
+//! they do (`.ply` to `.sog`, a copy, a checksum, ...), off the GPU slots.
 //!
 //! ```text
-//! CompressionPool              queue (FIFO), at most `max_workers` commands at once
-//! └── CompressionWorker (xN)   one command at a time; restarted when it dies
+//! StagePool              queue (FIFO), at most `max_workers` commands at once
+//! └── StageWorker (xN)   one command at a time; restarted when it dies
 //! ```
 //!
-//! Backpressure: a job must be admitted by [`CompressionHandle::run`] before its command is
+//! It was called the compression pool when compression was all it ran; the names outside
+//! the code keep that name, as they are a contract with operators: the `[compression]` config
+//! section, the `kiln_compression_*` metrics, the `panic_in_compression_worker` fault point,
+//! the `kiln.compressors` process group and its log lines.
+//!
+//! Backpressure: a job must be admitted by [`StagePoolHandle::run`] before its command is
 //! queued, and at most `queue_limit + max_workers` are admitted at once; the rest wait, so a
 //! burst of finished GPU stages cannot grow the queue without bound.
 
@@ -19,13 +24,13 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::compression_worker::{CommandRun, CompressionWorker, CompressionWorkerMsg};
+use crate::stage_worker::{CommandRun, StageWorker, StageWorkerMsg, WorkerFree};
 
-pub struct CompressionPool;
+pub struct StagePool;
 
-pub struct CompressionPoolState {
+pub struct StagePoolState {
     size: usize,
-    workers: HashMap<ActorId, ActorRef<CompressionWorkerMsg>>,
+    workers: HashMap<ActorId, ActorRef<StageWorkerMsg>>,
     idle: VecDeque<ActorId>,
     queue: VecDeque<CommandRun>,
     /// Workers running a command now (never above `size`).
@@ -33,7 +38,7 @@ pub struct CompressionPoolState {
     stopping: bool,
 }
 
-pub enum CompressionPoolMsg {
+pub enum StagePoolMsg {
     Run(CommandRun),
     /// A worker finished its command.
     Idle(ActorId),
@@ -43,18 +48,18 @@ pub enum CompressionPoolMsg {
 }
 
 // Local only: never sent to another node.
-impl ractor::Message for CompressionPoolMsg {}
+impl ractor::Message for StagePoolMsg {}
 
 /// What job actors hold to run a command on the pool.
 #[derive(Clone)]
-pub struct CompressionHandle {
-    pool: ActorRef<CompressionPoolMsg>,
+pub struct StagePoolHandle {
+    pool: ActorRef<StagePoolMsg>,
     admission: Arc<Semaphore>,
 }
 
-impl CompressionHandle {
-    pub fn new(pool: ActorRef<CompressionPoolMsg>, workers: usize, queue_limit: usize) -> Self {
-        CompressionHandle { pool, admission: Arc::new(Semaphore::new(workers + queue_limit)) }
+impl StagePoolHandle {
+    pub fn new(pool: ActorRef<StagePoolMsg>, workers: usize, queue_limit: usize) -> Self {
+        StagePoolHandle { pool, admission: Arc::new(Semaphore::new(workers + queue_limit)) }
     }
 
     /// Runs `argv` on a pool worker once admitted; waits while the pool is full.
@@ -64,7 +69,7 @@ impl CompressionHandle {
             _ = cancel.cancelled() => return Err(StageError::Cancelled),
         };
         let cancel = cancel.clone();
-        let called = self.pool.call(|reply| CompressionPoolMsg::Run(CommandRun { argv, timeout, cancel, reply }), None).await;
+        let called = self.pool.call(|reply| StagePoolMsg::Run(CommandRun { argv, timeout, cancel, reply }), None).await;
         match called {
             Ok(ractor::rpc::CallResult::Success(result)) => result,
             _ => Err(StageError::Failed("the compression worker stopped while running the command".into())),
@@ -72,20 +77,19 @@ impl CompressionHandle {
     }
 }
 
-impl Actor for CompressionPool {
-    type Msg = CompressionPoolMsg;
-    type State = CompressionPoolState;
+impl WorkerFree for ActorRef<StagePoolMsg> {
+    fn worker_free(&self, worker: ActorId) {
+        let _ = self.cast(StagePoolMsg::Idle(worker));
+    }
+}
+
+impl Actor for StagePool {
+    type Msg = StagePoolMsg;
+    type State = StagePoolState;
     type Arguments = usize;
 
     async fn pre_start(&self, _myself: ActorRef<Self::Msg>, size: usize) -> Result<Self::State, ActorProcessingErr> {
-        Ok(CompressionPoolState {
-            size,
-            workers: HashMap::new(),
-            idle: VecDeque::new(),
-            queue: VecDeque::new(),
-            active: 0,
-            stopping: false,
-        })
+        Ok(StagePoolState { size, workers: HashMap::new(), idle: VecDeque::new(), queue: VecDeque::new(), active: 0, stopping: false })
     }
 
     async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -97,16 +101,16 @@ impl Actor for CompressionPool {
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
-            CompressionPoolMsg::Run(run) => state.queue.push_back(run),
-            CompressionPoolMsg::Idle(id) => {
+            StagePoolMsg::Run(run) => state.queue.push_back(run),
+            StagePoolMsg::Idle(id) => {
                 if state.workers.contains_key(&id) {
                     state.active -= 1;
                     state.idle.push_back(id);
                 }
             }
-            CompressionPoolMsg::Respawn if !state.stopping => state.spawn_worker(&myself).await,
-            CompressionPoolMsg::Respawn => {}
-            CompressionPoolMsg::Stopping => state.stopping = true,
+            StagePoolMsg::Respawn if !state.stopping => state.spawn_worker(&myself).await,
+            StagePoolMsg::Respawn => {}
+            StagePoolMsg::Stopping => state.stopping = true,
         }
         state.dispatch();
         Ok(())
@@ -138,22 +142,22 @@ impl Actor for CompressionPool {
         if !state.stopping {
             tracing::warn!(reason = %reason, "compression worker died; starting another");
             metrics::counter!("kiln_compression_worker_restarts_total").increment(1);
-            myself.send_after(Duration::from_millis(100), || CompressionPoolMsg::Respawn);
+            myself.send_after(Duration::from_millis(100), || StagePoolMsg::Respawn);
         }
         Ok(())
     }
 }
 
-impl CompressionPoolState {
-    async fn spawn_worker(&mut self, myself: &ActorRef<CompressionPoolMsg>) {
-        match Actor::spawn_linked(None, CompressionWorker, myself.clone(), myself.get_cell()).await {
+impl StagePoolState {
+    async fn spawn_worker(&mut self, myself: &ActorRef<StagePoolMsg>) {
+        match Actor::spawn_linked(None, StageWorker, Box::new(myself.clone()), myself.get_cell()).await {
             Ok((worker, _)) => {
                 self.idle.push_back(worker.get_id());
                 self.workers.insert(worker.get_id(), worker);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot spawn a compression worker");
-                myself.send_after(Duration::from_secs(1), || CompressionPoolMsg::Respawn);
+                myself.send_after(Duration::from_secs(1), || StagePoolMsg::Respawn);
             }
         }
     }
@@ -168,7 +172,7 @@ impl CompressionPoolState {
                 self.idle.push_front(id); // its job gave up meanwhile
                 continue;
             }
-            match worker.cast(CompressionWorkerMsg::Run(run)) {
+            match worker.cast(StageWorkerMsg::Run(run)) {
                 Ok(()) => self.active += 1,
                 Err(_) => continue, // the worker is dying; its supervision event replaces it
             }

@@ -22,7 +22,9 @@ use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, Re
 use kiln_core::job::JobRecord;
 use kiln_core::nats::{ride_out, StoreError};
 use kiln_core::policy::Patience;
+use kiln_core::policy::STAGE_RETRY_PAUSE;
 use kiln_core::protocol::{Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
+use kiln_core::store::JobStore;
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 
@@ -108,7 +110,7 @@ impl Pipeline {
             labels: record.labels.clone(),
         };
         let forwarder =
-            tokio::spawn(forward_progress(d.ctx.clone(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
+            tokio::spawn(forward_progress(d.store(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
         let cancel = d.cancel.clone();
         let model_timeout = d.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards
@@ -208,6 +210,10 @@ impl Pipeline {
                         }
                         let note = format!("stage {name} attempt {attempt} of {max_attempts} failed: {error}; retrying");
                         d.event(Event::message(&d.job_id, d.attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
+                        // None today (see the policy); a zero pause must not cost a timer tick.
+                        if !STAGE_RETRY_PAUSE.is_zero() {
+                            tokio::time::sleep(STAGE_RETRY_PAUSE).await;
+                        }
                     }
                     let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
                     if *keep_input {
@@ -293,7 +299,7 @@ struct StageShown {
 }
 
 async fn forward_progress(
-    ctx: NodeContext,
+    store: Arc<dyn JobStore>,
     job_id: String,
     attempt: u32,
     shown: StageShown,
@@ -322,20 +328,20 @@ async fn forward_progress(
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
         }
         .labelled(&shown.labels);
-        match ctx.resources.publish_event_nowait(&event).await {
+        match store.publish_event_nowait(&event, None).await {
             Ok(ack) => unacked.push_back(ack),
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed"),
         }
         if unacked.len() >= MAX_UNACKED_PROGRESS {
-            if let Ok(ack) = unacked.pop_front().expect("non-empty").await {
-                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            if let Ok(seq) = unacked.pop_front().expect("non-empty").await {
+                last_seq.fetch_max(seq, Ordering::AcqRel);
             }
         }
     }
     for ack in unacked {
         match ack.await {
-            Ok(ack) => {
-                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            Ok(seq) => {
+                last_seq.fetch_max(seq, Ordering::AcqRel);
             }
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event not stored"),
         }

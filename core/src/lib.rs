@@ -19,6 +19,7 @@
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
+//! | [`store`]     | the job store trait under the delivery: NATS and in-memory, one semantics   |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
 //! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
@@ -46,6 +47,7 @@ pub mod protocol;
 pub mod retry_reason;
 pub mod stage;
 pub mod stall;
+pub mod store;
 
 use std::path::PathBuf;
 

@@ -109,8 +109,7 @@ impl Pipeline {
             model: model_config,
             labels: record.labels.clone(),
         };
-        let forwarder =
-            tokio::spawn(forward_progress(d.store(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
+        let forwarder = tokio::spawn(forward_progress(d.store(), d.job_id.clone(), d.attempt, shown, rx, d.running_stored(), d.last_seq()));
         let cancel = d.cancel.clone();
         let model_timeout = d.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
         // The inference actor enforces the model timeout itself; this outer bound only guards

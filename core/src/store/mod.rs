@@ -8,7 +8,7 @@
 //! | `nats.rs`   | the real one: [`Resources`](crate::nats::Resources) (KV, streams), unchanged |
 //! | `memory.rs` | [`MemoryStore`]: the same semantics in memory, for in-process tests          |
 //!
-//! What the trait promises, and both implementations keep (`core/tests/job_store.rs` runs the
+//! What the trait promises, and both implementations keep (`core/tests/store.rs` (`conforms`) runs the
 //! same assertions against both):
 //! - a job record is created once, read with its revision, and written only by a
 //!   compare-and-set on the revision read ([`StoreError::Conflict`] otherwise): the fence;

@@ -1,5 +1,6 @@
 //! [`JobStore`] on NATS: each operation is the [`Resources`] method of the same name
-//! (`nats/jobs.rs`, `nats/events.rs`, `nats/batches.rs`, `nats/objects.rs`), unchanged.
+//! (`nats/jobs.rs`, `nats/events.rs`, `nats/batches.rs`, `nats/objects.rs`), unchanged; and
+//! `Resources::update_job_with`, the API's record update, as the store's one update.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,9 +11,26 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::{EventAck, JobStore, StoreFuture};
 use crate::job::JobRecord;
+use crate::nats::cas::{Step, Updated};
 use crate::nats::jobs::Versioned;
 use crate::nats::{CasError, Resources, StoreError};
+use crate::policy::Patience;
 use crate::protocol::{Artifact, Event};
+
+impl Resources {
+    /// Changes the job's record by `decide` (a pure change of [`crate::job`]) with
+    /// compare-and-set, reading and deciding again when another writer got in between; one
+    /// try with NATS trouble (an API request, whose client retries).
+    /// `held`: the record and revision the caller already has, decided on without a read.
+    pub async fn update_job_with<R>(
+        &self,
+        job_id: &str,
+        held: Option<Versioned>,
+        decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
+    ) -> Result<Updated<JobRecord, R>, CasError> {
+        super::update_job_patiently(self, job_id, held, Patience::ONCE, decide).await
+    }
+}
 
 impl JobStore for Resources {
     fn create_job<'a>(&'a self, record: &'a JobRecord) -> StoreFuture<'a, u64> {

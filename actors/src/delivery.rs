@@ -151,7 +151,7 @@ pub enum DeliveryEnd {
 #[derive(Debug)]
 enum WriteResult {
     /// Stored: the record as written and its revision.
-    Written(Versioned),
+    Written(Box<Versioned>),
     Fenced,
 }
 
@@ -333,7 +333,7 @@ impl Delivery {
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
         let delivered = claim_record(&*self.store, &self.job_id, first, &owner, self.redelivered()).await;
         let (next, revision, replaced) = match delivered {
-            Ok(Claimed::Written { record, revision, replaced }) => (record, revision, replaced),
+            Ok(Claimed::Written { record, revision, replaced }) => (*record, revision, replaced),
             Ok(Claimed::Ended(record)) => {
                 let last = store::last_event(&*self.store, &self.job_id).await?;
                 let published = match end_to_republish(last.as_ref()) {
@@ -457,7 +457,7 @@ impl Delivery {
         let held = self.current.clone().expect("claimed");
         let written = write_as_owner(&*self.store, &self.job_id, held, self.attempt, &self.cancel, change).await?;
         if let WriteResult::Written(v) = &written {
-            self.current = Some(v.clone());
+            self.current = Some(Versioned::clone(v));
         }
         Ok(written)
     }
@@ -632,10 +632,10 @@ enum Claimed {
     /// This delivery's change is stored at `revision`: the claim of the next attempt, or an
     /// ending before a run (cancelled, past its deadline, out of attempts). `replaced`: the
     /// record it replaced, whose previous attempt is the reason of this one.
-    Written { record: JobRecord, revision: u64, replaced: Option<JobRecord> },
+    Written { record: Box<JobRecord>, revision: u64, replaced: Option<Box<JobRecord>> },
     /// The record had ended already (a crash came between its terminal write and its event
     /// or ack): nothing written.
-    Ended(JobRecord),
+    Ended(Box<JobRecord>),
 }
 
 /// Claims the job for `owner` by [`job::apply_delivery`], with compare-and-set from `first`
@@ -662,9 +662,9 @@ async fn claim_record(store: &dyn JobStore, job_id: &str, first: Versioned, owne
     .await?;
     Ok(match delivered {
         Updated::Written { value, revision } => {
-            Claimed::Written { record: value, revision, replaced: replaced.into_inner().expect("not poisoned") }
+            Claimed::Written { record: Box::new(value), revision, replaced: replaced.into_inner().expect("not poisoned").map(Box::new) }
         }
-        Updated::Stopped(record) => Claimed::Ended(record),
+        Updated::Stopped(record) => Claimed::Ended(Box::new(record)),
     })
 }
 
@@ -725,7 +725,7 @@ async fn write_as_owner(
             if value.cancel_requested {
                 cancel.cancel();
             }
-            Ok(WriteResult::Written(Versioned { record: value, revision }))
+            Ok(WriteResult::Written(Box::new(Versioned { record: value, revision })))
         }
         Ok(Updated::Stopped(())) | Err(CasError::Missing { .. }) => Ok(WriteResult::Fenced),
         Err(e) => Err(e),
@@ -919,7 +919,7 @@ mod tests {
     async fn claim_for(store: &MemoryStore, job_id: &str, node: &str) -> Versioned {
         let first = store.get_job(job_id).await.unwrap().expect("a record");
         match claim_record(store, job_id, first, &owner(node), true).await.unwrap() {
-            Claimed::Written { record, revision, .. } if record.state == JobState::Running => Versioned { record, revision },
+            Claimed::Written { record, revision, .. } if record.state == JobState::Running => Versioned { record: *record, revision },
             other => panic!("not claimed: {other:?}"),
         }
     }
@@ -1108,7 +1108,7 @@ mod tests {
                             let first = store.get_job("j").await.unwrap().unwrap();
                             if let Claimed::Written { record, revision, .. } = claim_record(&store, "j", first, &owner(&format!("node-{n}")), true).await.unwrap() {
                                 if record.state == JobState::Running {
-                                    claims.push(Versioned { record, revision });
+                                    claims.push(Versioned { record: *record, revision });
                                 }
                             }
                         }
@@ -1259,7 +1259,7 @@ mod tests {
         let Claimed::Ended(found) = claim_record(&store, "j", first, &owner("node-a"), false).await.unwrap() else {
             panic!("a cancelled job was claimed")
         };
-        assert_eq!(found, cancelled);
+        assert_eq!(*found, cancelled);
         let last = store::last_event(&store, "j").await.unwrap();
         assert_eq!(end_to_republish(last.as_ref()), EndToRepublish::FeedOnly);
 

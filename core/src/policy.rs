@@ -10,6 +10,7 @@
 //! | [`Patience`]               | riding out NATS trouble: every store operation on a job's path    |
 //! | [`CasContention`]          | compare-and-set rounds lost to other writers, and their pauses    |
 //! | [`STAGE_RETRY_PAUSE`]      | between a post-processing stage's attempts                        |
+//! | [`BATCH_PROGRESS_TRIES`]   | a batch's `batch_progress` event against its moving history       |
 //! | [`RestartBudget`]          | a slot's restarts (from `[restart]`), then quarantine             |
 
 use std::collections::VecDeque;
@@ -169,6 +170,12 @@ impl CasContention {
 /// whose attempts are all used fails the job's attempt, and the job's own [`NakLadder`]
 /// paces what follows.
 pub const STAGE_RETRY_PAUSE: Duration = Duration::ZERO;
+
+/// Tries of a batch's `batch_progress` event, each chained onto the batch's last event read
+/// (`Nats-Expected-Last-Subject-Sequence`), before it is left out: at once, with no pause,
+/// since each loss means another settle stored its own event in between, which carries counts
+/// as new. Left out, nothing is lost: the next item's event or `batch_finished` has the counts.
+pub const BATCH_PROGRESS_TRIES: usize = 5;
 
 /// What a supervisor does after its child failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

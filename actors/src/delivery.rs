@@ -22,13 +22,13 @@
 //!
 //! Every record change is a pure function of `kiln_core::job`, written through the one
 //! compare-and-set helper (`kiln_core::nats::cas`) on the job store (`kiln_core::store`: NATS
-//! in a node, in memory in its tests, `delivery/tests.rs`; the queue message and the registry
-//! stay NATS).
-//! The steps that touch the store are free functions over `&dyn JobStore` (`claim_record`,
-//! `write_as_owner`, `look_at_record`, `announce_artifacts`), so the tests run them in-process
-//! with paused time. When a write loses, it re-reads: if another
-//! attempt owns the job now this one is *fenced* and stops without acking (the newer attempt's
-//! delivery is the live one); if only a cancel request landed, the change applies on top of it.
+//! in a node, in memory in the tests, `delivery/tests.rs`; the queue message and the registry
+//! stay NATS). The steps that touch the store are free functions over `&dyn JobStore`
+//! (`claim_record`, `write_as_owner`, `AttemptWatch::look`, `announce_artifacts`,
+//! `read_record_awaiting`), so the tests run them in-process with paused time. When a write
+//! loses, it re-reads: if another attempt owns the job now this one is *fenced* and stops
+//! without acking (the newer attempt's delivery is the live one); if only a cancel request
+//! landed, the change applies on top of it.
 //! The ack always comes after the terminal write and its event, so a crash in between
 //! redelivers the job, which then finds the record terminal and only acks.
 //!

@@ -452,3 +452,36 @@ async fn cancel_of_a_running_job_reaches_its_engine_by_the_keep_alive_and_ends_i
     .unwrap();
     assert!(matches!(unchanged, Updated::Stopped(())));
 }
+
+// ---- the attempt's events ----
+
+#[tokio::test(start_paused = true)]
+async fn events_an_event_whose_ack_was_lost_is_stored_once_and_one_refused_is_sent_again() {
+    let last_seq = AtomicU64::new(0);
+    // Stored, but its ack lost: sent again under the same id, de-duplicated.
+    let running = Event::status("j", 1, JobState::Running);
+    let troubled = MemoryStore::new();
+    troubled.lose_next_reply(Op::PublishEvent);
+    let troubled: Arc<dyn JobStore> = Arc::new(troubled);
+    let ack = troubled.publish_event_nowait(&running, Some("j-a1-e1")).await.ok();
+    ensure_stored(troubled.clone(), "j", PendingEvent { event: running.clone(), msg_id: "j-a1-e1".into(), ack }, &last_seq).await;
+    let (seq, last) = troubled.last_event_with_seq("j").await.unwrap().unwrap();
+    assert_eq!((seq, last.status), (1, Some(JobState::Running)));
+    assert_eq!(last_seq.load(Ordering::Acquire), 1);
+    let again = troubled.publish_event_stored(&Event::message("j", 1, "x".into()), None).await.unwrap();
+    assert_eq!(again, 2, "the event was stored twice");
+
+    // Refused for three tries, the first publish among them (a leaderless stream): stored after the pauses, once.
+    let message = Event::message("j", 1, "stage done".into());
+    let refused = MemoryStore::new();
+    refused.refuse_next(Op::PublishEvent, 3);
+    let refused: Arc<dyn JobStore> = Arc::new(refused);
+    let ack = refused.publish_event_nowait(&message, Some("j-a1-e2")).await.ok();
+    assert!(ack.is_none());
+    let started = Clock::now();
+    let last_seq = AtomicU64::new(0);
+    ensure_stored(refused.clone(), "j", PendingEvent { event: message, msg_id: "j-a1-e2".into(), ack }, &last_seq).await;
+    assert_eq!(started.elapsed(), Duration::from_millis(100 + 200));
+    assert_eq!(refused.last_event_with_seq("j").await.unwrap().map(|(seq, _)| seq), Some(1));
+    assert_eq!(last_seq.load(Ordering::Acquire), 1);
+}

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use futures::future::{BoxFuture, Shared};
 use kiln_core::protocol::Event;
+use kiln_core::store::JobStore;
 
 /// The events of one claimed attempt.
 pub(crate) trait AttemptEvents: Send {
@@ -24,8 +25,11 @@ pub(crate) trait AttemptEvents: Send {
     fn progress_order(&self) -> ProgressOrder;
 }
 
-/// How the engine's progress events keep their place in the attempt's history.
+/// Where the engine's progress events go, and how they keep their place in the attempt's
+/// history.
 pub(crate) struct ProgressOrder {
+    /// The store the attempt's events go to (the delivery's).
+    pub(crate) store: Arc<dyn JobStore>,
     /// Resolves once the attempt's `running` event is stored: no progress event goes before.
     pub(crate) running_stored: Shared<BoxFuture<'static, ()>>,
     /// The stream sequence of the attempt's newest stored event; each stored progress event

@@ -21,9 +21,14 @@
 //! ```
 //!
 //! Every record change is a pure function of `kiln_core::job`, written through the one
-//! compare-and-set helper (`kiln_core::nats::cas`). When a write loses, it re-reads: if another
-//! attempt owns the job now this one is *fenced* and stops without acking (the newer attempt's
-//! delivery is the live one); if only a cancel request landed, the change applies on top of it.
+//! compare-and-set helper (`kiln_core::nats::cas`) on the job store (`kiln_core::store`: NATS
+//! in a node, in memory in the tests, `delivery/tests.rs`; the queue message and the registry
+//! stay NATS). The steps that touch the store are free functions over `&dyn JobStore`
+//! (`claim_record`, `write_as_owner`, `AttemptWatch::look`, `announce_artifacts`,
+//! `read_record_awaiting`), so the tests run them in-process with paused time. When a write
+//! loses, it re-reads: if another attempt owns the job now this one is *fenced* and stops
+//! without acking (the newer attempt's delivery is the live one); if only a cancel request
+//! landed, the change applies on top of it.
 //! The ack always comes after the terminal write and its event, so a crash in between
 //! redelivers the job, which then finds the record terminal and only acks.
 //!
@@ -43,10 +48,11 @@ use kiln_core::metrics as m;
 use kiln_core::nats::cas::{self, Step, Updated};
 use kiln_core::nats::jobs::{QueueMessage, Versioned};
 use kiln_core::nats::{ride_out, Transient};
-use kiln_core::nats::{CasError, Resources, StoreError};
-use kiln_core::policy::{Backoff, Patience};
+use kiln_core::nats::{CasError, StoreError};
+use kiln_core::policy::{Backoff, Nak, NakLadder, Patience, RECORD_RACE_WAITS};
 use kiln_core::protocol::{ApiError, Artifact, ErrorCode, Event, MAX_EVENT_MESSAGE_BYTES};
 use kiln_core::retry_reason::{self, OwnerLife};
+use kiln_core::store::{self, EventAck, JobStore};
 use kiln_core::task::{self, TaskGuard, TaskKind};
 use tokio_util::sync::CancellationToken;
 
@@ -79,14 +85,6 @@ fn end_to_republish(last: Option<&Event>) -> EndToRepublish {
 /// stuck: NATS is down, and the claim will tell).
 const LISTING_WAIT: Duration = Duration::from_secs(5);
 
-/// A queue message whose job record does not exist (yet): the API writes the record after
-/// the enqueue, so a fast node may see the message first. These re-reads cover that race;
-/// past them the delivery is handed back for [`NO_RECORD_RECHECK`]. The first is at once: the
-/// record's write is usually in flight already (`kiln bench` saw the race in about one job in
-/// ten, and a 1 ms sleep was the largest part of its latency then).
-const RECORD_RACE_WAITS_MS: [u64; 7] = [0, 1, 2, 4, 8, 16, 32];
-const NO_RECORD_RECHECK: Duration = Duration::from_secs(1);
-const NO_RECORD_RECHECK_MAX: Duration = Duration::from_secs(10);
 /// A message still without a record this long after it was enqueued is dropped: its
 /// submission died between the enqueue and the record, and no resubmission can write the
 /// record any more without also enqueueing a new message (the queue's de-duplication window
@@ -99,6 +97,8 @@ const STALL_CHECK: Duration = Duration::from_millis(250);
 /// One delivery of a queued job and the attempt it claims.
 pub(crate) struct Delivery {
     pub(crate) ctx: NodeContext,
+    /// The job's record, events and results feed (`ctx.resources` behind the trait).
+    store: Arc<dyn JobStore>,
     message: jetstream::Message,
     /// The slot the attempt runs on (written into the record as its owner).
     slot: String,
@@ -138,7 +138,7 @@ pub(crate) struct Delivery {
 struct PendingEvent {
     event: Event,
     msg_id: String,
-    ack: Option<async_nats::jetstream::context::PublishAckFuture>,
+    ack: Option<EventAck>,
 }
 
 /// How the delivery ended, for the log and the dispatcher.
@@ -152,8 +152,10 @@ pub enum DeliveryEnd {
     Abandoned,
 }
 
+#[derive(Debug)]
 enum WriteResult {
-    Written,
+    /// Stored: the record as written and its revision.
+    Written(Box<Versioned>),
     Fenced,
 }
 
@@ -161,15 +163,15 @@ enum WriteResult {
 /// failed: a nats-server restart in the middle of a job must not leave a hole in its history
 /// (`kiln chaos` found a completed job without its `running` event). Gives up when NATS
 /// trouble outlasts [`Patience::NATS_TROUBLE`]. Records the event's sequence in `last_seq`.
-async fn ensure_stored(resources: Resources, job_id: &str, pending: PendingEvent, last_seq: &AtomicU64) {
+async fn ensure_stored(store: Arc<dyn JobStore>, job_id: &str, pending: PendingEvent, last_seq: &AtomicU64) {
     if let Some(ack) = pending.ack {
-        if let Ok(ack) = ack.await {
-            last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+        if let Ok(seq) = ack.await {
+            last_seq.fetch_max(seq, Ordering::AcqRel);
             return;
         }
     }
     let (event, msg_id) = (&pending.event, pending.msg_id.as_str());
-    match ride_out(Patience::NATS_TROUBLE, job_id, "storing an event", || resources.publish_event_stored(event, Some(msg_id))).await {
+    match ride_out(Patience::NATS_TROUBLE, job_id, "storing an event", || store.publish_event_stored(event, Some(msg_id))).await {
         Ok(seq) => {
             last_seq.fetch_max(seq, Ordering::AcqRel);
         }
@@ -187,8 +189,10 @@ impl Delivery {
         listed: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Delivery {
         let job_id = serde_json::from_slice::<QueueMessage>(&message.payload).map(|q| q.job_id).unwrap_or_default();
+        let store: Arc<dyn JobStore> = Arc::new(ctx.resources.clone());
         Delivery {
             ctx,
+            store,
             message,
             slot,
             cancel,
@@ -251,7 +255,7 @@ impl Delivery {
         }
         self.events_sent += 1;
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        let ack = self.ctx.resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
+        let ack = self.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
         self.pending_events.push(PendingEvent { event, msg_id, ack });
     }
 
@@ -264,10 +268,10 @@ impl Delivery {
         let labels = self.current.as_ref().map(|c| c.record.labels.clone()).unwrap_or_default();
         let event = Event::status(&self.job_id, self.attempt, JobState::Running).labelled(&labels);
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        let ack = self.ctx.resources.publish_event_nowait_with_id(&event, &msg_id).await.ok();
+        let ack = self.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
         let pending = PendingEvent { event, msg_id, ack };
-        let (resources, job_id, last_seq) = (self.ctx.resources.clone(), self.job_id.clone(), self.last_seq.clone());
-        self.running_stored = Some(async move { ensure_stored(resources, &job_id, pending, &last_seq).await }.boxed().shared());
+        let (store, job_id, last_seq) = (self.store.clone(), self.job_id.clone(), self.last_seq.clone());
+        self.running_stored = Some(async move { ensure_stored(store, &job_id, pending, &last_seq).await }.boxed().shared());
     }
 
     /// Waits until every event published so far is stored (see [`ensure_stored`]).
@@ -276,7 +280,7 @@ impl Delivery {
             running.clone().await;
         }
         for pending in std::mem::take(&mut self.pending_events) {
-            ensure_stored(self.ctx.resources.clone(), &self.job_id, pending, &self.last_seq).await;
+            ensure_stored(self.store.clone(), &self.job_id, pending, &self.last_seq).await;
         }
     }
 
@@ -288,7 +292,7 @@ impl Delivery {
     /// its history when a nats-server restart hit this moment (`kiln chaos`), or the feed
     /// without the job, or its batch never settled.
     async fn finish(&self, record: &JobRecord, publish: Publish) -> bool {
-        match finish_job(&self.ctx.resources, record, publish, Patience::NATS_TROUBLE).await {
+        match finish_job(&*self.store, record, publish, Patience::NATS_TROUBLE).await {
             Ok(()) => true,
             Err(FinishError::Publish(e)) if publish == Publish::EndingAndFeed => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
@@ -316,30 +320,11 @@ impl Delivery {
             self.await_listing().await;
         }
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
-        // The record the winning claim replaced: what it says about the previous attempt is
-        // the reason of this one (its `retrying` event).
-        let replaced = std::sync::Mutex::new(None::<JobRecord>);
-        let this = &*self;
-        let delivered = cas::update_with(
-            &this.job_id,
-            Some(first.into_pair()),
-            || async { Ok(this.get_job_awaiting_record().await?.map(Versioned::into_pair)) },
-            |next, revision| async move { this.ctx.resources.update_job(&next, revision).await },
-            |record| match job::apply_delivery(record, &owner, kiln_core::now_ms()) {
-                Ok(next) => {
-                    *replaced.lock().expect("not poisoned") = Some(record.clone());
-                    Step::Write(next)
-                }
-                // Only an ended record is refused: a crash came between its terminal write and
-                // its event or ack.
-                Err(_) => Step::Stop(record.clone()),
-            },
-        )
-        .await;
-        let (next, revision) = match delivered {
-            Ok(Updated::Written { value, revision }) => (value, revision),
-            Ok(Updated::Stopped(record)) => {
-                let last = self.ctx.resources.last_event(&self.job_id).await?;
+        let delivered = claim_record(&*self.store, &self.job_id, first, &owner, self.redelivered()).await;
+        let (next, revision, replaced) = match delivered {
+            Ok(Claimed::Written { record, revision, replaced }) => (*record, revision, replaced),
+            Ok(Claimed::Ended(record)) => {
+                let last = store::last_event(&*self.store, &self.job_id).await?;
                 let publish = match end_to_republish(last.as_ref()) {
                     EndToRepublish::EndingAndFeed => Publish::EndingAndFeed,
                     EndToRepublish::FeedOnly => Publish::FeedOnly,
@@ -356,7 +341,7 @@ impl Delivery {
         if next.state == JobState::Running {
             self.attempt = next.attempt;
             self.current = Some(Versioned { record: next, revision });
-            if let Some(previous) = replaced.into_inner().expect("not poisoned") {
+            if let Some(previous) = replaced {
                 self.announce_retry(&previous).await;
             }
             return Ok(None);
@@ -385,7 +370,7 @@ impl Delivery {
         let event = Event::retrying(&self.job_id, self.attempt, reason, message, error).labelled(&previous.labels);
         self.events_sent += 1;
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        ensure_stored(self.ctx.resources.clone(), &self.job_id, PendingEvent { event, msg_id, ack: None }, &self.last_seq).await;
+        ensure_stored(self.store.clone(), &self.job_id, PendingEvent { event, msg_id, ack: None }, &self.last_seq).await;
     }
 
     /// What the registry (read from the server, not the cache) says about the life of `node`,
@@ -412,22 +397,14 @@ impl Delivery {
         }
     }
 
-    /// The job's record, re-read a few times over ~60 ms when it is missing on a first
-    /// delivery: the API writes it just after the enqueue, and this node may have been faster.
-    /// A redelivered message was already waited for once: one read (an orphan's redeliveries,
-    /// every second for 150 s, must not hold a slot for 60 ms each).
+    /// The job's record ([`read_record_awaiting`]).
     async fn get_job_awaiting_record(&self) -> Result<Option<Versioned>, StoreError> {
-        let redelivered = self.message.info().is_ok_and(|i| i.delivered > 1);
-        let waits: &[u64] = if redelivered { &[] } else { &RECORD_RACE_WAITS_MS };
-        for &wait_ms in waits {
-            if let Some(v) = self.ctx.resources.get_job(&self.job_id).await? {
-                return Ok(Some(v));
-            }
-            if wait_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-            }
-        }
-        self.ctx.resources.get_job(&self.job_id).await
+        read_record_awaiting(&*self.store, &self.job_id, self.redelivered()).await
+    }
+
+    /// Whether JetStream delivered this message before.
+    fn redelivered(&self) -> bool {
+        self.message.info().is_ok_and(|i| i.delivered > 1)
     }
 
     /// A queue message with no job record: its submission is still under way (hand it back
@@ -442,16 +419,19 @@ impl Delivery {
                 Duration::from_millis(kiln_core::now_ms().saturating_sub(published_ms))
             })
             .unwrap_or_default();
-        if age > ORPHAN_AFTER {
-            tracing::warn!(job_id = %self.job_id, age_s = age.as_secs(), "queue message without a job record (its submission died, or the record expired); dropping it");
-            self.ack(AckKind::Term).await;
-        } else {
-            // Look again in 1 s, then less often: 1, 2, 4, 8, then every 10 s.
-            let delivered = self.message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-            let delay = NO_RECORD_RECHECK.saturating_mul(1 << (delivered - 1).min(4)).min(NO_RECORD_RECHECK_MAX);
-            tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, delay_ms = delay.as_millis() as u64, "no job record yet; looking again later");
-            self.ack(AckKind::Nak(Some(delay))).await;
+        let delivered = self.message.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let ack = without_record_ack(&NakLadder::new(self.retry_backoff), age, delivered);
+        match ack {
+            AckKind::Term => {
+                tracing::warn!(job_id = %self.job_id, age_s = age.as_secs(), "queue message without a job record (its submission died, or the record expired); dropping it")
+            }
+            AckKind::Nak(delay) => {
+                let delay_ms = delay.unwrap_or_default().as_millis() as u64;
+                tracing::debug!(job_id = %self.job_id, age_ms = age.as_millis() as u64, delay_ms, "no job record yet; looking again later");
+            }
+            _ => {}
         }
+        self.ack(ack).await;
         DeliveryEnd::Abandoned
     }
 
@@ -461,31 +441,11 @@ impl Delivery {
     /// running job), the change applies on top of it and the cancel reaches the engine's token.
     async fn write(&mut self, change: impl Fn(&JobRecord) -> Result<JobRecord, Refused>) -> Result<WriteResult, CasError> {
         let held = self.current.clone().expect("claimed");
-        let Some(owner) = held.record.owner.clone() else { return Ok(WriteResult::Fenced) };
-        let attempt = self.attempt;
-        // Rides out a leaderless `KV_kiln_jobs`: giving up left the job for redelivery, and its
-        // model ran again (an outside storm). Each retry decides again on the record as it is.
-        let written = self
-            .ctx
-            .resources
-            .update_job_patiently(&self.job_id, Some(held), Patience::NATS_TROUBLE, |record| {
-                if !job::owned_by(record, attempt, &owner) {
-                    return Step::Stop(());
-                }
-                change(record).map_or(Step::Stop(()), Step::Write)
-            })
-            .await;
-        match written {
-            Ok(Updated::Written { value, revision }) => {
-                if value.cancel_requested {
-                    self.cancel.cancel();
-                }
-                self.current = Some(Versioned { record: value, revision });
-                Ok(WriteResult::Written)
-            }
-            Ok(Updated::Stopped(())) | Err(CasError::Missing { .. }) => Ok(WriteResult::Fenced),
-            Err(e) => Err(e),
+        let written = write_as_owner(&*self.store, &self.job_id, held, self.attempt, &self.cancel, change).await?;
+        if let WriteResult::Written(v) = &written {
+            self.current = Some(Versioned::clone(v));
         }
+        Ok(written)
     }
 
     /// Keeps the delivery alive while the attempt runs, and watches for this process having
@@ -502,10 +462,16 @@ impl Delivery {
     pub(crate) fn keep_alive(&self) -> TaskGuard<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
-        let resources = self.ctx.resources.clone();
-        let (job_id, cancel, attempt) = (self.job_id.clone(), self.cancel.clone(), self.attempt);
-        let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
-        let (stall, fenced, concluding) = (self.ctx.stall.clone(), self.fenced.clone(), self.concluding.clone());
+        let store = self.store.clone();
+        let watch = AttemptWatch {
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            owner: Owner { node: self.ctx.node.clone(), slot: self.slot.clone() },
+            cancel: self.cancel.clone(),
+            fenced: self.fenced.clone(),
+            concluding: self.concluding.clone(),
+        };
+        let stall = self.ctx.stall.clone();
         task::spawn(TaskKind::JobKeepAlive, "keep-alive", async move {
             let mut stall_seen = stall.generation();
             let mut next_progress = tokio::time::Instant::now() + period;
@@ -520,28 +486,8 @@ impl Delivery {
                     next_progress = tokio::time::Instant::now() + period;
                     let _ = delivery.ack_with(AckKind::Progress).await;
                 }
-                let Ok(Some(v)) = resources.get_job(&job_id).await else { continue };
-                // Read after the record: an outcome this attempt wrote is seen with the flag set.
-                match job::watch(&v.record, attempt, &owner, concluding.load(Ordering::Acquire)) {
-                    job::Watched::Owned { cancel_requested } => {
-                        if cancel_requested {
-                            cancel.cancel();
-                        }
-                    }
-                    job::Watched::OwnOutcome => {}
-                    job::Watched::Superseded => {
-                        tracing::warn!(
-                            job_id = %job_id,
-                            attempt,
-                            stalled,
-                            record_attempt = v.record.attempt,
-                            record_state = v.record.state.as_str(),
-                            "the job's record moved on without this attempt (another attempt owns it, or it ended); stopping this one"
-                        );
-                        fenced.store(true, Ordering::Release);
-                        cancel.cancel();
-                        return;
-                    }
+                if watch.look(&*store, stalled).await == Looked::Superseded {
+                    return;
                 }
             }
         })
@@ -595,7 +541,7 @@ impl Delivery {
         let (attempt, owner) = (self.attempt, Owner { node: self.ctx.node.clone(), slot: self.slot.clone() });
         let written = self.write(|r| job::conclude(r, attempt, &owner, &outcome, kiln_core::now_ms())).await;
         match written {
-            Ok(WriteResult::Written) => {}
+            Ok(WriteResult::Written(_)) => {}
             Ok(WriteResult::Fenced) => {
                 tracing::warn!(job_id = %self.job_id, attempt = self.attempt, "fenced: a newer attempt owns the job; dropping this outcome");
                 self.remove_artifacts(&record.model, &artifacts).await;
@@ -615,7 +561,7 @@ impl Delivery {
             }
             self.event(event).await;
             self.flush_events().await;
-            let delay = self.retry_backoff.delay(self.attempt);
+            let delay = NakLadder::new(self.retry_backoff).delay(Nak::Retry { attempt: self.attempt });
             self.ack(AckKind::Nak(Some(delay))).await;
             return DeliveryEnd::Retrying;
         }
@@ -628,79 +574,19 @@ impl Delivery {
         DeliveryEnd::Terminal(record.state)
     }
 
-    /// Publishes one `artifact` event per artifact, each stored only if the job's last event is
-    /// still one this attempt may follow (`Nats-Expected-Last-Subject-Sequence`): its own, the
-    /// API's, or a late one of an older fenced attempt. A newer attempt's event or an ending
-    /// in between means this attempt is fenced: false. So a fenced attempt that resumes after
-    /// the job ended can add no artifact to its history (an outside storm saw two late
-    /// artifact events after `completed`).
+    /// Publishes one `artifact` event per artifact, fenced on the job's last event
+    /// ([`announce_artifacts`]).
     async fn announce_artifacts(&self, artifacts: &[Artifact]) -> Result<bool, StoreError> {
-        let resources = &self.ctx.resources;
-        let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= self.attempt;
-        // The first artifact not known to be announced, and the sequence to chain after
-        // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
-        // and goes on where the stored history says, as long as `Patience::NATS_TROUBLE` allows.
-        // Chained onto this attempt's own newest event when its sequence is known (every event
-        // is flushed by now): no read on the critical path. A mismatch re-reads as below.
+        let labels = self.current.as_ref().map(|c| &c.record.labels).cloned().unwrap_or_default();
         let own = self.last_seq.load(Ordering::Acquire);
-        let (mut next, mut after, mut failures) = (0usize, (own > 0).then_some(own), 0u32);
-        let started = tokio::time::Instant::now();
-        let patience = Patience::NATS_TROUBLE;
-        loop {
-            let seq = match after {
-                Some(seq) => seq,
-                None => match resources.last_event_with_seq(&self.job_id).await {
-                    Ok(Some((seq, last))) => {
-                        if !may_follow(&last) {
-                            return Ok(false);
-                        }
-                        // This attempt's own artifact event last: stored, though its ack was lost.
-                        if last.attempt == self.attempt {
-                            if let Some(j) = last.artifact.as_ref().and_then(|a| artifacts.iter().position(|x| x.object == a.object)) {
-                                next = next.max(j + 1);
-                            }
-                        }
-                        seq
-                    }
-                    Ok(None) => return Ok(false),
-                    Err(e) => {
-                        failures += 1;
-                        match patience.pause(failures, started.elapsed()) {
-                            Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
-                            _ => return Err(e),
-                        }
-                        continue;
-                    }
-                },
-            };
-            let Some(artifact) = artifacts.get(next) else { return Ok(true) };
-            let labels = self.current.as_ref().map(|c| &c.record.labels).cloned().unwrap_or_default();
-            let event = Event::artifact(&self.job_id, self.attempt, artifact.clone()).labelled(&labels);
-            match resources.publish_event_after(&event, seq).await {
-                Ok(Some(stored)) => {
-                    after = Some(stored);
-                    next += 1;
-                }
-                // Something was stored in between: re-read to tell this attempt's own lost
-                // ack, a late event that may be followed, and a fence apart.
-                Ok(None) => after = None,
-                Err(e) => {
-                    failures += 1;
-                    match patience.pause(failures, started.elapsed()) {
-                        Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
-                        _ => return Err(e),
-                    }
-                    after = None;
-                }
-            }
-        }
+        announce_artifacts(&*self.store, &self.job_id, self.attempt, own, &labels, artifacts).await
     }
 
     /// Deletes the objects a fenced attempt stored under its own names (nothing refers to
     /// them); they would expire with the bucket's TTL anyway.
     async fn remove_artifacts(&self, model: &str, artifacts: &[Artifact]) {
         for artifact in artifacts {
-            if let Err(e) = self.ctx.resources.delete_artifact(model, artifact).await {
+            if let Err(e) = self.store.delete_artifact(model, artifact).await {
                 tracing::debug!(job_id = %self.job_id, object = %artifact.object, error = %e, "cannot remove a fenced attempt's artifact");
             }
         }
@@ -718,7 +604,241 @@ impl AttemptEvents for Delivery {
     }
 
     fn progress_order(&self) -> ProgressOrder {
-        ProgressOrder { running_stored: self.running_stored(), last_seq: self.last_seq() }
+        ProgressOrder { store: self.store.clone(), running_stored: self.running_stored(), last_seq: self.last_seq() }
+    }
+}
+
+/// How a claim ended ([`claim_record`]).
+#[derive(Debug)]
+enum Claimed {
+    /// This delivery's change is stored at `revision`: the claim of the next attempt, or an
+    /// ending before a run (cancelled, past its deadline, out of attempts). `replaced`: the
+    /// record it replaced, whose previous attempt is the reason of this one.
+    Written { record: Box<JobRecord>, revision: u64, replaced: Option<Box<JobRecord>> },
+    /// The record had ended already (a crash came between its terminal write and its event
+    /// or ack): nothing written.
+    Ended(Box<JobRecord>),
+}
+
+/// Claims the job for `owner` by [`job::apply_delivery`], with compare-and-set from `first`
+/// (the record as read); a lost round re-reads ([`read_record_awaiting`]) and decides again.
+/// `CasError::Missing` when the record is gone.
+async fn claim_record(store: &dyn JobStore, job_id: &str, first: Versioned, owner: &Owner, redelivered: bool) -> Result<Claimed, CasError> {
+    // The record the winning claim replaced: what it says about the previous attempt is the
+    // reason of this one (its `retrying` event).
+    let replaced = std::sync::Mutex::new(None::<JobRecord>);
+    let delivered = cas::update_with(
+        job_id,
+        Some(first.into_pair()),
+        || async { Ok(read_record_awaiting(store, job_id, redelivered).await?.map(Versioned::into_pair)) },
+        |next, revision| async move { store.update_job(&next, revision).await },
+        |record| match job::apply_delivery(record, owner, kiln_core::now_ms()) {
+            Ok(next) => {
+                *replaced.lock().expect("not poisoned") = Some(record.clone());
+                Step::Write(next)
+            }
+            // Only an ended record is refused.
+            Err(_) => Step::Stop(record.clone()),
+        },
+    )
+    .await?;
+    Ok(match delivered {
+        Updated::Written { value, revision } => {
+            Claimed::Written { record: Box::new(value), revision, replaced: replaced.into_inner().expect("not poisoned").map(Box::new) }
+        }
+        Updated::Stopped(record) => Claimed::Ended(Box::new(record)),
+    })
+}
+
+/// The job's record, re-read after each of [`RECORD_RACE_WAITS`] when it is missing on a first
+/// delivery: the API writes it just after the enqueue, and this node may have been faster. A
+/// redelivered message was already waited for once: one read (an orphan's redeliveries must
+/// not hold a slot for 63 ms each).
+async fn read_record_awaiting(store: &dyn JobStore, job_id: &str, redelivered: bool) -> Result<Option<Versioned>, StoreError> {
+    let waits: &[Duration] = if redelivered { &[] } else { &RECORD_RACE_WAITS };
+    for &wait in waits {
+        if let Some(v) = store.get_job(job_id).await? {
+            return Ok(Some(v));
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    store.get_job(job_id).await
+}
+
+/// What becomes of a queue message without a job record, `age` after it was enqueued, at its
+/// delivery number `delivered`: its submission may still be under way (hand it back for the
+/// ladder's [`Nak::NoRecordYet`] delay), or it died between the enqueue and the record, long
+/// ago (older than [`ORPHAN_AFTER`]: drop it, nobody was told of this job).
+fn without_record_ack(ladder: &NakLadder, age: Duration, delivered: u32) -> AckKind {
+    if age > ORPHAN_AFTER {
+        AckKind::Term
+    } else {
+        AckKind::Nak(Some(ladder.delay(Nak::NoRecordYet { delivered })))
+    }
+}
+
+/// Writes `change(record)` with compare-and-set as attempt `attempt`, starting from `held`
+/// (the record it last wrote). When it loses, it re-reads: if the attempt no longer owns the
+/// job it is fenced and writes nothing; if only a cancel request landed (the only change the
+/// API makes to a running job), the change applies on top of it and `cancel` is cancelled.
+/// Rides out a leaderless `KV_kiln_jobs` ([`Patience::NATS_TROUBLE`]): giving up left the job
+/// for redelivery, and its model ran again (an outside storm). Each retry decides again on the
+/// record as it is; a write whose reply was lost is recognised as its own when read back.
+async fn write_as_owner(
+    store: &dyn JobStore,
+    job_id: &str,
+    held: Versioned,
+    attempt: u32,
+    cancel: &CancellationToken,
+    change: impl Fn(&JobRecord) -> Result<JobRecord, Refused>,
+) -> Result<WriteResult, CasError> {
+    let Some(owner) = held.record.owner.clone() else { return Ok(WriteResult::Fenced) };
+    let written = store::update_job_patiently(store, job_id, Some(held), Patience::NATS_TROUBLE, |record| {
+        if !job::owned_by(record, attempt, &owner) {
+            return Step::Stop(());
+        }
+        change(record).map_or(Step::Stop(()), Step::Write)
+    })
+    .await;
+    match written {
+        Ok(Updated::Written { value, revision }) => {
+            if value.cancel_requested {
+                cancel.cancel();
+            }
+            Ok(WriteResult::Written(Box::new(Versioned { record: value, revision })))
+        }
+        Ok(Updated::Stopped(())) | Err(CasError::Missing { .. }) => Ok(WriteResult::Fenced),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the keep-alive knows of the attempt it keeps alive, to look at its record.
+struct AttemptWatch {
+    job_id: String,
+    attempt: u32,
+    owner: Owner,
+    /// Cancelled on a cancel request, or when another attempt owns the job.
+    cancel: CancellationToken,
+    /// Set when another attempt owns the job (the delivery's `fenced`).
+    fenced: Arc<AtomicBool>,
+    /// The delivery's `concluding`: its own outcome may be in the record.
+    concluding: Arc<AtomicBool>,
+}
+
+/// What a look at the record found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Looked {
+    /// The attempt still owns the job (or the record shows its own outcome, or it could not
+    /// be read): keep going.
+    Running,
+    /// Another attempt owns the job, or it ended without this one: fenced, cancelled, stop.
+    Superseded,
+}
+
+impl AttemptWatch {
+    /// Re-reads the record and acts on [`job::watch`]: a cancel request cancels the attempt's
+    /// token (so a cancel whose core-NATS notice was lost still lands); a takeover fences it.
+    /// `stalled`: the look comes after this process stood still (for the log).
+    async fn look(&self, store: &dyn JobStore, stalled: bool) -> Looked {
+        let Ok(Some(v)) = store.get_job(&self.job_id).await else { return Looked::Running };
+        // Read after the record: an outcome this attempt wrote is seen with the flag set.
+        match job::watch(&v.record, self.attempt, &self.owner, self.concluding.load(Ordering::Acquire)) {
+            job::Watched::Owned { cancel_requested } => {
+                if cancel_requested {
+                    self.cancel.cancel();
+                }
+                Looked::Running
+            }
+            job::Watched::OwnOutcome => Looked::Running,
+            job::Watched::Superseded => {
+                tracing::warn!(
+                    job_id = %self.job_id,
+                    attempt = self.attempt,
+                    stalled,
+                    record_attempt = v.record.attempt,
+                    record_state = v.record.state.as_str(),
+                    "the job's record moved on without this attempt (another attempt owns it, or it ended); stopping this one"
+                );
+                self.fenced.store(true, Ordering::Release);
+                self.cancel.cancel();
+                Looked::Superseded
+            }
+        }
+    }
+}
+
+/// Publishes one `artifact` event per artifact of attempt `attempt`, each stored only if the job's last event is
+/// still one this attempt may follow (`Nats-Expected-Last-Subject-Sequence`): its own, the
+/// API's, or a late one of an older fenced attempt. A newer attempt's event or an ending
+/// in between means this attempt is fenced: false. So a fenced attempt that resumes after
+/// the job ended can add no artifact to its history (an outside storm saw two late
+/// artifact events after `completed`).
+/// `own`: the sequence of the attempt's own newest stored event (0: unknown).
+async fn announce_artifacts(
+    store: &dyn JobStore,
+    job_id: &str,
+    attempt: u32,
+    own: u64,
+    labels: &kiln_core::protocol::Labels,
+    artifacts: &[Artifact],
+) -> Result<bool, StoreError> {
+    let may_follow = |e: &Event| !e.is_terminal() && e.attempt <= attempt;
+    // The first artifact not known to be announced, and the sequence to chain after
+    // (`None`: read the job's last event first). A NATS error (a server restart) re-reads
+    // and goes on where the stored history says, as long as `Patience::NATS_TROUBLE` allows.
+    // Chained onto this attempt's own newest event when its sequence is known (every event
+    // is flushed by now): no read on the critical path. A mismatch re-reads as below.
+    let (mut next, mut after, mut failures) = (0usize, (own > 0).then_some(own), 0u32);
+    let started = tokio::time::Instant::now();
+    let patience = Patience::NATS_TROUBLE;
+    loop {
+        let seq = match after {
+            Some(seq) => seq,
+            None => match store.last_event_with_seq(job_id).await {
+                Ok(Some((seq, last))) => {
+                    if !may_follow(&last) {
+                        return Ok(false);
+                    }
+                    // This attempt's own artifact event last: stored, though its ack was lost.
+                    if last.attempt == attempt {
+                        if let Some(j) = last.artifact.as_ref().and_then(|a| artifacts.iter().position(|x| x.object == a.object)) {
+                            next = next.max(j + 1);
+                        }
+                    }
+                    seq
+                }
+                Ok(None) => return Ok(false),
+                Err(e) => {
+                    failures += 1;
+                    match patience.pause(failures, started.elapsed()) {
+                        Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                        _ => return Err(e),
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(artifact) = artifacts.get(next) else { return Ok(true) };
+        let event = Event::artifact(job_id, attempt, artifact.clone()).labelled(labels);
+        match store.publish_event_after(&event, seq).await {
+            Ok(Some(stored)) => {
+                after = Some(stored);
+                next += 1;
+            }
+            // Something was stored in between: re-read to tell this attempt's own lost
+            // ack, a late event that may be followed, and a fence apart.
+            Ok(None) => after = None,
+            Err(e) => {
+                failures += 1;
+                match patience.pause(failures, started.elapsed()) {
+                    Some(pause) if e.is_transient() => tokio::time::sleep(pause).await,
+                    _ => return Err(e),
+                }
+                after = None;
+            }
+        }
     }
 }
 
@@ -728,20 +848,7 @@ pub(crate) fn truncate(s: String, max: usize) -> String {
     kiln_core::protocol::truncate_utf8(s, max)
 }
 
+// In-process tests of the above on the in-memory job store, with paused time: fencing, the
+// NAK ladder, cancel (`delivery/tests.rs`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_ended_job_found_again_republishes_its_feed_entry_and_its_ending_only_if_missing() {
-        let ending = Event::status("j", 1, JobState::Completed);
-        assert_eq!(end_to_republish(Some(&ending)), EndToRepublish::FeedOnly);
-        for state in [JobState::Failed, JobState::Cancelled] {
-            assert_eq!(end_to_republish(Some(&Event::status("j", 1, state))), EndToRepublish::FeedOnly);
-        }
-        // The crash came before the ending was stored: both go out.
-        assert_eq!(end_to_republish(Some(&Event::status("j", 1, JobState::Running))), EndToRepublish::EndingAndFeed);
-        assert_eq!(end_to_republish(Some(&Event::progress("j", 1, None, Some(0.5)))), EndToRepublish::EndingAndFeed);
-        assert_eq!(end_to_republish(None), EndToRepublish::EndingAndFeed);
-    }
-}
+mod tests;

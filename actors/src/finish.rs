@@ -9,14 +9,15 @@
 //! and the feed entry are de-duplicated by their ids, the settle finds itself done.
 
 use kiln_core::job::JobRecord;
-use kiln_core::nats::{ride_out, CasError, Resources, StoreError};
+use kiln_core::nats::{ride_out, CasError, StoreError};
 use kiln_core::policy::Patience;
 use kiln_core::protocol::Event;
+use kiln_core::store::JobStore;
 
 /// What of the job's end still has to be published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Publish {
-    /// Its terminal event and its results feed entry (`Resources::publish_end`).
+    /// Its terminal event and its results feed entry (`JobStore::publish_end`).
     EndingAndFeed,
     /// Its results feed entry alone: the ending is in its history already.
     FeedOnly,
@@ -62,17 +63,17 @@ pub fn ending_event(record: &JobRecord) -> Event {
 /// Publishes the end of the ended job `record` (what `publish` says), then settles it into its
 /// batch if it is a batch item, each step riding out NATS trouble for `patience`. Safe to
 /// repeat (a redelivery does).
-pub async fn finish_job(resources: &Resources, record: &JobRecord, publish: Publish, patience: Patience) -> Result<(), FinishError> {
+pub async fn finish_job(store: &dyn JobStore, record: &JobRecord, publish: Publish, patience: Patience) -> Result<(), FinishError> {
     let job_id = &record.job_id;
     let published = match publish {
         Publish::EndingAndFeed => {
             let event = ending_event(record);
-            ride_out(patience, job_id, "publishing the terminal event", || resources.publish_end(&event, record)).await
+            ride_out(patience, job_id, "publishing the terminal event", || store.publish_end(&event, record)).await
         }
-        Publish::FeedOnly => ride_out(patience, job_id, "publishing the results feed entry", || resources.publish_finished(record)).await,
+        Publish::FeedOnly => ride_out(patience, job_id, "publishing the results feed entry", || store.publish_finished(record)).await,
     };
     published.map_err(FinishError::Publish)?;
-    ride_out(patience, job_id, "settling into the batch", || resources.settle_batch_item(record))
+    ride_out(patience, job_id, "settling into the batch", || store.settle_batch_item(record))
         .await
         .map_err(|error| FinishError::Settle { job_id: job_id.clone(), error })
 }
@@ -93,7 +94,7 @@ mod tests {
         let server = NatsServer::start_temp().expect("nats-server");
         let config = ClusterConfig::from_toml(&format!("[nats]\nurl = \"{}\"\n", server.url()), "test").expect("config");
         let client = kiln_core::nats::resources::connect(&config.nats, "finish-test").await.expect("connect");
-        let resources = Resources::ensure(client, &config).await.expect("resources");
+        let resources = kiln_core::nats::Resources::ensure(client, &config).await.expect("resources");
         let cancelled = job::cancel_before_run(&JobRecord::queued("j1", "m", 3, 0), 5).expect("cancellable");
         for publish in [Publish::EndingAndFeed, Publish::EndingAndFeed, Publish::FeedOnly] {
             finish_job(&resources, &cancelled, publish, Patience::ONCE).await.expect("finished");

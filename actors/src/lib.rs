@@ -10,7 +10,7 @@
 //! │                                    puller.rs           one task per model: reserve slots, fetch, hand over
 //! │                                    lease.rs            a job's place on its slot, handed back by drop
 //! │   └── JobActor (one per delivery)  job.rs              claim, run, fenced outcome, then ack:
-//! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack)
+//! │                                    delivery.rs         its delivery protocol (claim, fence, write, events, ack) on kiln_core::store
 //! │                                    pipeline.rs         its work (inputs, inference under the slot lease, stages, artifacts)
 //! │                                    attempt_events.rs   the sink the pipeline reports into (the delivery implements it)
 //! ├── LossDetector                     loss_detector.rs    a silent node's jobs handed back at once
@@ -29,7 +29,9 @@
 //! message that crosses nodes (bincode 2, versioned); [`NodeHandle`] is the typed handle the
 //! binary uses to start, drain and stop a node. The decisions the actors act on are pure code
 //! in `kiln-core`: slot placement ([`kiln_core::placement`]), job delivery and retry
-//! ([`kiln_core::job`]), restart budget and backoff ([`kiln_core::policy`]).
+//! ([`kiln_core::job`]), restart budget, backoff and every retry schedule
+//! ([`kiln_core::policy`]). A delivery reads and writes its job through
+//! [`kiln_core::store::JobStore`] (NATS in a node, in memory in its in-process tests).
 
 pub(crate) mod attempt_events;
 pub mod cluster_mesh;

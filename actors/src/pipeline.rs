@@ -19,7 +19,7 @@ use kiln_core::config::StageConfig;
 use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
 use kiln_core::job::JobRecord;
 use kiln_core::nats::{ride_out, StoreError};
-use kiln_core::policy::Patience;
+use kiln_core::policy::{Patience, STAGE_RETRY_PAUSE};
 use kiln_core::protocol::{truncate_utf8 as truncate, Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
 use kiln_core::task::{self, TaskKind};
 use ractor::ActorRef;
@@ -111,7 +111,7 @@ impl Pipeline {
         let forwarder = task::spawn(
             TaskKind::JobPart,
             "progress forwarder",
-            forward_progress(self.ctx.clone(), job_id.clone(), attempt, shown, rx, events.progress_order()),
+            forward_progress(job_id.clone(), attempt, shown, rx, events.progress_order()),
         );
         let engine_cancel = self.cancel.clone();
         let model_timeout = self.ctx.config.model(&record.model).map(|m| m.timeout_ms).unwrap_or(600_000);
@@ -217,6 +217,10 @@ impl Pipeline {
                         }
                         let note = format!("stage {name} attempt {stage_attempt} of {max_attempts} failed: {error}; retrying");
                         events.event(Event::message(job_id, attempt, truncate(note, MAX_EVENT_MESSAGE_BYTES))).await;
+                        // None today (see the policy); a zero pause must not cost a timer tick.
+                        if !STAGE_RETRY_PAUSE.is_zero() {
+                            tokio::time::sleep(STAGE_RETRY_PAUSE).await;
+                        }
                     }
                     let produced = EngineOutput { name: output.clone(), path: out_path, content_type: None };
                     if *keep_input {
@@ -306,15 +310,8 @@ struct StageShown {
     labels: kiln_core::protocol::Labels,
 }
 
-async fn forward_progress(
-    ctx: NodeContext,
-    job_id: String,
-    attempt: u32,
-    shown: StageShown,
-    mut rx: mpsc::Receiver<ProgressUpdate>,
-    order: ProgressOrder,
-) {
-    let ProgressOrder { running_stored, last_seq } = order;
+async fn forward_progress(job_id: String, attempt: u32, shown: StageShown, mut rx: mpsc::Receiver<ProgressUpdate>, order: ProgressOrder) {
+    let ProgressOrder { store, running_stored, last_seq } = order;
     let mut unacked = std::collections::VecDeque::new();
     let mut running_stored = Some(running_stored);
     while let Some(update) = rx.recv().await {
@@ -336,20 +333,20 @@ async fn forward_progress(
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
         }
         .labelled(&shown.labels);
-        match ctx.resources.publish_event_nowait(&event).await {
+        match store.publish_event_nowait(&event, None).await {
             Ok(ack) => unacked.push_back(ack),
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event publish failed"),
         }
         if unacked.len() >= MAX_UNACKED_PROGRESS {
-            if let Ok(ack) = unacked.pop_front().expect("non-empty").await {
-                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            if let Ok(seq) = unacked.pop_front().expect("non-empty").await {
+                last_seq.fetch_max(seq, Ordering::AcqRel);
             }
         }
     }
     for ack in unacked {
         match ack.await {
-            Ok(ack) => {
-                last_seq.fetch_max(ack.sequence, Ordering::AcqRel);
+            Ok(seq) => {
+                last_seq.fetch_max(seq, Ordering::AcqRel);
             }
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "progress event not stored"),
         }

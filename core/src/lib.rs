@@ -11,6 +11,7 @@
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry            |
+//! | [`store`]     | the job store trait under the delivery: NATS and in-memory, one semantics   |
 //! | [`engine`]    | the `process`, `torchscript` (tch, batching; cargo feature `torch`) and `noop` engines |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
 //! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
@@ -44,6 +45,7 @@ pub mod placement;
 pub mod policy;
 pub mod stage;
 pub mod stall;
+pub mod store;
 pub mod task;
 
 use std::path::PathBuf;

@@ -1,7 +1,17 @@
 //! Restart and retry policy as data, decided by pure functions that take the time as an
-//! argument, so that tests drive them with explicit instants instead of sleeping: the backoff
-//! of a job's retries, the restart budget of a slot, and the patience with NATS trouble of
-//! every store operation on a job's path.
+//! argument, so that tests drive them with explicit instants instead of sleeping. Every retry
+//! schedule of a job's path is named here, with the reason for its values:
+//!
+//! | policy                     | what it paces                                                     |
+//! |----------------------------|-------------------------------------------------------------------|
+//! | [`Backoff`] from `[retry]` | a job's next attempt after a failed one (the cluster's config)     |
+//! | [`NakLadder`]              | how long a delivery hands its queue message back for, and why     |
+//! | [`RECORD_RACE_WAITS`]      | re-reads of a record the API is still writing (first delivery)    |
+//! | [`Patience`]               | riding out NATS trouble: every store operation on a job's path    |
+//! | [`CasContention`]          | compare-and-set rounds lost to other writers, and their pauses    |
+//! | [`STAGE_RETRY_PAUSE`]      | between a post-processing stage's attempts                        |
+//! | [`BATCH_PROGRESS_TRIES`]   | a batch's `batch_progress` event against its moving history       |
+//! | [`RestartBudget`]          | a slot's restarts (from `[restart]`), then quarantine             |
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -72,6 +82,100 @@ impl Patience {
         (elapsed + pause < self.within).then_some(pause)
     }
 }
+
+/// Why a delivery hands its queue message back (`Nak` with a delay: JetStream redelivers it
+/// after that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nak {
+    /// Attempt `attempt` failed and the job has attempts left (its record says `retrying`).
+    Retry { attempt: u32 },
+    /// The job's record does not exist (yet) at delivery number `delivered` (from 1): its
+    /// submission is still under way, or died between the enqueue and the record.
+    NoRecordYet { delivered: u32 },
+}
+
+/// The NAK ladder: the delay of each [`Nak`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NakLadder {
+    /// After a failed attempt: the cluster's `[retry]` backoff (config), by attempt number.
+    pub retry: Backoff,
+    /// A message without a record: [`NakLadder::NO_RECORD`].
+    pub no_record: Backoff,
+}
+
+impl NakLadder {
+    /// A message without a record is looked at again in 1 s, then 2, 4, 8, then every 10 s:
+    /// the record's write is usually just late (the API writes it after the enqueue, and the
+    /// first delivery re-reads it for [`RECORD_RACE_WAITS`] before handing it back), so the
+    /// first look is soon; an orphan (its submission died) is redelivered until it is older
+    /// than the queue's de-duplication window and then dropped, so the later looks are sparse
+    /// and never hold a slot more than once in 10 s.
+    pub const NO_RECORD: Backoff = Backoff { initial: Duration::from_secs(1), max: Duration::from_secs(10), multiplier: 2.0 };
+
+    /// The ladder of a cluster whose `[retry]` backoff is `retry`.
+    pub fn new(retry: Backoff) -> NakLadder {
+        NakLadder { retry, no_record: NakLadder::NO_RECORD }
+    }
+
+    pub fn delay(&self, nak: Nak) -> Duration {
+        match nak {
+            Nak::Retry { attempt } => self.retry.delay(attempt),
+            Nak::NoRecordYet { delivered } => self.no_record.delay(delivered.max(1)),
+        }
+    }
+}
+
+/// A first delivery whose job record is missing re-reads it after these waits (in all 63 ms)
+/// before handing the message back: the API writes the record after the enqueue, so a fast
+/// node may see the message first. The first re-read is at once: the record's write is usually
+/// in flight already (`kiln bench` saw the race in about one job in ten, and a 1 ms sleep was
+/// the largest part of its latency then). A redelivered message was waited for once and reads
+/// once (an orphan's redeliveries must not hold a slot for 63 ms each).
+pub const RECORD_RACE_WAITS: [Duration; 7] = [
+    Duration::ZERO,
+    Duration::from_millis(1),
+    Duration::from_millis(2),
+    Duration::from_millis(4),
+    Duration::from_millis(8),
+    Duration::from_millis(16),
+    Duration::from_millis(32),
+];
+
+/// Compare-and-set rounds lost to other writers (`crate::nats::cas`): read and decide again,
+/// after a short pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CasContention {
+    /// Rounds before an update gives up (`CasError::Contended`).
+    pub max_rounds: usize,
+}
+
+impl CasContention {
+    /// One bound for every writer, sized for the most contended key: a batch record, which
+    /// every item of the batch settles into as it ends, so items finishing on many slots at
+    /// once collide. A job record sees at most its owner and a cancel at once, and never comes
+    /// near it.
+    pub const RECORDS: CasContention = CasContention { max_rounds: 64 };
+
+    /// The pause before round `round` (from 1): 2 to 13 ms, growing with the round and spread
+    /// by the clock (`clock_ms`, ms), so writers that collided do not collide again in lockstep.
+    pub fn pause(round: usize, clock_ms: u64) -> Duration {
+        Duration::from_millis(1 + (round as u64 % 8) + (clock_ms % 5))
+    }
+}
+
+/// The pause between a post-processing stage's attempts (their number is the stage's
+/// `max_attempts`): none. What a retry mends is the command's own flakiness (a crash, no
+/// output), which waiting does not change; the job's slot has moved on to its next job
+/// already, and the stage pool is bounded, so an immediate retry holds nothing up. A stage
+/// whose attempts are all used fails the job's attempt, and the job's own [`NakLadder`]
+/// paces what follows.
+pub const STAGE_RETRY_PAUSE: Duration = Duration::ZERO;
+
+/// Tries of a batch's `batch_progress` event, each chained onto the batch's last event read
+/// (`Nats-Expected-Last-Subject-Sequence`), before it is left out: at once, with no pause,
+/// since each loss means another settle stored its own event in between, which carries counts
+/// as new. Left out, nothing is lost: the next item's event or `batch_finished` has the counts.
+pub const BATCH_PROGRESS_TRIES: usize = 5;
 
 /// What a supervisor does after its child failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +264,43 @@ mod tests {
     #[test]
     fn once_never_pauses() {
         assert_eq!(Patience::ONCE.pause(1, Duration::ZERO), None);
+    }
+
+    #[test]
+    fn the_nak_ladder_looks_for_a_missing_record_soon_then_sparsely() {
+        let ladder = NakLadder::new(Backoff::from(&RetryPolicy::default()));
+        let no_record: Vec<u64> = (0..=7).map(|delivered| ladder.delay(Nak::NoRecordYet { delivered }).as_millis() as u64).collect();
+        assert_eq!(no_record, vec![1_000, 1_000, 2_000, 4_000, 8_000, 10_000, 10_000, 10_000]);
+        assert_eq!(ladder.delay(Nak::NoRecordYet { delivered: u32::MAX }), Duration::from_secs(10));
+        for attempt in 1..5 {
+            assert_eq!(ladder.delay(Nak::Retry { attempt }), ladder.retry.delay(attempt));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the delivery count, a message without a record comes back within 1 to 10 s,
+        /// and never sooner than it did the delivery before.
+        #[test]
+        fn a_missing_record_is_looked_at_again_within_one_to_ten_seconds(delivered in 0u32..) {
+            let ladder = NakLadder::new(Backoff::from(&RetryPolicy::default()));
+            let delay = ladder.delay(Nak::NoRecordYet { delivered });
+            proptest::prop_assert!(delay >= Duration::from_secs(1) && delay <= Duration::from_secs(10));
+            let before = ladder.delay(Nak::NoRecordYet { delivered: delivered.saturating_sub(1) });
+            proptest::prop_assert!(delay >= before);
+        }
+
+        /// Conflict pauses stay short (2 to 13 ms) for every round and clock.
+        #[test]
+        fn a_lost_compare_and_set_pauses_two_to_thirteen_ms(round in 1usize..10_000, clock in 0u64..) {
+            let pause = CasContention::pause(round, clock);
+            proptest::prop_assert!(pause >= Duration::from_millis(1) && pause <= Duration::from_millis(13));
+        }
+    }
+
+    #[test]
+    fn the_record_race_waits_63_ms_in_all_the_first_at_once() {
+        assert_eq!(RECORD_RACE_WAITS[0], Duration::ZERO);
+        assert_eq!(RECORD_RACE_WAITS.iter().sum::<Duration>(), Duration::from_millis(63));
     }
 
     #[test]

@@ -320,7 +320,7 @@ impl Resources {
     /// or `batch_finished` has the counts).
     async fn publish_batch_progress(&self, batch: &BatchRecord) -> Result<(), StoreError> {
         let event = Event::batch_progress(&batch.batch_id, batch.summary());
-        for _ in 0..5 {
+        for _ in 0..crate::policy::BATCH_PROGRESS_TRIES {
             let Some((seq, last)) = self.last_event_with_seq(&batch.batch_id).await? else { return Ok(()) };
             if last.is_terminal() || (last.kind == EventKind::BatchProgress && last.summary == event.summary) {
                 return Ok(());

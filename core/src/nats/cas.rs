@@ -21,13 +21,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{StoreError, Transient};
-use crate::policy::Patience;
+use crate::policy::{CasContention, Patience};
 
-/// Compare-and-set rounds before an update gives up ([`CasError::Contended`]). One bound for
-/// every writer, sized for the most contended key: a batch record, which every item of the
-/// batch settles into as it ends, so items finishing on many slots at once collide. A job
-/// record sees at most its owner and a cancel at once, and never comes near it.
-pub const MAX_CAS_ROUNDS: usize = 64;
+/// Compare-and-set rounds before an update gives up ([`CasError::Contended`]): the policy
+/// [`CasContention::RECORDS`], one bound for every writer.
+pub const MAX_CAS_ROUNDS: usize = CasContention::RECORDS.max_rounds;
 
 /// What `decide` makes of the value it was shown.
 #[derive(Debug, Clone, PartialEq)]
@@ -180,10 +178,9 @@ where
     }
 }
 
-/// The pause before round `round` (from 1): 2 to 13 ms, growing with the round and spread by
-/// the clock, so writers that collided do not collide again in lockstep.
+/// The pause before round `round` (from 1), by [`CasContention::pause`] on this clock.
 fn pause(round: usize) -> Duration {
-    Duration::from_millis(1 + (round as u64 % 8) + (crate::now_ms() % 5))
+    CasContention::pause(round, crate::now_ms())
 }
 
 #[cfg(test)]

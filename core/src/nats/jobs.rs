@@ -3,15 +3,14 @@
 //! The record is the source of truth. After creation every write is a compare-and-set on the
 //! revision the writer read, which is how a stale attempt is fenced: its revision is old, its
 //! write is refused, and it stops without acking. Writers change a record with
-//! [`Resources::update_job_with`] (or [`super::cas::update_with`] directly when the read or
-//! the write needs more), deciding by the pure changes of [`crate::job`].
+//! [`Resources::update_job_with`] (`crate::store`: the same update over any job store), or
+//! [`super::cas::update_with`] directly when the read or the write needs more, deciding by the
+//! pure changes of [`crate::job`].
 
 use async_nats::jetstream::kv;
 
-use super::cas::{self, CasError, Step, Updated};
 use super::{Lane, Resources, StoreError};
 use crate::job::{JobRecord, JobState};
-use crate::policy::Patience;
 use crate::protocol::Event;
 
 /// A record and the KV revision it was read at (the token for the next compare-and-set).
@@ -66,39 +65,6 @@ impl Resources {
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(StoreError::Conflict),
             Err(e) => Err(StoreError::nats(e)),
         }
-    }
-
-    /// Changes the job's record by `decide` (a pure change of [`crate::job`]) with
-    /// compare-and-set, reading and deciding again when another writer got in between.
-    /// `held`: the record and revision the caller already has, decided on without a read.
-    pub async fn update_job_with<R>(
-        &self,
-        job_id: &str,
-        held: Option<Versioned>,
-        decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
-    ) -> Result<Updated<JobRecord, R>, CasError> {
-        self.update_job_patiently(job_id, held, Patience::ONCE, decide).await
-    }
-
-    /// [`Self::update_job_with`], riding out NATS trouble (a leaderless `KV_kiln_jobs`) for
-    /// as long as `patience` allows ([`cas::update_patiently`]): what an attempt's outcome
-    /// write does, since giving up made the job run again.
-    pub async fn update_job_patiently<R>(
-        &self,
-        job_id: &str,
-        held: Option<Versioned>,
-        patience: Patience,
-        decide: impl FnMut(&JobRecord) -> Step<JobRecord, R>,
-    ) -> Result<Updated<JobRecord, R>, CasError> {
-        cas::update_patiently(
-            job_id,
-            held.map(Versioned::into_pair),
-            patience,
-            || async { Ok(self.get_job(job_id).await?.map(Versioned::into_pair)) },
-            |next, revision| async move { self.update_job(&next, revision).await },
-            decide,
-        )
-        .await
     }
 
     /// Makes a new job durable: its `queued` event, its queue message, then its record.

@@ -18,6 +18,9 @@
 //! | [`metrics`] | the Prometheus endpoint                                                |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
+//! The `kiln` binary is `main.rs` and the command line under `cli/` (not part of this library):
+//! the clap tree and its dispatch in `cli/mod.rs`, one file per command family.
+//!
 //! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
 //! `kiln-actors` (the supervised actor tree). `docs/ARCHITECTURE.md` draws the whole.
 

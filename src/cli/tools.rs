@@ -1,10 +1,15 @@
 //! `kiln scale`, `bench`, `chaos`: the arguments and their reports; the measuring and the
-//! storming themselves are the tools' modules.
+//! storming themselves are the `kiln-tools` crate's, which gets this binary's in-process node
+//! from [`InProcessNodes`].
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use futures::future::BoxFuture;
+use kiln::node::RunningNode;
+use kiln_core::config::ClusterConfig;
+use kiln_tools::in_process::{NodeStarter, StartedNode};
 
 #[derive(Args)]
 pub struct ScaleArgs {
@@ -144,7 +149,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
             concurrency: args.concurrency.max(1),
             max_batch: args.max_batch,
         };
-        let report = kiln::bench::run_torchscript(opts.clone()).await?;
+        let report = kiln::bench::run_torchscript(opts.clone(), &InProcessNodes).await?;
         kiln::bench::print_torchscript(&report, &opts);
         return write_json(args.json, &report);
     }
@@ -155,7 +160,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
             file_bytes: args.file_mb * 1_000_000,
             slots: args.slots.max(1),
         };
-        let report = kiln::bench_http::run(opts.clone()).await?;
+        let report = kiln::bench_http::run(opts.clone(), &InProcessNodes).await?;
         kiln::bench_http::print(&report, &opts);
         return write_json(args.json, &report);
     }
@@ -222,5 +227,26 @@ fn write_json<T: serde::Serialize>(path: Option<PathBuf>, report: &T) -> Result<
     match path {
         Some(p) => std::fs::write(&p, serde_json::to_vec_pretty(report).expect("json")).map_err(|e| format!("{}: {e}", p.display())),
         None => Ok(()),
+    }
+}
+
+/// The runtime's node, started in this process for the benchmarks that run one beside their
+/// client (the tools cannot name it: the `kiln` crate depends on theirs).
+struct InProcessNodes;
+
+impl NodeStarter for InProcessNodes {
+    fn start(&self, config: ClusterConfig) -> BoxFuture<'_, Result<Box<dyn StartedNode>, String>> {
+        Box::pin(async move {
+            let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
+            Ok(Box::new(InProcessNode(node)) as Box<dyn StartedNode>)
+        })
+    }
+}
+
+struct InProcessNode(RunningNode);
+
+impl StartedNode for InProcessNode {
+    fn shutdown(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(self.0.shutdown(grace))
     }
 }

@@ -17,7 +17,7 @@ use kiln_core::protocol::{Event, SubmitRequest};
 use tokio::sync::oneshot;
 
 use crate::client::Client;
-use crate::node::RunningNode;
+use crate::in_process::NodeStarter;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -747,7 +747,8 @@ async fn kiln_torch(client: &Client, n: usize, concurrency: usize) -> Result<Fig
     kiln_jobs(client, "kiln", n, concurrency, affine_job).await
 }
 
-pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, String> {
+/// Runs the nodes it measures in this process, started by `nodes`.
+pub async fn run_torchscript(opts: TorchBenchOptions, nodes: &dyn NodeStarter) -> Result<TorchReport, String> {
     let device = match kiln_core::config::parse_slot(&opts.slot) {
         Some(kiln_core::config::SlotDevice::Cuda(n)) if tch::Cuda::is_available() => tch::Device::Cuda(n as usize),
         Some(kiln_core::config::SlotDevice::Cuda(_)) => return Err(format!("{} asked for, but CUDA is not available here", opts.slot)),
@@ -775,7 +776,7 @@ pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, Str
     let mut sequential = None;
     let mut results = vec![];
     for max_batch in [1, opts.max_batch.max(2)] {
-        let node = RunningNode::start(torch_config(&server.url(), &opts, max_batch)).await.map_err(|e| e.to_string())?;
+        let node = nodes.start(torch_config(&server.url(), &opts, max_batch)).await?;
         let client = Client::connect(&server.url(), "kiln").await.map_err(|e| e.to_string())?;
         kiln_torch(&client, 20, 1).await?; // load the model, warm the paths
         if sequential.is_none() {

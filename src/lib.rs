@@ -6,7 +6,7 @@
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`api`]     | the `kiln-api` NATS service: submit, status, cancel, result, jobs... |
 //! | [`service`] | the NATS services protocol for it: `$SRV` discovery, error headers, stats |
-//! | [`client`]  | the Rust client (typed requests, event replay, verified downloads)    |
+//! | [`client`]  | the Rust client: re-exports the `kiln-client` crate                   |
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
@@ -23,8 +23,9 @@
 //! The `kiln` binary is `main.rs` and the command line under `cli/` (not part of this library):
 //! the clap tree and its dispatch in `cli/mod.rs`, one file per command family.
 //!
-//! The layers below: `kiln-core` (config, protocol, job rules, NATS resources, engines) and
-//! `kiln-actors` (the supervised actor tree). `docs/ARCHITECTURE.md` draws the whole.
+//! The layers below: `kiln-actors` (the supervised actor tree), `kiln-core` (config, NATS
+//! resources, placement, engines), `kiln-client` (the Rust client) and `kiln-contract` (the wire
+//! contract and the job rules). `docs/ARCHITECTURE.md` draws the whole.
 
 pub mod api;
 pub mod client;

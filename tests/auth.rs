@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use kiln::client::Client;
-use kiln_core::config::NatsConfig;
+use kiln_core::config::{NatsConfig, NatsRules};
 use kiln_core::job::JobState;
 use kiln_core::nats::{resources, NatsServer};
 

@@ -50,7 +50,8 @@ pub type RunResult = Result<Vec<EngineOutput>, EngineError>;
 
 pub enum InferenceMsg {
     Run {
-        job: EngineJob,
+        // Boxed: it holds the job's whole record, and the enum's other variant is a flag.
+        job: Box<EngineJob>,
         progress: ProgressSink,
         cancel: CancellationToken,
         reply: RpcReplyPort<RunResult>,
@@ -85,7 +86,7 @@ impl Actor for InferenceActor {
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, message: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match message {
-            InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(&myself, job, progress, cancel, reply).await,
+            InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(&myself, *job, progress, cancel, reply).await,
             InferenceMsg::TorchDone { fatal } => state.on_torch_done(fatal),
         }
     }
@@ -204,8 +205,8 @@ impl InferenceState {
             let _ = reply.send(Err(EngineError::Cancelled));
             return Ok(());
         }
-        let Some(model) = self.ctx.config.model(&job.model).cloned() else {
-            let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.model))));
+        let Some(model) = self.ctx.config.model(&job.record.model).cloned() else {
+            let _ = reply.send(Err(EngineError::User(format!("model {:?} is not configured on this node", job.record.model))));
             return Ok(());
         };
         let timeout = Duration::from_millis(model.timeout_ms);

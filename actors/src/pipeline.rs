@@ -83,14 +83,7 @@ impl Pipeline {
         let output_dir = dir.join("out");
         let inputs = resolve_inputs(d, record, &dir.join("in")).await?;
         let job_inputs = inputs.clone();
-        let job = EngineJob {
-            job_id: d.job_id.clone(),
-            attempt: d.attempt,
-            model: record.model.clone(),
-            inputs,
-            params: record.params.clone(),
-            output_dir,
-        };
+        let job = EngineJob { record: JobRecord { attempt: d.attempt, ..record.clone() }, inputs, output_dir };
 
         let stages = d.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
         let run_stage = d.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
@@ -116,7 +109,7 @@ impl Pipeline {
         // one first, which may take a whole timeout too.
         let call = self
             .inference
-            .call(|reply| InferenceMsg::Run { job, progress: tx, cancel, reply }, Some(Duration::from_millis(2 * model_timeout + 30_000)))
+            .call(|reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel, reply }, Some(Duration::from_millis(2 * model_timeout + 30_000)))
             .await;
         let _ = forwarder.await;
         let outputs = match call {

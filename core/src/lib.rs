@@ -1,58 +1,50 @@
 //! # kiln-core
 //!
-//! The layer every other Kiln crate stands on: configuration, the public wire protocol, the
-//! job record and its rules, slot placement, every NATS resource, and the engines that run
-//! models. Nothing here is an actor: the rules that decide (job delivery and retry, placement,
+//! The runtime's shared layer, on `kiln-contract`: configuration, slot placement, every NATS
+//! resource, and the engines that run models. Nothing here is an actor: the rules that decide (job delivery and retry, placement,
 //! restart budget and backoff) are pure functions, tested without a server.
 //!
 //! | module        | what                                                                        |
 //! |---------------|-----------------------------------------------------------------------------|
 //! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
-//! | [`protocol`]  | JSON requests, replies, events and error codes on the wire                  |
-//! | [`job`]       | the job record (source of truth) and every change to it, as pure functions |
-//! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
-//! | [`params`]    | params a model declares, checked at submit (names, types, ranges, defaults) |
-//! | [`models`]    | the cluster's models from the registry's node entries; the conflict rule    |
-//! | [`batch`]     | batches: record and plan, settling (reuse, held items, fallbacks), summary  |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
-//! | [`ids`]       | syntax of client-controlled names (no wildcards, no path tricks)            |
-//! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry, names     |
-//! | [`engine`]    | the `process`, `torchscript` (tch, batching) and `noop` engines; `codecs`   |
+//! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry            |
+//! | [`engine`]    | the `process`, `torchscript` (tch, batching; cargo feature `torch`) and `noop` engines |
 //! | [`stage`]     | post-processing stages: command expansion, image size, camera metadata      |
 //! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
 //!
+//! Re-exported from `kiln-contract` (the wire contract, no NATS, no libtorch), so each type has
+//! one path: [`protocol`], [`job`], [`batch`], [`keys`], [`worker`], [`retry_reason`],
+//! [`params`], [`models`], [`ids`], and `nats::names`.
+//!
+//! libtorch is linked only with the `torch` feature (on by default; the `kiln` binary turns it
+//! on with its `engines` feature): without it the `torchscript` engine is absent and a model
+//! that asks for it is refused when the config is validated.
+//!
 //! [`nats`] and [`engine`] open with a table of their own files.
 
-pub mod batch;
+// The wire contract lives in its own crate (no NATS, no libtorch); re-exported so the runtime's
+// code and its users keep one path for each type (`kiln_core::job::JobRecord`).
+pub use kiln_contract::{batch, ids, job, keys, models, now_ms, params, protocol, retry_reason, worker};
+
 pub mod child;
 pub mod config;
 pub mod engine;
 pub mod fault;
-pub mod http;
-pub mod ids;
-pub mod job;
+pub use config::http;
 pub mod metrics;
-pub mod models;
 pub mod nats;
-pub mod params;
 pub mod placement;
 pub mod policy;
-pub mod protocol;
-pub mod retry_reason;
 pub mod stage;
 pub mod stall;
 
 use std::path::PathBuf;
-
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
 
 /// Where pinned tools and the embedded server's state live: `$KILN_CACHE`, else
 /// `$XDG_CACHE_HOME/kiln`, else `~/.cache/kiln`. Never inside the repository.

@@ -122,9 +122,9 @@ pub fn camera_metadata(job_id: &str, width: u32, height: u32, focal: f64) -> ser
 
 /// Width and height of a PNG or JPEG file.
 pub fn image_size(path: &Path) -> Result<(u32, u32), StageError> {
-    let t = tch::vision::image::load(path).map_err(|e| StageError::Failed(format!("{} is not a readable image: {e}", path.display())))?;
-    let size = t.size();
-    Ok((size[size.len() - 1] as u32, size[size.len() - 2] as u32))
+    // The header is enough: no decode, and no libtorch for a build without the engines.
+    let size = imagesize::size(path).map_err(|e| StageError::Failed(format!("{} is not a readable image: {e}", path.display())))?;
+    Ok((size.width as u32, size.height as u32))
 }
 
 /// Processes of group `pgid` that still run (zombies excluded: a killed orphan stays a zombie

@@ -122,7 +122,7 @@ fn job_id(route: &RouteConfig, id: Option<String>) -> Result<String, HttpError> 
     let id = id.filter(|i| !i.is_empty()).ok_or_else(|| HttpError::bad_request("the path names no job"))?;
     Ok(match route.job_ref {
         JobRefKind::JobId => id,
-        JobRefKind::Key => crate::api::idempotent_job_id(&route.model, &id),
+        JobRefKind::Key => kiln_core::keys::idempotent_job_id(&route.model, &id),
     })
 }
 
@@ -1020,7 +1020,7 @@ mod tests {
         let mut r = route(RouteKind::Status);
         assert_eq!(job_id(&r, Some("abc".into())).unwrap(), "abc");
         r.job_ref = JobRefKind::Key;
-        assert_eq!(job_id(&r, Some("abc".into())).unwrap(), crate::api::idempotent_job_id("m", "abc"));
+        assert_eq!(job_id(&r, Some("abc".into())).unwrap(), kiln_core::keys::idempotent_job_id("m", "abc"));
         assert!(job_id(&r, None).is_err());
     }
 

@@ -16,8 +16,9 @@ use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{Event, SubmitRequest};
 use tokio::sync::oneshot;
 
-use crate::client::Client;
+#[cfg(feature = "torch")]
 use crate::in_process::NodeStarter;
+use kiln_client::Client;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -572,6 +573,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         None => Some(NatsServer::start_temp_monitored().map_err(|e| e.to_string())?),
     };
     let url = opts.nats.clone().unwrap_or_else(|| server.as_ref().expect("started").url());
+    use kiln_core::config::NatsRules;
     let mut nats = kiln_core::config::NatsConfig::default();
     if opts.nats.is_some() {
         // An existing server may want credentials or TLS: the KILN_NATS_* variables.
@@ -721,6 +723,7 @@ pub struct TorchReport {
     pub kiln_batched: Figures,
 }
 
+#[cfg(feature = "torch")]
 fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> ClusterConfig {
     let mut config = bench_config(1);
     config.nats.url = url.to_string();
@@ -734,6 +737,7 @@ fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> Cluste
     config
 }
 
+#[cfg(feature = "torch")]
 fn affine_job(i: usize) -> SubmitRequest {
     let x = serde_json::json!([[i as f32, 1.0, 2.0, 3.0]]);
     SubmitRequest {
@@ -743,11 +747,19 @@ fn affine_job(i: usize) -> SubmitRequest {
     }
 }
 
+#[cfg(feature = "torch")]
 async fn kiln_torch(client: &Client, n: usize, concurrency: usize) -> Result<Figures, String> {
     kiln_jobs(client, "kiln", n, concurrency, affine_job).await
 }
 
+/// A build without the engines has no TorchScript to measure.
+#[cfg(not(feature = "torch"))]
+pub async fn run_torchscript(_opts: TorchBenchOptions, _nodes: &dyn crate::in_process::NodeStarter) -> Result<TorchReport, String> {
+    Err(kiln_core::engine::NO_TORCH.to_string())
+}
+
 /// Runs the nodes it measures in this process, started by `nodes`.
+#[cfg(feature = "torch")]
 pub async fn run_torchscript(opts: TorchBenchOptions, nodes: &dyn NodeStarter) -> Result<TorchReport, String> {
     let device = match kiln_core::config::parse_slot(&opts.slot) {
         Some(kiln_core::config::SlotDevice::Cuda(n)) if tch::Cuda::is_available() => tch::Device::Cuda(n as usize),

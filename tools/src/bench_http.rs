@@ -19,8 +19,8 @@ use kiln_core::nats::NatsServer;
 use kiln_core::protocol::SubmitRequest;
 
 use crate::bench::{bench_config, figures, Figures};
-use crate::client::Client;
 use crate::in_process::NodeStarter;
+use kiln_client::Client;
 
 #[derive(Debug, Clone)]
 pub struct HttpBenchOptions {

@@ -5,7 +5,7 @@
 //!
 //! | module         | what                                                                  |
 //! |----------------|-----------------------------------------------------------------------|
-//! | [`bench`]      | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle; `--torchscript` |
+//! | [`bench`]      | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle; `--torchscript` (feature `torch`, on by default: links libtorch) |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store    |
 //! | [`scale`]      | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes        |
 //! | [`chaos`]      | `kiln chaos`: a seeded storm of jobs and faults, then the invariants  |
@@ -14,8 +14,8 @@
 //! The `kiln` crate depends on this one and re-exports its modules (`kiln::chaos`,
 //! `kiln::bench`, ...), so the `kiln` binary keeps `kiln chaos|bench|scale` and the tests keep
 //! their paths. Cargo allows no cycle, so nothing here names the `kiln` crate: the tools talk
-//! to a cluster as clients, start `kiln node` and `kiln gateway` as processes of the binary
-//! that runs them (`std::env::current_exe`), and get an in-process node through
+//! to a cluster as clients (`kiln-client`), start `kiln node` and `kiln gateway` as processes
+//! of the binary that runs them (`std::env::current_exe`), and get an in-process node through
 //! [`in_process::NodeStarter`], which the binary passes in.
 
 pub mod bench;
@@ -23,9 +23,3 @@ pub mod bench_http;
 pub mod chaos;
 pub mod in_process;
 pub mod scale;
-
-/// The runtime's Rust client (`src/client.rs` of the `kiln` crate), compiled into this crate
-/// too until it is a crate of its own (`kiln-client`), which the tools will then depend on.
-/// The tools' `Client` is therefore a type of its own, never mixed with `kiln::client::Client`.
-#[path = "../../src/client.rs"]
-mod client;

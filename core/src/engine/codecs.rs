@@ -11,55 +11,12 @@
 use std::io::Write;
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
 use tch::{IValue, Kind, Tensor};
 
 use super::{EngineError, ResolvedInput};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InputKind {
-    Text,
-    Tensor,
-    Image,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    Int,
-    Float,
-    Bool,
-    Str,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputCodec {
-    Png,
-    Npy,
-    Json,
-    Ply,
-}
-
-impl OutputCodec {
-    pub fn content_type(self) -> &'static str {
-        match self {
-            OutputCodec::Png => "image/png",
-            OutputCodec::Npy => "application/x-npy",
-            OutputCodec::Json => "application/json",
-            OutputCodec::Ply => "application/x-ply",
-        }
-    }
-    pub fn extension(self) -> &'static str {
-        match self {
-            OutputCodec::Png => "png",
-            OutputCodec::Npy => "npy",
-            OutputCodec::Json => "json",
-            OutputCodec::Ply => "ply",
-        }
-    }
-}
+// The kinds are configuration (`[[models]]` names them), defined beside the rest of it.
+pub use crate::config::{InputKind, OutputCodec, ParamKind};
 
 fn user(msg: impl Into<String>) -> EngineError {
     EngineError::User(msg.into())

@@ -5,15 +5,23 @@
 //! | `process.rs` | `process` | a long-lived worker process per slot and model, JSON lines    |
 //! | `torchscript.rs` | `torchscript` | TorchScript via tch on a dedicated thread per slot    |
 //! | `codecs.rs`  |           | job inputs to Torch values, outputs to PNG/npy/json/ply files |
+//! | `torch_spec.rs` |        | a TorchScript model's settings: plain data, no libtorch       |
 //! | `noop.rs`    | `noop`    | completes at once with a small artifact (runtime overhead)    |
 //!
 //! An engine loads its model lazily on the first job ([`Engine::ensure_loaded`]), keeps it
 //! resident, and runs a job with a progress sink and a cancellation token. Engines are an enum,
 //! not a trait object: the set is closed and known to the config, and async methods stay plain.
+//!
+//! `torchscript.rs` and `codecs.rs` link libtorch and exist only with the `torch` feature;
+//! without it a `torchscript` model is refused when the config is validated, and
+//! [`TorchEngine::run`] (never reached then) answers `model_broken`.
 
+#[cfg(feature = "torch")]
 pub mod codecs;
 pub mod noop;
 pub mod process;
+pub mod torch_spec;
+#[cfg(feature = "torch")]
 pub mod torchscript;
 
 use std::collections::BTreeMap;
@@ -23,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{EngineConfig, ModelConfig};
-use crate::job::FailureKind;
+use crate::job::{FailureKind, JobRecord};
 
 /// One input as the engine sees it: inline JSON, or a file the node downloaded for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,11 +43,11 @@ pub enum ResolvedInput {
 /// Everything an engine needs to run one attempt of one job.
 #[derive(Debug, Clone)]
 pub struct EngineJob {
-    pub job_id: String,
-    pub attempt: u32,
-    pub model: String,
+    /// The job's record as this attempt claimed it (`attempt` is this attempt's number): what
+    /// the client set reaches the engine here, so a new field needs no change on the way.
+    pub record: JobRecord,
+    /// The record's inputs as the node resolved them (uploads downloaded to files).
     pub inputs: BTreeMap<String, ResolvedInput>,
-    pub params: serde_json::Map<String, serde_json::Value>,
     /// Where the engine writes its outputs; owned by the inference actor, emptied per job.
     pub output_dir: PathBuf,
 }
@@ -127,6 +135,7 @@ pub struct SlotContext {
     /// declare `memory_bytes` share it.
     pub memory_bytes: u64,
     /// The slot's torch thread, started by the first TorchScript model it runs.
+    #[cfg(feature = "torch")]
     pub torch: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<torchscript::TorchSlot>>>,
     /// Bytes its resident process workers are counted for (set by the inference actor): the
     /// torch thread fits its modules in what they leave.
@@ -142,6 +151,7 @@ impl SlotContext {
             node: node.into(),
             slot: slot.into(),
             memory_bytes,
+            #[cfg(feature = "torch")]
             torch: Default::default(),
             process_bytes: Default::default(),
             torch_bytes: Default::default(),
@@ -149,6 +159,7 @@ impl SlotContext {
     }
 
     /// The Torch device of this slot: `cuda:N` when CUDA has that device, else the CPU.
+    #[cfg(feature = "torch")]
     pub fn torch_device(&self) -> Result<tch::Device, EngineError> {
         match crate::config::parse_slot(&self.slot) {
             Some(crate::config::SlotDevice::Cuda(n)) => {
@@ -172,7 +183,9 @@ impl SlotContext {
 #[derive(Clone)]
 pub struct TorchEngine {
     model: String,
-    spec: torchscript::TorchModel,
+    spec: torch_spec::TorchModel,
+    // Read only by the torch thread, which a build without `torch` has not.
+    #[cfg_attr(not(feature = "torch"), allow(dead_code))]
     slot: SlotContext,
 }
 
@@ -185,7 +198,7 @@ impl Engine {
             )),
             EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device, max_batch, max_batch_delay_ms } => {
                 let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-                let spec = torchscript::TorchModel {
+                let spec = torch_spec::TorchModel {
                     path: path.into(),
                     inputs: inputs.clone(),
                     params: params.clone(),
@@ -214,7 +227,7 @@ impl Engine {
     pub fn is_loaded(&self) -> bool {
         match self {
             Engine::Process(e) => e.is_loaded(),
-            Engine::Torch(e) => e.slot.torch.get().is_some_and(|t| t.is_loaded(&e.model)),
+            Engine::Torch(e) => e.is_loaded(),
             Engine::Noop(_) => true,
         }
     }
@@ -290,13 +303,38 @@ pub fn workers_to_stop(resident: &[ResidentWorker], fixed: u64, need: u64, budge
     }
 }
 
+#[cfg(feature = "torch")]
 impl TorchEngine {
     pub async fn run(&self, job: EngineJob, progress: ProgressSink, cancel: CancellationToken) -> Result<Vec<EngineOutput>, EngineError> {
         let device = self.slot.torch_device()?;
         let slot = self.slot.torch.get_or_init(|| torchscript::TorchSlot::start(&self.slot, device)).clone();
         slot.run(&self.model, &self.spec, job, progress, cancel).await
     }
+
+    fn is_loaded(&self) -> bool {
+        self.slot.torch.get().is_some_and(|t| t.is_loaded(&self.model))
+    }
 }
+
+/// A build without libtorch: config validation refuses TorchScript models, so this is reached
+/// only by a config that skipped it.
+#[cfg(not(feature = "torch"))]
+impl TorchEngine {
+    pub async fn run(
+        &self,
+        _job: EngineJob,
+        _progress: ProgressSink,
+        _cancel: CancellationToken,
+    ) -> Result<Vec<EngineOutput>, EngineError> {
+        Err(EngineError::ModelBroken(format!("model {}: {NO_TORCH}", self.model)))
+    }
+
+    fn is_loaded(&self) -> bool {
+        false
+    }
+}
+
+pub use crate::config::NO_TORCH;
 
 #[cfg(test)]
 mod residency_tests {
@@ -344,5 +382,38 @@ mod residency_tests {
                 }
             }
         }
+    }
+}
+
+/// The retry reasons are read from the messages these errors display (kiln-contract's
+/// `retry_reason`): each kind keeps its reason.
+#[cfg(test)]
+mod retry_reason_tests {
+    use super::*;
+    use crate::job::{JobRecord, JobState, Owner};
+    use crate::protocol::{ApiError, ErrorCode};
+    use crate::retry_reason;
+
+    #[test]
+    fn each_engine_failure_names_its_retry_reason() {
+        let cases = [
+            (
+                EngineError::WorkerDied("worker process 42 exited (exit status: 3)".into()),
+                kiln_contract::protocol::RetryReason::WorkerCrashed,
+            ),
+            (EngineError::WorkerDied(retry_reason::SLOT_STOPPED.into()), kiln_contract::protocol::RetryReason::SlotRestarted),
+            (EngineError::Timeout(5_000), kiln_contract::protocol::RetryReason::Timeout),
+            (EngineError::Load("no such file".into()), kiln_contract::protocol::RetryReason::LoadFailed),
+            (EngineError::Infra("CUDA out of memory".into()), kiln_contract::protocol::RetryReason::EngineFailed),
+        ];
+        for (error, reason) in cases {
+            let mut r = JobRecord { state: JobState::Retrying, attempt: 1, started_ms: Some(1_000), ..JobRecord::queued("j", "m", 3, 0) };
+            r.owner = Some(Owner { node: "gpu-a".into(), slot: "cuda:0".into() });
+            r.error = Some(ApiError::new(ErrorCode::EngineFailed, error.to_string()));
+            let (got, message) = retry_reason::why_next_attempt(&r, retry_reason::OwnerLife::Unknown).expect("a retry");
+            assert_eq!(got, reason, "{message}");
+            assert!(message.starts_with("attempt 1 failed on gpu-a (cuda:0): "), "{message}");
+        }
+        assert_eq!(retry_reason::failure_reason(None), kiln_contract::protocol::RetryReason::EngineFailed);
     }
 }

@@ -24,9 +24,9 @@ impl NoopEngine {
             tokio::task::spawn_blocking(move || std::thread::sleep(work)).await.map_err(|e| EngineError::Infra(e.to_string()))?;
         }
         let body = serde_json::json!({
-            "job_id": job.job_id,
-            "attempt": job.attempt,
-            "params": job.params,
+            "job_id": job.record.job_id,
+            "attempt": job.record.attempt,
+            "params": job.record.params,
             "padding": "x".repeat(self.artifact_bytes),
         });
         let path = job.output_dir.join("result.json");

@@ -26,7 +26,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
@@ -45,49 +44,9 @@ const LINE_CHANNEL_BOUND: usize = 1024;
 /// Longest stdout line accepted; a longer one is a protocol error (and a memory bound).
 const MAX_LINE_BYTES: usize = 1024 * 1024;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum WorkerLine {
-    Ready,
-    Progress {
-        #[serde(default)]
-        job_id: Option<String>,
-        #[serde(default)]
-        stage: Option<String>,
-        #[serde(default)]
-        progress: Option<f32>,
-        #[serde(default)]
-        message: Option<String>,
-    },
-    Log {
-        #[serde(default)]
-        job_id: Option<String>,
-        message: String,
-    },
-    Result {
-        job_id: String,
-        #[serde(default)]
-        artifacts: Vec<WorkerArtifact>,
-    },
-    Error {
-        job_id: String,
-        message: String,
-        #[serde(default)]
-        retryable: bool,
-    },
-    Cancelled {
-        job_id: String,
-    },
-}
-
-#[derive(Debug, Deserialize)]
-struct WorkerArtifact {
-    name: String,
-    /// Absolute, or relative to the job's output dir; must lie inside it.
-    path: String,
-    #[serde(default)]
-    content_type: Option<String>,
-}
+// The lines themselves are the contract's (`kiln_contract::worker`): the Python SDK and any
+// other worker read the same types' documentation.
+use crate::worker::{FromWorker as WorkerLine, ToWorker, WorkerArtifact, WorkerJob};
 
 /// What the stdout reader hands over: a parsed line, or raw text.
 enum Line {
@@ -137,7 +96,7 @@ impl Worker {
         }
     }
 
-    async fn send(&mut self, value: &serde_json::Value) -> Result<(), EngineError> {
+    async fn send(&mut self, value: &ToWorker) -> Result<(), EngineError> {
         let mut line = serde_json::to_vec(value).expect("json");
         line.push(b'\n');
         self.stdin.write_all(&line).await.map_err(|e| EngineError::WorkerDied(format!("cannot write to worker {}: {e}", self.pid)))?;
@@ -275,15 +234,7 @@ impl ProcessEngine {
                 (k.clone(), v)
             })
             .collect();
-        let request = serde_json::json!({
-            "type": "job",
-            "job_id": job.job_id,
-            "attempt": job.attempt,
-            "model": job.model,
-            "inputs": inputs,
-            "params": job.params,
-            "output_dir": job.output_dir,
-        });
+        let request = ToWorker::Job(WorkerJob::new(&job.record, inputs, job.output_dir.clone()));
         if let Err(e) = worker.send(&request).await {
             self.worker = None;
             return Err(e);
@@ -293,12 +244,12 @@ impl ProcessEngine {
             let line = tokio::select! {
                 line = worker.lines.recv() => line,
                 _ = cancel.cancelled(), if cancelling.is_none() => {
-                    let _ = worker.send(&serde_json::json!({"type": "cancel", "job_id": job.job_id})).await;
+                    let _ = worker.send(&ToWorker::Cancel { job_id: job.record.job_id.clone() }).await;
                     cancelling = Some(Box::pin(tokio::time::sleep(CANCEL_GRACE)));
                     continue;
                 }
                 _ = async { cancelling.as_mut().expect("guarded").await }, if cancelling.is_some() => {
-                    tracing::warn!(job_id = %job.job_id, pid = worker.pid, "worker ignored cancel; killing it");
+                    tracing::warn!(job_id = %job.record.job_id, pid = worker.pid, "worker ignored cancel; killing it");
                     self.worker = None;
                     return Err(EngineError::Cancelled);
                 }
@@ -324,7 +275,7 @@ impl ProcessEngine {
                 }
                 Line::Parsed(l) => l,
             };
-            let mine = |id: &Option<String>| id.as_deref().is_none_or(|i| i == job.job_id);
+            let mine = |id: &Option<String>| id.as_deref().is_none_or(|i| i == job.record.job_id);
             match line {
                 WorkerLine::Ready => {}
                 WorkerLine::Progress { job_id, stage, progress: pct, message } if mine(&job_id) => {
@@ -334,19 +285,19 @@ impl ProcessEngine {
                 WorkerLine::Log { job_id, message } if mine(&job_id) => {
                     let _ = progress.send(ProgressUpdate::Message(message)).await;
                 }
-                WorkerLine::Result { job_id, artifacts } if job_id == job.job_id => {
+                WorkerLine::Result { job_id, artifacts } if job_id == job.record.job_id => {
                     if cancelling.is_some() {
                         return Err(EngineError::Cancelled);
                     }
                     return artifacts.into_iter().map(|a| resolve_artifact(&job.output_dir, a)).collect();
                 }
-                WorkerLine::Error { job_id, message, retryable } if job_id == job.job_id => {
+                WorkerLine::Error { job_id, message, retryable } if job_id == job.record.job_id => {
                     if cancelling.is_some() {
                         return Err(EngineError::Cancelled);
                     }
                     return Err(if retryable { EngineError::Infra(message) } else { EngineError::User(message) });
                 }
-                WorkerLine::Cancelled { job_id } if job_id == job.job_id => return Err(EngineError::Cancelled),
+                WorkerLine::Cancelled { job_id } if job_id == job.record.job_id => return Err(EngineError::Cancelled),
                 _ => {} // a line about another (earlier, cancelled) job
             }
         }
@@ -435,14 +386,8 @@ mod tests {
         let script = r#"echo '{"type":"ready"}'; read job; head -c 2097152 /dev/zero | tr '\0' x; echo; sleep 600"#;
         let command = vec!["sh".into(), "-c".into(), script.into()];
         let mut engine = ProcessEngine::new("long-lines", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
-        let job = EngineJob {
-            job_id: "j".into(),
-            attempt: 1,
-            model: "long-lines".into(),
-            inputs: BTreeMap::new(),
-            params: serde_json::Map::new(),
-            output_dir: dir.path().to_path_buf(),
-        };
+        let record = crate::job::JobRecord { attempt: 1, ..crate::job::JobRecord::queued("j", "long-lines", 3, 0) };
+        let job = EngineJob { record, inputs: BTreeMap::new(), output_dir: dir.path().to_path_buf() };
         let (tx, _rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
         let started = std::time::Instant::now();
         let result = engine.run(job, tx, CancellationToken::new()).await;

@@ -15,60 +15,18 @@
 //! (see `examples/models/README.md` for the conventions fixture models follow).
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use tch::{CModule, Device, IValue};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::codecs::{self, InputKind, OutputCodec, ParamKind};
+use super::codecs::{self, OutputCodec};
 use super::{EngineError, EngineJob, EngineOutput, ProgressSink, ProgressUpdate};
 
-/// One input of a TorchScript model, as configured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputSpec {
-    pub name: String,
-    pub kind: InputKind,
-}
-
-/// One scalar param of a TorchScript model, as configured.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParamSpec {
-    pub name: String,
-    pub kind: ParamKind,
-    #[serde(default)]
-    pub default: Option<serde_json::Value>,
-}
-
-/// How one named output becomes a file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputSpec {
-    /// The output's name (a dict key, `output`, or `output_N`); for `ply`, the file name.
-    pub name: String,
-    pub codec: OutputCodec,
-}
-
-/// A TorchScript model's settings (`engine = { kind = "torchscript", ... }`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TorchModel {
-    pub path: PathBuf,
-    pub inputs: Vec<InputSpec>,
-    pub params: Vec<ParamSpec>,
-    pub outputs: Vec<OutputSpec>,
-    /// Resident size estimate; eviction keeps the slot under its budget by this number.
-    pub memory_bytes: u64,
-    /// `cpu` pins the model to the CPU even on a GPU slot.
-    pub cpu_only: bool,
-    /// Dynamic batching: up to this many jobs in one forward pass (1: off).
-    pub max_batch: usize,
-    /// How long the first job of a batch waits for others.
-    pub max_batch_delay: std::time::Duration,
-}
+// The specs are configuration (`[[models]]` names them), defined beside the rest of it.
+pub use super::torch_spec::TorchModel;
+pub use crate::config::{InputSpec, OutputSpec, ParamSpec};
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
@@ -261,7 +219,7 @@ impl SlotThread {
             args.push(to_device(v, device));
         }
         for param in &spec.params {
-            args.push(codecs::param_value(&param.name, param.kind, job.params.get(&param.name).or(param.default.as_ref()))?);
+            args.push(codecs::param_value(&param.name, param.kind, job.record.params.get(&param.name).or(param.default.as_ref()))?);
         }
         Ok(args)
     }
@@ -293,7 +251,7 @@ impl SlotThread {
         let device = if spec.cpu_only { Device::Cpu } else { self.device };
         let stepwise = self.models.get(model).is_some_and(|m| m.stepwise);
         let params_of =
-            |j: &EngineJob| spec.params.iter().map(|p| j.params.get(&p.name).or(p.default.as_ref()).cloned()).collect::<Vec<_>>();
+            |j: &EngineJob| spec.params.iter().map(|p| j.record.params.get(&p.name).or(p.default.as_ref()).cloned()).collect::<Vec<_>>();
         let args: Vec<Result<Vec<IValue>, EngineError>> = jobs.iter().map(|b| Self::arguments(spec, &b.job, device)).collect();
         let tensors_only = |a: &Result<Vec<IValue>, EngineError>| {
             a.as_ref().is_ok_and(|a| a[..spec.inputs.len()].iter().all(|v| matches!(v, IValue::Tensor(_))))

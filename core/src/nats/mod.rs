@@ -2,7 +2,7 @@
 //!
 //! | file          | what                                                                  |
 //! |---------------|-----------------------------------------------------------------------|
-//! | `names.rs`    | every subject, stream and bucket name, from one prefix                |
+//! | `names`       | every subject, stream and bucket name, from one prefix (in kiln-contract) |
 //! | `server.rs`   | a real nats-server child process (embedded mode, bench, tests); a cluster of them |
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
@@ -17,7 +17,7 @@ pub mod batches;
 pub mod cas;
 pub mod events;
 pub mod jobs;
-pub mod names;
+pub use kiln_contract::names;
 pub mod objects;
 pub mod patience;
 pub mod registry;
@@ -31,27 +31,5 @@ pub use registry::{lost_claim_key, RegistryCache};
 pub use resources::Resources;
 pub use server::{ClusterMember, NatsCluster, NatsServer};
 
-/// Errors of the NATS layer. Callers branch on the kind; the text carries NATS's own message.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// A compare-and-set lost: somebody else wrote the record since we read it. Writers do
-    /// not retry this themselves: [`cas::update_with`] reads and decides again.
-    #[error("the record changed since it was read (revision conflict)")]
-    Conflict,
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("already exists")]
-    AlreadyExists,
-    #[error("cannot decode stored value: {0}")]
-    Decode(String),
-    #[error("nats: {0}")]
-    Nats(String),
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl StoreError {
-    pub fn nats(e: impl std::fmt::Display) -> Self {
-        StoreError::Nats(e.to_string())
-    }
-}
+/// Errors of the NATS layer: the client's (connecting and moving objects fail the same ways).
+pub use kiln_client::StoreError;

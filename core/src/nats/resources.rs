@@ -1,7 +1,6 @@
 //! Connecting to NATS and creating every stream, bucket and consumer Kiln needs. Creation is
 //! idempotent (`get_or_create`), so every node runs it at start and the first one wins.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +8,10 @@ use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use dashmap::DashMap;
 
 use super::{Lane, Names, StoreError};
-use crate::config::{ClusterConfig, NatsAuth, NatsConfig};
+use crate::config::ClusterConfig;
+// Connecting is the client's (`kiln_client::connect`): one way for nodes, the CLI and any
+// Rust program.
+pub use kiln_client::connect::{connect, connect_options, install_crypto_provider};
 
 /// How long job records are kept, at least: far longer than any job waits in the queue.
 const JOB_RECORD_MIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -56,104 +58,6 @@ pub struct ResourceHandles {
     pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
     pub(crate) ack_wait: Duration,
     pub(crate) registry_ttl: Duration,
-}
-
-/// The options of every NATS connection Kiln makes (nodes, the CLI, the benchmark): a name
-/// that shows up in `nats server report connections`, then the credentials and TLS settings of
-/// `nats` (see docs/SECURITY.md). Reads the NKey seed or creds file, so a bad one fails here
-/// with its key named.
-pub async fn connect_options(nats: &NatsConfig, name: &str) -> Result<async_nats::ConnectOptions, StoreError> {
-    install_crypto_provider();
-    let mut options = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(2)).max_reconnects(None);
-    options = match nats.auth() {
-        NatsAuth::None => options,
-        NatsAuth::UserPassword { user, password } => options.user_and_password(user.to_string(), password.to_string()),
-        NatsAuth::Token(token) => options.token(token.to_string()),
-        NatsAuth::NkeySeedFile(path) => options.nkey(read_nkey_seed(path)?),
-        NatsAuth::CredsFile(path) => {
-            options.credentials_file(path).await.map_err(|e| StoreError::Nats(format!("nats.creds_file {}: {e}", path.display())))?
-        }
-    };
-    if nats.tls() {
-        options = options.require_tls(true);
-    }
-    if !nats.tls_ca_file.is_empty() {
-        options = options.add_root_certificates(nats.tls_ca_file.clone().into());
-    }
-    if !nats.tls_cert_file.is_empty() {
-        options = options.add_client_certificate(nats.tls_cert_file.clone().into(), nats.tls_key_file.clone().into());
-    }
-    Ok(options)
-}
-
-/// The seed in an NKey seed file: the first word that starts with `SU` (a user seed), so the
-/// files `nk -gen user` and `nsc` write both work. Checked here, never logged.
-fn read_nkey_seed(path: &Path) -> Result<String, StoreError> {
-    let key = |reason: String| StoreError::Nats(format!("nats.nkey_seed_file {}: {reason}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| key(e.to_string()))?;
-    let seed = text.split_whitespace().find(|w| w.starts_with("SU")).ok_or_else(|| key("holds no user seed (SU...)".into()))?;
-    nkeys::KeyPair::from_seed(seed).map_err(|e| key(format!("not a valid seed: {e}")))?;
-    Ok(seed.to_string())
-}
-
-/// Connects with [`connect_options`], retrying for `nats.connect_timeout_ms` while the server
-/// cannot be reached, so a node may start before its server. A refusal of the credentials or a
-/// failed TLS handshake is final at once, with an error that says which.
-pub async fn connect(nats: &NatsConfig, name: &str) -> Result<async_nats::Client, StoreError> {
-    let url = nats.url.as_str();
-    // Every seed of a cluster: the client starts on one and fails over to the others (and to
-    // those the servers announce).
-    let mut addrs = Vec::new();
-    for seed in nats.urls() {
-        addrs.push(
-            seed.parse::<async_nats::ServerAddr>().map_err(|e| StoreError::Nats(format!("nats.url {seed:?} is not a NATS URL: {e}")))?,
-        );
-    }
-    let timeout = Duration::from_millis(nats.connect_timeout_ms);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let options = connect_options(nats, name).await?;
-        let error = match options.connect(addrs.clone()).await {
-            Ok(client) => return Ok(client),
-            Err(e) => e,
-        };
-        use async_nats::ConnectErrorKind as Kind;
-        // rustls' refusals of the server's certificate arrive as IO errors.
-        let text = error.to_string().to_lowercase();
-        let tls_refused = text.contains("certificate") || text.contains("tls") || text.contains("handshake");
-        let message = match error.kind() {
-            Kind::AuthorizationViolation | Kind::Authentication => {
-                let method = match nats.auth() {
-                    NatsAuth::None => {
-                        "no credentials (set nats.user and nats.password, nats.token, nats.nkey_seed_file or nats.creds_file)".to_string()
-                    }
-                    NatsAuth::UserPassword { user, .. } => format!("user {user:?} (nats.user, nats.password)"),
-                    NatsAuth::Token(_) => "the token (nats.token)".to_string(),
-                    NatsAuth::NkeySeedFile(p) => format!("the NKey of {} (nats.nkey_seed_file)", p.display()),
-                    NatsAuth::CredsFile(p) => format!("the creds of {} (nats.creds_file)", p.display()),
-                };
-                format!("authentication failed: the NATS server at {url} refused {method}: {error}")
-            }
-            Kind::Tls | Kind::Io if error.kind() == Kind::Tls || tls_refused => format!(
-                "TLS with the NATS server at {url} failed: {error} (check nats.tls_ca_file: the CA that signed the server's \
-                 certificate, and that the URL's host name is in that certificate)"
-            ),
-            Kind::ServerParse => format!("nats.url {url:?} is not a NATS URL: {error}"),
-            _ if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            _ => format!("cannot connect to {url} within {timeout:?}: {error}"),
-        };
-        return Err(StoreError::Nats(message));
-    }
-}
-
-/// Installs ring as rustls' process-wide crypto provider. The build holds two (async-nats
-/// brings ring, ractor_cluster's tokio-rustls brings aws-lc-rs), and with two and none
-/// installed, the first `tls://` connection panics. Idempotent.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 impl Resources {

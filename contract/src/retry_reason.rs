@@ -47,7 +47,8 @@ pub fn owner_life(attempt_started_ms: Option<u64>, entry_started_ms: Option<u64>
 }
 
 /// The reason of a retryable failure, from the error its attempt wrote. The messages are the
-/// engine's own (`EngineError`'s `Display`, tested below), whose prefixes are stable.
+/// engine's own (`EngineError`'s `Display`, tested beside it in kiln-core's `engine`), whose
+/// prefixes are stable.
 pub fn failure_reason(error: Option<&ApiError>) -> RetryReason {
     let Some(message) = error.map(|e| e.message.as_str()) else { return RetryReason::EngineFailed };
     if message.contains(SLOT_STOPPED) {
@@ -101,16 +102,10 @@ pub fn why_next_attempt(previous: &JobRecord, life: OwnerLife) -> Option<(RetryR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::EngineError;
     use crate::job::Owner;
-    use crate::protocol::ErrorCode;
 
     fn record(state: JobState, attempt: u32) -> JobRecord {
         JobRecord { state, attempt, started_ms: Some(1_000), ..JobRecord::queued("j", "m", 3, 0) }
-    }
-
-    fn engine_error(e: EngineError) -> ApiError {
-        ApiError::new(ErrorCode::EngineFailed, e.to_string())
     }
 
     #[test]
@@ -119,22 +114,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_attempt_gives_its_failure_as_the_reason() {
-        let cases = [
-            (EngineError::WorkerDied("worker process 42 exited (exit status: 3)".into()), RetryReason::WorkerCrashed),
-            (EngineError::WorkerDied(SLOT_STOPPED.into()), RetryReason::SlotRestarted),
-            (EngineError::Timeout(5_000), RetryReason::Timeout),
-            (EngineError::Load("no such file".into()), RetryReason::LoadFailed),
-            (EngineError::Infra("CUDA out of memory".into()), RetryReason::EngineFailed),
-        ];
-        for (error, reason) in cases {
-            let mut r = record(JobState::Retrying, 1);
-            r.owner = Some(Owner { node: "gpu-a".into(), slot: "cuda:0".into() });
-            r.error = Some(engine_error(error));
-            let (got, message) = why_next_attempt(&r, OwnerLife::Unknown).expect("a retry");
-            assert_eq!(got, reason, "{message}");
-            assert!(message.starts_with("attempt 1 failed on gpu-a (cuda:0): "), "{message}");
-        }
+    fn an_attempt_without_an_error_failed_in_its_engine() {
         assert_eq!(failure_reason(None), RetryReason::EngineFailed);
     }
 

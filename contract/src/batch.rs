@@ -32,6 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{JobRecord, JobState};
 use crate::params::ParamDecl;
+use crate::protocol::{BatchItemEvent, Event, EventKind};
+pub use crate::protocol::{BatchStatus, BatchSummary, ParentRef};
 use crate::protocol::{ErrorCode, InputValue, Labels};
 
 /// Namespace of batch-derived ids (uuid v5), so a resubmission with the same idempotency key,
@@ -83,16 +85,6 @@ pub fn falls_back(record: &JobRecord) -> bool {
     record.state == JobState::Failed && (record.dead_letter || record.error.as_ref().is_some_and(|e| e.code == ErrorCode::EngineFailed))
 }
 
-/// A child job's link to its batch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct ParentRef {
-    pub batch_id: String,
-    /// The item's index in the original request; a retry batch keeps the original indices, so
-    /// frame 7 of a storyboard stays item 7 however often it is retried. A job that items share
-    /// (`reuse`) names the first of them.
-    pub index: u32,
-}
-
 /// One item of a batch as the parent record keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchItem {
@@ -133,40 +125,6 @@ impl BatchItem {
     fn is_open(&self) -> bool {
         !self.held && !self.state.is_terminal()
     }
-}
-
-/// Where a batch is: running until every item is terminal, then its summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum BatchStatus {
-    Running,
-    /// Every item completed.
-    Succeeded,
-    /// Some items completed, some failed or were cancelled.
-    Partial,
-    /// No item completed.
-    Failed,
-}
-
-impl BatchStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BatchStatus::Running => "running",
-            BatchStatus::Succeeded => "succeeded",
-            BatchStatus::Partial => "partial",
-            BatchStatus::Failed => "failed",
-        }
-    }
-}
-
-/// Counts of a batch's items, and the status they add up to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct BatchSummary {
-    pub status: BatchStatus,
-    pub total: u32,
-    pub completed: u32,
-    pub failed: u32,
-    pub cancelled: u32,
 }
 
 /// What it takes to make any job of a batch after its submission (a held item's, a
@@ -608,9 +566,41 @@ impl BatchRecord {
     }
 }
 
+impl Event {
+    /// An item of batch `batch_id` ended as `record` says.
+    pub fn batch_item(batch_id: &str, index: u32, record: &JobRecord) -> Self {
+        let kind = if record.state == JobState::Completed { EventKind::ItemCompleted } else { EventKind::ItemFailed };
+        let item = BatchItemEvent {
+            index,
+            job_id: record.job_id.clone(),
+            status: record.state,
+            artifacts: record.artifacts.clone(),
+            labels: record.labels.clone(),
+        };
+        let mut event = Event { kind, status: None, item: Some(item), ..Event::status(batch_id, 0, JobState::Running) };
+        if let Some(e) = &record.error {
+            event = event.with_error(e.clone());
+        }
+        event
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PROTOCOL: lists are always sent, empty or not (maps and options are left out when
+    /// empty or absent).
+    #[test]
+    fn lists_in_replies_and_events_are_sent_when_empty() {
+        let mut failed = JobRecord::queued("j1", "m", 3, 1);
+        failed.state = JobState::Failed;
+        let event = serde_json::to_value(Event::batch_item("b1", 0, &failed)).unwrap();
+        assert_eq!(event["item"]["artifacts"], serde_json::json!([]), "{event}");
+        let decl: crate::params::ParamDecl = toml::from_str("name = \"steps\"\nkind = \"int\"").unwrap();
+        let decl = serde_json::to_value(decl).unwrap();
+        assert_eq!(decl["choices"], serde_json::json!([]), "{decl}");
+    }
 
     fn batch(n: u32) -> BatchRecord {
         let children: Vec<JobRecord> = (0..n).map(|i| child_record("b", i, "m", 1, 0)).collect();

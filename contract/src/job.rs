@@ -27,39 +27,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::ParentRef;
-use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue};
-
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    /// Durable in the queue, not running.
-    Queued,
-    /// An attempt owns it and runs it.
-    Running,
-    /// The last attempt failed for an infrastructure reason; it waits in the queue for the next.
-    Retrying,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Retrying => "retrying",
-            JobState::Completed => "completed",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-}
+pub use crate::protocol::JobState;
+use crate::protocol::ParentRef;
+use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue, JobView, SubmitRequest};
 
 /// Which node and slot own the current attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +107,38 @@ impl JobRecord {
             dead_letter: false,
             parent: None,
             labels: Default::default(),
+        }
+    }
+
+    /// The record of a job submitted as `req` (its params already checked, defaults filled
+    /// in), queued. Every field the client set is taken here by one destructuring without
+    /// `..`, and the record is one literal without `..`: a field added to [`SubmitRequest`]
+    /// or to the record makes the compiler point at this function, the one place that decides
+    /// whether the record keeps it. `max_attempts` is the request's, capped by the model's.
+    pub fn submitted(job_id: String, req: SubmitRequest, model_max_attempts: u32, now_ms: u64) -> JobRecord {
+        let SubmitRequest { model, inputs, params, priority, idempotency_key, deadline_ms, max_attempts, reuse: _, labels } = req;
+        JobRecord {
+            job_id,
+            model,
+            inputs,
+            params,
+            priority,
+            max_attempts: max_attempts.map(|a| a.min(model_max_attempts)).unwrap_or(model_max_attempts),
+            deadline_ms,
+            idempotency_key,
+            state: JobState::Queued,
+            attempt: 0,
+            owner: None,
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            error: None,
+            artifacts: vec![],
+            cancel_requested: false,
+            dead_letter: false,
+            parent: None,
+            labels,
         }
     }
 
@@ -416,9 +418,80 @@ pub fn request_cancel(record: &JobRecord, now_ms: u64) -> CancelChange {
     }
 }
 
+/// The view of a record that clients read (`kiln.api.status`, `jobs`, events).
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        JobView {
+            job_id: r.job_id.clone(),
+            model: r.model.clone(),
+            status: r.state,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            priority: r.priority,
+            created_ms: r.created_ms,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            node: r.owner.as_ref().map(|o| o.node.clone()),
+            slot: r.owner.as_ref().map(|o| o.slot.clone()),
+            error: r.error.clone(),
+            artifacts: r.artifacts.clone(),
+            // Records written before the ending settled the request could still carry it.
+            cancel_requested: r.cancel_requested && !r.is_terminal(),
+            dead_letter: r.dead_letter,
+            batch: r.parent.clone(),
+            inputs: r.inputs.clone(),
+            params: r.params.clone(),
+            labels: r.labels.clone(),
+            stage: None,
+            progress: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Event;
+
+    #[test]
+    fn a_submitted_record_keeps_what_the_client_set_and_caps_its_attempts() {
+        let req = SubmitRequest {
+            model: "m".into(),
+            params: serde_json::json!({"steps": 4}).as_object().cloned().unwrap(),
+            priority: 3,
+            idempotency_key: Some("k".into()),
+            deadline_ms: Some(99),
+            max_attempts: Some(9),
+            labels: [("user_id".to_string(), "u1".to_string())].into(),
+            ..Default::default()
+        };
+        let r = JobRecord::submitted("j".into(), req.clone(), 5, 7);
+        assert_eq!((r.model.as_str(), r.priority, r.deadline_ms, r.max_attempts), ("m", 3, Some(99), 5));
+        assert_eq!((r.idempotency_key.as_deref(), r.labels.get("user_id").map(String::as_str)), (Some("k"), Some("u1")));
+        assert_eq!((r.state, r.attempt, r.created_ms, r.params["steps"].as_i64()), (JobState::Queued, 0, 7, Some(4)));
+        let fewer = JobRecord::submitted("j".into(), SubmitRequest { max_attempts: Some(2), ..req.clone() }, 5, 7);
+        assert_eq!(fewer.max_attempts, 2);
+        let default = JobRecord::submitted("j".into(), SubmitRequest { max_attempts: None, ..req }, 5, 7);
+        assert_eq!(default.max_attempts, 5);
+    }
+
+    #[test]
+    fn a_running_view_shows_the_stage_of_its_attempts_newest_progress_only() {
+        let mut record = JobRecord::queued("j", "m", 3, 0);
+        (record.state, record.attempt) = (JobState::Running, 2);
+        let tick = |attempt| Event::progress("j", attempt, Some("inference".into()), Some(44.0));
+        let shown = |last: Option<&Event>, state| {
+            let mut view = JobView { status: state, ..JobView::from(&record) };
+            view.show_progress(last);
+            (view.stage, view.progress)
+        };
+        assert_eq!(shown(Some(&tick(2)), JobState::Running), (Some("inference".into()), Some(44.0)));
+        // An older, fenced attempt's tick, another kind of event, or a job that is not running.
+        assert_eq!(shown(Some(&tick(1)), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&Event::message("j", 2, "hi".into())), JobState::Running), (None, None));
+        assert_eq!(shown(Some(&tick(2)), JobState::Completed), (None, None));
+        assert_eq!(shown(None, JobState::Running), (None, None));
+    }
 
     fn record(state: JobState, attempt: u32) -> JobRecord {
         JobRecord { state, attempt, ..JobRecord::queued("j", "m", 3, 0) }

@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use super::connection::redact;
+use super::error::{invalid, ConfigError};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -79,8 +80,8 @@ impl std::fmt::Debug for ApiKeyConfig {
             .field("name", &self.name)
             .field("prefix", &self.prefix)
             .field("user", &self.user)
-            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
-            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
+            .field("password", &redact(&self.password))
+            .field("token", &redact(&self.token))
             .field("nkey_seed_file", &self.nkey_seed_file)
             .field("creds_file", &self.creds_file)
             .finish()
@@ -205,10 +206,6 @@ pub struct RouteConfig {
     /// shape. Default: Kiln's `{"code", "message"}`.
     #[serde(default)]
     pub error: serde_json::Value,
-}
-
-fn invalid(key: String, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, reason: reason.into() }
 }
 
 impl HttpConfig {

@@ -9,9 +9,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{BatchStatus, BatchSummary, ParentRef};
-use crate::job::{JobRecord, JobState};
-
 /// Longest idempotency key of a submit or a batch, in bytes (`bad_request` beyond).
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// Longest error message in a reply, body and `Nats-Service-Error` header alike: messages
@@ -288,35 +285,6 @@ pub struct JobView {
     pub stage: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f32>,
-}
-
-impl From<&JobRecord> for JobView {
-    fn from(r: &JobRecord) -> Self {
-        JobView {
-            job_id: r.job_id.clone(),
-            model: r.model.clone(),
-            status: r.state,
-            attempt: r.attempt,
-            max_attempts: r.max_attempts,
-            priority: r.priority,
-            created_ms: r.created_ms,
-            started_ms: r.started_ms,
-            finished_ms: r.finished_ms,
-            node: r.owner.as_ref().map(|o| o.node.clone()),
-            slot: r.owner.as_ref().map(|o| o.slot.clone()),
-            error: r.error.clone(),
-            artifacts: r.artifacts.clone(),
-            // Records written before the ending settled the request could still carry it.
-            cancel_requested: r.cancel_requested && !r.is_terminal(),
-            dead_letter: r.dead_letter,
-            batch: r.parent.clone(),
-            inputs: r.inputs.clone(),
-            params: r.params.clone(),
-            labels: r.labels.clone(),
-            stage: None,
-            progress: None,
-        }
-    }
 }
 
 impl JobView {
@@ -637,23 +605,6 @@ impl Event {
         self
     }
 
-    /// An item of batch `batch_id` ended as `record` says.
-    pub fn batch_item(batch_id: &str, index: u32, record: &JobRecord) -> Self {
-        let kind = if record.state == JobState::Completed { EventKind::ItemCompleted } else { EventKind::ItemFailed };
-        let item = BatchItemEvent {
-            index,
-            job_id: record.job_id.clone(),
-            status: record.state,
-            artifacts: record.artifacts.clone(),
-            labels: record.labels.clone(),
-        };
-        let mut event = Event { kind, status: None, item: Some(item), ..Event::status(batch_id, 0, JobState::Running) };
-        if let Some(e) = &record.error {
-            event = event.with_error(e.clone());
-        }
-        event
-    }
-
     /// A batch's counts after one more item ended.
     pub fn batch_progress(batch_id: &str, summary: BatchSummary) -> Self {
         Event { kind: EventKind::BatchProgress, status: None, summary: Some(summary), ..Event::status(batch_id, 0, JobState::Running) }
@@ -874,27 +825,86 @@ impl RetryReason {
     }
 }
 
+// ---- states and batch links, shared by the records (job.rs, batch.rs) and the wire ----
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Durable in the queue, not running.
+    Queued,
+    /// An attempt owns it and runs it.
+    Running,
+    /// The last attempt failed for an infrastructure reason; it waits in the queue for the next.
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Retrying => "retrying",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A child job's link to its batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ParentRef {
+    pub batch_id: String,
+    /// The item's index in the original request; a retry batch keeps the original indices, so
+    /// frame 7 of a storyboard stays item 7 however often it is retried. A job that items share
+    /// (`reuse`) names the first of them.
+    pub index: u32,
+}
+
+/// Where a batch is: running until every item is terminal, then its summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    Running,
+    /// Every item completed.
+    Succeeded,
+    /// Some items completed, some failed or were cancelled.
+    Partial,
+    /// No item completed.
+    Failed,
+}
+
+impl BatchStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchStatus::Running => "running",
+            BatchStatus::Succeeded => "succeeded",
+            BatchStatus::Partial => "partial",
+            BatchStatus::Failed => "failed",
+        }
+    }
+}
+
+/// Counts of a batch's items, and the status they add up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct BatchSummary {
+    pub status: BatchStatus,
+    pub total: u32,
+    pub completed: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_running_view_shows_the_stage_of_its_attempts_newest_progress_only() {
-        let mut record = JobRecord::queued("j", "m", 3, 0);
-        (record.state, record.attempt) = (JobState::Running, 2);
-        let tick = |attempt| Event::progress("j", attempt, Some("inference".into()), Some(44.0));
-        let shown = |last: Option<&Event>, state| {
-            let mut view = JobView { status: state, ..JobView::from(&record) };
-            view.show_progress(last);
-            (view.stage, view.progress)
-        };
-        assert_eq!(shown(Some(&tick(2)), JobState::Running), (Some("inference".into()), Some(44.0)));
-        // An older, fenced attempt's tick, another kind of event, or a job that is not running.
-        assert_eq!(shown(Some(&tick(1)), JobState::Running), (None, None));
-        assert_eq!(shown(Some(&Event::message("j", 2, "hi".into())), JobState::Running), (None, None));
-        assert_eq!(shown(Some(&tick(2)), JobState::Completed), (None, None));
-        assert_eq!(shown(None, JobState::Running), (None, None));
-    }
 
     #[test]
     fn an_upload_reference_is_exactly_one_object_key_with_a_string() {
@@ -908,18 +918,5 @@ mod tests {
         for v in [InputValue::Object { object: "a/b".into() }, InputValue::Inline(serde_json::json!({"object": "a", "k": 1}))] {
             assert_eq!(parse(&serde_json::to_string(&v).unwrap()), v);
         }
-    }
-
-    /// PROTOCOL: lists are always sent, empty or not (maps and options are left out when
-    /// empty or absent).
-    #[test]
-    fn lists_in_replies_and_events_are_sent_when_empty() {
-        let mut failed = JobRecord::queued("j1", "m", 3, 1);
-        failed.state = JobState::Failed;
-        let event = serde_json::to_value(Event::batch_item("b1", 0, &failed)).unwrap();
-        assert_eq!(event["item"]["artifacts"], serde_json::json!([]), "{event}");
-        let decl: crate::params::ParamDecl = toml::from_str("name = \"steps\"\nkind = \"int\"").unwrap();
-        let decl = serde_json::to_value(decl).unwrap();
-        assert_eq!(decl["choices"], serde_json::json!([]), "{decl}");
     }
 }

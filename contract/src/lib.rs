@@ -1,0 +1,38 @@
+//! # kiln-contract
+//!
+//! Kiln's wire contract and the pure rules over it: what a client sends and receives, what a
+//! node stores, and what a worker process reads. No NATS client, no libtorch, no async
+//! runtime: a program that only speaks Kiln's protocol depends on this crate alone, and the
+//! rules here are tested without a server.
+//!
+//! | module           | what                                                                  |
+//! |------------------|-----------------------------------------------------------------------|
+//! | [`protocol`]     | JSON requests, replies, events, job states and error codes on the wire |
+//! | [`job`]          | the job record (source of truth) and every change to it, as pure functions |
+//! | [`batch`]        | batches: record and plan, settling (reuse, held items, fallbacks), summary |
+//! | [`keys`]         | ids derived from client keys: idempotent job ids, reuse keys          |
+//! | [`worker`]       | the worker protocol's lines (stdin/stdout JSON of a `process` engine)  |
+//! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
+//! | [`params`]       | params a model declares, checked at submit (names, types, ranges, defaults) |
+//! | [`models`]       | the cluster's models from the registry's node entries; the conflict rule |
+//! | [`ids`]          | syntax of client-controlled names (no wildcards, no path tricks)      |
+//! | [`names`]        | every subject, stream and bucket name, from one prefix                |
+//!
+//! The files depend one way: `ids`, `names`, `params` <- `protocol` <- `job` <- `batch`,
+//! `retry_reason`, `keys`, `worker`; `models` reads `protocol` only.
+
+pub mod batch;
+pub mod ids;
+pub mod job;
+pub mod keys;
+pub mod models;
+pub mod names;
+pub mod params;
+pub mod protocol;
+pub mod retry_reason;
+pub mod worker;
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,33 @@
+//! Typed configuration: `cluster.toml`, then `KILN_*` environment overrides, then CLI flags
+//! (applied by the binary), validated once by [`ClusterConfig::validate`].
+//!
+//! Every field has a documented default so the shortest useful file names only the models.
+//! Unknown keys are refused (`deny_unknown_fields`) so a typo fails at start instead of being
+//! silently ignored; validation errors name the key (`models[1].timeout_ms`).
+//!
+//! | file            | what                                                                      |
+//! |-----------------|---------------------------------------------------------------------------|
+//! | `connection.rs` | `[nats]` (URLs, credentials, TLS, replicas, prefix), `[cluster]` (the link) |
+//! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]` |
+//! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
+//! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
+//! | `load.rs`       | [`ClusterConfig`], the whole file: loading, env overrides, `validate()`   |
+//! | `error.rs`      | [`ConfigError`], naming the key at fault                                  |
+//!
+//! Every public name is re-exported here (`kiln_core::config::NatsConfig`), and `http` is also
+//! `kiln_core::http`. The files import each other (each through `super::<file>`), never this
+//! root, and nothing here imports the engines: they take their settings from configuration,
+//! not the other way round, so configuration builds without them.
+
+mod connection;
+mod error;
+pub mod http;
+mod load;
+mod models;
+mod node;
+
+pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
+pub use error::ConfigError;
+pub use load::ClusterConfig;
+pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
+pub use node::{parse_slot, slot_key, CompressionConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, SlotDevice, StorageConfig};

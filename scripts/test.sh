@@ -26,7 +26,7 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "the slim build, without the engines (no libtorch): cargo clippy --no-default-features"
-cargo clippy -p kiln-contract -p kiln-client -p kiln-core -p kiln-actors -p kiln --no-default-features --lib --bins -- -D warnings
+cargo clippy -p kiln-contract -p kiln-client -p kiln-core -p kiln-actors -p kiln-tools -p kiln --no-default-features --lib --bins -- -D warnings
 
 step "cargo test --workspace $*"
 cargo test --workspace "$@"

@@ -10,31 +10,33 @@
 //! | [`gateway`] | `kiln gateway`: HTTP + SSE, the seeds' routes, the web console        |
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
-//! | [`bench`]   | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle |
-//! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store |
-//! | [`scale`]   | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes          |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
-//! | [`chaos`]   | `kiln chaos`: a seeded storm of jobs and faults, then the invariants   |
 //! | [`metrics`] | the Prometheus endpoint                                                |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
+//!
+//! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
+//! `kiln::chaos`, `kiln::bench`, `kiln::bench_http` and `kiln::scale`: `kiln chaos` (a seeded
+//! storm of jobs and faults, then the invariants), `kiln bench` (no-op jobs against the raw
+//! JetStream floor, `--torchscript`, `--http`: the gateway), `kiln scale` (a cluster's costs at
+//! 10, 30, 100 simulated nodes).
+//!
+//! The `kiln` binary is `main.rs` and the command line under `cli/` (not part of this library):
+//! the clap tree and its dispatch in `cli/mod.rs`, one file per command family.
 //!
 //! The layers below: `kiln-actors` (the supervised actor tree), `kiln-core` (config, NATS
 //! resources, placement, engines), `kiln-client` (the Rust client) and `kiln-contract` (the wire
 //! contract and the job rules). `docs/ARCHITECTURE.md` draws the whole.
 
 pub mod api;
-pub mod bench;
-pub mod bench_http;
-pub mod chaos;
 pub mod client;
 pub mod demo;
 pub mod diag;
 pub mod gateway;
 pub mod metrics;
 pub mod node;
-pub mod scale;
 pub mod service;
 pub mod table;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;
+pub use kiln_tools::{bench, bench_http, chaos, scale};

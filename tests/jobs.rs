@@ -251,6 +251,35 @@ async fn models_sharing_one_slot_take_turns() {
     for id in &ids {
         assert_eq!(wait_terminal(&client, id, Duration::from_secs(20)).await.status, JobState::Completed);
     }
+
+    // Both models with jobs waiting for the one slot: they take turns (a puller that just gave
+    // the slot back queues behind the other's), so no model runs twice in a row. A blocker holds
+    // the slot while both queues fill; each job then holds the slot 0.4 s, far longer than a
+    // puller takes to queue again.
+    let mut blocker = demo_request("blocker", serde_json::json!({"steps": 20, "step_ms": 100}));
+    blocker.model = "busy".into();
+    let blocker = client.submit(&blocker).await.unwrap().job_id;
+    assert!(eventually(Duration::from_secs(20), || async { client.status(&blocker).await.unwrap().status == JobState::Running }).await);
+    let mut waiting = vec![];
+    for i in 0..3 {
+        for model in ["idle", "busy"] {
+            let mut r = demo_request(&format!("{model} {i}"), serde_json::json!({"steps": 2, "step_ms": 200}));
+            r.model = model.into();
+            waiting.push(client.submit(&r).await.unwrap().job_id);
+        }
+    }
+    let mut started = vec![];
+    for id in &waiting {
+        let view = wait_terminal(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(view.status, JobState::Completed, "{id} on {}", view.model);
+        started.push((view.started_ms.unwrap(), view.model));
+    }
+    assert!(
+        wait_terminal(&client, &blocker, Duration::from_secs(30)).await.started_ms.unwrap() < started.iter().map(|s| s.0).min().unwrap()
+    );
+    started.sort();
+    let order: Vec<&str> = started.iter().map(|(_, model)| model.as_str()).collect();
+    assert!(order.windows(2).all(|pair| pair[0] != pair[1]), "the models did not take turns: {order:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

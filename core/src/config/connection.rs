@@ -65,69 +65,6 @@ impl Default for ClusterLink {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::load::{ClusterConfig, MINIMAL};
-
-    #[test]
-    fn a_nats_cluster_is_a_list_of_seeds_with_replicas_checked() {
-        let n = NatsConfig::for_url("nats://a:4222, nats://b:4222,tls://c:4222");
-        assert_eq!(n.urls(), ["nats://a:4222", "nats://b:4222", "tls://c:4222"]);
-        assert!(n.tls(), "one tls:// seed asks for TLS");
-        let check = |nats: &str| {
-            let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
-            c.nats = ClusterConfig::from_toml(nats, "t").unwrap().nats;
-            c.validate().map_err(|e| e.to_string())
-        };
-        assert_eq!(check("[nats]\nurl = \"nats://a:1,nats://b:1,nats://c:1\"\nreplicas = 3"), Ok(()));
-        assert!(check("[nats]\nurl = \"nats://a:1\"\nreplicas = 2").unwrap_err().contains("nats.replicas"));
-        assert!(check("[nats]\nreplicas = 3").unwrap_err().contains("embedded"), "the embedded server is one server");
-        let mut n = NatsConfig::for_url("nats://a:1");
-        n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "5".into())).unwrap();
-        assert_eq!(n.replicas, 5);
-        assert!(n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "three".into())).is_err());
-    }
-
-    #[test]
-    fn nats_credentials_are_checked_and_never_shown() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f.pem");
-        std::fs::write(&file, "x").unwrap();
-        let f = file.display().to_string();
-        let check =
-            |toml: &str| ClusterConfig::from_toml(&format!("{toml}\n{MINIMAL}"), "t").unwrap().validate().map_err(|e| e.to_string());
-        assert!(check("[nats]\nuser = \"u\"").unwrap_err().contains("nats.password"));
-        assert!(check("[nats]\npassword = \"p\"").unwrap_err().contains("nats.user"));
-        let two = check(&format!("[nats]\nuser = \"u\"\npassword = \"p\"\ncreds_file = \"{f}\"")).unwrap_err();
-        assert!(two.contains("nats.creds_file") && two.contains("one authentication method"), "{two}");
-        assert!(check("[nats]\ntoken = \"t\"\nnkey_seed_file = \"/nope\"").unwrap_err().contains("nats.nkey_seed_file"));
-        assert!(check("[nats]\ncreds_file = \"/no/such.creds\"").unwrap_err().contains("nats.creds_file"));
-        assert!(check("[nats]\ntls_ca_file = \"/no/ca.pem\"").unwrap_err().contains("nats.tls_ca_file"));
-        assert!(check(&format!("[nats]\ntls_key_file = \"{f}\"")).unwrap_err().contains("nats.tls_cert_file"));
-        assert!(check(&format!("[nats]\ntls_cert_file = \"{f}\"")).unwrap_err().contains("nats.tls_key_file"));
-        check(&format!("[nats]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntoken = \"t\"")).unwrap();
-
-        // Secrets come from the environment too, and never show in Debug output.
-        let mut c = ClusterConfig::from_toml(&format!("[nats]\nuser = \"kiln\"\n[cluster]\ncookie = \"c00kie\"\n{MINIMAL}"), "t").unwrap();
-        c.apply_env(|k| (k == "KILN_NATS_PASSWORD").then(|| "hunter2-secret".into())).unwrap();
-        c.validate().unwrap();
-        assert!(c.nats.auth() == NatsAuth::UserPassword { user: "kiln", password: "hunter2-secret" });
-        let shown = format!("{c:?} {:?}", c.nats);
-        assert!(!shown.contains("hunter2") && !shown.contains("c00kie") && shown.contains("<redacted>"), "{shown}");
-        c.nats.password.clear();
-        c.nats.user.clear();
-        c.apply_env(|k| (k == "KILN_NATS_TOKEN").then(|| "tok-secret".into())).unwrap();
-        assert!(!format!("{c:?}").contains("tok-secret"));
-        assert!(c.nats.auth() == NatsAuth::Token("tok-secret"));
-        assert!(!c.nats.tls());
-        c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "true".into())).unwrap();
-        assert!(c.nats.tls());
-        assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
-        assert!(NatsConfig::for_url("tls://h:4222").tls());
-    }
-}
-
 /// The config file's rules for the `[nats]` settings (the type itself is the client's,
 /// `kiln_client::NatsConfig`: programs that only connect need no more).
 pub trait NatsRules {
@@ -223,5 +160,68 @@ impl NatsRules for NatsConfig {
             return Err(invalid(key, "a client certificate needs both nats.tls_cert_file and nats.tls_key_file"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::{ClusterConfig, MINIMAL};
+
+    #[test]
+    fn a_nats_cluster_is_a_list_of_seeds_with_replicas_checked() {
+        let n = NatsConfig::for_url("nats://a:4222, nats://b:4222,tls://c:4222");
+        assert_eq!(n.urls(), ["nats://a:4222", "nats://b:4222", "tls://c:4222"]);
+        assert!(n.tls(), "one tls:// seed asks for TLS");
+        let check = |nats: &str| {
+            let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+            c.nats = ClusterConfig::from_toml(nats, "t").unwrap().nats;
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(check("[nats]\nurl = \"nats://a:1,nats://b:1,nats://c:1\"\nreplicas = 3"), Ok(()));
+        assert!(check("[nats]\nurl = \"nats://a:1\"\nreplicas = 2").unwrap_err().contains("nats.replicas"));
+        assert!(check("[nats]\nreplicas = 3").unwrap_err().contains("embedded"), "the embedded server is one server");
+        let mut n = NatsConfig::for_url("nats://a:1");
+        n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "5".into())).unwrap();
+        assert_eq!(n.replicas, 5);
+        assert!(n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "three".into())).is_err());
+    }
+
+    #[test]
+    fn nats_credentials_are_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.pem");
+        std::fs::write(&file, "x").unwrap();
+        let f = file.display().to_string();
+        let check =
+            |toml: &str| ClusterConfig::from_toml(&format!("{toml}\n{MINIMAL}"), "t").unwrap().validate().map_err(|e| e.to_string());
+        assert!(check("[nats]\nuser = \"u\"").unwrap_err().contains("nats.password"));
+        assert!(check("[nats]\npassword = \"p\"").unwrap_err().contains("nats.user"));
+        let two = check(&format!("[nats]\nuser = \"u\"\npassword = \"p\"\ncreds_file = \"{f}\"")).unwrap_err();
+        assert!(two.contains("nats.creds_file") && two.contains("one authentication method"), "{two}");
+        assert!(check("[nats]\ntoken = \"t\"\nnkey_seed_file = \"/nope\"").unwrap_err().contains("nats.nkey_seed_file"));
+        assert!(check("[nats]\ncreds_file = \"/no/such.creds\"").unwrap_err().contains("nats.creds_file"));
+        assert!(check("[nats]\ntls_ca_file = \"/no/ca.pem\"").unwrap_err().contains("nats.tls_ca_file"));
+        assert!(check(&format!("[nats]\ntls_key_file = \"{f}\"")).unwrap_err().contains("nats.tls_cert_file"));
+        assert!(check(&format!("[nats]\ntls_cert_file = \"{f}\"")).unwrap_err().contains("nats.tls_key_file"));
+        check(&format!("[nats]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntoken = \"t\"")).unwrap();
+
+        // Secrets come from the environment too, and never show in Debug output.
+        let mut c = ClusterConfig::from_toml(&format!("[nats]\nuser = \"kiln\"\n[cluster]\ncookie = \"c00kie\"\n{MINIMAL}"), "t").unwrap();
+        c.apply_env(|k| (k == "KILN_NATS_PASSWORD").then(|| "hunter2-secret".into())).unwrap();
+        c.validate().unwrap();
+        assert!(c.nats.auth() == NatsAuth::UserPassword { user: "kiln", password: "hunter2-secret" });
+        let shown = format!("{c:?} {:?}", c.nats);
+        assert!(!shown.contains("hunter2") && !shown.contains("c00kie") && shown.contains("<redacted>"), "{shown}");
+        c.nats.password.clear();
+        c.nats.user.clear();
+        c.apply_env(|k| (k == "KILN_NATS_TOKEN").then(|| "tok-secret".into())).unwrap();
+        assert!(!format!("{c:?}").contains("tok-secret"));
+        assert!(c.nats.auth() == NatsAuth::Token("tok-secret"));
+        assert!(!c.nats.tls());
+        c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "true".into())).unwrap();
+        assert!(c.nats.tls());
+        assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
+        assert!(NatsConfig::for_url("tls://h:4222").tls());
     }
 }

@@ -30,8 +30,8 @@ use kiln_core::job::JobState;
 use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, ErrorCode, InputValue, ListJobsRequest, SubmitRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::client::{Client, ClientError};
 use cluster::LocalCluster;
+use kiln_client::{Client, ClientError};
 pub use proxy::LinkProxy;
 pub use schedule::{plan, Fault, FaultKind, Plan, Profile, Submission};
 

@@ -16,9 +16,9 @@ use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{Event, SubmitRequest};
 use tokio::sync::oneshot;
 
-use crate::client::Client;
-#[cfg(feature = "engines")]
-use crate::node::RunningNode;
+#[cfg(feature = "torch")]
+use crate::in_process::NodeStarter;
+use kiln_client::Client;
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -723,7 +723,7 @@ pub struct TorchReport {
     pub kiln_batched: Figures,
 }
 
-#[cfg(feature = "engines")]
+#[cfg(feature = "torch")]
 fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> ClusterConfig {
     let mut config = bench_config(1);
     config.nats.url = url.to_string();
@@ -737,7 +737,7 @@ fn torch_config(url: &str, opts: &TorchBenchOptions, max_batch: usize) -> Cluste
     config
 }
 
-#[cfg(feature = "engines")]
+#[cfg(feature = "torch")]
 fn affine_job(i: usize) -> SubmitRequest {
     let x = serde_json::json!([[i as f32, 1.0, 2.0, 3.0]]);
     SubmitRequest {
@@ -747,19 +747,20 @@ fn affine_job(i: usize) -> SubmitRequest {
     }
 }
 
-#[cfg(feature = "engines")]
+#[cfg(feature = "torch")]
 async fn kiln_torch(client: &Client, n: usize, concurrency: usize) -> Result<Figures, String> {
     kiln_jobs(client, "kiln", n, concurrency, affine_job).await
 }
 
 /// A build without the engines has no TorchScript to measure.
-#[cfg(not(feature = "engines"))]
-pub async fn run_torchscript(_opts: TorchBenchOptions) -> Result<TorchReport, String> {
+#[cfg(not(feature = "torch"))]
+pub async fn run_torchscript(_opts: TorchBenchOptions, _nodes: &dyn crate::in_process::NodeStarter) -> Result<TorchReport, String> {
     Err(kiln_core::engine::NO_TORCH.to_string())
 }
 
-#[cfg(feature = "engines")]
-pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, String> {
+/// Runs the nodes it measures in this process, started by `nodes`.
+#[cfg(feature = "torch")]
+pub async fn run_torchscript(opts: TorchBenchOptions, nodes: &dyn NodeStarter) -> Result<TorchReport, String> {
     let device = match kiln_core::config::parse_slot(&opts.slot) {
         Some(kiln_core::config::SlotDevice::Cuda(n)) if tch::Cuda::is_available() => tch::Device::Cuda(n as usize),
         Some(kiln_core::config::SlotDevice::Cuda(_)) => return Err(format!("{} asked for, but CUDA is not available here", opts.slot)),
@@ -787,7 +788,7 @@ pub async fn run_torchscript(opts: TorchBenchOptions) -> Result<TorchReport, Str
     let mut sequential = None;
     let mut results = vec![];
     for max_batch in [1, opts.max_batch.max(2)] {
-        let node = RunningNode::start(torch_config(&server.url(), &opts, max_batch)).await.map_err(|e| e.to_string())?;
+        let node = nodes.start(torch_config(&server.url(), &opts, max_batch)).await?;
         let client = Client::connect(&server.url(), "kiln").await.map_err(|e| e.to_string())?;
         kiln_torch(&client, 20, 1).await?; // load the model, warm the paths
         if sequential.is_none() {

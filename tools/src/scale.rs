@@ -32,7 +32,7 @@ use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{ControlRequest, SubmitRequest};
 
 use crate::bench::cpu_time;
-use crate::client::Client;
+use kiln_client::Client;
 
 #[derive(Debug, Clone)]
 pub struct ScaleOptions {

@@ -10,7 +10,7 @@ use kiln_core::job::JobState;
 use kiln_core::protocol::{ClusterReply, Event, EventKind, GpuState, JobView};
 
 use super::{Accepted, FaultKind, InjectedFault, Invariant, Profile};
-use crate::client::Client;
+use kiln_client::Client;
 
 /// How long the registry may take to show the truth again once every job has ended.
 pub const REGISTRY_BOUND_MS: u64 = 10_000;

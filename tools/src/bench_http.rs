@@ -19,8 +19,8 @@ use kiln_core::nats::NatsServer;
 use kiln_core::protocol::SubmitRequest;
 
 use crate::bench::{bench_config, figures, Figures};
-use crate::client::Client;
-use crate::node::RunningNode;
+use crate::in_process::NodeStarter;
+use kiln_client::Client;
 
 #[derive(Debug, Clone)]
 pub struct HttpBenchOptions {
@@ -196,7 +196,8 @@ fn mb_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
 }
 
-pub async fn run(opts: HttpBenchOptions) -> Result<HttpBenchReport, String> {
+/// Runs the node in this process, started by `nodes`; the gateway as a child process.
+pub async fn run(opts: HttpBenchOptions, nodes: &dyn NodeStarter) -> Result<HttpBenchReport, String> {
     raise_open_files_limit();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let server = NatsServer::start_temp().map_err(|e| e.to_string())?;
@@ -206,7 +207,7 @@ pub async fn run(opts: HttpBenchOptions) -> Result<HttpBenchReport, String> {
     config.models.push(fan_out_model()?);
     config.validate().map_err(|e| e.to_string())?;
     let nats = config.nats.clone();
-    let node = RunningNode::start(config).await.map_err(|e| e.to_string())?;
+    let node = nodes.start(config).await?;
     let client = Client::connect_with(&nats).await.map_err(|e| e.to_string())?;
     let gateway = start_gateway(dir.path(), &server.url())?;
     let pid = gateway.child.id();
@@ -278,7 +279,7 @@ pub async fn run(opts: HttpBenchOptions) -> Result<HttpBenchReport, String> {
     for r in readers {
         counts.push(r.await.map_err(|e| e.to_string())??);
     }
-    let expected = crate::client::Client::events(&client, &job).await.map_err(|e| e.to_string())?.count().await;
+    let expected = Client::events(&client, &job).await.map_err(|e| e.to_string())?.count().await;
     let all_complete = counts.iter().all(|c| *c == expected);
 
     // Throughput of one large file, both ways, gateway vs the object store directly.

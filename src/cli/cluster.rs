@@ -1,0 +1,152 @@
+//! `kiln models`, `cluster`, `drain`, `restart-gpu`, `ping`: the cluster's models, nodes and
+//! slots, and what an operator asks of them.
+
+use clap::Args;
+use kiln::table::{Align, Table};
+use kiln_core::protocol::ControlRequest;
+
+use crate::cli::conn::{connect, ConnArgs};
+use crate::cli::output::print_json;
+
+#[derive(Args)]
+pub struct ModelsArgs {
+    /// Print the reply as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+pub struct ClusterArgs {
+    /// Print the reply as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    node: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+pub struct RestartGpuArgs {
+    node: String,
+    slot: String,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+pub struct PingArgs {
+    #[arg(long)]
+    from: String,
+    #[arg(long)]
+    to: String,
+    #[arg(long, default_value_t = 1000)]
+    count: u32,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+pub async fn models(ModelsArgs { json, conn }: ModelsArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    let reply = c.models().await.map_err(|e| e.to_string())?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        ("MODEL", Align::Left),
+        ("ENGINE", Align::Left),
+        ("NODES", Align::Left),
+        ("SLOTS", Align::Right),
+        ("WARM", Align::Right),
+        ("ATTEMPTS", Align::Right),
+        ("TIMEOUT", Align::Right),
+        ("INPUTS", Align::Left),
+        ("PARAMS", Align::Left),
+    ]);
+    for m in &reply.models {
+        let params: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();
+        table.row(vec![
+            if m.conflict { format!("{} (!)", m.name) } else { m.name.clone() },
+            m.engine.clone(),
+            m.nodes.join(","),
+            m.slots.len().to_string(),
+            m.warm_on.len().to_string(),
+            m.max_attempts.to_string(),
+            format!("{} s", m.timeout_ms.div_ceil(1000)),
+            m.required_inputs.join(","),
+            params.join(","),
+        ]);
+    }
+    println!("{}", table.render());
+    if reply.models.iter().any(|m| m.conflict) {
+        println!("(!) nodes declare this model differently; the definition of the node up longest holds (--json shows it)");
+    }
+    Ok(())
+}
+
+pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    let cluster = c.cluster().await.map_err(|e| e.to_string())?;
+    if json {
+        print_json(&cluster);
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        ("NODE", Align::Left),
+        ("SLOT", Align::Left),
+        ("STATE", Align::Left),
+        ("RESTARTS", Align::Right),
+        ("WARM", Align::Left),
+        ("JOB", Align::Left),
+    ]);
+    for g in cluster.gpus {
+        table.row(vec![
+            g.node,
+            g.slot,
+            g.state.as_str().into(),
+            g.restarts.to_string(),
+            g.warm_models.join(","),
+            g.current_job.unwrap_or_default(),
+        ]);
+    }
+    println!("{}", table.render());
+    println!();
+    for n in cluster.nodes {
+        println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
+    }
+    Ok(())
+}
+
+pub async fn drain(DrainArgs { node, conn }: DrainArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    print_json(&c.control(&ControlRequest::Drain { node }).await.map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+pub async fn restart_gpu(RestartGpuArgs { node, slot, conn }: RestartGpuArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    print_json(&c.control(&ControlRequest::RestartGpu { node, slot }).await.map_err(|e| e.to_string())?);
+    Ok(())
+}
+
+pub async fn ping(PingArgs { from, to, count, conn }: PingArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    let r = c.ping(&from, &to, count).await.map_err(|e| e.to_string())?;
+    println!("{} -> {}, {} round trips each, interleaved:", r.from, r.peer, r.count);
+    println!("  actor call through the tunnel  p50 {:>6} us  p99 {:>6} us", r.actor_p50_us, r.actor_p99_us);
+    println!("  NATS request/reply (floor)     p50 {:>6} us  p99 {:>6} us", r.nats_p50_us, r.nats_p99_us);
+    println!(
+        "  ratio                          p50 {:>6.2}x   p99 {:>6.2}x",
+        r.actor_p50_us as f64 / r.nats_p50_us.max(1) as f64,
+        r.actor_p99_us as f64 / r.nats_p99_us.max(1) as f64
+    );
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! How a client command reaches Kiln: `--nats`, `--prefix`, `--config`, and the hint a
+//! newcomer gets when nothing answers.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use kiln::client::{Client, ClientError};
+use kiln_core::config::ClusterConfig;
+
+/// How a client command reaches Kiln. Credentials and TLS come from the `[nats]` section of
+/// `--config` and from the `KILN_NATS_*` variables (`KILN_NATS_USER`, `KILN_NATS_PASSWORD`,
+/// `KILN_NATS_TOKEN`, `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`...),
+/// which win over the file; see docs/SECURITY.md.
+#[derive(Args, Clone)]
+pub struct ConnArgs {
+    /// NATS URL [default: nats.url of --config, else nats://127.0.0.1:4222]
+    #[arg(long, env = "KILN_NATS_URL")]
+    nats: Option<String>,
+    /// Prefix of subjects and buckets [default: nats.prefix of --config, else kiln]
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Connect as the `[nats]` section of this file says (URL, prefix, credentials, TLS).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub async fn connect(conn: &ConnArgs) -> Result<Client, String> {
+    let mut nats = ClusterConfig::load_nats(conn.config.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(url) = &conn.nats {
+        nats.url = url.clone();
+    }
+    if nats.url == "embedded" {
+        // The server `kiln up` starts on this machine.
+        nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
+    }
+    if let Some(prefix) = &conn.prefix {
+        nats.prefix = prefix.clone();
+    }
+    // A client command is interactive: a server that does not answer within this is not
+    // coming (a node waits `nats.connect_timeout_ms`, 10 s, as it may start before its server).
+    nats.connect_timeout_ms = nats.connect_timeout_ms.min(CLIENT_CONNECT_TIMEOUT_MS);
+    Client::connect_with(&nats).await.map_err(|e| unreachable_hint(&nats.url, &e))
+}
+
+/// How long a client command tries to reach its NATS server.
+const CLIENT_CONNECT_TIMEOUT_MS: u64 = 2000;
+
+/// The error of a client command that cannot reach its server (or finds no node there), with
+/// what a newcomer most likely needs: a cluster to talk to.
+fn unreachable_hint(url: &str, error: &ClientError) -> String {
+    let text = error.to_string();
+    match error {
+        ClientError::Nats(m) if m.contains("cannot connect") => format!(
+            "no NATS server answers at {url} ({text}).\nStart a local cluster with `kiln up` (in another terminal), \
+             or point at yours with --nats URL (or KILN_NATS_URL, or nats.url in --config FILE)."
+        ),
+        _ => text,
+    }
+}

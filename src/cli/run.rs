@@ -1,0 +1,241 @@
+//! `kiln up`, `node`, `gateway`, `demo`: the processes that stay up, and the stop signals
+//! that drain them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use kiln::node::RunningNode;
+use kiln_core::config::{ClusterConfig, NatsConfig};
+
+#[derive(Args)]
+pub struct NodeArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// NATS URL, or "embedded" (overrides nats.url and KILN_NATS_URL).
+    #[arg(long)]
+    nats: Option<String>,
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Comma-separated slots, e.g. cuda:0,cuda:1 or cpu:0.
+    #[arg(long)]
+    slots: Option<String>,
+    /// host:port of the Prometheus endpoint; "" disables it.
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs.
+    #[arg(long, default_value_t = 30)]
+    drain_grace_s: u64,
+    /// host:port of the HTTP gateway `kiln up` starts (overrides http.addr); "" disables it.
+    #[arg(long)]
+    http_addr: Option<String>,
+}
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    /// NATS URL (overrides nats.url and KILN_NATS_URL); "embedded" means the server `kiln up`
+    /// started on this machine.
+    #[arg(long)]
+    nats: Option<String>,
+    /// host:port to serve (overrides http.addr).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Print the sha256 of an API key (what `[[http.api_keys]] sha256` stores) and exit.
+    #[arg(long, value_name = "KEY")]
+    hash_key: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "cluster.toml")]
+    config: PathBuf,
+    #[arg(long, default_value_t = 6)]
+    jobs: usize,
+    #[arg(long, default_value = "demo-results")]
+    out: PathBuf,
+    #[arg(long, default_value = "demo")]
+    model: String,
+    /// After the jobs, keep the node and the web console (http.addr) up until Ctrl-C.
+    #[arg(long)]
+    serve: bool,
+}
+
+fn load_config(path: &Path) -> Result<ClusterConfig, String> {
+    ClusterConfig::load(path).map_err(|e| e.to_string())
+}
+
+/// Every stop signal a node can be sent: each one, at any stage of the node's life, is a drain.
+struct StopSignals {
+    streams: Vec<(&'static str, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    /// Installs the handlers: from here on these signals no longer kill the process (their
+    /// default action), they only wake [`StopSignals::recv`]. Installed before anything else
+    /// a node does: a SIGTERM 3 s into a restart, while the node still watched its old registry
+    /// entry, used to kill it by signal in 0.05 s instead of draining (an outside storm).
+    fn install() -> Result<StopSignals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut streams = vec![];
+        for (name, kind) in [
+            ("SIGTERM", SignalKind::terminate()),
+            ("SIGINT", SignalKind::interrupt()),
+            ("SIGHUP", SignalKind::hangup()),
+            ("SIGQUIT", SignalKind::quit()),
+        ] {
+            streams.push((name, signal(kind).map_err(|e| format!("cannot handle {name}: {e}"))?));
+        }
+        Ok(StopSignals { streams })
+    }
+
+    /// Resolves with the name of the next stop signal received.
+    async fn recv(&mut self) -> &'static str {
+        let waits = self.streams.iter_mut().map(|(name, s)| {
+            let name = *name;
+            Box::pin(async move {
+                s.recv().await;
+                name
+            })
+        });
+        futures::future::select_all(waits).await.0
+    }
+}
+
+/// `kiln up` (`allow_embedded`: it may start its own nats-server, and serves HTTP) and
+/// `kiln node`: a node until a stop signal or a drain request, then a drain.
+pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
+    let mut stop = StopSignals::install()?;
+    tracing::info!("starting");
+    let mut config = load_config(&args.config)?;
+    if let Some(url) = args.nats {
+        config.nats.url = url;
+    }
+    if let Some(n) = args.node_name {
+        config.node.name = n;
+    }
+    if let Some(s) = args.slots {
+        config.node.slots = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+    }
+    if let Some(m) = args.metrics_addr {
+        config.node.metrics_addr = m;
+    }
+    if let Some(a) = &args.http_addr {
+        config.http.addr = a.clone();
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    let (http, http_addr) = (config.http.clone(), config.http.addr.clone());
+    let nats = config.nats.clone();
+    if config.nats.url == "embedded" && !allow_embedded {
+        return Err("`kiln node` joins an existing NATS: pass --nats URL (or use `kiln up` for an embedded server)".into());
+    }
+    if let Err(e) = kiln::metrics::install(&config.node.metrics_addr) {
+        tracing::warn!(error = %e, "metrics endpoint disabled");
+    }
+    // A stop signal during start-up: nothing runs yet, so the drain is to stop starting. Start
+    // is cancelled where it stands (connecting, creating streams, watching an old registry
+    // entry); once its actors are up, they are drained like any running node's.
+    let node = tokio::select! {
+        started = RunningNode::start(config) => started.map_err(|e| e.to_string())?,
+        signal = stop.recv() => {
+            tracing::info!(signal, "stop signal during start-up; not starting");
+            return Ok(());
+        }
+    };
+    println!("kiln node {} up on {} (Ctrl-C or SIGTERM to drain and stop)", node.name, node.url);
+    // `kiln up` also serves HTTP (the console, the REST API, the configured seed routes), so
+    // its node answers curl and a browser with no extra step.
+    let gateway = match (allow_embedded, http_addr.is_empty()) {
+        (true, false) => {
+            let nats = NatsConfig { url: node.url.clone(), ..nats };
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let started = async {
+                let gateway = kiln::gateway::Gateway::connect(http, &nats).await.map_err(|e| e.to_string())?;
+                gateway
+                    .serve(&http_addr, async move {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match started.await {
+                Ok(serving) => {
+                    println!(
+                        "kiln gateway on http://{} (console at /, REST API at /v1, `kiln up --http-addr \"\"` disables it)",
+                        serving.addr
+                    );
+                    Some((serving, stop_tx))
+                }
+                Err(e) => {
+                    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+                    return Err(format!("the HTTP gateway cannot start: {e}"));
+                }
+            }
+        }
+        _ => None,
+    };
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            signal = stop.recv() => {
+                tracing::info!(signal, "stop signal");
+                break;
+            }
+            _ = node.drain_requested() => break,
+            _ = check.tick() => if node.failed() {
+                return Err("the node's actor tree stopped after a failure; its jobs will be redelivered".into());
+            },
+        }
+    }
+    tracing::info!("draining");
+    // The gateway stops first: its SSE clients reconnect to another gateway with their
+    // Last-Event-ID, and it must not outlive the embedded server it talks to.
+    if let Some((serving, stop)) = gateway {
+        let _ = stop.send(());
+        serving.stopped().await;
+    }
+    // A second stop signal during the drain is still a drain (the first one is under way).
+    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+    Ok(())
+}
+
+pub async fn gateway(args: GatewayArgs) -> Result<(), String> {
+    if let Some(key) = args.hash_key {
+        println!("{}", kiln::gateway::hash_key(&key));
+        return Ok(());
+    }
+    let mut stop = StopSignals::install()?;
+    let config = ClusterConfig::load_gateway(&args.config).map_err(|e| e.to_string())?;
+    let mut nats = config.nats.clone();
+    if let Some(url) = args.nats {
+        nats.url = url;
+    }
+    if nats.url == "embedded" {
+        nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
+    }
+    let addr = args.http_addr.unwrap_or_else(|| config.http.addr.clone());
+    if addr.is_empty() {
+        return Err("no address to serve: set http.addr or pass --http-addr".into());
+    }
+    let gateway = kiln::gateway::Gateway::connect(config.http.clone(), &nats).await.map_err(|e| e.to_string())?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = gateway
+        .serve(&addr, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("kiln gateway on http://{} for NATS {} (console at /, REST API at /v1)", serving.addr, nats.url);
+    let signal = stop.recv().await;
+    tracing::info!(signal, "stop signal: the gateway stops accepting and ends its streams");
+    let _ = stop_tx.send(());
+    serving.stopped().await;
+    Ok(())
+}
+
+pub async fn demo(DemoArgs { config, jobs, out, model, serve }: DemoArgs) -> Result<(), String> {
+    let mut config = load_config(&config)?;
+    config.node.metrics_addr = String::new();
+    kiln::demo::run(kiln::demo::DemoOptions { config, jobs, out, model, serve }).await
+}

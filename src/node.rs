@@ -37,7 +37,7 @@ pub struct RunningNode {
     pub resources: Resources,
     pub url: String,
     handle: Option<NodeHandle>,
-    api: tokio::task::JoinHandle<()>,
+    api: kiln_core::task::TaskGuard<()>,
     /// The embedded nats-server, when this node started one (`kiln up`).
     pub server: Option<NatsServer>,
     /// Fires when the cluster asks this node to drain (`kiln drain <node>`, through its

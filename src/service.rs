@@ -18,6 +18,7 @@ use async_nats::{Client, HeaderMap, Message};
 use bytes::Bytes;
 use futures::StreamExt;
 use kiln_core::protocol::{ApiError, ErrorCode};
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use serde::Serialize;
 
 /// Header naming an error reply's description, per the services convention.
@@ -105,7 +106,7 @@ fn header_safe(message: &str) -> String {
 /// A running service instance: dropping it stops answering discovery (the endpoint
 /// subscriptions live in the request stream).
 pub struct Service {
-    discovery: tokio::task::JoinHandle<()>,
+    discovery: TaskGuard<()>,
 }
 
 impl Drop for Service {
@@ -196,7 +197,7 @@ pub async fn start<E: EndpointName>(
     }
     let mut discovery_requests = futures::stream::select_all(discovery_subs);
     let (client, answer_stats) = (client.clone(), stats.clone());
-    let discovery = tokio::spawn(async move {
+    let discovery = task::spawn(TaskKind::OwnerLoop, "service discovery", async move {
         let metadata = BTreeMap::new();
         let identity = |kind| Identity { kind, name: &spec.name, id: &id, version: &spec.version, metadata: &metadata };
         while let Some((verb, message)) = discovery_requests.next().await {

@@ -27,6 +27,7 @@ use async_nats::jetstream;
 use futures::{FutureExt, StreamExt};
 use kiln_core::nats::names::lane_of_job_subject;
 use kiln_core::nats::Lane;
+use kiln_core::policy;
 
 use crate::context::NodeContext;
 
@@ -108,7 +109,7 @@ pub(crate) async fn pull_loop(ctx: NodeContext, model: String, dispatcher: impl 
                 (Ok(h), Ok(n)) => consumers = Some((h, n)),
                 (Err(e), _) | (_, Err(e)) => {
                     tracing::warn!(model = %model, error = %e, "cannot open consumers; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(policy::PULL_CONSUMER_RETRY).await;
                     continue;
                 }
             }
@@ -148,7 +149,7 @@ pub(crate) async fn pull_loop(ctx: NodeContext, model: String, dispatcher: impl 
         };
         if slots.is_empty() {
             // Draining: the node takes no more jobs.
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(policy::PULL_DRAINING_RECHECK).await;
             continue;
         }
         // Wake-ups from before this fetch are answered by it; only later ones must wake us.
@@ -173,16 +174,16 @@ pub(crate) async fn pull_loop(ctx: NodeContext, model: String, dispatcher: impl 
         }
         // The server hands a publish to core subscribers (the wake-up) before its stream has
         // stored it, so a fetch right after a wake-up can come back empty: look again at once,
-        // then after 1, 2, 4 ms, before waiting for the next wake-up (else the job waited for
-        // the 250 ms re-check, which showed as the sequential p99).
-        if messages.is_empty() && overtaken < 4 {
+        // then after a few ms, before waiting for the next wake-up (the policy says why).
+        let overtaken_pause = if messages.is_empty() { policy::pull_overtaken_pause(overtaken) } else { None };
+        if let Some(pause) = overtaken_pause {
             overtaken += 1;
             hints = before;
             for slot in slots {
                 dispatcher.release(slot);
             }
-            if overtaken > 1 {
-                tokio::time::sleep(Duration::from_millis(1 << (overtaken - 2))).await;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
             continue;
         }
@@ -222,7 +223,7 @@ async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> 
         },
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "fetch failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(policy::PULL_FETCH_FAILED_PAUSE).await;
         }
         Err(_) => tracing::warn!("a fetch could not be sent in time; pulling again"),
     }

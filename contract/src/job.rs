@@ -85,29 +85,8 @@ pub struct JobRecord {
 impl JobRecord {
     /// A freshly submitted job: queued, no attempt yet. Callers fill in inputs and options.
     pub fn queued(job_id: &str, model: &str, max_attempts: u32, now_ms: u64) -> JobRecord {
-        JobRecord {
-            job_id: job_id.to_string(),
-            model: model.to_string(),
-            inputs: BTreeMap::new(),
-            params: Default::default(),
-            priority: 0,
-            max_attempts,
-            deadline_ms: None,
-            idempotency_key: None,
-            state: JobState::Queued,
-            attempt: 0,
-            owner: None,
-            created_ms: now_ms,
-            updated_ms: now_ms,
-            started_ms: None,
-            finished_ms: None,
-            error: None,
-            artifacts: vec![],
-            cancel_requested: false,
-            dead_letter: false,
-            parent: None,
-            labels: Default::default(),
-        }
+        let request = SubmitRequest { model: model.to_string(), ..Default::default() };
+        JobRecord::submitted(job_id.to_string(), request, max_attempts, now_ms)
     }
 
     /// The record of a job submitted as `req` (its params already checked, defaults filled

@@ -177,6 +177,28 @@ pub const STAGE_RETRY_PAUSE: Duration = Duration::ZERO;
 /// as new. Left out, nothing is lost: the next item's event or `batch_finished` has the counts.
 pub const BATCH_PROGRESS_TRIES: usize = 5;
 
+/// A model's puller, when its queue's consumers cannot be opened (the stream is being created,
+/// NATS is away): it tries again after this, for as long as the node runs.
+pub const PULL_CONSUMER_RETRY: Duration = Duration::from_secs(1);
+/// A draining node's puller re-checks this often whether it may take jobs again: a drain is
+/// long-lived, and no job waits for this (the node takes none).
+pub const PULL_DRAINING_RECHECK: Duration = Duration::from_secs(1);
+/// A fetch that failed (not one that found nothing): a short pause before the next, so a
+/// refusing server is not asked in a tight loop, short enough that a job published meanwhile
+/// is not held up noticeably.
+pub const PULL_FETCH_FAILED_PAUSE: Duration = Duration::from_millis(200);
+/// An empty fetch right after a wake-up (another node took the job first, or the publish had
+/// not reached the stream yet) is tried again at once, then after 1, 2 and 4 ms, before the
+/// puller waits for the next wake-up: without these the job waited for the 250 ms idle re-check,
+/// which showed as the sequential p99. `None` past the last: wait for a wake-up.
+pub fn pull_overtaken_pause(overtaken: u32) -> Option<Duration> {
+    match overtaken {
+        0 => Some(Duration::ZERO),
+        1..=3 => Some(Duration::from_millis(1 << (overtaken - 1))),
+        _ => None,
+    }
+}
+
 /// What a supervisor does after its child failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartDecision {
@@ -229,6 +251,12 @@ impl RestartBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overtaken_puller_looks_again_at_once_then_after_1_2_4_ms_then_waits() {
+        let pauses: Vec<Option<u64>> = (0..6).map(|n| pull_overtaken_pause(n).map(|d| d.as_millis() as u64)).collect();
+        assert_eq!(pauses, [Some(0), Some(1), Some(2), Some(4), None, None]);
+    }
 
     fn policy(max: u32) -> RestartPolicy {
         RestartPolicy { max_restarts: max, window_ms: 10_000, backoff_initial_ms: 100, backoff_max_ms: 1_000 }

@@ -43,6 +43,11 @@ pub enum TaskKind {
     /// Tidies up after something that was dropped (an upload's chunks purged): nobody waits
     /// for it, and it runs to its end.
     Cleanup,
+    /// Feeds a consumer (an HTTP response's body, a job's event feed) until the consumer goes
+    /// away, which it watches itself: runs to its own end.
+    Feed,
+    /// Serves one HTTP connection until it closes; the server's graceful shutdown watches it.
+    Connection,
 }
 
 /// What dropping a task's guard does.
@@ -58,7 +63,9 @@ impl TaskKind {
     pub fn cancel(self) -> Cancel {
         match self {
             TaskKind::OwnerLoop | TaskKind::JobKeepAlive | TaskKind::JobPart | TaskKind::ClientWork => Cancel::WithOwner,
-            TaskKind::TunnelPump | TaskKind::Reply | TaskKind::ChildOutput | TaskKind::Cleanup => Cancel::Never,
+            TaskKind::TunnelPump | TaskKind::Reply | TaskKind::ChildOutput | TaskKind::Cleanup | TaskKind::Feed | TaskKind::Connection => {
+                Cancel::Never
+            }
         }
     }
 }

@@ -42,6 +42,7 @@ use kiln_core::config::ClusterConfig;
 use kiln_core::metrics as m;
 use kiln_core::nats::{Names, RegistryCache, Resources, StoreError};
 use kiln_core::protocol::*;
+use kiln_core::task::{self, TaskGuard, TaskKind};
 
 pub use crate::api::admission::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES};
 pub use kiln_core::endpoint::{Endpoint, Family, ENDPOINTS};
@@ -88,12 +89,12 @@ impl ApiService {
     }
 
     /// Registers the service and serves until the returned task is aborted.
-    pub async fn start(self) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+    pub async fn start(self) -> Result<TaskGuard<()>, StoreError> {
         let spec = service_spec(&self.resources.names);
         let (service, mut requests) = service::start(&self.resources.client, spec).await.map_err(StoreError::nats)?;
         let in_flight = InFlight::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES);
         let max_reply = max_payload(self.resources.client.server_info().max_payload);
-        Ok(tokio::spawn(async move {
+        Ok(task::spawn(TaskKind::OwnerLoop, "api service loop", async move {
             let _service = service; // dropping it would unregister the endpoints
             let mut stall_seen = self.stall.generation();
             // This loop does O(1) work per request and never waits on one being served, so it
@@ -122,7 +123,7 @@ impl ApiService {
                     }
                 };
                 let api = self.clone();
-                tokio::spawn(async move {
+                task::spawn(TaskKind::Reply, "api request", async move {
                     let reply = api.handle(endpoint, &request.message.payload).await;
                     respond(&request, reply, max_reply).await;
                     drop(permit);

@@ -18,6 +18,7 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use futures::{Stream, StreamExt};
 use kiln_core::nats::Names;
 use kiln_core::protocol::Event;
+use kiln_core::task::{self, TaskKind};
 use tokio::sync::broadcast;
 
 /// An event with its sequence number in the events stream (its SSE `id`).
@@ -91,7 +92,7 @@ impl Feeds {
         feeds.insert(id.to_string(), Arc::downgrade(&feed));
         let (js, stream, name) = (self.js.clone(), self.stream.clone(), self.names.events_stream());
         let events = async move { stream.get_or_try_init(|| js.get_stream(name)).await.cloned().ok() };
-        tokio::spawn(follow(events, self.names.events_subject(id), Arc::downgrade(&feed)));
+        task::spawn(TaskKind::Feed, "event feed", follow(events, self.names.events_subject(id), Arc::downgrade(&feed)));
         feed
     }
 

@@ -38,6 +38,7 @@ use axum::Router;
 use kiln_core::config::NatsConfig;
 use kiln_core::http::HttpConfig;
 use kiln_core::nats::Names;
+use kiln_core::task::{self, TaskGuard, TaskKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
@@ -172,7 +173,7 @@ impl Gateway {
         let router = self.router();
         let header_timeout = Duration::from_millis(self.shared.config.header_timeout_ms);
         let shutdown = self.shared.shutdown.clone();
-        let task = tokio::spawn(accept_loop(listener, router, header_timeout, shutdown, stop));
+        let task = task::spawn(TaskKind::OwnerLoop, "gateway accept loop", accept_loop(listener, router, header_timeout, shutdown, stop));
         Ok(ServingGateway { addr: local, task })
     }
 }
@@ -180,7 +181,7 @@ impl Gateway {
 /// A gateway serving in the background.
 pub struct ServingGateway {
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    task: TaskGuard<()>,
 }
 
 impl ServingGateway {
@@ -215,7 +216,7 @@ async fn accept_loop(
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                task::spawn(TaskKind::Connection, "http connection", async move {
                     let _ = connection.await;
                 });
             }

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, TryStreamExt};
 use kiln_core::nats::objects::{content_type_for, put_stream, StoredObject, META_CONTENT_TYPE, META_SHA256};
+use kiln_core::task::{self, TaskKind};
 use tokio::io::AsyncReadExt;
 
 use super::error::HttpError;
@@ -147,7 +148,7 @@ const DOWNLOAD_FRAMES_AHEAD: usize = 8;
 /// stream is dropped (the client went away).
 fn read_ahead(reader: impl tokio::io::AsyncRead + Send + Unpin + 'static) -> impl Stream<Item = std::io::Result<bytes::Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel(DOWNLOAD_FRAMES_AHEAD);
-    tokio::spawn(async move {
+    task::spawn(TaskKind::Feed, "download read-ahead", async move {
         let mut frames = tokio_util::io::ReaderStream::with_capacity(reader, DOWNLOAD_READ_BYTES);
         while let Some(frame) = futures::StreamExt::next(&mut frames).await {
             if tx.send(frame).await.is_err() {

@@ -24,6 +24,7 @@ use kiln_core::protocol::{
     ApiError, BatchItemEvent, BatchItemRequest, BatchSubmitRequest, BatchView, ErrorCode, Event, EventKind, InputValue, JobView,
     SubmitRequest,
 };
+use kiln_core::task::{self, TaskKind};
 use serde_json::{json, Value};
 
 use super::error::HttpError;
@@ -446,7 +447,7 @@ impl Drop for ConsumerGuard {
     fn drop(&mut self) {
         let (stream, name) = (self.stream.clone(), std::mem::take(&mut self.name));
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+            task::spawn_on(&runtime, TaskKind::Cleanup, "delete route consumer", async move {
                 let _ = stream.delete_consumer(&name).await;
             });
         }

@@ -26,12 +26,7 @@ fn only_b(steps: serde_json::Value) -> SubmitRequest {
         model: "only-b".into(),
         inputs: [("prompt".to_string(), kiln_core::protocol::InputValue::Inline(serde_json::json!("x")))].into(),
         params: params(serde_json::json!({ "steps": steps })),
-        priority: 0,
-        idempotency_key: None,
-        deadline_ms: None,
-        max_attempts: None,
-        reuse: false,
-        labels: Default::default(),
+        ..Default::default()
     }
 }
 

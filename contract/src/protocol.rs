@@ -672,6 +672,29 @@ pub struct BatchSubmitRequest {
     pub fallback_models: Vec<String>,
 }
 
+impl BatchSubmitRequest {
+    /// An item of the batch as the submission it is: the batch's params and labels under the
+    /// item's own, the batch's options. One literal without `..`: a field added to
+    /// [`SubmitRequest`] makes the compiler ask here whether a batch's items carry it.
+    pub fn item_submission(&self, item: &BatchItemRequest) -> SubmitRequest {
+        let mut params = self.params.clone();
+        params.extend(item.params.clone());
+        let mut labels = self.labels.clone();
+        labels.extend(item.labels.clone());
+        SubmitRequest {
+            model: self.model.clone(),
+            inputs: item.inputs.clone(),
+            params,
+            priority: self.priority,
+            idempotency_key: None,
+            deadline_ms: self.deadline_ms,
+            max_attempts: self.max_attempts,
+            reuse: false,
+            labels,
+        }
+    }
+}
+
 /// `kiln.api.batch`, `kiln.api.cancel_batch` and `kiln.api.retry_batch` take a batch id.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -40,7 +40,7 @@ impl ApiService {
         };
         let mut digests = Vec::with_capacity(req.items.len());
         for (index, item) in req.items.iter().enumerate() {
-            let mut single = validation::batch_item_submission(&req, item);
+            let mut single = req.item_submission(item);
             validation::validate_batch_item(&mut single, index, &decls, &self.config.limits, kiln_core::now_ms())?;
             digests.push(self.input_digests(&single.inputs).await.map_err(|e| validation::at_item(index, e))?);
             plan.items.push(PlanItem {

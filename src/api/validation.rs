@@ -153,26 +153,6 @@ pub fn batch_models(
     Ok((models, decls))
 }
 
-/// An item of a batch as the submission it is: the batch's params and labels under the
-/// item's own, the batch's options.
-pub fn batch_item_submission(req: &BatchSubmitRequest, item: &BatchItemRequest) -> SubmitRequest {
-    let mut params = req.params.clone();
-    params.extend(item.params.clone());
-    let mut labels = req.labels.clone();
-    labels.extend(item.labels.clone());
-    SubmitRequest {
-        model: req.model.clone(),
-        inputs: item.inputs.clone(),
-        params,
-        priority: req.priority,
-        idempotency_key: None,
-        deadline_ms: req.deadline_ms,
-        max_attempts: req.max_attempts,
-        reuse: false,
-        labels,
-    }
-}
-
 /// One item's submission checked against every model it may run (`decls`, in order): the first
 /// refusal, its message prefixed with `item <index>: `.
 pub fn validate_batch_item(
@@ -403,20 +383,20 @@ mod tests {
         }))
         .unwrap();
         let decls = [demo(), open_model("fast", 2)];
-        let mut first = batch_item_submission(&req, &req.items[0]);
+        let mut first = req.item_submission(&req.items[0]);
         assert_eq!(first.params["steps"], json!(5), "the batch's params");
         assert_eq!(first.labels["who"], "item", "an item's own label wins");
         assert_eq!(first.labels["run"], "1");
         validate_batch_item(&mut first, 0, &decls, &Limits::default(), NOW).expect("valid on both");
 
-        let mut second = batch_item_submission(&req, &req.items[1]);
+        let mut second = req.item_submission(&req.items[1]);
         let e = validate_batch_item(&mut second, 1, &decls, &Limits::default(), NOW).expect_err("demo needs a prompt");
         assert_eq!(e.code, ErrorCode::BadRequest);
         assert_eq!(e.message, "item 1: model \"demo\" needs input \"prompt\"");
 
         // Valid on the first model, not on the fallback: still refused, naming the fallback.
         let strict = ModelDecl { name: "strict".into(), required_inputs: vec!["mask".into()], ..open_model("strict", 1) };
-        let mut first = batch_item_submission(&req, &req.items[0]);
+        let mut first = req.item_submission(&req.items[0]);
         let e = validate_batch_item(&mut first, 0, &[open_model("demo", 1), strict], &Limits::default(), NOW).expect_err("strict");
         assert_eq!(e.message, "item 0: model \"strict\" needs input \"mask\"");
     }
@@ -458,7 +438,7 @@ mod tests {
             max_attempts in prop::option::of(0u32..4),
             labels in prop::collection::btree_map(any_name(), ".{0,10}", 0..20),
         ) -> SubmitRequest {
-            SubmitRequest { model, inputs, params: params.into_iter().collect(), priority, idempotency_key, deadline_ms, max_attempts, reuse: false, labels }
+            SubmitRequest { model, inputs, params: params.into_iter().collect(), priority, idempotency_key, deadline_ms, max_attempts, labels, ..Default::default() }
         }
     }
 
@@ -479,7 +459,7 @@ mod tests {
             let mut params = serde_json::Map::new();
             if let Some(steps) = steps { params.insert("steps".into(), json!(steps)); }
             if let Some(style) = style { params.insert("style".into(), json!(style)); }
-            SubmitRequest { model: "demo".into(), inputs, params, priority: 0, idempotency_key, deadline_ms, max_attempts, reuse: false, labels }
+            SubmitRequest { model: "demo".into(), inputs, params, idempotency_key, deadline_ms, max_attempts, labels, ..Default::default() }
         }
     }
 

@@ -6,4 +6,32 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_ENGINES").is_some() {
         torch_link();
     }
+    commit();
+}
+
+/// `KILN_COMMIT` for `kiln --version`: the checkout's HEAD (12 hex digits), else the
+/// `KILN_COMMIT` the builder sets (an image built from a tarball), else `unknown`. Re-run when
+/// HEAD moves, not on every `git status` (the index changes then, and the binary would relink).
+fn commit() {
+    println!("cargo:rerun-if-env-changed=KILN_COMMIT");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let from_git = git(&["rev-parse", "--short=12", "HEAD"]);
+    if let (Some(dir), Some(common)) =
+        (git(&["rev-parse", "--absolute-git-dir"]), git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]))
+    {
+        println!("cargo:rerun-if-changed={dir}/HEAD");
+        println!("cargo:rerun-if-changed={common}/packed-refs");
+        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+            println!("cargo:rerun-if-changed={common}/{branch}");
+        }
+    }
+    let commit = from_git.or_else(|| std::env::var("KILN_COMMIT").ok()).unwrap_or_else(|| "unknown".to_string());
+    println!("cargo:rustc-env=KILN_COMMIT={commit}");
 }

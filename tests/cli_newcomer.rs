@@ -122,3 +122,18 @@ async fn submit_wait_prints_why_an_attempt_is_retried() {
     assert!(stderr.contains(&format!("job {job_id}: retrying, attempt 2 (engine_failed): ")), "{stderr}");
     assert!(stderr.contains(&format!("job {job_id}: failed")), "{stderr}");
 }
+
+/// `kiln --version` names the commit it was built from (issue 25 item 6): an operator with a
+/// binary on a host can tell which code runs. Built from a git checkout, it is that checkout's
+/// HEAD; `+dirty` when the tree had uncommitted changes.
+#[test]
+fn the_version_names_the_commit_it_was_built_from() {
+    let out = kiln(&["--version"]);
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(head.len(), 12, "not built from a git checkout?");
+    let expected = format!("kiln {} (commit {head}", env!("CARGO_PKG_VERSION"));
+    assert!(stdout.starts_with(&expected), "{stdout:?} does not start with {expected:?}");
+}

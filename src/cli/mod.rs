@@ -28,8 +28,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `kiln --version`: the package version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KILN_COMMIT"), ")");
+
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "A cluster runtime for GPU generation jobs over NATS")]
+#[command(name = "kiln", version = VERSION, about = "A cluster runtime for GPU generation jobs over NATS")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -170,6 +170,7 @@ impl RunningNode {
         let ctx = NodeContext {
             config: config.clone(),
             resources: resources.clone(),
+            store: Arc::new(resources.clone()),
             node: name.clone(),
             work_dir,
             workspaces: Default::default(),

@@ -10,7 +10,7 @@
 //! - `stall`: moved on by the stall watch's thread, read by whoever must re-check after a
 //!   standstill;
 //! - `resources`: the NATS connection and its handles (its per-model results buckets are
-//!   opened and cached on first use).
+//!   opened and cached on first use); `store` is the same, as the job path's [`JobStore`].
 //!
 //! Everything else an actor knows is its own state.
 
@@ -21,11 +21,15 @@ use dashmap::DashMap;
 
 use kiln_core::config::ClusterConfig;
 use kiln_core::nats::{RegistryCache, Resources};
+use kiln_core::store::JobStore;
 
 #[derive(Clone)]
 pub struct NodeContext {
     pub config: Arc<ClusterConfig>,
     pub resources: Resources,
+    /// `resources` as the job store every delivery reads and writes its job through (made
+    /// once per node, not per job).
+    pub store: Arc<dyn JobStore>,
     /// This node's name (unique in the cluster).
     pub node: String,
     /// Root of the per-slot working directories (job inputs and outputs).

@@ -97,8 +97,6 @@ const STALL_CHECK: Duration = Duration::from_millis(250);
 /// One delivery of a queued job and the attempt it claims.
 pub(crate) struct Delivery {
     pub(crate) ctx: NodeContext,
-    /// The job's record, events and results feed (`ctx.resources` behind the trait).
-    store: Arc<dyn JobStore>,
     message: jetstream::Message,
     /// The slot the attempt runs on (written into the record as its owner).
     slot: String,
@@ -189,10 +187,8 @@ impl Delivery {
         listed: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Delivery {
         let job_id = serde_json::from_slice::<QueueMessage>(&message.payload).map(|q| q.job_id).unwrap_or_default();
-        let store: Arc<dyn JobStore> = Arc::new(ctx.resources.clone());
         Delivery {
             ctx,
-            store,
             message,
             slot,
             cancel,
@@ -255,7 +251,7 @@ impl Delivery {
         }
         self.events_sent += 1;
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        let ack = self.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
+        let ack = self.ctx.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
         self.pending_events.push(PendingEvent { event, msg_id, ack });
     }
 
@@ -268,9 +264,9 @@ impl Delivery {
         let labels = self.current.as_ref().map(|c| c.record.labels.clone()).unwrap_or_default();
         let event = Event::status(&self.job_id, self.attempt, JobState::Running).labelled(&labels);
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        let ack = self.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
+        let ack = self.ctx.store.publish_event_nowait(&event, Some(&msg_id)).await.ok();
         let pending = PendingEvent { event, msg_id, ack };
-        let (store, job_id, last_seq) = (self.store.clone(), self.job_id.clone(), self.last_seq.clone());
+        let (store, job_id, last_seq) = (self.ctx.store.clone(), self.job_id.clone(), self.last_seq.clone());
         self.running_stored = Some(async move { ensure_stored(store, &job_id, pending, &last_seq).await }.boxed().shared());
     }
 
@@ -280,7 +276,7 @@ impl Delivery {
             running.clone().await;
         }
         for pending in std::mem::take(&mut self.pending_events) {
-            ensure_stored(self.store.clone(), &self.job_id, pending, &self.last_seq).await;
+            ensure_stored(self.ctx.store.clone(), &self.job_id, pending, &self.last_seq).await;
         }
     }
 
@@ -292,7 +288,7 @@ impl Delivery {
     /// its history when a nats-server restart hit this moment (`kiln chaos`), or the feed
     /// without the job, or its batch never settled.
     async fn finish(&self, record: &JobRecord, publish: Publish) -> bool {
-        match finish_job(&*self.store, record, publish, Patience::NATS_TROUBLE).await {
+        match finish_job(&*self.ctx.store, record, publish, Patience::NATS_TROUBLE).await {
             Ok(()) => true,
             Err(FinishError::Publish(e)) if publish == Publish::EndingAndFeed => {
                 tracing::warn!(job_id = %self.job_id, error = %e, "terminal event not stored; leaving the delivery for redelivery");
@@ -320,11 +316,11 @@ impl Delivery {
             self.await_listing().await;
         }
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
-        let delivered = claim_record(&*self.store, &self.job_id, first, &owner, self.redelivered()).await;
+        let delivered = claim_record(&*self.ctx.store, &self.job_id, first, &owner, self.redelivered()).await;
         let (next, revision, replaced) = match delivered {
             Ok(Claimed::Written { record, revision, replaced }) => (*record, revision, replaced),
             Ok(Claimed::Ended(record)) => {
-                let last = store::last_event(&*self.store, &self.job_id).await?;
+                let last = store::last_event(&*self.ctx.store, &self.job_id).await?;
                 let publish = match end_to_republish(last.as_ref()) {
                     EndToRepublish::EndingAndFeed => Publish::EndingAndFeed,
                     EndToRepublish::FeedOnly => Publish::FeedOnly,
@@ -370,7 +366,7 @@ impl Delivery {
         let event = Event::retrying(&self.job_id, self.attempt, reason, message, error).labelled(&previous.labels);
         self.events_sent += 1;
         let msg_id = format!("{}-a{}-e{}", self.job_id, self.attempt, self.events_sent);
-        ensure_stored(self.store.clone(), &self.job_id, PendingEvent { event, msg_id, ack: None }, &self.last_seq).await;
+        ensure_stored(self.ctx.store.clone(), &self.job_id, PendingEvent { event, msg_id, ack: None }, &self.last_seq).await;
     }
 
     /// What the registry (read from the server, not the cache) says about the life of `node`,
@@ -399,7 +395,7 @@ impl Delivery {
 
     /// The job's record ([`read_record_awaiting`]).
     async fn get_job_awaiting_record(&self) -> Result<Option<Versioned>, StoreError> {
-        read_record_awaiting(&*self.store, &self.job_id, self.redelivered()).await
+        read_record_awaiting(&*self.ctx.store, &self.job_id, self.redelivered()).await
     }
 
     /// Whether JetStream delivered this message before.
@@ -441,7 +437,7 @@ impl Delivery {
     /// running job), the change applies on top of it and the cancel reaches the engine's token.
     async fn write(&mut self, change: impl Fn(&JobRecord) -> Result<JobRecord, Refused>) -> Result<WriteResult, CasError> {
         let held = self.current.clone().expect("claimed");
-        let written = write_as_owner(&*self.store, &self.job_id, held, self.attempt, &self.cancel, change).await?;
+        let written = write_as_owner(&*self.ctx.store, &self.job_id, held, self.attempt, &self.cancel, change).await?;
         if let WriteResult::Written(v) = &written {
             self.current = Some(Versioned::clone(v));
         }
@@ -462,7 +458,7 @@ impl Delivery {
     pub(crate) fn keep_alive(&self) -> TaskGuard<()> {
         let delivery = self.message.clone();
         let period = self.ctx.resources.ack_wait() / 3;
-        let store = self.store.clone();
+        let store = self.ctx.store.clone();
         let watch = AttemptWatch {
             job_id: self.job_id.clone(),
             attempt: self.attempt,
@@ -579,14 +575,14 @@ impl Delivery {
     async fn announce_artifacts(&self, artifacts: &[Artifact]) -> Result<bool, StoreError> {
         let labels = self.current.as_ref().map(|c| &c.record.labels).cloned().unwrap_or_default();
         let own = self.last_seq.load(Ordering::Acquire);
-        announce_artifacts(&*self.store, &self.job_id, self.attempt, own, &labels, artifacts).await
+        announce_artifacts(&*self.ctx.store, &self.job_id, self.attempt, own, &labels, artifacts).await
     }
 
     /// Deletes the objects a fenced attempt stored under its own names (nothing refers to
     /// them); they would expire with the bucket's TTL anyway.
     async fn remove_artifacts(&self, model: &str, artifacts: &[Artifact]) {
         for artifact in artifacts {
-            if let Err(e) = self.store.delete_artifact(model, artifact).await {
+            if let Err(e) = self.ctx.store.delete_artifact(model, artifact).await {
                 tracing::debug!(job_id = %self.job_id, object = %artifact.object, error = %e, "cannot remove a fenced attempt's artifact");
             }
         }
@@ -604,7 +600,7 @@ impl AttemptEvents for Delivery {
     }
 
     fn progress_order(&self) -> ProgressOrder {
-        ProgressOrder { store: self.store.clone(), running_stored: self.running_stored(), last_seq: self.last_seq() }
+        ProgressOrder { store: self.ctx.store.clone(), running_stored: self.running_stored(), last_seq: self.last_seq() }
     }
 }
 

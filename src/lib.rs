@@ -11,7 +11,8 @@
 //! | [`node`]    | node bootstrap: embedded server, NATS resources, actors, API          |
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
-//! | [`metrics`] | the Prometheus endpoint                                                |
+//! | [`health`]  | the node's HTTP server on `node.metrics_addr`: `/healthz`, `/readyz` (decided by a pure function), `/metrics` |
+//! | [`metrics`] | the Prometheus recorder, installed once per process                   |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
 //! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
@@ -32,6 +33,7 @@ pub mod client;
 pub mod demo;
 pub mod diag;
 pub mod gateway;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod service;

@@ -11,6 +11,8 @@ use kiln_actors::{NodeContext, NodeHandle};
 use kiln_core::config::ClusterConfig;
 use kiln_core::nats::{resources, NatsServer, Resources};
 
+use crate::health::{NodeHealth, NodePhase};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -23,6 +25,8 @@ pub enum StartError {
     DuplicateName(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Health(#[from] crate::health::ServeError),
 }
 
 /// How long this process must stand still (no tick of its stall watch) to count as stopped:
@@ -44,6 +48,11 @@ pub struct RunningNode {
     /// NodeControl actor).
     drain_requested: Arc<tokio::sync::Notify>,
     diagnostics: kiln_core::task::TaskGuard<()>,
+    /// What `/readyz` reads: this node's phase and connection.
+    health: NodeHealth,
+    /// The server of `/healthz`, `/readyz` and `/metrics` on `node.metrics_addr`; None when
+    /// that is "". It lives until the node has drained, so a draining node answers 503.
+    _health_server: Option<kiln_core::task::TaskGuard<()>>,
     _work_dir: Option<tempfile::TempDir>,
 }
 
@@ -99,7 +108,17 @@ pub fn embedded_state_dir(config: &ClusterConfig) -> PathBuf {
 
 impl RunningNode {
     /// Starts a node. With `nats.url = "embedded"` it first starts a nats-server child.
+    ///
+    /// The health and metrics server binds first, so that a liveness probe passes during a
+    /// long start (JetStream patience, the watch of an old registry entry) and a taken
+    /// `node.metrics_addr` fails the start at once: a node whose probes cannot be served would
+    /// never be ready to its orchestrator, and a warning in its log would not say why.
     pub async fn start(mut config: ClusterConfig) -> Result<RunningNode, StartError> {
+        let health = NodeHealth::default();
+        let health_server = match config.node.metrics_addr.as_str() {
+            "" => None,
+            addr => Some(crate::health::serve(addr, health.clone()).await?),
+        };
         let server = if config.nats.url == "embedded" {
             let server = NatsServer::start(&embedded_state_dir(&config), config.nats.embedded_port)?;
             tracing::info!(url = %server.url(), "embedded nats-server started");
@@ -114,6 +133,7 @@ impl RunningNode {
         let name = config.node.name.clone();
         let client = resources::connect(&config.nats, &format!("kiln-node-{name}")).await?;
         let (resources, registry) = ensure_resources(client, &config).await?;
+        health.connected(resources.clone(), name.clone(), config.node.slots.clone());
         // A same-named entry is either another live process (refuse) or the remains of this
         // node's previous life, killed before it could remove them (proceed). Tell them apart
         // by watching its heartbeat for one loss threshold, the silence every detector of the
@@ -182,13 +202,28 @@ impl RunningNode {
         let handle = NodeHandle::start(ctx).await?;
         let api = crate::api::ApiService::new(resources.clone(), config, registry, stall).start().await?;
         let diagnostics = crate::diag::serve(resources.clone(), name.clone()).await?;
+        health.set_phase(NodePhase::Running);
         tracing::info!(node = %name, url = %url, "node started");
-        Ok(RunningNode { name, resources, url, handle: Some(handle), api, server, drain_requested, diagnostics, _work_dir: temp })
+        Ok(RunningNode {
+            name,
+            resources,
+            url,
+            handle: Some(handle),
+            api,
+            server,
+            drain_requested,
+            diagnostics,
+            health,
+            _health_server: health_server,
+            _work_dir: temp,
+        })
     }
 
     /// Resolves when an operator asks this node to drain.
+    /// From then on `/readyz` answers 503: a load balancer stops sending before the drain.
     pub async fn drain_requested(&self) {
-        self.drain_requested.notified().await
+        self.drain_requested.notified().await;
+        self.health.set_phase(NodePhase::Draining);
     }
 
     /// True once the actor tree stopped by itself (a node actor failed).
@@ -199,6 +234,7 @@ impl RunningNode {
     /// Graceful leave: stop pulling, finish running jobs (up to `grace`), remove the registry
     /// entries, stop the actors, then the API. The embedded server, if any, stops last.
     pub async fn shutdown(mut self, grace: Duration) {
+        self.health.set_phase(NodePhase::Draining);
         // The API keeps answering while running jobs finish: submits still land durably in the
         // queue (for other nodes, or this one's next start), and status stays readable.
         if let Some(h) = self.handle.take() {

@@ -20,7 +20,7 @@ pub struct NodeArgs {
     /// Comma-separated slots, e.g. cuda:0,cuda:1 or cpu:0.
     #[arg(long)]
     slots: Option<String>,
-    /// host:port of the Prometheus endpoint; "" disables it.
+    /// host:port of the node's /metrics, /healthz and /readyz; "" disables them.
     #[arg(long)]
     metrics_addr: Option<String>,
     /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs.
@@ -129,9 +129,6 @@ pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     let nats = config.nats.clone();
     if config.nats.url == "embedded" && !allow_embedded {
         return Err("`kiln node` joins an existing NATS: pass --nats URL (or use `kiln up` for an embedded server)".into());
-    }
-    if let Err(e) = kiln::metrics::install(&config.node.metrics_addr) {
-        tracing::warn!(error = %e, "metrics endpoint disabled");
     }
     // A stop signal during start-up: nothing runs yet, so the drain is to stop starting. Start
     // is cancelled where it stands (connecting, creating streams, watching an old registry

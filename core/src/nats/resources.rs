@@ -256,6 +256,38 @@ impl Resources {
         Ok(())
     }
 
+    /// The JetStream streams behind every stream, bucket and object store [`Resources::ensure`]
+    /// creates (a bucket `b` is stream `KV_b`, an object store `OBJ_b`). The per-model results
+    /// stores are left out: they are made on first use.
+    pub fn stream_names(&self) -> Vec<String> {
+        let n = &self.names;
+        let buckets = [n.jobs_bucket(), n.gpus_bucket(), n.nodes_bucket(), n.held_bucket(), n.batches_bucket(), n.reuse_bucket()];
+        let mut names = vec![n.jobs_stream(), n.events_stream(), n.finished_stream()];
+        names.extend(buckets.iter().map(|b| format!("KV_{b}")));
+        names.push(format!("OBJ_{}", n.files_bucket()));
+        names
+    }
+
+    /// Which of [`Resources::stream_names`] the server does not have now (one stream info
+    /// request each, all at once): a node's readiness. An error is a server that did not answer.
+    pub async fn missing_streams(&self) -> Result<Vec<String>, StoreError> {
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        let names = self.stream_names();
+        let answers = futures::future::join_all(names.iter().map(|name| self.js.get_stream(name))).await;
+        let mut missing = vec![];
+        for (name, answer) in names.into_iter().zip(answers) {
+            match answer {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {
+                    missing.push(name)
+                }
+                Err(e) => return Err(StoreError::nats(e)),
+            }
+        }
+        Ok(missing)
+    }
+
     pub fn ack_wait(&self) -> Duration {
         self.ack_wait
     }

@@ -73,6 +73,15 @@ async fn probes_follow_the_node_and_its_nats_connection() {
     // The node's API answered the cluster request that `wait_node_ready` made.
     assert!(metrics.contains("kiln_api_requests_total{endpoint=\"cluster\"}"), "{metrics}");
 
+    // A bucket removed behind the node's back is named.
+    let nats = async_nats::connect(cluster.url()).await.unwrap();
+    async_nats::jetstream::new(nats).delete_stream("KV_kiln_reuse").await.unwrap();
+    let (status, body) = wait_status(port, "/readyz", 503, Duration::from_secs(30)).await.expect("/readyz answers");
+    assert_eq!(status, 503, "{body}");
+    let body = json(&body);
+    assert_eq!(check(&body, "streams")["ok"], false, "{body}");
+    assert_eq!(check(&body, "streams")["detail"], "missing: KV_kiln_reuse", "{body}");
+
     // NATS goes away: the node lives (liveness passes) but is not ready, and says why.
     cluster.server.stop();
     let (status, body) = wait_status(port, "/readyz", 503, Duration::from_secs(30)).await.expect("/readyz answers without NATS");

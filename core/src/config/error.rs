@@ -1,5 +1,6 @@
 //! The one error of loading a configuration: a file that cannot be read, TOML that does not
-//! parse (or names an unknown key), or a value that `validate()` refuses, named by its key.
+//! parse (or names an unknown key), a value that `validate()` refuses, named by its key and,
+//! once the layers are merged, by the file, variable or flag that set it.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,12 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("invalid config: `{key}` {reason}")]
     Invalid { key: String, reason: String },
+    /// A value refused, named by the layer that set it: the file (its path), the variable
+    /// (`KILN_NODE__SLOTS`) or the flag (`--slots`).
+    #[error("invalid config: {origin}: `{key}` {reason}")]
+    Sourced { origin: String, key: String, reason: String },
+    #[error("{name} is not a configuration variable: no key `{key}` (KILN_<SECTION>__<KEY> names a key of cluster.toml)")]
+    UnknownVariable { name: String, key: String },
 }
 
 pub(super) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {

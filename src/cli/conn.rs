@@ -52,7 +52,7 @@ fn unreachable_hint(url: &str, error: &ClientError) -> String {
     match error {
         ClientError::Nats(m) if m.contains("cannot connect") => format!(
             "no NATS server answers at {url} ({text}).\nStart a local cluster with `kiln up` (in another terminal), \
-             or point at yours with --nats URL (or KILN_NATS_URL, or nats.url in --config FILE)."
+             or point at yours with --nats URL (or KILN_NATS__URL, or nats.url in --config FILE)."
         ),
         _ => text,
     }

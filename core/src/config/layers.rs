@@ -38,8 +38,8 @@ use std::path::{Path, PathBuf};
 use figment::value::{Dict, Map, Num, Tag, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 
-use super::error::{invalid, ConfigError};
 use super::connection::{NatsConfig, NatsRules};
+use super::error::{invalid, ConfigError};
 use super::load::ClusterConfig;
 
 /// The older environment names, kept working: each is the key it sets.
@@ -201,7 +201,7 @@ impl Merged {
     }
 
     /// Whether the value at `key` came from the file.
-    fn from_file(&self, key: &str, file: &Path) -> bool {
+    fn set_by_file(&self, key: &str, file: &Path) -> bool {
         self.figment.find_metadata(key).is_some_and(|m| m.name == file.display().to_string())
     }
 }
@@ -248,7 +248,7 @@ fn merge_layers(layers: &Layers) -> Result<Merged, ConfigError> {
         // Only what the file set is relative to its folder: a credential path from a variable
         // or a flag is relative to where the command runs.
         let nats_paths = ["nkey_seed_file", "creds_file", "tls_ca_file", "tls_cert_file", "tls_key_file"];
-        let not_from_file: Vec<&str> = nats_paths.into_iter().filter(|k| !merged.from_file(&format!("nats.{k}"), path)).collect();
+        let not_from_file: Vec<&str> = nats_paths.into_iter().filter(|k| !merged.set_by_file(&format!("nats.{k}"), path)).collect();
         let not_from_file: Vec<(&str, String)> =
             not_from_file.into_iter().map(|k| (k, nats_field(&mut merged.config, k).clone())).collect();
         merged.config.resolve_paths(folder);
@@ -423,7 +423,10 @@ mod tests {
     fn each_layer_wins_over_the_one_before() {
         let (_dir, path) = file("[node]\nslots = [\"cpu:1\"]\ndrain_grace_s = 40");
         let slots = |env: &[(&str, &str)], flags: &[(&str, &str, &str)]| load(Some(&path), env, flags).unwrap().node.slots;
-        assert_eq!(load(None, &[], &[("--x", "models", "")]).unwrap_err(), "invalid config: --x: `models` is a list of tables: set it in the file");
+        assert_eq!(
+            load(None, &[], &[("--x", "models", "")]).unwrap_err(),
+            "invalid config: --x: `models` is a list of tables: set it in the file"
+        );
         assert_eq!(ClusterConfig::merge(&Layers::default()).unwrap().node.slots, ["cpu:0"], "the default");
         assert_eq!(slots(&[], &[]), ["cpu:1"], "the file over the default");
         assert_eq!(slots(&[("KILN_NODE__SLOTS", "cpu:2, cpu:3")], &[]), ["cpu:2", "cpu:3"], "the environment over the file");
@@ -443,7 +446,13 @@ mod tests {
         assert_eq!(ClusterConfig::merge(&Layers::default()).unwrap().node.drain_grace_s, 30);
         // Every old name still sets its key.
         for (alias, key) in ALIASES {
-            let value = if key == "nats.tls_required" { "true" } else if key.ends_with("_ms") || key.ends_with("replicas") { "3000" } else { "cpu:7" };
+            let value = if key == "nats.tls_required" {
+                "true"
+            } else if key.ends_with("_ms") || key.ends_with("replicas") {
+                "3000"
+            } else {
+                "cpu:7"
+            };
             let merged = merge_layers(&test_layers(None, &[(alias, value)], &[])).unwrap();
             assert_eq!(merged.figment.find_metadata(key).map(|m| m.name.to_string()), Some(alias.to_string()), "{alias}");
         }

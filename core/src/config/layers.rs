@@ -274,7 +274,7 @@ fn nats_field<'a>(config: &'a mut ClusterConfig, key: &str) -> &'a mut String {
 }
 
 /// `KILN_NODE__DRAIN_GRACE_S` → `node.drain_grace_s`, if that key exists.
-pub fn key_of_variable(name: &str, defaults: &Dict) -> Result<String, ConfigError> {
+fn key_of_variable(name: &str, defaults: &Dict) -> Result<String, ConfigError> {
     let rest = name.strip_prefix("KILN_").unwrap_or(name);
     let key = rest.split("__").map(|part| part.to_ascii_lowercase()).collect::<Vec<_>>().join(".");
     let known = lookup(defaults, &key).is_some() && key.contains('.') && !key.split('.').any(str::is_empty);

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    /// The file `KILN_CONFIG` names cannot be read.
+    #[error("cannot read config {path} (named by KILN_CONFIG): {source}")]
+    ReadNamedByEnv { path: PathBuf, source: std::io::Error },
     #[error("invalid config {path}: {message}")]
     Parse { path: String, message: String },
     #[error("invalid config: `{key}` {reason}")]

@@ -104,7 +104,12 @@ impl Layers {
     /// The layers of this process: the file of `config_flag`, else of `KILN_CONFIG`, else
     /// `./cluster.toml` if it exists; the process's environment; `flags`.
     pub fn from_process(config_flag: Option<PathBuf>, flags: Vec<Flag>) -> Layers {
-        let env: Vec<(String, String)> = std::env::vars().collect();
+        Layers::from_env(config_flag, std::env::vars().collect(), flags)
+    }
+
+    /// [`Layers::from_process`] with the environment given (tests inject theirs: the
+    /// process's own is shared by every test thread).
+    pub fn from_env(config_flag: Option<PathBuf>, env: Vec<(String, String)>, flags: Vec<Flag>) -> Layers {
         let file = choose_file(config_flag, &env, Path::new(DEFAULT_FILE).is_file());
         Layers { file, env, flags }
     }
@@ -215,7 +220,14 @@ fn merge_layers(layers: &Layers) -> Result<Merged, ConfigError> {
     let defaults = to_dict(ClusterConfig::default())?;
     let mut figment = Figment::new().merge(Layer::new(DEFAULTS, defaults.clone()));
     if let Some(path) = &layers.file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let named_by_env = layers.env.iter().any(|(k, v)| k == CONFIG_VAR && Path::new(v) == path);
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if named_by_env {
+                ConfigError::ReadNamedByEnv { path: path.clone(), source }
+            } else {
+                ConfigError::Read { path: path.clone(), source }
+            }
+        })?;
         let origin = path.display().to_string();
         // Parsed whole first: an unknown key or a wrong type is reported with its line.
         ClusterConfig::from_toml(&text, &origin)?;
@@ -555,9 +567,19 @@ mod tests {
         assert_eq!(choose_file(None, &env(""), true), Some(DEFAULT_FILE.into()));
         assert_eq!(choose_file(None, &[], true), Some(DEFAULT_FILE.into()));
         assert_eq!(choose_file(None, &[], false), None);
-        // A file named but missing is an error naming it.
+        // A file named but missing is an error naming it, and KILN_CONFIG when that named it.
         let err = load(Some(Path::new("/no/such/cluster.toml")), &[], &[]).unwrap_err();
-        assert!(err.starts_with("cannot read config /no/such/cluster.toml"), "{err}");
+        assert!(err.starts_with("cannot read config /no/such/cluster.toml: "), "{err}");
+        let env = env("/no/such/kiln.toml");
+        let err = ClusterConfig::load_layers(&Layers::from_env(None, env.clone(), vec![])).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read config /no/such/kiln.toml (named by KILN_CONFIG): "), "{err}");
+        // KILN_CONFIG's file is read, and --config wins over it.
+        let (_dir, path) = file("[node]\nslots = [\"cpu:3\"]");
+        let layers = Layers::from_env(None, vec![(CONFIG_VAR.into(), path.display().to_string())], vec![]);
+        assert_eq!(ClusterConfig::load_layers(&layers).unwrap().node.slots, ["cpu:3"]);
+        let (_dir2, flagged) = file("[node]\nslots = [\"cpu:4\"]");
+        let layers = Layers::from_env(Some(flagged), env, vec![]);
+        assert_eq!(ClusterConfig::load_layers(&layers).unwrap().node.slots, ["cpu:4"]);
     }
 
     /// The file's relative paths are relative to its folder; a variable's to the working folder.

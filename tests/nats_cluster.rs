@@ -778,3 +778,59 @@ async fn jobs_ending_while_the_results_feed_elects_a_leader_reach_it_without_wai
     }
     assert!(!node.log().contains("terminal event not stored"), "{}", node.log_tail(30));
 }
+
+/// Issue 25: the shipped `cluster.toml` (url = "embedded"), `KILN_NATS_REPLICAS=3` from the
+/// environment and the three servers' URLs from `--nats`: validated once, after every layer,
+/// the node starts on the cluster with three replicas (it used to fail with "`nats.replicas`
+/// must be 1 with the embedded server": the file and the environment were validated before
+/// the flag applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_from_the_environment_and_urls_from_a_flag_start_a_node_on_the_shipped_config() {
+    use std::io::BufRead;
+    let nats = ChaosNatsCluster::start(3, None, false).await.expect("nats-server (run scripts/setup.sh)");
+    nats.wait_ready(Duration::from_secs(30)).await.unwrap();
+    let url = nats.url();
+    let shipped = repo().join("cluster.toml");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["node", "--config"])
+        .arg(&shipped)
+        .args(["--nats", &url, "--node-name", "layered", "--metrics-addr", ""])
+        .env("KILN_NATS_REPLICAS", "3")
+        .env("KILN_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line on stdout is "kiln node ... up on ..."; a refused config exits at once
+    // with nothing on stdout, its error on stderr.
+    let stdout = child.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let up = line_rx.recv_timeout(Duration::from_secs(90));
+    let up = match up {
+        Ok(line) => line,
+        Err(_) => {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("no \"kiln node ... up\" line; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    assert!(up.starts_with("kiln node layered up on "), "{up}");
+    let client = Client::connect_with(&NatsConfig::for_url(&url)).await.unwrap();
+    let jobs = client.jetstream().get_stream("KILN_JOBS").await.unwrap().info().await.unwrap().config.num_replicas;
+    assert_eq!(jobs, 3, "KILN_NATS_REPLICAS applied");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let stopped = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(60), "the node did not stop within 60 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "a SIGTERM is a drain, then exit 0: {status:?}");
+}

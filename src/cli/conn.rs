@@ -5,36 +5,36 @@ use std::path::PathBuf;
 
 use clap::Args;
 use kiln::client::{Client, ClientError};
-use kiln_core::config::ClusterConfig;
+use kiln_core::config::{ClusterConfig, Flag, Layers};
 
-/// How a client command reaches Kiln. Credentials and TLS come from the `[nats]` section of
-/// `--config` and from the `KILN_NATS_*` variables (`KILN_NATS_USER`, `KILN_NATS_PASSWORD`,
-/// `KILN_NATS_TOKEN`, `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`...),
-/// which win over the file; see docs/SECURITY.md.
+/// How a client command reaches Kiln: the `[nats]` section of the same layers a node reads
+/// (the file of `--config`, else `KILN_CONFIG`, else `./cluster.toml` if it exists; then the
+/// `KILN_NATS__<KEY>` variables and their older names `KILN_NATS_USER`, `KILN_NATS_PASSWORD`...;
+/// then `--nats` and `--prefix`); see docs/SECURITY.md for credentials and TLS.
 #[derive(Args, Clone)]
 pub struct ConnArgs {
-    /// NATS URL [default: nats.url of --config, else nats://127.0.0.1:4222]
-    #[arg(long, env = "KILN_NATS_URL")]
+    /// NATS URL [default: nats.url of the config and environment, else nats://127.0.0.1:4222]
+    #[arg(long)]
     nats: Option<String>,
-    /// Prefix of subjects and buckets [default: nats.prefix of --config, else kiln]
+    /// Prefix of subjects and buckets [default: nats.prefix of the config, else kiln]
     #[arg(long)]
     prefix: Option<String>,
-    /// Connect as the `[nats]` section of this file says (URL, prefix, credentials, TLS).
+    /// Connect as the `[nats]` section of this file says (URL, prefix, credentials, TLS)
+    /// [default: $KILN_CONFIG, else ./cluster.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
 }
 
 pub async fn connect(conn: &ConnArgs) -> Result<Client, String> {
-    let mut nats = ClusterConfig::load_nats(conn.config.as_deref()).map_err(|e| e.to_string())?;
-    if let Some(url) = &conn.nats {
-        nats.url = url.clone();
-    }
+    let flags = [("--nats", "nats.url", &conn.nats), ("--prefix", "nats.prefix", &conn.prefix)]
+        .into_iter()
+        .filter_map(|(flag, key, value)| Some(Flag::new(flag, key, value.clone()?)))
+        .collect();
+    let layers = Layers::from_process(conn.config.clone(), flags);
+    let mut nats = ClusterConfig::load_nats_layers(&layers).map_err(|e| e.to_string())?;
     if nats.url == "embedded" {
         // The server `kiln up` starts on this machine.
         nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
-    }
-    if let Some(prefix) = &conn.prefix {
-        nats.prefix = prefix.clone();
     }
     // A client command is interactive: a server that does not answer within this is not
     // coming (a node waits `nats.connect_timeout_ms`, 10 s, as it may start before its server).
@@ -52,7 +52,7 @@ fn unreachable_hint(url: &str, error: &ClientError) -> String {
     match error {
         ClientError::Nats(m) if m.contains("cannot connect") => format!(
             "no NATS server answers at {url} ({text}).\nStart a local cluster with `kiln up` (in another terminal), \
-             or point at yours with --nats URL (or KILN_NATS_URL, or nats.url in --config FILE)."
+             or point at yours with --nats URL (or KILN_NATS__URL, or nats.url in --config FILE)."
         ),
         _ => text,
     }

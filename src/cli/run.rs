@@ -1,18 +1,22 @@
 //! `kiln up`, `node`, `gateway`, `demo`: the processes that stay up, and the stop signals
 //! that drain them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use kiln::node::RunningNode;
-use kiln_core::config::{ClusterConfig, NatsConfig};
+use kiln_core::config::{ClusterConfig, Flag, Layers, NatsConfig};
 
+/// The file of every command that reads one: `--config`, else `KILN_CONFIG`, else
+/// `./cluster.toml` if it exists. Its keys are overridden by the environment
+/// (`KILN_<SECTION>__<KEY>`), and those by the flags.
 #[derive(Args)]
 pub struct NodeArgs {
-    #[arg(long, default_value = "cluster.toml")]
-    config: PathBuf,
-    /// NATS URL, or "embedded" (overrides nats.url and KILN_NATS_URL).
+    /// The config file [default: $KILN_CONFIG, else ./cluster.toml if it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NATS URL, or "embedded" (overrides nats.url and KILN_NATS__URL).
     #[arg(long)]
     nats: Option<String>,
     #[arg(long)]
@@ -23,9 +27,10 @@ pub struct NodeArgs {
     /// host:port of the node's /metrics, /healthz and /readyz; "" disables them.
     #[arg(long)]
     metrics_addr: Option<String>,
-    /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs.
-    #[arg(long, default_value_t = 30)]
-    drain_grace_s: u64,
+    /// How long a graceful stop (SIGTERM, Ctrl-C) waits for running jobs (overrides
+    /// node.drain_grace_s, default 30).
+    #[arg(long)]
+    drain_grace_s: Option<u64>,
     /// host:port of the HTTP gateway `kiln up` starts (overrides http.addr); "" disables it.
     #[arg(long)]
     http_addr: Option<String>,
@@ -33,9 +38,10 @@ pub struct NodeArgs {
 
 #[derive(Args)]
 pub struct GatewayArgs {
-    #[arg(long, default_value = "cluster.toml")]
-    config: PathBuf,
-    /// NATS URL (overrides nats.url and KILN_NATS_URL); "embedded" means the server `kiln up`
+    /// The config file [default: $KILN_CONFIG, else ./cluster.toml if it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// NATS URL (overrides nats.url and KILN_NATS__URL); "embedded" means the server `kiln up`
     /// started on this machine.
     #[arg(long)]
     nats: Option<String>,
@@ -49,8 +55,9 @@ pub struct GatewayArgs {
 
 #[derive(Args)]
 pub struct DemoArgs {
-    #[arg(long, default_value = "cluster.toml")]
-    config: PathBuf,
+    /// The config file [default: $KILN_CONFIG, else ./cluster.toml if it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[arg(long, default_value_t = 6)]
     jobs: usize,
     #[arg(long, default_value = "demo-results")]
@@ -62,8 +69,9 @@ pub struct DemoArgs {
     serve: bool,
 }
 
-fn load_config(path: &Path) -> Result<ClusterConfig, String> {
-    ClusterConfig::load(path).map_err(|e| e.to_string())
+/// The flags given, as the last layer: `(flag, key it sets, value if given)`.
+fn given_flags<const N: usize>(flags: [(&str, &str, Option<String>); N]) -> Vec<Flag> {
+    flags.into_iter().filter_map(|(flag, key, value)| Some(Flag::new(flag, key, value?))).collect()
 }
 
 /// Every stop signal a node can be sent: each one, at any stage of the node's life, is a drain.
@@ -108,23 +116,16 @@ impl StopSignals {
 pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     let mut stop = StopSignals::install()?;
     tracing::info!("starting");
-    let mut config = load_config(&args.config)?;
-    if let Some(url) = args.nats {
-        config.nats.url = url;
-    }
-    if let Some(n) = args.node_name {
-        config.node.name = n;
-    }
-    if let Some(s) = args.slots {
-        config.node.slots = s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
-    }
-    if let Some(m) = args.metrics_addr {
-        config.node.metrics_addr = m;
-    }
-    if let Some(a) = &args.http_addr {
-        config.http.addr = a.clone();
-    }
-    config.validate().map_err(|e| e.to_string())?;
+    let flags = given_flags([
+        ("--nats", "nats.url", args.nats),
+        ("--node-name", "node.name", args.node_name),
+        ("--slots", "node.slots", args.slots),
+        ("--metrics-addr", "node.metrics_addr", args.metrics_addr),
+        ("--drain-grace-s", "node.drain_grace_s", args.drain_grace_s.map(|s| s.to_string())),
+        ("--http-addr", "http.addr", args.http_addr),
+    ]);
+    let config = ClusterConfig::load_layers(&Layers::from_process(args.config, flags)).map_err(|e| e.to_string())?;
+    let drain_grace = Duration::from_secs(config.node.drain_grace_s);
     let (http, http_addr) = (config.http.clone(), config.http.addr.clone());
     let nats = config.nats.clone();
     if config.nats.url == "embedded" && !allow_embedded {
@@ -165,7 +166,7 @@ pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
                     Some((serving, stop_tx))
                 }
                 Err(e) => {
-                    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+                    node.shutdown(drain_grace).await;
                     return Err(format!("the HTTP gateway cannot start: {e}"));
                 }
             }
@@ -193,7 +194,7 @@ pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
         serving.stopped().await;
     }
     // A second stop signal during the drain is still a drain (the first one is under way).
-    node.shutdown(Duration::from_secs(args.drain_grace_s)).await;
+    node.shutdown(drain_grace).await;
     Ok(())
 }
 
@@ -203,15 +204,13 @@ pub async fn gateway(args: GatewayArgs) -> Result<(), String> {
         return Ok(());
     }
     let mut stop = StopSignals::install()?;
-    let config = ClusterConfig::load_gateway(&args.config).map_err(|e| e.to_string())?;
+    let flags = given_flags([("--nats", "nats.url", args.nats), ("--http-addr", "http.addr", args.http_addr)]);
+    let config = ClusterConfig::load_gateway_layers(&Layers::from_process(args.config, flags)).map_err(|e| e.to_string())?;
     let mut nats = config.nats.clone();
-    if let Some(url) = args.nats {
-        nats.url = url;
-    }
     if nats.url == "embedded" {
         nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
     }
-    let addr = args.http_addr.unwrap_or_else(|| config.http.addr.clone());
+    let addr = config.http.addr.clone();
     if addr.is_empty() {
         return Err("no address to serve: set http.addr or pass --http-addr".into());
     }
@@ -232,7 +231,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<(), String> {
 }
 
 pub async fn demo(DemoArgs { config, jobs, out, model, serve }: DemoArgs) -> Result<(), String> {
-    let mut config = load_config(&config)?;
+    let mut config = ClusterConfig::load_layers(&Layers::from_process(config, vec![])).map_err(|e| e.to_string())?;
     config.node.metrics_addr = String::new();
     kiln::demo::run(kiln::demo::DemoOptions { config, jobs, out, model, serve }).await
 }

@@ -577,7 +577,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
     let mut nats = kiln_core::config::NatsConfig::default();
     if opts.nats.is_some() {
         // An existing server may want credentials or TLS: the KILN_NATS_* variables.
-        nats.apply_env(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        nats = kiln_core::config::ClusterConfig::load_nats(None).map_err(|e| e.to_string())?;
     }
     nats.url = url.clone();
     if let Some(replicas) = opts.replicas {

@@ -17,7 +17,7 @@ use crate::ids;
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterLink {
     /// Shared secret of the actor cluster: a node with another cookie is refused by its peers.
-    /// Set it (or `KILN_CLUSTER_COOKIE`) on any cluster reachable by others.
+    /// Set it (or `KILN_CLUSTER__COOKIE`) on any cluster reachable by others.
     pub cookie: String,
     /// Each tunnel sends a heartbeat frame this often when it has nothing else to send.
     pub heartbeat_ms: u64,
@@ -68,52 +68,12 @@ impl Default for ClusterLink {
 /// The config file's rules for the `[nats]` settings (the type itself is the client's,
 /// `kiln_client::NatsConfig`: programs that only connect need no more).
 pub trait NatsRules {
-    /// `KILN_NATS_URL`, `KILN_NATS_USER`, `KILN_NATS_PASSWORD`, `KILN_NATS_TOKEN`,
-    /// `KILN_NATS_NKEY_SEED_FILE`, `KILN_NATS_CREDS_FILE`, `KILN_NATS_TLS_CA_FILE`,
-    /// `KILN_NATS_TLS_CERT_FILE`, `KILN_NATS_TLS_KEY_FILE`, `KILN_NATS_TLS_REQUIRED`, `KILN_STATE_DIR`,
-    /// `KILN_ACK_WAIT_MS`, `KILN_NATS_REPLICAS`.
-    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError>;
     /// The checks of the connection keys: one authentication method, files that exist, a
     /// client certificate with its key.
     fn validate(&self) -> Result<(), ConfigError>;
 }
 
 impl NatsRules for NatsConfig {
-    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let strings: [(&str, &mut String); 10] = [
-            ("KILN_NATS_URL", &mut self.url),
-            ("KILN_STATE_DIR", &mut self.state_dir),
-            ("KILN_NATS_USER", &mut self.user),
-            ("KILN_NATS_PASSWORD", &mut self.password),
-            ("KILN_NATS_TOKEN", &mut self.token),
-            ("KILN_NATS_NKEY_SEED_FILE", &mut self.nkey_seed_file),
-            ("KILN_NATS_CREDS_FILE", &mut self.creds_file),
-            ("KILN_NATS_TLS_CA_FILE", &mut self.tls_ca_file),
-            ("KILN_NATS_TLS_CERT_FILE", &mut self.tls_cert_file),
-            ("KILN_NATS_TLS_KEY_FILE", &mut self.tls_key_file),
-        ];
-        for (key, field) in strings {
-            if let Some(v) = var(key) {
-                *field = v;
-            }
-        }
-        if let Some(v) = var("KILN_NATS_TLS_REQUIRED") {
-            self.tls_required = match v.as_str() {
-                "1" | "true" | "yes" => true,
-                "0" | "false" | "no" | "" => false,
-                _ => return Err(invalid("KILN_NATS_TLS_REQUIRED", format!("must be true or false, got {v:?}"))),
-            };
-        }
-        if let Some(v) = var("KILN_ACK_WAIT_MS") {
-            self.ack_wait_ms =
-                v.parse().map_err(|_| invalid("KILN_ACK_WAIT_MS", format!("must be a number of milliseconds, got {v:?}")))?;
-        }
-        if let Some(v) = var("KILN_NATS_REPLICAS") {
-            self.replicas = v.parse().map_err(|_| invalid("KILN_NATS_REPLICAS", format!("must be 1, 3 or 5, got {v:?}")))?;
-        }
-        Ok(())
-    }
-
     fn validate(&self) -> Result<(), ConfigError> {
         if !ids::is_valid_token(&self.prefix) {
             return Err(invalid("nats.prefix", "must be letters, digits, '-' or '_'"));
@@ -166,6 +126,7 @@ impl NatsRules for NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::layers::merged_with;
     use crate::config::load::{ClusterConfig, MINIMAL};
 
     #[test]
@@ -181,10 +142,9 @@ mod tests {
         assert_eq!(check("[nats]\nurl = \"nats://a:1,nats://b:1,nats://c:1\"\nreplicas = 3"), Ok(()));
         assert!(check("[nats]\nurl = \"nats://a:1\"\nreplicas = 2").unwrap_err().contains("nats.replicas"));
         assert!(check("[nats]\nreplicas = 3").unwrap_err().contains("embedded"), "the embedded server is one server");
-        let mut n = NatsConfig::for_url("nats://a:1");
-        n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "5".into())).unwrap();
+        let n = merged_with(None, &[("KILN_NATS_URL", "nats://a:1"), ("KILN_NATS_REPLICAS", "5")], &[]).unwrap().nats;
         assert_eq!(n.replicas, 5);
-        assert!(n.apply_env(|k| (k == "KILN_NATS_REPLICAS").then(|| "three".into())).is_err());
+        assert!(merged_with(None, &[("KILN_NATS_REPLICAS", "three")], &[]).is_err());
     }
 
     #[test]
@@ -207,21 +167,19 @@ mod tests {
         check(&format!("[nats]\ntls_cert_file = \"{f}\"\ntls_key_file = \"{f}\"\ntls_ca_file = \"{f}\"\ntoken = \"t\"")).unwrap();
 
         // Secrets come from the environment too, and never show in Debug output.
-        let mut c = ClusterConfig::from_toml(&format!("[nats]\nuser = \"kiln\"\n[cluster]\ncookie = \"c00kie\"\n{MINIMAL}"), "t").unwrap();
-        c.apply_env(|k| (k == "KILN_NATS_PASSWORD").then(|| "hunter2-secret".into())).unwrap();
+        let file = format!("[nats]\nuser = \"kiln\"\n[cluster]\ncookie = \"c00kie\"\n{MINIMAL}");
+        let c = merged_with(Some(&file), &[("KILN_NATS_PASSWORD", "hunter2-secret")], &[]).unwrap();
         c.validate().unwrap();
         assert!(c.nats.auth() == NatsAuth::UserPassword { user: "kiln", password: "hunter2-secret" });
         let shown = format!("{c:?} {:?}", c.nats);
         assert!(!shown.contains("hunter2") && !shown.contains("c00kie") && shown.contains("<redacted>"), "{shown}");
-        c.nats.password.clear();
-        c.nats.user.clear();
-        c.apply_env(|k| (k == "KILN_NATS_TOKEN").then(|| "tok-secret".into())).unwrap();
+        let c = merged_with(None, &[("KILN_NATS_TOKEN", "tok-secret")], &[]).unwrap();
         assert!(!format!("{c:?}").contains("tok-secret"));
         assert!(c.nats.auth() == NatsAuth::Token("tok-secret"));
         assert!(!c.nats.tls());
-        c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "true".into())).unwrap();
-        assert!(c.nats.tls());
-        assert!(c.apply_env(|k| (k == "KILN_NATS_TLS_REQUIRED").then(|| "maybe".into())).is_err());
+        assert!(merged_with(None, &[("KILN_NATS_TLS_REQUIRED", "true")], &[]).unwrap().nats.tls());
+        let maybe = merged_with(None, &[("KILN_NATS__TLS_REQUIRED", "maybe")], &[]).unwrap_err().to_string();
+        assert!(maybe.contains("KILN_NATS__TLS_REQUIRED") && maybe.contains("nats.tls_required"), "{maybe}");
         assert!(NatsConfig::for_url("tls://h:4222").tls());
     }
 }

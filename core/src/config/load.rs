@@ -1,6 +1,7 @@
-//! The whole file, [`ClusterConfig`]: loading (TOML, included route tables, relative paths
-//! resolved against the file's folder, `KILN_*` environment overrides) and validation, once,
-//! of everything serde cannot check.
+//! The whole configuration, [`ClusterConfig`]: loading (through the layers of
+//! [`super::layers`]: defaults, the file, the environment, the flags; included route tables,
+//! relative paths resolved against the file's folder) and validation, once, of everything serde
+//! cannot check.
 
 use std::path::Path;
 
@@ -34,56 +35,6 @@ impl ClusterConfig {
     /// Parses TOML text; `origin` names the source in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
-    }
-
-    /// A file parsed, its relative paths resolved against its folder, its included tables
-    /// added, and the environment applied: what [`Self::load`] and [`Self::load_gateway`]
-    /// then validate, each as much as it needs.
-    fn read_with_env(path: &Path) -> Result<Self, ConfigError> {
-        let mut config = Self::from_toml(&read(path)?, &path.display().to_string())?;
-        let folder = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(folder);
-        config.include_tables(folder)?;
-        config.apply_env(|k| std::env::var(k).ok())?;
-        Ok(config)
-    }
-
-    /// Reads a file, resolves relative worker paths against its folder, applies the
-    /// environment overrides, and validates.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let config = Self::read_with_env(path)?;
-        config.validate()?;
-        Ok(config)
-    }
-
-    /// What `kiln gateway` needs of a file: `[nats]` and `[http]`, validated. The rest may be
-    /// absent (a gateway runs no model); when models are listed, the routes' models must be
-    /// among them.
-    pub fn load_gateway(path: &Path) -> Result<Self, ConfigError> {
-        let config = Self::read_with_env(path)?;
-        config.nats.validate()?;
-        let any_model = config.models.is_empty();
-        config.http.validate(|m| any_model || config.model(m).is_some())?;
-        Ok(config)
-    }
-
-    /// Only the `[nats]` section of a file (the rest is parsed but neither needed nor
-    /// validated), with relative paths resolved and the `KILN_NATS_*` environment applied:
-    /// what a client command (`kiln submit --config cluster.toml`) connects with. `None`: the
-    /// defaults and the environment only.
-    pub fn load_nats(path: Option<&Path>) -> Result<NatsConfig, ConfigError> {
-        let mut nats = match path {
-            Some(path) => {
-                let text = read(path)?;
-                let mut nats = Self::from_toml(&text, &path.display().to_string())?.nats;
-                nats.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-                nats
-            }
-            None => NatsConfig::default(),
-        };
-        nats.apply_env(|k| std::env::var(k).ok())?;
-        nats.validate()?;
-        Ok(nats)
     }
 
     /// Adds the `[[models]]` and `[[http.routes]]` of each `http.include` file (relative to
@@ -138,26 +89,6 @@ impl ClusterConfig {
                 _ => {}
             }
         }
-    }
-
-    /// `KILN_NODE_NAME`, `KILN_SLOTS` (comma separated), `KILN_METRICS_ADDR`,
-    /// `KILN_CLUSTER_COOKIE`, and the `KILN_NATS_*` keys of [`NatsConfig::apply_env`] (URL,
-    /// credentials, TLS files).
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        self.nats.apply_env(&var)?;
-        if let Some(v) = var("KILN_NODE_NAME") {
-            self.node.name = v;
-        }
-        if let Some(v) = var("KILN_SLOTS") {
-            self.node.slots = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-        }
-        if let Some(v) = var("KILN_METRICS_ADDR") {
-            self.node.metrics_addr = v;
-        }
-        if let Some(v) = var("KILN_CLUSTER_COOKIE") {
-            self.cluster.cookie = v;
-        }
-        Ok(())
     }
 
     /// Checks everything serde cannot: names, ranges, references between keys.
@@ -408,23 +339,8 @@ mod tests {
         assert!(check("[cluster]\nheartbeat_ms = 500\nsilence_ms = 600").contains("cluster.silence_ms"));
         assert!(check("[cluster]\nframe_bytes = 2000000").contains("cluster.frame_bytes"));
         assert!(check("[cluster]\nwindow_bytes = 1000").contains("cluster.window_bytes"));
-        let mut c = ClusterConfig::default();
-        c.apply_env(|k| (k == "KILN_CLUSTER_COOKIE").then(|| "s3cret".into())).unwrap();
+        let c = super::super::layers::merged_with(None, &[("KILN_CLUSTER_COOKIE", "s3cret")], &[]).unwrap();
         assert_eq!(c.cluster.cookie, "s3cret");
-    }
-
-    #[test]
-    fn env_overrides_win_over_the_file() {
-        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
-        c.apply_env(|k| match k {
-            "KILN_NATS_URL" => Some("nats://10.0.0.1:4222".into()),
-            "KILN_SLOTS" => Some("cpu:0, cpu:1".into()),
-            _ => None,
-        })
-        .unwrap();
-        assert_eq!(c.nats.url, "nats://10.0.0.1:4222");
-        assert_eq!(c.node.slots, vec!["cpu:0", "cpu:1"]);
-        assert!(c.apply_env(|k| (k == "KILN_ACK_WAIT_MS").then(|| "soon".into())).unwrap_err().to_string().contains("KILN_ACK_WAIT_MS"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Typed configuration: `cluster.toml`, then `KILN_*` environment overrides, then CLI flags
-//! (applied by the binary), validated once by [`ClusterConfig::validate`].
+//! Typed configuration in layers: the defaults, then `cluster.toml`, then the environment
+//! (`KILN_<SECTION>__<KEY>`), then the command's flags, validated once after all of them by
+//! [`ClusterConfig::validate`] (see `layers.rs` for the rules).
 //!
 //! Every field has a documented default so the shortest useful file names only the models.
 //! Unknown keys are refused (`deny_unknown_fields`) so a typo fails at start instead of being
@@ -11,8 +12,9 @@
 //! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]` |
 //! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
 //! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
-//! | `load.rs`       | [`ClusterConfig`], the whole file: loading, env overrides, `validate()`   |
-//! | `error.rs`      | [`ConfigError`], naming the key at fault                                  |
+//! | `load.rs`       | [`ClusterConfig`], the whole configuration: includes, paths, `validate()` |
+//! | `layers.rs`     | [`Layers`]: defaults < file < environment < flags merged (figment), the env mapping, each value's source; `ClusterConfig::load_layers` |
+//! | `error.rs`      | [`ConfigError`], naming the key at fault and the layer that set it        |
 //!
 //! Every public name is re-exported here (`kiln_core::config::NatsConfig`), and `http` is also
 //! `kiln_core::http`. The files import each other (each through `super::<file>`), never this
@@ -22,12 +24,14 @@
 mod connection;
 mod error;
 pub mod http;
+mod layers;
 mod load;
 mod models;
 mod node;
 
 pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
 pub use error::ConfigError;
+pub use layers::{choose_file, variable_of_key, Flag, Layers, ALIASES, CONFIG_VAR, DEFAULT_FILE};
 pub use load::ClusterConfig;
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
 pub use node::{parse_slot, slot_key, CompressionConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, SlotDevice, StorageConfig};

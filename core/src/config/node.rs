@@ -31,6 +31,10 @@ pub struct NodeConfig {
     /// so priority order holds for every job not yet running; with 1, a job claimed ahead is
     /// not overtaken by a more urgent one submitted after it.
     pub slot_prefetch: usize,
+    /// How long a graceful stop (SIGTERM, Ctrl-C, a drain request) waits for running jobs
+    /// before their attempts are abandoned to redelivery (`kiln node --drain-grace-s`). A
+    /// supervisor's stop timeout must be longer.
+    pub drain_grace_s: u64,
 }
 
 impl Default for NodeConfig {
@@ -45,6 +49,7 @@ impl Default for NodeConfig {
             work_dir: String::new(),
             slot_memory_bytes: 8 << 30,
             slot_prefetch: 0,
+            drain_grace_s: 30,
         }
     }
 }

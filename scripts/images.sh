@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Builds Kiln's container images from deploy/docker/*.Dockerfile:
+#   kiln:<version> (and kiln:latest): gateway, CLI and a process-engine node, no libtorch, with
+#     the pinned nats-server, python3 and the worker SDK;
+#   with --torch, kiln-node-torch:<version> (and :latest): a node with the TorchScript engine
+#     and libtorch's lib/ from the pinned torch wheel (GBs, a long release build).
+#
+#   scripts/images.sh [--base IMAGE] [--torch]
+#
+# --base: the image to build FROM (debian:bookworm-slim, or a CUDA image with glibc >= 2.36 on a
+# GPU host, e.g. nvidia/cuda:13.0.1-base-ubuntu24.04; see deploy/README.md). Without it the
+# script makes kiln-base:bookworm offline, once (debootstrap from the Debian mirror apt uses,
+# then `docker import`), since no container registry need be reachable.
+#
+# The binaries are built here on the host (`cargo build --release`) and copied in, so the
+# images reuse the host's build cache; apt inside `docker build` uses the host's network.
+# Prints each image's size at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+base=""
+torch=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --base) base="${2:?--base needs an image}"; shift 2 ;;
+    --base=*) base="${1#--base=}"; shift ;;
+    --torch) torch=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "images.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${KILN_COMMIT:-unknown}")
+mirror="${KILN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+step() { printf '\n== %s (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+
+# The offline base: a minimal Debian bookworm, trimmed as debian:*-slim is (no apt lists, no
+# docs or man pages, and dpkg told to skip them in later installs too).
+make_base() {
+  local dir
+  dir=$(mktemp -d /tmp/kiln-base.XXXXXX)
+  step "debootstrap --variant=minbase bookworm ($mirror) into $dir"
+  debootstrap --variant=minbase bookworm "$dir" "$mirror" > "$dir.log" 2>&1 || { tail -20 "$dir.log"; exit 1; }
+  rm -rf "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin "$dir"/var/cache/apt/archives/*.deb \
+    "$dir"/usr/share/doc/* "$dir"/usr/share/man/* "$dir"/usr/share/info/* "$dir"/usr/share/locale/*
+  cat > "$dir/etc/dpkg/dpkg.cfg.d/kiln-slim" <<'CFG'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+CFG
+  echo "deb $mirror bookworm main" > "$dir/etc/apt/sources.list"
+  tar -C "$dir" -c . | docker import -c 'CMD ["bash"]' - kiln-base:bookworm > /dev/null
+  rm -rf "$dir" "$dir.log"
+}
+
+if [ -z "$base" ]; then
+  base=kiln-base:bookworm
+  if docker image inspect "$base" > /dev/null 2>&1; then
+    echo "base: $base (already made; docker rmi it to make it again)"
+  else
+    make_base
+  fi
+fi
+
+# The build context: everything the Dockerfiles copy, staged under target/ (ignored by git).
+context=target/images/context
+rm -rf "$context"
+mkdir -p "$context"
+stage_common() {
+  cp "$KILN_NATS_SERVER" "$context/nats-server"
+  cp deploy/docker/cluster.toml "$context/cluster.toml"
+  cp examples/workers/demo_worker.py "$context/demo_worker.py"
+  # The SDK's wheel, built offline (setuptools from the pinned venv, no build isolation) from a
+  # copy, so that the checkout gets no build/ or egg-info.
+  cp -r python/kiln-worker "$context/sdk-src"
+  rm -rf "$context/sdk-src/tests"
+  "$KILN_PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$context" "$context/sdk-src"
+  rm -rf "$context/sdk-src"
+}
+sizes=()
+build_image() { # dockerfile image
+  step "docker build $2:$version (FROM $base)"
+  docker build --network host -f "$1" --build-arg "BASE=$base" --build-arg "KILN_VERSION=$version" \
+    --build-arg "KILN_COMMIT=$commit" -t "$2:$version" -t "$2:latest" "$context"
+  sizes+=("$2:$version")
+}
+
+step "cargo build --release -p kiln --no-default-features --bin kiln (the slim binary: no libtorch)"
+cargo build --release -p kiln --no-default-features --bin kiln
+stage_common
+cp target/release/kiln "$context/kiln"
+strip "$context/kiln"
+if readelf -d "$context/kiln" | grep -qi 'torch\|c10'; then
+  echo "images.sh: the slim binary links libtorch" >&2
+  exit 1
+fi
+build_image deploy/docker/kiln.Dockerfile kiln
+step "ldd /usr/local/bin/kiln inside kiln:$version"
+docker run --rm --entrypoint ldd "kiln:$version" /usr/local/bin/kiln
+if docker run --rm --entrypoint ldd "kiln:$version" /usr/local/bin/kiln | grep -qi 'torch\|c10'; then
+  echo "images.sh: kiln:$version links libtorch" >&2
+  exit 1
+fi
+
+if [ "$torch" = 1 ]; then
+  # The default features: the TorchScript engine, linked against the venv's torch (it replaces
+  # the slim target/release/kiln, which was copied above; the dependencies of both builds stay
+  # in target/, so switching back only relinks).
+  step "cargo build --release -p kiln --bin kiln (with the TorchScript engine)"
+  cargo build --release -p kiln --bin kiln
+  site=$(dirname "$(dirname "$KILN_TORCH_LIB")")
+  rm -f "$context/kiln"
+  cp target/release/kiln "$context/kiln"
+  strip "$context/kiln"
+  mkdir -p "$context/site-packages/torch"
+  cp -a "$KILN_TORCH_LIB" "$context/site-packages/torch/lib"
+  if [ -d "$site/nvidia" ]; then
+    cp -a "$site/nvidia" "$context/site-packages/nvidia"
+  fi
+  build_image deploy/docker/node-torch.Dockerfile kiln-node-torch
+  rm -rf "$context/site-packages"
+fi
+
+step "image sizes"
+for image in "${sizes[@]}"; do
+  bytes=$(docker image inspect -f '{{.Size}}' "$image")
+  echo "$image: $((bytes / 1000000)) MB"
+done

@@ -76,6 +76,8 @@ fn manifests() -> Vec<(String, Value)> {
 struct Workload {
     kind: String,
     name: String,
+    /// The pods' labels, what Services select.
+    labels: Value,
     pod: Value,
 }
 
@@ -119,6 +121,7 @@ fn workloads() -> Vec<Workload> {
         .map(|(_, d)| Workload {
             kind: d["kind"].as_str().unwrap().into(),
             name: d["metadata"]["name"].as_str().unwrap().into(),
+            labels: d["spec"]["template"]["metadata"]["labels"].clone(),
             pod: d["spec"]["template"]["spec"].clone(),
         })
         .collect()
@@ -328,10 +331,10 @@ fn probes_and_services_point_at_the_ports_and_paths_the_processes_serve() {
     for (w, port, paths) in [(&node, port_of(metrics), node_paths()), (&gateway, port_of(&http.addr), gateway_paths())] {
         let c = w.container();
         for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
-            let get = &c[probe]["httpGet"];
             if c[probe].is_null() {
                 continue;
             }
+            let get = &c[probe]["httpGet"];
             assert!(!get.is_null(), "{}: {probe} is an httpGet", w.name);
             assert_eq!(w.container_port(&get["port"]), port, "{}: {probe} on the port the process serves", w.name);
             let path = get["path"].as_str().unwrap();
@@ -343,30 +346,23 @@ fn probes_and_services_point_at_the_ports_and_paths_the_processes_serve() {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{}: liveness is the process, not its dependencies", w.name);
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{}", w.name);
         // Every Service of these pods reaches the port the process serves.
+        let mut services = 0;
         for (file, doc) in manifests() {
             if doc["kind"] != "Service" {
                 continue;
             }
             let selector = doc["spec"]["selector"].as_object().unwrap();
-            let labels = workloads_labels(&w.name);
-            if !selector.iter().all(|(k, v)| &labels[k] == v) {
+            if !selector.iter().all(|(k, v)| &w.labels[k] == v) {
                 continue;
             }
             for p in doc["spec"]["ports"].as_array().unwrap() {
                 let target = if p["targetPort"].is_null() { &p["port"] } else { &p["targetPort"] };
                 assert_eq!(w.container_port(target), port, "{file}: Service port {} reaches {}'s served port", p["port"], w.name);
             }
+            services += 1;
         }
+        assert!(services > 0, "{}: a Service selects its pods", w.name);
     }
-}
-
-/// The labels of a workload's pods.
-fn workloads_labels(name: &str) -> Value {
-    manifests()
-        .into_iter()
-        .find(|(_, d)| d["metadata"]["name"] == name && !d["spec"]["template"].is_null())
-        .map(|(_, d)| d["spec"]["template"]["metadata"]["labels"].clone())
-        .unwrap()
 }
 
 /// The gateway's probe paths: routes of its table that answer GET without an API key (a probe

@@ -22,8 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-// The config layers of issue 25's part `config` (`Layers`, `merge`/`load_layers`,
-// `load_gateway_layers`, `CONFIG_VAR`, `node.drain_grace_s`): this file builds once they are in.
 use kiln_core::config::{ClusterConfig, Layers};
 use serde::Deserialize;
 use serde_json::Value;

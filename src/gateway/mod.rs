@@ -242,8 +242,9 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
 }
 
 /// Paths served without a key: the process probes, the console's assets (the console asks for
-/// the key itself) and the API's description.
-fn is_public(path: &str) -> bool {
+/// the key itself) and the API's description. Public for tests/deploy_files.rs: a probe sends
+/// no key, so the paths the manifests probe must be among these.
+pub fn is_public(path: &str) -> bool {
     matches!(path, "/" | "/healthz" | "/readyz" | "/openapi.json" | "/favicon.ico") || path.starts_with("/console/")
 }
 

@@ -43,6 +43,8 @@ const ACK_WAIT_MS: &str = "10000";
 /// How long a SIGKILLed node may still be shown alive: the image config's registry TTL (5 s)
 /// and the registry's own checks.
 const DEAD_NODE_GONE_S: u64 = 15;
+/// Long jobs submitted before node-2 is killed: with four slots busy, at least one lands there.
+const LONG_JOBS: u64 = 6;
 
 /// The compose CLI: `KILN_COMPOSE` (split on spaces), else `docker-compose` where it exists
 /// (Debian's 1.29), else the `docker compose` plugin.
@@ -191,8 +193,31 @@ async fn http_ok(url: String) -> bool {
     reqwest::Client::new().get(url).timeout(Duration::from_secs(2)).send().await.is_ok_and(|r| r.status().is_success())
 }
 
-async fn running_on(client: &Client, node: &str) -> u32 {
-    client.cluster().await.ok().and_then(|c| c.nodes.into_iter().find(|n| n.node == node)).map_or(0, |n| n.running_jobs)
+/// The first of `ids` seen running on `node`, within `limit`.
+async fn running_on_node(client: &Client, ids: &[String], node: &str, limit: Duration) -> Option<String> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        for id in ids {
+            if client.status(id).await.is_ok_and(|v| v.status == JobState::Running && v.node.as_deref() == Some(node)) {
+                return Some(id.clone());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Submits until accepted (the same idempotency key each time, so never two jobs): a refusal
+/// or a timeout while a server's streams elect new leaders is retried.
+async fn submit_until_accepted(client: &Client, request: &SubmitRequest) -> String {
+    let started = Instant::now();
+    loop {
+        match client.submit(request).await {
+            Ok(reply) => return reply.job_id,
+            Err(e) => assert!(started.elapsed() < Duration::from_secs(60), "submit refused for 60 s: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[test]
@@ -257,9 +282,21 @@ async fn a_compose_cluster_runs_every_job_exactly_once_through_a_killed_server_a
     tokio::time::sleep(Duration::from_secs(6)).await;
     cluster.sigkill("nats-2");
     eprintln!("SIGKILLed nats-2 at {:?}, {} jobs accepted", started.elapsed(), jobs.lock().unwrap().len());
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let busy = wait_until(Duration::from_secs(60), || async { running_on(&client, "node-2").await > 0 }).await;
-    assert!(busy, "node-2 never showed a running job to be killed with");
+    // Long jobs (5 s) beside the short ones, so that node-2 is killed in the middle of one
+    // that must then run again elsewhere and still complete once.
+    let mut long_jobs = vec![];
+    for i in 0..LONG_JOBS {
+        let prompt = format!("compose long {i}");
+        let request = SubmitRequest {
+            idempotency_key: Some(format!("compose-long-{i}")),
+            ..prompt_request("demo", &prompt, serde_json::json!({"steps": 10, "step_ms": 500, "seed": i}))
+        };
+        let id = submit_until_accepted(&client, &request).await;
+        accept(&jobs, id.clone(), prompt, i);
+        long_jobs.push(id);
+    }
+    let caught = running_on_node(&client, &long_jobs, "node-2", Duration::from_secs(120)).await;
+    let caught = caught.expect("no long job ran on node-2 to be killed with");
     cluster.sigkill("node-2");
     let killed = Instant::now();
     eprintln!("SIGKILLed node-2 at {:?} while it ran jobs, {} jobs accepted", started.elapsed(), jobs.lock().unwrap().len());
@@ -319,7 +356,10 @@ async fn a_compose_cluster_runs_every_job_exactly_once_through_a_killed_server_a
         (ids.len(), BTreeMap::new(), 0),
         "every accepted job completed"
     );
-    assert!(outcomes.retried > 0, "no job was retried: the killed node ran none of them");
+    let caught_view = client.status(&caught).await.unwrap();
+    // Completed (every job did, above), by a later attempt than the one node-2 died in.
+    assert!(caught_view.attempt >= 2, "the job node-2 was killed running did not run again: {caught_view:?}");
+    assert!(outcomes.retried > 0);
 
     // The uploaded file reached the worker, and its result downloads through the gateway with
     // the sha256 the record holds.

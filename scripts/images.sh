@@ -31,6 +31,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+if [ ! -x "$KILN_NATS_SERVER" ] || [ ! -x "$KILN_PYTHON" ]; then
+  echo "images.sh: no pinned nats-server or Python under $KILN_CACHE: run scripts/setup.sh first" >&2
+  exit 1
+fi
+if [ "$torch" = 1 ] && [ -z "${KILN_TORCH_LIB:-}" ]; then
+  echo "images.sh: --torch needs the pinned torch wheel (scripts/setup.sh)" >&2
+  exit 1
+fi
+
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo "${KILN_COMMIT:-unknown}")
 mirror="${KILN_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -116,10 +125,12 @@ if [ "$torch" = 1 ]; then
   rm -f "$context/kiln"
   cp target/release/kiln "$context/kiln"
   strip "$context/kiln"
+  # GBs: hard links where the context and the venv share a filesystem, else copies.
   mkdir -p "$context/site-packages/torch"
-  cp -a "$KILN_TORCH_LIB" "$context/site-packages/torch/lib"
+  link_or_copy() { cp -al "$1" "$2" 2> /dev/null || { rm -rf "$2" && cp -a "$1" "$2"; }; }
+  link_or_copy "$KILN_TORCH_LIB" "$context/site-packages/torch/lib"
   if [ -d "$site/nvidia" ]; then
-    cp -a "$site/nvidia" "$context/site-packages/nvidia"
+    link_or_copy "$site/nvidia" "$context/site-packages/nvidia"
   fi
   build_image deploy/docker/node-torch.Dockerfile kiln-node-torch
   rm -rf "$context/site-packages"

@@ -26,10 +26,12 @@ fn commit() {
     if let (Some(dir), Some(common)) =
         (git(&["rev-parse", "--absolute-git-dir"]), git(&["rev-parse", "--path-format=absolute", "--git-common-dir"]))
     {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
-        println!("cargo:rerun-if-changed={common}/packed-refs");
-        if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={common}/{branch}");
+        // Only files that exist: cargo takes a missing one as changed, and would rebuild the
+        // crate at every command (a checkout whose refs are all loose has no packed-refs).
+        let mut watched = vec![format!("{dir}/HEAD"), format!("{common}/packed-refs")];
+        watched.extend(git(&["symbolic-ref", "-q", "HEAD"]).map(|branch| format!("{common}/{branch}")));
+        for path in watched.into_iter().filter(|p| std::path::Path::new(p).exists()) {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
     let commit = from_git.or_else(|| std::env::var("KILN_COMMIT").ok()).unwrap_or_else(|| "unknown".to_string());

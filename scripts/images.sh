@@ -5,7 +5,7 @@
 #   with --torch, kiln-node-torch:<version> (and :latest): a node with the TorchScript engine
 #     and libtorch's lib/ from the pinned torch wheel (GBs, a long release build).
 #
-#   scripts/images.sh [--base IMAGE] [--torch]
+#   scripts/images.sh [--base IMAGE] [--torch] [--profile release|dev]
 #
 # --base: the image to build FROM (debian:bookworm-slim, or a CUDA image with glibc >= 2.36 on a
 # GPU host, e.g. nvidia/cuda:13.0.1-base-ubuntu24.04; see deploy/README.md). Without it the
@@ -14,6 +14,9 @@
 #
 # The binaries are built here on the host (`cargo build --release`) and copied in, so the
 # images reuse the host's build cache; apt inside `docker build` uses the host's network.
+# --profile dev builds them unoptimized instead (then stripped): what the compose test in CI
+# uses, since it reuses the suite's dependencies (under a minute instead of a cold release build
+# of 13 CPU-minutes). Ship release images.
 # Prints each image's size at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,15 +24,24 @@ source scripts/env.sh
 
 base=""
 torch=0
+profile=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --base) base="${2:?--base needs an image}"; shift 2 ;;
     --base=*) base="${1#--base=}"; shift ;;
     --torch) torch=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --profile) profile="${2:?--profile needs release or dev}"; shift 2 ;;
+    --profile=*) profile="${1#--profile=}"; shift ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "images.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$profile" in
+  release) cargo_profile=(--release); out=target/release ;;
+  dev) cargo_profile=(); out=target/debug ;;
+  *) echo "images.sh: --profile is release or dev, not $profile" >&2; exit 2 ;;
+esac
 
 if [ ! -x "$KILN_NATS_SERVER" ] || [ ! -x "$KILN_PYTHON" ]; then
   echo "images.sh: no pinned nats-server or Python under $KILN_CACHE: run scripts/setup.sh first" >&2
@@ -98,10 +110,10 @@ build_image() { # dockerfile image
   sizes+=("$2:$version")
 }
 
-step "cargo build --release -p kiln --no-default-features --bin kiln (the slim binary: no libtorch)"
-cargo build --release -p kiln --no-default-features --bin kiln
+step "cargo build ${cargo_profile[*]} -p kiln --no-default-features --bin kiln (the slim binary: no libtorch)"
+cargo build "${cargo_profile[@]}" -p kiln --no-default-features --bin kiln
 stage_common
-cp target/release/kiln "$context/kiln"
+cp "$out/kiln" "$context/kiln"
 strip "$context/kiln"
 if readelf -d "$context/kiln" | grep -qi 'torch\|c10'; then
   echo "images.sh: the slim binary links libtorch" >&2
@@ -119,11 +131,11 @@ if [ "$torch" = 1 ]; then
   # The default features: the TorchScript engine, linked against the venv's torch (it replaces
   # the slim target/release/kiln, which was copied above; the dependencies of both builds stay
   # in target/, so switching back only relinks).
-  step "cargo build --release -p kiln --bin kiln (with the TorchScript engine)"
-  cargo build --release -p kiln --bin kiln
+  step "cargo build ${cargo_profile[*]} -p kiln --bin kiln (with the TorchScript engine)"
+  cargo build "${cargo_profile[@]}" -p kiln --bin kiln
   site=$(dirname "$(dirname "$KILN_TORCH_LIB")")
   rm -f "$context/kiln"
-  cp target/release/kiln "$context/kiln"
+  cp "$out/kiln" "$context/kiln"
   strip "$context/kiln"
   # GBs: hard links where the context and the venv share a filesystem, else copies.
   mkdir -p "$context/site-packages/torch"

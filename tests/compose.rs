@@ -242,11 +242,11 @@ async fn a_compose_cluster_runs_every_job_exactly_once_through_a_killed_server_a
     cluster.run_ok(&["up", "-d"]);
     eprintln!("compose up -d returned after {:?}", started.elapsed());
 
-    // Serving: the gateway, both nodes' metrics ports, and both nodes' slots in the registry.
+    // Serving: the gateway, both nodes ready (their /readyz), and both nodes' slots in the registry.
     let limit = Duration::from_secs(180);
     assert!(wait_until(limit, || http_ok(format!("{GATEWAY}/healthz"))).await, "the gateway never answered /healthz");
     for addr in NODE_METRICS {
-        assert!(wait_until(limit, || http_ok(format!("http://{addr}/healthz"))).await, "no node answered on {addr}");
+        assert!(wait_until(limit, || http_ok(format!("http://{addr}/readyz"))).await, "no node was ready on {addr}");
     }
     let client = Client::connect_with(&NatsConfig::for_url(NATS_URL)).await.unwrap().with_timeout(Duration::from_secs(5));
     let names: Vec<String> = NODES.iter().map(|s| s.to_string()).collect();

@@ -13,6 +13,7 @@
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`health`]  | the node's HTTP server on `node.metrics_addr`: `/healthz`, `/readyz` (decided by a pure function), `/metrics` |
 //! | [`metrics`] | the Prometheus recorder, installed once per process                   |
+//! | [`queue_gauges`] | the queue gauges for autoscalers, refreshed by one node (the live one whose name sorts first) |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
 //! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
@@ -36,6 +37,7 @@ pub mod gateway;
 pub mod health;
 pub mod metrics;
 pub mod node;
+pub mod queue_gauges;
 pub mod service;
 pub mod table;
 

@@ -48,6 +48,8 @@ pub struct RunningNode {
     /// NodeControl actor).
     drain_requested: Arc<tokio::sync::Notify>,
     diagnostics: kiln_core::task::TaskGuard<()>,
+    /// Refreshes the queue gauges while this node is the one exporting them.
+    _queue_gauges: kiln_core::task::TaskGuard<()>,
     /// What `/readyz` reads: this node's phase and connection.
     health: NodeHealth,
     /// The server of `/healthz`, `/readyz` and `/metrics` on `node.metrics_addr`; None when
@@ -200,6 +202,7 @@ impl RunningNode {
             stall: stall.clone(),
         };
         let handle = NodeHandle::start(ctx).await?;
+        let queue_gauges = crate::queue_gauges::spawn(resources.clone(), registry.clone(), name.clone(), config.autoscale.clone());
         let api = crate::api::ApiService::new(resources.clone(), config, registry, stall).start().await?;
         let diagnostics = crate::diag::serve(resources.clone(), name.clone()).await?;
         health.set_phase(NodePhase::Running);
@@ -213,6 +216,7 @@ impl RunningNode {
             server,
             drain_requested,
             diagnostics,
+            _queue_gauges: queue_gauges,
             health,
             _health_server: health_server,
             _work_dir: temp,

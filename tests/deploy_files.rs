@@ -660,3 +660,56 @@ fn systemd_analyze_verify(unit_name: &str) {
     let about_unit: Vec<&str> = said.lines().filter(|l| l.contains(unit_name)).collect();
     assert!(out.status.success() && about_unit.is_empty(), "systemd-analyze verify {unit_name}:\n{said}");
 }
+
+/// The gauges a node exports for autoscalers (`kiln::queue_gauges`; `tests/queue.rs` reads them
+/// on a real node's `/metrics`).
+const QUEUE_GAUGES: [&str; 5] = [
+    kiln_core::metrics::QUEUE_DEPTH,
+    kiln_core::metrics::QUEUE_OLDEST_WAIT_SECONDS,
+    kiln_core::metrics::MODEL_RUNNING,
+    kiln_core::metrics::MODEL_SLOTS,
+    kiln_core::metrics::MODEL_DESIRED_SLOTS,
+];
+
+/// The `kiln_*` names a PromQL query reads.
+fn kiln_metrics_in(query: &str) -> Vec<String> {
+    query.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|word| word.starts_with("kiln_")).map(str::to_string).collect()
+}
+
+/// The KEDA example (`deploy/k8s/keda/`, outside the kustomization: it needs KEDA's CRDs) scales
+/// the node StatefulSet of node.yaml, in the kustomization's namespace, on gauges Kiln exports,
+/// with a threshold of one node's slots; it keeps a node (the gauges come from one) and removes
+/// nodes no faster than one drain.
+#[test]
+fn the_keda_example_scales_the_node_statefulset_on_gauges_kiln_exports() {
+    let docs = yaml_documents(&repo().join(K8S).join("keda/scaledobject.yaml"));
+    let scaled = docs.iter().find(|d| d["kind"] == "ScaledObject").expect("a ScaledObject");
+    assert_eq!(scaled["apiVersion"], "keda.sh/v1alpha1");
+    assert_eq!(scaled["metadata"]["namespace"], kustomization()["namespace"], "the namespace of the manifests");
+    let target = &scaled["spec"]["scaleTargetRef"];
+    assert_eq!((target["apiVersion"].as_str(), target["kind"].as_str()), (Some("apps/v1"), Some("StatefulSet")));
+    let node = workload(target["name"].as_str().expect("scaleTargetRef.name"));
+    assert_eq!(node.kind, "StatefulSet", "the target is the nodes' StatefulSet");
+    let slots_per_node = loaded_config(&node, false).node.slots.len() as f64;
+
+    let triggers = scaled["spec"]["triggers"].as_array().expect("triggers");
+    assert!(!triggers.is_empty());
+    for trigger in triggers {
+        assert_eq!(trigger["type"], "prometheus", "{trigger}");
+        let query = trigger["metadata"]["query"].as_str().expect("a query");
+        let read = kiln_metrics_in(query);
+        assert!(read.iter().any(|m| m == kiln_core::metrics::MODEL_DESIRED_SLOTS), "{query} reads the desired slots");
+        for metric in &read {
+            assert!(QUEUE_GAUGES.contains(&metric.as_str()), "{query}: {metric} is not a gauge Kiln exports");
+        }
+        assert!(query.contains("max by (model)"), "one node exports each model's figures, the others 0: {query}");
+        let threshold: f64 = trigger["metadata"]["threshold"].as_str().and_then(|t| t.parse().ok()).expect("a threshold");
+        assert_eq!(threshold, slots_per_node, "replicas = desired slots / slots per node");
+    }
+    assert!(scaled["spec"]["minReplicaCount"].as_u64().is_some_and(|n| n >= 1), "a node exports the gauges: keep one");
+    let termination = node.pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    let policies = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["policies"].as_array().unwrap();
+    for policy in policies {
+        assert!(policy["periodSeconds"].as_u64().is_some_and(|p| p >= termination), "one drain at a time: {policy}");
+    }
+}

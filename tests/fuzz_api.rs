@@ -233,6 +233,7 @@ fn template(endpoint: &str, job_ids: &[String], batch_ids: &[String]) -> BoxedSt
                 ("limit", false, field(prop_oneof![0u64..20, Just(1000), Just(100_000)].prop_map(Value::from).boxed())),
             ])
         }
+        "queue" => object(vec![("model", false, model())]),
         // These take no body; whatever comes is ignored (but size-checked).
         "models" | "cluster" => prop_oneof![Just(Vec::new()), any_json().prop_map(|v| v.to_string().into_bytes())].boxed(),
         "control" => {
@@ -377,6 +378,7 @@ fn check_reply(endpoint: &str, raw: &[u8]) -> Result<Option<ErrorCode>, String> 
         "jobs" => is::<ListJobsReply>(raw),
         "models" => is::<ModelsReply>(raw),
         "cluster" => is::<ClusterReply>(raw),
+        "queue" => is::<QueueReply>(raw),
         "control" => is::<ControlReply>(raw),
         "submit_batch" | "retry_batch" => is::<BatchReply>(raw),
         "batch" | "cancel_batch" => is::<BatchView>(raw),

@@ -124,6 +124,10 @@ impl Client {
     pub async fn cluster(&self) -> Result<ClusterReply, ClientError> {
         self.request(Endpoint::Cluster.name(), &serde_json::json!({})).await
     }
+    /// Each model's queue now (`kiln.api.queue`), or one model's.
+    pub async fn queue(&self, req: &QueueRequest) -> Result<QueueReply, ClientError> {
+        self.request(Endpoint::Queue.name(), req).await
+    }
 
     /// Submits N items as one batch: N jobs in parallel, one summary.
     pub async fn submit_batch(&self, req: &BatchSubmitRequest) -> Result<BatchReply, ClientError> {

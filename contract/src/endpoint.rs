@@ -96,6 +96,8 @@ endpoints! {
         "Cancel a batch: its held items and every job that has not ended";
     RetryBatch = "retry_batch", Batches, BatchRef => BatchReply,
         "A new batch of a finished batch's failed and cancelled items";
+    Queue = "queue", Control, QueueRequest => QueueReply,
+        "Each model's queue: depth by lane, oldest wait, running, slots serving it, desired slots";
 }
 
 /// The endpoints' names, in [`Endpoint::ALL`]'s order.
@@ -144,7 +146,7 @@ mod tests {
         assert_eq!(Endpoint::from_name(""), None);
     }
 
-    /// `$SRV.INFO` lists the endpoints in this order, as it did before the enum.
+    /// `$SRV.INFO` lists the endpoints in this order, as it did before the enum (new ones last).
     #[test]
     fn the_wire_names_and_their_order_stay() {
         let listed = [
@@ -160,6 +162,7 @@ mod tests {
             "batch",
             "cancel_batch",
             "retry_batch",
+            "queue",
         ];
         assert_eq!(ENDPOINTS, listed);
     }

@@ -363,6 +363,70 @@ pub struct ModelsReply {
     pub models: Vec<ModelInfo>,
 }
 
+/// `kiln.api.queue`: each model's queue now (one model with `model`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueueRequest {
+    /// Only this model (`unknown_model` when the cluster has none of that name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// The cluster's queues as the answering node measured them just now (docs/PROTOCOL.md says
+/// how exact each figure is).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct QueueReply {
+    /// Unix ms of the measurement.
+    pub measured_ms: u64,
+    /// The wait `desired_slots` is computed for: `autoscale.target_wait_s` of the answering node.
+    pub target_wait_s: u64,
+    /// One entry per model of the cluster, sorted by name.
+    pub models: Vec<ModelQueue>,
+}
+
+/// One model's queue. Depth by fair-share key is not here yet: the queue has no key today
+/// (one FIFO per model and lane), and a figure that is not measured is left out, not faked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct ModelQueue {
+    pub model: String,
+    /// Jobs waiting to be delivered, both lanes (the consumers' `num_pending`).
+    pub queued: u64,
+    /// Each lane, `high` first.
+    pub lanes: Vec<LaneQueue>,
+    /// How long the oldest job never yet delivered has waited (from its enqueue, the stream's
+    /// time of the message); absent when nothing waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_wait_ms: Option<u64>,
+    /// Jobs delivered and not yet settled, both lanes (the consumers' `num_ack_pending`):
+    /// running, or waiting out a retry's backoff, or held by a node that was lost.
+    pub running: u64,
+    /// Live slots (any node, not `dead`) whose models include this one.
+    pub slots: u32,
+    /// Of those, the ones `busy` now (on a slot that serves several models, possibly with
+    /// another model's job).
+    pub busy_slots: u32,
+    /// Mean run time (start of the last attempt to the end) of its recent finished jobs, from
+    /// the results feed; absent before any finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_service_ms: Option<u64>,
+    /// How many finished jobs that mean is over.
+    pub service_samples: u32,
+    /// Slots that would start every queued job within `target_wait_s`, the running ones
+    /// included (`kiln_core::autoscale::desired_slots`).
+    pub desired_slots: u64,
+}
+
+/// One lane of a model's queue.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+pub struct LaneQueue {
+    /// `high` or `normal`.
+    pub lane: String,
+    /// Jobs waiting to be delivered (the lane consumer's `num_pending`).
+    pub queued: u64,
+    /// Jobs delivered and not yet settled (its `num_ack_pending`).
+    pub running: u64,
+}
+
 /// State of one GPU slot in the cluster registry (replaces the seeds' `gpu_status:{id}` keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -8,6 +8,7 @@
 //! |---------------|-----------------------------------------------------------------------------|
 //! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
+//! | [`autoscale`] | a model's queue figures and the slots that would drain it within a target wait (pure) |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry            |
@@ -34,6 +35,7 @@
 // code and its users keep one path for each type (`kiln_core::job::JobRecord`).
 pub use kiln_contract::{batch, endpoint, ids, job, keys, models, now_ms, params, protocol, retry_reason, worker};
 
+pub mod autoscale;
 pub mod child;
 pub mod config;
 pub mod engine;

@@ -22,3 +22,17 @@ pub const NODES_LOST: &str = "kiln_nodes_lost_total";
 pub const API_ERRORS: &str = "kiln_api_errors_total";
 /// Labels: endpoint.
 pub const API_REQUESTS: &str = "kiln_api_requests_total";
+
+// The queue gauges (`kiln::queue_gauges`): one node at a time exports them (the live node whose
+// name sorts first), cluster-wide figures per model; dashboards and autoscalers take
+// `max by (model)` (a node that stopped exporting leaves zeros).
+/// Labels: model, lane. Jobs waiting to be delivered.
+pub const QUEUE_DEPTH: &str = "kiln_queue_depth";
+/// Labels: model. How long the oldest job never delivered has waited (0 when none waits).
+pub const QUEUE_OLDEST_WAIT_SECONDS: &str = "kiln_queue_oldest_wait_seconds";
+/// Labels: model. Jobs delivered and not yet settled (running, or in a retry's backoff).
+pub const MODEL_RUNNING: &str = "kiln_model_running";
+/// Labels: model. Live slots whose models include it.
+pub const MODEL_SLOTS: &str = "kiln_model_slots";
+/// Labels: model. Slots that would start every queued job within `autoscale.target_wait_s`.
+pub const MODEL_DESIRED_SLOTS: &str = "kiln_model_desired_slots";

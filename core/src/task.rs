@@ -48,6 +48,9 @@ pub enum TaskKind {
     Feed,
     /// Serves one HTTP connection until it closes; the server's graceful shutdown watches it.
     Connection,
+    /// Refreshes figures the process exports on a period (the queue gauges): stopped with its
+    /// owner; an error skips one refresh.
+    Refresh,
 }
 
 /// What dropping a task's guard does.
@@ -62,7 +65,9 @@ pub enum Cancel {
 impl TaskKind {
     pub fn cancel(self) -> Cancel {
         match self {
-            TaskKind::OwnerLoop | TaskKind::JobKeepAlive | TaskKind::JobPart | TaskKind::ClientWork => Cancel::WithOwner,
+            TaskKind::OwnerLoop | TaskKind::JobKeepAlive | TaskKind::JobPart | TaskKind::ClientWork | TaskKind::Refresh => {
+                Cancel::WithOwner
+            }
             TaskKind::TunnelPump | TaskKind::Reply | TaskKind::ChildOutput | TaskKind::Cleanup | TaskKind::Feed | TaskKind::Connection => {
                 Cancel::Never
             }
@@ -160,6 +165,9 @@ mod tests {
             TaskKind::ChildOutput,
             TaskKind::ClientWork,
             TaskKind::Cleanup,
+            TaskKind::Feed,
+            TaskKind::Connection,
+            TaskKind::Refresh,
         ] {
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             drop(spawn(kind, "sleeper", sleeper(&done)));

@@ -1,4 +1,4 @@
-//! The cluster's endpoints: `models`, `cluster`, and the operators' `control` (drain a node,
+//! The cluster's endpoints: `models`, `cluster`, `queue`, and the operators' `control` (drain a node,
 //! restart a GPU slot, ping a node, through the actor cluster); and the cluster's models, which
 //! every submit is checked against.
 
@@ -44,6 +44,16 @@ impl ApiService {
 
     pub(super) async fn cluster(&self) -> Result<ClusterReply, ApiError> {
         Ok(ClusterReply { nodes: self.registry.nodes(), gpus: self.live_gpus().await? })
+    }
+
+    /// Each model's queue now (or one model's), measured on request: see
+    /// `Resources::queue_snapshot`.
+    pub(super) async fn queue(&self, req: QueueRequest) -> Result<QueueReply, ApiError> {
+        let models: Vec<String> = match req.model {
+            Some(model) => vec![self.cluster_model(&model, "model")?.name],
+            None => self.cluster_models().into_keys().collect(),
+        };
+        self.resources.queue_snapshot(&models, self.config.autoscale.target_wait_s).await.map_err(internal)
     }
 
     pub(super) async fn control(&self, req: ControlRequest) -> Result<ControlReply, ApiError> {

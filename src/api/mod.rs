@@ -16,7 +16,7 @@
 //! | `mod.rs`        | [`ApiService`]: the service loop (subscriptions from [`Endpoint::ALL`], admission of each request, stale requests after a stall) and the dispatch to the handlers |
 //! | `jobs.rs`       | submit, status, cancel, result, jobs                                  |
 //! | `batches.rs`    | submit_batch, batch, cancel_batch, retry_batch                        |
-//! | `control.rs`    | models, cluster, control (drain, restart a GPU, ping), the cluster's models |
+//! | `control.rs`    | models, cluster, queue, control (drain, restart a GPU, ping), the cluster's models |
 //! | `admission.rs`  | `overloaded`: requests in flight per node, jobs waiting per model (pure rule, cached depths) |
 //! | `validation.rs` | every check of a request that needs no store, as pure functions       |
 //! | `reply.rs`      | parsing bodies, encoding replies, the shared errors                   |
@@ -197,6 +197,7 @@ impl ApiService {
             Endpoint::Batch => encode(self.batch(parse(body)?).await?),
             Endpoint::CancelBatch => encode(self.cancel_batch(parse(body)?).await?),
             Endpoint::RetryBatch => encode(self.retry_batch(parse(body)?).await?),
+            Endpoint::Queue => encode(self.queue(parse_or_default(body)?).await?),
         }
     }
 }

@@ -1,9 +1,9 @@
-//! `kiln models`, `cluster`, `drain`, `restart-gpu`, `ping`: the cluster's models, nodes and
+//! `kiln models`, `cluster`, `queue`, `drain`, `restart-gpu`, `ping`: the cluster's models, nodes and
 //! slots, and what an operator asks of them.
 
 use clap::Args;
 use kiln::table::{Align, Table};
-use kiln_core::protocol::ControlRequest;
+use kiln_core::protocol::{ControlRequest, QueueRequest};
 
 use crate::cli::conn::{connect, ConnArgs};
 use crate::cli::output::print_json;
@@ -19,6 +19,18 @@ pub struct ModelsArgs {
 
 #[derive(Args)]
 pub struct ClusterArgs {
+    /// Print the reply as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Args)]
+pub struct QueueArgs {
+    /// Only this model.
+    #[arg(long)]
+    model: Option<String>,
     /// Print the reply as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -122,6 +134,44 @@ pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), Stri
     for n in cluster.nodes {
         println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
     }
+    Ok(())
+}
+
+pub async fn queue(QueueArgs { model, json, conn }: QueueArgs) -> Result<(), String> {
+    let c = connect(&conn).await?;
+    let reply = c.queue(&QueueRequest { model }).await.map_err(|e| e.to_string())?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        ("MODEL", Align::Left),
+        ("HIGH", Align::Right),
+        ("NORMAL", Align::Right),
+        ("OLDEST", Align::Right),
+        ("RUNNING", Align::Right),
+        ("SLOTS", Align::Right),
+        ("BUSY", Align::Right),
+        ("MEAN RUN", Align::Right),
+        ("DESIRED", Align::Right),
+    ]);
+    let seconds = |ms: Option<u64>| ms.map(|ms| format!("{:.1} s", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+    for q in &reply.models {
+        let lane = |name: &str| q.lanes.iter().find(|l| l.lane == name).map(|l| l.queued).unwrap_or(0).to_string();
+        table.row(vec![
+            q.model.clone(),
+            lane("high"),
+            lane("normal"),
+            seconds(q.oldest_wait_ms),
+            q.running.to_string(),
+            q.slots.to_string(),
+            q.busy_slots.to_string(),
+            seconds(q.mean_service_ms),
+            q.desired_slots.to_string(),
+        ]);
+    }
+    println!("{}", table.render());
+    println!("(DESIRED: slots that would start every waiting job within {} s, autoscale.target_wait_s)", reply.target_wait_s);
     Ok(())
 }
 

@@ -67,6 +67,9 @@ enum Command {
     Models(cluster::ModelsArgs),
     /// Show every node and GPU slot of the cluster.
     Cluster(cluster::ClusterArgs),
+    /// Show each model's queue: jobs waiting by lane, the oldest wait, running, slots serving
+    /// it, and the slots that would drain it within `autoscale.target_wait_s`.
+    Queue(cluster::QueueArgs),
     /// Ask a node to drain: it stops pulling, finishes its running jobs, leaves the registry
     /// and exits (as on SIGTERM). Nothing is lost or run twice.
     Drain(cluster::DrainArgs),
@@ -111,6 +114,7 @@ pub async fn main() -> ExitCode {
         Command::Batch { action } => batch::run(action).await,
         Command::Models(args) => cluster::models(args).await,
         Command::Cluster(args) => cluster::cluster(args).await,
+        Command::Queue(args) => cluster::queue(args).await,
         Command::Drain(args) => cluster::drain(args).await,
         Command::RestartGpu(args) => cluster::restart_gpu(args).await,
         Command::Ping(args) => cluster::ping(args).await,

@@ -20,7 +20,7 @@ use kiln_core::endpoint::Endpoint;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
-pub const NATIVE_ROUTES: [(&str, &str, &str); 18] = [
+pub const NATIVE_ROUTES: [(&str, &str, &str); 19] = [
     ("post", "/v1/jobs", "Submit a job (JSON SubmitRequest, or multipart: `model`, `params`, file and text parts as inputs)"),
     ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=&label=name:value, label repeatable)"),
     ("get", "/v1/jobs/{id}", "A job"),
@@ -37,6 +37,7 @@ pub const NATIVE_ROUTES: [(&str, &str, &str); 18] = [
     ("post", "/v1/batches/{id}/cancel", "Cancel a batch"),
     ("get", "/v1/models", "The configured models and where they are warm"),
     ("get", "/v1/cluster", "Every node and GPU slot"),
+    ("get", "/v1/queue", "Each model's queue: depth by lane, oldest wait, running, slots, desired slots (?model=)"),
     ("get", "/healthz", "The process is up"),
     ("get", "/readyz", "NATS connected and at least one node serving"),
 ];
@@ -55,6 +56,7 @@ pub fn forwards_to(method: &str, path: &str) -> Option<(Endpoint, bool)> {
         ("post", "/v1/batches/{id}/cancel") => (Endpoint::CancelBatch, false),
         ("get", "/v1/models") => (Endpoint::Models, false),
         ("get", "/v1/cluster") => (Endpoint::Cluster, false),
+        ("get", "/v1/queue") => (Endpoint::Queue, false),
         _ => return None,
     })
 }

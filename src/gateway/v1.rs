@@ -15,7 +15,7 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
-use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, SubmitRequest};
+use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
 use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
@@ -39,6 +39,7 @@ pub fn router() -> Router<Gateway> {
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/queue", get(queue))
         // Bodies are limited by each handler (JSON: http.max_body_bytes, files:
         // http.max_upload_bytes), with coded errors, instead of axum's fixed default.
         .layer(DefaultBodyLimit::disable())
@@ -552,6 +553,16 @@ async fn models(Extension(tenant): TenantOf) -> Result<Response, HttpError> {
 
 async fn cluster(Extension(tenant): TenantOf) -> Result<Response, HttpError> {
     Ok(Json(tenant.client.cluster().await?).into_response())
+}
+
+/// `GET /v1/queue[?model=M]`: `kiln.api.queue`'s reply.
+async fn queue(
+    Extension(tenant): TenantOf,
+    query: Result<Query<QueueRequest>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, HttpError> {
+    let Query(mut request) = query.map_err(|e| HttpError::bad_request(e.body_text()))?;
+    request.model = request.model.filter(|m| !m.is_empty());
+    Ok(Json(tenant.client.queue(&request).await?).into_response())
 }
 
 #[cfg(test)]

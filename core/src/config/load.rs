@@ -12,7 +12,7 @@ use super::connection::{ClusterLink, NatsConfig};
 use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
-use super::node::{parse_slot, CompressionConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig};
+use super::node::{parse_slot, AutoscaleConfig, CompressionConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig};
 use crate::ids;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -26,6 +26,8 @@ pub struct ClusterConfig {
     pub restart: RestartPolicy,
     pub cluster: ClusterLink,
     pub compression: CompressionConfig,
+    /// The queue figures for autoscalers (`kiln.api.queue`, the queue gauges).
+    pub autoscale: AutoscaleConfig,
     /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
     pub http: HttpConfig,
     pub models: Vec<ModelConfig>,
@@ -113,6 +115,12 @@ impl ClusterConfig {
         }
         if self.node.loss_after_ms < 2 * self.node.heartbeat_ms || self.node.loss_after_ms > self.node.registry_ttl_ms {
             return Err(invalid("node.loss_after_ms", "must be at least twice node.heartbeat_ms and at most node.registry_ttl_ms"));
+        }
+        if self.autoscale.target_wait_s == 0 {
+            return Err(invalid("autoscale.target_wait_s", "must be positive"));
+        }
+        if self.autoscale.refresh_ms == 0 {
+            return Err(invalid("autoscale.refresh_ms", "must be positive"));
         }
         if self.compression.queue_limit == 0 {
             return Err(invalid("compression.queue_limit", "must be positive"));

@@ -75,6 +75,22 @@ impl Default for Limits {
     }
 }
 
+/// `[autoscale]`: what the queue figures and gauges for autoscalers are computed for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscaleConfig {
+    /// `desired_slots` is the slots that would start every queued job within this many seconds.
+    pub target_wait_s: u64,
+    /// How often the exporting node re-reads the queue for its gauges.
+    pub refresh_ms: u64,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        AutoscaleConfig { target_wait_s: 60, refresh_ms: 5000 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {

@@ -9,6 +9,7 @@
 //! | `patience.rs` | riding out NATS trouble (a leaderless stream): the one retry loop      |
 //! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
 //! | `batches.rs`  | batch records and plans in KV; settling a child's end; its launches   |
+//! | `queue.rs`    | the queue now: lanes' depth and deliveries, oldest wait, recent run times |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
@@ -20,6 +21,7 @@ pub mod jobs;
 pub use kiln_contract::names;
 pub mod objects;
 pub mod patience;
+pub mod queue;
 pub mod registry;
 pub mod resources;
 pub mod server;

@@ -1,0 +1,113 @@
+//! Reading the queue as it is now, for `kiln.api.queue` and the queue gauges: each lane's
+//! consumer (depth, deliveries not yet settled), the oldest message it has not delivered, the
+//! run times of a model's recent finished jobs from the results feed, and the registry's slots;
+//! put together by the pure [`crate::autoscale::model_queue`].
+//!
+//! Cost of one model's figures: two consumer-info requests, at most two message reads (only for
+//! a lane with jobs waiting), one last-message read and one short-lived ordered consumer over at
+//! most [`SERVICE_WINDOW`] messages of the results feed; and one registry read for all models.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageErrorKind};
+use futures::StreamExt;
+
+use super::{Lane, Resources, StoreError};
+use crate::autoscale::{mean_service_ms, model_queue, LaneFigures};
+use crate::protocol::{JobView, QueueReply};
+
+/// How far back in the results feed (in messages of every model) the mean run time looks: a
+/// model's finished jobs among the last this many, and at least its last one.
+pub const SERVICE_WINDOW: u64 = 64;
+/// Longest a read of the results feed may take.
+const READ_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Resources {
+    /// One lane of `model` now: its consumer's pending and ack-pending counts, and when the
+    /// oldest message it has not delivered yet was stored (the first message on the lane's
+    /// subject after the consumer's last delivered sequence: exact for jobs never delivered; a
+    /// job waiting for a redelivery is counted in `delivered`, not here).
+    pub async fn lane_figures(&self, model: &str, lane: Lane) -> Result<LaneFigures, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let info = stream.consumer_info(self.names.consumer(model, lane)).await.map_err(StoreError::nats)?;
+        let mut figures = LaneFigures { queued: info.num_pending, delivered: info.num_ack_pending as u64, oldest_enqueued_ms: None };
+        if figures.queued > 0 {
+            let next = stream
+                .raw_message_builder()
+                .sequence(info.delivered.stream_sequence + 1)
+                .next_by_subject(self.names.job_subject(model, lane))
+                .send()
+                .await;
+            match next {
+                Ok(message) => figures.oldest_enqueued_ms = Some((message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64),
+                // Delivered between the two requests.
+                Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => {}
+                Err(e) => return Err(StoreError::nats(e)),
+            }
+        }
+        Ok(figures)
+    }
+
+    /// The mean run time of `model`'s recent finished jobs and how many it is over (see
+    /// [`mean_service_ms`]): its entries among the last [`SERVICE_WINDOW`] messages of the
+    /// results feed, read with one ordered consumer.
+    pub async fn recent_service_ms(&self, model: &str) -> Result<(Option<f64>, u32), StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.finished_stream()).await.map_err(StoreError::nats)?;
+        let subject = self.names.finished_subject(model);
+        let last = match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => message.sequence,
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => return Ok((None, 0)),
+            Err(e) => return Err(StoreError::nats(e)),
+        };
+        let consumer = stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                description: Some("kiln queue: recent run times".into()),
+                filter_subject: subject,
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: last.saturating_sub(SERVICE_WINDOW - 1).max(1) },
+                replay_policy: ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(StoreError::nats)?;
+        let mut finished = Vec::new();
+        let mut messages = consumer.messages().await.map_err(StoreError::nats)?;
+        let read = async {
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(StoreError::nats)?;
+                let info = message.info().map_err(StoreError::nats)?;
+                let (sequence, pending) = (info.stream_sequence, info.pending);
+                if let Ok(view) = serde_json::from_slice::<JobView>(&message.payload) {
+                    finished.push(view);
+                }
+                // Up to the last one seen above: jobs finishing meanwhile do not keep it reading.
+                if pending == 0 || sequence >= last {
+                    break;
+                }
+            }
+            Ok::<(), StoreError>(())
+        };
+        tokio::time::timeout(READ_DEADLINE, read)
+            .await
+            .map_err(|_| StoreError::Nats(format!("reading the results feed took over {READ_DEADLINE:?}")))??;
+        Ok(mean_service_ms(&finished))
+    }
+
+    /// The queue of each of `models` now (sorted by name as given), `desired_slots` computed
+    /// for `target_wait_s`.
+    pub async fn queue_snapshot(&self, models: &[String], target_wait_s: u64) -> Result<QueueReply, StoreError> {
+        let gpus = self.gpu_entries(None, false).await?;
+        let mut reply = QueueReply { measured_ms: crate::now_ms(), target_wait_s, models: Vec::with_capacity(models.len()) };
+        for model in models {
+            let (high, normal, service) = tokio::try_join!(
+                self.lane_figures(model, Lane::High),
+                self.lane_figures(model, Lane::Normal),
+                self.recent_service_ms(model)
+            )?;
+            let lanes = [(Lane::High, high), (Lane::Normal, normal)];
+            reply.models.push(model_queue(model, &lanes, &gpus, service, crate::now_ms(), target_wait_s));
+        }
+        Ok(reply)
+    }
+}

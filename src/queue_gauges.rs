@@ -8,7 +8,9 @@
 //! requests once per node (a few per model per refresh) for the same numbers. When another node
 //! takes over (a node with a smaller name joins) this one sets its gauges to 0, and when the
 //! exporter dies the next one starts within a registry TTL; so a query takes `max by (model)`
-//! over the nodes, and an autoscaler keeps at least one node (the exporter is a node).
+//! over the nodes, and an autoscaler keeps at least one node (the exporter is a node). The
+//! choice ignores `node.metrics_addr`: a first node that serves no `/metrics` exports into
+//! nothing, so give every node of a cluster scraped for these one (the shipped files do).
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -122,6 +122,14 @@ async fn the_queue_shows_depth_by_lane_running_slots_and_the_slots_that_would_dr
     assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
     let from_cli: QueueReply = serde_json::from_slice(&cli.stdout).expect("kiln queue --json prints the reply");
     assert_eq!(from_cli.models.iter().map(|q| (q.model.as_str(), q.queued, q.running)).collect::<Vec<_>>(), [("slow", 6, 1)]);
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
+    command.args(["queue", "--model", "slow", "--nats", &cluster.url()]);
+    let table = tokio::time::timeout(Duration::from_secs(30), command.output()).await.expect("kiln queue ends").unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row: Vec<&str> =
+        table.lines().find(|l| l.starts_with("slow")).unwrap_or_else(|| panic!("no row for slow:\n{table}")).split_whitespace().collect();
+    // MODEL HIGH NORMAL OLDEST (n s) RUNNING SLOTS BUSY MEAN RUN (-) DESIRED
+    assert_eq!((row[1], row[2], row[5], row[6], row[7], row[8], row[9]), ("2", "4", "1", "1", "1", "-", "7"), "{table}");
 
     // The node exports the same figures as gauges.
     let page = read_until(

@@ -169,3 +169,39 @@ async fn the_queue_shows_depth_by_lane_running_slots_and_the_slots_that_would_dr
     .await;
     assert_eq!(gauge(&page, "kiln_model_desired_slots", &[("model", "slow")]), Some(0.0), "{page}");
 }
+
+/// One node at a time exports the gauges, the live node whose name sorts first: a node alone
+/// exports; when a node with a smaller name joins, that one takes over and the first sets its
+/// gauges to 0 (so `max by (model)` reads the exporter's); when the exporter dies, the other
+/// takes over again, within a registry TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_live_node_exports_the_gauges_and_another_takes_over_when_it_dies() {
+    let mut cluster = TestCluster::new();
+    let config_on = |port: u16| {
+        config_toml(&cluster.url(), &["cpu:0"], 60_000, &format!("{}\n[autoscale]\nrefresh_ms = 200\n", slow_model()))
+            .replace("metrics_addr = \"\"", &format!("metrics_addr = \"127.0.0.1:{port}\""))
+    };
+    let (port1, port2) = (kiln_core::nats::server::free_port().unwrap(), kiln_core::nats::server::free_port().unwrap());
+    let (config1, config2) = (config_on(port1), config_on(port2));
+    let slots = |page: &String| gauge(page, "kiln_model_slots", &[("model", "slow")]);
+
+    // n2 alone exports: one slot serves the model.
+    cluster.add_node("n2", &config2);
+    cluster.wait_node_ready("n2", 1).await;
+    let page = read_until(Duration::from_secs(20), || metrics_page(port2), |p| slots(p) == Some(1.0)).await;
+    assert_eq!(slots(&page), Some(1.0), "{page}");
+
+    // n1 joins: it exports the cluster's two slots, n2 steps back to 0.
+    let n1 = cluster.add_node("n1", &config1);
+    cluster.wait_node_ready("n1", 1).await;
+    let page1 = read_until(Duration::from_secs(20), || metrics_page(port1), |p| slots(p) == Some(2.0)).await;
+    assert_eq!(slots(&page1), Some(2.0), "{page1}");
+    let page2 = read_until(Duration::from_secs(20), || metrics_page(port2), |p| slots(p) == Some(0.0)).await;
+    assert_eq!(slots(&page2), Some(0.0), "{page2}");
+    assert_eq!(gauge(&page2, "kiln_model_desired_slots", &[("model", "slow")]), Some(0.0), "{page2}");
+
+    // n1 dies: once its entries expire, n2 exports again, its own slot the only one.
+    cluster.nodes[n1].kill();
+    let page = read_until(Duration::from_secs(30), || metrics_page(port2), |p| slots(p) == Some(1.0)).await;
+    assert_eq!(slots(&page), Some(1.0), "{page}");
+}

@@ -235,6 +235,13 @@ def test_cluster_models_jobs_and_ping(client: Client, kiln_cluster) -> None:  # 
     job_id = client.submit("noop")["job_id"]
     client.wait(job_id, timeout=30)
     assert models["noop"]["nodes"] == ["py1"] and models["noop"]["conflict"] is False
+    queue = client.queue("noop")
+    assert [q["model"] for q in queue["models"]] == ["noop"] and queue["target_wait_s"] == 60
+    noop = queue["models"][0]
+    assert (noop["slots"], [lane["lane"] for lane in noop["lanes"]]) == (2, ["high", "normal"])
+    assert noop["queued"] == sum(lane["queued"] for lane in noop["lanes"])
+    assert noop["service_samples"] >= 1 and "mean_service_ms" in noop and "oldest_wait_ms" not in noop
+    assert sorted(q["model"] for q in client.queue()["models"]) == sorted(models)
     listed = client.jobs(model="noop", status="completed", limit=1000)["jobs"]
     assert job_id in [j["job_id"] for j in listed] and all(j["model"] == "noop" for j in listed)
     assert len(client.jobs(limit=1)["jobs"]) == 1

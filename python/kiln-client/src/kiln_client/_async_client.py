@@ -67,6 +67,7 @@ from .types import (
     JobView,
     ListJobsReply,
     ModelsReply,
+    QueueReply,
     ResultReply,
     StrPath,
     SubmitReply,
@@ -315,6 +316,11 @@ class AsyncClient:
     async def cluster(self) -> ClusterReply:
         """The live nodes and GPU slots (`kiln.api.cluster`)."""
         return cast(ClusterReply, await self.request("cluster", {}))
+
+    async def queue(self, model: Optional[str] = None) -> QueueReply:
+        """Each model's queue now, or only `model`'s (`kiln.api.queue`): jobs waiting by lane,
+        the oldest wait, running, the slots serving it and the slots that would drain it."""
+        return cast(QueueReply, await self.request("queue", {"model": model} if model is not None else {}))
 
     async def ping(self, wait: float = 1.0) -> List[Dict[str, Any]]:
         """Every instance of the API service (one per node) that answers `$SRV.PING` within

@@ -30,6 +30,7 @@ from .types import (
     JobView,
     ListJobsReply,
     ModelsReply,
+    QueueReply,
     ResultReply,
     StrPath,
     SubmitReply,
@@ -219,6 +220,10 @@ class Client:
     def cluster(self) -> ClusterReply:
         """See `AsyncClient.cluster`."""
         return self._call(self._aio.cluster())
+
+    def queue(self, model: Optional[str] = None) -> QueueReply:
+        """See `AsyncClient.queue`."""
+        return self._call(self._aio.queue(model))
 
     def ping(self, wait: float = 1.0) -> List[Dict[str, Any]]:
         """See `AsyncClient.ping`."""

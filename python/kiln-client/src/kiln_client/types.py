@@ -134,6 +134,42 @@ class ModelsReply(TypedDict):
     models: List[ModelInfo]
 
 
+class LaneQueue(TypedDict):
+    """One lane (`high`, `normal`) of a model's queue: jobs waiting, jobs delivered."""
+
+    lane: str
+    queued: int
+    running: int
+
+
+class _ModelQueueRequired(TypedDict):
+    model: str
+    queued: int
+    lanes: List[LaneQueue]
+    running: int
+    slots: int
+    busy_slots: int
+    service_samples: int
+    desired_slots: int
+
+
+class ModelQueue(_ModelQueueRequired, total=False):
+    """One model's queue (docs/PROTOCOL.md, `kiln.api.queue`, says how exact each figure is)."""
+
+    oldest_wait_ms: int
+    """Absent when nothing waits."""
+    mean_service_ms: int
+    """Absent before any job of the model finished."""
+
+
+class QueueReply(TypedDict):
+    """`queue()`: each model's queue, sorted by name, and the target wait of `desired_slots`."""
+
+    measured_ms: int
+    target_wait_s: int
+    models: List[ModelQueue]
+
+
 class ListJobsReply(TypedDict):
     """`jobs()`: the jobs, newest first."""
 
@@ -326,6 +362,9 @@ __all__ = [
     "JobView",
     "ResultReply",
     "ModelInfo",
+    "LaneQueue",
+    "ModelQueue",
+    "QueueReply",
     "GpuEntry",
     "NodeEntry",
     "ClusterReply",

@@ -219,8 +219,8 @@ pub async fn serve(addr: &str, health: NodeHealth) -> Result<TaskGuard<()>, Serv
     }))
 }
 
-/// `GET /healthz`: the process is up (the same body as the gateway's).
-async fn healthz() -> impl IntoResponse {
+/// `GET /healthz`: the process is up (the node's and the gateway's).
+pub async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({ "status": "ok" }))
 }
 

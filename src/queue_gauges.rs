@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use kiln_core::config::AutoscaleConfig;
 use kiln_core::metrics as m;
+use kiln_core::nats::Lane;
 use kiln_core::nats::{RegistryCache, Resources};
 use kiln_core::protocol::{ModelQueue, NodeEntry};
 use kiln_core::task::{self, TaskGuard, TaskKind};
@@ -70,8 +71,8 @@ fn set(q: &ModelQueue) {
 }
 
 fn zero(model: &str) {
-    for lane in ["high", "normal"] {
-        metrics::gauge!(m::QUEUE_DEPTH, "model" => model.to_string(), "lane" => lane).set(0.0);
+    for lane in Lane::ALL {
+        metrics::gauge!(m::QUEUE_DEPTH, "model" => model.to_string(), "lane" => lane.as_str()).set(0.0);
     }
     for name in [m::QUEUE_OLDEST_WAIT_SECONDS, m::MODEL_RUNNING, m::MODEL_SLOTS, m::MODEL_DESIRED_SLOTS] {
         metrics::gauge!(name, "model" => model.to_string()).set(0.0);

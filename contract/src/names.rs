@@ -14,6 +14,9 @@ pub enum Lane {
 }
 
 impl Lane {
+    /// Every lane, in the order they are pulled.
+    pub const ALL: [Lane; 2] = [Lane::High, Lane::Normal];
+
     pub fn of_priority(priority: u8) -> Lane {
         if priority > 0 {
             Lane::High
@@ -167,7 +170,7 @@ mod tests {
     fn a_job_subject_is_parsed_back_into_its_model_and_lane() {
         for prefix in ["kiln", "a-b", "x.y"] {
             let names = Names::new(prefix);
-            for lane in [Lane::High, Lane::Normal] {
+            for lane in Lane::ALL {
                 let subject = names.job_subject("image-to-splat", lane);
                 assert_eq!(model_of_job_subject(&subject), "image-to-splat");
                 assert_eq!(lane_of_job_subject(&subject), Some(lane));

@@ -26,10 +26,7 @@ pub struct ConnArgs {
 }
 
 pub async fn connect(conn: &ConnArgs) -> Result<Client, String> {
-    let flags = [("--nats", "nats.url", &conn.nats), ("--prefix", "nats.prefix", &conn.prefix)]
-        .into_iter()
-        .filter_map(|(flag, key, value)| Some(Flag::new(flag, key, value.clone()?)))
-        .collect();
+    let flags = Flag::given([("--nats", "nats.url", conn.nats.clone()), ("--prefix", "nats.prefix", conn.prefix.clone())]);
     let layers = Layers::from_process(conn.config.clone(), flags);
     let mut nats = ClusterConfig::load_nats_layers(&layers).map_err(|e| e.to_string())?;
     if nats.url == "embedded" {

@@ -69,11 +69,6 @@ pub struct DemoArgs {
     serve: bool,
 }
 
-/// The flags given, as the last layer: `(flag, key it sets, value if given)`.
-fn given_flags<const N: usize>(flags: [(&str, &str, Option<String>); N]) -> Vec<Flag> {
-    flags.into_iter().filter_map(|(flag, key, value)| Some(Flag::new(flag, key, value?))).collect()
-}
-
 /// Every stop signal a node can be sent: each one, at any stage of the node's life, is a drain.
 struct StopSignals {
     streams: Vec<(&'static str, tokio::signal::unix::Signal)>,
@@ -116,7 +111,7 @@ impl StopSignals {
 pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     let mut stop = StopSignals::install()?;
     tracing::info!("starting");
-    let flags = given_flags([
+    let flags = Flag::given([
         ("--nats", "nats.url", args.nats),
         ("--node-name", "node.name", args.node_name),
         ("--slots", "node.slots", args.slots),
@@ -204,7 +199,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<(), String> {
         return Ok(());
     }
     let mut stop = StopSignals::install()?;
-    let flags = given_flags([("--nats", "nats.url", args.nats), ("--http-addr", "http.addr", args.http_addr)]);
+    let flags = Flag::given([("--nats", "nats.url", args.nats), ("--http-addr", "http.addr", args.http_addr)]);
     let config = ClusterConfig::load_gateway_layers(&Layers::from_process(args.config, flags)).map_err(|e| e.to_string())?;
     let mut nats = config.nats.clone();
     if nats.url == "embedded" {

@@ -146,7 +146,7 @@ impl Gateway {
             .merge(v1::router())
             .merge(routes::router(&config.routes))
             .route("/openapi.json", get(openapi::serve))
-            .route("/healthz", get(healthz))
+            .route("/healthz", get(crate::health::healthz))
             .route("/readyz", get(readyz))
             .fallback(|| async { HttpError::not_found("no such route (see GET /openapi.json)") })
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
@@ -278,11 +278,6 @@ async fn authenticate(State(gateway): State<Gateway>, mut request: Request, next
 /// The value of `name` in a query string, decoded (an API key may hold `+` or `/`, escaped).
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
-}
-
-/// `GET /healthz`: the process is up.
-async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok" }))
 }
 
 /// `GET /readyz`: NATS is connected and at least one node serves. 503 otherwise, saying which.

@@ -98,6 +98,11 @@ impl Flag {
     pub fn new(flag: impl Into<String>, key: impl Into<String>, value: impl Into<String>) -> Flag {
         Flag { flag: flag.into(), key: key.into(), value: value.into() }
     }
+
+    /// The flags that were given, as the last layer: `(flag, key it sets, value if given)`.
+    pub fn given<const N: usize>(flags: [(&str, &str, Option<String>); N]) -> Vec<Flag> {
+        flags.into_iter().filter_map(|(flag, key, value)| Some(Flag::new(flag, key, value?))).collect()
+    }
 }
 
 impl Layers {

@@ -200,7 +200,7 @@ impl Resources {
             let ttl = Duration::from_secs(config.result_ttl_s(model));
             let store = open_object_store(&resources.js, resources.names.results_bucket(&model.name), ttl, replicas).await?;
             resources.results.insert(model.name.clone(), store);
-            for lane in [Lane::High, Lane::Normal] {
+            for lane in Lane::ALL {
                 resources.ensure_consumer(&jobs_stream, &model.name, lane).await?;
             }
         }
@@ -238,7 +238,7 @@ impl Resources {
     /// Jobs waiting (not yet delivered) in a model's two lanes; feeds admission control.
     pub async fn queued_count(&self, model: &str) -> Result<u64, StoreError> {
         let mut total = 0;
-        for lane in [Lane::High, Lane::Normal] {
+        for lane in Lane::ALL {
             let mut c = self.consumer(model, lane).await?;
             total += c.info().await.map_err(StoreError::nats)?.num_pending;
         }

@@ -82,7 +82,7 @@ impl Resources {
             })
             .await
             .map_err(|e| creation_error(&names.jobs_stream(), replicas, e))?;
-        settle_stream(&js, &names.jobs_stream(), replicas, false, None).await?;
+        settle_stream(&js, &names.jobs_stream(), replicas, false).await?;
 
         js.get_or_create_stream(stream::Config {
             name: names.events_stream(),
@@ -98,7 +98,7 @@ impl Resources {
         })
         .await
         .map_err(|e| creation_error(&names.events_stream(), replicas, e))?;
-        settle_stream(&js, &names.events_stream(), replicas, true, None).await?;
+        settle_stream(&js, &names.events_stream(), replicas, true).await?;
         let events = js.get_stream(names.events_stream()).await.map_err(StoreError::nats)?;
 
         // The results feed (seed 000's backend consumer): each job's end once, kept as long as
@@ -116,7 +116,7 @@ impl Resources {
         })
         .await
         .map_err(|e| creation_error(&names.finished_stream(), replicas, e))?;
-        settle_stream(&js, &names.finished_stream(), replicas, true, None).await?;
+        settle_stream(&js, &names.finished_stream(), replicas, true).await?;
 
         let jobs_kv = open_kv(
             &js,
@@ -320,7 +320,7 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Stor
             Err(e) => js.get_key_value(&config.bucket).await.map_err(|_| creation_error(&config.bucket, config.num_replicas, e))?,
         },
     };
-    settle_stream(js, &format!("KV_{}", config.bucket), config.num_replicas, false, None).await?;
+    settle_stream(js, &format!("KV_{}", config.bucket), config.num_replicas, false).await?;
     Ok(store)
 }
 
@@ -329,23 +329,10 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Stor
 /// whose config async-nats does not expose). A deployment made with one replica moves to three
 /// when a node starts with `nats.replicas = 3`. The server scales a stream in place (new peers catch up from the
 /// leader, its consumers follow), so no job is lost on the way: `tests/nats_cluster.rs`.
-///
-/// `allow_direct`: when given, whether any replica may answer a read of the last message of a
-/// subject (a "direct get"), or only the leader.
-async fn settle_stream(
-    js: &jetstream::Context,
-    stream: &str,
-    replicas: usize,
-    raise_consumers: bool,
-    allow_direct: Option<bool>,
-) -> Result<(), StoreError> {
+async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, raise_consumers: bool) -> Result<(), StoreError> {
     let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
     let mut config = s.info().await.map_err(StoreError::nats)?.config.clone();
     let mut changed = false;
-    if let Some(allow_direct) = allow_direct.filter(|a| *a != config.allow_direct) {
-        config.allow_direct = allow_direct;
-        changed = true;
-    }
     if raise_consumers && config.max_consumers != MAX_CONSUMERS_PER_STREAM {
         config.max_consumers = MAX_CONSUMERS_PER_STREAM;
         changed = true;
@@ -370,36 +357,33 @@ async fn settle_stream(
     Ok(())
 }
 
-/// Opens (or creates) an object store, then settles its stream: `replicas`, the consumer limit
-/// (an object store's config does not expose it), and reads from the leader only.
-///
-/// An object's metadata is read from the stream's leader, never with a direct get that any
-/// replica may answer: a replica that had been partitioned away was seen answering "object not
-/// found" for a completed job's result for 20 s after the partition healed, while the leader
-/// held it (tests/nats_cluster.rs, the partition test). Its chunks come through a consumer.
+/// Opens (or creates) an object store, then settles its stream: `replicas`, and the consumer
+/// limit (an object store's config does not expose it).
 async fn open_object_store(
     js: &jetstream::Context,
     bucket: String,
     max_age: Duration,
     replicas: usize,
 ) -> Result<object_store::ObjectStore, StoreError> {
-    if js.get_object_store(&bucket).await.is_err() {
-        let config = object_store::Config {
-            bucket: bucket.clone(),
-            max_age,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        };
-        if let Err(e) = js.create_object_store(config).await {
-            // Another node may have created it between our get and create.
-            js.get_object_store(&bucket).await.map_err(|_| creation_error(&bucket, replicas, e))?;
+    let store = match js.get_object_store(&bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            let config = object_store::Config {
+                bucket: bucket.clone(),
+                max_age,
+                storage: stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            };
+            match js.create_object_store(config).await {
+                Ok(store) => store,
+                // Another node created it between our get and create.
+                Err(e) => js.get_object_store(&bucket).await.map_err(|_| creation_error(&bucket, replicas, e))?,
+            }
         }
-    }
-    settle_stream(js, &format!("OBJ_{bucket}"), replicas, true, Some(false)).await?;
-    // Opened after settling: a handle picks its read path from the stream's config as it was
-    // when opened.
-    js.get_object_store(&bucket).await.map_err(|e| creation_error(&bucket, replicas, e))
+    };
+    settle_stream(js, &format!("OBJ_{bucket}"), replicas, true).await?;
+    Ok(store)
 }
 
 #[cfg(test)]

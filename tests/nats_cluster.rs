@@ -140,15 +140,22 @@ fn longest_gap(accepted: &[(Instant, String)], from: Instant, to: Instant) -> Du
 
 /// What the cluster says of an artifact that did not download: its metadata read from the
 /// stream's leader (a download's metadata read is a direct get, which any replica may answer),
-/// the stream's replicas, and whether downloads succeed over the next 20 s. Once seen after a
-/// partition healed ("object not found" for a completed job's result), not reproduced since.
+/// the stream's replicas, and whether downloads succeed over the next 20 s. Seen three times
+/// after a partition healed ("object not found" for a completed job's result, for 20 s, while
+/// the leader held metadata for it); turning direct gets off did not stop it, so the metadata
+/// itself is printed now.
 async fn why_not_downloadable(client: &Client, artifact: &kiln_core::protocol::Artifact, dest: &std::path::Path) -> String {
     use base64::Engine;
     let Ok(mut stream) = client.jetstream().get_stream(format!("OBJ_{}", artifact.bucket)).await else {
         return "its stream cannot be opened".into();
     };
     let key = base64::engine::general_purpose::URL_SAFE.encode(artifact.object.as_bytes());
-    let meta = stream.get_last_raw_message_by_subject(&format!("$O.{}.M.{key}", artifact.bucket)).await.map(|m| m.sequence);
+    // The sequence and the whole info: a `deleted` marker, or another put's nuid and size, is a
+    // writer's doing, not a replica's.
+    let meta = stream
+        .get_last_raw_message_by_subject(&format!("$O.{}.M.{key}", artifact.bucket))
+        .await
+        .map(|m| (m.sequence, String::from_utf8_lossy(&m.payload).into_owned()));
     let replicas = stream.info().await.map(|i| format!("{:?}", i.cluster)).unwrap_or_default();
     let mut later = vec![];
     for _ in 0..10 {

@@ -307,3 +307,86 @@ async fn the_nats_store_keeps_the_job_stores_promises() {
     let (_server, res) = setup().await;
     conforms(&res).await;
 }
+
+/// Every live slot is in every read of the GPU entries, while their nodes rewrite them (each
+/// heartbeat and each job): `models` once answered without a slot that was written 1 s before
+/// and rewritten every 300 ms since (tests/models_cluster.rs in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_slot_is_read_while_the_slots_are_rewritten() {
+    let (_server, res) = setup().await;
+    let gpu = |node: &str| GpuEntry {
+        node: node.into(),
+        slot: "cpu:0".into(),
+        state: GpuState::Idle,
+        models: vec!["m".into()],
+        warm_models: vec![],
+        current_job: None,
+        restarts: 0,
+        last_error: None,
+        heartbeat_ms: kiln_core::now_ms(),
+    };
+    res.put_gpu(&gpu("a")).await.unwrap();
+    res.put_gpu(&gpu("b")).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = vec![];
+    for node in ["a", "b"] {
+        let (res, stop) = (res.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                res.put_gpu(&gpu(node)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let mut short = vec![];
+    for i in 0..500 {
+        let read = res.gpu_entries(None, false).await.unwrap();
+        if read.len() != 2 {
+            short.push((i, read.iter().map(|g| g.node.clone()).collect::<Vec<_>>()));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert!(short.is_empty(), "reads that missed a slot (read number, nodes read): {short:?}");
+}
+
+/// A registry of more slots than one direct get answers (1,024) is read node by node.
+#[tokio::test]
+async fn a_registry_of_more_slots_than_one_read_answers_is_read_whole() {
+    let (_server, res) = setup().await;
+    let entry = |node: String, slot: String| GpuEntry {
+        node,
+        slot,
+        state: GpuState::Idle,
+        models: vec![],
+        warm_models: vec![],
+        current_job: None,
+        restarts: 0,
+        last_error: None,
+        heartbeat_ms: kiln_core::now_ms(),
+    };
+    for n in 0..130 {
+        let node = format!("n{n:03}");
+        res.put_node(&NodeEntry {
+            node: node.clone(),
+            version: "test".into(),
+            slots: vec![],
+            started_ms: 1,
+            heartbeat_ms: kiln_core::now_ms(),
+            running_jobs: 0,
+            peers: vec![],
+            models: vec![],
+        })
+        .await
+        .unwrap();
+        for s in 0..8 {
+            res.put_gpu(&entry(node.clone(), format!("cuda:{s}"))).await.unwrap();
+        }
+    }
+    let all = res.gpu_entries(None, true).await.unwrap();
+    assert_eq!(all.len(), 1_040);
+    assert_eq!((all[0].node.as_str(), all[0].slot.as_str()), ("n000", "cuda:0"));
+    assert_eq!(res.gpu_entries(Some("n129"), true).await.unwrap().len(), 8);
+}

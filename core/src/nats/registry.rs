@@ -128,59 +128,96 @@ impl Resources {
     }
 
     /// The GPU entries in the registry now, of one node or of all, sorted by node then slot,
-    /// read from the server: one ordered consumer over the last value of each key, as many
-    /// messages as there are slots. Entries whose heartbeat is older than the TTL (a dead
-    /// node's, not yet removed) are left out unless `include_stale`.
+    /// read from the server as one snapshot ([`last_per_subject`](Self::last_per_subject); a
+    /// cluster of more than [`MULTI_LAST_MOST`] slots is read node by node). Entries whose
+    /// heartbeat is older than the TTL (a dead node's, not yet removed) are left out unless
+    /// `include_stale`.
     pub async fn gpu_entries(&self, node: Option<&str>, include_stale: bool) -> Result<Vec<GpuEntry>, StoreError> {
-        use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
-        let filter = match node {
+        let of = |node: Option<&str>| match node {
             Some(node) => format!("{}{node}.>", self.gpus_kv.prefix),
             None => format!("{}>", self.gpus_kv.prefix),
         };
-        let consumer = self
-            .gpus_kv
-            .stream
-            .create_consumer(push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                description: Some("kiln registry read".into()),
-                filter_subject: filter,
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                replay_policy: ReplayPolicy::Instant,
-                ..Default::default()
-            })
-            .await
-            .map_err(StoreError::nats)?;
-        let mut entries = Vec::new();
-        if consumer.cached_info().num_pending > 0 {
-            let mut messages = consumer.messages().await.map_err(StoreError::nats)?;
-            let read = async {
-                while let Some(message) = messages.next().await {
-                    let message = message.map_err(StoreError::nats)?;
-                    let info = message.info().map_err(StoreError::nats)?;
-                    let pending = info.pending;
-                    let deleted = message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT");
-                    if !deleted {
-                        match serde_json::from_slice::<GpuEntry>(&message.payload) {
-                            Ok(entry) => entries.push(entry),
-                            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "undecodable registry entry"),
-                        }
-                    }
-                    if pending == 0 {
-                        break;
-                    }
+        let stream = &self.gpus_kv.stream_name;
+        let messages = match self.last_per_subject(stream, &of(node)).await? {
+            Some(messages) => messages,
+            None if node.is_none() => {
+                let mut messages = vec![];
+                for node in self.registered_node_names().await? {
+                    let of_node = self.last_per_subject(stream, &of(Some(&node))).await?;
+                    messages.extend(of_node.ok_or_else(|| StoreError::Nats(format!("node {node} has over {MULTI_LAST_MOST} slots")))?);
                 }
-                Ok::<(), StoreError>(())
-            };
-            tokio::time::timeout(Duration::from_secs(10), read)
-                .await
-                .map_err(|_| StoreError::Nats("reading the GPU registry took over 10 s".into()))??;
-        }
+                messages
+            }
+            None => return Err(StoreError::Nats(format!("node {} has over {MULTI_LAST_MOST} slots", node.unwrap_or_default()))),
+        };
+        let mut entries: Vec<GpuEntry> = messages.iter().filter_map(decode_kv_put).collect();
         let fresh = |g: &GpuEntry| crate::now_ms().saturating_sub(g.heartbeat_ms) <= self.registry_ttl.as_millis() as u64;
         entries.retain(|g| include_stale || fresh(g));
         entries.sort_by(|a, b| (&a.node, &a.slot).cmp(&(&b.node, &b.slot)));
         Ok(entries)
     }
+
+    /// The names of the nodes with an entry in the registry now, read from the server.
+    async fn registered_node_names(&self) -> Result<Vec<String>, StoreError> {
+        let filter = format!("{}>", self.nodes_kv.prefix);
+        let messages = self
+            .last_per_subject(&self.nodes_kv.stream_name, &filter)
+            .await?
+            .ok_or_else(|| StoreError::Nats(format!("the registry has over {MULTI_LAST_MOST} nodes")))?;
+        Ok(messages.iter().filter_map(decode_kv_put::<NodeEntry>).map(|n| n.node).collect())
+    }
+
+    /// The last message of each subject under `filter` in `stream`, as one point-in-time
+    /// snapshot: a batched direct get (`multi_last`, ADR-31, nats-server 2.11+; every KV stream
+    /// allows direct gets). `None` when more than [`MULTI_LAST_MOST`] subjects match: the server
+    /// answers no more at once (`413 Too Many Results`).
+    ///
+    /// Why not an ordered consumer over the last message per subject, read until its pending
+    /// count says 0 (what this was): while keys were rewritten, that read now and then ended
+    /// one key short (4 reads in 100 with two writers: `core/tests/store.rs`), and `models`
+    /// once answered without a slot written a second before (tests/models_cluster.rs in CI).
+    pub async fn last_per_subject(&self, stream: &str, filter: &str) -> Result<Option<Vec<async_nats::Message>>, StoreError> {
+        let request = serde_json::json!({ "multi_last": [filter] });
+        let inbox = self.client.new_inbox();
+        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(StoreError::nats)?;
+        self.client
+            .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, serde_json::to_vec(&request).expect("json").into())
+            .await
+            .map_err(StoreError::nats)?;
+        let read = async {
+            let mut messages = Vec::new();
+            while let Some(message) = replies.next().await {
+                match message.status.map(|s| s.as_u16()) {
+                    Some(204) => return Ok(Some(messages)), // the end of the batch
+                    Some(404) => return Ok(Some(messages)), // nothing matches the filter
+                    Some(413) => return Ok(None),
+                    Some(code) if code >= 300 => {
+                        let why = message.description.as_deref().unwrap_or("");
+                        return Err(StoreError::Nats(format!("direct get of {filter} in {stream}: {code} {why}")));
+                    }
+                    _ => messages.push(message),
+                }
+            }
+            Err(StoreError::Nats("the direct get's replies ended before its end-of-batch".into()))
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .map_err(|_| StoreError::Nats(format!("reading the last values of {filter} took over 10 s")))?
+    }
 }
+
+/// A KV message's value, unless it is a delete marker (or does not decode: logged).
+fn decode_kv_put<T: DeserializeOwned>(message: &async_nats::Message) -> Option<T> {
+    if message.headers.as_ref().and_then(|h| h.get("KV-Operation")).is_some_and(|op| op.as_str() != "PUT") {
+        return None;
+    }
+    serde_json::from_slice(&message.payload)
+        .map_err(|e| tracing::warn!(subject = %message.subject, error = %e, "undecodable registry entry"))
+        .ok()
+}
+
+/// The most subjects one batched direct get answers (nats-server's limit).
+pub const MULTI_LAST_MOST: usize = 1024;
 
 /// Spawns a task that mirrors a KV bucket into `map`, returning once the initial values are in;
 /// the task stops when its guard drops (with the last clone of the cache).

@@ -38,6 +38,14 @@ struct Change {
     settled: Option<Settled>,
 }
 
+/// Two changes are the same when they store the same record (what a read finds: a change read
+/// back has no `settled`).
+impl PartialEq for Change {
+    fn eq(&self, other: &Change) -> bool {
+        self.record == other.record
+    }
+}
+
 /// Why an update wrote nothing.
 enum NotWritten {
     /// The change was recorded before (a redelivery settling again), or there was nothing to

@@ -70,7 +70,8 @@ pub enum CasError {
 /// missing record ([`CasError::Missing`]); `write` gets the value to store and the revision it
 /// must replace, and answers the new revision or `StoreError::Conflict`. (Plain closures that
 /// return futures, not async closures: the futures of async closures called through a generic
-/// bound are not known to be `Send`, which an actor's handler must be.)
+/// bound are not known to be `Send`, which an actor's handler must be.) A write answered as a
+/// conflict that landed all the same is this update's own (see [`update_patiently`]).
 pub async fn update_with<T, R, ReadFut, WriteFut>(
     key: &str,
     held: Option<(T, u64)>,
@@ -79,11 +80,11 @@ pub async fn update_with<T, R, ReadFut, WriteFut>(
     decide: impl FnMut(&T) -> Step<T, R>,
 ) -> Result<Updated<T, R>, CasError>
 where
-    T: Clone,
+    T: Clone + PartialEq,
     ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
     WriteFut: Future<Output = Result<u64, StoreError>>,
 {
-    run(key, held, Patience::ONCE, read, write, decide, |_, _| false).await
+    run(key, held, Patience::ONCE, read, write, decide).await
 }
 
 /// [`update_with`] that rides out NATS trouble ([`Transient`]) for as long as `patience`
@@ -92,10 +93,13 @@ where
 /// so it keeps every fence: a retried write that another writer overtook meanwhile loses its
 /// compare-and-set, and `decide` sees the record as it is now.
 ///
-/// A write that failed with trouble may have landed all the same (its reply was lost): when a
-/// later read finds exactly a value this update sent, that write landed and the update ends
-/// `Written` with it. (Deciding again on it would take this writer's own write for another
-/// writer's.)
+/// A write that failed may have landed all the same: its reply was lost (trouble), or a
+/// replicated nats-server answered "wrong last sequence" to an update it stored while the
+/// stream's leader changed (nats-server#7281; seen in tests/nats_cluster.rs's partition test).
+/// When a later read finds exactly a value this update sent, that write landed and the update
+/// ends `Written` with it. (Deciding again on it would take this writer's own write for another
+/// writer's: an attempt's completed record for a newer attempt's, and its artifacts deleted.)
+/// A value equal to one sent but written by another writer is the same value: written either way.
 pub async fn update_patiently<T, R, ReadFut, WriteFut>(
     key: &str,
     held: Option<(T, u64)>,
@@ -109,10 +113,10 @@ where
     ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
     WriteFut: Future<Output = Result<u64, StoreError>>,
 {
-    run(key, held, patience, read, write, decide, T::eq).await
+    run(key, held, patience, read, write, decide).await
 }
 
-/// The loop of both: `same` tells a value read from one this update sent.
+/// The loop of both.
 async fn run<T, R, ReadFut, WriteFut>(
     key: &str,
     mut held: Option<(T, u64)>,
@@ -120,16 +124,15 @@ async fn run<T, R, ReadFut, WriteFut>(
     mut read: impl FnMut() -> ReadFut,
     mut write: impl FnMut(T, u64) -> WriteFut,
     mut decide: impl FnMut(&T) -> Step<T, R>,
-    same: impl Fn(&T, &T) -> bool,
 ) -> Result<Updated<T, R>, CasError>
 where
-    T: Clone,
+    T: Clone + PartialEq,
     ReadFut: Future<Output = Result<Option<(T, u64)>, StoreError>>,
     WriteFut: Future<Output = Result<u64, StoreError>>,
 {
     let started = tokio::time::Instant::now();
     let (mut conflicts, mut troubles) = (0, 0);
-    // Values written with an unknown result (the write failed with trouble).
+    // Values sent whose write failed, with trouble or a conflict: each may have landed.
     let mut unsure: Vec<T> = vec![];
     // Waits out one more failure with trouble, or ends the update with it.
     let ride = |troubles: u32, e: StoreError| match patience.pause(troubles, started.elapsed()) {
@@ -152,8 +155,9 @@ where
                 }
             },
         };
-        if unsure.iter().any(|sent| same(sent, &current)) {
-            return Ok(Updated::Written { value: current, revision });
+        // The value as sent: it may carry more than the stored part a read gives back.
+        if let Some(sent) = unsure.iter().find(|sent| **sent == current) {
+            return Ok(Updated::Written { value: sent.clone(), revision });
         }
         let next = match decide(&current) {
             Step::Stop(result) => return Ok(Updated::Stopped(result)),
@@ -162,6 +166,7 @@ where
         match write(next.clone(), revision).await {
             Ok(revision) => return Ok(Updated::Written { value: next, revision }),
             Err(StoreError::Conflict) => {
+                unsure.push(next);
                 conflicts += 1;
                 if conflicts >= MAX_CAS_ROUNDS {
                     return Err(CasError::Contended { key: key.to_string(), rounds: MAX_CAS_ROUNDS });
@@ -294,6 +299,8 @@ mod tests {
         TakenOverWith(u32),
         /// A read fails (no leader yet).
         ReadFails,
+        /// The write is applied, but its reply says the revision was wrong.
+        LandedAsConflict,
     }
 
     struct Flaky {
@@ -333,6 +340,7 @@ mod tests {
             *stored = (next, revision + 1);
             match trouble {
                 Some(Trouble::LostReply) => Err(StoreError::Nats("timed out".into())),
+                Some(Trouble::LandedAsConflict) => Err(StoreError::Conflict),
                 _ => Ok(revision + 1),
             }
         }
@@ -362,6 +370,13 @@ mod tests {
     async fn a_write_that_landed_while_its_reply_was_lost_counts_as_written_not_as_fenced() {
         let store = Flaky::new(5, &[Trouble::LostReply, Trouble::ReadFails]);
         // The re-read finds 6: this update's own write, not another writer's.
+        assert_eq!(store.conclude(QUICK).await.unwrap(), Updated::Written { value: 6, revision: 2 });
+        assert_eq!(store.writes.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_landed_while_its_reply_said_conflict_counts_as_written() {
+        let store = Flaky::new(5, &[Trouble::LandedAsConflict]);
         assert_eq!(store.conclude(QUICK).await.unwrap(), Updated::Written { value: 6, revision: 2 });
         assert_eq!(store.writes.get(), 1);
     }

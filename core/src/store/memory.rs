@@ -42,6 +42,10 @@ enum Fault {
     Refuse,
     /// Applied; the answer is lost.
     LoseReply,
+    /// Applied; the answer says the revision was wrong (a compare-and-set that lost). A
+    /// replicated nats-server answered a KV update so while its stream's leader changed
+    /// (nats-server#7281; the partition test in tests/nats_cluster.rs).
+    LandAsConflict,
 }
 
 /// A [`JobStore`] in memory (see the module docs).
@@ -131,6 +135,11 @@ impl MemoryStore {
         self.state().faults.push((op, Fault::LoseReply));
     }
 
+    /// The next call of `op` (a compare-and-set) is applied, but its caller hears that it lost.
+    pub fn land_next_as_conflict(&self, op: Op) {
+        self.state().faults.push((op, Fault::LandAsConflict));
+    }
+
     /// The job's record as stored now, with its revision.
     pub fn job(&self, job_id: &str) -> Option<Versioned> {
         self.state().jobs.get(job_id).map(|(record, revision)| Versioned { record: record.clone(), revision: *revision })
@@ -187,10 +196,10 @@ impl JobStore for MemoryStore {
             (_, Some((_, stored))) if *stored == revision => {
                 let next = state.next_revision();
                 state.jobs.insert(record.job_id.clone(), (record.clone(), next));
-                if fault == Some(Fault::LoseReply) {
-                    Err(lost_reply())
-                } else {
-                    Ok(next)
+                match fault {
+                    Some(Fault::LoseReply) => Err(lost_reply()),
+                    Some(Fault::LandAsConflict) => Err(StoreError::Conflict),
+                    _ => Ok(next),
                 }
             }
             // A KV update of a key that does not exist at `revision` (or at all) is refused

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use kiln_core::nats::names::model_of_job_subject;
+use kiln_core::nats::names::JobSubject;
 use kiln_core::placement::SlotTable;
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
@@ -346,7 +346,7 @@ impl DispatcherState {
 
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
         let job_id = serde_json::from_slice::<kiln_core::nats::jobs::QueueMessage>(&delivery.payload).map(|q| q.job_id).unwrap_or_default();
-        let model = model_of_job_subject(&delivery.subject).to_string();
+        let model = JobSubject::parse(&delivery.subject).map_or("", |s| s.model).to_string();
         let slot = self.better_slot(slot, &model);
         // A delivery fetched before the drain began and handed in after it: the node takes no
         // new job, so it goes straight back to the queue. Claimed here, it was abandoned when

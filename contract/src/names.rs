@@ -40,16 +40,27 @@ impl Lane {
     }
 }
 
-/// The model a job subject ([`Names::job_subject`], `<prefix>.jobs.<model>.<lane>`) names: its
-/// last segment but one ("" if it has a single one). Read from the end, so it holds whatever
-/// the prefix.
-pub fn model_of_job_subject(subject: &str) -> &str {
-    subject.rsplit('.').nth(1).unwrap_or_default()
+/// A job subject read back: `<prefix>.jobs.<model>.<lane>` ([`Names::job_subject`], the
+/// lane's shared queue) or `<prefix>.jobs.<model>.<lane>.<key>` ([`Names::job_subject_keyed`],
+/// one fair-share key's queue). Read from the end, so it holds whatever the prefix; a key token
+/// is never a lane's name (it begins `u-` or `h-`, see `kiln_core::fair::key_token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobSubject<'a> {
+    pub model: &'a str,
+    pub lane: Lane,
+    pub key: Option<&'a str>,
 }
 
-/// The lane a job subject ([`Names::job_subject`]) names: its last segment, if it is one.
-pub fn lane_of_job_subject(subject: &str) -> Option<Lane> {
-    subject.rsplit('.').next().and_then(Lane::parse)
+impl<'a> JobSubject<'a> {
+    pub fn parse(subject: &'a str) -> Option<JobSubject<'a>> {
+        let mut from_end = subject.rsplit('.');
+        let last = from_end.next()?;
+        if let Some(lane) = Lane::parse(last) {
+            return Some(JobSubject { model: from_end.next()?, lane, key: None });
+        }
+        let lane = Lane::parse(from_end.next()?)?;
+        Some(JobSubject { model: from_end.next()?, lane, key: Some(last) })
+    }
 }
 
 impl Names {
@@ -82,9 +93,14 @@ impl Names {
     pub fn job_subject(&self, model: &str, lane: Lane) -> String {
         format!("{}.jobs.{model}.{}", self.prefix, lane.as_str())
     }
-    /// Both lanes of one model (a core-NATS subscription here sees every enqueue).
+    /// One fair-share key's queue in a lane of a model (see `kiln_core::fair`).
+    pub fn job_subject_keyed(&self, model: &str, lane: Lane, key: &str) -> String {
+        format!("{}.jobs.{model}.{}.{key}", self.prefix, lane.as_str())
+    }
+    /// Every queue of one model, both lanes, shared and keyed (a core-NATS subscription here
+    /// sees every enqueue).
     pub fn jobs_subject_model(&self, model: &str) -> String {
-        format!("{}.jobs.{model}.*", self.prefix)
+        format!("{}.jobs.{model}.>", self.prefix)
     }
     /// The queue group of the nodes' pullers of one model: an enqueue wakes one of them.
     pub fn pullers_queue(&self, model: &str) -> String {
@@ -92,6 +108,10 @@ impl Names {
     }
     pub fn consumer(&self, model: &str, lane: Lane) -> String {
         format!("{model}-{}", lane.as_str())
+    }
+    /// The durable consumer of one fair-share key's queue ([`job_subject_keyed`](Self::job_subject_keyed)).
+    pub fn consumer_keyed(&self, model: &str, lane: Lane, key: &str) -> String {
+        format!("{model}-{}-{key}", lane.as_str())
     }
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.upper())
@@ -167,16 +187,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_job_subject_is_parsed_back_into_its_model_and_lane() {
+    fn a_job_subject_is_parsed_back_into_its_model_lane_and_key() {
         for prefix in ["kiln", "a-b", "x.y"] {
             let names = Names::new(prefix);
             for lane in Lane::ALL {
-                let subject = names.job_subject("image-to-splat", lane);
-                assert_eq!(model_of_job_subject(&subject), "image-to-splat");
-                assert_eq!(lane_of_job_subject(&subject), Some(lane));
+                let shared = names.job_subject("image-to-splat", lane);
+                assert_eq!(JobSubject::parse(&shared), Some(JobSubject { model: "image-to-splat", lane, key: None }));
+                let keyed = names.job_subject_keyed("image-to-splat", lane, "u-alice");
+                assert_eq!(JobSubject::parse(&keyed), Some(JobSubject { model: "image-to-splat", lane, key: Some("u-alice") }));
             }
         }
-        assert_eq!(lane_of_job_subject("kiln.jobs.noop.bogus"), None);
-        assert_eq!(model_of_job_subject("single"), "");
+        assert_eq!(JobSubject::parse("kiln.jobs.noop.bogus"), None);
+        assert_eq!(JobSubject::parse("kiln.jobs.noop.bogus.u-a"), None);
+        assert_eq!(JobSubject::parse("normal"), None);
     }
 }

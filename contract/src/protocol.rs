@@ -425,6 +425,20 @@ pub struct LaneQueue {
     pub queued: u64,
     /// Jobs delivered and not yet settled (its `num_ack_pending`).
     pub running: u64,
+    /// The lane by fair-share key (`[fair_share]`): the keys with jobs queued or running, most
+    /// queued first. Absent when none has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyQueue>,
+}
+
+/// One fair-share key's queue in a lane.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub struct KeyQueue {
+    /// The key's label value (`h-` and 16 hex digits for a value that is not a plain name of
+    /// letters, digits, `-` and `_`, at most 48); `null` for the jobs without the label.
+    pub key: Option<String>,
+    pub queued: u64,
+    pub running: u64,
 }
 
 /// State of one GPU slot in the cluster registry (replaces the seeds' `gpu_status:{id}` keys).

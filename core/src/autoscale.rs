@@ -4,11 +4,11 @@
 //! the queue's consumers, the registry and the results feed say ([`model_queue`]). The figures
 //! are read in `nats::queue`; the node exports them as gauges (`kiln::queue_gauges`).
 
-use crate::protocol::{GpuEntry, GpuState, JobView, LaneQueue, ModelQueue};
+use crate::protocol::{GpuEntry, GpuState, JobView, KeyQueue, LaneQueue, ModelQueue};
 use kiln_contract::names::Lane;
 
-/// One lane of one model, as its consumer and the stream say now.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// One lane of one model, as its consumers and the stream say now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaneFigures {
     /// Messages not yet delivered (`num_pending`).
     pub queued: u64,
@@ -16,6 +16,8 @@ pub struct LaneFigures {
     pub delivered: u64,
     /// Unix ms at which the oldest undelivered message was stored, if any waits.
     pub oldest_enqueued_ms: Option<u64>,
+    /// By fair-share key: those with jobs queued or running.
+    pub keys: Vec<KeyQueue>,
 }
 
 /// The slots that would start every one of `queued` jobs within `target_wait_s`, plus the
@@ -70,7 +72,7 @@ pub fn model_queue(
         queued,
         lanes: lanes
             .iter()
-            .map(|(lane, l)| LaneQueue { lane: lane.as_str().to_string(), queued: l.queued, running: l.delivered })
+            .map(|(lane, l)| LaneQueue { lane: lane.as_str().to_string(), queued: l.queued, running: l.delivered, keys: l.keys.clone() })
             .collect(),
         oldest_wait_ms: oldest.map(|t| now_ms.saturating_sub(t)),
         running,
@@ -182,8 +184,8 @@ mod tests {
     #[test]
     fn a_model_queue_adds_its_lanes_and_counts_the_live_slots_serving_it() {
         let lanes = [
-            (Lane::High, LaneFigures { queued: 2, delivered: 0, oldest_enqueued_ms: Some(9_000) }),
-            (Lane::Normal, LaneFigures { queued: 4, delivered: 1, oldest_enqueued_ms: Some(7_000) }),
+            (Lane::High, LaneFigures { queued: 2, delivered: 0, oldest_enqueued_ms: Some(9_000), keys: vec![] }),
+            (Lane::Normal, LaneFigures { queued: 4, delivered: 1, oldest_enqueued_ms: Some(7_000), keys: vec![] }),
         ];
         let gpus = [
             gpu("a", GpuState::Busy, &["m"]),

@@ -9,6 +9,7 @@
 //! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`autoscale`] | a model's queue figures and the slots that would drain it within a target wait (pure) |
+//! | [`fair`]      | fair share between a label's values: queue per key, weights, the order keys are taken in (pure) |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry            |
@@ -39,6 +40,7 @@ pub mod autoscale;
 pub mod child;
 pub mod config;
 pub mod engine;
+pub mod fair;
 pub mod fault;
 pub use config::http;
 pub mod metrics;

@@ -71,6 +71,16 @@ impl Patience {
         within: Duration::from_secs(30),
     };
 
+    /// A new job's record (the submit's last write, `Resources::launch_job`): a create that
+    /// timed out may have landed, and the client told "refused" then found the job run (the
+    /// partition test in tests/nats_cluster.rs: a job in the cluster no client was told was
+    /// accepted). Tried again until it lands or is found there (`already exists`: this very
+    /// record or an identical resubmission's), within 10 s, well inside a client's 30 s wait.
+    pub const SUBMIT_RECORD: Patience = Patience {
+        backoff: Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), multiplier: 2.0 },
+        within: Duration::from_secs(10),
+    };
+
     /// One try: trouble is the caller's to handle (an API request, whose client retries).
     pub const ONCE: Patience =
         Patience { backoff: Backoff { initial: Duration::ZERO, max: Duration::ZERO, multiplier: 1.0 }, within: Duration::ZERO };

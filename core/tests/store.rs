@@ -59,10 +59,22 @@ async fn a_stale_attempt_cannot_overwrite_the_record() {
 #[tokio::test]
 async fn the_queue_drops_a_second_publish_of_the_same_job() {
     let (_server, res) = setup().await;
-    res.enqueue("job-2", "m", 0).await.unwrap();
-    res.enqueue("job-2", "m", 0).await.unwrap();
-    res.enqueue("job-3", "m", 5).await.unwrap();
+    res.enqueue(&record("job-2")).await.unwrap();
+    res.enqueue(&record("job-2")).await.unwrap();
+    let mut high = record("job-3");
+    high.priority = 5;
+    res.enqueue(&high).await.unwrap();
     assert_eq!(res.queued_count("m").await.unwrap(), 2, "job-2 once, job-3 in the high lane");
+    // A job with the fair-share key's label (`user_id` by default) goes to its key's queue,
+    // which counts from its first job on (no node serves `m` here).
+    let mut alice = record("job-4");
+    alice.labels.insert("user_id".into(), "alice".into());
+    res.enqueue(&alice).await.unwrap();
+    res.enqueue(&alice).await.unwrap();
+    assert_eq!(res.queued_count("m").await.unwrap(), 3);
+    let normal = res.lane_figures("m", kiln_core::nats::Lane::Normal).await.unwrap();
+    let keys: Vec<(Option<&str>, u64)> = normal.keys.iter().map(|k| (k.key.as_deref(), k.queued)).collect();
+    assert_eq!(keys, [(None, 1), (Some("alice"), 1)]);
 }
 
 #[tokio::test]

@@ -47,6 +47,8 @@ pub struct BenchReport {
     pub floor_throughput: Figures,
     pub kiln_latency: Figures,
     pub kiln_throughput: Figures,
+    /// As `kiln_throughput`, the jobs from [`FAIR_USERS`] users taken in fair order.
+    pub kiln_fair_throughput: Figures,
     pub cpu_sequential: CpuPerJob,
     pub cpu_concurrent: CpuPerJob,
     /// The floor's CPU: the bench process (publisher, puller, acker) and nats-server.
@@ -137,6 +139,21 @@ async fn floor(js: &jetstream::Context, n: usize, concurrency: usize, replicas: 
 /// `n` plain no-op jobs, `concurrency` in flight, each timed from submit to its terminal event.
 pub async fn kiln(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
     kiln_jobs(client, prefix, n, concurrency, |_| SubmitRequest { model: "noop".into(), ..Default::default() }).await
+}
+
+/// How many users the fair-share row's jobs come from, in turn.
+pub const FAIR_USERS: usize = 8;
+
+/// As [`kiln`], each job labelled `user_id` = one of [`FAIR_USERS`] users in turn: every user
+/// has its own queue, taken in fair order (`kiln_core::fair`), where [`kiln`]'s unlabelled jobs
+/// share one first-in-first-out queue.
+pub async fn kiln_fair(client: &Client, prefix: &str, n: usize, concurrency: usize) -> Result<Figures, String> {
+    kiln_jobs(client, prefix, n, concurrency, |i| SubmitRequest {
+        model: "noop".into(),
+        labels: [("user_id".to_string(), format!("user-{}", i % FAIR_USERS))].into(),
+        ..Default::default()
+    })
+    .await
 }
 
 /// Terminal events seen by the benchmark: waiters by job id, and events that came first.
@@ -605,6 +622,8 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
     let meter = CpuMeter::start(node.pid(), server_pid);
     let kiln_throughput = kiln(&client, &prefix, opts.jobs, opts.concurrency).await?;
     let cpu_concurrent = meter.per_job(kiln_throughput.count);
+    kiln_fair(&client, &prefix, 20 * FAIR_USERS, opts.concurrency).await?;
+    let kiln_fair_throughput = kiln_fair(&client, &prefix, opts.jobs, opts.concurrency).await?;
     let duty = if opts.work_ms > 0 {
         let n = ((2000 / opts.work_ms.max(1)) as usize).clamp(50, 1000);
         duty_cycle(&client, &prefix, 10, 4).await?;
@@ -619,6 +638,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         floor_throughput,
         kiln_latency,
         kiln_throughput,
+        kiln_fair_throughput,
         cpu_sequential,
         cpu_concurrent,
         cpu_floor,
@@ -651,6 +671,11 @@ pub fn print(report: &BenchReport, opts: &BenchOptions) {
     println!(
         "  ratio kiln/floor throughput: {:.3}x (goal >= 0.5x)",
         report.kiln_throughput.per_second / report.floor_throughput.per_second.max(1e-9)
+    );
+    row(&format!("kiln, fair share ({FAIR_USERS} users)"), &report.kiln_fair_throughput);
+    println!(
+        "  ratio fair share/first-in-first-out throughput: {:.3}x (goal >= 0.9x)",
+        report.kiln_fair_throughput.per_second / report.kiln_throughput.per_second.max(1e-9)
     );
     println!();
     let server = |c: &CpuPerJob| c.server_us.map(|s| format!("{s:.0}")).unwrap_or_else(|| "n/a (--nats)".into());

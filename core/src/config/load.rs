@@ -12,7 +12,7 @@ use super::connection::{ClusterLink, NatsConfig};
 use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
-use super::node::{parse_slot, AutoscaleConfig, CompressionConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig};
+use super::node::{parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig};
 use crate::ids;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -28,6 +28,8 @@ pub struct ClusterConfig {
     pub compression: CompressionConfig,
     /// The queue figures for autoscalers (`kiln.api.queue`, the queue gauges).
     pub autoscale: AutoscaleConfig,
+    /// Fair share of each model's slots between the values of a label.
+    pub fair_share: FairShareConfig,
     /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
     pub http: HttpConfig,
     pub models: Vec<ModelConfig>,
@@ -118,6 +120,12 @@ impl ClusterConfig {
         }
         if self.autoscale.target_wait_s == 0 {
             return Err(invalid("autoscale.target_wait_s", "must be positive"));
+        }
+        if self.fair_share.default_weight == 0 {
+            return Err(invalid("fair_share.default_weight", "must be at least 1"));
+        }
+        if let Some((value, _)) = self.fair_share.weights.iter().find(|(_, w)| **w == 0) {
+            return Err(invalid(format!("fair_share.weights.{value}"), "must be at least 1"));
         }
         if self.autoscale.refresh_ms == 0 {
             return Err(invalid("autoscale.refresh_ms", "must be positive"));

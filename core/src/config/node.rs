@@ -91,6 +91,27 @@ impl Default for AutoscaleConfig {
     }
 }
 
+/// `[fair_share]`: jobs of a model are taken in weighted fair order between the values of one
+/// label (`kiln_core::fair`), within each priority lane.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FairShareConfig {
+    /// The label whose values share a model's slots fairly (seed 001's `user_id`). Jobs without
+    /// it share one key. Empty: fair share off, one first-in-first-out queue per lane.
+    pub key: String,
+    /// The weight of a value not named in `weights`.
+    pub default_weight: u32,
+    /// Weights by value; a name ending in `*` is a class: every value it begins (the longest
+    /// such name wins over a shorter one, an exact name over any class).
+    pub weights: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for FairShareConfig {
+    fn default() -> Self {
+        FairShareConfig { key: "user_id".into(), default_weight: 1, weights: Default::default() }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {

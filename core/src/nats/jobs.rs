@@ -96,14 +96,19 @@ impl Resources {
         // de-duplicated: a retried submission may publish it again.
         let event = Event::status(&record.job_id, 0, JobState::Queued).labelled(&record.labels);
         let queued = self.publish_event_nowait_with_id(&event, &format!("{}-queued", record.job_id)).await?;
-        let enqueued = self.enqueue_nowait(&record.job_id, &record.model, record.priority).await?;
+        let enqueued = self.enqueue_nowait(record).await?;
         let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
         queued.map_err(StoreError::nats)?;
         enqueued.map_err(StoreError::nats)?;
         crate::fault::abort_at("abort_in_launch");
-        match self.create_job(record).await {
+        let created = super::patience::ride_out(crate::policy::Patience::SUBMIT_RECORD, &record.job_id, "writing a new job's record", || {
+            self.create_job(record)
+        })
+        .await;
+        match created {
             Ok(_) => {}
-            // A concurrent identical resubmission wrote it first.
+            // A concurrent identical resubmission wrote it first, or this one's earlier try
+            // whose answer was lost.
             Err(StoreError::AlreadyExists) => {
                 let existing = self.get_job(&record.job_id).await?;
                 return Ok(Some(existing.map(|v| v.record.state).unwrap_or(JobState::Queued)));
@@ -121,28 +126,29 @@ impl Resources {
         keys.try_collect().await.map_err(StoreError::nats)
     }
 
-    /// Publishes the job to its model's queue lane and waits for the stream's ack, so the job is
-    /// durable when this returns. `Nats-Msg-Id` = job id: a second publish within the
-    /// de-duplication window is dropped by the server.
-    pub async fn enqueue(&self, job_id: &str, model: &str, priority: u8) -> Result<(), StoreError> {
-        self.enqueue_nowait(job_id, model, priority).await?.await.map_err(StoreError::nats)?;
+    /// Publishes the job to its queue and waits for the stream's ack, so the job is durable
+    /// when this returns. `Nats-Msg-Id` = job id: a second publish within the de-duplication
+    /// window is dropped by the server.
+    pub async fn enqueue(&self, record: &JobRecord) -> Result<(), StoreError> {
+        self.enqueue_nowait(record).await?.await.map_err(StoreError::nats)?;
         Ok(())
     }
 
     /// As [`enqueue`](Self::enqueue), without waiting for the ack: the job is durable once the
-    /// returned future resolves.
-    pub async fn enqueue_nowait(
-        &self,
-        job_id: &str,
-        model: &str,
-        priority: u8,
-    ) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
+    /// returned future resolves. The queue: the lane of its priority, and in it the queue of its
+    /// fair-share key ([`crate::fair::job_key`]) or, without one, the lane's shared queue.
+    pub async fn enqueue_nowait(&self, record: &JobRecord) -> Result<async_nats::jetstream::context::PublishAckFuture, StoreError> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, job_id);
-        let body = serde_json::to_vec(&QueueMessage { job_id: job_id.to_string() }).expect("serializes");
-        self.js
-            .publish_with_headers(self.names.job_subject(model, Lane::of_priority(priority)), headers, body.into())
-            .await
-            .map_err(StoreError::nats)
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, record.job_id.as_str());
+        let body = serde_json::to_vec(&QueueMessage { job_id: record.job_id.clone() }).expect("serializes");
+        let lane = Lane::of_priority(record.priority);
+        let subject = match crate::fair::job_key(&self.fair_share, &record.labels) {
+            Some(key) => {
+                self.ensure_keyed_consumer(&record.model, lane, &key).await?;
+                self.names.job_subject_keyed(&record.model, lane, &key)
+            }
+            None => self.names.job_subject(&record.model, lane),
+        };
+        self.js.publish_with_headers(subject, headers, body.into()).await.map_err(StoreError::nats)
     }
 }

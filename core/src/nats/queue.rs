@@ -3,8 +3,9 @@
 //! run times of a model's recent finished jobs from the results feed, and the registry's slots;
 //! put together by the pure [`crate::autoscale::model_queue`].
 //!
-//! Cost of one model's figures: two consumer-info requests, at most two message reads (only for
-//! a lane with jobs waiting), one last-message read and one short-lived ordered consumer over at
+//! Cost of one model's figures: one listing of the queue stream's consumers per lane (a request
+//! per 256 consumers: each lane's shared queue and its fair-share keys'), one message read per
+//! queue with jobs waiting, one last-message read and one short-lived ordered consumer over at
 //! most [`SERVICE_WINDOW`] messages of the results feed; and one registry read for all models.
 
 use std::time::Duration;
@@ -15,7 +16,7 @@ use futures::StreamExt;
 
 use super::{Lane, Resources, StoreError};
 use crate::autoscale::{mean_service_ms, model_queue, LaneFigures};
-use crate::protocol::{JobView, QueueReply};
+use crate::protocol::{JobView, KeyQueue, QueueReply};
 
 /// How far back in the results feed (in messages of every model) the mean run time looks: a
 /// model's finished jobs among the last this many, and at least its last one.
@@ -24,28 +25,49 @@ pub const SERVICE_WINDOW: u64 = 64;
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
 impl Resources {
-    /// One lane of `model` now: its consumer's pending and ack-pending counts, and when the
-    /// oldest message it has not delivered yet was stored (the first message on the lane's
-    /// subject after the consumer's last delivered sequence: exact for jobs never delivered; a
-    /// job waiting for a redelivery is counted in `delivered`, not here).
+    /// One lane of `model` now, summed over its queues (the shared one and each fair-share
+    /// key's): their consumers' pending and ack-pending counts, and when the oldest message not
+    /// delivered yet was stored (per queue, the first message on its subject after its
+    /// consumer's last delivered sequence: exact for jobs never delivered; a job waiting for a
+    /// redelivery is counted in `delivered`, not here).
     pub async fn lane_figures(&self, model: &str, lane: Lane) -> Result<LaneFigures, StoreError> {
         let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
-        let info = stream.consumer_info(self.names.consumer(model, lane)).await.map_err(StoreError::nats)?;
-        let mut figures = LaneFigures { queued: info.num_pending, delivered: info.num_ack_pending as u64, oldest_enqueued_ms: None };
-        if figures.queued > 0 {
+        let mut figures = LaneFigures::default();
+        for info in self.lane_consumers(model, lane).await? {
+            figures.queued += info.num_pending;
+            figures.delivered += info.num_ack_pending as u64;
+            let key = crate::nats::names::JobSubject::parse(&info.config.filter_subject).and_then(|s| s.key);
+            if info.num_pending + info.num_ack_pending as u64 > 0 {
+                figures.keys.push(KeyQueue {
+                    key: key.map(|k| crate::fair::shown_key(k).to_string()),
+                    queued: info.num_pending,
+                    running: info.num_ack_pending as u64,
+                });
+            }
+            if info.num_pending == 0 {
+                continue;
+            }
             let next = stream
                 .raw_message_builder()
                 .sequence(info.delivered.stream_sequence + 1)
-                .next_by_subject(self.names.job_subject(model, lane))
+                .next_by_subject(info.config.filter_subject.clone())
                 .send()
                 .await;
             match next {
-                Ok(message) => figures.oldest_enqueued_ms = Some((message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64),
+                Ok(message) => {
+                    let at = (message.time.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+                    figures.oldest_enqueued_ms = Some(figures.oldest_enqueued_ms.map_or(at, |t| t.min(at)));
+                }
                 // Delivered between the two requests.
                 Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => {}
                 Err(e) => return Err(StoreError::nats(e)),
             }
         }
+        // By key only where there are keys: the shared queue alone is the lane itself.
+        if figures.keys.iter().all(|k| k.key.is_none()) {
+            figures.keys.clear();
+        }
+        figures.keys.sort_by(|a, b| b.queued.cmp(&a.queued).then_with(|| b.running.cmp(&a.running)).then_with(|| a.key.cmp(&b.key)));
         Ok(figures)
     }
 

@@ -58,6 +58,10 @@ pub struct ResourceHandles {
     pub(crate) results: Arc<DashMap<String, object_store::ObjectStore>>,
     pub(crate) ack_wait: Duration,
     pub(crate) registry_ttl: Duration,
+    /// Which queue a job goes to (`crate::fair`).
+    pub(crate) fair_share: crate::config::FairShareConfig,
+    /// The fair-share keys' consumers this process made sure of, `(model, lane, key)`.
+    pub(crate) keyed_consumers: Arc<dashmap::DashSet<(String, Lane, String)>>,
 }
 
 impl Resources {
@@ -194,6 +198,8 @@ impl Resources {
             results: Arc::new(DashMap::new()),
             ack_wait: Duration::from_millis(config.nats.ack_wait_ms),
             registry_ttl,
+            fair_share: config.fair_share.clone(),
+            keyed_consumers: Default::default(),
         }));
 
         for model in &config.models {
@@ -208,13 +214,23 @@ impl Resources {
     }
 
     async fn ensure_consumer(&self, stream: &stream::Stream, model: &str, lane: Lane) -> Result<(), StoreError> {
-        let name = self.names.consumer(model, lane);
+        self.queue_consumer(stream, model, lane, None).await.map(drop)
+    }
+
+    /// The durable pull consumer of one queue of a model's lane, created if missing: the lane's
+    /// shared queue (`key` `None`), or one fair-share key's (`crate::fair`). Every node's puller
+    /// shares it.
+    async fn queue_consumer<I>(&self, stream: &stream::Stream<I>, model: &str, lane: Lane, key: Option<&str>) -> Result<consumer::PullConsumer, StoreError> {
+        let (name, filter_subject) = match key {
+            None => (self.names.consumer(model, lane), self.names.job_subject(model, lane)),
+            Some(key) => (self.names.consumer_keyed(model, lane, key), self.names.job_subject_keyed(model, lane, key)),
+        };
         stream
             .get_or_create_consumer(
                 &name,
                 consumer::pull::Config {
                     durable_name: Some(name.clone()),
-                    filter_subject: self.names.job_subject(model, lane),
+                    filter_subject,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.ack_wait,
                     // Attempts are counted in the job record, not here: JetStream must keep
@@ -225,8 +241,7 @@ impl Resources {
                 },
             )
             .await
-            .map_err(StoreError::nats)?;
-        Ok(())
+            .map_err(StoreError::nats)
     }
 
     /// The pull consumer of one model's lane (shared by every node).
@@ -235,14 +250,66 @@ impl Resources {
         stream.get_consumer(&self.names.consumer(model, lane)).await.map_err(StoreError::nats)
     }
 
-    /// Jobs waiting (not yet delivered) in a model's two lanes; feeds admission control.
+    /// The pull consumer of one fair-share key's queue in a model's lane, created if missing.
+    pub async fn keyed_consumer(&self, model: &str, lane: Lane, key: &str) -> Result<consumer::PullConsumer, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let consumer = self.queue_consumer(&stream, model, lane, Some(key)).await?;
+        self.keyed_consumers.insert((model.to_string(), lane, key.to_string()));
+        Ok(consumer)
+    }
+
+    /// Makes sure a fair-share key's consumer exists before its first job is enqueued (once per
+    /// key in this process): its queue then counts in the queue figures and admission control
+    /// from the first job on, even while no node serves the model.
+    pub(crate) async fn ensure_keyed_consumer(&self, model: &str, lane: Lane, key: &str) -> Result<(), StoreError> {
+        if !self.keyed_consumers.contains(&(model.to_string(), lane, key.to_string())) {
+            self.keyed_consumer(model, lane, key).await?;
+        }
+        Ok(())
+    }
+
+    /// The queues of `model` that hold messages now, by subject: each lane's shared queue and
+    /// its keys' (`JobSubject::parse` reads them), with how many messages each holds (waiting,
+    /// running or waiting for a redelivery). One stream-info request.
+    pub async fn queues_holding_jobs(&self, model: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let mut subjects = stream.info_with_subjects(self.names.jobs_subject_model(model)).await.map_err(StoreError::nats)?;
+        let mut held = vec![];
+        while let Some(entry) = futures::StreamExt::next(&mut subjects).await {
+            let (subject, count) = entry.map_err(StoreError::nats)?;
+            if count > 0 {
+                held.push((subject, count as u64));
+            }
+        }
+        Ok(held)
+    }
+
+    /// Jobs waiting (not yet delivered) in a model's two lanes, every queue of each; feeds
+    /// admission control.
     pub async fn queued_count(&self, model: &str) -> Result<u64, StoreError> {
         let mut total = 0;
         for lane in Lane::ALL {
-            let mut c = self.consumer(model, lane).await?;
-            total += c.info().await.map_err(StoreError::nats)?.num_pending;
+            total += self.lane_consumers(model, lane).await?.iter().map(|c| c.num_pending).sum::<u64>();
         }
         Ok(total)
+    }
+
+    /// The consumers of one lane of a model, as they are now: its shared queue's and each
+    /// fair-share key's (`crate::fair`). Lists the queue stream's consumers (one request per
+    /// 256 of them).
+    pub async fn lane_consumers(&self, model: &str, lane: Lane) -> Result<Vec<consumer::Info>, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let shared = self.names.job_subject(model, lane);
+        let keyed = format!("{shared}.");
+        let mut infos = stream.consumers();
+        let mut lane_consumers = vec![];
+        while let Some(info) = futures::StreamExt::next(&mut infos).await {
+            let info = info.map_err(StoreError::nats)?;
+            if info.config.filter_subject == shared || info.config.filter_subject.starts_with(&keyed) {
+                lane_consumers.push(info);
+            }
+        }
+        Ok(lane_consumers)
     }
 
     /// The job an identical request (`key`: model, input contents and params) made.

@@ -5,7 +5,8 @@
 //!
 //! `KILN_CONSOLE_SCREENSHOTS=<dir>` copies the job page and overview screenshots of a passing
 //! run there (docs/console-job.png and docs/console-overview.png come from such a run; the
-//! attempts, jobs list and submit form ones from `console_shows_attempts_...`).
+//! attempts, jobs list and submit form ones from `console_shows_attempts_...`, docs/console-queue.png
+//! from `console_queue_page_...`).
 
 mod common;
 
@@ -363,6 +364,18 @@ fn own((node, slot, state): (&str, &str, &str)) -> (String, String, String) {
     (node.into(), slot.into(), state.into())
 }
 
+/// Submits a job over HTTP; its id.
+async fn submit_job(http: &reqwest::Client, gateway: &GatewayProcess, body: Value) -> String {
+    let reply: Value =
+        http.post(gateway.url("/v1/jobs")).json(&body).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}")).to_string()
+}
+
+/// A job's view over HTTP; None while the gateway does not answer with one.
+async fn job_view(http: &reqwest::Client, gateway: &GatewayProcess, id: &str) -> Option<Value> {
+    http.get(gateway.url(&format!("/v1/jobs/{id}"))).send().await.ok()?.json::<Value>().await.ok()
+}
+
 /// A model that declares its params (the demo worker's own), so the submit form offers them.
 fn declared_demo(name: &str) -> String {
     format!(
@@ -398,26 +411,17 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
     let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
     let out_dir = cluster.dir.path().join("browser");
     let http = http();
-    let submit = |body: Value| {
-        let (http, url) = (http.clone(), gateway.url("/v1/jobs"));
-        async move {
-            let reply: Value = http.post(url).json(&body).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
-            reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}")).to_string()
-        }
-    };
-    let status_of = |id: String| {
-        let (http, url) = (http.clone(), gateway.url(&format!("/v1/jobs/{id}")));
-        async move { http.get(url).send().await.ok()?.json::<Value>().await.ok() }
-    };
+    let submit = |body: Value| submit_job(&http, &gateway, body);
 
     // A job whose worker crashes on attempt 1: attempt 2 completes it.
     let retried = submit(serde_json::json!({"model": "demo", "inputs": {"prompt": "a red fox"}, "labels": {"user": "bo"},
         "params": {"steps": 12, "step_ms": 30, "crash_on_attempts": [1]}}))
     .await;
-    let done =
-        eventually(Duration::from_secs(60), || async { status_of(retried.clone()).await.is_some_and(|j| j["status"] == "completed") })
-            .await;
-    assert!(done, "job {retried} did not complete: {:?}", status_of(retried.clone()).await);
+    let done = eventually(Duration::from_secs(60), || async {
+        job_view(&http, &gateway, &retried).await.is_some_and(|j| j["status"] == "completed")
+    })
+    .await;
+    assert!(done, "job {retried} did not complete: {:?}", job_view(&http, &gateway, &retried).await);
     // More jobs than a page, then a long one that runs and three queued behind it.
     for i in 0..24 {
         submit(serde_json::json!({"model": "demo", "inputs": {"prompt": format!("p{i}")}, "labels": {"run": "fill"}, "params": {"steps": 1, "step_ms": 0}})).await;
@@ -427,7 +431,8 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
         submit(serde_json::json!({"model": "demo", "inputs": {"prompt": format!("q{i}")}, "params": {"steps": 1, "step_ms": 0}})).await;
     }
     let running =
-        eventually(Duration::from_secs(60), || async { status_of(long.clone()).await.is_some_and(|j| j["status"] == "running") }).await;
+        eventually(Duration::from_secs(60), || async { job_view(&http, &gateway, &long).await.is_some_and(|j| j["status"] == "running") })
+            .await;
     assert!(running, "the long job never ran");
 
     let started = Instant::now();
@@ -448,7 +453,7 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
         .collect();
     assert_eq!(summary, [(1, "failed", "worker_crashed"), (2, "completed", "")], "{r}");
     assert!(attempts.iter().all(|a| !a["time"].as_str().unwrap_or("").is_empty()), "every attempt shows its time: {r}");
-    let view = status_of(retried.clone()).await.expect("the job's view");
+    let view = job_view(&http, &gateway, &retried).await.expect("the job's view");
     let total = view["finished_ms"].as_u64().unwrap() - view["created_ms"].as_u64().unwrap();
     assert_eq!(r["total_ms"].as_u64(), Some(total), "the whole job's time, from submission to end: {r}");
     let timeline = r["timeline"].as_array().expect("timeline");
@@ -500,7 +505,7 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
     assert_eq!(field("crash_on_attempts").1, "text", "{r}");
     let submitted = r["form"]["submitted_job_id"].as_str().expect("submitted job").to_string();
     assert_eq!(r["form"]["submitted_labels"], serde_json::json!(["session=s-7", "user=ada"]), "{r}");
-    let job = status_of(submitted.clone()).await.expect("the submitted job");
+    let job = job_view(&http, &gateway, &submitted).await.expect("the submitted job");
     assert_eq!(job["params"]["steps"], 3, "{job:#}");
     assert_eq!(job["params"]["sampler"], "euler", "{job:#}");
     assert_eq!(job["labels"], serde_json::json!({"user": "ada", "session": "s-7"}), "{job:#}");
@@ -515,4 +520,145 @@ async fn console_shows_attempts_progress_paging_labels_and_params() {
         let (w, h) = png_size(shot);
         println!("screenshot: {} ({w}x{h})", shot.display());
     }
+}
+
+/// Issue 26 item 3: the console shows the queue live, per model, from `GET /v1/queue`. One slot
+/// runs a long job while five wait behind it, two in the high lane and three in the normal one;
+/// the overview counts them beside the model and the queue page shows each figure, then, once
+/// the long job is cancelled and the five run, updates itself to an empty queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_queue_page_shows_each_lane_live_until_it_drains() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    let mut cluster = TestCluster::new();
+    // A long timeout: the long job must run until the test cancels it.
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 600_000));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+    let http = http();
+    let submit = |body: Value| submit_job(&http, &gateway, body);
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+
+    // 150 s of steps: it holds the only slot until cancelled.
+    let long = submit(serde_json::json!({"model": "demo", "inputs": {"prompt": "long"}, "params": {"steps": 600, "step_ms": 250}})).await;
+    let running =
+        eventually(Duration::from_secs(60), || async { job_view(&http, &gateway, &long).await.is_some_and(|j| j["status"] == "running") })
+            .await;
+    assert!(running, "the long job never ran: {:?}", job_view(&http, &gateway, &long).await);
+    // The oldest waiting job is the first of these: its wait is bounded by its submit's times.
+    let normal_job = |i: usize| {
+        serde_json::json!({"model": "demo", "inputs": {"prompt": format!("n{i}")}, "labels": {"user_id": "ada"},
+            "params": {"steps": 1, "step_ms": 0}})
+    };
+    let before_first = now_ms();
+    let mut waiting = vec![submit(normal_job(0)).await];
+    let after_first = now_ms();
+    for i in 1..3 {
+        waiting.push(submit(normal_job(i)).await);
+    }
+    for i in 0..2 {
+        waiting.push(
+            submit(serde_json::json!({"model": "demo", "inputs": {"prompt": format!("h{i}")}, "labels": {"user_id": "bo"},
+                "priority": 5, "params": {"steps": 1, "step_ms": 0}}))
+            .await,
+        );
+    }
+
+    let started = Instant::now();
+    let mut driver = Driver::start(
+        "queue.mjs",
+        &[
+            &gateway.base,
+            "demo",
+            out_dir.to_str().unwrap(),
+            // Nothing finished yet, so each queued job counts as a slot of its own: 1 + 5.
+            "high=2,normal=3,queued=5,running=1,slots=1,busy=1,desired=6",
+            "high=0,normal=0,queued=0,running=0,desired=0",
+        ],
+    );
+    let first = driver.next().await;
+    let Some(first) = first.clone().filter(|v| v["phase"] == 0) else {
+        let (rest, status, stderr) = driver.finish().await;
+        expect_success("queue.mjs", &out_dir, &rest.or(first), status, &stderr);
+        unreachable!("queue.mjs ended before its first phase without an error");
+    };
+    println!("queue.mjs phase 0 after {:?}: {first}", started.elapsed());
+    let row = &first["row"];
+    // The long job runs in the normal lane (priority 0); nothing runs in the high one.
+    assert_eq!(row["high_running"], Value::Null, "{first}");
+    assert_eq!(row["normal_running"], "· 1 running", "{first}");
+    let measured = first["measured_ms"].as_u64().expect("measured_ms");
+    assert!(first["measured_text"].as_str().is_some_and(|t| t.starts_with("measured ")), "{first}");
+    let oldest = row["oldest_ms"].as_u64().unwrap_or_else(|| panic!("no oldest wait shown: {first}"));
+    // One second of slack either way: the stream's clock and the node's are this machine's.
+    let (earliest, latest) = (measured.saturating_sub(after_first + 1_000), measured - before_first + 1_000);
+    assert!((earliest..=latest).contains(&oldest), "oldest wait {oldest} ms, not within [{earliest}, {latest}]: {first}");
+    assert!(!["", "—"].contains(&row["oldest_text"].as_str().unwrap_or("")), "{first}");
+    assert_eq!(row["mean_text"], "—", "no job of the model finished yet: {first}");
+
+    // The API says the same now (the queue stands still until the cancel below), keys included
+    // when the reply has them: the top 10 of each lane by queued.
+    let api: Value = http.get(gateway.url("/v1/queue")).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    let model = api["models"].as_array().expect("models").iter().find(|m| m["model"] == "demo").unwrap_or_else(|| panic!("{api:#}"));
+    let lane = |name: &str| model["lanes"].as_array().unwrap().iter().find(|l| l["lane"] == name).cloned().unwrap_or_default();
+    let from_api = serde_json::json!({"queued": model["queued"], "high": lane("high")["queued"], "normal": lane("normal")["queued"],
+        "running": model["running"], "slots": model["slots"], "busy": model["busy_slots"], "desired": model["desired_slots"]});
+    let on_page = serde_json::json!({"queued": row["queued"], "high": row["high"], "normal": row["normal"],
+        "running": row["running"], "slots": row["slots"], "busy": row["busy"], "desired": row["desired"]});
+    assert_eq!(on_page, from_api, "the page against {api:#}");
+    for name in ["high", "normal"] {
+        let mut keys: Vec<Value> = lane(name)["keys"].as_array().cloned().unwrap_or_default();
+        keys.sort_by(|a, b| {
+            let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+            n(b, "queued")
+                .cmp(&n(a, "queued"))
+                .then(n(b, "delivered").cmp(&n(a, "delivered")))
+                .then(a["key"].to_string().cmp(&b["key"].to_string()))
+        });
+        let want: Vec<Value> = keys.iter().take(10).map(|k| k["key"].clone()).collect();
+        let on_page: Vec<Value> =
+            row["keys"][name]["keys"].as_array().map(|ks| ks.iter().map(|k| k["key"].clone()).collect()).unwrap_or_default();
+        assert_eq!(on_page, want, "lane {name}'s keys against {api:#}: {first}");
+    }
+
+    // The long job goes; the five run on its slot and the page follows without a reload.
+    http.post(gateway.url(&format!("/v1/jobs/{long}/cancel"))).send().await.unwrap().error_for_status().unwrap();
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("queue.mjs", &out_dir, &result, status, &stderr);
+    println!("queue.mjs took {:?}: {r}", started.elapsed());
+    assert_eq!(r["done"], true, "{r}");
+    assert_eq!(r["overview_queued"], 5, "the overview's count beside the model: {r}");
+    assert_eq!(r["row"]["oldest_ms"], Value::Null, "{r}");
+    assert_eq!(r["row"]["oldest_text"], "—", "{r}");
+    assert_eq!(r["same_document"], true, "the page was reloaded: {r}");
+    assert_eq!(r["same_table"], true, "the queue was rendered anew instead of updated: {r}");
+    assert_eq!(r["main_frame_navigations"], 0, "{r}");
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+    for id in &waiting {
+        let done = eventually(Duration::from_secs(30), || async {
+            job_view(&http, &gateway, id).await.is_some_and(|j| j["status"] == "completed")
+        })
+        .await;
+        assert!(done, "job {id} did not complete: {:?}", job_view(&http, &gateway, id).await);
+    }
+
+    // The lane's key list (app.js laneKeys) on a made-up lane of 12 keys: today's replies may
+    // have none. Most queued first, the top 10, the rest counted; "" is the jobs without a key.
+    let rendered = &r["rendered_keys"];
+    let keys: Vec<&str> = rendered["keys"].as_array().expect("keys").iter().map(|k| k["key"].as_str().unwrap()).collect();
+    let want: Vec<String> = std::iter::once(String::new()).chain((2..=10).rev().map(|i| format!("user-{i}"))).collect();
+    assert_eq!(keys, want, "{r}");
+    assert_eq!(rendered["keys"][0]["text"], "(no key) 11 queued · 2 delivered", "{r}");
+    assert_eq!(rendered["more"], "and 2 more (1 queued)", "{r}");
+    assert_eq!(rendered["without_keys"], 0, "a lane without keys lists none: {r}");
+
+    let shots: Vec<PathBuf> =
+        r["screenshots"].as_array().expect("screenshots").iter().map(|v| PathBuf::from(v.as_str().unwrap())).collect();
+    for shot in &shots {
+        let (w, h) = png_size(shot);
+        println!("screenshot: {} ({w}x{h})", shot.display());
+    }
+    keep_screenshots(&[(&shots[0], "console-queue.png")]);
 }

@@ -274,6 +274,7 @@ function route() {
   if (section === '') renderOverview(ctx, view);
   else if (section === 'jobs' && arg) renderJob(ctx, view, arg);
   else if (section === 'batches' && arg) renderBatch(ctx, view, arg);
+  else if (section === 'queue' && !arg) renderQueue(ctx, view);
   else if (section === 'submit' && arg) renderSubmit(ctx, view, arg);
   else view.append(h('p', { class: 'notice', text: `Unknown page "${location.hash}".` }), h('a', { href: '#/', text: 'Back to overview' }));
 }
@@ -372,17 +373,19 @@ function renderOverview(ctx, view) {
     }
   });
 
-  // How many jobs wait in the queue, per model (shown beside each model).
+  // How many jobs wait in the queue, per model (shown beside each model, a link to the queue
+  // page): one `/v1/queue` for every model, its lanes in the count's title.
   const refreshQueued = serial(async () => {
     try {
-      const data = await api('/v1/jobs?status=queued&limit=1000');
+      const data = await api('/v1/queue');
       if (!ctx.alive) return;
-      const counts = new Map();
-      for (const j of data.jobs || []) counts.set(j.model, (counts.get(j.model) || 0) + 1);
+      const byModel = new Map((data.models || []).map((m) => [m.model, m]));
       for (const el of modelsList.querySelectorAll('.queued-count')) {
-        const n = counts.get(el.getAttribute('data-model')) || 0;
+        const m = byModel.get(el.getAttribute('data-model'));
+        const n = m?.queued ?? 0;
         el.setAttribute('data-count', n);
         el.textContent = `${n} queued`;
+        el.title = m ? [...QUEUE_LANES.map((lane) => `${lane} ${laneOf(m, lane)?.queued ?? 0}`), `${m.running ?? 0} running`].join(' · ') : '';
         el.classList.toggle('zero', n === 0);
       }
     } catch (err) {
@@ -439,7 +442,7 @@ function renderModels(models, list, select) {
   list.replaceChildren(...models.map((m) => h('li', {},
     h('div', { class: 'model-head' },
       h('strong', { text: m.name }),
-      h('span', { class: 'queued-count zero', 'data-model': m.name, text: '' }),
+      h('a', { class: 'queued-count zero', 'data-model': m.name, href: '#/queue', text: '' }),
       h('a', { class: 'submit-link', 'data-model': m.name, href: `#/submit/${encodeURIComponent(m.name)}`, text: 'submit' })),
     h('div', { class: 'model-meta', text: [
       m.engine && `engine ${m.engine}`,
@@ -495,6 +498,101 @@ function renderJobRows(jobs, body) {
     return row;
   });
   body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: JOB_COLUMNS.length, class: 'empty', text: 'No jobs match.' }))]));
+}
+
+// ---------------------------------------------------------------- queue page
+
+// The queue as `GET /v1/queue` measures it (docs/PROTOCOL.md, `kiln.api.queue`): per model its
+// depth by lane, oldest wait, running jobs, the slots serving it and the slots that would start
+// every queued job within the target wait; per lane, when the reply has them, its fair-share keys.
+const QUEUE_REFRESH_MS = 2000;
+const QUEUE_LANES = ['high', 'normal'];
+// Per lane, at most this many keys are listed (those with the most queued); the rest are counted.
+const QUEUE_TOP_KEYS = 10;
+const QUEUE_COLUMNS = ['Model', 'Queued', 'High', 'Normal', 'Oldest wait', 'Running', 'Slots', 'Busy', 'Mean run', 'Desired slots'];
+
+const laneOf = (m, lane) => (m.lanes || []).find((l) => l.lane === lane);
+
+// The keys of a lane to list: most queued first (then most delivered, then by key), at most
+// `limit`, and what the others add up to. `keys` may be absent (a gateway before fair share).
+function topKeys(keys, limit = QUEUE_TOP_KEYS) {
+  const sorted = [...(keys || [])].sort((a, b) => (b.queued ?? 0) - (a.queued ?? 0)
+    || (b.delivered ?? 0) - (a.delivered ?? 0) || String(a.key).localeCompare(String(b.key)));
+  const rest = sorted.slice(limit);
+  return { shown: sorted.slice(0, limit), more: rest.length, moreQueued: rest.reduce((n, k) => n + (k.queued ?? 0), 0) };
+}
+
+function renderQueue(ctx, view) {
+  const measured = h('span', { id: 'queue-measured', class: 'muted' });
+  const err = h('span', { class: 'hint' });
+  const body = h('tbody');
+  view.append(h('section', { class: 'panel' },
+    h('div', { class: 'panel-head' }, h('h3', { text: 'Queue' }), measured, h('span', { class: 'spacer' }), err),
+    h('table', { id: 'queue' },
+      h('thead', {}, h('tr', {}, QUEUE_COLUMNS.map((t) => h('th', { text: t })))),
+      body),
+    h('p', { class: 'hint', text: 'Queued: jobs never yet delivered to a slot. Running: delivered and not yet settled (running, '
+      + 'waiting out a retry\'s backoff, or held by a lost node until handed back). Slots: live slots serving the model; busy: '
+      + 'of those, the ones running a job (possibly another model\'s). Desired slots: running plus the slots that would start '
+      + 'every queued job within the target wait, from the mean run time of its recent jobs.' })));
+
+  ctx.every(QUEUE_REFRESH_MS, async () => {
+    try {
+      const data = await api('/v1/queue');
+      if (!ctx.alive) return;
+      renderQueueRows(data, body, measured);
+      err.textContent = '';
+    } catch (e) {
+      err.textContent = `update failed: ${e}`;
+    }
+  });
+}
+
+function renderQueueRows(data, body, measured) {
+  measured.textContent = `measured ${fmtClock(data.measured_ms)} · target wait ${data.target_wait_s ?? '?'} s`;
+  measured.setAttribute('data-measured-ms', data.measured_ms ?? '');
+  const rows = [];
+  for (const m of data.models || []) {
+    const laneCell = (lane) => {
+      const l = laneOf(m, lane);
+      return h('td', { class: 'q-lane', 'data-lane': lane },
+        h('span', { class: 'n', text: l?.queued ?? 0 }),
+        l?.running ? h('span', { class: 'lane-running muted', text: ` · ${l.running} running` }) : null);
+    };
+    const num = (cls, n, title) => h('td', { class: `num ${cls}`, title, text: n ?? 0 });
+    rows.push(h('tr', { class: 'queue-row', 'data-model': m.model },
+      h('td', {}, h('strong', { text: m.model })),
+      num('q-queued', m.queued),
+      laneCell('high'),
+      laneCell('normal'),
+      h('td', { class: 'num q-oldest', 'data-ms': m.oldest_wait_ms, text: m.oldest_wait_ms == null ? '—' : fmtDuration(m.oldest_wait_ms) }),
+      num('q-running', m.running),
+      num('q-slots', m.slots),
+      num('q-busy', m.busy_slots),
+      h('td', { class: 'num q-mean', title: m.service_samples ? `over its last ${m.service_samples} finished jobs` : 'no finished job yet',
+        text: m.mean_service_ms == null ? '—' : fmtDuration(m.mean_service_ms) }),
+      num('q-desired', m.desired_slots, `slots that would start every queued job within ${data.target_wait_s ?? '?'} s, the running ones included`)));
+    const lanesWithKeys = (m.lanes || []).filter((l) => (l.keys || []).length);
+    if (lanesWithKeys.length) {
+      rows.push(h('tr', { class: 'queue-keys', 'data-model': m.model },
+        h('td', {}), h('td', { colspan: QUEUE_COLUMNS.length - 1 }, lanesWithKeys.map(laneKeys))));
+    }
+  }
+  body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: QUEUE_COLUMNS.length, class: 'empty', text: 'No models.' }))]));
+}
+
+// One lane's fair-share keys: the top ones with their queued and delivered jobs, then the rest
+// counted. A key's value is the job's label (or API key, or NATS user); "" is the shared key of
+// the jobs without one.
+function laneKeys(lane) {
+  const { shown, more, moreQueued } = topKeys(lane.keys);
+  return h('div', { class: 'lane-keys', 'data-lane': lane.lane },
+    h('span', { class: 'lane-name', text: `${lane.lane} by key` }),
+    h('ol', { class: 'keys' },
+      shown.map((k) => h('li', { class: 'key', 'data-key': k.key, 'data-queued': k.queued ?? 0, 'data-delivered': k.delivered ?? 0 },
+        h('span', { class: 'key-name mono', title: k.key, text: k.key === '' ? '(no key)' : k.key }),
+        ` ${k.queued ?? 0} queued · ${k.delivered ?? 0} delivered`)),
+      more ? h('li', { class: 'more muted', 'data-more': more, text: `and ${more} more (${moreQueued} queued)` }) : null));
 }
 
 // ---------------------------------------------------------------- job page

@@ -608,18 +608,16 @@ async fn console_queue_page_shows_each_lane_live_until_it_drains() {
     let on_page = serde_json::json!({"queued": row["queued"], "high": row["high"], "normal": row["normal"],
         "running": row["running"], "slots": row["slots"], "busy": row["busy"], "desired": row["desired"]});
     assert_eq!(on_page, from_api, "the page against {api:#}");
+    // A key as shown: its value, "" for the jobs without one (null in the reply).
+    let key_of = |k: &Value| k["key"].as_str().unwrap_or("").to_string();
     for name in ["high", "normal"] {
         let mut keys: Vec<Value> = lane(name)["keys"].as_array().cloned().unwrap_or_default();
         keys.sort_by(|a, b| {
             let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
-            n(b, "queued")
-                .cmp(&n(a, "queued"))
-                .then(n(b, "delivered").cmp(&n(a, "delivered")))
-                .then(a["key"].to_string().cmp(&b["key"].to_string()))
+            n(b, "queued").cmp(&n(a, "queued")).then(n(b, "running").cmp(&n(a, "running"))).then(key_of(a).cmp(&key_of(b)))
         });
-        let want: Vec<Value> = keys.iter().take(10).map(|k| k["key"].clone()).collect();
-        let on_page: Vec<Value> =
-            row["keys"][name]["keys"].as_array().map(|ks| ks.iter().map(|k| k["key"].clone()).collect()).unwrap_or_default();
+        let want: Vec<String> = keys.iter().take(10).map(key_of).collect();
+        let on_page: Vec<String> = row["keys"][name]["keys"].as_array().map(|ks| ks.iter().map(key_of).collect()).unwrap_or_default();
         assert_eq!(on_page, want, "lane {name}'s keys against {api:#}: {first}");
     }
 
@@ -650,7 +648,7 @@ async fn console_queue_page_shows_each_lane_live_until_it_drains() {
     let keys: Vec<&str> = rendered["keys"].as_array().expect("keys").iter().map(|k| k["key"].as_str().unwrap()).collect();
     let want: Vec<String> = std::iter::once(String::new()).chain((2..=10).rev().map(|i| format!("user-{i}"))).collect();
     assert_eq!(keys, want, "{r}");
-    assert_eq!(rendered["keys"][0]["text"], "(no key) 11 queued · 2 delivered", "{r}");
+    assert_eq!(rendered["keys"][0]["text"], "(no key) 11 queued · 2 running", "{r}");
     assert_eq!(rendered["more"], "and 2 more (1 queued)", "{r}");
     assert_eq!(rendered["without_keys"], 0, "a lane without keys lists none: {r}");
 

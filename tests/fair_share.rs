@@ -85,7 +85,10 @@ async fn two_users(weights: &str, a_jobs: usize, b_jobs: usize) -> Shares {
     let b_first_start = b.iter().filter_map(|v| v.started_ms).min().unwrap();
     let b_last_end = b.iter().filter_map(|v| v.finished_ms).max().unwrap();
     let a_last_end = a.iter().filter_map(|v| v.finished_ms).max().unwrap();
-    assert!(a_last_end > b_last_end, "A's flood ended before B's jobs ({a_last_end} <= {b_last_end}): the window is not one where both had work");
+    assert!(
+        a_last_end > b_last_end,
+        "A's flood ended before B's jobs ({a_last_end} <= {b_last_end}): the window is not one where both had work"
+    );
     // Run time inside B's window, by user.
     let mut run: BTreeMap<&str, u64> = BTreeMap::new();
     for (user, jobs) in [("A", &a), ("B", &b)] {

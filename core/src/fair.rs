@@ -35,7 +35,8 @@ const PLAIN_TOKEN_MAX: usize = 48;
 /// `-`, `_`, at most 48), else `h-` and 16 hex digits of its SHA-256. Never a lane's name, so
 /// a keyed subject reads back unambiguously (`JobSubject::parse`).
 pub fn key_token(value: &str) -> String {
-    let plain = !value.is_empty() && value.len() <= PLAIN_TOKEN_MAX && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let plain =
+        !value.is_empty() && value.len() <= PLAIN_TOKEN_MAX && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if plain {
         format!("u-{value}")
     } else {

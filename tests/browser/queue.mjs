@@ -16,7 +16,7 @@
 // Prints one JSON line on stdout per phase reached, as soon as it is:
 //   {"phase": i, "row": {model, queued, high, normal, high_running, normal_running, oldest_ms,
 //    oldest_text, running, slots, busy, mean_text, desired, keys: {lane: {keys: [{key, queued,
-//    delivered, text}], more}}}, "measured_ms", "measured_text", "screenshot", "elapsed_ms"}
+//    running, text}], more}}}, "measured_ms", "measured_text", "screenshot", "elapsed_ms"}
 // (oldest_ms null when the page shows none) then one last line. Success (exit 0):
 //   {"done": true, "overview_queued", "row" (as last shown), "same_document", "same_table",
 //    "rendered_keys", "url", "screenshots": [..], "console_errors": [..]}
@@ -79,7 +79,7 @@ function readRow(quotedModel) {
       keys: [...div.querySelectorAll('li.key')].map((li) => ({
         key: li.getAttribute('data-key'),
         queued: Number(li.getAttribute('data-queued')),
-        delivered: Number(li.getAttribute('data-delivered')),
+        running: Number(li.getAttribute('data-running')),
         text: li.textContent.trim(),
       })),
       more: Number(div.querySelector('li.more')?.getAttribute('data-more') ?? 0),
@@ -173,7 +173,7 @@ async function main() {
 
     step = 'render a lane of 12 keys with the page\'s own renderer';
     const renderedKeys = await page.evaluate(() => {
-      const keys = Array.from({ length: 12 }, (_, i) => ({ key: i === 11 ? '' : `user-${i}`, queued: i, delivered: i % 3 }));
+      const keys = Array.from({ length: 12 }, (_, i) => ({ key: i === 11 ? null : `user-${i}`, queued: i, running: i % 3 }));
       const div = laneKeys({ lane: 'normal', queued: 66, running: 0, keys });
       return {
         keys: [...div.querySelectorAll('li.key')].map((li) => ({ key: li.getAttribute('data-key'), text: li.textContent.trim() })),

@@ -12,7 +12,9 @@ use super::connection::{ClusterLink, NatsConfig};
 use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
-use super::node::{parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig};
+use super::node::{
+    parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig,
+};
 use crate::ids;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -35,5 +35,6 @@ pub use layers::{choose_file, variable_of_key, Flag, Layers, ALIASES, CONFIG_VAR
 pub use load::ClusterConfig;
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
 pub use node::{
-    parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, SlotDevice, StorageConfig,
+    parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, SlotDevice,
+    StorageConfig,
 };

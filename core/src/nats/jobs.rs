@@ -101,10 +101,11 @@ impl Resources {
         queued.map_err(StoreError::nats)?;
         enqueued.map_err(StoreError::nats)?;
         crate::fault::abort_at("abort_in_launch");
-        let created = super::patience::ride_out(crate::policy::Patience::SUBMIT_RECORD, &record.job_id, "writing a new job's record", || {
-            self.create_job(record)
-        })
-        .await;
+        let created =
+            super::patience::ride_out(crate::policy::Patience::SUBMIT_RECORD, &record.job_id, "writing a new job's record", || {
+                self.create_job(record)
+            })
+            .await;
         match created {
             Ok(_) => {}
             // A concurrent identical resubmission wrote it first, or this one's earlier try

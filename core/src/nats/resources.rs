@@ -220,7 +220,13 @@ impl Resources {
     /// The durable pull consumer of one queue of a model's lane, created if missing: the lane's
     /// shared queue (`key` `None`), or one fair-share key's (`crate::fair`). Every node's puller
     /// shares it.
-    async fn queue_consumer<I>(&self, stream: &stream::Stream<I>, model: &str, lane: Lane, key: Option<&str>) -> Result<consumer::PullConsumer, StoreError> {
+    async fn queue_consumer<I>(
+        &self,
+        stream: &stream::Stream<I>,
+        model: &str,
+        lane: Lane,
+        key: Option<&str>,
+    ) -> Result<consumer::PullConsumer, StoreError> {
         let (name, filter_subject) = match key {
             None => (self.names.consumer(model, lane), self.names.job_subject(model, lane)),
             Some(key) => (self.names.consumer_keyed(model, lane, key), self.names.job_subject_keyed(model, lane, key)),

@@ -513,11 +513,11 @@ const QUEUE_COLUMNS = ['Model', 'Queued', 'High', 'Normal', 'Oldest wait', 'Runn
 
 const laneOf = (m, lane) => (m.lanes || []).find((l) => l.lane === lane);
 
-// The keys of a lane to list: most queued first (then most delivered, then by key), at most
+// The keys of a lane to list: most queued first (then most running, then by key), at most
 // `limit`, and what the others add up to. `keys` may be absent (a gateway before fair share).
 function topKeys(keys, limit = QUEUE_TOP_KEYS) {
   const sorted = [...(keys || [])].sort((a, b) => (b.queued ?? 0) - (a.queued ?? 0)
-    || (b.delivered ?? 0) - (a.delivered ?? 0) || String(a.key).localeCompare(String(b.key)));
+    || (b.running ?? 0) - (a.running ?? 0) || String(a.key ?? '').localeCompare(String(b.key ?? '')));
   const rest = sorted.slice(limit);
   return { shown: sorted.slice(0, limit), more: rest.length, moreQueued: rest.reduce((n, k) => n + (k.queued ?? 0), 0) };
 }
@@ -581,17 +581,17 @@ function renderQueueRows(data, body, measured) {
   body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: QUEUE_COLUMNS.length, class: 'empty', text: 'No models.' }))]));
 }
 
-// One lane's fair-share keys: the top ones with their queued and delivered jobs, then the rest
-// counted. A key's value is the job's label (or API key, or NATS user); "" is the shared key of
-// the jobs without one.
+// One lane's fair-share keys: the top ones with their queued and running jobs, then the rest
+// counted. A key's value is the job's fair-share label (`[fair_share] key`); null (or "") is
+// the shared queue of the jobs without it.
 function laneKeys(lane) {
   const { shown, more, moreQueued } = topKeys(lane.keys);
   return h('div', { class: 'lane-keys', 'data-lane': lane.lane },
     h('span', { class: 'lane-name', text: `${lane.lane} by key` }),
     h('ol', { class: 'keys' },
-      shown.map((k) => h('li', { class: 'key', 'data-key': k.key, 'data-queued': k.queued ?? 0, 'data-delivered': k.delivered ?? 0 },
-        h('span', { class: 'key-name mono', title: k.key, text: k.key === '' ? '(no key)' : k.key }),
-        ` ${k.queued ?? 0} queued · ${k.delivered ?? 0} delivered`)),
+      shown.map((k) => h('li', { class: 'key', 'data-key': k.key ?? '', 'data-queued': k.queued ?? 0, 'data-running': k.running ?? 0 },
+        h('span', { class: 'key-name mono', title: k.key ?? '', text: (k.key ?? '') === '' ? '(no key)' : k.key }),
+        ` ${k.queued ?? 0} queued · ${k.running ?? 0} running`)),
       more ? h('li', { class: 'more muted', 'data-more': more, text: `and ${more} more (${moreQueued} queued)` }) : null));
 }
 

@@ -134,12 +134,25 @@ class ModelsReply(TypedDict):
     models: List[ModelInfo]
 
 
-class LaneQueue(TypedDict):
-    """One lane (`high`, `normal`) of a model's queue: jobs waiting, jobs delivered."""
+class KeyQueue(TypedDict):
+    """One fair-share key's queue in a lane: its label value (None: the jobs without it)."""
 
+    key: Optional[str]
+    queued: int
+    running: int
+
+
+class _LaneQueueRequired(TypedDict):
     lane: str
     queued: int
     running: int
+
+
+class LaneQueue(_LaneQueueRequired, total=False):
+    """One lane (`high`, `normal`) of a model's queue: jobs waiting, jobs delivered."""
+
+    keys: List[KeyQueue]
+    """By fair-share key, most queued first; absent when no key has jobs."""
 
 
 class _ModelQueueRequired(TypedDict):

@@ -80,6 +80,10 @@ pub struct JobRecord {
     /// The client's labels, echoed on the view and on every event.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: crate::protocol::Labels,
+    /// The stream sequence of its queue message (the enqueue's ack): where it stands in its
+    /// queue, for its position while it waits. Absent in records of an older Kiln.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_seq: Option<u64>,
 }
 
 impl JobRecord {
@@ -118,6 +122,7 @@ impl JobRecord {
             dead_letter: false,
             parent: None,
             labels,
+            queue_seq: None,
         }
     }
 
@@ -423,6 +428,7 @@ impl From<&JobRecord> for JobView {
             labels: r.labels.clone(),
             stage: None,
             progress: None,
+            pending: None,
         }
     }
 }

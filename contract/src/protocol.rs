@@ -285,6 +285,10 @@ pub struct JobView {
     pub stage: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<f32>,
+    /// Why it has not started yet, where it stands and when it may start: while it is queued
+    /// or waits to retry, or its node was lost (`kiln.api.status` only; absent elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
 }
 
 impl JobView {
@@ -414,6 +418,47 @@ pub struct ModelQueue {
     /// Slots that would start every queued job within `target_wait_s`, the running ones
     /// included (`kiln_core::autoscale::desired_slots`).
     pub desired_slots: u64,
+}
+
+/// Why a job waits (docs/PROTOCOL.md, "Why a job waits", says how each is decided).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingReason {
+    /// No live slot serves its model.
+    NoSlot,
+    /// Every slot that serves its model is busy.
+    SlotsBusy,
+    /// Other users' jobs are taking their shares of the slots (`[fair_share]`).
+    FairShare,
+    /// Its key runs as many jobs as its quota allows (`[quota] max_running`).
+    Quota,
+    /// A slot that serves its model is loading it.
+    ModelLoading,
+    /// Its node was lost; the job is handed back to the queue and runs again.
+    NodeLost,
+    /// It failed and waits out the retry backoff before its next attempt.
+    RetryBackoff,
+    /// A slot is free for it: it starts as soon as a node takes it.
+    Starting,
+}
+
+/// Where a waiting job stands ([`JobView::pending`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Pending {
+    pub reason: PendingReason,
+    /// The reason in words, with its figures.
+    pub message: String,
+    /// Jobs before it in its own queue (its lane, and its fair-share key's queue in it): exact
+    /// at the instant read. Absent when not known (a record of an older Kiln, a retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Jobs of the model estimated to start before it, every queue counted by fair share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<u64>,
+    /// Estimated wait until it starts, from `ahead`, the slots serving the model and their
+    /// recent run time. Absent without slots or a recent run time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
 }
 
 /// One lane of a model's queue.

@@ -10,6 +10,7 @@
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`autoscale`] | a model's queue figures and the slots that would drain it within a target wait (pure) |
 //! | [`fair`]      | fair share between a label's values: queue per key, weights, the order keys are taken in (pure) |
+//! | [`pending`]   | why a waiting job waits, its position and estimated start (pure)            |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |
 //! | [`nats`]      | streams, KV (one compare-and-set helper), object store, registry            |
@@ -45,6 +46,7 @@ pub mod fault;
 pub use config::http;
 pub mod metrics;
 pub mod nats;
+pub mod pending;
 pub mod placement;
 pub mod policy;
 pub mod stage;

@@ -130,7 +130,32 @@ impl ApiService {
     }
 
     pub(super) async fn status(&self, req: JobRef) -> Result<JobView, ApiError> {
-        Ok(JobView::from(&self.load(&req.job_id).await?.record))
+        let record = self.load(&req.job_id).await?.record;
+        let mut view = JobView::from(&record);
+        view.pending = self.pending_of(&record).await;
+        Ok(view)
+    }
+
+    /// Why a waiting job waits, its position and estimated start ([`kiln_core::pending`]);
+    /// `None` for a job that does not wait, or when the figures cannot be read now (the status
+    /// is answered without them rather than refused).
+    async fn pending_of(&self, record: &JobRecord) -> Option<Pending> {
+        let owner_alive = record.owner.as_ref().is_none_or(|o| self.registry.node(&o.node).is_some());
+        if !kiln_core::pending::waits(record, owner_alive) {
+            return None;
+        }
+        let facts = async {
+            let gpus = self.resources.gpu_entries(None, false).await?;
+            let facts = self.resources.wait_facts(record, &gpus, owner_alive).await?;
+            Ok::<_, StoreError>(kiln_core::pending::pending(record, &facts))
+        };
+        match facts.await {
+            Ok(pending) => Some(pending),
+            Err(e) => {
+                tracing::debug!(job_id = %record.job_id, error = %e, "cannot read why the job waits");
+                None
+            }
+        }
     }
 
     pub(super) async fn result(&self, req: JobRef) -> Result<ResultReply, ApiError> {

@@ -99,7 +99,8 @@ impl Resources {
         let enqueued = self.enqueue_nowait(record).await?;
         let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
         queued.map_err(StoreError::nats)?;
-        enqueued.map_err(StoreError::nats)?;
+        // Where its message stands in the queue: its position while it waits.
+        let record = &JobRecord { queue_seq: Some(enqueued.map_err(StoreError::nats)?.sequence), ..record.clone() };
         crate::fault::abort_at("abort_in_launch");
         let created =
             super::patience::ride_out(crate::policy::Patience::SUBMIT_RECORD, &record.job_id, "writing a new job's record", || {

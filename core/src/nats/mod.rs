@@ -12,10 +12,12 @@
 //! | `queue.rs`    | the queue now: lanes' depth and deliveries, oldest wait, recent run times |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
+//! | `direct.rs`   | batched direct gets: many messages per request (the registry's snapshot, a job's position) |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
 
 pub mod batches;
 pub mod cas;
+mod direct;
 pub mod events;
 pub mod jobs;
 pub use kiln_contract::names;

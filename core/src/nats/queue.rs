@@ -16,11 +16,17 @@ use futures::StreamExt;
 
 use super::{Lane, Resources, StoreError};
 use crate::autoscale::{mean_service_ms, model_queue, LaneFigures};
-use crate::protocol::{JobView, KeyQueue, QueueReply};
+use crate::job::{JobRecord, JobState};
+use crate::pending::{OtherQueue, WaitFacts};
+use crate::protocol::{GpuEntry, JobView, KeyQueue, QueueReply};
+
+use async_nats::jetstream::consumer;
 
 /// How far back in the results feed (in messages of every model) the mean run time looks: a
 /// model's finished jobs among the last this many, and at least its last one.
 pub const SERVICE_WINDOW: u64 = 64;
+/// A queue consumer's `max_ack_pending` when no `max_running` quota limits it.
+pub const UNLIMITED_ACK_PENDING: i64 = 100_000;
 /// Longest a read of the results feed may take.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -114,6 +120,61 @@ impl Resources {
             .await
             .map_err(|_| StoreError::Nats(format!("reading the results feed took over {READ_DEADLINE:?}")))??;
         Ok(mean_service_ms(&finished))
+    }
+
+    /// What a waiting job's reason, position and estimated start are decided from
+    /// ([`crate::pending`]): the other queues of its model (its lane's other keys, and the
+    /// whole high lane for a job of the normal lane), its own queue's consumer (its position:
+    /// the messages on its subject between the consumer's last delivery and its own, two
+    /// direct gets; whether it runs as many as its consumer allows) and the model's recent
+    /// run time. `gpus`: the registry's slots, read by the caller.
+    pub async fn wait_facts<'a>(&self, record: &JobRecord, gpus: &'a [GpuEntry], owner_alive: bool) -> Result<WaitFacts<'a>, StoreError> {
+        let lane = Lane::of_priority(record.priority);
+        let key = crate::fair::job_key(&self.fair_share, &record.labels);
+        let own_subject = match &key {
+            Some(key) => self.names.job_subject_keyed(&record.model, lane, key),
+            None => self.names.job_subject(&record.model, lane),
+        };
+        let mut facts =
+            WaitFacts { gpus, owner_alive, weight: crate::fair::weight_of(&self.fair_share, key.as_deref()), ..Default::default() };
+        let mut queues: Vec<(consumer::Info, bool)> =
+            self.lane_consumers(&record.model, lane).await?.into_iter().map(|c| (c, false)).collect();
+        if lane == Lane::Normal {
+            queues.extend(self.lane_consumers(&record.model, Lane::High).await?.into_iter().map(|c| (c, true)));
+        }
+        let mut own = None;
+        for (info, higher_lane) in queues {
+            if info.config.filter_subject == own_subject {
+                own = Some(info);
+                continue;
+            }
+            let other_key = crate::nats::names::JobSubject::parse(&info.config.filter_subject).and_then(|s| s.key);
+            facts.others.push(OtherQueue {
+                queued: info.num_pending,
+                weight: crate::fair::weight_of(&self.fair_share, other_key),
+                higher_lane,
+            });
+        }
+        if let Some(own) = &own {
+            facts.at_running_quota = own.config.max_ack_pending > 0
+                && own.config.max_ack_pending < UNLIMITED_ACK_PENDING
+                && own.num_ack_pending as i64 >= own.config.max_ack_pending;
+            if let (JobState::Queued, Some(seq)) = (record.state, record.queue_seq) {
+                let delivered = own.delivered.stream_sequence;
+                facts.position = Some(if seq <= delivered {
+                    0
+                } else {
+                    let stream = self.names.jobs_stream();
+                    let (from_next, from_own) = tokio::try_join!(
+                        self.count_from(&stream, &own_subject, delivered + 1),
+                        self.count_from(&stream, &own_subject, seq)
+                    )?;
+                    from_next.saturating_sub(from_own)
+                });
+            }
+        }
+        facts.mean_service_ms = self.recent_service_ms(&record.model).await?.0;
+        Ok(facts)
     }
 
     /// The queue of each of `models` now (sorted by name as given), `desired_slots` computed

@@ -168,8 +168,8 @@ impl Resources {
     }
 
     /// The last message of each subject under `filter` in `stream`, as one point-in-time
-    /// snapshot: a batched direct get (`multi_last`, ADR-31, nats-server 2.11+; every KV stream
-    /// allows direct gets). `None` when more than [`MULTI_LAST_MOST`] subjects match: the server
+    /// snapshot: a batched direct get (`multi_last`, [`super::direct`]; every KV stream allows
+    /// direct gets). `None` when more than [`MULTI_LAST_MOST`] subjects match: the server
     /// answers no more at once (`413 Too Many Results`).
     ///
     /// Why not an ordered consumer over the last message per subject, read until its pending
@@ -177,32 +177,7 @@ impl Resources {
     /// one key short (4 reads in 100 with two writers: `core/tests/store.rs`), and `models`
     /// once answered without a slot written a second before (tests/models_cluster.rs in CI).
     pub async fn last_per_subject(&self, stream: &str, filter: &str) -> Result<Option<Vec<async_nats::Message>>, StoreError> {
-        let request = serde_json::json!({ "multi_last": [filter] });
-        let inbox = self.client.new_inbox();
-        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(StoreError::nats)?;
-        self.client
-            .publish_with_reply(format!("$JS.API.DIRECT.GET.{stream}"), inbox, serde_json::to_vec(&request).expect("json").into())
-            .await
-            .map_err(StoreError::nats)?;
-        let read = async {
-            let mut messages = Vec::new();
-            while let Some(message) = replies.next().await {
-                match message.status.map(|s| s.as_u16()) {
-                    Some(204) => return Ok(Some(messages)), // the end of the batch
-                    Some(404) => return Ok(Some(messages)), // nothing matches the filter
-                    Some(413) => return Ok(None),
-                    Some(code) if code >= 300 => {
-                        let why = message.description.as_deref().unwrap_or("");
-                        return Err(StoreError::Nats(format!("direct get of {filter} in {stream}: {code} {why}")));
-                    }
-                    _ => messages.push(message),
-                }
-            }
-            Err(StoreError::Nats("the direct get's replies ended before its end-of-batch".into()))
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .map_err(|_| StoreError::Nats(format!("reading the last values of {filter} took over 10 s")))?
+        self.direct_batch(stream, &serde_json::json!({ "multi_last": [filter] }), filter).await
     }
 }
 

@@ -82,11 +82,14 @@ impl Resources {
                 storage: stream::StorageType::File,
                 duplicate_window: QUEUE_DEDUP_WINDOW,
                 num_replicas: replicas,
+                // A queued job's position is counted with direct gets (`nats::queue`).
+                allow_direct: true,
                 ..Default::default()
             })
             .await
             .map_err(|e| creation_error(&names.jobs_stream(), replicas, e))?;
         settle_stream(&js, &names.jobs_stream(), replicas, false).await?;
+        allow_direct_gets(&js, &names.jobs_stream()).await?;
 
         js.get_or_create_stream(stream::Config {
             name: names.events_stream(),
@@ -242,7 +245,7 @@ impl Resources {
                     // Attempts are counted in the job record, not here: JetStream must keep
                     // redelivering until a node writes an outcome.
                     max_deliver: -1,
-                    max_ack_pending: 100_000,
+                    max_ack_pending: super::queue::UNLIMITED_ACK_PENDING,
                     ..Default::default()
                 },
             )
@@ -426,6 +429,17 @@ async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, r
     }
     if changed {
         js.update_stream(config).await.map_err(|e| creation_error(stream, replicas, e))?;
+    }
+    Ok(())
+}
+
+/// Turns direct gets on for a stream made by an older Kiln without them.
+async fn allow_direct_gets(js: &jetstream::Context, stream: &str) -> Result<(), StoreError> {
+    let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
+    let mut config = s.info().await.map_err(StoreError::nats)?.config.clone();
+    if !config.allow_direct {
+        config.allow_direct = true;
+        js.update_stream(config).await.map_err(StoreError::nats)?;
     }
     Ok(())
 }

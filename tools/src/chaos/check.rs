@@ -445,6 +445,7 @@ mod tests {
             labels: Default::default(),
             stage: None,
             progress: None,
+            pending: None,
             batch: None,
             inputs: Default::default(),
             params: Default::default(),

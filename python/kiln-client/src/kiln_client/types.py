@@ -86,6 +86,21 @@ class _JobViewRequired(TypedDict):
     dead_letter: bool
 
 
+class _PendingRequired(TypedDict):
+    reason: str
+    """`no_slot`, `slots_busy`, `fair_share`, `quota`, `model_loading`, `node_lost`,
+    `retry_backoff` or `starting` (docs/PROTOCOL.md, "Why a job waits")."""
+    message: str
+
+
+class Pending(_PendingRequired, total=False):
+    """Why a waiting job waits, where it stands and when it may start."""
+
+    position: int
+    ahead: int
+    eta_ms: int
+
+
 class JobView(_JobViewRequired, total=False):
     """The reply of `status`, `cancel`, and each entry of `jobs`."""
 
@@ -98,6 +113,8 @@ class JobView(_JobViewRequired, total=False):
     inputs: Dict[str, InputValue]
     params: Dict[str, JSON]
     labels: Dict[str, str]
+    pending: Pending
+    """`status` only, while the job waits."""
 
 
 class _ResultReplyRequired(TypedDict):

@@ -148,7 +148,8 @@ async fn submit(client: &Client, seed: u64, profile: &Profile, p: &schedule::Pla
     if hang {
         params.insert("hang_on_attempts".into(), serde_json::json!([1]));
     }
-    let request = SubmitRequest { model: model.into(), inputs, params, idempotency_key: Some(key), ..Default::default() };
+    let labels = [("user_id".to_string(), schedule::user_of(p.index, profile.users))].into();
+    let request = SubmitRequest { model: model.into(), inputs, params, idempotency_key: Some(key), labels, ..Default::default() };
     let reply = retrying(limit, || client.submit(&request)).await.ok()?;
     Some(Accepted { job_ids: vec![reply.job_id], batch_id: None, inputs: vec![(prompt, input_seed)] })
 }
@@ -165,7 +166,8 @@ async fn submit_batch(client: &Client, key: &str, profile: &Profile, p: &schedul
             ((prompt, s), item)
         })
         .unzip();
-    let request = BatchSubmitRequest { model: "chaos".into(), items, idempotency_key: Some(key.to_string()), ..Default::default() };
+    let labels = [("user_id".to_string(), schedule::user_of(p.index, profile.users))].into();
+    let request = BatchSubmitRequest { model: "chaos".into(), items, idempotency_key: Some(key.to_string()), labels, ..Default::default() };
     let reply = retrying(Duration::from_secs(60), || client.submit_batch(&request)).await.ok()?;
     Some(Accepted { job_ids: reply.items.iter().map(|i| i.job_id.clone()).collect(), batch_id: Some(reply.batch_id), inputs })
 }

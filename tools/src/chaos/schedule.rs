@@ -173,10 +173,25 @@ pub struct Profile {
     /// replicated three ways, and the cluster's own fault kinds).
     #[serde(default = "one_server")]
     pub nats_servers: usize,
+    /// Users the submissions come from (their `user_id` label: fair share's key), the first
+    /// with half of them ([`user_of`]).
+    #[serde(default = "one_user")]
+    pub users: u32,
 }
 
 fn one_server() -> usize {
     1
+}
+
+fn one_user() -> u32 {
+    1
+}
+
+/// The user of submission `index` among `users`: the first submits every other one (a heavy
+/// user beside light ones), the others take turns with the rest.
+pub fn user_of(index: u32, users: u32) -> String {
+    let user = if users <= 1 || index % 2 == 0 { 0 } else { 1 + (index / 2) % (users - 1) };
+    format!("user-{user}")
 }
 
 impl Profile {
@@ -195,6 +210,7 @@ impl Profile {
             cancel_fraction: 0.08,
             slot_prefetch: 0,
             nats_servers: 1,
+            users: 5,
         }
     }
     /// The long profile of docs/RELIABILITY.md.
@@ -326,6 +342,17 @@ pub fn plan(seed: u64, profile: &Profile) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_user_submits_half_and_the_others_share_the_rest() {
+        let users: Vec<String> = (0..40).map(|i| user_of(i, 5)).collect();
+        let count = |u: &str| users.iter().filter(|v| *v == u).count();
+        assert_eq!(count("user-0"), 20);
+        for u in ["user-1", "user-2", "user-3", "user-4"] {
+            assert_eq!(count(u), 5, "{u}");
+        }
+        assert!((0..10).all(|i| user_of(i, 1) == "user-0"));
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_plan_and_another_seed_another() {

@@ -14,6 +14,7 @@
 //! | [`health`]  | the node's HTTP server on `node.metrics_addr`: `/healthz`, `/readyz` (decided by a pure function), `/metrics` |
 //! | [`metrics`] | the Prometheus recorder, installed once per process                   |
 //! | [`queue_gauges`] | the queue gauges for autoscalers, refreshed by one node (the live one whose name sorts first) |
+//! | [`queue_sweep`] | removes idle fair-share queue consumers, by the node that exports the gauges |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
 //! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
@@ -38,6 +39,7 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod queue_gauges;
+pub mod queue_sweep;
 pub mod service;
 pub mod table;
 

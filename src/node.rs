@@ -50,6 +50,7 @@ pub struct RunningNode {
     diagnostics: kiln_core::task::TaskGuard<()>,
     /// Refreshes the queue gauges while this node is the one exporting them.
     _queue_gauges: kiln_core::task::TaskGuard<()>,
+    _queue_sweep: Option<kiln_core::task::TaskGuard<()>>,
     /// What `/readyz` reads: this node's phase and connection.
     health: NodeHealth,
     /// The server of `/healthz`, `/readyz` and `/metrics` on `node.metrics_addr`; None when
@@ -79,13 +80,22 @@ async fn ensure_resources(
         };
         match attempt.await {
             Ok(ready) => return Ok(ready),
-            Err(kiln_core::nats::StoreError::Nats(e)) if e.contains("timed out") && tokio::time::Instant::now() < deadline => {
+            Err(kiln_core::nats::StoreError::Nats(e)) if start_may_retry(&e) && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(error = %e, "JetStream does not answer yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Whether a start-up error of creating the streams and buckets passes by trying again:
+/// JetStream timing out, or another node creating the same stream at the same moment (the
+/// create answers "already in use", and the read that follows can fail while the new stream's
+/// replicas form: node `b` of the partition test exited so once, on a fresh three-server
+/// cluster, when all three nodes started together).
+fn start_may_retry(error: &str) -> bool {
+    error.contains("timed out") || error.contains("already in use")
 }
 
 /// The host name, for a node that is not given one.
@@ -203,6 +213,7 @@ impl RunningNode {
         };
         let handle = NodeHandle::start(ctx).await?;
         let queue_gauges = crate::queue_gauges::spawn(resources.clone(), registry.clone(), name.clone(), config.autoscale.clone());
+        let queue_sweep = crate::queue_sweep::spawn(resources.clone(), registry.clone(), name.clone(), config.fair_share.idle_queue_s);
         let api = crate::api::ApiService::new(resources.clone(), config, registry, stall).start().await?;
         let diagnostics = crate::diag::serve(resources.clone(), name.clone()).await?;
         health.set_phase(NodePhase::Running);
@@ -217,6 +228,7 @@ impl RunningNode {
             drain_requested,
             diagnostics,
             _queue_gauges: queue_gauges,
+            _queue_sweep: queue_sweep,
             health,
             _health_server: health_server,
             _work_dir: temp,
@@ -250,5 +262,22 @@ impl RunningNode {
         if let Some(mut s) = self.server.take() {
             s.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::start_may_retry;
+
+    #[test]
+    fn a_creation_race_and_a_silent_jetstream_are_retried_and_nothing_else() {
+        assert!(start_may_retry("cannot create OBJ_kiln_results_noop: jetstream request timed out"));
+        assert!(start_may_retry(
+            "cannot create kiln_results_noop: bucket creation failed: jetstream error: stream name already in use with a different configuration (code 400, error code 10058)"
+        ));
+        assert!(!start_may_retry(
+            "cannot create KILN_JOBS with nats.replicas = 3: that needs a NATS cluster with at least 3 JetStream servers up"
+        ));
+        assert!(!start_may_retry("authorization violation"));
     }
 }

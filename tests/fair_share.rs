@@ -130,3 +130,36 @@ async fn weights_three_to_one_share_the_slots_three_to_one() {
     );
     assert!((0.15..=0.35).contains(&shares.b_share), "B's share {:.3}", shares.b_share);
 }
+
+/// A key's queue consumer idle for `fair_share.idle_queue_s` is removed, and the key's next job
+/// makes it again and runs, whichever node takes the submit (the other node's note that the
+/// consumer exists is stale then) and whichever pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_users_queue_is_removed_and_made_again_by_its_next_job() {
+    let mut cluster = TestCluster::new();
+    let extra = format!("[fair_share]\nidle_queue_s = 2\n{}", model());
+    for name in ["a", "b"] {
+        cluster.add_node(name, &config_toml(&cluster.url(), &["cpu:0"], 30_000, &extra));
+    }
+    cluster.wait_node_ready("a", 1).await;
+    cluster.wait_node_ready("b", 1).await;
+    let client = cluster.client().await.with_timeout(Duration::from_secs(10));
+    let js = client.jetstream().clone();
+    let consumers = || async {
+        let stream = js.get_stream("KILN_JOBS").await.unwrap();
+        let names: Vec<String> = stream.consumer_names().collect::<Vec<_>>().await.into_iter().map(|n| n.unwrap()).collect();
+        names
+    };
+    for round in 0..3 {
+        // Several jobs, so both nodes take submits and pull.
+        let ids = submit_many(&client, "carol", 6).await;
+        for v in views(&client, &ids).await {
+            assert_eq!(v.status, JobState::Completed, "round {round}: {v:?}");
+        }
+        assert!(consumers().await.contains(&"noop-normal-u-carol".to_string()), "round {round}");
+        let removed =
+            eventually(Duration::from_secs(20), || async { !consumers().await.contains(&"noop-normal-u-carol".to_string()) }).await;
+        assert!(removed, "round {round}: carol's idle queue was not removed: {:?}", consumers().await);
+        assert!(consumers().await.contains(&"noop-normal".to_string()), "the lane's shared queue stays");
+    }
+}

@@ -156,11 +156,16 @@ impl Queues {
                 let fetched = futures::future::join_all(fetches.into_iter().map(|(consumer, asked)| async move {
                     match consumer {
                         Some(consumer) => fetch_now(&consumer, asked).await,
-                        None => vec![],
+                        None => Ok(vec![]),
                     }
                 }))
                 .await;
                 for ((key, asked), got) in shares.into_iter().zip(fetched) {
+                    // A fetch refused (its consumer removed as idle, say): opened again next time.
+                    let got = got.unwrap_or_else(|()| {
+                        self.consumers.remove(&(lane, key.clone()));
+                        vec![]
+                    });
                     if got.len() < asked {
                         self.order(lane).returned(&key, asked - got.len());
                     }
@@ -297,7 +302,9 @@ pub(crate) async fn pull_loop(ctx: NodeContext, model: String, dispatcher: impl 
     }
 }
 
-async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> Vec<jetstream::Message> {
+/// Up to `max` messages the consumer holds now; `Err` when the fetch was refused (after a
+/// short pause), which drops the consumer's handle: it is opened again on next use.
+async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> Result<Vec<jetstream::Message>, ()> {
     let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
     let mut out = vec![];
     match tokio::time::timeout_at(deadline, consumer.fetch().max_messages(max).messages()).await {
@@ -306,6 +313,9 @@ async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> 
                 Ok(Some(Ok(m))) => out.push(m),
                 Ok(Some(Err(e))) => {
                     tracing::debug!(error = %e, "fetch error");
+                    if out.is_empty() {
+                        return Err(());
+                    }
                     break;
                 }
                 Ok(None) => break,
@@ -318,8 +328,9 @@ async fn fetch_now(consumer: &jetstream::consumer::PullConsumer, max: usize) -> 
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "fetch failed");
             tokio::time::sleep(policy::PULL_FETCH_FAILED_PAUSE).await;
+            return Err(());
         }
         Err(_) => tracing::warn!("a fetch could not be sent in time; pulling again"),
     }
-    out
+    Ok(out)
 }

@@ -79,6 +79,25 @@ pub fn weight_of(config: &FairShareConfig, token: Option<&str>) -> u32 {
     config.weights.iter().find(|(name, _)| !name.ends_with('*') && key_token(name) == token).map_or(config.default_weight, |(_, w)| *w)
 }
 
+/// What the sweep of idle queues knows of one queue consumer of `KILN_JOBS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueActivity {
+    /// A fair-share key's queue (the lanes' shared ones are never removed).
+    pub keyed: bool,
+    pub pending: u64,
+    pub ack_pending: u64,
+    /// Pull requests waiting on it.
+    pub waiting: u64,
+    /// Since its creation, its last delivery or its last ack, whichever is latest.
+    pub idle_for: std::time::Duration,
+}
+
+/// Whether a key's queue consumer may be removed: nothing queued, running or asked for, and
+/// idle for `idle_after` (0: never). Its next job makes it again (`Resources::keyed_consumer`).
+pub fn removable(q: &QueueActivity, idle_after: std::time::Duration) -> bool {
+    !idle_after.is_zero() && q.keyed && q.pending == 0 && q.ack_pending == 0 && q.waiting == 0 && q.idle_for >= idle_after
+}
+
 /// One key's place in the order.
 #[derive(Debug, Clone, PartialEq)]
 struct Flow {
@@ -238,6 +257,19 @@ mod tests {
         order.backlogged("b", 1);
         // b, a job behind a's share now, goes first.
         assert_eq!(order.take(1), vec![("b", 1)]);
+    }
+
+    #[test]
+    fn only_an_idle_empty_keyed_queue_is_removed() {
+        let idle = QueueActivity { keyed: true, pending: 0, ack_pending: 0, waiting: 0, idle_for: std::time::Duration::from_secs(700) };
+        let ten_minutes = std::time::Duration::from_secs(600);
+        assert!(removable(&idle, ten_minutes));
+        assert!(!removable(&idle, std::time::Duration::ZERO), "0 keeps them");
+        assert!(!removable(&QueueActivity { keyed: false, ..idle }, ten_minutes), "a lane's shared queue stays");
+        assert!(!removable(&QueueActivity { pending: 1, ..idle }, ten_minutes));
+        assert!(!removable(&QueueActivity { ack_pending: 1, ..idle }, ten_minutes), "a job of it runs");
+        assert!(!removable(&QueueActivity { waiting: 1, ..idle }, ten_minutes));
+        assert!(!removable(&QueueActivity { idle_for: std::time::Duration::from_secs(599), ..idle }, ten_minutes));
     }
 
     proptest! {

@@ -104,11 +104,14 @@ pub struct FairShareConfig {
     /// Weights by value; a name ending in `*` is a class: every value it begins (the longest
     /// such name wins over a shorter one, an exact name over any class).
     pub weights: std::collections::BTreeMap<String, u32>,
+    /// A key's queue consumer with nothing queued or running for this long is removed (made
+    /// again by its next job); 0 keeps them.
+    pub idle_queue_s: u64,
 }
 
 impl Default for FairShareConfig {
     fn default() -> Self {
-        FairShareConfig { key: "user_id".into(), default_weight: 1, weights: Default::default() }
+        FairShareConfig { key: "user_id".into(), default_weight: 1, weights: Default::default(), idle_queue_s: 600 }
     }
 }
 

@@ -177,6 +177,44 @@ impl Resources {
         Ok(facts)
     }
 
+    /// Removes the fair-share keys' queue consumers that are idle and empty
+    /// ([`crate::fair::removable`]); their names. Each is looked at twice, the second time
+    /// just before its removal, and kept if anything was delivered in between: a job fetched
+    /// from a consumer in the instant before its removal would come back from the one made
+    /// again, and its running attempt be taken over (fenced, not doubled; see ARCHITECTURE.md).
+    pub async fn remove_idle_queues(&self, idle_after: Duration) -> Result<Vec<String>, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let mut infos = stream.consumers();
+        let mut candidates = vec![];
+        while let Some(info) = infos.next().await {
+            let info = info.map_err(StoreError::nats)?;
+            if crate::fair::removable(&activity(&info), idle_after) {
+                candidates.push(info);
+            }
+        }
+        let mut removed = vec![];
+        for first in candidates {
+            let name = first.name.clone();
+            let again = match stream.consumer_info(&name).await {
+                Ok(info) => info,
+                Err(_) => continue,
+            };
+            if !crate::fair::removable(&activity(&again), idle_after) || again.delivered.stream_sequence != first.delivered.stream_sequence
+            {
+                continue;
+            }
+            stream.delete_consumer(&name).await.map_err(StoreError::nats)?;
+            // This process makes it again for the key's next job.
+            if let Some(s) = crate::nats::names::JobSubject::parse(&again.config.filter_subject) {
+                if let Some(key) = s.key {
+                    self.keyed_consumers.remove(&(s.model.to_string(), s.lane, key.to_string()));
+                }
+            }
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
     /// The queue of each of `models` now (sorted by name as given), `desired_slots` computed
     /// for `target_wait_s`.
     pub async fn queue_snapshot(&self, models: &[String], target_wait_s: u64) -> Result<QueueReply, StoreError> {
@@ -192,5 +230,19 @@ impl Resources {
             reply.models.push(model_queue(model, &lanes, &gpus, service, crate::now_ms(), target_wait_s));
         }
         Ok(reply)
+    }
+}
+
+/// What [`crate::fair::removable`] decides on, from a queue consumer's info.
+fn activity(info: &consumer::Info) -> crate::fair::QueueActivity {
+    let latest =
+        [Some(info.created), info.delivered.last_active, info.ack_floor.last_active].into_iter().flatten().max().unwrap_or(info.created);
+    let idle_for = (time::OffsetDateTime::now_utc() - latest).max(time::Duration::ZERO);
+    crate::fair::QueueActivity {
+        keyed: crate::nats::names::JobSubject::parse(&info.config.filter_subject).is_some_and(|s| s.key.is_some()),
+        pending: info.num_pending,
+        ack_pending: info.num_ack_pending as u64,
+        waiting: info.num_waiting as u64,
+        idle_for: Duration::from_secs_f64(idle_for.as_seconds_f64()),
     }
 }

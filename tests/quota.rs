@@ -121,7 +121,7 @@ async fn max_running_holds_a_users_jobs_running_at_once_while_another_uses_the_o
     // A's fair share alone would be 3 of the 4 slots (weight 3 to B's 1): its quota holds it
     // to 2, and B gets the other 2.
     let quota = "[fair_share.weights]\nA = 3\n[quota.keys.A]\nmax_running = 2\n";
-    let (_cluster, client, _) = start(4, 300, quota).await;
+    let (cluster, client, _) = start(4, 300, quota).await;
     let mut ids = vec![];
     for _ in 0..12 {
         ids.push(("A", client.submit(&job_of("A")).await.expect("A").job_id));
@@ -143,6 +143,16 @@ async fn max_running_holds_a_users_jobs_running_at_once_while_another_uses_the_o
     assert!(a <= 2, "A ran {a} jobs at once: {:?}", intervals["A"]);
     assert_eq!(a, 2, "A had work all along: it ran 2 at once");
     assert!(b >= 2 && all == 4, "B took the slots A could not: B {b}, both {all}");
+    // How much of its 2 places A used from its first start to its last end: a capped key's
+    // fetch comes back short, and the puller sees its queue again at its next re-check.
+    let runs = &intervals["A"];
+    let span = runs.iter().map(|r| r.1).max().unwrap() - runs.iter().map(|r| r.0).min().unwrap();
+    let busy: u64 = runs.iter().map(|(s, f)| f - s).sum();
+    println!("A ran {:.2} jobs on average of its max_running 2 while it had work", busy as f64 / span as f64);
+    // Fetches held back by max_ack_pending are short, not failures.
+    let log = cluster.nodes[0].log();
+    let fetch_trouble: Vec<&str> = log.lines().filter(|l| l.contains("WARN") && l.contains("fetch")).collect();
+    assert!(fetch_trouble.is_empty(), "{fetch_trouble:#?}");
 }
 
 /// The `max_ack_pending` of key `u-A`'s consumer of the normal lane of `noop`.

@@ -142,12 +142,14 @@ impl ApiService {
             admission.counted.push(((*model).clone(), (*key).clone(), *n));
         }
         let admitting: Vec<u64> = checked.iter().map(|(model, key, n, _)| self.quotas.start_admitting(model, key, *n)).collect();
-        let queued = futures::future::join_all(checked.iter().map(|(model, key, _, _)| self.resources.key_queued(model, key))).await;
-        for (((model, key, n, limits), admitting), queued) in checked.iter().zip(admitting).zip(queued) {
+        let queues = futures::future::join_all(checked.iter().map(|(model, key, _, _)| self.resources.key_queue(model, key))).await;
+        for (((model, key, n, limits), admitting), queue) in checked.iter().zip(admitting).zip(queues) {
             // On a NATS error the quota lets the jobs through: a hiccup must not refuse them
             // (putting them in their queue fails anyway if NATS is away).
-            let queued = queued.unwrap_or(0) + (admitting - n);
-            if let Err(e) = quota::admit_queued(kiln_core::fair::shown_key(key), model, queued, *n, limits.max_queued) {
+            let queue = queue.unwrap_or_default();
+            let queued = queue.queued + (admitting - n);
+            let retry_after_ms = || quota::queued_retry_after_ms(self.recent_service_ms(model), queue.running);
+            if let Err(e) = quota::admit_queued(kiln_core::fair::shown_key(key), model, queued, *n, limits.max_queued, retry_after_ms) {
                 for (model, key, burst) in taken {
                     self.quotas.give_back(model, key, burst);
                 }
@@ -155,6 +157,25 @@ impl ApiService {
             }
         }
         Ok(admission)
+    }
+
+    /// `model`'s recent mean run time as this node last read it (for a quota's
+    /// `retry_after_ms`); a stale figure is read again in the background, so a refusal never
+    /// waits for the results feed.
+    fn recent_service_ms(&self, model: &str) -> Option<f64> {
+        let (mean, stale) = self.quotas.service_ms(model, Instant::now());
+        if stale {
+            let (resources, quotas, model) = (self.resources.clone(), self.quotas.clone(), model.to_string());
+            // Ends on its own (the read has its deadline); nobody waits for it, so its guard
+            // is let go: dropping a `Reply` task's guard does not stop it.
+            drop(kiln_core::task::spawn(kiln_core::task::TaskKind::Reply, "quota: a model's recent run time", async move {
+                // A failed read keeps the last figure until the next try.
+                if let Ok((mean, _)) = resources.recent_service_ms(&model).await {
+                    quotas.measured_service(&model, mean, Instant::now());
+                }
+            }));
+        }
+        mean
     }
 
     /// Makes a new job durable (see `Resources::launch_job`: event, queue message, then the

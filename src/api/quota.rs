@@ -7,9 +7,10 @@
 //!   refusal is answered at once, `retry_after_ms` exact for this node's bucket. A submit
 //!   request takes one token per key it carries (a batch takes one per key, not per item).
 //! - `max_queued`: the key's jobs waiting in the model's two lanes (one consumer-info request
-//!   per lane, `Resources::key_queued`) plus those this node is admitting now plus the new ones
-//!   must stay within the limit ([`admit_queued`]). `retry_after_ms` is a fixed estimate,
-//!   [`QUEUED_RETRY_AFTER_MS`].
+//!   per lane, `Resources::key_queue`) plus those this node is admitting now plus the new ones
+//!   must stay within the limit ([`admit_queued`]). `retry_after_ms` is an estimate of when
+//!   the key's next job starts ([`queued_retry_after_ms`]) from the model's recent mean run
+//!   time, which this node re-reads at most every [`SERVICE_TTL`], off the refusal's path.
 //! - `max_running` is not checked here: JetStream enforces it (the key's consumers'
 //!   `max_ack_pending`, `Resources::queue_consumer`).
 //!
@@ -21,10 +22,14 @@ use dashmap::DashMap;
 use kiln_core::config::KeyQuota;
 use kiln_core::protocol::ApiError;
 
-/// What `retry_after_ms` says when a key has `max_queued` jobs waiting: a place frees when one
-/// of them starts, which a cheap request cannot tell; a second is a figure a client can retry
-/// on without flooding the API (docs/PROTOCOL.md, "Quotas").
+/// What `retry_after_ms` says over `max_queued` while the model's recent run time is unknown
+/// (no job of it finished lately, or not read yet): a figure a client can retry on without
+/// flooding the API (docs/PROTOCOL.md, "Quotas").
 pub const QUEUED_RETRY_AFTER_MS: u64 = 1000;
+/// The bounds of the `max_queued` estimate: not a retry storm, not an hour.
+const QUEUED_RETRY_AFTER_RANGE_MS: (u64, u64) = (10, 60_000);
+/// How stale the model's recent mean run time used for `retry_after_ms` may be.
+pub const SERVICE_TTL: Duration = Duration::from_secs(10);
 /// Buckets kept per node before the full ones (keys idle long enough) are forgotten: bounds the
 /// memory to the keys that submitted recently.
 const MAX_BUCKETS: usize = 10_000;
@@ -73,9 +78,29 @@ pub fn node_share(limits: &KeyQuota, live_nodes: usize) -> (f64, f64) {
     (limits.submits_per_s / nodes, (limits.burst as f64 / nodes).max(1.0))
 }
 
+/// When a key over `max_queued` with `running` jobs running may have a place again: when its
+/// next job starts, i.e. when one of its running jobs ends and its share gives the slot to the
+/// next one. With the model's recent mean run time `mean_run_ms`, the first of `running` jobs
+/// spread evenly through their runs ends after about `mean / (running + 1)`; with none running
+/// (the model's slots busy with other keys, or none live), one run time. Without a mean,
+/// [`QUEUED_RETRY_AFTER_MS`].
+pub fn queued_retry_after_ms(mean_run_ms: Option<f64>, running: u64) -> u64 {
+    let Some(mean) = mean_run_ms.filter(|m| m.is_finite() && *m >= 0.0) else { return QUEUED_RETRY_AFTER_MS };
+    let (low, high) = QUEUED_RETRY_AFTER_RANGE_MS;
+    ((mean / (running as f64 + 1.0)).ceil() as u64).clamp(low, high)
+}
+
 /// The `max_queued` rule: the key `shown` with `queued` jobs waiting in `model` takes `adding`
-/// more only if that keeps it within `max` (0: no limit).
-pub fn admit_queued(shown: &str, model: &str, queued: u64, adding: u64, max: u64) -> Result<(), ApiError> {
+/// more only if that keeps it within `max` (0: no limit); refused, it may try again after
+/// `retry_after_ms()` (asked only then: it may cost a look-up).
+pub fn admit_queued(
+    shown: &str,
+    model: &str,
+    queued: u64,
+    adding: u64,
+    max: u64,
+    retry_after_ms: impl FnOnce() -> u64,
+) -> Result<(), ApiError> {
     if max == 0 || queued.saturating_add(adding) <= max {
         return Ok(());
     }
@@ -83,7 +108,7 @@ pub fn admit_queued(shown: &str, model: &str, queued: u64, adding: u64, max: u64
         format!(
             "quota: key {shown:?} may have at most {max} jobs of model {model:?} queued; it has {queued}, and this request adds {adding}; retry later"
         ),
-        QUEUED_RETRY_AFTER_MS,
+        retry_after_ms(),
     ))
 }
 
@@ -108,6 +133,8 @@ pub struct Quotas {
     /// in their queue: counted with the queued ones, so submits of one key in flight together
     /// on this node cannot all pass on the same count.
     admitting: DashMap<(String, String), u64>,
+    /// model -> its recent mean run time in ms (`None`: none finished lately), and when read.
+    service_ms: DashMap<String, (Option<f64>, Instant)>,
 }
 
 impl Quotas {
@@ -133,6 +160,28 @@ impl Quotas {
         let mut n = self.admitting.entry((model.to_string(), key.to_string())).or_insert(0);
         *n += adding;
         *n
+    }
+
+    /// `model`'s recent mean run time as last read, and whether the caller should read it again
+    /// now (older than [`SERVICE_TTL`], or never read): one caller claims it, the others go on
+    /// with the figure they have.
+    pub fn service_ms(&self, model: &str, now: Instant) -> (Option<f64>, bool) {
+        match self.service_ms.get_mut(model) {
+            Some(mut e) if now.saturating_duration_since(e.1) >= SERVICE_TTL => {
+                e.1 = now;
+                (e.0, true)
+            }
+            Some(e) => (e.0, false),
+            None => {
+                self.service_ms.insert(model.to_string(), (None, now));
+                (None, true)
+            }
+        }
+    }
+
+    /// A new reading of `model`'s recent mean run time.
+    pub fn measured_service(&self, model: &str, mean_ms: Option<f64>, now: Instant) {
+        self.service_ms.insert(model.to_string(), (mean_ms, now));
     }
 
     pub fn done_admitting(&self, model: &str, key: &str, adding: u64) {
@@ -202,13 +251,36 @@ mod tests {
 
     #[test]
     fn max_queued_counts_what_is_added_and_says_who_and_how_many() {
-        assert!(admit_queued("alice", "m", 9, 1, 10).is_ok());
-        assert!(admit_queued("alice", "m", 10_000, 5, 0).is_ok(), "0: no limit");
-        let e = admit_queued("alice", "sdxl", 9, 2, 10).expect_err("one over");
+        let never = || panic!("the wait is asked for only on a refusal");
+        assert!(admit_queued("alice", "m", 9, 1, 10, never).is_ok());
+        assert!(admit_queued("alice", "m", 10_000, 5, 0, never).is_ok(), "0: no limit");
+        let e = admit_queued("alice", "sdxl", 9, 2, 10, || 250).expect_err("one over");
         assert_eq!(e.code, ErrorCode::QuotaExceeded);
-        assert_eq!(e.retry_after_ms, Some(QUEUED_RETRY_AFTER_MS));
+        assert_eq!(e.retry_after_ms, Some(250));
         assert!(e.message.contains("\"alice\"") && e.message.contains("at most 10") && e.message.contains("has 9"), "{}", e.message);
-        assert!(admit_queued("a", "m", u64::MAX, 1, u64::MAX).is_ok(), "no overflow");
+        assert!(admit_queued("a", "m", u64::MAX, 1, u64::MAX, never).is_ok(), "no overflow");
+    }
+
+    #[test]
+    fn a_queued_keys_wait_is_the_first_of_its_running_jobs_to_end() {
+        assert_eq!(queued_retry_after_ms(None, 3), QUEUED_RETRY_AFTER_MS, "no run time known");
+        assert_eq!(queued_retry_after_ms(Some(900.0), 0), 900, "none running: one run");
+        assert_eq!(queued_retry_after_ms(Some(900.0), 2), 300);
+        assert_eq!(queued_retry_after_ms(Some(1.0), 0), 10, "not a retry storm");
+        assert_eq!(queued_retry_after_ms(Some(1e9), 0), 60_000, "not an hour");
+        assert_eq!(queued_retry_after_ms(Some(f64::NAN), 0), QUEUED_RETRY_AFTER_MS);
+    }
+
+    #[test]
+    fn one_caller_reads_the_run_time_again_when_it_is_stale() {
+        let quotas = Quotas::default();
+        let t0 = Instant::now();
+        assert_eq!(quotas.service_ms("m", t0), (None, true), "never read: read it");
+        assert_eq!(quotas.service_ms("m", t0), (None, false), "claimed");
+        quotas.measured_service("m", Some(40.0), t0);
+        assert_eq!(quotas.service_ms("m", t0 + SERVICE_TTL / 2), (Some(40.0), false));
+        assert_eq!(quotas.service_ms("m", t0 + SERVICE_TTL), (Some(40.0), true), "stale: the figure still, and read again");
+        assert_eq!(quotas.service_ms("m", t0 + SERVICE_TTL), (Some(40.0), false), "once");
     }
 
     #[test]

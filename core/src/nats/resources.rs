@@ -28,6 +28,15 @@ pub const MAX_CONSUMERS_PER_STREAM: i32 = 100_000;
 /// The `max_ack_pending` of a queue without a `max_running` quota: more than any cluster runs.
 const UNLIMITED_ACK_PENDING: i64 = 100_000;
 
+/// One fair-share key's jobs of a model ([`Resources::key_queue`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyQueue {
+    /// Waiting to start, both lanes.
+    pub queued: u64,
+    /// Delivered and not acked yet (running, or waiting for a retry), both lanes.
+    pub running: u64,
+}
+
 /// Cheap-to-clone handle on every NATS resource of one Kiln deployment: one `Arc`. (Cloned
 /// field by field, with its KV stores and stream handles, a clone cost allocations and copies
 /// that showed in a no-op job's profile: every job clones it several times.)
@@ -259,24 +268,30 @@ impl Resources {
         Ok(consumer)
     }
 
-    /// Jobs of the fair-share key `key` waiting to start in `model`'s two lanes (its consumers'
-    /// `num_pending`; a consumer not made yet holds none): one consumer-info request per lane,
-    /// both at once. Feeds the `max_queued` quota.
-    pub async fn key_queued(&self, model: &str, key: &str) -> Result<u64, StoreError> {
+    /// Jobs of the fair-share key `key` in `model`'s two lanes: waiting to start (its
+    /// consumers' `num_pending`) and delivered, not yet acked (`num_ack_pending`: running or
+    /// waiting for a retry). A consumer not made yet holds none. One consumer-info request per
+    /// lane, both at once. Feeds the `max_queued` quota.
+    pub async fn key_queue(&self, model: &str, key: &str) -> Result<KeyQueue, StoreError> {
         let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
         let lanes = Lane::ALL.map(|lane| {
             let stream = &stream;
             let name = self.names.consumer_keyed(model, lane, key);
             async move {
                 match stream.consumer_info(&name).await {
-                    Ok(info) => Ok(info.num_pending),
-                    Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(0),
+                    Ok(info) => Ok(KeyQueue { queued: info.num_pending, running: info.num_ack_pending as u64 }),
+                    Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(KeyQueue::default()),
                     Err(e) => Err(StoreError::nats(e)),
                 }
             }
         });
-        let counts = futures::future::join_all(lanes).await;
-        counts.into_iter().sum()
+        let mut total = KeyQueue::default();
+        for lane in futures::future::join_all(lanes).await {
+            let lane = lane?;
+            total.queued += lane.queued;
+            total.running += lane.running;
+        }
+        Ok(total)
     }
 
     /// The pull consumer of one model's lane (shared by every node).

@@ -55,7 +55,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn a_user_over_max_queued_is_refused_at_once_while_another_keeps_running() {
     // A runs one job at a time (its own max_running), so its jobs stay queued for seconds.
     let quota = "[quota]\nmax_queued = 5\n[quota.keys.A]\nmax_running = 1\n";
-    let (_cluster, client, _) = start(2, 400, quota).await;
+    let (_cluster, client, _) = start(2, 1000, quota).await;
 
     // A fills its quota, one submit after another: 5 queued (and at most 1 running).
     let mut accepted_a = vec![];
@@ -80,9 +80,15 @@ async fn a_user_over_max_queued_is_refused_at_once_while_another_keeps_running()
     let mut accepted_b = vec![];
     for i in 0..50 {
         let started = Instant::now();
-        let e = quota_error(client.submit(&job_of("A")).await);
-        refusals.push(started.elapsed());
-        assert!(e.retry_after_ms.is_some_and(|ms| (10..=60_000).contains(&ms)), "{e:?}");
+        match client.submit(&job_of("A")).await {
+            // One of A's jobs started meanwhile and freed a place (a slow machine).
+            Ok(reply) => accepted_a.push(reply.job_id),
+            Err(e) => {
+                refusals.push(started.elapsed());
+                let e = quota_error::<()>(Err(e));
+                assert!(e.retry_after_ms.is_some_and(|ms| (10..=60_000).contains(&ms)), "{e:?}");
+            }
+        }
         if i % 10 == 0 {
             accepted_b.push(client.submit(&job_of("B")).await.expect("B is under its quota").job_id);
         }
@@ -93,10 +99,11 @@ async fn a_user_over_max_queued_is_refused_at_once_while_another_keeps_running()
         "max_queued refusal over NATS (client round trip), 50 refusals: p50 {p50:?}, p90 {:?}, max {max:?}",
         percentile(&refusals, 0.9)
     );
+    assert!(refusals.len() >= 40, "A stayed over its quota: {} refusals of 50", refusals.len());
     assert!(p50 < Duration::from_millis(50), "a refusal must be quick: p50 {p50:?}");
 
     // Once some of the model's jobs have finished, the wait is estimated from their run time
-    // (400 ms jobs, A running 1: about half a run), not the fixed second.
+    // (1 s jobs, A running 1: about half a run), not the fixed second.
     let start = Instant::now();
     let estimated = loop {
         match client.submit(&job_of("A")).await {
@@ -111,8 +118,8 @@ async fn a_user_over_max_queued_is_refused_at_once_while_another_keeps_running()
         assert!(start.elapsed() < Duration::from_secs(20), "retry_after_ms never followed the model's run time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    println!("max_queued retry_after_ms estimated from the model's recent run time (400 ms jobs): {estimated} ms");
-    assert!((100..=600).contains(&estimated), "{estimated} ms");
+    println!("max_queued retry_after_ms estimated from the model's recent run time (1 s jobs, 1 running): {estimated} ms");
+    assert!((300..1000).contains(&estimated), "{estimated} ms");
 
     // A batch whose items would take C past its quota is refused whole: no job made.
     let items = |n: usize| (0..n).map(|_| BatchItemRequest::default()).collect::<Vec<_>>();
@@ -224,11 +231,13 @@ async fn a_burst_past_the_submit_rate_is_refused_with_the_exact_wait() {
 
     // Refusals of the rate need no NATS request on the node: measure them.
     let mut refusals = vec![refused_in];
+    let mut accepted = 3;
     for _ in 0..20 {
         let started = Instant::now();
         let r = client.submit(&job_of("A")).await;
         if r.is_ok() {
-            break; // a token came back meanwhile
+            accepted += 1; // a token came back meanwhile (a slow machine)
+            break;
         }
         quota_error(r);
         refusals.push(started.elapsed());
@@ -242,10 +251,13 @@ async fn a_burst_past_the_submit_rate_is_refused_with_the_exact_wait() {
     );
     assert!(percentile(&refusals, 0.5) < Duration::from_millis(50));
 
-    let e = quota_error(client.submit(&job_of("A")).await);
-    tokio::time::sleep(Duration::from_millis(e.retry_after_ms.unwrap())).await;
+    // The client's error says how long to wait; after that, the submit is accepted.
+    let refused = client.submit(&job_of("A")).await.expect_err("over the rate");
+    let wait = refused.retry_after().expect("ClientError::retry_after");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+    tokio::time::sleep(wait).await;
     client.submit(&job_of("A")).await.expect("accepted once the wait is over");
-    assert_eq!(jobs_of(&client, "A").await.len(), 4, "only the accepted submits made jobs");
+    assert_eq!(jobs_of(&client, "A").await.len(), accepted + 1, "only the accepted submits made jobs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

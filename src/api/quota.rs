@@ -141,6 +141,8 @@ impl Quotas {
     /// Takes a token of `key`'s bucket for `model`, with this node's share `(rate, burst)`.
     pub fn take(&self, model: &str, key: &str, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
         if self.buckets.len() > MAX_BUCKETS {
+            // Judged with this key's rate and burst: a key with other limits may be forgotten a
+            // little early, which only gives it its burst back.
             self.buckets.retain(|_, b| !b.is_full(rate, burst, now));
         }
         let mut bucket = self.buckets.entry((model.to_string(), key.to_string())).or_insert_with(|| TokenBucket::full(burst, now));

@@ -258,6 +258,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::PayloadTooLarge,
             ErrorCode::Overloaded,
+            ErrorCode::QuotaExceeded,
             ErrorCode::DeadlineExceeded,
             ErrorCode::Cancelled,
             ErrorCode::EngineFailed,

@@ -36,6 +36,16 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
 }
 
+impl ClientError {
+    /// How long Kiln asked to wait before trying again (`quota_exceeded`'s `retry_after_ms`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Api(e) => e.retry_after_ms.map(Duration::from_millis),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Client {
     nats: async_nats::Client,

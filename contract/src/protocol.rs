@@ -84,6 +84,9 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// Admission control: the queue for that model is full; retry later.
     Overloaded,
+    /// A fair-share key's quota (`[quota]`): too many of its jobs queued, or submitted too
+    /// fast; `retry_after_ms` says when to try again.
+    QuotaExceeded,
     /// The job's deadline passed before it could run.
     DeadlineExceeded,
     /// The job was cancelled.
@@ -102,6 +105,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::EngineFailed => "engine_failed",
@@ -116,11 +120,19 @@ impl ErrorCode {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// When trying again may succeed, in milliseconds from the reply: set by `quota_exceeded`
+    /// (how it is estimated: docs/PROTOCOL.md, "Quotas").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), retry_after_ms: None }
+    }
+    /// `quota_exceeded`, to be tried again after `retry_after_ms`.
+    pub fn quota_exceeded(message: impl Into<String>, retry_after_ms: u64) -> Self {
+        Self { retry_after_ms: Some(retry_after_ms), ..Self::new(ErrorCode::QuotaExceeded, message) }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)

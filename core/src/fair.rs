@@ -1,6 +1,7 @@
 //! Fair share of a model's slots between the values of one label (`[fair_share]`): which queue
-//! a job goes to, what weight a key has, and in which order a node takes the keys' jobs. Pure:
-//! the puller (kiln-actors `puller.rs`) does the fetching.
+//! a job goes to, what weight a key has, and in which order a node takes the keys' jobs; and
+//! each key's `[quota]` limits, matched by value or class as weights are. Pure: the puller
+//! (kiln-actors `puller.rs`) does the fetching, the API (`src/api/quota.rs`) the quotas.
 //!
 //! Each key (a value of the label) has its own queue in each lane of a model: the subject
 //! `<prefix>.jobs.<model>.<lane>.<token>` with its own durable consumer; jobs without the label
@@ -24,7 +25,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::FairShareConfig;
+use crate::config::{FairShareConfig, KeyQuota, QuotaConfig};
 use crate::protocol::Labels;
 
 /// The longest label value used as its own token; longer values, and values with characters a
@@ -60,23 +61,34 @@ pub fn job_key(config: &FairShareConfig, labels: &Labels) -> Option<String> {
     labels.get(&config.key).map(|value| key_token(value))
 }
 
-/// The weight of the key with `token` (`None`: the shared queue of jobs without the label).
-/// An exact value in `weights` first, then the longest class (`name*`) the value begins with,
-/// else the default. A hashed token matches exact values only (its value cannot be read back).
+/// The weight of the key with `token` (`None`: the shared queue of jobs without the label):
+/// its entry in `weights` ([`by_value_or_class`]), else the default.
 pub fn weight_of(config: &FairShareConfig, token: Option<&str>) -> u32 {
-    let Some(token) = token else { return config.default_weight };
-    if let Some(value) = token.strip_prefix("u-") {
-        if let Some(w) = config.weights.get(value) {
-            return *w;
-        }
-        let class = config
-            .weights
-            .iter()
-            .filter_map(|(name, w)| name.strip_suffix('*').filter(|prefix| value.starts_with(prefix)).map(|prefix| (prefix.len(), *w)))
-            .max_by_key(|(len, _)| *len);
-        return class.map_or(config.default_weight, |(_, w)| w);
+    token.and_then(|token| by_value_or_class(&config.weights, token)).map_or(config.default_weight, |w| *w)
+}
+
+/// The limits of the key with `token` (`crate::config::QuotaConfig`): `[quota]`'s, with its
+/// entry in `quota.keys` ([`by_value_or_class`]) over them.
+pub fn quota_of(config: &QuotaConfig, token: &str) -> KeyQuota {
+    let defaults = config.defaults();
+    by_value_or_class(&config.keys, token).map_or(defaults, |o| o.over(defaults))
+}
+
+/// The entry of `table` (by value, or by class `name*`) that applies to the key with `token`:
+/// an exact value first, then the longest class the value begins with. A hashed token matches
+/// exact values only (its value cannot be read back). Weights and quotas both match so.
+pub fn by_value_or_class<'a, T>(table: &'a BTreeMap<String, T>, token: &str) -> Option<&'a T> {
+    let Some(value) = token.strip_prefix("u-") else {
+        return table.iter().find(|(name, _)| !name.ends_with('*') && key_token(name) == token).map(|(_, v)| v);
+    };
+    if let Some(exact) = table.get(value) {
+        return Some(exact);
     }
-    config.weights.iter().find(|(name, _)| !name.ends_with('*') && key_token(name) == token).map_or(config.default_weight, |(_, w)| *w)
+    table
+        .iter()
+        .filter_map(|(name, v)| name.strip_suffix('*').filter(|prefix| value.starts_with(prefix)).map(|prefix| (prefix.len(), v)))
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, v)| v)
 }
 
 /// What the sweep of idle queues knows of one queue consumer of `KILN_JOBS`.
@@ -232,6 +244,35 @@ mod tests {
         assert_eq!(weight_of(&c, Some("u-bob")), 1);
         assert_eq!(weight_of(&c, Some(&key_token("a.b"))), 7);
         assert_eq!(weight_of(&c, None), 1);
+    }
+
+    #[test]
+    fn quotas_match_like_weights_and_an_override_keeps_what_it_leaves_out() {
+        let over = |max_queued: Option<u64>, max_running: Option<u64>| crate::config::QuotaOverride {
+            max_queued,
+            max_running,
+            ..Default::default()
+        };
+        let config = QuotaConfig {
+            max_queued: 100,
+            max_running: 8,
+            submits_per_s: 5.0,
+            burst: 10,
+            keys: [
+                ("free-*".to_string(), over(Some(10), None)),
+                ("free-trial-*".to_string(), over(Some(1), Some(1))),
+                ("free-vip".to_string(), over(None, Some(0))),
+                ("a.b".to_string(), over(Some(3), None)),
+            ]
+            .into(),
+        };
+        let limits = |value: &str| quota_of(&config, &key_token(value));
+        assert_eq!(limits("bob"), config.defaults());
+        assert_eq!(limits("free-x"), KeyQuota { max_queued: 10, ..config.defaults() }, "a class; the rest kept");
+        assert_eq!(limits("free-trial-1"), KeyQuota { max_queued: 1, max_running: 1, ..config.defaults() }, "the longest class");
+        assert_eq!(limits("free-vip"), KeyQuota { max_running: 0, ..config.defaults() }, "an exact value over any class");
+        assert_eq!(limits("a.b").max_queued, 3, "a hashed value matches exactly");
+        assert_eq!(limits("a.c"), config.defaults());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | [`config`]    | `cluster.toml`, typed, env overrides, `validate()`                          |
 //! | [`http`]      | the `[http]` section: gateway address, limits, API keys, seed routes        |
 //! | [`autoscale`] | a model's queue figures and the slots that would drain it within a target wait (pure) |
-//! | [`fair`]      | fair share between a label's values: queue per key, weights, the order keys are taken in (pure) |
+//! | [`fair`]      | fair share between a label's values: queue per key, weights, the order keys are taken in, each key's quota (pure) |
 //! | [`pending`]   | why a waiting job waits, its position and estimated start (pure)            |
 //! | [`placement`] | which slot takes how many jobs of a model: reserve, start, finish, warm     |
 //! | [`policy`]    | restart budget, backoff, patience with NATS trouble; pure, explicit time    |

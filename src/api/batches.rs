@@ -57,8 +57,23 @@ impl ApiService {
             idempotency_key: req.idempotency_key,
             ..BatchRecord::from_plan(&batch_id, &plan, start, req.max_concurrency, keys.as_deref(), now)
         };
+        let _quota = self.admit_quotas(self.jobs_by_key(&record, &plan)).await?;
         self.admit(record.model_at(start), record.launches().len() as u64).await?;
         self.launch_batch(record, plan).await
+    }
+
+    /// The jobs a batch queues now, per (model, fair-share key token), for its quotas: counted
+    /// item by item (a held item is queued later, as its batch's `max_concurrency` lets it, and
+    /// is not counted here).
+    fn jobs_by_key(&self, record: &BatchRecord, plan: &BatchPlan) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut by_key = std::collections::BTreeMap::new();
+        for launch in record.launches() {
+            let labels = plan.item(launch.index).map(|item| plan.labels_of(item)).unwrap_or_default();
+            if let Some(key) = kiln_core::fair::job_key(&self.config.fair_share, &labels) {
+                *by_key.entry((record.model_at(launch.model).to_string(), key)).or_insert(0u64) += 1;
+            }
+        }
+        by_key
     }
 
     /// Where a batch's items start: the first of its models that a live slot serves right now
@@ -305,6 +320,7 @@ impl ApiService {
             retry_of: Some(old.batch_id.clone()),
             ..BatchRecord::from_plan(&retry_id, &plan, start, old.max_concurrency, keys.as_deref(), kiln_core::now_ms())
         };
+        let _quota = self.admit_quotas(self.jobs_by_key(&record, &plan)).await?;
         self.admit(record.model_at(start), record.launches().len() as u64).await?;
         let reply = self.launch_batch(record, plan).await?;
         // Point the old batch at its retry (after the retry exists, so the link never dangles).

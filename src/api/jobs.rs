@@ -6,6 +6,7 @@ use kiln_core::policy::Patience;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::api::quota;
 use crate::api::reply::{internal, job_not_found};
 use crate::api::validation::{self, Params};
 use crate::api::ApiService;
@@ -25,6 +26,9 @@ impl ApiService {
         let (model, params) = self.validate_submit(&req)?;
         req.params = params;
         let model = &model;
+        let key = kiln_core::fair::job_key(&self.config.fair_share, &req.labels);
+        // Held until the job is in its queue (or failed to get there): see `admit_quotas`.
+        let _quota = self.admit_quotas(key.map(|key| ((model.name.clone(), key), 1)).into_iter().collect()).await?;
         let digests = self.input_digests(&req.inputs).await?;
         self.admit(&model.name, 1).await?;
         let reuse_key = req.reuse.then(|| reuse_key(&model.name, &req.inputs, &digests, &req.params));
@@ -103,6 +107,75 @@ impl ApiService {
     pub(super) async fn admit(&self, model: &str, adding: u64) -> Result<(), ApiError> {
         self.refresh_queue_depth(model).await;
         self.queue_depths.admit(model, adding, self.config.limits.max_queued_per_model, Instant::now())
+    }
+
+    /// `[quota]` for the jobs about to be queued, `adding` per (model, fair-share key token)
+    /// (see [`crate::api::quota`]): each key's submit rate (one token per key, whatever it
+    /// adds), then its queued jobs, all keys' at once. All or nothing: a refusal gives back the
+    /// tokens taken. The admission returned counts the jobs as being admitted on this node until
+    /// it is dropped, which the caller does once they are in their queue.
+    pub(super) async fn admit_quotas(&self, adding: BTreeMap<(String, String), u64>) -> Result<QuotaAdmission, ApiError> {
+        let mut admission = QuotaAdmission { quotas: self.quotas.clone(), counted: vec![] };
+        let quota = &self.config.quota;
+        if !quota.is_on() || adding.is_empty() {
+            return Ok(admission);
+        }
+        let now = Instant::now();
+        let live_nodes = self.registry.nodes().len();
+        let limits: Vec<_> = adding.iter().map(|((model, key), n)| (model, key, *n, kiln_core::fair::quota_of(quota, key))).collect();
+        let mut taken = vec![];
+        for (model, key, _, limits) in &limits {
+            if limits.submits_per_s <= 0.0 {
+                continue;
+            }
+            let (rate, burst) = quota::node_share(limits, live_nodes);
+            if let Err(wait) = self.quotas.take(model, key, rate, burst, now) {
+                for (model, key, burst) in taken {
+                    self.quotas.give_back(model, key, burst);
+                }
+                return Err(quota::rate_exceeded(kiln_core::fair::shown_key(key), model, limits, wait));
+            }
+            taken.push((model.as_str(), key.as_str(), burst));
+        }
+        let checked: Vec<_> = limits.iter().filter(|(_, _, _, limits)| limits.max_queued > 0).collect();
+        for (model, key, n, _) in &checked {
+            admission.counted.push(((*model).clone(), (*key).clone(), *n));
+        }
+        let admitting: Vec<u64> = checked.iter().map(|(model, key, n, _)| self.quotas.start_admitting(model, key, *n)).collect();
+        let queues = futures::future::join_all(checked.iter().map(|(model, key, _, _)| self.resources.key_queue(model, key))).await;
+        for (((model, key, n, limits), admitting), queue) in checked.iter().zip(admitting).zip(queues) {
+            // On a NATS error the quota lets the jobs through: a hiccup must not refuse them
+            // (putting them in their queue fails anyway if NATS is away).
+            let queue = queue.unwrap_or_default();
+            let queued = queue.queued + (admitting - n);
+            let retry_after_ms = || quota::queued_retry_after_ms(self.recent_service_ms(model), queue.running);
+            if let Err(e) = quota::admit_queued(kiln_core::fair::shown_key(key), model, queued, *n, limits.max_queued, retry_after_ms) {
+                for (model, key, burst) in taken {
+                    self.quotas.give_back(model, key, burst);
+                }
+                return Err(e);
+            }
+        }
+        Ok(admission)
+    }
+
+    /// `model`'s recent mean run time as this node last read it (for a quota's
+    /// `retry_after_ms`); a stale figure is read again in the background, so a refusal never
+    /// waits for the results feed.
+    fn recent_service_ms(&self, model: &str) -> Option<f64> {
+        let (mean, stale) = self.quotas.service_ms(model, Instant::now());
+        if stale {
+            let (resources, quotas, model) = (self.resources.clone(), self.quotas.clone(), model.to_string());
+            // Ends on its own (the read has its deadline); nobody waits for it, so its guard
+            // is let go: dropping a `Reply` task's guard does not stop it.
+            drop(kiln_core::task::spawn(kiln_core::task::TaskKind::Reply, "quota: a model's recent run time", async move {
+                // A failed read keeps the last figure until the next try.
+                if let Ok((mean, _)) = resources.recent_service_ms(&model).await {
+                    quotas.measured_service(&model, mean, Instant::now());
+                }
+            }));
+        }
+        mean
     }
 
     /// Makes a new job durable (see `Resources::launch_job`: event, queue message, then the
@@ -227,6 +300,22 @@ impl ApiService {
             view.show_progress(last.as_ref());
         }
         Ok(ListJobsReply { jobs })
+    }
+}
+
+/// Jobs admitted by [`ApiService::admit_quotas`] and still on their way to their queue: counted
+/// against their key's `max_queued` on this node until dropped.
+pub(super) struct QuotaAdmission {
+    quotas: std::sync::Arc<quota::Quotas>,
+    /// (model, key token, jobs).
+    counted: Vec<(String, String, u64)>,
+}
+
+impl Drop for QuotaAdmission {
+    fn drop(&mut self) {
+        for (model, key, n) in &self.counted {
+            self.quotas.done_admitting(model, key, *n);
+        }
     }
 }
 

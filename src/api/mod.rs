@@ -18,6 +18,7 @@
 //! | `batches.rs`    | submit_batch, batch, cancel_batch, retry_batch                        |
 //! | `control.rs`    | models, cluster, queue, control (drain, restart a GPU, ping), the cluster's models |
 //! | `admission.rs`  | `overloaded`: requests in flight per node, jobs waiting per model (pure rule, cached depths) |
+//! | `quota.rs`      | `quota_exceeded`: each fair-share key's submit rate (token buckets) and queued jobs (pure rules, this node's state) |
 //! | `validation.rs` | every check of a request that needs no store, as pure functions       |
 //! | `reply.rs`      | parsing bodies, encoding replies, the shared errors                   |
 //!
@@ -27,6 +28,7 @@ pub mod admission;
 mod batches;
 mod control;
 mod jobs;
+pub mod quota;
 mod reply;
 pub mod validation;
 
@@ -59,6 +61,8 @@ pub struct ApiService {
     /// Each model's waiting jobs, as last measured: admission control without a request per
     /// submit.
     queue_depths: Arc<QueueDepths>,
+    /// Each fair-share key's submit-rate bucket and jobs being admitted on this node (`[quota]`).
+    quotas: Arc<quota::Quotas>,
     /// Tells the request loop that this process stood still: the requests it buffered
     /// meanwhile are stale (see [`ApiService::start`]).
     stall: kiln_core::stall::StallWatch,
@@ -85,7 +89,7 @@ impl service::EndpointName for Endpoint {
 
 impl ApiService {
     pub fn new(resources: Resources, config: Arc<ClusterConfig>, registry: RegistryCache, stall: kiln_core::stall::StallWatch) -> Self {
-        ApiService { resources, config, registry, queue_depths: Arc::new(QueueDepths::default()), stall }
+        ApiService { resources, config, registry, queue_depths: Arc::new(QueueDepths::default()), quotas: Default::default(), stall }
     }
 
     /// Registers the service and serves until the returned task is aborted.

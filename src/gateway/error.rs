@@ -15,6 +15,9 @@ use crate::client::ClientError;
 pub struct HttpError {
     pub code: String,
     pub message: String,
+    /// As the NATS API's: when to try again, in milliseconds (`quota_exceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
     /// Not in the body: the status it is sent with.
     #[serde(skip)]
     pub status: u16,
@@ -36,6 +39,8 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         // Admission control: this client should slow down.
         ErrorCode::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+        // Over its key's quota: this client (user) should slow down.
+        ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::DeadlineExceeded => StatusCode::BAD_REQUEST,
         ErrorCode::Cancelled => StatusCode::CONFLICT,
         ErrorCode::EngineFailed => StatusCode::BAD_GATEWAY,
@@ -45,7 +50,14 @@ pub fn http_status(code: ErrorCode) -> StatusCode {
 
 impl HttpError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> HttpError {
-        HttpError { code: code.to_string(), message: message.into(), status: status.as_u16(), retry_after_s: None, field: None }
+        HttpError {
+            code: code.to_string(),
+            message: message.into(),
+            retry_after_ms: None,
+            status: status.as_u16(),
+            retry_after_s: None,
+            field: None,
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -72,12 +84,23 @@ impl HttpError {
     }
 }
 
+/// `Retry-After` (whole seconds) for an error with `code` and `retry_after_ms`: the error's own
+/// figure rounded up (at least 1: `Retry-After: 0` would invite an immediate retry), else 1 for
+/// `overloaded`, else none.
+pub fn retry_after_s(code: ErrorCode, retry_after_ms: Option<u64>) -> Option<u32> {
+    match retry_after_ms {
+        Some(ms) => Some(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX).max(1)),
+        None => (code == ErrorCode::Overloaded || code == ErrorCode::QuotaExceeded).then_some(1),
+    }
+}
+
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> HttpError {
-        let retry_after_s = (e.code == ErrorCode::Overloaded).then_some(1);
+        let retry_after_s = retry_after_s(e.code, e.retry_after_ms);
         HttpError {
             code: e.code.as_str().to_string(),
             message: e.message,
+            retry_after_ms: e.retry_after_ms,
             status: http_status(e.code).as_u16(),
             retry_after_s,
             field: None,
@@ -169,6 +192,7 @@ mod tests {
             (ErrorCode::NotFound, 404),
             (ErrorCode::PayloadTooLarge, 413),
             (ErrorCode::Overloaded, 429),
+            (ErrorCode::QuotaExceeded, 429),
             (ErrorCode::DeadlineExceeded, 400),
             (ErrorCode::Cancelled, 409),
             (ErrorCode::EngineFailed, 502),
@@ -178,7 +202,21 @@ mod tests {
             assert_eq!(http_status(code).as_u16(), status, "{code:?}");
             let e: HttpError = ApiError::new(code, "m").into();
             assert_eq!(e.code, code.as_str());
-            assert_eq!(e.retry_after_s.is_some(), code == ErrorCode::Overloaded);
+            assert_eq!(e.retry_after_s.is_some(), matches!(code, ErrorCode::Overloaded | ErrorCode::QuotaExceeded));
         }
+    }
+
+    #[test]
+    fn quota_exceeded_says_when_to_retry_in_whole_seconds_rounded_up() {
+        let e: HttpError = ApiError::quota_exceeded("over", 1001).into();
+        assert_eq!((e.status, e.retry_after_s, e.retry_after_ms), (429, Some(2), Some(1001)));
+        assert_eq!(retry_after_s(ErrorCode::QuotaExceeded, Some(1000)), Some(1));
+        assert_eq!(retry_after_s(ErrorCode::QuotaExceeded, Some(3)), Some(1), "never 0");
+        assert_eq!(retry_after_s(ErrorCode::QuotaExceeded, Some(0)), Some(1));
+        assert_eq!(retry_after_s(ErrorCode::NotFound, None), None);
+        let body = serde_json::to_value(&e).unwrap();
+        assert_eq!(body, serde_json::json!({"code": "quota_exceeded", "message": "over", "retry_after_ms": 1001}));
+        let plain = serde_json::to_value(HttpError::not_found("x")).unwrap();
+        assert!(plain.get("retry_after_ms").is_none(), "only where there is one");
     }
 }

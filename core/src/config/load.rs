@@ -13,9 +13,14 @@ use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
 use super::node::{
-    parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, StorageConfig,
+    parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, RestartPolicy, RetryPolicy,
+    StorageConfig,
 };
 use crate::ids;
+
+/// The most `quota.max_running` may be: the `max_ack_pending` a key's consumers have without
+/// a quota (`Resources`).
+pub const MAX_RUNNING_QUOTA: u64 = 100_000;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +37,8 @@ pub struct ClusterConfig {
     pub autoscale: AutoscaleConfig,
     /// Fair share of each model's slots between the values of a label.
     pub fair_share: FairShareConfig,
+    /// Limits per fair-share key: queued, running, submit rate.
+    pub quota: QuotaConfig,
     /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
     pub http: HttpConfig,
     pub models: Vec<ModelConfig>,
@@ -97,6 +104,35 @@ impl ClusterConfig {
         }
     }
 
+    /// `[quota]`: each key's limits (the defaults, and each override over them) in range; a
+    /// quota needs the fair-share key whose values it limits.
+    fn validate_quota(&self) -> Result<(), ConfigError> {
+        let quota = &self.quota;
+        if quota.is_on() && self.fair_share.key.is_empty() {
+            return Err(invalid("quota", "limits the values of fair_share.key: set it (quotas need the key fair share uses)"));
+        }
+        let check = |key: String, limits: KeyQuota| {
+            if !limits.submits_per_s.is_finite() || limits.submits_per_s < 0.0 {
+                return Err(invalid(format!("{key}submits_per_s"), "must be 0 (no limit) or a positive number"));
+            }
+            if limits.submits_per_s > 0.0 && limits.burst == 0 {
+                return Err(invalid(format!("{key}burst"), "must be at least 1 where submits_per_s is set"));
+            }
+            if limits.max_running > MAX_RUNNING_QUOTA {
+                return Err(invalid(format!("{key}max_running"), format!("must be at most {MAX_RUNNING_QUOTA}")));
+            }
+            Ok(())
+        };
+        check("quota.".into(), quota.defaults())?;
+        for (name, over) in &quota.keys {
+            if name.is_empty() || name.trim_end_matches('*').contains('*') {
+                return Err(invalid(format!("quota.keys.{name:?}"), "must be a value, or a class ending in one `*`"));
+            }
+            check(format!("quota.keys.{name:?}."), over.over(quota.defaults()))?;
+        }
+        Ok(())
+    }
+
     /// Checks everything serde cannot: names, ranges, references between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
@@ -129,6 +165,7 @@ impl ClusterConfig {
         if let Some((value, _)) = self.fair_share.weights.iter().find(|(_, w)| **w == 0) {
             return Err(invalid(format!("fair_share.weights.{value}"), "must be at least 1"));
         }
+        self.validate_quota()?;
         if self.autoscale.refresh_ms == 0 {
             return Err(invalid("autoscale.refresh_ms", "must be positive"));
         }
@@ -359,6 +396,24 @@ mod tests {
         assert!(check("[cluster]\nwindow_bytes = 1000").contains("cluster.window_bytes"));
         let c = super::super::layers::merged_with(None, &[("KILN_CLUSTER_COOKIE", "s3cret")], &[]).unwrap();
         assert_eq!(c.cluster.cookie, "s3cret");
+    }
+
+    #[test]
+    fn quotas_are_off_by_default_checked_and_set_by_file_or_environment() {
+        let c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        assert!(!c.quota.is_on(), "off by default");
+        let check =
+            |toml: &str| ClusterConfig::from_toml(&format!("{MINIMAL}\n{toml}"), "t").unwrap().validate().map_err(|e| e.to_string());
+        assert!(check("[quota]\nsubmits_per_s = 2").unwrap_err().contains("quota.burst"));
+        assert!(check("[quota]\nsubmits_per_s = -1\nburst = 1").unwrap_err().contains("quota.submits_per_s"));
+        assert!(check("[quota]\nmax_running = 100001").unwrap_err().contains("quota.max_running"));
+        assert!(check("[quota.keys.\"a*b\"]\nmax_queued = 1").unwrap_err().contains("a*b"));
+        assert!(check("[quota.keys.\"free-*\"]\nsubmits_per_s = 1").unwrap_err().contains("quota.keys.\"free-*\".burst"));
+        assert!(check("[fair_share]\nkey = \"\"\n[quota]\nmax_queued = 1").unwrap_err().contains("fair_share.key"));
+        check("[quota]\nsubmits_per_s = 0.5\nburst = 2\n[quota.keys.\"free-*\"]\nmax_queued = 10\nburst = 5").expect("valid");
+        let c = super::super::layers::merged_with(None, &[("KILN_QUOTA__MAX_QUEUED", "10"), ("KILN_QUOTA__SUBMITS_PER_S", "2.5")], &[])
+            .unwrap();
+        assert_eq!((c.quota.max_queued, c.quota.submits_per_s), (10, 2.5));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | file            | what                                                                      |
 //! |-----------------|---------------------------------------------------------------------------|
 //! | `connection.rs` | `[nats]` (URLs, credentials, TLS, replicas, prefix), `[cluster]` (the link) |
-//! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]`, `[autoscale]`, `[fair_share]` |
+//! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]`, `[autoscale]`, `[fair_share]`, `[quota]` |
 //! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
 //! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
 //! | `load.rs`       | [`ClusterConfig`], the whole configuration: includes, paths, `validate()` |
@@ -35,6 +35,6 @@ pub use layers::{choose_file, variable_of_key, Flag, Layers, ALIASES, CONFIG_VAR
 pub use load::ClusterConfig;
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
 pub use node::{
-    parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, Limits, NodeConfig, RestartPolicy, RetryPolicy, SlotDevice,
-    StorageConfig,
+    parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, QuotaOverride,
+    RestartPolicy, RetryPolicy, SlotDevice, StorageConfig,
 };

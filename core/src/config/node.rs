@@ -115,6 +115,76 @@ impl Default for FairShareConfig {
     }
 }
 
+/// `[quota]`: limits per fair-share key (a value of `fair_share.key`) and model, enforced at
+/// submit (`max_queued`, `submits_per_s`) and by JetStream (`max_running`). 0 is no limit; all
+/// 0 (the default) is off. Jobs without the key's label are not limited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    /// A key's jobs of one model waiting to start (both lanes), beyond which a submit is
+    /// refused `quota_exceeded`.
+    pub max_queued: u64,
+    /// A key's jobs of one model running at once, in each lane (its consumers'
+    /// `max_ack_pending`).
+    pub max_running: u64,
+    /// A key's submits per second to one model, as a token bucket of `burst` (across the
+    /// cluster: each API node allows its share, the rate divided by the live nodes).
+    pub submits_per_s: f64,
+    /// Submits a key may make at once after being idle (at least 1 when `submits_per_s` is set).
+    pub burst: u64,
+    /// Overrides by value, or by class (`"free-*"`: every value it begins; the longest class
+    /// wins, an exact value over any class), as for `fair_share.weights`. A field left out
+    /// keeps the default above.
+    pub keys: std::collections::BTreeMap<String, QuotaOverride>,
+}
+
+/// One `[quota.keys."<value or class>"]`: the limits it sets instead of `[quota]`'s.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submits_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+}
+
+/// The limits of one key, defaults and its override put together (`kiln_core::fair::quota_of`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KeyQuota {
+    pub max_queued: u64,
+    pub max_running: u64,
+    pub submits_per_s: f64,
+    pub burst: u64,
+}
+
+impl QuotaConfig {
+    /// Whether any limit is set, by default or for some key.
+    pub fn is_on(&self) -> bool {
+        self.defaults() != KeyQuota::default() || !self.keys.is_empty()
+    }
+
+    /// `[quota]`'s own limits: those of a key no override names.
+    pub fn defaults(&self) -> KeyQuota {
+        KeyQuota { max_queued: self.max_queued, max_running: self.max_running, submits_per_s: self.submits_per_s, burst: self.burst }
+    }
+}
+
+impl QuotaOverride {
+    /// `base` with the limits this override sets.
+    pub fn over(&self, base: KeyQuota) -> KeyQuota {
+        KeyQuota {
+            max_queued: self.max_queued.unwrap_or(base.max_queued),
+            max_running: self.max_running.unwrap_or(base.max_running),
+            submits_per_s: self.submits_per_s.unwrap_or(base.submits_per_s),
+            burst: self.burst.unwrap_or(base.burst),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {

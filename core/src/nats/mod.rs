@@ -32,7 +32,7 @@ pub use cas::CasError;
 pub use names::{Lane, Names};
 pub use patience::{ride_out, Transient};
 pub use registry::{lost_claim_key, RegistryCache};
-pub use resources::Resources;
+pub use resources::{KeyJobs, Resources};
 pub use server::{ClusterMember, NatsCluster, NatsServer};
 
 /// Errors of the NATS layer: the client's (connecting and moving objects fail the same ways).

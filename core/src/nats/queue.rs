@@ -25,8 +25,6 @@ use async_nats::jetstream::consumer;
 /// How far back in the results feed (in messages of every model) the mean run time looks: a
 /// model's finished jobs among the last this many, and at least its last one.
 pub const SERVICE_WINDOW: u64 = 64;
-/// A queue consumer's `max_ack_pending` when no `max_running` quota limits it.
-pub const UNLIMITED_ACK_PENDING: i64 = 100_000;
 /// Longest a read of the results feed may take.
 const READ_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -157,7 +155,7 @@ impl Resources {
         }
         if let Some(own) = &own {
             facts.at_running_quota = own.config.max_ack_pending > 0
-                && own.config.max_ack_pending < UNLIMITED_ACK_PENDING
+                && own.config.max_ack_pending < super::resources::UNLIMITED_ACK_PENDING
                 && own.num_ack_pending as i64 >= own.config.max_ack_pending;
             if let (JobState::Queued, Some(seq)) = (record.state, record.queue_seq) {
                 let delivered = own.delivered.stream_sequence;

@@ -25,6 +25,18 @@ const MAX_EVENTS_PER_JOB: i64 = 10_000;
 /// "maximum consumers limit reached" downloading 3,000 results with 16 in flight.
 pub const MAX_CONSUMERS_PER_STREAM: i32 = 100_000;
 
+/// The `max_ack_pending` of a queue without a `max_running` quota: more than any cluster runs.
+pub(crate) const UNLIMITED_ACK_PENDING: i64 = 100_000;
+
+/// One fair-share key's jobs of a model ([`Resources::key_queue`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyJobs {
+    /// Waiting to start, both lanes.
+    pub queued: u64,
+    /// Delivered and not acked yet (running, or waiting for a retry), both lanes.
+    pub running: u64,
+}
+
 /// Cheap-to-clone handle on every NATS resource of one Kiln deployment: one `Arc`. (Cloned
 /// field by field, with its KV stores and stream handles, a clone cost allocations and copies
 /// that showed in a no-op job's profile: every job clones it several times.)
@@ -60,6 +72,8 @@ pub struct ResourceHandles {
     pub(crate) registry_ttl: Duration,
     /// Which queue a job goes to (`crate::fair`).
     pub(crate) fair_share: crate::config::FairShareConfig,
+    /// Each key's `max_running` is its consumers' `max_ack_pending` (`crate::fair::quota_of`).
+    pub(crate) quota: crate::config::QuotaConfig,
     /// The fair-share keys' consumers this process made sure of, `(model, lane, key)`.
     pub(crate) keyed_consumers: Arc<dashmap::DashSet<(String, Lane, String)>>,
 }
@@ -202,6 +216,7 @@ impl Resources {
             ack_wait: Duration::from_millis(config.nats.ack_wait_ms),
             registry_ttl,
             fair_share: config.fair_share.clone(),
+            quota: config.quota.clone(),
             keyed_consumers: Default::default(),
         }));
 
@@ -222,7 +237,10 @@ impl Resources {
 
     /// The durable pull consumer of one queue of a model's lane, created if missing: the lane's
     /// shared queue (`key` `None`), or one fair-share key's (`crate::fair`). Every node's puller
-    /// shares it.
+    /// shares it. A key's `max_running` quota is its `max_ack_pending` (JetStream then delivers
+    /// no more of its jobs while that many are unacknowledged, i.e. running or waiting for a
+    /// retry); an existing consumer whose figure differs from the config is updated, since
+    /// `get_or_create` keeps the config a consumer was created with.
     async fn queue_consumer<I>(
         &self,
         stream: &stream::Stream<I>,
@@ -234,23 +252,49 @@ impl Resources {
             None => (self.names.consumer(model, lane), self.names.job_subject(model, lane)),
             Some(key) => (self.names.consumer_keyed(model, lane, key), self.names.job_subject_keyed(model, lane, key)),
         };
-        stream
-            .get_or_create_consumer(
-                &name,
-                consumer::pull::Config {
-                    durable_name: Some(name.clone()),
-                    filter_subject,
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: self.ack_wait,
-                    // Attempts are counted in the job record, not here: JetStream must keep
-                    // redelivering until a node writes an outcome.
-                    max_deliver: -1,
-                    max_ack_pending: super::queue::UNLIMITED_ACK_PENDING,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(StoreError::nats)
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // Attempts are counted in the job record, not here: JetStream must keep
+            // redelivering until a node writes an outcome.
+            max_deliver: -1,
+            max_ack_pending: max_ack_pending(&self.quota, key),
+            ..Default::default()
+        };
+        let mut consumer = stream.get_or_create_consumer(&name, config.clone()).await.map_err(StoreError::nats)?;
+        if consumer.cached_info().config.max_ack_pending != config.max_ack_pending {
+            tracing::info!(consumer = %name, max_ack_pending = config.max_ack_pending, "the key's max_running quota changed: updating its consumer");
+            consumer = stream.update_consumer(config).await.map_err(StoreError::nats)?;
+        }
+        Ok(consumer)
+    }
+
+    /// Jobs of the fair-share key `key` in `model`'s two lanes: waiting to start (its
+    /// consumers' `num_pending`) and delivered, not yet acked (`num_ack_pending`: running or
+    /// waiting for a retry). A consumer not made yet holds none. One consumer-info request per
+    /// lane, both at once. Feeds the `max_queued` quota.
+    pub async fn key_queue(&self, model: &str, key: &str) -> Result<KeyJobs, StoreError> {
+        let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+        let lanes = Lane::ALL.map(|lane| {
+            let stream = &stream;
+            let name = self.names.consumer_keyed(model, lane, key);
+            async move {
+                match stream.consumer_info(&name).await {
+                    Ok(info) => Ok(KeyJobs { queued: info.num_pending, running: info.num_ack_pending as u64 }),
+                    Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(KeyJobs::default()),
+                    Err(e) => Err(StoreError::nats(e)),
+                }
+            }
+        });
+        let mut total = KeyJobs::default();
+        for lane in futures::future::join_all(lanes).await {
+            let lane = lane?;
+            total.queued += lane.queued;
+            total.running += lane.running;
+        }
+        Ok(total)
     }
 
     /// The pull consumer of one model's lane (shared by every node).
@@ -385,6 +429,15 @@ fn creation_error(what: &str, replicas: usize, error: impl std::fmt::Display) ->
         ));
     }
     StoreError::Nats(format!("cannot create {what}: {text}"))
+}
+
+/// The `max_ack_pending` of a queue's consumer: a fair-share key's `max_running` quota where one
+/// is set, else [`UNLIMITED_ACK_PENDING`].
+fn max_ack_pending(quota: &crate::config::QuotaConfig, key: Option<&str>) -> i64 {
+    match key.map(|key| crate::fair::quota_of(quota, key).max_running) {
+        Some(max_running) if max_running > 0 => max_running as i64,
+        _ => UNLIMITED_ACK_PENDING,
+    }
 }
 
 async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, StoreError> {

@@ -309,3 +309,19 @@ def test_a_retrying_event_carries_its_reason_as_the_protocol_lists_them() -> Non
     event = Event.from_json(7, json.loads(line))
     assert (event.type, event.attempt, event.reason, event.status) == ("retrying", 2, "node_lost", None)
     assert event.message is not None and "gpu-a" in event.message
+
+
+def test_a_quota_refusal_carries_when_to_retry() -> None:
+    # The reply's decoding alone (no node): `quota_exceeded` keeps `retry_after_ms`, which
+    # survives pickling; other errors have none.
+    from kiln_client._async_client import _decode_reply
+    import pickle
+
+    body = {"error": {"code": "quota_exceeded", "message": "quota: key \"A\" ...", "retry_after_ms": 1000}}
+    with pytest.raises(KilnError) as refused:
+        _decode_reply("kiln.api.submit", json.dumps(body).encode(), None)
+    assert refused.value.code == kiln_client.ErrorCode.QUOTA_EXCEEDED and refused.value.retry_after_ms == 1000
+    assert pickle.loads(pickle.dumps(refused.value)).retry_after_ms == 1000
+    with pytest.raises(KilnError) as other:
+        _decode_reply("kiln.api.status", json.dumps({"error": {"code": "not_found", "message": "m"}}).encode(), None)
+    assert other.value.retry_after_ms is None

@@ -732,7 +732,9 @@ def _decode_reply(subject: str, data: bytes, headers: Optional[Dict[str, str]]) 
     # carry an "error" too, next to "job_id": that is the job's error, not the reply's.
     if isinstance(reply, dict) and set(reply) == {"error"} and isinstance(reply["error"], dict):
         err = reply["error"]
-        raise KilnError(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")))
+        retry = err.get("retry_after_ms")
+        retry_after_ms = retry if isinstance(retry, int) and not isinstance(retry, bool) else None
+        raise KilnError(str(err.get("code", ErrorCode.INTERNAL)), str(err.get("message", "")), retry_after_ms)
     if reply is None:
         # A NATS service framework error (headers only), or something that is not Kiln.
         headers = headers or {}

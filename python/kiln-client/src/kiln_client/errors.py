@@ -2,13 +2,16 @@
 
 Kiln answers a failed request with the error envelope `{"error": {"code", "message"}}`
 (docs/PROTOCOL.md, "Errors"); the client raises it as `KilnError(code, message)`. Branch on
-`code`, which is stable; `message` is for people.
+`code`, which is stable; `message` is for people. `quota_exceeded` also says when to try
+again: `KilnError.retry_after_ms` (None for the other codes).
 
 The client adds a few codes of its own for failures that never reached Kiln or that it found
 itself. They are listed in `ErrorCode` next to Kiln's and never clash with them.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 
 class ErrorCode:
@@ -20,6 +23,7 @@ class ErrorCode:
     NOT_FOUND = "not_found"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     OVERLOADED = "overloaded"
+    QUOTA_EXCEEDED = "quota_exceeded"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     ENGINE_FAILED = "engine_failed"
@@ -45,18 +49,22 @@ class KilnError(Exception):
 
     code: str
     message: str
+    retry_after_ms: Optional[int]
+    """When trying again may succeed, in milliseconds (`quota_exceeded`); else None."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_ms: Optional[int] = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_ms = retry_after_ms
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+        retry = f", retry_after_ms={self.retry_after_ms!r}" if self.retry_after_ms is not None else ""
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r}{retry})"
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        # Exceptions pickle their args; ours are (code, message), not the joined string.
-        return (type(self), (self.code, self.message))
+        # Exceptions pickle their args; ours are (code, message, retry_after_ms), not the joined string.
+        return (type(self), (self.code, self.message, self.retry_after_ms))
 
 
 class ChecksumError(KilnError):

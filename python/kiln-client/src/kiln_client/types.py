@@ -41,11 +41,16 @@ InputValue = JSON
 """An input: `{"object": "<name in kiln_files>"}` for an uploaded file, anything else inline."""
 
 
-class ApiErrorBody(TypedDict):
-    """`{code, message}`: a reply's error, or a job's (`JobView.error`, `Event.error`)."""
-
+class _ApiErrorBodyRequired(TypedDict):
     code: str
     message: str
+
+
+class ApiErrorBody(_ApiErrorBodyRequired, total=False):
+    """`{code, message}`: a reply's error, or a job's (`JobView.error`, `Event.error`);
+    `retry_after_ms` with `quota_exceeded` (when to try again)."""
+
+    retry_after_ms: int
 
 
 class Artifact(TypedDict):

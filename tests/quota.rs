@@ -154,6 +154,13 @@ async fn max_running_holds_a_users_jobs_running_at_once_while_another_uses_the_o
         ids.push(("A", client.submit(&job_of("A")).await.expect("A").job_id));
         ids.push(("B", client.submit(&job_of("B")).await.expect("B").job_id));
     }
+    // A's last job waits for its quota while A runs 2, and its status says so.
+    let last_a = ids[ids.len() - 2].1.clone();
+    let says = eventually(Duration::from_secs(10), || async {
+        client.status(&last_a).await.is_ok_and(|v| v.pending.is_some_and(|p| p.reason == kiln_core::protocol::PendingReason::Quota))
+    })
+    .await;
+    assert!(says, "A's waiting job does not say it waits for its quota: {:?}", client.status(&last_a).await);
     let mut intervals: std::collections::BTreeMap<&str, Vec<(u64, u64)>> = Default::default();
     for (user, id) in &ids {
         let v = wait_terminal(&client, id, Duration::from_secs(120)).await;

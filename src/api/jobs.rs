@@ -218,8 +218,9 @@ impl ApiService {
             return None;
         }
         let facts = async {
-            let gpus = self.resources.gpu_entries(None, false).await?;
-            let facts = self.resources.wait_facts(record, &gpus, owner_alive).await?;
+            let snapshot =
+                self.wait_snapshots.get(&self.resources, &record.model, kiln_core::nats::Lane::of_priority(record.priority)).await?;
+            let facts = self.resources.wait_facts(record, &snapshot, owner_alive).await?;
             Ok::<_, StoreError>(kiln_core::pending::pending(record, &facts))
         };
         match facts.await {

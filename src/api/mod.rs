@@ -18,6 +18,7 @@
 //! | `batches.rs`    | submit_batch, batch, cancel_batch, retry_batch                        |
 //! | `control.rs`    | models, cluster, queue, control (drain, restart a GPU, ping), the cluster's models |
 //! | `admission.rs`  | `overloaded`: requests in flight per node, jobs waiting per model (pure rule, cached depths) |
+//! | `wait_snapshots.rs` | the lanes' wait snapshots a waiting job's `pending` is judged by, kept 500 ms |
 //! | `quota.rs`      | `quota_exceeded`: each fair-share key's submit rate (token buckets) and queued jobs (pure rules, this node's state) |
 //! | `validation.rs` | every check of a request that needs no store, as pure functions       |
 //! | `reply.rs`      | parsing bodies, encoding replies, the shared errors                   |
@@ -31,6 +32,7 @@ mod jobs;
 pub mod quota;
 mod reply;
 pub mod validation;
+mod wait_snapshots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,6 +65,8 @@ pub struct ApiService {
     queue_depths: Arc<QueueDepths>,
     /// Each fair-share key's submit-rate bucket and jobs being admitted on this node (`[quota]`).
     quotas: Arc<quota::Quotas>,
+    /// The lanes' snapshots a waiting job's `pending` is judged by, kept for a moment.
+    wait_snapshots: Arc<wait_snapshots::WaitSnapshots>,
     /// Tells the request loop that this process stood still: the requests it buffered
     /// meanwhile are stale (see [`ApiService::start`]).
     stall: kiln_core::stall::StallWatch,
@@ -89,7 +93,15 @@ impl service::EndpointName for Endpoint {
 
 impl ApiService {
     pub fn new(resources: Resources, config: Arc<ClusterConfig>, registry: RegistryCache, stall: kiln_core::stall::StallWatch) -> Self {
-        ApiService { resources, config, registry, queue_depths: Arc::new(QueueDepths::default()), quotas: Default::default(), stall }
+        ApiService {
+            resources,
+            config,
+            registry,
+            queue_depths: Arc::new(QueueDepths::default()),
+            quotas: Default::default(),
+            wait_snapshots: Default::default(),
+            stall,
+        }
     }
 
     /// Registers the service and serves until the returned task is aborted.

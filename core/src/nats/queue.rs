@@ -120,28 +120,45 @@ impl Resources {
         Ok(mean_service_ms(&finished))
     }
 
+    /// What the waiting jobs of one lane of `model` are judged by ([`LaneWaitSnapshot`]): the
+    /// registry's slots, the lane's queues (and the high lane's, for the normal lane) and the
+    /// model's recent run time. The same for every job of the lane, so a caller keeps it for a
+    /// moment: clients poll the status of their queued jobs.
+    pub async fn lane_wait_snapshot(&self, model: &str, lane: Lane) -> Result<LaneWaitSnapshot, StoreError> {
+        let gpus = self.gpu_entries(None, false).await?;
+        let mut queues: Vec<(consumer::Info, bool)> = self.lane_consumers(model, lane).await?.into_iter().map(|c| (c, false)).collect();
+        if lane == Lane::Normal {
+            queues.extend(self.lane_consumers(model, Lane::High).await?.into_iter().map(|c| (c, true)));
+        }
+        let mean_service_ms = self.recent_service_ms(model).await?.0;
+        Ok(LaneWaitSnapshot { gpus, queues, mean_service_ms })
+    }
+
     /// What a waiting job's reason, position and estimated start are decided from
-    /// ([`crate::pending`]): the other queues of its model (its lane's other keys, and the
-    /// whole high lane for a job of the normal lane), its own queue's consumer (its position:
-    /// the messages on its subject between the consumer's last delivery and its own, two
-    /// direct gets; whether it runs as many as its consumer allows) and the model's recent
-    /// run time. `gpus`: the registry's slots, read by the caller.
-    pub async fn wait_facts<'a>(&self, record: &JobRecord, gpus: &'a [GpuEntry], owner_alive: bool) -> Result<WaitFacts<'a>, StoreError> {
+    /// ([`crate::pending`]): `snapshot` (its lane's, [`lane_wait_snapshot`](Self::lane_wait_snapshot))
+    /// and its position in its own queue, counted now: the messages on its subject between
+    /// the queue consumer's last delivery (as of the snapshot) and its own, two direct gets.
+    pub async fn wait_facts<'a>(
+        &self,
+        record: &JobRecord,
+        snapshot: &'a LaneWaitSnapshot,
+        owner_alive: bool,
+    ) -> Result<WaitFacts<'a>, StoreError> {
         let lane = Lane::of_priority(record.priority);
         let key = crate::fair::job_key(&self.fair_share, &record.labels);
         let own_subject = match &key {
             Some(key) => self.names.job_subject_keyed(&record.model, lane, key),
             None => self.names.job_subject(&record.model, lane),
         };
-        let mut facts =
-            WaitFacts { gpus, owner_alive, weight: crate::fair::weight_of(&self.fair_share, key.as_deref()), ..Default::default() };
-        let mut queues: Vec<(consumer::Info, bool)> =
-            self.lane_consumers(&record.model, lane).await?.into_iter().map(|c| (c, false)).collect();
-        if lane == Lane::Normal {
-            queues.extend(self.lane_consumers(&record.model, Lane::High).await?.into_iter().map(|c| (c, true)));
-        }
+        let mut facts = WaitFacts {
+            gpus: &snapshot.gpus,
+            owner_alive,
+            weight: crate::fair::weight_of(&self.fair_share, key.as_deref()),
+            mean_service_ms: snapshot.mean_service_ms,
+            ..Default::default()
+        };
         let mut own = None;
-        for (info, higher_lane) in queues {
+        for (info, higher_lane) in &snapshot.queues {
             if info.config.filter_subject == own_subject {
                 own = Some(info);
                 continue;
@@ -150,10 +167,20 @@ impl Resources {
             facts.others.push(OtherQueue {
                 queued: info.num_pending,
                 weight: crate::fair::weight_of(&self.fair_share, other_key),
-                higher_lane,
+                higher_lane: *higher_lane,
             });
         }
-        if let Some(own) = &own {
+        // A key newer than the snapshot: its consumer is read now (one request).
+        let fetched;
+        let own = match (own, &key) {
+            (None, Some(key)) => {
+                let stream = self.js.get_stream_no_info(self.names.jobs_stream()).await.map_err(StoreError::nats)?;
+                fetched = stream.consumer_info(self.names.consumer_keyed(&record.model, lane, key)).await.ok();
+                fetched.as_ref()
+            }
+            (own, _) => own,
+        };
+        if let Some(own) = own {
             facts.at_running_quota = own.config.max_ack_pending > 0
                 && own.config.max_ack_pending < super::resources::UNLIMITED_ACK_PENDING
                 && own.num_ack_pending as i64 >= own.config.max_ack_pending;
@@ -171,7 +198,6 @@ impl Resources {
                 });
             }
         }
-        facts.mean_service_ms = self.recent_service_ms(&record.model).await?.0;
         Ok(facts)
     }
 
@@ -243,4 +269,13 @@ fn activity(info: &consumer::Info) -> crate::fair::QueueActivity {
         waiting: info.num_waiting as u64,
         idle_for: Duration::from_secs_f64(idle_for.as_seconds_f64()),
     }
+}
+
+/// One lane of a model as its waiting jobs are judged ([`Resources::lane_wait_snapshot`]).
+#[derive(Debug, Clone)]
+pub struct LaneWaitSnapshot {
+    pub gpus: Vec<GpuEntry>,
+    /// The lane's queue consumers, and the high lane's for the normal lane (`true`).
+    queues: Vec<(consumer::Info, bool)>,
+    pub mean_service_ms: Option<f64>,
 }

@@ -45,6 +45,11 @@ backoff_initial_ms = 50
 backoff_max_ms = 500
 [compression]
 max_workers = 2
+# The heavy user (user-0, half the submissions) is held to 2 running jobs per lane and 30
+# queued: its submits past that are refused quota_exceeded and retried after the wait given.
+[quota.keys."user-0"]
+max_running = 2
+max_queued = 30
 
 [[models]]
 name = "chaos"

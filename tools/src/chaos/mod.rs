@@ -106,8 +106,9 @@ pub struct ChaosReport {
     pub total_ms: u64,
 }
 
-/// A client call during faults: retried on timeouts, no responders and overload, as a careful
-/// client does (every mutating call here is idempotent).
+/// A client call during faults: retried on timeouts, no responders and overload, and after
+/// the wait it was given over a quota, as a careful client does (every mutating call here is
+/// idempotent).
 async fn retrying<T, F, Fut>(limit: Duration, mut call: F) -> Result<T, ClientError>
 where
     F: FnMut() -> Fut,
@@ -118,6 +119,11 @@ where
         match call().await {
             Err(ClientError::Timeout(_)) | Err(ClientError::NoResponders(_)) | Err(ClientError::Nats(_)) if start.elapsed() < limit => {}
             Err(ClientError::Api(e)) if matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal) && start.elapsed() < limit => {}
+            Err(e) if matches!(&e, ClientError::Api(a) if a.code == ErrorCode::QuotaExceeded) && start.elapsed() < limit => {
+                let wait = e.retry_after().unwrap_or(Duration::from_millis(200)).min(Duration::from_secs(2));
+                tokio::time::sleep(wait).await;
+                continue;
+            }
             other => return other,
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -95,12 +95,20 @@ impl Resources {
         // both are stored: it claims only once the record exists, written below. The event is
         // de-duplicated: a retried submission may publish it again.
         let event = Event::status(&record.job_id, 0, JobState::Queued).labelled(&record.labels);
-        let queued = self.publish_event_nowait_with_id(&event, &format!("{}-queued", record.job_id)).await?;
-        let enqueued = self.enqueue_nowait(record).await?;
-        let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
-        queued.map_err(StoreError::nats)?;
+        let started = tokio::time::Instant::now();
+        let mut tries = 0;
+        let queue_seq = loop {
+            match self.publish_queued_and_enqueue(&event, record).await {
+                Err(e) if in_process_elsewhere(&e) => {
+                    tries += 1;
+                    let Some(pause) = crate::policy::Patience::SUBMIT_RECORD.pause(tries, started.elapsed()) else { return Err(e) };
+                    tokio::time::sleep(pause).await;
+                }
+                other => break other?,
+            }
+        };
         // Where its message stands in the queue: its position while it waits.
-        let record = &JobRecord { queue_seq: Some(enqueued.map_err(StoreError::nats)?.sequence), ..record.clone() };
+        let record = &JobRecord { queue_seq: Some(queue_seq), ..record.clone() };
         crate::fault::abort_at("abort_in_launch");
         let created =
             super::patience::ride_out(crate::policy::Patience::SUBMIT_RECORD, &record.job_id, "writing a new job's record", || {
@@ -119,6 +127,16 @@ impl Resources {
         }
         metrics::counter!(crate::metrics::JOBS_SUBMITTED, "model" => record.model.clone()).increment(1);
         Ok(None)
+    }
+
+    /// The job's `queued` event and its queue message, both acks awaited together; the queue
+    /// message's stream sequence.
+    async fn publish_queued_and_enqueue(&self, event: &Event, record: &JobRecord) -> Result<u64, StoreError> {
+        let queued = self.publish_event_nowait_with_id(event, &format!("{}-queued", record.job_id)).await?;
+        let enqueued = self.enqueue_nowait(record).await?;
+        let (queued, enqueued) = tokio::join!(std::future::IntoFuture::into_future(queued), std::future::IntoFuture::into_future(enqueued));
+        queued.map_err(StoreError::nats)?;
+        Ok(enqueued.map_err(StoreError::nats)?.sequence)
     }
 
     /// Every job id in the bucket (for listing; O(jobs), bounded by the record TTL).
@@ -152,5 +170,27 @@ impl Resources {
             None => self.names.job_subject(&record.model, lane),
         };
         self.js.publish_with_headers(subject, headers, body.into()).await.map_err(StoreError::nats)
+    }
+}
+
+/// JetStream refuses a publish whose message id another publish is storing at that moment
+/// (409, "duplicate message id is in process"): a client's retry of a submit whose first try
+/// is still under way on another node (seen in tests/nats_cluster.rs while a stream's leader
+/// was killed, where the API answered it `internal`). Once that one is stored, the same
+/// publish is a duplicate, answered at once: it is sent again after a pause.
+pub fn in_process_elsewhere(error: &StoreError) -> bool {
+    matches!(error, StoreError::Nats(m) if m.contains("in process"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_duplicate_in_process_is_sent_again() {
+        let refused = StoreError::Nats("publish failed: duplicate message id is in process (code 409, error code 10158)".into());
+        assert!(in_process_elsewhere(&refused));
+        assert!(!in_process_elsewhere(&StoreError::Nats("timed out: didn't receive ack in time".into())));
+        assert!(!in_process_elsewhere(&StoreError::Conflict));
     }
 }

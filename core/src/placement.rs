@@ -287,11 +287,8 @@ impl SlotTable {
         // warm slot needs.
         let mut moved = self.clone();
         moved.release(slot);
-        let better = moved
-            .slots
-            .keys()
-            .find(|name| name.as_str() != slot && is_warm(name) && moved.room_for(name, model, batch_limit) > 0)
-            .cloned();
+        let better =
+            moved.slots.keys().find(|name| name.as_str() != slot && is_warm(name) && moved.room_for(name, model, batch_limit) > 0).cloned();
         let Some(better) = better else { return slot.to_string() };
         moved.take_place(&better, model, &is_warm);
         *self = moved;
@@ -438,8 +435,8 @@ mod tests {
 
     #[test]
     fn a_group_holds_its_slots_together_and_frees_them_together() {
-        let mut t = table(&[("cuda:0", &["big", "m"]), ("cuda:1", &["big", "m"]), ("cuda:2", &["big", "m"])])
-            .with_gpus([("big".to_string(), 2)]);
+        let mut t =
+            table(&[("cuda:0", &["big", "m"]), ("cuda:1", &["big", "m"]), ("cuda:2", &["big", "m"])]).with_gpus([("big".to_string(), 2)]);
         // One group fits (a third slot is left over, too few for a second).
         assert_eq!(t.reserve("big", 5, 1, |_| false), vec!["cuda:0"]);
         assert_eq!(t.group("cuda:0"), vec!["cuda:0", "cuda:1"]);
@@ -579,7 +576,12 @@ mod tests {
             }
             if let Some(p) = &s.held_for {
                 prop_assert!(s.held() == 0 && s.holder.is_none() && s.companions.is_empty(), "companion {} holds places: {:?}", name, s);
-                prop_assert!(t.slots.get(p).is_some_and(|ps| ps.companions.contains(name)), "{} is held for {}, which does not list it", name, p);
+                prop_assert!(
+                    t.slots.get(p).is_some_and(|ps| ps.companions.contains(name)),
+                    "{} is held for {}, which does not list it",
+                    name,
+                    p
+                );
             }
         }
         Ok(())

@@ -323,11 +323,7 @@ impl ClusterConfig {
     /// GPUs (`gpus`) than this node has slots serving it (another node may serve it; here its
     /// jobs are never taken).
     pub fn models_for_slot(&self, slot: &str) -> Vec<String> {
-        self.models
-            .iter()
-            .filter(|m| allowed_on(m, slot) && self.fits_on_node(m))
-            .map(|m| m.name.clone())
-            .collect()
+        self.models.iter().filter(|m| allowed_on(m, slot) && self.fits_on_node(m)).map(|m| m.name.clone()).collect()
     }
 
     /// Whether this node has as many slots allowed to serve `model` as it needs at once.

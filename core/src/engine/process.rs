@@ -421,6 +421,31 @@ mod tests {
         assert_eq!(cuda_visible_devices(&slots(&["cpu:0", "cpu:1"])), "");
     }
 
+    /// A real worker (sh) that writes the slots it was given, then says ready: a job holding
+    /// another group than the resident worker's restarts it, seeing the new group.
+    #[tokio::test]
+    async fn a_worker_is_restarted_for_a_job_of_another_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let script =
+            format!(r#"echo "$KILN_SLOT $KILN_SLOTS [$CUDA_VISIBLE_DEVICES]" >> {}; echo '{{"type":"ready"}}'; sleep 600"#, seen.display());
+        let command = vec!["sh".into(), "-c".into(), script];
+        let mut engine = ProcessEngine::new("big", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
+        engine.ensure_loaded().await.unwrap();
+        // The engine's own slot, named or not: the same worker.
+        engine.use_group(&[]);
+        engine.use_group(&["cpu:0".to_string()]);
+        assert!(engine.is_loaded());
+        let group = ["cpu:0".to_string(), "cpu:2".to_string()];
+        engine.use_group(&group);
+        assert!(!engine.is_loaded(), "started for another group: stopped");
+        engine.ensure_loaded().await.unwrap();
+        engine.use_group(&group);
+        assert!(engine.is_loaded(), "the same group keeps its worker");
+        let lines = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(lines, "cpu:0 cpu:0 []\ncpu:0 cpu:0,cpu:2 []\n");
+    }
+
     /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.
     #[tokio::test]
     async fn a_worker_line_over_the_limit_is_named_as_such_and_the_worker_stopped() {

@@ -163,6 +163,7 @@ async fn a_node_with_too_few_slots_never_takes_a_multi_gpu_job() {
         if started.elapsed() > Duration::from_secs(2) {
             let pending = view.pending.expect("a queued job says why it waits");
             assert_eq!(pending.reason, PendingReason::NoSlot, "{pending:?}");
+            assert!(pending.message.contains("needs 2 slots of one node"), "{pending:?}");
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

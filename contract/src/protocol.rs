@@ -585,6 +585,18 @@ pub struct ModelDecl {
     pub required_inputs: Vec<String>,
     #[serde(default)]
     pub params: Vec<crate::params::ParamDecl>,
+    /// Slots of one node each job of it holds at once (`gpus` in its `[[models]]`); left out
+    /// when 1.
+    #[serde(default = "one_gpu", skip_serializing_if = "is_one_gpu")]
+    pub gpus: usize,
+}
+
+fn one_gpu() -> usize {
+    1
+}
+
+fn is_one_gpu(gpus: &usize) -> bool {
+    *gpus == 1
 }
 
 /// The deliveries one life of a node holds (KV bucket `kiln_held`, key `<node>`): when the

@@ -350,6 +350,7 @@ impl ClusterConfig {
                 result_ttl_s: self.result_ttl_s(m),
                 required_inputs: m.required_inputs.clone(),
                 params: m.params.clone(),
+                gpus: m.gpus,
             })
             .collect()
     }

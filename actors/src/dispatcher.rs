@@ -185,7 +185,11 @@ impl Actor for Dispatcher {
         let ctx = args.ctx;
         // Every slot starts down: it takes jobs once its GPU supervisor reports it up.
         let slots = SlotTable::new(ctx.config.node.slots.iter().map(|s| (s.clone(), ctx.config.models_for_slot(s))))
-            .with_prefetch(ctx.config.node.slot_prefetch);
+            .with_prefetch(ctx.config.node.slot_prefetch)
+            .with_gpus(ctx.config.models.iter().map(|m| (m.name.clone(), m.gpus)));
+        for m in ctx.config.models.iter().filter(|m| !ctx.config.fits_on_node(m)) {
+            tracing::warn!(model = %m.name, gpus = m.gpus, "this node has too few slots serving the model for one job of it; it does not serve it");
+        }
         Ok(DispatcherState {
             retry_backoff: Backoff::from(&ctx.config.retry),
             stage_pool: args.stage_pool,
@@ -366,14 +370,24 @@ impl DispatcherState {
         let (listed_tx, listed) = tokio::sync::oneshot::channel();
         // The reservation becomes the job's lease (the puller reserved `slot`, or
         // `better_slot` moved its reservation there); the lease hands it back, once.
+        // A multi-GPU model's group (primary first): its companions show busy with the job too.
+        let group = self.slots.group(&slot);
         if self.slots.start(&slot) {
-            let update = GpuUpdate { state: Some(GpuState::Busy), current_job: Some(Some(job_id.clone())), ..Default::default() };
-            let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: slot.clone(), update });
+            let shown = if group.len() > 1 { group.clone() } else { vec![] };
+            for s in &group {
+                let update = GpuUpdate {
+                    state: Some(GpuState::Busy),
+                    current_job: Some(Some(job_id.clone())),
+                    group: (!shown.is_empty()).then(|| shown.clone()),
+                    ..Default::default()
+                };
+                let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: s.clone(), update });
+            }
         }
         let args = JobArgs {
             ctx: self.ctx.clone(),
             delivery,
-            lease: SlotLease::new(slot.clone(), job_id.clone(), myself.clone()),
+            lease: SlotLease::new(slot.clone(), job_id.clone(), myself.clone()).with_group(group),
             inference,
             cancel: cancel.clone(),
             retry_backoff: self.retry_backoff,
@@ -399,8 +413,15 @@ impl DispatcherState {
         // The dispatcher, which sees every job of the slot, says what it does: idle when its
         // last job's lease came back (a job of a batch that ends first must not show it idle),
         // else busy with a job that still holds it (one claimed ahead takes over).
+        let group = self.slots.group(slot);
         let update = if self.slots.finish(slot) {
-            GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), ..Default::default() }
+            // A group is freed with its primary's last job: its companions show idle again.
+            let clear = (group.len() > 1).then(Vec::new);
+            for companion in group.iter().skip(1) {
+                let update = GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), group: clear.clone(), ..Default::default() };
+                let _ = self.registry.cast(RegistryWriterMsg::Gpu { slot: companion.clone(), update });
+            }
+            GpuUpdate { state: Some(GpuState::Idle), current_job: Some(None), group: clear, ..Default::default() }
         } else {
             let next = self.running.iter().find(|(_, r)| r.leased && r.slot == slot).map(|(id, _)| id.clone());
             GpuUpdate { state: Some(GpuState::Busy), current_job: Some(next), ..Default::default() }

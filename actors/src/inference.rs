@@ -209,7 +209,8 @@ impl InferenceState {
             return Ok(());
         };
         let timeout = Duration::from_millis(model.timeout_ms);
-        self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));
+        // A multi-GPU model's worker must see the GPUs of the group this job holds.
+        self.engines.entry(model.name.clone()).or_insert_with(|| Engine::new(&model, &self.slot)).use_group(&job.group);
         self.clock += 1;
         self.last_used.insert(model.name.clone(), self.clock);
         if let Err(e) = self.make_room(&model) {

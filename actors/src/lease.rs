@@ -17,6 +17,9 @@ pub trait LeaseReturn: Send + Sync + 'static {
 /// end is heard separately, through supervision.
 pub struct SlotLease {
     slot: String,
+    /// Every slot the job holds, `slot` first: more than one for a model of several GPUs
+    /// (its companions come back with `slot`, in the dispatcher's table).
+    group: Vec<String>,
     job_id: String,
     to: Option<Box<dyn LeaseReturn>>,
 }
@@ -24,16 +27,29 @@ pub struct SlotLease {
 impl SlotLease {
     /// A lease on `slot` for `job_id`, handed back to `to` when dropped.
     pub fn new(slot: String, job_id: String, to: impl LeaseReturn) -> SlotLease {
-        SlotLease { slot, job_id, to: Some(Box::new(to)) }
+        SlotLease { group: vec![slot.clone()], slot, job_id, to: Some(Box::new(to)) }
+    }
+
+    /// The same lease, holding the slots of `group` (its own first) for a multi-GPU model.
+    pub fn with_group(mut self, group: Vec<String>) -> SlotLease {
+        if group.first() == Some(&self.slot) {
+            self.group = group;
+        }
+        self
     }
 
     pub fn slot(&self) -> &str {
         &self.slot
     }
 
+    /// Every slot the job holds, its own first.
+    pub fn group(&self) -> &[String] {
+        &self.group
+    }
+
     /// A lease that tells nobody when it is handed back: for a job actor run alone in a test.
     pub fn detached(slot: &str) -> SlotLease {
-        SlotLease { slot: slot.to_string(), job_id: String::new(), to: None }
+        SlotLease { slot: slot.to_string(), group: vec![slot.to_string()], job_id: String::new(), to: None }
     }
 }
 

@@ -91,7 +91,8 @@ impl Pipeline {
         let output_dir = dir.join("out");
         let inputs = resolve_inputs(&self.ctx, events, record, &dir.join("in")).await?;
         let job_inputs = inputs.clone();
-        let job = EngineJob { record: JobRecord { attempt, ..record.clone() }, inputs, output_dir };
+        let group = self.lease.as_ref().map(|l| l.group().to_vec()).unwrap_or_default();
+        let job = EngineJob { record: JobRecord { attempt, ..record.clone() }, inputs, output_dir, group };
 
         let stages = self.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
         let run_stage = self.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();

@@ -64,6 +64,9 @@ pub struct GpuUpdate {
     pub warm_models: Option<Vec<String>>,
     pub restarts: Option<u32>,
     pub last_error: Option<Option<String>>,
+    /// The slots of the multi-GPU group holding this slot, primary first (empty: none); set
+    /// by the dispatcher with the busy/idle flip of the group's job.
+    pub group: Option<Vec<String>>,
 }
 
 impl GpuUpdate {
@@ -145,6 +148,7 @@ impl Actor for RegistryWriter {
                     restarts: 0,
                     last_error: None,
                     heartbeat_ms: now,
+                    group: vec![],
                 };
                 (slot.clone(), entry)
             })
@@ -289,6 +293,9 @@ impl RegistryWriterState {
         }
         if let Some(r) = update.restarts {
             entry.restarts = r;
+        }
+        if let Some(g) = update.group {
+            entry.group = g;
         }
         if let Some(e) = update.last_error {
             // A worker's stderr can end up here: bounded like an event message.

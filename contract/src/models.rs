@@ -57,6 +57,7 @@ mod tests {
             result_ttl_s: 60,
             required_inputs: vec![],
             params: vec![],
+            gpus: 1,
         }
     }
 

@@ -542,6 +542,11 @@ pub struct GpuEntry {
     pub last_error: Option<String>,
     /// Unix ms of the last write; an entry older than the registry TTL is a dead node's.
     pub heartbeat_ms: u64,
+    /// While a model of several GPUs (`gpus`) holds this slot: every slot of its group, the
+    /// primary (where the job runs, `current_job`) first, then the companions held for it
+    /// (shown busy with the same job). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub group: Vec<String>,
 }
 
 /// A registry entry for one node (KV bucket `kiln_nodes`, key `<node>`).
@@ -580,6 +585,18 @@ pub struct ModelDecl {
     pub required_inputs: Vec<String>,
     #[serde(default)]
     pub params: Vec<crate::params::ParamDecl>,
+    /// Slots of one node each job of it holds at once (`gpus` in its `[[models]]`); left out
+    /// when 1.
+    #[serde(default = "one_gpu", skip_serializing_if = "is_one_gpu")]
+    pub gpus: usize,
+}
+
+fn one_gpu() -> usize {
+    1
+}
+
+fn is_one_gpu(gpus: &usize) -> bool {
+    *gpus == 1
 }
 
 /// The deliveries one life of a node holds (KV bucket `kiln_held`, key `<node>`): when the

@@ -178,6 +178,7 @@ mod tests {
             restarts: 0,
             last_error: None,
             heartbeat_ms: 0,
+            group: vec![],
         }
     }
 

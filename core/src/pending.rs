@@ -104,6 +104,16 @@ pub fn pending(record: &JobRecord, facts: &WaitFacts) -> Pending {
     Pending { reason, message, position: facts.position, ahead, eta_ms }
 }
 
+/// A job of a model of several GPUs (`gpus`) that no slot serves says why that may be: only
+/// a node with that many slots serving it takes its jobs (`ClusterConfig::models_for_slot`).
+pub fn for_model_of_gpus(mut pending: Pending, gpus: usize) -> Pending {
+    if pending.reason == PendingReason::NoSlot && gpus > 1 {
+        pending.message =
+            format!("{}: each job of it needs {gpus} slots of one node, and a node with fewer does not serve it", pending.message);
+    }
+    pending
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +131,7 @@ mod tests {
             restarts: 0,
             last_error: None,
             heartbeat_ms: 0,
+            group: vec![],
         }
     }
 
@@ -147,6 +158,11 @@ mod tests {
         assert_eq!(reason(&queued, WaitFacts { gpus: &free, ..base() }), PendingReason::Starting);
         let retrying = JobRecord { state: JobState::Retrying, attempt: 1, ..queued.clone() };
         assert_eq!(reason(&retrying, WaitFacts { gpus: &busy, ..base() }), PendingReason::RetryBackoff);
+        // A model of 2 GPUs with no slot serving it says why that may be; other reasons stay.
+        let no_slot = for_model_of_gpus(pending(&queued, &WaitFacts { gpus: &[], ..base() }), 2);
+        assert!(no_slot.message.contains("needs 2 slots of one node"), "{}", no_slot.message);
+        let busy_big = for_model_of_gpus(pending(&queued, &WaitFacts { gpus: &busy, ..base() }), 2);
+        assert!(!busy_big.message.contains("slots of one node"), "{}", busy_big.message);
         let owner = Owner { node: "gone".into(), slot: "cuda:0".into() };
         let orphan = JobRecord { state: JobState::Running, owner: Some(owner), attempt: 1, ..queued.clone() };
         let lost = pending(&orphan, &WaitFacts { gpus: &busy, owner_alive: false, ..base() });

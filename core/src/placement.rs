@@ -32,6 +32,21 @@
 //! - **Warm first.** [`SlotTable::reserve`] fills slots where the model is already resident first
 //!   (no load, no eviction), among those the busy ones first (a batch forming), then by name;
 //!   it takes every place it may, up to `max`.
+//!
+//! # Groups (models of several GPUs)
+//!
+//! A model configured with `gpus = N` (N > 1) runs on N slots of one node at once. Its job
+//! runs on one *primary* slot (the place the table hands out, where the model's worker lives)
+//! and holds N-1 *companion* slots for it, which run nothing themselves. More invariants:
+//! - **Whole groups.** A slot holding places of an N-GPU model has exactly N-1 companions, for
+//!   as long as it holds any; the first place taken on a free primary takes them, and the
+//!   last place handed back (`release`, `finish`) frees them with it. A group only forms when
+//!   N-1 other slots are free (up, not dead, serving the model, holding nothing and held for
+//!   no one): there are never fewer.
+//! - **Companions hold nothing else.** A companion holds no place (of any model) while it is
+//!   held, and belongs to exactly one group: its primary lists it and it names its primary.
+//! - **Warm first** applies to the primary (where the model is resident); companions are taken
+//!   cold ones first (leaving warm slots to be primaries), then by name.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,6 +59,8 @@ pub struct SlotTable {
     /// as soon as the batch before them ends. 0 keeps today's rule (a slot holds at most one
     /// batch).
     prefetch: usize,
+    /// Slots each model needs at once (its `gpus`); a model not listed needs 1.
+    gpus: BTreeMap<String, usize>,
 }
 
 /// One slot's bookkeeping.
@@ -63,6 +80,10 @@ struct SlotPlaces {
     /// Jobs running on the slot: 1 at most, or up to the model's batch limit when it batches
     /// (plus `prefetch`).
     running: usize,
+    /// On a primary holding a multi-GPU model: the other slots of its group, held for it.
+    companions: Vec<String>,
+    /// On a companion: the primary it is held for.
+    held_for: Option<String>,
 }
 
 impl SlotPlaces {
@@ -74,8 +95,9 @@ impl SlotPlaces {
         self.models.iter().any(|m| m == model)
     }
 
+    /// Room on this slot alone, not counting the companions a group would need.
     fn room_for(&self, model: &str, batch_limit: usize, prefetch: usize) -> usize {
-        if !self.up || self.dead || !self.serves(model) {
+        if !self.up || self.dead || !self.serves(model) || self.held_for.is_some() {
             return 0;
         }
         match &self.holder {
@@ -85,24 +107,18 @@ impl SlotPlaces {
         }
     }
 
-    fn take_place(&mut self, model: &str) {
-        self.reserved += 1;
-        self.holder = Some(model.to_string());
-    }
-
-    fn forget_holder_if_empty(&mut self) {
-        if self.held() == 0 {
-            self.holder = None;
-        }
+    /// Free to be held as a companion for a group of `model`.
+    fn free_companion_for(&self, model: &str) -> bool {
+        self.up && !self.dead && self.serves(model) && self.held() == 0 && self.held_for.is_none()
     }
 }
 
 impl SlotTable {
     /// A table of `(slot, models it serves)`, every slot down (no inference actor yet), nothing
-    /// held, no prefetch.
+    /// held, no prefetch, every model on one slot.
     pub fn new(slots: impl IntoIterator<Item = (String, Vec<String>)>) -> SlotTable {
         let slots = slots.into_iter().map(|(name, models)| (name, SlotPlaces { models, ..SlotPlaces::default() })).collect();
-        SlotTable { slots, prefetch: 0 }
+        SlotTable { slots, prefetch: 0, gpus: BTreeMap::new() }
     }
 
     /// Lets every slot take `prefetch` places beyond the holding model's batch limit.
@@ -111,8 +127,19 @@ impl SlotTable {
         self
     }
 
+    /// Says how many slots each model needs at once (`gpus`); unlisted models need 1.
+    pub fn with_gpus(mut self, gpus: impl IntoIterator<Item = (String, usize)>) -> SlotTable {
+        self.gpus.extend(gpus.into_iter().filter(|(_, n)| *n > 1));
+        self
+    }
+
     pub fn prefetch(&self) -> usize {
         self.prefetch
+    }
+
+    /// Slots `model` needs at once.
+    pub fn gpus_of(&self, model: &str) -> usize {
+        self.gpus.get(model).copied().unwrap_or(1)
     }
 
     pub fn contains(&self, slot: &str) -> bool {
@@ -152,34 +179,87 @@ impl SlotTable {
     }
 
     /// How many more jobs of `model` the slot can take now: none when it is down, dead, does
-    /// not serve the model or holds another one.
+    /// not serve the model, holds another one, is held as a companion, or (a multi-GPU model
+    /// not yet on it) when too few other slots are free to be its companions.
     pub fn room_for(&self, slot: &str, model: &str, batch_limit: usize) -> usize {
-        self.slots.get(slot).map_or(0, |s| s.room_for(model, batch_limit, self.prefetch))
+        let Some(s) = self.slots.get(slot) else { return 0 };
+        let room = s.room_for(model, batch_limit, self.prefetch);
+        let need = self.gpus_of(model) - 1;
+        if room == 0 || need == 0 || s.holder.is_some() {
+            // A slot already holding the model holds its group too.
+            return room;
+        }
+        let free = self.slots.iter().filter(|(name, c)| name.as_str() != slot && c.free_companion_for(model)).count();
+        if free >= need {
+            room
+        } else {
+            0
+        }
+    }
+
+    /// Takes one place for `model` on `slot` (which has room): the first place on a free slot
+    /// of a multi-GPU model also takes its companions, cold ones first, then by name.
+    fn take_place(&mut self, slot: &str, model: &str, is_warm: &impl Fn(&str) -> bool) {
+        let need = self.gpus_of(model) - 1;
+        let forming = need > 0 && self.slots.get(slot).is_some_and(|s| s.holder.is_none());
+        if forming {
+            let mut free: Vec<&String> =
+                self.slots.iter().filter(|(name, c)| name.as_str() != slot && c.free_companion_for(model)).map(|(n, _)| n).collect();
+            // Stable: equal keys keep the name order.
+            free.sort_by_key(|name| is_warm(name));
+            let companions: Vec<String> = free.into_iter().take(need).cloned().collect();
+            debug_assert_eq!(companions.len(), need, "take_place is only called where room_for found room");
+            for c in &companions {
+                if let Some(s) = self.slots.get_mut(c) {
+                    s.held_for = Some(slot.to_string());
+                }
+            }
+            if let Some(s) = self.slots.get_mut(slot) {
+                s.companions = companions;
+            }
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.reserved += 1;
+            s.holder = Some(model.to_string());
+        }
+    }
+
+    /// With nothing held on `slot` any more: it holds no model, and its group's companions
+    /// are free again.
+    fn forget_holder_if_empty(&mut self, slot: &str) {
+        let Some(s) = self.slots.get_mut(slot) else { return };
+        if s.held() > 0 {
+            return;
+        }
+        s.holder = None;
+        for c in std::mem::take(&mut s.companions) {
+            if let Some(c) = self.slots.get_mut(&c) {
+                c.held_for = None;
+            }
+        }
     }
 
     /// Reserves up to `max` places for `model`, one entry per place (a slot appears as many
-    /// times as it gave places). Slots where `is_warm(slot)` come first, then among equals the
-    /// busy ones (a batch of the model forming), then by name.
+    /// times as it gave places; for a multi-GPU model each entry names the group's primary).
+    /// Slots where `is_warm(slot)` come first, then among equals the busy ones (a batch of the
+    /// model forming), then by name.
     pub fn reserve(&mut self, model: &str, max: usize, batch_limit: usize, is_warm: impl Fn(&str) -> bool) -> Vec<String> {
-        let mut candidates: Vec<(&String, usize, bool, bool)> = self
-            .slots
-            .iter()
-            .map(|(name, s)| (name, s.room_for(model, batch_limit, self.prefetch), is_warm(name), s.held() > 0))
-            .filter(|(_, room, _, _)| *room > 0)
-            .collect();
-        // A stable sort: equal keys keep the table's (name) order.
-        candidates.sort_by_key(|(_, _, warm, busy)| (!*warm, !*busy));
         let mut got = vec![];
-        for (name, room, _, _) in candidates {
-            if got.len() >= max {
-                break;
-            }
-            let take = room.min(max - got.len());
-            got.extend(std::iter::repeat_n(name.clone(), take));
-        }
-        for name in &got {
-            if let Some(s) = self.slots.get_mut(name) {
-                s.take_place(model);
+        // One slot at a time, the best first: a group taken may leave other slots without the
+        // companions they would need, so their room is counted again after each.
+        while got.len() < max {
+            let best = self
+                .slots
+                .iter()
+                .map(|(name, s)| (name, self.room_for(name, model, batch_limit), (!is_warm(name), s.held() == 0)))
+                .filter(|(_, room, _)| *room > 0)
+                // `min_by_key` keeps the first of equals: the name order.
+                .min_by_key(|(_, _, key)| *key)
+                .map(|(name, room, _)| (name.clone(), room));
+            let Some((name, room)) = best else { break };
+            for _ in 0..room.min(max - got.len()) {
+                self.take_place(&name, model, &is_warm);
+                got.push(name.clone());
             }
         }
         got
@@ -191,27 +271,27 @@ impl SlotTable {
         let Some(s) = self.slots.get_mut(slot) else { return false };
         let had = s.reserved > 0;
         s.reserved = s.reserved.saturating_sub(1);
-        s.forget_holder_if_empty();
+        self.forget_holder_if_empty(slot);
         had
     }
 
     /// A puller reserves whichever slots are free; if the job's model is cold on the one it got
-    /// (`slot`) but warm on another slot that has room now, the reservation moves there (no
-    /// load, no eviction). Returns the slot the job should run on.
+    /// (`slot`) but warm on another slot that would have room once this place is handed back,
+    /// the reservation moves there (no load, no eviction), with its group. Returns the slot the
+    /// job should run on.
     pub fn better_slot(&mut self, slot: &str, model: &str, batch_limit: usize, is_warm: impl Fn(&str) -> bool) -> String {
-        if is_warm(slot) {
+        if is_warm(slot) || self.reserved(slot) == 0 || !self.slots.keys().any(|name| name != slot && is_warm(name)) {
             return slot.to_string();
         }
-        let better = self
-            .slots
-            .iter()
-            .find(|(name, s)| name.as_str() != slot && is_warm(name) && s.room_for(model, batch_limit, self.prefetch) > 0)
-            .map(|(name, _)| name.clone());
+        // Counted as if this place were handed back: a group's companions may be what the
+        // warm slot needs.
+        let mut moved = self.clone();
+        moved.release(slot);
+        let better =
+            moved.slots.keys().find(|name| name.as_str() != slot && is_warm(name) && moved.room_for(name, model, batch_limit) > 0).cloned();
         let Some(better) = better else { return slot.to_string() };
-        self.release(slot);
-        if let Some(s) = self.slots.get_mut(&better) {
-            s.take_place(model);
-        }
+        moved.take_place(&better, model, &is_warm);
+        *self = moved;
         better
     }
 
@@ -234,8 +314,9 @@ impl SlotTable {
     pub fn finish(&mut self, slot: &str) -> bool {
         let Some(s) = self.slots.get_mut(slot) else { return false };
         s.running = s.running.saturating_sub(1);
-        s.forget_holder_if_empty();
-        s.running == 0
+        let idle = s.running == 0;
+        self.forget_holder_if_empty(slot);
+        idle
     }
 
     /// Places held on the slot, reserved or running.
@@ -254,6 +335,21 @@ impl SlotTable {
     /// The model whose jobs hold the slot, if any.
     pub fn holder(&self, slot: &str) -> Option<&str> {
         self.slots.get(slot).and_then(|s| s.holder.as_deref())
+    }
+
+    /// The primary a companion slot is held for, if it is one.
+    pub fn held_for(&self, slot: &str) -> Option<&str> {
+        self.slots.get(slot).and_then(|s| s.held_for.as_deref())
+    }
+
+    /// The group `slot` belongs to, its primary first then the companions; just the slot when
+    /// it is in no group (or unknown).
+    pub fn group(&self, slot: &str) -> Vec<String> {
+        let primary = self.held_for(slot).unwrap_or(slot);
+        match self.slots.get(primary) {
+            Some(p) if !p.companions.is_empty() => std::iter::once(primary.to_string()).chain(p.companions.iter().cloned()).collect(),
+            _ => vec![slot.to_string()],
+        }
     }
 }
 
@@ -337,6 +433,56 @@ mod tests {
         assert!(!t.start("nowhere") && !t.release("nowhere") && !t.finish("nowhere"));
     }
 
+    #[test]
+    fn a_group_holds_its_slots_together_and_frees_them_together() {
+        let mut t =
+            table(&[("cuda:0", &["big", "m"]), ("cuda:1", &["big", "m"]), ("cuda:2", &["big", "m"])]).with_gpus([("big".to_string(), 2)]);
+        // One group fits (a third slot is left over, too few for a second).
+        assert_eq!(t.reserve("big", 5, 1, |_| false), vec!["cuda:0"]);
+        assert_eq!(t.group("cuda:0"), vec!["cuda:0", "cuda:1"]);
+        assert_eq!(t.group("cuda:1"), vec!["cuda:0", "cuda:1"]);
+        assert_eq!((t.held_for("cuda:1"), t.holder("cuda:1")), (Some("cuda:0"), None));
+        // The companion takes nothing else; the free slot takes a one-slot model.
+        assert_eq!(t.reserve("m", 5, 1, |_| false), vec!["cuda:2"]);
+        assert!(t.start("cuda:0"));
+        assert!(!t.start("cuda:1"), "a companion has no place to start");
+        assert!(t.finish("cuda:0"));
+        assert_eq!((t.group("cuda:1"), t.held_for("cuda:1")), (vec!["cuda:1".to_string()], None));
+        assert_eq!(t.reserve("m", 5, 1, |_| false), vec!["cuda:0", "cuda:1"]);
+    }
+
+    #[test]
+    fn a_group_forms_only_with_enough_free_slots() {
+        let mut t = table(&[("cpu:0", &["big", "m"]), ("cpu:1", &["big", "m"])]).with_gpus([("big".to_string(), 2)]);
+        assert_eq!(t.reserve("m", 1, 1, |_| false), vec!["cpu:0"]);
+        assert!(t.reserve("big", 1, 1, |_| false).is_empty(), "cpu:0 is busy: no companion for cpu:1");
+        assert_eq!(t.room_for("cpu:1", "big", 1), 0);
+        t.set_up("cpu:0", false);
+        assert!(t.release("cpu:0"));
+        assert!(t.reserve("big", 1, 1, |_| false).is_empty(), "a down slot is no companion");
+        t.set_up("cpu:0", true);
+        assert_eq!(t.reserve("big", 1, 1, |_| false), vec!["cpu:0"]);
+        // A one-slot node never forms one.
+        let mut one = table(&[("cpu:0", &["big"])]).with_gpus([("big".to_string(), 2)]);
+        assert!(one.reserve("big", 1, 1, |_| true).is_empty());
+    }
+
+    #[test]
+    fn a_group_goes_to_the_warm_primary_with_cold_companions() {
+        let slots: &[(&str, &[&str])] = &[("a", &["big"]), ("b", &["big"]), ("c", &["big"]), ("d", &["big"])];
+        let mut t = table(slots).with_gpus([("big".to_string(), 2)]);
+        // Warm on b and c: b is the primary, its companion the first cold slot (a), leaving c
+        // to be the second group's primary.
+        assert_eq!(t.reserve("big", 2, 1, warm_on(&["b", "c"])), vec!["b", "c"]);
+        assert_eq!((t.group("b"), t.group("c")), (vec!["b".to_string(), "a".into()], vec!["c".to_string(), "d".into()]));
+        // A cold reservation moves to a warm slot with its group.
+        let mut t = table(slots).with_gpus([("big".to_string(), 3)]);
+        assert_eq!(t.reserve("big", 1, 1, |_| false), vec!["a"]);
+        assert_eq!(t.better_slot("a", "big", 1, warm_on(&["d"])), "d");
+        assert_eq!(t.group("d"), vec!["d", "a", "b"]);
+        assert_eq!((t.held("a"), t.held_for("a"), t.held_for("c")), (0, Some("d"), None));
+    }
+
     /// A random node: for each slot the models (indices into [`MODELS`]) it serves, each
     /// model's batch limit, and the table's prefetch.
     #[derive(Debug, Clone)]
@@ -344,16 +490,24 @@ mod tests {
         slots: Vec<Vec<usize>>,
         batch_limits: [usize; 4],
         prefetch: usize,
+        /// Slots each model needs at once (its `gpus`).
+        gpus: [usize; 4],
     }
 
     fn layout() -> impl Strategy<Value = Layout> {
-        (proptest::collection::vec(1u8..16, 1..6), [1usize..4, 1usize..4, 1usize..4, 1usize..4], 0usize..=2).prop_map(
-            |(masks, batch_limits, prefetch)| Layout {
+        (
+            proptest::collection::vec(1u8..16, 1..6),
+            [1usize..4, 1usize..4, 1usize..4, 1usize..4],
+            0usize..=2,
+            // Half the models on one slot, the others on 2 or 3 (a group).
+            [1usize..4, 1usize..4, 1usize..2, 1usize..2],
+        )
+            .prop_map(|(masks, batch_limits, prefetch, gpus)| Layout {
                 slots: masks.into_iter().map(|mask| (0..MODELS.len()).filter(|i| mask & (1 << i) != 0).collect()).collect(),
                 batch_limits,
                 prefetch,
-            },
-        )
+                gpus,
+            })
     }
 
     #[derive(Debug, Clone)]
@@ -404,7 +558,30 @@ mod tests {
                     prop_assert!(s.serves(m), "{} holds {}, which it does not serve", name, m);
                     let bound = layout.batch_limits[model_index(m)] + layout.prefetch;
                     prop_assert!(s.held() <= bound, "{} holds {} places of {} (bound {})", name, s.held(), m, bound);
+                    // Whole groups: a holder of an N-GPU model has exactly N-1 companions.
+                    let need = layout.gpus[model_index(m)] - 1;
+                    prop_assert_eq!(s.companions.len(), need, "{} holds {} with companions {:?}", name, m, &s.companions);
                 }
+            }
+            if s.holder.is_none() {
+                prop_assert!(s.companions.is_empty(), "{} holds nothing but keeps companions {:?}", name, &s.companions);
+            }
+            for c in &s.companions {
+                // Each companion names this primary (so it is in one group only), serves the
+                // model and holds nothing else.
+                let cs = &t.slots[c];
+                prop_assert!(c != name, "{} is its own companion", name);
+                prop_assert_eq!(cs.held_for.as_deref(), Some(name.as_str()), "{} lists {}, which is held for {:?}", name, c, &cs.held_for);
+                prop_assert!(cs.serves(s.holder.as_deref().unwrap_or_default()), "{} is held for a model it does not serve", c);
+            }
+            if let Some(p) = &s.held_for {
+                prop_assert!(s.held() == 0 && s.holder.is_none() && s.companions.is_empty(), "companion {} holds places: {:?}", name, s);
+                prop_assert!(
+                    t.slots.get(p).is_some_and(|ps| ps.companions.contains(name)),
+                    "{} is held for {}, which does not list it",
+                    name,
+                    p
+                );
             }
         }
         Ok(())
@@ -426,7 +603,8 @@ mod tests {
             let mut t = SlotTable::new(
                 layout.slots.iter().enumerate().map(|(i, ms)| (slot_name(i), ms.iter().map(|&m| MODELS[m].to_string()).collect())),
             )
-            .with_prefetch(layout.prefetch);
+            .with_prefetch(layout.prefetch)
+            .with_gpus(MODELS.iter().zip(layout.gpus).map(|(m, n)| (m.to_string(), n)));
             // Bit `slot * 4 + model`: the model is resident on the slot.
             let mut warm = warm_mask;
             for name in &names {
@@ -453,9 +631,17 @@ mod tests {
                             prop_assert!(taken <= room, "{} gave {} places with room for {}", name, taken, room);
                             prop_assert!(taken == 0 || may_take(&before, name, m), "{} reserved but down, dead or not serving {}", name, m);
                             prop_assert_eq!(t.reserved(name), before.reserved(name) + taken);
+                            // A group formed here took companions that could be taken.
+                            if taken > 0 && before.holder(name).is_none() {
+                                for c in &t.slots[name].companions {
+                                    prop_assert!(before.slots[c].free_companion_for(m), "{} took {} as a companion, which was not free", name, c);
+                                }
+                            }
                             // Greedy in order: a slot with room left over ranks no better than
                             // any slot that gave a place; and a short answer means no room left.
-                            if taken < room {
+                            // (A group taken may leave another slot without companions: what
+                            // counts is the room left now.)
+                            if t.room_for(name, m, limit) > 0 {
                                 prop_assert!(got.len() == max, "{} had room left but reserve returned only {} of {}", name, got.len(), max);
                                 for g in &got {
                                     prop_assert!(key(g) <= key(name), "{} was passed over for the worse {}", name, g);
@@ -476,7 +662,9 @@ mod tests {
                         let chosen = t.better_slot(&name, m, limit, is_warm(warm, model));
                         if chosen != name {
                             prop_assert!(!is_warm(warm, model)(&name) && is_warm(warm, model)(&chosen));
-                            prop_assert!(before.room_for(&chosen, m, limit) > 0 && may_take(&before, &chosen, m));
+                            let mut handed_back = before.clone();
+                            handed_back.release(&name);
+                            prop_assert!(handed_back.room_for(&chosen, m, limit) > 0 && may_take(&before, &chosen, m));
                             prop_assert_eq!(t.reserved(&chosen), before.reserved(&chosen) + 1);
                             prop_assert_eq!(t.reserved(&name), before.reserved(&name).saturating_sub(1));
                         } else {

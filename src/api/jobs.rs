@@ -224,6 +224,12 @@ impl ApiService {
             Ok::<_, StoreError>(kiln_core::pending::pending(record, &facts))
         };
         match facts.await {
+            // The model's GPUs are read only when no slot serves it (the cluster's models are
+            // made from the node entries each time).
+            Ok(pending) if pending.reason == PendingReason::NoSlot => {
+                let gpus = self.cluster_models().get(&record.model).map_or(1, |m| m.decl.gpus);
+                Some(kiln_core::pending::for_model_of_gpus(pending, gpus))
+            }
             Ok(pending) => Some(pending),
             Err(e) => {
                 tracing::debug!(job_id = %record.job_id, error = %e, "cannot read why the job waits");

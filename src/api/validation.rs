@@ -219,6 +219,7 @@ mod tests {
                 {"name": "style", "kind": "str", "choices": ["oil", "ink"]},
             ]))
             .expect("param declarations"),
+            gpus: 1,
         }
     }
 

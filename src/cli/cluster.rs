@@ -118,6 +118,7 @@ pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), Stri
         ("RESTARTS", Align::Right),
         ("WARM", Align::Left),
         ("JOB", Align::Left),
+        ("GROUP", Align::Left),
     ]);
     for g in cluster.gpus {
         table.row(vec![
@@ -127,6 +128,8 @@ pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), Stri
             g.restarts.to_string(),
             g.warm_models.join(","),
             g.current_job.unwrap_or_default(),
+            // A multi-GPU model's slots, primary first: a companion shows busy with the job.
+            g.group.join(","),
         ]);
     }
     println!("{}", table.render());

@@ -248,6 +248,7 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         max_attempts: 3,
         result_ttl_s: None,
         slots: vec![],
+        gpus: 1,
         required_inputs: vec![],
         run_stage: String::new(),
         stages: vec![],

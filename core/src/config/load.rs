@@ -264,6 +264,20 @@ impl ClusterConfig {
                     return Err(invalid(key("slots"), format!("{s:?} is not `cuda:N` or `cpu:N`")));
                 }
             }
+            if m.gpus == 0 {
+                return Err(invalid(key("gpus"), "must be at least 1"));
+            }
+            if m.gpus > 1 && !matches!(m.engine, EngineConfig::Process { .. }) {
+                // A TorchScript module runs on its slot's one device (and noop on none): only
+                // a worker process can spread a model over several GPUs.
+                return Err(invalid(
+                    key("gpus"),
+                    format!("only the `process` engine may use more than 1 GPU; a {} model runs on its slot's one device", m.engine.kind()),
+                ));
+            }
+            if m.gpus > 1 && !m.slots.is_empty() && m.slots.len() < m.gpus {
+                return Err(invalid(key("gpus"), format!("{} GPUs cannot fit on the {} slots the model may use", m.gpus, m.slots.len())));
+            }
             match &m.engine {
                 EngineConfig::Process { command, .. } if command.is_empty() => {
                     return Err(invalid(key("engine.command"), "must name a program"))
@@ -305,9 +319,16 @@ impl ClusterConfig {
         self.models.iter().find(|m| m.name == name)
     }
 
-    /// The models a slot of this node serves.
+    /// The models a slot of this node serves: those allowed on it, less any that needs more
+    /// GPUs (`gpus`) than this node has slots serving it (another node may serve it; here its
+    /// jobs are never taken).
     pub fn models_for_slot(&self, slot: &str) -> Vec<String> {
-        self.models.iter().filter(|m| m.slots.is_empty() || m.slots.iter().any(|s| s == slot)).map(|m| m.name.clone()).collect()
+        self.models.iter().filter(|m| allowed_on(m, slot) && self.fits_on_node(m)).map(|m| m.name.clone()).collect()
+    }
+
+    /// Whether this node has as many slots allowed to serve `model` as it needs at once.
+    pub fn fits_on_node(&self, model: &ModelConfig) -> bool {
+        model.gpus <= 1 || self.node.slots.iter().filter(|s| allowed_on(model, s)).count() >= model.gpus
     }
 
     pub fn result_ttl_s(&self, model: &ModelConfig) -> u64 {
@@ -329,9 +350,15 @@ impl ClusterConfig {
                 result_ttl_s: self.result_ttl_s(m),
                 required_inputs: m.required_inputs.clone(),
                 params: m.params.clone(),
+                gpus: m.gpus,
             })
             .collect()
     }
+}
+
+/// Whether `model` may run on `slot` (its `slots`, or every slot when none are listed).
+fn allowed_on(model: &ModelConfig, slot: &str) -> bool {
+    model.slots.is_empty() || model.slots.iter().any(|s| s == slot)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -385,6 +412,28 @@ mod tests {
         let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
         c.models[0].max_attempts = 0;
         assert!(c.validate().unwrap_err().to_string().contains("models[0].max_attempts"));
+    }
+
+    #[test]
+    fn multi_gpu_models_are_checked_and_served_only_where_they_fit() {
+        let model = |engine: &str, gpus: usize, slots: &str| {
+            format!("[node]\nslots = [\"cuda:0\", \"cuda:1\", \"cuda:2\"]\n[[models]]\nname = \"big\"\nengine = {engine}\ngpus = {gpus}\nslots = [{slots}]\n")
+        };
+        let process = r#"{ kind = "process", command = ["python3", "w.py"] }"#;
+        let check = |toml: String| ClusterConfig::from_toml(&toml, "t").unwrap().validate().map_err(|e| e.to_string());
+        assert!(check(model(process, 0, "")).unwrap_err().contains("models[0].gpus"));
+        let torch = r#"{ kind = "torchscript", path = "m.pt" }"#;
+        let err = check(model(torch, 2, "")).unwrap_err();
+        assert!(err.contains("models[0].gpus") && err.contains("only the `process` engine"), "{err}");
+        assert!(check(model(r#"{ kind = "noop" }"#, 2, "")).unwrap_err().contains("models[0].gpus"));
+        let err = check(model(process, 3, r#""cuda:0", "cuda:1""#)).unwrap_err();
+        assert!(err.contains("models[0].gpus") && err.contains("2 slots"), "{err}");
+        check(model(process, 2, r#""cuda:0", "cuda:1""#)).unwrap();
+        // A node with too few slots serving it does not serve it; with enough, every one does.
+        let mut c = ClusterConfig::from_toml(&model(process, 2, r#""cuda:1", "cuda:2""#), "t").unwrap();
+        assert_eq!((c.models_for_slot("cuda:0"), c.models_for_slot("cuda:1")), (vec![], vec!["big".to_string()]));
+        c.node.slots = vec!["cuda:1".into()];
+        assert!(c.models_for_slot("cuda:1").is_empty());
     }
 
     #[test]

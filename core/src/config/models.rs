@@ -32,6 +32,12 @@ pub struct ModelConfig {
     /// Slots that serve it (`cpu:0`); empty means every slot of the node.
     #[serde(default)]
     pub slots: Vec<String>,
+    /// GPUs (slots of one node) one job of it needs at once: its worker sees all of them
+    /// (`CUDA_VISIBLE_DEVICES`), and the node holds them together while it runs (one primary
+    /// slot runs the job, the others are held for it). 1 (default): its slot alone. Above 1 for
+    /// the `process` engine only; a node with fewer slots serving it does not serve it.
+    #[serde(default = "default_gpus")]
+    pub gpus: usize,
     /// Inputs a submission must name.
     #[serde(default)]
     pub required_inputs: Vec<String>,
@@ -111,6 +117,10 @@ impl StageConfig {
             StageConfig::Command { name, .. } | StageConfig::CameraMetadata { name, .. } => name,
         }
     }
+}
+
+fn default_gpus() -> usize {
+    1
 }
 
 fn default_stage_timeout_ms() -> u64 {

@@ -50,6 +50,9 @@ pub struct EngineJob {
     pub inputs: BTreeMap<String, ResolvedInput>,
     /// Where the engine writes its outputs; owned by the inference actor, emptied per job.
     pub output_dir: PathBuf,
+    /// Every slot the job holds, its own (the primary) first: more than one for a model of
+    /// several GPUs (`gpus`), whose worker sees all of them. Empty: its own slot alone.
+    pub group: Vec<String>,
 }
 
 /// A file the engine produced.
@@ -260,6 +263,15 @@ impl Engine {
         match self {
             Engine::Torch(e) => Some((**e).clone()),
             _ => None,
+        }
+    }
+
+    /// The slots the next job holds (its [`EngineJob::group`]): a process worker started for
+    /// another group (other devices) is stopped, to start again seeing these. Other engines
+    /// run on their slot's one device and ignore it.
+    pub fn use_group(&mut self, group: &[String]) {
+        if let Engine::Process(e) = self {
+            e.use_group(group)
         }
     }
 

@@ -18,7 +18,10 @@
 //! ```
 //! The worker runs in its own process group with `CUDA_VISIBLE_DEVICES` set to its slot's GPU
 //! (empty on a `cpu:N` slot), and the whole group is killed when the engine drops, so a crashed
-//! or cancelled worker leaves no orphans.
+//! or cancelled worker leaves no orphans. A model of several GPUs (`gpus = N`) runs on the
+//! primary slot of a group of N: its worker sees every GPU of the group (`"0,1"`), `KILN_SLOT`
+//! names the primary and `KILN_SLOTS` every slot of the group, comma-joined (just `KILN_SLOT`
+//! for a one-slot model). A job held by another group than the worker's restarts the worker.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -118,7 +121,24 @@ pub struct ProcessEngine {
     slot: SlotContext,
     /// The worker's working directory (`cwd` of the model's engine); `None`: the node's.
     cwd: Option<String>,
+    /// The slots the worker is (to be) started on, its own first: more than one for a model
+    /// of several GPUs.
+    group: Vec<String>,
     worker: Option<Worker>,
+}
+
+/// `CUDA_VISIBLE_DEVICES` for a worker holding `slots`: the device indices of its `cuda:N`
+/// slots, comma-joined in the group's order (`cuda:0` + `cuda:1`: `"0,1"`); empty when it holds
+/// no GPU (`cpu:N` slots), so a worker never picks up a GPU it was not given.
+pub fn cuda_visible_devices(slots: &[String]) -> String {
+    slots
+        .iter()
+        .filter_map(|s| match parse_slot(s) {
+            Some(SlotDevice::Cuda(i)) => Some(i.to_string()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 impl ProcessEngine {
@@ -130,6 +150,7 @@ impl ProcessEngine {
             ready_timeout: Duration::from_millis(ready_timeout_ms),
             slot: slot.clone(),
             cwd: None,
+            group: vec![slot.slot.clone()],
             worker: None,
         }
     }
@@ -148,17 +169,28 @@ impl ProcessEngine {
         self.worker = None;
     }
 
+    /// The next job holds `group` (empty: the engine's slot alone): a worker started for
+    /// another group sees other devices, so it is stopped and starts again for this one.
+    pub fn use_group(&mut self, group: &[String]) {
+        let group = if group.is_empty() { std::slice::from_ref(&self.slot.slot) } else { group };
+        if self.group != group {
+            if self.worker.is_some() {
+                tracing::info!(model = %self.model, from = ?self.group, to = ?group, "the job holds other slots than the worker's; restarting it");
+            }
+            self.worker = None;
+            self.group = group.to_vec();
+        }
+    }
+
     fn spawn(&self) -> Result<Worker, EngineError> {
         let (program, args) = self.command.split_first().ok_or_else(|| EngineError::Load("empty command".into()))?;
-        let cuda_visible = match parse_slot(&self.slot.slot) {
-            Some(SlotDevice::Cuda(i)) => i.to_string(),
-            _ => String::new(),
-        };
+        let cuda_visible = cuda_visible_devices(&self.group);
         let mut cmd = Command::new(program);
         cmd.args(args)
             .envs(&self.env)
             .env("CUDA_VISIBLE_DEVICES", cuda_visible)
             .env("KILN_SLOT", &self.slot.slot)
+            .env("KILN_SLOTS", self.group.join(","))
             .env("KILN_NODE", &self.slot.node)
             .env("KILN_MODEL", &self.model)
             .env("PYTHONUNBUFFERED", "1")
@@ -380,6 +412,40 @@ mod tests {
     use super::*;
     use crate::engine::PROGRESS_CHANNEL_BOUND;
 
+    #[test]
+    fn a_group_sees_every_gpu_it_holds_and_a_cpu_slot_none() {
+        let slots = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(cuda_visible_devices(&slots(&["cuda:0", "cuda:1"])), "0,1");
+        assert_eq!(cuda_visible_devices(&slots(&["cuda:3", "cuda:1"])), "3,1", "the primary's device first");
+        assert_eq!(cuda_visible_devices(&slots(&["cuda:2"])), "2");
+        assert_eq!(cuda_visible_devices(&slots(&["cpu:0", "cpu:1"])), "");
+    }
+
+    /// A real worker (sh) that writes the slots it was given, then says ready: a job holding
+    /// another group than the resident worker's restarts it, seeing the new group.
+    #[tokio::test]
+    async fn a_worker_is_restarted_for_a_job_of_another_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let script =
+            format!(r#"echo "$KILN_SLOT $KILN_SLOTS [$CUDA_VISIBLE_DEVICES]" >> {}; echo '{{"type":"ready"}}'; sleep 600"#, seen.display());
+        let command = vec!["sh".into(), "-c".into(), script];
+        let mut engine = ProcessEngine::new("big", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
+        engine.ensure_loaded().await.unwrap();
+        // The engine's own slot, named or not: the same worker.
+        engine.use_group(&[]);
+        engine.use_group(&["cpu:0".to_string()]);
+        assert!(engine.is_loaded());
+        let group = ["cpu:0".to_string(), "cpu:2".to_string()];
+        engine.use_group(&group);
+        assert!(!engine.is_loaded(), "started for another group: stopped");
+        engine.ensure_loaded().await.unwrap();
+        engine.use_group(&group);
+        assert!(engine.is_loaded(), "the same group keeps its worker");
+        let lines = std::fs::read_to_string(&seen).unwrap();
+        assert_eq!(lines, "cpu:0 cpu:0 []\ncpu:0 cpu:0,cpu:2 []\n");
+    }
+
     /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.
     #[tokio::test]
     async fn a_worker_line_over_the_limit_is_named_as_such_and_the_worker_stopped() {
@@ -388,7 +454,7 @@ mod tests {
         let command = vec!["sh".into(), "-c".into(), script.into()];
         let mut engine = ProcessEngine::new("long-lines", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
         let record = crate::job::JobRecord { attempt: 1, ..crate::job::JobRecord::queued("j", "long-lines", 3, 0) };
-        let job = EngineJob { record, inputs: BTreeMap::new(), output_dir: dir.path().to_path_buf() };
+        let job = EngineJob { record, inputs: BTreeMap::new(), output_dir: dir.path().to_path_buf(), group: vec![] };
         let (tx, _rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
         let started = std::time::Instant::now();
         let result = engine.run(job, tx, CancellationToken::new()).await;

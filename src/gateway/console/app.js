@@ -431,7 +431,8 @@ function renderCluster(data, summary, body) {
     // The cell's text must be exactly the state: the badge is its only content.
     h('td', { class: 'gpu-state' }, badge(g.state)),
     h('td', { title: `serves: ${(g.models || []).join(', ')}`, text: (g.warm_models || []).join(', ') || '—' }),
-    h('td', {}, g.current_job ? jobLink(g.current_job) : ''),
+    // A multi-GPU model's group (primary first) shows as the job cell's tooltip.
+    h('td', { title: (g.group || []).length ? `group: ${g.group.join(', ')}` : '' }, g.current_job ? jobLink(g.current_job) : ''),
     h('td', { text: g.restarts ?? 0 }),
     h('td', { class: 'muted', text: fmtAge(g.heartbeat_ms) }),
     h('td', { class: 'error-cell', title: g.last_error || '', text: g.last_error || '' })));

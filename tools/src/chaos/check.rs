@@ -530,6 +530,7 @@ mod tests {
             restarts: 0,
             last_error: None,
             heartbeat_ms: 0,
+            group: vec![],
         };
         let node = |name: &str| NodeEntry {
             node: name.into(),

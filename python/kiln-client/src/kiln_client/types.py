@@ -224,6 +224,7 @@ class _GpuEntryRequired(TypedDict):
 class GpuEntry(_GpuEntryRequired, total=False):
     current_job: str
     last_error: str
+    group: List[str]
 
 
 class _NodeEntryRequired(TypedDict):

@@ -203,6 +203,16 @@ async fn console_submits_a_job_and_shows_its_progress_and_image() {
     assert_eq!(r["final_progress"].as_f64(), Some(100.0), "{r}");
     // The demo worker's default size (examples/workers/demo_worker.py: width, height 64).
     assert_eq!(r["image_natural_width"], 64, "{r}");
+    // The live preview updated while the job ran (8 steps of 150 ms, one per 500 ms: the demo
+    // worker's 32x32 step images), newest last.
+    let previews: Vec<(u64, u64)> = r["previews_seen"]
+        .as_array()
+        .expect("previews_seen")
+        .iter()
+        .map(|p| (p["seq"].as_u64().expect("seq"), p["width"].as_u64().expect("width")))
+        .collect();
+    assert!(!previews.is_empty(), "the job page showed no live preview: {r}");
+    assert!(previews.windows(2).all(|w| w[0].0 < w[1].0) && previews.iter().all(|p| p.1 == 32), "{previews:?}");
     assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
 
     let shots: Vec<PathBuf> =

@@ -630,6 +630,11 @@ async function renderJob(ctx, view, jobId) {
   const artifactsEmpty = h('p', { class: 'muted', text: 'No artifacts yet.' });
   const timeline = h('ol', { id: 'job-timeline' });
   const detailsPre = h('pre', { class: 'json' });
+  // The job's live preview (`event: preview`, never stored): hidden until one comes.
+  const previewImg = h('img', { id: 'job-preview', class: 'live-preview', alt: 'live preview' });
+  const previewCaption = h('p', { id: 'job-preview-caption', class: 'muted' });
+  const previewPanel = h('section', { class: 'panel', id: 'job-preview-panel', hidden: true },
+    h('h3', { text: 'Live preview' }), previewImg, previewCaption);
   const root = h('div', { id: 'job', 'data-job-id': job.job_id || jobId, 'data-status': job.status });
 
   root.append(
@@ -649,6 +654,7 @@ async function renderJob(ctx, view, jobId) {
         h('dt', { text: 'Flags' }), flagsEl),
       h('div', { class: 'progress-line' }, progress, progressLabel),
       errorEl),
+    previewPanel,
     h('section', { class: 'panel' }, h('h3', { text: 'Attempts' }),
       h('table', { id: 'job-attempts' },
         h('thead', {}, h('tr', {}, ['#', 'Node / slot', 'Started', 'Ended', 'Time', 'Outcome'].map((t) => h('th', { text: t })))),
@@ -801,6 +807,33 @@ async function renderJob(ctx, view, jobId) {
     }
   };
   for (const type of ['status', 'retrying', 'progress', 'message', 'artifact']) es.addEventListener(type, onEvent);
+  // Previews come live only, without an id: the newest replaces the image.
+  let previewSeq = 0;
+  const showPreview = (src, caption) => {
+    previewImg.src = src;
+    previewCaption.textContent = caption;
+    previewPanel.hidden = false;
+  };
+  es.addEventListener('preview', (e) => {
+    let p;
+    try { p = JSON.parse(e.data); } catch { return; }
+    previewSeq += 1;
+    previewImg.setAttribute('data-seq', p.seq);
+    previewImg.setAttribute('data-count', previewSeq);
+    showPreview(`data:${p.content_type};base64,${p.data_base64}`,
+      `attempt ${p.attempt}, preview ${p.seq} at ${fmtClock(p.ts_ms)}`);
+  });
+  // A page opened while the job runs shows the newest preview sent before it came (kept
+  // 10 minutes); a 404 (none yet, none at all) leaves the panel hidden.
+  if (!TERMINAL.has(job.status)) {
+    fetch(withToken(`/v1/jobs/${encodeURIComponent(jobId)}/preview`)).then(async (r) => {
+      if (!r.ok || !ctx.alive || previewSeq > 0) return;
+      const blob = await r.blob();
+      if (previewSeq > 0) return;
+      previewImg.setAttribute('data-seq', r.headers.get('kiln-preview-seq') || '0');
+      showPreview(URL.createObjectURL(blob), `attempt ${r.headers.get('kiln-attempt')}, preview ${r.headers.get('kiln-preview-seq')}`);
+    }).catch(() => {});
+  }
   es.onmessage = onEvent; // events without an `event:` line
   es.onopen = () => { liveEl.textContent = 'live'; };
   es.onerror = () => {

@@ -181,7 +181,8 @@ async fn console_submits_a_job_and_shows_its_progress_and_image() {
     require_browser_tools();
     let _one_browser = BROWSER.lock().await;
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    // The checkout's SDK: the demo worker's live previews need it.
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &with_checkout_sdk(&demo_model("demo", &[], 3, 60_000)));
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 2).await;
     let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());

@@ -26,8 +26,8 @@ async fn start() -> (TestCluster, GatewayProcess) {
     let mut cluster = TestCluster::new();
     let models = format!(
         "{}preview_interval_ms = {INTERVAL_MS}\n{}preview_interval_ms = 0\n{}",
-        demo_model("demo", &[], 1, 60_000),
-        demo_model("quiet", &[], 1, 60_000),
+        with_checkout_sdk(&demo_model("demo", &[], 1, 60_000)),
+        with_checkout_sdk(&demo_model("quiet", &[], 1, 60_000)),
         NOOP_MODEL
     );
     let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &models);

@@ -230,6 +230,8 @@ class DemoWorker(Worker):
 def send_preview(job: Job, s: "Settings", step: int):
     """A small image of the step (at most 32x32: a preview is shown live, not kept), encoded
     only when it would go out."""
+    if not hasattr(job, "preview_due"):
+        return  # a kiln_worker older than live previews (an install not refreshed by set-up)
     if s.previews == "off" or (s.previews == "due" and not job.preview_due()):
         return
     image = render(s.prompt, s.seed + step, min(s.width, 32), min(s.height, 32))

@@ -103,9 +103,9 @@ async fn previews_reach_followers_live_at_most_one_per_interval_and_only_the_new
         assert!(live.len() >= 3, "{mode}: 40 steps of 50 ms at one per {INTERVAL_MS} ms: {seqs:?}");
         assert!(live.len() as u128 <= ran.as_millis() / INTERVAL_MS as u128 + 1, "{mode}: more than one per interval: {seqs:?}");
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{mode}: {seqs:?}");
-        // The node stamps each when it publishes, after its throttle let it through: a few ms
-        // of scheduling either side, never the 50 ms of the worker's steps.
-        assert!(gaps.iter().all(|g| *g + 30 >= INTERVAL_MS), "{mode}: previews closer than the interval: {gaps:?}");
+        // The node stamps each when its throttle lets it through (a wall clock beside its
+        // monotonic one: a ms or two either way).
+        assert!(gaps.iter().all(|g| *g + 2 >= INTERVAL_MS), "{mode}: previews closer than the interval: {gaps:?}");
         for (_, p) in &live {
             assert_eq!((p.job_id.as_str(), p.attempt, p.content_type.as_str()), (id.as_str(), 1, "image/png"));
             assert!(p.data.starts_with(PNG) && p.data.len() < 4096, "{mode}: a small PNG: {} bytes", p.data.len());

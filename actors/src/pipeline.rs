@@ -336,10 +336,10 @@ async fn forward_progress(job_id: String, attempt: u32, shown: StageShown, mut r
                 e
             }
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
-            ProgressUpdate::Preview { content_type, data } => {
+            ProgressUpdate::Preview { content_type, data, ts_ms } => {
                 // Live only: not an event of the job's history, not an artifact.
                 previews_sent += 1;
-                let preview = PreviewOut { job_id: &job_id, attempt, seq: previews_sent, content_type: &content_type, data };
+                let preview = PreviewOut { job_id: &job_id, attempt, seq: previews_sent, content_type: &content_type, data, ts_ms };
                 if let Err(e) = shown.previews.publish_preview(preview).await {
                     tracing::debug!(job_id = %job_id, error = %e, "preview not published");
                 }

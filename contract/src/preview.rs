@@ -26,7 +26,7 @@ pub const HEADER_JOB_ID: &str = "Kiln-Job-Id";
 pub const HEADER_ATTEMPT: &str = "Kiln-Attempt";
 /// Header: its number among the previews of that attempt the node let through, from 1.
 pub const HEADER_SEQ: &str = "Kiln-Preview-Seq";
-/// Header: when the node published it, Unix ms.
+/// Header: when the node let it through its throttle, Unix ms (so two are an interval apart).
 pub const HEADER_TS_MS: &str = "Kiln-Ts-Ms";
 /// Header: the bytes' media type (`image/png`, `image/jpeg`, `image/webp`).
 pub const HEADER_CONTENT_TYPE: &str = "Content-Type";

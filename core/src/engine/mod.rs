@@ -69,7 +69,13 @@ pub enum ProgressUpdate {
     Message(String),
     /// A live preview of the job ([`crate::preview`]), already let through by the model's
     /// interval and size limit: published for followers, never stored as an event.
-    Preview { content_type: String, data: bytes::Bytes },
+    Preview {
+        content_type: String,
+        data: bytes::Bytes,
+        /// When the engine let it through (Unix ms): its `Kiln-Ts-Ms`, one interval or more
+        /// after the last one's however long it waits to be published.
+        ts_ms: u64,
+    },
 }
 
 /// Bounded: a job that logs faster than NATS takes events slows down rather than growing

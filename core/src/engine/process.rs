@@ -346,7 +346,7 @@ impl PreviewGate {
     /// The preview to publish, or `None` when it is dropped (too soon, too big, not base64).
     fn admit(&mut self, content_type: Option<String>, data: &str, job_id: &str) -> Option<ProgressUpdate> {
         use base64::Engine as _;
-        let now_ms = self.started.elapsed().as_millis() as u64;
+        let (now_ms, ts_ms) = (self.started.elapsed().as_millis() as u64, crate::now_ms());
         if !crate::preview::preview_due(self.last_ms, now_ms, self.interval_ms) {
             return None;
         }
@@ -374,7 +374,7 @@ impl PreviewGate {
         };
         self.last_ms = Some(now_ms);
         let content_type = content_type.filter(|c| !c.is_empty() && c.len() <= 100).unwrap_or_else(|| "image/png".into());
-        Some(ProgressUpdate::Preview { content_type, data: bytes.into() })
+        Some(ProgressUpdate::Preview { content_type, data: bytes.into(), ts_ms })
     }
 }
 
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(engine.run(job, tx, CancellationToken::new()).await, Ok(vec![]));
         let mut previews = vec![];
         while let Ok(update) = rx.try_recv() {
-            if let ProgressUpdate::Preview { content_type, data } = update {
+            if let ProgressUpdate::Preview { content_type, data, .. } = update {
                 previews.push((content_type, data));
             }
         }
@@ -494,7 +494,7 @@ mod tests {
         assert!(gate.admit(None, &b64(crate::preview::MAX_PREVIEW_BYTES + 1), "j").is_none());
         let at_limit = gate.admit(Some("image/webp".into()), &b64(crate::preview::MAX_PREVIEW_BYTES), "j");
         assert!(
-            matches!(at_limit, Some(ProgressUpdate::Preview { ref content_type, ref data }) if content_type == "image/webp" && data.len() == crate::preview::MAX_PREVIEW_BYTES)
+            matches!(at_limit, Some(ProgressUpdate::Preview { ref content_type, ref data, .. }) if content_type == "image/webp" && data.len() == crate::preview::MAX_PREVIEW_BYTES)
         );
         let mut off = PreviewGate::new(0);
         assert!(off.admit(None, &b64(10), "j").is_none(), "interval 0: previews are off");

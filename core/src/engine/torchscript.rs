@@ -415,13 +415,14 @@ impl SlotThread {
                     progress: Some(pct),
                     message: Some(format!("step {}/{n}", i + 1)),
                 });
-                let now_ms = started.elapsed().as_millis() as u64;
+                let (now_ms, ts_ms) = (started.elapsed().as_millis() as u64, crate::now_ms());
                 if i + 1 < n && crate::preview::preview_due(last_preview, now_ms, spec.preview_interval_ms) {
                     if let IValue::Tensor(t) = &state {
                         if let Some(png) = preview_png(t, &job.output_dir) {
                             last_preview = Some(now_ms);
                             // Never waits on the job's progress: dropped when there is no room.
-                            let _ = progress.try_send(ProgressUpdate::Preview { content_type: "image/png".into(), data: png.into() });
+                            let update = ProgressUpdate::Preview { content_type: "image/png".into(), data: png.into(), ts_ms };
+                            let _ = progress.try_send(update);
                         }
                     }
                 }

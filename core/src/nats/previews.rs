@@ -45,6 +45,8 @@ pub struct PreviewOut<'a> {
     pub seq: u64,
     pub content_type: &'a str,
     pub data: bytes::Bytes,
+    /// When the engine let it through, Unix ms.
+    pub ts_ms: u64,
 }
 
 impl Resources {
@@ -55,7 +57,7 @@ impl Resources {
         headers.insert(HEADER_JOB_ID, preview.job_id);
         headers.insert(HEADER_ATTEMPT, preview.attempt.to_string().as_str());
         headers.insert(HEADER_SEQ, preview.seq.to_string().as_str());
-        headers.insert(HEADER_TS_MS, crate::now_ms().to_string().as_str());
+        headers.insert(HEADER_TS_MS, preview.ts_ms.to_string().as_str());
         headers.insert(HEADER_CONTENT_TYPE, preview.content_type);
         let subject = self.names.previews_subject(preview.job_id);
         self.js.publish_with_headers(subject, headers, preview.data).await.map_err(StoreError::nats).map(drop)

@@ -2,8 +2,8 @@
 //! (Python, on the kiln_worker SDK) and a `kiln gateway`. A worker that sends a preview every
 //! 50 ms step, through the SDK or as bare lines past its throttle, reaches followers on
 //! `kiln.previews.<job>` and in the job's SSE stream at most once per the model's interval;
-//! the newest stays readable (`GET /v1/jobs/{id}/preview`, `Client::preview`), and no preview
-//! is an artifact or an event of the job's history.
+//! the newest stays readable (`GET /v1/jobs/{id}/preview`, `Client::preview`, first in a job's
+//! SSE stream), and no preview is an artifact or an event of the job's history.
 
 mod common;
 
@@ -116,6 +116,8 @@ async fn previews_reach_followers_live_at_most_one_per_interval_and_only_the_new
         let sse_previews: Vec<Value> =
             events.iter().filter(|(_, name, _)| name == "preview").map(|(_, _, data)| serde_json::from_str(data).unwrap()).collect();
         assert!(!sse_previews.is_empty(), "{mode}: no preview event in the SSE stream: {events:?}");
+        let sse_seqs: Vec<u64> = sse_previews.iter().map(|p| p["seq"].as_u64().unwrap()).collect();
+        assert!(sse_seqs.windows(2).all(|w| w[0] < w[1]), "{mode}: each once, in order: {sse_seqs:?}");
         for (id_field, name, _) in &events {
             assert_eq!(id_field.is_some(), name != "preview", "{mode}: only previews go without an id: {name}");
         }
@@ -143,14 +145,19 @@ async fn previews_reach_followers_live_at_most_one_per_interval_and_only_the_new
         assert_eq!(stored(&client, &names.previews_stream(), &names.previews_subject(&id)).await, 1);
 
         // Not an artifact, not an event: the replayed history holds the job's events only, and
-        // a stream opened after the end replays no preview.
+        // a stream opened after the end has the job's events, and of the previews only the
+        // newest (a stream begins with the one kept), once.
         let artifacts: Vec<&str> = view.artifacts.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(artifacts, ["image.png", "meta.json"]);
         let history = history(&client, &id).await;
         assert_eq!(stored(&client, &names.events_stream(), &names.events_subject(&id)).await, history.len());
         let replay = read_sse(h.get(gw.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap(), Duration::from_secs(20)).await;
-        assert_eq!(replay.len(), history.len(), "{mode}: {replay:?}");
-        assert!(replay.iter().all(|(id, name, _)| id.is_some() && name != "preview"));
+        let (kept, replayed): (Vec<_>, Vec<_>) = replay.iter().partition(|(_, name, _)| name == "preview");
+        assert_eq!(replayed.len(), history.len(), "{mode}: {replay:?}");
+        assert!(replayed.iter().all(|(id, _, _)| id.is_some()));
+        assert_eq!(kept.len(), 1, "{mode}: the newest preview only: {kept:?}");
+        let kept: Value = serde_json::from_str(&kept[0].2).unwrap();
+        assert_eq!(kept["seq"].as_u64(), Some(newest.seq));
     }
 }
 

@@ -450,8 +450,17 @@ async fn job_events(
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
     let exists = async { tenant.client.status(&id).await.map(drop) };
-    // Subscribed before the history is read: a preview sent meanwhile is not missed.
-    let previews = tenant.client.previews(&id).await?.boxed();
+    // Subscribed before the newest kept preview is read (a preview sent meanwhile is not
+    // missed), which goes first: a client that comes late shows it at once. The live one it
+    // may also be is not sent twice.
+    let live = tenant.client.previews(&id).await?;
+    let newest = tenant.client.preview(&id).await.unwrap_or_else(|e| {
+        tracing::debug!(job_id = %id, error = %e, "cannot read the newest preview");
+        None
+    });
+    let sent = newest.as_ref().map(|p| (p.attempt, p.seq));
+    let live = live.filter(move |p| std::future::ready(Some((p.attempt, p.seq)) != sent));
+    let previews = futures::stream::iter(newest).chain(live).boxed();
     events_once(&gateway, &tenant, &id, &headers, uri.query(), exists, Some(previews)).await
 }
 

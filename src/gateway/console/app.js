@@ -798,6 +798,7 @@ async function renderJob(ctx, view, jobId) {
     if (type === 'status') {
       setStatus(ev.status);
       if (TERMINAL.has(ev.status)) {
+        previewPanel.hidden = true;
         closeWhenEnded(ctx, es);
         liveEl.textContent = 'finished';
       }
@@ -807,33 +808,20 @@ async function renderJob(ctx, view, jobId) {
     }
   };
   for (const type of ['status', 'retrying', 'progress', 'message', 'artifact']) es.addEventListener(type, onEvent);
-  // Previews come live only, without an id: the newest replaces the image.
+  // Previews come live only, without an id (the stream opens with the newest kept one): each
+  // replaces the image; once the job has ended its artifacts show instead.
   let previewSeq = 0;
-  const showPreview = (src, caption) => {
-    previewImg.src = src;
-    previewCaption.textContent = caption;
-    previewPanel.hidden = false;
-  };
   es.addEventListener('preview', (e) => {
+    if (terminalSeen) return;
     let p;
     try { p = JSON.parse(e.data); } catch { return; }
     previewSeq += 1;
     previewImg.setAttribute('data-seq', p.seq);
     previewImg.setAttribute('data-count', previewSeq);
-    showPreview(`data:${p.content_type};base64,${p.data_base64}`,
-      `attempt ${p.attempt}, preview ${p.seq} at ${fmtClock(p.ts_ms)}`);
+    previewImg.src = `data:${p.content_type};base64,${p.data_base64}`;
+    previewCaption.textContent = `attempt ${p.attempt}, preview ${p.seq} at ${fmtClock(p.ts_ms)}`;
+    previewPanel.hidden = false;
   });
-  // A page opened while the job runs shows the newest preview sent before it came (kept
-  // 10 minutes); a 404 (none yet, none at all) leaves the panel hidden.
-  if (!TERMINAL.has(job.status)) {
-    fetch(withToken(`/v1/jobs/${encodeURIComponent(jobId)}/preview`)).then(async (r) => {
-      if (!r.ok || !ctx.alive || previewSeq > 0) return;
-      const blob = await r.blob();
-      if (previewSeq > 0) return;
-      previewImg.setAttribute('data-seq', r.headers.get('kiln-preview-seq') || '0');
-      showPreview(URL.createObjectURL(blob), `attempt ${r.headers.get('kiln-attempt')}, preview ${r.headers.get('kiln-preview-seq')}`);
-    }).catch(() => {});
-  }
   es.onmessage = onEvent; // events without an `event:` line
   es.onopen = () => { liveEl.textContent = 'live'; };
   es.onerror = () => {

@@ -383,18 +383,20 @@ fn event_stream(
     previews: Option<futures::stream::BoxStream<'static, kiln_client::Preview>>,
 ) -> Response {
     enum Item {
-        Event(super::events::Sequenced),
+        // Boxed: an event is four times a preview's handle (clippy's large_enum_variant).
+        Event(Box<super::events::Sequenced>),
         Preview(kiln_client::Preview),
         End,
     }
-    let events = events.map(Item::Event).chain(futures::stream::once(async { Item::End }));
+    let events = events.map(|e| Item::Event(Box::new(e))).chain(futures::stream::once(async { Item::End }));
     let items = match previews {
         Some(previews) => futures::stream::select(events, previews.map(Item::Preview)).boxed(),
         None => events.boxed(),
     };
     let events = items.take_while(|item| std::future::ready(!matches!(item, Item::End))).filter_map(|item| {
         let event = match item {
-            Item::Event((seq, e)) => {
+            Item::Event(event) => {
+                let (seq, e) = *event;
                 Some(SseEvent::default().id(seq.to_string()).event(event_name(&e)).json_data(&e).expect("events serialize"))
             }
             Item::Preview(p) => Some(SseEvent::default().event("preview").json_data(p.view()).expect("previews serialize")),

@@ -181,7 +181,8 @@ async fn console_submits_a_job_and_shows_its_progress_and_image() {
     require_browser_tools();
     let _one_browser = BROWSER.lock().await;
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    // The checkout's SDK: the demo worker's live previews need it.
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &with_checkout_sdk(&demo_model("demo", &[], 3, 60_000)));
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 2).await;
     let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
@@ -203,6 +204,16 @@ async fn console_submits_a_job_and_shows_its_progress_and_image() {
     assert_eq!(r["final_progress"].as_f64(), Some(100.0), "{r}");
     // The demo worker's default size (examples/workers/demo_worker.py: width, height 64).
     assert_eq!(r["image_natural_width"], 64, "{r}");
+    // The live preview updated while the job ran (8 steps of 150 ms, one per 500 ms: the demo
+    // worker's 32x32 step images), newest last.
+    let previews: Vec<(u64, u64)> = r["previews_seen"]
+        .as_array()
+        .expect("previews_seen")
+        .iter()
+        .map(|p| (p["seq"].as_u64().expect("seq"), p["width"].as_u64().expect("width")))
+        .collect();
+    assert!(!previews.is_empty(), "the job page showed no live preview: {r}");
+    assert!(previews.windows(2).all(|w| w[0].0 < w[1].0) && previews.iter().all(|p| p.1 == 32), "{previews:?}");
     assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
 
     let shots: Vec<PathBuf> =

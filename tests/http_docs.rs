@@ -29,7 +29,7 @@ async fn every_curl_example_of_the_http_doc_works() {
     let blocks = shell_blocks(&doc);
     assert!(blocks.len() >= 2, "the doc has its examples");
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &demo_model("demo", &[], 3, 60_000));
+    let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &with_checkout_sdk(&demo_model("demo", &[], 3, 60_000)));
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 2).await;
     let gw = GatewayProcess::spawn(cluster.dir.path(), "gw", &config, &cluster.url());

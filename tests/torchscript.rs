@@ -369,3 +369,40 @@ async fn the_dispatcher_prefers_a_slot_where_the_model_is_already_warm() {
         assert_eq!(wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await.slot.unwrap(), warm_slot);
     }
 }
+
+/// A step-wise model whose state is an image shows it as live previews: PNGs scaled to at most
+/// 256 pixels a side, at most one per its `preview_interval_ms`, none among its artifacts; the
+/// newest stays readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepwise_image_model_shows_its_state_as_live_previews() {
+    let mut cluster = TestCluster::new();
+    let models = torch_model("sampler", "tiny_sampler.pt", SAMPLER_NPY, "preview_interval_ms = 250");
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    // Every job's previews (the job id is not known before the submit).
+    let mut live = client.nats().subscribe("kiln.previews.>").await.unwrap();
+    let params = serde_json::json!({"steps": 400, "width": 512, "height": 384});
+    let r = client.submit(&request("sampler", serde_json::json!({"prompt": "a kiln at dusk"}), params)).await.unwrap();
+    let view = wait_terminal(&client, &r.job_id, Duration::from_secs(60)).await;
+    assert_eq!(view.status, JobState::Completed, "{view:?}");
+    let mut previews = vec![];
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), live.next()).await {
+        previews.push(kiln::client::Preview::from_parts(m.headers.as_ref(), m.payload).expect("a preview's headers"));
+    }
+    let ran_ms = view.finished_ms.unwrap() - view.started_ms.unwrap();
+    println!("{} previews of 400 steps in {ran_ms} ms", previews.len());
+    assert!(previews.len() >= 2, "previews of a step-wise image model: {}", previews.len());
+    assert!(previews.len() as u64 <= ran_ms / 250 + 1, "one per 250 ms at most: {} in {ran_ms} ms", previews.len());
+    for p in &previews {
+        assert_eq!((p.job_id.as_str(), p.attempt, p.content_type.as_str()), (r.job_id.as_str(), 1, "image/png"));
+        assert_eq!(&p.data[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width then height, big-endian, after the signature and the chunk's length and type.
+        let size = |at: usize| u32::from_be_bytes(p.data[at..at + 4].try_into().unwrap());
+        assert_eq!((size(16), size(20)), (256, 192), "512x384 scaled to 256 a side");
+    }
+    let ts: Vec<u64> = previews.iter().map(|p| p.ts_ms).collect();
+    assert!(ts.windows(2).all(|w| w[1] + 2 >= w[0] + 250), "one per 250 ms at most: {ts:?}");
+    assert_eq!(client.preview(&r.job_id).await.unwrap().as_ref(), previews.last());
+    assert_eq!(view.artifacts.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["image.npy"]);
+}

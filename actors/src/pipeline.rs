@@ -18,6 +18,7 @@ use std::time::Duration;
 use kiln_core::config::StageConfig;
 use kiln_core::engine::{EngineError, EngineJob, EngineOutput, ProgressUpdate, ResolvedInput, PROGRESS_CHANNEL_BOUND};
 use kiln_core::job::JobRecord;
+use kiln_core::nats::previews::PreviewOut;
 use kiln_core::nats::{ride_out, StoreError};
 use kiln_core::policy::{Patience, STAGE_RETRY_PAUSE};
 use kiln_core::protocol::{truncate_utf8 as truncate, Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
@@ -108,6 +109,7 @@ impl Pipeline {
             run_stage: (!run_stage.is_empty()).then_some(run_stage),
             model: model_config,
             labels: record.labels.clone(),
+            previews: self.ctx.resources.clone(),
         };
         let forwarder = task::spawn(
             TaskKind::JobPart,
@@ -309,12 +311,15 @@ struct StageShown {
     model: Option<kiln_core::config::ModelConfig>,
     /// The job's labels, carried by every event.
     labels: kiln_core::protocol::Labels,
+    /// Where the engine's previews go: `kiln.previews.<job>`, not the job's events.
+    previews: kiln_core::nats::Resources,
 }
 
 async fn forward_progress(job_id: String, attempt: u32, shown: StageShown, mut rx: mpsc::Receiver<ProgressUpdate>, order: ProgressOrder) {
     let ProgressOrder { store, running_stored, last_seq } = order;
     let mut unacked = std::collections::VecDeque::new();
     let mut running_stored = Some(running_stored);
+    let mut previews_sent = 0u64;
     while let Some(update) = rx.recv().await {
         // Not before the attempt's `running` event is stored: its history begins with it.
         if let Some(running) = running_stored.take() {
@@ -332,6 +337,15 @@ async fn forward_progress(job_id: String, attempt: u32, shown: StageShown, mut r
                 e
             }
             ProgressUpdate::Message(text) => Event::message(&job_id, attempt, truncate(text, MAX_EVENT_MESSAGE_BYTES)),
+            ProgressUpdate::Preview { content_type, data, ts_ms } => {
+                // Live only: not an event of the job's history, not an artifact.
+                previews_sent += 1;
+                let preview = PreviewOut { job_id: &job_id, attempt, seq: previews_sent, content_type: &content_type, data, ts_ms };
+                if let Err(e) = shown.previews.publish_preview(preview).await {
+                    tracing::debug!(job_id = %job_id, error = %e, "preview not published");
+                }
+                continue;
+            }
         }
         .labelled(&shown.labels);
         match store.publish_event_nowait(&event, None).await {

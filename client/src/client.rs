@@ -267,6 +267,82 @@ impl Client {
     }
 }
 
+/// A live preview of a running job (`kiln_contract::preview`), as published on
+/// `kiln.previews.<job_id>`: the image, and what its headers say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preview {
+    pub job_id: String,
+    pub attempt: u32,
+    pub seq: u64,
+    pub content_type: String,
+    pub ts_ms: u64,
+    pub data: bytes::Bytes,
+}
+
+impl Preview {
+    /// A preview from a message's headers and body; `None` when it names no job (not Kiln's).
+    pub fn from_parts(headers: Option<&async_nats::HeaderMap>, data: bytes::Bytes) -> Option<Preview> {
+        use kiln_contract::preview::*;
+        let headers = headers?;
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        let number = |name: &str| get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        Some(Preview {
+            job_id: get(HEADER_JOB_ID)?,
+            attempt: number(HEADER_ATTEMPT) as u32,
+            seq: number(HEADER_SEQ),
+            content_type: get(HEADER_CONTENT_TYPE).unwrap_or_else(|| "application/octet-stream".into()),
+            ts_ms: number(HEADER_TS_MS),
+            data,
+        })
+    }
+
+    /// As an SSE `preview` event carries it: the bytes in base64.
+    pub fn view(&self) -> kiln_contract::preview::PreviewView {
+        use base64::Engine as _;
+        kiln_contract::preview::PreviewView {
+            job_id: self.job_id.clone(),
+            attempt: self.attempt,
+            seq: self.seq,
+            content_type: self.content_type.clone(),
+            ts_ms: self.ts_ms,
+            data_base64: base64::engine::general_purpose::STANDARD.encode(&self.data),
+        }
+    }
+}
+
+impl Client {
+    /// The newest preview of a job, while its stream keeps it (`PREVIEW_MAX_AGE_S` after it
+    /// was sent); `None` when there is none (no job, a model that sends none, expired).
+    pub async fn preview(&self, job_id: &str) -> Result<Option<Preview>, ClientError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        one_job(job_id)?;
+        let stream = self.js.get_stream_no_info(self.names.previews_stream()).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        match stream.get_last_raw_message_by_subject(&self.names.previews_subject(job_id)).await {
+            Ok(m) => Ok(Preview::from_parts(Some(&m.headers), m.payload)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(ClientError::Nats(e.to_string())),
+        }
+    }
+
+    /// The previews of a job from now on, live (a core NATS subscription: none is replayed,
+    /// and one sent while the subscriber is away is not seen). Never ends by itself: stop
+    /// reading at the job's terminal event.
+    pub async fn previews(&self, job_id: &str) -> Result<impl Stream<Item = Preview> + use<>, ClientError> {
+        one_job(job_id)?;
+        let sub = self.nats.subscribe(self.names.previews_subject(job_id)).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+        Ok(sub.filter_map(|m| async move { Preview::from_parts(m.headers.as_ref(), m.payload) }))
+    }
+}
+
+/// A job id that is one subject token: `*` or `>` would follow every job's previews.
+fn one_job(job_id: &str) -> Result<(), ClientError> {
+    if kiln_contract::ids::is_valid_token(job_id) {
+        Ok(())
+    } else {
+        Err(ClientError::Api(ApiError::not_found(format!("no job {job_id:?}: a job id is one token of letters, digits, '-' and '_'"))))
+    }
+}
+
 /// A reply is either the expected value or `{"error": {...}}`.
 pub fn decode_reply<R: DeserializeOwned>(payload: &[u8]) -> Result<R, ClientError> {
     if let Ok(err) = serde_json::from_slice::<ErrorReply>(payload) {

@@ -7,7 +7,7 @@
 //!
 //! | module      | what                                                                   |
 //! |-------------|------------------------------------------------------------------------|
-//! | [`client`]  | [`Client`]: typed requests to `kiln.api.*`, event replay, waits, uploads, verified downloads |
+//! | [`client`]  | [`Client`]: typed requests to `kiln.api.*`, event replay, waits, uploads, verified downloads, live previews |
 //! | [`connect`] | [`NatsConfig`]: URLs, credentials, TLS; the one way to connect with them |
 //! | [`objects`] | objects in the JetStream object store: streamed, sha256 in the metadata |
 //! | [`error`]   | [`StoreError`], the kinds of NATS failure                               |
@@ -19,7 +19,7 @@ pub mod connect;
 pub mod error;
 pub mod objects;
 
-pub use client::{decode_reply, Client, ClientError};
+pub use client::{decode_reply, Client, ClientError, Preview};
 pub use connect::NatsConfig;
 pub use error::StoreError;
 pub use kiln_contract as contract;

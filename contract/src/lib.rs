@@ -13,6 +13,7 @@
 //! | [`endpoint`]     | every `kiln.api.*` endpoint once: name, family, request and reply types |
 //! | [`keys`]         | ids derived from client keys: idempotent job ids, reuse keys          |
 //! | [`worker`]       | the worker protocol's lines (stdin/stdout JSON of a `process` engine)  |
+//! | [`preview`]      | live previews: their limits, headers, the throttle rule, the SSE view  |
 //! | [`retry_reason`] | why a job gets another attempt (its `retrying` event), from the record |
 //! | [`params`]       | params a model declares, checked at submit (names, types, ranges, defaults) |
 //! | [`models`]       | the cluster's models from the registry's node entries; the conflict rule |
@@ -20,7 +21,7 @@
 //! | [`names`]        | every subject, stream and bucket name, from one prefix                |
 //!
 //! The files depend one way: `ids`, `names`, `params` <- `protocol` <- `job` <- `batch`,
-//! `retry_reason`, `keys`, `worker`; `models` and `endpoint` read `protocol` only.
+//! `retry_reason`, `keys`, `worker`; `preview` stands alone; `models` and `endpoint` read `protocol` only.
 
 pub mod batch;
 pub mod endpoint;
@@ -30,6 +31,7 @@ pub mod keys;
 pub mod models;
 pub mod names;
 pub mod params;
+pub mod preview;
 pub mod protocol;
 pub mod retry_reason;
 pub mod worker;

@@ -122,6 +122,17 @@ impl Names {
     pub fn events_subject(&self, job_id: &str) -> String {
         format!("{}.events.{job_id}", self.prefix)
     }
+    /// Live previews of running jobs (`kiln_contract::preview`): the stream that keeps the
+    /// newest of each job, and its subjects, one per job.
+    pub fn previews_stream(&self) -> String {
+        format!("{}_PREVIEWS", self.upper())
+    }
+    pub fn previews_subject_all(&self) -> String {
+        format!("{}.previews.>", self.prefix)
+    }
+    pub fn previews_subject(&self, job_id: &str) -> String {
+        format!("{}.previews.{job_id}", self.prefix)
+    }
     /// The results feed: every job's end, one message each, for consumers that start late.
     pub fn finished_stream(&self) -> String {
         format!("{}_FINISHED", self.upper())

@@ -35,11 +35,25 @@ pub struct WorkerJob {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Where the worker writes its outputs; emptied before each job.
     pub output_dir: PathBuf,
+    /// The model's `preview_interval_ms`: the node lets through at most one `preview` line per
+    /// this many ms (0: none), so a worker can skip encoding one that would be dropped.
+    #[serde(default = "default_preview_interval_ms")]
+    pub preview_interval_ms: u64,
+}
+
+fn default_preview_interval_ms() -> u64 {
+    crate::preview::DEFAULT_PREVIEW_INTERVAL_MS
 }
 
 impl WorkerJob {
-    /// The line of `record`'s current attempt, with its inputs as the node resolved them.
-    pub fn new(record: &JobRecord, inputs: serde_json::Map<String, serde_json::Value>, output_dir: PathBuf) -> WorkerJob {
+    /// The line of `record`'s current attempt, with its inputs as the node resolved them, for a
+    /// model whose previews go at most once per `preview_interval_ms`.
+    pub fn new(
+        record: &JobRecord,
+        inputs: serde_json::Map<String, serde_json::Value>,
+        output_dir: PathBuf,
+        preview_interval_ms: u64,
+    ) -> WorkerJob {
         WorkerJob {
             job_id: record.job_id.clone(),
             attempt: record.attempt,
@@ -47,6 +61,7 @@ impl WorkerJob {
             inputs,
             params: record.params.clone(),
             output_dir,
+            preview_interval_ms,
         }
     }
 }
@@ -88,6 +103,18 @@ pub enum FromWorker {
     Cancelled {
         job_id: String,
     },
+    /// A small image of the job in progress ([`crate::preview`]): not an artifact, shown live
+    /// to followers, dropped when it comes sooner than the job line's `preview_interval_ms`
+    /// after the last one let through, or when over [`crate::preview::MAX_PREVIEW_BYTES`].
+    Preview {
+        #[serde(default)]
+        job_id: Option<String>,
+        /// `image/png` when left out.
+        #[serde(default)]
+        content_type: Option<String>,
+        /// The bytes, base64 (standard alphabet).
+        data: String,
+    },
 }
 
 /// A file a worker produced for its job.
@@ -110,11 +137,11 @@ mod tests {
     fn the_documented_lines_are_the_types() {
         let record = JobRecord { attempt: 2, ..JobRecord::queued("j1", "m", 3, 0) };
         let inputs = serde_json::json!({"image": {"path": "/in.png"}}).as_object().cloned().unwrap();
-        let line = serde_json::to_value(ToWorker::Job(WorkerJob::new(&record, inputs, "/out".into()))).unwrap();
+        let line = serde_json::to_value(ToWorker::Job(WorkerJob::new(&record, inputs, "/out".into(), 500))).unwrap();
         assert_eq!(
             line,
             serde_json::json!({"type": "job", "job_id": "j1", "attempt": 2, "model": "m",
-                "inputs": {"image": {"path": "/in.png"}}, "params": {}, "output_dir": "/out"})
+                "inputs": {"image": {"path": "/in.png"}}, "params": {}, "output_dir": "/out", "preview_interval_ms": 500})
         );
         let cancel = serde_json::to_value(ToWorker::Cancel { job_id: "j1".into() }).unwrap();
         assert_eq!(cancel, serde_json::json!({"type": "cancel", "job_id": "j1"}));
@@ -124,6 +151,9 @@ mod tests {
             matches!(parse(r#"{"type":"progress","job_id":"j1","progress":40}"#), FromWorker::Progress { progress: Some(p), .. } if p == 40.0)
         );
         assert!(matches!(parse(r#"{"type":"error","job_id":"j1","message":"x"}"#), FromWorker::Error { retryable: false, .. }));
+        assert!(
+            matches!(parse(r#"{"type":"preview","job_id":"j1","content_type":"image/jpeg","data":"AAE="}"#), FromWorker::Preview { data, .. } if data == "AAE=")
+        );
         assert!(serde_json::from_str::<FromWorker>(r#"{"type":"other"}"#).is_err());
     }
 }

@@ -25,7 +25,7 @@
 //!
 //! Re-exported from `kiln-contract` (the wire contract, no NATS, no libtorch), so each type has
 //! one path: [`protocol`], [`endpoint`], [`job`], [`batch`], [`keys`], [`worker`], [`retry_reason`],
-//! [`params`], [`models`], [`ids`], and `nats::names`.
+//! [`params`], [`preview`], [`models`], [`ids`], and `nats::names`.
 //!
 //! libtorch is linked only with the `torch` feature (on by default; the `kiln` binary turns it
 //! on with its `engines` feature): without it the `torchscript` engine is absent and a model
@@ -35,7 +35,7 @@
 
 // The wire contract lives in its own crate (no NATS, no libtorch); re-exported so the runtime's
 // code and its users keep one path for each type (`kiln_core::job::JobRecord`).
-pub use kiln_contract::{batch, endpoint, ids, job, keys, models, now_ms, params, protocol, retry_reason, worker};
+pub use kiln_contract::{batch, endpoint, ids, job, keys, models, now_ms, params, preview, protocol, retry_reason, worker};
 
 pub mod autoscale;
 pub mod child;

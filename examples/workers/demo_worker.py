@@ -20,6 +20,11 @@ Params (all optional):
   step_ms number 0..60000 (default 100) simulated time per step
   seed    int (default 0)
   width, height  int 1..1024 (default 64)
+  previews       "due" (default): a small preview image of the step, only when one is due
+                 (job.preview_due(), the model's preview_interval_ms); "every_step": one each
+                 step through job.preview (the SDK drops those sent too soon); "raw": one each
+                 step as a bare protocol line, bypassing the SDK's throttle (Kiln's must hold);
+                 "off": none
 
 Fault injection, for Kiln's tests:
   "crash": "always"            os._exit(3) right after the first step
@@ -43,6 +48,7 @@ Try it by hand:
     | python3 examples/workers/demo_worker.py
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -117,6 +123,9 @@ class Settings:
             raise UserError(f'param fail must be "retryable" or "fatal", got {json.dumps(self.fail)}')
         self.hang = job.bool_param("hang", False)
         self.hang = self.hang or job.attempt in attempt_list(p, "hang_on_attempts")
+        self.previews = p.get("previews", "due")
+        if self.previews not in ("due", "every_step", "raw", "off"):
+            raise UserError(f'param previews must be "due", "every_step", "raw" or "off", got {json.dumps(self.previews)}')
         self.require_file = p.get("require_file")
         if self.require_file is not None and not isinstance(self.require_file, str):
             raise UserError("param require_file must be a path")
@@ -206,6 +215,7 @@ class DemoWorker(Worker):
                 diag(f"injected hang in job {job.job_id}: ignoring cancel, never finishing")
                 while True:
                     time.sleep(3600)
+            send_preview(job, s, step)
         job.check_cancelled()
 
         job.progress(100, stage="encoding")
@@ -215,6 +225,21 @@ class DemoWorker(Worker):
         job.check_cancelled()
         # None: the result names the files written above, image.png then meta.json.
         return None
+
+
+def send_preview(job: Job, s: "Settings", step: int):
+    """A small image of the step (at most 32x32: a preview is shown live, not kept), encoded
+    only when it would go out."""
+    if not hasattr(job, "preview_due"):
+        return  # a kiln_worker older than live previews (an install not refreshed by set-up)
+    if s.previews == "off" or (s.previews == "due" and not job.preview_due()):
+        return
+    image = render(s.prompt, s.seed + step, min(s.width, 32), min(s.height, 32))
+    if s.previews == "raw":
+        line = {"type": "preview", "job_id": job.job_id, "content_type": "image/png", "data": base64.b64encode(image).decode()}
+        job._writer.send(line)  # noqa: SLF001 (on purpose: a worker without the SDK's throttle)
+    else:
+        job.preview(image, "image/png")
 
 
 def env_int(name, default):

@@ -1,12 +1,13 @@
 //! The HTTP + SSE gateway: Kiln for curl, browsers, `EventSource` and every HTTP front-end the
 //! seed services had. It is a NATS client like any other: it uses only `kiln.api.*`, the files
-//! and results object stores and the events stream, with its own `[nats]` credentials (and a
+//! and results object stores, the events stream and the live previews (`kiln.previews.*` and
+//! the newest kept in `KILN_PREVIEWS`), with its own `[nats]` credentials (and a
 //! tenant's, per API key), so it holds no state of its own and scales out by running more.
 //!
 //! | module       | what                                                                     |
 //! |--------------|--------------------------------------------------------------------------|
 //! | this file    | the server: tenants, API keys, CORS, limits, the accept loop, `/healthz`   |
-//! | [`v1`]       | the native REST API, one route per NATS endpoint                          |
+//! | [`v1`]       | the native REST API, one route per NATS endpoint; a job's live previews   |
 //! | [`routes`]   | `[[http.routes]]`: the seeds' own contracts, as configuration              |
 //! | [`template`] | the `$name` response templates of configured routes (pure)                |
 //! | [`events`]   | one consumer per followed job, fanned out to every SSE client; resume     |

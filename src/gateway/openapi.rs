@@ -20,13 +20,14 @@ use kiln_core::endpoint::Endpoint;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
-pub const NATIVE_ROUTES: [(&str, &str, &str); 19] = [
+pub const NATIVE_ROUTES: [(&str, &str, &str); 20] = [
     ("post", "/v1/jobs", "Submit a job (JSON SubmitRequest, or multipart: `model`, `params`, file and text parts as inputs)"),
     ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=&label=name:value, label repeatable)"),
     ("get", "/v1/jobs/{id}", "A job"),
     ("post", "/v1/jobs/{id}/cancel", "Cancel a job"),
     ("get", "/v1/jobs/{id}/events", "The job's events as SSE: history, then live; resumes after Last-Event-ID"),
     ("get", "/v1/jobs/{id}/artifacts/{name}", "An artifact's bytes (ETag = sha256, Range)"),
+    ("get", "/v1/jobs/{id}/preview", "The job's newest live preview: image bytes, kept 10 minutes; 404 when none"),
     ("post", "/v1/files", "Upload files (multipart); each becomes uploads/<uuid>/<name>"),
     ("put", "/v1/files/{name}", "Upload one file under a name (the raw body)"),
     ("get", "/v1/files/{name}", "An uploaded file's bytes"),
@@ -174,7 +175,16 @@ pub fn document() -> Value {
         };
         let ok = if path.ends_with("/events") {
             let event = value(generator.subschema_for::<Event>());
-            json!({"description": "text/event-stream; each `data:` is an Event", "content": {"text/event-stream": {"schema": event}}})
+            // A job's stream also carries live previews (`event: preview`), without an id.
+            let description = if path.starts_with("/v1/jobs/") {
+                "text/event-stream; each `data:` is an Event, or a PreviewView for `event: preview`"
+            } else {
+                "text/event-stream; each `data:` is an Event"
+            };
+            if path.starts_with("/v1/jobs/") {
+                generator.subschema_for::<kiln_core::preview::PreviewView>();
+            }
+            json!({"description": description, "content": {"text/event-stream": {"schema": event}}})
         } else if let Some(r) = reply {
             json!({"description": "OK", "content": {"application/json": {"schema": r}}})
         } else {

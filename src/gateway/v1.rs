@@ -30,6 +30,7 @@ pub fn router() -> Router<Gateway> {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(get_artifact))
+        .route("/v1/jobs/{id}/preview", get(get_preview))
         .route("/v1/files", post(upload_files))
         .route("/v1/files/{*name}", get(get_file).put(put_file))
         .route("/v1/batches", post(submit_batch))
@@ -373,12 +374,35 @@ pub fn resume_point(headers: &HeaderMap, query: Option<&str>) -> Result<Option<u
 }
 
 /// An SSE response of `events`: every event's JSON with its stream sequence as `id` and its
-/// type as `event`; it ends after the terminal event, or when the gateway stops.
-fn event_stream(gateway: &Gateway, events: impl futures::Stream<Item = super::events::Sequenced> + Send + 'static) -> Response {
-    let events = events.map(|(seq, e)| {
-        Ok::<_, std::convert::Infallible>(
-            SseEvent::default().id(seq.to_string()).event(event_name(&e)).json_data(&e).expect("events serialize"),
-        )
+/// type as `event`; it ends after the terminal event, or when the gateway stops. `previews`,
+/// for a job, come in between as `event: preview` without an `id` (they are live only, so a
+/// client's `Last-Event-ID` stays the last event's).
+fn event_stream(
+    gateway: &Gateway,
+    events: impl futures::Stream<Item = super::events::Sequenced> + Send + 'static,
+    previews: Option<futures::stream::BoxStream<'static, kiln_client::Preview>>,
+) -> Response {
+    enum Item {
+        // Boxed: an event is four times a preview's handle (clippy's large_enum_variant).
+        Event(Box<super::events::Sequenced>),
+        Preview(kiln_client::Preview),
+        End,
+    }
+    let events = events.map(|e| Item::Event(Box::new(e))).chain(futures::stream::once(async { Item::End }));
+    let items = match previews {
+        Some(previews) => futures::stream::select(events, previews.map(Item::Preview)).boxed(),
+        None => events.boxed(),
+    };
+    let events = items.take_while(|item| std::future::ready(!matches!(item, Item::End))).filter_map(|item| {
+        let event = match item {
+            Item::Event(event) => {
+                let (seq, e) = *event;
+                Some(SseEvent::default().id(seq.to_string()).event(event_name(&e)).json_data(&e).expect("events serialize"))
+            }
+            Item::Preview(p) => Some(SseEvent::default().event("preview").json_data(p.view()).expect("previews serialize")),
+            Item::End => None,
+        };
+        std::future::ready(event.map(Ok::<_, std::convert::Infallible>))
     });
     let events = events.take_until(gateway.shutdown_token().cancelled_owned());
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
@@ -398,6 +422,7 @@ async fn events_once(
     headers: &HeaderMap,
     query: Option<&str>,
     exists: impl std::future::Future<Output = Result<(), crate::client::ClientError>>,
+    previews: Option<futures::stream::BoxStream<'static, kiln_client::Preview>>,
 ) -> Result<Response, HttpError> {
     let after = resume_point(headers, query)?;
     let mut events = Box::pin(tenant.feeds.subscribe(id, after).peekable());
@@ -416,7 +441,7 @@ async fn events_once(
         }
         found = &mut exists => found?,
     }
-    Ok(event_stream(gateway, events))
+    Ok(event_stream(gateway, events, previews))
 }
 
 async fn job_events(
@@ -427,7 +452,37 @@ async fn job_events(
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
     let exists = async { tenant.client.status(&id).await.map(drop) };
-    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists).await
+    // Subscribed before the newest kept preview is read (a preview sent meanwhile is not
+    // missed), which goes first: a client that comes late shows it at once. The live one it
+    // may also be is not sent twice.
+    let live = tenant.client.previews(&id).await?;
+    let newest = tenant.client.preview(&id).await.unwrap_or_else(|e| {
+        tracing::debug!(job_id = %id, error = %e, "cannot read the newest preview");
+        None
+    });
+    let sent = newest.as_ref().map(|p| (p.attempt, p.seq));
+    let live = live.filter(move |p| std::future::ready(Some((p.attempt, p.seq)) != sent));
+    let previews = futures::stream::iter(newest).chain(live).boxed();
+    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists, Some(previews)).await
+}
+
+/// `GET /v1/jobs/{id}/preview`: the newest live preview of a job, its bytes with their
+/// content type, while `KILN_PREVIEWS` keeps it (10 minutes); a coded 404 when there is none
+/// (or no such job).
+async fn get_preview(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    let Some(preview) = tenant.client.preview(&id).await? else {
+        // Which 404: the job's own `not_found` when there is no such job.
+        tenant.client.status(&id).await?;
+        return Err(HttpError::not_found(format!("job {id} has no preview (its model sends none, none came yet, or the newest expired)")));
+    };
+    let headers = [
+        (header::CONTENT_TYPE, preview.content_type.clone()),
+        (header::CACHE_CONTROL, "no-store".to_string()),
+        (header::HeaderName::from_static("kiln-attempt"), preview.attempt.to_string()),
+        (header::HeaderName::from_static("kiln-preview-seq"), preview.seq.to_string()),
+        (header::HeaderName::from_static("kiln-ts-ms"), preview.ts_ms.to_string()),
+    ];
+    Ok((headers, preview.data).into_response())
 }
 
 async fn get_artifact(
@@ -535,7 +590,7 @@ async fn batch_events(
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
     let exists = async { tenant.client.batch(&id).await.map(drop) };
-    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists).await
+    events_once(&gateway, &tenant, &id, &headers, uri.query(), exists, None).await
 }
 
 async fn retry_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {

@@ -8,7 +8,8 @@
 //
 // Prints exactly one JSON line on stdout. Success (exit 0):
 //   {"job_id", "progress_seen": [..], "final_progress", "status": "completed",
-//    "image_natural_width", "screenshots": [..], "console_errors": [..]}
+//    "image_natural_width", "previews_seen": [{seq, width}, ..] (the live preview image as it
+//    changed while the job ran), "screenshots": [..], "console_errors": [..]}
 // Failure (exit 1): {"error", "step", "html" (first 2000 chars of body.outerHTML), "url",
 //   "console_errors"}, with <out_dir>/failure.png when a screenshot could still be taken.
 import { mkdirSync } from 'node:fs';
@@ -58,11 +59,23 @@ async function main() {
       }
     };
     await page.exposeFunction('__kilnProgress', record);
+    // Each live preview the job page showed: its seq, once its image decoded.
+    const previewsSeen = [];
+    await page.exposeFunction('__kilnPreview', (seq, width) => {
+      if (!previewsSeen.some((p) => p.seq === seq)) previewsSeen.push({ seq, width });
+    });
     const watchProgress = () => {
       if (window.__kilnWatching) return;
       window.__kilnWatching = true;
       let last;
+      const checkPreview = () => {
+        const img = document.querySelector('img#job-preview');
+        if (img && img.complete && img.naturalWidth > 0 && img.hasAttribute('data-seq')) {
+          window.__kilnPreview(Number(img.getAttribute('data-seq')), img.naturalWidth);
+        }
+      };
       const check = () => {
+        checkPreview();
         const el = document.querySelector('progress#job-progress');
         if (!el || !el.hasAttribute('value')) return;
         const v = Number(el.value);
@@ -157,6 +170,7 @@ async function main() {
       final_progress: finalProgress,
       status,
       image_natural_width: imageWidth,
+      previews_seen: previewsSeen,
       screenshots: shots,
       console_errors: consoleErrors,
     });

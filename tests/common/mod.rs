@@ -77,6 +77,17 @@ required_inputs = ["prompt"]
     )
 }
 
+/// A demo-worker model entry (from [`demo_model`]) whose worker imports this checkout's
+/// `kiln_worker` SDK rather than the copy `scripts/setup.sh` installed in the venv: for tests of
+/// what the SDK gained in this checkout (the venv's copy is refreshed only by the next set-up).
+pub fn with_checkout_sdk(model: &str) -> String {
+    let src = repo().join("python/kiln-worker/src");
+    model.replace(
+        "ready_timeout_ms = 20000 }",
+        &format!("ready_timeout_ms = 20000, env = {{ PYTHONPATH = {:?} }} }}", src.display().to_string()),
+    )
+}
+
 pub const NOOP_MODEL: &str = r#"
 [[models]]
 name = "noop"

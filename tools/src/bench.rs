@@ -254,6 +254,7 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         stages: vec![],
         params: vec![],
         stage_names: Default::default(),
+        preview_interval_ms: 0,
     }];
     config
 }

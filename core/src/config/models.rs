@@ -62,6 +62,15 @@ pub struct ModelConfig {
     /// statuses. Empty (default): stages show as reported. A `run_stage` wins over both.
     #[serde(default)]
     pub stage_names: BTreeMap<String, String>,
+    /// Live previews of this model's jobs go at most once per this many ms (the node drops
+    /// the rest; the job line tells the worker, so the SDK drops them before encoding); 0
+    /// turns them off. Default 500.
+    #[serde(default = "default_preview_interval_ms")]
+    pub preview_interval_ms: u64,
+}
+
+fn default_preview_interval_ms() -> u64 {
+    kiln_contract::preview::DEFAULT_PREVIEW_INTERVAL_MS
 }
 
 /// One post-processing stage of a pipeline.

@@ -70,6 +70,15 @@ pub enum ProgressUpdate {
     Progress { stage: Option<String>, progress: Option<f32>, message: Option<String> },
     /// A line the engine logged.
     Message(String),
+    /// A live preview of the job ([`crate::preview`]), already let through by the model's
+    /// interval and size limit: published for followers, never stored as an event.
+    Preview {
+        content_type: String,
+        data: bytes::Bytes,
+        /// When the engine let it through (Unix ms): its `Kiln-Ts-Ms`, one interval or more
+        /// after the last one's however long it waits to be published.
+        ts_ms: u64,
+    },
 }
 
 /// Bounded: a job that logs faster than NATS takes events slows down rather than growing
@@ -197,7 +206,9 @@ impl Engine {
     pub fn new(model: &ModelConfig, slot: &SlotContext) -> Engine {
         match &model.engine {
             EngineConfig::Process { command, env, ready_timeout_ms, cwd, .. } => Engine::Process(Box::new(
-                process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot).in_dir(cwd.clone()),
+                process::ProcessEngine::new(&model.name, command.clone(), env.clone(), *ready_timeout_ms, slot)
+                    .in_dir(cwd.clone())
+                    .previews_every(model.preview_interval_ms),
             )),
             EngineConfig::Torchscript { path, inputs, params, outputs, memory_bytes, device, max_batch, max_batch_delay_ms } => {
                 let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -210,6 +221,7 @@ impl Engine {
                     cpu_only: device == "cpu",
                     max_batch: (*max_batch).max(1),
                     max_batch_delay: std::time::Duration::from_millis(*max_batch_delay_ms),
+                    preview_interval_ms: model.preview_interval_ms,
                 };
                 Engine::Torch(Box::new(TorchEngine { model: model.name.clone(), spec, slot: slot.clone() }))
             }

@@ -15,7 +15,12 @@
 //! {"type":"result","job_id":"..","artifacts":[{"name":"image.png","path":"image.png","content_type":"image/png"}]}
 //! {"type":"error","job_id":"..","message":"..","retryable":false}
 //! {"type":"cancelled","job_id":".."}
+//! {"type":"preview","job_id":"..","content_type":"image/png","data":"<base64>"}
 //! ```
+//! A preview is let through at most once per the model's `preview_interval_ms` (the job line
+//! tells the worker that figure) and up to `MAX_PREVIEW_BYTES` decoded; the rest are dropped
+//! here, so a worker that floods cannot flood its followers.
+//!
 //! The worker runs in its own process group with `CUDA_VISIBLE_DEVICES` set to its slot's GPU
 //! (empty on a `cpu:N` slot), and the whole group is killed when the engine drops, so a crashed
 //! or cancelled worker leaves no orphans. A model of several GPUs (`gpus = N`) runs on the
@@ -124,6 +129,8 @@ pub struct ProcessEngine {
     /// The slots the worker is (to be) started on, its own first: more than one for a model
     /// of several GPUs.
     group: Vec<String>,
+    /// The model's `preview_interval_ms` (0: previews are dropped).
+    preview_interval_ms: u64,
     worker: Option<Worker>,
 }
 
@@ -151,8 +158,15 @@ impl ProcessEngine {
             slot: slot.clone(),
             cwd: None,
             group: vec![slot.slot.clone()],
+            preview_interval_ms: crate::preview::DEFAULT_PREVIEW_INTERVAL_MS,
             worker: None,
         }
+    }
+
+    /// The same engine, letting a preview through at most once per `interval_ms` (0: never).
+    pub fn previews_every(mut self, interval_ms: u64) -> Self {
+        self.preview_interval_ms = interval_ms;
+        self
     }
 
     /// The same engine, starting its worker in `cwd` (when set).
@@ -267,7 +281,8 @@ impl ProcessEngine {
                 (k.clone(), v)
             })
             .collect();
-        let request = ToWorker::Job(WorkerJob::new(&job.record, inputs, job.output_dir.clone()));
+        let request = ToWorker::Job(WorkerJob::new(&job.record, inputs, job.output_dir.clone(), self.preview_interval_ms));
+        let mut previews = PreviewGate::new(self.preview_interval_ms);
         if let Err(e) = worker.send(&request).await {
             self.worker = None;
             return Err(e);
@@ -318,6 +333,13 @@ impl ProcessEngine {
                 WorkerLine::Log { job_id, message } if mine(&job_id) => {
                     let _ = progress.send(ProgressUpdate::Message(message)).await;
                 }
+                WorkerLine::Preview { job_id, content_type, data } if mine(&job_id) => {
+                    if let Some(update) = previews.admit(content_type, &data, &job.record.job_id) {
+                        // Never waits: a preview the forwarder has no room for is dropped, not
+                        // queued behind (or ahead of) the job's progress.
+                        let _ = progress.try_send(update);
+                    }
+                }
                 WorkerLine::Result { job_id, artifacts } if job_id == job.record.job_id => {
                     if cancelling.is_some() {
                         return Err(EngineError::Cancelled);
@@ -334,6 +356,57 @@ impl ProcessEngine {
                 _ => {} // a line about another (earlier, cancelled) job
             }
         }
+    }
+}
+
+/// The node's side of the preview throttle, for one attempt: what the worker sends is let
+/// through by [`preview_due`](crate::preview::preview_due) on the node's clock and the size
+/// limit, whatever the worker's own throttle did.
+struct PreviewGate {
+    interval_ms: u64,
+    started: std::time::Instant,
+    last_ms: Option<u64>,
+    /// Dropped for their size: logged once per attempt, not once per line.
+    warned: bool,
+}
+
+impl PreviewGate {
+    fn new(interval_ms: u64) -> PreviewGate {
+        PreviewGate { interval_ms, started: std::time::Instant::now(), last_ms: None, warned: false }
+    }
+
+    /// The preview to publish, or `None` when it is dropped (too soon, too big, not base64).
+    fn admit(&mut self, content_type: Option<String>, data: &str, job_id: &str) -> Option<ProgressUpdate> {
+        use base64::Engine as _;
+        let (now_ms, ts_ms) = (self.started.elapsed().as_millis() as u64, crate::now_ms());
+        if !crate::preview::preview_due(self.last_ms, now_ms, self.interval_ms) {
+            return None;
+        }
+        // Checked before decoding: base64 takes 4 bytes per 3.
+        let max = crate::preview::MAX_PREVIEW_BYTES;
+        let decoded = if data.len() > max.div_ceil(3) * 4 {
+            Err(format!("over the {max}-byte limit"))
+        } else {
+            match base64::engine::general_purpose::STANDARD.decode(data.trim()) {
+                Ok(b) if b.is_empty() => Err("empty".into()),
+                Ok(b) if b.len() > max => Err(format!("over the {max}-byte limit")),
+                Ok(b) => Ok(b),
+                Err(e) => Err(format!("its data is not base64: {e}")),
+            }
+        };
+        let bytes = match decoded {
+            Ok(b) => b,
+            Err(why) => {
+                if !self.warned {
+                    tracing::warn!(job_id, "preview dropped: {why}");
+                    self.warned = true;
+                }
+                return None;
+            }
+        };
+        self.last_ms = Some(now_ms);
+        let content_type = content_type.filter(|c| !c.is_empty() && c.len() <= 100).unwrap_or_else(|| "image/png".into());
+        Some(ProgressUpdate::Preview { content_type, data: bytes.into(), ts_ms })
     }
 }
 
@@ -444,6 +517,53 @@ mod tests {
         assert!(engine.is_loaded(), "the same group keeps its worker");
         let lines = std::fs::read_to_string(&seen).unwrap();
         assert_eq!(lines, "cpu:0 cpu:0 []\ncpu:0 cpu:0,cpu:2 []\n");
+    }
+
+    /// A real worker (sh) that floods 200 preview lines at once, then a bad one, an oversized
+    /// one, and its result: one preview goes (the interval has not passed again), none of the
+    /// broken ones, and the job line told the worker the interval.
+    #[tokio::test]
+    async fn a_flood_of_previews_is_let_through_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("job-line");
+        let script = format!(
+            r#"echo '{{"type":"ready"}}'; read job; echo "$job" > {seen}
+            i=0; while [ $i -lt 200 ]; do echo '{{"type":"preview","content_type":"image/png","data":"iVBORw0KGgo="}}'; i=$((i+1)); done
+            echo '{{"type":"result","job_id":"j","artifacts":[]}}'; sleep 600"#,
+            seen = seen.display()
+        );
+        let command = vec!["sh".into(), "-c".into(), script];
+        let mut engine =
+            ProcessEngine::new("previews", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0)).previews_every(60_000);
+        let record = crate::job::JobRecord { attempt: 1, ..crate::job::JobRecord::queued("j", "previews", 3, 0) };
+        let job = EngineJob { record, inputs: BTreeMap::new(), output_dir: dir.path().to_path_buf(), group: vec![] };
+        let (tx, mut rx) = mpsc::channel(PROGRESS_CHANNEL_BOUND);
+        assert_eq!(engine.run(job, tx, CancellationToken::new()).await, Ok(vec![]));
+        let mut previews = vec![];
+        while let Ok(update) = rx.try_recv() {
+            if let ProgressUpdate::Preview { content_type, data, .. } = update {
+                previews.push((content_type, data));
+            }
+        }
+        assert_eq!(previews, vec![("image/png".to_string(), bytes::Bytes::from_static(b"\x89PNG\r\n\x1a\n"))]);
+        let line: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&seen).unwrap()).unwrap();
+        assert_eq!(line["preview_interval_ms"], 60_000);
+    }
+
+    #[test]
+    fn the_gate_drops_what_is_too_soon_too_big_or_not_base64() {
+        use base64::Engine as _;
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![7u8; n]);
+        let mut gate = PreviewGate::new(1);
+        assert!(gate.admit(None, "not base64!", "j").is_none());
+        assert!(gate.admit(None, "", "j").is_none(), "empty");
+        assert!(gate.admit(None, &b64(crate::preview::MAX_PREVIEW_BYTES + 1), "j").is_none());
+        let at_limit = gate.admit(Some("image/webp".into()), &b64(crate::preview::MAX_PREVIEW_BYTES), "j");
+        assert!(
+            matches!(at_limit, Some(ProgressUpdate::Preview { ref content_type, ref data, .. }) if content_type == "image/webp" && data.len() == crate::preview::MAX_PREVIEW_BYTES)
+        );
+        let mut off = PreviewGate::new(0);
+        assert!(off.admit(None, &b64(10), "j").is_none(), "interval 0: previews are off");
     }
 
     /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.

@@ -23,4 +23,7 @@ pub struct TorchModel {
     pub max_batch: usize,
     /// How long the first job of a batch waits for others.
     pub max_batch_delay: std::time::Duration,
+    /// The model's `preview_interval_ms`: a step-wise model whose state is an image shows it as
+    /// a live preview at most this often (0: never).
+    pub preview_interval_ms: u64,
 }

@@ -8,7 +8,9 @@
 //!   models when the slot's memory budget (bytes, from each model's estimate) would be exceeded;
 //! - runs plain models with `forward(*args)`, and step-wise models (`num_steps`, `init`, `step`,
 //!   `decode`) one step at a time, reporting progress after each step and stopping between
-//!   steps when the job is cancelled;
+//!   steps when the job is cancelled; a step-wise model whose state is an image (`[1,3,H,W]`,
+//!   `[3,H,W]`, one channel too, values 0 to 1) shows it as a live preview, a PNG at most
+//!   [`PREVIEW_SIDE`] pixels a side, at most once per the model's `preview_interval_ms`;
 //! - catches a panic in any command and answers it as a dead worker, which restarts the slot.
 //!
 //! Arguments are the model's configured inputs then its configured params, in config order
@@ -398,6 +400,8 @@ impl SlotThread {
                 other => return Err(EngineError::User(format!("num_steps returned {other:?}, not a count"))),
             };
             let mut state = loaded.module.method_is("init", &args).map_err(|e| torch_error("init", e))?;
+            let started = std::time::Instant::now();
+            let mut last_preview = None;
             for i in 0..n {
                 if cancel.is_cancelled() {
                     return Err(EngineError::Cancelled);
@@ -411,6 +415,17 @@ impl SlotThread {
                     progress: Some(pct),
                     message: Some(format!("step {}/{n}", i + 1)),
                 });
+                let (now_ms, ts_ms) = (started.elapsed().as_millis() as u64, crate::now_ms());
+                if i + 1 < n && crate::preview::preview_due(last_preview, now_ms, spec.preview_interval_ms) {
+                    if let IValue::Tensor(t) = &state {
+                        if let Some(png) = preview_png(t, &job.output_dir) {
+                            last_preview = Some(now_ms);
+                            // Never waits on the job's progress: dropped when there is no room.
+                            let update = ProgressUpdate::Preview { content_type: "image/png".into(), data: png.into(), ts_ms };
+                            let _ = progress.try_send(update);
+                        }
+                    }
+                }
             }
             let mut decode_args = vec![state];
             decode_args.extend(args.iter().map(clone_ivalue));
@@ -427,6 +442,39 @@ impl SlotThread {
         let _ = progress.blocking_send(ProgressUpdate::Progress { stage: Some("encoding".into()), progress: Some(100.0), message: None });
         write_outputs(codecs::named_outputs(output)?, spec, &job.output_dir)
     }
+}
+
+/// Longest side of a step-wise model's preview: a bigger state is scaled down (area average).
+pub const PREVIEW_SIDE: i64 = 256;
+
+/// A step-wise model's state as a preview PNG, when it is an image: `[1,C,H,W]` or `[C,H,W]`
+/// with 1 or 3 channels, float, values 0 to 1. `None` for any other state (a latent of 4
+/// channels, a tuple): such a model shows no preview. tch encodes to a file only, so the PNG
+/// goes through one in the job's folder, beside (not in) its output directory.
+fn preview_png(state: &tch::Tensor, output_dir: &std::path::Path) -> Option<Vec<u8>> {
+    let image = match state.size().as_slice() {
+        [1, c, h, w] | [c, h, w] if (*c == 1 || *c == 3) && *h > 0 && *w > 0 => state.reshape([1, *c, *h, *w]),
+        _ => return None,
+    };
+    if !image.is_floating_point() {
+        return None;
+    }
+    let (h, w) = (image.size()[2], image.size()[3]);
+    let scale = (PREVIEW_SIDE as f64 / h.max(w) as f64).min(1.0);
+    let image = if scale < 1.0 {
+        let size = [((h as f64 * scale) as i64).max(1), ((w as f64 * scale) as i64).max(1)];
+        image.adaptive_avg_pool2d(size)
+    } else {
+        image
+    };
+    let image = image.to_device(Device::Cpu).squeeze_dim(0);
+    let image = if image.size()[0] == 1 { image.repeat([3, 1, 1]) } else { image };
+    let image = (image.to_kind(tch::Kind::Float).clamp(0.0, 1.0) * 255.0).round().to_kind(tch::Kind::Uint8);
+    let path = output_dir.with_file_name("kiln-preview.png");
+    tch::vision::image::save(&image, &path).ok()?;
+    let png = std::fs::read(&path).ok();
+    let _ = std::fs::remove_file(&path);
+    png.filter(|b| b.len() <= crate::preview::MAX_PREVIEW_BYTES)
 }
 
 /// Whether a TorchScript module defines `method`. tch has no reflection call, so call it with

@@ -11,6 +11,7 @@
 //! | `batches.rs`  | batch records and plans in KV; settling a child's end; its launches   |
 //! | `queue.rs`    | the queue now: lanes' depth and deliveries, oldest wait, recent run times |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
+//! | `previews.rs` | live previews on `kiln.previews.<job>`; `KILN_PREVIEWS` keeps the newest |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
 //! | `direct.rs`   | batched direct gets: many messages per request (the registry's snapshot, a job's position) |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
@@ -23,6 +24,7 @@ pub mod jobs;
 pub use kiln_contract::names;
 pub mod objects;
 pub mod patience;
+pub mod previews;
 pub mod queue;
 pub mod registry;
 pub mod resources;

@@ -138,6 +138,7 @@ impl Resources {
         .await
         .map_err(|e| creation_error(&names.finished_stream(), replicas, e))?;
         settle_stream(&js, &names.finished_stream(), replicas, true).await?;
+        super::previews::ensure_previews_stream(&js, &names, replicas).await?;
 
         let jobs_kv = open_kv(
             &js,
@@ -382,7 +383,7 @@ impl Resources {
     pub fn stream_names(&self) -> Vec<String> {
         let n = &self.names;
         let buckets = [n.jobs_bucket(), n.gpus_bucket(), n.nodes_bucket(), n.held_bucket(), n.batches_bucket(), n.reuse_bucket()];
-        let mut names = vec![n.jobs_stream(), n.events_stream(), n.finished_stream()];
+        let mut names = vec![n.jobs_stream(), n.events_stream(), n.finished_stream(), n.previews_stream()];
         names.extend(buckets.iter().map(|b| format!("KV_{b}")));
         names.push(format!("OBJ_{}", n.files_bucket()));
         names
@@ -419,7 +420,7 @@ impl Resources {
 /// A stream, bucket or object store could not be made: when the server is not a cluster, or
 /// the cluster has fewer JetStream servers than `nats.replicas`, say so (the server's own words
 /// are "replicas > 1 not supported in non-clustered mode" and "insufficient resources").
-fn creation_error(what: &str, replicas: usize, error: impl std::fmt::Display) -> StoreError {
+pub(crate) fn creation_error(what: &str, replicas: usize, error: impl std::fmt::Display) -> StoreError {
     let text = error.to_string();
     let lower = text.to_lowercase();
     if replicas > 1 && (lower.contains("insufficient resources") || lower.contains("non-clustered")) {
@@ -458,7 +459,7 @@ async fn open_kv(js: &jetstream::Context, config: kv::Config) -> Result<kv::Stor
 /// whose config async-nats does not expose). A deployment made with one replica moves to three
 /// when a node starts with `nats.replicas = 3`. The server scales a stream in place (new peers catch up from the
 /// leader, its consumers follow), so no job is lost on the way: `tests/nats_cluster.rs`.
-async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, raise_consumers: bool) -> Result<(), StoreError> {
+pub(crate) async fn settle_stream(js: &jetstream::Context, stream: &str, replicas: usize, raise_consumers: bool) -> Result<(), StoreError> {
     let mut s = js.get_stream(stream).await.map_err(StoreError::nats)?;
     let mut config = s.info().await.map_err(StoreError::nats)?.config.clone();
     let mut changed = false;

@@ -81,7 +81,7 @@ backoff_max_ms = 1000
 
 [[models]]
 name = "demo"
-engine = {{ kind = "process", command = [{json.dumps(python)}, {json.dumps(str(worker))}], ready_timeout_ms = 20000, env = {{ KILN_DEMO_LOAD_MS = "50" }} }}
+engine = {{ kind = "process", command = [{json.dumps(python)}, {json.dumps(str(worker))}], ready_timeout_ms = 20000, env = {{ KILN_DEMO_LOAD_MS = "50", PYTHONPATH = {json.dumps(str(REPO / "python" / "kiln-worker" / "src"))} }} }}
 timeout_ms = 60000
 max_attempts = 3
 required_inputs = ["prompt"]

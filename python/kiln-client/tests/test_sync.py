@@ -325,3 +325,22 @@ def test_a_quota_refusal_carries_when_to_retry() -> None:
     with pytest.raises(KilnError) as other:
         _decode_reply("kiln.api.status", json.dumps({"error": {"code": "not_found", "message": "m"}}).encode(), None)
     assert other.value.retry_after_ms is None
+
+
+def test_the_newest_live_preview_is_kept_and_not_an_artifact(client: Client) -> None:
+    # The demo worker sends a small PNG of a step whenever one is due (one per 500 ms by
+    # default): 6 steps of 200 ms send some, of which the newest is kept.
+    reply = client.submit("demo", {"prompt": "a preview"}, {"steps": 6, "step_ms": 200})
+    view = client.wait(reply["job_id"], timeout=60)
+    assert view["status"] == "completed", view
+    preview = client.preview(reply["job_id"])
+    assert preview is not None
+    assert (preview["job_id"], preview["attempt"], preview["content_type"]) == (reply["job_id"], 1, "image/png")
+    assert preview["seq"] >= 2 and preview["ts_ms"] > 0
+    assert preview["data"].startswith(b"\x89PNG\r\n\x1a\n")
+    assert [a["name"] for a in view["artifacts"]] == ["image.png", "meta.json"]
+    # None for a job that sent none, one that does not exist, and an id that is no job's.
+    noop = client.submit("noop", {}, {})
+    client.wait(noop["job_id"], timeout=60)
+    for job_id in [noop["job_id"], "no-such-job", "*", "a.b"]:
+        assert client.preview(job_id) is None, job_id

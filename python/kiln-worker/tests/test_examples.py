@@ -5,8 +5,10 @@ before the SDK."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
+import struct
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -24,6 +26,11 @@ def without_pids(lines: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     for line in lines:
         if "message" in line:
             line["message"] = re.sub(r"^worker pid \d+ ", "worker pid N ", line["message"])
+        if line.get("type") == "preview":
+            # A preview's bytes, as the size its PNG header says.
+            png = base64.b64decode(line["data"])
+            assert png.startswith(b"\x89PNG\r\n\x1a\n"), line
+            line["data"] = "PNG %dx%d" % struct.unpack(">II", png[16:24])
     return lines
 
 
@@ -55,12 +62,15 @@ def test_demo_worker_lines_and_bytes(tmp_path: Path) -> None:
         {"type": "log", "job_id": "d1", "message": "worker pid N running job d1 attempt 1"},
         {"type": "progress", "job_id": "d1", "stage": "preparing", "progress": 0},
         {"type": "progress", "job_id": "d1", "stage": "inference", "progress": 50.0, "message": "step 1/2"},
+        # The first step's preview goes; the second comes sooner than the default 500 ms after.
+        {"type": "preview", "job_id": "d1", "content_type": "image/png", "data": "PNG 32x32"},
         {"type": "progress", "job_id": "d1", "stage": "inference", "progress": 100.0, "message": "step 2/2"},
         {"type": "progress", "job_id": "d1", "stage": "encoding", "progress": 100},
         {"type": "result", "job_id": "d1", "artifacts": artifacts},
         {"type": "log", "job_id": "d2", "message": "worker pid N running job d2 attempt 1"},
         {"type": "progress", "job_id": "d2", "stage": "preparing", "progress": 0},
         {"type": "progress", "job_id": "d2", "stage": "inference", "progress": 100.0, "message": "step 1/1"},
+        {"type": "preview", "job_id": "d2", "content_type": "image/png", "data": "PNG 32x17"},
         {"type": "progress", "job_id": "d2", "stage": "encoding", "progress": 100},
         {"type": "result", "job_id": "d2", "artifacts": artifacts},
     ]

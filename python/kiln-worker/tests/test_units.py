@@ -12,7 +12,7 @@ from harness import SRC  # noqa: F401  (puts the checkout's source on the path f
 
 import kiln_worker
 from kiln_worker import Artifact, ArtifactNameError, Cancelled, Job, UserError, Worker, check_artifact_name
-from kiln_worker.protocol import MAX_MESSAGE_CHARS, LineWriter, clip
+from kiln_worker.protocol import MAX_MESSAGE_CHARS, MAX_PREVIEW_BYTES, LineWriter, clip
 
 
 def test_the_checkout_source_is_tested() -> None:
@@ -105,6 +105,54 @@ def test_progress_lines(tmp_path: Path) -> None:
     assert len(lines[5]["message"]) == MAX_MESSAGE_CHARS
     with pytest.raises(TypeError):
         job.progress("50")  # type: ignore[arg-type]
+
+
+def test_previews_go_at_most_once_per_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    from kiln_worker import job as job_module
+
+    ms = 1_000_000
+    clock = [1000 * ms]
+    monkeypatch.setattr(job_module.time, "monotonic_ns", lambda: clock[0])
+    job, out = make_job(tmp_path, preview_interval_ms=300)
+    assert job.preview_interval_ms == 300
+    assert job.preview_due()
+    assert job.preview(b"\x89PNG one") is True
+    # Sooner than the interval: dropped, and said so before anything is encoded.
+    clock[0] += 299 * ms
+    assert not job.preview_due()
+    assert job.preview(b"two", "image/jpeg") is False
+    clock[0] += 1 * ms
+    assert job.preview_due()
+    assert job.preview(b"three", "image/jpeg") is True
+    lines = out.lines()
+    assert lines == [
+        {"type": "preview", "job_id": "j", "content_type": "image/png", "data": base64.b64encode(b"\x89PNG one").decode()},
+        {"type": "preview", "job_id": "j", "content_type": "image/jpeg", "data": base64.b64encode(b"three").decode()},
+    ]
+    # A flood over two simulated seconds lets through one per interval, the first included.
+    job, out = make_job(tmp_path, preview_interval_ms=300)
+    sent = 0
+    for _ in range(200):
+        sent += job.preview(b"x")
+        clock[0] += 10 * ms
+    assert sent == 7 and len(out.lines()) == 7  # at 0, 0.3, ..., 1.8 s of 2 s
+
+
+def test_previews_off_too_big_or_not_bytes(tmp_path: Path) -> None:
+    job, out = make_job(tmp_path, preview_interval_ms=0)
+    assert not job.preview_due() and job.preview(b"x") is False
+    job, out = make_job(tmp_path)
+    assert job.preview_interval_ms == 500, "an older Kiln's job line names none: the default"
+    with pytest.raises(ValueError, match="over the 262144-byte limit"):
+        job.preview(b"x" * (MAX_PREVIEW_BYTES + 1))
+    with pytest.raises(TypeError):
+        job.preview("not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        job.preview(b"")
+    assert out.lines() == [], "nothing is sent for a refused preview"
+    assert job.preview(b"x" * MAX_PREVIEW_BYTES) is True, "the limit itself goes"
 
 
 def test_cancel(tmp_path: Path) -> None:

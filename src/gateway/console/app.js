@@ -631,6 +631,11 @@ async function renderJob(ctx, view, jobId) {
   const artifactsEmpty = h('p', { class: 'muted', text: 'No artifacts yet.' });
   const timeline = h('ol', { id: 'job-timeline' });
   const detailsPre = h('pre', { class: 'json' });
+  // The job's live preview (`event: preview`, never stored): hidden until one comes.
+  const previewImg = h('img', { id: 'job-preview', class: 'live-preview', alt: 'live preview' });
+  const previewCaption = h('p', { id: 'job-preview-caption', class: 'muted' });
+  const previewPanel = h('section', { class: 'panel', id: 'job-preview-panel', hidden: true },
+    h('h3', { text: 'Live preview' }), previewImg, previewCaption);
   const root = h('div', { id: 'job', 'data-job-id': job.job_id || jobId, 'data-status': job.status });
 
   root.append(
@@ -650,6 +655,7 @@ async function renderJob(ctx, view, jobId) {
         h('dt', { text: 'Flags' }), flagsEl),
       h('div', { class: 'progress-line' }, progress, progressLabel),
       errorEl),
+    previewPanel,
     h('section', { class: 'panel' }, h('h3', { text: 'Attempts' }),
       h('table', { id: 'job-attempts' },
         h('thead', {}, h('tr', {}, ['#', 'Node / slot', 'Started', 'Ended', 'Time', 'Outcome'].map((t) => h('th', { text: t })))),
@@ -793,6 +799,7 @@ async function renderJob(ctx, view, jobId) {
     if (type === 'status') {
       setStatus(ev.status);
       if (TERMINAL.has(ev.status)) {
+        previewPanel.hidden = true;
         closeWhenEnded(ctx, es);
         liveEl.textContent = 'finished';
       }
@@ -802,6 +809,20 @@ async function renderJob(ctx, view, jobId) {
     }
   };
   for (const type of ['status', 'retrying', 'progress', 'message', 'artifact']) es.addEventListener(type, onEvent);
+  // Previews come live only, without an id (the stream opens with the newest kept one): each
+  // replaces the image; once the job has ended its artifacts show instead.
+  let previewSeq = 0;
+  es.addEventListener('preview', (e) => {
+    if (terminalSeen) return;
+    let p;
+    try { p = JSON.parse(e.data); } catch { return; }
+    previewSeq += 1;
+    previewImg.setAttribute('data-seq', p.seq);
+    previewImg.setAttribute('data-count', previewSeq);
+    previewImg.src = `data:${p.content_type};base64,${p.data_base64}`;
+    previewCaption.textContent = `attempt ${p.attempt}, preview ${p.seq} at ${fmtClock(p.ts_ms)}`;
+    previewPanel.hidden = false;
+  });
   es.onmessage = onEvent; // events without an `event:` line
   es.onopen = () => { liveEl.textContent = 'live'; };
   es.onerror = () => {

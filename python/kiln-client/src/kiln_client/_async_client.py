@@ -67,6 +67,7 @@ from .types import (
     JobView,
     ListJobsReply,
     ModelsReply,
+    Preview,
     QueueReply,
     ResultReply,
     StrPath,
@@ -194,6 +195,11 @@ class AsyncClient:
     def finished_stream(self) -> str:
         """`KILN_FINISHED` for prefix `kiln`: the results feed."""
         return self._prefix.upper().replace("-", "_") + "_FINISHED"
+
+    @property
+    def previews_stream(self) -> str:
+        """`KILN_PREVIEWS` for prefix `kiln`: the newest live preview of each job."""
+        return self._prefix.upper().replace("-", "_") + "_PREVIEWS"
 
     @property
     def files_bucket(self) -> str:
@@ -467,6 +473,20 @@ class AsyncClient:
             if not get.done():
                 get.cancel()
                 await asyncio.gather(get, return_exceptions=True)
+
+    # -- live previews ------------------------------------------------------------------------
+
+    async def preview(self, job_id: str) -> Optional[Preview]:
+        """The newest live preview of a job while `KILN_PREVIEWS` keeps it (10 minutes after it
+        was sent), or None: none yet, a model that sends none, expired, no such job. Live ones
+        come on core NATS subject `<prefix>.previews.<job_id>` (subscribe with `nc`)."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id):
+            return None
+        try:
+            msg = await self._js.get_last_msg(self.previews_stream, f"{self._prefix}.previews.{job_id}")
+        except nats.js.errors.NotFoundError:
+            return None
+        return preview_of(msg.headers or {}, msg.data or b"")
 
     # -- events -----------------------------------------------------------------------------
 
@@ -800,3 +820,22 @@ def _file_name(name: str) -> str:
     if name != os.path.basename(name) or name in ("", ".", "..") or "\\" in name:
         raise KilnError(ErrorCode.BAD_REPLY, f"artifact name {name!r} is not a plain file name")
     return name
+
+
+def preview_of(headers: Mapping[str, str], data: bytes) -> Preview:
+    """A `Preview` from a message on `<prefix>.previews.<job_id>` (live, or the newest kept)."""
+
+    def number(name: str) -> int:
+        try:
+            return int(headers.get(name, "0"))
+        except ValueError:
+            return 0
+
+    return Preview(
+        job_id=headers.get("Kiln-Job-Id", ""),
+        attempt=number("Kiln-Attempt"),
+        seq=number("Kiln-Preview-Seq"),
+        content_type=headers.get("Content-Type", "application/octet-stream"),
+        ts_ms=number("Kiln-Ts-Ms"),
+        data=bytes(data),
+    )

@@ -30,6 +30,7 @@ from .types import (
     JobView,
     ListJobsReply,
     ModelsReply,
+    Preview,
     QueueReply,
     ResultReply,
     StrPath,
@@ -256,6 +257,10 @@ class Client:
     def finished(self, consumer: str, *, model: Optional[str] = None, idle_timeout: Optional[float] = None) -> Iterator[JobView]:
         """The results feed through durable consumer `consumer`; see `AsyncClient.finished`."""
         return self._iterate(self._aio.finished(consumer, model=model, idle_timeout=idle_timeout))
+
+    def preview(self, job_id: str) -> Optional[Preview]:
+        """See `AsyncClient.preview`: the newest live preview of a job, or None."""
+        return self._call(self._aio.preview(job_id))
 
     def events(self, job_id: str, *, after_seq: Optional[int] = None) -> Iterator[Event]:
         """See `AsyncClient.events`: `for event in kiln.events(job_id, after_seq=last): ...`."""

@@ -414,3 +414,17 @@ __all__ = [
     "Event",
     "StrPath",
 ]
+
+
+class Preview(TypedDict):
+    """A job's live preview (docs/PROTOCOL.md "Live previews"): a small image of its work in
+    progress, from the headers and body of its message on `kiln.previews.<job_id>`."""
+
+    job_id: str
+    attempt: int
+    #: 1, 2, ... among the attempt's previews that the node let through.
+    seq: int
+    content_type: str
+    #: When the node let it through, Unix ms.
+    ts_ms: int
+    data: bytes

@@ -3,10 +3,12 @@ the files it writes."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import threading
+import time
 from collections.abc import Iterable as AnyIterable
 from collections.abc import Mapping as AnyMapping
 from pathlib import Path
@@ -14,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from .artifacts import Artifact, check_artifact_name
 from .errors import Cancelled, UserError
-from .protocol import MAX_MESSAGE_CHARS, MAX_STAGE_CHARS, LineWriter, clip
+from .protocol import DEFAULT_PREVIEW_INTERVAL_MS, MAX_MESSAGE_CHARS, MAX_PREVIEW_BYTES, MAX_STAGE_CHARS, LineWriter, clip
 
 __all__ = ["Job", "RunResult"]
 
@@ -50,6 +52,15 @@ class Job:
         self._cancel = threading.Event()
         # Artifacts recorded by write_* and artifact(), by name, in the order first written.
         self._recorded: Dict[str, Artifact] = {}
+        interval = line.get("preview_interval_ms", DEFAULT_PREVIEW_INTERVAL_MS)
+        #: At most one preview per this many ms reaches Kiln (the model's `preview_interval_ms`,
+        #: from the job line); 0: previews are off.
+        self.preview_interval_ms: int = (
+            interval if isinstance(interval, int) and not isinstance(interval, bool) and interval >= 0 else DEFAULT_PREVIEW_INTERVAL_MS
+        )
+        # When the last preview went (monotonic ms), None before the first.
+        self._last_preview: Optional[int] = None
+        self._preview_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Job(job_id={self.job_id!r}, attempt={self.attempt})"
@@ -155,6 +166,34 @@ class Job:
         diagnostics that only operators need, print to stderr instead)."""
         self._writer.send({"type": "log", "job_id": self.job_id, "message": clip(str(message), MAX_MESSAGE_CHARS)})
 
+    def preview_due(self) -> bool:
+        """True when a preview sent now would go out: none went yet, or the model's
+        `preview_interval_ms` passed since the last one. Check it before encoding an image, so a
+        step that would be dropped costs nothing."""
+        return _preview_due(self._last_preview, _now_ms(), self.preview_interval_ms)
+
+    def preview(self, data: bytes, content_type: str = "image/png") -> bool:
+        """Shows `data`, a small image of the job in progress (an intermediate step), to whoever
+        follows the job, live: not an artifact, not kept beyond the newest one. At most one per
+        the model's `preview_interval_ms` goes (Kiln enforces the same on its side): a preview
+        sent sooner than that after the last one is dropped. True if it went, False if dropped.
+        Raises ValueError over MAX_PREVIEW_BYTES (256 KiB): send a smaller image."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"a preview is bytes (an encoded image), got {type(data).__name__}")
+        data = bytes(data)
+        if not data:
+            raise ValueError("a preview needs some bytes")
+        if len(data) > MAX_PREVIEW_BYTES:
+            raise ValueError(f"a preview of {len(data)} bytes is over the {MAX_PREVIEW_BYTES}-byte limit: send a smaller image")
+        with self._preview_lock:
+            now = _now_ms()
+            if not _preview_due(self._last_preview, now, self.preview_interval_ms):
+                return False
+            self._last_preview = now
+        line = {"type": "preview", "job_id": self.job_id, "content_type": clip(str(content_type), 100), "data": base64.b64encode(data).decode("ascii")}
+        self._writer.send(line)
+        return True
+
     @property
     def cancelled(self) -> bool:
         """True once Kiln asked to cancel this job."""
@@ -248,6 +287,19 @@ class Job:
                 raise ValueError(f"run(job) returned artifact {artifact.name!r} twice")
             artifacts.append(artifact)
         return artifacts
+
+
+def _now_ms() -> int:
+    """Monotonic milliseconds, whole: the interval is compared exactly, as Kiln does."""
+    return time.monotonic_ns() // 1_000_000
+
+
+def _preview_due(last_ms: Optional[int], now_ms: int, interval_ms: int) -> bool:
+    """Kiln's rule (`kiln_contract::preview::preview_due`): the first preview goes, then one
+    per interval; an interval of 0 lets none through."""
+    if interval_ms <= 0:
+        return False
+    return last_ms is None or now_ms - last_ms >= interval_ms
 
 
 def _check_range(name: str, value: float, low: Optional[float], high: Optional[float]) -> None:

@@ -12,10 +12,12 @@ import threading
 from typing import Any, Mapping, TextIO
 
 __all__ = [
+    "DEFAULT_PREVIEW_INTERVAL_MS",
     "LineTooLong",
     "LineWriter",
     "MAX_LINE_BYTES",
     "MAX_MESSAGE_CHARS",
+    "MAX_PREVIEW_BYTES",
     "MAX_STAGE_CHARS",
     "MAX_STDIN_LINE_BYTES",
     "clip",
@@ -32,6 +34,12 @@ MAX_STAGE_CHARS = 1024
 #: Longest stdin line the SDK reads. Kiln's job lines are bounded by its request limit (256 KiB
 #: by default); anything far beyond that is a broken writer, not a job, and is skipped.
 MAX_STDIN_LINE_BYTES = 4 * 1024 * 1024
+
+#: Largest preview image, in bytes (before base64): Kiln drops a bigger one
+#: (`kiln_contract::preview::MAX_PREVIEW_BYTES`).
+MAX_PREVIEW_BYTES = 256 * 1024
+#: The preview interval when the job line names none (an older Kiln).
+DEFAULT_PREVIEW_INTERVAL_MS = 500
 
 _ELLIPSIS = "…"
 

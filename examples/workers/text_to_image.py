@@ -32,7 +32,9 @@ most one per the model's `preview_interval_ms`.
 
 Run it without Kiln (the same pipeline, for measuring Kiln's overhead against it):
   python3 examples/workers/text_to_image.py --direct --jobs 5 --steps 25 --width 64 --height 64
-prints one JSON line per job with its run time, then a summary.
+prints one JSON line per job with its run time, then a summary (`--stdin`: a job per line read,
+its seed, each answered with its run time; tests/generation.rs interleaves these with jobs
+through Kiln, so that both meet the same load).
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ class TextToImage(Worker):
 
         def on_preview(latents) -> None:
             # Encoding is skipped when the SDK would drop the preview anyway.
-            if hasattr(job, "preview") and job.preview_due():  # TODO(lead): drop hasattr after previews merge
+            if job.preview_due():
                 job.preview(pipeline.preview_png(latents), "image/png")
 
         image = pipeline.generate(prompt, steps, seed, width, height, guidance, on_step, preview_every, on_preview)
@@ -298,6 +300,7 @@ def direct(argv) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--prompt", default="a lighthouse at dusk")
     parser.add_argument("--out", default=None, help="write the last image here")
+    parser.add_argument("--stdin", action="store_true", help="run one job per line read (its seed), answering its time: to interleave with jobs through Kiln")
     args = parser.parse_args(argv)
     started = time.monotonic()
     pipeline = Pipeline(os.environ.get("KILN_DIFFUSION_CONFIG", "tiny"))
@@ -305,6 +308,15 @@ def direct(argv) -> None:
     width = args.width or pipeline.default_size
     height = args.height or pipeline.default_size
     pipeline.generate("warmup", 1, 0, 64, 64)
+    if args.stdin:
+        print(json.dumps({"ready": True, "load_s": round(load_s, 3)}), flush=True)
+        for line in sys.stdin:
+            t0 = time.monotonic()
+            pipeline.generate(args.prompt, args.steps, int(line), width, height)
+            if pipeline.device.type == "cuda":
+                pipeline.torch.cuda.synchronize()
+            print(json.dumps({"job": int(line), "run_s": round(time.monotonic() - t0, 4)}), flush=True)
+        return
     times = []
     image = b""
     for seed in range(args.jobs):

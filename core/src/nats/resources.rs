@@ -138,7 +138,7 @@ impl Resources {
         .await
         .map_err(|e| creation_error(&names.finished_stream(), replicas, e))?;
         settle_stream(&js, &names.finished_stream(), replicas, true).await?;
-        super::previews::ensure_previews_stream(&js, &names, replicas).await?;
+        ensure_previews_stream(&js, &names, replicas).await?;
 
         let jobs_kv = open_kv(
             &js,
@@ -525,6 +525,40 @@ async fn open_object_store(
     };
     settle_stream(js, &format!("OBJ_{bucket}"), replicas, true).await?;
     Ok(store)
+}
+
+// The previews stream (`previews.rs` publishes into it).
+
+/// Most bytes the previews stream holds: the newest preview of 1,000 jobs at the size limit.
+/// Past it the oldest go first (previews of jobs that ended long ago).
+const MAX_PREVIEW_STREAM_BYTES: i64 = 1000 * crate::preview::MAX_PREVIEW_BYTES as i64;
+
+/// The stream's settings: the newest message of each job, in memory (a preview is worth less
+/// than a disk write, and a nats-server restart losing one costs nothing a job needs).
+pub(crate) fn previews_stream_config(names: &Names, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: names.previews_stream(),
+        description: Some("kiln live previews: the newest of each job".into()),
+        subjects: vec![names.previews_subject_all()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::Memory,
+        max_messages_per_subject: 1,
+        max_age: Duration::from_secs(crate::preview::PREVIEW_MAX_AGE_S),
+        max_bytes: MAX_PREVIEW_STREAM_BYTES,
+        // Headers and all: a preview at the limit fits.
+        max_message_size: crate::preview::MAX_PREVIEW_BYTES as i32 + 4096,
+        discard: stream::DiscardPolicy::Old,
+        max_consumers: MAX_CONSUMERS_PER_STREAM,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// Makes the previews stream (idempotent), or brings an existing one to `replicas`.
+pub(crate) async fn ensure_previews_stream(js: &jetstream::Context, names: &Names, replicas: usize) -> Result<(), StoreError> {
+    let config = previews_stream_config(names, replicas);
+    js.get_or_create_stream(config).await.map_err(|e| creation_error(&names.previews_stream(), replicas, e))?;
+    settle_stream(js, &names.previews_stream(), replicas, true).await
 }
 
 #[cfg(test)]

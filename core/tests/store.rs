@@ -91,6 +91,8 @@ async fn registry_entries_expire_on_their_own_and_the_readers_follow() {
         restarts: 0,
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     let node = NodeEntry {
         node: "n1".into(),
@@ -336,6 +338,8 @@ async fn every_slot_is_read_while_the_slots_are_rewritten() {
         restarts: 0,
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     res.put_gpu(&gpu("a")).await.unwrap();
     res.put_gpu(&gpu("b")).await.unwrap();
@@ -378,6 +382,8 @@ async fn a_registry_of_more_slots_than_one_read_answers_is_read_whole() {
         restarts: 0,
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     for n in 0..130 {
         let node = format!("n{n:03}");

@@ -253,6 +253,7 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         stages: vec![],
         params: vec![],
         stage_names: Default::default(),
+        min_warm: 0,
     }];
     config
 }

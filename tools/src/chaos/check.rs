@@ -530,6 +530,8 @@ mod tests {
             restarts: 0,
             last_error: None,
             heartbeat_ms: 0,
+            memory_budget_bytes: 0,
+            resident: vec![],
         };
         let node = |name: &str| NodeEntry {
             node: name.into(),

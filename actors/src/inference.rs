@@ -149,9 +149,8 @@ impl InferenceState {
         let engine = self.engines.get(model).filter(|e| e.is_loaded())?;
         let config = self.ctx.config.model(model)?;
         let (declared, estimate) = engine.budget_figures(config);
-        // A module's weights are read from the torch thread's table (cheap); a worker's figure
-        // is the one last measured (reading /proc is not).
-        let measured = if engine.torch().is_some() { engine.measured_bytes() } else { self.measured.get(model).copied() };
+        // A worker's figure as last measured (reading /proc each time would not be cheap).
+        let measured = self.measured.get(model).copied().filter(|_| engine.torch().is_none());
         let (bytes, source) = counted_bytes(declared, measured, estimate);
         Some(ResidentModel { model: model.to_string(), bytes, source, measured_bytes: measured, pinned: self.pinned.contains(model) })
     }

@@ -574,11 +574,10 @@ pub struct ResidentModel {
 pub enum MemorySource {
     /// The model's `memory_bytes`.
     Declared,
-    /// Measured: a process worker's, on a `cpu:N` slot the resident set of its process group
-    /// (from /proc), on a `cuda:N` slot its own `memory` report; a TorchScript model's, its
-    /// weights as loaded on the device.
+    /// Measured, a process worker's: on a `cpu:N` slot the resident set of its process group
+    /// (from /proc), on a `cuda:N` slot its own `memory` report.
     Measured,
-    /// Neither (yet): a TorchScript model's file size, twice.
+    /// Neither: a TorchScript model's file size, twice.
     Estimated,
 }
 

@@ -207,7 +207,6 @@ impl Engine {
                     params: params.clone(),
                     outputs: outputs.clone(),
                     memory_bytes: memory_bytes.unwrap_or(2 * file_bytes),
-                    memory_declared: memory_bytes.is_some(),
                     cpu_only: device == "cpu",
                     max_batch: (*max_batch).max(1),
                     max_batch_delay: std::time::Duration::from_millis(*max_batch_delay_ms),
@@ -229,14 +228,14 @@ impl Engine {
         }
     }
 
-    /// What the loaded model was measured to hold: a running process worker now
-    /// ([`process::ProcessEngine::measured_bytes`], reads /proc on a `cpu:N` slot), a
-    /// TorchScript module its weights as loaded on the device.
+    /// What a running process worker holds now ([`process::ProcessEngine::measured_bytes`];
+    /// reads /proc on a `cpu:N` slot). TorchScript modules are not measured: tch reaches
+    /// neither CUDA's allocator figures nor a module's buffers, so theirs is declared or
+    /// estimated.
     pub fn measured_bytes(&self) -> Option<u64> {
         match self {
             Engine::Process(e) => e.measured_bytes(),
-            Engine::Torch(e) => e.measured_bytes(),
-            Engine::Noop(_) => None,
+            _ => None,
         }
     }
 
@@ -368,10 +367,6 @@ impl TorchEngine {
     fn is_loaded(&self) -> bool {
         self.slot.torch.get().is_some_and(|t| t.is_loaded(&self.model))
     }
-
-    fn measured_bytes(&self) -> Option<u64> {
-        self.slot.torch.get().and_then(|t| t.measured_bytes(&self.model))
-    }
 }
 
 /// A build without libtorch: config validation refuses TorchScript models, so this is reached
@@ -389,10 +384,6 @@ impl TorchEngine {
 
     fn is_loaded(&self) -> bool {
         false
-    }
-
-    fn measured_bytes(&self) -> Option<u64> {
-        None
     }
 }
 

@@ -15,12 +15,8 @@ pub struct TorchModel {
     pub inputs: Vec<InputSpec>,
     pub params: Vec<ParamSpec>,
     pub outputs: Vec<OutputSpec>,
-    /// Resident size estimate; eviction keeps the slot under its budget by this number until
-    /// the model is loaded (then by its measured weights, unless the figure was declared).
+    /// Resident size estimate; eviction keeps the slot under its budget by this number.
     pub memory_bytes: u64,
-    /// `memory_bytes` was declared in the config (not estimated from the file): it counts
-    /// even once the model is loaded and measured.
-    pub memory_declared: bool,
     /// `cpu` pins the model to the CPU even on a GPU slot.
     pub cpu_only: bool,
     /// Dynamic batching: up to this many jobs in one forward pass (1: off).

@@ -5,10 +5,7 @@
 //! so forward passes never run on the async runtime. The engines of the slot's models send it
 //! commands and await the replies. The thread:
 //! - loads a model on its first job and keeps it resident, evicting the least recently used
-//!   models when the slot's memory budget would be exceeded (each model counted by its declared
-//!   `memory_bytes`, else by its weights as loaded on the device, and before its load by its
-//!   estimate: its file twice). libtorch's CUDA allocator figures are not reachable through
-//!   tch, so a module's activations and the allocator's cache are not counted;
+//!   models when the slot's memory budget (bytes, from each model's estimate) would be exceeded;
 //! - runs plain models with `forward(*args)`, and step-wise models (`num_steps`, `init`, `step`,
 //!   `decode`) one step at a time, reporting progress after each step and stopping between
 //!   steps when the job is cancelled;
@@ -17,7 +14,7 @@
 //! Arguments are the model's configured inputs then its configured params, in config order
 //! (see `examples/models/README.md` for the conventions fixture models follow).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use tch::{CModule, Device, IValue};
@@ -33,20 +30,17 @@ pub use crate::config::{InputSpec, OutputSpec, ParamSpec};
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
-/// What the slot's thread has loaded: each model and its measured weight bytes.
-type LoadedMap = Arc<Mutex<BTreeMap<String, u64>>>;
-
 /// The slot's torch thread and what it has loaded (readable without asking the thread).
 pub struct TorchSlot {
     commands: std::sync::mpsc::Sender<Pending>,
-    loaded: LoadedMap,
+    loaded: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl TorchSlot {
     /// Starts the slot's thread. `device` is the slot's (`Device::Cuda(n)` or `Device::Cpu`).
     pub fn start(slot: &super::SlotContext, device: Device) -> Arc<TorchSlot> {
         let (tx, rx) = std::sync::mpsc::channel::<Pending>();
-        let loaded = Arc::new(Mutex::new(BTreeMap::new()));
+        let loaded = Arc::new(Mutex::new(BTreeSet::new()));
         let mut worker = SlotThread {
             device,
             budget_bytes: slot.memory_bytes,
@@ -62,12 +56,7 @@ impl TorchSlot {
     }
 
     pub fn is_loaded(&self, model: &str) -> bool {
-        self.loaded.lock().map(|l| l.contains_key(model)).unwrap_or(false)
-    }
-
-    /// The bytes of a loaded model's weights (parameters) on its device.
-    pub fn measured_bytes(&self, model: &str) -> Option<u64> {
-        self.loaded.lock().ok()?.get(model).copied()
+        self.loaded.lock().map(|l| l.contains(model)).unwrap_or(false)
     }
 
     pub async fn run(
@@ -87,10 +76,7 @@ impl TorchSlot {
 
 struct Loaded {
     module: CModule,
-    /// What the budget counts: declared, else `weights`.
     bytes: u64,
-    /// Its parameters' bytes, as loaded.
-    weights: u64,
     last_used: u64,
     stepwise: bool,
 }
@@ -126,13 +112,7 @@ struct SlotThread {
     clock: u64,
     /// Forward passes run so far (a batch is one), reported in progress messages.
     passes: u64,
-    loaded: LoadedMap,
-}
-
-/// The bytes of a module's parameters (its weights), wherever they were loaded.
-fn weight_bytes(module: &CModule) -> u64 {
-    let params = module.named_parameters().unwrap_or_default();
-    params.iter().map(|(_, t)| t.numel() as u64 * t.kind().elt_size_in_bytes() as u64).sum()
+    loaded: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// Torch's own message, classified: running out of memory is the infrastructure's problem
@@ -344,7 +324,7 @@ impl SlotThread {
 
     fn publish_loaded(&self) {
         if let Ok(mut l) = self.loaded.lock() {
-            *l = self.models.iter().map(|(name, m)| (name.clone(), m.weights)).collect();
+            *l = self.models.keys().cloned().collect();
         }
         self.torch_bytes.store(self.models.values().map(|m| m.bytes).sum(), std::sync::atomic::Ordering::Release);
     }
@@ -388,10 +368,8 @@ impl SlotThread {
         })?;
         module.set_eval();
         let stepwise = ["num_steps", "init", "step", "decode"].iter().all(|m| module_has_method(&module, m));
-        let weights = weight_bytes(&module);
-        let bytes = if spec.memory_declared { spec.memory_bytes } else { weights };
-        tracing::info!(model, device = ?device, stepwise, bytes, weights, estimate = spec.memory_bytes, "model loaded");
-        self.models.insert(model.to_string(), Loaded { module, bytes, weights, last_used: self.clock, stepwise });
+        tracing::info!(model, device = ?device, stepwise, bytes = spec.memory_bytes, "model loaded");
+        self.models.insert(model.to_string(), Loaded { module, bytes: spec.memory_bytes, last_used: self.clock, stepwise });
         self.publish_loaded();
         Ok(())
     }

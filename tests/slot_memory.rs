@@ -141,6 +141,19 @@ async fn two_models_pack_a_slot_by_measured_memory_and_an_eviction_gives_it_back
     let b_bytes = bytes_of(&gpu, "b").unwrap();
     println!("after b: {:?}", gpu.resident);
     assert!(b_bytes >= 150 * MIB && b_bytes + small_bytes <= 250 * MIB + 16 * MIB, "{gpu:?}");
+    // `kiln cluster` shows the slot's memory by model.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["cluster", "--nats", &cluster.url()])
+        .current_dir(cluster.dir.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    println!("{table}");
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    let row = table.lines().find(|l| l.contains("cpu:0")).unwrap_or_else(|| panic!("{table}"));
+    // (b's figure rounds to whole MiB there: 163.97 MiB shows as 164.)
+    let shown = format!("b {} MiB m", (b_bytes as f64 / MIB as f64).round());
+    assert!(table.contains("MEMORY") && row.contains("/250 MiB") && row.contains(&shown), "{shown} in {table}");
     let log = cluster.nodes[0].log();
     assert!(log.contains("stopping the least recently used worker"), "{log}");
     assert!(log.contains("evicted worker's process group is gone"), "{log}");

@@ -66,7 +66,11 @@ min_warm = {min_warm}
 }
 
 fn config(cluster: &TestCluster, budget: u64, models: &str) -> String {
-    config_toml(&cluster.url(), &["cpu:0"], 10_000, models).replace("[node]\n", &format!("[node]\nslot_memory_bytes = {budget}\n"))
+    config_on(cluster, &["cpu:0"], budget, models)
+}
+
+fn config_on(cluster: &TestCluster, slots: &[&str], budget: u64, models: &str) -> String {
+    config_toml(&cluster.url(), slots, 10_000, models).replace("[node]\n", &format!("[node]\nslot_memory_bytes = {budget}\n"))
 }
 
 /// Runs one job of `model`; its pid and whether the worker was warmed, from its log line.
@@ -86,6 +90,29 @@ async fn run(client: &kiln::client::Client, model: &str) -> (u32, bool, Duration
         .unwrap_or_else(|| panic!("no pid line: {events:?}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     (words[1].parse().unwrap(), words[3] == "True", took)
+}
+
+/// After a slot where the model is warm, placement prefers one where it fits without evicting:
+/// b, declared 150 MiB, goes to the empty cpu:1 rather than evict a from cpu:0 (which comes
+/// first by name, and which both would take with placement by warmth alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_prefers_a_slot_where_the_model_fits_without_eviction() {
+    let Setup { mut cluster, worker } = setup();
+    let declared = |m: String| m.replace("ready_timeout_ms = 20000,", &format!("ready_timeout_ms = 20000, memory_bytes = {},", 150 * MIB));
+    let models = [declared(model(&worker, "a", 1, 0.0, 0)), declared(model(&worker, "b", 1, 0.0, 0))].concat();
+    cluster.add_node("n1", &config_on(&cluster, &["cpu:0", "cpu:1"], 250 * MIB, &models));
+    cluster.wait_node_ready("n1", 2).await;
+    let client = cluster.client().await;
+    let (a_pid, _, _) = run(&client, "a").await;
+    let (b_pid, _, _) = run(&client, "b").await;
+    let (a_again, _, _) = run(&client, "a").await;
+    let (b_again, _, _) = run(&client, "b").await;
+    assert!(process_alive(a_pid) && process_alive(b_pid), "neither was evicted");
+    assert_eq!((a_again, b_again), (a_pid, b_pid), "each ran again where it was warm");
+    let gpus = client.cluster().await.unwrap().gpus;
+    let warm: Vec<(String, Vec<String>)> = gpus.into_iter().map(|g| (g.slot, g.warm_models)).collect();
+    assert_eq!(warm, [("cpu:0".to_string(), vec!["a".to_string()]), ("cpu:1".to_string(), vec!["b".to_string()])]);
+    assert!(!cluster.nodes[0].log().contains("stopping the least recently used worker"));
 }
 
 /// The slot's entry once `done` holds for it (the registry follows a moment after a change).

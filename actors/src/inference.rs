@@ -25,10 +25,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use kiln_core::config::EngineConfig;
 use kiln_core::engine::{
     counted_bytes, resident_changed, workers_to_stop, Engine, EngineError, EngineJob, EngineOutput, ProgressSink, ResidentWorker,
     SlotContext,
 };
+use kiln_core::placement::SlotRoom;
 use kiln_core::protocol::ResidentModel;
 use kiln_core::task::{self, TaskKind};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -166,6 +168,30 @@ impl InferenceState {
         let Some(engine) = self.engines.get(&model.name) else { return 0 };
         let (declared, estimate) = engine.budget_figures(model);
         counted_bytes(declared, self.measured.get(&model.name).copied().filter(|_| engine.torch().is_none()), estimate).0
+    }
+
+    /// The slot's free memory and what each of its models would need here, for placement: the
+    /// need of a model this slot has not run is its declared figure (nothing if none).
+    fn room(&self, resident: &[ResidentModel]) -> SlotRoom {
+        let held: u64 = resident.iter().map(|r| r.bytes).sum();
+        let need = self
+            .ctx
+            .config
+            .models_for_slot(&self.slot.slot)
+            .into_iter()
+            .filter_map(|name| {
+                let model = self.ctx.config.model(&name)?;
+                let bytes = match (self.engines.contains_key(&name), &model.engine) {
+                    (true, _) => self.need_bytes(model),
+                    (false, EngineConfig::Process { memory_bytes, .. } | EngineConfig::Torchscript { memory_bytes, .. }) => {
+                        (*memory_bytes)?
+                    }
+                    _ => return None,
+                };
+                Some((name, bytes))
+            })
+            .collect();
+        SlotRoom { free: self.slot.memory_bytes.saturating_sub(held), need }
     }
 
     /// Counts what the resident process workers hold, for the torch thread's share.
@@ -311,6 +337,7 @@ impl InferenceState {
     fn report_warm(&mut self) {
         let warm = self.warm_models();
         let resident = self.resident_list();
+        self.ctx.room.insert(self.slot.slot.clone(), self.room(&resident));
         let warm_changed = warm != self.reported_warm;
         if warm_changed {
             self.ctx.warm.insert(self.slot.slot.clone(), warm.clone());

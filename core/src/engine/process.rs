@@ -435,6 +435,30 @@ mod tests {
     use super::*;
     use crate::engine::PROGRESS_CHANNEL_BOUND;
 
+    /// A worker's `memory` line is what a `cuda:N` slot counts (no GPU needed: the engine only
+    /// reads the line); on a `cpu:N` slot its process group's resident memory counts instead.
+    /// Stopping it leaves none of its group, helper processes included.
+    #[tokio::test]
+    async fn a_worker_is_measured_by_its_report_on_cuda_and_its_group_on_cpu_and_stops_whole() {
+        let script = r#"sleep 600 & echo '{"type":"memory","bytes":123456}'; echo '{"type":"ready"}'; read line"#;
+        let command = vec!["sh".to_string(), "-c".into(), script.into()];
+        let mut gpu = ProcessEngine::new("m", command.clone(), BTreeMap::new(), 10_000, &SlotContext::new("n", "cuda:0", 0));
+        gpu.ensure_loaded().await.unwrap();
+        assert_eq!(gpu.measured_bytes(), Some(123456));
+        let mut cpu = ProcessEngine::new("m", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
+        cpu.ensure_loaded().await.unwrap();
+        let pid = cpu.pid().unwrap();
+        assert_eq!(crate::engine::proc_mem::process_group(pid).0, 2, "sh and its sleep");
+        let rss = cpu.measured_bytes().unwrap();
+        assert!(rss > 100_000 && rss != 123456, "the group's resident set: {rss}");
+        let stopped = cpu.stop().await.unwrap();
+        assert_eq!((stopped.pid, stopped.left_processes, stopped.left_bytes), (pid, 0, 0), "{stopped:?}");
+        assert!(stopped.held_bytes > 0);
+        assert_eq!(crate::engine::proc_mem::process_group(pid), (0, 0));
+        assert!(!cpu.is_loaded() && cpu.stop().await.is_none());
+        gpu.stop().await.unwrap();
+    }
+
     /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.
     #[tokio::test]
     async fn a_worker_line_over_the_limit_is_named_as_such_and_the_worker_stopped() {

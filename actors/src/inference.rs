@@ -266,7 +266,7 @@ impl InferenceState {
         let Some(engine) = self.engines.get_mut(victim) else { return };
         match engine.stop().await {
             Some(s) if s.left_processes == 0 => tracing::info!(
-                slot = %slot, model = %victim, pid = s.pid, freed_bytes = s.held_bytes,
+                slot = %slot, model = %victim, pid = s.pid, freed_bytes = s.held_bytes, gpu_freed_bytes = ?s.gpu_freed_bytes,
                 "evicted worker's process group is gone: its memory is given back"
             ),
             Some(s) => tracing::warn!(

@@ -8,6 +8,7 @@
 //! | `torch_spec.rs` |        | a TorchScript model's settings: plain data, no libtorch       |
 //! | `noop.rs`    | `noop`    | completes at once with a small artifact (runtime overhead)    |
 //! | `proc_mem.rs` |          | a worker's process group and its resident memory, from /proc  |
+//! | `nvidia.rs`  |           | a GPU's free memory from `nvidia-smi`, to check an eviction   |
 //!
 //! An engine loads its model lazily on the first job ([`Engine::ensure_loaded`]), keeps it
 //! resident, and runs a job with a progress sink and a cancellation token. Engines are an enum,
@@ -20,6 +21,7 @@
 #[cfg(feature = "torch")]
 pub mod codecs;
 pub mod noop;
+pub mod nvidia;
 pub mod proc_mem;
 pub mod process;
 pub mod torch_spec;

@@ -169,10 +169,20 @@ impl ProcessEngine {
 
     /// Stops the worker and checks that its memory is given back: the whole process group is
     /// killed, the worker reaped, and /proc read until no process of the group is left (its
-    /// helpers exit a moment after the signal). `None` when no worker was running.
+    /// helpers exit a moment after the signal). On a `cuda:N` slot, the GPU's free memory is
+    /// read before and after (`nvidia-smi`, where there is one). `None` when no worker was
+    /// running.
     pub async fn stop(&mut self) -> Option<Stopped> {
         let mut worker = self.worker.take()?;
         let pid = worker.pid;
+        let gpu = match parse_slot(&self.slot.slot) {
+            Some(SlotDevice::Cuda(i)) => Some(i),
+            _ => None,
+        };
+        let gpu_free_before = match gpu {
+            Some(i) => super::nvidia::free_bytes(i).await,
+            None => None,
+        };
         let (_, held_bytes) = super::proc_mem::process_group(pid);
         worker.kill_group();
         let _ = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
@@ -185,7 +195,19 @@ impl ProcessEngine {
             worker.kill_group();
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Some(Stopped { pid, held_bytes, left_processes, left_bytes })
+        // The driver frees a dead process's memory a moment after it exits.
+        let mut gpu_freed_bytes = None;
+        if let (Some(i), Some(before)) = (gpu, gpu_free_before) {
+            for _ in 0..20 {
+                let Some(after) = super::nvidia::free_bytes(i).await else { break };
+                gpu_freed_bytes = Some(after as i64 - before as i64);
+                if after > before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Some(Stopped { pid, held_bytes, left_processes, left_bytes, gpu_freed_bytes })
     }
 }
 
@@ -198,6 +220,8 @@ pub struct Stopped {
     /// Processes of the group still alive after the wait (0: all gone), and what they hold.
     pub left_processes: usize,
     pub left_bytes: u64,
+    /// On a `cuda:N` slot with `nvidia-smi`: how much the GPU's free memory grew.
+    pub gpu_freed_bytes: Option<i64>,
 }
 
 impl ProcessEngine {

@@ -127,7 +127,7 @@ impl Actor for InferenceActor {
             InferenceMsg::Run { job, progress, cancel, reply } => state.on_run(&myself, *job, progress, cancel, reply).await,
             InferenceMsg::TorchDone { fatal } => state.on_torch_done(fatal),
             InferenceMsg::LoadWarmPool => {
-                state.load_warm_pool().await;
+                state.on_load_warm_pool().await;
                 Ok(())
             }
         }
@@ -313,7 +313,7 @@ impl InferenceState {
 
     /// Loads the models of the slot's warm pool that are not loaded. A model that fails stays
     /// unloaded (its first job loads it, or fails for it); the slot stays up for the others.
-    async fn load_warm_pool(&mut self) {
+    async fn on_load_warm_pool(&mut self) {
         for name in self.pinned.clone() {
             let Some(model) = self.ctx.config.model(&name).cloned() else { continue };
             let engine = self.engines.entry(name.clone()).or_insert_with(|| Engine::new(&model, &self.slot));

@@ -207,6 +207,7 @@ impl RunningNode {
             work_dir,
             workspaces: Default::default(),
             warm: Default::default(),
+            room: Default::default(),
             registry: registry.clone(),
             drain_requested: drain_requested.clone(),
             stall: stall.clone(),

@@ -151,6 +151,19 @@ async fn a_model_loads_on_its_first_job_stays_warm_and_is_evicted_by_the_memory_
     };
     assert!(run("first").await, "the first job loads the model");
     assert!(eventually(Duration::from_secs(5), || async { warm().await == ["first"] }).await);
+    // The registry shows what the slot's budget counts for it, and where the figure comes from.
+    let gpu = client.cluster().await.unwrap().gpus.remove(0);
+    assert_eq!(gpu.memory_budget_bytes, 1_000_000);
+    assert_eq!(
+        gpu.resident,
+        [kiln_core::protocol::ResidentModel {
+            model: "first".into(),
+            bytes: 600_000,
+            source: kiln_core::protocol::MemorySource::Declared,
+            measured_bytes: None,
+            pinned: false
+        }]
+    );
     assert!(!run("first").await, "the second job reuses it");
     assert!(run("second").await);
     assert!(eventually(Duration::from_secs(5), || async { warm().await == ["second"] }).await, "first was evicted: {:?}", warm().await);

@@ -39,6 +39,10 @@ pub struct NodeContext {
     /// Models resident on each slot of this node, kept by the inference actors and read by
     /// the dispatcher to prefer a slot where the job's model is already warm.
     pub warm: Arc<DashMap<String, Vec<String>>>,
+    /// Each slot's free memory and what its models need there, kept by the inference actors
+    /// and read by the dispatcher to prefer, after a warm slot, one where the model fits
+    /// without evicting another.
+    pub room: Arc<DashMap<String, kiln_core::placement::SlotRoom>>,
     /// The local, watch-fed view of the cluster registry.
     pub registry: RegistryCache,
     /// Fired when the cluster asks this node to drain (`kiln drain <node>`, through its

@@ -11,7 +11,8 @@
 //! Parked reservations are served oldest first whenever a slot frees up, so models that share
 //! a slot take turns: a puller that just gave a slot back queues behind the others.
 //!
-//! Which slot takes how many jobs (warm slots first, one model per slot at a time, the batch
+//! Which slot takes how many jobs (warm slots first, then those where the model fits without
+//! an eviction, one model per slot at a time, the batch
 //! limit) is decided by [`SlotTable`], pure code in `kiln-core` with its invariants
 //! property-tested; this actor keeps the table in step with the slots' inference actors and
 //! the jobs it spawns, and talks to the registry and the pullers.
@@ -30,7 +31,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use kiln_core::nats::names::JobSubject;
-use kiln_core::placement::SlotTable;
+use kiln_core::placement::{Affinity, SlotTable};
 use kiln_core::policy::Backoff;
 use kiln_core::protocol::HeldJob;
 use kiln_core::task::{self, TaskGuard, TaskKind};
@@ -332,7 +333,7 @@ impl DispatcherState {
 
     fn reserve(&mut self, model: &str, max: usize) -> Vec<String> {
         let limit = batch_limit(&self.ctx, model);
-        self.slots.reserve(model, max, limit, warm_on(&self.ctx, model))
+        self.slots.reserve(model, max, limit, affinity_on(&self.ctx, model))
     }
 
     fn release(&mut self, slot: &str) {
@@ -345,7 +346,7 @@ impl DispatcherState {
     /// eviction).
     fn better_slot(&mut self, slot: String, model: &str) -> String {
         let limit = batch_limit(&self.ctx, model);
-        self.slots.better_slot(&slot, model, limit, warm_on(&self.ctx, model))
+        self.slots.better_slot(&slot, model, limit, affinity_on(&self.ctx, model))
     }
 
     async fn dispatch(&mut self, myself: &ActorRef<DispatcherMsg>, slot: String, delivery: jetstream::Message) {
@@ -459,7 +460,14 @@ fn batch_limit(ctx: &NodeContext, model: &str) -> usize {
     ctx.config.model(model).map(|m| m.engine.max_batch()).unwrap_or(1)
 }
 
-/// Whether `model` is resident on a slot (loaded by an earlier job, not evicted since).
-fn warm_on<'a>(ctx: &'a NodeContext, model: &'a str) -> impl Fn(&str) -> bool + 'a {
-    move |slot| ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model))
+/// How `model` stands on a slot: resident (loaded by an earlier job, not evicted since), or
+/// fitting in the slot's free memory as its inference actor last reported it, or neither.
+fn affinity_on<'a>(ctx: &'a NodeContext, model: &'a str) -> impl Fn(&str) -> Affinity + 'a {
+    move |slot| {
+        if ctx.warm.get(slot).is_some_and(|w| w.iter().any(|m| m == model)) {
+            Affinity::Warm
+        } else {
+            ctx.room.get(slot).map_or(Affinity::Fits, |room| room.affinity(model))
+        }
+    }
 }

@@ -62,6 +62,8 @@ pub struct GpuUpdate {
     pub loading: Option<bool>,
     pub current_job: Option<Option<String>>,
     pub warm_models: Option<Vec<String>>,
+    /// The resident models and their bytes (from the inference actor, with the warm list).
+    pub resident: Option<Vec<kiln_core::protocol::ResidentModel>>,
     pub restarts: Option<u32>,
     pub last_error: Option<Option<String>>,
     /// The slots of the multi-GPU group holding this slot, primary first (empty: none); set
@@ -80,6 +82,7 @@ impl GpuUpdate {
         matches!(self.state, Some(GpuState::Busy | GpuState::Idle))
             && self.loading.is_none()
             && self.warm_models.is_none()
+            && self.resident.is_none()
             && self.restarts.is_none()
             && self.last_error.is_none()
     }
@@ -149,6 +152,8 @@ impl Actor for RegistryWriter {
                     last_error: None,
                     heartbeat_ms: now,
                     group: vec![],
+                    memory_budget_bytes: ctx.config.node.slot_memory_bytes,
+                    resident: vec![],
                 };
                 (slot.clone(), entry)
             })
@@ -290,6 +295,9 @@ impl RegistryWriterState {
         }
         if let Some(warm) = update.warm_models {
             entry.warm_models = warm;
+        }
+        if let Some(resident) = update.resident {
+            entry.resident = resident;
         }
         if let Some(r) = update.restarts {
             entry.restarts = r;

@@ -547,6 +547,53 @@ pub struct GpuEntry {
     /// (shown busy with the same job). Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group: Vec<String>,
+    /// The slot's memory budget (`node.slot_memory_bytes`): its resident models' bytes stay
+    /// under it. 0 from a node older than this field.
+    #[serde(default)]
+    pub memory_budget_bytes: u64,
+    /// The models resident now with the bytes the budget counts for each (those of
+    /// `warm_models` that hold memory; a model counted for 0 bytes is left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resident: Vec<ResidentModel>,
+}
+
+/// One model resident on a slot, as the slot's memory budget counts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ResidentModel {
+    pub model: String,
+    /// The bytes counted: the declared `memory_bytes` when the model declares it, else the
+    /// measured figure, else the estimate.
+    pub bytes: u64,
+    pub source: MemorySource,
+    /// What was measured, also when a declared figure is what counts (to compare the two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_bytes: Option<u64>,
+    /// Kept loaded by the model's `min_warm`: never evicted to make room.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+}
+
+/// Where a resident model's byte count comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MemorySource {
+    /// The model's `memory_bytes`.
+    Declared,
+    /// Measured, a process worker's: on a `cpu:N` slot the resident set of its process group
+    /// (from /proc), on a `cuda:N` slot its own `memory` report.
+    Measured,
+    /// Neither: a TorchScript model's file size, twice.
+    Estimated,
+}
+
+impl MemorySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemorySource::Declared => "declared",
+            MemorySource::Measured => "measured",
+            MemorySource::Estimated => "estimated",
+        }
+    }
 }
 
 /// A registry entry for one node (KV bucket `kiln_nodes`, key `<node>`).

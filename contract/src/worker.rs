@@ -72,6 +72,12 @@ impl WorkerJob {
 pub enum FromWorker {
     /// Once, after loading its model.
     Ready,
+    /// The memory the worker holds on its GPU, in bytes (the SDK sends CUDA's reserved bytes
+    /// after load and warm-up, before `ready`): a `cuda:N` slot's budget counts it for a model
+    /// that declares no `memory_bytes`. May be sent again at any time; the last one counts.
+    Memory {
+        bytes: u64,
+    },
     Progress {
         #[serde(default)]
         job_id: Option<String>,
@@ -147,6 +153,7 @@ mod tests {
         assert_eq!(cancel, serde_json::json!({"type": "cancel", "job_id": "j1"}));
         let parse = |s: &str| serde_json::from_str::<FromWorker>(s).unwrap();
         assert_eq!(parse(r#"{"type":"ready"}"#), FromWorker::Ready);
+        assert_eq!(parse(r#"{"type":"memory","bytes":1048576}"#), FromWorker::Memory { bytes: 1 << 20 });
         assert!(
             matches!(parse(r#"{"type":"progress","job_id":"j1","progress":40}"#), FromWorker::Progress { progress: Some(p), .. } if p == 40.0)
         );

@@ -132,6 +132,8 @@ mod tests {
             last_error: None,
             heartbeat_ms: 0,
             group: vec![],
+            memory_budget_bytes: 0,
+            resident: vec![],
         }
     }
 

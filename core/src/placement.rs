@@ -29,9 +29,10 @@
 //!   already reserved or running on it: their owners hand them back (`release`, `finish`).
 //! - **No underflow.** Releasing or finishing more than was reserved or started changes nothing
 //!   (the counts saturate at zero); it is never a panic.
-//! - **Warm first.** [`SlotTable::reserve`] fills slots where the model is already resident first
-//!   (no load, no eviction), among those the busy ones first (a batch forming), then by name;
-//!   it takes every place it may, up to `max`.
+//! - **Warm first, then room.** [`SlotTable::reserve`] fills slots by the model's
+//!   [`Affinity`] there: where it is already resident first (no load, no eviction), then where
+//!   it fits in the slot's free memory (a load, no eviction), then the rest; among equals the
+//!   busy ones first (a batch forming), then by name. It takes every place it may, up to `max`.
 //!
 //! # Groups (models of several GPUs)
 //!
@@ -49,6 +50,38 @@
 //!   cold ones first (leaving warm slots to be primaries), then by name.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+/// How a model stands on a slot, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Affinity {
+    /// Resident: no load.
+    Warm,
+    /// Not resident, but fits in the slot's free memory: a load, no eviction.
+    Fits,
+    /// Loading it would evict another model (or nothing is known of its size there).
+    Evicts,
+}
+
+/// A slot's memory as placement sees it (kept by the slot's inference actor): its free bytes
+/// and what each model it serves would need there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotRoom {
+    pub free: u64,
+    /// Per model: its declared bytes, else what it was last measured to hold on this slot;
+    /// a model not listed needs nothing known.
+    pub need: BTreeMap<String, u64>,
+}
+
+impl SlotRoom {
+    /// The model's affinity for this slot when it is not warm there.
+    pub fn affinity(&self, model: &str) -> Affinity {
+        if self.need.get(model).copied().unwrap_or(0) <= self.free {
+            Affinity::Fits
+        } else {
+            Affinity::Evicts
+        }
+    }
+}
 
 /// Every slot of one node and what holds it. Slots are kept by name, so ties in placement go to
 /// the first name (`cuda:0` before `cuda:1`).
@@ -241,9 +274,10 @@ impl SlotTable {
 
     /// Reserves up to `max` places for `model`, one entry per place (a slot appears as many
     /// times as it gave places; for a multi-GPU model each entry names the group's primary).
-    /// Slots where `is_warm(slot)` come first, then among equals the busy ones (a batch of the
-    /// model forming), then by name.
-    pub fn reserve(&mut self, model: &str, max: usize, batch_limit: usize, is_warm: impl Fn(&str) -> bool) -> Vec<String> {
+    /// Slots by the model's `affinity(slot)` (warm, then fits, then evicts), then among equals
+    /// the busy ones (a batch of the model forming), then by name.
+    pub fn reserve(&mut self, model: &str, max: usize, batch_limit: usize, affinity: impl Fn(&str) -> Affinity) -> Vec<String> {
+        let is_warm = |slot: &str| affinity(slot) == Affinity::Warm;
         let mut got = vec![];
         // One slot at a time, the best first: a group taken may leave other slots without the
         // companions they would need, so their room is counted again after each.
@@ -251,7 +285,7 @@ impl SlotTable {
             let best = self
                 .slots
                 .iter()
-                .map(|(name, s)| (name, self.room_for(name, model, batch_limit), (!is_warm(name), s.held() == 0)))
+                .map(|(name, s)| (name, self.room_for(name, model, batch_limit), (affinity(name), s.held() == 0)))
                 .filter(|(_, room, _)| *room > 0)
                 // `min_by_key` keeps the first of equals: the name order.
                 .min_by_key(|(_, _, key)| *key)
@@ -279,7 +313,8 @@ impl SlotTable {
     /// (`slot`) but warm on another slot that would have room once this place is handed back,
     /// the reservation moves there (no load, no eviction), with its group. Returns the slot the
     /// job should run on.
-    pub fn better_slot(&mut self, slot: &str, model: &str, batch_limit: usize, is_warm: impl Fn(&str) -> bool) -> String {
+    pub fn better_slot(&mut self, slot: &str, model: &str, batch_limit: usize, affinity: impl Fn(&str) -> Affinity) -> String {
+        let is_warm = |slot: &str| affinity(slot) == Affinity::Warm;
         if is_warm(slot) || self.reserved(slot) == 0 || !self.slots.keys().any(|name| name != slot && is_warm(name)) {
             return slot.to_string();
         }
@@ -368,8 +403,19 @@ mod tests {
         t
     }
 
-    fn warm_on<'a>(slots: &'a [&'a str]) -> impl Fn(&str) -> bool + 'a {
-        move |s| slots.contains(&s)
+    fn warm_on<'a>(slots: &'a [&'a str]) -> impl Fn(&str) -> Affinity + 'a {
+        move |s| if slots.contains(&s) { Affinity::Warm } else { Affinity::Evicts }
+    }
+
+    #[test]
+    fn reserve_prefers_warm_then_a_slot_where_the_model_fits_without_eviction() {
+        let mut t = table(&[("a", &["m"]), ("b", &["m"]), ("c", &["m"])]);
+        let room = |free: u64| SlotRoom { free, need: [("m".to_string(), 100)].into() };
+        let rooms = [("a", room(50)), ("b", room(150)), ("c", room(0))];
+        let affinity =
+            |slot: &str| if slot == "c" { Affinity::Warm } else { rooms.iter().find(|(n, _)| *n == slot).unwrap().1.affinity("m") };
+        assert_eq!(t.reserve("m", 3, 1, affinity), vec!["c", "b", "a"], "warm c, then b where m fits, then a");
+        assert_eq!(SlotRoom::default().affinity("m"), Affinity::Fits, "nothing known of m: it needs nothing");
     }
 
     #[test]
@@ -380,32 +426,32 @@ mod tests {
         // Warm: b and c; c is busy, so it comes first; then b; then the cold ones by name.
         let got = t.reserve("m", 20, 3, warm_on(&["b", "c"]));
         assert_eq!(got, vec!["c", "c", "b", "b", "b", "a", "a", "a", "d", "d", "d"]);
-        assert!(t.reserve("m", 5, 3, |_| true).is_empty());
+        assert!(t.reserve("m", 5, 3, |_| Affinity::Warm).is_empty());
     }
 
     #[test]
     fn a_slot_holds_one_model_at_a_time_and_frees_it_when_empty() {
         let mut t = table(&[("a", &["m", "n"])]);
-        assert_eq!(t.reserve("m", 4, 1, |_| false), vec!["a"]);
-        assert!(t.reserve("n", 4, 1, |_| false).is_empty());
+        assert_eq!(t.reserve("m", 4, 1, |_| Affinity::Evicts), vec!["a"]);
+        assert!(t.reserve("n", 4, 1, |_| Affinity::Evicts).is_empty());
         assert!(t.start("a"));
         assert_eq!(t.holder("a"), Some("m"));
         assert!(t.finish("a"));
         assert_eq!(t.holder("a"), None);
-        assert_eq!(t.reserve("n", 4, 1, |_| false), vec!["a"]);
+        assert_eq!(t.reserve("n", 4, 1, |_| Affinity::Evicts), vec!["a"]);
     }
 
     #[test]
     fn prefetch_adds_places_beyond_the_batch_limit() {
         let mut t = table(&[("a", &["m"])]).with_prefetch(2);
-        assert_eq!(t.reserve("m", 10, 3, |_| false).len(), 5);
+        assert_eq!(t.reserve("m", 10, 3, |_| Affinity::Evicts).len(), 5);
         assert_eq!(t.room_for("a", "m", 3), 0);
     }
 
     #[test]
     fn better_slot_moves_a_reservation_to_a_warm_slot_with_room() {
         let mut t = table(&[("a", &["m"]), ("b", &["m"])]);
-        assert_eq!(t.reserve("m", 1, 1, |_| false), vec!["a"]);
+        assert_eq!(t.reserve("m", 1, 1, |_| Affinity::Evicts), vec!["a"]);
         assert_eq!(t.better_slot("a", "m", 1, warm_on(&["b"])), "b");
         assert_eq!((t.held("a"), t.holder("a"), t.held("b"), t.holder("b")), (0, None, 1, Some("m")));
         // Already warm where it is: it stays.
@@ -417,10 +463,10 @@ mod tests {
         let mut t = table(&[("a", &["m"]), ("b", &["m"])]);
         t.set_up("a", false);
         t.mark_dead("b");
-        assert!(t.reserve("m", 4, 1, |_| true).is_empty());
+        assert!(t.reserve("m", 4, 1, |_| Affinity::Warm).is_empty());
         t.set_up("b", true);
         assert!(!t.is_dead("b"));
-        assert_eq!(t.reserve("m", 4, 1, |_| true), vec!["b"]);
+        assert_eq!(t.reserve("m", 4, 1, |_| Affinity::Warm), vec!["b"]);
     }
 
     #[test]
@@ -438,33 +484,33 @@ mod tests {
         let mut t =
             table(&[("cuda:0", &["big", "m"]), ("cuda:1", &["big", "m"]), ("cuda:2", &["big", "m"])]).with_gpus([("big".to_string(), 2)]);
         // One group fits (a third slot is left over, too few for a second).
-        assert_eq!(t.reserve("big", 5, 1, |_| false), vec!["cuda:0"]);
+        assert_eq!(t.reserve("big", 5, 1, |_| Affinity::Evicts), vec!["cuda:0"]);
         assert_eq!(t.group("cuda:0"), vec!["cuda:0", "cuda:1"]);
         assert_eq!(t.group("cuda:1"), vec!["cuda:0", "cuda:1"]);
         assert_eq!((t.held_for("cuda:1"), t.holder("cuda:1")), (Some("cuda:0"), None));
         // The companion takes nothing else; the free slot takes a one-slot model.
-        assert_eq!(t.reserve("m", 5, 1, |_| false), vec!["cuda:2"]);
+        assert_eq!(t.reserve("m", 5, 1, |_| Affinity::Evicts), vec!["cuda:2"]);
         assert!(t.start("cuda:0"));
         assert!(!t.start("cuda:1"), "a companion has no place to start");
         assert!(t.finish("cuda:0"));
         assert_eq!((t.group("cuda:1"), t.held_for("cuda:1")), (vec!["cuda:1".to_string()], None));
-        assert_eq!(t.reserve("m", 5, 1, |_| false), vec!["cuda:0", "cuda:1"]);
+        assert_eq!(t.reserve("m", 5, 1, |_| Affinity::Evicts), vec!["cuda:0", "cuda:1"]);
     }
 
     #[test]
     fn a_group_forms_only_with_enough_free_slots() {
         let mut t = table(&[("cpu:0", &["big", "m"]), ("cpu:1", &["big", "m"])]).with_gpus([("big".to_string(), 2)]);
-        assert_eq!(t.reserve("m", 1, 1, |_| false), vec!["cpu:0"]);
-        assert!(t.reserve("big", 1, 1, |_| false).is_empty(), "cpu:0 is busy: no companion for cpu:1");
+        assert_eq!(t.reserve("m", 1, 1, |_| Affinity::Evicts), vec!["cpu:0"]);
+        assert!(t.reserve("big", 1, 1, |_| Affinity::Evicts).is_empty(), "cpu:0 is busy: no companion for cpu:1");
         assert_eq!(t.room_for("cpu:1", "big", 1), 0);
         t.set_up("cpu:0", false);
         assert!(t.release("cpu:0"));
-        assert!(t.reserve("big", 1, 1, |_| false).is_empty(), "a down slot is no companion");
+        assert!(t.reserve("big", 1, 1, |_| Affinity::Evicts).is_empty(), "a down slot is no companion");
         t.set_up("cpu:0", true);
-        assert_eq!(t.reserve("big", 1, 1, |_| false), vec!["cpu:0"]);
+        assert_eq!(t.reserve("big", 1, 1, |_| Affinity::Evicts), vec!["cpu:0"]);
         // A one-slot node never forms one.
         let mut one = table(&[("cpu:0", &["big"])]).with_gpus([("big".to_string(), 2)]);
-        assert!(one.reserve("big", 1, 1, |_| true).is_empty());
+        assert!(one.reserve("big", 1, 1, |_| Affinity::Warm).is_empty());
     }
 
     #[test]
@@ -477,7 +523,7 @@ mod tests {
         assert_eq!((t.group("b"), t.group("c")), (vec!["b".to_string(), "a".into()], vec!["c".to_string(), "d".into()]));
         // A cold reservation moves to a warm slot with its group.
         let mut t = table(slots).with_gpus([("big".to_string(), 3)]);
-        assert_eq!(t.reserve("big", 1, 1, |_| false), vec!["a"]);
+        assert_eq!(t.reserve("big", 1, 1, |_| Affinity::Evicts), vec!["a"]);
         assert_eq!(t.better_slot("a", "big", 1, warm_on(&["d"])), "d");
         assert_eq!(t.group("d"), vec!["d", "a", "b"]);
         assert_eq!((t.held("a"), t.held_for("a"), t.held_for("c")), (0, Some("d"), None));
@@ -598,7 +644,7 @@ mod tests {
         /// Whatever the layout and the sequence of calls, every invariant of the module doc
         /// holds after each call, and each call's answer keeps its promise.
         #[test]
-        fn placement_invariants_hold_for_every_sequence(layout in layout(), ops in proptest::collection::vec(op(), 0..80), warm_mask in 0u32..(1 << 24)) {
+        fn placement_invariants_hold_for_every_sequence(layout in layout(), ops in proptest::collection::vec(op(), 0..80), warm_mask in 0u32..(1 << 24), fits_mask in 0u32..(1 << 24)) {
             let names: Vec<String> = (0..layout.slots.len()).map(slot_name).collect();
             let mut t = SlotTable::new(
                 layout.slots.iter().enumerate().map(|(i, ms)| (slot_name(i), ms.iter().map(|&m| MODELS[m].to_string()).collect())),
@@ -612,19 +658,26 @@ mod tests {
             }
             check_state(&t, &layout)?;
             for op in ops {
-                let is_warm = |warm: u32, model: usize| {
+                // Bit `slot * 4 + model` of `fits_mask`: the model fits there without eviction.
+                let affinity = |warm: u32, model: usize| {
                     move |slot: &str| {
                         let i: usize = slot.strip_prefix("cuda:").and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
-                        i < 6 && warm & (1 << (i * 4 + model)) != 0
+                        let bit = |mask: u32| i < 6 && mask & (1 << (i * 4 + model)) != 0;
+                        match (bit(warm), bit(fits_mask)) {
+                            (true, _) => Affinity::Warm,
+                            (false, true) => Affinity::Fits,
+                            (false, false) => Affinity::Evicts,
+                        }
                     }
                 };
+                let is_warm = |warm: u32, model: usize| move |slot: &str| affinity(warm, model)(slot) == Affinity::Warm;
                 match op {
                     Op::Reserve { model, max } => {
                         let (m, limit) = (MODELS[model], layout.batch_limits[model]);
                         let before = t.clone();
-                        let got = t.reserve(m, max, limit, is_warm(warm, model));
+                        let got = t.reserve(m, max, limit, affinity(warm, model));
                         prop_assert!(got.len() <= max);
-                        let key = |slot: &str| (!is_warm(warm, model)(slot), before.held(slot) == 0);
+                        let key = |slot: &str| (affinity(warm, model)(slot), before.held(slot) == 0);
                         for name in &names {
                             let taken = got.iter().filter(|g| *g == name).count();
                             let room = before.room_for(name, m, limit);
@@ -659,7 +712,7 @@ mod tests {
                     Op::BetterSlot { slot, model } => {
                         let (name, m, limit) = (slot_name(slot), MODELS[model], layout.batch_limits[model]);
                         let before = t.clone();
-                        let chosen = t.better_slot(&name, m, limit, is_warm(warm, model));
+                        let chosen = t.better_slot(&name, m, limit, affinity(warm, model));
                         if chosen != name {
                             prop_assert!(!is_warm(warm, model)(&name) && is_warm(warm, model)(&chosen));
                             let mut handed_back = before.clone();

@@ -92,6 +92,8 @@ async fn registry_entries_expire_on_their_own_and_the_readers_follow() {
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
         group: vec![],
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     let node = NodeEntry {
         node: "n1".into(),
@@ -338,6 +340,8 @@ async fn every_slot_is_read_while_the_slots_are_rewritten() {
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
         group: vec![],
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     res.put_gpu(&gpu("a")).await.unwrap();
     res.put_gpu(&gpu("b")).await.unwrap();
@@ -381,6 +385,8 @@ async fn a_registry_of_more_slots_than_one_read_answers_is_read_whole() {
         last_error: None,
         heartbeat_ms: kiln_core::now_ms(),
         group: vec![],
+        memory_budget_bytes: 0,
+        resident: vec![],
     };
     for n in 0..130 {
         let node = format!("n{n:03}");

@@ -117,16 +117,21 @@ pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), Stri
         ("STATE", Align::Left),
         ("RESTARTS", Align::Right),
         ("WARM", Align::Left),
+        ("MEMORY", Align::Right),
+        ("BY MODEL", Align::Left),
         ("JOB", Align::Left),
         ("GROUP", Align::Left),
     ]);
     for g in cluster.gpus {
+        let (memory, by_model) = memory_columns(&g);
         table.row(vec![
             g.node,
             g.slot,
             g.state.as_str().into(),
             g.restarts.to_string(),
             g.warm_models.join(","),
+            memory,
+            by_model,
             g.current_job.unwrap_or_default(),
             // A multi-GPU model's slots, primary first: a companion shows busy with the job.
             g.group.join(","),
@@ -138,6 +143,39 @@ pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), Stri
         println!("node {} v{}: {} slots, {} running", n.node, n.version, n.slots.len(), n.running_jobs);
     }
     Ok(())
+}
+
+/// A slot's memory: `used/budget`, and each resident model's bytes with where the figure comes
+/// from (`m` measured, `d` declared, `e` estimated; `*` kept by `min_warm`).
+fn memory_columns(g: &kiln_core::protocol::GpuEntry) -> (String, String) {
+    let used: u64 = g.resident.iter().map(|r| r.bytes).sum();
+    let memory = if g.memory_budget_bytes > 0 { format!("{}/{}", bytes(used), bytes(g.memory_budget_bytes)) } else { bytes(used) };
+    let by_model = g
+        .resident
+        .iter()
+        .map(|r| {
+            let source = &r.source.as_str()[..1];
+            format!("{} {} {source}{}", r.model, bytes(r.bytes), if r.pinned { "*" } else { "" })
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (memory, by_model)
+}
+
+/// Bytes in binary units, three significant figures at most.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut value, mut unit) = (n as f64, 0);
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{n} B"),
+        _ if value < 10.0 => format!("{value:.2} {}", UNITS[unit]),
+        _ if value < 100.0 => format!("{value:.1} {}", UNITS[unit]),
+        _ => format!("{value:.0} {}", UNITS[unit]),
+    }
 }
 
 pub async fn queue(QueueArgs { model, json, conn }: QueueArgs) -> Result<(), String> {

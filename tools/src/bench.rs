@@ -255,6 +255,7 @@ pub fn bench_config(slots: usize) -> ClusterConfig {
         params: vec![],
         stage_names: Default::default(),
         preview_interval_ms: 0,
+        min_warm: 0,
     }];
     config
 }

@@ -311,12 +311,51 @@ impl ClusterConfig {
                 _ => {}
             }
         }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.min_warm > 0 && !matches!(m.engine, EngineConfig::Process { .. }) {
+                return Err(invalid(format!("models[{i}].min_warm"), "applies to process models only"));
+            }
+        }
+        // What min_warm keeps loaded can never be evicted: where the models declare their
+        // memory, a pool over a slot's budget is known now (a measured one, only once loaded).
+        for slot in &self.node.slots {
+            let pool = self.warm_pool(slot);
+            let declared: u64 = pool
+                .iter()
+                .filter_map(|m| match self.model(m).map(|m| &m.engine) {
+                    Some(EngineConfig::Process { memory_bytes, .. }) => *memory_bytes,
+                    _ => None,
+                })
+                .sum();
+            if declared > self.node.slot_memory_bytes {
+                return Err(invalid(
+                    "models",
+                    format!(
+                        "the min_warm models of slot {slot} ({}) declare {declared} bytes, over node.slot_memory_bytes ({})",
+                        pool.join(", "),
+                        self.node.slot_memory_bytes
+                    ),
+                ));
+            }
+        }
         self.http.validate(|m| self.model(m).is_some())?;
         Ok(())
     }
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// The models a slot keeps loaded for their `min_warm`: a model with `min_warm = N` is
+    /// kept on the first N slots of `node.slots` that serve it.
+    pub fn warm_pool(&self, slot: &str) -> Vec<String> {
+        let serves = |m: &ModelConfig, s: &str| m.slots.is_empty() || m.slots.iter().any(|x| x == s);
+        self.models
+            .iter()
+            .filter(|m| m.min_warm > 0)
+            .filter(|m| self.node.slots.iter().filter(|s| serves(m, s)).take(m.min_warm as usize).any(|s| s == slot))
+            .map(|m| m.name.clone())
+            .collect()
     }
 
     /// The models a slot of this node serves: those allowed on it, less any that needs more
@@ -434,6 +473,41 @@ mod tests {
         assert_eq!((c.models_for_slot("cuda:0"), c.models_for_slot("cuda:1")), (vec![], vec!["big".to_string()]));
         c.node.slots = vec!["cuda:1".into()];
         assert!(c.models_for_slot("cuda:1").is_empty());
+    }
+
+    #[test]
+    fn a_warm_pool_takes_the_first_slots_that_serve_the_model_and_must_fit_their_budget() {
+        let toml = |a_bytes: u64| {
+            format!(
+                r#"
+[node]
+slots = ["cpu:0", "cpu:1", "cpu:2"]
+slot_memory_bytes = 1000
+[[models]]
+name = "a"
+engine = {{ kind = "process", command = ["w"], memory_bytes = {a_bytes} }}
+min_warm = 2
+[[models]]
+name = "b"
+engine = {{ kind = "process", command = ["w"], memory_bytes = 400 }}
+slots = ["cpu:1", "cpu:2"]
+min_warm = 1
+[[models]]
+name = "c"
+engine = {{ kind = "process", command = ["w"] }}
+"#
+            )
+        };
+        let c = ClusterConfig::from_toml(&toml(600), "t").unwrap();
+        c.validate().expect("600 + 400 fit in 1000");
+        assert_eq!(c.warm_pool("cpu:0"), ["a"]);
+        assert_eq!(c.warm_pool("cpu:1"), ["a", "b"]);
+        assert!(c.warm_pool("cpu:2").is_empty(), "a has its 2 slots, b its 1");
+        let err = ClusterConfig::from_toml(&toml(700), "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("slot cpu:1 (a, b) declare 1100 bytes"), "{err}");
+        let mut c = ClusterConfig::from_toml(MINIMAL, "t").unwrap();
+        c.models[0].min_warm = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("models[0].min_warm"), "a noop model has no warm pool");
     }
 
     #[test]

@@ -62,6 +62,12 @@ pub struct ModelConfig {
     /// statuses. Empty (default): stages show as reported. A `run_stage` wins over both.
     #[serde(default)]
     pub stage_names: BTreeMap<String, String>,
+    /// Warm pool: slots that load this model when the node starts (the first `min_warm` of
+    /// `node.slots` that serve it) and keep it loaded: it is never stopped to make room for
+    /// another model, so it counts against those slots' memory budget for good. Process models
+    /// only. 0 (default): loaded on its first job, evicted when least recently used.
+    #[serde(default)]
+    pub min_warm: u32,
     /// Live previews of this model's jobs go at most once per this many ms (the node drops
     /// the rest; the job line tells the worker, so the SDK drops them before encoding); 0
     /// turns them off. Default 500.
@@ -162,7 +168,9 @@ pub enum EngineConfig {
         cwd: Option<String>,
         /// What a resident worker holds of its slot (GPU memory), counted against the slot's
         /// `node.slot_memory_bytes` with the TorchScript models: least recently used workers
-        /// are stopped to make room. None (default): not counted.
+        /// are stopped to make room. None (default): the worker's measured memory counts once
+        /// it is loaded (on a `cpu:N` slot its process group's resident set, on a `cuda:N`
+        /// slot what it reports in a `memory` line), and nothing before.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         memory_bytes: Option<u64>,
     },

@@ -22,8 +22,9 @@ pub struct NodeConfig {
     pub loss_after_ms: u64,
     /// Per-slot working directories (job inputs and outputs). Empty: a temp dir.
     pub work_dir: String,
-    /// Memory one slot may fill with resident TorchScript models (their `memory_bytes`);
-    /// the least recently used are evicted to stay under it.
+    /// Memory one slot may fill with resident models, TorchScript modules and process workers
+    /// (each counted by its declared `memory_bytes`, else its measured memory); the least
+    /// recently used are evicted to stay under it, except those kept by `min_warm`.
     pub slot_memory_bytes: u64,
     /// Jobs a slot claims ahead of the one it runs (each up to its batch), so that the next
     /// job's claim and inputs are ready when the current one's model is done: the slot never

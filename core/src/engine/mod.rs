@@ -7,6 +7,8 @@
 //! | `codecs.rs`  |           | job inputs to Torch values, outputs to PNG/npy/json/ply files |
 //! | `torch_spec.rs` |        | a TorchScript model's settings: plain data, no libtorch       |
 //! | `noop.rs`    | `noop`    | completes at once with a small artifact (runtime overhead)    |
+//! | `proc_mem.rs` |          | a worker's process group and its resident memory, from /proc  |
+//! | `nvidia.rs`  |           | a GPU's free memory from `nvidia-smi`, to check an eviction   |
 //!
 //! An engine loads its model lazily on the first job ([`Engine::ensure_loaded`]), keeps it
 //! resident, and runs a job with a progress sink and a cancellation token. Engines are an enum,
@@ -19,6 +21,8 @@
 #[cfg(feature = "torch")]
 pub mod codecs;
 pub mod noop;
+pub mod nvidia;
+pub mod proc_mem;
 pub mod process;
 pub mod torch_spec;
 #[cfg(feature = "torch")]
@@ -32,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{EngineConfig, ModelConfig};
 use crate::job::{FailureKind, JobRecord};
+use crate::protocol::{MemorySource, ResidentModel};
 
 /// One input as the engine sees it: inline JSON, or a file the node downloaded for it.
 #[derive(Debug, Clone, PartialEq)]
@@ -229,13 +234,33 @@ impl Engine {
         }
     }
 
-    /// Bytes the slot's budget counts for this model once resident: a process model's
-    /// `memory_bytes` (0 when it declares none: it is not counted), a TorchScript model's.
-    pub fn resident_bytes(&self, model: &ModelConfig) -> u64 {
+    /// What the slot's budget knows of this model before measuring it: the declared
+    /// `memory_bytes` (if any) and the estimate used when nothing else is known (a TorchScript
+    /// model's: its file size twice; a process model's: 0, it is counted once measured).
+    pub fn budget_figures(&self, model: &ModelConfig) -> (Option<u64>, u64) {
         match (self, &model.engine) {
-            (Engine::Process(_), EngineConfig::Process { memory_bytes, .. }) => memory_bytes.unwrap_or(0),
-            (Engine::Torch(e), _) => e.spec.memory_bytes,
-            _ => 0,
+            (Engine::Process(_), EngineConfig::Process { memory_bytes, .. }) => (*memory_bytes, 0),
+            (Engine::Torch(e), EngineConfig::Torchscript { memory_bytes, .. }) => (*memory_bytes, e.spec.memory_bytes),
+            _ => (None, 0),
+        }
+    }
+
+    /// What a running process worker holds now ([`process::ProcessEngine::measured_bytes`];
+    /// reads /proc on a `cpu:N` slot). TorchScript modules are not measured: tch reaches
+    /// neither CUDA's allocator figures nor a module's buffers, so theirs is declared or
+    /// estimated.
+    pub fn measured_bytes(&self) -> Option<u64> {
+        match self {
+            Engine::Process(e) => e.measured_bytes(),
+            _ => None,
+        }
+    }
+
+    /// A process worker's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Engine::Process(e) => e.pid(),
+            _ => None,
         }
     }
 
@@ -293,6 +318,36 @@ impl Engine {
             e.shutdown()
         }
     }
+
+    /// Stops a process worker and waits until its process group is gone
+    /// ([`process::ProcessEngine::stop`]); `None` for the other engines or no worker.
+    pub async fn stop(&mut self) -> Option<process::Stopped> {
+        match self {
+            Engine::Process(e) => e.stop().await,
+            _ => None,
+        }
+    }
+}
+
+/// The bytes a slot's budget counts for a model, and where the figure comes from: a declared
+/// figure wins (the operator's reservation covers a job's peak, which a figure measured between
+/// jobs may not), else the measured one, else the estimate.
+pub fn counted_bytes(declared: Option<u64>, measured: Option<u64>, estimate: u64) -> (u64, MemorySource) {
+    match (declared, measured) {
+        (Some(d), _) => (d, MemorySource::Declared),
+        (None, Some(m)) => (m, MemorySource::Measured),
+        (None, None) => (estimate, MemorySource::Estimated),
+    }
+}
+
+/// Whether a slot's resident models changed enough to be written to the registry again: a
+/// model came or went, or its figure moved by over 1/16. A resident set size moves a little
+/// with every job; writing each wobble would cost a registry put per job.
+pub fn resident_changed(old: &[ResidentModel], new: &[ResidentModel]) -> bool {
+    old.len() != new.len()
+        || old.iter().zip(new).any(|(a, b)| {
+            a.model != b.model || a.source != b.source || a.pinned != b.pinned || a.bytes.abs_diff(b.bytes) > a.bytes.max(b.bytes) / 16
+        })
 }
 
 /// A resident process worker, as the slot's memory budget counts it.
@@ -376,6 +431,29 @@ mod residency_tests {
         assert_eq!(workers_to_stop(&resident, 0, 4, 12), Ok(vec!["b".to_string()]));
         assert_eq!(workers_to_stop(&resident, 2, 4, 12), Ok(vec!["b".to_string(), "c".to_string()]));
         assert_eq!(workers_to_stop(&resident, 10, 4, 12), Err(2), "TorchScript modules are not stopped here");
+    }
+
+    #[test]
+    fn a_declared_figure_wins_then_the_measured_one_then_the_estimate() {
+        assert_eq!(counted_bytes(Some(5), Some(9), 7), (5, MemorySource::Declared));
+        assert_eq!(counted_bytes(None, Some(9), 7), (9, MemorySource::Measured));
+        assert_eq!(counted_bytes(None, None, 7), (7, MemorySource::Estimated));
+    }
+
+    #[test]
+    fn a_resident_set_is_rewritten_when_a_model_comes_or_goes_or_its_figure_moves_much() {
+        let r = |model: &str, bytes: u64| ResidentModel {
+            model: model.into(),
+            bytes,
+            source: MemorySource::Measured,
+            measured_bytes: Some(bytes),
+            pinned: false,
+        };
+        assert!(!resident_changed(&[r("a", 1600)], &[r("a", 1650)]), "a wobble");
+        assert!(resident_changed(&[r("a", 1600)], &[r("a", 1800)]));
+        assert!(resident_changed(&[r("a", 1600)], &[r("a", 1600), r("b", 1)]));
+        assert!(resident_changed(&[r("a", 1600)], &[r("b", 1600)]));
+        assert!(!resident_changed(&[], &[]));
     }
 
     proptest! {

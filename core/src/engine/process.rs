@@ -9,6 +9,7 @@
 //! ```
 //! The worker writes to its stdout (any line that is not JSON is kept as a log line):
 //! ```text
+//! {"type":"memory","bytes":1073741824}                   optional, before ready: its GPU memory
 //! {"type":"ready"}                                        once, after loading its model
 //! {"type":"progress","job_id":"..","stage":"inference","progress":40,"message":"step 8/20"}
 //! {"type":"log","job_id":"..","message":".."}
@@ -76,6 +77,8 @@ struct Worker {
     stdin: ChildStdin,
     lines: mpsc::Receiver<Line>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
+    /// The last `memory` line's bytes (its GPU memory, as the worker sees it).
+    reported_bytes: Option<u64>,
 }
 
 impl Worker {
@@ -196,6 +199,80 @@ impl ProcessEngine {
         }
     }
 
+    /// The running worker's pid (its process group's id).
+    pub fn pid(&self) -> Option<u32> {
+        self.worker.as_ref().map(|w| w.pid)
+    }
+
+    /// What the worker holds now, if it can be known: on a `cpu:N` slot the resident bytes of
+    /// its whole process group (read from /proc); on a `cuda:N` slot the GPU memory it last
+    /// reported (a `memory` line), since its resident set says nothing of the GPU's memory.
+    pub fn measured_bytes(&self) -> Option<u64> {
+        let worker = self.worker.as_ref()?;
+        match parse_slot(&self.slot.slot) {
+            Some(SlotDevice::Cuda(_)) => worker.reported_bytes,
+            _ => Some(super::proc_mem::process_group(worker.pid).1).filter(|b| *b > 0),
+        }
+    }
+
+    /// Stops the worker and checks that its memory is given back: the whole process group is
+    /// killed, the worker reaped, and /proc read until no process of the group is left (its
+    /// helpers exit a moment after the signal). On a `cuda:N` slot, the GPU's free memory is
+    /// read before and after (`nvidia-smi`, where there is one). `None` when no worker was
+    /// running.
+    pub async fn stop(&mut self) -> Option<Stopped> {
+        let mut worker = self.worker.take()?;
+        let pid = worker.pid;
+        let gpu = match parse_slot(&self.slot.slot) {
+            Some(SlotDevice::Cuda(i)) => Some(i),
+            _ => None,
+        };
+        let gpu_free_before = match gpu {
+            Some(i) => super::nvidia::free_bytes(i).await,
+            None => None,
+        };
+        let (_, held_bytes) = super::proc_mem::process_group(pid);
+        worker.kill_group();
+        let _ = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let (left_processes, left_bytes) = loop {
+            let (n, bytes) = super::proc_mem::process_group(pid);
+            if n == 0 || std::time::Instant::now() > deadline {
+                break (n, bytes);
+            }
+            worker.kill_group();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The driver frees a dead process's memory a moment after it exits.
+        let mut gpu_freed_bytes = None;
+        if let (Some(i), Some(before)) = (gpu, gpu_free_before) {
+            for _ in 0..20 {
+                let Some(after) = super::nvidia::free_bytes(i).await else { break };
+                gpu_freed_bytes = Some(after as i64 - before as i64);
+                if after > before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Some(Stopped { pid, held_bytes, left_processes, left_bytes, gpu_freed_bytes })
+    }
+}
+
+/// What stopping a worker gave back ([`ProcessEngine::stop`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stopped {
+    pub pid: u32,
+    /// The resident bytes of its process group just before the kill.
+    pub held_bytes: u64,
+    /// Processes of the group still alive after the wait (0: all gone), and what they hold.
+    pub left_processes: usize,
+    pub left_bytes: u64,
+    /// On a `cuda:N` slot with `nvidia-smi`: how much the GPU's free memory grew.
+    pub gpu_freed_bytes: Option<i64>,
+}
+
+impl ProcessEngine {
     fn spawn(&self) -> Result<Worker, EngineError> {
         let (program, args) = self.command.split_first().ok_or_else(|| EngineError::Load("empty command".into()))?;
         let cuda_visible = cuda_visible_devices(&self.group);
@@ -229,7 +306,7 @@ impl ProcessEngine {
         let read = read_stderr(stderr, stderr_tail.clone(), self.model.clone(), self.slot.slot.clone());
         crate::task::spawn(crate::task::TaskKind::ChildOutput, "worker stderr", read);
         tracing::info!(model = %self.model, slot = %self.slot.slot, pid, "worker process started");
-        Ok(Worker { child, pid, stdin, lines, stderr_tail })
+        Ok(Worker { child, pid, stdin, lines, stderr_tail, reported_bytes: None })
     }
 
     pub async fn ensure_loaded(&mut self) -> Result<(), EngineError> {
@@ -246,6 +323,7 @@ impl ProcessEngine {
             tokio::select! {
                 line = worker.lines.recv() => match line {
                     Some(Line::Parsed(WorkerLine::Ready)) => break,
+                    Some(Line::Parsed(WorkerLine::Memory { bytes })) => worker.reported_bytes = Some(bytes),
                     Some(Line::TooLong) => {
                         worker.kill_group();
                         return Err(EngineError::Load(too_long(worker.pid)));
@@ -326,6 +404,7 @@ impl ProcessEngine {
             let mine = |id: &Option<String>| id.as_deref().is_none_or(|i| i == job.record.job_id);
             match line {
                 WorkerLine::Ready => {}
+                WorkerLine::Memory { bytes } => worker.reported_bytes = Some(bytes),
                 WorkerLine::Progress { job_id, stage, progress: pct, message } if mine(&job_id) => {
                     let pct = pct.map(|p| p.clamp(0.0, 100.0));
                     let _ = progress.send(ProgressUpdate::Progress { stage, progress: pct, message }).await;
@@ -564,6 +643,30 @@ mod tests {
         );
         let mut off = PreviewGate::new(0);
         assert!(off.admit(None, &b64(10), "j").is_none(), "interval 0: previews are off");
+    }
+
+    /// A worker's `memory` line is what a `cuda:N` slot counts (no GPU needed: the engine only
+    /// reads the line); on a `cpu:N` slot its process group's resident memory counts instead.
+    /// Stopping it leaves none of its group, helper processes included.
+    #[tokio::test]
+    async fn a_worker_is_measured_by_its_report_on_cuda_and_its_group_on_cpu_and_stops_whole() {
+        let script = r#"sleep 600 & echo '{"type":"memory","bytes":123456}'; echo '{"type":"ready"}'; read line"#;
+        let command = vec!["sh".to_string(), "-c".into(), script.into()];
+        let mut gpu = ProcessEngine::new("m", command.clone(), BTreeMap::new(), 10_000, &SlotContext::new("n", "cuda:0", 0));
+        gpu.ensure_loaded().await.unwrap();
+        assert_eq!(gpu.measured_bytes(), Some(123456));
+        let mut cpu = ProcessEngine::new("m", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
+        cpu.ensure_loaded().await.unwrap();
+        let pid = cpu.pid().unwrap();
+        assert_eq!(crate::engine::proc_mem::process_group(pid).0, 2, "sh and its sleep");
+        let rss = cpu.measured_bytes().unwrap();
+        assert!(rss > 100_000 && rss != 123456, "the group's resident set: {rss}");
+        let stopped = cpu.stop().await.unwrap();
+        assert_eq!((stopped.pid, stopped.left_processes, stopped.left_bytes), (pid, 0, 0), "{stopped:?}");
+        assert!(stopped.held_bytes > 0);
+        assert_eq!(crate::engine::proc_mem::process_group(pid), (0, 0));
+        assert!(!cpu.is_loaded() && cpu.stop().await.is_none());
+        gpu.stop().await.unwrap();
     }
 
     /// A real worker (sh) that says ready, then answers its job with a 2 MiB line.

@@ -34,6 +34,28 @@ def test_ready_comes_first_even_when_load_prints() -> None:
         w.close()
 
 
+def test_warmup_runs_after_load_before_ready_and_a_memory_report_comes_before_ready(tmp_path: Path) -> None:
+    w = WorkerProcess(WORKERS / "sdk_worker.py", SDK_TEST_MEMORY="123456")
+    try:
+        assert w.next() == {"type": "memory", "bytes": 123456}
+        assert w.next() == {"type": "ready"}
+        w.job("j1", tmp_path, {"text": "x"})
+        lines = w.until_end()
+        assert lines[-1]["type"] == "result", lines
+        assert json.loads((tmp_path / "info.json").read_text())["warmed"] is True
+    finally:
+        w.close()
+
+
+def test_a_failed_warmup_exits_1_without_ready() -> None:
+    w = WorkerProcess(WORKERS / "sdk_worker.py", SDK_TEST_WARMUP_FAIL="1")
+    try:
+        assert w.expect_eof() == 1
+        assert _eventually(lambda: "injected warm-up failure" in w.stderr)
+    finally:
+        w.close()
+
+
 def test_a_failed_load_exits_1_without_ready() -> None:
     w = WorkerProcess(WORKERS / "sdk_worker.py", SDK_TEST_LOAD_FAIL="1")
     try:

@@ -325,7 +325,7 @@ function renderOverview(ctx, view) {
       h('div', { class: 'panel-head' }, h('h3', { text: 'Cluster' }), h('span', { class: 'spacer' }), clusterErr),
       nodeSummary,
       h('table', { id: 'cluster' },
-        h('thead', {}, h('tr', {}, ['Node', 'Slot', 'State', 'Warm models', 'Current job', 'Restarts', 'Heartbeat', 'Last error']
+        h('thead', {}, h('tr', {}, ['Node', 'Slot', 'State', 'Warm models', 'Memory', 'Current job', 'Restarts', 'Heartbeat', 'Last error']
           .map((t) => h('th', { text: t })))),
         clusterBody)),
     h('div', { class: 'columns' },
@@ -431,12 +431,25 @@ function renderCluster(data, summary, body) {
     // The cell's text must be exactly the state: the badge is its only content.
     h('td', { class: 'gpu-state' }, badge(g.state)),
     h('td', { title: `serves: ${(g.models || []).join(', ')}`, text: (g.warm_models || []).join(', ') || '—' }),
+    memoryCell(g),
     // A multi-GPU model's group (primary first) shows as the job cell's tooltip.
     h('td', { title: (g.group || []).length ? `group: ${g.group.join(', ')}` : '' }, g.current_job ? jobLink(g.current_job) : ''),
     h('td', { text: g.restarts ?? 0 }),
     h('td', { class: 'muted', text: fmtAge(g.heartbeat_ms) }),
     h('td', { class: 'error-cell', title: g.last_error || '', text: g.last_error || '' })));
-  body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: 8, class: 'empty', text: 'No GPU slots reported.' }))]));
+  body.replaceChildren(...(rows.length ? rows : [h('tr', {}, h('td', { colspan: 9, class: 'empty', text: 'No GPU slots reported.' }))]));
+}
+
+// A slot's memory: what its resident models hold of its budget, and each model's bytes with
+// where the figure comes from (measured, declared, estimated); `min_warm` models are pinned.
+function memoryCell(g) {
+  const resident = g.resident || [];
+  const used = resident.reduce((sum, r) => sum + (r.bytes || 0), 0);
+  const total = g.memory_budget_bytes ? `${fmtBytes(used)} of ${fmtBytes(g.memory_budget_bytes)}` : fmtBytes(used);
+  return h('td', { class: 'gpu-memory', 'data-used': used },
+    h('div', { text: total }),
+    ...resident.map((r) => h('div', { class: 'muted', 'data-model': r.model, 'data-bytes': r.bytes,
+      text: `${r.model} ${fmtBytes(r.bytes)} ${r.source}${r.pinned ? ' · pinned' : ''}` })));
 }
 
 function renderModels(models, list, select) {

@@ -531,6 +531,8 @@ mod tests {
             last_error: None,
             heartbeat_ms: 0,
             group: vec![],
+            memory_budget_bytes: 0,
+            resident: vec![],
         };
         let node = |name: &str| NodeEntry {
             node: name.into(),

@@ -211,6 +211,20 @@ class ListJobsReply(TypedDict):
     jobs: List["JobView"]
 
 
+class _ResidentModelRequired(TypedDict):
+    model: str
+    bytes: int
+    #: "declared", "measured" or "estimated".
+    source: str
+
+
+class ResidentModel(_ResidentModelRequired, total=False):
+    """One model resident on a slot and the bytes its memory budget counts for it."""
+
+    measured_bytes: int
+    pinned: bool
+
+
 class _GpuEntryRequired(TypedDict):
     node: str
     slot: str
@@ -225,6 +239,8 @@ class GpuEntry(_GpuEntryRequired, total=False):
     current_job: str
     last_error: str
     group: List[str]
+    memory_budget_bytes: int
+    resident: List[ResidentModel]
 
 
 class _NodeEntryRequired(TypedDict):
@@ -402,6 +418,7 @@ __all__ = [
     "ModelQueue",
     "QueueReply",
     "GpuEntry",
+    "ResidentModel",
     "NodeEntry",
     "ClusterReply",
     "BatchItem",

@@ -38,6 +38,24 @@ class Worker:
         the process with status 1 without saying ready, and Kiln fails the attempt (and
         retries it, as an infrastructure error)."""
 
+    def warmup(self) -> None:
+        """Runs once after `load()` and before the worker says ready: a first pass through the
+        model (a dummy input, a compile, a cache fill) so that the first real job does not pay
+        for it. Kiln counts it as part of the load: a model kept warm by `min_warm` is loaded
+        and warmed before its first job arrives. An exception here is treated like one in
+        `load()`. Default: nothing."""
+
+    def report_memory(self, nbytes: int) -> None:
+        """Tells Kiln how many bytes of GPU memory this worker holds (a `memory` line). On a
+        `cuda:N` slot the slot's memory budget counts it for a model that declares no
+        `memory_bytes`. Call it from `load()`, `warmup()` or `run()`, whenever it changes much.
+        Not needed with PyTorch: after the warm-up the SDK reports CUDA's reserved memory
+        itself unless this was called."""
+        self._memory_reported = True
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.send({"type": "memory", "bytes": max(0, int(nbytes))})
+
     def run(self, job: Job) -> RunResult:
         """Runs one job. Report progress with `job.progress`, check `job.check_cancelled()`
         between steps, write artifacts with `job.write_bytes` (or to `job.output_path(name)`),
@@ -62,6 +80,7 @@ class Worker:
         if stdin is None or stdout is None:
             stdin, stdout = _take_stdio()
         writer = LineWriter(stdout)
+        self._writer = writer
         try:
             self._load()
             jobs: "queue.Queue[Union[Job, _Eof]]" = queue.Queue()
@@ -84,9 +103,14 @@ class Worker:
     def _load(self) -> None:
         try:
             self.load()
+            self.warmup()
         except Exception as e:
             self.diag(f"load failed: {e!r}\n{traceback.format_exc().rstrip()}")
             raise SystemExit(1) from None
+        if not getattr(self, "_memory_reported", False):
+            nbytes = _cuda_reserved_bytes()
+            if nbytes:
+                self.report_memory(nbytes)
 
     def _run_job(self, job: Job, writer: LineWriter) -> None:
         """Runs `job` and writes the one line that ends it."""
@@ -127,22 +151,52 @@ class Worker:
 
 
 class _FunctionWorker(Worker):
-    def __init__(self, run: Callable[[Job], RunResult], load: Optional[Callable[[], None]], name: Optional[str]) -> None:
+    def __init__(
+        self,
+        run: Callable[[Job], RunResult],
+        load: Optional[Callable[[], None]],
+        name: Optional[str],
+        warmup: Optional[Callable[[], None]] = None,
+    ) -> None:
         self._run = run
         self._load_fn = load
+        self._warmup_fn = warmup
         self.name = name
 
     def load(self) -> None:
         if self._load_fn is not None:
             self._load_fn()
 
+    def warmup(self) -> None:
+        if self._warmup_fn is not None:
+            self._warmup_fn()
+
     def run(self, job: Job) -> RunResult:
         return self._run(job)
 
 
-def serve(run: Callable[[Job], RunResult], *, load: Optional[Callable[[], None]] = None, name: Optional[str] = None) -> None:
-    """`Worker.serve()` for a worker written as functions: `serve(run, load=load)`."""
-    _FunctionWorker(run, load, name).serve()
+def serve(
+    run: Callable[[Job], RunResult],
+    *,
+    load: Optional[Callable[[], None]] = None,
+    name: Optional[str] = None,
+    warmup: Optional[Callable[[], None]] = None,
+) -> None:
+    """`Worker.serve()` for a worker written as functions: `serve(run, load=load, warmup=warmup)`."""
+    _FunctionWorker(run, load, name, warmup).serve()
+
+
+def _cuda_reserved_bytes() -> int:
+    """CUDA's reserved memory summed over the visible devices, when the model imported torch
+    and CUDA is there (Kiln sets CUDA_VISIBLE_DEVICES to the slot's GPU); else 0. torch is
+    never imported here: a worker that does not use it does not pay for it."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_available():
+            return 0
+        return sum(int(torch.cuda.memory_reserved(i)) for i in range(torch.cuda.device_count()))
+    except Exception:
+        return 0
 
 
 def _message(e: BaseException) -> str:

@@ -14,9 +14,10 @@ Params (all optional):
   returns             "names": return the file names; "missing": name a file never written
   big_log             log a message of this many characters
 
-Environment: SDK_TEST_LOAD_FAIL=1 fails the load; SDK_TEST_LOAD_PRINT=1 prints during it.
+Environment: SDK_TEST_LOAD_FAIL=1 fails the load; SDK_TEST_LOAD_PRINT=1 prints during it;
+SDK_TEST_MEMORY=N reports N bytes of memory from load(); SDK_TEST_WARMUP_FAIL=1 fails warmup().
 
-Outputs: out.txt and info.json ({"attempt", "pid", "file_sha256"}).
+Outputs: out.txt and info.json ({"attempt", "pid", "file_sha256", "warmed"}).
 """
 
 import hashlib
@@ -38,7 +39,15 @@ class SdkTestWorker(Worker):
             print("stray print during load")
         if os.environ.get("SDK_TEST_LOAD_FAIL") == "1":
             raise RuntimeError("injected load failure")
+        if os.environ.get("SDK_TEST_MEMORY"):
+            self.report_memory(int(os.environ["SDK_TEST_MEMORY"]))
         self.loaded = True
+        self.warmed = False
+
+    def warmup(self) -> None:
+        if os.environ.get("SDK_TEST_WARMUP_FAIL") == "1":
+            raise RuntimeError("injected warm-up failure")
+        self.warmed = self.loaded
 
     def run(self, job: Job):
         job.log(f"pid {os.getpid()} attempt {job.attempt}")
@@ -82,7 +91,7 @@ class SdkTestWorker(Worker):
         if returns == "missing":
             return ["never-written.bin"]
         job.write_text("out.txt", text.upper(), content_type="text/plain")
-        job.write_json("info.json", {"attempt": job.attempt, "pid": os.getpid(), "file_sha256": file_sha256})
+        job.write_json("info.json", {"attempt": job.attempt, "pid": os.getpid(), "file_sha256": file_sha256, "warmed": self.warmed})
         return None
 
 

@@ -257,11 +257,10 @@ class TextToImage(Worker):
         )
 
     def warmup(self) -> None:
-        # One step at a small size: CUDA kernels and allocator pools are ready for the first job.
+        # One step at a small size: CUDA kernels and allocator pools are ready for the first
+        # job. On a GPU the SDK then reports CUDA's reserved memory to Kiln by itself (the
+        # figure the slot's memory budget counts); on a CPU slot Kiln measures the process.
         self.pipeline.generate("warmup", 1, 0, 64, 64)
-        report = getattr(self, "report_memory", None)
-        if report is not None and self.pipeline.memory_bytes():
-            report(self.pipeline.memory_bytes())
 
     def run(self, job: Job):
         prompt = job.inputs.get("prompt")

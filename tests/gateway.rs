@@ -16,7 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// A node serving `demo` (the Python worker) and `noop` on two slots, and a gateway.
 async fn start(http_extra: &str) -> (TestCluster, GatewayProcess, String) {
     let mut cluster = TestCluster::new();
-    let models = format!("{}{}{}", demo_model("demo", &[], 3, 60_000), NOOP_MODEL, http_extra);
+    // The demo worker's live previews off: they come without an id and differ between two
+    // clients of one job (live only), and these tests check the events' stream (tests/previews.rs
+    // checks the previews in it).
+    let models = format!("{}preview_interval_ms = 0\n{}{}", demo_model("demo", &[], 3, 60_000), NOOP_MODEL, http_extra);
     let config = config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 10_000, &models);
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 2).await;

@@ -456,10 +456,17 @@ async fn job_events(
     // missed), which goes first: a client that comes late shows it at once. The live one it
     // may also be is not sent twice.
     let live = tenant.client.previews(&id).await?;
-    let newest = tenant.client.preview(&id).await.unwrap_or_else(|e| {
-        tracing::debug!(job_id = %id, error = %e, "cannot read the newest preview");
+    // A client resuming (Last-Event-ID) has seen the previews of its first stream: it gets
+    // only new ones, so a stream resumed after the job's end stays empty.
+    let resuming = matches!(resume_point(&headers, uri.query()), Ok(Some(_)));
+    let newest = if resuming {
         None
-    });
+    } else {
+        tenant.client.preview(&id).await.unwrap_or_else(|e| {
+            tracing::debug!(job_id = %id, error = %e, "cannot read the newest preview");
+            None
+        })
+    };
     let sent = newest.as_ref().map(|p| (p.attempt, p.seq));
     let live = live.filter(move |p| std::future::ready(Some((p.attempt, p.seq)) != sent));
     let previews = futures::stream::iter(newest).chain(live).boxed();

@@ -17,3 +17,7 @@ for _kiln_torch_lib in "$KILN_CACHE"/venv/lib/python3*/site-packages/torch/lib; 
   [ -d "$_kiln_torch_lib" ] && export KILN_TORCH_LIB="$_kiln_torch_lib"
 done
 unset _kiln_torch_lib
+# A fresh clone builds once: incremental state (5.5 GB of the test build) serves no later build.
+if [ "${CI:-}" = true ]; then
+  export CARGO_INCREMENTAL=0
+fi

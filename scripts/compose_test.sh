@@ -44,6 +44,15 @@ if ! docker info > /dev/null 2>&1; then
   docker info > /dev/null 2>&1 || { tail -20 /tmp/kiln-dockerd.log; echo "dockerd did not start" >&2; exit 1; }
 fi
 
+# The slim binary (about 1 GB of build output beside the suite's) and the images (about
+# 0.5 GB) need room: say so plainly instead of letting the linker fail half way.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+step "free disk: $((free_kib / 1024 / 1024)) GiB on $(df -P . | awk 'NR == 2 { print $6 }')"
+if [ "$free_kib" -lt $((4 * 1024 * 1024)) ]; then
+  echo "the compose test needs at least 4 GiB free for the slim build and the images" >&2
+  exit 1
+fi
+
 # The dev profile unless KILN_IMAGE_PROFILE says release: the suite that ran before has built
 # its dependencies, so the binary takes a minute instead of a cold release build (deploy/README.md).
 profile="${KILN_IMAGE_PROFILE:-dev}"

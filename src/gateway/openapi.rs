@@ -438,20 +438,35 @@ pub fn document() -> Value {
     NATIVE.clone()
 }
 
+/// Where the request side's schemas are referenced while the document is built; resolved to
+/// `#/components/schemas/` by [`merge_schemas`].
+const REQUEST_DEFINITIONS: &str = "/components/requestSchemas";
+
+/// The schema generators of one document: replies as the gateway serializes them (a field
+/// always sent is `required`), requests and parameters as it deserializes them (a field with a
+/// default may be left out). A type whose two schemas differ is listed twice, its request
+/// side as `<Name>Input` (FastAPI's convention).
+pub struct Generators {
+    pub replies: SchemaGenerator,
+    pub requests: SchemaGenerator,
+}
+
 /// The document of these operations. Pure.
 pub fn document_of(ops: &[Op]) -> Value {
-    let mut generator = SchemaSettings::openapi3().into_generator();
-    let error = value(generator.subschema_for::<HttpError>());
+    let mut generators = Generators {
+        replies: SchemaSettings::openapi3().for_serialize().into_generator(),
+        requests: SchemaSettings::openapi3().for_deserialize().with(|s| s.definitions_path = REQUEST_DEFINITIONS.into()).into_generator(),
+    };
+    let error = value(generators.replies.subschema_for::<HttpError>());
     let mut paths = serde_json::Map::new();
     for op in ops {
         let path = op.openapi_path();
         let entry = paths.entry(path.clone()).or_insert_with(|| json!({}));
         assert!(entry.get(op.method.as_str()).is_none(), "{} {path} is registered twice", op.method.as_str());
-        entry[op.method.as_str()] = operation(op, &mut generator);
+        entry[op.method.as_str()] = operation(op, &mut generators);
     }
-    let schemas = generator.take_definitions(true);
     let retry_after = json!({"description": "Seconds to wait before trying again", "schema": {"type": "integer"}});
-    json!({
+    let doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "Kiln HTTP gateway",
@@ -463,7 +478,7 @@ pub fn document_of(ops: &[Op]) -> Value {
         "security": [{"bearer": []}, {"access_token": []}],
         "paths": paths,
         "components": {
-            "schemas": schemas,
+            "schemas": {},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -487,7 +502,37 @@ pub fn document_of(ops: &[Op]) -> Value {
                 },
             },
         },
-    })
+    });
+    merge_schemas(doc, generators)
+}
+
+/// Puts both sides' schemas under `#/components/schemas/`: one entry for a type whose two
+/// schemas are the same, else the request side's as `<Name>Input`; and points the request
+/// side's references at them. Pure.
+fn merge_schemas(doc: Value, generators: Generators) -> Value {
+    let Generators { mut replies, mut requests } = generators;
+    let mut schemas = replies.take_definitions(true);
+    let request_side = requests.take_definitions(true);
+    let mut names = vec![];
+    for (name, schema) in &request_side {
+        let merged = match schemas.get(name) {
+            Some(same) if same == schema => name.clone(),
+            Some(_) => format!("{name}Input"),
+            None => name.clone(),
+        };
+        names.push((name.clone(), merged));
+    }
+    for ((_, merged), schema) in names.iter().zip(request_side.into_values()) {
+        schemas.entry(merged.clone()).or_insert(schema);
+    }
+    let mut text = serde_json::to_string(&json!({"doc": doc, "schemas": schemas})).expect("serializes");
+    for (name, merged) in &names {
+        text = text.replace(&format!("\"#{REQUEST_DEFINITIONS}/{name}\""), &format!("\"#/components/schemas/{merged}\""));
+    }
+    let Value::Object(mut both) = serde_json::from_str(&text).expect("parses") else { unreachable!("an object") };
+    let mut doc = both.remove("doc").expect("doc");
+    doc["components"]["schemas"] = both.remove("schemas").expect("schemas");
+    doc
 }
 
 fn value(schema: Schema) -> Value {
@@ -520,7 +565,8 @@ pub fn error_statuses(op: &Op) -> Vec<u16> {
 }
 
 /// One operation as OpenAPI writes it.
-fn operation(op: &Op, generator: &mut SchemaGenerator) -> Value {
+fn operation(op: &Op, generators: &mut Generators) -> Value {
+    let generator = &mut generators.replies;
     let reply = match &op.reply {
         None => json!({"description": "OK"}),
         Some(Reply::Endpoint) => {
@@ -585,6 +631,7 @@ fn operation(op: &Op, generator: &mut SchemaGenerator) -> Value {
         out["security"] = json!([]);
     }
     set_path_parameters(&mut out, &op.openapi_path());
+    let generator = &mut generators.requests;
     for (name, schema, description) in &op.query {
         let param = json!({"name": name, "in": "query", "required": false, "description": description, "schema": value(schema(generator))});
         push_parameter(&mut out, param);
@@ -670,8 +717,16 @@ mod tests {
                 assert!(defined.contains_key(name), "unresolved $ref {kind}/{name}");
             }
         }
+        assert!(!text.contains(REQUEST_DEFINITIONS), "every request-side reference is resolved");
         let schemas = doc["components"]["schemas"].as_object().expect("schemas");
         assert!(schemas.contains_key("JobView") && schemas.contains_key("SubmitRequest") && schemas.contains_key("HttpError"));
+        // A request's defaulted fields may be left out; a reply's fields always sent are required.
+        let required = |name: &str| -> Vec<String> {
+            schemas[name]["required"].as_array().map(|r| r.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default()
+        };
+        assert_eq!(required("SubmitRequest"), ["model"]);
+        assert!(["job_id", "status", "artifacts", "inputs"].iter().all(|f| required("JobView").iter().any(|r| r == f)), "{:?}", required("JobView"));
+        assert!(!required("HttpError").iter().any(|r| r == "retry_after_ms"));
     }
 
     /// What a generated client needs of each operation: a unique operation id, a known tag, a

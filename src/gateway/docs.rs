@@ -30,6 +30,33 @@ pub struct Asset {
 const SWAGGER_UI_BUNDLE: &[u8] = include_bytes!("assets/vendor/swagger-ui-dist/swagger-ui-bundle.js");
 const SWAGGER_UI_CSS: &[u8] = include_bytes!("assets/vendor/swagger-ui-dist/swagger-ui.css");
 const REDOC_STANDALONE: &[u8] = include_bytes!("assets/vendor/redoc/redoc.standalone.js");
+
+/// The one thing ReDoc's bundle loads from elsewhere, always: the logo of its "API docs by
+/// Redocly" link (no option turns it off). It is served with that URL replaced by an empty
+/// image, so the page asks nothing of any other host (the link keeps its text).
+const REDOC_LOGO_URL: &[u8] = b"https://cdn.redoc.ly/redoc/logo-mini.svg";
+
+/// [`REDOC_STANDALONE`] without [`REDOC_LOGO_URL`]. Pure.
+fn redoc_served() -> &'static [u8] {
+    static SERVED: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| replace_bytes(REDOC_STANDALONE, REDOC_LOGO_URL, b"data:,"));
+    &SERVED
+}
+
+/// `text` with every `from` replaced by `to`. Pure.
+fn replace_bytes(text: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
+    }
+    out
+}
 const SWAGGER_UI_LICENSE: &[u8] = include_bytes!("assets/vendor/swagger-ui-dist/LICENSE");
 const REDOC_LICENSE: &[u8] = include_bytes!("assets/vendor/redoc/LICENSE");
 
@@ -45,7 +72,7 @@ pub fn assets() -> Vec<Asset> {
         Asset { path: swagger("swagger-ui-bundle.js"), content_type: JS, body: SWAGGER_UI_BUNDLE },
         Asset { path: swagger("swagger-ui.css"), content_type: CSS, body: SWAGGER_UI_CSS },
         Asset { path: swagger("LICENSE"), content_type: TEXT, body: SWAGGER_UI_LICENSE },
-        Asset { path: redoc("redoc.standalone.js"), content_type: JS, body: REDOC_STANDALONE },
+        Asset { path: redoc("redoc.standalone.js"), content_type: JS, body: redoc_served() },
         Asset { path: redoc("LICENSE"), content_type: TEXT, body: REDOC_LICENSE },
     ]
 }
@@ -61,6 +88,7 @@ pub fn swagger_page() -> String {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Kiln API: Swagger UI</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="{prefix}swagger-ui-dist-{v}/swagger-ui.css">
 </head>
 <body>
@@ -92,6 +120,7 @@ pub fn redoc_page() -> String {
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Kiln API: ReDoc</title>
+<link rel="icon" href="data:,">
 <style>body {{ margin: 0; padding: 0; }}</style>
 </head>
 <body>
@@ -141,6 +170,15 @@ mod tests {
         assert!(has(REDOC_STANDALONE, format!("\"{REDOC_VERSION}\"")), "redoc is not {REDOC_VERSION}");
         let versions = include_str!("assets/vendor/VERSIONS");
         assert!(versions.contains(&format!("swagger-ui-dist {SWAGGER_UI_VERSION}")) && versions.contains(&format!("redoc {REDOC_VERSION}")));
+    }
+
+    /// ReDoc's bundle is served without the one URL of another host it would load.
+    #[test]
+    fn redoc_is_served_without_its_cdn_logo() {
+        let has = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(has(REDOC_STANDALONE, REDOC_LOGO_URL), "the vendored bundle has the logo's URL: drop the replacement if a refresh lost it");
+        assert!(!has(redoc_served(), b"cdn.redoc.ly") && has(redoc_served(), b"src:\"data:,\""));
+        assert_eq!(replace_bytes(b"a-xx-b-xx", b"xx", b"y"), b"a-y-b-y");
     }
 
     /// The pages load nothing from elsewhere: every `src` and `href` is one of the served

@@ -97,7 +97,13 @@ async fn docs_and_redoc_load_their_assets_from_the_gateway_without_a_key() {
                 assert!(content_type.starts_with("application/json"), "{r}: {content_type}");
                 continue;
             }
-            let want = if r.ends_with(".js") { "text/javascript" } else if r.ends_with(".css") { "text/css" } else { "?" };
+            let want = if r.ends_with(".js") {
+                "text/javascript"
+            } else if r.ends_with(".css") {
+                "text/css"
+            } else {
+                "?"
+            };
             assert!(content_type.starts_with(want), "{page}: {r} is {content_type}");
             assert_eq!(cache, "public, max-age=31536000, immutable", "{r}: its URL carries the version");
             // Exactly the vendored bytes (src/gateway/assets/vendor/<package>/<file>).
@@ -222,7 +228,8 @@ export async function checks(): Promise<string | undefined> {
 "#;
     std::fs::write(work.path().join("checks.mts"), checks).unwrap();
     let mut tsc = tokio::process::Command::new(modules.join(".bin/tsc"));
-    tsc.args(["--strict", "--module", "nodenext", "--target", "es2022", "--skipLibCheck", "--noEmit", "checks.mts"]).current_dir(work.path());
+    tsc.args(["--strict", "--module", "nodenext", "--target", "es2022", "--skipLibCheck", "--noEmit", "checks.mts"])
+        .current_dir(work.path());
     run_program(tsc, "", Duration::from_secs(120)).await.assert_success("tsc on checks.mts (the generated types are not specific)");
 }
 

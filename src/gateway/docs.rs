@@ -135,9 +135,8 @@ pub fn redoc_page() -> String {
 }
 
 pub fn router() -> Router<Gateway> {
-    let mut router = Router::new()
-        .route("/docs", get(|| async { page(swagger_page()) }))
-        .route("/redoc", get(|| async { page(redoc_page()) }));
+    let mut router =
+        Router::new().route("/docs", get(|| async { page(swagger_page()) })).route("/redoc", get(|| async { page(redoc_page()) }));
     for asset in assets() {
         let (content_type, body) = (asset.content_type, asset.body);
         router = router.route(
@@ -169,7 +168,9 @@ mod tests {
         assert!(has(SWAGGER_UI_BUNDLE, format!("PACKAGE_VERSION:\"{SWAGGER_UI_VERSION}\"")), "swagger-ui-dist is not {SWAGGER_UI_VERSION}");
         assert!(has(REDOC_STANDALONE, format!("\"{REDOC_VERSION}\"")), "redoc is not {REDOC_VERSION}");
         let versions = include_str!("assets/vendor/VERSIONS");
-        assert!(versions.contains(&format!("swagger-ui-dist {SWAGGER_UI_VERSION}")) && versions.contains(&format!("redoc {REDOC_VERSION}")));
+        assert!(
+            versions.contains(&format!("swagger-ui-dist {SWAGGER_UI_VERSION}")) && versions.contains(&format!("redoc {REDOC_VERSION}"))
+        );
     }
 
     /// ReDoc's bundle is served without the one URL of another host it would load.
@@ -188,8 +189,7 @@ mod tests {
         let served: Vec<String> = assets().iter().map(|a| format!("{ASSETS_PREFIX}{}", a.path)).collect();
         for page in [swagger_page(), redoc_page()] {
             assert!(!page.contains("http://") && !page.contains("https://") && !page.contains("//cdn"), "{page}");
-            let refs: Vec<&str> =
-                page.split(['"', '\'']).filter(|s| s.starts_with('/') && !s.starts_with("//")).collect();
+            let refs: Vec<&str> = page.split(['"', '\'']).filter(|s| s.starts_with('/') && !s.starts_with("//")).collect();
             assert!(refs.iter().filter(|r| r.starts_with(ASSETS_PREFIX)).count() >= 1, "{page}");
             for r in refs {
                 assert!(served.iter().any(|s| s == r) || r == "/openapi.json", "{r} is not served");

@@ -637,7 +637,10 @@ fn operation(op: &Op, generators: &mut Generators) -> Value {
         push_parameter(&mut out, param);
     }
     for (name, description) in &op.headers {
-        push_parameter(&mut out, json!({"name": name, "in": "header", "required": false, "description": description, "schema": {"type": "string"}}));
+        push_parameter(
+            &mut out,
+            json!({"name": name, "in": "header", "required": false, "description": description, "schema": {"type": "string"}}),
+        );
     }
     let mut content = serde_json::Map::new();
     match &op.json_body {
@@ -725,7 +728,11 @@ mod tests {
             schemas[name]["required"].as_array().map(|r| r.iter().map(|v| v.as_str().unwrap().to_string()).collect()).unwrap_or_default()
         };
         assert_eq!(required("SubmitRequest"), ["model"]);
-        assert!(["job_id", "status", "artifacts", "inputs"].iter().all(|f| required("JobView").iter().any(|r| r == f)), "{:?}", required("JobView"));
+        assert!(
+            ["job_id", "status", "artifacts", "inputs"].iter().all(|f| required("JobView").iter().any(|r| r == f)),
+            "{:?}",
+            required("JobView")
+        );
         assert!(!required("HttpError").iter().any(|r| r == "retry_after_ms"));
     }
 

@@ -12,9 +12,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
+use kiln_core::endpoint::Endpoint;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
-use kiln_core::endpoint::Endpoint;
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
 use serde::de::DeserializeOwned;
 
@@ -103,7 +103,8 @@ pub fn routes() -> ApiRoutes {
                 .reply(schema::<FilesView>),
             upload_files,
         )
-        .route(Op::get("/v1/files/{*name}", "getFile", "files", "An uploaded file's bytes")
+        .route(
+            Op::get("/v1/files/{*name}", "getFile", "files", "An uploaded file's bytes")
                 .description("Like an artifact: `ETag`, `Range`, `If-None-Match`. The name may hold `/`.")
                 .bytes("application/octet-stream")
                 .header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
@@ -130,7 +131,10 @@ pub fn routes() -> ApiRoutes {
                 .errors(&[404, 429]),
             submit_batch,
         )
-        .route(Op::get("/v1/batches/{id}", "getBatch", "batches", "A batch: its summary and each item's job").forwards(Endpoint::Batch), get_batch)
+        .route(
+            Op::get("/v1/batches/{id}", "getBatch", "batches", "A batch: its summary and each item's job").forwards(Endpoint::Batch),
+            get_batch,
+        )
         .route(
             Op::get("/v1/batches/{id}/events", "batchEvents", "batches", "The batch's events as SSE: history, then live")
                 .events(false)
@@ -149,7 +153,10 @@ pub fn routes() -> ApiRoutes {
                 .forwards(Endpoint::CancelBatch),
             cancel_batch,
         )
-        .route(Op::get("/v1/models", "listModels", "cluster", "The cluster's models and where each is warm").forwards(Endpoint::Models), models)
+        .route(
+            Op::get("/v1/models", "listModels", "cluster", "The cluster's models and where each is warm").forwards(Endpoint::Models),
+            models,
+        )
         .route(Op::get("/v1/cluster", "getCluster", "cluster", "Every live node and GPU slot").forwards(Endpoint::Cluster), cluster)
         .route(
             Op::get("/v1/queue", "getQueue", "cluster", "Each model's queue: depth by lane, oldest wait, running, slots, desired slots")

@@ -9,7 +9,8 @@
 # clients, run by tests/http_seeds.rs) and torch (tch links its libtorch; it also exports the
 # TorchScript fixture models into examples/models/out, which git ignores).
 # "$KILN_CACHE/npm" holds splat-transform and puppeteer-core, which drives the system chromium
-# (Debian's package, installed with apt) in the browser tests.
+# (Debian's package, installed with apt) in the browser tests, nats.js, and openapi-typescript,
+# openapi-fetch, typescript (tsc) and @types/node for the generated TypeScript client's test.
 # Source `scripts/env.sh` to use them.
 set -euo pipefail
 
@@ -48,6 +49,15 @@ PUPPETEER_CORE_VERSION=24.43.1
 # nats.js (v2, the `nats` package), for the nats.js session of docs/PROTOCOL.md that
 # tests/protocol_sessions.rs runs.
 NATS_JS_VERSION=2.29.3
+# A TypeScript client generated from the gateway's /openapi.json, as tests/openapi_client.rs
+# makes and runs one (docs/HTTP.md shows the commands): openapi-typescript writes the types,
+# tsc (typescript 5: openapi-typescript 7 wants ^5) checks a program using them with
+# openapi-fetch.
+OPENAPI_TYPESCRIPT_VERSION=7.13.0
+OPENAPI_FETCH_VERSION=0.17.0
+TYPESCRIPT_VERSION=5.9.3
+# node's own types (process, Buffer) for that program, of the node 20 Debian ships.
+TYPES_NODE_VERSION=20.19.43
 
 cache="${KILN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}"
 venv="$cache/venv"
@@ -139,6 +149,18 @@ if [ "$(cat "$npm_dir/.nats-js-stamp" 2>/dev/null)" != "$NATS_JS_VERSION" ] || [
 fi
 (cd "$npm_dir" && node -e 'require("nats")') || { echo "setup: nats.js does not load" >&2; exit 1; }
 
+# openapi-typescript, openapi-fetch and typescript next to them, with their own stamp.
+openapi_want="openapi-typescript@$OPENAPI_TYPESCRIPT_VERSION openapi-fetch@$OPENAPI_FETCH_VERSION typescript@$TYPESCRIPT_VERSION @types/node@$TYPES_NODE_VERSION"
+if [ "$(cat "$npm_dir/.openapi-ts-stamp" 2>/dev/null)" != "$openapi_want" ] || [ ! -x "$npm_dir/node_modules/.bin/openapi-typescript" ] \
+  || [ ! -x "$npm_dir/node_modules/.bin/tsc" ] || [ ! -f "$npm_dir/node_modules/openapi-fetch/package.json" ] \
+  || [ ! -f "$npm_dir/node_modules/@types/node/package.json" ]; then
+  echo "setup: installing $openapi_want"
+  mkdir -p "$npm_dir"
+  npm install --silent --no-audit --no-fund --save-exact --prefix "$npm_dir" $openapi_want >/dev/null
+  echo "$openapi_want" > "$npm_dir/.openapi-ts-stamp"
+fi
+"$npm_dir/node_modules/.bin/tsc" --version | grep -qF "$TYPESCRIPT_VERSION" || { echo "setup: tsc $TYPESCRIPT_VERSION does not run" >&2; exit 1; }
+
 # The fixture models: re-exported when the script changes (its hash is the stamp).
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 fixtures="$repo/examples/models/out"
@@ -166,4 +188,4 @@ for package in kiln-worker kiln-client; do
   fi
 done
 
-echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION, nats.js $NATS_JS_VERSION, pytest $PYTEST_VERSION, diffusers $DIFFUSERS_VERSION) in $cache"
+echo "setup: ok ($got, nats-py $NATS_PY_VERSION, torch $TORCH_VERSION, requests $REQUESTS_VERSION, sseclient $SSECLIENT_VERSION, splat-transform $SPLAT_TRANSFORM_VERSION, $chromium_got, puppeteer-core $PUPPETEER_CORE_VERSION, nats.js $NATS_JS_VERSION, openapi-typescript $OPENAPI_TYPESCRIPT_VERSION, openapi-fetch $OPENAPI_FETCH_VERSION, typescript $TYPESCRIPT_VERSION, pytest $PYTEST_VERSION, diffusers $DIFFUSERS_VERSION) in $cache"

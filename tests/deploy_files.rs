@@ -366,10 +366,11 @@ fn probes_and_services_point_at_the_ports_and_paths_the_processes_serve() {
 /// The gateway's probe paths: routes of its table that answer GET without an API key (a probe
 /// sends none; the route table is what a test of the gateway checks against its router).
 fn gateway_paths() -> BTreeSet<String> {
-    kiln::gateway::openapi::NATIVE_ROUTES
+    kiln::gateway::api_routes()
+        .operations()
         .iter()
-        .filter(|(method, path, _)| *method == "get" && kiln::gateway::is_public(path))
-        .map(|(_, path, _)| path.to_string())
+        .filter(|op| op.method == kiln::gateway::openapi::Method::Get && kiln::gateway::is_public(op.path))
+        .map(|op| op.path.to_string())
         .collect()
 }
 

@@ -13,10 +13,12 @@
 //! | [`events`]   | one consumer per followed job, fanned out to every SSE client; resume     |
 //! | [`objects`]  | streamed uploads and downloads: limits, `Range`, `ETag`, no half objects  |
 //! | [`error`]    | `{code, message}` bodies and the HTTP status of each code                 |
-//! | [`openapi`]  | `GET /openapi.json`, generated from the protocol types                    |
+//! | [`openapi`]  | `GET /openapi.json`: the route table ([`api_routes`]) the router and the document are built from |
+//! | [`docs`]     | `/docs` (Swagger UI) and `/redoc` (ReDoc), their vendored assets built in |
 //! | [`console`]  | the web console's assets, built into the binary                           |
 
 pub mod console;
+pub mod docs;
 pub mod error;
 pub mod events;
 pub mod objects;
@@ -144,11 +146,13 @@ impl Gateway {
         let cors = cors_layer(&config.cors_origins);
         Router::new()
             .merge(console::router())
-            .merge(v1::router())
+            .merge(docs::router())
+            // The documented API: /v1 and the probes (a route of it is added in api_routes).
+            // Bodies are limited by each handler (JSON: http.max_body_bytes, files:
+            // http.max_upload_bytes), with coded errors, instead of axum's fixed default.
+            .merge(api_routes().into_router().layer(axum::extract::DefaultBodyLimit::disable()))
             .merge(routes::router(&config.routes))
             .route("/openapi.json", get(openapi::serve))
-            .route("/healthz", get(crate::health::healthz))
-            .route("/readyz", get(readyz))
             .fallback(|| async { HttpError::not_found("no such route (see GET /openapi.json)") })
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
             .layer(middleware::map_response(error::coded_errors))
@@ -242,11 +246,44 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
     }
 }
 
+/// Every route of the documented API, each with its OpenAPI operation: the native API of
+/// [`v1::routes`] and the probes. The router serves them and `/openapi.json` lists them, both
+/// from this one table (see [`openapi`] for how to add one).
+pub fn api_routes() -> openapi::ApiRoutes {
+    use openapi::Op;
+    let ready = serde_json::json!({
+        "type": "object",
+        "required": ["ready", "nats", "nodes"],
+        "properties": {
+            "ready": {"type": "boolean"},
+            "nats": {"type": "string", "enum": ["connected", "disconnected"]},
+            "nodes": {"type": "integer", "description": "Nodes that answered"},
+        },
+    });
+    v1::routes()
+        .route(
+            Op::get("/healthz", "healthz", "health", "The process is up")
+                .reply_inline(serde_json::json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}}))
+                .public(),
+            crate::health::healthz,
+        )
+        .route(
+            Op::get("/readyz", "readyz", "health", "NATS connected and at least one node answering")
+                .reply_inline(ready.clone())
+                .response(503, "Not ready: NATS is away or no node answers (with `Retry-After: 1`)", Some(ready))
+                .public(),
+            readyz,
+        )
+}
+
 /// Paths served without a key: the process probes, the console's assets (the console asks for
-/// the key itself) and the API's description. Public for tests/deploy_files.rs: a probe sends
-/// no key, so the paths the manifests probe must be among these.
+/// the key itself), the API's description and its documentation pages (`/docs`, `/redoc`; a
+/// "Try it out" there sends the key given under "Authorize"). Public for tests/deploy_files.rs:
+/// a probe sends no key, so the paths the manifests probe must be among these.
 pub fn is_public(path: &str) -> bool {
-    matches!(path, "/" | "/healthz" | "/readyz" | "/openapi.json" | "/favicon.ico") || path.starts_with("/console/")
+    matches!(path, "/" | "/healthz" | "/readyz" | "/openapi.json" | "/favicon.ico" | "/docs" | "/redoc")
+        || path.starts_with("/console/")
+        || path.starts_with(docs::ASSETS_PREFIX)
 }
 
 /// Finds the request's tenant from its API key (`Authorization: Bearer`, or `access_token` in
@@ -327,6 +364,7 @@ mod tests {
     #[test]
     fn only_probes_and_assets_are_public() {
         assert!(is_public("/healthz") && is_public("/console/app.js") && is_public("/"));
-        assert!(!is_public("/v1/jobs") && !is_public("/predict") && !is_public("/consolex"));
+        assert!(is_public("/docs") && is_public("/redoc") && is_public("/docs/assets/redoc-2.5.4/redoc.standalone.js"));
+        assert!(!is_public("/v1/jobs") && !is_public("/predict") && !is_public("/consolex") && !is_public("/docsx"));
     }
 }

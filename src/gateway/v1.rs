@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use futures::StreamExt;
+use kiln_core::endpoint::Endpoint;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
@@ -21,29 +21,174 @@ use serde::de::DeserializeOwned;
 use super::error::HttpError;
 use super::events::parse_last_event_id;
 use super::objects;
+use super::openapi::{schema, ApiRoutes, Op};
 use super::{Gateway, Tenant};
 
-pub fn router() -> Router<Gateway> {
-    Router::new()
-        .route("/v1/jobs", post(submit).get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job))
-        .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/jobs/{id}/events", get(job_events))
-        .route("/v1/jobs/{id}/artifacts/{name}", get(get_artifact))
-        .route("/v1/jobs/{id}/preview", get(get_preview))
-        .route("/v1/files", post(upload_files))
-        .route("/v1/files/{*name}", get(get_file).put(put_file))
-        .route("/v1/batches", post(submit_batch))
-        .route("/v1/batches/{id}", get(get_batch))
-        .route("/v1/batches/{id}/events", get(batch_events))
-        .route("/v1/batches/{id}/retry", post(retry_batch))
-        .route("/v1/batches/{id}/cancel", post(cancel_batch))
-        .route("/v1/models", get(models))
-        .route("/v1/cluster", get(cluster))
-        .route("/v1/queue", get(queue))
-        // Bodies are limited by each handler (JSON: http.max_body_bytes, files:
-        // http.max_upload_bytes), with coded errors, instead of axum's fixed default.
-        .layer(DefaultBodyLimit::disable())
+/// The native API's routes, each with its OpenAPI operation (see [`super::openapi`]: the
+/// document is built from this table, so a route added here is documented by the same line).
+pub fn routes() -> ApiRoutes {
+    ApiRoutes::new()
+        .route(
+            Op::post("/v1/jobs", "submitJob", "jobs", "Submit a job")
+                .description(
+                    "A JSON `SubmitRequest`, or `multipart/form-data`: the text parts `model`, `params` (a JSON object), \
+                     optionally `inputs` and `labels` (JSON objects), `priority`, `idempotency_key`, `max_attempts`, \
+                     `reuse`; each file part is uploaded to the files bucket and becomes an `{\"object\": name}` input of \
+                     its part's name, each other text part an inline input of its name.",
+                )
+                .forwards(Endpoint::Submit)
+                .endpoint_body()
+                .multipart_body(submit_form_schema())
+                .status(201)
+                .reply_header("Location", "/v1/jobs/{id}")
+                .errors(&[404, 429]),
+            submit,
+        )
+        .route(
+            Op::get("/v1/jobs", "listJobs", "jobs", "List jobs, newest first")
+                .forwards(Endpoint::Jobs)
+                .query("status", schema::<JobState>, "Only jobs in this state")
+                .query("model", schema::<String>, "Only jobs of this model")
+                .query("limit", schema::<u32>, "At most this many (default 100, at most 1000)")
+                .query("dead_letter", schema::<bool>, "Only jobs that failed after their last attempt")
+                .query("label", schema::<Vec<String>>, "`name:value`; repeatable, every one must match"),
+            list_jobs,
+        )
+        .route(Op::get("/v1/jobs/{id}", "getJob", "jobs", "A job as it is now").forwards(Endpoint::Status), get_job)
+        .route(
+            Op::post("/v1/jobs/{id}/cancel", "cancelJob", "jobs", "Cancel a job: a queued one at once, a running one through its node")
+                .forwards(Endpoint::Cancel),
+            cancel_job,
+        )
+        .route(
+            Op::get("/v1/jobs/{id}/events", "jobEvents", "jobs", "The job's events as SSE: history, then live")
+                .description(
+                    "The server closes the stream after the terminal event. A client that reconnects with \
+                     `Last-Event-ID` (or `?last_event_id=`) gets exactly the events after it, on any gateway.",
+                )
+                .events(true)
+                .header("Last-Event-ID", "Resume after this event id (what `EventSource` sends by itself)")
+                .query("last_event_id", schema::<u64>, "As `Last-Event-ID`, for clients that cannot send it"),
+            job_events,
+        )
+        .route(
+            Op::get("/v1/jobs/{id}/artifacts/{name}", "getArtifact", "jobs", "An artifact's bytes")
+                .description("With `Content-Type`, `ETag` (the sha256), `Accept-Ranges`; a single `Range` is answered with 206.")
+                .bytes("application/octet-stream")
+                .reply_header("ETag", "The sha256 of the bytes, quoted")
+                .header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
+                .header("If-None-Match", "An ETag: 304 when it is the artifact's")
+                .response(206, "The range asked for", None)
+                .response(304, "Not modified", None)
+                .errors(&[416]),
+            get_artifact,
+        )
+        .route(
+            Op::get("/v1/jobs/{id}/preview", "getJobPreview", "jobs", "The job's newest live preview, its image bytes")
+                .description("Kept 10 minutes after it was sent; 404 when there is none. Never an artifact.")
+                .bytes("image/*")
+                .reply_header("Kiln-Attempt", "The attempt that sent it")
+                .reply_header("Kiln-Preview-Seq", "Its number within the attempt, from 1")
+                .reply_header("Kiln-Ts-Ms", "When it was sent, Unix ms"),
+            get_preview,
+        )
+        .route(
+            Op::post("/v1/files", "uploadFiles", "files", "Upload files; each is stored as uploads/<uuid>/<name>")
+                .multipart_body(serde_json::json!({
+                    "type": "object",
+                    "description": "Every part with a file name is a file to store",
+                    "additionalProperties": {"type": "string", "format": "binary"},
+                }))
+                .status(201)
+                .reply(schema::<FilesView>),
+            upload_files,
+        )
+        .route(
+            Op::get("/v1/files/{*name}", "getFile", "files", "An uploaded file's bytes")
+                .description("Like an artifact: `ETag`, `Range`, `If-None-Match`. The name may hold `/`.")
+                .bytes("application/octet-stream")
+                .header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
+                .header("If-None-Match", "An ETag: 304 when it is the file's")
+                .response(206, "The range asked for", None)
+                .response(304, "Not modified", None)
+                .errors(&[416]),
+            get_file,
+        )
+        .route(
+            Op::put("/v1/files/{*name}", "putFile", "files", "Upload one file under a name (the raw body)")
+                .description("The body's `Content-Type` is stored with it (guessed from the name when absent). The name may hold `/`.")
+                .bytes_body()
+                .status(201)
+                .reply(schema::<FileView>),
+            put_file,
+        )
+        .route(
+            Op::post("/v1/batches", "submitBatch", "batches", "Submit a batch: one job per item")
+                .forwards(Endpoint::SubmitBatch)
+                .endpoint_body()
+                .status(201)
+                .reply_header("Location", "/v1/batches/{id}")
+                .errors(&[404, 429]),
+            submit_batch,
+        )
+        .route(
+            Op::get("/v1/batches/{id}", "getBatch", "batches", "A batch: its summary and each item's job").forwards(Endpoint::Batch),
+            get_batch,
+        )
+        .route(
+            Op::get("/v1/batches/{id}/events", "batchEvents", "batches", "The batch's events as SSE: history, then live")
+                .events(false)
+                .header("Last-Event-ID", "Resume after this event id")
+                .query("last_event_id", schema::<u64>, "As `Last-Event-ID`"),
+            batch_events,
+        )
+        .route(
+            Op::post("/v1/batches/{id}/retry", "retryBatch", "batches", "A new batch of a finished batch's failed and cancelled items")
+                .forwards(Endpoint::RetryBatch)
+                .status(201),
+            retry_batch,
+        )
+        .route(
+            Op::post("/v1/batches/{id}/cancel", "cancelBatch", "batches", "Cancel a batch: its held items and every job not ended")
+                .forwards(Endpoint::CancelBatch),
+            cancel_batch,
+        )
+        .route(
+            Op::get("/v1/models", "listModels", "cluster", "The cluster's models and where each is warm").forwards(Endpoint::Models),
+            models,
+        )
+        .route(Op::get("/v1/cluster", "getCluster", "cluster", "Every live node and GPU slot").forwards(Endpoint::Cluster), cluster)
+        .route(
+            Op::get("/v1/queue", "getQueue", "cluster", "Each model's queue: depth by lane, oldest wait, running, slots, desired slots")
+                .forwards(Endpoint::Queue)
+                .query("model", schema::<String>, "Only this model")
+                .errors(&[404]),
+            queue,
+        )
+}
+
+/// The multipart form of `POST /v1/jobs` (see [`submit_from_form`]).
+fn submit_form_schema() -> serde_json::Value {
+    let json_text = |what: &str| serde_json::json!({"type": "string", "description": format!("{what}, as JSON text")});
+    serde_json::json!({
+        "type": "object",
+        "required": ["model"],
+        "properties": {
+            "model": {"type": "string"},
+            "params": json_text("The job's params: a JSON object"),
+            "inputs": json_text("More inputs: a JSON object of `InputValue`s"),
+            "labels": json_text("The job's labels: a JSON object of strings"),
+            "priority": {"type": "integer", "minimum": 0, "maximum": 255},
+            "idempotency_key": {"type": "string"},
+            "max_attempts": {"type": "integer", "minimum": 1},
+            "reuse": {"type": "boolean"},
+        },
+        "additionalProperties": {
+            "type": "string",
+            "format": "binary",
+            "description": "A file part becomes an `{\"object\": ..}` input of its part's name; a text part an inline input",
+        },
+    })
 }
 
 type TenantOf = Extension<Arc<Tenant>>;
@@ -518,6 +663,12 @@ pub struct FileView {
     pub original_name: Option<String>,
 }
 
+/// What `POST /v1/files` answers: every file part stored.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct FilesView {
+    pub files: Vec<FileView>,
+}
+
 impl FileView {
     fn of(stored: &StoredObject, original_name: Option<String>) -> FileView {
         FileView {
@@ -561,7 +712,7 @@ async fn upload_files(State(gateway): State<Gateway>, Extension(tenant): TenantO
         return Err(HttpError::bad_request("the multipart body has no file part (a part with a filename)"));
     }
     let files: Vec<FileView> = form.files.values().map(|f| FileView::of(&f.stored, Some(f.original_name.clone()))).collect();
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "files": files }))).into_response())
+    Ok((StatusCode::CREATED, Json(FilesView { files })).into_response())
 }
 
 async fn get_file(Extension(tenant): TenantOf, Path(name): Path<String>, headers: HeaderMap) -> Result<Response, HttpError> {

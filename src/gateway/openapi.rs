@@ -20,7 +20,7 @@ use kiln_core::endpoint::Endpoint;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
-pub const NATIVE_ROUTES: [(&str, &str, &str); 20] = [
+pub const NATIVE_ROUTES: [(&str, &str, &str); 21] = [
     ("post", "/v1/jobs", "Submit a job (JSON SubmitRequest, or multipart: `model`, `params`, file and text parts as inputs)"),
     ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=&label=name:value, label repeatable)"),
     ("get", "/v1/jobs/{id}", "A job"),
@@ -41,6 +41,7 @@ pub const NATIVE_ROUTES: [(&str, &str, &str); 20] = [
     ("get", "/v1/queue", "Each model's queue: depth by lane, oldest wait, running, slots, desired slots (?model=)"),
     ("get", "/healthz", "The process is up"),
     ("get", "/readyz", "NATS connected and at least one node serving"),
+    ("get", "/metrics", "The process's metrics, Prometheus text (docs/HTTP.md, Metrics)"),
 ];
 
 /// The `kiln.api` endpoint a native route forwards to, and whether the route's JSON body is
@@ -118,6 +119,12 @@ pub fn route_operation(route: &RouteConfig) -> Value {
         },
     });
     set_path_parameters(&mut op, &openapi_path(&route.path));
+    if matches!(route.kind, RouteKind::Submit | RouteKind::Batch) {
+        add_idempotency_key_header(&mut op);
+    }
+    if matches!(route.kind, RouteKind::Events | RouteKind::BatchEvents) {
+        op["responses"]["204"] = no_content_after_the_end();
+    }
     let mut fields = serde_json::Map::new();
     let mut files = serde_json::Map::new();
     for field in route.inputs.values().chain(route.file_ids.values()).chain(route.params.values()).chain(route.labels.values()) {
@@ -205,6 +212,12 @@ pub fn document() -> Value {
             },
         });
         set_path_parameters(&mut op, path);
+        if method == "post" && (path == "/v1/jobs" || path == "/v1/batches") {
+            add_idempotency_key_header(&mut op);
+        }
+        if path.ends_with("/events") {
+            op["responses"]["204"] = no_content_after_the_end();
+        }
         if let Some(r) = request {
             op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": r}}});
         }
@@ -222,6 +235,27 @@ pub fn document() -> Value {
 
 pub async fn serve(State(gateway): State<Gateway>) -> Json<Value> {
     Json(document_with(&gateway.config().routes))
+}
+
+/// The `Idempotency-Key` request header of a submit (docs/HTTP.md): the body's idempotency
+/// key, in a header; both given and different is a 400.
+fn add_idempotency_key_header(op: &mut Value) {
+    let header = json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "The submit's idempotency key (as the body's idempotency_key): the same key gives the same job. Both given and different: 400",
+        "schema": {"type": "string"},
+    });
+    match op["parameters"].as_array_mut() {
+        Some(params) => params.push(header),
+        None => op["parameters"] = json!([header]),
+    }
+}
+
+/// The answer of an event stream resumed (`Last-Event-ID`) after its terminal event.
+fn no_content_after_the_end() -> Value {
+    json!({"description": "Resumed after the terminal event: nothing follows (an EventSource stops reconnecting)"})
 }
 
 /// Lists the `{name}` segments of an OpenAPI `path` as the operation's required string path
@@ -254,6 +288,20 @@ mod tests {
             assert!(schemas.contains_key(name), "unresolved $ref {name}");
         }
         assert!(schemas.contains_key("JobView") && schemas.contains_key("SubmitRequest"));
+    }
+
+    #[test]
+    fn submits_take_an_idempotency_key_header_and_event_streams_answer_204() {
+        let doc = document();
+        for path in ["/v1/jobs", "/v1/batches"] {
+            let params = doc["paths"][path]["post"]["parameters"].as_array().expect("parameters");
+            assert!(params.iter().any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"), "{path}");
+        }
+        let listing = doc["paths"]["/v1/jobs"]["get"]["parameters"].as_array().cloned().unwrap_or_default();
+        assert!(!listing.iter().any(|p| p["name"] == "Idempotency-Key"), "listing is no submit");
+        for path in ["/v1/jobs/{id}/events", "/v1/batches/{id}/events"] {
+            assert!(doc["paths"][path]["get"]["responses"]["204"].is_object(), "{path}");
+        }
     }
 
     /// Every `kiln.api` endpoint is reached over HTTP by a native route, or is one of the few

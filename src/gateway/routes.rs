@@ -758,7 +758,8 @@ async fn batch_events(
     let feed = tenant.feeds.subscribe(&batch_id, None);
     // Its own subscription after `after`, on the same feed: the stream below reads the whole
     // history (it counts the items), so it cannot say what follows the client's last event.
-    if ended(after, settled, std::pin::pin!(tenant.feeds.subscribe(&batch_id, after).peekable())).await {
+    let check = std::pin::pin!(tenant.feeds.subscribe(&batch_id, after).peekable());
+    if ended(after, settled, check).await {
         return Ok(super::events::no_content());
     }
     let summary = BatchSummary { status: BatchStatus::Running, total: view.summary.total, completed: 0, failed: 0, cancelled: 0 };

@@ -23,12 +23,13 @@ static RECORDER: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 pub fn recorder() -> Result<PrometheusHandle, String> {
     RECORDER
         .get_or_init(|| {
-            // The unit suffix is on so that a name lacking its declared unit would show renamed
-            // (and a dashboard's query of it would find nothing: tests/dashboard.rs).
+            // Prometheus' recommended naming (unit suffixes, counters' `_total`) is on, so that a
+            // name lacking its declared unit would show renamed (and a dashboard's query of it
+            // would find nothing: tests/dashboard.rs). Kiln's names have both already.
             let handle = PrometheusBuilder::new()
                 .set_buckets(&BUCKETS)
                 .map_err(|e| e.to_string())?
-                .set_enable_unit_suffix(true)
+                .with_recommended_naming(true)
                 .install_recorder()
                 .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
             // Once per process, right after the recorder exists: help text and units of every

@@ -1109,6 +1109,19 @@ async fn seed_003_checks_its_inputs_and_params_at_submit() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(keys(&body), ["message", "status", "task_id"], "{body}");
 
+    // A configured submit route takes the `Idempotency-Key` header too (this one reads no key
+    // from its body): the same key twice is one task.
+    let keyed = |key: &'static str| {
+        let form = reqwest::multipart::Form::new().part("file", image()).text("focal_length", "1000");
+        seed.http.post(seed.url("/predict")).header("Idempotency-Key", key).multipart(form).send()
+    };
+    let first: Value = keyed("sharp-1").await.unwrap().json().await.unwrap();
+    let again: Value = keyed("sharp-1").await.unwrap().json().await.unwrap();
+    let other: Value = keyed("sharp-2").await.unwrap().json().await.unwrap();
+    assert!(first["task_id"].is_string(), "{first}");
+    assert_eq!(first["task_id"], again["task_id"], "one key, one task");
+    assert_ne!(first["task_id"], other["task_id"]);
+
     // Item 14 (c): /openapi.json lists the table's routes, with the fields they read.
     let (code, doc) = seed.get("/openapi.json").await;
     assert_eq!(code, 200);

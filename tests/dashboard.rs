@@ -181,7 +181,10 @@ async fn every_series_the_dashboard_queries_is_exported_by_a_live_node_or_gatewa
     let commit = version.split("(commit ").nth(1).and_then(|r| r.split(')').next()).expect("kiln --version names a commit").to_string();
     for (who, page) in [("node", &node_page), ("gateway", &gateway_page)] {
         let info = page.lines().find(|l| l.starts_with("kiln_build_info{")).unwrap_or_else(|| panic!("{who}: no kiln_build_info:\n{page}"));
-        assert!(info.contains(&format!("commit=\"{commit}\"")) && info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))), "{who}: {info}");
+        assert!(
+            info.contains(&format!("commit=\"{commit}\"")) && info.contains(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))),
+            "{who}: {info}"
+        );
         assert!(info.ends_with(" 1"), "{who}: {info}");
         // Every kiln metric it exports is described: `# HELP` and `# TYPE` lines.
         for series in exported(page).iter().filter(|s| s.starts_with("kiln_")) {

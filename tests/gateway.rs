@@ -302,7 +302,12 @@ async fn a_client_resumes_on_another_gateway_after_its_gateway_dies_without_gap_
     let batch_id = batch["batch_id"].as_str().unwrap();
     let all = read_sse(h.get(gw2.url(&format!("/v1/batches/{batch_id}/events"))).send().await.unwrap(), Duration::from_secs(30)).await;
     assert!(all.last().is_some_and(|(_, name, _)| name == "batch_finished"), "{all:?}");
-    let r = h.get(gw2.url(&format!("/v1/batches/{batch_id}/events"))).header("Last-Event-ID", all.last().unwrap().0.clone().unwrap()).send().await.unwrap();
+    let r = h
+        .get(gw2.url(&format!("/v1/batches/{batch_id}/events")))
+        .header("Last-Event-ID", all.last().unwrap().0.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
 }
 
@@ -315,7 +320,8 @@ async fn every_stream_starts_with_retry_and_a_running_jobs_resume_streams_on() {
     let id = submit(&h, &gw, json!({"model": "demo", "inputs": {"prompt": "retry"}, "params": {"steps": 10, "step_ms": 100}})).await;
     let mut first = h.get(gw.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap();
     assert_eq!(first.status(), 200);
-    let chunk = String::from_utf8(tokio::time::timeout(Duration::from_secs(10), first.chunk()).await.unwrap().unwrap().unwrap().to_vec()).unwrap();
+    let chunk =
+        String::from_utf8(tokio::time::timeout(Duration::from_secs(10), first.chunk()).await.unwrap().unwrap().unwrap().to_vec()).unwrap();
     assert!(chunk.starts_with("retry: 3000\n"), "{chunk:?}");
     let seen = read_events(&mut first, 2).await;
     drop(first);

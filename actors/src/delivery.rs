@@ -509,7 +509,8 @@ impl Delivery {
             Err(EngineError::Cancelled) => m::Outcome::Cancelled,
             Err(_) => m::Outcome::Failed,
         };
-        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => attempt_outcome.as_str()).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => attempt_outcome.as_str())
+            .record(started.elapsed().as_secs_f64());
         let outcome = match outcome {
             Ok(artifacts) => Outcome::Completed { artifacts },
             Err(EngineError::Cancelled) => Outcome::Cancelled,

@@ -3,8 +3,8 @@
 //! its histograms have samples). Every metric name any panel's PromQL (or a template variable's
 //! query) names must be a series that the node's or the gateway's `/metrics` exports: a panel
 //! querying a name no process exports fails here. Also: every exported `kiln_*` metric has its
-//! help text, both processes say `kiln_build_info`, and the gateway labels requests by route
-//! template, never by a raw path.
+//! help text, both processes say `kiln_build_info`, the gateway labels requests by route
+//! template, never by a raw path, and no source file names a metric outside the central list.
 
 mod common;
 
@@ -95,6 +95,40 @@ fn the_expression_parser_finds_every_name_and_only_names() {
     assert_eq!(names_in(e).into_iter().collect::<Vec<_>>(), ["kiln_b:x", "kiln_http_request_duration_seconds_bucket"]);
     assert_eq!(metric_of("kiln_run_seconds_bucket"), "kiln_run_seconds");
     assert_eq!(metric_of("kiln_jobs_finished_total"), "kiln_jobs_finished_total");
+}
+
+/// Every metric is recorded under a constant of `kiln_core::metrics` (whose `ALL` describes it),
+/// never under a string literal that the list, its help text and the docs would not know.
+#[test]
+fn no_metric_is_named_outside_the_central_list() {
+    fn sources(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() && !path.ends_with("target") && !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = vec![];
+    for dir in ["src", "actors", "core", "client", "contract", "tools"] {
+        sources(&repo().join(dir), &mut files);
+    }
+    assert!(files.len() > 50, "{files:?}");
+    let mut literal = vec![];
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for mac in ["counter!(", "gauge!(", "histogram!("] {
+                if code.split(mac).skip(1).any(|rest| rest.trim_start().starts_with('"')) {
+                    literal.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(literal.is_empty(), "metric names outside kiln_core::metrics:\n{}", literal.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

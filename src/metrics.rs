@@ -55,3 +55,22 @@ pub fn recorder() -> Result<PrometheusHandle, String> {
 pub fn build_info() -> (&'static str, &'static str, &'static str) {
     (env!("CARGO_PKG_VERSION"), env!("KILN_COMMIT"), if cfg!(debug_assertions) { "debug" } else { "release" })
 }
+
+/// Sets this node's counters of things that may not have happened yet to 0, for each of its
+/// models and slots: a counter that first appears at its first increment has no earlier sample,
+/// so `rate()` and `increase()` miss that increment, and a dashboard panel of it shows "no data"
+/// instead of 0 (Prometheus' own advice: export what may happen, from the start).
+pub fn zero_counters(models: &[String], slots: &[String]) {
+    for model in models {
+        for outcome in m::Outcome::ALL {
+            metrics::counter!(m::JOBS_FINISHED, "model" => model.clone(), "outcome" => outcome.as_str()).increment(0);
+        }
+        metrics::counter!(m::JOBS_SUBMITTED, "model" => model.clone()).increment(0);
+        metrics::counter!(m::JOB_RETRIES, "model" => model.clone()).increment(0);
+    }
+    for slot in slots {
+        metrics::counter!(m::ACTOR_RESTARTS, "slot" => slot.clone()).increment(0);
+        metrics::counter!(m::GPU_QUARANTINED, "slot" => slot.clone()).increment(0);
+    }
+    metrics::counter!(m::NODES_LOST).increment(0);
+}

@@ -12,7 +12,7 @@
 //! | [`diag`]    | per-node diagnostics: echo, and actor-cluster ping (`kiln ping`)      |
 //! | [`demo`]    | `kiln demo`: the README's main job                                     |
 //! | [`health`]  | the node's HTTP server on `node.metrics_addr`: `/healthz`, `/readyz` (decided by a pure function), `/metrics` |
-//! | [`metrics`] | the Prometheus recorder, installed once per process                   |
+//! | [`metrics`] | the Prometheus recorder, installed once per process (describes every metric, sets `kiln_build_info`) |
 //! | [`queue_gauges`] | the queue gauges for autoscalers, refreshed by one node (the live one whose name sorts first) |
 //! | [`queue_sweep`] | removes idle fair-share queue consumers, by the node that exports the gauges |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |

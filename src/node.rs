@@ -213,6 +213,8 @@ impl RunningNode {
             stall: stall.clone(),
         };
         let handle = NodeHandle::start(ctx).await?;
+        let models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+        crate::metrics::zero_counters(&models, &config.node.slots);
         let queue_gauges = crate::queue_gauges::spawn(resources.clone(), registry.clone(), name.clone(), config.autoscale.clone());
         let queue_sweep = crate::queue_sweep::spawn(resources.clone(), registry.clone(), name.clone(), config.fair_share.idle_queue_s);
         let api = crate::api::ApiService::new(resources.clone(), config, registry, stall).start().await?;

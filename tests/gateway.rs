@@ -275,14 +275,111 @@ async fn a_client_resumes_on_another_gateway_after_its_gateway_dies_without_gap_
     assert_eq!(combined, full);
     let last: Value = serde_json::from_str(&full.last().unwrap().2).unwrap();
     assert_eq!(last["status"], "completed");
-    // Resuming after the last event gives nothing and ends at once... except that the last
-    // event was terminal: the stream is empty and closes.
-    let after_end = read_sse(
-        h.get(gw2.url(&format!("/v1/jobs/{id}/events?last_event_id={}", ids(&full).last().unwrap()))).send().await.unwrap(),
-        Duration::from_secs(5),
+    // Resuming after the terminal event: 204 No Content, which stops an EventSource for good
+    // (an empty 200 made browsers reconnect in a loop); by header as EventSource sends it, or
+    // by query. Resuming after any earlier event still streams the rest.
+    let last = ids(&full).last().unwrap().to_string();
+    for request in [
+        h.get(gw2.url(&format!("/v1/jobs/{id}/events"))).header("Last-Event-ID", &last),
+        h.get(gw2.url(&format!("/v1/jobs/{id}/events?last_event_id={last}"))),
+    ] {
+        let r = tokio::time::timeout(Duration::from_secs(10), request.send()).await.expect("answered at once").unwrap();
+        assert_eq!(r.status(), 204);
+        assert!(r.headers().get("content-type").is_none(), "{:?}", r.headers());
+        assert_eq!(r.text().await.unwrap(), "");
+    }
+    let before_last = ids(&full)[ids(&full).len() - 2].to_string();
+    let r = h.get(gw2.url(&format!("/v1/jobs/{id}/events"))).header("Last-Event-ID", &before_last).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let rest = read_sse(r, Duration::from_secs(10)).await;
+    assert_eq!(ids(&rest), [ids(&full).last().copied().unwrap()]);
+    // A batch's stream too.
+    let (status, batch) = json_of(
+        h.post(gw2.url("/v1/batches")).json(&json!({"model": "noop", "items": [{"inputs": {}}, {"inputs": {}}]})).send().await.unwrap(),
     )
     .await;
-    assert!(after_end.is_empty(), "{after_end:?}");
+    assert_eq!(status, 201, "{batch}");
+    let batch_id = batch["batch_id"].as_str().unwrap();
+    let all = read_sse(h.get(gw2.url(&format!("/v1/batches/{batch_id}/events"))).send().await.unwrap(), Duration::from_secs(30)).await;
+    assert!(all.last().is_some_and(|(_, name, _)| name == "batch_finished"), "{all:?}");
+    let r = h
+        .get(gw2.url(&format!("/v1/batches/{batch_id}/events")))
+        .header("Last-Event-ID", all.last().unwrap().0.clone().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+/// Every event stream starts with a `retry:` field (how long a browser waits to reconnect), and
+/// a resume of a job that has not ended streams on (its stream broke: nothing ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_starts_with_retry_and_a_running_jobs_resume_streams_on() {
+    let (_cluster, gw, _) = start("").await;
+    let h = http();
+    let id = submit(&h, &gw, json!({"model": "demo", "inputs": {"prompt": "retry"}, "params": {"steps": 10, "step_ms": 100}})).await;
+    let mut first = h.get(gw.url(&format!("/v1/jobs/{id}/events"))).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let chunk =
+        String::from_utf8(tokio::time::timeout(Duration::from_secs(10), first.chunk()).await.unwrap().unwrap().unwrap().to_vec()).unwrap();
+    assert!(chunk.starts_with("retry: 3000\n"), "{chunk:?}");
+    let seen = read_events(&mut first, 2).await;
+    drop(first);
+    let last = seen.last().unwrap().0.clone().unwrap();
+    let r = h.get(gw.url(&format!("/v1/jobs/{id}/events"))).header("Last-Event-ID", &last).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the job runs on: its stream resumes");
+    let body = tokio::time::timeout(Duration::from_secs(60), r.text()).await.unwrap().unwrap();
+    assert!(body.starts_with("retry: 3000\n"), "{body:?}");
+    let rest = parse_sse(&body);
+    assert!(rest.last().is_some_and(|(_, _, data)| data.contains("\"completed\"")), "{rest:?}");
+}
+
+/// `Idempotency-Key` is the body's `idempotency_key`: the same header twice gives one job,
+/// header and body equal are fine, different are a coded 400 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_header_gives_one_job_and_a_conflict_is_400() {
+    let (_cluster, gw, _) = start("").await;
+    let h = http();
+    let body = json!({"model": "noop", "inputs": {"prompt": "once"}});
+    let post = |key: Option<&str>, body: &Value| {
+        let mut r = h.post(gw.url("/v1/jobs")).json(body);
+        if let Some(k) = key {
+            r = r.header("Idempotency-Key", k);
+        }
+        r.send()
+    };
+    let (s1, first) = json_of(post(Some("order-17"), &body).await.unwrap()).await;
+    let (s2, second) = json_of(post(Some("order-17"), &body).await.unwrap()).await;
+    assert_eq!((s1, s2), (201, 201), "{first} {second}");
+    assert_eq!(first["job_id"], second["job_id"], "one key, one job");
+    assert_eq!((first["duplicate"].as_bool(), second["duplicate"].as_bool()), (Some(false), Some(true)));
+    // The body's key is the same key.
+    let mut keyed = body.clone();
+    keyed["idempotency_key"] = json!("order-17");
+    let (s3, third) = json_of(post(None, &keyed).await.unwrap()).await;
+    assert_eq!((s3, &third["job_id"]), (201, &first["job_id"]), "{third}");
+    let (s4, fourth) = json_of(post(Some("order-17"), &keyed).await.unwrap()).await;
+    assert_eq!((s4, &fourth["job_id"]), (201, &first["job_id"]), "{fourth}");
+    // Another key, another job.
+    let (_, other) = json_of(post(Some("order-18"), &body).await.unwrap()).await;
+    assert_ne!(other["job_id"], first["job_id"]);
+    // Header and body differ: 400, the coded shape, naming the field; nothing submitted.
+    let r = post(Some("order-19"), &keyed).await.unwrap();
+    let (status, refused) = json_of(r).await;
+    assert_eq!((status, refused["code"].as_str()), (400, Some("bad_request")), "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(message.contains("Idempotency-Key") && message.contains("idempotency_key"), "{refused}");
+    let (_, fresh) = json_of(post(Some("order-19"), &body).await.unwrap()).await;
+    assert_eq!(fresh["duplicate"].as_bool(), Some(false), "the refused submit queued nothing under order-19: {fresh}");
+    // A multipart submit and a batch take it too.
+    let form = reqwest::multipart::Form::new().text("model", "noop").text("prompt", "form").text("idempotency_key", "form-1");
+    let r = h.post(gw.url("/v1/jobs")).header("Idempotency-Key", "form-2").multipart(form).send().await.unwrap();
+    assert_eq!(json_of(r).await.0, 400);
+    let batch = json!({"model": "noop", "items": [{"inputs": {}}]});
+    let (b1, one) = json_of(h.post(gw.url("/v1/batches")).header("Idempotency-Key", "b-1").json(&batch).send().await.unwrap()).await;
+    let (b2, two) = json_of(h.post(gw.url("/v1/batches")).header("Idempotency-Key", "b-1").json(&batch).send().await.unwrap()).await;
+    assert_eq!((b1, b2), (201, 201), "{one} {two}");
+    assert_eq!(one["batch_id"], two["batch_id"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,7 +94,7 @@ async fn each_api_key_sees_its_own_tenant_and_nothing_else() {
         assert_eq!((status, err["code"].as_str()), (401, Some("unauthorized")), "{err}");
     }
     // The probes and the console's assets need no key (the console asks for one itself).
-    for path in ["/healthz", "/readyz", "/", "/console/app.js", "/openapi.json"] {
+    for path in ["/healthz", "/readyz", "/metrics", "/", "/console/app.js", "/openapi.json"] {
         assert_eq!(h.get(gw.url(path)).send().await.unwrap().status(), 200, "{path}");
     }
 

@@ -796,6 +796,12 @@ async fn seed_003_sharp_readme_clients() {
     let stream = curl(&["-s", "-N", &seed.url(&format!("/stream/{task_id}"))], work.path()).await;
     let late: Vec<(String, String)> = parse_sse(&stream).into_iter().map(|(_, name, data)| (name, data)).collect();
     assert_eq!(seed_003_statuses(&late), SEED_003_STATUSES, "{stream}");
+    // It starts with `retry:`; an EventSource reconnecting after the last status (the terminal
+    // one) is answered 204, which stops it reconnecting.
+    assert!(stream.starts_with("retry: 3000\n"), "{stream}");
+    let last_id = parse_sse(&stream).last().and_then(|e| e.0.clone()).expect("events carry ids");
+    let resumed = seed.http.get(seed.url(&format!("/stream/{task_id}"))).header("last-event-id", last_id).send().await.unwrap();
+    assert_eq!(resumed.status(), 204);
 
     // The README's cURL lines: submit with a focal length, stream, status, result.
     let reply = curl(&["-s", "-X", "POST", &seed.url("/predict"), "-F", "file=@image.png", "-F", "focal_length=1000"], work.path()).await;
@@ -1103,6 +1109,19 @@ async fn seed_003_checks_its_inputs_and_params_at_submit() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(keys(&body), ["message", "status", "task_id"], "{body}");
 
+    // A configured submit route takes the `Idempotency-Key` header too (this one reads no key
+    // from its body): the same key twice is one task.
+    let keyed = |key: &'static str| {
+        let form = reqwest::multipart::Form::new().part("file", image()).text("focal_length", "1000");
+        seed.http.post(seed.url("/predict")).header("Idempotency-Key", key).multipart(form).send()
+    };
+    let first: Value = keyed("sharp-1").await.unwrap().json().await.unwrap();
+    let again: Value = keyed("sharp-1").await.unwrap().json().await.unwrap();
+    let other: Value = keyed("sharp-2").await.unwrap().json().await.unwrap();
+    assert!(first["task_id"].is_string(), "{first}");
+    assert_eq!(first["task_id"], again["task_id"], "one key, one task");
+    assert_ne!(first["task_id"], other["task_id"]);
+
     // Item 14 (c): /openapi.json lists the table's routes, with the fields they read.
     let (code, doc) = seed.get("/openapi.json").await;
     assert_eq!(code, 200);
@@ -1241,6 +1260,11 @@ async fn seed_004_text2image_stream_in_its_own_events() {
     let rest = seed_004_events(&read_sse(resumed, JOB).await);
     let after: Vec<&Value> = events[first_progress + 1..].iter().collect();
     assert_eq!(rest.iter().collect::<Vec<_>>(), after, "the rest, counted as before");
+    // One that reconnects after `done` (the batch's end) is answered 204.
+    let last_id = raw.last().and_then(|e| e.0.clone()).expect("events carry ids");
+    let ended =
+        seed.http.get(seed.url(&format!("/api/text2image/{stage_id}/stream"))).header("last-event-id", last_id).send().await.unwrap();
+    assert_eq!(ended.status(), 204);
 
     // A request without storyboards is refused naming the field, in the seed's error shape.
     let (code, refused) = seed.post_json("/api/text2image", &json!({"project_id": "p-1", "storyboards": []})).await;

@@ -504,7 +504,13 @@ impl Delivery {
             }
             return DeliveryEnd::Fenced;
         }
-        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => if outcome.is_ok() { "completed" } else { "error" }).record(started.elapsed().as_secs_f64());
+        let attempt_outcome = match &outcome {
+            Ok(_) => m::Outcome::Completed,
+            Err(EngineError::Cancelled) => m::Outcome::Cancelled,
+            Err(_) => m::Outcome::Failed,
+        };
+        metrics::histogram!(m::RUN_SECONDS, "model" => record.model.clone(), "outcome" => attempt_outcome.as_str())
+            .record(started.elapsed().as_secs_f64());
         let outcome = match outcome {
             Ok(artifacts) => Outcome::Completed { artifacts },
             Err(EngineError::Cancelled) => Outcome::Cancelled,
@@ -589,7 +595,9 @@ impl Delivery {
     }
 
     fn finish_metrics(&self, record: &JobRecord) {
-        metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => record.state.as_str()).increment(1);
+        if let Some(outcome) = m::Outcome::of_state(record.state) {
+            metrics::counter!(m::JOBS_FINISHED, "model" => record.model.clone(), "outcome" => outcome.as_str()).increment(1);
+        }
     }
 }
 

@@ -312,6 +312,9 @@ impl RegistryWriterState {
         for s in [GpuState::Idle, GpuState::Loading, GpuState::Busy, GpuState::Restarting, GpuState::Draining, GpuState::Dead] {
             metrics::gauge!(m::GPU_STATE, "slot" => slot.to_string(), "state" => s.as_str()).set(if s == entry.state { 1.0 } else { 0.0 });
         }
+        metrics::gauge!(m::GPU_MEMORY_BUDGET_BYTES, "slot" => slot.to_string()).set(entry.memory_budget_bytes as f64);
+        let resident: u64 = entry.resident.iter().map(|r| r.bytes).sum();
+        metrics::gauge!(m::GPU_MEMORY_RESIDENT_BYTES, "slot" => slot.to_string()).set(resident as f64);
         self.gpus_dirty.insert(slot.to_string());
     }
 

@@ -141,7 +141,7 @@ impl Actor for StagePool {
         }
         if !state.stopping {
             tracing::warn!(reason = %reason, "compression worker died; starting another");
-            metrics::counter!("kiln_compression_worker_restarts_total").increment(1);
+            metrics::counter!(kiln_core::metrics::COMPRESSION_WORKER_RESTARTS).increment(1);
             myself.send_after(Duration::from_millis(100), || StagePoolMsg::Respawn);
         }
         Ok(())
@@ -177,7 +177,7 @@ impl StagePoolState {
                 Err(_) => continue, // the worker is dying; its supervision event replaces it
             }
         }
-        metrics::gauge!("kiln_compression_active").set(self.active as f64);
-        metrics::gauge!("kiln_compression_queued").set(self.queue.len() as f64);
+        metrics::gauge!(kiln_core::metrics::COMPRESSION_ACTIVE).set(self.active as f64);
+        metrics::gauge!(kiln_core::metrics::COMPRESSION_QUEUED).set(self.queue.len() as f64);
     }
 }

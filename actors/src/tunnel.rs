@@ -448,6 +448,6 @@ async fn sender(
         let _ = send(FrameKind::Close(reason.clone())).await;
         let _ = client.flush().await;
     }
-    metrics::counter!("kiln_tunnel_closed_total").increment(1);
+    metrics::counter!(kiln_core::metrics::TUNNEL_CLOSED).increment(1);
     tracing::info!(tunnel = %label, reason = %reason, "tunnel closed");
 }

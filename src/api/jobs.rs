@@ -193,7 +193,7 @@ impl ApiService {
         if !can_stand_for_a_new_request(&v.record, model.result_ttl_s, kiln_core::now_ms()) {
             return Ok(None);
         }
-        metrics::counter!("kiln_results_reused_total", "model" => model.name.clone()).increment(1);
+        metrics::counter!(m::RESULTS_REUSED, "model" => model.name.clone()).increment(1);
         Ok(Some(SubmitReply { job_id, status: v.record.state, duplicate: false, reused: true }))
     }
 
@@ -270,7 +270,7 @@ impl ApiService {
                 .await
                 .or_else(FinishError::unless_settle)
                 .map_err(internal)?;
-            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => "cancelled").increment(1);
+            metrics::counter!(m::JOBS_FINISHED, "model" => next.model.clone(), "outcome" => m::Outcome::Cancelled.as_str()).increment(1);
         } else if let Some(owner) = &next.owner {
             // Stop it now: a notice on core NATS, which the owner's dispatcher serves whatever
             // the actor cluster's state. (Through the actor cluster, a cancel to an owner this

@@ -9,12 +9,19 @@
 //! the history past its `Last-Event-ID`, then the live events, and ends after the terminal
 //! one. The feed's consumer stops when its last subscriber goes (a client that disconnects
 //! leaves no consumer behind) or after the terminal event.
+//!
+//! Every SSE response starts with a `retry:` field ([`RETRY`]), and one that would resume
+//! after the terminal event is answered `204 No Content` instead ([`resumed_after_the_end`]):
+//! the `EventSource` spec's way to tell a browser to stop reconnecting (an empty 200 made it
+//! reconnect in a loop).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use kiln_core::nats::Names;
 use kiln_core::protocol::Event;
@@ -29,6 +36,60 @@ pub type Sequenced = (u64, Event);
 const LIVE_BUFFER: usize = 1024;
 /// How often a feed checks whether anyone still follows it.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// How long a browser waits before it reconnects a broken stream: the `retry:` field each
+/// stream starts with (browsers' own default is about 3 s, and varies).
+pub const RETRY: Duration = Duration::from_millis(3000);
+
+/// How long a resumed stream of a settled job or batch waits for its feed to say whether an
+/// event follows the client's last one, before it streams anyway (the feed replays the
+/// history, a matter of milliseconds).
+pub const SETTLED_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether a request is answered `204 No Content` instead of a stream: it resumes (`after`,
+/// from `Last-Event-ID`), the job or batch has settled, and no event follows the client's last
+/// one (`next`, as the feed says): the client has the terminal event. A settled job's
+/// feed ends after its terminal event, so `next` is `None` only then. Pure.
+pub fn resumed_after_the_end(after: Option<u64>, settled: bool, next: Option<u64>) -> bool {
+    after.is_some() && settled && next.is_none()
+}
+
+/// An SSE response of `events`: a `retry:` field first, keep-alive comments while idle, and the
+/// count of open streams (`kiln_http_sse_clients`) up while it is open.
+pub fn sse_response<S>(events: S) -> Response
+where
+    S: Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send + 'static,
+{
+    let open = SseClient::open();
+    let retry = futures::stream::once(async { Ok(SseEvent::default().retry(RETRY)) });
+    let events = retry.chain(events).map(move |e| {
+        let _open = &open;
+        e
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// One open SSE stream, counted in `kiln_http_sse_clients` until it drops (its end, or its
+/// client gone).
+struct SseClient;
+
+impl SseClient {
+    fn open() -> SseClient {
+        metrics::gauge!(kiln_core::metrics::HTTP_SSE_CLIENTS).increment(1.0);
+        SseClient
+    }
+}
+
+impl Drop for SseClient {
+    fn drop(&mut self) {
+        metrics::gauge!(kiln_core::metrics::HTTP_SSE_CLIENTS).decrement(1.0);
+    }
+}
+
+/// `204 No Content`, for a stream resumed after its end ([`resumed_after_the_end`]).
+pub fn no_content() -> Response {
+    axum::http::StatusCode::NO_CONTENT.into_response()
+}
 
 /// Parses a `Last-Event-ID` header: the sequence number of the last event the client got.
 /// `None` for no header; an error for one that is not a number Kiln sent.
@@ -243,6 +304,14 @@ mod tests {
             all.extend(events_after(&history, last).iter().map(|e| e.0));
             proptest::prop_assert_eq!(all, history.iter().map(|e| e.0).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn only_a_resume_of_a_settled_stream_with_nothing_left_is_204() {
+        assert!(resumed_after_the_end(Some(9), true, None));
+        assert!(!resumed_after_the_end(None, true, None), "a first request streams (possibly nothing)");
+        assert!(!resumed_after_the_end(Some(9), false, None), "a running job's stream broke: reconnecting is right");
+        assert!(!resumed_after_the_end(Some(9), true, Some(12)), "events follow the last one the client got");
     }
 
     #[test]

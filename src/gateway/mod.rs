@@ -10,17 +10,19 @@
 //! | [`v1`]       | the native REST API, one route per NATS endpoint; a job's live previews   |
 //! | [`routes`]   | `[[http.routes]]`: the seeds' own contracts, as configuration              |
 //! | [`template`] | the `$name` response templates of configured routes (pure)                |
-//! | [`events`]   | one consumer per followed job, fanned out to every SSE client; resume     |
+//! | [`events`]   | one consumer per followed job, fanned out to every SSE client; resume, `retry:`, 204 |
 //! | [`objects`]  | streamed uploads and downloads: limits, `Range`, `ETag`, no half objects  |
 //! | [`error`]    | `{code, message}` bodies and the HTTP status of each code                 |
 //! | [`openapi`]  | `GET /openapi.json`: the route table ([`api_routes`]) the router and the document are built from |
 //! | [`docs`]     | `/docs` (Swagger UI) and `/redoc` (ReDoc), their vendored assets built in |
 //! | [`console`]  | the web console's assets, built into the binary                           |
+//! | [`http_metrics`] | requests by route template and status, latency; `GET /metrics`        |
 
 pub mod console;
 pub mod docs;
 pub mod error;
 pub mod events;
+pub mod http_metrics;
 pub mod objects;
 pub mod openapi;
 pub mod routes;
@@ -158,6 +160,7 @@ impl Gateway {
             .layer(middleware::map_response(error::coded_errors))
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(config.header_timeout_ms)))
             .layer(cors)
+            .layer(middleware::from_fn(http_metrics::track))
             .with_state(self.clone())
     }
 
@@ -174,6 +177,11 @@ impl Gateway {
             return Err(GatewayError::Config(format!(
                 "the gateway would serve {local} without API keys: bind to a loopback address or configure [[http.api_keys]]"
             )));
+        }
+        // The recorder, before the first request: a standalone gateway exports its own metrics
+        // (in `kiln up` the node installed it already; one per process).
+        if let Err(e) = crate::metrics::recorder() {
+            tracing::warn!(error = %e, "no metrics recorder: /metrics answers 500");
         }
         let router = self.router();
         let header_timeout = Duration::from_millis(self.shared.config.header_timeout_ms);
@@ -237,7 +245,13 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE, header::HeaderName::from_static("last-event-id")])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::RANGE,
+            header::HeaderName::from_static("last-event-id"),
+            header::HeaderName::from_static(v1::IDEMPOTENCY_KEY),
+        ])
         .expose_headers([header::ETAG, header::CONTENT_RANGE, header::CONTENT_LENGTH, header::RETRY_AFTER]);
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
@@ -274,14 +288,20 @@ pub fn api_routes() -> openapi::ApiRoutes {
                 .public(),
             readyz,
         )
+        .route(
+            Op::get("/metrics", "metrics", "health", "The process's metrics, Prometheus text (docs/HTTP.md, Metrics)")
+                .bytes("text/plain; version=0.0.4")
+                .public(),
+            http_metrics::serve,
+        )
 }
 
-/// Paths served without a key: the process probes, the console's assets (the console asks for
+/// Paths served without a key: the process probes and metrics (as a node's, for Prometheus), the console's assets (the console asks for
 /// the key itself), the API's description and its documentation pages (`/docs`, `/redoc`; a
 /// "Try it out" there sends the key given under "Authorize"). Public for tests/deploy_files.rs:
 /// a probe sends no key, so the paths the manifests probe must be among these.
 pub fn is_public(path: &str) -> bool {
-    matches!(path, "/" | "/healthz" | "/readyz" | "/openapi.json" | "/favicon.ico" | "/docs" | "/redoc")
+    matches!(path, "/" | "/healthz" | "/readyz" | "/metrics" | "/openapi.json" | "/favicon.ico" | "/docs" | "/redoc")
         || path.starts_with("/console/")
         || path.starts_with(docs::ASSETS_PREFIX)
 }

@@ -391,6 +391,12 @@ pub fn route_operation(route: &RouteConfig) -> Value {
         },
     });
     set_path_parameters(&mut op, &openapi_path(&route.path));
+    if matches!(route.kind, RouteKind::Submit | RouteKind::Batch) {
+        add_idempotency_key_header(&mut op);
+    }
+    if matches!(route.kind, RouteKind::Events | RouteKind::BatchEvents) {
+        op["responses"]["204"] = no_content_after_the_end();
+    }
     let mut fields = serde_json::Map::new();
     let mut files = serde_json::Map::new();
     for field in route.inputs.values().chain(route.file_ids.values()).chain(route.params.values()).chain(route.labels.values()) {
@@ -676,6 +682,27 @@ pub async fn serve(State(gateway): State<Gateway>) -> Json<Value> {
     Json(document_for(gateway.config()))
 }
 
+/// The `Idempotency-Key` request header of a submit (docs/HTTP.md): the body's idempotency
+/// key, in a header; both given and different is a 400.
+fn add_idempotency_key_header(op: &mut Value) {
+    let header = json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "The submit's idempotency key (as the body's idempotency_key): the same key gives the same job. Both given and different: 400",
+        "schema": {"type": "string"},
+    });
+    match op["parameters"].as_array_mut() {
+        Some(params) => params.push(header),
+        None => op["parameters"] = json!([header]),
+    }
+}
+
+/// The answer of an event stream resumed (`Last-Event-ID`) after its terminal event.
+fn no_content_after_the_end() -> Value {
+    json!({"description": "Resumed after the terminal event: nothing follows (an EventSource stops reconnecting)"})
+}
+
 /// Lists the `{name}` segments of an OpenAPI `path` as the operation's required string path
 /// parameters (none: no `parameters` key). One definition for the API's and the seed routes'.
 fn set_path_parameters(op: &mut Value, path: &str) {
@@ -783,6 +810,20 @@ mod tests {
         let config = kiln_core::config::ClusterConfig::from_toml(toml, "keys").expect("config");
         let keyed = document_for(&config.http);
         assert_eq!(keyed["security"], json!([{"bearer": []}, {"access_token": []}]));
+    }
+
+    #[test]
+    fn submits_take_an_idempotency_key_header_and_event_streams_answer_204() {
+        let doc = document();
+        for path in ["/v1/jobs", "/v1/batches"] {
+            let params = doc["paths"][path]["post"]["parameters"].as_array().expect("parameters");
+            assert!(params.iter().any(|p| p["name"] == "Idempotency-Key" && p["in"] == "header"), "{path}");
+        }
+        let listing = doc["paths"]["/v1/jobs"]["get"]["parameters"].as_array().cloned().unwrap_or_default();
+        assert!(!listing.iter().any(|p| p["name"] == "Idempotency-Key"), "listing is no submit");
+        for path in ["/v1/jobs/{id}/events", "/v1/batches/{id}/events"] {
+            assert!(doc["paths"][path]["get"]["responses"]["204"].is_object(), "{path}");
+        }
     }
 
     /// Every `kiln.api` endpoint is reached over HTTP by a native route, or is one of the few

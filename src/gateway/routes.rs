@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
@@ -201,6 +201,7 @@ fn as_text(v: &Value) -> Option<String> {
 }
 
 async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
+    let header = super::v1::header_key(request.headers())?;
     let multipart =
         request.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
     let urlencoded = request
@@ -225,7 +226,12 @@ async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
         let value = if empty { json!({}) } else { read_json::<Value>(gateway, &parts.headers, body).await? };
         (value, None)
     };
-    let built = submit_request(route, &body, form.as_ref());
+    let key_field = if route.key_field.is_empty() { "Idempotency-Key" } else { route.key_field.as_str() };
+    // The header is the route's key field, if it has one, or the key of a route without.
+    let built = submit_request(route, &body, form.as_ref()).and_then(|mut s| {
+        s.idempotency_key = super::v1::merge_keys(header, s.idempotency_key.take(), key_field)?;
+        Ok(s)
+    });
     let result = match built {
         Ok(submit) => tenant.client.submit(&submit).await.map(|reply| (submit, reply)).map_err(|e| in_route_terms(route, e.into())),
         Err(e) => Err(e),
@@ -376,10 +382,13 @@ async fn events(
     let client = tenant.client.clone();
     let name = event_name(&route);
     let last_body: Arc<Mutex<Option<Value>>> = Default::default();
+    let settled = first.status.is_terminal();
     let first = Arc::new(first);
-    let stream = tenant
-        .feeds
-        .subscribe(&job_id, after)
+    let mut feed = Box::pin(tenant.feeds.subscribe(&job_id, after).peekable());
+    if ended(after, settled, feed.as_mut()).await {
+        return Ok(super::events::no_content());
+    }
+    let stream = feed
         .then(move |(seq, event)| {
             let (route, client, first, last_body, name) = (route.clone(), client.clone(), first.clone(), last_body.clone(), name.clone());
             async move {
@@ -397,7 +406,23 @@ async fn events(
         })
         .filter_map(|e| async move { e.map(Ok::<_, std::convert::Infallible>) })
         .take_until(gateway.shutdown_token().cancelled_owned());
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(super::events::sse_response(stream))
+}
+
+/// Whether a stream resumed after `after` is answered 204: the job or batch has settled and its
+/// feed has no event after the client's last one ([`super::events::resumed_after_the_end`]).
+async fn ended(
+    after: Option<u64>,
+    settled: bool,
+    feed: std::pin::Pin<&mut futures::stream::Peekable<impl futures::Stream<Item = super::events::Sequenced>>>,
+) -> bool {
+    if after.is_none() || !settled {
+        return false;
+    }
+    match tokio::time::timeout(super::events::SETTLED_PATIENCE, feed.peek()).await {
+        Ok(next) => super::events::resumed_after_the_end(after, settled, next.map(|e| e.0)),
+        Err(_) => false,
+    }
 }
 
 /// The SSE event name of a route (`message` unless the table says, so `onmessage` works).
@@ -562,7 +587,7 @@ async fn model_events(
         }
     })
     .take_until(gateway.shutdown_token().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(super::events::sse_response(events))
 }
 
 /// A batch route: one item per element of the body's `items_field` list, each made by the
@@ -587,10 +612,13 @@ pub fn batch_request(route: &RouteConfig, body: &Value) -> Result<BatchSubmitReq
 }
 
 async fn batch(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
+    let header = super::v1::header_key(request.headers())?;
     let (parts, body) = request.into_parts();
     let empty = parts.headers.get("content-length").is_some_and(|v| v.as_bytes() == b"0");
     let body = if empty { json!({}) } else { read_json::<Value>(gateway, &parts.headers, body).await? };
-    let request = batch_request(route, &body)?;
+    let mut request = batch_request(route, &body)?;
+    let key_field = if route.key_field.is_empty() { "Idempotency-Key" } else { route.key_field.as_str() };
+    request.idempotency_key = super::v1::merge_keys(header, request.idempotency_key.take(), key_field)?;
     let reply = tenant.client.submit_batch(&request).await.map_err(|e| in_route_terms(route, e.into()))?;
     let vars = json!({
         "batch_id": reply.batch_id,
@@ -726,6 +754,14 @@ async fn batch_events(
     let after = resume_point(headers, query)?;
     let batch_id = id.filter(|i| !i.is_empty()).ok_or_else(|| HttpError::bad_request("the path names no batch"))?;
     let view = tenant.client.batch(&batch_id).await?;
+    let settled = view.summary.status != BatchStatus::Running;
+    let feed = tenant.feeds.subscribe(&batch_id, None);
+    // Its own subscription after `after`, on the same feed: the stream below reads the whole
+    // history (it counts the items), so it cannot say what follows the client's last event.
+    let check = std::pin::pin!(tenant.feeds.subscribe(&batch_id, after).peekable());
+    if ended(after, settled, check).await {
+        return Ok(super::events::no_content());
+    }
     let summary = BatchSummary { status: BatchStatus::Running, total: view.summary.total, completed: 0, failed: 0, cancelled: 0 };
     let state = BatchStream {
         route: Arc::new(route.clone()),
@@ -738,7 +774,6 @@ async fn batch_events(
     };
     let started =
         if after.is_none() { state.sse(None, "started", &batch_vars(&state.route, &state.view, &state.summary, &[])) } else { None };
-    let feed = tenant.feeds.subscribe(&batch_id, None);
     let events = futures::stream::unfold((Box::pin(feed), state), |(mut feed, mut state)| async move {
         let (seq, event) = feed.next().await?;
         let out = state.render(seq, event).await;
@@ -749,7 +784,7 @@ async fn batch_events(
         .chain(events)
         .map(Ok::<_, std::convert::Infallible>)
         .take_until(gateway.shutdown_token().cancelled_owned());
-    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+    Ok(super::events::sse_response(events))
 }
 
 /// The first of the route's `artifacts` that a completed job has (`not_found` otherwise).

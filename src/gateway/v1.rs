@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use futures::StreamExt;
@@ -39,6 +39,7 @@ pub fn routes() -> ApiRoutes {
                 .forwards(Endpoint::Submit)
                 .endpoint_body()
                 .multipart_body(submit_form_schema())
+                .header("Idempotency-Key", "The submit's idempotency key (as the body's `idempotency_key`): the same key gives the same job; both given and different: 400")
                 .status(201)
                 .reply_header("Location", "/v1/jobs/{id}")
                 .errors(&[404, 429]),
@@ -63,11 +64,13 @@ pub fn routes() -> ApiRoutes {
         .route(
             Op::get("/v1/jobs/{id}/events", "jobEvents", "jobs", "The job's events as SSE: history, then live")
                 .description(
-                    "The server closes the stream after the terminal event. A client that reconnects with \
-                     `Last-Event-ID` (or `?last_event_id=`) gets exactly the events after it, on any gateway.",
+                    "Every stream starts with `retry:`. The server closes the stream after the terminal event. A client \
+                     that reconnects with `Last-Event-ID` (or `?last_event_id=`) gets exactly the events after it, on \
+                     any gateway; after the terminal event that is 204, which stops an `EventSource` reconnecting.",
                 )
                 .events(true)
                 .header("Last-Event-ID", "Resume after this event id (what `EventSource` sends by itself)")
+                .response(204, "Resumed after the terminal event: nothing follows (an EventSource stops reconnecting)", None)
                 .query("last_event_id", schema::<u64>, "As `Last-Event-ID`, for clients that cannot send it"),
             job_events,
         )
@@ -126,6 +129,7 @@ pub fn routes() -> ApiRoutes {
             Op::post("/v1/batches", "submitBatch", "batches", "Submit a batch: one job per item")
                 .forwards(Endpoint::SubmitBatch)
                 .endpoint_body()
+                .header("Idempotency-Key", "The submit's idempotency key (as the body's `idempotency_key`): the same key gives the same job; both given and different: 400")
                 .status(201)
                 .reply_header("Location", "/v1/batches/{id}")
                 .errors(&[404, 429]),
@@ -139,6 +143,7 @@ pub fn routes() -> ApiRoutes {
             Op::get("/v1/batches/{id}/events", "batchEvents", "batches", "The batch's events as SSE: history, then live")
                 .events(false)
                 .header("Last-Event-ID", "Resume after this event id")
+                .response(204, "Resumed after the terminal event: nothing follows (an EventSource stops reconnecting)", None)
                 .query("last_event_id", schema::<u64>, "As `Last-Event-ID`"),
             batch_events,
         )
@@ -429,9 +434,38 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
     Ok(request)
 }
 
+/// The `Idempotency-Key` request header (`None` without one, or an empty one).
+pub fn header_key(headers: &HeaderMap) -> Result<Option<String>, HttpError> {
+    match headers.get(IDEMPOTENCY_KEY) {
+        None => Ok(None),
+        Some(v) => {
+            let key = v.to_str().map_err(|_| HttpError::bad_request("the Idempotency-Key header is not visible ASCII text"))?.trim();
+            Ok(Some(key.to_string()).filter(|k| !k.is_empty()))
+        }
+    }
+}
+
+/// The request header of [`header_key`].
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A submit's idempotency key from the `Idempotency-Key` header and the body's
+/// `idempotency_key`, which mean the same: either one, or both when they are equal; two
+/// different keys are a `bad_request` about the field (which one would the client mean?). Pure.
+pub fn merge_keys(header: Option<String>, body: Option<String>, field: &str) -> Result<Option<String>, HttpError> {
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(HttpError::bad_field(
+            field,
+            format!("the Idempotency-Key header ({h:?}) and the body's {field} ({b:?}) differ: send one, or the same in both"),
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
+}
+
 /// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
+/// An `Idempotency-Key` header is the body's `idempotency_key` ([`merge_keys`]).
 async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
-    let (submit, form) = if is_multipart(request.headers()) {
+    let header = header_key(request.headers())?;
+    let (mut submit, form) = if is_multipart(request.headers()) {
         let form = read_form(&gateway, &tenant, request).await?;
         match submit_from_form(&form) {
             Ok(s) => (s, Some(form)),
@@ -443,6 +477,15 @@ async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, req
     } else {
         let (parts, body) = request.into_parts();
         (read_json::<SubmitRequest>(&gateway, &parts.headers, body).await?, None)
+    };
+    submit.idempotency_key = match merge_keys(header, submit.idempotency_key.take(), "idempotency_key") {
+        Ok(key) => key,
+        Err(e) => {
+            if let Some(form) = form {
+                forget_files(&tenant, &form).await;
+            }
+            return Err(e);
+        }
     };
     match tenant.client.submit(&submit).await {
         Ok(reply) => {
@@ -550,7 +593,7 @@ fn event_stream(
         std::future::ready(event.map(Ok::<_, std::convert::Infallible>))
     });
     let events = events.take_until(gateway.shutdown_token().cancelled_owned());
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    super::events::sse_response(events)
 }
 
 /// How long an event stream waits for its first event before it reads the record instead.
@@ -559,14 +602,16 @@ const RECORD_CHECK_AFTER: std::time::Duration = std::time::Duration::from_millis
 /// The event stream of a job or batch that exists (a 404 otherwise, not an empty stream).
 /// Its first event proves it exists as well as `exists` (the record) does, and comes as soon:
 /// whichever answers first decides, so a client's first event waits for one of the two, not
-/// both. A stream with nothing to send (resumed after its end) waits for `exists`.
+/// both. A stream with nothing to send waits for `exists`. `exists` answers whether the job or
+/// batch has settled: a resumed stream of a settled one with nothing left is `204 No Content`
+/// ([`super::events::resumed_after_the_end`]).
 async fn events_once(
     gateway: &Gateway,
     tenant: &Tenant,
     id: &str,
     headers: &HeaderMap,
     query: Option<&str>,
-    exists: impl std::future::Future<Output = Result<(), crate::client::ClientError>>,
+    exists: impl std::future::Future<Output = Result<bool, crate::client::ClientError>>,
     previews: Option<futures::stream::BoxStream<'static, kiln_client::Preview>>,
 ) -> Result<Response, HttpError> {
     let after = resume_point(headers, query)?;
@@ -578,13 +623,30 @@ async fn events_once(
         exists.await
     };
     tokio::pin!(exists);
-    tokio::select! {
+    let ended = tokio::select! {
         first = events.as_mut().peek() => {
-            if first.is_none() {
-                exists.as_mut().await?;
+            let next = first.map(|e| e.0);
+            match next {
+                None => super::events::resumed_after_the_end(after, exists.as_mut().await?, None),
+                Some(_) => false,
             }
         }
-        found = &mut exists => found?,
+        found = &mut exists => {
+            let settled = found?;
+            if after.is_some() && settled {
+                // Settled: the feed reaches the terminal event soon (it is in the stream, or
+                // about to be), and ends after it.
+                match tokio::time::timeout(super::events::SETTLED_PATIENCE, events.as_mut().peek()).await {
+                    Ok(first) => super::events::resumed_after_the_end(after, settled, first.map(|e| e.0)),
+                    Err(_) => false,
+                }
+            } else {
+                false
+            }
+        }
+    };
+    if ended {
+        return Ok(super::events::no_content());
     }
     Ok(event_stream(gateway, events, previews))
 }
@@ -596,13 +658,13 @@ async fn job_events(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
-    let exists = async { tenant.client.status(&id).await.map(drop) };
+    let exists = async { tenant.client.status(&id).await.map(|v| v.status.is_terminal()) };
     // Subscribed before the newest kept preview is read (a preview sent meanwhile is not
     // missed), which goes first: a client that comes late shows it at once. The live one it
     // may also be is not sent twice.
     let live = tenant.client.previews(&id).await?;
     // A client resuming (Last-Event-ID) has seen the previews of its first stream: it gets
-    // only new ones, so a stream resumed after the job's end stays empty.
+    // only new ones, so a stream resumed after the job's end has nothing to send (204).
     let resuming = matches!(resume_point(&headers, uri.query()), Ok(Some(_)));
     let newest = if resuming {
         None
@@ -730,7 +792,9 @@ async fn submit_batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
-    let request: BatchSubmitRequest = read_json(&gateway, &headers, body).await?;
+    let header = header_key(&headers)?;
+    let mut request: BatchSubmitRequest = read_json(&gateway, &headers, body).await?;
+    request.idempotency_key = merge_keys(header, request.idempotency_key.take(), "idempotency_key")?;
     let reply = tenant.client.submit_batch(&request).await?;
     let location = format!("/v1/batches/{}", reply.batch_id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())
@@ -747,7 +811,7 @@ async fn batch_events(
     headers: HeaderMap,
     uri: axum::http::Uri,
 ) -> Result<Response, HttpError> {
-    let exists = async { tenant.client.batch(&id).await.map(drop) };
+    let exists = async { tenant.client.batch(&id).await.map(|b| b.summary.status != kiln_core::batch::BatchStatus::Running) };
     events_once(&gateway, &tenant, &id, &headers, uri.query(), exists, None).await
 }
 
@@ -821,6 +885,25 @@ mod tests {
         assert_eq!(s.inputs["image"], InputValue::Object { object: "uploads/u/cat.png".into() });
         form.fields.insert("params".into(), "[1]".into());
         assert!(submit_from_form(&form).is_err());
+    }
+
+    #[test]
+    fn the_idempotency_key_header_means_the_body_field() {
+        let key = |s: &str| Some(s.to_string());
+        assert_eq!(merge_keys(key("a"), None, "idempotency_key").unwrap(), key("a"));
+        assert_eq!(merge_keys(None, key("b"), "idempotency_key").unwrap(), key("b"));
+        assert_eq!(merge_keys(key("a"), key("a"), "idempotency_key").unwrap(), key("a"));
+        assert_eq!(merge_keys(None, None, "idempotency_key").unwrap(), None);
+        let e = merge_keys(key("a"), key("b"), "idempotency_key").unwrap_err();
+        assert_eq!((e.status, e.code.as_str(), e.field.as_deref()), (400, "bad_request", Some("idempotency_key")));
+        let mut h = HeaderMap::new();
+        assert_eq!(header_key(&h).unwrap(), None);
+        h.insert(IDEMPOTENCY_KEY, " k-1 ".parse().unwrap());
+        assert_eq!(header_key(&h).unwrap(), key("k-1"));
+        h.insert(IDEMPOTENCY_KEY, "".parse().unwrap());
+        assert_eq!(header_key(&h).unwrap(), None);
+        h.insert(IDEMPOTENCY_KEY, axum::http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap());
+        assert_eq!(header_key(&h).unwrap_err().status, 400);
     }
 
     #[test]

@@ -15,7 +15,12 @@ fn kiln(args: &[&str]) -> Output {
 }
 
 fn describe(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Runs `kiln <args> --output json`: it succeeds and its stdout is one JSON document.
@@ -99,7 +104,12 @@ async fn every_data_command_prints_json_or_a_table_and_failures_have_their_exit_
     assert_eq!(refused.status.code(), Some(5), "{}", describe(&refused));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not_found"), "{}", describe(&refused));
     // 2: bad usage, clap's and ours.
-    for args in [vec!["jobs", "--no-such-flag"], vec!["submit", "demo", "-i", "no-equals-sign"], vec!["jobs", "--output", "yaml"], vec!["node", "--output", "json"]] {
+    for args in [
+        vec!["jobs", "--no-such-flag"],
+        vec!["submit", "demo", "-i", "no-equals-sign"],
+        vec!["jobs", "--output", "yaml"],
+        vec!["node", "--output", "json"],
+    ] {
         let out = kiln(&[&args[..], &nats].concat());
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
     }

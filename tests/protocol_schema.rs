@@ -61,7 +61,8 @@ struct Schemas {
 
 impl Schemas {
     fn load() -> Schemas {
-        let text = std::fs::read_to_string(repo().join("docs/schema/protocol.json")).expect("docs/schema/protocol.json (kiln schema --write it)");
+        let text =
+            std::fs::read_to_string(repo().join("docs/schema/protocol.json")).expect("docs/schema/protocol.json (kiln schema --write it)");
         Schemas { doc: serde_json::from_str(&text).unwrap(), validators: HashMap::new() }
     }
 
@@ -221,10 +222,7 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
 
     // The session covered the protocol: every endpoint's request and reply, the events, the
     // results feed, the queue, the registry, the records, the cancel notice.
-    let mut expected: BTreeSet<String> = kiln_core::endpoint::Endpoint::ALL
-        .iter()
-        .map(|e| format!("kiln.api.{}", e.name()))
-        .collect();
+    let mut expected: BTreeSet<String> = kiln_core::endpoint::Endpoint::ALL.iter().map(|e| format!("kiln.api.{}", e.name())).collect();
     expected.extend(
         [
             "kiln.events.*",

@@ -140,13 +140,7 @@ pub fn subjects(names: &Names, generator: &mut SchemaGenerator) -> Vec<SubjectSp
         "Diagnostics: node `<node>` times actor calls and NATS requests to a peer (`kiln ping`)",
     ));
     let opaque = Body::Bytes { encoding: "bytes", description: "Any bytes, answered with the same bytes" };
-    out.push(node_request(
-        format!("{p}.node.*.echo"),
-        opaque.clone(),
-        opaque,
-        "nodes",
-        "Diagnostics: the NATS floor of `ping`",
-    ));
+    out.push(node_request(format!("{p}.node.*.echo"), opaque.clone(), opaque, "nodes", "Diagnostics: the NATS floor of `ping`"));
     let postcard = |description| Body::Bytes { encoding: "postcard", description };
     out.push(node_request(
         format!("{p}.tunnel.open.*"),
@@ -178,10 +172,34 @@ pub fn subjects(names: &Names, generator: &mut SchemaGenerator) -> Vec<SubjectSp
         description: format!("{description}; a delete or purge is an empty message with header `KV-Operation`"),
         kept_by: Some(bucket),
     };
-    out.push(kv(names.gpus_bucket(), ">", Body::Json(reference::<GpuEntry>(generator)), "clients", "The registry: one entry per GPU slot, key `<node>.<slot-key>`"));
-    out.push(kv(names.nodes_bucket(), "*", Body::Json(reference::<NodeEntry>(generator)), "clients", "The registry: one entry per node, key `<node>`"));
-    out.push(kv(names.held_bucket(), "*", Body::Json(reference::<HeldJobs>(generator)), "nodes", "The job deliveries one node holds, key `<node>`"));
-    out.push(kv(names.jobs_bucket(), "*", Body::Json(reference::<JobRecord>(generator)), "nodes", "Job records, the source of truth, key `<job_id>`"));
+    out.push(kv(
+        names.gpus_bucket(),
+        ">",
+        Body::Json(reference::<GpuEntry>(generator)),
+        "clients",
+        "The registry: one entry per GPU slot, key `<node>.<slot-key>`",
+    ));
+    out.push(kv(
+        names.nodes_bucket(),
+        "*",
+        Body::Json(reference::<NodeEntry>(generator)),
+        "clients",
+        "The registry: one entry per node, key `<node>`",
+    ));
+    out.push(kv(
+        names.held_bucket(),
+        "*",
+        Body::Json(reference::<HeldJobs>(generator)),
+        "nodes",
+        "The job deliveries one node holds, key `<node>`",
+    ));
+    out.push(kv(
+        names.jobs_bucket(),
+        "*",
+        Body::Json(reference::<JobRecord>(generator)),
+        "nodes",
+        "Job records, the source of truth, key `<job_id>`",
+    ));
     out.push(kv(
         names.batches_bucket(),
         "plan.*",

@@ -106,7 +106,8 @@ pub async fn run(action: BatchCommand, output: Option<Format>) -> Result<(), Fai
                 ..Default::default()
             };
             for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| Failure::usage(format!("items line {}: {e}", n + 1)))?;
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| Failure::usage(format!("items line {}: {e}", n + 1)))?;
                 let item = match serde_json::from_value::<BatchItemRequest>(value.clone()) {
                     Ok(item) if value.get("inputs").is_some() || value.get("params").is_some() => item,
                     _ => {
@@ -143,7 +144,10 @@ pub async fn run(action: BatchCommand, output: Option<Format>) -> Result<(), Fai
                 }
                 let s = &view.summary;
                 if s.completed < s.total {
-                    return Err(Failure::job(format!("batch {} is partial: {} of {} items completed", view.batch_id, s.completed, s.total)));
+                    return Err(Failure::job(format!(
+                        "batch {} is partial: {} of {} items completed",
+                        view.batch_id, s.completed, s.total
+                    )));
                 }
             }
             Ok(())

@@ -236,9 +236,14 @@ pub async fn cancel(CancelArgs { job_id, conn }: CancelArgs, output: Option<Form
 }
 
 /// `kiln jobs`: the list, newest first, as a table or JSON.
-pub async fn list(JobsArgs { status, model, dead_letter, labels, limit, json, conn }: JobsArgs, output: Option<Format>) -> Result<(), Failure> {
+pub async fn list(
+    JobsArgs { status, model, dead_letter, labels, limit, json, conn }: JobsArgs,
+    output: Option<Format>,
+) -> Result<(), Failure> {
     let status = match status {
-        Some(s) => Some(serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| Failure::usage(format!("unknown status {s:?}")))?),
+        Some(s) => Some(
+            serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| Failure::usage(format!("unknown status {s:?}")))?,
+        ),
         None => None,
     };
     let labels = parse_labels(&labels).map_err(Failure::usage)?;

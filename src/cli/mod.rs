@@ -237,7 +237,8 @@ mod tests {
             for arg in cmd.get_arguments() {
                 *count += 1;
                 if arg.get_help().is_none() && arg.get_long_help().is_none() {
-                    missing.push(format!("{path} {}", arg.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| arg.get_id().to_string())));
+                    missing
+                        .push(format!("{path} {}", arg.get_long().map(|l| format!("--{l}")).unwrap_or_else(|| arg.get_id().to_string())));
                 }
             }
             for sub in cmd.get_subcommands() {

@@ -208,7 +208,9 @@ pub async fn chaos(args: ChaosArgs) -> Result<(), Failure> {
             p.faults = p.faults.max(kiln::chaos::FaultKind::CLUSTER.len() as u32);
         }
         Some(1) => p.nats_servers = 1,
-        Some(n) => return Err(Failure::usage(format!("--nats-cluster {n}: a NATS cluster needs an odd number of servers, 3 or more (or 1)"))),
+        Some(n) => {
+            return Err(Failure::usage(format!("--nats-cluster {n}: a NATS cluster needs an odd number of servers, 3 or more (or 1)")))
+        }
     }
     p.jobs = args.jobs.unwrap_or(p.jobs);
     p.faults = args.faults.unwrap_or(p.faults);

@@ -7,6 +7,8 @@
 //! default prefix, kept equal to it by a test (`KILN_BLESS=1 cargo test -p kiln-contract
 //! schema` or `kiln schema --write docs/schema/protocol.json` writes it again), and
 //! `tests/protocol_schema.rs` validates the messages of a real session against that file.
+//! [`asyncapi`] is the same as an AsyncAPI 3.0 document (`docs/asyncapi.json`, `kiln schema
+//! --asyncapi`), for the tools that read AsyncAPI.
 //! Nothing here is written by hand but the subject list: a field added to a type appears in the
 //! document by itself.
 
@@ -272,6 +274,118 @@ pub fn document_text(names: &Names) -> String {
     text
 }
 
+/// The same protocol as an AsyncAPI 3.0 document (`docs/asyncapi.json`): a channel per subject
+/// pattern (`*` tokens and a trailing `>` as address parameters), an operation per channel
+/// (`receive` where Kiln's nodes take the messages, `send` where they publish them; a request's
+/// operation has its reply on a dynamic inbox channel), the messages' payloads as the same
+/// JSON Schemas (draft 2020-12) under `components.schemas`.
+pub fn asyncapi(names: &Names) -> Value {
+    let mut generator = SchemaSettings::draft2020_12().into_generator();
+    let specs = subjects(names, &mut generator);
+    let format = "application/schema+json;version=draft-2020-12";
+    let payload = |body: &Body| match body {
+        Body::Json(schema) => json!({"contentType": "application/json", "payload": {"schemaFormat": format, "schema": schema}}),
+        Body::Bytes { encoding, description } => json!({
+            "contentType": "application/octet-stream",
+            "description": format!("{encoding}: {description}"),
+            "payload": {"schemaFormat": format, "schema": {"type": "string", "contentEncoding": "binary"}},
+        }),
+    };
+    let (mut channels, mut operations, mut messages) = (Map::new(), Map::new(), Map::new());
+    for spec in &specs {
+        let id = channel_id(&spec.subject);
+        let mut parameters = Map::new();
+        let address: Vec<String> = spec
+            .subject
+            .split('.')
+            .enumerate()
+            .map(|(i, token)| match token {
+                "*" => {
+                    parameters.insert(format!("t{i}"), json!({"description": format!("token {i} of the subject (one token)")}));
+                    format!("{{t{i}}}")
+                }
+                ">" => {
+                    parameters.insert("rest".into(), json!({"description": "the rest of the subject (one or more tokens)"}));
+                    "{rest}".into()
+                }
+                literal => literal.to_string(),
+            })
+            .collect();
+        let mut message = payload(&spec.message);
+        message["name"] = json!(id);
+        message["summary"] = json!(spec.description);
+        messages.insert(id.clone(), message);
+        let mut channel = json!({
+            "address": address.join("."),
+            "description": spec.description,
+            "messages": {"message": {"$ref": format!("#/components/messages/{id}")}},
+        });
+        if !parameters.is_empty() {
+            channel["parameters"] = Value::Object(parameters);
+        }
+        // Who sends: clients and operators send requests to Kiln, nodes publish the rest.
+        let action = if spec.kind == "request" { "receive" } else { "send" };
+        let mut operation = json!({
+            "action": action,
+            "channel": {"$ref": format!("#/channels/{id}")},
+            "summary": spec.description,
+            "x-kiln-audience": spec.audience,
+        });
+        if let Some(kept_by) = &spec.kept_by {
+            channel["x-kiln-kept-by"] = json!(kept_by);
+        }
+        channels.insert(id.clone(), channel);
+        if let Some(reply) = &spec.reply {
+            let reply_id = format!("{id}.reply");
+            let mut message = payload(reply);
+            message["name"] = json!(reply_id);
+            messages.insert(reply_id.clone(), message);
+            channels.insert(
+                reply_id.clone(),
+                json!({
+                    "address": null,
+                    "description": "The request's reply inbox (its NATS reply subject)",
+                    "messages": {"message": {"$ref": format!("#/components/messages/{reply_id}")}},
+                }),
+            );
+            operation["reply"] = json!({"channel": {"$ref": format!("#/channels/{reply_id}")}});
+        }
+        operations.insert(id, operation);
+    }
+    let schemas = Value::Object(generator.take_definitions(true));
+    let doc = json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "Kiln NATS protocol",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": format!(
+                "Kiln's NATS protocol (prefix `{}`), generated from the Rust types by `kiln schema --asyncapi`; do not edit. \
+                 docs/PROTOCOL.md says what each message means; docs/schema/protocol.json is the same as one JSON Schema.",
+                names.prefix()
+            ),
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {"schemas": schemas, "messages": messages},
+    });
+    // The schemas refer to each other as `#/$defs/<name>`; here they live in components.
+    serde_json::from_str(&doc.to_string().replace("\"#/$defs/", "\"#/components/schemas/")).expect("json")
+}
+
+/// A channel's id: its subject pattern with the wildcards named (AsyncAPI's component keys
+/// are letters, digits, `.`, `-` and `_`).
+fn channel_id(pattern: &str) -> String {
+    pattern.replace('*', "token").replace('>', "rest").replace('$', "")
+}
+
+/// The AsyncAPI document as written to `docs/asyncapi.json`.
+pub fn asyncapi_text(names: &Names) -> String {
+    let mut text = serde_json::to_string_pretty(&asyncapi(names)).expect("json");
+    text.push('\n');
+    text
+}
+
 /// Whether NATS subject `subject` matches pattern `pattern` (`*` one token, `>` one or more
 /// trailing tokens). Pure.
 pub fn subject_matches(pattern: &str, subject: &str) -> bool {
@@ -356,6 +470,38 @@ mod tests {
             let name = &part[..part.find('"').unwrap()];
             assert!(doc["$defs"].get(name).is_some(), "dangling $ref {name}");
         }
+    }
+
+    /// `docs/asyncapi.json` likewise (the same command writes it: `kiln schema --asyncapi`);
+    /// every channel is a subject of the schema, every `$ref` resolves.
+    #[test]
+    fn the_committed_asyncapi_document_is_what_the_types_generate() {
+        let names = Names::new("kiln");
+        let doc = asyncapi(&names);
+        let text = doc.to_string();
+        for part in text.split("\"#/").skip(1) {
+            let path = &part[..part.find('"').unwrap()];
+            let mut at = &doc;
+            for step in path.split('/') {
+                at = at.get(step).unwrap_or_else(|| panic!("dangling $ref #/{path}"));
+            }
+        }
+        let schema = document(&names);
+        let subjects = schema["x-kiln-subjects"].as_array().unwrap();
+        let with_reply = subjects.iter().filter(|s| s.get("reply").is_some()).count();
+        assert_eq!(doc["channels"].as_object().unwrap().len(), subjects.len() + with_reply);
+        assert_eq!(doc["operations"].as_object().unwrap().len(), subjects.len());
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/asyncapi.json");
+        let generated = asyncapi_text(&names);
+        if std::env::var_os("KILN_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/asyncapi.json differs from what the wire types generate: write it again with \
+             `KILN_BLESS=1 cargo test -p kiln-contract schema` (or `kiln schema --asyncapi --write docs/asyncapi.json`) and commit it"
+        );
     }
 
     /// `docs/schema/protocol.json` is what the types generate. After changing a wire type, write

@@ -128,6 +128,9 @@ enum Command {
         /// Write it to this file instead of stdout.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// The same protocol as an AsyncAPI 3.0 document instead (docs/asyncapi.json).
+        #[arg(long)]
+        asyncapi: bool,
     },
 }
 
@@ -170,7 +173,7 @@ pub async fn main() -> ExitCode {
             clap_complete::generate(shell, &mut command(), "kiln", &mut std::io::stdout());
             Ok(())
         }
-        Command::Schema { prefix, write } => schema(&prefix, write),
+        Command::Schema { prefix, write, asyncapi } => schema(&prefix, write, asyncapi),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,11 +207,12 @@ fn no_output(output: Option<Format>, command: &Command) -> Result<(), Failure> {
 }
 
 /// `kiln schema`: the protocol's JSON Schema for `prefix`, on stdout or into a file.
-fn schema(prefix: &str, write: Option<PathBuf>) -> Result<(), Failure> {
+fn schema(prefix: &str, write: Option<PathBuf>, asyncapi: bool) -> Result<(), Failure> {
     if prefix.is_empty() || prefix.contains(|c: char| c.is_whitespace() || c == '*' || c == '>') {
         return Err(Failure::usage(format!("{prefix:?} is not a subject prefix")));
     }
-    let text = kiln_contract::schema::document_text(&kiln_contract::names::Names::new(prefix));
+    let names = kiln_contract::names::Names::new(prefix);
+    let text = if asyncapi { kiln_contract::schema::asyncapi_text(&names) } else { kiln_contract::schema::document_text(&names) };
     match write {
         Some(path) => std::fs::write(&path, text).map_err(|e| Failure::from(format!("{}: {e}", path.display()))),
         None => {

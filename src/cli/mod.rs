@@ -215,10 +215,11 @@ fn schema(prefix: &str, write: Option<PathBuf>, asyncapi: bool) -> Result<(), Fa
     let text = if asyncapi { kiln_contract::schema::asyncapi_text(&names) } else { kiln_contract::schema::document_text(&names) };
     match write {
         Some(path) => std::fs::write(&path, text).map_err(|e| Failure::from(format!("{}: {e}", path.display()))),
-        None => {
-            print!("{text}");
-            Ok(())
-        }
+        // `kiln schema | head` is not an error: a closed pipe ends the output quietly.
+        None => match std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::from(format!("stdout: {e}"))),
+            _ => Ok(()),
+        },
     }
 }
 

@@ -153,6 +153,9 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
     // Replies go to the inbox their request named: the request's entry says what they are.
     let mut replies: HashMap<String, (String, Value)> = HashMap::new();
     let (mut unmapped, mut invalid, mut not_json) = (vec![], vec![], vec![]);
+    // JetStream consumers' deliveries (the client's event replay, KV watches) reach the tap
+    // through their inboxes under the stored message's own subject: copies of messages Kiln
+    // published, validated like them.
     let mut patterns: BTreeMap<String, usize> = BTreeMap::new();
     let mut replies_checked: BTreeMap<String, usize> = BTreeMap::new();
     let (mut skipped_inbox, mut headers_only) = (0, 0);
@@ -173,10 +176,10 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
             if m.kv_operation.is_some() && m.payload.is_empty() {
                 continue; // a KV delete or purge marker, as the entry's description says
             }
-            // A copy of a KV write without its body, the body's size in `Nats-Msg-Size`: seen
-            // on job records (a few per session, on CAS updates with
-            // Nats-Expected-Last-Subject-Sequence); no Kiln code writes an empty record, so
-            // it is taken for the server's (nats-server 2.15) and counted, not validated.
+            // A headers-only delivery of a KV entry (the body's size in `Nats-Msg-Size`): the
+            // `jobs` listing reads the bucket's keys with a headers-only consumer, and JetStream
+            // delivers to the reply inbox the tap also hears, under the entry's own subject.
+            // Not a message Kiln wrote; counted, not validated.
             if m.payload.is_empty() && m.subject.starts_with("$KV.") && m.headers.contains("Nats-Msg-Size") {
                 headers_only += 1;
                 continue;

@@ -43,9 +43,9 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KILN
 #[command(name = "kiln", version = VERSION, about = "A cluster runtime for GPU generation jobs over NATS")]
 struct Cli {
     /// How a command that prints data prints it: `json` (the reply, one JSON document on
-    /// stdout) or `table` (for people). Each command keeps its default: a table for `jobs`,
-    /// `models`, `cluster`, `queue`, `batch`, `ping`; JSON for `status`, `cancel`, `drain`,
-    /// `restart-gpu`; the id for `submit`.
+    /// stdout) or `table` (for people). Each command keeps its default: a table (or lines) for
+    /// `jobs`, `models`, `cluster`, `queue`, `batch`, `ping`, `result`; JSON for `status`,
+    /// `cancel`, `drain`, `restart-gpu`; the id for `submit`.
     #[arg(long, short = 'o', global = true, value_enum)]
     output: Option<Format>,
     #[command(subcommand)]

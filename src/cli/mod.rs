@@ -253,6 +253,11 @@ mod tests {
                 walk(sub, &format!("{path} {}", sub.get_name()), missing, count);
             }
         }
+        // The walk sees a flag without help, even in a nested command.
+        let (mut missing, mut count) = (vec![], 0);
+        let bare = clap::Command::new("x").subcommand(clap::Command::new("y").about("y").arg(clap::Arg::new("z").long("z")));
+        walk(&bare, "x", &mut missing, &mut count);
+        assert_eq!(missing, ["x y --z"]);
         let mut cmd = command();
         cmd.build();
         let (mut missing, mut count) = (vec![], 0);

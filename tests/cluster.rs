@@ -417,3 +417,29 @@ async fn a_cancel_reaches_a_running_job_on_a_node_the_api_node_has_no_session_wi
     let view = client.cluster().await.unwrap();
     assert!(view.nodes.iter().all(|n| n.peers.is_empty()), "{:?}", view.nodes);
 }
+
+/// A peer of the previous wire version (1: bincode 2) asking a real node for a tunnel is
+/// refused with `wire_version` and a message naming both versions; its bytes are not misread
+/// as a version-2 (postcard) request, though its body alone would decode as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_the_old_wire_version_is_refused_with_a_clear_code() {
+    use kiln_actors::wire::{self, OpenReply, RefusalCode, WIRE_VERSION};
+    let mut cluster = TestCluster::new();
+    cluster.add_node("a", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 1, 60_000)));
+    cluster.wait_node_ready("a", 1).await;
+    assert_eq!(WIRE_VERSION, 2);
+    // Version 1's OpenRequest {session, dialer, acceptor, proof}, as bincode 2 wrote it.
+    let mut v1 = vec![1u8];
+    for s in ["old-session", "old-node", "a", "0123"] {
+        v1.push(s.len() as u8);
+        v1.extend_from_slice(s.as_bytes());
+    }
+    let nats = async_nats::connect(cluster.url()).await.unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(5), nats.request("kiln.tunnel.open.a", v1.into())).await.unwrap().unwrap();
+    match wire::decode::<OpenReply>(&reply.payload).unwrap() {
+        OpenReply::Refused { code: RefusalCode::Version, message } => {
+            assert_eq!(message, "a peer speaks wire version 1, this node 2")
+        }
+        other => panic!("a version-1 peer got {other:?}"),
+    }
+}

@@ -71,7 +71,8 @@ async fn serve_cancel_notices(ctx: NodeContext, mut notices: async_nats::Subscri
             Ok(ractor::rpc::CallResult::Success(true))
         );
         if let Some(reply) = notice.reply {
-            let body = serde_json::json!({ "node": ctx.node, "was_running": was_running }).to_string();
+            let answer = kiln_core::protocol::CancelNoticeReply { node: ctx.node.clone(), was_running };
+            let body = serde_json::to_string(&answer).expect("json");
             let _ = ctx.resources.client.publish(reply, body.into()).await;
         }
     }

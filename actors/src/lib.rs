@@ -26,7 +26,7 @@
 //! Not actors: [`finish`] writes out the end of a job (terminal event, results feed, batch
 //! settle) for the job actors and the API's cancel alike; [`context`] holds what they share
 //! (config, NATS handles, which models are warm on which slot); [`tunnel`] carries a ractor_cluster session over NATS; [`wire`] is every
-//! message that crosses nodes (bincode 2, versioned); [`NodeHandle`] is the typed handle the
+//! message that crosses nodes (postcard, versioned); [`NodeHandle`] is the typed handle the
 //! binary uses to start, drain and stop a node. The decisions the actors act on are pure code
 //! in `kiln-core`: slot placement ([`kiln_core::placement`]), job delivery and retry
 //! ([`kiln_core::job`]), restart budget, backoff and every retry schedule

@@ -6,16 +6,26 @@
 //! - **Remote actor messages** ([`NodeControlRequest`], [`GpuControlRequest`] and their replies)
 //!   are what one node's actors send to another's through that session.
 //!
-//! All are serde types encoded with bincode 2 (standard config) inside a [`Versioned`] envelope
-//! or, for frames, behind a version byte. A peer speaking another [`WIRE_VERSION`] is refused at
-//! the opening request with a clear code instead of misreading its bytes. Changing any type
-//! here means bumping [`WIRE_VERSION`].
+//! All are serde types encoded with [postcard] (1.x) behind their wire version: the version is
+//! written first, as its own varint, and read before anything else, so a peer speaking another
+//! [`WIRE_VERSION`] is refused with a clear code at the opening request instead of having its
+//! bytes misread. Changing any type here means bumping [`WIRE_VERSION`].
+//!
+//! Version 1 was bincode 2 (unmaintained, RUSTSEC-2025-0141); version 2 is postcard. Both write
+//! a small `u16` as the same single byte and both write strings as a varint length then the
+//! bytes, so a version-1 `OpenRequest` would decode as a version-2 one if the version were not
+//! checked first: it is, and such a peer gets `RefusalCode::Version` ("a peer speaks wire
+//! version 1, this node 2").
+//!
+//! postcard is not self-describing: it cannot carry `#[serde(flatten)]`, untagged enums or
+//! types read through `deserialize_any` (`serde_json::Value`). No type here has one; a field
+//! that ever needs such a type must travel as JSON text in a `String` field, said so where it is.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// The version of every type in this module.
-pub const WIRE_VERSION: u16 = 1;
+/// The version of every type in this module (1: bincode 2; 2: postcard).
+pub const WIRE_VERSION: u16 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -25,33 +35,31 @@ pub enum WireError {
     Version { got: u16 },
 }
 
-/// A value with the wire version it was written in.
+/// A value with the wire version it was written in: the version first, then the body (postcard
+/// writes a struct's fields in order, so this is `varint(version) ++ body`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Versioned<T> {
     pub version: u16,
     pub body: T,
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
-}
-
 /// Encodes `body` in the current wire version.
 pub fn encode<T: Serialize>(body: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(Versioned { version: WIRE_VERSION, body }, config()).expect("wire types always encode")
+    postcard::to_stdvec(&Versioned { version: WIRE_VERSION, body }).expect("wire types always encode")
 }
 
-/// Decodes a value written by [`encode`], refusing another wire version and trailing bytes.
+/// Decodes a value written by [`encode`]: the version first (another one is refused before
+/// its body is read), then the body, refusing trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    let (v, used): (Versioned<T>, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| WireError::Decode(e.to_string()))?;
-    if v.version != WIRE_VERSION {
-        return Err(WireError::Version { got: v.version });
+    let (version, body): (u16, &[u8]) = postcard::take_from_bytes(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if version != WIRE_VERSION {
+        return Err(WireError::Version { got: version });
     }
-    if used != bytes.len() {
-        return Err(WireError::Decode(format!("{} trailing bytes", bytes.len() - used)));
+    let (value, rest): (T, &[u8]) = postcard::take_from_bytes(body).map_err(|e| WireError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
     }
-    Ok(v.body)
+    Ok(value)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,7 +142,8 @@ pub enum FrameKind {
     Close(String),
 }
 
-/// Bincode encodes `Vec<u8>` element by element through serde; this writes it as one slice.
+/// Serde's default for `Vec<u8>` is a sequence of `u8`s; this writes it as one byte string
+/// (postcard: a varint length and the bytes, read back without a per-element visit).
 mod serde_bytes_compat {
     use serde::{Deserializer, Serializer};
 
@@ -311,6 +320,7 @@ macro_rules! remote_call_message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn frames_round_trip_and_data_is_compact() {
@@ -322,12 +332,30 @@ mod tests {
 
     #[test]
     fn another_version_and_trailing_bytes_are_refused() {
-        let mut bytes = bincode::serde::encode_to_vec(Versioned { version: 99, body: NodeControlRequest::Ping }, config()).unwrap();
+        let mut bytes = postcard::to_stdvec(&Versioned { version: 99, body: NodeControlRequest::Ping }).unwrap();
         assert!(matches!(decode::<NodeControlRequest>(&bytes), Err(WireError::Version { got: 99 })));
         bytes = encode(&NodeControlRequest::Ping);
         bytes.push(0);
         assert!(matches!(decode::<NodeControlRequest>(&bytes), Err(WireError::Decode(_))));
         assert!(decode::<NodeControlRequest>(&[0xff; 3]).is_err());
+        assert!(decode::<NodeControlRequest>(&[]).is_err());
+    }
+
+    /// An `OpenRequest` as a version-1 (bincode 2, standard config) node wrote it: version 1 as
+    /// one byte, then each string as a one-byte length and its bytes. Its body is also a valid
+    /// postcard `OpenRequest`, which is why the version is read and checked first.
+    #[test]
+    fn a_version_1_bincode_open_request_is_refused_as_another_version_not_misread() {
+        let mut v1 = vec![1u8];
+        for s in ["s1", "n-a", "n-b", "proof"] {
+            v1.push(s.len() as u8);
+            v1.extend_from_slice(s.as_bytes());
+        }
+        let (body, rest): (OpenRequest, &[u8]) = postcard::take_from_bytes(&v1[1..]).unwrap();
+        assert!(rest.is_empty() && body.session == "s1", "the body alone would be misread: {body:?}");
+        let err = decode::<OpenRequest>(&v1).unwrap_err();
+        assert!(matches!(err, WireError::Version { got: 1 }), "{err:?}");
+        assert_eq!(err.to_string(), "a peer speaks wire version 1, this node 2");
     }
 
     #[test]
@@ -338,5 +366,61 @@ mod tests {
         assert_ne!(p, cookie_proof("c", "s", "b", "a"));
         // Length-prefixed: moving a character between fields changes the proof.
         assert_ne!(cookie_proof("ab", "c", "x", "y"), cookie_proof("a", "bc", "x", "y"));
+    }
+
+    fn refusal_code() -> impl Strategy<Value = RefusalCode> {
+        prop_oneof![
+            Just(RefusalCode::CookieMismatch),
+            Just(RefusalCode::WrongName),
+            Just(RefusalCode::AlreadyConnected),
+            Just(RefusalCode::Leaving),
+            Just(RefusalCode::Version),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let kind = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..4096).prop_map(FrameKind::Data),
+            Just(FrameKind::Heartbeat),
+            ".{0,64}".prop_map(FrameKind::Close),
+        ];
+        (any::<u64>(), any::<u64>(), kind).prop_map(|(seq, consumed, kind)| Frame { seq, consumed, kind })
+    }
+
+    fn round_trips<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T) -> Result<(), TestCaseError> {
+        let bytes = encode(v);
+        prop_assert_eq!(&decode::<T>(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?, v);
+        // Every strict prefix is refused, never read as another value.
+        for cut in [0, bytes.len() / 2, bytes.len().saturating_sub(1)] {
+            if cut < bytes.len() {
+                prop_assert!(decode::<T>(&bytes[..cut]).is_err(), "a {cut}-byte prefix of {:?} decoded", v);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Every message that crosses nodes comes back equal from its bytes.
+        #[test]
+        fn every_wire_message_round_trips(
+            f in frame(),
+            session in "[a-z0-9]{0,32}", dialer in "[a-z0-9-]{0,16}", acceptor in "\\PC{0,16}", proof in "[0-9a-f]{0,64}",
+            code in refusal_code(), message in "\\PC{0,80}",
+            job_id in "\\PC{0,40}", node in "\\PC{0,20}", slot in "[a-z]{3}:[0-9]", flag in any::<bool>(),
+        ) {
+            round_trips(&f)?;
+            round_trips(&OpenRequest { session, dialer, acceptor, proof })?;
+            round_trips(&OpenReply::Accepted)?;
+            round_trips(&OpenReply::Refused { code, message })?;
+            round_trips(&NodeControlRequest::Ping)?;
+            round_trips(&NodeControlRequest::CancelJob { job_id })?;
+            round_trips(&NodeControlRequest::Drain)?;
+            round_trips(&NodeControlReply::Pong { node: node.clone() })?;
+            round_trips(&NodeControlReply::Cancelled { node: node.clone(), was_running: flag })?;
+            round_trips(&NodeControlReply::Draining { node: node.clone() })?;
+            round_trips(&GpuControlRequest::Restart)?;
+            round_trips(&GpuControlReply::Restarting { node: node.clone(), slot: slot.clone() })?;
+            round_trips(&GpuControlReply::NotRunning { node, slot })?;
+        }
     }
 }

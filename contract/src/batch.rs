@@ -86,7 +86,7 @@ pub fn falls_back(record: &JobRecord) -> bool {
 }
 
 /// One item of a batch as the parent record keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchItem {
     pub index: u32,
     /// The item's job: its own, the one it shares with an identical earlier item (`reuse`), or
@@ -132,7 +132,7 @@ impl BatchItem {
 /// rules as they were at submit. Stored once beside the batch record (it never changes) for a
 /// batch that may need it ([`BatchRecord::has_plan`]), so the settle path needs neither the
 /// request nor the config, and the record written at every settle stays small.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchPlan {
     /// `model`, then each fallback model, in order.
     pub models: Vec<PlanModel>,
@@ -151,7 +151,7 @@ pub struct BatchPlan {
 }
 
 /// One model of a [`BatchPlan`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlanModel {
     pub name: String,
     /// The batch's `max_attempts` capped by this model's.
@@ -162,7 +162,7 @@ pub struct PlanModel {
 }
 
 /// One item of a [`BatchPlan`]: what the request gave it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PlanItem {
     pub index: u32,
     #[serde(default)]
@@ -220,7 +220,7 @@ impl BatchPlan {
 
 /// The parent record of a batch (KV `kiln_batches`, key = batch id). Every write after
 /// creation is a compare-and-set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchRecord {
     pub batch_id: String,
     pub model: String,

@@ -32,7 +32,7 @@ use crate::protocol::ParentRef;
 use crate::protocol::{ApiError, Artifact, ErrorCode, InputValue, JobView, SubmitRequest};
 
 /// Which node and slot own the current attempt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Owner {
     pub node: String,
     pub slot: String,
@@ -40,7 +40,7 @@ pub struct Owner {
 
 /// A job as stored in KV. Every write after creation is a compare-and-set on the KV revision,
 /// which is what fences a stale attempt: it holds an old revision and its write is refused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobRecord {
     pub job_id: String,
     pub model: String,

@@ -988,6 +988,14 @@ pub struct ControlReply {
     pub via: String,
 }
 
+/// Reply to a cancel notice (`kiln.node.<node>.cancel`, body a [`JobRef`]): whether the job
+/// was running on that node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CancelNoticeReply {
+    pub node: String,
+    pub was_running: bool,
+}
+
 /// `kiln.node.<from>.ping`: ask node `from` to time `count` round trips to `peer`, both as
 /// actor calls through the actor cluster and as plain NATS requests, interleaved.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]

@@ -7,7 +7,8 @@ use clap::Subcommand;
 use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, BatchView};
 
 use crate::cli::conn::{connect, ConnArgs};
-use crate::cli::output::download_all;
+use crate::cli::exit::Failure;
+use crate::cli::output::{download_all, print_json, Format};
 use crate::cli::pairs::{parse_labels, split_pair};
 
 #[derive(Subcommand)]
@@ -15,6 +16,7 @@ pub enum BatchCommand {
     /// Submit a batch: one item per line of --items (a JSON object of inline inputs, or
     /// `{"inputs": {..}, "params": {..}}`); prints the batch id, then follows it with --wait.
     Submit {
+        /// The model every item runs on (`kiln models` lists them).
         model: String,
         /// A file (or `-` for stdin) with one item per line.
         #[arg(long)]
@@ -22,6 +24,7 @@ pub enum BatchCommand {
         /// A param every item gets: name=value (JSON if it parses, else a string).
         #[arg(short = 'p', long = "param")]
         params: Vec<String>,
+        /// Two submissions with the same key make one batch.
         #[arg(long)]
         idempotency_key: Option<String>,
         /// A label every item gets: name=value.
@@ -41,6 +44,7 @@ pub enum BatchCommand {
         /// id>/<index>/, and exit non-zero unless every item completed.
         #[arg(long)]
         wait: bool,
+        /// The folder --wait downloads the results into.
         #[arg(long, default_value = "kiln-results")]
         out: PathBuf,
         #[command(flatten)]
@@ -48,25 +52,31 @@ pub enum BatchCommand {
     },
     /// Show a batch: its summary and every item.
     Status {
+        /// The batch's id (what `kiln batch submit` printed).
         batch_id: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Cancel every item of a batch that has not ended.
     Cancel {
+        /// The batch's id.
         batch_id: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
     /// Run the failed and cancelled items of a finished batch again, as a new batch.
     Retry {
+        /// The finished batch's id.
         batch_id: String,
         #[command(flatten)]
         conn: ConnArgs,
     },
 }
 
-pub async fn run(action: BatchCommand) -> Result<(), String> {
+/// Every batch command; `--output json` prints the reply (or, after `submit --wait`, the
+/// batch's final view) as one JSON document, the default is lines for people.
+pub async fn run(action: BatchCommand, output: Option<Format>) -> Result<(), Failure> {
+    let format = Format::choose(output, false, Format::Table);
     match action {
         BatchCommand::Submit {
             model,
@@ -89,60 +99,73 @@ pub async fn run(action: BatchCommand) -> Result<(), String> {
             let mut request = BatchSubmitRequest {
                 model,
                 idempotency_key,
-                labels: parse_labels(&labels)?,
+                labels: parse_labels(&labels).map_err(Failure::usage)?,
                 reuse,
                 max_concurrency,
                 fallback_models,
                 ..Default::default()
             };
             for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("items line {}: {e}", n + 1))?;
+                let value: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| Failure::usage(format!("items line {}: {e}", n + 1)))?;
                 let item = match serde_json::from_value::<BatchItemRequest>(value.clone()) {
                     Ok(item) if value.get("inputs").is_some() || value.get("params").is_some() => item,
                     _ => {
-                        let inputs = serde_json::from_value(value).map_err(|e| format!("items line {}: {e}", n + 1))?;
+                        let inputs = serde_json::from_value(value).map_err(|e| Failure::usage(format!("items line {}: {e}", n + 1)))?;
                         BatchItemRequest { inputs, ..Default::default() }
                     }
                 };
                 request.items.push(item);
             }
             for p in &params {
-                let (k, v) = split_pair(p)?;
+                let (k, v) = split_pair(p).map_err(Failure::usage)?;
                 request.params.insert(k, v);
             }
             let c = connect(&conn).await?;
-            let reply = c.submit_batch(&request).await.map_err(|e| e.to_string())?;
-            println!("{}{}", reply.batch_id, if reply.duplicate { " (duplicate: the batch of this idempotency key)" } else { "" });
+            let reply = c.submit_batch(&request).await?;
+            match (format, wait) {
+                (Format::Table, _) => {
+                    println!("{}{}", reply.batch_id, if reply.duplicate { " (duplicate: the batch of this idempotency key)" } else { "" })
+                }
+                (Format::Json, false) => print_json(&reply),
+                (Format::Json, true) => {}
+            }
             if wait {
                 let view = c
                     .wait_batch(&reply.batch_id, Duration::from_secs(24 * 3600), |e| {
-                        if let Some(i) = &e.item {
+                        if let Some(i) = e.item.as_ref().filter(|_| format == Format::Table) {
                             println!("item {:>4} {}", i.index, i.status.as_str());
                         }
                     })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                show(&view);
+                    .await?;
+                show(&view, format);
                 for item in &view.items {
-                    download_all(&c, &item.artifacts, &out.join(&view.batch_id).join(item.index.to_string())).await?;
+                    download_all(&c, &item.artifacts, &out.join(&view.batch_id).join(item.index.to_string()), format).await?;
                 }
                 let s = &view.summary;
                 if s.completed < s.total {
-                    return Err(format!("batch {} is partial: {} of {} items completed", view.batch_id, s.completed, s.total));
+                    return Err(Failure::job(format!(
+                        "batch {} is partial: {} of {} items completed",
+                        view.batch_id, s.completed, s.total
+                    )));
                 }
             }
             Ok(())
         }
         BatchCommand::Status { batch_id, conn } => {
-            show(&connect(&conn).await?.batch(&batch_id).await.map_err(|e| e.to_string())?);
+            show(&connect(&conn).await?.batch(&batch_id).await?, format);
             Ok(())
         }
         BatchCommand::Cancel { batch_id, conn } => {
-            show(&connect(&conn).await?.cancel_batch(&batch_id).await.map_err(|e| e.to_string())?);
+            show(&connect(&conn).await?.cancel_batch(&batch_id).await?, format);
             Ok(())
         }
         BatchCommand::Retry { batch_id, conn } => {
-            let reply = connect(&conn).await?.retry_batch(&batch_id).await.map_err(|e| e.to_string())?;
+            let reply = connect(&conn).await?.retry_batch(&batch_id).await?;
+            if format == Format::Json {
+                print_json(&reply);
+                return Ok(());
+            }
             let indices: Vec<String> = reply.items.iter().map(|i| i.index.to_string()).collect();
             println!("{} retries items {}", reply.batch_id, indices.join(","));
             Ok(())
@@ -150,8 +173,12 @@ pub async fn run(action: BatchCommand) -> Result<(), String> {
     }
 }
 
-/// A batch's summary line, then a line per item.
-fn show(v: &BatchView) {
+/// A batch's summary line, then a line per item (or the view as JSON).
+fn show(v: &BatchView, format: Format) {
+    if format == Format::Json {
+        print_json(v);
+        return;
+    }
     let s = &v.summary;
     println!(
         "batch {} ({}): {}; {} items, {} completed, {} failed, {} cancelled",

@@ -6,11 +6,12 @@ use kiln::table::{Align, Table};
 use kiln_core::protocol::{ControlRequest, QueueRequest};
 
 use crate::cli::conn::{connect, ConnArgs};
-use crate::cli::output::print_json;
+use crate::cli::exit::Failure;
+use crate::cli::output::{print_as, print_json, Format};
 
 #[derive(Args)]
 pub struct ModelsArgs {
-    /// Print the reply as JSON instead of a table.
+    /// Print the reply as JSON instead of a table (the same as `--output json`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -19,7 +20,7 @@ pub struct ModelsArgs {
 
 #[derive(Args)]
 pub struct ClusterArgs {
-    /// Print the reply as JSON instead of a table.
+    /// Print the reply as JSON instead of a table (the same as `--output json`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -31,7 +32,7 @@ pub struct QueueArgs {
     /// Only this model.
     #[arg(long)]
     model: Option<String>,
-    /// Print the reply as JSON instead of a table.
+    /// Print the reply as JSON instead of a table (the same as `--output json`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -40,6 +41,7 @@ pub struct QueueArgs {
 
 #[derive(Args)]
 pub struct DrainArgs {
+    /// The node's name (`kiln cluster` lists them).
     node: String,
     #[command(flatten)]
     conn: ConnArgs,
@@ -47,7 +49,9 @@ pub struct DrainArgs {
 
 #[derive(Args)]
 pub struct RestartGpuArgs {
+    /// The node the slot is on.
     node: String,
+    /// The slot, as configured: `cuda:0`, `cpu:1`.
     slot: String,
     #[command(flatten)]
     conn: ConnArgs,
@@ -55,20 +59,23 @@ pub struct RestartGpuArgs {
 
 #[derive(Args)]
 pub struct PingArgs {
+    /// The node that makes the calls.
     #[arg(long)]
     from: String,
+    /// The node it calls.
     #[arg(long)]
     to: String,
+    /// Round trips of each kind (at most 100,000).
     #[arg(long, default_value_t = 1000)]
     count: u32,
     #[command(flatten)]
     conn: ConnArgs,
 }
 
-pub async fn models(ModelsArgs { json, conn }: ModelsArgs) -> Result<(), String> {
+pub async fn models(ModelsArgs { json, conn }: ModelsArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    let reply = c.models().await.map_err(|e| e.to_string())?;
-    if json {
+    let reply = c.models().await?;
+    if Format::choose(output, json, Format::Table) == Format::Json {
         print_json(&reply);
         return Ok(());
     }
@@ -104,10 +111,10 @@ pub async fn models(ModelsArgs { json, conn }: ModelsArgs) -> Result<(), String>
     Ok(())
 }
 
-pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs) -> Result<(), String> {
+pub async fn cluster(ClusterArgs { json, conn }: ClusterArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    let cluster = c.cluster().await.map_err(|e| e.to_string())?;
-    if json {
+    let cluster = c.cluster().await?;
+    if Format::choose(output, json, Format::Table) == Format::Json {
         print_json(&cluster);
         return Ok(());
     }
@@ -178,10 +185,10 @@ fn bytes(n: u64) -> String {
     }
 }
 
-pub async fn queue(QueueArgs { model, json, conn }: QueueArgs) -> Result<(), String> {
+pub async fn queue(QueueArgs { model, json, conn }: QueueArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    let reply = c.queue(&QueueRequest { model }).await.map_err(|e| e.to_string())?;
-    if json {
+    let reply = c.queue(&QueueRequest { model }).await?;
+    if Format::choose(output, json, Format::Table) == Format::Json {
         print_json(&reply);
         return Ok(());
     }
@@ -216,21 +223,25 @@ pub async fn queue(QueueArgs { model, json, conn }: QueueArgs) -> Result<(), Str
     Ok(())
 }
 
-pub async fn drain(DrainArgs { node, conn }: DrainArgs) -> Result<(), String> {
+pub async fn drain(DrainArgs { node, conn }: DrainArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    print_json(&c.control(&ControlRequest::Drain { node }).await.map_err(|e| e.to_string())?);
+    print_as(Format::choose(output, false, Format::Json), &c.control(&ControlRequest::Drain { node }).await?);
     Ok(())
 }
 
-pub async fn restart_gpu(RestartGpuArgs { node, slot, conn }: RestartGpuArgs) -> Result<(), String> {
+pub async fn restart_gpu(RestartGpuArgs { node, slot, conn }: RestartGpuArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    print_json(&c.control(&ControlRequest::RestartGpu { node, slot }).await.map_err(|e| e.to_string())?);
+    print_as(Format::choose(output, false, Format::Json), &c.control(&ControlRequest::RestartGpu { node, slot }).await?);
     Ok(())
 }
 
-pub async fn ping(PingArgs { from, to, count, conn }: PingArgs) -> Result<(), String> {
+pub async fn ping(PingArgs { from, to, count, conn }: PingArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    let r = c.ping(&from, &to, count).await.map_err(|e| e.to_string())?;
+    let r = c.ping(&from, &to, count).await?;
+    if Format::choose(output, false, Format::Table) == Format::Json {
+        print_json(&r);
+        return Ok(());
+    }
     println!("{} -> {}, {} round trips each, interleaved:", r.from, r.peer, r.count);
     println!("  actor call through the tunnel  p50 {:>6} us  p99 {:>6} us", r.actor_p50_us, r.actor_p99_us);
     println!("  NATS request/reply (floor)     p50 {:>6} us  p99 {:>6} us", r.nats_p50_us, r.nats_p99_us);

@@ -7,6 +7,8 @@ use clap::Args;
 use kiln::client::{Client, ClientError};
 use kiln_core::config::{ClusterConfig, Flag, Layers};
 
+use crate::cli::exit::Failure;
+
 /// How a client command reaches Kiln: the `[nats]` section of the same layers a node reads
 /// (the file of `--config`, else `KILN_CONFIG`, else `./cluster.toml` if it exists; then the
 /// `KILN_NATS__<KEY>` variables and their older names `KILN_NATS_USER`, `KILN_NATS_PASSWORD`...;
@@ -25,10 +27,10 @@ pub struct ConnArgs {
     config: Option<PathBuf>,
 }
 
-pub async fn connect(conn: &ConnArgs) -> Result<Client, String> {
+pub async fn connect(conn: &ConnArgs) -> Result<Client, Failure> {
     let flags = Flag::given([("--nats", "nats.url", conn.nats.clone()), ("--prefix", "nats.prefix", conn.prefix.clone())]);
     let layers = Layers::from_process(conn.config.clone(), flags);
-    let mut nats = ClusterConfig::load_nats_layers(&layers).map_err(|e| e.to_string())?;
+    let mut nats = ClusterConfig::load_nats_layers(&layers).map_err(|e| Failure::usage(e.to_string()))?;
     if nats.url == "embedded" {
         // The server `kiln up` starts on this machine.
         nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);
@@ -36,7 +38,9 @@ pub async fn connect(conn: &ConnArgs) -> Result<Client, String> {
     // A client command is interactive: a server that does not answer within this is not
     // coming (a node waits `nats.connect_timeout_ms`, 10 s, as it may start before its server).
     nats.connect_timeout_ms = nats.connect_timeout_ms.min(CLIENT_CONNECT_TIMEOUT_MS);
-    Client::connect_with(&nats).await.map_err(|e| unreachable_hint(&nats.url, &e))
+    // Whatever the reason (nothing listening, a bad host, TLS, credentials), a client that
+    // cannot connect has not reached Kiln.
+    Client::connect_with(&nats).await.map_err(|e| Failure::unreachable(unreachable_hint(&nats.url, &e)))
 }
 
 /// How long a client command tries to reach its NATS server.

@@ -9,11 +9,13 @@ use kiln_core::job::JobState;
 use kiln_core::protocol::{Event, EventKind, InputValue, ListJobsRequest, SubmitRequest};
 
 use crate::cli::conn::{connect, ConnArgs};
-use crate::cli::output::{download_all, print_json};
+use crate::cli::exit::Failure;
+use crate::cli::output::{download_all, print_as, print_json, Format};
 use crate::cli::pairs::{parse_labels, split_pair};
 
 #[derive(Args)]
 pub struct SubmitArgs {
+    /// The model to run (`kiln models` lists them).
     model: String,
     /// An inline input: name=value (JSON if it parses, else a string).
     #[arg(short = 'i', long = "input")]
@@ -24,10 +26,13 @@ pub struct SubmitArgs {
     /// A parameter: key=value (JSON if it parses, else a string).
     #[arg(short = 'p', long = "param")]
     params: Vec<String>,
+    /// 0 (normal) to 255; above 0 runs before the model's normal jobs.
     #[arg(long, default_value_t = 0)]
     priority: u8,
+    /// Two submissions with the same key (for the same model) make one job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Attempts at most (capped by the model's `max_attempts`).
     #[arg(long)]
     max_attempts: Option<u32>,
     /// A label for the job: name=value (a user id, a session id, your own job id).
@@ -43,6 +48,7 @@ pub struct SubmitArgs {
     /// Follow progress until the job ends, then download the results.
     #[arg(long)]
     wait: bool,
+    /// The folder --wait downloads the results into (under a folder named by the job id).
     #[arg(long, default_value = "kiln-results")]
     out: PathBuf,
     #[command(flatten)]
@@ -51,6 +57,7 @@ pub struct SubmitArgs {
 
 #[derive(Args)]
 pub struct StatusArgs {
+    /// The job's id (what `kiln submit` printed).
     job_id: String,
     #[command(flatten)]
     conn: ConnArgs,
@@ -58,7 +65,9 @@ pub struct StatusArgs {
 
 #[derive(Args)]
 pub struct ResultArgs {
+    /// The job's id.
     job_id: String,
+    /// The folder to download the results into.
     #[arg(long, default_value = ".")]
     out: PathBuf,
     /// Wait for the job to end first (otherwise a job still running is an error).
@@ -70,6 +79,7 @@ pub struct ResultArgs {
 
 #[derive(Args)]
 pub struct CancelArgs {
+    /// The job's id.
     job_id: String,
     #[command(flatten)]
     conn: ConnArgs,
@@ -77,8 +87,10 @@ pub struct CancelArgs {
 
 #[derive(Args)]
 pub struct JobsArgs {
+    /// Only jobs in this state: queued, running, retrying, completed, failed or cancelled.
     #[arg(long)]
     status: Option<String>,
+    /// Only jobs of this model.
     #[arg(long)]
     model: Option<String>,
     /// Only jobs that failed after their last attempt.
@@ -87,16 +99,21 @@ pub struct JobsArgs {
     /// Only jobs with this label: name=value (repeat for several, all must match).
     #[arg(short = 'l', long = "label")]
     labels: Vec<String>,
+    /// At most this many jobs (the newest).
     #[arg(long, default_value_t = 50)]
     limit: usize,
-    /// Print the reply as JSON instead of a table.
+    /// Print the reply as JSON instead of a table (the same as `--output json`).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     conn: ConnArgs,
 }
 
-pub async fn submit(args: SubmitArgs) -> Result<(), String> {
+/// `kiln submit`: prints the job id (`--output json`: the submit reply), and with --wait follows
+/// the job, downloads its results (`--output json`: then prints its final view) and exits 1
+/// unless it completed.
+pub async fn submit(args: SubmitArgs, output: Option<Format>) -> Result<(), Failure> {
+    let format = Format::choose(output, false, Format::Table);
     let client = connect(&args.conn).await?;
     let mut request = SubmitRequest {
         model: args.model,
@@ -104,31 +121,36 @@ pub async fn submit(args: SubmitArgs) -> Result<(), String> {
         idempotency_key: args.idempotency_key,
         max_attempts: args.max_attempts,
         reuse: args.reuse,
-        labels: parse_labels(&args.labels)?,
+        labels: parse_labels(&args.labels).map_err(Failure::usage)?,
         ..Default::default()
     };
     for i in &args.inputs {
-        let (k, v) = split_pair(i)?;
+        let (k, v) = split_pair(i).map_err(Failure::usage)?;
         request.inputs.insert(k, InputValue::Inline(v));
     }
     for f in &args.files {
-        let (k, path) = f.split_once('=').ok_or_else(|| format!("{f:?} is not name=path"))?;
+        let (k, path) = f.split_once('=').ok_or_else(|| Failure::usage(format!("{f:?} is not name=path")))?;
         let data = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
         let base = Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or("input");
         let base: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
         let object = format!("uploads/{}/{base}", uuid::Uuid::new_v4());
-        client.upload(&object, &data).await.map_err(|e| e.to_string())?;
+        client.upload(&object, &data).await?;
         request.inputs.insert(k.to_string(), InputValue::Object { object });
     }
     for p in &args.params {
-        let (k, v) = split_pair(p)?;
+        let (k, v) = split_pair(p).map_err(Failure::usage)?;
         request.params.insert(k, v);
     }
     if let Some(s) = args.deadline_s {
         request.deadline_ms = Some(kiln_core::now_ms() + s * 1000);
     }
-    let reply = client.submit(&request).await.map_err(|e| e.to_string())?;
-    println!("{}{}", reply.job_id, if reply.reused { " (reused: an identical earlier job)" } else { "" });
+    let reply = client.submit(&request).await?;
+    match (format, args.wait) {
+        (Format::Table, _) => println!("{}{}", reply.job_id, if reply.reused { " (reused: an identical earlier job)" } else { "" }),
+        (Format::Json, false) => print_json(&reply),
+        // One JSON document on stdout: the job's final view, below.
+        (Format::Json, true) => {}
+    }
     if !args.wait {
         return Ok(());
     }
@@ -137,7 +159,7 @@ pub async fn submit(args: SubmitArgs) -> Result<(), String> {
     // shows the job moving, and stdout keeps the job id alone.
     let at_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new(100);
-    bar.set_style(indicatif::ProgressStyle::with_template("[{bar:40}] {pos:>3}% {msg}").map_err(|e| e.to_string())?.progress_chars("=> "));
+    bar.set_style(indicatif::ProgressStyle::with_template("[{bar:40}] {pos:>3}% {msg}").expect("a valid template").progress_chars("=> "));
     let view = client
         .wait(&reply.job_id, Duration::from_secs(24 * 3600), |e| {
             if !at_terminal {
@@ -161,64 +183,73 @@ pub async fn submit(args: SubmitArgs) -> Result<(), String> {
                 _ => {}
             }
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if at_terminal {
         bar.finish_with_message(view.status.as_str().to_string());
     }
     if let Some(e) = &view.error {
         eprintln!("{}: {}", e.code.as_str(), e.message);
     }
-    download_all(&client, &view.artifacts, &args.out.join(&view.job_id)).await?;
+    download_all(&client, &view.artifacts, &args.out.join(&view.job_id), format).await?;
+    if format == Format::Json {
+        print_json(&view);
+    }
     if view.status == JobState::Completed {
         Ok(())
     } else {
-        Err(format!("job {} ended {}", view.job_id, view.status.as_str()))
+        Err(Failure::job(format!("job {} ended {}", view.job_id, view.status.as_str())))
     }
 }
 
-pub async fn status(StatusArgs { job_id, conn }: StatusArgs) -> Result<(), String> {
+/// `kiln status`: the job's view, JSON by default.
+pub async fn status(StatusArgs { job_id, conn }: StatusArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    print_json(&c.status(&job_id).await.map_err(|e| e.to_string())?);
+    print_as(Format::choose(output, false, Format::Json), &c.status(&job_id).await?);
     Ok(())
 }
 
-pub async fn result(ResultArgs { job_id, out, wait, conn }: ResultArgs) -> Result<(), String> {
+/// `kiln result`: downloads a finished job's results (`--output json`: then prints the job id,
+/// its status, error and the files written); exits 1 unless the job completed.
+pub async fn result(ResultArgs { job_id, out, wait, conn }: ResultArgs, output: Option<Format>) -> Result<(), Failure> {
+    let format = Format::choose(output, false, Format::Table);
     let c = connect(&conn).await?;
-    let view = if wait {
-        c.wait(&job_id, Duration::from_secs(24 * 3600), |_| {}).await.map_err(|e| e.to_string())?
-    } else {
-        c.status(&job_id).await.map_err(|e| e.to_string())?
-    };
+    let view = if wait { c.wait(&job_id, Duration::from_secs(24 * 3600), |_| {}).await? } else { c.status(&job_id).await? };
     if !view.status.is_terminal() {
-        return Err(format!("job {job_id} is {}; nothing to download yet (--wait waits for its end)", view.status.as_str()));
+        return Err(Failure::job(format!("job {job_id} is {}; nothing to download yet (--wait waits for its end)", view.status.as_str())));
     }
-    download_all(&c, &view.artifacts, &out).await?;
+    let files = download_all(&c, &view.artifacts, &out, format).await?;
+    if format == Format::Json {
+        print_json(&serde_json::json!({"job_id": view.job_id, "status": view.status, "error": view.error, "files": files}));
+    }
     match (&view.status, &view.error) {
         (JobState::Completed, _) => Ok(()),
-        (status, Some(e)) => Err(format!("job {job_id} ended {}: {}: {}", status.as_str(), e.code.as_str(), e.message)),
-        (status, None) => Err(format!("job {job_id} ended {}", status.as_str())),
+        (status, Some(e)) => Err(Failure::job(format!("job {job_id} ended {}: {}: {}", status.as_str(), e.code.as_str(), e.message))),
+        (status, None) => Err(Failure::job(format!("job {job_id} ended {}", status.as_str()))),
     }
 }
 
-pub async fn cancel(CancelArgs { job_id, conn }: CancelArgs) -> Result<(), String> {
+/// `kiln cancel`: the job's view after the cancel, JSON by default.
+pub async fn cancel(CancelArgs { job_id, conn }: CancelArgs, output: Option<Format>) -> Result<(), Failure> {
     let c = connect(&conn).await?;
-    print_json(&c.cancel(&job_id).await.map_err(|e| e.to_string())?);
+    print_as(Format::choose(output, false, Format::Json), &c.cancel(&job_id).await?);
     Ok(())
 }
 
 /// `kiln jobs`: the list, newest first, as a table or JSON.
-pub async fn list(JobsArgs { status, model, dead_letter, labels, limit, json, conn }: JobsArgs) -> Result<(), String> {
-    let c = connect(&conn).await?;
+pub async fn list(
+    JobsArgs { status, model, dead_letter, labels, limit, json, conn }: JobsArgs,
+    output: Option<Format>,
+) -> Result<(), Failure> {
     let status = match status {
-        Some(s) => Some(serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| format!("unknown status {s:?}"))?),
+        Some(s) => Some(
+            serde_json::from_value(serde_json::Value::String(s.clone())).map_err(|_| Failure::usage(format!("unknown status {s:?}")))?,
+        ),
         None => None,
     };
-    let reply = c
-        .jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit), labels: parse_labels(&labels)? })
-        .await
-        .map_err(|e| e.to_string())?;
-    if json {
+    let labels = parse_labels(&labels).map_err(Failure::usage)?;
+    let c = connect(&conn).await?;
+    let reply = c.jobs(&ListJobsRequest { status, model, dead_letter, limit: Some(limit), labels }).await?;
+    if Format::choose(output, json, Format::Table) == Format::Json {
         print_json(&reply);
         return Ok(());
     }

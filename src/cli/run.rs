@@ -19,6 +19,7 @@ pub struct NodeArgs {
     /// NATS URL, or "embedded" (overrides nats.url and KILN_NATS__URL).
     #[arg(long)]
     nats: Option<String>,
+    /// The node's name in the cluster (overrides node.name; default: the host name).
     #[arg(long)]
     node_name: Option<String>,
     /// Comma-separated slots, e.g. cuda:0,cuda:1 or cpu:0.
@@ -58,10 +59,13 @@ pub struct DemoArgs {
     /// The config file [default: $KILN_CONFIG, else ./cluster.toml if it exists].
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Jobs of the demo batch.
     #[arg(long, default_value_t = 6)]
     jobs: usize,
+    /// The folder the results are downloaded into.
     #[arg(long, default_value = "demo-results")]
     out: PathBuf,
+    /// The model the jobs run on.
     #[arg(long, default_value = "demo")]
     model: String,
     /// After the jobs, keep the node and the web console (http.addr) up until Ctrl-C.

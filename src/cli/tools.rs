@@ -11,11 +11,14 @@ use kiln::node::RunningNode;
 use kiln_core::config::ClusterConfig;
 use kiln_tools::in_process::{NodeStarter, StartedNode};
 
+use crate::cli::exit::Failure;
+
 #[derive(Args)]
 pub struct ScaleArgs {
     /// Cluster sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10,30,100")]
     nodes: Vec<usize>,
+    /// GPU slots (no-op) of each simulated node.
     #[arg(long, default_value_t = 8)]
     slots: usize,
     /// Seconds the idle cluster is watched for its steady-state rates.
@@ -24,6 +27,7 @@ pub struct ScaleArgs {
     /// No-op jobs of the throughput run, and how many are kept in flight.
     #[arg(long, default_value_t = 2000)]
     jobs: usize,
+    /// Jobs of the throughput run kept in flight.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
     /// Control pings through the API after the idle window (each may open a session).
@@ -40,10 +44,13 @@ pub struct ScaleArgs {
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// Jobs of each run.
     #[arg(long, default_value_t = 2000)]
     jobs: usize,
+    /// Jobs kept in flight.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// No-op slots of the node under test.
     #[arg(long, default_value_t = 8)]
     slots: usize,
     /// Use this NATS instead of starting a temp server.
@@ -70,8 +77,10 @@ pub struct BenchArgs {
     /// a --file-mb file up and down against the object store directly.
     #[arg(long)]
     http: bool,
+    /// SSE clients on one job for --http's fan-out run.
     #[arg(long, default_value_t = 1000)]
     sse_clients: usize,
+    /// Size in MB of the file --http uploads and downloads.
     #[arg(long, default_value_t = 200)]
     file_mb: usize,
     /// The duty-cycle run: a no-op that holds its one slot this many ms, as a forward pass
@@ -85,16 +94,20 @@ pub struct BenchArgs {
 
 #[derive(Args)]
 pub struct ChaosArgs {
+    /// The seed of the storm's schedule: the same seed, the same submissions and faults.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// `short` (CI: 120 submissions, 12 faults), `long` (2,000 and 200) or `cluster` (240
     /// and 20 on a three-server NATS cluster).
     #[arg(long, default_value = "short")]
     profile: String,
+    /// Submissions (overrides the profile's).
     #[arg(long)]
     jobs: Option<u32>,
+    /// Faults injected (overrides the profile's).
     #[arg(long)]
     faults: Option<u32>,
+    /// Node processes, at least 2 (overrides the profile's).
     #[arg(long)]
     nodes: Option<usize>,
     /// Submissions per second.
@@ -122,7 +135,7 @@ pub struct ChaosArgs {
     nats_cluster: Option<usize>,
 }
 
-pub async fn scale(args: ScaleArgs) -> Result<(), String> {
+pub async fn scale(args: ScaleArgs) -> Result<(), Failure> {
     let ScaleArgs { nodes, slots, window_s, jobs, concurrency, calls, full_mesh, json } = args;
     let opts = kiln::scale::ScaleOptions {
         sizes: nodes,
@@ -136,11 +149,11 @@ pub async fn scale(args: ScaleArgs) -> Result<(), String> {
     let binary = std::env::current_exe().map_err(|e| e.to_string())?;
     let reports = kiln::scale::run(opts, binary).await?;
     kiln::scale::print(&reports);
-    write_json(json, &reports)
+    Ok(write_json(json, &reports)?)
 }
 
 /// `kiln bench`: the no-op run against the JetStream floor, or `--torchscript`, or `--http`.
-pub async fn bench(args: BenchArgs) -> Result<(), String> {
+pub async fn bench(args: BenchArgs) -> Result<(), Failure> {
     if args.torchscript {
         let opts = kiln::bench::TorchBenchOptions {
             model_file: args.model_file,
@@ -151,7 +164,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
         };
         let report = kiln::bench::run_torchscript(opts.clone(), &InProcessNodes).await?;
         kiln::bench::print_torchscript(&report, &opts);
-        return write_json(args.json, &report);
+        return Ok(write_json(args.json, &report)?);
     }
     if args.http {
         let opts = kiln::bench_http::HttpBenchOptions {
@@ -162,7 +175,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
         };
         let report = kiln::bench_http::run(opts.clone(), &InProcessNodes).await?;
         kiln::bench_http::print(&report, &opts);
-        return write_json(args.json, &report);
+        return Ok(write_json(args.json, &report)?);
     }
     let opts = kiln::bench::BenchOptions {
         jobs: args.jobs,
@@ -174,18 +187,18 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
     };
     let report = kiln::bench::run(opts.clone()).await?;
     kiln::bench::print(&report, &opts);
-    write_json(args.json, &report)
+    Ok(write_json(args.json, &report)?)
 }
 
 /// `kiln chaos`: the profile with the command line's changes, a run, and its verdict as the
-/// exit status.
-pub async fn chaos(args: ChaosArgs) -> Result<(), String> {
+/// exit status (4, [`crate::cli::exit::Exit::Invariant`], when an invariant failed).
+pub async fn chaos(args: ChaosArgs) -> Result<(), Failure> {
     use kiln::chaos::{ChaosOptions, Profile};
     let mut p = match args.profile.as_str() {
         "short" => Profile::short(),
         "long" => Profile::long(),
         "cluster" => Profile::cluster(),
-        other => return Err(format!("unknown profile {other:?} (short, long or cluster)")),
+        other => return Err(Failure::usage(format!("unknown profile {other:?} (short, long or cluster)"))),
     };
     match args.nats_cluster {
         None => {}
@@ -195,7 +208,9 @@ pub async fn chaos(args: ChaosArgs) -> Result<(), String> {
             p.faults = p.faults.max(kiln::chaos::FaultKind::CLUSTER.len() as u32);
         }
         Some(1) => p.nats_servers = 1,
-        Some(n) => return Err(format!("--nats-cluster {n}: a NATS cluster needs an odd number of servers, 3 or more (or 1)")),
+        Some(n) => {
+            return Err(Failure::usage(format!("--nats-cluster {n}: a NATS cluster needs an odd number of servers, 3 or more (or 1)")))
+        }
     }
     p.jobs = args.jobs.unwrap_or(p.jobs);
     p.faults = args.faults.unwrap_or(p.faults);
@@ -218,7 +233,7 @@ pub async fn chaos(args: ChaosArgs) -> Result<(), String> {
     if report.passed {
         Ok(())
     } else {
-        Err(format!("{} invariants failed", report.invariants.iter().filter(|i| !i.ok).count()))
+        Err(Failure::invariant(format!("{} invariants failed", report.invariants.iter().filter(|i| !i.ok).count())))
     }
 }
 

@@ -36,3 +36,11 @@ pub const MODEL_RUNNING: &str = "kiln_model_running";
 pub const MODEL_SLOTS: &str = "kiln_model_slots";
 /// Labels: model. Slots that would start every queued job within `autoscale.target_wait_s`.
 pub const MODEL_DESIRED_SLOTS: &str = "kiln_model_desired_slots";
+
+// Webhooks (`kiln_actors::webhook`).
+/// Labels: outcome (delivered, retrying, gave_up). One per attempt.
+pub const WEBHOOK_ATTEMPTS: &str = "kiln_webhook_attempts_total";
+/// Labels: outcome (delivered, gave_up). From the event to the end of its message's delivery.
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "kiln_webhook_delivery_seconds";
+/// One attempt's request, from send to the receiver's answer (or its failure).
+pub const WEBHOOK_REQUEST_SECONDS: &str = "kiln_webhook_request_seconds";

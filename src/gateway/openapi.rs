@@ -20,7 +20,7 @@ use kiln_core::endpoint::Endpoint;
 
 /// Every route of the native API: method, path, summary, request schema, reply schema, and
 /// whether the reply is an event stream.
-pub const NATIVE_ROUTES: [(&str, &str, &str); 20] = [
+pub const NATIVE_ROUTES: [(&str, &str, &str); 22] = [
     ("post", "/v1/jobs", "Submit a job (JSON SubmitRequest, or multipart: `model`, `params`, file and text parts as inputs)"),
     ("get", "/v1/jobs", "List jobs, newest first (?status=&model=&limit=&dead_letter=&label=name:value, label repeatable)"),
     ("get", "/v1/jobs/{id}", "A job"),
@@ -28,6 +28,8 @@ pub const NATIVE_ROUTES: [(&str, &str, &str); 20] = [
     ("get", "/v1/jobs/{id}/events", "The job's events as SSE: history, then live; resumes after Last-Event-ID"),
     ("get", "/v1/jobs/{id}/artifacts/{name}", "An artifact's bytes (ETag = sha256, Range)"),
     ("get", "/v1/jobs/{id}/preview", "The job's newest live preview: image bytes, kept 10 minutes; 404 when none"),
+    ("get", "/v1/jobs/{id}/webhooks", "The job's webhook delivery log: each attempt, its status code or error, its latency"),
+    ("post", "/v1/jobs/{id}/webhooks/redeliver", "Send the job's last event to its webhooks again (202; same webhook-id)"),
     ("post", "/v1/files", "Upload files (multipart); each becomes uploads/<uuid>/<name>"),
     ("put", "/v1/files/{name}", "Upload one file under a name (the raw body)"),
     ("get", "/v1/files/{name}", "An uploaded file's bytes"),
@@ -58,6 +60,8 @@ pub fn forwards_to(method: &str, path: &str) -> Option<(Endpoint, bool)> {
         ("get", "/v1/models") => (Endpoint::Models, false),
         ("get", "/v1/cluster") => (Endpoint::Cluster, false),
         ("get", "/v1/queue") => (Endpoint::Queue, false),
+        ("get", "/v1/jobs/{id}/webhooks") => (Endpoint::Webhooks, false),
+        ("post", "/v1/jobs/{id}/webhooks/redeliver") => (Endpoint::WebhooksRedeliver, false),
         _ => return None,
     })
 }
@@ -194,6 +198,8 @@ pub fn document() -> Value {
             || method == "put"
         {
             "201"
+        } else if path.ends_with("/redeliver") {
+            "202" // queued, not yet delivered
         } else {
             "200"
         };

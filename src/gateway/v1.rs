@@ -31,6 +31,8 @@ pub fn router() -> Router<Gateway> {
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/artifacts/{name}", get(get_artifact))
         .route("/v1/jobs/{id}/preview", get(get_preview))
+        .route("/v1/jobs/{id}/webhooks", get(job_webhooks))
+        .route("/v1/jobs/{id}/webhooks/redeliver", post(redeliver_webhooks))
         .route("/v1/files", post(upload_files))
         .route("/v1/files/{*name}", get(get_file).put(put_file))
         .route("/v1/batches", post(submit_batch))
@@ -358,6 +360,17 @@ async fn get_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<
 
 async fn cancel_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
     Ok(Json(tenant.client.cancel(&id).await?).into_response())
+}
+
+/// `GET /v1/jobs/{id}/webhooks`: the job's webhook delivery log.
+async fn job_webhooks(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.webhooks(&id).await?).into_response())
+}
+
+/// `POST /v1/jobs/{id}/webhooks/redeliver`: the job's last event sent to its webhooks again
+/// (202: queued, delivered as any message is; the log shows the attempts).
+async fn redeliver_webhooks(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok((StatusCode::ACCEPTED, Json(tenant.client.redeliver_webhooks(&id).await?)).into_response())
 }
 
 /// The SSE name of an event: its `type` (`status`, `progress`, `item_completed`...).

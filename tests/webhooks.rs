@@ -139,10 +139,14 @@ fn noop_job(url: &str, events: &[WebhookEvent]) -> SubmitRequest {
 
 async fn cluster_with(config_extra: &str) -> TestCluster {
     let mut cluster = TestCluster::new();
-    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &format!("{NOOP_MODEL}\n{config_extra}"));
+    let config = node_config(&cluster, config_extra);
     cluster.add_node("n1", &config);
     cluster.wait_node_ready("n1", 1).await;
     cluster
+}
+
+fn node_config(cluster: &TestCluster, config_extra: &str) -> String {
+    config_toml(&cluster.url(), &["cpu:0"], 10_000, &format!("{NOOP_MODEL}\n{config_extra}"))
 }
 
 /// Waits until `check` holds, or fails with `what` and the node logs' tails.
@@ -160,8 +164,7 @@ async fn wait_for(cluster: &TestCluster, limit: Duration, what: &str, mut check:
 async fn a_signed_webhook_is_retried_after_a_500_logged_and_redelivered_over_http() {
     let (rx, base, _server) = receiver().await;
     let cluster = cluster_with(&webhooks_config(true, "")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = GatewayProcess::spawn(dir.path(), "gw", "", &cluster.url());
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gw", &node_config(&cluster, &webhooks_config(true, "")), &cluster.url());
     rx.script("/hook", &[Answer::Status(500)]);
 
     // Submitted over HTTP: the webhook is part of the shared SubmitRequest.

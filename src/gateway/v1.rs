@@ -230,7 +230,7 @@ pub async fn forget_files(tenant: &Tenant, form: &Form) {
 }
 
 /// A multipart submit as a [`SubmitRequest`]: `model`; `params`, `inputs` and `labels` as JSON objects;
-/// `priority`, `idempotency_key`, `max_attempts`, `reuse`; every file part an object input;
+/// `priority`, `idempotency_key`, `max_attempts`, `reuse`, `webhook`; every file part an object input;
 /// every other text part an inline input of that name.
 fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
     let mut request = SubmitRequest::default();
@@ -272,6 +272,13 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
                 )
             }
             "reuse" => request.reuse = value.as_bool().unwrap_or(false),
+            // The job's webhook, as the JSON object a JSON submit takes.
+            "webhook" => {
+                request.webhook = Some(
+                    serde_json::from_str(&text(value))
+                        .map_err(|e| HttpError::bad_request(format!("part `webhook` is not a webhook object {{url, events}}: {e}")))?,
+                )
+            }
             _ => {
                 request.inputs.insert(name.clone(), InputValue::Inline(serde_json::Value::String(text(value))));
             }

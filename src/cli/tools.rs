@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// a --file-mb file up and down against the object store directly.
     #[arg(long)]
     http: bool,
+    /// Benchmark webhook delivery instead: a no-op job's terminal event to a local receiver
+    /// getting its signed POST, p50/p99 against a plain HTTP POST to the same receiver.
+    #[arg(long)]
+    webhooks: bool,
     #[arg(long, default_value_t = 1000)]
     sse_clients: usize,
     #[arg(long, default_value_t = 200)]
@@ -139,7 +143,7 @@ pub async fn scale(args: ScaleArgs) -> Result<(), String> {
     write_json(json, &reports)
 }
 
-/// `kiln bench`: the no-op run against the JetStream floor, or `--torchscript`, or `--http`.
+/// `kiln bench`: the no-op run against the JetStream floor, or `--torchscript`, `--http`, `--webhooks`.
 pub async fn bench(args: BenchArgs) -> Result<(), String> {
     if args.torchscript {
         let opts = kiln::bench::TorchBenchOptions {
@@ -151,6 +155,12 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
         };
         let report = kiln::bench::run_torchscript(opts.clone(), &InProcessNodes).await?;
         kiln::bench::print_torchscript(&report, &opts);
+        return write_json(args.json, &report);
+    }
+    if args.webhooks {
+        let opts = kiln::bench_webhooks::WebhookBenchOptions { jobs: args.jobs.min(2000) };
+        let report = kiln::bench_webhooks::run(opts.clone(), &InProcessNodes).await?;
+        kiln::bench_webhooks::print(&report, &opts);
         return write_json(args.json, &report);
     }
     if args.http {

@@ -49,17 +49,23 @@ const THROTTLE_MEMORY: usize = 10_000;
 
 pub struct WebhookDelivery;
 
+/// It takes none: the loops it owns do the work.
+pub enum WebhookDeliveryMsg {}
+
+// Local only (ractor's `cluster` feature needs the impl spelled out).
+impl ractor::Message for WebhookDeliveryMsg {}
+
 pub struct WebhookDeliveryState {
     _fanout: TaskGuard<()>,
     _delivery: TaskGuard<()>,
 }
 
 impl Actor for WebhookDelivery {
-    type Msg = ();
+    type Msg = WebhookDeliveryMsg;
     type State = WebhookDeliveryState;
     type Arguments = NodeContext;
 
-    async fn pre_start(&self, _myself: ActorRef<()>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _myself: ActorRef<WebhookDeliveryMsg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         let config = Arc::new(ctx.config.webhooks.clone());
         let fanout = ctx.resources.webhook_fanout_consumer().await?;
         let delivery = ctx.resources.webhook_delivery_consumer(Duration::from_millis(config.timeout_ms)).await?;
@@ -117,7 +123,7 @@ struct FanOut {
     config: Arc<WebhooksConfig>,
     /// Per job: when its last progress message was queued, and the newest progress event's
     /// sequence seen (the throttle's memory on this node).
-    throttle: DashMap<String, (Instant, u64)>,
+    throttle: DashMap<String, (Option<Instant>, u64)>,
 }
 
 impl FanOut {
@@ -183,17 +189,18 @@ impl FanOut {
             if self.throttle.len() > THROTTLE_MEMORY {
                 self.throttle.clear();
             }
-            let mut entry = self.throttle.entry(event.job_id.clone()).or_insert((Instant::now() - interval, 0));
+            // The map's guard is let go before any await below.
+            let mut entry = self.throttle.entry(event.job_id.clone()).or_insert((None, 0));
             let (last_sent, newest) = *entry;
             if newest > seq {
                 return Ok(None); // a later progress event came meanwhile: the latest wins
             }
-            let since = last_sent.elapsed();
-            if since < interval {
+            if let Some(since) = last_sent.map(|t| t.elapsed()).filter(|since| *since < interval) {
                 entry.1 = seq;
                 return Ok(Some(interval - since));
             }
-            *entry = (Instant::now(), seq);
+            *entry = (Some(Instant::now()), seq);
+            drop(entry);
         }
         for message in webhook::messages(&record, event, seq, kind, &targets, false) {
             self.resources.enqueue_webhook(&message, &message.webhook_id).await?;

@@ -17,7 +17,9 @@
 //!    [`kiln_core::policy::webhook_backoff`]. A node that dies mid-attempt never acks: the
 //!    message comes back to another node after the ack wait.
 //!
-//! The actor itself takes no messages: it owns the two loops, and stopping it stops them.
+//! The actor itself takes no messages: it owns the two loops, and stopping it stops them. A
+//! node without `[webhooks]` (no secret, no endpoint) runs neither: every job would pay for
+//! reading its events, and none can have a webhook.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -56,8 +58,9 @@ pub enum WebhookDeliveryMsg {}
 impl ractor::Message for WebhookDeliveryMsg {}
 
 pub struct WebhookDeliveryState {
-    _fanout: TaskGuard<()>,
-    _delivery: TaskGuard<()>,
+    /// Both `None` on a node without `[webhooks]` configured (see `pre_start`).
+    _fanout: Option<TaskGuard<()>>,
+    _delivery: Option<TaskGuard<()>>,
 }
 
 impl Actor for WebhookDelivery {
@@ -67,14 +70,20 @@ impl Actor for WebhookDelivery {
 
     async fn pre_start(&self, _myself: ActorRef<WebhookDeliveryMsg>, ctx: NodeContext) -> Result<Self::State, ActorProcessingErr> {
         let config = Arc::new(ctx.config.webhooks.clone());
+        if config.secret.is_empty() && config.endpoints.is_empty() {
+            // No job can have a webhook here (submit refuses one without a secret) and no
+            // endpoint wants any event: reading every job event would cost each job two NATS
+            // messages per event for nothing.
+            return Ok(WebhookDeliveryState { _fanout: None, _delivery: None });
+        }
         let fanout = ctx.resources.webhook_fanout_consumer().await?;
         let delivery = ctx.resources.webhook_delivery_consumer(Duration::from_millis(config.timeout_ms)).await?;
         let http = http_client(&config)?;
         let fan = FanOut { resources: ctx.resources.clone(), config: config.clone(), throttle: Default::default() };
         let sender = Sender { resources: ctx.resources.clone(), config, http };
         Ok(WebhookDeliveryState {
-            _fanout: task::spawn(TaskKind::OwnerLoop, "webhooks: fan-out of job events", fan.run(fanout)),
-            _delivery: task::spawn(TaskKind::OwnerLoop, "webhooks: delivery", sender.run(delivery)),
+            _fanout: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: fan-out of job events", fan.run(fanout))),
+            _delivery: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: delivery", sender.run(delivery))),
         })
     }
 }

@@ -124,3 +124,37 @@ impl WebhooksConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::ClusterConfig;
+
+    fn check(toml: &str) -> Result<ClusterConfig, String> {
+        let toml = format!("[[models]]\nname = \"noop\"\nengine = {{ kind = \"noop\" }}\n{toml}");
+        let c = ClusterConfig::from_toml(&toml, "test").map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn webhooks_are_off_by_default_and_their_secrets_and_endpoints_checked() {
+        let c = check("").expect("defaults");
+        assert!(c.webhooks.secret.is_empty() && !c.webhooks.allow_loopback && c.webhooks.endpoints.is_empty());
+        assert!(check("[webhooks]\nsecret = \"plain\"").unwrap_err().contains("webhooks.secret"));
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let c = check(&format!("[webhooks]\nsecret = \"{secret}\"\nallow_loopback = true")).expect("valid");
+        assert_eq!(c.webhooks.secret_of(None), Some(secret));
+        let endpoint = |name: &str, url: &str, secret: &str| {
+            format!("[[webhooks.endpoints]]\nname = \"{name}\"\nurl = \"{url}\"\nsecret = \"{secret}\"\nevents = [\"completed\"]\n")
+        };
+        let ok = check(&endpoint("ops", "https://example.com/h", secret)).expect("valid");
+        assert_eq!(ok.webhooks.secret_of(Some("ops")), Some(secret));
+        assert_eq!(ok.webhooks.secret_of(None), None, "job webhooks need [webhooks] secret");
+        assert!(check(&endpoint("ops", "ftp://example.com/h", secret)).unwrap_err().contains("webhooks.endpoints[0].url"));
+        assert!(check(&endpoint("ops", "https://example.com/h", "")).unwrap_err().contains("webhooks.endpoints[0].secret"));
+        let twice = format!("{}{}", endpoint("ops", "https://a.example/h", secret), endpoint("ops", "https://b.example/h", secret));
+        assert!(check(&twice).unwrap_err().contains("webhooks.endpoints[1].name"));
+        assert!(check("[[webhooks.endpoints]]\nname = \"x\"\nurl = \"https://a.example\"\nevents = [\"finished\"]").is_err());
+        assert!(!format!("{:?}", ok.webhooks).contains(secret), "Debug never prints a secret");
+    }
+}

@@ -167,6 +167,8 @@ mod tests {
             "cancel_batch",
             "retry_batch",
             "queue",
+            "webhooks",
+            "webhooks_redeliver",
         ];
         assert_eq!(ENDPOINTS, listed);
     }

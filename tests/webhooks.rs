@@ -339,7 +339,12 @@ async fn loopback_is_refused_unless_allowed_at_submit_and_on_each_attempt() {
         }
     }
     // Unknown events and bad URLs are refused too.
-    let bad = client.request::<_, serde_json::Value>("submit", &serde_json::json!({"model": "noop", "webhook": {"url": "https://example.com/h", "events": ["finished"]}})).await;
+    let bad = client
+        .request::<_, serde_json::Value>(
+            "submit",
+            &serde_json::json!({"model": "noop", "webhook": {"url": "https://example.com/h", "events": ["finished"]}}),
+        )
+        .await;
     assert!(bad.as_ref().is_err_and(|e| e.to_string().starts_with("bad_request") && e.to_string().contains("finished")), "{bad:?}");
     let bad = client.submit(&noop_job("ftp://example.com/h", &[])).await;
     assert!(bad.as_ref().is_err_and(|e| e.to_string().contains("http or https")), "{bad:?}");
@@ -348,7 +353,8 @@ async fn loopback_is_refused_unless_allowed_at_submit_and_on_each_attempt() {
     let job = client.submit(&SubmitRequest { model: "noop".into(), ..Default::default() }).await.unwrap().job_id;
     let ok = eventually(Duration::from_secs(20), || async {
         client.webhooks(&job).await.is_ok_and(|l| {
-            l.attempts.len() >= 2 && l.attempts.iter().all(|a| a.outcome == "gave_up" && a.error.as_deref().unwrap_or("").starts_with("address_refused"))
+            l.attempts.len() >= 2
+                && l.attempts.iter().all(|a| a.outcome == "gave_up" && a.error.as_deref().unwrap_or("").starts_with("address_refused"))
         })
     })
     .await;

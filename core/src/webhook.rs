@@ -45,9 +45,10 @@ pub fn verify(key: &[u8], id: &str, timestamp_s: u64, body: &[u8], header: &str)
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     mac.update(format!("{id}.{timestamp_s}.").as_bytes());
     mac.update(body);
-    header.split(' ').filter_map(|s| s.strip_prefix("v1,")).any(|sig| {
-        base64::engine::general_purpose::STANDARD.decode(sig).is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok())
-    })
+    header
+        .split(' ')
+        .filter_map(|s| s.strip_prefix("v1,"))
+        .any(|sig| base64::engine::general_purpose::STANDARD.decode(sig).is_ok_and(|sig| mac.clone().verify_slice(&sig).is_ok()))
 }
 
 /// The webhook event a job event is, if any: `running` is `started`, a progress report is
@@ -293,7 +294,8 @@ mod tests {
         assert!(check_url("ftp://example.com/hook", true).is_err());
         assert!(check_url("https://user:pw@example.com/", true).is_err());
         assert!(check_url("not a url", true).is_err());
-        for private in ["http://127.0.0.1:9/x", "http://localhost/x", "http://10.1.2.3/", "http://[::1]/", "http://169.254.169.254/latest"] {
+        for private in ["http://127.0.0.1:9/x", "http://localhost/x", "http://10.1.2.3/", "http://[::1]/", "http://169.254.169.254/latest"]
+        {
             assert!(check_url(private, false).is_err(), "{private}");
             assert!(check_url(private, true).is_ok(), "{private}");
         }

@@ -262,7 +262,11 @@ impl ApiService {
         };
         let targets = kiln_core::webhook::targets(&record, &self.config.webhooks, kind);
         if targets.is_empty() {
-            return Err(ApiError::bad_request(format!("job {:?} has no webhook that wants its last event (job.{})", record.job_id, kind.as_str())));
+            return Err(ApiError::bad_request(format!(
+                "job {:?} has no webhook that wants its last event (job.{})",
+                record.job_id,
+                kind.as_str()
+            )));
         }
         let now = kiln_core::now_ms();
         let messages = kiln_core::webhook::messages(&record, &event, seq, kind, &targets, true);

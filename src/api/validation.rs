@@ -208,8 +208,9 @@ pub fn check_webhook(webhook: Option<&WebhookSpec>, config: &kiln_core::config::
             "webhook: this cluster has no [webhooks] secret to sign job webhooks with, so it takes none (ask its operator to set one)",
         ));
     }
-    kiln_core::webhook::check_url(&webhook.url, config.allow_loopback)
-        .map_err(|why| ApiError::bad_request(format!("webhook.url {:?} {why}", kiln_core::protocol::truncate_utf8(webhook.url.clone(), 200))))?;
+    kiln_core::webhook::check_url(&webhook.url, config.allow_loopback).map_err(|why| {
+        ApiError::bad_request(format!("webhook.url {:?} {why}", kiln_core::protocol::truncate_utf8(webhook.url.clone(), 200)))
+    })?;
     Ok(())
 }
 

@@ -136,11 +136,7 @@ pub async fn run(opts: WebhookBenchOptions, nodes: &dyn NodeStarter) -> Result<W
         let (client, url, arrivals, ended) = (client.clone(), url.clone(), arrivals.clone(), ended.clone());
         async move {
             let t = Instant::now();
-            let request = SubmitRequest {
-                model: "noop".into(),
-                webhook: Some(WebhookSpec { url, events: vec![] }),
-                ..Default::default()
-            };
+            let request = SubmitRequest { model: "noop".into(), webhook: Some(WebhookSpec { url, events: vec![] }), ..Default::default() };
             let job = client.submit(&request).await.map_err(|e| e.to_string())?.job_id;
             let got = arrival(&arrivals, &job, Duration::from_secs(30)).await?;
             let end = ended.lock().expect("not poisoned").get(&job).copied().ok_or_else(|| format!("{job}: no terminal event seen"))?;

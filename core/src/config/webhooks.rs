@@ -98,7 +98,10 @@ impl WebhooksConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let check_secret = |key: String, secret: &str| -> Result<(), ConfigError> {
             if crate::webhook::decode_secret(secret).is_none() {
-                return Err(invalid(key, "must be `whsec_` and the base64 of 24 to 64 random bytes (`echo whsec_$(openssl rand -base64 32)` makes one)"));
+                return Err(invalid(
+                    key,
+                    "must be `whsec_` and the base64 of 24 to 64 random bytes (`echo whsec_$(openssl rand -base64 32)` makes one)",
+                ));
             }
             Ok(())
         };

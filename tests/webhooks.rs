@@ -387,3 +387,37 @@ async fn configured_endpoints_get_their_models_events_signed_with_their_own_secr
     assert!(cfg.iter().all(|r| r.body["data"]["job_id"] == job.as_str()));
     assert!(cfg.iter().all(|r| r.id != rx.got("/hook")[0].id), "each endpoint's message has its own webhook-id");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_messages_are_throttled_to_one_per_interval() {
+    let (rx, base, _server) = receiver().await;
+    let mut cluster = TestCluster::new();
+    let extra = format!("{}\n{}", demo_model("demo", &[], 3, 60_000), webhooks_config(true, "progress_interval_ms = 400"));
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &extra));
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    // 30 steps of 50 ms: 30 progress events in about 1.5 s.
+    let mut request = prompt_request("demo", "a fox", serde_json::json!({"steps": 30, "step_ms": 50}));
+    request.webhook = Some(WebhookSpec {
+        url: format!("{base}/hook"),
+        events: vec![WebhookEvent::Started, WebhookEvent::Progress, WebhookEvent::Completed],
+    });
+    let job = client.submit(&request).await.unwrap().job_id;
+    let view = wait_terminal(&client, &job, Duration::from_secs(60)).await;
+    assert_eq!(view.status, JobState::Completed);
+    let events = history(&client, &job).await;
+    let progress_events = events.iter().filter(|e| e.kind == kiln_core::protocol::EventKind::Progress).count();
+    wait_for(&cluster, Duration::from_secs(20), "the completed message", || {
+        rx.got("/hook").iter().any(|r| r.body["type"] == "job.completed")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = rx.got("/hook");
+    let progress: Vec<&Received> = got.iter().filter(|r| r.body["type"] == "job.progress").collect();
+    assert!(got.iter().any(|r| r.body["type"] == "job.started"), "{got:#?}");
+    assert!(got.iter().all(|r| r.verified));
+    // The run lasts about 1.5 s; one message per 400 ms is at most 5 or so, against 30+ events.
+    assert!(progress_events >= 30, "the worker reported every step: {progress_events}");
+    assert!(!progress.is_empty() && progress.len() <= 6, "{} progress messages for {progress_events} events: {progress:#?}", progress.len());
+    assert!(progress.iter().all(|r| r.body["data"]["progress"].is_number()), "{progress:#?}");
+}

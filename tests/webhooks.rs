@@ -389,7 +389,7 @@ async fn configured_endpoints_get_their_models_events_signed_with_their_own_secr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_messages_are_throttled_to_one_per_interval() {
+async fn progress_and_preview_messages_are_throttled_to_one_per_interval() {
     let (rx, base, _server) = receiver().await;
     let mut cluster = TestCluster::new();
     let extra = format!("{}\n{}", demo_model("demo", &[], 3, 60_000), webhooks_config(true, "progress_interval_ms = 400"));
@@ -400,7 +400,7 @@ async fn progress_messages_are_throttled_to_one_per_interval() {
     let mut request = prompt_request("demo", "a fox", serde_json::json!({"steps": 30, "step_ms": 50}));
     request.webhook = Some(WebhookSpec {
         url: format!("{base}/hook"),
-        events: vec![WebhookEvent::Started, WebhookEvent::Progress, WebhookEvent::Completed],
+        events: vec![WebhookEvent::Started, WebhookEvent::Progress, WebhookEvent::Preview, WebhookEvent::Completed],
     });
     let job = client.submit(&request).await.unwrap().job_id;
     let view = wait_terminal(&client, &job, Duration::from_secs(60)).await;
@@ -420,4 +420,12 @@ async fn progress_messages_are_throttled_to_one_per_interval() {
     assert!(progress_events >= 30, "the worker reported every step: {progress_events}");
     assert!(!progress.is_empty() && progress.len() <= 6, "{} progress messages for {progress_events} events: {progress:#?}", progress.len());
     assert!(progress.iter().all(|r| r.body["data"]["progress"].is_number()), "{progress:#?}");
+    // Live previews (the demo worker sends one per 500 ms, the model's default interval): named,
+    // not carried.
+    let previews: Vec<&Received> = got.iter().filter(|r| r.body["type"] == "job.preview").collect();
+    assert!(!previews.is_empty() && previews.len() <= 6, "{previews:#?}");
+    for p in &previews {
+        assert_eq!(p.body["data"]["preview"]["content_type"], "image/png", "{p:#?}");
+        assert!(p.body["data"]["preview"]["size"].as_u64().is_some_and(|s| s > 0), "{p:#?}");
+    }
 }

@@ -8,7 +8,8 @@
 //!    sequence and the target: reading the event again after a crash queues nothing twice), then
 //!    acks the event. Progress is throttled here: at most one per job per
 //!    `progress_interval_ms`; one that comes sooner is handed back until the interval ends and
-//!    dropped then if a later one came meanwhile (the latest wins).
+//!    dropped then if a later one came meanwhile (the latest wins). Live previews come the same
+//!    way from `KILN_PREVIEWS` (`webhooks-previews`) as `job.preview` messages that name them.
 //! 2. **Delivery.** A durable consumer of `KILN_WEBHOOKS` (`webhooks-delivery`) hands each
 //!    message to one node, which signs it (Standard Webhooks), POSTs it without following
 //!    redirects, to an address it checked (see [`CheckedResolver`]), writes the attempt into the
@@ -60,6 +61,7 @@ impl ractor::Message for WebhookDeliveryMsg {}
 pub struct WebhookDeliveryState {
     /// Both `None` on a node without `[webhooks]` configured (see `pre_start`).
     _fanout: Option<TaskGuard<()>>,
+    _previews: Option<TaskGuard<()>>,
     _delivery: Option<TaskGuard<()>>,
 }
 
@@ -74,15 +76,17 @@ impl Actor for WebhookDelivery {
             // No job can have a webhook here (submit refuses one without a secret) and no
             // endpoint wants any event: reading every job event would cost each job two NATS
             // messages per event for nothing.
-            return Ok(WebhookDeliveryState { _fanout: None, _delivery: None });
+            return Ok(WebhookDeliveryState { _fanout: None, _previews: None, _delivery: None });
         }
         let fanout = ctx.resources.webhook_fanout_consumer().await?;
+        let previews = ctx.resources.webhook_previews_consumer().await?;
         let delivery = ctx.resources.webhook_delivery_consumer(Duration::from_millis(config.timeout_ms)).await?;
         let http = http_client(&config)?;
-        let fan = FanOut { resources: ctx.resources.clone(), config: config.clone(), throttle: Default::default() };
+        let fan = Arc::new(FanOut { resources: ctx.resources.clone(), config: config.clone(), throttle: Default::default() });
         let sender = Sender { resources: ctx.resources.clone(), config, http };
         Ok(WebhookDeliveryState {
-            _fanout: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: fan-out of job events", fan.run(fanout))),
+            _fanout: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: fan-out of job events", fan.clone().run(fanout, false))),
+            _previews: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: fan-out of live previews", fan.run(previews, true))),
             _delivery: Some(task::spawn(TaskKind::OwnerLoop, "webhooks: delivery", sender.run(delivery))),
         })
     }
@@ -130,18 +134,30 @@ impl reqwest::dns::Resolve for CheckedResolver {
 struct FanOut {
     resources: Resources,
     config: Arc<WebhooksConfig>,
-    /// Per job: when its last progress message was queued, and the newest progress event's
-    /// sequence seen (the throttle's memory on this node).
+    /// Per job (and `<job>#preview`): when its last progress (preview) message was queued, and
+    /// the newest one's stream sequence seen (the throttle's memory on this node).
     throttle: DashMap<String, (Option<Instant>, u64)>,
 }
 
+/// What the throttle says of a progress (or preview) message.
+enum Throttle {
+    Send,
+    /// Too soon after the last one: look again after this.
+    Later(Duration),
+    /// A later one came meanwhile: the latest wins.
+    Drop,
+}
+
 impl FanOut {
-    async fn run(self, consumer: jetstream::consumer::PullConsumer) {
+    /// Reads `consumer` for as long as the actor lives: job events, or (`previews`) live
+    /// previews.
+    async fn run(self: Arc<Self>, consumer: jetstream::consumer::PullConsumer, previews: bool) {
         loop {
             match consumer.messages().await {
                 Ok(mut messages) => {
                     while let Some(message) = messages.next().await {
                         match message {
+                            Ok(message) if previews => self.handle_preview(message).await,
                             Ok(message) => self.handle(message).await,
                             Err(e) => {
                                 tracing::debug!(error = %e, "webhooks fan-out: pull failed");
@@ -156,6 +172,22 @@ impl FanOut {
         }
     }
 
+    /// Settles a message after its fan-out: acked, handed back to be looked at later, or (on a
+    /// NATS error) handed back to be read again (and de-duplicated) soon.
+    async fn settle(message: jetstream::Message, job_id: &str, outcome: Result<Option<Duration>, kiln_core::nats::StoreError>) {
+        let settled = match outcome {
+            Ok(None) => message.ack().await,
+            Ok(Some(later)) => message.ack_with(AckKind::Nak(Some(later))).await,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "webhooks fan-out failed; the message is read again");
+                message.ack_with(AckKind::Nak(Some(REOPEN_PAUSE))).await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::debug!(error = %e, "webhooks fan-out: not settled; it comes back after the ack wait");
+        }
+    }
+
     async fn handle(&self, message: jetstream::Message) {
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let Ok(event) = serde_json::from_slice::<Event>(&message.payload) else {
@@ -166,19 +198,27 @@ impl FanOut {
             let _ = message.ack().await;
             return;
         };
-        match self.fan_out(&event, seq, kind).await {
-            Ok(None) => {
-                let _ = message.ack().await;
-            }
-            Ok(Some(later)) => {
-                let _ = message.ack_with(AckKind::Nak(Some(later))).await;
-            }
-            Err(e) => {
-                // Handed back: read again (and de-duplicated) once NATS answers.
-                tracing::warn!(job_id = %event.job_id, error = %e, "webhooks fan-out failed; the event is read again");
-                let _ = message.ack_with(AckKind::Nak(Some(REOPEN_PAUSE))).await;
-            }
+        let outcome = self.fan_out(&event, seq, kind).await;
+        Self::settle(message, &event.job_id, outcome).await;
+    }
+
+    /// At most one message per `key` per `progress_interval_ms`, the latest (by `seq`) winning.
+    fn throttle(&self, key: String, seq: u64) -> Throttle {
+        let interval = Duration::from_millis(self.config.progress_interval_ms);
+        if self.throttle.len() > THROTTLE_MEMORY {
+            self.throttle.clear();
         }
+        let mut entry = self.throttle.entry(key).or_insert((None, 0));
+        let (last_sent, newest) = *entry;
+        if newest > seq {
+            return Throttle::Drop;
+        }
+        if let Some(since) = last_sent.map(|t| t.elapsed()).filter(|since| *since < interval) {
+            entry.1 = seq;
+            return Throttle::Later(interval - since);
+        }
+        *entry = (Some(Instant::now()), seq);
+        Throttle::Send
     }
 
     /// Queues the messages of one event; `Some(wait)` when a throttled progress event is to be
@@ -194,27 +234,53 @@ impl FanOut {
             if record.is_terminal() {
                 return Ok(None); // its end is on its way; a late progress message would mislead
             }
-            let interval = Duration::from_millis(self.config.progress_interval_ms);
-            if self.throttle.len() > THROTTLE_MEMORY {
-                self.throttle.clear();
+            match self.throttle(event.job_id.clone(), seq) {
+                Throttle::Send => {}
+                Throttle::Later(wait) => return Ok(Some(wait)),
+                Throttle::Drop => return Ok(None),
             }
-            // The map's guard is let go before any await below.
-            let mut entry = self.throttle.entry(event.job_id.clone()).or_insert((None, 0));
-            let (last_sent, newest) = *entry;
-            if newest > seq {
-                return Ok(None); // a later progress event came meanwhile: the latest wins
-            }
-            if let Some(since) = last_sent.map(|t| t.elapsed()).filter(|since| *since < interval) {
-                entry.1 = seq;
-                return Ok(Some(interval - since));
-            }
-            *entry = (Some(Instant::now()), seq);
-            drop(entry);
         }
         for message in webhook::messages(&record, event, seq, kind, &targets, false) {
             self.resources.enqueue_webhook(&message, &message.webhook_id).await?;
         }
         Ok(None)
+    }
+
+    /// A live preview into `job.preview` messages: its bytes stay in `KILN_PREVIEWS` (the
+    /// message names them), throttled as progress is.
+    async fn handle_preview(&self, message: jetstream::Message) {
+        let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        let Some(job_id) = header(kiln_core::preview::HEADER_JOB_ID) else {
+            let _ = message.ack().await;
+            return;
+        };
+        let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let preview = webhook::PreviewRef {
+            content_type: header(kiln_core::preview::HEADER_CONTENT_TYPE).unwrap_or_default(),
+            size: message.payload.len() as u64,
+            seq: number(kiln_core::preview::HEADER_SEQ),
+        };
+        let (attempt, ts_ms) = (number(kiln_core::preview::HEADER_ATTEMPT) as u32, number(kiln_core::preview::HEADER_TS_MS));
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let outcome = async {
+            let Some(versioned) = self.resources.get_job(&job_id).await? else { return Ok(None) };
+            let record = versioned.record;
+            let targets = webhook::targets(&record, &self.config, WebhookEvent::Preview);
+            if targets.is_empty() || record.is_terminal() {
+                return Ok(None);
+            }
+            match self.throttle(format!("{job_id}#preview"), seq) {
+                Throttle::Send => {}
+                Throttle::Later(wait) => return Ok(Some(wait)),
+                Throttle::Drop => return Ok(None),
+            }
+            for m in webhook::preview_messages(&record, preview, attempt, ts_ms, seq, &targets) {
+                self.resources.enqueue_webhook(&m, &m.webhook_id).await?;
+            }
+            Ok(None)
+        }
+        .await;
+        Self::settle(message, &job_id, outcome).await;
     }
 }
 

@@ -239,7 +239,8 @@ pub enum WebhookEvent {
     Started,
     /// The engine reported progress (throttled: at most one per `progress_interval_ms`).
     Progress,
-    /// A live preview was published (reserved: accepted, not yet sent).
+    /// A live preview was published (throttled as progress is; the message names the preview,
+    /// its bytes are at `GET /v1/jobs/{id}/preview`).
     Preview,
     Completed,
     Failed,

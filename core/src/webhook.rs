@@ -116,17 +116,43 @@ pub fn messages(
     targets: &[Target],
     manual: bool,
 ) -> Vec<crate::nats::webhooks::WebhookMessage> {
-    let body = serde_json::to_string(&payload(record, event, kind)).expect("payloads serialize");
+    let body = payload(record, event, kind);
+    let ids = |endpoint: Option<&str>| message_id(&record.job_id, event_seq, endpoint);
+    messages_of(record, &body, &ids, event.ts_ms, targets, manual)
+}
+
+/// A live preview's messages (`job.preview`): `preview_seq` is its sequence in the previews
+/// stream, which its `webhook-id` carries as `p<seq>` (the events stream's sequences are
+/// another count).
+pub fn preview_messages(record: &JobRecord, preview: PreviewRef, attempt: u32, ts_ms: u64, preview_seq: u64, targets: &[Target]) -> Vec<crate::nats::webhooks::WebhookMessage> {
+    let mut event = Event::status(&record.job_id, attempt, record.state);
+    event.ts_ms = ts_ms;
+    let mut body = payload(record, &event, WebhookEvent::Preview);
+    body.data.preview = Some(preview);
+    let ids = |endpoint: Option<&str>| format!("msg_{}_p{preview_seq}_{}", record.job_id, endpoint.unwrap_or("job"));
+    messages_of(record, &body, &ids, ts_ms, targets, false)
+}
+
+fn messages_of(
+    record: &JobRecord,
+    body: &Payload,
+    ids: &dyn Fn(Option<&str>) -> String,
+    event_ms: u64,
+    targets: &[Target],
+    manual: bool,
+) -> Vec<crate::nats::webhooks::WebhookMessage> {
+    let kind = body.kind.clone();
+    let body = serde_json::to_string(body).expect("payloads serialize");
     targets
         .iter()
         .map(|t| crate::nats::webhooks::WebhookMessage {
-            webhook_id: message_id(&record.job_id, event_seq, t.endpoint.as_deref()),
+            webhook_id: ids(t.endpoint.as_deref()),
             job_id: record.job_id.clone(),
-            kind: format!("job.{}", kind.as_str()),
+            kind: kind.clone(),
             endpoint: t.endpoint.clone(),
             url: t.url.clone(),
             body: body.clone(),
-            event_ms: if manual { crate::now_ms() } else { event.ts_ms },
+            event_ms: if manual { crate::now_ms() } else { event_ms },
             manual,
         })
         .collect()
@@ -161,11 +187,24 @@ pub struct PayloadData {
     pub error: Option<ApiError>,
     #[serde(default, skip_serializing_if = "Labels::is_empty")]
     pub labels: Labels,
+    /// `job.preview`: what the live preview is; its bytes are at `GET /v1/jobs/{id}/preview`
+    /// (or `kiln.previews.<job_id>`) for 10 minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<PreviewRef>,
     /// Seed 000's names: the model, success as a flag, the artifacts, the error message.
     pub service_name: String,
     pub flag: bool,
     pub result: Vec<Artifact>,
     pub feedback: String,
+}
+
+/// A live preview as a `job.preview` message names it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewRef {
+    pub content_type: String,
+    pub size: u64,
+    /// Its number among the attempt's previews.
+    pub seq: u64,
 }
 
 /// The message for `event` (of kind `kind`) of the job `record` (as read when the event is
@@ -188,6 +227,7 @@ pub fn payload(record: &JobRecord, event: &Event, kind: WebhookEvent) -> Payload
             artifacts: artifacts.clone(),
             error: error.clone(),
             labels: record.labels.clone(),
+            preview: None,
             service_name: record.model.clone(),
             flag: status == JobState::Completed,
             result: artifacts,

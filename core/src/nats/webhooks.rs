@@ -16,6 +16,8 @@ use crate::protocol::WebhookAttempt;
 
 /// The durable consumer of `KILN_EVENTS` that turns job events into webhook messages.
 pub const FANOUT_CONSUMER: &str = "webhooks-fanout";
+/// The durable consumer of `KILN_PREVIEWS` that turns live previews into `job.preview` messages.
+pub const PREVIEWS_CONSUMER: &str = "webhooks-previews";
 /// The durable consumer of `KILN_WEBHOOKS` that delivers them.
 pub const DELIVERY_CONSUMER: &str = "webhooks-delivery";
 /// Most attempts a job's log keeps (a message retried for a day at the longest backoff makes
@@ -101,6 +103,24 @@ impl Resources {
             ..Default::default()
         };
         self.events.get_or_create_consumer(FANOUT_CONSUMER, config).await.map_err(StoreError::nats)
+    }
+
+    /// The previews' fan-out consumer: each live preview stored after it was first made (the
+    /// stream keeps only the newest per job, so one that a newer replaced before it was read is
+    /// never sent: the latest wins).
+    pub async fn webhook_previews_consumer(&self) -> Result<consumer::PullConsumer, StoreError> {
+        let stream = self.js.get_stream(self.names.previews_stream()).await.map_err(StoreError::nats)?;
+        let config = consumer::pull::Config {
+            durable_name: Some(PREVIEWS_CONSUMER.into()),
+            filter_subject: self.names.previews_subject_all(),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: -1,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        };
+        stream.get_or_create_consumer(PREVIEWS_CONSUMER, config).await.map_err(StoreError::nats)
     }
 
     /// The delivery consumer: a message is this node's until it acks it (delivered or given

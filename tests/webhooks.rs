@@ -418,7 +418,11 @@ async fn progress_and_preview_messages_are_throttled_to_one_per_interval() {
     assert!(got.iter().all(|r| r.verified));
     // The run lasts about 1.5 s; one message per 400 ms is at most 5 or so, against 30+ events.
     assert!(progress_events >= 30, "the worker reported every step: {progress_events}");
-    assert!(!progress.is_empty() && progress.len() <= 6, "{} progress messages for {progress_events} events: {progress:#?}", progress.len());
+    assert!(
+        !progress.is_empty() && progress.len() <= 6,
+        "{} progress messages for {progress_events} events: {progress:#?}",
+        progress.len()
+    );
     assert!(progress.iter().all(|r| r.body["data"]["progress"].is_number()), "{progress:#?}");
     // Live previews (the demo worker sends one per 500 ms, the model's default interval): named,
     // not carried.

@@ -124,7 +124,14 @@ pub fn messages(
 /// A live preview's messages (`job.preview`): `preview_seq` is its sequence in the previews
 /// stream, which its `webhook-id` carries as `p<seq>` (the events stream's sequences are
 /// another count).
-pub fn preview_messages(record: &JobRecord, preview: PreviewRef, attempt: u32, ts_ms: u64, preview_seq: u64, targets: &[Target]) -> Vec<crate::nats::webhooks::WebhookMessage> {
+pub fn preview_messages(
+    record: &JobRecord,
+    preview: PreviewRef,
+    attempt: u32,
+    ts_ms: u64,
+    preview_seq: u64,
+    targets: &[Target],
+) -> Vec<crate::nats::webhooks::WebhookMessage> {
     let mut event = Event::status(&record.job_id, attempt, record.state);
     event.ts_ms = ts_ms;
     let mut body = payload(record, &event, WebhookEvent::Preview);

@@ -433,3 +433,43 @@ async fn progress_and_preview_messages_are_throttled_to_one_per_interval() {
         assert!(p.body["data"]["preview"]["size"].as_u64().is_some_and(|s| s > 0), "{p:#?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_node_delivers_what_a_killed_node_had_pending() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut cluster = TestCluster::new();
+    let config = node_config(&cluster, &webhooks_config(true, ""));
+    cluster.add_node("n1", &config);
+    cluster.add_node("n2", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    cluster.wait_node_ready("n2", 1).await;
+    let client = cluster.client().await;
+    let mut jobs = vec![];
+    for _ in 0..6 {
+        jobs.push(client.submit(&noop_job(&format!("{base}/down"), &[])).await.unwrap().job_id);
+    }
+    let ok = eventually(Duration::from_secs(30), || async {
+        for job in &jobs {
+            let log = client.webhooks(job).await.map(|l| l.attempts).unwrap_or_default();
+            if !log.iter().any(|a| a.outcome == "retrying") {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    assert!(ok, "every message failed once and waits for a retry");
+    // n1 dies for good, in the middle of whatever it was doing; n2 is the cluster now.
+    cluster.nodes[0].signal(libc::SIGKILL);
+    cluster.nodes[0].wait_exit(Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rx = Arc::new(Receiver::default());
+    let _server = serve(tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap(), rx.clone());
+    wait_for(&cluster, Duration::from_secs(60), "all six messages, from the node left", || {
+        let got = rx.got("/down");
+        jobs.iter().all(|j| got.iter().any(|r| r.body["data"]["job_id"] == j.as_str()))
+    })
+    .await;
+    assert!(rx.got("/down").iter().all(|r| r.verified));
+}

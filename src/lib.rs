@@ -18,7 +18,7 @@
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
 //!
 //! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
-//! `kiln::chaos`, `kiln::bench`, `kiln::bench_http` and `kiln::scale`: `kiln chaos` (a seeded
+//! `kiln::chaos`, `kiln::bench`, `kiln::bench_http`, `kiln::bench_webhooks` and `kiln::scale`: `kiln chaos` (a seeded
 //! storm of jobs and faults, then the invariants), `kiln bench` (no-op jobs against the raw
 //! JetStream floor, `--torchscript`, `--http`: the gateway), `kiln scale` (a cluster's costs at
 //! 10, 30, 100 simulated nodes).
@@ -45,4 +45,4 @@ pub mod table;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;
-pub use kiln_tools::{bench, bench_http, chaos, scale};
+pub use kiln_tools::{bench, bench_http, bench_webhooks, chaos, scale};

@@ -671,3 +671,60 @@ async fn console_queue_page_shows_each_lane_live_until_it_drains() {
     }
     keep_screenshots(&[(&shots[0], "console-queue.png")]);
 }
+
+/// The job page shows the job's webhook delivery log (`GET /v1/jobs/{id}/webhooks`): a job
+/// whose webhook was answered 500, then 200, shows both attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_job_page_shows_its_webhook_log() {
+    require_browser_tools();
+    let _one_browser = BROWSER.lock().await;
+    // A receiver that answers 500 once, then 200.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let app = axum::Router::new().fallback(move || {
+        let calls = counted.clone();
+        async move {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                axum::http::StatusCode::OK
+            }
+        }
+    });
+    let _server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut cluster = TestCluster::new();
+    let webhooks = "[webhooks]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nallow_loopback = true\nbackoff_initial_ms = 200\n";
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &format!("{NOOP_MODEL}\n{webhooks}"));
+    cluster.add_node("n1", &config);
+    cluster.wait_node_ready("n1", 1).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gateway", &config, &cluster.url());
+    let out_dir = cluster.dir.path().join("browser");
+
+    let http = http();
+    let request = serde_json::json!({"model": "noop", "webhook": {"url": hook}});
+    let reply: Value =
+        http.post(gateway.url("/v1/jobs")).json(&request).send().await.unwrap().error_for_status().unwrap().json().await.unwrap();
+    let job_id = reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}")).to_string();
+    let log_url = gateway.url(&format!("/v1/jobs/{job_id}/webhooks"));
+    let delivered = eventually(Duration::from_secs(30), || async {
+        let log: Option<Value> = match http.get(&log_url).send().await {
+            Ok(r) => r.json().await.ok(),
+            Err(_) => None,
+        };
+        log.is_some_and(|l| l["attempts"].as_array().is_some_and(|a| a.len() == 2))
+    })
+    .await;
+    assert!(delivered, "the webhook was not delivered on its second attempt");
+
+    let driver = Driver::start("job.mjs", &[&gateway.base, &job_id, out_dir.to_str().unwrap()]);
+    let (result, status, stderr) = driver.finish().await;
+    let r = expect_success("job.mjs", &out_dir, &result, status, &stderr);
+    assert_eq!(r["console_errors"], serde_json::json!([]), "the page logged errors: {r}");
+    let rows = r["webhooks"].as_array().expect("webhooks");
+    let outcomes: Vec<&str> = rows.iter().filter_map(|w| w["outcome"].as_str()).collect();
+    assert_eq!(outcomes, ["retrying", "delivered"], "{r}");
+    assert!(rows[0]["text"].as_str().is_some_and(|t| t.contains("500")), "{r}");
+    assert!(rows[1]["text"].as_str().is_some_and(|t| t.contains("job.completed") && t.contains(&hook)), "{r}");
+}

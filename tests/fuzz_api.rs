@@ -219,9 +219,13 @@ fn template(endpoint: &str, job_ids: &[String], batch_ids: &[String]) -> BoxedSt
             let mut f = vec![("model", true, model()), ("inputs", false, inputs()), ("params", false, params())];
             f.extend(common_submit_fields());
             f.push(("reuse", false, field(any::<bool>().prop_map(Value::Bool).boxed())));
+            let url = prop::sample::select(vec!["https://example.com/h", "http://127.0.0.1:9/x", "ftp://x", "", "http://[::1]/"]);
+            let events = prop::collection::vec(prop::sample::select(vec!["started", "progress", "completed", "finished", ""]), 0..4);
+            let webhook = (url, events).prop_map(|(url, events)| json!({"url": url, "events": events}));
+            f.push(("webhook", false, field(webhook.boxed())));
             object(f)
         }
-        "status" | "cancel" | "result" => object(vec![("job_id", true, job_id)]),
+        "status" | "cancel" | "result" | "webhooks" | "webhooks_redeliver" => object(vec![("job_id", true, job_id)]),
         "batch" | "cancel_batch" | "retry_batch" => object(vec![("batch_id", true, batch_id)]),
         "jobs" => {
             let states =
@@ -382,6 +386,8 @@ fn check_reply(endpoint: &str, raw: &[u8]) -> Result<Option<ErrorCode>, String> 
         "control" => is::<ControlReply>(raw),
         "submit_batch" | "retry_batch" => is::<BatchReply>(raw),
         "batch" | "cancel_batch" => is::<BatchView>(raw),
+        "webhooks" => is::<WebhooksReply>(raw),
+        "webhooks_redeliver" => is::<RedeliverReply>(raw),
         other => Err(format!("unknown endpoint {other}")),
     };
     parsed.map(|_| None).map_err(|e| format!("neither an error nor a {endpoint} reply ({e}): {}", String::from_utf8_lossy(raw)))

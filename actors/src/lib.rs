@@ -17,6 +17,7 @@
 //! ├── NodeControl                      node_control.rs     cluster-wide control: cancel, drain, ping
 //! ├── ClusterMesh                      cluster_mesh.rs     a session per peer it talks to
 //! │   └── NodeServer (ractor_cluster)                      cookie, sessions, process groups
+//! ├── WebhookDelivery                  webhook.rs          job events into signed webhook messages (fan-out), and their delivery
 //! ├── StagePool                        stage_pool.rs       pipelines' stage commands (any command), bounded
 //! │   └── StageWorker (xN)             stage_worker.rs     one command at a time
 //! └── GpuSupervisor (one per slot)     gpu_supervisor.rs   restart budget, backoff, quarantine
@@ -52,6 +53,7 @@ pub mod registry_writer;
 pub mod stage_pool;
 pub mod stage_worker;
 pub mod tunnel;
+pub mod webhook;
 pub mod wire;
 
 use std::time::Duration;

@@ -9,6 +9,7 @@
 //! ├── NodeControl               this node's door for the cluster: cancel, drain, ping
 //! ├── ClusterMesh               actor-cluster sessions to the peers it talks to, through NATS tunnels
 //! │   └── NodeServer            ractor_cluster (cookie, process groups)
+//! ├── WebhookDelivery           job events into webhook messages, and their delivery
 //! ├── StagePool                 pipelines' stage commands, at most max_workers at once
 //! │   └── StageWorker           one command at a time, restarted when it dies
 //! └── GpuSupervisor (per slot)  restart budget, backoff, quarantine
@@ -77,6 +78,7 @@ impl Actor for NodeSupervisor {
         )
         .await?;
         Actor::spawn_linked(None, LossDetector, ctx.clone(), myself.get_cell()).await?;
+        Actor::spawn_linked(None, crate::webhook::WebhookDelivery, ctx.clone(), myself.get_cell()).await?;
         let control = NodeControlArgs { ctx: ctx.clone(), dispatcher: dispatcher.clone(), drain_requested: ctx.drain_requested.clone() };
         Actor::spawn_linked(None, NodeControl, control, myself.get_cell()).await?;
         Actor::spawn_linked(

@@ -125,6 +125,14 @@ impl Client {
     pub async fn result(&self, job_id: &str) -> Result<ResultReply, ClientError> {
         self.request(Endpoint::Result.name(), &JobRef { job_id: job_id.into() }).await
     }
+    /// A job's webhook delivery log (`kiln.api.webhooks`).
+    pub async fn webhooks(&self, job_id: &str) -> Result<WebhooksReply, ClientError> {
+        self.request(Endpoint::Webhooks.name(), &JobRef { job_id: job_id.into() }).await
+    }
+    /// Sends a job's last event to its webhooks again (`kiln.api.webhooks_redeliver`).
+    pub async fn redeliver_webhooks(&self, job_id: &str) -> Result<RedeliverReply, ClientError> {
+        self.request(Endpoint::WebhooksRedeliver.name(), &JobRef { job_id: job_id.into() }).await
+    }
     pub async fn jobs(&self, req: &ListJobsRequest) -> Result<ListJobsReply, ClientError> {
         self.request(Endpoint::Jobs.name(), req).await
     }

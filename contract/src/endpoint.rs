@@ -98,6 +98,10 @@ endpoints! {
         "A new batch of a finished batch's failed and cancelled items";
     Queue = "queue", Control, QueueRequest => QueueReply,
         "Each model's queue: depth by lane, oldest wait, running, slots serving it, desired slots";
+    Webhooks = "webhooks", Jobs, JobRef => WebhooksReply,
+        "A job's webhook delivery log: each attempt, its status code or error, its latency";
+    WebhooksRedeliver = "webhooks_redeliver", Jobs, JobRef => RedeliverReply,
+        "Send a job's last event to its webhooks again (a new attempt series, same webhook-id)";
 }
 
 /// The endpoints' names, in [`Endpoint::ALL`]'s order.
@@ -163,6 +167,8 @@ mod tests {
             "cancel_batch",
             "retry_batch",
             "queue",
+            "webhooks",
+            "webhooks_redeliver",
         ];
         assert_eq!(ENDPOINTS, listed);
     }

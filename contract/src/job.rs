@@ -84,6 +84,9 @@ pub struct JobRecord {
     /// queue, for its position while it waits. Absent in records of an older Kiln.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_seq: Option<u64>,
+    /// The submit request's webhook, checked (`kiln.api.submit`'s `webhook`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::protocol::WebhookSpec>,
 }
 
 impl JobRecord {
@@ -99,7 +102,7 @@ impl JobRecord {
     /// or to the record makes the compiler point at this function, the one place that decides
     /// whether the record keeps it. `max_attempts` is the request's, capped by the model's.
     pub fn submitted(job_id: String, req: SubmitRequest, model_max_attempts: u32, now_ms: u64) -> JobRecord {
-        let SubmitRequest { model, inputs, params, priority, idempotency_key, deadline_ms, max_attempts, reuse: _, labels } = req;
+        let SubmitRequest { model, inputs, params, priority, idempotency_key, deadline_ms, max_attempts, reuse: _, labels, webhook } = req;
         JobRecord {
             job_id,
             model,
@@ -123,6 +126,7 @@ impl JobRecord {
             parent: None,
             labels,
             queue_seq: None,
+            webhook,
         }
     }
 

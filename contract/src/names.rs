@@ -130,6 +130,26 @@ impl Names {
     pub fn previews_subject_all(&self) -> String {
         format!("{}.previews.>", self.prefix)
     }
+    /// Webhook messages waiting for delivery (a work queue, one subject per job), and each
+    /// job's delivery log (every attempt, kept as long as results are).
+    pub fn webhooks_stream(&self) -> String {
+        format!("{}_WEBHOOKS", self.upper())
+    }
+    pub fn webhooks_subject_all(&self) -> String {
+        format!("{}.webhooks.>", self.prefix)
+    }
+    pub fn webhooks_subject(&self, job_id: &str) -> String {
+        format!("{}.webhooks.{job_id}", self.prefix)
+    }
+    pub fn webhook_log_stream(&self) -> String {
+        format!("{}_WEBHOOK_LOG", self.upper())
+    }
+    pub fn webhook_log_subject_all(&self) -> String {
+        format!("{}.webhooklog.>", self.prefix)
+    }
+    pub fn webhook_log_subject(&self, job_id: &str) -> String {
+        format!("{}.webhooklog.{job_id}", self.prefix)
+    }
     pub fn previews_subject(&self, job_id: &str) -> String {
         format!("{}.previews.{job_id}", self.prefix)
     }

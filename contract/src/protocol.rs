@@ -214,6 +214,130 @@ pub struct SubmitRequest {
     /// The client's own names for the job, echoed back (see [`Labels`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// Where to POST the job's events (signed, retried; `docs/PROTOCOL.md`, "Webhooks").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookSpec>,
+}
+
+/// A job's webhook, as submit takes it: `{"url": "https://..", "events": ["completed"]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// An `http` or `https` URL; a private, loopback or link-local address is refused unless
+    /// `[webhooks] allow_loopback` is set.
+    pub url: String,
+    /// Which events to send; empty or absent: the terminal ones (completed, failed, cancelled).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<WebhookEvent>,
+}
+
+/// An event a webhook can ask for; sent as `job.<name>` in the payload's `type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookEvent {
+    /// An attempt started running (`running`).
+    Started,
+    /// The engine reported progress (throttled: at most one per `progress_interval_ms`).
+    Progress,
+    /// A live preview was published (throttled as progress is; the message names the preview,
+    /// its bytes are at `GET /v1/jobs/{id}/preview`).
+    Preview,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl WebhookEvent {
+    pub const ALL: [WebhookEvent; 6] = [
+        WebhookEvent::Started,
+        WebhookEvent::Progress,
+        WebhookEvent::Preview,
+        WebhookEvent::Completed,
+        WebhookEvent::Failed,
+        WebhookEvent::Cancelled,
+    ];
+    /// What a webhook gets when it names none.
+    pub const TERMINAL: [WebhookEvent; 3] = [WebhookEvent::Completed, WebhookEvent::Failed, WebhookEvent::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookEvent::Started => "started",
+            WebhookEvent::Progress => "progress",
+            WebhookEvent::Preview => "preview",
+            WebhookEvent::Completed => "completed",
+            WebhookEvent::Failed => "failed",
+            WebhookEvent::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<WebhookEvent> {
+        WebhookEvent::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+}
+
+/// One message waiting for delivery, as the queue holds it. The secret is not in it: the
+/// delivering node takes it from its own `[webhooks]` by `endpoint`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WebhookMessage {
+    /// `webhook-id`: the same on every attempt.
+    pub webhook_id: String,
+    pub job_id: String,
+    /// `job.completed`, ...
+    pub kind: String,
+    /// The `[[webhooks.endpoints]]` name, or `None` for the job's own webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub url: String,
+    /// The JSON body, exactly as signed.
+    pub body: String,
+    /// When the event happened (unix ms): `retry_for_s` counts from here.
+    pub event_ms: u64,
+    /// Sent again by `webhooks_redeliver`.
+    #[serde(default)]
+    pub manual: bool,
+}
+
+/// One attempt to deliver a webhook message, as the delivery log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WebhookAttempt {
+    /// The message's `webhook-id` (the same on each attempt of one message).
+    pub webhook_id: String,
+    /// `job.completed`, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
+    /// 1-based, per message.
+    pub attempt: u32,
+    /// When the request was sent (unix ms).
+    pub ts_ms: u64,
+    /// The receiver's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    /// Why there is no status (`timeout`, `refused`, `connect`, `address_refused`, ...), or
+    /// what the status means (`redirect` for a 3xx, which is not followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub latency_ms: u64,
+    /// `delivered`, `retrying` (another attempt follows), or `gave_up`.
+    pub outcome: String,
+    /// Set on the attempts of a manual redelivery.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
+}
+
+/// `kiln.api.webhooks`: a job's delivery log, oldest attempt first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct WebhooksReply {
+    pub job_id: String,
+    pub attempts: Vec<WebhookAttempt>,
+}
+
+/// `kiln.api.webhooks_redeliver`: how many messages were queued again (one per endpoint that
+/// wants the job's last event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RedeliverReply {
+    pub job_id: String,
+    pub queued: u32,
 }
 
 /// Reply to submit, sent only once the job record and the queue message are durable.
@@ -890,6 +1014,8 @@ impl BatchSubmitRequest {
             max_attempts: self.max_attempts,
             reuse: false,
             labels,
+            // A batch's items have no webhook of their own (config endpoints match them by model).
+            webhook: None,
         }
     }
 }

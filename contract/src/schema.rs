@@ -117,6 +117,20 @@ pub fn subjects(names: &Names, generator: &mut SchemaGenerator) -> Vec<SubjectSp
         "The durable job queue: one message per job to run (`<prefix>.jobs.<model>.<high|normal>[.<key>]`), only its id",
         Some(names.jobs_stream()),
     ));
+    out.push(event(
+        format!("{p}.webhooks.*"),
+        Body::Json(reference::<WebhookMessage>(generator)),
+        "nodes",
+        "Webhook messages waiting for delivery, one per event and endpoint (`<prefix>.webhooks.<job_id>`), de-duplicated by `webhook_id`",
+        Some(names.webhooks_stream()),
+    ));
+    out.push(event(
+        format!("{p}.webhooklog.*"),
+        Body::Json(reference::<WebhookAttempt>(generator)),
+        "clients",
+        "The webhook delivery log of one job (`<prefix>.webhooklog.<job_id>`): an entry per attempt; read it with `kiln.api.webhooks`",
+        Some(names.webhook_log_stream()),
+    ));
     let node_request = |subject: String, message: Body, reply: Body, audience, description: &str| SubjectSpec {
         subject,
         kind: "request",

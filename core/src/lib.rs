@@ -21,6 +21,7 @@
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
 //! | [`task`]      | every spawned task under a named kind: what stops it, what its panic does   |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
+//! | [`webhook`]   | webhooks' pure part: events wanted, targets, payload, Standard Webhooks signature, refused addresses |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
 //!
 //! Re-exported from `kiln-contract` (the wire contract, no NATS, no libtorch), so each type has
@@ -53,6 +54,7 @@ pub mod stage;
 pub mod stall;
 pub mod store;
 pub mod task;
+pub mod webhook;
 
 use std::path::PathBuf;
 

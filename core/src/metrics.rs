@@ -61,6 +61,14 @@ pub const MODEL_SLOTS: &str = "kiln_model_slots";
 /// Labels: model. Slots that would start every queued job within `autoscale.target_wait_s`.
 pub const MODEL_DESIRED_SLOTS: &str = "kiln_model_desired_slots";
 
+// Webhooks (`kiln_actors::webhook`).
+/// Labels: verdict (delivered, retrying, gave_up; not `outcome`, which names a job's end). One per attempt.
+pub const WEBHOOK_ATTEMPTS: &str = "kiln_webhook_attempts_total";
+/// Labels: verdict (delivered, gave_up). From the event to the end of its message's delivery.
+pub const WEBHOOK_DELIVERY_SECONDS: &str = "kiln_webhook_delivery_seconds";
+/// One attempt's request, from send to the receiver's answer (or its failure).
+pub const WEBHOOK_REQUEST_SECONDS: &str = "kiln_webhook_request_seconds";
+
 // The HTTP gateway's own (`kiln::gateway`), per process that serves HTTP.
 /// Labels: route (the matched route template, `unmatched` for none), method, status.
 pub const HTTP_REQUESTS: &str = "kiln_http_requests_total";
@@ -195,6 +203,27 @@ pub const ALL: &[Described] = &[
         "HTTP request latency until the response's head (an event stream's start)",
     ),
     d(HTTP_SSE_CLIENTS, Gauge, Unit::Count, &[], "Server-sent event streams open now"),
+    d(
+        WEBHOOK_ATTEMPTS,
+        Counter,
+        Unit::Count,
+        &["verdict"],
+        "Webhook delivery attempts, by what the answer decided: delivered, retrying, gave_up",
+    ),
+    d(
+        WEBHOOK_DELIVERY_SECONDS,
+        Histogram,
+        Unit::Seconds,
+        &["verdict"],
+        "From a job's event to the end of its webhook message's delivery (delivered or gave_up)",
+    ),
+    d(
+        WEBHOOK_REQUEST_SECONDS,
+        Histogram,
+        Unit::Seconds,
+        &[],
+        "One webhook attempt's request, from send to the receiver's answer or failure",
+    ),
 ];
 
 /// Describes every metric of [`ALL`] to the installed recorder: call once, after installing it.

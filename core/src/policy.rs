@@ -12,6 +12,7 @@
 //! | [`STAGE_RETRY_PAUSE`]      | between a post-processing stage's attempts                        |
 //! | [`BATCH_PROGRESS_TRIES`]   | a batch's `batch_progress` event against its moving history       |
 //! | [`RestartBudget`]          | a slot's restarts (from `[restart]`), then quarantine             |
+//! | [`webhook_verdict`], [`webhook_backoff`] | a webhook message's next attempt (from `[webhooks]`), or its end |
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -258,6 +259,56 @@ impl RestartBudget {
     }
 }
 
+/// What one webhook attempt came to, as the delivery saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookAnswer {
+    /// The receiver answered with this status.
+    Status(u16),
+    /// No answer in `[webhooks] timeout_ms`.
+    Timeout,
+    /// No connection (refused, reset, DNS failure, TLS failure).
+    Unreachable,
+    /// The host resolves only to addresses the cluster refuses (`allow_loopback` off).
+    AddressRefused,
+}
+
+/// What follows an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookVerdict {
+    Delivered,
+    /// Another attempt, after [`webhook_backoff`], while `retry_for_s` lasts.
+    Retry,
+    /// No further attempt: the receiver said no in a way a retry will not change.
+    GiveUp,
+}
+
+/// The retry rule: 2xx is delivered; 408 (request timeout), 429 (too many requests), 5xx,
+/// timeouts and unreachable receivers are retried (each may pass: a receiver being deployed
+/// answers 502 for a while); a redirect (3xx, never followed: a signed message must reach the
+/// URL the client named, and following one silently hid Replicate's 301s), every other 4xx
+/// (413 included: the same body will be too large again) and an address the cluster refuses
+/// are given up at once.
+pub fn webhook_verdict(answer: WebhookAnswer) -> WebhookVerdict {
+    match answer {
+        WebhookAnswer::Status(s) if (200..300).contains(&s) => WebhookVerdict::Delivered,
+        WebhookAnswer::Status(408 | 429) => WebhookVerdict::Retry,
+        WebhookAnswer::Status(s) if s >= 500 => WebhookVerdict::Retry,
+        WebhookAnswer::Status(_) => WebhookVerdict::GiveUp,
+        WebhookAnswer::Timeout | WebhookAnswer::Unreachable => WebhookVerdict::Retry,
+        WebhookAnswer::AddressRefused => WebhookVerdict::GiveUp,
+    }
+}
+
+/// The pause before attempt `attempt + 1` of a webhook message: `initial * 2^(attempt-1)`
+/// capped at `max`, then "equal jitter" (half of it fixed, the other half scaled by
+/// `jitter` in [0, 1)) so that the messages of a receiver that came back do not all return
+/// at the same instant. Never below half of the un-jittered delay, never above `max`.
+pub fn webhook_backoff(attempt: u32, initial: Duration, max: Duration, jitter: f64) -> Duration {
+    let base = Backoff { initial, max, multiplier: 2.0 }.delay(attempt.max(1));
+    let half = base / 2;
+    (half + Duration::from_secs_f64((base - half).as_secs_f64() * jitter.clamp(0.0, 1.0))).min(base)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +383,55 @@ mod tests {
         fn a_lost_compare_and_set_pauses_two_to_thirteen_ms(round in 1usize..10_000, clock in 0u64..) {
             let pause = CasContention::pause(round, clock);
             proptest::prop_assert!(pause >= Duration::from_millis(1) && pause <= Duration::from_millis(13));
+        }
+    }
+
+    #[test]
+    fn webhook_answers_are_delivered_retried_or_given_up() {
+        use WebhookAnswer::*;
+        use WebhookVerdict::*;
+        for (answer, verdict) in [
+            (Status(200), Delivered),
+            (Status(204), Delivered),
+            (Status(301), GiveUp),
+            (Status(308), GiveUp),
+            (Status(400), GiveUp),
+            (Status(404), GiveUp),
+            (Status(408), Retry),
+            (Status(413), GiveUp),
+            (Status(429), Retry),
+            (Status(500), Retry),
+            (Status(503), Retry),
+            (Timeout, Retry),
+            (Unreachable, Retry),
+            (AddressRefused, GiveUp),
+        ] {
+            assert_eq!(webhook_verdict(answer), verdict, "{answer:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Only 2xx delivers; every 5xx retries; a 3xx never retries (redirects are not
+        /// followed, and retrying would meet the same redirect).
+        #[test]
+        fn only_2xx_delivers_and_5xx_always_retries(status in 100u16..600) {
+            let v = webhook_verdict(WebhookAnswer::Status(status));
+            proptest::prop_assert_eq!(v == WebhookVerdict::Delivered, (200..300).contains(&status));
+            if status >= 500 { proptest::prop_assert_eq!(v, WebhookVerdict::Retry); }
+            if (300..400).contains(&status) { proptest::prop_assert_eq!(v, WebhookVerdict::GiveUp); }
+        }
+
+        /// A webhook's pause lies between half the exponential delay and the cap, and does not
+        /// shrink as attempts grow (for the same jitter).
+        #[test]
+        fn webhook_backoff_is_jittered_within_half_to_full_and_capped(
+            attempt in 1u32..200, initial_ms in 1u64..10_000, extra_ms in 0u64..1_000_000, jitter in 0.0f64..1.0,
+        ) {
+            let (initial, max) = (Duration::from_millis(initial_ms), Duration::from_millis(initial_ms + extra_ms));
+            let d = webhook_backoff(attempt, initial, max, jitter);
+            let base = Backoff { initial, max, multiplier: 2.0 }.delay(attempt);
+            proptest::prop_assert!(d >= base / 2 && d <= base && d <= max, "{d:?} for base {base:?}");
+            proptest::prop_assert!(webhook_backoff(attempt + 1, initial, max, jitter) >= d);
         }
     }
 

@@ -24,6 +24,7 @@ const CANCEL_NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 impl ApiService {
     pub(super) async fn submit(&self, mut req: SubmitRequest) -> Result<SubmitReply, ApiError> {
         let (model, params) = self.validate_submit(&req)?;
+        validation::check_webhook(req.webhook.as_ref(), &self.config.webhooks)?;
         req.params = params;
         let model = &model;
         let key = kiln_core::fair::job_key(&self.config.fair_share, &req.labels);
@@ -236,6 +237,44 @@ impl ApiService {
                 None
             }
         }
+    }
+
+    /// `webhooks`: the job's delivery log (`kiln_core::nats::webhooks`).
+    pub(super) async fn webhooks(&self, req: JobRef) -> Result<WebhooksReply, ApiError> {
+        let record = self.load(&req.job_id).await?.record;
+        let attempts = self.resources.webhook_log(&record.job_id).await.map_err(internal)?;
+        Ok(WebhooksReply { job_id: record.job_id, attempts })
+    }
+
+    /// `webhooks_redeliver`: the job's last event queued again for each target that wants it,
+    /// with the same `webhook-id` as the first time (a receiver that de-duplicates by it sees
+    /// one message) and `retry_for_s` counted from now.
+    pub(super) async fn webhooks_redeliver(&self, req: JobRef) -> Result<RedeliverReply, ApiError> {
+        let record = self.load(&req.job_id).await?.record;
+        let Some((seq, event)) = self.resources.last_event_with_seq(&record.job_id).await.map_err(internal)? else {
+            return Err(ApiError::bad_request(format!("job {:?} has no event to send yet", record.job_id)));
+        };
+        let Some(kind) = kiln_core::webhook::event_of(&event) else {
+            return Err(ApiError::bad_request(format!(
+                "job {:?}'s last event ({:?}) is not one a webhook sends; redeliver once it has started or ended",
+                record.job_id, event.kind
+            )));
+        };
+        let targets = kiln_core::webhook::targets(&record, &self.config.webhooks, kind);
+        if targets.is_empty() {
+            return Err(ApiError::bad_request(format!(
+                "job {:?} has no webhook that wants its last event (job.{})",
+                record.job_id,
+                kind.as_str()
+            )));
+        }
+        let now = kiln_core::now_ms();
+        let messages = kiln_core::webhook::messages(&record, &event, seq, kind, &targets, true);
+        for message in &messages {
+            let dedup = format!("{}-manual-{now}", message.webhook_id);
+            self.resources.enqueue_webhook(message, &dedup).await.map_err(internal)?;
+        }
+        Ok(RedeliverReply { job_id: record.job_id, queued: messages.len() as u32 })
     }
 
     pub(super) async fn result(&self, req: JobRef) -> Result<ResultReply, ApiError> {

@@ -14,7 +14,7 @@
 //! | file            | what                                                                  |
 //! |-----------------|-----------------------------------------------------------------------|
 //! | `mod.rs`        | [`ApiService`]: the service loop (subscriptions from [`Endpoint::ALL`], admission of each request, stale requests after a stall) and the dispatch to the handlers |
-//! | `jobs.rs`       | submit, status, cancel, result, jobs                                  |
+//! | `jobs.rs`       | submit, status, cancel, result, jobs, webhooks (a job's delivery log), webhooks_redeliver |
 //! | `batches.rs`    | submit_batch, batch, cancel_batch, retry_batch                        |
 //! | `control.rs`    | models, cluster, queue, control (drain, restart a GPU, ping), the cluster's models |
 //! | `admission.rs`  | `overloaded`: requests in flight per node, jobs waiting per model (pure rule, cached depths) |
@@ -214,6 +214,8 @@ impl ApiService {
             Endpoint::CancelBatch => encode(self.cancel_batch(parse(body)?).await?),
             Endpoint::RetryBatch => encode(self.retry_batch(parse(body)?).await?),
             Endpoint::Queue => encode(self.queue(parse_or_default(body)?).await?),
+            Endpoint::Webhooks => encode(self.webhooks(parse(body)?).await?),
+            Endpoint::WebhooksRedeliver => encode(self.webhooks_redeliver(parse(body)?).await?),
         }
     }
 }

@@ -196,6 +196,24 @@ pub fn check_node_name(node: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A submit's `webhook`, if any: the cluster signs job webhooks (`[webhooks] secret` set), the
+/// URL is `http(s)` with a host and, unless `[webhooks] allow_loopback`, names no private,
+/// loopback or link-local address (a host name that resolves to one is refused at each
+/// attempt instead, recorded `address_refused` in the job's delivery log). Unknown event names
+/// are refused when the body is parsed.
+pub fn check_webhook(webhook: Option<&WebhookSpec>, config: &kiln_core::config::WebhooksConfig) -> Result<(), ApiError> {
+    let Some(webhook) = webhook else { return Ok(()) };
+    if config.secret.is_empty() {
+        return Err(ApiError::bad_request(
+            "webhook: this cluster has no [webhooks] secret to sign job webhooks with, so it takes none (ask its operator to set one)",
+        ));
+    }
+    kiln_core::webhook::check_url(&webhook.url, config.allow_loopback).map_err(|why| {
+        ApiError::bad_request(format!("webhook.url {:?} {why}", kiln_core::protocol::truncate_utf8(webhook.url.clone(), 200)))
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,6 +77,10 @@ pub struct BenchArgs {
     /// a --file-mb file up and down against the object store directly.
     #[arg(long)]
     http: bool,
+    /// Benchmark webhook delivery instead: a no-op job's terminal event to a local receiver
+    /// getting its signed POST, p50/p99 against a plain HTTP POST to the same receiver.
+    #[arg(long)]
+    webhooks: bool,
     /// SSE clients on one job for --http's fan-out run.
     #[arg(long, default_value_t = 1000)]
     sse_clients: usize,
@@ -152,7 +156,7 @@ pub async fn scale(args: ScaleArgs) -> Result<(), Failure> {
     Ok(write_json(json, &reports)?)
 }
 
-/// `kiln bench`: the no-op run against the JetStream floor, or `--torchscript`, or `--http`.
+/// `kiln bench`: the no-op run against the JetStream floor, or `--torchscript`, `--http`, `--webhooks`.
 pub async fn bench(args: BenchArgs) -> Result<(), Failure> {
     if args.torchscript {
         let opts = kiln::bench::TorchBenchOptions {
@@ -164,6 +168,12 @@ pub async fn bench(args: BenchArgs) -> Result<(), Failure> {
         };
         let report = kiln::bench::run_torchscript(opts.clone(), &InProcessNodes).await?;
         kiln::bench::print_torchscript(&report, &opts);
+        return Ok(write_json(args.json, &report)?);
+    }
+    if args.webhooks {
+        let opts = kiln::bench_webhooks::WebhookBenchOptions { jobs: args.jobs.min(2000) };
+        let report = kiln::bench_webhooks::run(opts.clone(), &InProcessNodes).await?;
+        kiln::bench_webhooks::print(&report, &opts);
         return Ok(write_json(args.json, &report)?);
     }
     if args.http {

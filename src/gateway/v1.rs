@@ -96,6 +96,19 @@ pub fn routes() -> ApiRoutes {
             get_preview,
         )
         .route(
+            Op::get("/v1/jobs/{id}/webhooks", "listJobWebhooks", "jobs", "The job's webhook delivery log")
+                .description("Each attempt: its message, status code or error, latency, verdict (docs/PROTOCOL.md, Webhooks).")
+                .forwards(Endpoint::Webhooks),
+            job_webhooks,
+        )
+        .route(
+            Op::post("/v1/jobs/{id}/webhooks/redeliver", "redeliverJobWebhooks", "jobs", "Send the job's last event to its webhooks again")
+                .description("202: queued, delivered as any message is, with the same `webhook-id`; the log shows the attempts.")
+                .forwards(Endpoint::WebhooksRedeliver)
+                .status(202),
+            redeliver_webhooks,
+        )
+        .route(
             Op::post("/v1/files", "uploadFiles", "files", "Upload files; each is stored as uploads/<uuid>/<name>")
                 .multipart_body(serde_json::json!({
                     "type": "object",
@@ -378,7 +391,7 @@ pub async fn forget_files(tenant: &Tenant, form: &Form) {
 }
 
 /// A multipart submit as a [`SubmitRequest`]: `model`; `params`, `inputs` and `labels` as JSON objects;
-/// `priority`, `idempotency_key`, `max_attempts`, `reuse`; every file part an object input;
+/// `priority`, `idempotency_key`, `max_attempts`, `reuse`, `webhook`; every file part an object input;
 /// every other text part an inline input of that name.
 fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
     let mut request = SubmitRequest::default();
@@ -420,6 +433,13 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
                 )
             }
             "reuse" => request.reuse = value.as_bool().unwrap_or(false),
+            // The job's webhook, as the JSON object a JSON submit takes.
+            "webhook" => {
+                request.webhook = Some(
+                    serde_json::from_str(&text(value))
+                        .map_err(|e| HttpError::bad_request(format!("part `webhook` is not a webhook object {{url, events}}: {e}")))?,
+                )
+            }
             _ => {
                 request.inputs.insert(name.clone(), InputValue::Inline(serde_json::Value::String(text(value))));
             }
@@ -546,6 +566,17 @@ async fn get_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<
 
 async fn cancel_job(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
     Ok(Json(tenant.client.cancel(&id).await?).into_response())
+}
+
+/// `GET /v1/jobs/{id}/webhooks`: the job's webhook delivery log.
+async fn job_webhooks(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok(Json(tenant.client.webhooks(&id).await?).into_response())
+}
+
+/// `POST /v1/jobs/{id}/webhooks/redeliver`: the job's last event sent to its webhooks again
+/// (202: queued, delivered as any message is; the log shows the attempts).
+async fn redeliver_webhooks(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
+    Ok((StatusCode::ACCEPTED, Json(tenant.client.redeliver_webhooks(&id).await?)).into_response())
 }
 
 /// The SSE name of an event: its `type` (`status`, `progress`, `item_completed`...).

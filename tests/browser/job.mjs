@@ -9,7 +9,8 @@
 // Prints exactly one JSON line on stdout. Success (exit 0):
 //   {"job_id", "status" (#job's data-status), "progress_changes": [..] (every value the bar took,
 //    in order, repeats included), "final_progress", "live" (the stream indicator's text),
-//    "screenshot", "console_errors": [..]}
+//    "screenshot", "webhooks": [{outcome, text}] (the webhook log's rows; [] when its panel is
+//    hidden), "console_errors": [..]}
 // Failure (exit 1): {"error", "step", "html", "url", "console_errors"}, with
 // <out_dir>/failure.png when a screenshot could still be taken.
 import { mkdirSync } from 'node:fs';
@@ -93,6 +94,8 @@ async function main() {
     const status = await page.$eval('#job', (el) => el.getAttribute('data-status'));
     const finalProgress = await page.$eval('progress#job-progress', (el) =>
       (el.hasAttribute('value') ? Number(el.value) : null));
+    const webhooks = await page.$$eval('#job-webhooks:not([hidden]) tr.webhook-attempt', (rows) =>
+      rows.map((r) => ({ outcome: r.getAttribute('data-outcome'), text: r.textContent })));
     step = 'screenshot';
     const shot = path.join(outDir, 'job.png');
     await page.screenshot({ path: shot, fullPage: true });
@@ -103,6 +106,7 @@ async function main() {
       final_progress: finalProgress,
       live,
       screenshot: shot,
+      webhooks,
       console_errors: consoleErrors,
     });
   } catch (e) {

@@ -7,6 +7,7 @@
 //! |----------------|-----------------------------------------------------------------------|
 //! | [`bench`]      | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle; `--torchscript` (feature `torch`, on by default: links libtorch) |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store    |
+//! | [`bench_webhooks`] | `kiln bench --webhooks`: a job's end to its webhook's arrival, against a plain POST |
 //! | [`scale`]      | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes        |
 //! | [`chaos`]      | `kiln chaos`: a seeded storm of jobs and faults, then the invariants  |
 //! | [`in_process`] | what the tools need of the runtime and cannot name: a node started in this process |
@@ -20,6 +21,7 @@
 
 pub mod bench;
 pub mod bench_http;
+pub mod bench_webhooks;
 pub mod chaos;
 pub mod in_process;
 pub mod scale;

@@ -41,6 +41,9 @@ pub struct ClusterConfig {
     pub quota: QuotaConfig,
     /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
     pub http: HttpConfig,
+    /// Signed HTTP callbacks of job events: the secret, retry, refusal of private addresses,
+    /// endpoints per model.
+    pub webhooks: super::webhooks::WebhooksConfig,
     pub models: Vec<ModelConfig>,
 }
 
@@ -166,6 +169,7 @@ impl ClusterConfig {
             return Err(invalid(format!("fair_share.weights.{value}"), "must be at least 1"));
         }
         self.validate_quota()?;
+        self.webhooks.validate()?;
         if self.autoscale.refresh_ms == 0 {
             return Err(invalid("autoscale.refresh_ms", "must be positive"));
         }

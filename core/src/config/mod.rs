@@ -12,6 +12,7 @@
 //! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]`, `[autoscale]`, `[fair_share]`, `[quota]` |
 //! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
 //! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
+//! | `webhooks.rs`   | `[webhooks]`: the job webhooks' secret, retry, address refusal, `[[webhooks.endpoints]]` per model |
 //! | `load.rs`       | [`ClusterConfig`], the whole configuration: includes, paths, `validate()` |
 //! | `layers.rs`     | [`Layers`]: defaults < file < environment < flags merged (figment), the env mapping, each value's source; `ClusterConfig::load_layers` |
 //! | `error.rs`      | [`ConfigError`], naming the key at fault and the layer that set it        |
@@ -28,6 +29,7 @@ mod layers;
 mod load;
 mod models;
 mod node;
+mod webhooks;
 
 pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
 pub use error::ConfigError;
@@ -38,3 +40,4 @@ pub use node::{
     parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, QuotaOverride,
     RestartPolicy, RetryPolicy, SlotDevice, StorageConfig,
 };
+pub use webhooks::{WebhookEndpoint, WebhooksConfig};

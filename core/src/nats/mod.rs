@@ -13,6 +13,7 @@
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |
 //! | `previews.rs` | live previews on `kiln.previews.<job>`; `KILN_PREVIEWS` keeps the newest |
 //! | `objects.rs`  | uploaded inputs and result artifacts in the object store, sha256 each |
+//! | `webhooks.rs` | webhook messages waiting for delivery (`KILN_WEBHOOKS`), their consumers, each job's delivery log |
 //! | `direct.rs`   | batched direct gets: many messages per request (the registry's snapshot, a job's position) |
 //! | `registry.rs` | GPU and node entries with per-key TTL, cached in a dashmap by a watch |
 
@@ -29,6 +30,7 @@ pub mod queue;
 pub mod registry;
 pub mod resources;
 pub mod server;
+pub mod webhooks;
 
 pub use cas::CasError;
 pub use names::{Lane, Names};

@@ -201,6 +201,8 @@ impl Resources {
         )
         .await?;
 
+        Resources::ensure_webhook_streams(&js, config).await?;
+
         let resources = Resources(Arc::new(ResourceHandles {
             client,
             js,

@@ -649,6 +649,14 @@ async function renderJob(ctx, view, jobId) {
   const previewCaption = h('p', { id: 'job-preview-caption', class: 'muted' });
   const previewPanel = h('section', { class: 'panel', id: 'job-preview-panel', hidden: true },
     h('h3', { text: 'Live preview' }), previewImg, previewCaption);
+  // The job's webhook delivery log (`GET /v1/jobs/{id}/webhooks`): hidden while it is empty.
+  const webhooksBody = h('tbody');
+  const webhooksPanel = h('section', { class: 'panel', id: 'job-webhooks', hidden: true },
+    h('div', { class: 'panel-head' }, h('h3', { text: 'Webhooks' }), h('span', { class: 'spacer' }),
+      h('button', { id: 'job-webhooks-redeliver', type: 'button', text: 'Redeliver' })),
+    h('table', {},
+      h('thead', {}, h('tr', {}, ['Message', 'Type', 'URL', '#', 'Sent', 'Answer', 'Latency', 'Outcome'].map((t) => h('th', { text: t })))),
+      webhooksBody));
   const root = h('div', { id: 'job', 'data-job-id': job.job_id || jobId, 'data-status': job.status });
 
   root.append(
@@ -675,6 +683,7 @@ async function renderJob(ctx, view, jobId) {
         attemptsBody)),
     h('section', { class: 'panel' }, h('h3', { text: 'Inputs' }), inputsEl),
     h('section', { class: 'panel' }, h('h3', { text: 'Artifacts' }), artifactsEmpty, artifactsEl),
+    webhooksPanel,
     h('section', { class: 'panel' }, h('h3', { text: 'Timeline' }), timeline),
     h('section', { class: 'panel' }, h('details', {}, h('summary', { text: 'Params and inputs' }), detailsPre)));
   view.append(root);
@@ -782,7 +791,35 @@ async function renderJob(ctx, view, jobId) {
   const refetch = serial(async () => {
     if (!ctx.alive) return;
     applyJob(await api(`/v1/jobs/${encodeURIComponent(jobId)}`));
+    loadWebhooks();
   });
+
+  const loadWebhooks = serial(async () => {
+    let log;
+    try { log = await api(`/v1/jobs/${encodeURIComponent(jobId)}/webhooks`); } catch { return; }
+    if (!ctx.alive) return;
+    const attempts = log.attempts || [];
+    webhooksPanel.hidden = attempts.length === 0;
+    webhooksBody.replaceChildren(...attempts.map((a) => h('tr', { class: 'webhook-attempt', 'data-outcome': a.outcome },
+      h('td', { class: 'mono', text: a.webhook_id }),
+      h('td', { text: a.type }),
+      h('td', { class: 'mono', text: a.url }),
+      h('td', { text: a.manual ? `${a.attempt} (manual)` : a.attempt }),
+      h('td', { class: 'muted', text: fmtDateTime(a.ts_ms) }),
+      h('td', { text: a.status_code != null ? String(a.status_code) : '', title: a.error || '' },
+        a.error ? h('span', { class: 'muted', text: ` ${a.error}` }) : ''),
+      h('td', { text: `${a.latency_ms} ms` }),
+      h('td', {}, badge(a.outcome)))));
+  });
+  $('#job-webhooks-redeliver', webhooksPanel).addEventListener('click', async () => {
+    try {
+      await api(`/v1/jobs/${encodeURIComponent(jobId)}/webhooks/redeliver`, { method: 'POST' });
+      setTimeout(loadWebhooks, 1500);
+    } catch (err) {
+      setBanner('action', `Redeliver failed: ${err}`);
+    }
+  });
+  loadWebhooks();
 
   applyJob(job);
 

@@ -1,6 +1,6 @@
 //! The NATS protocol's JSON Schema (`docs/schema/protocol.json`, generated from the types by
 //! `kiln schema`) against the messages of a real session: a real nats-server, a real node, a
-//! client that submits jobs (one completes, one fails, one is cancelled, a batch with a failed
+//! client that submits jobs (one completes and is delivered to a webhook receiver, then redelivered, one fails, one is cancelled, a batch with a failed
 //! item is retried and cancelled), lists, asks for the cluster, the queue, the models, and makes
 //! mistakes. A second, raw NATS connection taps every subject of the prefix, every KV bucket and
 //! every reply inbox; each message it saw is validated against the schema its subject maps to
@@ -15,7 +15,9 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use kiln_core::job::JobState;
-use kiln_core::protocol::{BatchItemRequest, BatchSubmitRequest, ControlRequest, InputValue, ListJobsRequest, QueueRequest};
+use kiln_core::protocol::{
+    BatchItemRequest, BatchSubmitRequest, ControlRequest, InputValue, ListJobsRequest, QueueRequest, WebhookEvent, WebhookSpec,
+};
 use serde_json::{json, Value};
 
 /// One message as the tap saw it.
@@ -99,7 +101,16 @@ impl Schemas {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_messages_of_a_real_session_match_the_protocol_schema() {
     let mut cluster = TestCluster::new();
-    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 1, 60_000)));
+    // A webhook receiver on loopback that answers 200: the session's webhook messages, their
+    // delivery log and a redelivery are on the wire too.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver_url = format!("http://{}/hook", receiver.local_addr().unwrap());
+    let receiver_task = tokio::spawn(async move {
+        axum::serve(receiver, axum::Router::new().fallback(|| async { "ok" })).await.unwrap();
+    });
+    let webhooks = "\n[webhooks]\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nallow_loopback = true\n";
+    let models = format!("{}{webhooks}", demo_model("demo", &[], 1, 60_000));
+    cluster.add_node("n1", &config_toml(&cluster.url(), &["cpu:0"], 10_000, &models));
     cluster.wait_node_ready("n1", 1).await;
     // The tap starts once the node serves its API: a subscriber on `kiln.>` is a responder in
     // the server's eyes, so a request sent before the node subscribed would wait out its timeout
@@ -112,8 +123,18 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
     client.models().await.unwrap();
     client.cluster().await.unwrap();
     client.queue(&QueueRequest::default()).await.unwrap();
-    let done = client.submit(&prompt_request("demo", "a fox", json!({"steps": 2, "step_ms": 20}))).await.unwrap().job_id;
+    let mut with_webhook = prompt_request("demo", "a fox", json!({"steps": 2, "step_ms": 20}));
+    with_webhook.webhook = Some(WebhookSpec { url: receiver_url, events: vec![WebhookEvent::Started, WebhookEvent::Completed] });
+    let done = client.submit(&with_webhook).await.unwrap().job_id;
     assert_eq!(wait_terminal(&client, &done, Duration::from_secs(60)).await.status, JobState::Completed);
+    let delivered = |reply: &kiln_core::protocol::WebhooksReply| reply.attempts.iter().filter(|a| a.outcome == "delivered").count();
+    assert!(
+        eventually(Duration::from_secs(30), || async { delivered(&client.webhooks(&done).await.unwrap()) == 2 }).await,
+        "both webhook messages delivered: {:?}",
+        client.webhooks(&done).await
+    );
+    client.redeliver_webhooks(&done).await.unwrap();
+    assert!(eventually(Duration::from_secs(30), || async { delivered(&client.webhooks(&done).await.unwrap()) == 3 }).await, "redelivered");
     let failed = client.submit(&prompt_request("demo", "a bad fox", json!({"steps": 1, "fail": "fatal"}))).await.unwrap().job_id;
     assert_eq!(wait_terminal(&client, &failed, Duration::from_secs(60)).await.status, JobState::Failed);
     let long = client.submit(&prompt_request("demo", "a slow fox", json!({"steps": 100, "step_ms": 100}))).await.unwrap().job_id;
@@ -147,6 +168,7 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
     // The registry's heartbeats and the last events settle.
     tokio::time::sleep(Duration::from_secs(2)).await;
     tap_task.abort();
+    receiver_task.abort();
     let seen = seen.lock().unwrap().clone();
 
     let mut schemas = Schemas::load();
@@ -237,6 +259,8 @@ async fn the_messages_of_a_real_session_match_the_protocol_schema() {
             "$KV.kiln_jobs.*",
             "$KV.kiln_batches.*",
             "$KV.kiln_batches.plan.*",
+            "kiln.webhooks.*",
+            "kiln.webhooklog.*",
         ]
         .map(String::from),
     );

@@ -84,6 +84,11 @@ pub struct JobRecord {
     /// queue, for its position while it waits. Absent in records of an older Kiln.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_seq: Option<u64>,
+    /// The W3C trace the job belongs to (`traceparent` of its submit's span, and the caller's
+    /// `tracestate`): its node spans and its worker's are children of it. Absent in records of
+    /// an older Kiln (their jobs start a trace of their own when they run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl JobRecord {
@@ -123,6 +128,8 @@ impl JobRecord {
             parent: None,
             labels,
             queue_seq: None,
+            // Set by the submit, from the span it runs in (see `kiln_core::telemetry`).
+            trace: None,
         }
     }
 

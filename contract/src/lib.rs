@@ -19,9 +19,10 @@
 //! | [`models`]       | the cluster's models from the registry's node entries; the conflict rule |
 //! | [`ids`]          | syntax of client-controlled names (no wildcards, no path tricks)      |
 //! | [`names`]        | every subject, stream and bucket name, from one prefix                |
+//! | [`trace`]        | W3C trace context (`traceparent`, `tracestate`): parse, format, a fresh trace |
 //!
 //! The files depend one way: `ids`, `names`, `params` <- `protocol` <- `job` <- `batch`,
-//! `retry_reason`, `keys`, `worker`; `preview` stands alone; `models` and `endpoint` read `protocol` only.
+//! `retry_reason`, `keys`, `worker`; `preview` and `trace` stand alone (`job` keeps a `trace`); `models` and `endpoint` read `protocol` only.
 
 pub mod batch;
 pub mod endpoint;
@@ -34,6 +35,7 @@ pub mod params;
 pub mod preview;
 pub mod protocol;
 pub mod retry_reason;
+pub mod trace;
 pub mod worker;
 
 /// Unix time in milliseconds.

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
+use kiln_core::trace::{self, TraceContext};
 use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
@@ -285,7 +286,14 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
 }
 
 /// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
+/// A `traceparent` (and `tracestate`) header is forwarded to the node in the NATS request's
+/// headers: the job's spans join the caller's trace (the gateway opens no span of its own).
 async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
+    let trace = {
+        let h = request.headers();
+        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        TraceContext::from_headers(get(trace::TRACEPARENT), get(trace::TRACESTATE))
+    };
     let (submit, form) = if is_multipart(request.headers()) {
         let form = read_form(&gateway, &tenant, request).await?;
         match submit_from_form(&form) {
@@ -299,7 +307,7 @@ async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, req
         let (parts, body) = request.into_parts();
         (read_json::<SubmitRequest>(&gateway, &parts.headers, body).await?, None)
     };
-    match tenant.client.submit(&submit).await {
+    match tenant.client.submit_traced(&submit, trace.as_ref()).await {
         Ok(reply) => {
             let location = format!("/v1/jobs/{}", reply.job_id);
             Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())

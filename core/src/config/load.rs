@@ -12,6 +12,7 @@ use super::connection::{ClusterLink, NatsConfig};
 use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
+use super::telemetry::{LogConfig, TelemetryConfig};
 use super::node::{
     parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, RestartPolicy, RetryPolicy,
     StorageConfig,
@@ -42,6 +43,10 @@ pub struct ClusterConfig {
     /// The HTTP + SSE gateway (`kiln gateway`, and the one `kiln up` starts).
     pub http: HttpConfig,
     pub models: Vec<ModelConfig>,
+    /// OpenTelemetry traces over OTLP/HTTP (off unless an endpoint is set).
+    pub telemetry: TelemetryConfig,
+    /// The log lines' format (text or JSON).
+    pub log: LogConfig,
 }
 
 impl ClusterConfig {
@@ -136,6 +141,8 @@ impl ClusterConfig {
     /// Checks everything serde cannot: names, ranges, references between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
+        self.telemetry.validate()?;
+        self.log.validate()?;
         if !self.node.name.is_empty() && !ids::is_valid_token(&self.node.name) {
             return Err(invalid("node.name", "must be letters, digits, '-' or '_'"));
         }

@@ -12,6 +12,7 @@
 //! | `node.rs`       | `[node]` and its slots, `[limits]`, `[storage]`, `[retry]`, `[restart]`, `[compression]`, `[autoscale]`, `[fair_share]`, `[quota]` |
 //! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
 //! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
+//! | `telemetry.rs`  | `[telemetry]` (OTLP traces: endpoint, service name), `[log]` (text or JSON lines) |
 //! | `load.rs`       | [`ClusterConfig`], the whole configuration: includes, paths, `validate()` |
 //! | `layers.rs`     | [`Layers`]: defaults < file < environment < flags merged (figment), the env mapping, each value's source; `ClusterConfig::load_layers` |
 //! | `error.rs`      | [`ConfigError`], naming the key at fault and the layer that set it        |
@@ -28,11 +29,13 @@ mod layers;
 mod load;
 mod models;
 mod node;
+mod telemetry;
 
 pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
 pub use error::ConfigError;
 pub use layers::{choose_file, variable_of_key, Flag, Layers, ALIASES, CONFIG_VAR, DEFAULT_FILE};
 pub use load::ClusterConfig;
+pub use telemetry::{LogConfig, TelemetryConfig};
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
 pub use node::{
     parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, QuotaOverride,

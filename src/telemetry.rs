@@ -123,9 +123,9 @@ pub fn init(default: &str, log: &LogConfig, telemetry: &TelemetryConfig) -> Tele
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
     };
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer(kiln_core::telemetry::TRACER)).with_filter(LevelFilter::INFO)
-    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(kiln_core::telemetry::TRACER)).with_filter(LevelFilter::INFO));
     tracing_subscriber::registry().with(fmt).with(otel).init();
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
@@ -167,7 +167,10 @@ mod tests {
         let t = |c, tv, bv| traces_endpoint(c, tv, bv);
         assert_eq!(t("", None, None), None);
         assert_eq!(t("  ", Some(""), Some(" ")), None);
-        assert_eq!(t("http://c:4318", Some("http://t/x"), Some("http://b")), Some(("http://c:4318/v1/traces".into(), "http://c:4318".into())));
+        assert_eq!(
+            t("http://c:4318", Some("http://t/x"), Some("http://b")),
+            Some(("http://c:4318/v1/traces".into(), "http://c:4318".into()))
+        );
         assert_eq!(t("http://c:4318/v1/traces", None, None), Some(("http://c:4318/v1/traces".into(), "http://c:4318".into())));
         assert_eq!(t("", Some("http://t/custom"), Some("http://b")), Some(("http://t/custom".into(), "http://t/custom".into())));
         assert_eq!(t("", None, Some("http://b:4318/")), Some(("http://b:4318/v1/traces".into(), "http://b:4318".into())));

@@ -157,11 +157,7 @@ fn seen_by_worker(dir: &Path, job_id: &str) -> (String, String) {
 async fn a_jobs_trace_is_whole_from_the_caller_through_the_node_to_the_worker() {
     let mut cluster = TestCluster::new();
     let receiver = Receiver::start(cluster.dir.path());
-    let extra = format!(
-        "{}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n",
-        traced_model(cluster.dir.path()),
-        receiver.port
-    );
+    let extra = format!("{}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n", traced_model(cluster.dir.path()), receiver.port);
     let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &extra);
     // Batches leave every 100 ms instead of 5 s (the SDK's default), so the test waits less.
     cluster.add_node_with_env("n1", &config, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);

@@ -101,7 +101,8 @@ impl Pipeline {
         // The engine's span; the worker is handed its context, so the worker's spans are its
         // children (when this node exports none, the worker gets the job's trace as it is).
         let run_span = tracing::info_span!("kiln.run", slot = %self.slot);
-        let trace = telemetry::context_of(&run_span, record.trace.as_ref().and_then(|t| t.tracestate.clone())).or_else(|| record.trace.clone());
+        let trace =
+            telemetry::context_of(&run_span, record.trace.as_ref().and_then(|t| t.tracestate.clone())).or_else(|| record.trace.clone());
         let job = EngineJob { record: JobRecord { attempt, trace, ..record.clone() }, inputs, output_dir, group };
 
         let stages = self.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();

@@ -99,7 +99,12 @@ impl Client {
     }
 
     /// [`Client::request_raw`] with headers.
-    pub async fn request_raw_with(&self, endpoint: &str, body: Vec<u8>, headers: Option<async_nats::HeaderMap>) -> Result<bytes::Bytes, ClientError> {
+    pub async fn request_raw_with(
+        &self,
+        endpoint: &str,
+        body: Vec<u8>,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<bytes::Bytes, ClientError> {
         let subject = self.names.api(endpoint);
         let mut request = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
         if let Some(headers) = headers {
@@ -118,7 +123,11 @@ impl Client {
 
     /// [`Client::submit`] in the caller's W3C trace: `trace` goes in the request's
     /// `traceparent` and `tracestate` headers, and the job's spans join that trace.
-    pub async fn submit_traced(&self, req: &SubmitRequest, trace: Option<&kiln_contract::trace::TraceContext>) -> Result<SubmitReply, ClientError> {
+    pub async fn submit_traced(
+        &self,
+        req: &SubmitRequest,
+        trace: Option<&kiln_contract::trace::TraceContext>,
+    ) -> Result<SubmitReply, ClientError> {
         let mut headers = async_nats::HeaderMap::new();
         if let Some(t) = trace {
             headers.insert(kiln_contract::trace::TRACEPARENT, t.traceparent.as_str());

@@ -26,7 +26,12 @@ impl ApiService {
     /// `span` is the submit's own (`kiln.submit`), `trace` the caller's from the headers: the
     /// record keeps the span's context, or the caller's, or a fresh trace (see
     /// [`telemetry::submitted_trace`]).
-    pub(super) async fn submit(&self, mut req: SubmitRequest, span: &tracing::Span, trace: Option<TraceContext>) -> Result<SubmitReply, ApiError> {
+    pub(super) async fn submit(
+        &self,
+        mut req: SubmitRequest,
+        span: &tracing::Span,
+        trace: Option<TraceContext>,
+    ) -> Result<SubmitReply, ApiError> {
         let (model, params) = self.validate_submit(&req)?;
         req.params = params;
         let model = &model;

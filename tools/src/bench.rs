@@ -302,7 +302,14 @@ impl NodeChild {
     }
 
     /// As [`NodeChild::start`], with `extra` appended to the node's config.
-    pub(crate) async fn start_with(url: &str, replicas: usize, slots: usize, work_ms: u64, client: &Client, extra: &str) -> Result<NodeChild, String> {
+    pub(crate) async fn start_with(
+        url: &str,
+        replicas: usize,
+        slots: usize,
+        work_ms: u64,
+        client: &Client,
+        extra: &str,
+    ) -> Result<NodeChild, String> {
         let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir().map_err(|e| e.to_string())?;
         let config = dir.path().join("node.toml");
         let text = node_toml(url, replicas, slots, work_ms, &dir.path().join("work")) + extra;

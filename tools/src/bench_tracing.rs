@@ -56,10 +56,8 @@ async fn sink() -> Result<(String, Arc<SinkCounts>), String> {
                         }
                     };
                     let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
-                        .unwrap_or(0);
+                    let length: usize =
+                        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
                     while buf.len() < head_end + length {
                         match conn.read(&mut chunk).await {
                             Ok(0) | Err(_) => return,

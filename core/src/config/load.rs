@@ -12,11 +12,11 @@ use super::connection::{ClusterLink, NatsConfig};
 use super::error::{invalid, ConfigError};
 use super::http::HttpConfig;
 use super::models::{EngineConfig, ModelConfig, StageConfig};
-use super::telemetry::{LogConfig, TelemetryConfig};
 use super::node::{
     parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, RestartPolicy, RetryPolicy,
     StorageConfig,
 };
+use super::telemetry::{LogConfig, TelemetryConfig};
 use crate::ids;
 
 /// The most `quota.max_running` may be: the `max_ack_pending` a key's consumers have without

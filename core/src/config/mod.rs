@@ -35,9 +35,9 @@ pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
 pub use error::ConfigError;
 pub use layers::{choose_file, variable_of_key, Flag, Layers, ALIASES, CONFIG_VAR, DEFAULT_FILE};
 pub use load::ClusterConfig;
-pub use telemetry::{LogConfig, TelemetryConfig};
 pub use models::{EngineConfig, InputKind, InputSpec, ModelConfig, OutputCodec, OutputSpec, ParamKind, ParamSpec, StageConfig, NO_TORCH};
 pub use node::{
     parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, QuotaOverride,
     RestartPolicy, RetryPolicy, SlotDevice, StorageConfig,
 };
+pub use telemetry::{LogConfig, TelemetryConfig};

@@ -33,7 +33,7 @@ pub struct LogConfig {
 impl TelemetryConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let e = self.otlp_endpoint.trim();
-        if !e.is_empty() && !(e.starts_with("http://") || e.starts_with("https://")) {
+        if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
             return Err(invalid("telemetry.otlp_endpoint", "must be an http:// or https:// URL (OTLP over HTTP)"));
         }
         Ok(())

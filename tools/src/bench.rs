@@ -298,10 +298,11 @@ pub(crate) struct NodeChild {
 
 impl NodeChild {
     async fn start(url: &str, replicas: usize, slots: usize, work_ms: u64, client: &Client) -> Result<NodeChild, String> {
-        Self::start_with(url, replicas, slots, work_ms, client, "").await
+        Self::start_with(url, replicas, slots, work_ms, client, "", "warn").await
     }
 
-    /// As [`NodeChild::start`], with `extra` appended to the node's config.
+    /// As [`NodeChild::start`], with `extra` appended to the node's config and `log` its
+    /// `KILN_LOG` (the bench's own node logs only its warnings).
     pub(crate) async fn start_with(
         url: &str,
         replicas: usize,
@@ -309,6 +310,7 @@ impl NodeChild {
         work_ms: u64,
         client: &Client,
         extra: &str,
+        log: &str,
     ) -> Result<NodeChild, String> {
         let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir().map_err(|e| e.to_string())?;
         let config = dir.path().join("node.toml");
@@ -317,7 +319,7 @@ impl NodeChild {
         let child = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .args(["node", "--config"])
             .arg(&config)
-            .env("KILN_LOG", "warn")
+            .env("KILN_LOG", log)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
@@ -745,13 +747,7 @@ pub fn print(report: &BenchReport, opts: &BenchOptions) {
             println!("  {:<44} {per:>6.2}", format!("stored in {stream}"));
         }
     }
-    crate::bench_tracing::print(
-        &report.tracing,
-        &report.kiln_latency,
-        &report.kiln_throughput,
-        (&report.cpu_sequential, &report.cpu_concurrent),
-        opts.concurrency,
-    );
+    crate::bench_tracing::print(&report.tracing, opts.concurrency);
 }
 
 /// `kiln bench --torchscript`: Kiln's per-job overhead around a forward pass of a fixture

@@ -1,8 +1,9 @@
-//! `kiln bench`'s tracing rows: what exporting spans costs per job. The same no-op jobs as the
-//! main rows, through a fresh node of the same config plus `[telemetry] otlp_endpoint`, whose
-//! spans go over OTLP/HTTP to a sink in this process (it reads each request and answers 200,
-//! as a collector would; it decodes nothing). Printed beside the main rows' figures (the node
-//! without export, measured in the same run on the same server) as ratios.
+//! `kiln bench`'s tracing rows: what spans cost per job. The main rows' no-op jobs again, on
+//! three fresh nodes of the same config in turn, each warmed up and measured alike: one that
+//! makes no span (`KILN_LOG=warn`, no endpoint: the node before tracing), one whose spans serve
+//! its log lines only (`KILN_LOG=info`, the default), one that exports them over OTLP/HTTP to a
+//! sink in this process (it reads each request and answers 200, as a collector would; it
+//! decodes nothing). Printed with the ratios of the last two to the first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,13 +14,25 @@ use tokio::net::TcpListener;
 
 use crate::bench::{kiln, BenchOptions, CpuMeter, CpuPerJob, Figures, NodeChild};
 
+/// One node's figures: the same jobs as the main rows.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct TracingCost {
+pub struct Variant {
+    pub name: &'static str,
     pub latency: Figures,
     pub throughput: Figures,
     pub cpu_sequential: CpuPerJob,
     pub cpu_concurrent: CpuPerJob,
-    /// Export requests and bytes the sink received, per job of the measured rows and warm-up.
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TracingCost {
+    /// No span is made: `KILN_LOG=warn`, no endpoint (the node before tracing).
+    pub off: Variant,
+    /// The spans made for the log lines only: `KILN_LOG=info`, no endpoint (the default node).
+    pub logs_only: Variant,
+    /// Spans exported over OTLP: an endpoint, `KILN_LOG=warn`.
+    pub exported: Variant,
+    /// Export requests and bytes the sink received, per job the exporting node ran.
     pub export_requests_per_job: f64,
     pub export_bytes_per_job: f64,
 }
@@ -78,8 +91,8 @@ async fn sink() -> Result<(String, Arc<SinkCounts>), String> {
     Ok((format!("http://{addr}"), counts))
 }
 
-/// Runs the main rows' jobs again on a node that exports its spans. `server_pid`: the
-/// nats-server's, when it is this bench's own.
+/// Runs the main rows' jobs again on three fresh nodes in turn: without spans, with spans for
+/// the logs only, exporting spans. `server_pid`: the nats-server's, when it is this bench's own.
 pub(crate) async fn run(
     url: &str,
     replicas: usize,
@@ -89,51 +102,58 @@ pub(crate) async fn run(
     server_pid: Option<u32>,
 ) -> Result<TracingCost, String> {
     let (endpoint, counts) = sink().await?;
-    let extra = format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
-    let node = NodeChild::start_with(url, replicas, opts.slots, 0, client, &extra).await?;
-    let warm_up = 20;
-    kiln(client, prefix, warm_up, 1).await?;
-    let meter = CpuMeter::start(node.pid(), server_pid);
-    let latency = kiln(client, prefix, opts.jobs.min(2000), 1).await?;
-    let cpu_sequential = meter.per_job(latency.count);
-    let meter = CpuMeter::start(node.pid(), server_pid);
-    let throughput = kiln(client, prefix, opts.jobs, opts.concurrency).await?;
-    let cpu_concurrent = meter.per_job(throughput.count);
-    // The node's drain flushes its last batch.
-    drop(node);
-    let jobs = (warm_up + latency.count + throughput.count).max(1) as f64;
+    let exporting = format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n");
+    let variant = |name: &'static str, extra: String, log: &'static str| async move {
+        let node = NodeChild::start_with(url, replicas, opts.slots, 0, client, &extra, log).await?;
+        kiln(client, prefix, WARM_UP, 1).await?;
+        let meter = CpuMeter::start(node.pid(), server_pid);
+        let latency = kiln(client, prefix, opts.jobs.min(2000), 1).await?;
+        let cpu_sequential = meter.per_job(latency.count);
+        let meter = CpuMeter::start(node.pid(), server_pid);
+        let throughput = kiln(client, prefix, opts.jobs, opts.concurrency).await?;
+        let cpu_concurrent = meter.per_job(throughput.count);
+        // A stop drains, and the exporting node flushes its last batch.
+        drop(node);
+        Ok::<Variant, String>(Variant { name, latency, throughput, cpu_sequential, cpu_concurrent })
+    };
+    let off = variant("off (no span: KILN_LOG=warn)", String::new(), "warn").await?;
+    let logs_only = variant("spans for the logs only (KILN_LOG=info)", String::new(), "info").await?;
+    let exported = variant("exported over OTLP (KILN_LOG=warn)", exporting, "warn").await?;
+    let jobs = (WARM_UP + exported.latency.count + exported.throughput.count).max(1) as f64;
     Ok(TracingCost {
-        latency,
-        throughput,
-        cpu_sequential,
-        cpu_concurrent,
+        off,
+        logs_only,
+        exported,
         export_requests_per_job: counts.requests.load(Ordering::Relaxed) as f64 / jobs,
         export_bytes_per_job: counts.bytes.load(Ordering::Relaxed) as f64 / jobs,
     })
 }
 
-/// The rows, beside the figures of the node without export (`off_*`).
-pub fn print(cost: &TracingCost, off_latency: &Figures, off_throughput: &Figures, off_cpu: (&CpuPerJob, &CpuPerJob), concurrency: usize) {
+/// Jobs each node runs before it is measured.
+const WARM_UP: usize = 20;
+
+/// The rows and the ratios to the node without spans.
+pub fn print(cost: &TracingCost, concurrency: usize) {
     println!();
-    println!("tracing: the same jobs on a node exporting its spans (OTLP/HTTP to a local sink) p50 ms    p99 ms    per s");
-    let row = |name: &str, f: &Figures| println!("  {name:<40} {:>8.3}  {:>8.3}  {:>7.0}", f.p50_ms, f.p99_ms, f.per_second);
-    row("export off, sequential (rows above)", off_latency);
-    row("export on, sequential", &cost.latency);
-    row(&format!("export off, concurrent ({concurrency})"), off_throughput);
-    row(&format!("export on, concurrent ({concurrency})"), &cost.throughput);
+    println!("tracing: the same jobs on three fresh nodes in turn          p50 ms    p99 ms    per s   node CPU us/job");
+    let row = |name: String, f: &Figures, cpu: &CpuPerJob| {
+        println!("  {name:<56} {:>8.3}  {:>8.3}  {:>7.0}  {:>8.0}", f.p50_ms, f.p99_ms, f.per_second, cpu.node_us)
+    };
     let ratio = |a: f64, b: f64| a / b.max(1e-9);
-    println!(
-        "  ratio on/off: p50 latency {:.2}x, p99 {:.2}x, throughput {:.3}x; node CPU per job {:.0} -> {:.0} us sequential ({:.2}x), {:.0} -> {:.0} us concurrent ({:.2}x)",
-        ratio(cost.latency.p50_ms, off_latency.p50_ms),
-        ratio(cost.latency.p99_ms, off_latency.p99_ms),
-        ratio(cost.throughput.per_second, off_throughput.per_second),
-        off_cpu.0.node_us,
-        cost.cpu_sequential.node_us,
-        ratio(cost.cpu_sequential.node_us, off_cpu.0.node_us),
-        off_cpu.1.node_us,
-        cost.cpu_concurrent.node_us,
-        ratio(cost.cpu_concurrent.node_us, off_cpu.1.node_us),
-    );
+    for v in [&cost.off, &cost.logs_only, &cost.exported] {
+        row(format!("{}, sequential", v.name), &v.latency, &v.cpu_sequential);
+        row(format!("{}, concurrent ({concurrency})", v.name), &v.throughput, &v.cpu_concurrent);
+    }
+    for v in [&cost.logs_only, &cost.exported] {
+        println!(
+            "  {} / off: p50 latency {:.2}x, throughput {:.3}x, node CPU per job {:.2}x sequential, {:.2}x concurrent",
+            v.name,
+            ratio(v.latency.p50_ms, cost.off.latency.p50_ms),
+            ratio(v.throughput.per_second, cost.off.throughput.per_second),
+            ratio(v.cpu_sequential.node_us, cost.off.cpu_sequential.node_us),
+            ratio(v.cpu_concurrent.node_us, cost.off.cpu_concurrent.node_us),
+        );
+    }
     println!(
         "  exported: {:.3} requests, {:.0} bytes of spans per job (8 spans a no-op job: submit, queue wait, job, claim, inputs, run, artifacts, terminal write)",
         cost.export_requests_per_job, cost.export_bytes_per_job

@@ -12,13 +12,16 @@ When OpenTelemetry for Python is installed (`opentelemetry-sdk` and
 `opentelemetry-exporter-otlp-proto-http`) and `OTEL_EXPORTER_OTLP_ENDPOINT` is set (a node that
 exports spans hands its own endpoint to its workers), the SDK also exports spans: one
 `kiln.worker.run` around each `run(job)`, a child of `kiln.run`, and whatever the model opens
-with `job.span("name")` beneath it. They are flushed after each job's last line, so a worker
-that is stopped loses none. Without either, `job.span()` is a context manager that does
+with `job.span("name")` beneath it. They leave in batches every `OTEL_BSP_SCHEDULE_DELAY` ms
+(500 unless set: a worker is killed, not asked, when its node stops, so the last batch is kept
+short) and at the worker's exit; a flush is never waited for by a job, so a slow or absent
+collector does not slow the jobs. Without either, `job.span()` is a context manager that does
 nothing, and the SDK imports no OpenTelemetry module.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import threading
@@ -58,7 +61,9 @@ class Tracing:
             # A provider of our own, not the global one: a model that sets up OpenTelemetry itself
             # keeps its own, and can parent on `job.traceparent`.
             provider = TracerProvider(resource=Resource.create({"service.name": service}))
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            delay = int(os.environ.get("OTEL_BSP_SCHEDULE_DELAY") or 500)
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=delay))
+            atexit.register(provider.shutdown)
             self._provider = provider
             self._tracer = provider.get_tracer("kiln_worker")
             self._propagator = TraceContextTextMapPropagator()
@@ -87,10 +92,10 @@ class Tracing:
         with self._tracer.start_as_current_span(name, context=context, attributes=attributes or {}) as s:
             yield s
 
-    def flush(self) -> None:
-        """Exports the spans batched so far (after each job: a stopped worker loses none)."""
+    def flush(self, timeout_millis: int = 5000) -> None:
+        """Exports the spans batched so far (the worker's exit does it by itself)."""
         if self._provider is not None:
-            self._provider.force_flush(timeout_millis=5000)
+            self._provider.force_flush(timeout_millis=timeout_millis)
 
 
 #: The process's one `Tracing`.

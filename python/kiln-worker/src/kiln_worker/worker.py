@@ -149,9 +149,6 @@ class Worker:
             self.diag(f"job {job.job_id} failed unexpectedly: {e!r}\n{traceback.format_exc().rstrip()}")
             where = _where(e)
             self._error(writer, job, f"worker error: {e!r}" + (f" at {where}" if where else ""), retryable=True)
-        finally:
-            # After the job's last line: the flush does not delay its outcome.
-            tracing.flush()
 
     def _error(self, writer: LineWriter, job: Job, message: str, retryable: bool) -> None:
         writer.send({"type": "error", "job_id": job.job_id, "message": clip(message, MAX_MESSAGE_CHARS), "retryable": retryable})

@@ -3,7 +3,8 @@
 //! protocol package), a `kiln gateway`, and a Python worker on this checkout's SDK. A job
 //! submitted over HTTP with a `traceparent` header, one over NATS with the header, and one
 //! without: each job's trace must be whole (every span, one trace id, each span under the right
-//! parent, the worker's spans under the node's run). And a node's JSON log lines parse, with
+//! parent: the gateway's under the caller's, the submit under it or directly under a NATS
+//! caller's, the worker's spans under the node's run). And a node's JSON log lines parse, with
 //! the job's id and trace id in the spans they were logged in.
 
 mod common;
@@ -173,16 +174,23 @@ async fn a_jobs_trace_is_whole_from_the_caller_through_the_node_to_the_worker() 
         .post(gateway.url("/v1/jobs"))
         .header("traceparent", format!("00-{trace1}-{caller1}-01"))
         .header("tracestate", "vendor=opaque")
+        .header("x-request-id", "req-traced-1")
         .json(&serde_json::json!({"model": "tiny"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["x-request-id"], "req-traced-1", "the request id comes back");
     let job1 = r.json::<Value>().await.unwrap()["job_id"].as_str().unwrap().to_string();
     let view = wait_terminal(&client, &job1, Duration::from_secs(60)).await;
     assert_eq!(view.status.as_str(), "completed", "{view:?}");
-    let spans = receiver.trace(trace1, &all, Duration::from_secs(30)).await;
-    assert_eq!(spans["kiln.submit"]["parent_span_id"], caller1, "the submit is under the caller's span");
+    let with_gateway: Vec<&str> = all.iter().copied().chain(["kiln.http"]).collect();
+    let spans = receiver.trace(trace1, &with_gateway, Duration::from_secs(30)).await;
+    let http_span = &spans["kiln.http"];
+    assert_eq!(http_span["parent_span_id"], caller1, "the gateway's span is under the caller's");
+    assert_eq!(http_span["attributes"]["request_id"], "req-traced-1");
+    assert_eq!(http_span["attributes"]["path"], "/v1/jobs");
+    assert_eq!(spans["kiln.submit"]["parent_span_id"], http_span["span_id"], "the submit is under the gateway's span");
     assert_eq!(spans["kiln.submit"]["attributes"]["job_id"], job1.as_str());
     let run = check_job_trace(&spans, "over HTTP");
     let (env, field) = seen_by_worker(dir, &job1);

@@ -10,7 +10,8 @@
 //!
 //! ```text
 //! caller's span (traceparent header, HTTP or NATS; none: the submit starts the trace)
-//! └── kiln.submit                     the API node; its context is the record's `trace`
+//! └── (kiln.http                      the gateway's, for a request over HTTP)
+//!     kiln.submit                     the API node; its context is the record's `trace`
 //!     ├── kiln.queue_wait             created -> claimed (made afterwards: past_span)
 //!     └── kiln.job                    one per attempt, on the node that runs it
 //!         ├── kiln.claim              (past_span)

@@ -15,12 +15,14 @@
 //! | [`error`]    | `{code, message}` bodies and the HTTP status of each code                 |
 //! | [`openapi`]  | `GET /openapi.json`, generated from the protocol types                    |
 //! | [`console`]  | the web console's assets, built into the binary                           |
+//! | [`request_span`] | each request's `kiln.http` span (request id, the caller's `traceparent`) |
 
 pub mod console;
 pub mod error;
 pub mod events;
 pub mod objects;
 pub mod openapi;
+pub mod request_span;
 pub mod routes;
 pub mod template;
 pub mod v1;
@@ -154,6 +156,7 @@ impl Gateway {
             .layer(middleware::map_response(error::coded_errors))
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(config.header_timeout_ms)))
             .layer(cors)
+            .layer(middleware::from_fn(request_span::layer))
             .with_state(self.clone())
     }
 

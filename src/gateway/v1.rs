@@ -16,7 +16,7 @@ use futures::StreamExt;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
-use kiln_core::trace::{self, TraceContext};
+use kiln_core::trace::TraceContext;
 use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
@@ -286,14 +286,11 @@ fn submit_from_form(form: &Form) -> Result<SubmitRequest, HttpError> {
 }
 
 /// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
-/// A `traceparent` (and `tracestate`) header is forwarded to the node in the NATS request's
-/// headers: the job's spans join the caller's trace (the gateway opens no span of its own).
+/// The request's trace context (its `kiln.http` span's, or the caller's `traceparent` as it
+/// came; see [`super::request_span`]) goes to the node in the NATS request's headers: the
+/// job's spans join the caller's trace.
 async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
-    let trace = {
-        let h = request.headers();
-        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
-        TraceContext::from_headers(get(trace::TRACEPARENT), get(trace::TRACESTATE))
-    };
+    let trace: Option<TraceContext> = request.extensions().get::<super::request_span::Forward>().map(|f| f.0.clone());
     let (submit, form) = if is_multipart(request.headers()) {
         let form = read_form(&gateway, &tenant, request).await?;
         match submit_from_form(&form) {

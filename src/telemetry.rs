@@ -7,7 +7,8 @@
 //! Off (no endpoint), no OpenTelemetry layer is installed at all: the spans the runtime opens
 //! are plain `tracing` spans, which the log filter disables below their level (a node at the
 //! default `info` keeps them for its log lines' context). On, the OpenTelemetry layer has its
-//! own filter (`info`), so `KILN_LOG=warn` quietens the logs without losing the spans.
+//! own filter (Kiln's `kiln.*` spans and `info` events), so `KILN_LOG=warn` quietens the logs
+//! without losing the spans.
 
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use kiln_core::config::{LogConfig, TelemetryConfig};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::filter::{filter_fn, EnvFilter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
@@ -125,7 +126,7 @@ pub fn init(default: &str, log: &LogConfig, telemetry: &TelemetryConfig) -> Tele
     };
     let otel = provider
         .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(kiln_core::telemetry::TRACER)).with_filter(LevelFilter::INFO));
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(kiln_core::telemetry::TRACER)).with_filter(filter_fn(exported)));
     tracing_subscriber::registry().with(fmt).with(otel).init();
     if let Some(p) = &provider {
         opentelemetry::global::set_tracer_provider(p.clone());
@@ -137,6 +138,17 @@ pub fn init(default: &str, log: &LogConfig, telemetry: &TelemetryConfig) -> Tele
         tracing::warn!(error = %e, "cannot set up the OTLP exporter; no spans are exported");
     }
     Telemetry { provider }
+}
+
+/// What the OpenTelemetry layer sees: Kiln's own spans (`kiln.*`), not the libraries' (ractor
+/// opens an `Actor` span per actor, a job actor's included: exported, each would be a trace of
+/// its own per job), and the `info` events inside them (as span events).
+fn exported(meta: &tracing::Metadata<'_>) -> bool {
+    if meta.is_span() {
+        meta.name().starts_with("kiln.")
+    } else {
+        *meta.level() <= tracing::Level::INFO
+    }
 }
 
 fn build_provider(url: &str, service: &str) -> Result<SdkTracerProvider, String> {

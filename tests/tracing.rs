@@ -219,8 +219,11 @@ async fn a_jobs_trace_is_whole_from_the_caller_through_the_node_to_the_worker() 
     assert_eq!(spans["kiln.submit"]["parent_span_id"], "", "a submit without a caller's trace is its root");
     check_job_trace(&spans, "without a traceparent");
 
-    // One trace per job: no span of these jobs leaked into another trace.
+    // Kiln exports its own spans only (not ractor's per-actor `Actor` spans, say), and one
+    // trace per job: no span of these jobs leaked into another trace.
     for s in receiver.spans() {
+        let name = s["name"].as_str().unwrap();
+        assert!(name.starts_with("kiln.") || name == "tiny.inner", "a span that is not Kiln's: {s}");
         let trace = s["trace_id"].as_str().unwrap();
         if s["attributes"]["job_id"] == job1.as_str() {
             assert_eq!(trace, trace1, "{s}");

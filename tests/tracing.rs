@@ -158,7 +158,11 @@ fn seen_by_worker(dir: &Path, job_id: &str) -> (String, String) {
 async fn a_jobs_trace_is_whole_from_the_caller_through_the_node_to_the_worker() {
     let mut cluster = TestCluster::new();
     let receiver = Receiver::start(cluster.dir.path());
-    let extra = format!("{}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n", traced_model(cluster.dir.path()), receiver.port);
+    let extra = format!(
+        "{}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n[http]\ncors_origins = [\"http://app.example\"]\n",
+        traced_model(cluster.dir.path()),
+        receiver.port
+    );
     let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &extra);
     // Batches leave every 100 ms instead of 5 s (the SDK's default), so the test waits less.
     cluster.add_node_with_env("n1", &config, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
@@ -196,6 +200,20 @@ async fn a_jobs_trace_is_whole_from_the_caller_through_the_node_to_the_worker() 
     let (env, field) = seen_by_worker(dir, &job1);
     assert_eq!(env, format!("00-{trace1}-{run}-01"), "TRACEPARENT is the node's run span");
     assert_eq!(field, env, "job.traceparent and TRACEPARENT agree");
+
+    // A browser app on another origin may send the headers and read the request id.
+    let preflight = http()
+        .request(reqwest::Method::OPTIONS, gateway.url("/v1/jobs"))
+        .header("origin", "http://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "traceparent,tracestate,x-request-id")
+        .send()
+        .await
+        .unwrap();
+    let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap().to_ascii_lowercase();
+    for h in ["traceparent", "tracestate", "x-request-id"] {
+        assert!(allowed.contains(h), "CORS allows {h}: {allowed}");
+    }
 
     // 2. Over NATS, with the headers on the request.
     let (trace2, caller2) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");

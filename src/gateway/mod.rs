@@ -236,8 +236,23 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     let layer = CorsLayer::new()
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::RANGE, header::HeaderName::from_static("last-event-id")])
-        .expose_headers([header::ETAG, header::CONTENT_RANGE, header::CONTENT_LENGTH, header::RETRY_AFTER]);
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::RANGE,
+            header::HeaderName::from_static("last-event-id"),
+            // A browser app's trace context and request id (request_span.rs).
+            header::HeaderName::from_static(kiln_core::trace::TRACEPARENT),
+            header::HeaderName::from_static(kiln_core::trace::TRACESTATE),
+            header::HeaderName::from_static(request_span::REQUEST_ID),
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::CONTENT_RANGE,
+            header::CONTENT_LENGTH,
+            header::RETRY_AFTER,
+            header::HeaderName::from_static(request_span::REQUEST_ID),
+        ]);
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
     } else {

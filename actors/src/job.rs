@@ -14,14 +14,20 @@
 //! `running` event, keep-alive ─► pipeline ─► conclude (artifact events, outcome write,
 //!                                            terminal event, ack)
 //! ```
+//!
+//! The attempt runs in its span, `kiln.job`, a child of the job's trace (the record's `trace`);
+//! the pipeline's spans are its children, and the conclusion is `kiln.terminal_write`
+//! (`kiln_core::telemetry` draws the whole tree).
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use async_nats::jetstream;
 use kiln_core::metrics as m;
 use kiln_core::policy::Backoff;
+use kiln_core::telemetry::{self, KeyValue};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::context::NodeContext;
 use crate::delivery::Delivery;
@@ -94,9 +100,13 @@ impl JobActorState {
         if self.delivery.drop_if_undecodable().await {
             return DeliveryEnd::Abandoned;
         }
+        let claim_started = SystemTime::now();
         match self.delivery.claim().await {
             Ok(Some(end)) => end,
-            Ok(None) => self.execute().await,
+            Ok(None) => {
+                let span = self.attempt_span(claim_started);
+                self.execute().instrument(span).await
+            }
             Err(e) => {
                 tracing::warn!(job_id = %self.delivery.job_id, error = %e, "cannot claim job; leaving it for redelivery");
                 DeliveryEnd::Abandoned
@@ -104,8 +114,37 @@ impl JobActorState {
         }
     }
 
+    /// The attempt's span (`kiln.job`), a child of the job's trace (the record's, from its
+    /// submit), and the spans already over by now: the queue wait (a first attempt's, from
+    /// the submit) and the claim. A record without a trace (an older Kiln's) starts one here.
+    fn attempt_span(&self, claim_started: SystemTime) -> tracing::Span {
+        let record = self.delivery.record();
+        let trace = record.trace.as_ref();
+        let span = tracing::info_span!(
+            "kiln.job",
+            job_id = %record.job_id,
+            attempt = record.attempt,
+            model = %record.model,
+            node = %self.delivery.ctx.node,
+            trace_id = %telemetry::trace_id(trace),
+        );
+        telemetry::set_parent(&span, trace);
+        if telemetry::exporting() {
+            let job_id = KeyValue::new("job_id", record.job_id.clone());
+            if record.attempt == 1 {
+                let submit = trace.and_then(telemetry::remote_context).unwrap_or_default();
+                let created = telemetry::at_ms(record.created_ms);
+                telemetry::past_span("kiln.queue_wait", &submit, created, claim_started, vec![job_id.clone()]);
+            }
+            let parent = telemetry::otel_context(&span);
+            telemetry::past_span("kiln.claim", &parent, claim_started, SystemTime::now(), vec![job_id]);
+        }
+        span
+    }
+
     async fn execute(&mut self) -> DeliveryEnd {
         let record = self.delivery.record().clone();
+        tracing::debug!("attempt claimed");
         let started = Instant::now();
         if let Some(s) = record.started_ms {
             metrics::histogram!(m::QUEUE_WAIT_SECONDS, "model" => record.model.clone())
@@ -119,7 +158,7 @@ impl JobActorState {
             // is written (a no-op if the model's end handed the lease back already).
             drop(self.pipeline.lease.take());
         }
-        let end = self.delivery.conclude(&record, outcome, started).await;
+        let end = self.delivery.conclude(&record, outcome, started).instrument(tracing::info_span!("kiln.terminal_write")).await;
         // A `JobKeepAlive`: stopped here, or with this actor however it ends.
         drop(keep_alive);
         // Otherwise the lease goes back here, once the outcome is settled.

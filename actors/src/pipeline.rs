@@ -9,6 +9,9 @@
 //! stages (stage pool, each with its own attempts) ─► store artifacts under this
 //! attempt's own names (announced, and so made visible, only by the delivery's conclusion)
 //! ```
+//!
+//! Each step is a span under the attempt's `kiln.job`: `kiln.inputs`, `kiln.run` (whose
+//! context the worker is handed), `kiln.stage` per stage, `kiln.artifacts`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,9 +26,11 @@ use kiln_core::nats::{ride_out, StoreError};
 use kiln_core::policy::{Patience, STAGE_RETRY_PAUSE};
 use kiln_core::protocol::{truncate_utf8 as truncate, Artifact, Event, InputValue, MAX_EVENT_MESSAGE_BYTES, MAX_STAGE_BYTES};
 use kiln_core::task::{self, TaskKind};
+use kiln_core::telemetry;
 use ractor::ActorRef;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::attempt_events::{AttemptEvents, ProgressOrder};
 
@@ -90,10 +95,15 @@ impl Pipeline {
         };
         let mut workspace = Workspace { ctx: self.ctx.clone(), slot: self.slot.clone(), dir: Some(dir.clone()), reusable: false };
         let output_dir = dir.join("out");
-        let inputs = resolve_inputs(&self.ctx, events, record, &dir.join("in")).await?;
+        let inputs = resolve_inputs(&self.ctx, events, record, &dir.join("in")).instrument(tracing::info_span!("kiln.inputs")).await?;
         let job_inputs = inputs.clone();
         let group = self.lease.as_ref().map(|l| l.group().to_vec()).unwrap_or_default();
-        let job = EngineJob { record: JobRecord { attempt, ..record.clone() }, inputs, output_dir, group };
+        // The engine's span; the worker is handed its context, so the worker's spans are its
+        // children (when this node exports none, the worker gets the job's trace as it is).
+        let run_span = tracing::info_span!("kiln.run", slot = %self.slot);
+        let trace =
+            telemetry::context_of(&run_span, record.trace.as_ref().and_then(|t| t.tracestate.clone())).or_else(|| record.trace.clone());
+        let job = EngineJob { record: JobRecord { attempt, trace, ..record.clone() }, inputs, output_dir, group };
 
         let stages = self.ctx.config.model(&record.model).map(|m| m.stages.clone()).unwrap_or_default();
         let run_stage = self.ctx.config.model(&record.model).map(|m| m.run_stage.clone()).unwrap_or_default();
@@ -127,6 +137,7 @@ impl Pipeline {
                 |reply| InferenceMsg::Run { job: Box::new(job), progress: tx, cancel: engine_cancel, reply },
                 Some(Duration::from_millis(2 * model_timeout + 30_000)),
             )
+            .instrument(run_span)
             .await;
         let _ = forwarder.await;
         let outputs = match call {
@@ -148,6 +159,15 @@ impl Pipeline {
             if stages.is_empty() { outputs } else { self.run_stages(events, record, &stages, &job_inputs, outputs, &dir).await? };
         // Stored under this attempt's own names; announced (and so made visible) only in
         // `conclude`, if this attempt still owns the job.
+        let artifacts = self.store_artifacts(record, outputs).instrument(tracing::info_span!("kiln.artifacts")).await?;
+        workspace.reusable = true;
+        drop(workspace);
+        Ok(artifacts)
+    }
+
+    /// Stores the outputs as this attempt's artifacts.
+    async fn store_artifacts(&self, record: &JobRecord, outputs: Vec<EngineOutput>) -> Result<Vec<Artifact>, EngineError> {
+        let (job_id, attempt) = (&record.job_id, record.attempt);
         let mut artifacts = Vec::with_capacity(outputs.len());
         for output in outputs {
             let what = format!("storing artifact {}", output.name);
@@ -167,8 +187,6 @@ impl Pipeline {
             .map_err(|e| EngineError::Infra(format!("cannot store artifact {}: {e}", output.name)))?;
             artifacts.push(artifact);
         }
-        workspace.reusable = true;
-        drop(workspace);
         Ok(artifacts)
     }
 
@@ -193,6 +211,10 @@ impl Pipeline {
             let share = (1.0 - MODEL_SHARE) * 100.0 / stages.len() as f32;
             events.event(Event::progress(job_id, attempt, Some(stage.name().to_string()), Some(base + share * i as f32))).await;
             let failed = |message: String| EngineError::Stage { stage: stage.name().to_string(), message };
+            let stage_span = tracing::info_span!("kiln.stage", stage = %stage.name());
+            // One span per stage: its body is an async block so that its early returns end the
+            // span with it.
+            async {
             match stage {
                 StageConfig::Command { name, command, input, output, keep_input, timeout_ms, max_attempts } => {
                     let Some(at) = outputs.iter().position(|o| &o.name == input) else {
@@ -250,6 +272,10 @@ impl Pipeline {
                     outputs.push(EngineOutput { name: output.clone(), path, content_type: Some("application/json".into()) });
                 }
             }
+            Ok::<(), EngineError>(())
+            }
+            .instrument(stage_span)
+            .await?;
         }
         events.event(Event::progress(job_id, attempt, None, Some(100.0))).await;
         Ok(outputs)

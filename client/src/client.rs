@@ -95,8 +95,21 @@ impl Client {
 
     /// Sends raw bytes to an endpoint and returns the raw reply (for tests of bad input).
     pub async fn request_raw(&self, endpoint: &str, body: Vec<u8>) -> Result<bytes::Bytes, ClientError> {
+        self.request_raw_with(endpoint, body, None).await
+    }
+
+    /// [`Client::request_raw`] with headers.
+    pub async fn request_raw_with(
+        &self,
+        endpoint: &str,
+        body: Vec<u8>,
+        headers: Option<async_nats::HeaderMap>,
+    ) -> Result<bytes::Bytes, ClientError> {
         let subject = self.names.api(endpoint);
-        let request = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
+        let mut request = async_nats::Request::new().payload(body.into()).timeout(Some(self.timeout));
+        if let Some(headers) = headers {
+            request = request.headers(headers);
+        }
         let reply = tokio::time::timeout(self.timeout + Duration::from_secs(1), self.nats.send_request(subject.clone(), request))
             .await
             .map_err(|_| ClientError::Timeout(subject.clone()))?;
@@ -106,6 +119,25 @@ impl Client {
             Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(ClientError::Timeout(subject)),
             Err(e) => Err(ClientError::Nats(e.to_string())),
         }
+    }
+
+    /// [`Client::submit`] in the caller's W3C trace: `trace` goes in the request's
+    /// `traceparent` and `tracestate` headers, and the job's spans join that trace.
+    pub async fn submit_traced(
+        &self,
+        req: &SubmitRequest,
+        trace: Option<&kiln_contract::trace::TraceContext>,
+    ) -> Result<SubmitReply, ClientError> {
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(t) = trace {
+            headers.insert(kiln_contract::trace::TRACEPARENT, t.traceparent.as_str());
+            if let Some(state) = &t.tracestate {
+                headers.insert(kiln_contract::trace::TRACESTATE, state.as_str());
+            }
+        }
+        let body = serde_json::to_vec(req).expect("requests serialize");
+        let payload = self.request_raw_with(Endpoint::Submit.name(), body, Some(headers).filter(|_| trace.is_some())).await?;
+        decode_reply(&payload)
     }
 
     pub async fn request<T: Serialize, R: DeserializeOwned>(&self, endpoint: &str, body: &T) -> Result<R, ClientError> {

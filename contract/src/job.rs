@@ -87,6 +87,11 @@ pub struct JobRecord {
     /// The submit request's webhook, checked (`kiln.api.submit`'s `webhook`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<crate::protocol::WebhookSpec>,
+    /// The W3C trace the job belongs to (`traceparent` of its submit's span, and the caller's
+    /// `tracestate`): its node spans and its worker's are children of it. Absent in records of
+    /// an older Kiln (their jobs start a trace of their own when they run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl JobRecord {
@@ -127,6 +132,8 @@ impl JobRecord {
             labels,
             queue_seq: None,
             webhook,
+            // Set by the submit, from the span it runs in (see `kiln_core::telemetry`).
+            trace: None,
         }
     }
 

@@ -20,9 +20,10 @@
 //! | [`ids`]          | syntax of client-controlled names (no wildcards, no path tricks)      |
 //! | [`names`]        | every subject, stream and bucket name, from one prefix                |
 //! | [`schema`]       | the JSON Schema of every NATS message, with the subjects they travel on |
+//! | [`trace`]        | W3C trace context (`traceparent`, `tracestate`): parse, format, a fresh trace |
 //!
 //! The files depend one way: `ids`, `names`, `params` <- `protocol` <- `job` <- `batch`,
-//! `retry_reason`, `keys`, `worker`; `preview` stands alone; `models` and `endpoint` read `protocol` only; `schema` reads them all.
+//! `retry_reason`, `keys`, `worker`; `preview` and `trace` stand alone (`job` keeps a `trace`); `models` and `endpoint` read `protocol` only; `schema` reads them all.
 
 pub mod batch;
 pub mod endpoint;
@@ -36,6 +37,7 @@ pub mod preview;
 pub mod protocol;
 pub mod retry_reason;
 pub mod schema;
+pub mod trace;
 pub mod worker;
 
 /// Unix time in milliseconds.

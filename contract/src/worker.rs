@@ -39,6 +39,13 @@ pub struct WorkerJob {
     /// this many ms (0: none), so a worker can skip encoding one that would be dropped.
     #[serde(default = "default_preview_interval_ms")]
     pub preview_interval_ms: u64,
+    /// The W3C `traceparent` of the node's span around this run (or of the job's submit when
+    /// the node exports no spans): a worker's own spans are its children. Absent for a job
+    /// without a trace (submitted to an older Kiln).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 fn default_preview_interval_ms() -> u64 {
@@ -62,6 +69,8 @@ impl WorkerJob {
             params: record.params.clone(),
             output_dir,
             preview_interval_ms,
+            traceparent: record.trace.as_ref().map(|t| t.traceparent.clone()),
+            tracestate: record.trace.as_ref().and_then(|t| t.tracestate.clone()),
         }
     }
 }

@@ -20,13 +20,14 @@
 //! | [`child`]     | child processes the kernel kills when this process ends (spawner thread)    |
 //! | [`stall`]     | notices that this process itself stood still (SIGSTOP, pause, starved)      |
 //! | [`task`]      | every spawned task under a named kind: what stops it, what its panic does   |
+//! | [`telemetry`] | a job's spans in its W3C trace: parent from the record, context for the worker, spans made afterwards |
 //! | [`fault`]     | named fault points, compiled in only for tests                              |
 //! | [`webhook`]   | webhooks' pure part: events wanted, targets, payload, Standard Webhooks signature, refused addresses |
 //! | [`metrics`]   | metric names and label conventions (units in names, bounded labels)         |
 //!
 //! Re-exported from `kiln-contract` (the wire contract, no NATS, no libtorch), so each type has
 //! one path: [`protocol`], [`endpoint`], [`job`], [`batch`], [`keys`], [`worker`], [`retry_reason`],
-//! [`params`], [`preview`], [`models`], [`ids`], and `nats::names`.
+//! [`params`], [`preview`], [`models`], [`ids`], `trace`, and `nats::names`.
 //!
 //! libtorch is linked only with the `torch` feature (on by default; the `kiln` binary turns it
 //! on with its `engines` feature): without it the `torchscript` engine is absent and a model
@@ -36,7 +37,7 @@
 
 // The wire contract lives in its own crate (no NATS, no libtorch); re-exported so the runtime's
 // code and its users keep one path for each type (`kiln_core::job::JobRecord`).
-pub use kiln_contract::{batch, endpoint, ids, job, keys, models, now_ms, params, preview, protocol, retry_reason, worker};
+pub use kiln_contract::{batch, endpoint, ids, job, keys, models, now_ms, params, preview, protocol, retry_reason, trace, worker};
 
 pub mod autoscale;
 pub mod child;
@@ -54,6 +55,7 @@ pub mod stage;
 pub mod stall;
 pub mod store;
 pub mod task;
+pub mod telemetry;
 pub mod webhook;
 
 use std::path::PathBuf;

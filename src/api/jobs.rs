@@ -16,13 +16,22 @@ use kiln_core::metrics as m;
 use kiln_core::nats::cas::{Step, Updated};
 use kiln_core::nats::{CasError, StoreError};
 use kiln_core::protocol::*;
+use kiln_core::telemetry::{self, TraceContext};
 
 /// Longest wait for the owner of a running job to take its cancel notice: it answers at once
 /// (no responders when it is gone); the record's flag is the fallback.
 const CANCEL_NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ApiService {
-    pub(super) async fn submit(&self, mut req: SubmitRequest) -> Result<SubmitReply, ApiError> {
+    /// `span` is the submit's own (`kiln.submit`), `trace` the caller's from the headers: the
+    /// record keeps the span's context, or the caller's, or a fresh trace (see
+    /// [`telemetry::submitted_trace`]).
+    pub(super) async fn submit(
+        &self,
+        mut req: SubmitRequest,
+        span: &tracing::Span,
+        trace: Option<TraceContext>,
+    ) -> Result<SubmitReply, ApiError> {
         let (model, params) = self.validate_submit(&req)?;
         validation::check_webhook(req.webhook.as_ref(), &self.config.webhooks)?;
         req.params = params;
@@ -42,12 +51,17 @@ impl ApiService {
             Some(key) => idempotent_job_id(&model.name, key),
             None => uuid::Uuid::new_v4().to_string(),
         };
-        let record = JobRecord::submitted(
+        let mut record = JobRecord::submitted(
             job_id.clone(),
             SubmitRequest { model: model.name.clone(), ..req },
             model.max_attempts,
             kiln_core::now_ms(),
         );
+        let trace = telemetry::submitted_trace(span, trace);
+        span.record("job_id", job_id.as_str());
+        span.record("trace_id", telemetry::trace_id(Some(&trace)));
+        record.trace = Some(trace);
+        tracing::debug!(model = %record.model, "job submitted");
         if let Some(state) = self.launch_job(&record).await? {
             return Ok(SubmitReply { job_id, status: state, duplicate: true, reused: false });
         }

@@ -47,6 +47,8 @@ use kiln_core::metrics as m;
 use kiln_core::nats::{Names, RegistryCache, Resources, StoreError};
 use kiln_core::protocol::*;
 use kiln_core::task::{self, TaskGuard, TaskKind};
+use kiln_core::telemetry::{self, TraceContext};
+use tracing::Instrument;
 
 pub use crate::api::admission::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES};
 pub use kiln_core::endpoint::{Endpoint, Family, ENDPOINTS};
@@ -139,8 +141,9 @@ impl ApiService {
                     }
                 };
                 let api = self.clone();
+                let trace = incoming_trace(&request.message);
                 task::spawn(TaskKind::Reply, "api request", async move {
-                    let reply = api.handle(endpoint, &request.message.payload).await;
+                    let reply = api.handle_traced(endpoint, &request.message.payload, trace).await;
                     respond(&request, reply, max_reply).await;
                     drop(permit);
                 });
@@ -184,7 +187,13 @@ impl ApiService {
     /// Answers one request body to `endpoint`. Public so tests can drive it directly.
     /// An error's message is cut to [`MAX_ERROR_MESSAGE_BYTES`].
     pub async fn handle(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
-        self.dispatch(endpoint, body).await.map_err(|mut e| {
+        self.handle_traced(endpoint, body, None).await
+    }
+
+    /// [`ApiService::handle`] of a request that came with a W3C trace context in its headers
+    /// (a submit's job joins that trace).
+    pub async fn handle_traced(&self, endpoint: Endpoint, body: &[u8], trace: Option<TraceContext>) -> Reply {
+        self.dispatch(endpoint, body, trace).await.map_err(|mut e| {
             e.message = kiln_core::protocol::truncate_utf8(e.message, MAX_ERROR_MESSAGE_BYTES);
             e
         })
@@ -192,10 +201,16 @@ impl ApiService {
 
     /// The one place an endpoint meets its handler: the match is exhaustive, so an endpoint
     /// added to [`Endpoint`] does not build until it is served.
-    async fn dispatch(&self, endpoint: Endpoint, body: &[u8]) -> Reply {
+    async fn dispatch(&self, endpoint: Endpoint, body: &[u8], trace: Option<TraceContext>) -> Reply {
         validation::check_request_size(body.len(), &self.config.limits)?;
         match endpoint {
-            Endpoint::Submit => encode(self.submit(parse(body)?).await?),
+            Endpoint::Submit => {
+                // The submit's span: a child of the caller's (its headers), else a new trace's
+                // root; the record keeps its context (see `kiln_core::telemetry`).
+                let span = tracing::info_span!("kiln.submit", job_id = tracing::field::Empty, trace_id = tracing::field::Empty);
+                telemetry::set_parent(&span, trace.as_ref());
+                encode(self.submit(parse(body)?, &span, trace).instrument(span.clone()).await?)
+            }
             Endpoint::Status => encode(self.status(parse(body)?).await?),
             Endpoint::Cancel => encode(self.cancel(parse(body)?).await?),
             Endpoint::Result => encode(self.result(parse(body)?).await?),
@@ -218,6 +233,13 @@ impl ApiService {
             Endpoint::WebhooksRedeliver => encode(self.webhooks_redeliver(parse(body)?).await?),
         }
     }
+}
+
+/// The W3C trace context of a request's NATS headers (`traceparent`, `tracestate`), if valid.
+fn incoming_trace(message: &async_nats::Message) -> Option<TraceContext> {
+    let headers = message.headers.as_ref()?;
+    let get = |name: &str| headers.get(name).map(|v| v.as_str());
+    TraceContext::from_headers(get(telemetry::TRACEPARENT), get(telemetry::TRACESTATE))
 }
 
 /// Sends a reply, bounded by the server's `max_payload` (see [`bound_reply`]).

@@ -140,11 +140,13 @@ pub async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // A node and the gateway log what they do; every other command only its warnings.
-    init_tracing(match cli.command {
-        Command::Up(_) | Command::Node(_) | Command::Gateway(_) => "info",
-        _ => "warn",
-    });
+    // A node and the gateway log what they do, and set up their logs and traces themselves
+    // once their config is read (`[log]`, `[telemetry]`); every other command logs only its
+    // warnings, set up here from the environment.
+    let _telemetry = match cli.command {
+        Command::Up(_) | Command::Node(_) | Command::Gateway(_) => None,
+        _ => Some(kiln::telemetry::init("warn", &Default::default(), &Default::default())),
+    };
     let output = cli.output;
     if let Err(refused) = no_output(output, &cli.command) {
         return refused.report();
@@ -221,13 +223,6 @@ fn schema(prefix: &str, write: Option<PathBuf>, asyncapi: bool) -> Result<(), Fa
             _ => Ok(()),
         },
     }
-}
-
-fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Colours only for a person at a terminal: a log file or a pipe gets plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 #[cfg(test)]

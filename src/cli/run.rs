@@ -114,7 +114,6 @@ impl StopSignals {
 /// `kiln node`: a node until a stop signal or a drain request, then a drain.
 pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     let mut stop = StopSignals::install()?;
-    tracing::info!("starting");
     let flags = Flag::given([
         ("--nats", "nats.url", args.nats),
         ("--node-name", "node.name", args.node_name),
@@ -124,6 +123,9 @@ pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
         ("--http-addr", "http.addr", args.http_addr),
     ]);
     let config = ClusterConfig::load_layers(&Layers::from_process(args.config, flags)).map_err(|e| e.to_string())?;
+    // Logs and traces as configured; held to the end, where the last spans are flushed.
+    let mut telemetry = kiln::telemetry::init("info", &config.log, &config.telemetry);
+    tracing::info!("starting");
     let drain_grace = Duration::from_secs(config.node.drain_grace_s);
     let (http, http_addr) = (config.http.clone(), config.http.addr.clone());
     let nats = config.nats.clone();
@@ -194,6 +196,7 @@ pub async fn node(args: NodeArgs, allow_embedded: bool) -> Result<(), String> {
     }
     // A second stop signal during the drain is still a drain (the first one is under way).
     node.shutdown(drain_grace).await;
+    telemetry.shutdown();
     Ok(())
 }
 
@@ -205,6 +208,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<(), String> {
     let mut stop = StopSignals::install()?;
     let flags = Flag::given([("--nats", "nats.url", args.nats), ("--http-addr", "http.addr", args.http_addr)]);
     let config = ClusterConfig::load_gateway_layers(&Layers::from_process(args.config, flags)).map_err(|e| e.to_string())?;
+    let _telemetry = kiln::telemetry::init("info", &config.log, &config.telemetry);
     let mut nats = config.nats.clone();
     if nats.url == "embedded" {
         nats.url = format!("nats://127.0.0.1:{}", nats.embedded_port);

@@ -17,6 +17,7 @@
 //! | [`docs`]     | `/docs` (Swagger UI) and `/redoc` (ReDoc), their vendored assets built in |
 //! | [`console`]  | the web console's assets, built into the binary                           |
 //! | [`http_metrics`] | requests by route template and status, latency; `GET /metrics`        |
+//! | [`request_span`] | each request's `kiln.http` span (request id, the caller's `traceparent`) |
 
 pub mod console;
 pub mod docs;
@@ -25,6 +26,7 @@ pub mod events;
 pub mod http_metrics;
 pub mod objects;
 pub mod openapi;
+pub mod request_span;
 pub mod routes;
 pub mod template;
 pub mod v1;
@@ -161,6 +163,7 @@ impl Gateway {
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(config.header_timeout_ms)))
             .layer(cors)
             .layer(middleware::from_fn(http_metrics::track))
+            .layer(middleware::from_fn(request_span::layer))
             .with_state(self.clone())
     }
 
@@ -251,8 +254,18 @@ fn cors_layer(origins: &[String]) -> tower_http::cors::CorsLayer {
             header::RANGE,
             header::HeaderName::from_static("last-event-id"),
             header::HeaderName::from_static(v1::IDEMPOTENCY_KEY),
+            // A browser app's trace context and request id (request_span.rs).
+            header::HeaderName::from_static(kiln_core::trace::TRACEPARENT),
+            header::HeaderName::from_static(kiln_core::trace::TRACESTATE),
+            header::HeaderName::from_static(request_span::REQUEST_ID),
         ])
-        .expose_headers([header::ETAG, header::CONTENT_RANGE, header::CONTENT_LENGTH, header::RETRY_AFTER]);
+        .expose_headers([
+            header::ETAG,
+            header::CONTENT_RANGE,
+            header::CONTENT_LENGTH,
+            header::RETRY_AFTER,
+            header::HeaderName::from_static(request_span::REQUEST_ID),
+        ]);
     if origins.iter().any(|o| o == "*") {
         layer.allow_origin(AllowOrigin::any())
     } else {

@@ -16,6 +16,7 @@ use kiln_core::endpoint::Endpoint;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
+use kiln_core::trace::TraceContext;
 use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
@@ -483,8 +484,12 @@ pub fn merge_keys(header: Option<String>, body: Option<String>, field: &str) -> 
 
 /// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
 /// An `Idempotency-Key` header is the body's `idempotency_key` ([`merge_keys`]).
+/// The request's trace context (its `kiln.http` span's, or the caller's `traceparent` as it
+/// came; see [`super::request_span`]) goes to the node in the NATS request's headers: the
+/// job's spans join the caller's trace.
 async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
     let header = header_key(request.headers())?;
+    let trace: Option<TraceContext> = request.extensions().get::<super::request_span::Forward>().map(|f| f.0.clone());
     let (mut submit, form) = if is_multipart(request.headers()) {
         let form = read_form(&gateway, &tenant, request).await?;
         match submit_from_form(&form) {
@@ -507,7 +512,7 @@ async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, req
             return Err(e);
         }
     };
-    match tenant.client.submit(&submit).await {
+    match tenant.client.submit_traced(&submit, trace.as_ref()).await {
         Ok(reply) => {
             let location = format!("/v1/jobs/{}", reply.job_id);
             Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())

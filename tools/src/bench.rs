@@ -2,6 +2,9 @@
 //! throughput beside the raw NATS floor measured in the same run on the same server (a bare
 //! JetStream publish, pull, ack round trip), with the ratio.
 //!
+//! Then the same jobs on a node that exports its spans over OTLP (`bench_tracing`): the cost
+//! of tracing per job, as ratios to the rows above.
+//!
 //! Kiln's latency is measured from sending the submit request to receiving the job's terminal
 //! event (subscribed before submitting); the floor's from publishing to acking the pulled message.
 
@@ -58,6 +61,8 @@ pub struct BenchReport {
     pub ops: OpsPerJob,
     /// Replicas of Kiln's streams and of the floor's (`nats.replicas`).
     pub replicas: usize,
+    /// The same jobs on a node exporting its spans (OTLP): the cost of tracing per job.
+    pub tracing: crate::bench_tracing::TracingCost,
 }
 
 pub fn figures(mut samples: Vec<Duration>, wall: Duration) -> Figures {
@@ -286,20 +291,35 @@ fn node_toml(url: &str, replicas: usize, slots: usize, work_ms: u64, work_dir: &
 }
 
 /// `kiln node` as a child process of the benchmark, so its CPU time is its own in `/proc`.
-struct NodeChild {
+pub(crate) struct NodeChild {
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
 
 impl NodeChild {
     async fn start(url: &str, replicas: usize, slots: usize, work_ms: u64, client: &Client) -> Result<NodeChild, String> {
+        Self::start_with(url, replicas, slots, work_ms, client, "", "warn").await
+    }
+
+    /// As [`NodeChild::start`], with `extra` appended to the node's config and `log` its
+    /// `KILN_LOG` (the bench's own node logs only its warnings).
+    pub(crate) async fn start_with(
+        url: &str,
+        replicas: usize,
+        slots: usize,
+        work_ms: u64,
+        client: &Client,
+        extra: &str,
+        log: &str,
+    ) -> Result<NodeChild, String> {
         let dir = tempfile::Builder::new().prefix("kiln-bench-").tempdir().map_err(|e| e.to_string())?;
         let config = dir.path().join("node.toml");
-        std::fs::write(&config, node_toml(url, replicas, slots, work_ms, &dir.path().join("work"))).map_err(|e| e.to_string())?;
+        let text = node_toml(url, replicas, slots, work_ms, &dir.path().join("work")) + extra;
+        std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let child = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .args(["node", "--config"])
             .arg(&config)
-            .env("KILN_LOG", "warn")
+            .env("KILN_LOG", log)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
@@ -320,7 +340,7 @@ impl NodeChild {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -364,18 +384,18 @@ pub struct CpuPerJob {
     pub server_us: Option<f64>,
 }
 
-struct CpuMeter {
+pub(crate) struct CpuMeter {
     node: u32,
     server: Option<u32>,
     at: (Duration, Option<Duration>),
 }
 
 impl CpuMeter {
-    fn start(node: u32, server: Option<u32>) -> CpuMeter {
+    pub(crate) fn start(node: u32, server: Option<u32>) -> CpuMeter {
         let at = (cpu_time(node).unwrap_or_default(), server.and_then(cpu_time));
         CpuMeter { node, server, at }
     }
-    fn per_job(&self, jobs: usize) -> CpuPerJob {
+    pub(crate) fn per_job(&self, jobs: usize) -> CpuPerJob {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / jobs.max(1) as f64;
         let node = cpu_time(self.node).unwrap_or_default().saturating_sub(self.at.0);
         let server = match (self.server.and_then(cpu_time), self.at.1) {
@@ -636,6 +656,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
     };
     let ops = count_ops(&client, &nats, monitor.as_deref(), opts.jobs.clamp(20, 200)).await?;
     drop(node);
+    let tracing = crate::bench_tracing::run(&url, nats.replicas, &client, &prefix, &opts, server_pid).await?;
     Ok(BenchReport {
         floor_latency,
         floor_throughput,
@@ -649,6 +670,7 @@ pub async fn run(opts: BenchOptions) -> Result<BenchReport, String> {
         work_ms: opts.work_ms,
         ops,
         replicas: nats.replicas,
+        tracing,
     })
 }
 
@@ -725,6 +747,7 @@ pub fn print(report: &BenchReport, opts: &BenchOptions) {
             println!("  {:<44} {per:>6.2}", format!("stored in {stream}"));
         }
     }
+    crate::bench_tracing::print(&report.tracing, opts.concurrency);
 }
 
 /// `kiln bench --torchscript`: Kiln's per-job overhead around a forward pass of a fixture

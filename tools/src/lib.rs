@@ -6,6 +6,7 @@
 //! | module         | what                                                                  |
 //! |----------------|-----------------------------------------------------------------------|
 //! | [`bench`]      | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle; `--torchscript` (feature `torch`, on by default: links libtorch) |
+//! | [`bench_tracing`] | `kiln bench`'s tracing rows: the same jobs with OTLP span export on, as ratios to off |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store    |
 //! | [`bench_webhooks`] | `kiln bench --webhooks`: a job's end to its webhook's arrival, against a plain POST |
 //! | [`scale`]      | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes        |
@@ -21,6 +22,7 @@
 
 pub mod bench;
 pub mod bench_http;
+pub mod bench_tracing;
 pub mod bench_webhooks;
 pub mod chaos;
 pub mod in_process;

@@ -143,6 +143,8 @@ impl ClusterConfig {
         let merged = merge_layers(layers)?;
         let config = &merged.config;
         config.nats.validate().map_err(|e| merged.attribute(e))?;
+        config.telemetry.validate().map_err(|e| merged.attribute(e))?;
+        config.log.validate().map_err(|e| merged.attribute(e))?;
         let any_model = config.models.is_empty();
         config.http.validate(|m| any_model || config.model(m).is_some()).map_err(|e| merged.attribute(e))?;
         Ok(merged.config)

@@ -16,6 +16,7 @@ use super::node::{
     parse_slot, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, RestartPolicy, RetryPolicy,
     StorageConfig,
 };
+use super::telemetry::{LogConfig, TelemetryConfig};
 use crate::ids;
 
 /// The most `quota.max_running` may be: the `max_ack_pending` a key's consumers have without
@@ -45,6 +46,10 @@ pub struct ClusterConfig {
     /// endpoints per model.
     pub webhooks: super::webhooks::WebhooksConfig,
     pub models: Vec<ModelConfig>,
+    /// OpenTelemetry traces over OTLP/HTTP (off unless an endpoint is set).
+    pub telemetry: TelemetryConfig,
+    /// The log lines' format (text or JSON).
+    pub log: LogConfig,
 }
 
 impl ClusterConfig {
@@ -139,6 +144,8 @@ impl ClusterConfig {
     /// Checks everything serde cannot: names, ranges, references between keys.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
+        self.telemetry.validate()?;
+        self.log.validate()?;
         if !self.node.name.is_empty() && !ids::is_valid_token(&self.node.name) {
             return Err(invalid("node.name", "must be letters, digits, '-' or '_'"));
         }

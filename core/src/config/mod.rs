@@ -13,6 +13,7 @@
 //! | `models.rs`     | `[[models]]`: engines (process, torchscript and its specs, noop), stages    |
 //! | [`http`]        | `[http]`: the gateway's address, limits, API keys, seed routes            |
 //! | `webhooks.rs`   | `[webhooks]`: the job webhooks' secret, retry, address refusal, `[[webhooks.endpoints]]` per model |
+//! | `telemetry.rs`  | `[telemetry]` (OTLP traces: endpoint, service name), `[log]` (text or JSON lines) |
 //! | `load.rs`       | [`ClusterConfig`], the whole configuration: includes, paths, `validate()` |
 //! | `layers.rs`     | [`Layers`]: defaults < file < environment < flags merged (figment), the env mapping, each value's source; `ClusterConfig::load_layers` |
 //! | `error.rs`      | [`ConfigError`], naming the key at fault and the layer that set it        |
@@ -29,6 +30,7 @@ mod layers;
 mod load;
 mod models;
 mod node;
+mod telemetry;
 mod webhooks;
 
 pub use connection::{ClusterLink, NatsAuth, NatsConfig, NatsRules};
@@ -40,4 +42,5 @@ pub use node::{
     parse_slot, slot_key, AutoscaleConfig, CompressionConfig, FairShareConfig, KeyQuota, Limits, NodeConfig, QuotaConfig, QuotaOverride,
     RestartPolicy, RetryPolicy, SlotDevice, StorageConfig,
 };
+pub use telemetry::{LogConfig, TelemetryConfig};
 pub use webhooks::{WebhookEndpoint, WebhooksConfig};

@@ -18,6 +18,11 @@
 //! {"type":"cancelled","job_id":".."}
 //! {"type":"preview","job_id":"..","content_type":"image/png","data":"<base64>"}
 //! ```
+//! A job line also carries the W3C `traceparent` (and `tracestate`) of the node's `kiln.run`
+//! span when the job has a trace: the worker's own spans are its children (the SDK puts it in
+//! `TRACEPARENT` while the handler runs). A node that exports spans hands its collector to the
+//! worker as `OTEL_EXPORTER_OTLP_ENDPOINT` unless the model's `env` sets one.
+//!
 //! A preview is let through at most once per the model's `preview_interval_ms` (the job line
 //! tells the worker that figure) and up to `MAX_PREVIEW_BYTES` decoded; the rest are dropped
 //! here, so a worker that floods cannot flood its followers.
@@ -292,6 +297,13 @@ impl ProcessEngine {
             .kill_on_drop(true);
         if let Some(dir) = &self.cwd {
             cmd.current_dir(dir);
+        }
+        // A node that exports spans tells its workers where to (the worker inherits the node's
+        // environment, but `[telemetry] otlp_endpoint` is not in it); the model's own `env` wins.
+        if let Some(endpoint) = crate::telemetry::worker_endpoint() {
+            if !self.env.contains_key("OTEL_EXPORTER_OTLP_ENDPOINT") {
+                cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+            }
         }
         dies_with_the_node(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| EngineError::Load(format!("cannot start {program:?}: {e}")))?;

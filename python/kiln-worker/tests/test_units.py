@@ -216,3 +216,32 @@ def test_serve_on_streams() -> None:
             {"type": "error", "job_id": "b", "message": "bad", "retryable": False},
         ]
         assert Path(tmp, "a", "echo.txt").read_text() == "hi"
+
+
+def test_the_jobs_trace_is_exposed_and_in_the_environment_only_while_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import tempfile
+
+    # No collector: job.span() does nothing, and no OpenTelemetry module is needed.
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.setenv("TRACEPARENT", "outer")
+    monkeypatch.delenv("TRACESTATE", raising=False)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    seen: List[Any] = []
+
+    class Traced(Worker):
+        def run(self, job: Job) -> None:
+            with job.span("inner", steps=3) as span:
+                seen.append((job.traceparent, job.tracestate, os.environ.get("TRACEPARENT"), os.environ.get("TRACESTATE"), span))
+            return job.write_text("x.txt", "x")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lines_in = [
+            {"type": "job", "job_id": "a", "inputs": {}, "params": {}, "output_dir": f"{tmp}/a", "traceparent": parent, "tracestate": "k=v"},
+            {"type": "job", "job_id": "b", "inputs": {}, "params": {}, "output_dir": f"{tmp}/b"},
+        ]
+        stdin = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines_in).encode())
+        Traced().serve(stdin=stdin, stdout=Lines())
+    assert seen == [(parent, "k=v", parent, "k=v", None), (None, None, None, None, None)]
+    assert os.environ.get("TRACEPARENT") == "outer"

@@ -28,6 +28,7 @@ Modules:
 | `artifacts` | `Artifact` and the artifact name rule                                         |
 | `reader`    | the stdin reader thread (job and cancel lines)                                |
 | `protocol`  | the line writer and the protocol's limits                                     |
+| `trace`     | the job's W3C trace: `TRACEPARENT` while it runs, spans when OpenTelemetry is set up |
 """
 
 from __future__ import annotations

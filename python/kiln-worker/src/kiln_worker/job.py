@@ -62,8 +62,29 @@ class Job:
         self._last_preview: Optional[int] = None
         self._preview_lock = threading.Lock()
 
+        tp = line.get("traceparent")
+        #: The W3C `traceparent` of Kiln's span around this run (None for a job without a
+        #: trace): parent your own spans on it. Also `TRACEPARENT` while `run(job)` runs.
+        self.traceparent: Optional[str] = tp if isinstance(tp, str) and tp else None
+        ts = line.get("tracestate")
+        #: The W3C `tracestate` that goes with it, if the caller sent one.
+        self.tracestate: Optional[str] = ts if isinstance(ts, str) and ts else None
+
     def __repr__(self) -> str:
         return f"Job(job_id={self.job_id!r}, attempt={self.attempt})"
+
+    def span(self, name: str, **attributes: Any) -> Any:
+        """A context manager: a span named `name` in the job's trace (a child of the SDK's
+        `kiln.worker.run`), exported when OpenTelemetry is installed and
+        `OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise it does nothing. Yields the span, or
+        None.
+
+            with job.span("denoise", steps=20):
+                ...
+        """
+        from .trace import tracing
+
+        return tracing.span(name, self.traceparent, self.tracestate, dict(attributes, job_id=self.job_id))
 
     # -----------------------------------------------------------------------------------------
     # Inputs and params

@@ -14,6 +14,7 @@ from .errors import Cancelled, RetryableError, UserError
 from .job import Job, RunResult
 from .protocol import MAX_MESSAGE_CHARS, LineWriter, clip
 from .reader import StdinReader, _Eof
+from .trace import job_environment, tracing
 
 __all__ = ["Worker", "serve"]
 
@@ -119,7 +120,10 @@ class Worker:
             writer.send({"type": "cancelled", "job_id": job.job_id})
             return
         try:
-            outcome = self.run(job)
+            with job_environment(job.traceparent, job.tracestate), tracing.span(
+                "kiln.worker.run", job.traceparent, job.tracestate, {"job_id": job.job_id, "attempt": job.attempt}
+            ):
+                outcome = self.run(job)
             line = {"type": "result", "job_id": job.job_id, "artifacts": [a.to_wire() for a in job._result(outcome)]}
             writer.send(line)
         except Cancelled:

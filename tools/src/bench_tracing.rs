@@ -12,7 +12,7 @@ use kiln_client::Client;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::bench::{kiln, BenchOptions, CpuMeter, CpuPerJob, Figures, NodeChild};
+use crate::bench_node::{kiln, BenchOptions, CpuMeter, CpuPerJob, Figures, NodeChild};
 
 /// One node's figures: the same jobs as the main rows.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -6,6 +6,7 @@
 //! | module         | what                                                                  |
 //! |----------------|-----------------------------------------------------------------------|
 //! | [`bench`]      | `kiln bench`: no-op jobs against the raw JetStream floor; CPU and NATS messages per job; a slot's duty cycle; `--torchscript` (feature `torch`, on by default: links libtorch) |
+//! | [`bench_node`] | what every bench row measures with: options, figures, the no-op job loop, a node child process, CPU per job |
 //! | [`bench_tracing`] | `kiln bench`'s tracing rows: the same jobs with OTLP span export on, as ratios to off |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store    |
 //! | [`bench_webhooks`] | `kiln bench --webhooks`: a job's end to its webhook's arrival, against a plain POST |
@@ -22,6 +23,7 @@
 
 pub mod bench;
 pub mod bench_http;
+pub mod bench_node;
 pub mod bench_tracing;
 pub mod bench_webhooks;
 pub mod chaos;

@@ -70,16 +70,7 @@ impl Resources {
     /// The fan-out consumer: every job event, from those stored after it was first made (a
     /// cluster that gains webhooks does not call back for its past).
     pub async fn webhook_fanout_consumer(&self) -> Result<consumer::PullConsumer, StoreError> {
-        let config = consumer::pull::Config {
-            durable_name: Some(FANOUT_CONSUMER.into()),
-            filter_subject: self.names.events_subject_all(),
-            deliver_policy: consumer::DeliverPolicy::New,
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        };
+        let config = fanout_config(FANOUT_CONSUMER, self.names.events_subject_all());
         self.events.get_or_create_consumer(FANOUT_CONSUMER, config).await.map_err(StoreError::nats)
     }
 
@@ -88,16 +79,7 @@ impl Resources {
     /// never sent: the latest wins).
     pub async fn webhook_previews_consumer(&self) -> Result<consumer::PullConsumer, StoreError> {
         let stream = self.js.get_stream(self.names.previews_stream()).await.map_err(StoreError::nats)?;
-        let config = consumer::pull::Config {
-            durable_name: Some(PREVIEWS_CONSUMER.into()),
-            filter_subject: self.names.previews_subject_all(),
-            deliver_policy: consumer::DeliverPolicy::New,
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_deliver: -1,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        };
+        let config = fanout_config(PREVIEWS_CONSUMER, self.names.previews_subject_all());
         stream.get_or_create_consumer(PREVIEWS_CONSUMER, config).await.map_err(StoreError::nats)
     }
 
@@ -147,5 +129,21 @@ impl Resources {
         let request = serde_json::json!({ "seq": 1, "next_by_subj": subject, "batch": MAX_LOG_ENTRIES_PER_JOB });
         let messages = self.direct_batch(&self.names.webhook_log_stream(), &request, &subject).await?.unwrap_or_default();
         messages.iter().map(|m| serde_json::from_slice(&m.payload).map_err(|e| StoreError::Decode(e.to_string()))).collect()
+    }
+}
+
+/// A fan-out consumer's config (events or previews into the webhook queue): shared by every
+/// node under `name`, from what is stored after it was first made, each message acked once its
+/// webhook messages are queued.
+fn fanout_config(name: &str, filter_subject: String) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.into()),
+        filter_subject,
+        deliver_policy: consumer::DeliverPolicy::New,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 10_000,
+        ..Default::default()
     }
 }

@@ -250,6 +250,15 @@ impl Op {
         self.reply_headers.push((name, description));
         self
     }
+    /// Bytes served as objects are (`gateway::objects`): `Range` (206, or 416 when unsatisfiable)
+    /// and `If-None-Match` on the ETag (304).
+    pub fn byte_ranges(self) -> Op {
+        self.header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
+            .header("If-None-Match", "An ETag: 304 when it is the bytes'")
+            .response(206, "The range asked for", None)
+            .response(304, "Not modified", None)
+            .errors(&[416])
+    }
     /// Another response, not an error (206, 304...), with its JSON schema if it has a body.
     pub fn response(mut self, status: u16, description: &'static str, schema: Option<Value>) -> Op {
         self.responses.push((status, description, schema));

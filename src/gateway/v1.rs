@@ -80,11 +80,7 @@ pub fn routes() -> ApiRoutes {
                 .description("With `Content-Type`, `ETag` (the sha256), `Accept-Ranges`; a single `Range` is answered with 206.")
                 .bytes("application/octet-stream")
                 .reply_header("ETag", "The sha256 of the bytes, quoted")
-                .header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
-                .header("If-None-Match", "An ETag: 304 when it is the artifact's")
-                .response(206, "The range asked for", None)
-                .response(304, "Not modified", None)
-                .errors(&[416]),
+                .byte_ranges(),
             get_artifact,
         )
         .route(
@@ -124,11 +120,7 @@ pub fn routes() -> ApiRoutes {
             Op::get("/v1/files/{*name}", "getFile", "files", "An uploaded file's bytes")
                 .description("Like an artifact: `ETag`, `Range`, `If-None-Match`. The name may hold `/`.")
                 .bytes("application/octet-stream")
-                .header("Range", "`bytes=a-b`, `bytes=a-` or `bytes=-n`")
-                .header("If-None-Match", "An ETag: 304 when it is the file's")
-                .response(206, "The range asked for", None)
-                .response(304, "Not modified", None)
-                .errors(&[416]),
+                .byte_ranges(),
             get_file,
         )
         .route(

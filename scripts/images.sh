@@ -102,6 +102,19 @@ stage_common() {
   "$KILN_PYTHON" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$context" "$context/sdk-src"
   rm -rf "$context/sdk-src"
 }
+# Whether `readelf -d` or `ldd` output (stdin) names a libtorch library (libtorch*, libc10*). It
+# matches library names only: a CI run failed when a plain grep for "c10" matched a load address
+# in ldd's output (0x...c10...), which ASLR changes on every run.
+needs_libtorch() {
+  grep -oE '(^|[[:space:]\[/])lib(torch|c10)[A-Za-z0-9_]*\.so' > /dev/null
+}
+# The check checks itself on the output that fooled the old one, and on a real NEEDED line.
+if printf '\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f779c10c000)\n' | needs_libtorch ||
+  ! printf ' 0x0000000000000001 (NEEDED)             Shared library: [libc10.so]\n' | needs_libtorch ||
+  ! printf '\tlibtorch_cpu.so => /opt/torch/lib/libtorch_cpu.so (0x00007f0000000000)\n' | needs_libtorch; then
+  echo "images.sh: needs_libtorch misreads ldd/readelf output" >&2
+  exit 1
+fi
 sizes=()
 build_image() { # dockerfile image
   step "docker build $2:$version (FROM $base)"
@@ -115,14 +128,15 @@ cargo build "${cargo_profile[@]}" -p kiln --no-default-features --bin kiln
 stage_common
 cp "$out/kiln" "$context/kiln"
 strip "$context/kiln"
-if readelf -d "$context/kiln" | grep -qi 'torch\|c10'; then
+if readelf -d "$context/kiln" | needs_libtorch; then
   echo "images.sh: the slim binary links libtorch" >&2
   exit 1
 fi
 build_image deploy/docker/kiln.Dockerfile kiln
 step "ldd /usr/local/bin/kiln inside kiln:$version"
-docker run --rm --entrypoint ldd "kiln:$version" /usr/local/bin/kiln
-if docker run --rm --entrypoint ldd "kiln:$version" /usr/local/bin/kiln | grep -qi 'torch\|c10'; then
+slim_ldd=$(docker run --rm --entrypoint ldd "kiln:$version" /usr/local/bin/kiln)
+echo "$slim_ldd"
+if needs_libtorch <<< "$slim_ldd"; then
   echo "images.sh: kiln:$version links libtorch" >&2
   exit 1
 fi

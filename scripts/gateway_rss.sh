@@ -19,7 +19,7 @@ for bin in "$@"; do
   for i in 1 2 3 4 5; do curl -s -o /dev/null http://127.0.0.1:$hport/healthz || true; done
   sleep 2
   rss=$(awk '/VmRSS/{print $2}' /proc/$gpid/status); hwm=$(awk '/VmHWM/{print $2}' /proc/$gpid/status)
-  torch=$(readelf -d "$bin" | grep -ci 'torch\|c10' || true)
+  torch=$(readelf -d "$bin" | grep -cE 'Shared library: \[lib(torch|c10)' || true)
   size=$(du -m "$bin" | cut -f1)
   echo "$bin: idle VmRSS $((rss/1024)) MiB (peak $((hwm/1024)) MiB); readelf NEEDED torch/c10 entries: $torch; file ${size} MB; alive=$(kill -0 $gpid 2>/dev/null && echo yes || echo no)"
   kill $gpid 2>/dev/null; wait $gpid 2>/dev/null

@@ -291,3 +291,86 @@ async fn json_log_lines_parse_and_carry_the_jobs_id_and_trace_id() {
     let submitted = in_span("kiln.submit", "job submitted").unwrap_or_else(|| panic!("no `job submitted` line in kiln.submit: {log}"));
     assert_eq!(submitted["span"]["trace_id"], trace, "{submitted}");
 }
+
+/// A batch's jobs join the trace of the request that submitted it, as a submit's job does: over
+/// `/v1/batches` each item's attempt is under the `kiln.submit_batch` span, itself under the
+/// gateway's; and a configured seed route's submit (`[[http.routes]]`) carries the caller's
+/// trace to its job too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_jobs_and_a_seed_routes_job_join_the_requests_trace() {
+    let mut cluster = TestCluster::new();
+    let receiver = Receiver::start(cluster.dir.path());
+    let route = r#"
+[[http.routes]]
+method = "POST"
+path = "/generate"
+kind = "submit"
+model = "tiny"
+response = { task_id = "$job_id" }
+"#;
+    let extra =
+        format!("{}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}\"\n{route}", traced_model(cluster.dir.path()), receiver.port);
+    let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &extra);
+    cluster.add_node_with_env("n1", &config, &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    cluster.wait_node_ready("n1", 1).await;
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gw", &config, &cluster.url());
+    let client = cluster.client().await;
+
+    // 1. A batch of two over HTTP.
+    let (trace1, caller1) = ("6af7651916cd43dd8448eb211c80319d", "c7ad6b7169203332");
+    let r = http()
+        .post(gateway.url("/v1/batches"))
+        .header("traceparent", format!("00-{trace1}-{caller1}-01"))
+        .json(&serde_json::json!({"model": "tiny", "items": [{}, {}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let batch: Value = r.json().await.unwrap();
+    let jobs: Vec<String> = batch["items"].as_array().unwrap().iter().map(|i| i["job_id"].as_str().unwrap().to_string()).collect();
+    for job in &jobs {
+        assert_eq!(wait_terminal(&client, job, Duration::from_secs(60)).await.status.as_str(), "completed");
+    }
+    let spans = receiver.trace(trace1, &["kiln.http", "kiln.submit_batch", "kiln.job", "kiln.worker.run"], Duration::from_secs(30)).await;
+    assert_eq!(spans["kiln.http"]["parent_span_id"], caller1, "the gateway's span is under the caller's");
+    let submit = &spans["kiln.submit_batch"];
+    assert_eq!(submit["parent_span_id"], spans["kiln.http"]["span_id"], "the batch's submit is under the gateway's span");
+    assert_eq!(submit["attributes"]["batch_id"], batch["batch_id"], "{submit}");
+    // Both items' attempts and queue waits, each under the batch's submit, in this one trace.
+    let in_trace =
+        |name: &str| -> Vec<Value> { receiver.spans().into_iter().filter(|s| s["trace_id"] == trace1 && s["name"] == name).collect() };
+    let all_there = eventually(Duration::from_secs(30), || {
+        let n = in_trace("kiln.job").len().min(in_trace("kiln.queue_wait").len()).min(in_trace("kiln.worker.run").len());
+        async move { n >= 2 }
+    })
+    .await;
+    assert!(all_there, "both items' spans in the batch's trace: {:#?}", receiver.spans());
+    for name in ["kiln.job", "kiln.queue_wait"] {
+        let spans = in_trace(name);
+        let mut of_jobs: Vec<&str> = spans.iter().map(|s| s["attributes"]["job_id"].as_str().unwrap_or("")).collect();
+        of_jobs.sort();
+        let mut expected: Vec<&str> = jobs.iter().map(String::as_str).collect();
+        expected.sort();
+        assert_eq!(of_jobs, expected, "{name}: one per item: {spans:#?}");
+        assert!(spans.iter().all(|s| s["parent_span_id"] == submit["span_id"]), "{name} under kiln.submit_batch: {spans:#?}");
+    }
+
+    // 2. A seed route's submit.
+    let (trace2, caller2) = ("7af7651916cd43dd8448eb211c80319e", "d7ad6b7169203333");
+    let r = http()
+        .post(gateway.url("/generate"))
+        .header("traceparent", format!("00-{trace2}-{caller2}-01"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the route answers as the seed did");
+    let job = r.json::<Value>().await.unwrap()["task_id"].as_str().expect("the route's task_id").to_string();
+    assert_eq!(wait_terminal(&client, &job, Duration::from_secs(60)).await.status.as_str(), "completed");
+    let all: Vec<&str> = ["kiln.http", "kiln.submit", "kiln.worker.run", "tiny.inner"].into_iter().chain(NODE_SPANS).collect();
+    let spans = receiver.trace(trace2, &all, Duration::from_secs(30)).await;
+    assert_eq!(spans["kiln.http"]["attributes"]["path"], "/generate");
+    assert_eq!(spans["kiln.submit"]["parent_span_id"], spans["kiln.http"]["span_id"], "the route's submit is under the gateway's span");
+    assert_eq!(spans["kiln.submit"]["attributes"]["job_id"], job.as_str());
+    check_job_trace(&spans, "over a seed route");
+}

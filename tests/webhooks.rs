@@ -400,6 +400,69 @@ async fn configured_endpoints_get_their_models_events_signed_with_their_own_secr
     assert!(cfg.iter().all(|r| r.id != rx.got("/hook")[0].id), "each endpoint's message has its own webhook-id");
 }
 
+/// An endpoint's `api_keys` select jobs by the `api_key` label, which a gateway with
+/// `[[http.api_keys]]` sets to the key's name on every job it submits (a single job and each
+/// item of a batch), replacing one the client sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_keys_endpoint_gets_the_jobs_submitted_with_that_key_only() {
+    const TEAM_A: &str = "team-a-key-5d1f07";
+    const TEAM_B: &str = "team-b-key-9a3c44";
+    let (rx, base, _server) = receiver().await;
+    let endpoint =
+        format!("[[webhooks.endpoints]]\nname = \"team-a\"\nurl = \"{base}/cfg\"\nsecret = \"{OTHER_SECRET}\"\napi_keys = [\"team-a\"]\n");
+    let cluster = cluster_with(&webhooks_config(true, &endpoint)).await;
+    let keys = format!(
+        "[http]\n[[http.api_keys]]\nname = \"team-a\"\nsha256 = \"{}\"\n[[http.api_keys]]\nname = \"team-b\"\nsha256 = \"{}\"\n",
+        kiln::gateway::hash_key(TEAM_A),
+        kiln::gateway::hash_key(TEAM_B)
+    );
+    let gateway_config = format!("{}\n{keys}", node_config(&cluster, &webhooks_config(true, &endpoint)));
+    let gateway = GatewayProcess::spawn(cluster.dir.path(), "gw", &gateway_config, &cluster.url());
+    let http = http();
+    let forged = serde_json::json!({"api_key": "team-a", "user_id": "u1"});
+    let submit = |key: &'static str, labels: serde_json::Value| {
+        let request = http.post(gateway.url("/v1/jobs")).bearer_auth(key).json(&serde_json::json!({"model": "noop", "labels": labels}));
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<serde_json::Value>().await.unwrap()["job_id"].as_str().unwrap().to_string()
+        }
+    };
+    let a = submit(TEAM_A, serde_json::json!({"user_id": "u1"})).await;
+    // team-b's client claims to be team-a: the gateway's label wins.
+    let b = submit(TEAM_B, forged.clone()).await;
+    let batch: serde_json::Value = http
+        .post(gateway.url("/v1/batches"))
+        .bearer_auth(TEAM_A)
+        .json(&serde_json::json!({"model": "noop", "items": [{"labels": {"api_key": "team-b"}}, {}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items: Vec<String> = batch["items"].as_array().expect("items").iter().map(|i| i["job_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(items.len(), 2, "{batch}");
+
+    let client = cluster.client().await;
+    for id in [&a, &b].into_iter().chain(&items) {
+        let view = wait_terminal(&client, id, Duration::from_secs(30)).await;
+        assert_eq!(view.status, JobState::Completed);
+        let key = if id == &b { "team-b" } else { "team-a" };
+        assert_eq!(view.labels.get("api_key").map(String::as_str), Some(key), "{view:?}");
+    }
+    assert_eq!(client.status(&a).await.unwrap().labels.get("user_id").map(String::as_str), Some("u1"), "the client's labels stay");
+    wait_for(&cluster, Duration::from_secs(20), "team-a's three completions", || rx.got("/cfg").len() >= 3).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = rx.got("/cfg");
+    let mut delivered: Vec<String> = got.iter().map(|r| r.body["data"]["job_id"].as_str().unwrap_or("").to_string()).collect();
+    delivered.sort();
+    let mut expected = vec![a.clone(), items[0].clone(), items[1].clone()];
+    expected.sort();
+    assert_eq!(delivered, expected, "team-a's jobs, and not team-b's {b}: {got:#?}");
+    assert!(got.iter().all(|r| r.verified && r.body["type"] == "job.completed"), "{got:#?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_and_preview_messages_are_throttled_to_one_per_interval() {
     let (rx, base, _server) = receiver().await;

@@ -128,15 +128,34 @@ impl Client {
         req: &SubmitRequest,
         trace: Option<&kiln_contract::trace::TraceContext>,
     ) -> Result<SubmitReply, ClientError> {
-        let mut headers = async_nats::HeaderMap::new();
-        if let Some(t) = trace {
+        self.request_traced(Endpoint::Submit.name(), req, trace).await
+    }
+
+    /// [`Client::submit_batch`] in the caller's W3C trace: every item's job joins it.
+    pub async fn submit_batch_traced(
+        &self,
+        req: &BatchSubmitRequest,
+        trace: Option<&kiln_contract::trace::TraceContext>,
+    ) -> Result<BatchReply, ClientError> {
+        self.request_traced(Endpoint::SubmitBatch.name(), req, trace).await
+    }
+
+    /// [`Client::request`] with `trace` in the `traceparent` and `tracestate` headers.
+    pub async fn request_traced<T: Serialize, R: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        body: &T,
+        trace: Option<&kiln_contract::trace::TraceContext>,
+    ) -> Result<R, ClientError> {
+        let headers = trace.map(|t| {
+            let mut headers = async_nats::HeaderMap::new();
             headers.insert(kiln_contract::trace::TRACEPARENT, t.traceparent.as_str());
             if let Some(state) = &t.tracestate {
                 headers.insert(kiln_contract::trace::TRACESTATE, state.as_str());
             }
-        }
-        let body = serde_json::to_vec(req).expect("requests serialize");
-        let payload = self.request_raw_with(Endpoint::Submit.name(), body, Some(headers).filter(|_| trace.is_some())).await?;
+            headers
+        });
+        let payload = self.request_raw_with(endpoint, serde_json::to_vec(body).expect("requests serialize"), headers).await?;
         decode_reply(&payload)
     }
 
@@ -191,7 +210,15 @@ impl Client {
     }
     /// A new batch of the failed and cancelled items of a finished batch.
     pub async fn retry_batch(&self, batch_id: &str) -> Result<BatchReply, ClientError> {
-        self.request(Endpoint::RetryBatch.name(), &BatchRef { batch_id: batch_id.into() }).await
+        self.retry_batch_traced(batch_id, None).await
+    }
+    /// [`Client::retry_batch`] in the caller's W3C trace: the retry's jobs join it.
+    pub async fn retry_batch_traced(
+        &self,
+        batch_id: &str,
+        trace: Option<&kiln_contract::trace::TraceContext>,
+    ) -> Result<BatchReply, ClientError> {
+        self.request_traced(Endpoint::RetryBatch.name(), &BatchRef { batch_id: batch_id.into() }, trace).await
     }
 
     /// Follows a batch's events (`item_completed`, `item_failed`, then `batch_finished`) until

@@ -148,6 +148,11 @@ pub struct BatchPlan {
     pub deadline_ms: Option<u64>,
     /// In index order.
     pub items: Vec<PlanItem>,
+    /// The W3C trace of the submit (its `kiln.submit_batch` span): every item's job joins it,
+    /// those launched later (held, a fallback, a retry of this plan) too. Absent in plans of an
+    /// older Kiln (their jobs start traces of their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// One model of a [`BatchPlan`].
@@ -208,6 +213,7 @@ impl BatchPlan {
             deadline_ms: self.deadline_ms,
             labels: self.labels_of(item),
             parent: Some(ParentRef { batch_id: batch_id.to_string(), index }),
+            trace: self.trace.clone(),
             ..JobRecord::queued(&item_job_id(batch_id, index, pos, &model.name), &model.name, model.max_attempts, now_ms)
         })
     }
@@ -626,6 +632,7 @@ mod tests {
             labels: [("storyboard".to_string(), "sb".to_string())].into(),
             priority: 0,
             deadline_ms: None,
+            trace: None,
             items: (0..n)
                 .map(|i| PlanItem {
                     index: i,

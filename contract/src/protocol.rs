@@ -27,6 +27,11 @@ pub const MAX_LABEL_NAME_BYTES: usize = 64;
 /// Longest label value, in bytes (any UTF-8).
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 
+/// The label a gateway with `[[http.api_keys]]` sets on every job it submits: the name of the
+/// API key of the request (a client's own value replaced). Fair share, quotas and webhook
+/// endpoints can select by it.
+pub const API_KEY_LABEL: &str = "api_key";
+
 /// A client's own names for a job (`user_id`, `session_id`, its own job id): echoed in the
 /// job view, on every event of the job and in batch items, and filterable in `jobs`.
 pub type Labels = BTreeMap<String, String>;

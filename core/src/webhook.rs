@@ -75,7 +75,7 @@ pub fn wants(events: &[WebhookEvent], event: WebhookEvent) -> bool {
 }
 
 /// Where one event of a job goes: the job's own webhook (`endpoint: None`), then each
-/// configured endpoint whose models include the job's.
+/// configured endpoint whose models and API keys include the job's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub endpoint: Option<String>,
@@ -91,8 +91,11 @@ pub fn targets(record: &JobRecord, config: &crate::config::WebhooksConfig, event
             out.push(Target { endpoint: None, url: url.clone() });
         }
     }
+    let api_key = record.labels.get(crate::protocol::API_KEY_LABEL);
     for e in &config.endpoints {
-        if (e.models.is_empty() || e.models.contains(&record.model)) && wants(&e.events, event) {
+        let of_model = e.models.is_empty() || e.models.contains(&record.model);
+        let of_key = e.api_keys.is_empty() || api_key.is_some_and(|k| e.api_keys.contains(k));
+        if of_model && of_key && wants(&e.events, event) {
             out.push(Target { endpoint: Some(e.name.clone()), url: e.url.clone() });
         }
     }
@@ -354,6 +357,37 @@ mod tests {
         assert!(!wants(&[], WebhookEvent::Progress) && !wants(&[], WebhookEvent::Started));
         assert!(wants(&[WebhookEvent::Progress], WebhookEvent::Progress));
         assert!(!wants(&[WebhookEvent::Progress], WebhookEvent::Completed));
+    }
+
+    #[test]
+    fn endpoints_select_jobs_by_model_and_by_the_api_key_label() {
+        let endpoint = |name: &str, models: &[&str], api_keys: &[&str]| crate::config::WebhookEndpoint {
+            name: name.into(),
+            url: format!("https://example.com/{name}"),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            api_keys: api_keys.iter().map(|k| k.to_string()).collect(),
+            ..Default::default()
+        };
+        let config = crate::config::WebhooksConfig {
+            endpoints: vec![
+                endpoint("all", &[], &[]),
+                endpoint("demo", &["demo"], &[]),
+                endpoint("team-a", &[], &["team-a"]),
+                endpoint("team-a-demo", &["demo"], &["team-a"]),
+            ],
+            ..Default::default()
+        };
+        let names = |model: &str, key: Option<&str>| {
+            let mut record = JobRecord::queued("j", model, 1, 0);
+            if let Some(k) = key {
+                record.labels.insert(crate::protocol::API_KEY_LABEL.into(), k.into());
+            }
+            targets(&record, &config, WebhookEvent::Completed).into_iter().map(|t| t.endpoint.unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(names("demo", Some("team-a")), ["all", "demo", "team-a", "team-a-demo"]);
+        assert_eq!(names("demo", Some("team-b")), ["all", "demo"]);
+        assert_eq!(names("demo", None), ["all", "demo"], "a job without the label is no key's");
+        assert_eq!(names("other", Some("team-a")), ["all", "team-a"]);
     }
 
     proptest! {

@@ -15,6 +15,7 @@ use kiln_core::keys::batch_reuse_keys;
 use kiln_core::nats::cas::Step;
 use kiln_core::nats::{CasError, StoreError};
 use kiln_core::protocol::*;
+use kiln_core::telemetry::TraceContext;
 
 /// Children of a batch created (or cancelled, or read) at once.
 const BATCH_CONCURRENCY: usize = 16;
@@ -23,7 +24,15 @@ impl ApiService {
     /// `submit_batch`: every item is validated like a submit, against every model it may run
     /// (`model`, then `fallback_models`), before anything is written, so a bad item refuses
     /// the whole batch (with its index) and nothing runs.
-    pub(super) async fn submit_batch(&self, req: BatchSubmitRequest) -> Result<BatchReply, ApiError> {
+    /// `span` is the submit's own (`kiln.submit_batch`), `trace` the caller's from the headers:
+    /// every item's job joins the span's trace, as a submit's job does (see
+    /// [`kiln_core::telemetry::submitted_trace`]).
+    pub(super) async fn submit_batch(
+        &self,
+        req: BatchSubmitRequest,
+        span: &tracing::Span,
+        trace: Option<TraceContext>,
+    ) -> Result<BatchReply, ApiError> {
         validation::check_batch(&req, &self.config.limits)?;
         let (models, decls) = validation::batch_models(&self.cluster_models(), &req.model, &req.fallback_models, req.max_attempts)?;
         let batch_id = match &req.idempotency_key {
@@ -37,6 +46,7 @@ impl ApiService {
             priority: req.priority,
             deadline_ms: req.deadline_ms,
             items: Vec::with_capacity(req.items.len()),
+            trace: Some(super::request_trace(span, trace)),
         };
         let mut digests = Vec::with_capacity(req.items.len());
         for (index, item) in req.items.iter().enumerate() {
@@ -53,6 +63,7 @@ impl ApiService {
         let keys = req.reuse.then(|| batch_reuse_keys(&plan, &digests));
         let start = self.first_live_model(&plan).await?;
         let now = kiln_core::now_ms();
+        span.record("batch_id", batch_id.as_str());
         let record = BatchRecord {
             idempotency_key: req.idempotency_key,
             ..BatchRecord::from_plan(&batch_id, &plan, start, req.max_concurrency, keys.as_deref(), now)
@@ -274,7 +285,14 @@ impl ApiService {
     /// items, with their original inputs, params, labels and indices, and its options (the
     /// models in order from the first, `max_concurrency`, `reuse`). This batch stays as it
     /// ended. One retry per batch: asking again answers with the same retry batch (`duplicate`).
-    pub(super) async fn retry_batch(&self, req: BatchRef) -> Result<BatchReply, ApiError> {
+    /// Its jobs join the retry request's trace (`span`, `kiln.retry_batch`), not the first
+    /// submit's: the retry is an operation of its own.
+    pub(super) async fn retry_batch(
+        &self,
+        req: BatchRef,
+        span: &tracing::Span,
+        trace: Option<TraceContext>,
+    ) -> Result<BatchReply, ApiError> {
         let (old, _) = self.load_batch(&req.batch_id).await?;
         if !old.is_finished() {
             let s = old.summary();
@@ -293,7 +311,7 @@ impl ApiService {
                 old.items.len()
             )));
         }
-        let plan = match old.has_plan() {
+        let mut plan = match old.has_plan() {
             true => self
                 .resources
                 .get_batch_plan(&old.batch_id)
@@ -303,6 +321,7 @@ impl ApiService {
                 .subset(&failed),
             false => self.plan_from_jobs(&old, &failed).await?,
         };
+        plan.trace = Some(super::request_trace(span, trace));
         let keys = match old.reuse {
             true => {
                 let mut digests = Vec::with_capacity(plan.items.len());
@@ -351,6 +370,7 @@ impl ApiService {
             priority: 0,
             deadline_ms: None,
             items: Vec::with_capacity(indices.len()),
+            trace: None,
         };
         for item in old.items.iter().filter(|i| indices.contains(&i.index)) {
             let job = self.load(&item.job_id).await?.record;

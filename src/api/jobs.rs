@@ -16,7 +16,7 @@ use kiln_core::metrics as m;
 use kiln_core::nats::cas::{Step, Updated};
 use kiln_core::nats::{CasError, StoreError};
 use kiln_core::protocol::*;
-use kiln_core::telemetry::{self, TraceContext};
+use kiln_core::telemetry::TraceContext;
 
 /// Longest wait for the owner of a running job to take its cancel notice: it answers at once
 /// (no responders when it is gone); the record's flag is the fallback.
@@ -25,7 +25,7 @@ const CANCEL_NOTICE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 impl ApiService {
     /// `span` is the submit's own (`kiln.submit`), `trace` the caller's from the headers: the
     /// record keeps the span's context, or the caller's, or a fresh trace (see
-    /// [`telemetry::submitted_trace`]).
+    /// [`super::request_trace`]).
     pub(super) async fn submit(
         &self,
         mut req: SubmitRequest,
@@ -57,10 +57,8 @@ impl ApiService {
             model.max_attempts,
             kiln_core::now_ms(),
         );
-        let trace = telemetry::submitted_trace(span, trace);
         span.record("job_id", job_id.as_str());
-        span.record("trace_id", telemetry::trace_id(Some(&trace)));
-        record.trace = Some(trace);
+        record.trace = Some(super::request_trace(span, trace));
         tracing::debug!(model = %record.model, "job submitted");
         if let Some(state) = self.launch_job(&record).await? {
             return Ok(SubmitReply { job_id, status: state, duplicate: true, reused: false });

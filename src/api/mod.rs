@@ -224,15 +224,32 @@ impl ApiService {
                 encode(self.cluster().await?)
             }
             Endpoint::Control => encode(self.control(parse(body)?).await?),
-            Endpoint::SubmitBatch => encode(self.submit_batch(parse(body)?).await?),
+            Endpoint::SubmitBatch => {
+                // As a submit's: every item's job is a child of this span (see `submit_batch`).
+                let span = tracing::info_span!("kiln.submit_batch", batch_id = tracing::field::Empty, trace_id = tracing::field::Empty);
+                telemetry::set_parent(&span, trace.as_ref());
+                encode(self.submit_batch(parse(body)?, &span, trace).instrument(span.clone()).await?)
+            }
             Endpoint::Batch => encode(self.batch(parse(body)?).await?),
             Endpoint::CancelBatch => encode(self.cancel_batch(parse(body)?).await?),
-            Endpoint::RetryBatch => encode(self.retry_batch(parse(body)?).await?),
+            Endpoint::RetryBatch => {
+                let span = tracing::info_span!("kiln.retry_batch", trace_id = tracing::field::Empty);
+                telemetry::set_parent(&span, trace.as_ref());
+                encode(self.retry_batch(parse(body)?, &span, trace).instrument(span.clone()).await?)
+            }
             Endpoint::Queue => encode(self.queue(parse_or_default(body)?).await?),
             Endpoint::Webhooks => encode(self.webhooks(parse(body)?).await?),
             Endpoint::WebhooksRedeliver => encode(self.webhooks_redeliver(parse(body)?).await?),
         }
     }
+}
+
+/// The trace a submitted job joins (a batch's jobs too): its request span's, else the caller's,
+/// else a fresh one ([`telemetry::submitted_trace`]), with the span's `trace_id` field filled in.
+fn request_trace(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
+    let trace = telemetry::submitted_trace(span, incoming);
+    span.record("trace_id", telemetry::trace_id(Some(&trace)));
+    trace
 }
 
 /// The W3C trace context of a request's NATS headers (`traceparent`, `tracestate`), if valid.

@@ -18,6 +18,7 @@
 //! | [`console`]  | the web console's assets, built into the binary                           |
 //! | [`http_metrics`] | requests by route template and status, latency; `GET /metrics`        |
 //! | [`request_span`] | each request's `kiln.http` span (request id, the caller's `traceparent`) |
+//! | [`origin`]   | what every submitted job carries of its request: the trace, the API key's name as the `api_key` label |
 
 pub mod console;
 pub mod docs;
@@ -26,6 +27,7 @@ pub mod events;
 pub mod http_metrics;
 pub mod objects;
 pub mod openapi;
+pub mod origin;
 pub mod request_span;
 pub mod routes;
 pub mod template;
@@ -74,7 +76,8 @@ struct Shared {
     /// Serves every request when no API key is configured.
     default: Arc<Tenant>,
     /// sha256 (hex) of a key -> its tenant.
-    keys: HashMap<String, Arc<Tenant>>,
+    /// By the key's sha256: its tenant and its name (`[[http.api_keys]] name`).
+    keys: HashMap<String, (Arc<Tenant>, String)>,
     /// Fired on shutdown: open SSE streams end so the connections can close.
     shutdown: CancellationToken,
 }
@@ -130,7 +133,7 @@ impl Gateway {
             } else {
                 default.clone()
             };
-            keys.insert(key.sha256.to_ascii_lowercase(), tenant);
+            keys.insert(key.sha256.to_ascii_lowercase(), (tenant, key.name.clone()));
         }
         Ok(Gateway { shared: Arc::new(Shared { config, default, keys, shutdown: CancellationToken::new() }) })
     }
@@ -325,7 +328,7 @@ pub fn is_public(path: &str) -> bool {
 async fn authenticate(State(gateway): State<Gateway>, mut request: Request, next: Next) -> Response {
     let shared = &gateway.shared;
     let tenant = if shared.keys.is_empty() || is_public(request.uri().path()) {
-        Some(shared.default.clone())
+        Some((shared.default.clone(), None))
     } else {
         let bearer = request
             .headers()
@@ -335,11 +338,15 @@ async fn authenticate(State(gateway): State<Gateway>, mut request: Request, next
             .map(|k| k.trim().to_string());
         let from_query =
             || request.uri().query().and_then(|_| query_param(request.uri().query(), "access_token").map(|k| k.trim().to_string()));
-        bearer.or_else(from_query).and_then(|key| shared.keys.get(&hash_key(&key)).cloned())
+        bearer.or_else(from_query).and_then(|key| shared.keys.get(&hash_key(&key)).map(|(t, name)| (t.clone(), Some(name.clone()))))
     };
     match tenant {
-        Some(t) => {
+        Some((t, key_name)) => {
             request.extensions_mut().insert(t);
+            if let Some(name) = key_name {
+                // Every job this request submits carries it (see `origin`).
+                request.extensions_mut().insert(origin::ApiKeyName(name));
+            }
             next.run(request).await
         }
         None => HttpError::unauthorized().into_response(),

@@ -28,6 +28,7 @@ use kiln_core::task::{self, TaskKind};
 use serde_json::{json, Value};
 
 use super::error::HttpError;
+use super::origin::Origin;
 use super::template::{lookup, render};
 use super::v1::{form_value, read_form, read_form_as, read_json, read_limited, resume_point, Form};
 use super::{objects, Gateway, Tenant};
@@ -202,6 +203,7 @@ fn as_text(v: &Value) -> Option<String> {
 
 async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
     let header = super::v1::header_key(request.headers())?;
+    let origin = Origin::of(request.extensions());
     let multipart =
         request.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/form-data"));
     let urlencoded = request
@@ -230,10 +232,16 @@ async fn submit(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request
     // The header is the route's key field, if it has one, or the key of a route without.
     let built = submit_request(route, &body, form.as_ref()).and_then(|mut s| {
         s.idempotency_key = super::v1::merge_keys(header, s.idempotency_key.take(), key_field)?;
+        origin.stamp_submit(&mut s);
         Ok(s)
     });
     let result = match built {
-        Ok(submit) => tenant.client.submit(&submit).await.map(|reply| (submit, reply)).map_err(|e| in_route_terms(route, e.into())),
+        Ok(submit) => tenant
+            .client
+            .submit_traced(&submit, origin.trace())
+            .await
+            .map(|reply| (submit, reply))
+            .map_err(|e| in_route_terms(route, e.into())),
         Err(e) => Err(e),
     };
     let (submit, reply) = match result {
@@ -613,13 +621,15 @@ pub fn batch_request(route: &RouteConfig, body: &Value) -> Result<BatchSubmitReq
 
 async fn batch(route: &RouteConfig, gateway: &Gateway, tenant: &Tenant, request: Request) -> Result<Response, HttpError> {
     let header = super::v1::header_key(request.headers())?;
+    let origin = Origin::of(request.extensions());
     let (parts, body) = request.into_parts();
     let empty = parts.headers.get("content-length").is_some_and(|v| v.as_bytes() == b"0");
     let body = if empty { json!({}) } else { read_json::<Value>(gateway, &parts.headers, body).await? };
     let mut request = batch_request(route, &body)?;
     let key_field = if route.key_field.is_empty() { "Idempotency-Key" } else { route.key_field.as_str() };
     request.idempotency_key = super::v1::merge_keys(header, request.idempotency_key.take(), key_field)?;
-    let reply = tenant.client.submit_batch(&request).await.map_err(|e| in_route_terms(route, e.into()))?;
+    origin.stamp_batch(&mut request);
+    let reply = tenant.client.submit_batch_traced(&request, origin.trace()).await.map_err(|e| in_route_terms(route, e.into()))?;
     let vars = json!({
         "batch_id": reply.batch_id,
         "status": client_name(route, BatchStatus::Running.as_str()),

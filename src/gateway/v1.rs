@@ -16,13 +16,13 @@ use kiln_core::endpoint::Endpoint;
 use kiln_core::job::JobState;
 use kiln_core::nats::objects::{content_type_for, StoredObject};
 use kiln_core::protocol::{BatchSubmitRequest, Event, InputValue, ListJobsRequest, QueueRequest, SubmitRequest};
-use kiln_core::trace::TraceContext;
 use serde::de::DeserializeOwned;
 
 use super::error::HttpError;
 use super::events::parse_last_event_id;
 use super::objects;
 use super::openapi::{schema, ApiRoutes, Op};
+use super::origin::Origin;
 use super::{Gateway, Tenant};
 
 /// The native API's routes, each with its OpenAPI operation (see [`super::openapi`]: the
@@ -479,9 +479,14 @@ pub fn merge_keys(header: Option<String>, body: Option<String>, field: &str) -> 
 /// The request's trace context (its `kiln.http` span's, or the caller's `traceparent` as it
 /// came; see [`super::request_span`]) goes to the node in the NATS request's headers: the
 /// job's spans join the caller's trace.
-async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, request: Request) -> Result<Response, HttpError> {
+/// The job carries the request's [`Origin`] (its API key's name as the `api_key` label).
+async fn submit(
+    State(gateway): State<Gateway>,
+    Extension(tenant): TenantOf,
+    origin: Origin,
+    request: Request,
+) -> Result<Response, HttpError> {
     let header = header_key(request.headers())?;
-    let trace: Option<TraceContext> = request.extensions().get::<super::request_span::Forward>().map(|f| f.0.clone());
     let (mut submit, form) = if is_multipart(request.headers()) {
         let form = read_form(&gateway, &tenant, request).await?;
         match submit_from_form(&form) {
@@ -504,7 +509,8 @@ async fn submit(State(gateway): State<Gateway>, Extension(tenant): TenantOf, req
             return Err(e);
         }
     };
-    match tenant.client.submit_traced(&submit, trace.as_ref()).await {
+    origin.stamp_submit(&mut submit);
+    match tenant.client.submit_traced(&submit, origin.trace()).await {
         Ok(reply) => {
             let location = format!("/v1/jobs/{}", reply.job_id);
             Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())
@@ -814,16 +820,19 @@ async fn get_file(Extension(tenant): TenantOf, Path(name): Path<String>, headers
     objects::respond(download, &headers, base.as_deref()).await
 }
 
+/// Every item's job carries the request's [`Origin`], as a submit's job does.
 async fn submit_batch(
     State(gateway): State<Gateway>,
     Extension(tenant): TenantOf,
+    origin: Origin,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HttpError> {
     let header = header_key(&headers)?;
     let mut request: BatchSubmitRequest = read_json(&gateway, &headers, body).await?;
     request.idempotency_key = merge_keys(header, request.idempotency_key.take(), "idempotency_key")?;
-    let reply = tenant.client.submit_batch(&request).await?;
+    origin.stamp_batch(&mut request);
+    let reply = tenant.client.submit_batch_traced(&request, origin.trace()).await?;
     let location = format!("/v1/batches/{}", reply.batch_id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(reply)).into_response())
 }
@@ -843,8 +852,9 @@ async fn batch_events(
     events_once(&gateway, &tenant, &id, &headers, uri.query(), exists, None).await
 }
 
-async fn retry_batch(Extension(tenant): TenantOf, Path(id): Path<String>) -> Result<Response, HttpError> {
-    let reply = tenant.client.retry_batch(&id).await?;
+/// The retry's jobs join this request's trace; their labels are the first batch's items'.
+async fn retry_batch(Extension(tenant): TenantOf, origin: Origin, Path(id): Path<String>) -> Result<Response, HttpError> {
+    let reply = tenant.client.retry_batch_traced(&id, origin.trace()).await?;
     Ok((StatusCode::CREATED, Json(reply)).into_response())
 }
 

@@ -60,7 +60,8 @@ impl std::fmt::Debug for WebhooksConfig {
     }
 }
 
-/// One `[[webhooks.endpoints]]`: every job of `models` (all models when empty) is sent there.
+/// One `[[webhooks.endpoints]]`: every job of `models` submitted with one of `api_keys` (each
+/// list: any when empty) is sent there.
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhookEndpoint {
@@ -73,6 +74,9 @@ pub struct WebhookEndpoint {
     pub secret: String,
     /// The models whose jobs it receives; empty: every model.
     pub models: Vec<String>,
+    /// The API keys (`[[http.api_keys]] name`) whose jobs it receives, by the `api_key` label
+    /// a gateway sets on the jobs it submits; empty: jobs of any key and jobs without one.
+    pub api_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for WebhookEndpoint {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for WebhookEndpoint {
             .field("url", &self.url)
             .field("events", &self.events)
             .field("models", &self.models)
+            .field("api_keys", &self.api_keys)
             .finish()
     }
 }

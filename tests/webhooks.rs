@@ -419,7 +419,6 @@ async fn an_api_keys_endpoint_gets_the_jobs_submitted_with_that_key_only() {
     let gateway_config = format!("{}\n{keys}", node_config(&cluster, &webhooks_config(true, &endpoint)));
     let gateway = GatewayProcess::spawn(cluster.dir.path(), "gw", &gateway_config, &cluster.url());
     let http = http();
-    let forged = serde_json::json!({"api_key": "team-a", "user_id": "u1"});
     let submit = |key: &'static str, labels: serde_json::Value| {
         let request = http.post(gateway.url("/v1/jobs")).bearer_auth(key).json(&serde_json::json!({"model": "noop", "labels": labels}));
         async move {
@@ -430,7 +429,7 @@ async fn an_api_keys_endpoint_gets_the_jobs_submitted_with_that_key_only() {
     };
     let a = submit(TEAM_A, serde_json::json!({"user_id": "u1"})).await;
     // team-b's client claims to be team-a: the gateway's label wins.
-    let b = submit(TEAM_B, forged.clone()).await;
+    let b = submit(TEAM_B, serde_json::json!({"api_key": "team-a", "user_id": "u1"})).await;
     let batch: serde_json::Value = http
         .post(gateway.url("/v1/batches"))
         .bearer_auth(TEAM_A)

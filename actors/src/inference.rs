@@ -201,8 +201,9 @@ impl InferenceState {
     }
 
     /// Reads what `model`'s worker holds now (see [`Engine::measured_bytes`]).
-    fn measure(&mut self, model: &str) {
-        if let Some(bytes) = self.engines.get(model).and_then(|e| e.measured_bytes()) {
+    async fn measure(&mut self, model: &str) {
+        let Some(engine) = self.engines.get(model) else { return };
+        if let Some(bytes) = engine.measured_bytes().await {
             self.measured.insert(model.to_string(), bytes);
         }
     }
@@ -281,7 +282,7 @@ impl InferenceState {
     /// is over its budget with it, stop the least recently used others. A model that is over
     /// the budget by itself is kept (it is running and serving) and said so.
     async fn settle(&mut self, model: &str) {
-        self.measure(model);
+        self.measure(model).await;
         if let Some(r) = self.resident(model).filter(|r| r.bytes > 0) {
             if let Err(missing) = self.fit(model, r.bytes, false).await {
                 tracing::warn!(slot = %self.slot.slot, model, bytes = r.bytes, missing, "a worker holds more than its slot's memory budget leaves it");

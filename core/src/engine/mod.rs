@@ -249,9 +249,9 @@ impl Engine {
     /// reads /proc on a `cpu:N` slot). TorchScript modules are not measured: tch reaches
     /// neither CUDA's allocator figures nor a module's buffers, so theirs is declared or
     /// estimated.
-    pub fn measured_bytes(&self) -> Option<u64> {
+    pub async fn measured_bytes(&self) -> Option<u64> {
         match self {
-            Engine::Process(e) => e.measured_bytes(),
+            Engine::Process(e) => e.measured_bytes().await,
             _ => None,
         }
     }

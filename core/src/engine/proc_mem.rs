@@ -62,6 +62,13 @@ pub fn process_group(pgrp: u32) -> (usize, u64) {
     group_usage(&all_processes(), pgrp, page_bytes())
 }
 
+/// [`process_group`] on tokio's blocking pool: reading every process's `stat` and `statm` takes
+/// milliseconds on a busy host, which an actor's task must not spend on a runtime thread (the
+/// slot's other messages, and every task sharing that thread, would wait).
+pub async fn process_group_off_thread(pgrp: u32) -> (usize, u64) {
+    tokio::task::spawn_blocking(move || process_group(pgrp)).await.unwrap_or((0, 0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

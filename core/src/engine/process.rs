@@ -212,11 +212,11 @@ impl ProcessEngine {
     /// What the worker holds now, if it can be known: on a `cpu:N` slot the resident bytes of
     /// its whole process group (read from /proc); on a `cuda:N` slot the GPU memory it last
     /// reported (a `memory` line), since its resident set says nothing of the GPU's memory.
-    pub fn measured_bytes(&self) -> Option<u64> {
+    pub async fn measured_bytes(&self) -> Option<u64> {
         let worker = self.worker.as_ref()?;
         match parse_slot(&self.slot.slot) {
             Some(SlotDevice::Cuda(_)) => worker.reported_bytes,
-            _ => Some(super::proc_mem::process_group(worker.pid).1).filter(|b| *b > 0),
+            _ => Some(super::proc_mem::process_group_off_thread(worker.pid).await.1).filter(|b| *b > 0),
         }
     }
 
@@ -236,12 +236,12 @@ impl ProcessEngine {
             Some(i) => super::nvidia::free_bytes(i).await,
             None => None,
         };
-        let (_, held_bytes) = super::proc_mem::process_group(pid);
+        let (_, held_bytes) = super::proc_mem::process_group_off_thread(pid).await;
         worker.kill_group();
         let _ = tokio::time::timeout(Duration::from_secs(5), worker.child.wait()).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(2);
         let (left_processes, left_bytes) = loop {
-            let (n, bytes) = super::proc_mem::process_group(pid);
+            let (n, bytes) = super::proc_mem::process_group_off_thread(pid).await;
             if n == 0 || std::time::Instant::now() > deadline {
                 break (n, bytes);
             }
@@ -666,12 +666,12 @@ mod tests {
         let command = vec!["sh".to_string(), "-c".into(), script.into()];
         let mut gpu = ProcessEngine::new("m", command.clone(), BTreeMap::new(), 10_000, &SlotContext::new("n", "cuda:0", 0));
         gpu.ensure_loaded().await.unwrap();
-        assert_eq!(gpu.measured_bytes(), Some(123456));
+        assert_eq!(gpu.measured_bytes().await, Some(123456));
         let mut cpu = ProcessEngine::new("m", command, BTreeMap::new(), 10_000, &SlotContext::new("n", "cpu:0", 0));
         cpu.ensure_loaded().await.unwrap();
         let pid = cpu.pid().unwrap();
         assert_eq!(crate::engine::proc_mem::process_group(pid).0, 2, "sh and its sleep");
-        let rss = cpu.measured_bytes().unwrap();
+        let rss = cpu.measured_bytes().await.unwrap();
         assert!(rss > 100_000 && rss != 123456, "the group's resident set: {rss}");
         let stopped = cpu.stop().await.unwrap();
         assert_eq!((stopped.pid, stopped.left_processes, stopped.left_bytes), (pid, 0, 0), "{stopped:?}");

@@ -19,7 +19,7 @@ use kiln_core::config::AutoscaleConfig;
 use kiln_core::metrics as m;
 use kiln_core::nats::Lane;
 use kiln_core::nats::{RegistryCache, Resources};
-use kiln_core::protocol::{ModelQueue, NodeEntry};
+use kiln_core::protocol::{ModelDecl, ModelQueue, NodeEntry};
 use kiln_core::task::{self, TaskGuard, TaskKind};
 
 /// Whether `me` exports the gauges among the `live` nodes: the one whose name sorts first.
@@ -43,13 +43,14 @@ pub fn spawn(resources: Resources, registry: RegistryCache, me: String, autoscal
                 }
                 continue;
             }
-            let models: Vec<String> = kiln_core::models::cluster_models(&live).into_keys().collect();
+            let models: Vec<ModelDecl> = kiln_core::models::cluster_models(&live).into_values().map(|m| m.decl).collect();
             match resources.queue_snapshot(&models, autoscale.target_wait_s).await {
                 Ok(snapshot) => {
-                    for gone in exported.iter().filter(|e| !models.contains(e)) {
+                    let names: BTreeSet<String> = models.iter().map(|m| m.name.clone()).collect();
+                    for gone in exported.difference(&names) {
                         zero(gone);
                     }
-                    exported = models.iter().cloned().collect();
+                    exported = names;
                     for queue in &snapshot.models {
                         set(queue);
                     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use kiln::client::Client;
 use kiln_core::job::JobState;
-use kiln_core::protocol::{GpuEntry, GpuState, JobView, PendingReason, SubmitRequest};
+use kiln_core::protocol::{GpuEntry, GpuState, JobView, PendingReason, QueueRequest, SubmitRequest};
 
 /// Writes its environment into `env.json`, sleeps `sleep_s`, answers.
 const WORKER: &str = r#"
@@ -168,6 +168,10 @@ async fn a_node_with_too_few_slots_never_takes_a_multi_gpu_job() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // What an autoscaler reads: no slot serves it, and its one job needs two.
+    let queue = client.queue(&QueueRequest { model: Some("big".into()) }).await.unwrap();
+    let big_queue = &queue.models[0];
+    assert_eq!((big_queue.queued, big_queue.slots, big_queue.desired_slots), (1, 0, 2), "{big_queue:?}");
     // A node with two slots takes it.
     cluster.add_node("two", &config_toml(&cluster.url(), &["cpu:0", "cpu:1"], 30_000, &models));
     let view = wait_terminal(&client, &big, Duration::from_secs(30)).await;

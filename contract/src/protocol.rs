@@ -557,7 +557,8 @@ pub struct ModelQueue {
     /// How many finished jobs that mean is over.
     pub service_samples: u32,
     /// Slots that would start every queued job within `target_wait_s`, the running ones
-    /// included (`kiln_core::autoscale::desired_slots`).
+    /// included (`kiln_core::autoscale::desired_slots`); each job of a model of `gpus` N
+    /// counts N slots.
     pub desired_slots: u64,
 }
 

@@ -53,9 +53,12 @@ pub fn mean_service_ms(finished: &[JobView]) -> (Option<f64>, u32) {
 }
 
 /// One model's queue from its lanes' figures, the registry's live slots, its recent finished
-/// jobs' run times and the clock (`now_ms`).
+/// jobs' run times and the clock (`now_ms`). `gpus`: the slots each job of the model holds at
+/// once (its `gpus`), so `desired_slots` counts slots, as `slots` does: a job of a two-GPU
+/// model needs two.
 pub fn model_queue(
     model: &str,
+    gpus_per_job: usize,
     lanes: &[(Lane, LaneFigures)],
     gpus: &[GpuEntry],
     service: (Option<f64>, u32),
@@ -80,7 +83,8 @@ pub fn model_queue(
         busy_slots: serving.iter().filter(|g| g.state == GpuState::Busy).count() as u32,
         mean_service_ms: mean_ms.map(|m| m.round() as u64),
         service_samples: samples,
-        desired_slots: desired_slots(queued, running, mean_ms.map(|m| m / 1000.0), target_wait_s as f64),
+        desired_slots: desired_slots(queued, running, mean_ms.map(|m| m / 1000.0), target_wait_s as f64)
+            .saturating_mul(gpus_per_job.max(1) as u64),
     }
 }
 
@@ -196,13 +200,16 @@ mod tests {
             gpu("c", GpuState::Dead, &["m"]),
             gpu("d", GpuState::Busy, &["other"]),
         ];
-        let q = model_queue("m", &lanes, &gpus, (Some(2000.0), 3), 10_000, 1);
+        let q = model_queue("m", 1, &lanes, &gpus, (Some(2000.0), 3), 10_000, 1);
         assert_eq!((q.queued, q.running, q.slots, q.busy_slots), (6, 1, 2, 1));
         assert_eq!(q.oldest_wait_ms, Some(3_000), "the older of the lanes' oldest");
         assert_eq!((q.mean_service_ms, q.service_samples), (Some(2000), 3));
         assert_eq!(q.desired_slots, 7, "2 s jobs, 1 s target: a slot per queued job, plus the running one");
         assert_eq!(q.lanes.iter().map(|l| (l.lane.as_str(), l.queued, l.running)).collect::<Vec<_>>(), [("high", 2, 0), ("normal", 4, 1)]);
-        let idle = model_queue("m", &[(Lane::High, LaneFigures::default())], &gpus, (None, 0), 10_000, 60);
+        let idle = model_queue("m", 1, &[(Lane::High, LaneFigures::default())], &gpus, (None, 0), 10_000, 60);
         assert_eq!((idle.queued, idle.oldest_wait_ms, idle.desired_slots), (0, None, 0));
+        let two_gpus = model_queue("m", 2, &lanes, &gpus, (Some(2000.0), 3), 10_000, 1);
+        assert_eq!(two_gpus.desired_slots, 14, "each job of a two-GPU model holds two slots");
+        assert_eq!((two_gpus.slots, two_gpus.running), (2, 1), "slots and running jobs are counted as before");
     }
 }

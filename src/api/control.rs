@@ -49,9 +49,9 @@ impl ApiService {
     /// Each model's queue now (or one model's), measured on request: see
     /// `Resources::queue_snapshot`.
     pub(super) async fn queue(&self, req: QueueRequest) -> Result<QueueReply, ApiError> {
-        let models: Vec<String> = match req.model {
-            Some(model) => vec![self.cluster_model(&model, "model")?.name],
-            None => self.cluster_models().into_keys().collect(),
+        let models: Vec<ModelDecl> = match req.model {
+            Some(model) => vec![self.cluster_model(&model, "model")?],
+            None => self.cluster_models().into_values().map(|m| m.decl).collect(),
         };
         self.resources.queue_snapshot(&models, self.config.autoscale.target_wait_s).await.map_err(internal)
     }

@@ -18,7 +18,7 @@ use super::{Lane, Resources, StoreError};
 use crate::autoscale::{mean_service_ms, model_queue, LaneFigures};
 use crate::job::{JobRecord, JobState};
 use crate::pending::{OtherQueue, WaitFacts};
-use crate::protocol::{GpuEntry, JobView, KeyQueue, QueueReply};
+use crate::protocol::{GpuEntry, JobView, KeyQueue, ModelDecl, QueueReply};
 
 use async_nats::jetstream::consumer;
 
@@ -239,19 +239,20 @@ impl Resources {
         Ok(removed)
     }
 
-    /// The queue of each of `models` now (sorted by name as given), `desired_slots` computed
-    /// for `target_wait_s`.
-    pub async fn queue_snapshot(&self, models: &[String], target_wait_s: u64) -> Result<QueueReply, StoreError> {
+    /// The queue of each of `models` now (in the order given), `desired_slots` computed for
+    /// `target_wait_s` (in slots: a model's `gpus` per job).
+    pub async fn queue_snapshot(&self, models: &[ModelDecl], target_wait_s: u64) -> Result<QueueReply, StoreError> {
         let gpus = self.gpu_entries(None, false).await?;
         let mut reply = QueueReply { measured_ms: crate::now_ms(), target_wait_s, models: Vec::with_capacity(models.len()) };
-        for model in models {
+        for decl in models {
+            let model = &decl.name;
             let (high, normal, service) = tokio::try_join!(
                 self.lane_figures(model, Lane::High),
                 self.lane_figures(model, Lane::Normal),
                 self.recent_service_ms(model)
             )?;
             let lanes = [(Lane::High, high), (Lane::Normal, normal)];
-            reply.models.push(model_queue(model, &lanes, &gpus, service, crate::now_ms(), target_wait_s));
+            reply.models.push(model_queue(model, decl.gpus, &lanes, &gpus, service, crate::now_ms(), target_wait_s));
         }
         Ok(reply)
     }

@@ -234,13 +234,15 @@ export async function checks(): Promise<string | undefined> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swagger_ui_and_redoc_render_every_operation_in_chromium_from_the_gateway_alone() {
+async fn swagger_ui_and_redoc_render_every_operation_from_the_gateway_alone_and_try_it_out_runs_a_job() {
     require_browser_tools();
     let (cluster, gateway) = start().await;
     let out_dir = cluster.dir.path().join("browser");
     let started = Instant::now();
     let mut command = tokio::process::Command::new("node");
-    command.arg(repo().join("tests/browser/docs.mjs")).args([&gateway.base, out_dir.to_str().unwrap()]);
+    // Then "Try it out" on POST /v1/jobs with this body, authorized with the key.
+    let body = r#"{"model": "demo", "inputs": {"prompt": "a fox from swagger"}, "params": {"steps": 2, "step_ms": 10}}"#;
+    command.arg(repo().join("tests/browser/docs.mjs")).args([&gateway.base, out_dir.to_str().unwrap(), KEY, body]);
     let run = run_program(command, "", Duration::from_secs(170)).await;
     let line = run.stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}");
     let r: Value = serde_json::from_str(line).unwrap_or(Value::Null);
@@ -256,6 +258,15 @@ async fn swagger_ui_and_redoc_render_every_operation_in_chromium_from_the_gatewa
     for shot in r["screenshots"].as_array().unwrap() {
         assert!(Path::new(shot.as_str().unwrap()).is_file(), "{shot}");
     }
+
+    // "Try it out" submitted a real job, which runs, carrying the key's name.
+    let tried = &r["try_it_out"];
+    assert_eq!(tried["status"], "201", "Swagger UI shows the submit's status: {tried}");
+    let reply: Value = serde_json::from_str(tried["body"].as_str().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {tried}"));
+    let job_id = reply["job_id"].as_str().unwrap_or_else(|| panic!("no job_id: {reply}"));
+    let view = wait_terminal(&cluster.client().await, job_id, Duration::from_secs(60)).await;
+    assert_eq!(view.status.as_str(), "completed", "{view:?}");
+    assert_eq!(view.labels.get("api_key").map(String::as_str), Some("client"), "{view:?}");
 }
 
 /// Fails, naming the fix, when the browser tools are missing: the test never skips.

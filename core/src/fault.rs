@@ -14,6 +14,7 @@
 //! | `panic_in_compression_worker`| a compression worker, before it runs a command      | panic         |
 //! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
 //! | `abort_before_batch_launch`  | settling into a batch, after the write that launched held items or a fallback, before making their jobs | process abort |
+//! | `lose_conclusion_answer`     | job actor, after an attempt's outcome was stored    | the write is tried again, as when its answer is lost (a timeout during a leader election) |
 
 /// Whether `point` fires now.
 #[cfg(feature = "fault-injection")]
@@ -40,6 +41,19 @@ fn fires(point: &str) -> bool {
 /// Whether this build has the fault points (the `fault-injection` feature).
 pub const fn compiled_in() -> bool {
     cfg!(feature = "fault-injection")
+}
+
+/// Whether `point` is armed and fires at this hit (always false without the feature): for
+/// the points whose effect is not a panic or an abort.
+#[inline(always)]
+pub fn fires_at(point: &str) -> bool {
+    #[cfg(feature = "fault-injection")]
+    if fires(point) {
+        eprintln!("fault injected: {point}");
+        return true;
+    }
+    let _ = point;
+    false
 }
 
 /// Panics at `point` when it is armed.

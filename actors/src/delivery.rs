@@ -316,7 +316,7 @@ impl Delivery {
             self.await_listing().await;
         }
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
-        let delivered = claim_record(&*self.ctx.store, &self.job_id, first, &owner, self.redelivered()).await;
+        let delivered = claim_record(&*self.ctx.store, &self.job_id, first, &owner).await;
         let (next, revision, replaced) = match delivered {
             Ok(Claimed::Written { record, revision, replaced }) => (*record, revision, replaced),
             Ok(Claimed::Ended(record)) => {
@@ -591,7 +591,7 @@ impl Delivery {
     /// is done and the conclusion goes on as written; otherwise the attempt is fenced. A record
     /// that cannot be read now is an error: the job is left for redelivery, its artifacts kept.
     async fn own_conclusion_after_all(&mut self, owner: &Owner, outcome: &Outcome) -> Result<WriteResult, CasError> {
-        let current = match self.ctx.store.get_job(&self.job_id).await {
+        let current = match self.ctx.store.get_job_latest(&self.job_id).await {
             Ok(Some(v)) => v,
             Ok(None) => return Ok(WriteResult::Fenced),
             Err(e) => return Err(CasError::Store(e)),
@@ -653,16 +653,17 @@ enum Claimed {
 }
 
 /// Claims the job for `owner` by [`job::apply_delivery`], with compare-and-set from `first`
-/// (the record as read); a lost round re-reads ([`read_record_awaiting`]) and decides again.
+/// (the record as read); a lost round re-reads (from the leader) and decides again.
 /// `CasError::Missing` when the record is gone.
-async fn claim_record(store: &dyn JobStore, job_id: &str, first: Versioned, owner: &Owner, redelivered: bool) -> Result<Claimed, CasError> {
+async fn claim_record(store: &dyn JobStore, job_id: &str, first: Versioned, owner: &Owner) -> Result<Claimed, CasError> {
     // The record the winning claim replaced: what it says about the previous attempt is the
     // reason of this one (its `retrying` event).
     let replaced = std::sync::Mutex::new(None::<JobRecord>);
     let delivered = cas::update_with(
         job_id,
         Some(first.into_pair()),
-        || async { Ok(read_record_awaiting(store, job_id, redelivered).await?.map(Versioned::into_pair)) },
+        // A lost round's re-read is the leader's: see `JobStore::get_job_latest`.
+        || async { Ok(store.get_job_latest(job_id).await?.map(Versioned::into_pair)) },
         |next, revision| async move { store.update_job(&next, revision).await },
         |record| match job::apply_delivery(record, owner, kiln_core::now_ms()) {
             Ok(next) => {
@@ -774,7 +775,9 @@ impl AttemptWatch {
     /// token (so a cancel whose core-NATS notice was lost still lands); a takeover fences it.
     /// `stalled`: the look comes after this process stood still (for the log).
     async fn look(&self, store: &dyn JobStore, stalled: bool) -> Looked {
-        let Ok(Some(v)) = store.get_job(&self.job_id).await else { return Looked::Running };
+        // From the leader: a lagging replica's record from before this attempt's claim would
+        // read as a takeover and stop a running attempt.
+        let Ok(Some(v)) = store.get_job_latest(&self.job_id).await else { return Looked::Running };
         // Read after the record: an outcome this attempt wrote is seen with the flag set.
         match job::watch(&v.record, self.attempt, &self.owner, self.concluding.load(Ordering::Acquire)) {
             job::Watched::Owned { cancel_requested } => {

@@ -221,6 +221,10 @@ async fn records_are_fenced_by_their_revision(store: &dyn JobStore) {
     assert!(matches!(store.update_job(&late, first).await, Err(StoreError::Conflict)));
     let stored = store.get_job("rec-1").await.unwrap().unwrap();
     assert_eq!((stored.record.attempt, stored.record.state, stored.revision), (2, JobState::Running, second));
+    // The leader's read (on NATS: a stream message get, not a direct get) says the same.
+    let latest = store.get_job_latest("rec-1").await.unwrap().unwrap();
+    assert_eq!((latest.record, latest.revision), (stored.record, stored.revision));
+    assert!(store.get_job_latest("rec-none").await.unwrap().is_none(), "no record: none");
 }
 
 /// The compare-and-set update over the store decides again on the record as it is now when

@@ -8,6 +8,7 @@
 //! pure changes of [`crate::job`].
 
 use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
 use super::{Lane, Resources, StoreError};
 use crate::job::{JobRecord, JobState};
@@ -33,6 +34,9 @@ pub struct QueueMessage {
     pub job_id: String,
 }
 
+/// The header a KV bucket's stream marks a deleted or purged key with.
+const KV_OPERATION: &str = "KV-Operation";
+
 fn encode(record: &JobRecord) -> bytes::Bytes {
     serde_json::to_vec(record).expect("a job record always serializes").into()
 }
@@ -55,6 +59,27 @@ impl Resources {
                 Ok(Some(Versioned { record, revision: e.revision }))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The record as the bucket's stream leader has it (`$JS.API.STREAM.MSG.GET`, which only
+    /// the leader answers), where [`Resources::get_job`] takes a direct get that any replica may
+    /// answer, a lagging one too. For the decisions that must not act on an old record (see
+    /// `JobStore::get_job_latest`); a partitioned server's client gets an error, not its
+    /// replica's old copy.
+    pub async fn get_job_latest(&self, job_id: &str) -> Result<Option<Versioned>, StoreError> {
+        let subject = format!("{}{}", self.jobs_kv.prefix, job_id);
+        match self.jobs_kv.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => {
+                let deleted = message.headers.get(KV_OPERATION).is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+                if deleted {
+                    return Ok(None);
+                }
+                let record = serde_json::from_slice(&message.payload).map_err(|err| StoreError::Decode(err.to_string()))?;
+                Ok(Some(Versioned { record, revision: message.sequence }))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(StoreError::nats(e)),
         }
     }
 

@@ -50,8 +50,20 @@ pub trait JobStore: Send + Sync {
     /// Creates a record that must not exist yet: its revision, or [`StoreError::AlreadyExists`].
     fn create_job<'a>(&'a self, record: &'a JobRecord) -> StoreFuture<'a, u64>;
 
-    /// The record and the revision it was read at; `None` when there is none.
+    /// The record and the revision it was read at; `None` when there is none. On a replicated
+    /// cluster any replica may answer, one that lags too (see [`get_job_latest`](Self::get_job_latest)).
     fn get_job<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Option<Versioned>>;
+
+    /// The record as it is now: on NATS, read from the bucket's stream leader, never from a
+    /// replica that lags. What a decision that cannot be undone reads: a compare-and-set's
+    /// re-read after a conflict or trouble, a running attempt's fence check. (A lagging
+    /// replica's record from before this attempt's claim once made an attempt whose outcome
+    /// write timed out take its job for another attempt's and delete the completed job's
+    /// artifacts: a partitioned nats-server rejoining, `tests/nats_cluster.rs`.) The in-memory
+    /// store has one copy: the same as `get_job`.
+    fn get_job_latest<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Option<Versioned>> {
+        self.get_job(job_id)
+    }
 
     /// Compare-and-set: writes `record` only if the stored revision is still `revision`
     /// ([`StoreError::Conflict`] otherwise); the new revision.
@@ -105,7 +117,7 @@ pub async fn update_job_patiently<R>(
         job_id,
         held.map(Versioned::into_pair),
         patience,
-        || async { Ok(store.get_job(job_id).await?.map(Versioned::into_pair)) },
+        || async { Ok(store.get_job_latest(job_id).await?.map(Versioned::into_pair)) },
         |next, revision| async move { store.update_job(&next, revision).await },
         decide,
     )

@@ -41,6 +41,10 @@ impl JobStore for Resources {
         Resources::get_job(self, job_id).boxed()
     }
 
+    fn get_job_latest<'a>(&'a self, job_id: &'a str) -> StoreFuture<'a, Option<Versioned>> {
+        Resources::get_job_latest(self, job_id).boxed()
+    }
+
     fn update_job<'a>(&'a self, record: &'a JobRecord, revision: u64) -> StoreFuture<'a, u64> {
         Resources::update_job(self, record, revision).boxed()
     }

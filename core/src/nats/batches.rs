@@ -78,6 +78,15 @@ impl Resources {
         }
     }
 
+    /// [`Resources::get_batch`] from the bucket's stream leader (`jobs::latest_entry`): what a
+    /// settle decides on, since a lagging replica's "no such batch" would leave an item
+    /// unsettled for ever and its old record would lose compare-and-set rounds.
+    pub async fn get_batch_latest(&self, batch_id: &str) -> Result<Option<(BatchRecord, u64)>, StoreError> {
+        let Some((payload, revision)) = super::jobs::latest_entry(&self.batches_kv, batch_id).await? else { return Ok(None) };
+        let record = serde_json::from_slice(&payload).map_err(|err| StoreError::Decode(err.to_string()))?;
+        Ok(Some((record, revision)))
+    }
+
     pub async fn update_batch(&self, record: &BatchRecord, revision: u64) -> Result<u64, StoreError> {
         match self.batches_kv.update(&record.batch_id, encode(record), revision).await {
             Ok(rev) => Ok(rev),
@@ -115,7 +124,7 @@ impl Resources {
         cas::update_with(
             batch_id,
             None,
-            || self.get_batch(batch_id),
+            || self.get_batch_latest(batch_id),
             |next, revision| async move { self.update_batch(&next, revision).await },
             decide,
         )
@@ -179,7 +188,7 @@ impl Resources {
         let changed = cas::update_with(
             batch_id,
             None,
-            || async { Ok(self.get_batch(batch_id).await?.map(|(record, rev)| (Change { record, settled: None }, rev))) },
+            || async { Ok(self.get_batch_latest(batch_id).await?.map(|(record, rev)| (Change { record, settled: None }, rev))) },
             // The items' events go out before the write that counts them (see the module docs).
             |change: Change, revision| async move {
                 if let Some(settled) = &change.settled {

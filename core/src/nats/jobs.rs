@@ -37,6 +37,24 @@ pub struct QueueMessage {
 /// The header a KV bucket's stream marks a deleted or purged key with.
 const KV_OPERATION: &str = "KV-Operation";
 
+/// A KV key's value and revision as the bucket's stream leader has them: a stream message get
+/// (`$JS.API.STREAM.MSG.GET`, which only the leader answers), not the direct get a KV read
+/// takes, which any replica answers, one that lags behind too (a server rejoining after a
+/// partition answered with a job record from before its claim). `None` for a key never
+/// written, deleted or purged. A client whose server cannot reach the leader gets an error,
+/// never an old copy.
+pub(crate) async fn latest_entry(bucket: &kv::Store, key: &str) -> Result<Option<(bytes::Bytes, u64)>, StoreError> {
+    let subject = format!("{}{}", bucket.prefix, key);
+    match bucket.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => {
+            let removed = message.headers.get(KV_OPERATION).is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            Ok((!removed).then_some((message.payload, message.sequence)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(StoreError::nats(e)),
+    }
+}
+
 fn encode(record: &JobRecord) -> bytes::Bytes {
     serde_json::to_vec(record).expect("a job record always serializes").into()
 }
@@ -62,25 +80,14 @@ impl Resources {
         }
     }
 
-    /// The record as the bucket's stream leader has it (`$JS.API.STREAM.MSG.GET`, which only
-    /// the leader answers), where [`Resources::get_job`] takes a direct get that any replica may
-    /// answer, a lagging one too. For the decisions that must not act on an old record (see
-    /// `JobStore::get_job_latest`); a partitioned server's client gets an error, not its
-    /// replica's old copy.
+    /// The record as the bucket's stream leader has it ([`latest_entry`]), where
+    /// [`Resources::get_job`] takes a direct get that any replica may answer, a lagging one
+    /// too. For the decisions that must not act on an old record (see
+    /// `JobStore::get_job_latest`).
     pub async fn get_job_latest(&self, job_id: &str) -> Result<Option<Versioned>, StoreError> {
-        let subject = format!("{}{}", self.jobs_kv.prefix, job_id);
-        match self.jobs_kv.stream.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => {
-                let deleted = message.headers.get(KV_OPERATION).is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-                if deleted {
-                    return Ok(None);
-                }
-                let record = serde_json::from_slice(&message.payload).map_err(|err| StoreError::Decode(err.to_string()))?;
-                Ok(Some(Versioned { record, revision: message.sequence }))
-            }
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(StoreError::nats(e)),
-        }
+        let Some((payload, revision)) = latest_entry(&self.jobs_kv, job_id).await? else { return Ok(None) };
+        let record = serde_json::from_slice(&payload).map_err(|err| StoreError::Decode(err.to_string()))?;
+        Ok(Some(Versioned { record, revision }))
     }
 
     /// Compare-and-set: writes `record` only if the stored revision is still `revision`.

@@ -7,7 +7,7 @@
 //! | `resources.rs`| connect, create streams/buckets/consumers idempotently                |
 //! | `cas.rs`      | the one compare-and-set loop every writer of a record goes through    |
 //! | `patience.rs` | riding out NATS trouble (a leaderless stream): the one retry loop      |
-//! | `jobs.rs`     | the job record in KV: create, read, compare-and-set; the queue        |
+//! | `jobs.rs`     | the job record in KV: create, read (any replica's, or the leader's), compare-and-set; the queue |
 //! | `batches.rs`  | batch records and plans in KV; settling a child's end; its launches   |
 //! | `queue.rs`    | the queue now: lanes' depth and deliveries, oldest wait, recent run times |
 //! | `events.rs`   | progress events into the `KILN_EVENTS` stream                          |

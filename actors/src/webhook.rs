@@ -221,11 +221,24 @@ impl FanOut {
         Throttle::Send
     }
 
+    /// The job's record for an event's messages. A replica that lags may answer a plain read
+    /// with an older record, or none: a terminal event's payload (status, artifacts) must come
+    /// from the record as it is now, so it is read from the leader; another event's targets
+    /// are the same in any version of the record, and only "none" is read again there (a
+    /// message skipped for a lagging replica's "no such job" would be lost).
+    async fn record_of(&self, job_id: &str, terminal: bool) -> Result<Option<kiln_core::job::JobRecord>, kiln_core::nats::StoreError> {
+        let read = if terminal { None } else { self.resources.get_job(job_id).await? };
+        let versioned = match read {
+            Some(v) => Some(v),
+            None => self.resources.get_job_latest(job_id).await?,
+        };
+        Ok(versioned.map(|v| v.record))
+    }
+
     /// Queues the messages of one event; `Some(wait)` when a throttled progress event is to be
     /// looked at again after `wait`.
     async fn fan_out(&self, event: &Event, seq: u64, kind: WebhookEvent) -> Result<Option<Duration>, kiln_core::nats::StoreError> {
-        let Some(versioned) = self.resources.get_job(&event.job_id).await? else { return Ok(None) };
-        let record = versioned.record;
+        let Some(record) = self.record_of(&event.job_id, WebhookEvent::TERMINAL.contains(&kind)).await? else { return Ok(None) };
         let targets = webhook::targets(&record, &self.config, kind);
         if targets.is_empty() {
             return Ok(None);
@@ -263,8 +276,7 @@ impl FanOut {
         let (attempt, ts_ms) = (number(kiln_core::preview::HEADER_ATTEMPT) as u32, number(kiln_core::preview::HEADER_TS_MS));
         let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let outcome = async {
-            let Some(versioned) = self.resources.get_job(&job_id).await? else { return Ok(None) };
-            let record = versioned.record;
+            let Some(record) = self.record_of(&job_id, false).await? else { return Ok(None) };
             let targets = webhook::targets(&record, &self.config, WebhookEvent::Preview);
             if targets.is_empty() || record.is_terminal() {
                 return Ok(None);

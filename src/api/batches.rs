@@ -151,9 +151,13 @@ impl ApiService {
         validation::check_storable(what, size, room, max)
     }
 
+    /// As a job's `load`: `batch_not_found` only once the stream's leader says so too.
     async fn load_batch(&self, batch_id: &str) -> Result<(BatchRecord, u64), ApiError> {
         validation::check_id("batch_id", batch_id)?;
-        self.resources.get_batch(batch_id).await.map_err(internal)?.ok_or_else(|| batch_not_found(batch_id))
+        if let Some(found) = self.resources.get_batch(batch_id).await.map_err(internal)? {
+            return Ok(found);
+        }
+        self.resources.get_batch_latest(batch_id).await.map_err(internal)?.ok_or_else(|| batch_not_found(batch_id))
     }
 
     /// `batch`: the summary counts settled items; each item shows its job as it is now (items

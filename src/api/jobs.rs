@@ -210,9 +210,15 @@ impl ApiService {
         Ok(Some(SubmitReply { job_id, status: v.record.state, duplicate: false, reused: true }))
     }
 
+    /// The job's record, read from any replica; `job_not_found` only once the stream's leader
+    /// says so too: a replica that lags may not have a job just submitted, and its client, told
+    /// 201 a moment ago, must not be told 404.
     pub(super) async fn load(&self, job_id: &str) -> Result<kiln_core::nats::jobs::Versioned, ApiError> {
         validation::check_id("job_id", job_id)?;
-        self.resources.get_job(job_id).await.map_err(internal)?.ok_or_else(|| job_not_found(job_id))
+        if let Some(v) = self.resources.get_job(job_id).await.map_err(internal)? {
+            return Ok(v);
+        }
+        self.resources.get_job_latest(job_id).await.map_err(internal)?.ok_or_else(|| job_not_found(job_id))
     }
 
     pub(super) async fn status(&self, req: JobRef) -> Result<JobView, ApiError> {

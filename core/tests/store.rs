@@ -197,6 +197,26 @@ async fn more_replicas_than_servers_is_refused_with_a_clear_error() {
     assert!(error.contains("nats.replicas = 3") && error.contains("JetStream servers"), "{error}");
 }
 
+/// The leader's read (a stream message get) knows a deleted or purged record as gone, as a
+/// KV read does: the markers are not records.
+#[tokio::test]
+async fn the_leaders_read_of_a_deleted_or_purged_record_is_none() {
+    let (_server, res) = setup().await;
+    for id in ["gone-1", "gone-2", "kept"] {
+        res.create_job(&record(id)).await.unwrap();
+    }
+    let kv = res.js.get_key_value(res.names.jobs_bucket()).await.unwrap();
+    kv.delete("gone-1").await.unwrap();
+    kv.purge("gone-2").await.unwrap();
+    for id in ["gone-1", "gone-2"] {
+        assert!(res.get_job(id).await.unwrap().is_none(), "{id}: the KV read");
+        assert!(res.get_job_latest(id).await.unwrap().is_none(), "{id}: the leader's read");
+    }
+    let kept = res.get_job_latest("kept").await.unwrap().expect("a record");
+    assert_eq!(kept.record, record("kept"));
+    assert_eq!(kept.revision, res.get_job("kept").await.unwrap().unwrap().revision);
+}
+
 // ---- the job store's conformance: the same assertions on both stores ----
 
 /// Records: created once, read with their revision, written only by compare-and-set.

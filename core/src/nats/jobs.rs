@@ -34,8 +34,11 @@ pub struct QueueMessage {
     pub job_id: String,
 }
 
-/// The header a KV bucket's stream marks a deleted or purged key with.
+/// The header a KV bucket's stream marks a deleted or purged key with (`DEL`, `PURGE`).
 const KV_OPERATION: &str = "KV-Operation";
+/// The header of the marker a stream leaves where it removed a key's value itself (its
+/// `MaxAge`, a `Purge`, a `Remove`): no value either.
+const NATS_MARKER_REASON: &str = "Nats-Marker-Reason";
 
 /// A KV key's value and revision as the bucket's stream leader has them: a stream message get
 /// (`$JS.API.STREAM.MSG.GET`, which only the leader answers), not the direct get a KV read
@@ -47,7 +50,8 @@ pub(crate) async fn latest_entry(bucket: &kv::Store, key: &str) -> Result<Option
     let subject = format!("{}{}", bucket.prefix, key);
     match bucket.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(message) => {
-            let removed = message.headers.get(KV_OPERATION).is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let removed = message.headers.get(KV_OPERATION).is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+                || message.headers.get(NATS_MARKER_REASON).is_some();
             Ok((!removed).then_some((message.payload, message.sequence)))
         }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),

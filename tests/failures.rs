@@ -250,6 +250,26 @@ async fn an_outcome_stored_whose_answer_was_lost_keeps_the_completed_jobs_artifa
     assert!(!cluster.nodes[0].log().contains("fenced"), "{}", cluster.nodes[0].log_tail(30));
 }
 
+/// The claim's write is stored but its answer lost (the node's first record write hears a
+/// timeout): the claim rides it out, finds the record it sent, and runs the job as attempt 1.
+/// (Given up at once, the job was left for redelivery, whose claim took the landed one for a
+/// lost attempt: a job of one attempt failed, "all 1 attempts failed", without having run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_stored_whose_answer_was_lost_runs_the_job_as_that_attempt() {
+    let mut cluster = TestCluster::new();
+    let config = config_toml(&cluster.url(), &["cpu:0"], 5_000, &demo_model("demo", &[], 1, 60_000));
+    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "lose_record_write_answer@1")]);
+    cluster.wait_node_ready("n1", 1).await;
+    let client = cluster.client().await;
+    let r = client.submit(&request("demo", "claim answer lost", serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
+    let view = wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("fault injected: lose_record_write_answer"), "{}", cluster.nodes[0].log_tail(30));
+    assert_eq!((view.status, view.attempt), (JobState::Completed, 1), "{view:?}\n{}", cluster.nodes[0].log_tail(30));
+    let events = history(&client, &r.job_id).await;
+    assert_eq!(statuses(&events), ["queued", "running", "completed"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_the_terminal_write_and_the_ack_runs_nothing_twice() {
     let mut cluster = TestCluster::new();

@@ -316,7 +316,7 @@ impl Delivery {
             self.await_listing().await;
         }
         let owner = Owner { node: self.ctx.node.clone(), slot: self.slot.clone() };
-        let delivered = claim_record(&*self.ctx.store, &self.job_id, first, &owner).await;
+        let delivered = claim_record(&*self.ctx.store, &self.job_id, first, &owner, Patience::claim(self.ctx.resources.ack_wait())).await;
         let (next, revision, replaced) = match delivered {
             Ok(Claimed::Written { record, revision, replaced }) => (*record, revision, replaced),
             Ok(Claimed::Ended(record)) => {
@@ -653,15 +653,24 @@ enum Claimed {
 }
 
 /// Claims the job for `owner` by [`job::apply_delivery`], with compare-and-set from `first`
-/// (the record as read); a lost round re-reads (from the leader) and decides again.
+/// (the record as read); a lost round re-reads (from the leader) and decides again. NATS
+/// trouble is ridden out within `patience` ([`Patience::claim`]): a claim whose answer was
+/// lost is found landed by the re-read and is this delivery's.
 /// `CasError::Missing` when the record is gone.
-async fn claim_record(store: &dyn JobStore, job_id: &str, first: Versioned, owner: &Owner) -> Result<Claimed, CasError> {
+async fn claim_record(
+    store: &dyn JobStore,
+    job_id: &str,
+    first: Versioned,
+    owner: &Owner,
+    patience: Patience,
+) -> Result<Claimed, CasError> {
     // The record the winning claim replaced: what it says about the previous attempt is the
     // reason of this one (its `retrying` event).
     let replaced = std::sync::Mutex::new(None::<JobRecord>);
-    let delivered = cas::update_with(
+    let delivered = cas::update_patiently(
         job_id,
         Some(first.into_pair()),
+        patience,
         // A lost round's re-read is the leader's: see `JobStore::get_job_latest`.
         || async { Ok(store.get_job_latest(job_id).await?.map(Versioned::into_pair)) },
         |next, revision| async move { store.update_job(&next, revision).await },

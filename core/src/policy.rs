@@ -82,6 +82,19 @@ impl Patience {
         within: Duration::from_secs(10),
     };
 
+    /// A delivery's claim: a claim that timed out may have landed (then the re-read finds
+    /// exactly the record it sent, and the claim is this delivery's: `cas::update_patiently`).
+    /// Given up on at once, it was left for redelivery, whose claim then took the landed one
+    /// for a lost attempt and used another (a `max_attempts = 1` job failed without running).
+    /// Within a third of the ack wait: the message is not redelivered elsewhere meanwhile
+    /// (nothing sends `in_progress` before the claim).
+    pub fn claim(ack_wait: Duration) -> Patience {
+        Patience {
+            backoff: Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), multiplier: 2.0 },
+            within: ack_wait / 3,
+        }
+    }
+
     /// One try: trouble is the caller's to handle (an API request, whose client retries).
     pub const ONCE: Patience =
         Patience { backoff: Backoff { initial: Duration::ZERO, max: Duration::ZERO, multiplier: 1.0 }, within: Duration::ZERO };

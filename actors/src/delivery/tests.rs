@@ -49,7 +49,7 @@ async fn submit(store: &MemoryStore, job_id: &str) {
 /// A delivery's claim for `node`, as `claim` makes it: the attempt's record and revision.
 async fn claim_for(store: &MemoryStore, job_id: &str, node: &str) -> Versioned {
     let first = store.get_job(job_id).await.unwrap().expect("a record");
-    match claim_record(store, job_id, first, &owner(node)).await.unwrap() {
+    match claim_record(store, job_id, first, &owner(node), Patience::ONCE).await.unwrap() {
         Claimed::Written { record, revision, .. } if record.state == JobState::Running => Versioned { record: *record, revision },
         other => panic!("not claimed: {other:?}"),
     }
@@ -134,6 +134,27 @@ async fn fencing_the_keep_alive_stops_an_attempt_whose_job_was_taken_over_but_no
     assert!(matches!(conclude_as(&store, &only, &Outcome::Completed { artifacts: vec![] }, &cancel).await, WriteResult::Written(_)));
     assert_eq!(watch.look(&store, false).await, Looked::Running);
     assert!(!cancel.is_cancelled() && !watch.fenced.load(Ordering::Acquire));
+}
+
+/// A claim whose write landed but whose reply was lost: the claim rides it out, its re-read
+/// finds exactly the record it sent, and the attempt is this delivery's. (Given up at once,
+/// the delivery was left for redelivery, whose claim took the landed claim for a lost attempt
+/// and used a second one: a job of one attempt failed without having run.)
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_reply_was_lost_is_recognised_as_its_own() {
+    let store = MemoryStore::new();
+    store.create_job(&JobRecord::queued("j", "m", 1, kiln_core::now_ms())).await.unwrap();
+    store.lose_next_reply(Op::UpdateJob);
+    let first = store.get_job("j").await.unwrap().unwrap();
+    let claimed = claim_record(&store, "j", first, &owner("node-a"), Patience::claim(Duration::from_secs(30))).await.unwrap();
+    let Claimed::Written { record, .. } = claimed else { panic!("not claimed: {claimed:?}") };
+    assert_eq!((record.state, record.attempt), (JobState::Running, 1));
+    assert_eq!(store.job("j").unwrap().record, *record, "the landed claim is the one this delivery holds");
+    // With no patience (as before), the same lost reply is an error: the delivery gave up.
+    store.create_job(&JobRecord::queued("k", "m", 1, kiln_core::now_ms())).await.unwrap();
+    store.lose_next_reply(Op::UpdateJob);
+    let first = store.get_job("k").await.unwrap().unwrap();
+    assert!(claim_record(&store, "k", first, &owner("node-a"), Patience::ONCE).await.is_err());
 }
 
 #[tokio::test(start_paused = true)]
@@ -251,7 +272,7 @@ proptest::proptest! {
                 match step {
                     Act::Claim(n) => {
                         let first = store.get_job("j").await.unwrap().unwrap();
-                        if let Claimed::Written { record, revision, .. } = claim_record(&store, "j", first, &owner(&format!("node-{n}"))).await.unwrap() {
+                        if let Claimed::Written { record, revision, .. } = claim_record(&store, "j", first, &owner(&format!("node-{n}")), Patience::ONCE).await.unwrap() {
                             if record.state == JobState::Running {
                                 claims.push(Versioned { record: *record, revision });
                             }
@@ -409,7 +430,7 @@ async fn cancel_of_a_queued_job_ends_it_before_it_runs_and_its_delivery_only_pub
     store.publish_end(&ending, &cancelled).await.unwrap();
     // The queue message is still there: its delivery claims nothing and finds the ending stored.
     let first = store.get_job("j").await.unwrap().unwrap();
-    let Claimed::Ended(found) = claim_record(&store, "j", first, &owner("node-a")).await.unwrap() else {
+    let Claimed::Ended(found) = claim_record(&store, "j", first, &owner("node-a"), Patience::ONCE).await.unwrap() else {
         panic!("a cancelled job was claimed")
     };
     assert_eq!(*found, cancelled);
@@ -423,7 +444,7 @@ async fn cancel_of_a_queued_job_ends_it_before_it_runs_and_its_delivery_only_pub
     store.refuse_next(Op::PublishFinished, 1);
     assert!(store.publish_end(&Event::status("k", 0, JobState::Cancelled), &cancelled).await.is_err());
     let first = store.get_job("k").await.unwrap().unwrap();
-    assert!(matches!(claim_record(&store, "k", first, &owner("node-a")).await.unwrap(), Claimed::Ended(_)));
+    assert!(matches!(claim_record(&store, "k", first, &owner("node-a"), Patience::ONCE).await.unwrap(), Claimed::Ended(_)));
     assert_eq!(end_to_republish(store::last_event(&store, "k").await.unwrap().as_ref()), EndToRepublish::EndingAndFeed);
 }
 
@@ -438,7 +459,7 @@ async fn cancel_of_a_job_waiting_to_retry_ends_it_and_a_cancel_landing_during_a_
     ));
     assert_eq!(api_cancel(&store, "j").await.state, JobState::Cancelled);
     let first = store.get_job("j").await.unwrap().unwrap();
-    assert!(matches!(claim_record(&store, "j", first, &owner("node-b")).await.unwrap(), Claimed::Ended(_)));
+    assert!(matches!(claim_record(&store, "j", first, &owner("node-b"), Patience::ONCE).await.unwrap(), Claimed::Ended(_)));
 
     // The cancel lands while the attempt's failure is being written: the failure applies on
     // top of it (the write re-reads), the flag stays, and the token is cancelled.
@@ -450,7 +471,9 @@ async fn cancel_of_a_job_waiting_to_retry_ends_it_and_a_cancel_landing_during_a_
     assert!(v.record.state == JobState::Retrying && v.record.cancel_requested && cancel.is_cancelled());
     // Its redelivery cancels the job instead of running it.
     let first = store.get_job("k").await.unwrap().unwrap();
-    let Claimed::Written { record, .. } = claim_record(&store, "k", first, &owner("node-b")).await.unwrap() else { panic!() };
+    let Claimed::Written { record, .. } = claim_record(&store, "k", first, &owner("node-b"), Patience::ONCE).await.unwrap() else {
+        panic!()
+    };
     assert_eq!((record.state, record.attempt), (JobState::Cancelled, 1));
 }
 

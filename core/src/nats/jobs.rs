@@ -97,6 +97,9 @@ impl Resources {
     /// Compare-and-set: writes `record` only if the stored revision is still `revision`.
     pub async fn update_job(&self, record: &JobRecord, revision: u64) -> Result<u64, StoreError> {
         match self.jobs_kv.update(&record.job_id, encode(record), revision).await {
+            Ok(_) if crate::fault::fires_at("lose_record_write_answer") => {
+                Err(StoreError::Nats("timed out: didn't receive ack in time (fault injected: lose_record_write_answer)".into()))
+            }
             Ok(rev) => Ok(rev),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Err(StoreError::Conflict),
             Err(e) => Err(StoreError::nats(e)),

@@ -332,6 +332,18 @@ mod tests {
         assert_eq!(pauses, [Some(0), Some(1), Some(2), Some(4), None, None]);
     }
 
+    /// A claim rides out trouble within a third of the ack wait, never up to the ack wait
+    /// itself (the message would go to another node meanwhile).
+    #[test]
+    fn a_claim_is_patient_for_a_third_of_the_ack_wait() {
+        let patience = Patience::claim(Duration::from_secs(30));
+        assert_eq!(patience.pause(1, Duration::ZERO), Some(Duration::from_millis(100)));
+        assert_eq!(patience.pause(4, Duration::from_secs(5)), Some(Duration::from_millis(800)));
+        assert_eq!(patience.pause(5, Duration::from_millis(9_500)), None, "past 10 s: given up");
+        let short = Patience::claim(Duration::from_millis(300));
+        assert_eq!(short.pause(1, Duration::ZERO), None, "an ack wait of 300 ms leaves no time to wait 100 ms");
+    }
+
     fn policy(max: u32) -> RestartPolicy {
         RestartPolicy { max_restarts: max, window_ms: 10_000, backoff_initial_ms: 100, backoff_max_ms: 1_000 }
     }

@@ -222,21 +222,28 @@ async fn a_panic_in_the_inference_actor_restarts_it_and_the_job_is_retried() {
     assert!(gpu.last_error.unwrap_or_default().contains("fault injected"), "the registry says why it restarted");
 }
 
-/// The outcome's write is stored but its answer lost (a timeout while a stream elects its
-/// leader: `tests/nats_cluster.rs`'s partition found it), so the write is tried again and finds
-/// the job no longer running. That is this attempt's own outcome, not a takeover: the job stays
-/// completed with artifacts that download, and its history ends once. (Before the fix the
-/// attempt called itself fenced and deleted the artifacts the completed record names.)
+/// The outcome's write is stored but its answer lost (the node's second record write, after
+/// the claim, hears a timeout: as a write does while a stream elects its leader). The write's
+/// re-read, from the leader, finds the record it sent: the job stays completed with artifacts
+/// that download, and its history ends once. (An attempt that took its own stored outcome for a
+/// takeover deleted the artifacts the completed record names: `tests/nats_cluster.rs`'s
+/// partition test, where the re-read was answered by a replica that lagged.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_stored_whose_answer_was_lost_keeps_the_completed_jobs_artifacts() {
     let mut cluster = TestCluster::new();
     let config = config_toml(&cluster.url(), &["cpu:0"], 10_000, &demo_model("demo", &[], 3, 60_000));
-    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "lose_conclusion_answer@1")]);
+    cluster.add_node_with_env("n1", &config, &[("KILN_FAULTS", "lose_record_write_answer@2")]);
     cluster.wait_node_ready("n1", 1).await;
     let client = cluster.client().await;
     let r = client.submit(&request("demo", "answer lost", serde_json::json!({"steps": 2, "step_ms": 10}))).await.unwrap();
     let view = wait_terminal(&client, &r.job_id, Duration::from_secs(30)).await;
-    assert!(cluster.nodes[0].log().contains("fault injected: lose_conclusion_answer"), "{}", cluster.nodes[0].log_tail(30));
+    let log = cluster.nodes[0].log();
+    assert!(log.contains("fault injected: lose_record_write_answer"), "{}", cluster.nodes[0].log_tail(30));
+    assert!(
+        log.lines().any(|l| l.contains("kiln.terminal_write") && l.contains("compare-and-set failed (nats trouble); retrying")),
+        "the lost answer was the outcome's write: {}",
+        cluster.nodes[0].log_tail(30)
+    );
     assert_eq!((view.status, view.attempt), (JobState::Completed, 1), "{view:?}");
     assert!(!view.artifacts.is_empty(), "{view:?}");
     let dir = tempfile::tempdir().unwrap();

@@ -541,16 +541,7 @@ impl Delivery {
             }
         }
         let (attempt, owner) = (self.attempt, Owner { node: self.ctx.node.clone(), slot: self.slot.clone() });
-        let mut written = self.write(|r| job::conclude(r, attempt, &owner, &outcome, kiln_core::now_ms())).await;
-        if matches!(written, Ok(WriteResult::Written(_))) && kiln_core::fault::fires_at("lose_conclusion_answer") {
-            // What the compare-and-set loop does when a stored write's answer is lost: it tries
-            // again, and finds the job no longer running.
-            written = self.write(|r| job::conclude(r, attempt, &owner, &outcome, kiln_core::now_ms())).await;
-        }
-        let written = match written {
-            Ok(WriteResult::Fenced) => self.own_conclusion_after_all(&owner, &outcome).await,
-            other => other,
-        };
+        let written = self.write(|r| job::conclude(r, attempt, &owner, &outcome, kiln_core::now_ms())).await;
         match written {
             Ok(WriteResult::Written(_)) => {}
             Ok(WriteResult::Fenced) => {
@@ -583,25 +574,6 @@ impl Delivery {
         }
         self.ack(AckKind::Ack).await;
         DeliveryEnd::Terminal(record.state)
-    }
-
-    /// After a conclusion's write found the job no longer running: whether the record shows
-    /// this attempt's own outcome after all ([`job::shows_own_conclusion`]), written by an
-    /// earlier try whose answer was lost (a timeout during a leader election). Then the write
-    /// is done and the conclusion goes on as written; otherwise the attempt is fenced. A record
-    /// that cannot be read now is an error: the job is left for redelivery, its artifacts kept.
-    async fn own_conclusion_after_all(&mut self, owner: &Owner, outcome: &Outcome) -> Result<WriteResult, CasError> {
-        let current = match self.ctx.store.get_job_latest(&self.job_id).await {
-            Ok(Some(v)) => v,
-            Ok(None) => return Ok(WriteResult::Fenced),
-            Err(e) => return Err(CasError::Store(e)),
-        };
-        if !job::shows_own_conclusion(&current.record, self.attempt, owner, outcome) {
-            return Ok(WriteResult::Fenced);
-        }
-        tracing::info!(job_id = %self.job_id, attempt = self.attempt, "the outcome's write was stored though its answer was lost");
-        self.current = Some(current.clone());
-        Ok(WriteResult::Written(Box::new(current)))
     }
 
     /// Publishes one `artifact` event per artifact, fenced on the job's last event

@@ -365,7 +365,14 @@ pub fn conclude(record: &JobRecord, attempt: u32, owner: &Owner, outcome: &Outco
     if !owned_by(record, attempt, owner) {
         return Err(Refused::Fenced);
     }
-    let Concluded { state, error, dead_letter, artifacts } = concluded(outcome, attempt, record.max_attempts);
+    let (state, error, dead_letter, artifacts) = match outcome {
+        Outcome::Completed { artifacts } => (JobState::Completed, None, false, artifacts.clone()),
+        Outcome::Cancelled => (JobState::Cancelled, Some(ApiError::new(ErrorCode::Cancelled, "cancelled while running")), false, vec![]),
+        Outcome::Failed { error, kind } => match after_failure(*kind, attempt, record.max_attempts) {
+            AfterFailure::Retry => (JobState::Retrying, Some(error.clone()), false, vec![]),
+            AfterFailure::Fail { dead_letter } => (JobState::Failed, Some(error.clone()), dead_letter, vec![]),
+        },
+    };
     let mut next = touch(record, now_ms)?;
     next.state = state;
     next.error = error;
@@ -377,46 +384,6 @@ pub fn conclude(record: &JobRecord, attempt: u32, owner: &Owner, outcome: &Outco
         next.cancel_requested = false;
     }
     Ok(next)
-}
-
-/// What [`conclude`] sets of a record for an outcome.
-struct Concluded {
-    state: JobState,
-    error: Option<ApiError>,
-    dead_letter: bool,
-    artifacts: Vec<Artifact>,
-}
-
-fn concluded(outcome: &Outcome, attempt: u32, max_attempts: u32) -> Concluded {
-    let (state, error, dead_letter, artifacts) = match outcome {
-        Outcome::Completed { artifacts } => (JobState::Completed, None, false, artifacts.clone()),
-        Outcome::Cancelled => (JobState::Cancelled, Some(ApiError::new(ErrorCode::Cancelled, "cancelled while running")), false, vec![]),
-        Outcome::Failed { error, kind } => match after_failure(*kind, attempt, max_attempts) {
-            AfterFailure::Retry => (JobState::Retrying, Some(error.clone()), false, vec![]),
-            AfterFailure::Fail { dead_letter } => (JobState::Failed, Some(error.clone()), dead_letter, vec![]),
-        },
-    };
-    Concluded { state, error, dead_letter, artifacts }
-}
-
-/// Whether `record` already shows attempt `attempt` of `owner` concluded with `outcome`, i.e.
-/// [`conclude`]'s own write. A conclusion whose write was stored but whose answer was lost (a
-/// timeout while the stream's leader changed) retries, and then finds the job no longer
-/// running: without this it took its own outcome for another attempt's, called itself fenced,
-/// and deleted the artifacts the completed record names (a partitioned nats-server in
-/// `tests/nats_cluster.rs` did it). Compared on what only that write sets: the same attempt and
-/// owner (no claim came after), and the state, error and artifacts the outcome gives; a
-/// completed attempt's artifacts are stored under its own attempt's names, which no other
-/// writer has. A hand-back after a node loss or another delivery ending the job writes its own
-/// error, so it never reads as this attempt's conclusion.
-pub fn shows_own_conclusion(record: &JobRecord, attempt: u32, owner: &Owner, outcome: &Outcome) -> bool {
-    let expected = concluded(outcome, attempt, record.max_attempts);
-    record.attempt == attempt
-        && record.owner.as_ref() == Some(owner)
-        && record.state == expected.state
-        && record.error == expected.error
-        && record.dead_letter == expected.dead_letter
-        && record.artifacts == expected.artifacts
 }
 
 /// What a client's cancel writes.
@@ -624,27 +591,6 @@ mod tests {
         assert_eq!(exhausted.error.unwrap().message, "all 3 attempts failed; last: its worker was lost");
 
         assert_eq!(apply_delivery(&record(JobState::Completed, 1), &me, 7), Err(Refused::Terminal));
-    }
-
-    #[test]
-    fn a_completed_conclusion_is_known_by_its_own_artifacts() {
-        let me = owner("n1");
-        let running = claim(&record(JobState::Queued, 0), &me, 1).unwrap();
-        let artifact = |object: &str| Artifact {
-            name: "out.png".into(),
-            bucket: "kiln_results_m".into(),
-            object: object.into(),
-            size: 3,
-            content_type: "image/png".into(),
-            sha256: "00".into(),
-        };
-        let mine = Outcome::Completed { artifacts: vec![artifact("j/1/out.png")] };
-        let done = conclude(&running, 1, &me, &mine, 9).unwrap();
-        assert!(shows_own_conclusion(&done, 1, &me, &mine));
-        let someone_elses = Outcome::Completed { artifacts: vec![artifact("j/2/out.png")] };
-        assert!(!shows_own_conclusion(&done, 1, &me, &someone_elses));
-        assert!(!shows_own_conclusion(&done, 1, &owner("n2"), &mine));
-        assert!(!shows_own_conclusion(&done, 2, &me, &mine));
     }
 
     #[test]
@@ -863,34 +809,6 @@ mod tests {
                 // Ended by another delivery while it still ran: fenced.
                 if let Ok(ended) = attempts_exhausted(&mine, now_ms) {
                     prop_assert_eq!(watch(&ended, mine.attempt, &me, false), Watched::Superseded);
-                }
-            }
-
-            /// A conclusion tells its own write, read back after its answer was lost, from every
-            /// other record: still running, another outcome of the same attempt, a later
-            /// claim, attempts exhausted by another delivery, another owner's conclusion.
-            #[test]
-            fn a_conclusion_knows_its_own_write_and_no_other(
-                r in any_record(), me in any_owner(), other in any_owner(), outcome in any_outcome(), theirs in any_outcome(),
-                now_ms in 0u64..200,
-            ) {
-                let Ok(mine) = claim(&r, &me, now_ms) else { return Ok(()) };
-                let attempt = mine.attempt;
-                let concluded = conclude(&mine, attempt, &me, &outcome, now_ms).expect("the owner concludes");
-                prop_assert!(shows_own_conclusion(&concluded, attempt, &me, &outcome));
-                prop_assert!(!shows_own_conclusion(&mine, attempt, &me, &outcome), "running is not concluded");
-                let another = conclude(&mine, attempt, &me, &theirs, now_ms).expect("the owner concludes");
-                let same_fields = (another.state, &another.error, another.dead_letter, &another.artifacts)
-                    == (concluded.state, &concluded.error, concluded.dead_letter, &concluded.artifacts);
-                prop_assert_eq!(shows_own_conclusion(&another, attempt, &me, &outcome), same_fields);
-                if let Ok(later) = claim(&concluded, &other, now_ms) {
-                    prop_assert!(!shows_own_conclusion(&later, attempt, &me, &outcome));
-                    if let Ok(theirs_concluded) = conclude(&later, later.attempt, &other, &outcome, now_ms) {
-                        prop_assert!(!shows_own_conclusion(&theirs_concluded, attempt, &me, &outcome));
-                    }
-                }
-                if let Ok(ended) = attempts_exhausted(&mine, now_ms) {
-                    prop_assert!(!shows_own_conclusion(&ended, attempt, &me, &outcome));
                 }
             }
 

@@ -15,7 +15,6 @@
 //! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
 //! | `abort_before_batch_launch`  | settling into a batch, after the write that launched held items or a fallback, before making their jobs | process abort |
 //! | `lose_record_write_answer`   | a job record's compare-and-set write (`Resources::update_job`), once stored | its caller hears a timeout, as when the answer is lost |
-//! | `lose_conclusion_answer`     | job actor, after an attempt's outcome was stored    | the write is tried again, as when its answer is lost (a timeout during a leader election) |
 
 /// Whether `point` fires now.
 #[cfg(feature = "fault-injection")]

@@ -12,12 +12,13 @@
 //! caller's span (traceparent header, HTTP or NATS; none: the submit starts the trace)
 //! └── (kiln.http                      the gateway's, for a request over HTTP)
 //!     kiln.submit                     the API node; its context is the record's `trace`
+//!                                     (kiln.submit_batch / kiln.retry_batch: every item's job)
 //!     ├── kiln.queue_wait             created -> claimed (made afterwards: past_span)
 //!     └── kiln.job                    one per attempt, on the node that runs it
 //!         ├── kiln.claim              (past_span)
 //!         ├── kiln.inputs
 //!         ├── kiln.run                the engine; its traceparent is the worker's
-//!         │   └── (the worker's own spans: the SDK's `kiln.worker.handle`, ...)
+//!         │   └── (the worker's own spans: the SDK's `kiln.worker.run`, ...)
 //!         ├── kiln.stage (one per stage)
 //!         ├── kiln.artifacts
 //!         └── kiln.terminal_write

@@ -75,8 +75,7 @@ struct Shared {
     config: HttpConfig,
     /// Serves every request when no API key is configured.
     default: Arc<Tenant>,
-    /// sha256 (hex) of a key -> its tenant.
-    /// By the key's sha256: its tenant and its name (`[[http.api_keys]] name`).
+    /// sha256 (hex) of a key -> its tenant and its name (`[[http.api_keys]] name`).
     keys: HashMap<String, (Arc<Tenant>, String)>,
     /// Fired on shutdown: open SSE streams end so the connections can close.
     shutdown: CancellationToken,

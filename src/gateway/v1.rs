@@ -476,10 +476,9 @@ pub fn merge_keys(header: Option<String>, body: Option<String>, field: &str) -> 
 
 /// `POST /v1/jobs`: a JSON [`SubmitRequest`], or a multipart form (see [`submit_from_form`]).
 /// An `Idempotency-Key` header is the body's `idempotency_key` ([`merge_keys`]).
-/// The request's trace context (its `kiln.http` span's, or the caller's `traceparent` as it
-/// came; see [`super::request_span`]) goes to the node in the NATS request's headers: the
-/// job's spans join the caller's trace.
-/// The job carries the request's [`Origin`] (its API key's name as the `api_key` label).
+/// The job carries the request's [`Origin`]: its trace context (the `kiln.http` span's, or the
+/// caller's `traceparent` as it came), sent in the NATS request's headers so the job's spans
+/// join the caller's trace, and its API key's name as the `api_key` label.
 async fn submit(
     State(gateway): State<Gateway>,
     Extension(tenant): TenantOf,

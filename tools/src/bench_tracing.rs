@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kiln_client::Client;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::bench_node::{kiln, BenchOptions, CpuMeter, CpuPerJob, Figures, NodeChild};
 
@@ -44,51 +42,17 @@ struct SinkCounts {
     bytes: AtomicU64,
 }
 
-/// An OTLP/HTTP endpoint that takes every request (HTTP/1.1, keep-alive, `Content-Length`
-/// bodies, as the exporter sends them) and answers `200` with an empty body.
+/// An OTLP/HTTP endpoint that takes every request and answers `200` with an empty body.
 async fn sink() -> Result<(String, Arc<SinkCounts>), String> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let counts = Arc::new(SinkCounts::default());
-    let shared = counts.clone();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            let counts = shared.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                let mut chunk = [0u8; 16 * 1024];
-                loop {
-                    // A request: its head up to the blank line, then Content-Length bytes.
-                    let head_end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-                    let length: usize =
-                        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
-                    while buf.len() < head_end + length {
-                        match conn.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    buf.drain(..head_end + length);
-                    counts.requests.fetch_add(1, Ordering::Relaxed);
-                    counts.bytes.fetch_add(length as u64, Ordering::Relaxed);
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
-                    if conn.write_all(reply).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok((format!("http://{addr}"), counts))
+    let seen = counts.clone();
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+    let base = crate::http_sink::serve(answer, move |body| {
+        seen.requests.fetch_add(1, Ordering::Relaxed);
+        seen.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    })
+    .await?;
+    Ok((base, counts))
 }
 
 /// Runs the main rows' jobs again on three fresh nodes in turn: without spans, with spans for

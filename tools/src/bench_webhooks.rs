@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kiln_core::nats::NatsServer;
 use kiln_core::protocol::{Event, SubmitRequest, WebhookSpec};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::bench::{bench_config, figures, Figures};
 use crate::in_process::NodeStarter;
@@ -41,53 +40,17 @@ pub struct WebhookBenchReport {
 /// What the receiver saw: when each request's job (or floor probe) id arrived.
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
-/// A minimal HTTP/1.1 receiver on 127.0.0.1 (keep-alive, `Content-Length` bodies): answers 204
-/// and notes the arrival of each body's `data.job_id` (or its `probe`) at once, before the
-/// answer is written.
+/// The receiver: answers 204 and notes the arrival of each body's `data.job_id` (or its
+/// `probe`) at once, before the answer is written.
 async fn receiver(arrivals: Arrivals) -> Result<String, String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let base = format!("http://{}", listener.local_addr().map_err(|e| e.to_string())?);
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let arrivals = arrivals.clone();
-            tokio::spawn(async move {
-                let (read, mut write) = socket.into_split();
-                let mut read = BufReader::new(read);
-                loop {
-                    let mut length = 0usize;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        match read.read_line(&mut line).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some((name, value)) = line.split_once(':') {
-                            if name.eq_ignore_ascii_case("content-length") {
-                                length = value.trim().parse().unwrap_or(0);
-                            }
-                        }
-                    }
-                    let mut body = vec![0; length];
-                    if read.read_exact(&mut body).await.is_err() {
-                        return;
-                    }
-                    let at = Instant::now();
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                        let id = v["data"]["job_id"].as_str().or(v["probe"].as_str()).unwrap_or("").to_string();
-                        arrivals.lock().expect("not poisoned").insert(id, at);
-                    }
-                    if write.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await.is_err() {
-                        return;
-                    }
-                }
-            });
+    crate::http_sink::serve(b"HTTP/1.1 204 No Content\r\n\r\n", move |body| {
+        let at = Instant::now();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+            let id = v["data"]["job_id"].as_str().or(v["probe"].as_str()).unwrap_or("").to_string();
+            arrivals.lock().expect("not poisoned").insert(id, at);
         }
-    });
-    Ok(base)
+    })
+    .await
 }
 
 async fn arrival(arrivals: &Arrivals, id: &str, limit: Duration) -> Result<Instant, String> {

@@ -10,6 +10,7 @@
 //! | [`bench_tracing`] | `kiln bench`'s tracing rows: the same jobs with OTLP span export on, as ratios to off |
 //! | [`bench_http`] | `kiln bench --http`: the gateway against NATS and the object store    |
 //! | [`bench_webhooks`] | `kiln bench --webhooks`: a job's end to its webhook's arrival, against a plain POST |
+//! | [`http_sink`]  | the benches' minimal HTTP/1.1 receiver (webhooks, OTLP export)         |
 //! | [`scale`]      | `kiln scale`: a cluster's costs at 10, 30, 100 simulated nodes        |
 //! | [`chaos`]      | `kiln chaos`: a seeded storm of jobs and faults, then the invariants  |
 //! | [`in_process`] | what the tools need of the runtime and cannot name: a node started in this process |
@@ -27,5 +28,6 @@ pub mod bench_node;
 pub mod bench_tracing;
 pub mod bench_webhooks;
 pub mod chaos;
+pub mod http_sink;
 pub mod in_process;
 pub mod scale;

@@ -13,6 +13,7 @@
 //! | `panic_in_engine_thread`     | the torch thread of a slot, before a job runs       | panic (caught)|
 //! | `panic_in_compression_worker`| a compression worker, before it runs a command      | panic         |
 //! | `abort_after_terminal_write` | job actor, after the terminal write, before the ack | process abort |
+//! | `abort_in_launch`            | a submit, after its queue message, before its record (`Resources::launch_job`) | process abort |
 //! | `abort_before_batch_launch`  | settling into a batch, after the write that launched held items or a fallback, before making their jobs | process abort |
 //! | `lose_record_write_answer`   | a job record's compare-and-set write (`Resources::update_job`), once stored | its caller hears a timeout, as when the answer is lost |
 

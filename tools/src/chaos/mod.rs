@@ -555,7 +555,23 @@ async fn inject(
                 match client.control(&request).await {
                     Ok(_) => break,
                     Err(e) if started.elapsed() > Duration::from_secs(10) => {
-                        healed(&node);
+                        // A request answered late or not at all may still have reached the node
+                        // (another node forwards it once its actor-cluster session is up: a run
+                        // saw "not_found" here and the drain land half a second later, and the
+                        // node stayed down). If it drains after all, it comes back as a drained
+                        // node does.
+                        heals.spawn(async move {
+                            let exited = wait_until(Duration::from_secs(30), || {
+                                let node = node.clone();
+                                async move { !node.lock().unwrap_or_else(|e| e.into_inner()).is_running() }
+                            })
+                            .await;
+                            let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
+                            if exited {
+                                let _ = n.start();
+                            }
+                            n.in_fault = false;
+                        });
                         return format!("drain refused: {e}");
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
